@@ -1,0 +1,73 @@
+"""Helpers every trainer uses: seeding, JSONL metric logging, atomic file writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class JsonlLogger:
+    """Append one JSON object per line; optionally mirror scalars to TensorBoard.
+
+    Only rank 0 should own one. Lines are flushed as they are written so a killed run
+    keeps every logged step.
+    """
+
+    def __init__(self, path: Union[str, Path], tensorboard_dir: Optional[Union[str, Path]] = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("a", buffering=1)
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(tensorboard_dir))
+            except ImportError:  # tensorboard is optional
+                self._tb = None
+
+    def log(self, record: Dict[str, Any], step: Optional[int] = None) -> None:
+        record = {"time": time.time(), **({"step": step} if step is not None else {}), **record}
+        self._fh.write(json.dumps(record, default=_to_builtin) + "\n")
+        if self._tb is not None and step is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("time", "step"):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _to_builtin(obj: Any) -> Any:
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return str(obj)

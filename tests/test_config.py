@@ -1,0 +1,39 @@
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import pytest
+
+from mim_rec.config import ConfigError, load_config
+
+
+@dataclass
+class Optim:
+    lr: float = 0.005
+    name: str = "adam"
+
+
+@dataclass
+class Cfg:
+    seed: int = 0
+    layers: List[int] = field(default_factory=lambda: [64, 32])
+    optim: Optim = field(default_factory=Optim)
+    out: Optional[str] = None
+    fast: bool = False
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\noptim:\n  lr: 0.1\n")
+    cfg = load_config(Cfg, path, ["optim.name=sgd", "layers=[8,4]", "fast=true", "out=x"])
+    assert cfg == Cfg(seed=3, layers=[8, 4], optim=Optim(lr=0.1, name="sgd"), out="x", fast=True)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("seed=abc", "seed"),
+    ("fast=3", "fast"),
+    ("novalue", "key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(Cfg, None, [override])

@@ -1,0 +1,34 @@
+import pytest
+
+from mim_rec.data.errors import DataError, ManifestMismatch
+from mim_rec.data.manifest import (Manifest, fingerprint_file, read_manifest, require,
+                                   write_manifest)
+
+
+def test_roundtrip_and_require(tmp_path):
+    art = tmp_path / "table"
+    art.mkdir()
+    write_manifest(art, Manifest(kind="mm_table", stage="mfm", dim=8,
+                                 extra={"encoder_fingerprint": "abc"}))
+    assert read_manifest(art).dim == 8
+    require(art, kind="mm_table", dim=8, extra__encoder_fingerprint="abc")
+    with pytest.raises(ManifestMismatch, match="encoder_fingerprint"):
+        require(art, extra__encoder_fingerprint="other")
+
+
+def test_missing_manifest_is_refused(tmp_path):
+    with pytest.raises(ManifestMismatch, match="no manifest"):
+        read_manifest(tmp_path)
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"abc")
+    before = fingerprint_file(f)
+    f.write_bytes(b"abd")
+    assert fingerprint_file(f) != before
+
+
+def test_data_error_names_location():
+    err = DataError("events.parquet", "null id", row=7, field="user_id")
+    assert str(err) == "events.parquet, row 7, field 'user_id': null id"

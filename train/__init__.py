@@ -1,0 +1,1 @@
+"""Stage trainers and entry points; ``train.cli`` is the ``mim`` command."""

@@ -1,0 +1,44 @@
+"""The ``mim`` command: one sub-command per stage, each a thin wrapper over a function.
+
+Every command module exposes ``register(subparsers)``, which adds its parser(s) and sets
+``func`` (called with the parsed namespace). Modules import torch and friends inside their
+functions so that ``mim --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# Order is the order shown by `mim --help`.
+COMMAND_MODULES = (
+    "train.data_cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mim",
+        description="MIM on TorchRec: pre-train, C-SFT, representation center, CiUBM CTR.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mim_rec.data.errors import DataError, ManifestMismatch
+    from mim_rec.config import ConfigError
+    try:
+        result = args.func(args)
+    except (DataError, ManifestMismatch, ConfigError) as exc:
+        print(f"mim {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
