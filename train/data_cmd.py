@@ -9,6 +9,7 @@ import argparse
 import importlib
 
 DATA_COMMAND_MODULES: tuple = (
+    "train.data_validate",
 )
 
 

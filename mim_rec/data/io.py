@@ -1,0 +1,323 @@
+"""Validating readers and writers of the data contracts.
+
+Readers never trust a file. :func:`validate_file` streams a Parquet file by record batches,
+runs the contract's vectorised row checks (:mod:`mim_rec.data.validate`) and either
+
+* raises a :class:`~mim_rec.data.errors.DataError` naming the file, the FIRST bad row
+  (0-based, counted over the whole file) and the field, or
+* with ``drop_invalid=True``, writes EVERY bad row to ``<file>.rejected.parquet`` (the row as
+  read, plus ``source_row`` and ``reason``), prints the count and returns only good rows.
+
+Nothing is coerced silently: columns must have the contract's type or one of the documented
+lossless widenings (:data:`mim_rec.data.validate.WIDENINGS`). Columns outside the contract are
+passed through unchanged and unchecked.
+
+:func:`write_table` runs the same checks before writing, and writes atomically (temp file +
+rename), so a half-written or invalid artifact never appears under its final name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mim_rec.data.errors import DataError, ManifestMismatch
+from mim_rec.data.manifest import Manifest, read_manifest, write_manifest
+from mim_rec.data.schemas import (EVENTS, ITEMS, MM_TABLE_FP, MM_TABLE_INT8, PAIRS,
+                                  Contract)
+from mim_rec.data.validate import (CheckContext, RowCheck, cast_batch, conform_schema,
+                                   item_id_checks, row_checks)
+
+PathLike = Union[str, Path]
+BATCH_ROWS = 16384
+"""Rows per record batch when streaming, and per row group when writing: small enough that
+an events batch with 1000-long histories stays around 100 MB in memory."""
+
+CONTRACT_BY_PREFIX = {"items": ITEMS, "pairs": PAIRS, "events": EVENTS}
+WORLD_FILES = (("items.parquet", ITEMS), ("pairs_train.parquet", PAIRS),
+               ("pairs_test.parquet", PAIRS), ("events_train.parquet", EVENTS),
+               ("events_test.parquet", EVENTS))
+
+
+@dataclass
+class ValidationResult:
+    """What :func:`validate_file` found: rows kept, rows quarantined, the table if kept."""
+
+    path: Path
+    contract: str
+    rows: int
+    rejected: int
+    table: Optional[pa.Table] = None
+    rejected_path: Optional[Path] = None
+
+
+def rejected_path_for(path: PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.replace(".parquet", "") + ".rejected.parquet")
+
+
+# ---------------------------------------------------------------- readers
+
+def read_items(path: PathLike, drop_invalid: bool = False) -> pa.Table:
+    """The items table, validated, ordered by ``item_id`` (row i is item i)."""
+    return validate_file(path, ITEMS, drop_invalid=drop_invalid).table
+
+
+def read_pairs(path: PathLike, item_count: int, drop_invalid: bool = False,
+               columns: Optional[List[str]] = None) -> pa.Table:
+    """C-SFT pairs; ``item_id`` must lie in ``0..item_count-1``."""
+    return validate_file(path, PAIRS, item_count=item_count, drop_invalid=drop_invalid,
+                         columns=columns).table
+
+
+def read_events(path: PathLike, item_count: int, drop_invalid: bool = False,
+                columns: Optional[List[str]] = None) -> pa.Table:
+    """CTR events; target and behaviour item ids must lie in ``0..item_count-1``."""
+    return validate_file(path, EVENTS, item_count=item_count, drop_invalid=drop_invalid,
+                         columns=columns).table
+
+
+def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[int] = None,
+                  drop_invalid: bool = False, keep: bool = True,
+                  columns: Optional[List[str]] = None,
+                  vector_dims: Optional[Dict[str, int]] = None,
+                  batch_rows: int = BATCH_ROWS) -> ValidationResult:
+    """Check one Parquet file against ``contract``; see the module docstring.
+
+    ``keep=False`` streams without holding the table (for ``mim data validate`` on files larger
+    than memory). ``columns`` reads a subset (contract columns are always all read, since the
+    checks need them). ``vector_dims`` fixes the expected length of vector columns; without it
+    the first row's length is the column's dimension.
+    """
+    path = Path(path)
+    file = str(path)
+    parquet = _open(path)
+    schema = conform_schema(parquet.schema_arrow, contract, file)
+    ctx = CheckContext(file, item_count=item_count, base_dir=path.parent, vector_dims=vector_dims)
+    read_columns = None
+    if columns is not None:
+        read_columns = [n for n in schema.names if n in contract.fields or n in columns]
+        schema = pa.schema([schema.field(n) for n in read_columns])
+    checks = row_checks(contract, schema.names, ctx)
+
+    if contract is ITEMS:  # duplicate/density rules need every id at once
+        whole = parquet.read(columns=read_columns)
+        batches = whole.combine_chunks().to_batches() or [pa.RecordBatch.from_pylist([], whole.schema)]
+        checks += item_id_checks(whole.num_rows)
+    else:
+        batches = parquet.iter_batches(batch_size=batch_rows, columns=read_columns)
+
+    quarantine = _Quarantine(path) if drop_invalid else None
+    keep_table = keep or contract is ITEMS  # items are always checked for density
+    kept: List[pa.RecordBatch] = []
+    rows = 0
+    for batch in _scan((cast_batch(b, schema, file) for b in batches), checks, file, quarantine):
+        rows += batch.num_rows
+        if keep_table:
+            kept.append(batch)
+    rejected = quarantine.close() if quarantine else 0
+    if rejected:
+        print(f"{file}: quarantined {rejected} invalid row(s) -> {quarantine.path}")
+
+    table = pa.Table.from_batches(kept, schema=schema) if keep_table else None
+    if contract is ITEMS:
+        table = _dense_items(table, file, rejected)
+    if not keep:
+        table = None
+    return ValidationResult(path, contract.name, rows, rejected, table,
+                            quarantine.path if rejected else None)
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    if not path.is_file():
+        raise DataError(str(path), "no such file")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(str(path), f"not a readable Parquet file ({exc})") from exc
+
+
+def _dense_items(table: pa.Table, file: str, rejected: int) -> pa.Table:
+    """Order by item id; after quarantining, refuse ids that are no longer ``0..N-1``."""
+    ids = table.column("item_id").to_numpy()
+    order = np.argsort(ids, kind="stable")
+    if not np.array_equal(ids[order], np.arange(len(ids))):
+        raise DataError(file, f"after quarantining {rejected} row(s) the item ids are no longer "
+                              f"dense 0..{len(ids) - 1}; fix the file or re-map the ids",
+                        field="item_id")
+    return table if np.array_equal(order, np.arange(len(ids))) else table.take(order)
+
+
+def _scan(batches: Iterable[pa.RecordBatch], checks: List[RowCheck], file: str,
+          quarantine: Optional["_Quarantine"]) -> Iterator[pa.RecordBatch]:
+    """Yield the good part of each batch; raise at the first bad row unless quarantining."""
+    offset = 0
+    for batch in batches:
+        reason = np.full(batch.num_rows, -1, dtype=np.int64)  # index of the first failed check
+        for index, check in enumerate(checks):
+            flagged = check.flags(batch) & (reason < 0)
+            reason[flagged] = index
+        bad = reason >= 0
+        if bad.any():
+            if quarantine is None:
+                row = int(np.argmax(bad))
+                check = checks[reason[row]]
+                raise DataError(file, f"{check.reason} (value: {_show(batch, row, check.field)})",
+                                row=offset + row, field=check.field)
+            quarantine.add(batch, offset, bad, [checks[i].field + ": " + checks[i].reason
+                                                for i in reason[bad]])
+            batch = batch.filter(pa.array(~bad))
+        offset += len(bad)
+        yield batch
+
+
+def _show(batch: pa.RecordBatch, row: int, field: str, limit: int = 120) -> str:
+    names = [n for n in field.split("|") if n in batch.schema.names]
+    if field.startswith("hist_") and field != "hist_item_ids":  # unequal lengths: show both
+        names = ["hist_item_ids", field]
+    shown = ", ".join(_short(batch.column(n)[row].as_py(), limit) for n in names)
+    return shown
+
+
+def _short(value, limit: int) -> str:
+    if isinstance(value, list) and len(value) > 8:
+        text = f"list of {len(value)}: {value[:4]}...{value[-2:]}"
+    elif isinstance(value, bytes):
+        text = f"{len(value)} bytes {value[:12]!r}"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _Quarantine:
+    """Streams rejected rows, with ``source_row`` and ``reason``, to ``<file>.rejected.parquet``
+    (atomically: the file appears only once complete; a stale one is removed)."""
+
+    def __init__(self, source: Path):
+        self.path = rejected_path_for(source)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._writer: Optional[pq.ParquetWriter] = None
+        self.count = 0
+
+    def add(self, batch: pa.RecordBatch, offset: int, bad: np.ndarray, reasons: List[str]) -> None:
+        rows = batch.filter(pa.array(bad))
+        table = pa.Table.from_batches([rows]).append_column(
+            "source_row", pa.array(np.flatnonzero(bad) + offset, pa.int64())).append_column(
+            "reason", pa.array(reasons, pa.string()))
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp, table.schema)
+        self._writer.write_table(table)
+        self.count += len(reasons)
+
+    def close(self) -> int:
+        if self._writer is not None:
+            self._writer.close()
+            os.replace(self._tmp, self.path)
+        elif self.path.exists():
+            self.path.unlink()
+        return self.count
+
+
+# ---------------------------------------------------------------- writer
+
+def write_table(table: pa.Table, path: PathLike, contract: Contract,
+                manifest: Optional[Manifest] = None, item_count: Optional[int] = None,
+                vector_dims: Optional[Dict[str, int]] = None) -> Path:
+    """Check ``table`` against ``contract`` (raising on the first bad row), cast it to the
+    contract's types and write it atomically; write ``manifest`` beside it (row_count filled).
+    """
+    path = Path(path)
+    file = str(path)
+    schema = conform_schema(table.schema, contract, file)
+    checks = row_checks(contract, schema.names,
+                        CheckContext(file, item_count=item_count, base_dir=path.parent,
+                                     vector_dims=vector_dims))
+    if contract is ITEMS:
+        table = table.combine_chunks()
+        checks += item_id_checks(table.num_rows)
+        batches = table.to_batches()
+    else:
+        batches = table.to_batches(max_chunksize=BATCH_ROWS)
+    good = [b for b in _scan((cast_batch(b, schema, file) for b in batches), checks, file, None)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(pa.Table.from_batches(good, schema=schema), tmp, row_group_size=BATCH_ROWS)
+    os.replace(tmp, path)
+    if manifest is not None:
+        if manifest.row_count is None:
+            manifest.row_count = table.num_rows
+        write_manifest(path, manifest)
+    return path
+
+
+# ---------------------------------------------------------------- world folders
+
+def validate_world(directory: PathLike, drop_invalid: bool = False,
+                   echo=print) -> List[ValidationResult]:
+    """Check every file of a world folder (see ``docs/interfaces.md``), cross-file rules
+    included: pair and event item ids must lie in the items table, and an ``mm_table/``
+    folder must match its manifest. Prints one ``OK`` line per file with its row count."""
+    directory = Path(directory)
+    if not (directory / "items.parquet").is_file():
+        raise DataError(str(directory / "items.parquet"), "a world folder needs items.parquet")
+    results = []
+    for name, contract in WORLD_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        item_count = results[0].rows if results else None
+        result = validate_file(path, contract, item_count=item_count,
+                               drop_invalid=drop_invalid, keep=False)
+        results.append(result)
+        echo(ok_line(result))
+    _check_world_manifest(directory, results[0].rows)
+    if (directory / "mm_table").is_dir():
+        results += validate_mm_table(directory / "mm_table", results[0].rows, echo=echo)
+    return results
+
+
+def validate_mm_table(table_dir: PathLike, item_count: Optional[int] = None,
+                      echo=print) -> List[ValidationResult]:
+    """Check each ``part-*.parquet`` of a table folder against its manifest's dtype and dim."""
+    table_dir = Path(table_dir)
+    manifest = read_manifest(table_dir)
+    if manifest.kind != "mm_table":
+        raise ManifestMismatch(f"{table_dir}: manifest kind is {manifest.kind!r}, not 'mm_table'")
+    contract = MM_TABLE_INT8 if manifest.dtype == "int8" else MM_TABLE_FP
+    parts = sorted(table_dir.glob("part-*.parquet"))
+    if not parts:
+        raise DataError(str(table_dir), "no part-*.parquet files")
+    results = []
+    for part in parts:
+        result = validate_file(part, contract, item_count=item_count, keep=False,
+                               vector_dims={"vector": manifest.dim} if manifest.dim else None)
+        results.append(result)
+        echo(ok_line(result))
+    total = sum(r.rows for r in results)
+    if manifest.row_count is not None and total != manifest.row_count:
+        raise DataError(str(table_dir), f"parts hold {total} rows, manifest says {manifest.row_count}")
+    return results
+
+
+def _check_world_manifest(directory: Path, item_rows: int) -> None:
+    path = directory / "manifest.json"
+    if not path.exists():
+        return
+    manifest = read_manifest(directory)
+    if manifest.kind != "world":
+        raise ManifestMismatch(f"{path}: kind is {manifest.kind!r}, expected 'world'")
+    declared = manifest.extra.get("counts", {}).get("items")
+    if declared is not None and declared != item_rows:
+        raise DataError(str(path), f"manifest counts {declared} items, items.parquet has "
+                                   f"{item_rows}", field="extra.counts.items")
+
+
+def ok_line(result: ValidationResult) -> str:
+    dropped = f", {result.rejected} quarantined -> {result.rejected_path}" if result.rejected else ""
+    return f"OK  {result.path}  {result.contract}: {result.rows} rows{dropped}"

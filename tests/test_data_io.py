@@ -1,0 +1,237 @@
+"""Validating readers/writers: every rejected input names file, row and field."""
+
+import io
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mim_rec.data.errors import DataError
+from mim_rec.data.io import (read_events, read_items, read_pairs, rejected_path_for,
+                             validate_file, validate_world, write_table)
+from mim_rec.data.manifest import Manifest, read_manifest
+from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
+
+N_ITEMS = 6
+
+
+def png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def items_rows():
+    return {
+        "item_id": list(range(N_ITEMS)),
+        "raw_item_id": [f"sku{i}" for i in range(N_ITEMS)],
+        "category_id": [i % 2 for i in range(N_ITEMS)],
+        "title": [f"item {i}" for i in range(N_ITEMS)],
+        "created_at": [1_600_000_000 + i for i in range(N_ITEMS)],
+        "image": [png(i) for i in range(N_ITEMS)],
+        "image_feature": [[0.5, float(i)] for i in range(N_ITEMS)],
+    }
+
+
+def pairs_rows():
+    return {"item_id": [0, 1, 2, 3], "signal": ["click", "purchase", "click", "click"],
+            "category_id": [0, 1, 0, 1], "ts": [10, 11, 12, 13],
+            "query_feature": [[1.0, 0.0]] * 4}
+
+
+def events_rows():
+    return {"user_id": [0, 1, 2, 3], "query": ["", "q", "", ""],
+            "target_item_id": [0, 1, 2, 5], "label": [0, 1, 1, 0], "ts": [1, 2, 3, 4],
+            "hist_item_ids": [[1, 2], [], [3], [0, 1, 2]],
+            "hist_category_ids": [[1, 0], [], [1], [0, 1, 0]],
+            "hist_ts": [[0, 1], [], [2], [0, 0, 1]]}
+
+
+def table(contract, rows):
+    fields = contract.fields
+    return pa.table({k: pa.array(v, fields[k].type if k in fields else None) for k, v in rows.items()})
+
+
+def write_raw(tmp_path, name, contract, rows, **types):
+    """Write without validation, as a foreign producer might."""
+    fields = {k: f.type for k, f in contract.fields.items()}
+    t = pa.table({k: pa.array(v, types.get(k, fields.get(k))) for k, v in rows.items()})
+    path = tmp_path / name
+    pq.write_table(t, path)
+    return path
+
+
+READERS = {"items": lambda p: read_items(p), "pairs": lambda p: read_pairs(p, N_ITEMS),
+           "events": lambda p: read_events(p, N_ITEMS)}
+CONTRACTS = {"items": (ITEMS, items_rows), "pairs": (PAIRS, pairs_rows),
+             "events": (EVENTS, events_rows)}
+
+
+def edit(rows, column, row, value):
+    rows[column] = list(rows[column])
+    rows[column][row] = value
+    return rows
+
+
+# (kind, mutation of the rows, expected row, expected field, message fragment)
+BAD_CASES = {
+    "null id": ("events", lambda r: edit(r, "user_id", 2, None), 2, "user_id", "null"),
+    "null required": ("items", lambda r: edit(r, "created_at", 3, None), 3, "created_at", "null"),
+    "unequal history": ("events", lambda r: edit(r, "hist_ts", 3, [0, 1]), 3, "hist_ts", "unequal length"),
+    "unequal category history": ("events", lambda r: edit(r, "hist_category_ids", 0, [1]), 0,
+                                 "hist_category_ids", "unequal length"),
+    "target out of range": ("events", lambda r: edit(r, "target_item_id", 1, N_ITEMS), 1,
+                            "target_item_id", "outside the item table"),
+    "hist out of range": ("events", lambda r: edit(r, "hist_item_ids", 2, [-1]), 2,
+                          "hist_item_ids", "outside the item table"),
+    "pair item out of range": ("pairs", lambda r: edit(r, "item_id", 3, 99), 3, "item_id",
+                               "outside the item table"),
+    "nan vector": ("items", lambda r: edit(r, "image_feature", 4, [math.nan, 0.0]), 4,
+                   "image_feature", "NaN"),
+    "inf vector": ("pairs", lambda r: edit(r, "query_feature", 1, [math.inf, 0.0]), 1,
+                   "query_feature", "NaN or infinite"),
+    "vector size": ("items", lambda r: edit(r, "image_feature", 2, [1.0, 2.0, 3.0]), 2,
+                    "image_feature", "vector length"),
+    "undecodable image": ("items", lambda r: edit(r, "image", 1, png(1)[:40]), 1, "image",
+                          "not decodable"),
+    "duplicate id": ("items", lambda r: edit(r, "item_id", 5, 1), 5, "item_id", "duplicate"),
+    "non-dense id": ("items", lambda r: edit(r, "item_id", 5, 7), 5, "item_id", "not dense"),
+    "unknown signal": ("pairs", lambda r: edit(r, "signal", 2, "like"), 2, "signal", "unknown signal"),
+    "label": ("events", lambda r: edit(r, "label", 3, 2), 3, "label", "label not in"),
+    "empty title": ("items", lambda r: edit(r, "title", 0, "  "), 0, "title", "empty title"),
+    "no image at all": ("items", lambda r: edit(edit(r, "image", 2, None), "image_feature", 2, None),
+                        2, "image|image_feature", "all of these columns are null"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_row_is_reported_with_file_row_field(tmp_path, case):
+    kind, mutate, row, field, fragment = BAD_CASES[case]
+    contract, rows = CONTRACTS[kind]
+    path = write_raw(tmp_path, f"{kind}.parquet", contract, mutate(rows()))
+    with pytest.raises(DataError, match=fragment) as info:
+        READERS[kind](path)
+    assert (info.value.file, info.value.row, info.value.field) == (str(path), row, field)
+    with pytest.raises(DataError, match=fragment):  # the writer refuses the same table
+        write_table(table(contract, mutate(rows())), tmp_path / "out.parquet", contract,
+                    item_count=N_ITEMS)
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_missing_column(tmp_path):
+    rows = events_rows()
+    del rows["hist_ts"]
+    path = write_raw(tmp_path, "events.parquet", EVENTS, rows)
+    with pytest.raises(DataError, match="missing required column") as info:
+        read_events(path, N_ITEMS)
+    assert info.value.field == "hist_ts" and info.value.row is None
+
+
+def test_wrong_type_is_not_coerced(tmp_path):
+    path = write_raw(tmp_path, "events.parquet", EVENTS, events_rows(), label=pa.float32())
+    with pytest.raises(DataError, match="has type float") as info:
+        read_events(path, N_ITEMS)
+    assert info.value.field == "label"
+    rows = items_rows()
+    rows["category_id"] = [str(c) for c in rows["category_id"]]
+    path = write_raw(tmp_path, "items.parquet", ITEMS, rows, category_id=pa.string())
+    with pytest.raises(DataError, match="category_id"):
+        read_items(path)
+
+
+def test_safe_widening_is_accepted_and_overflow_is_not(tmp_path):
+    path = write_raw(tmp_path, "events.parquet", EVENTS, events_rows(),
+                     user_id=pa.int32(), hist_category_ids=pa.list_(pa.int8()))
+    got = read_events(path, N_ITEMS)
+    assert got.schema.field("user_id").type == pa.int64()
+    assert got.schema.field("hist_category_ids").type == pa.list_(pa.int32())
+    path = write_raw(tmp_path, "events2.parquet", EVENTS, events_rows(), label=pa.int64())
+    with pytest.raises(DataError, match="label"):  # int64 -> int8 is narrowing, refused
+        read_events(path, N_ITEMS)
+
+
+def test_image_path_must_exist_and_decode(tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = items_rows()
+    for i, blob in enumerate(rows.pop("image")):
+        (tmp_path / "img" / f"{i}.png").write_bytes(blob)
+    rows["image_path"] = [f"img/{i}.png" for i in range(N_ITEMS)]
+    path = write_raw(tmp_path, "items.parquet", ITEMS, rows)
+    assert read_items(path).num_rows == N_ITEMS
+    (tmp_path / "img" / "3.png").unlink()
+    with pytest.raises(DataError, match="image path") as info:
+        read_items(path)
+    assert (info.value.row, info.value.field) == (3, "image_path")
+
+
+def test_first_bad_row_across_batches_and_quarantine_counts_all(tmp_path):
+    n = 1000
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 20, n)
+    hist = [rng.integers(0, N_ITEMS, k).tolist() for k in lengths]
+    rows = {"user_id": list(range(n)), "query": [""] * n,
+            "target_item_id": rng.integers(0, N_ITEMS, n).tolist(),
+            "label": rng.integers(0, 2, n).tolist(), "ts": list(range(n)),
+            "hist_item_ids": hist, "hist_category_ids": [[0] * len(h) for h in hist],
+            "hist_ts": [[0] * len(h) for h in hist]}
+    bad = {"label": [700, 901], "target_item_id": [350], "hist_ts": [123]}
+    rows["label"][700] = rows["label"][901] = 5
+    rows["target_item_id"][350] = -3
+    rows["hist_ts"][123] = rows["hist_ts"][123] + [9]
+    path = tmp_path / "events.parquet"
+    pq.write_table(table(EVENTS, rows), path, row_group_size=100)
+
+    with pytest.raises(DataError) as info:
+        validate_file(path, EVENTS, item_count=N_ITEMS, batch_rows=64)
+    assert (info.value.row, info.value.field) == (123, "hist_ts")
+
+    result = validate_file(path, EVENTS, item_count=N_ITEMS, drop_invalid=True, batch_rows=64)
+    assert result.rejected == 4 and result.rows == n - 4 and result.table.num_rows == n - 4
+    rejected = pq.read_table(rejected_path_for(path))
+    assert sorted(rejected.column("source_row").to_pylist()) == [123, 350, 700, 901]
+    reasons = dict(zip(rejected.column("source_row").to_pylist(), rejected.column("reason").to_pylist()))
+    assert reasons[350].startswith("target_item_id") and reasons[700].startswith("label")
+    assert -3 not in result.table.column("target_item_id").to_pylist()
+
+    pq.write_table(table(EVENTS, events_rows()), path)  # clean file: stale quarantine removed
+    assert validate_file(path, EVENTS, item_count=N_ITEMS, drop_invalid=True).rejected == 0
+    assert not rejected_path_for(path).exists()
+
+
+def test_items_quarantine_refuses_holes_in_ids(tmp_path):
+    rows = edit(items_rows(), "item_id", 5, 2)  # duplicate of 2, id 5 missing
+    path = write_raw(tmp_path, "items.parquet", ITEMS, rows)
+    result = validate_file(path, ITEMS, drop_invalid=True)
+    assert result.rejected == 1 and result.table.num_rows == 5  # dense 0..4 after dropping
+    rows = edit(items_rows(), "title", 2, "")
+    path = write_raw(tmp_path, "items.parquet", ITEMS, rows)
+    with pytest.raises(DataError, match="no longer dense"):
+        read_items(path, drop_invalid=True)
+
+
+def test_round_trip_and_world(tmp_path, capsys):
+    shuffled = table(ITEMS, items_rows()).take([3, 0, 5, 1, 4, 2])
+    write_table(shuffled, tmp_path / "items.parquet", ITEMS,
+                manifest=Manifest(kind="items", stage="test"))
+    write_table(table(PAIRS, pairs_rows()), tmp_path / "pairs_train.parquet", PAIRS, item_count=N_ITEMS)
+    write_table(table(EVENTS, events_rows()), tmp_path / "events_train.parquet", EVENTS,
+                item_count=N_ITEMS)
+    items = read_items(tmp_path / "items.parquet")
+    assert items.column("item_id").to_pylist() == list(range(N_ITEMS))  # row i is item i
+    assert items.column("image").to_pylist() == items_rows()["image"]
+    assert read_manifest(tmp_path / "items.parquet").row_count == N_ITEMS
+    events = read_events(tmp_path / "events_train.parquet", N_ITEMS)
+    assert events.equals(table(EVENTS, events_rows()).cast(events.schema))
+
+    results = validate_world(tmp_path)
+    assert [r.rows for r in results] == [N_ITEMS, 4, 4]
+    assert capsys.readouterr().out.count("OK ") == 3
+    # cross-file: events valid alone are refused against a smaller item table
+    write_table(table(ITEMS, items_rows()).slice(0, 3), tmp_path / "items.parquet", ITEMS)
+    with pytest.raises(DataError, match="outside the item table") as info:
+        validate_world(tmp_path)
+    assert info.value.file.endswith("pairs_train.parquet") and info.value.row == 3

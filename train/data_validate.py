@@ -1,0 +1,50 @@
+"""``mim data validate DIR_OR_FILE [--drop-invalid]``: check a world folder or one file.
+
+A world folder (``items.parquet``, ``pairs_*``, ``events_*``, optional ``mm_table/``) is checked
+file by file with the cross-file rules (pair/event item ids within the items table). A single
+file's contract is taken from its name (``items``, ``pairs_*``, ``events_*``); pair and event
+files need the items table beside them, or ``--item-count``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("validate", help="check a world folder or a data file "
+                                                    "against the data contracts")
+    parser.add_argument("path", help="world folder, or one items/pairs/events Parquet file")
+    parser.add_argument("--drop-invalid", action="store_true",
+                        help="quarantine bad rows into <file>.rejected.parquet instead of "
+                             "stopping at the first one")
+    parser.add_argument("--item-count", type=int, default=None,
+                        help="item table size for a lone pairs/events file "
+                             "(default: rows of items.parquet beside it)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mim_rec.data.errors import DataError
+    from mim_rec.data.io import CONTRACT_BY_PREFIX, ok_line, validate_file, validate_world
+    from mim_rec.data.schemas import ITEMS
+
+    path = Path(args.path)
+    if path.is_dir():
+        validate_world(path, drop_invalid=args.drop_invalid)
+        return 0
+    contract = CONTRACT_BY_PREFIX.get(path.name.split("_")[0].split(".")[0])
+    if contract is None:
+        raise DataError(str(path), "cannot tell the contract from the file name "
+                                   "(expected items*.parquet, pairs_*.parquet or events_*.parquet)")
+    item_count = args.item_count
+    if contract is not ITEMS and item_count is None:
+        items = path.parent / "items.parquet"
+        if not items.is_file():
+            raise DataError(str(path), "needs --item-count or items.parquet beside it to check ids")
+        item_count = validate_file(items, ITEMS, keep=False).rows
+    result = validate_file(path, contract, item_count=item_count,
+                           drop_invalid=args.drop_invalid, keep=False)
+    print(ok_line(result))
+    return 0
