@@ -1,0 +1,236 @@
+"""The six ID interest modules: shapes, padding, empty histories, attention, DIEN's loss, search."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mim_rec.ubm import available_ubms, build_ubm
+from mim_rec.ubm.dien import DIEN
+from mim_rec.ubm.din import DIN
+from mim_rec.ubm.layers import masked_softmax, recency_positions
+from mim_rec.ubm.sim import SIM, category_search
+from mim_rec.ubm.twin import TWIN
+
+NAMES = ["avg", "din", "dien", "bst", "sim", "twin"]
+B, L, D = 5, 9, 8
+
+
+def make_inputs(seed: int = 0, batch: int = B, length: int = L, dim: int = D, categories: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(batch, dim, generator=g)
+    behaviours = torch.randn(batch, length, dim, generator=g)
+    lengths = torch.randint(1, length + 1, (batch,), generator=g)
+    lengths[1] = 0  # one row with an empty history
+    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)  # real first, padding last
+    target_category = torch.randint(0, categories, (batch,), generator=g)
+    behaviour_categories = torch.randint(0, categories, (batch, length), generator=g)
+    behaviour_categories[0, 0] = target_category[0]  # SIM's search finds something in row 0
+    return target, behaviours, mask, target_category, behaviour_categories
+
+
+def build(name: str, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_ubm(name, D, **options).eval()
+
+
+def test_registry_lists_the_six_models():
+    assert available_ubms() == sorted(NAMES)
+
+
+def test_unknown_name_and_bad_option_are_clear():
+    with pytest.raises(ValueError, match="unknown UBM 'dni'.*din"):
+        build_ubm("dni", D)
+    with pytest.raises(TypeError, match="bad options for UBM 'sim'"):
+        build_ubm("sim", D, top_kk=3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_shape_and_empty_history_is_finite(name):
+    ubm = build(name)
+    out = ubm(*make_inputs())
+    assert out.shape == (B, ubm.output_dim)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_values_never_affect_the_output(name):
+    ubm = build(name)
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    reference = ubm(target, behaviours, mask, target_category, behaviour_categories)
+    poisoned = behaviours.masked_fill(~mask.unsqueeze(-1), float("nan"))
+    poisoned[:, :, 0] = torch.where(mask, poisoned[:, :, 0], torch.full_like(poisoned[:, :, 0], 1e30))
+    other_categories = torch.where(mask, behaviour_categories, target_category.unsqueeze(1))
+    out = ubm(target, poisoned, mask, target_category, other_categories)
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_position_does_not_matter(name):
+    """The same real behaviours padded on the left instead of the right give the same interest."""
+    ubm = build(name)
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    shift = (~mask).sum(1)
+    index = (torch.arange(L).unsqueeze(0) - shift.unsqueeze(1)) % L  # rotate real entries to the end
+    left_mask = mask.gather(1, index)
+    left = ubm(target, behaviours.gather(1, index.unsqueeze(-1).expand(-1, -1, D)), left_mask,
+               target_category, behaviour_categories.gather(1, index))
+    assert left_mask[:, -1].equal(mask.any(1))
+    torch.testing.assert_close(left, ubm(target, behaviours, mask, target_category, behaviour_categories))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_are_finite_with_empty_rows(name):
+    ubm = build_ubm(name, D).train()
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    target.requires_grad_(True)
+    behaviours.requires_grad_(True)
+    out = ubm(target, behaviours, mask, target_category, behaviour_categories)
+    loss = out.square().sum() + (ubm.auxiliary_loss() if ubm.auxiliary_loss() is not None else 0)
+    loss.backward()
+    grads = [behaviours.grad] + [g for g in [target.grad] + [p.grad for p in ubm.parameters()] if g is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_masked_softmax_sums_to_one_and_zero_for_empty_rows():
+    scores = torch.tensor([[1.0, 2.0, float("nan")], [0.5, -3.0, 4.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
+    weights = masked_softmax(scores, mask)
+    torch.testing.assert_close(weights.sum(1), torch.tensor([1.0, 1.0, 0.0]))
+    torch.testing.assert_close(weights[0, :2], torch.softmax(torch.tensor([1.0, 2.0]), 0))
+    assert weights[0, 2] == 0
+
+
+def test_din_attention_weights_sum_to_one_on_real_behaviours():
+    din = build("din")
+    target, behaviours, mask, *_ = make_inputs()
+    weights = din.attention_weights(target, behaviours, mask)
+    torch.testing.assert_close(weights.sum(1), mask.any(1).float())
+    assert (weights[~mask] == 0).all()
+    unnormalised = build("din", normalize=False).attention_weights(target, behaviours, mask)
+    assert (unnormalised[~mask] == 0).all() and not torch.allclose(unnormalised.sum(1)[mask.any(1)], torch.ones(1))
+
+
+def test_recency_positions_count_from_the_most_recent_real_behaviour():
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True], [False] * 4])
+    assert recency_positions(mask).tolist() == [[2, 1, 0, 0], [0, 2, 1, 0], [0, 0, 0, 0]]
+
+
+def test_sim_search_keeps_the_most_recent_top_k_of_the_target_category():
+    categories = torch.tensor([[1, 2, 1, 1, 3, 1, 2, 1], [2, 2, 1, 3, 3, 3, 3, 3]])
+    mask = torch.tensor([[True] * 7 + [False], [True] * 8])
+    target_category = torch.tensor([1, 1])
+    indices, kept = category_search(mask, target_category, categories, top_k=3)
+    # Row 0: category 1 at 0, 2, 3, 5 (7 is padding) -> the three latest. Row 1: only position 2.
+    assert sorted(indices[0][kept[0]].tolist()) == [2, 3, 5]
+    assert indices[1][kept[1]].tolist() == [2]
+
+
+def test_sim_equals_din_attention_over_the_searched_behaviours():
+    sim = build("sim", top_k=2)
+    din = DIN(D).eval()
+    din.scorer = sim.scorer
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    indices, kept = category_search(mask, target_category, behaviour_categories, top_k=2)
+    selected = behaviours.gather(1, indices.unsqueeze(-1).expand(-1, -1, D))
+    expected = din(target, selected, kept, target_category, torch.zeros_like(kept, dtype=torch.long))
+    torch.testing.assert_close(sim(target, behaviours, mask, target_category, behaviour_categories), expected)
+    assert torch.equal(expected[~kept.any(1)], torch.zeros_like(expected[~kept.any(1)]))
+
+
+def test_twin_search_and_attention_share_one_scorer():
+    twin: TWIN = build("twin", top_k=3, num_heads=2)
+    target, behaviours, mask, *_ = make_inputs()
+    scores = twin.scorer(target, behaviours)  # [B, H, L]
+    indices, kept, kept_scores = twin.search(target, behaviours, mask)
+    for row in range(B):
+        real = mask[row].nonzero().squeeze(1)
+        best = real[scores[row].mean(0)[real].argsort(descending=True)[:3]]
+        assert sorted(indices[row][kept[row]].tolist()) == sorted(best.tolist())
+    torch.testing.assert_close(kept_scores, scores.gather(2, indices.unsqueeze(1).expand(-1, 2, -1)))
+
+
+def test_twin_with_top_k_covering_the_history_is_full_multi_head_target_attention():
+    twin: TWIN = build("twin", top_k=L, num_heads=2)
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    out = twin(target, behaviours, mask, target_category, behaviour_categories)
+    scores = twin.scorer(target, behaviours)
+    values = twin.value(behaviours).view(B, L, 2, D // 2)
+    expected = torch.zeros(B, D)
+    for row in range(B):
+        real = mask[row]
+        if real.any():
+            for head in range(2):
+                w = torch.softmax(scores[row, head, real], 0)
+                expected[row, head * D // 2:(head + 1) * D // 2] = w @ values[row, real, head]
+    torch.testing.assert_close(out, twin.output(expected))
+
+
+@pytest.mark.parametrize("name", ["sim", "twin"])
+def test_long_history(name):
+    ubm = build(name, top_k=50)
+    out = ubm(*make_inputs(length=1000, categories=20))
+    assert out.shape == (B, D) and torch.isfinite(out).all()
+
+
+def reference_dien_aux_loss(dien: DIEN, behaviours: torch.Tensor, mask: torch.Tensor) -> float:
+    """The paper's Eq. 2 written out step by step, with torch.nn.GRU as the extractor."""
+    gru = torch.nn.GRU(D, D, batch_first=True)
+    gru.load_state_dict({f"{k}_l0": v for k, v in dien.extractor.state_dict().items()})
+    total, count = 0.0, 0
+    for b in range(behaviours.shape[0]):
+        n = int(mask[b].sum())  # real behaviours come first in this fixture
+        if n == 0:
+            continue
+        states, _ = gru(behaviours[b:b + 1, :n])
+        negative_row = (b - 1) % behaviours.shape[0]
+        for t in range(n - 1):
+            if not mask[negative_row, t + 1]:
+                continue
+            h = states[0, t]
+            positive, negative = behaviours[b, t + 1], behaviours[negative_row, t + 1]
+            total += -math.log(torch.sigmoid(h @ positive).item()) - math.log(1 - torch.sigmoid(h @ negative).item())
+            count += 1
+    return total / count
+
+
+def test_dien_auxiliary_loss_matches_the_paper_formula():
+    dien: DIEN = build("dien")
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    assert dien.auxiliary_loss() is None
+    dien(target, behaviours, mask, target_category, behaviour_categories)
+    assert dien.auxiliary_loss().item() == pytest.approx(reference_dien_aux_loss(dien, behaviours, mask), rel=1e-5)
+
+
+def test_dien_auxiliary_loss_decreases_when_the_next_behaviour_is_predictable():
+    """Histories walk a fixed cycle of items, so h_t can learn to point at item t+1."""
+    torch.manual_seed(0)
+    items = F.normalize(torch.randn(6, D), dim=1) * 2
+    starts = torch.randint(0, 6, (16,))
+    behaviours = items[(starts.unsqueeze(1) + torch.arange(L)) % 6]
+    mask = torch.ones(16, L, dtype=torch.bool)
+    zeros = torch.zeros(16, dtype=torch.long)
+    dien = DIEN(D)
+    optimizer = torch.optim.Adam(dien.extractor.parameters(), lr=0.05)
+    losses = []
+    for _ in range(40):
+        dien(behaviours[:, 0], behaviours, mask, zeros, zeros.unsqueeze(1).expand(-1, L))
+        loss = dien.auxiliary_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bst_target_pooling_reads_the_history():
+    bst = build("bst", dropout=0.0)
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    out = bst(target, behaviours, mask, target_category, behaviour_categories)
+    changed = bst(target, behaviours.flip(-1), mask, target_category, behaviour_categories)
+    has_history = mask.any(1)
+    assert not torch.allclose(out[has_history], changed[has_history])
+    assert torch.equal(out[~has_history], changed[~has_history])
