@@ -1,0 +1,192 @@
+"""CTR metrics: hand-computed cases, agreement with torchmetrics, buckets, and 2-rank gathering."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torchmetrics.functional.classification import binary_auroc
+
+from mim_rec.metrics import CtrMetrics, age_bucket_edges, binary_auc, gauc, grouped_auc, log_loss, relative_auc_gain
+
+
+def random_eval(n: int, seed: int = 0):
+    """Predictions that carry some signal, rounded so that ties occur."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, generator=g) < 0.3).float()
+    preds = (torch.sigmoid(torch.randn(n, generator=g) + labels) * 20).round() / 20
+    users = torch.randint(0, 25, (n,), generator=g)
+    categories = torch.randint(0, 6, (n,), generator=g)
+    ages = torch.randint(0, 365, (n,), generator=g).double()
+    return preds, labels, users, categories, ages
+
+
+def test_auc_and_log_loss_by_hand():
+    preds, labels = torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert binary_auc(preds, labels) == pytest.approx(0.75)  # 3 of the 4 (pos, neg) pairs ordered
+    expected = -(math.log(0.9) + math.log(0.6) + math.log(0.35) + math.log(0.8)) / 4
+    assert log_loss(preds, labels) == pytest.approx(expected)
+
+
+def test_single_class_auc_is_none():
+    assert binary_auc(torch.tensor([0.2, 0.9]), torch.tensor([1.0, 1.0])) is None
+    assert binary_auc(torch.zeros(0), torch.zeros(0)) is None
+
+
+def test_grouped_auc_matches_torchmetrics_per_group_with_ties():
+    preds, labels, users, _, _ = random_eval(600)
+    per = grouped_auc(preds, labels, users)
+    assert per.groups.tolist() == sorted(set(users.tolist()))
+    for group, auc, count, ok in zip(per.groups, per.auc, per.count, per.defined):
+        inside = users == group
+        assert int(count) == int(inside.sum())
+        single_class = labels[inside].min() == labels[inside].max()
+        assert bool(ok) != bool(single_class)
+        if ok:
+            assert float(auc) == pytest.approx(float(binary_auroc(preds[inside], labels[inside].long())), abs=1e-6)
+
+
+def test_gauc_on_a_tiny_hand_case():
+    #            user A (AUC 1, 3 rows)  user B (AUC 0, 2)  user C (positives only)  user D (tie: 0.5, 2)
+    preds = torch.tensor([0.9, 0.2, 0.6, 0.3, 0.7, 0.4, 0.8, 0.5, 0.5])
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    users = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3])
+    per_user = grouped_auc(preds, labels, users)
+    assert per_user.defined.tolist() == [True, True, False, True]
+    assert gauc(per_user) == pytest.approx((3 * 1.0 + 2 * 0.0 + 2 * 0.5) / 7)
+
+
+def test_age_bucket_edges_are_deciles():
+    ages = torch.arange(1, 101).double()[torch.randperm(100)]
+    assert age_bucket_edges(ages) == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0]
+
+
+def test_report_is_json_and_buckets_single_class_as_none():
+    metrics = CtrMetrics()
+    ages = torch.arange(1, 101).double()
+    labels = (torch.arange(100) % 2).float()
+    labels[:10] = 0  # S1 (ages 1..10) holds negatives only
+    preds = torch.linspace(0.01, 0.99, 100)
+    users = torch.arange(100) % 7
+    categories = torch.where(ages > 95, 9, 1)  # category 9: ages 96..100
+    labels[95:] = 1.0  # ... all positive
+    for chunk in range(0, 100, 30):
+        s = slice(chunk, chunk + 30)
+        metrics.update(preds[s], labels[s], users[s], categories[s], ages[s])
+    report = json.loads(json.dumps(metrics.compute()))
+    assert report["n"] == 100 and report["positives"] == int(labels.sum())
+    assert report["auc"] == pytest.approx(float(binary_auroc(preds, labels.long())))
+    assert [b["bucket"] for b in report["age_deciles"]] == [f"S{i}" for i in range(1, 11)]
+    assert [b["n"] for b in report["age_deciles"]] == [10] * 10
+    assert report["age_deciles"][0]["auc"] is None and report["age_deciles"][0]["age_days_max"] == 10.0
+    assert report["age_deciles"][9]["age_days_max"] == 100.0
+    s5 = slice(40, 50)
+    assert report["age_deciles"][4]["auc"] == pytest.approx(float(binary_auroc(preds[s5], labels[s5].long())))
+    assert report["per_category"]["9"] == {"auc": None, "n": 5}
+    assert report["per_category"]["1"]["n"] == 95
+    assert report["gauc"] == pytest.approx(gauc(grouped_auc(preds, labels, users)))
+
+
+def test_given_edges_bucket_two_runs_identically_and_gain_is_per_bucket():
+    preds, labels, users, categories, ages = random_eval(500)
+    base = CtrMetrics()
+    base.update(preds, labels, users, categories, ages)
+    base_report = base.compute()
+    better = CtrMetrics(age_edges=base_report["age_edges"])
+    better_preds = torch.where(ages < 100, 0.5 * preds + 0.5 * labels, preds)  # helps newer items only
+    better.update(better_preds, labels, users, categories, ages + 0.0)
+    better_report = better.compute()
+    gains = relative_auc_gain(base_report, better_report)
+    assert [g["bucket"] for g in gains] == [f"S{i}" for i in range(1, 11)]
+    for gain, before, after in zip(gains, base_report["age_deciles"], better_report["age_deciles"]):
+        assert gain["auc_gain"] == pytest.approx(after["auc"] - before["auc"])
+        assert gain["relative_gain"] == pytest.approx((after["auc"] - before["auc"]) / before["auc"])
+    assert gains[0]["auc_gain"] > 0 and gains[-1]["auc_gain"] == 0
+
+    shifted = CtrMetrics()
+    shifted.update(preds, labels, users, categories, ages + 30)
+    with pytest.raises(ValueError, match="different age buckets"):
+        relative_auc_gain(base_report, shifted.compute())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(preds=torch.tensor([0.5, 1.5])), "probabilities"),
+    (dict(labels=torch.tensor([0.0, 2.0])), "0 or 1"),
+    (dict(user_id=torch.tensor([1])), "'user_id' has 1 values"),
+    (dict(item_age_days=torch.tensor([1.0, float("nan")])), "finite"),
+])
+def test_update_rejects_bad_input(bad, message):
+    good = dict(preds=torch.tensor([0.2, 0.7]), labels=torch.tensor([0.0, 1.0]), user_id=torch.tensor([1, 2]),
+                category=torch.tensor([3, 3]), item_age_days=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=message):
+        CtrMetrics().update(**{**good, **bad})
+
+
+def test_bad_edges_and_empty_compute_are_errors():
+    with pytest.raises(ValueError, match="need 9 edges"):
+        CtrMetrics(age_edges=[1.0, 2.0])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        CtrMetrics(num_age_buckets=3, age_edges=[5.0, 1.0])
+    with pytest.raises(ValueError, match="no predictions"):
+        CtrMetrics().compute()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _report(shards) -> dict:
+    metrics = CtrMetrics()
+    for shard in shards:
+        metrics.update(*shard)
+    return metrics.compute()
+
+
+def _split(data, bounds):
+    return [tuple(column[a:b] for column in data) for a, b in zip(bounds, bounds[1:])]
+
+
+def _gather_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    data = random_eval(301)
+    # Unequal shards (rank 0: 120 rows in two batches, rank 1: 181 rows), then rank 1 empty.
+    unequal = _split(data, [0, 50, 120]) if rank == 0 else _split(data, [120, 301])
+    one_sided = _split(data, [0, 301]) if rank == 0 else []
+    reports = {"unequal": _report(unequal), "one_sided": _report(one_sided)}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(reports, f)
+    dist.destroy_process_group()
+
+
+def test_two_rank_gather_equals_one_process(tmp_path):
+    mp.spawn(_gather_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = json.loads(json.dumps(_report([random_eval(301)])))
+    for rank in (0, 1):
+        reports = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for report in reports.values():
+            assert _close(report, expected)
+
+
+def _close(actual, expected) -> bool:
+    """Structural equality with float tolerance (gathering may change summation order)."""
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        return all(_close(actual[k], expected[k]) for k in expected)
+    if isinstance(expected, list):
+        assert len(actual) == len(expected)
+        return all(_close(a, e) for a, e in zip(actual, expected))
+    if isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        return True
+    assert actual == expected
+    return True
