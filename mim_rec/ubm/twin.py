@@ -9,6 +9,8 @@ attention scores, kept cheap by a linear-projection (dot-product) scorer.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from torch import nn
 
@@ -35,7 +37,8 @@ class TWIN(InterestModule):
         self.value = nn.Linear(dim, dim, bias=False)
         self.output = nn.Linear(dim, dim)
 
-    def search(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor):
+    def search(self, target: torch.Tensor, behaviours: torch.Tensor,
+               mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """GSU: ``(indices [B, k], kept [B, k], head scores of the kept [B, H, k])``."""
         scores = self.scorer(target, behaviours)
         indices, kept = top_k_positions(scores.mean(dim=1), mask, self.top_k)
