@@ -10,6 +10,7 @@ import importlib
 
 DATA_COMMAND_MODULES: tuple = (
     "train.data_validate",
+    "train.data_import",
 )
 
 

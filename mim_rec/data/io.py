@@ -155,9 +155,10 @@ def _dense_items(table: pa.Table, file: str, rejected: int) -> pa.Table:
 
 
 def _scan(batches: Iterable[pa.RecordBatch], checks: List[RowCheck], file: str,
-          quarantine: Optional["_Quarantine"]) -> Iterator[pa.RecordBatch]:
-    """Yield the good part of each batch; raise at the first bad row unless quarantining."""
-    offset = 0
+          quarantine: Optional["_Quarantine"], start: int = 0) -> Iterator[pa.RecordBatch]:
+    """Yield the good part of each batch; raise at the first bad row unless quarantining.
+    ``start`` is the file row of the first batch's first row."""
+    offset = start
     for batch in batches:
         reason = np.full(batch.num_rows, -1, dtype=np.int64)  # index of the first failed check
         for index, check in enumerate(checks):
@@ -224,7 +225,57 @@ class _Quarantine:
         return self.count
 
 
-# ---------------------------------------------------------------- writer
+# ---------------------------------------------------------------- writers
+
+class ContractWriter:
+    """Stream record batches into one Parquet file of a contract, checking each batch.
+
+    For outputs larger than memory (an importer writing events row group by row group).
+    The file appears under its final name only on a clean ``close()``; an exception inside
+    the ``with`` block leaves no file behind.
+    """
+
+    def __init__(self, path: PathLike, contract: Contract, schema: pa.Schema,
+                 item_count: Optional[int] = None,
+                 vector_dims: Optional[Dict[str, int]] = None):
+        self.path = Path(path)
+        self.rows = 0
+        self._file = str(self.path)
+        self._schema = conform_schema(schema, contract, self._file)
+        self._checks = row_checks(contract, self._schema.names,
+                                  CheckContext(self._file, item_count=item_count,
+                                               base_dir=self.path.parent, vector_dims=vector_dims))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._writer = pq.ParquetWriter(self._tmp, self._schema)
+
+    def write(self, table: Union[pa.Table, pa.RecordBatch],
+              extra_checks: Iterable[RowCheck] = ()) -> None:
+        batches = table.to_batches(max_chunksize=BATCH_ROWS) if isinstance(table, pa.Table) else [table]
+        checks = self._checks + list(extra_checks)
+        for batch in _scan((cast_batch(b, self._schema, self._file) for b in batches), checks,
+                           self._file, None, start=self.rows):
+            self._writer.write_batch(batch, row_group_size=BATCH_ROWS)
+            self.rows += batch.num_rows
+
+    def close(self) -> Path:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ContractWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
 
 def write_table(table: pa.Table, path: PathLike, contract: Contract,
                 manifest: Optional[Manifest] = None, item_count: Optional[int] = None,
@@ -233,22 +284,15 @@ def write_table(table: pa.Table, path: PathLike, contract: Contract,
     contract's types and write it atomically; write ``manifest`` beside it (row_count filled).
     """
     path = Path(path)
-    file = str(path)
-    schema = conform_schema(table.schema, contract, file)
-    checks = row_checks(contract, schema.names,
-                        CheckContext(file, item_count=item_count, base_dir=path.parent,
-                                     vector_dims=vector_dims))
-    if contract is ITEMS:
+    if contract is ITEMS:  # duplicate/density rules need the whole id column in one batch
         table = table.combine_chunks()
-        checks += item_id_checks(table.num_rows)
-        batches = table.to_batches()
-    else:
-        batches = table.to_batches(max_chunksize=BATCH_ROWS)
-    good = [b for b in _scan((cast_batch(b, schema, file) for b in batches), checks, file, None)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(pa.Table.from_batches(good, schema=schema), tmp, row_group_size=BATCH_ROWS)
-    os.replace(tmp, path)
+    whole_file = item_id_checks(table.num_rows) if contract is ITEMS else ()
+    with ContractWriter(path, contract, table.schema, item_count, vector_dims) as writer:
+        if contract is ITEMS:
+            for batch in table.to_batches():
+                writer.write(batch, whole_file)
+        else:
+            writer.write(table)
     if manifest is not None:
         if manifest.row_count is None:
             manifest.row_count = table.num_rows

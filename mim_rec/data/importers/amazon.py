@@ -1,0 +1,405 @@
+"""Import an Amazon reviews subset in the UniSRec/RecBole atomic format.
+
+Source folder (``<name>`` is the data set, e.g. ``Scientific``)::
+
+    <name>.item2index  <name>.user2index        ASIN|user <TAB> dense index
+    <name>.text                                 item_id:token <TAB> text:token_seq
+    <name>.{train,valid,test}.inter             user_id:token <TAB> item_id_list:token_seq <TAB> item_id:token
+    <name>.feat1CLS  <name>.feat3CLS            raw float32 [items, 512] text / image features
+
+Mapping onto the contracts (each choice is forced by what the format lacks):
+
+* **items**: ``item_id`` = the format's item index (already dense; checked), ``raw_item_id`` =
+  ASIN, ``title`` = the full UniSRec text ("title. categories. brand.", what the text tower
+  reads), ``image_feature`` = the ``feat3CLS`` row (there are no pixels: stages 1/2 run the
+  "precomputed" vision input), ``brand_id`` from the brand segment (0 = none). ``category_id``
+  = the first category phrase below the data set's root category in the text (see
+  :func:`category_phrase`). The text features (``feat1CLS``) are not imported: the contract
+  has no column for them, and the text tower runs on the real text.
+* **time**: the format has no timestamps. Each user's sequence is rebuilt from the
+  ``.inter`` rows (histories must extend one another) and every interaction gets a
+  pseudo-time: its ordinal when the files are read in order train, valid, test (an item
+  seen first in a history gets the ordinal of that first sight). ``ts``/``hist_ts`` and
+  ``created_at`` (the item's first appearance, as seconds after the epoch) are these
+  ordinals: item-age deciles are first-appearance deciles, not calendar ages.
+* **events**: each ``.inter`` row is a positive (label 1) with its ``item_id_list`` as the
+  history; train and valid rows form ``events_train``, test rows ``events_test``. There are no
+  non-clicks, so each positive gets ``negatives`` sampled items (label 0, same user, history
+  and time), uniform or by training popularity, seeded, never an item of that user's sequence.
+* **pairs** (C-SFT): consecutive interactions, the earlier item's image feature as the query
+  (``query_feature``) and the next item as the interest, ``signal="purchase"`` (a review
+  follows a purchase); train/valid transitions -> ``pairs_train``, test -> ``pairs_test``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from mim_rec.data.errors import DataError
+from mim_rec.data.importers.common import (ImportReport, list_column, refuse_missing,
+                                           sample_negatives, write_world)
+from mim_rec.data.schemas import FLOAT_VECTOR
+
+INTER_HEADER = ("user_id:token", "item_id_list:token_seq", "item_id:token")
+TEXT_HEADER = ("item_id:token", "text:token_seq")
+SPLITS = ("train", "valid", "test")
+NO_CATEGORY = "(none)"
+
+
+@dataclass
+class AmazonOptions:
+    negatives: int = 1
+    negative_sampling: str = "popularity"
+    seed: int = 0
+    allow_missing: bool = False
+    feature_dim: int = 512
+    name: Optional[str] = None  # data set name; default: the single *.inter prefix in SRC
+
+
+def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
+    src = Path(src)
+    name = options.name or _dataset_name(src)
+    path = {kind: src / f"{name}.{kind}" for kind in
+            ("item2index", "user2index", "text", "feat3CLS",
+             *(f"{s}.inter" for s in SPLITS))}
+    asins = _read_index(path["item2index"])
+    users = _read_index(path["user2index"])
+    n_items = len(asins)
+    report = ImportReport("amazon")
+
+    texts, missing_text = _read_texts(path["text"], asins)
+    image_features = read_feature_file(path["feat3CLS"], n_items, options.feature_dim)
+    sequences = _Sequences(len(users), n_items)
+    rows = {s: sequences.read(path[f"{s}.inter"]) for s in SPLITS}
+    missing = {"items without text": len(missing_text)}
+    refuse_missing(str(path["text"]), missing, options.allow_missing,
+                   "Every item of item2index needs a text line.")
+    for index in missing_text:  # counted default: the ASIN is the only text there is
+        texts[index] = asins[index]
+    report.missing = {k: v for k, v in missing.items() if v}
+
+    root = _root_phrase(texts)
+    category_names, category_id = _dense_names([_below_root(t, root) for t in texts])
+    brand_names, brand_id = _dense_names([_segments(t)[2] for t in texts], reserve_empty=True)
+
+    unseen = sequences.first_seen < 0  # in item2index but in no interaction: newest of all
+    created = np.where(unseen, sequences.interactions, sequences.first_seen)
+    items = pa.table({
+        "item_id": pa.array(np.arange(n_items, dtype=np.int64)),
+        "raw_item_id": pa.array(asins, pa.string()),
+        "category_id": pa.array(category_id),
+        "title": pa.array(texts, pa.string()),
+        "created_at": pa.array(created, pa.int64()).cast(pa.timestamp("s")),
+        "image_feature": pa.FixedSizeListArray.from_arrays(
+            pa.array(image_features.reshape(-1)), options.feature_dim).cast(FLOAT_VECTOR),
+        "brand_id": pa.array(brand_id),
+    })
+
+    rng = np.random.default_rng(options.seed)
+    popularity = sequences.train_counts(rows["train"])
+    positives = sequences.user_items()
+    raw_users = np.array(users, dtype=object)
+    events, pairs = {}, {}
+    for split, parts in (("train", ("train", "valid")), ("test", ("test",))):
+        split_rows = [r for p in parts for r in rows[p]]
+        events[split] = _events(split_rows, sequences, category_id, raw_users, options,
+                                positives, popularity, rng)
+        pairs[split] = _pairs(split_rows, sequences, category_id, image_features)
+
+    report.counts = {
+        "items": n_items, "users": len(users), "categories": len(category_names),
+        "brands": len(brand_names) - 1, "interactions": sequences.interactions,
+        **{f"inter rows {s}": len(rows[s]) for s in SPLITS},
+        **{f"events_{s}": t.num_rows for s, t in events.items()},
+        **{f"pairs_{s}": t.num_rows for s, t in pairs.items()},
+        "items first seen after train": int((sequences.first_split > 0).sum()),
+        "items in no interaction": int(unseen.sum()),
+    }
+    report.notes = [
+        f"negatives: {options.negatives} per positive, {options.negative_sampling}, "
+        f"seed {options.seed}, never an item of the user's sequence",
+        "times are interaction ordinals (the format has no timestamps); created_at = first appearance",
+        f"category = first phrase below the root '{root}' in the item text",
+        "image_feature = feat3CLS (no pixels); feat1CLS text features not imported",
+    ]
+    config = {"format": "amazon", "src": str(src), **vars(options), "name": name}
+    write_world(Path(out), items, pairs, events, report, config,
+                [p for p in path.values()] + [src / f"{name}.feat1CLS"])
+    return report
+
+
+# ---------------------------------------------------------------- source files
+
+def _dataset_name(src: Path) -> str:
+    names = sorted({p.name.split(".")[0] for p in src.glob("*.train.inter")})
+    if len(names) != 1:
+        raise DataError(str(src), f"expected exactly one <name>.train.inter, found {names}; "
+                                  f"pass the data set name")
+    return names[0]
+
+
+def _tsv(path: Path, header: Optional[Tuple[str, ...]], columns: int) -> Iterator[Tuple[int, List[str]]]:
+    """(0-based data row, fields) of a TSV file; header and column count checked."""
+    if not path.is_file():
+        raise DataError(str(path), "no such file")
+    with path.open(encoding="utf-8") as fh:
+        if header is not None:
+            got = tuple(fh.readline().rstrip("\n").split("\t"))
+            for name in header:
+                if name not in got:
+                    raise DataError(str(path), f"missing column (header is {list(got)})", field=name)
+            if got != header:
+                raise DataError(str(path), f"header {list(got)} is not {list(header)}")
+        for row, line in enumerate(fh):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != columns:
+                raise DataError(str(path), f"has {len(fields)} tab-separated fields, "
+                                           f"expected {columns}", row=row)
+            yield row, fields
+
+
+def _int(path: Path, row: int, field: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise DataError(str(path), f"not an integer: {text!r}", row=row, field=field) from None
+
+
+def _read_index(path: Path) -> List[str]:
+    """``token<TAB>index`` lines -> tokens ordered by index; indices must be dense 0..N-1."""
+    by_index: Dict[int, str] = {}
+    seen = set()
+    for row, (token, index) in _tsv(path, None, 2):
+        index = _int(path, row, "index", index)
+        if index in by_index:
+            raise DataError(str(path), f"index {index} given twice", row=row, field="index")
+        if token in seen:
+            raise DataError(str(path), f"token {token!r} given twice", row=row, field="token")
+        by_index[index] = token
+        seen.add(token)
+    count = len(by_index)
+    if set(by_index) != set(range(count)):
+        gap = min(set(range(count)) - set(by_index))
+        raise DataError(str(path), f"indices are not dense 0..{count - 1} (first gap: {gap})",
+                        field="index")
+    return [by_index[i] for i in range(count)]
+
+
+def _read_texts(path: Path, asins: List[str]) -> Tuple[List[str], List[int]]:
+    index = {a: i for i, a in enumerate(asins)}
+    texts: List[Optional[str]] = [None] * len(asins)
+    for row, (asin, text) in _tsv(path, TEXT_HEADER, 2):
+        if asin not in index:
+            raise DataError(str(path), f"ASIN {asin!r} is not in item2index", row=row,
+                            field="item_id:token")
+        if texts[index[asin]] is not None:
+            raise DataError(str(path), f"second text for {asin!r}", row=row, field="item_id:token")
+        if not text.strip():
+            raise DataError(str(path), "empty text", row=row, field="text:token_seq")
+        texts[index[asin]] = text.strip()
+    missing = [i for i, t in enumerate(texts) if t is None]
+    return texts, missing
+
+
+def read_feature_file(path: Path, rows: int, dim: int) -> np.ndarray:
+    """A raw little-endian float32 ``[rows, dim]`` file; a truncated or oversized file is refused."""
+    if not path.is_file():
+        raise DataError(str(path), "no such file")
+    size = path.stat().st_size
+    row_bytes = dim * 4
+    if size % row_bytes:
+        raise DataError(str(path), f"{size} bytes is not a whole number of {dim}-float32 rows "
+                                   f"(truncated, or another dimension?)", row=size // row_bytes)
+    if size // row_bytes != rows:
+        raise DataError(str(path), f"holds {size // row_bytes} rows of {dim} float32, "
+                                   f"item2index has {rows} items",
+                        row=min(size // row_bytes, rows))
+    features = np.fromfile(path, dtype="<f4").reshape(rows, dim)
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise DataError(str(path), "NaN or infinite feature value", row=int(np.argmax(bad)))
+    return features
+
+
+@dataclass
+class _InterRow:
+    split: int
+    user: int
+    position: int  # the target's position in the user's sequence
+
+
+class _Sequences:
+    """Each user's full item sequence rebuilt from the ``.inter`` rows, with pseudo-times.
+
+    A row ``(u, [s0..s_{k-1}], s_k)`` says positions 0..k of user u's sequence; rows must agree
+    with each other (a history that contradicts an earlier row is refused). Positions get a
+    global ordinal the first time any row reveals them.
+    """
+
+    def __init__(self, users: int, items: int):
+        self.users, self.items = users, items
+        self.seq: List[List[int]] = [[] for _ in range(users)]
+        self.clock: List[List[int]] = [[] for _ in range(users)]
+        self.first_seen = np.full(items, -1, np.int64)
+        self.first_split = np.full(items, -1, np.int64)
+        self.interactions = 0
+        self._split = -1
+
+    def read(self, path: Path) -> List[_InterRow]:
+        self._split += 1
+        rows = []
+        for row, (user, history, target) in _tsv(path, INTER_HEADER, 3):
+            user = _int(path, row, INTER_HEADER[0], user)
+            if not 0 <= user < self.users:
+                raise DataError(str(path), f"user {user} outside user2index (0..{self.users - 1})",
+                                row=row, field=INTER_HEADER[0])
+            items = [_int(path, row, INTER_HEADER[1], t) for t in history.split()]
+            items.append(_int(path, row, INTER_HEADER[2], target))
+            for position, item in enumerate(items):
+                field = INTER_HEADER[2] if position == len(items) - 1 else INTER_HEADER[1]
+                if not 0 <= item < self.items:
+                    raise DataError(str(path), f"item {item} outside item2index "
+                                               f"(0..{self.items - 1})", row=row, field=field)
+                self._reveal(path, row, field, user, position, item)
+            rows.append(_InterRow(self._split, user, len(items) - 1))
+        return rows
+
+    def _reveal(self, path: Path, row: int, field: str, user: int, position: int, item: int) -> None:
+        seq = self.seq[user]
+        if position < len(seq):
+            if seq[position] != item:
+                raise DataError(str(path), f"user {user}'s item at position {position} is {item} "
+                                           f"here but {seq[position]} in an earlier row",
+                                row=row, field=field)
+            return
+        seq.append(item)  # positions are revealed in order: every row lists 0..k
+        self.clock[user].append(self.interactions)
+        if self.first_seen[item] < 0:
+            self.first_seen[item] = self.interactions
+            self.first_split[item] = self._split
+        self.interactions += 1
+
+    def train_counts(self, train_rows: List[_InterRow]) -> np.ndarray:
+        """Interactions per item in the training split (targets and the first items)."""
+        counts = np.zeros(self.items, np.int64)
+        for r in train_rows:
+            counts[self.seq[r.user][r.position]] += 1
+        firsts = [s[0] for s in self.seq if s]
+        np.add.at(counts, firsts, 1)
+        return counts
+
+    def user_items(self) -> Dict[int, np.ndarray]:
+        return {u: np.unique(s) for u, s in enumerate(self.seq) if s}
+
+
+def _events(rows: List[_InterRow], seqs: _Sequences, category: np.ndarray,
+            raw_users: np.ndarray, options: AmazonOptions, positives, popularity,
+            rng: np.random.Generator) -> pa.Table:
+    users = np.array([r.user for r in rows], np.int64)
+    targets = np.array([seqs.seq[r.user][r.position] for r in rows], np.int64)
+    ts = np.array([seqs.clock[r.user][r.position] for r in rows], np.int64)
+    hist = [np.array(seqs.seq[r.user][:r.position], np.int64) for r in rows]
+    hist_ts = [np.array(seqs.clock[r.user][:r.position], np.int64) for r in rows]
+    negatives = (sample_negatives(users, options.negatives, seqs.items, positives,
+                                  options.negative_sampling, popularity, rng)
+                 if options.negatives else np.zeros((len(rows), 0), np.int64))
+    k = 1 + options.negatives  # each positive followed by its negatives
+    repeat = np.repeat(np.arange(len(rows)), k)
+    target = np.concatenate([targets[:, None], negatives], axis=1).reshape(-1)
+    label = np.tile(np.array([1] + [0] * options.negatives, np.int8), len(rows))
+    hist_rep = [hist[i] for i in repeat]
+    return pa.table({
+        "user_id": pa.array(users[repeat]),
+        "query": pa.array([""] * len(repeat), pa.string()),
+        "target_item_id": pa.array(target),
+        "label": pa.array(label),
+        "ts": pa.array(ts[repeat]),
+        "hist_item_ids": list_column(hist_rep, pa.int64()),
+        "hist_category_ids": list_column([category[h] for h in hist_rep], pa.int32()),
+        "hist_ts": list_column([hist_ts[i] for i in repeat], pa.int64()),
+        "raw_user_id": pa.array(raw_users[users[repeat]].tolist(), pa.string()),
+    })
+
+
+def _pairs(rows: List[_InterRow], seqs: _Sequences, category: np.ndarray,
+           image_features: np.ndarray) -> pa.Table:
+    rows = [r for r in rows if r.position > 0]
+    query = np.array([seqs.seq[r.user][r.position - 1] for r in rows], np.int64)
+    item = np.array([seqs.seq[r.user][r.position] for r in rows], np.int64)
+    dim = image_features.shape[1]
+    return pa.table({
+        "item_id": pa.array(item),
+        "signal": pa.array(["purchase"] * len(rows), pa.string()),
+        "category_id": pa.array(category[item]),
+        "ts": pa.array(np.array([seqs.clock[r.user][r.position] for r in rows], np.int64)),
+        "query_feature": pa.FixedSizeListArray.from_arrays(
+            pa.array(image_features[query].reshape(-1)), dim).cast(FLOAT_VECTOR),
+        "user_id": pa.array(np.array([r.user for r in rows], np.int64)),
+    })
+
+
+def _dense_names(names: List[str], reserve_empty: bool = False) -> Tuple[List[str], np.ndarray]:
+    """Sorted distinct names and each row's index among them (``""`` -> 0 when reserved)."""
+    distinct = sorted(set(names) - ({""} if reserve_empty else set()))
+    if reserve_empty:
+        distinct = [""] + distinct
+    index = {n: i for i, n in enumerate(distinct)}
+    return distinct, np.array([index[n] for n in names], np.int32)
+
+
+# ---------------------------------------------------------------- categories from text
+
+def _segments(text: str) -> Tuple[str, str, str]:
+    """UniSRec's ``"title. categories. brand."`` -> (title, categories, brand); the title may
+    itself contain '. ', so the last two segments are taken from the right."""
+    parts = text.strip().rstrip(".").split(". ")
+    if len(parts) < 3:
+        return text, "", ""
+    return ". ".join(parts[:-2]), parts[-2].strip(), parts[-1].strip().rstrip(".")
+
+
+def category_phrase(categories: str, index: int = 0) -> str:
+    """The ``index``-th phrase of a category path whose levels were joined by spaces.
+
+    Level names are runs of capitalised words, so a level boundary is only recoverable where
+    the name cannot continue: a phrase goes on after a word ending in ',' and around '&'
+    ("Tapes, Adhesives & Sealants"), and ends at any other word boundary. Multi-word names
+    without connectors ("Additive Manufacturing Products") therefore yield their first word,
+    which still names the branch of the tree.
+    """
+    words = categories.split()
+    phrases, current = [], []
+    for i, word in enumerate(words):
+        current.append(word)
+        following = words[i + 1] if i + 1 < len(words) else ""
+        if not (word.endswith(",") or word == "&" or following == "&"):
+            phrases.append(" ".join(current))
+            current = []
+    if current:
+        phrases.append(" ".join(current))
+    return phrases[index] if index < len(phrases) else ""
+
+
+def _root_phrase(texts: List[str]) -> str:
+    """The data set's root category (the most common first phrase, e.g. 'Industrial & Scientific')."""
+    firsts = [category_phrase(_segments(t)[1]) for t in texts]
+    firsts = [f for f in firsts if f]
+    return max(set(firsts), key=firsts.count) if firsts else ""
+
+
+def _below_root(text: str, root: str) -> str:
+    categories = _segments(text)[1]
+    first = category_phrase(categories)
+    if not first:
+        return NO_CATEGORY
+    if first == root:
+        return category_phrase(categories, 1) or root
+    return first

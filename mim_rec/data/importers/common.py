@@ -1,0 +1,140 @@
+"""What every importer shares: dense id maps, negative sampling, the import report and the
+world folder writer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from mim_rec.data.errors import DataError
+from mim_rec.data.io import write_table
+from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
+from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
+
+
+class DenseIds:
+    """Raw ids -> dense ``0..N-1`` in sorted raw order (deterministic, and a lookup is one
+    ``searchsorted``, so mapping a row group of 1000-long histories stays vectorised)."""
+
+    def __init__(self, raw_sorted_unique: np.ndarray):
+        self.raw = raw_sorted_unique
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[np.ndarray]) -> "DenseIds":
+        """Union of raw ids seen chunk by chunk (each chunk de-duplicated as it arrives)."""
+        parts = [np.unique(np.asarray(c)) for c in chunks]
+        return cls(np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def lookup(self, raw: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Dense ids of ``raw`` and a mask of which were known (unknown ones map to 0)."""
+        raw = np.asarray(raw)
+        index = np.searchsorted(self.raw, raw)
+        index = np.minimum(index, max(len(self.raw) - 1, 0))
+        found = (self.raw[index] == raw) if len(self.raw) else np.zeros(len(raw), bool)
+        return np.where(found, index, 0).astype(np.int64), found
+
+
+def sample_negatives(users: np.ndarray, count: int, item_count: int,
+                     positives: Mapping[int, np.ndarray], method: str,
+                     popularity: Optional[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """``count`` negative items per row of ``users``, never a positive of that row's user.
+
+    ``uniform`` draws every item with equal probability; ``popularity`` draws in proportion
+    to ``popularity + 1`` (training interaction counts, add-one smoothed so items first seen
+    in test can still be drawn). Draws hitting a positive are redrawn until none is left.
+    Returns ``[len(users), count]`` item ids.
+    """
+    if method not in ("uniform", "popularity"):
+        raise ValueError(f"unknown negative sampling {method!r} (uniform | popularity)")
+    p = None
+    if method == "popularity":
+        weights = popularity.astype(np.float64) + 1.0
+        p = weights / weights.sum()
+    # A sorted array of user * item_count + item keys answers "is this a positive?" in bulk.
+    keys = np.unique(np.concatenate(
+        [u * item_count + np.asarray(items, np.int64) for u, items in positives.items()]
+        or [np.zeros(0, np.int64)]))
+    rows = np.repeat(np.asarray(users, np.int64), count)
+    draws = rng.choice(item_count, size=len(rows), p=p)
+    todo = np.arange(len(rows))
+    for _ in range(1000):
+        hit = _contains(keys, rows[todo] * item_count + draws[todo])
+        todo = todo[hit]
+        if len(todo) == 0:
+            return draws.reshape(len(users), count)
+        draws[todo] = rng.choice(item_count, size=len(todo), p=p)
+    raise DataError("negatives", f"{len(todo)} rows could not draw a non-positive item "
+                                 f"(users who interacted with nearly every item?)")
+
+
+def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), bool)
+    index = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[index] == keys
+
+
+@dataclass
+class ImportReport:
+    """Counts and caveats printed at the end of an import and kept in the world manifest."""
+
+    format: str
+    counts: Dict[str, int] = field(default_factory=dict)
+    missing: Dict[str, int] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    def lines(self) -> List[str]:
+        out = [f"import {self.format}:"]
+        out += [f"  {k:<40} {v:>12,}" for k, v in self.counts.items()]
+        if self.missing:
+            out.append("  missing (filled with counted defaults, --allow-missing):")
+            out += [f"    {k:<38} {v:>12,}" for k, v in self.missing.items()]
+        out += [f"  note: {n}" for n in self.notes]
+        return out
+
+
+def refuse_missing(source: str, missing: Dict[str, int], allow_missing: bool,
+                   explanation: str) -> None:
+    """Stop unless every count is zero or the user accepted defaults (``--allow-missing``)."""
+    gaps = {k: v for k, v in missing.items() if v}
+    if gaps and not allow_missing:
+        listed = "; ".join(f"{k}: {v:,}" for k, v in gaps.items())
+        raise DataError(source, f"the source files do not join ({listed}). {explanation} "
+                                f"Re-run with --allow-missing to fill counted defaults.")
+
+
+def write_world(out: Path, items: pa.Table, pairs: Dict[str, pa.Table],
+                events: Dict[str, pa.Table], report: ImportReport, config: dict,
+                sources: Iterable[Path]) -> Manifest:
+    """Write a world folder (items, pairs_*, events_*) through the validating writer, then
+    its manifest (kind="world", stage="import"), last, so a folder with a manifest is whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    item_count = items.num_rows
+    write_table(items, out / "items.parquet", ITEMS)
+    for split, table in pairs.items():
+        write_table(table, out / f"pairs_{split}.parquet", PAIRS, item_count=item_count)
+    for split, table in events.items():
+        write_table(table, out / f"events_{split}.parquet", EVENTS, item_count=item_count)
+    manifest = Manifest(
+        kind="world", stage="import", config=config,
+        inputs={Path(p).name: fingerprint_file(p) for p in sources},
+        row_count=item_count,
+        extra={"format": report.format, "counts": report.counts, "missing": report.missing,
+               "notes": report.notes})
+    write_manifest(out, manifest)
+    return manifest
+
+
+def list_column(lists: List[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    """A list column from per-row NumPy arrays without a Python loop over values."""
+    lengths = np.fromiter((len(x) for x in lists), np.int64, count=len(lists))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate(lists) if lists else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(value_type.to_pandas_dtype())))

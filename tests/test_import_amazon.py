@@ -1,0 +1,154 @@
+"""Amazon (UniSRec/RecBole atomic format) importer, on fixtures written here."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mim_rec.data.errors import DataError
+from mim_rec.data.importers.amazon import AmazonOptions, category_phrase, import_amazon
+from mim_rec.data.io import read_events, read_items, read_pairs, validate_world
+from mim_rec.data.manifest import read_manifest
+from train.cli import main
+
+DIM = 8
+SEQUENCES = {0: [0, 1, 2, 3, 4], 1: [5, 2, 6], 2: [1, 7, 0, 5]}
+CATEGORIES = ["Industrial & Scientific Tapes, Adhesives & Sealants Glue",
+              "Industrial & Scientific Lab & Scientific Products Pipettes"]
+N_ITEMS, N_USERS = 8, 3
+
+
+def write_amazon(root, inter_header="user_id:token\titem_id_list:token_seq\titem_id:token",
+                 texts=None, features=None):
+    """A tiny data set in the atomic format: rows per user as the real split writes them."""
+    root.mkdir(exist_ok=True)
+    (root / "Tiny.item2index").write_text("".join(f"ASIN{i}\t{i}\n" for i in range(N_ITEMS)))
+    (root / "Tiny.user2index").write_text("".join(f"USER{u}\t{u}\n" for u in range(N_USERS)))
+    texts = texts if texts is not None else {
+        i: f"Item {i}. Title, v2. {CATEGORIES[i % 2]}. {'Acme' if i % 3 else ''}."
+        for i in range(N_ITEMS)}
+    (root / "Tiny.text").write_text("item_id:token\ttext:token_seq\n" + "".join(
+        f"ASIN{i}\t{t}\n" for i, t in texts.items()))
+    rows = {"train": [], "valid": [], "test": []}
+    for user, seq in SEQUENCES.items():
+        for k in range(len(seq) - 3, 0, -1):  # longest first, as the real train file lists them
+            rows["train"].append((user, seq[:k], seq[k]))
+        rows["valid"].append((user, seq[:-2], seq[-2]))
+        rows["test"].append((user, seq[:-1], seq[-1]))
+    for split, lines in rows.items():
+        (root / f"Tiny.{split}.inter").write_text(inter_header + "\n" + "".join(
+            f"{u}\t{' '.join(map(str, h))}\t{t}\n" for u, h, t in lines))
+    rng = np.random.default_rng(0)
+    feats = features if features is not None else rng.normal(size=(N_ITEMS, DIM)).astype("<f4")
+    feats.tofile(root / "Tiny.feat3CLS")
+    rng.normal(size=(N_ITEMS, DIM)).astype("<f4").tofile(root / "Tiny.feat1CLS")
+    return root
+
+
+def options(**kw):
+    return AmazonOptions(feature_dim=DIM, **kw)
+
+
+def test_import_builds_a_valid_world(tmp_path):
+    src = write_amazon(tmp_path / "src")
+    out = tmp_path / "world"
+    report = import_amazon(src, out, options(negatives=2, negative_sampling="uniform", seed=3))
+    assert report.counts["interactions"] == sum(len(s) for s in SEQUENCES.values())
+    assert [r.rows for r in validate_world(out)][:1] == [N_ITEMS]
+    manifest = read_manifest(out)
+    assert (manifest.kind, manifest.stage, manifest.extra["counts"]["users"]) == ("world", "import", 3)
+
+    items = read_items(out / "items.parquet")
+    assert items.column("raw_item_id").to_pylist()[3] == "ASIN3"
+    feats = np.fromfile(src / "Tiny.feat3CLS", "<f4").reshape(N_ITEMS, DIM)
+    assert np.allclose(np.array(items.column("image_feature").to_pylist()), feats)
+    cats = items.column("category_id").to_pylist()
+    assert cats[0] == cats[2] != cats[1]  # derived from the category phrase below the root
+    created = items.column("created_at").cast("int64").to_numpy()
+    assert created[0] == 0 and created[1] == 1  # user 0's first items appear first
+    assert report.counts["items first seen after train"] == 4  # items 3, 5 (valid), 4, 6 (test)
+    assert created[6] == created.max() and created[5] > created[7]
+
+    test = read_events(out / "events_test.parquet", N_ITEMS).to_pylist()
+    assert len(test) == N_USERS * 3
+    positives = [r for r in test if r["label"] == 1]
+    assert [(r["user_id"], r["target_item_id"], r["hist_item_ids"]) for r in positives] == [
+        (u, s[-1], s[:-1]) for u, s in SEQUENCES.items()]
+    for r in test:
+        assert len(r["hist_ts"]) == len(r["hist_item_ids"])
+        assert r["hist_ts"] == sorted(r["hist_ts"]) and r["hist_ts"][-1] < r["ts"]
+        if r["label"] == 0:
+            assert r["target_item_id"] not in SEQUENCES[r["user_id"]]
+    train = read_events(out / "events_train.parquet", N_ITEMS)
+    assert train.num_rows == 3 * sum(len(s) - 2 for s in SEQUENCES.values())  # train + valid
+
+    pairs = read_pairs(out / "pairs_test.parquet", N_ITEMS).to_pylist()
+    for pair, (user, seq) in zip(pairs, SEQUENCES.items()):
+        assert pair["item_id"] == seq[-1] and pair["signal"] == "purchase"
+        assert np.allclose(pair["query_feature"], feats[seq[-2]])
+
+
+def test_negative_sampling_is_seeded(tmp_path):
+    src = write_amazon(tmp_path / "src")
+
+    def targets(seed, method):
+        out = tmp_path / f"w{seed}{method}"
+        import_amazon(src, out, options(negatives=3, negative_sampling=method, seed=seed))
+        return pq.read_table(out / "events_train.parquet").column("target_item_id").to_pylist()
+
+    assert targets(1, "popularity") == targets(1, "popularity")
+    assert targets(1, "uniform") != targets(2, "uniform")
+
+
+def test_cli_import(tmp_path, capsys):
+    src = write_amazon(tmp_path / "src", features=np.ones((N_ITEMS, 512), "<f4"))
+    assert main(["data", "import", "--format", "amazon", str(src), "--out", str(tmp_path / "w"),
+                 "--negatives", "1"]) == 0
+    assert "events_train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing column", "item out of range", "inconsistent history",
+                                  "truncated features", "wrong vector size", "missing text"])
+def test_bad_sources_are_refused(tmp_path, case):
+    src = tmp_path / "src"
+    feats = np.zeros((N_ITEMS, DIM), "<f4")
+    field = row = None
+    if case == "missing column":
+        write_amazon(src, inter_header="user_id:token\titem_ids:token_seq\titem_id:token")
+        file, field, match = "Tiny.train.inter", "item_id_list:token_seq", "missing column"
+    elif case in ("item out of range", "inconsistent history"):
+        write_amazon(src)
+        lines = (src / "Tiny.valid.inter").read_text().splitlines()
+        user, history, target = lines[1].split("\t")
+        lines[1] = "\t".join([user, history, "99"] if case == "item out of range"
+                             else [user, "4 " + history.split(" ", 1)[1], target])
+        (src / "Tiny.valid.inter").write_text("\n".join(lines) + "\n")
+        file, row = "Tiny.valid.inter", 0
+        field, match = (("item_id:token", "outside item2index") if case == "item out of range"
+                        else ("item_id_list:token_seq", "earlier row"))
+    elif case == "truncated features":
+        write_amazon(src, features=feats[:-1])
+        file, row, match = "Tiny.feat3CLS", N_ITEMS - 1, "holds 7 rows"
+    elif case == "wrong vector size":
+        write_amazon(src, features=np.zeros((N_ITEMS, DIM - 3), "<f4"))
+        file, match = "Tiny.feat3CLS", "holds 5 rows of 8 float32"
+    else:
+        write_amazon(src, texts={i: f"Item {i}. C. B." for i in range(N_ITEMS - 1)})
+        file, match = "Tiny.text", "items without text: 1"
+    with pytest.raises(DataError, match=match) as info:
+        import_amazon(src, tmp_path / "out", options())
+    assert info.value.file.endswith(file)
+    if field is not None:
+        assert info.value.field == field
+    if row is not None:
+        assert info.value.row == row
+    if case == "missing text":  # accepted with a counted default
+        report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+        assert report.missing == {"items without text": 1}
+        assert read_items(tmp_path / "out" / "items.parquet").column("title")[-1].as_py() == "ASIN7"
+
+
+def test_category_phrase():
+    path = "Industrial & Scientific Tapes, Adhesives & Sealants Urethane Adhesives"
+    assert category_phrase(path) == "Industrial & Scientific"
+    assert category_phrase(path, 1) == "Tapes, Adhesives & Sealants"
+    assert category_phrase("Industrial & Scientific Additive Manufacturing", 1) == "Additive"

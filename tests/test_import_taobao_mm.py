@@ -1,0 +1,141 @@
+"""TAOBAO-MM importer, on fixtures in the release's format written here."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mim_rec.data.errors import DataError
+from mim_rec.data.importers.taobao_mm import TaobaoOptions, import_taobao_mm
+from mim_rec.data.io import read_events, read_items, validate_mm_table, validate_world
+from mim_rec.data.manifest import read_manifest, require
+
+ITEMS = np.array([-9_000_000_000_000, -5, 17, 4_000_000_000_123, 88, 901], np.int64)  # raw ids
+USERS = np.array([-77, 1_234_567_890_123], np.int64)
+HIST = {-77: ([17, -5, 17, 88], [300, 200, 300, 400]),
+        1_234_567_890_123: ([901, 88, -9_000_000_000_000, 17], [100, 400, 100, 300])}
+ITEM_CATEGORY = {-9_000_000_000_000: 100, -5: 200, 17: 300, 4_000_000_000_123: 500, 88: 400, 901: 100}
+LIST8 = pa.list_(pa.int8())
+
+
+def mm_rows(table_dir):
+    return pa.concat_tables(pq.read_table(p) for p in sorted(table_dir.glob("part-*.parquet"))).to_pylist()
+
+
+def write_taobao(root, samples_as_parts=False, embedding_items=ITEMS, user_rows=None,
+                 labels=None, hist=HIST, dim=128):
+    root.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    users = [-77, -77, 1_234_567_890_123, 1_234_567_890_123]
+    targets = [4_000_000_000_123, 17, 88, 901]
+    labels = labels or [[1, 0], [0, 1], [0, 1], [1, 0]]
+    samples = pa.table({"label_0": pa.array(labels, LIST8), "129_1": pa.array(users, pa.int64()),
+                        "205": pa.array(targets, pa.int64())})
+    for split in ("train", "test"):
+        if samples_as_parts:
+            (root / f"{split}_samples").mkdir()
+            pq.write_table(samples.slice(0, 2), root / f"{split}_samples" / "part-0.parquet")
+            pq.write_table(samples.slice(2), root / f"{split}_samples" / "part-1.parquet")
+        else:
+            pq.write_table(samples, root / f"{split}_samples.parquet")
+        user_ids = list(hist) if user_rows is None else user_rows
+        table = {"129_1": pa.array(user_ids, pa.int64())}
+        for k in range(1, 6):
+            table[f"130_{k}"] = pa.array(rng.integers(-10, 10, len(user_ids)), pa.int64())
+        table["150_2_180"] = pa.array([hist[u][0] for u in user_ids], pa.list_(pa.int64()))
+        table["151_2_180"] = pa.array([hist[u][1] for u in user_ids], pa.list_(pa.int64()))
+        pq.write_table(pa.table(table), root / f"{split}_user_features.parquet")
+    pq.write_table(pa.table({
+        "205": pa.array(ITEMS), "206": pa.array([ITEM_CATEGORY[i] for i in ITEMS], pa.int64()),
+        "213": pa.array(rng.integers(0, 9, len(ITEMS)), pa.int64()),
+        "214": pa.array(rng.integers(0, 9, len(ITEMS)), pa.int64())}), root / "item_features.parquet")
+    vectors = rng.integers(-38, 39, (len(embedding_items), dim)).astype(np.int8)
+    pq.write_table(pa.table({"205": pa.array(embedding_items, pa.int64()),
+                             "205_c": pa.array(list(vectors), LIST8)}),
+                   root / "scl_embedding_int8_p90.parquet")
+    return root, dict(zip(embedding_items.tolist(), vectors))
+
+
+def test_import_maps_ids_histories_labels_and_the_int8_table(tmp_path):
+    src, vectors = write_taobao(tmp_path / "src", samples_as_parts=True)
+    out = tmp_path / "world"
+    report = import_taobao_mm(src, out, TaobaoOptions(batch_rows=3))
+    assert report.missing == {} and report.counts["items"] == len(ITEMS)
+    assert report.counts["events_train"] == 4 and report.counts["clicks_train"] == 2
+    validate_world(out)
+    require(out, kind="world", stage="import")
+    table_manifest = require(out / "mm_table", kind="mm_table", dtype="int8", dim=128,
+                             extra__encoder_fingerprint="taobao-mm-scl-int8")
+    assert table_manifest.extra["id_range"] == [0, len(ITEMS)]
+
+    items = read_items(out / "items.parquet")
+    raw = [int(r) for r in items.column("raw_item_id").to_pylist()]
+    assert raw == sorted(ITEMS.tolist())  # dense ids in sorted raw order
+    categories = items.column("category_id").to_pylist()
+    assert categories[raw.index(-9_000_000_000_000)] == categories[raw.index(901)] != 0
+
+    test = read_events(out / "events_test.parquet", len(ITEMS))
+    assert test.column("ts").to_pylist() == [5, 6, 7, 8]  # after the 4 train samples
+    first = test.slice(0, 1).to_pylist()[0]
+    assert first["label"] == 0 and raw[first["target_item_id"]] == 4_000_000_000_123
+    assert [raw[i] for i in first["hist_item_ids"]] == HIST[-77][0]
+    assert first["raw_user_id"] == "-77"
+    hist_cats = first["hist_category_ids"]
+    assert hist_cats[0] == hist_cats[2] == categories[raw.index(17)]
+    assert test.column("label").to_pylist() == [0, 1, 1, 0]
+
+    rows = mm_rows(out / "mm_table")
+    assert len(rows) == len(ITEMS)
+    for row in rows:
+        assert row["vector"] == vectors[raw[row["item_id"]]].tolist()
+        assert (row["scale"], row["bias"]) == (1.0, 0.0)
+    assert read_manifest(out).extra["counts"]["users"] == 2
+
+
+def test_files_that_do_not_join_are_refused_or_counted(tmp_path):
+    src, _ = write_taobao(tmp_path / "src", embedding_items=ITEMS[:3], user_rows=[-77])
+    with pytest.raises(DataError, match="do not join") as info:
+        import_taobao_mm(src, tmp_path / "out", TaobaoOptions())
+    message = str(info.value)
+    assert "train sample users without features: 1" in message
+    assert "train sample items without embedding: 3" in message
+    assert not (tmp_path / "out").exists()
+
+    report = import_taobao_mm(src, tmp_path / "out", TaobaoOptions(allow_missing=True))
+    assert report.missing["train sample items without embedding"] == 3
+    assert report.missing["train sample users without features"] == 1
+    events = read_events(tmp_path / "out" / "events_train.parquet", len(ITEMS)).to_pylist()
+    assert [len(e["hist_item_ids"]) for e in events] == [4, 4, 0, 0]  # user without features
+    results = validate_mm_table(tmp_path / "out" / "mm_table", len(ITEMS))
+    assert sum(r.rows for r in results) == len(ITEMS)
+    zero = [r for r in mm_rows(tmp_path / "out" / "mm_table") if not any(r["vector"])]
+    assert len(zero) == len(ITEMS) - 3
+
+
+@pytest.mark.parametrize("case", ["missing column", "unequal lists", "embedding size",
+                                  "label not one-hot", "duplicate embedding"])
+def test_bad_sources_are_refused_with_file_row_field(tmp_path, case):
+    src = tmp_path / "src"
+    if case == "missing column":
+        write_taobao(src)
+        t = pq.read_table(src / "item_features.parquet").drop(["206"])
+        pq.write_table(t, src / "item_features.parquet")
+        file, row, field = "item_features.parquet", None, "206"
+    elif case == "unequal lists":
+        bad = dict(HIST)
+        bad[1_234_567_890_123] = (HIST[1_234_567_890_123][0], [100, 400, 100])
+        write_taobao(src, hist=bad)
+        file, row, field = "train_user_features.parquet", 1, "151_2_180"
+    elif case == "embedding size":
+        write_taobao(src, dim=64)
+        file, row, field = "scl_embedding_int8_p90.parquet", 0, "205_c"
+    elif case == "label not one-hot":
+        write_taobao(src, labels=[[1, 0], [1, 1], [0, 1], [1, 0]])
+        file, row, field = "train_samples.parquet", 1, "label_0"
+    else:
+        write_taobao(src, embedding_items=np.concatenate([ITEMS, ITEMS[2:3]]))
+        file, row, field = "scl_embedding_int8_p90.parquet", len(ITEMS), "205"
+    with pytest.raises(DataError) as info:
+        import_taobao_mm(src, tmp_path / "out", TaobaoOptions())
+    assert info.value.file.endswith(file)
+    assert (info.value.row, info.value.field) == (row, field)
