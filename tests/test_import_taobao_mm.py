@@ -71,6 +71,7 @@ def test_import_maps_ids_histories_labels_and_the_int8_table(tmp_path):
     items = read_items(out / "items.parquet")
     raw = [int(r) for r in items.column("raw_item_id").to_pylist()]
     assert raw == sorted(ITEMS.tolist())  # dense ids in sorted raw order
+    assert items.column("title")[raw.index(-5)].as_py().startswith("205=-5 206=200 213=")
     categories = items.column("category_id").to_pylist()
     assert categories[raw.index(-9_000_000_000_000)] == categories[raw.index(901)] != 0
 

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-missing", action="store_true",
                         help="fill ids that do not join (no embedding, no features, no text) "
                              "with counted defaults instead of refusing")
-    parser.add_argument("--negatives", type=int, default=1,
+    parser.add_argument("--negatives", type=_non_negative, default=1,
                         help="amazon: sampled non-clicks per positive (default 1)")
     parser.add_argument("--negative-sampling", choices=("uniform", "popularity"),
                         default="popularity", help="amazon: how negatives are drawn")
@@ -34,12 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.format == "amazon":
         from mim_rec.data.importers.amazon import AmazonOptions, import_amazon
-        if args.negatives < 0:
-            raise SystemExit(f"mim data import: --negatives must be >= 0, got {args.negatives}")
         report = import_amazon(args.src, args.out, AmazonOptions(
             negatives=args.negatives, negative_sampling=args.negative_sampling, seed=args.seed,
             allow_missing=args.allow_missing, name=args.name))

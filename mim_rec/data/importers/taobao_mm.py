@@ -405,6 +405,13 @@ def _write_part(path: Path, schema: pa.Schema, dense: np.ndarray, vectors: pa.Ar
             pa.array(np.ones(n, np.float32)), pa.array(np.zeros(n, np.float32))], schema=schema))
 
 
+def _feature_tokens(columns: Dict[str, pa.Array]) -> pa.Array:
+    """``"205=<id> 206=<v> ..."`` per row, built column-wise."""
+    parts = [pc.binary_join_element_wise(name + "=", pc.cast(values, pa.string()), "")
+             for name, values in columns.items()]
+    return pc.binary_join_element_wise(*parts, " ")
+
+
 def _items(sources: Dict[str, _Source], ids: _Ids, first_sample: np.ndarray,
            embedded: np.ndarray) -> pa.Table:
     """The items table; ``created_at`` = first sample ordinal, 0 for items in any behaviour
@@ -417,14 +424,11 @@ def _items(sources: Dict[str, _Source], ids: _Ids, first_sample: np.ndarray,
     created = first_sample.copy()
     created[dense] = 0
     created[created == np.iinfo(np.int64).max] = 0
-    tokens = np.array([f"{ITEM}={r}" for r in ids.items.raw], dtype=object)
+    tokens = np.array(_feature_tokens({ITEM: pa.array(ids.items.raw)}).to_pylist(), dtype=object)
     for _, _, b in sources["item_features"].batches([ITEM, CATEGORY, *ITEM_SIDE]):
         dense, _ = ids.items.lookup(b.column(ITEM).to_numpy())
         category[dense] = ids.categories.lookup(b.column(CATEGORY).to_numpy())[0] + 1
-        side = [b.column(c).to_numpy() for c in (CATEGORY, *ITEM_SIDE)]
-        for row, item in enumerate(dense):
-            tokens[item] = f"{ITEM}={ids.items.raw[item]} " + " ".join(
-                f"{name}={values[row]}" for name, values in zip((CATEGORY, *ITEM_SIDE), side))
+        tokens[dense] = _feature_tokens({c: b.column(c) for c in (ITEM, CATEGORY, *ITEM_SIDE)}).to_pylist()
     vectors = np.zeros((n, EMBEDDING_DIM), np.float32)
     for _, _, b in sources["embedding"].batches([ITEM, EMBEDDING]):
         dense, _ = ids.items.lookup(b.column(ITEM).to_numpy())
