@@ -1,0 +1,127 @@
+"""Pre-training objectives: masking rule, augmentations, and the all-gathered CLIP loss
+under a real 2-process gloo DDP run matching one process on the concatenated batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from mim_rec.encoders import build_text_encoder
+from mim_rec.pretrain import ClipLoss, MaskedLanguageModelling, augment, mask_tokens
+from tests.encoder_fixtures import tiny_text
+
+torch.set_num_threads(1)
+
+BATCH, WORLD = 8, 2
+
+
+class _Towers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Linear(6, 4)
+        self.title = nn.Linear(5, 4)
+        self.loss = ClipLoss()
+
+    def forward(self, images, titles):
+        return self.loss(F.normalize(self.image(images), dim=-1),
+                         F.normalize(self.title(titles), dim=-1))
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(BATCH, 6, generator=generator), torch.randn(BATCH, 5, generator=generator)
+
+
+def _reference():
+    torch.manual_seed(0)
+    model = _Towers()
+    loss = model(*_inputs())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(_Towers())
+    images, titles = _inputs()
+    half = BATCH // WORLD
+    loss = model(images[rank * half:(rank + 1) * half], titles[rank * half:(rank + 1) * half])
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= WORLD
+    if rank == 0:
+        torch.save({"loss": mean_loss,
+                    "grads": {n: p.grad for n, p in model.module.named_parameters()}}, out)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_all_gathered_clip_loss_matches_single_process(tmp_path):
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    got = torch.load(out)
+    want_loss, want_grads = _reference()
+    torch.testing.assert_close(got["loss"], want_loss, atol=1e-6, rtol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got["grads"][name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_clip_loss_prefers_matched_pairs_and_caps_temperature():
+    loss = ClipLoss()
+    eye = torch.eye(4)
+    assert loss(eye, eye) < loss(eye, eye.roll(1, dims=0))
+    with torch.no_grad():
+        loss.temperature.log_scale.fill_(10.0)
+    assert loss.temperature().item() == pytest.approx(100.0)
+
+
+def test_mask_tokens_follows_bert_rule():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (64, 32), generator=generator)
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = True
+    corrupted, labels = mask_tokens(ids, special, mask_token_id=1, vocab_size=1000,
+                                    generator=generator)
+    chosen = labels != -100
+    assert not chosen[:, 0].any()
+    assert 0.12 < chosen.float().mean() < 0.18
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(corrupted[~chosen], ids[~chosen])
+    masked_share = (corrupted[chosen] == 1).float().mean()
+    assert 0.7 < masked_share < 0.9
+
+
+def test_mlm_loss_is_finite_and_trains_only_through_text():
+    text = build_text_encoder(tiny_text())
+    mlm = MaskedLanguageModelling(text, probability=0.5)
+    torch.manual_seed(0)
+    loss = mlm(text, ["red square item", "blue dot item two", "green stripe"])
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert text.model.encoder.layer[-1].output.dense.weight.grad is not None
+
+
+def test_augment_is_seeded_and_keeps_shape():
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(1)
+    first = augment(pixels)
+    torch.manual_seed(1)
+    assert torch.equal(first, augment(pixels))
+    assert first.shape == pixels.shape and first.dtype == torch.uint8
+    assert not torch.equal(first, pixels)
