@@ -15,6 +15,7 @@ from typing import List, Optional
 # Order is the order shown by `mim --help`.
 COMMAND_MODULES = (
     "train.data_cmd",
+    "train.pretrain",
 )
 
 

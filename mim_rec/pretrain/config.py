@@ -1,0 +1,50 @@
+"""Settings of ``mim pretrain`` (load with mim_rec.config.load_config + key=value overrides).
+
+Defaults are sized for a CPU host: 64x64 inputs (the synthetic world's image size), and
+most of each backbone frozen -- EfficientNet-Lite0 trains its last two block groups plus
+its 1x1 head convolution, MiniLM its last two of six layers; heads always train. The frozen
+early layers hold generic edges/textures and sub-word statistics that a small item corpus
+cannot improve, while the late layers carry the domain-specific semantics DDA/DMA adapt;
+freezing cuts the backward pass by about two thirds. On GPU set
+``encoders.vision.trainable_groups=null encoders.text.trainable_layers=null`` to train all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mim_rec.encoders.config import EncodersConfig, TextConfig, VisionConfig
+from mim_rec.pretrain.evaluate import EvalConfig
+
+
+def _cpu_encoders() -> EncodersConfig:
+    return EncodersConfig(vision=VisionConfig(image_size=64, trainable_groups=2),
+                          text=TextConfig(trainable_layers=2, max_length=24), shared_dim=256)
+
+
+@dataclass
+class PretrainDataConfig:
+    world: str = "data/world"        # a world folder (items.parquet inside) or an items file
+    heldout_fraction: float = 0.2    # items kept out of training, for evaluation
+    batch_size: int = 64             # global batch; split evenly over ranks
+
+
+@dataclass
+class PretrainConfig:
+    encoders: EncodersConfig = field(default_factory=_cpu_encoders)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dda_steps: int = 30              # Downstream Data Adaptation (MLM + image contrastive)
+    dma_steps: int = 120             # Different Modal Alignment (CLIP loss)
+    mlm_probability: float = 0.15
+    image_ssl_weight: float = 1.0
+    lr: float = 1e-3                 # heads and temperature
+    backbone_lr: float = 1e-4        # trainable backbone layers
+    weight_decay: float = 0.01
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16 = torch.autocast(bfloat16)
+    out: str = "runs/pretrain"
+    checkpoint_every: int = 50       # steps between training checkpoints
+    log_every: int = 10

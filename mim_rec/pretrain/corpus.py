@@ -1,0 +1,105 @@
+"""The item corpus pre-training reads: titles, decoded images (or image features),
+categories, and the fixed held-out split used by evaluation.
+
+Images are decoded once, up front, into a uint8 tensor at the model's input size (the
+synthetic world's images are 64x64 PNGs, a few KB each), so a bad image is reported before
+training starts, with its file, row and field, and steps never pay for decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Union
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mim_rec.data.errors import DataError
+from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
+
+_GOLDEN = 2654435761  # Knuth's multiplicative hash: a stable split that needs no RNG
+
+
+def heldout_mask(item_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Items held out from pre-training for evaluation: a fixed hash of the item id, so the
+    split is the same for every run, seed and world size."""
+    return ((item_ids.astype(np.uint64) * np.uint64(_GOLDEN)) % np.uint64(2**32)) < fraction * 2**32
+
+
+@dataclass
+class ItemCorpus:
+    item_ids: np.ndarray          # [N] int64
+    titles: List[str]             # N titles
+    images: torch.Tensor          # [N, 3, S, S] uint8, or [N, F] float32 features
+    categories: np.ndarray        # [N] int32
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+    def subset(self, mask: np.ndarray) -> "ItemCorpus":
+        index = np.flatnonzero(mask)
+        return ItemCorpus(self.item_ids[index], [self.titles[i] for i in index],
+                          self.images[torch.from_numpy(index)], self.categories[index],
+                          self.source)
+
+
+def items_path(world_or_file: Union[str, Path]) -> Path:
+    path = Path(world_or_file)
+    return path / "items.parquet" if path.is_dir() else path
+
+
+def load_corpus(world_or_file: Union[str, Path], vision: VisionEncoder) -> ItemCorpus:
+    """Read, validate and decode the items; errors name file, row and field."""
+    from mim_rec.data.io import read_items
+
+    path = items_path(world_or_file)
+    if not path.exists():
+        raise DataError(str(path), "items file not found (give a world folder or items.parquet)")
+    table = read_items(path)
+    if table.num_rows == 0:
+        raise DataError(str(path), "the item corpus is empty; pre-training needs items")
+    titles = table.column("title").to_pylist()
+    for row, title in enumerate(titles):
+        if not title or not title.strip():
+            raise DataError(str(path), "empty title", row=row, field="title")
+    rows = list(range(table.num_rows))
+    if isinstance(vision, PrecomputedVisionEncoder):
+        images = vision.preprocess(_column(table, path, "image_feature"), str(path), rows)
+    else:
+        images = vision.image_processor.to_uint8(_image_bytes(table, path), str(path), rows)
+    return ItemCorpus(table.column("item_id").to_numpy(), titles, images,
+                      table.column("category_id").to_numpy(), str(path))
+
+
+def _column(table: pa.Table, path: Path, name: str) -> list:
+    if name not in table.column_names:
+        raise DataError(str(path), f"no '{name}' column; this vision encoder needs it",
+                        field=name)
+    return table.column(name).to_pylist()
+
+
+def _image_bytes(table: pa.Table, path: Path) -> List[bytes]:
+    """Each row's encoded image, from the ``image`` column or the file ``image_path`` names
+    (relative to the items file's folder)."""
+    inline = table.column("image").to_pylist() if "image" in table.column_names else None
+    paths = table.column("image_path").to_pylist() if "image_path" in table.column_names else None
+    if inline is None and paths is None:
+        raise DataError(str(path), "no 'image' or 'image_path' column; use "
+                        "vision.name=precomputed for items with only image_feature",
+                        field="image")
+    out = []
+    for row in range(table.num_rows):
+        if inline is not None and inline[row] is not None:
+            out.append(inline[row])
+        elif paths is not None and paths[row] is not None:
+            image_file = path.parent / paths[row]
+            if not image_file.is_file():
+                raise DataError(str(path), f"image file {image_file} not found", row=row,
+                                field="image_path")
+            out.append(image_file.read_bytes())
+        else:
+            raise DataError(str(path), "missing image", row=row, field="image")
+    return out

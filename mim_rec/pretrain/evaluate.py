@@ -1,0 +1,133 @@
+"""Stage-1 evaluation (the paper's Table 3 rows: plain, +DDA, +DDA+DMA encoders).
+
+For each encoder pair, on held-out items:
+
+* ``own`` retrieval: image->title and title->image recall@1/@10 with the pair's own
+  projection heads (meaningful once DMA has trained them; random heads give chance level).
+* ``probe`` retrieval: the same recalls after training *fresh* projection heads on the
+  frozen tower features of the training items, with an identical budget for every row. This
+  compares what the towers themselves learned, independently of who trained the heads.
+* linear probe: category accuracy of a logistic regression on frozen image features and on
+  frozen title features (fit on training items, scored on held-out items).
+
+A hit is the query's own item (index match) among the top k candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from mim_rec.encoders.heads import ProjectionHead
+from mim_rec.encoders.pair import EncoderPair
+from mim_rec.pretrain.corpus import ItemCorpus
+from mim_rec.pretrain.dma import ClipLoss
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128
+    probe_steps: int = 300
+    probe_lr: float = 3e-3
+    probe_batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Embedded:
+    image_features: torch.Tensor   # tower outputs [N, F_img]
+    title_features: torch.Tensor   # [N, F_txt]
+    image_embeddings: torch.Tensor  # own heads [N, D]
+    title_embeddings: torch.Tensor
+
+
+@torch.no_grad()
+def embed(pair: EncoderPair, corpus: ItemCorpus, batch_size: int) -> Embedded:
+    pair.eval()
+    device = next(pair.parameters()).device
+    parts = []
+    for start in range(0, len(corpus), batch_size):
+        images = corpus.images[start:start + batch_size]
+        if hasattr(pair.vision, "image_processor"):
+            images = pair.vision.image_processor.normalize(images)
+        image_features = pair.vision(images.to(device)).float()
+        title_features = pair.text(corpus.titles[start:start + batch_size]).float()
+        parts.append((image_features, title_features, pair.vision_head(image_features),
+                      pair.text_head(title_features)))
+    return Embedded(*(torch.cat(column).cpu() for column in zip(*parts)))
+
+
+def recall_at(queries: torch.Tensor, candidates: torch.Tensor, ks: Tuple[int, ...] = (1, 10)) -> Dict[int, float]:
+    """Share of queries whose own row (same index) ranks in the top k candidates."""
+    scores = queries @ candidates.T
+    own = scores.diagonal().unsqueeze(1)
+    rank = (scores > own).sum(dim=1)  # ties counted in the query's favour
+    return {k: (rank < k).float().mean().item() for k in ks}
+
+
+def retrieval(images: torch.Tensor, titles: torch.Tensor) -> Dict[str, float]:
+    i2t, t2i = recall_at(images, titles), recall_at(titles, images)
+    return {"i2t_r1": i2t[1], "i2t_r10": i2t[10], "t2i_r1": t2i[1], "t2i_r10": t2i[10]}
+
+
+def train_probe_heads(train: Embedded, dim: int, config: EvalConfig) -> Tuple[ProjectionHead, ProjectionHead]:
+    """Fresh heads on frozen features with the CLIP loss (a fixed, seeded budget)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        image_head = ProjectionHead(train.image_features.shape[1], dim)
+        title_head = ProjectionHead(train.title_features.shape[1], dim)
+        loss_fn = ClipLoss()
+    params = [*image_head.parameters(), *title_head.parameters(), *loss_fn.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.probe_lr, weight_decay=0.01)
+    count = train.image_features.shape[0]
+    batch = min(config.probe_batch_size, count)
+    for _ in range(config.probe_steps):
+        index = torch.randperm(count, generator=generator)[:batch]
+        loss = loss_fn(image_head(train.image_features[index]),
+                       title_head(train.title_features[index]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return image_head.eval(), title_head.eval()
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                          test_y: torch.Tensor, steps: int = 300, lr: float = 0.05) -> float:
+    """Multinomial logistic regression (full batch, standardised features)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    linear = torch.nn.Linear(train_x.shape[1], classes)
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        loss = F.cross_entropy(linear(train_x), train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (linear(test_x).argmax(1) == test_y).float().mean().item()
+
+
+def evaluate_pair(pair: EncoderPair, train_items: ItemCorpus, heldout_items: ItemCorpus,
+                  config: EvalConfig) -> Dict[str, float]:
+    train, heldout = (embed(pair, c, config.batch_size) for c in (train_items, heldout_items))
+    results = {f"own_{k}": v for k, v in retrieval(heldout.image_embeddings,
+                                                   heldout.title_embeddings).items()}
+    image_head, title_head = train_probe_heads(train, pair.shared_dim, config)
+    with torch.no_grad():
+        probe = retrieval(image_head(heldout.image_features), title_head(heldout.title_features))
+    results.update({f"probe_{k}": v for k, v in probe.items()})
+    train_y = torch.as_tensor(train_items.categories, dtype=torch.long)
+    test_y = torch.as_tensor(heldout_items.categories, dtype=torch.long)
+    results["image_linear_probe_acc"] = linear_probe_accuracy(
+        train.image_features, train_y, heldout.image_features, test_y)
+    results["title_linear_probe_acc"] = linear_probe_accuracy(
+        train.title_features, train_y, heldout.title_features, test_y)
+    results["heldout_items"] = len(heldout_items)
+    return results

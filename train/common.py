@@ -1,0 +1,107 @@
+"""Trainer helpers shared by the stages: periodic atomic checkpoints and exact resume.
+
+A training checkpoint holds everything a run needs to continue as if never stopped: model
+and optimizer state, the global step (which is also the data position: every trainer here
+draws batch ``s`` as a pure function of ``(seed, s)``), each rank's RNG states, and a
+fingerprint of the configuration so a checkpoint is never resumed under other settings.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mim_rec.utils.run import atomic_write_bytes
+
+_NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+
+def capture_rng() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_ranks_rng() -> List[Dict[str, Any]]:
+    """Every rank's RNG state, in rank order (each rank draws its own augmentations)."""
+    mine = capture_rng()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: List[Optional[Dict[str, Any]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states  # type: ignore[return-value]
+
+
+@dataclass
+class Resumed:
+    step: int
+    extra: Dict[str, Any]
+
+
+class CheckpointManager:
+    """``DIR/step-000000040.pt`` files written atomically by rank 0; the newest ``keep``
+    are kept. Every rank must call :meth:`save` (RNG states are gathered)."""
+
+    def __init__(self, directory: Path, config_fingerprint: str, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.config_fingerprint = config_fingerprint
+        self.keep = keep
+
+    def checkpoints(self) -> List[Path]:
+        if not self.directory.exists():
+            return []
+        return sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             extra: Optional[Dict[str, Any]] = None) -> Optional[Path]:
+        rng = _all_ranks_rng()
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        buffer = io.BytesIO()
+        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": rng, "config_fingerprint": self.config_fingerprint,
+                    "extra": extra or {}}, buffer)
+        path = self.directory / f"step-{step:09d}.pt"
+        atomic_write_bytes(path, buffer.getvalue())
+        for old in self.checkpoints()[:-self.keep]:
+            old.unlink()
+        return path
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[Resumed]:
+        """Load the newest checkpoint into ``model``/``optimizer`` and this rank's RNG."""
+        found = self.checkpoints()
+        if not found:
+            return None
+        state = torch.load(found[-1], map_location="cpu", weights_only=False)
+        if state["config_fingerprint"] != self.config_fingerprint:
+            raise ValueError(f"{found[-1]} was written under another configuration "
+                             f"(fingerprint {state['config_fingerprint']} != "
+                             f"{self.config_fingerprint}); use a fresh output folder")
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        if len(state["rng"]) != (dist.get_world_size() if distributed else 1):
+            raise ValueError(f"{found[-1]} was written by {len(state['rng'])} rank(s); "
+                             f"resume with the same world size")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"][rank])
+        return Resumed(step=state["step"], extra=state["extra"])

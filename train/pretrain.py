@@ -1,0 +1,222 @@
+"""``mim pretrain``: stage 1 (DDA then DMA) on the item corpus; ``mim pretrain-eval``:
+the Table 3 comparison of plain, +DDA and +DDA+DMA encoders.
+
+A run folder holds ``config.json``, ``checkpoints/`` (periodic, for exact resume after a
+kill: re-run the same command), ``metrics.jsonl`` (+ ``tb/`` when TensorBoard is
+installed), ``dda/`` (the encoders after DDA) and ``encoders/`` (the final artifact).
+Multi-process: ``torchrun --nproc-per-node 2 -m train.cli pretrain ...`` (gloo on CPU,
+nccl on GPU); the global batch is split over ranks and contrastive negatives gathered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+DEFAULT_EVAL_ROWS = ("plain", "dda", "dda+dma")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("pretrain", help="stage 1: DDA + DMA pre-training of the "
+                                                    "image and title encoders")
+    _common_args(parser)
+    parser.add_argument("--eval-only", action="store_true",
+                        help="skip training; evaluate the run folder (same as pretrain-eval)")
+    parser.set_defaults(func=_run_cli)
+    evaluate = subparsers.add_parser("pretrain-eval", help="recall@1/@10 and category linear "
+                                                           "probe for plain, +DDA, +DDA+DMA")
+    _common_args(evaluate)
+    evaluate.set_defaults(func=_eval_cli, eval_only=True)
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML/JSON file of PretrainConfig")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. "
+                                                     "data.world=DIR dma_steps=200 out=runs/p")
+
+
+def _load(args: argparse.Namespace):
+    from mim_rec.config import load_config
+    from mim_rec.pretrain.config import PretrainConfig
+    return load_config(PretrainConfig, args.config, args.overrides)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if not args.eval_only:
+        run_pretrain(config)
+    return _eval_cli(args, config)
+
+
+def _eval_cli(args: argparse.Namespace, config=None) -> int:
+    from mim_rec.utils.dist import init_distributed
+    config = config or _load(args)
+    if init_distributed(config.device).is_main:
+        report = evaluate_run(config)
+        print(format_table(report))
+    return 0
+
+
+# ----------------------------------------------------------------------------- training
+
+def run_pretrain(config) -> Path:
+    """Train (or resume) a run in ``config.out``; returns the final encoders folder."""
+    import torch
+    from tqdm import tqdm
+
+    from mim_rec.data.manifest import fingerprint_config, fingerprint_file
+    from mim_rec.encoders import EncoderPair, save_encoders
+    from mim_rec.encoders.vision import describe_trainable
+    from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
+    from mim_rec.pretrain.objective import PretrainObjective
+    from mim_rec.utils.dist import barrier, init_distributed
+    from mim_rec.utils.run import JsonlLogger, seed_everything
+    from train.common import CheckpointManager
+
+    ctx = init_distributed(config.device)
+    out = Path(config.out)
+    seed_everything(config.seed)  # identical initial weights on every rank
+    pair = EncoderPair(config.encoders)
+    objective = PretrainObjective(pair, config.mlm_probability, config.image_ssl_weight).to(ctx.device)
+    corpus = load_corpus(config.data.world, pair.vision)
+    train_items = corpus.subset(~heldout_mask(corpus.item_ids, config.data.heldout_fraction))
+    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(train_items))
+    optimizer = _optimizer(objective, config)
+    model = objective
+    if ctx.world_size > 1:
+        # Each phase leaves the other phase's heads unused, hence find_unused_parameters.
+        model = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=True)
+
+    checkpoints = CheckpointManager(out / "checkpoints", fingerprint_config(config))
+    seed_everything(config.seed + 1000 * ctx.rank)  # each rank draws its own masks and views
+    resumed = checkpoints.resume(objective, optimizer)
+    step = resumed.step if resumed else 0
+    logger = None
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        logger = JsonlLogger(out / "metrics.jsonl", tensorboard_dir=out / "tb")
+        logger.log({"event": "resume" if resumed else "start", "world_size": ctx.world_size,
+                    "train_items": len(train_items), "heldout_items": len(corpus) - len(train_items),
+                    "vision": describe_trainable(pair.vision), "text": describe_trainable(pair.text)},
+                   step=step)
+    inputs = {"items": fingerprint_file(items_path(config.data.world))}
+    total = config.dda_steps + config.dma_steps
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                              enabled=config.precision == "bf16")
+    progress = tqdm(total=total, initial=step, desc="pretrain", disable=not ctx.is_main)
+    started = time.time()
+    model.train()
+    for step in range(step, total):
+        phase = "dda" if step < config.dda_steps else "dma"
+        index = _batch_index(step, len(train_items), config.data.batch_size, config.seed)
+        index = index[ctx.rank * local_batch:(ctx.rank + 1) * local_batch]
+        titles = [train_items.titles[i] for i in index]
+        with autocast:
+            losses = model(phase, titles, train_items.images[torch.from_numpy(index)])
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        progress.update(1)
+        done = step + 1
+        if logger is not None and (done % config.log_every == 0 or done == total):
+            logger.log({"phase": phase, **{k: v.item() for k, v in losses.items()}}, step=done)
+            progress.set_postfix(phase=phase, loss=f"{losses['loss'].item():.3f}")
+        if done == config.dda_steps and ctx.is_main:
+            save_encoders(out / "dda", pair, stage="pretrain", inputs=inputs,
+                          extra={"phases": ["dda"], "steps": done})
+        if done % config.checkpoint_every == 0 or done == total:
+            checkpoints.save(done, objective, optimizer, extra={"phase": phase})
+    progress.close()
+    final = out / "encoders"
+    if ctx.is_main:
+        phases = [p for p, n in (("dda", config.dda_steps), ("dma", config.dma_steps)) if n > 0]
+        save_encoders(final, pair, stage="pretrain", inputs=inputs,
+                      extra={"phases": phases, "steps": total})
+        logger.log({"event": "done", "train_seconds": round(time.time() - started, 1)}, step=total)
+        logger.close()
+    barrier()
+    return final
+
+
+def _local_batch(global_batch: int, world_size: int, train_items: int) -> int:
+    if global_batch % world_size:
+        raise ValueError(f"data.batch_size={global_batch} is not divisible by the "
+                         f"{world_size} ranks")
+    if train_items < global_batch:
+        raise ValueError(f"only {train_items} training items for data.batch_size="
+                         f"{global_batch}; lower the batch size")
+    return global_batch // world_size
+
+
+def _batch_index(step: int, count: int, batch: int, seed: int):
+    """The global batch of a step: a pure function of (seed, step), so a resumed run reads
+    exactly the batches the killed run would have (the data position is the step)."""
+    import numpy as np
+    per_epoch = count // batch
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(count)
+    return order[offset * batch:(offset + 1) * batch]
+
+
+def _optimizer(objective, config):
+    """AdamW with two groups: pretrained backbone layers learn 10x slower than the fresh
+    heads, the MLM/SSL heads and the temperature."""
+    import torch
+    pair = objective.pair
+    backbone_ids = {id(p) for p in [*pair.vision.parameters(), *pair.text.parameters()]}
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    backbone = [p for p in trainable if id(p) in backbone_ids]
+    heads = [p for p in trainable if id(p) not in backbone_ids]
+    return torch.optim.AdamW([{"params": backbone, "lr": config.backbone_lr},
+                              {"params": heads, "lr": config.lr}],
+                             weight_decay=config.weight_decay)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
+    """Evaluate the plain encoders and the run's ``dda/`` and ``encoders/`` artifacts on the
+    held-out items; writes ``OUT/eval.json``."""
+    from mim_rec.encoders import EncoderPair, load_encoders
+    from mim_rec.pretrain.corpus import heldout_mask, load_corpus
+    from mim_rec.pretrain.evaluate import evaluate_pair
+    from mim_rec.utils.run import seed_everything
+
+    out = Path(config.out)
+    sources = {"plain": None, "dda": out / "dda", "dda+dma": out / "encoders"}
+    report: Dict[str, Dict[str, float]] = {}
+    corpus = None
+    for row in rows or DEFAULT_EVAL_ROWS:
+        source = sources[row]
+        if source is not None and not (source / "manifest.json").exists():
+            continue
+        started = time.time()
+        seed_everything(config.seed)  # the plain row's (random) heads are seeded
+        pair = EncoderPair(config.encoders) if source is None else load_encoders(source)
+        if corpus is None:
+            corpus = load_corpus(config.data.world, pair.vision)
+            heldout = heldout_mask(corpus.item_ids, config.data.heldout_fraction)
+            train_items, heldout_items = corpus.subset(~heldout), corpus.subset(heldout)
+        report[row] = evaluate_pair(pair, train_items, heldout_items, config.eval)
+        report[row]["seconds"] = round(time.time() - started, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_table(report: Dict[str, Dict[str, float]]) -> str:
+    columns = ["own_i2t_r1", "own_i2t_r10", "own_t2i_r1", "own_t2i_r10", "probe_i2t_r1",
+               "probe_i2t_r10", "probe_t2i_r1", "probe_t2i_r10", "image_linear_probe_acc",
+               "title_linear_probe_acc"]
+    lines = ["| encoders | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for row, metrics in report.items():
+        lines.append(f"| {row} | " + " | ".join(f"{metrics[c]:.3f}" for c in columns) + " |")
+    return "\n".join(lines)
