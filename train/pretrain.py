@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pretrain", help="stage 1: DDA + DMA pre-training of the "
                                                     "image and title encoders")
     _common_args(parser)
+    parser.add_argument("--eval", action="store_true",
+                        help="after training, evaluate as pretrain-eval does")
     parser.add_argument("--eval-only", action="store_true",
                         help="skip training; evaluate the run folder (same as pretrain-eval)")
     parser.set_defaults(func=_run_cli)
@@ -49,7 +51,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     config = _load(args)
     if not args.eval_only:
         run_pretrain(config)
-    return _eval_cli(args, config)
+    return _eval_cli(args, config) if args.eval or args.eval_only else 0
 
 
 def _eval_cli(args: argparse.Namespace, config=None) -> int:

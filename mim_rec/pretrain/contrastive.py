@@ -24,17 +24,19 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
-def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                       gather: bool = True) -> torch.Tensor:
     """Mean of a->b and b->a cross-entropy where row i of ``a`` matches row i of ``b``.
 
     ``a`` and ``b`` are this rank's unit-norm rows; the candidates are all ranks' rows. The
     returned value is this rank's share: averaged over ranks (as DDP does with gradients)
-    it equals the loss of one process on the concatenated batch.
+    it equals the loss of one process on the concatenated batch. ``gather=False`` keeps
+    the loss local (single-process work such as evaluation probes inside a DDP job).
     """
     if a.shape != b.shape:
         raise ValueError(f"paired embeddings differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    all_a, all_b = (gather_with_grad(a), gather_with_grad(b)) if gather else (a, b)
+    rank = dist.get_rank() if gather and dist.is_available() and dist.is_initialized() else 0
     targets = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
     logits_ab = logit_scale * a @ all_b.T
     logits_ba = logit_scale * b @ all_a.T

@@ -26,9 +26,11 @@ class LearnableTemperature(nn.Module):
 class ClipLoss(nn.Module):
     """Image-title InfoNCE with a learnable temperature (Different Modal Alignment)."""
 
-    def __init__(self, init_temperature: float = 0.07) -> None:
+    def __init__(self, init_temperature: float = 0.07, gather: bool = True) -> None:
         super().__init__()
         self.temperature = LearnableTemperature(init_temperature)
+        self.gather = gather
 
     def forward(self, image_embeddings: torch.Tensor, title_embeddings: torch.Tensor) -> torch.Tensor:
-        return symmetric_info_nce(image_embeddings, title_embeddings, self.temperature())
+        return symmetric_info_nce(image_embeddings, title_embeddings, self.temperature(),
+                                  self.gather)

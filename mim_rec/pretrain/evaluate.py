@@ -80,7 +80,7 @@ def train_probe_heads(train: Embedded, dim: int, config: EvalConfig) -> Tuple[Pr
         torch.manual_seed(config.seed)
         image_head = ProjectionHead(train.image_features.shape[1], dim)
         title_head = ProjectionHead(train.title_features.shape[1], dim)
-        loss_fn = ClipLoss()
+        loss_fn = ClipLoss(gather=False)  # evaluation runs on one rank
     params = [*image_head.parameters(), *title_head.parameters(), *loss_fn.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.probe_lr, weight_decay=0.01)
     count = train.image_features.shape[0]

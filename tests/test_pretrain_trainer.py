@@ -1,0 +1,114 @@
+"""`mim pretrain` end to end on tiny random encoders: exact resume after a real SIGKILL,
+a 2-process gloo run under torchrun, and clear errors for bad or empty corpora."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mim_rec.config import to_dict
+from mim_rec.pretrain.config import PretrainConfig, PretrainDataConfig
+from mim_rec.pretrain.evaluate import EvalConfig
+from tests.encoder_fixtures import tiny_encoders, write_items
+from train import cli
+from train.pretrain import run_pretrain
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _config(world: Path, out: Path, **changes) -> PretrainConfig:
+    return dataclasses.replace(PretrainConfig(
+        encoders=tiny_encoders(), data=PretrainDataConfig(world=str(world), batch_size=8),
+        eval=EvalConfig(probe_steps=20), dda_steps=6, dma_steps=14, checkpoint_every=3,
+        log_every=1, out=str(out)), **changes)
+
+
+def _write_config(config: PretrainConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(config)))))
+    return path
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "encoders" / "weights.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return write_items(tmp_path_factory.mktemp("world") / "items.parquet", count=48).parent
+
+
+def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
+    straight = run_pretrain(_config(world, tmp_path / "straight")).parent
+    killed = tmp_path / "killed"
+    config_file = _write_config(_config(world, killed), tmp_path / "killed.yaml")
+    process = subprocess.Popen([sys.executable, "-m", "train.cli", "pretrain", "--config",
+                                str(config_file)], cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((killed / "checkpoints").glob("step-*.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "encoders").exists()
+    run_pretrain(_config(world, killed))
+    events = [json.loads(line).get("event") for line in (killed / "metrics.jsonl").open()]
+    assert "resume" in events
+    want, got = _weights(straight), _weights(killed)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_gloo_run(world, tmp_path):
+    out = tmp_path / "ddp"
+    config_file = _write_config(_config(world, out, dda_steps=2, dma_steps=2), tmp_path / "c.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         f"--master-port={_free_port()}", "-m", "train.cli", "pretrain", "--config",
+         str(config_file), "--eval"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = json.loads((out / "metrics.jsonl").open().readline())
+    assert start["world_size"] == 2
+    assert (out / "encoders" / "manifest.json").exists()
+    assert set(json.loads((out / "eval.json").read_text())) == {"plain", "dda", "dda+dma"}
+
+
+def test_corrupt_image_names_file_row_and_field(tmp_path, capsys):
+    items = write_items(tmp_path / "bad" / "items.parquet", count=12, bad_image_row=5)
+    config_file = _write_config(_config(items.parent, tmp_path / "out"), tmp_path / "c.yaml")
+    assert cli.main(["pretrain", "--config", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert "items.parquet, row 5, field 'image'" in err and "decodable" in err
+
+
+def test_empty_corpus_is_an_error(tmp_path, capsys):
+    items = write_items(tmp_path / "empty" / "items.parquet", count=0)
+    config_file = _write_config(_config(items.parent, tmp_path / "out"), tmp_path / "c.yaml")
+    assert cli.main(["pretrain", "--config", str(config_file)]) == 2
+    assert "corpus is empty" in capsys.readouterr().err
+
+
+def test_missing_world_is_an_error(tmp_path, capsys):
+    config_file = _write_config(_config(tmp_path / "nowhere", tmp_path / "out"), tmp_path / "c.yaml")
+    assert cli.main(["pretrain", "--config", str(config_file)]) == 2
+    assert "items file not found" in capsys.readouterr().err
