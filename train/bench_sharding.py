@@ -1,0 +1,533 @@
+"""``mim bench sharding``: compare TorchRec sharding plans for the ID tables and the MM table.
+
+For one set of tables and one topology, every candidate plan (table-wise, row-wise,
+column-wise, table-row-wise, table-column-wise, data-parallel, and the planner's own choice)
+is shown with TorchRec's planner estimates (per-rank memory, communication, step time, does it
+fit). With ``--measure`` the same plans are then run for real: ``world_size`` gloo/nccl ranks
+wrap a two-collection model (trainable ID tables, frozen MM table looked up under no_grad, as
+CiUBM does) in ``DistributedModelParallel`` and time forward/backward steps on random KJTs.
+
+Where an estimate comes from matters, so every row says it:
+  * ``planner``: TorchRec's ``EmbeddingShardingPlanner`` with the sharding type forced through
+    ``ParameterConstraints`` (or free, for the ``planner`` row); estimates are its own.
+  * ``manual``: the sharding type is not offered by TorchRec's sharder on this compute device
+    (row-wise and table-row-wise for an EmbeddingBagCollection on CPU), so the plan is built
+    with ``torchrec.distributed.sharding_plan`` helpers and has no planner estimate; it can
+    still be measured.
+
+The MM table is an ``EmbeddingBagCollection`` whose bags hold one behaviour each, summed per
+sample here (pooling = behaviour-sequence length): storage, lookups and communication per id
+are those of the CiUBM lookup. (TorchRec 1.9's sharded ``EmbeddingCollection`` crashes on
+CPU in this build, so the bench keeps to EBCs on every device.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Dict, List, Optional, Tuple
+
+from tqdm import tqdm
+
+from mim_rec.config import ConfigError, load_config
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
+                  "table_column_wise", "data_parallel")
+PLANNER_CHOICE = "planner"
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+GB = 1e9
+
+
+@dataclass
+class TableSpec:
+    """One embedding table: ``pooling`` ids per sample feed it (one feature per table)."""
+
+    name: str
+    rows: int
+    dim: int
+    pooling: int = 1
+
+
+@dataclass
+class ShardingBenchConfig:
+    """Tables, topology and run length. Defaults are a CPU-sized run for 2 gloo ranks."""
+
+    id_tables: List[TableSpec] = field(default_factory=lambda: [
+        TableSpec("user_id", 20_000, 32, 1),
+        TableSpec("item_id", 50_000, 32, 1),
+        TableSpec("category_id", 1_000, 16, 1),
+        TableSpec("query_token", 30_000, 32, 8),
+    ])
+    mm_rows: int = 50_000
+    mm_dim: int = 128
+    mm_dtype: str = "fp32"          # fp32 | fp16 | int8 (int8: planner-only)
+    mm_pooling: int = 20            # behaviour-sequence length looked up in the MM table
+    batch_size: int = 512           # per rank
+    world_size: int = 2
+    local_world_size: Optional[int] = None   # ranks per host; default: all on one host
+    compute_device: str = "cpu"     # cpu | cuda (cuda may be simulated: planner-only)
+    hbm_gb_per_device: float = 80.0
+    ddr_gb_per_device: float = 16.0
+    plans: List[str] = field(default_factory=lambda: [
+        "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel", "planner"])
+    warmup_steps: int = 3
+    steps: int = 10
+    seed: int = 0
+
+    @classmethod
+    def paper_scale(cls) -> "ShardingBenchConfig":
+        """The paper's MM table: 1.4 B items x 128-d (fp16), 8 hosts x 8 GPUs of 80 GB HBM."""
+        return cls(id_tables=[TableSpec("category_id", 10_000, 16, 1)],
+                   mm_rows=1_400_000_000, mm_dim=128, mm_dtype="fp16", mm_pooling=50,
+                   batch_size=2048, world_size=64, local_world_size=8, compute_device="cuda",
+                   hbm_gb_per_device=80.0, ddr_gb_per_device=0.0,
+                   plans=list(SHARDING_TYPES) + [PLANNER_CHOICE])
+
+    def validate(self) -> None:
+        if self.mm_dtype not in DTYPE_BYTES:
+            raise ConfigError(f"mm_dtype: {self.mm_dtype!r} is not one of {list(DTYPE_BYTES)}")
+        if self.compute_device not in ("cpu", "cuda"):
+            raise ConfigError(f"compute_device: {self.compute_device!r} is not cpu or cuda")
+        unknown = [p for p in self.plans if p not in SHARDING_TYPES + (PLANNER_CHOICE,)]
+        if unknown:
+            raise ConfigError(f"plans: unknown {unknown}; choose from "
+                              f"{list(SHARDING_TYPES) + [PLANNER_CHOICE]}")
+        if self.world_size < 1 or self.world_size % self.ranks_per_host:
+            raise ConfigError(f"world_size={self.world_size} is not a multiple of "
+                              f"local_world_size={self.ranks_per_host}")
+        names = [t.name for t in self.id_tables] + ["mm_table"]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"id_tables: table names must be unique (and not 'mm_table'): {names}")
+
+    @property
+    def ranks_per_host(self) -> int:
+        return self.local_world_size or self.world_size
+
+    @property
+    def mm_table(self) -> TableSpec:
+        return TableSpec("mm_table", self.mm_rows, self.mm_dim, self.mm_pooling)
+
+
+@dataclass
+class PlanRow:
+    """One candidate: how it was made, the planner's estimates, and (optionally) measurements."""
+
+    plan: str
+    source: str                      # planner | manual | failed
+    table_types: Dict[str, str] = field(default_factory=dict)
+    fits: Optional[bool] = None
+    note: str = ""
+    est_mem_gb: List[float] = field(default_factory=list)       # per rank
+    est_comms_ms: List[float] = field(default_factory=list)     # per rank
+    est_step_ms: Optional[float] = None                         # slowest rank
+    step_ms: Optional[float] = None
+    samples_per_s: Optional[float] = None
+    shard_mb: List[float] = field(default_factory=list)         # per rank
+    peak_rss_mb: List[float] = field(default_factory=list)      # per rank
+    sharding_plan: Any = None                                   # ShardingPlan, not printed
+
+
+# ---------------------------------------------------------------------------------- model
+
+def _dtype(name: str):
+    from torchrec.modules.embedding_configs import DataType
+    return {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}[name]
+
+
+def build_model(config: ShardingBenchConfig, device: str = "meta"):
+    """The bench model: trainable ID tables, a frozen MM table, a linear over arch."""
+    import torch
+    import torch.nn.functional as F
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    def ebc(specs: List[TableSpec], dtype: str) -> EmbeddingBagCollection:
+        return EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
+                                       feature_names=[t.name], data_type=_dtype(dtype))
+                    for t in specs],
+            device=torch.device(device))
+
+    class ShardingBenchModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.id_tables = ebc(config.id_tables, "fp32") if config.id_tables else None
+            self.mm_table = ebc([config.mm_table], config.mm_dtype)
+            width = config.mm_dim + sum(t.dim for t in config.id_tables)
+            self.over = torch.nn.Linear(width, 1, device=None if device == "meta" else device)
+
+        def forward(self, id_features, mm_features, labels):
+            with torch.no_grad():  # frozen: no gradient, no optimizer state
+                parts = [self.mm_table(mm_features).values().float()]
+            if self.id_tables is not None:
+                parts.append(self.id_tables(id_features).values())
+            logits = self.over(torch.cat(parts, dim=1)).squeeze(1)
+            return F.binary_cross_entropy_with_logits(logits, labels)
+
+    return ShardingBenchModel()
+
+
+def _sharders():
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    # EXACT_SGD: no optimizer state, runs on CPU and GPU, so memory is the tables themselves.
+    return [EmbeddingBagCollectionSharder(
+        fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.01})]
+
+
+# -------------------------------------------------------------------------------- planning
+
+def _topology(config: ShardingBenchConfig):
+    from torchrec.distributed.planner import Topology
+    return Topology(world_size=config.world_size, compute_device=config.compute_device,
+                    local_world_size=config.ranks_per_host,
+                    hbm_cap=int(config.hbm_gb_per_device * GB) if config.compute_device == "cuda" else 0,
+                    ddr_cap=int(config.ddr_gb_per_device * GB))
+
+
+def _all_tables(config: ShardingBenchConfig) -> List[TableSpec]:
+    return list(config.id_tables) + [config.mm_table]
+
+
+def planner_offers(compute_device: str) -> List[str]:
+    """Sharding types TorchRec's EBC sharder offers the planner on ``compute_device``."""
+    return list(_sharders()[0].sharding_types(compute_device))
+
+
+def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optional[str]) -> PlanRow:
+    """Ask TorchRec's planner for a plan (every table forced to ``sharding_type`` if given)."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner.types import PlannerError, Stats
+
+    class KeepBestPlan(Stats):
+        """Keeps the chosen sharding options (with their per-shard estimates)."""
+        best_plan: list = []
+
+        def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals,
+                num_plans, run_time, best_plan, *args, **kwargs) -> None:
+            self.best_plan = best_plan
+
+    # Tables live in device memory ("fused"; "dense" is the kernel of data-parallel tables),
+    # never in a UVM cache, so "fits" means fits in HBM (cuda) or DDR (cpu).
+    kernels = {"data_parallel": ["dense"], None: ["fused", "dense"]}.get(sharding_type, ["fused"])
+    constraints = {t.name: ParameterConstraints(
+        sharding_types=[sharding_type] if sharding_type else None,
+        compute_kernels=kernels, pooling_factors=[float(t.pooling)])
+        for t in _all_tables(config)}
+    stats = KeepBestPlan()
+    planner = EmbeddingShardingPlanner(topology=_topology(config), batch_size=config.batch_size,
+                                       constraints=constraints, stats=stats, debug=False)
+    name = sharding_type or PLANNER_CHOICE
+    try:
+        plan = planner.plan(model, _sharders())
+    except PlannerError as exc:
+        mm = config.mm_table
+        mm_gb = mm.rows * mm.dim * DTYPE_BYTES[config.mm_dtype] / GB
+        return PlanRow(name, "planner", fits=False,
+                       note=f"{_first_line(str(exc))} (mm_table {mm_gb:.4g} GB, "
+                            f"{_capacity_gb(config):g} GB per rank)")
+    row = PlanRow(name, "planner", fits=True, sharding_plan=plan)
+    mem = [0.0] * config.world_size
+    comms = [0.0] * config.world_size
+    perf = [0.0] * config.world_size
+    for option in stats.best_plan:
+        row.table_types[option.name] = option.sharding_type
+        for shard in option.shards:
+            mem[shard.rank] += (shard.storage.hbm + shard.storage.ddr) / GB
+            comms[shard.rank] += (shard.perf.fwd_comms + shard.perf.bwd_comms
+                                  + shard.perf.input_dist_comms)
+            perf[shard.rank] += shard.perf.total
+    row.est_mem_gb, row.est_comms_ms, row.est_step_ms = mem, comms, max(perf)
+    return row
+
+
+def plan_manually(config: ShardingBenchConfig, model, sharding_type: str) -> PlanRow:
+    """Build a plan with TorchRec's ``sharding_plan`` helpers (no planner, no estimates)."""
+    from torchrec.distributed import sharding_plan as sp
+    from torchrec.distributed.types import ShardingPlan
+
+    world, per_host = config.world_size, config.ranks_per_host
+    generators = {
+        "table_wise": lambda i: sp.table_wise(rank=i % world),
+        "row_wise": lambda i: sp.row_wise(),
+        "column_wise": lambda i: sp.column_wise(ranks=list(range(world))),
+        "table_row_wise": lambda i: sp.table_row_wise(host_index=i % (world // per_host)),
+        "table_column_wise": lambda i: sp.column_wise(ranks=[i % world, (i + 1) % world]),
+        "data_parallel": lambda i: sp.data_parallel(),
+    }
+    device = "cuda" if config.compute_device == "cuda" else "cpu"
+    modules: Dict[str, Any] = {}
+    row = PlanRow(sharding_type, "manual",
+                  note=f"planner offers it only on cuda; estimates n/a on {config.compute_device}")
+    index = 0
+    for path in ("id_tables", "mm_table"):
+        module = getattr(model, path)
+        if module is None:
+            continue
+        per_param = {}
+        for table in module.embedding_bag_configs():
+            per_param[table.name] = generators[sharding_type](index)
+            row.table_types[table.name] = sharding_type
+            index += 1
+        modules[path] = sp.construct_module_sharding_plan(
+            module, per_param, local_size=per_host, world_size=world, device_type=device,
+            sharder=_sharders()[0])
+    row.sharding_plan = ShardingPlan(modules)
+    return row
+
+
+def make_plans(config: ShardingBenchConfig) -> List[PlanRow]:
+    """One row per candidate in ``config.plans``, planner where it can, manual otherwise."""
+    config.validate()
+    model = build_model(config, device="meta")
+    offered = planner_offers(config.compute_device)
+    rows = []
+    for name in config.plans:
+        if name == PLANNER_CHOICE:
+            rows.append(plan_with_planner(config, model, None))
+        elif name in offered:
+            rows.append(plan_with_planner(config, model, name))
+        else:
+            rows.append(plan_manually(config, model, name))
+    return rows
+
+
+def _capacity_gb(config: ShardingBenchConfig) -> float:
+    """Memory a table shard may use per rank: HBM on cuda, DDR on cpu."""
+    return config.hbm_gb_per_device if config.compute_device == "cuda" else config.ddr_gb_per_device
+
+
+def _first_line(text: str) -> str:
+    line = next((l.strip() for l in text.splitlines() if l.strip()), text)
+    return line[:160]
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def _random_batch(config: ShardingBenchConfig, generator):
+    import torch
+    from torchrec import KeyedJaggedTensor
+
+    def kjt(tables: List[TableSpec]) -> Optional[KeyedJaggedTensor]:
+        if not tables:
+            return None
+        lengths = torch.cat([torch.full((config.batch_size,), t.pooling, dtype=torch.int32)
+                             for t in tables])
+        values = torch.cat([torch.randint(0, t.rows, (config.batch_size * t.pooling,),
+                                          generator=generator) for t in tables])
+        return KeyedJaggedTensor(keys=[t.name for t in tables], values=values, lengths=lengths)
+
+    labels = torch.randint(0, 2, (config.batch_size,), generator=generator).float()
+    return kjt(config.id_tables), kjt([config.mm_table]), labels
+
+
+def _local_bytes(tensor) -> int:
+    """Bytes of this rank's part of a state-dict entry (ShardedTensor, DTensor or plain)."""
+    if hasattr(tensor, "local_shards"):
+        return sum(s.tensor.numel() * s.tensor.element_size() for s in tensor.local_shards())
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
+    return tensor.numel() * tensor.element_size()
+
+
+def _measure_plan(config: ShardingBenchConfig, plan, rank: int, device) -> Tuple[float, float, float]:
+    """Run warm-up + timed steps under ``plan``; return (step seconds, shard MB, peak RSS MB)."""
+    import torch
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.optim.keyed import KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    model = DistributedModelParallel(build_model(config), device=device, plan=plan,
+                                     sharders=_sharders())
+    dense_optimizer = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(model.named_parameters())),
+        lambda params: torch.optim.SGD(params, lr=0.01))
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    batches = [[x.to(device) if x is not None else None for x in _random_batch(config, generator)]
+               for _ in range(min(4, config.steps))]
+    for step in range(config.warmup_steps + config.steps):
+        if step == config.warmup_steps:
+            dist.barrier()
+            start = time.perf_counter()
+        loss = model(*batches[step % len(batches)])
+        loss.backward()
+        dense_optimizer.step()
+        dense_optimizer.zero_grad()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    step_s = (time.perf_counter() - start) / config.steps
+    shard_bytes = sum(_local_bytes(v) for k, v in model.state_dict().items()
+                      if "embedding_bags" in k)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        peak_rss_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return step_s, shard_bytes / 2**20, peak_rss_mb
+
+
+def _worker(rank: int, config: ShardingBenchConfig, plan: Any, port: int, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    use_cuda = config.compute_device == "cuda"
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank,
+                            world_size=config.world_size)
+    try:
+        measured = _measure_plan(config, plan, rank, device)
+        gathered: List[Any] = [None] * config.world_size
+        dist.all_gather_object(gathered, measured)
+        if rank == 0:
+            results.put(gathered)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(config: ShardingBenchConfig, rows: List[PlanRow]) -> None:
+    """Fill the measured columns of every row that has a plan.
+
+    Each plan runs in its own freshly spawned ranks, so peak memory belongs to that plan alone.
+    """
+    import torch.multiprocessing as mp
+
+    if config.mm_dtype == "int8":
+        raise ConfigError("mm_dtype=int8: TorchRec trains no INT8 tables; measure fp32/fp16 "
+                          "and use int8 for planner-only runs")
+    for row in tqdm(rows, desc="measuring plans", unit="plan", file=sys.stderr):
+        if row.sharding_plan is None:
+            continue
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        results = mp.get_context("spawn").SimpleQueue()
+        mp.start_processes(_worker, args=(config, row.sharding_plan, port, results),
+                           nprocs=config.world_size, start_method="spawn")
+        per_rank = results.get()
+        row.step_ms = max(step for step, _, _ in per_rank) * 1e3
+        row.samples_per_s = config.batch_size * config.world_size / (row.step_ms / 1e3)
+        row.shard_mb = [mb for _, mb, _ in per_rank]
+        row.peak_rss_mb = [rss for _, _, rss in per_rank]
+
+
+# ------------------------------------------------------------------------------- printing
+
+def describe(config: ShardingBenchConfig) -> str:
+    """The header: tables with their bytes, and the topology's capacity."""
+    lines = []
+    for t in _all_tables(config):
+        dtype = config.mm_dtype if t.name == "mm_table" else "fp32"
+        size = t.rows * t.dim * DTYPE_BYTES[dtype]
+        lines.append(f"  {t.name:<12} {t.rows:>14,} x {t.dim:<4} {dtype:<5} "
+                     f"{size / GB:>10.3f} GB  pooling {t.pooling}")
+    mm_fp = {d: config.mm_rows * config.mm_dim * b / GB for d, b in DTYPE_BYTES.items()}
+    cap = _capacity_gb(config)
+    lines.append(f"  mm_table in fp32 / fp16 / int8: {mm_fp['fp32']:.4g} / {mm_fp['fp16']:.4g} / "
+                 f"{mm_fp['int8']:.4g} GB (int8 rows also carry a 2x fp16 scale/bias)")
+    lines.append(f"topology: {config.world_size} ranks ({config.world_size // config.ranks_per_host}"
+                 f" hosts x {config.ranks_per_host}), {config.compute_device}, "
+                 f"{cap:g} GB per rank ({cap * config.world_size:g} GB in all); "
+                 f"batch {config.batch_size} per rank")
+    return "tables:\n" + "\n".join(lines)
+
+
+def _span(values: List[float], fmt: str) -> str:
+    """Per-rank values: all of them for a few ranks, else min..max."""
+    if not values:
+        return "-"
+    if len(values) <= 4:
+        return "/".join(format(v, fmt) for v in values)
+    return f"{format(min(values), fmt)}..{format(max(values), fmt)}"
+
+
+def _types(row: PlanRow) -> str:
+    short = {"table_wise": "tw", "row_wise": "rw", "column_wise": "cw", "table_row_wise": "twrw",
+             "table_column_wise": "twcw", "data_parallel": "dp"}
+    kinds = sorted({short.get(v, v) for k, v in row.table_types.items() if k != "mm_table"})
+    mm = short.get(row.table_types.get("mm_table", ""), "-")
+    return f"id:{','.join(kinds) or '-'} mm:{mm}"
+
+
+def format_table(rows: List[PlanRow], measured: bool) -> str:
+    headers = ["plan", "source", "tables", "fits", "est mem/rank GB", "est comms ms",
+               "est step ms"]
+    if measured:
+        headers += ["step ms", "samples/s", "shard MB/rank", "peak RSS MB/rank"]
+    body = []
+    for r in rows:
+        cells = [r.plan, r.source, _types(r) if r.table_types else "-",
+                 {True: "yes", False: "no", None: "?"}[r.fits],
+                 _span(r.est_mem_gb, ".3g"), _span(r.est_comms_ms, ".3g"),
+                 "-" if r.est_step_ms is None else f"{r.est_step_ms:.3g}"]
+        if measured:
+            cells += ["-" if r.step_ms is None else f"{r.step_ms:.1f}",
+                      "-" if r.samples_per_s is None else f"{r.samples_per_s:,.0f}",
+                      _span(r.shard_mb, ".1f"), _span(r.peak_rss_mb, ".0f")]
+        body.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in body]
+    notes = [f"  {r.plan}: {r.note}" for r in rows if r.note]
+    return "\n".join(lines + (["notes:"] + notes if notes else []))
+
+
+def to_json(config: ShardingBenchConfig, rows: List[PlanRow]) -> Dict[str, Any]:
+    return {"config": asdict(config),
+            "rows": [{k: v for k, v in asdict(r).items() if k != "sharding_plan"} for r in rows]}
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def run(args: argparse.Namespace) -> int:
+    base = ShardingBenchConfig.paper_scale() if args.paper_scale else None
+    config = load_config(ShardingBenchConfig, args.config, args.overrides)
+    if base is not None:  # paper preset, then the file and overrides on top of it
+        config = load_config(ShardingBenchConfig, None,
+                             [f"{k}={json.dumps(v)}" for k, v in asdict(base).items()]
+                             + list(args.overrides))
+    config.validate()
+    if args.measure and config.compute_device == "cuda":
+        import torch
+        if torch.cuda.device_count() < config.world_size:
+            raise ConfigError(f"--measure on cuda needs {config.world_size} visible GPUs, "
+                              f"found {torch.cuda.device_count()}; drop --measure to plan only")
+    started = time.perf_counter()
+    rows = make_plans(config)
+    if args.measure:
+        measure(config, rows)
+    print(describe(config))
+    print(format_table(rows, measured=args.measure))
+    print(f"wall time {time.perf_counter() - started:.1f} s")
+    if args.json:
+        text = json.dumps(to_json(config, rows), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as fh:
+                fh.write(text + "\n")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sharding", help="compare sharding plans: planner estimates and measured steps",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML/JSON ShardingBenchConfig")
+    parser.add_argument("--paper-scale", action="store_true",
+                        help="preset: 1.4B x 128 fp16 MM table on 8x8 80 GB GPUs (planner-only)")
+    parser.add_argument("--measure", action="store_true",
+                        help="also run real steps on world_size local ranks")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-': stdout)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. world_size=100 mm_dtype=int8")
+    parser.set_defaults(func=run)
