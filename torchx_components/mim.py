@@ -1,0 +1,352 @@
+"""TorchX components for every mim_rec job.
+
+Each component is a typed function returning a :py:class:`torchx.specs.AppDef` that runs one
+``mim`` sub-command; its docstring is the ``torchx run ... --help`` text. Stages exchange
+artifacts on disk only (the world folder, encoder checkpoints, the MM table), never processes:
+C-SFT and the CiUBM trainer are separate jobs joined by the MM table that ``build_table`` writes.
+
+Every stage reads a typed config (``--config FILE``) and ``key=value`` overrides; artifact paths
+are config keys, so they travel in ``args`` like any other setting::
+
+    torchx run -s local_cwd torchx_components/mim.py:csft -j 1x2 \\
+        --config configs/csft.yaml -- data.world=runs/world pretrain_dir=runs/pretrain out=runs/csft
+
+Distributed stages (pretrain, csft, build_table, train_ciubm, evaluate) run under ``torchrun``
+with ``j = {nnodes}x{nproc_per_node}`` exactly as :py:func:`torchx.components.dist.ddp` does;
+the entry point chooses nccl on GPU hosts and gloo on CPU. ``serve_rim`` and ``bench_sharding``
+are single-process roles (the bench spawns its own measuring ranks).
+"""
+
+# No `from __future__ import annotations`: TorchX reads the real annotations to build the CLI.
+from typing import Dict, List, Optional
+
+import torchx
+import torchx.specs as specs
+from torchx.components import dist
+
+ENTRY_MODULE = "train.cli"
+
+
+def _stage_argv(command: List[str], config: Optional[str], args: tuple) -> List[str]:
+    argv = list(command)
+    if config:
+        argv += ["--config", config]
+    return argv + list(args)
+
+
+def _distributed(
+    role: str,
+    command: List[str],
+    args: tuple,
+    config: Optional[str],
+    image: str,
+    name: Optional[str],
+    j: str,
+    cpu: int,
+    gpu: int,
+    memMB: int,
+    h: Optional[str],
+    env: Optional[Dict[str, str]],
+    mounts: Optional[List[str]],
+    max_retries: int,
+    rdzv_port: int,
+) -> specs.AppDef:
+    """``mim <command>`` under torchrun on ``j`` = nnodes x nproc_per_node, via dist.ddp."""
+    app = dist.ddp(
+        *_stage_argv(command, config, args), m=ENTRY_MODULE, image=image,
+        name=name or f"mim/{role}", cpu=cpu, gpu=gpu, memMB=memMB, h=h, j=j,
+        env=dict(env or {}), max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts)
+    app.roles[0].name = role
+    return app
+
+
+def _single(
+    role: str,
+    command: List[str],
+    args: tuple,
+    config: Optional[str],
+    image: str,
+    name: Optional[str],
+    cpu: int,
+    gpu: int,
+    memMB: int,
+    h: Optional[str],
+    env: Optional[Dict[str, str]],
+    mounts: Optional[List[str]],
+    port_map: Optional[Dict[str, int]] = None,
+) -> specs.AppDef:
+    """``python -m train.cli <command>`` as one plain process (no torchrun)."""
+    return specs.AppDef(
+        name=(name or f"mim/{role}").split("/")[-1] or role,
+        roles=[specs.Role(
+            name=role, image=image, entrypoint="python",
+            args=["-m", ENTRY_MODULE, *_stage_argv(command, config, args)],
+            resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h),
+            env=dict(env or {}), port_map=port_map or {},
+            mounts=specs.parse_mounts(mounts) if mounts else [])])
+
+
+def pretrain(
+    *args: str,
+    config: Optional[str] = None,
+    image: str = torchx.IMAGE,
+    name: Optional[str] = None,
+    j: str = "1x2",
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 32768,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Stage 1: DDA + DMA pre-training of the image and title encoders (``mim pretrain``).
+
+    Reads the world's items; writes the aligned encoders checkpoint to ``out``.
+
+    Args:
+        args: ``key=value`` overrides and flags for ``mim pretrain`` (e.g. ``data.world=DIR out=DIR``)
+        config: YAML/JSON PretrainConfig file
+        image: image (docker) or, for local_cwd, the working directory that holds the code
+        name: job name, ``{experiment}/{run}``; default ``mim/pretrain``
+        j: {nnodes}x{nproc_per_node}; on GPU hosts nproc_per_node must not exceed the GPUs
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: host memory per node in MB
+        h: a registered named resource; takes precedence over cpu, gpu and memMB
+        env: environment variables, ENV1=v1,ENV2=v2
+        mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
+        max_retries: scheduler retries
+        rdzv_port: c10d rendezvous port on the first node (multi-node only)
+    """
+    return _distributed("pretrain", ["pretrain"], args, config, image, name, j, cpu, gpu, memMB,
+                        h, env, mounts, max_retries, rdzv_port)
+
+
+def csft(
+    *args: str,
+    config: Optional[str] = None,
+    image: str = torchx.IMAGE,
+    name: Optional[str] = None,
+    j: str = "1x2",
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 32768,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Stage 2: content-based supervised fine-tuning of the MM item encoder (``mim csft``).
+
+    Reads the pre-trained encoders and the (query image, item) pairs; writes the MM encoder
+    checkpoint. Runs apart from the CiUBM trainer: only the MM table built from its encoder
+    crosses over.
+
+    Args:
+        args: ``key=value`` overrides and flags for ``mim csft`` (inputs, ``out=DIR``)
+        config: YAML/JSON C-SFT config file
+        image: image (docker) or, for local_cwd, the working directory that holds the code
+        name: job name, ``{experiment}/{run}``; default ``mim/csft``
+        j: {nnodes}x{nproc_per_node}; all-gathered negatives span every rank
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: host memory per node in MB
+        h: a registered named resource; takes precedence over cpu, gpu and memMB
+        env: environment variables, ENV1=v1,ENV2=v2
+        mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
+        max_retries: scheduler retries
+        rdzv_port: c10d rendezvous port on the first node (multi-node only)
+    """
+    return _distributed("csft", ["csft"], args, config, image, name, j, cpu, gpu, memMB,
+                        h, env, mounts, max_retries, rdzv_port)
+
+
+def build_table(
+    *args: str,
+    config: Optional[str] = None,
+    image: str = torchx.IMAGE,
+    name: Optional[str] = None,
+    j: str = "1x2",
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 32768,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Representation center, MFM build: encode every item into the MM table (``mim embeddings build``).
+
+    Each rank encodes its slice of the items and writes its Parquet shards; the table's
+    manifest names the encoder that produced it, so CiUBM refuses a stale table.
+
+    Args:
+        args: ``key=value`` overrides and flags for ``mim embeddings build`` (encoder, items, ``out``)
+        config: YAML/JSON table-build config file
+        image: image (docker) or, for local_cwd, the working directory that holds the code
+        name: job name, ``{experiment}/{run}``; default ``mim/build_table``
+        j: {nnodes}x{nproc_per_node}; more ranks encode more items at once
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: host memory per node in MB
+        h: a registered named resource; takes precedence over cpu, gpu and memMB
+        env: environment variables, ENV1=v1,ENV2=v2
+        mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
+        max_retries: scheduler retries
+        rdzv_port: c10d rendezvous port on the first node (multi-node only)
+    """
+    return _distributed("build_table", ["embeddings", "build"], args, config, image, name, j,
+                        cpu, gpu, memMB, h, env, mounts, max_retries, rdzv_port)
+
+
+def serve_rim(
+    *args: str,
+    config: Optional[str] = None,
+    image: str = torchx.IMAGE,
+    name: Optional[str] = None,
+    cpu: int = 4,
+    gpu: int = 0,
+    memMB: int = 16384,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    port: int = 0,
+) -> specs.AppDef:
+    """Representation center, RIM: embed new items as they arrive (``mim embeddings serve``).
+
+    One long-running process that appends window messages to the message log, from which
+    the MM table's new rows are applied.
+
+    Args:
+        args: ``key=value`` overrides and flags for ``mim embeddings serve``
+        config: YAML/JSON RIM service config file
+        image: image (docker) or, for local_cwd, the working directory that holds the code
+        name: job name; default ``rim``
+        cpu: CPUs
+        gpu: GPUs
+        memMB: host memory in MB
+        h: a registered named resource; takes precedence over cpu, gpu and memMB
+        env: environment variables, ENV1=v1,ENV2=v2
+        mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
+        port: port the service listens on, exposed to the scheduler as ``rim`` (0: none)
+    """
+    return _single("rim", ["embeddings", "serve"], args, config, image, name, cpu, gpu, memMB,
+                   h, env, mounts, port_map={"rim": port} if port else None)
+
+
+def train_ciubm(
+    *args: str,
+    config: Optional[str] = None,
+    image: str = torchx.IMAGE,
+    name: Optional[str] = None,
+    j: str = "1x2",
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 65536,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Stage 3: train the CiUBM CTR model over sharded ID tables and the frozen MM table (``mim train``).
+
+    Reads the events and the MM table (its manifest is checked); writes DCP checkpoints and
+    metrics. Tables are sharded by TorchRec's planner across all ``j`` ranks.
+
+    Args:
+        args: ``key=value`` overrides and flags for ``mim train`` (events, ``mm_table``, ``out``)
+        config: YAML/JSON CiUBM config file
+        image: image (docker) or, for local_cwd, the working directory that holds the code
+        name: job name, ``{experiment}/{run}``; default ``mim/train_ciubm``
+        j: {nnodes}x{nproc_per_node}; the world size the planner shards over
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: host memory per node in MB (holds DDR-resident table shards)
+        h: a registered named resource; takes precedence over cpu, gpu and memMB
+        env: environment variables, ENV1=v1,ENV2=v2
+        mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
+        max_retries: scheduler retries (training resumes from its last checkpoint)
+        rdzv_port: c10d rendezvous port on the first node (multi-node only)
+    """
+    return _distributed("train_ciubm", ["train"], args, config, image, name, j, cpu, gpu, memMB,
+                        h, env, mounts, max_retries, rdzv_port)
+
+
+def evaluate(
+    *args: str,
+    config: Optional[str] = None,
+    image: str = torchx.IMAGE,
+    name: Optional[str] = None,
+    j: str = "1x2",
+    cpu: int = 8,
+    gpu: int = 0,
+    memMB: int = 65536,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Evaluate a trained CiUBM run: AUC, GAUC, per category, item-age buckets (``mim train --eval-only``).
+
+    Loads the run's checkpoint, re-shards it over ``j`` ranks and writes the eval report.
+
+    Args:
+        args: ``key=value`` overrides for ``mim train`` naming the run folder and test events
+        config: YAML/JSON CiUBM config file (the one the run trained with)
+        image: image (docker) or, for local_cwd, the working directory that holds the code
+        name: job name, ``{experiment}/{run}``; default ``mim/evaluate``
+        j: {nnodes}x{nproc_per_node}
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: host memory per node in MB
+        h: a registered named resource; takes precedence over cpu, gpu and memMB
+        env: environment variables, ENV1=v1,ENV2=v2
+        mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
+        max_retries: scheduler retries
+        rdzv_port: c10d rendezvous port on the first node (multi-node only)
+    """
+    return _distributed("evaluate", ["train", "--eval-only"], args, config, image, name, j,
+                        cpu, gpu, memMB, h, env, mounts, max_retries, rdzv_port)
+
+
+def bench_sharding(
+    *args: str,
+    config: Optional[str] = None,
+    measure: bool = False,
+    image: str = torchx.IMAGE,
+    name: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+) -> specs.AppDef:
+    """Compare sharding plans for the ID and MM tables (``mim bench sharding``).
+
+    Prints TorchRec planner estimates per plan; with ``measure`` it also spawns
+    ``world_size`` local ranks and times real steps under each plan. Planner-only runs
+    simulate any topology (``--paper-scale``, ``world_size=100``) on one small host.
+
+    Args:
+        args: flags and ``key=value`` overrides for ``mim bench sharding`` (e.g. ``--paper-scale``)
+        config: YAML/JSON ShardingBenchConfig file
+        measure: run real steps on each plan (needs world_size local devices or CPU ranks)
+        image: image (docker) or, for local_cwd, the working directory that holds the code
+        name: job name; default ``bench_sharding``
+        cpu: CPUs (at least the measured world size)
+        gpu: GPUs (the measured world size on cuda)
+        memMB: host memory in MB
+        h: a registered named resource; takes precedence over cpu, gpu and memMB
+        env: environment variables, ENV1=v1,ENV2=v2
+        mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
+    """
+    command = ["bench", "sharding"] + (["--measure"] if measure else [])
+    return _single("bench_sharding", command, args, config, image, name, cpu, gpu, memMB, h,
+                   env, mounts)
