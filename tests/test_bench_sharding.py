@@ -1,0 +1,77 @@
+"""``mim bench sharding``: planner rows per sharding type, paper-scale fit, measured 2-rank steps."""
+
+import pytest
+
+from mim_rec.config import ConfigError, load_config
+from train.bench_sharding import (ShardingBenchConfig, TableSpec, format_table, make_plans,
+                                  measure)
+from train.cli import main
+
+
+def _tiny(**overrides) -> ShardingBenchConfig:
+    fields = dict(id_tables=[TableSpec("user_id", 64, 8, 1), TableSpec("query_token", 96, 8, 3)],
+                  mm_rows=128, mm_dim=16, mm_pooling=4, batch_size=8, world_size=2,
+                  warmup_steps=1, steps=2)
+    fields.update(overrides)
+    return ShardingBenchConfig(**fields)
+
+
+def test_cpu_rows_say_where_each_plan_comes_from():
+    rows = {r.plan: r for r in make_plans(_tiny(plans=[
+        "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel", "planner"]))}
+    for name in ("table_wise", "column_wise", "data_parallel", "planner"):
+        row = rows[name]
+        assert row.source == "planner" and row.fits is True, name
+        assert len(row.est_mem_gb) == 2 and row.est_step_ms > 0
+    for name in ("row_wise", "table_row_wise"):  # not offered to the planner on CPU
+        assert rows[name].source == "manual" and rows[name].est_step_ms is None
+        assert set(rows[name].table_types.values()) == {name}
+    assert set(rows["table_wise"].table_types.values()) == {"table_wise"}
+    # data-parallel replicates every table: each rank holds at least the whole MM table
+    mm_gb = 128 * 16 * 4 / 1e9
+    assert min(rows["data_parallel"].est_mem_gb) >= mm_gb
+    table = format_table(list(rows.values()), measured=False)
+    assert "row_wise" in table and "planner offers it only on cuda" in table
+
+
+def test_paper_scale_fits_only_when_the_mm_table_is_split_across_ranks():
+    rows = {r.plan: r for r in make_plans(ShardingBenchConfig.paper_scale())}
+    assert rows["table_wise"].fits is False and rows["data_parallel"].fits is False
+    assert rows["row_wise"].fits is True
+    # 1.4e9 x 128 fp16 = 358.4 GB over 64 ranks = 5.6 GB each (+ the planner's buffers)
+    assert all(5.6 <= gb < 6.5 for gb in rows["row_wise"].est_mem_gb)
+    assert rows["planner"].fits is True
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ConfigError, match="plans"):
+        _tiny(plans=["diagonal"]).validate()
+    with pytest.raises(ConfigError, match="local_world_size"):
+        _tiny(world_size=6, local_world_size=4).validate()
+    with pytest.raises(ConfigError, match="int8"):
+        measure(_tiny(mm_dtype="int8"), [])
+    config = load_config(ShardingBenchConfig, None, ["id_tables=[{name: a, rows: 5, dim: 4}]"])
+    assert config.id_tables == [TableSpec("a", 5, 4, 1)]
+
+
+def test_measured_two_ranks_hold_exactly_the_tables():
+    """Table-wise and row-wise both store every row once across the two ranks."""
+    config = _tiny(plans=["table_wise", "row_wise"])
+    rows = make_plans(config)
+    measure(config, rows)
+    total_mb = (64 * 8 + 96 * 8 + 128 * 16) * 4 / 2**20
+    for row in rows:
+        assert row.step_ms > 0 and row.samples_per_s > 0, row.plan
+        assert len(row.shard_mb) == 2 and len(row.peak_rss_mb) == 2
+        assert sum(row.shard_mb) == pytest.approx(total_mb), row.plan
+    row_wise = rows[1]
+    assert row_wise.shard_mb[0] == pytest.approx(row_wise.shard_mb[1])
+
+
+def test_cli_prints_the_comparison_table(capsys):
+    assert main(["bench", "sharding", "id_tables=[{name: a, rows: 50, dim: 8}]", "mm_rows=64",
+                 "mm_dim=8", "plans=table_wise,column_wise,planner"]) == 0
+    out = capsys.readouterr().out
+    assert "est mem/rank GB" in out
+    assert sum(line.startswith(("table_wise", "column_wise", "planner")) for line in
+               out.splitlines()) == 3
