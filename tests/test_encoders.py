@@ -105,3 +105,12 @@ def test_unknown_names_are_clear_errors():
         build_text_encoder(tiny_text(name="no-such-model"))
     with pytest.raises(ValueError, match="no bundled weights"):
         build_vision_encoder(VisionConfig(name="convnext_atto", weights="bundled"))
+
+
+def test_bf16_autocast_forward_is_finite():
+    pair = EncoderPair(tiny_encoders(shared_dim=8))
+    pixels = pair.vision.preprocess([png_bytes(0, 1), png_bytes(2, 0)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images, titles = pair.embed_images(pixels), pair.embed_titles(["red stripe", "blue dot"])
+    assert images.dtype == torch.float32  # heads normalise in fp32
+    assert torch.isfinite(images).all() and torch.isfinite(titles).all()

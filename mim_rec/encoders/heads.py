@@ -22,4 +22,5 @@ class ProjectionHead(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(features.float()), dim=-1)
+        # Normalised in fp32 even under bf16 autocast: contrastive logits need the precision.
+        return F.normalize(self.net(features).float(), dim=-1)
