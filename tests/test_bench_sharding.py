@@ -49,7 +49,7 @@ def test_bad_config_is_refused():
     with pytest.raises(ConfigError, match="local_world_size"):
         _tiny(world_size=6, local_world_size=4).validate()
     with pytest.raises(ConfigError, match="int8"):
-        measure(_tiny(mm_dtype="int8"), [])
+        _tiny(mm_dtype="int8").validate()
     config = load_config(ShardingBenchConfig, None, ["id_tables=[{name: a, rows: 5, dim: 4}]"])
     assert config.id_tables == [TableSpec("a", 5, 4, 1)]
 
