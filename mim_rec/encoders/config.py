@@ -26,12 +26,15 @@ class VisionConfig:
     # random initialisation.
     weights: Optional[str] = BUNDLED
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model args
-    image_size: Optional[int] = None    # square input side; None = the architecture's own
+    # Square input side; None = the architecture's own (224 for EfficientNet-Lite0). 64 is
+    # the synthetic world's image size and keeps CPU runs fast.
+    image_size: Optional[int] = 64
     mean: Optional[List[float]] = None  # None = the weights' own normalisation
     std: Optional[List[float]] = None
     feature_dim: int = 512              # only for "precomputed": the vector length
-    # Train only the last N of timm's coarse layer groups (plus the final norm); None = all.
-    trainable_groups: Optional[int] = None
+    # Train only the last N of timm's coarse layer groups (and ungrouped final layers such as
+    # EfficientNet's 1x1 head conv); None = all. See docs/pretrain.md for why 2 by default.
+    trainable_groups: Optional[int] = 2
     grad_checkpointing: bool = False
 
 
@@ -45,7 +48,7 @@ class TextConfig:
     tokenizer: Optional[str] = None     # folder; None = the model's own or the bundled one
     max_length: int = 32
     # Train only the last N transformer layers (embeddings frozen); None = all.
-    trainable_layers: Optional[int] = None
+    trainable_layers: Optional[int] = 2
     grad_checkpointing: bool = False
 
 

@@ -1,8 +1,9 @@
 """Settings of ``mim pretrain`` (load with mim_rec.config.load_config + key=value overrides).
 
-Defaults are sized for a CPU host: 64x64 inputs (the synthetic world's image size), and
-most of each backbone frozen -- EfficientNet-Lite0 trains its last two block groups plus
-its 1x1 head convolution, MiniLM its last two of six layers; heads always train. The frozen
+Defaults (those of :mod:`mim_rec.encoders.config`) are sized for a CPU host: 64x64 inputs
+(the synthetic world's image size), and most of each backbone frozen -- EfficientNet-Lite0
+trains its last two block groups plus its 1x1 head convolution, MiniLM its last two of six
+layers; heads always train. The frozen
 early layers hold generic edges/textures and sub-word statistics that a small item corpus
 cannot improve, while the late layers carry the domain-specific semantics DDA/DMA adapt;
 freezing cuts the backward pass by about two thirds. On GPU set
@@ -14,13 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mim_rec.encoders.config import EncodersConfig, TextConfig, VisionConfig
+from mim_rec.encoders.config import EncodersConfig
 from mim_rec.pretrain.evaluate import EvalConfig
-
-
-def _cpu_encoders() -> EncodersConfig:
-    return EncodersConfig(vision=VisionConfig(image_size=64, trainable_groups=2),
-                          text=TextConfig(trainable_layers=2, max_length=24), shared_dim=256)
 
 
 @dataclass
@@ -32,7 +28,7 @@ class PretrainDataConfig:
 
 @dataclass
 class PretrainConfig:
-    encoders: EncodersConfig = field(default_factory=_cpu_encoders)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dda_steps: int = 30              # Downstream Data Adaptation (MLM + image contrastive)
