@@ -50,6 +50,7 @@ def test_bad_config_is_refused():
         _tiny(world_size=6, local_world_size=4).validate()
     with pytest.raises(ConfigError, match="int8"):
         _tiny(mm_dtype="int8").validate()
+    assert main(["bench", "sharding", "--paper-scale", "--config", "x.yaml"]) == 2
     config = load_config(ShardingBenchConfig, None, ["id_tables=[{name: a, rows: 5, dim: 4}]"])
     assert config.id_tables == [TableSpec("a", 5, 4, 1)]
 

@@ -211,7 +211,9 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
 
     class KeepBestPlan(Stats):
         """Keeps the chosen sharding options (with their per-shard estimates)."""
-        best_plan: list = []
+
+        def __init__(self) -> None:
+            self.best_plan: list = []
 
         def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals,
                 num_plans, run_time, best_plan, *args, **kwargs) -> None:
@@ -261,14 +263,12 @@ def plan_manually(config: ShardingBenchConfig, model, sharding_type: str) -> Pla
     from torchrec.distributed.types import ShardingPlan
 
     world, per_host = config.world_size, config.ranks_per_host
-    generators = {
-        "table_wise": lambda i: sp.table_wise(rank=i % world),
+    generators = {  # the two types the EBC sharder keeps from the planner on CPU
         "row_wise": lambda i: sp.row_wise(),
-        "column_wise": lambda i: sp.column_wise(ranks=list(range(world))),
         "table_row_wise": lambda i: sp.table_row_wise(host_index=i % (world // per_host)),
-        "table_column_wise": lambda i: sp.column_wise(ranks=[i % world, (i + 1) % world]),
-        "data_parallel": lambda i: sp.data_parallel(),
     }
+    if sharding_type not in generators:
+        raise ValueError(f"{sharding_type} plans come from the planner, not built by hand")
     device = "cuda" if config.compute_device == "cuda" else "cpu"
     modules: Dict[str, Any] = {}
     row = PlanRow(sharding_type, "manual",
@@ -499,12 +499,14 @@ def to_json(config: ShardingBenchConfig, rows: List[PlanRow]) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------ CLI
 
 def run(args: argparse.Namespace) -> int:
-    base = ShardingBenchConfig.paper_scale() if args.paper_scale else None
-    config = load_config(ShardingBenchConfig, args.config, args.overrides)
-    if base is not None:  # paper preset, then the file and overrides on top of it
-        config = load_config(ShardingBenchConfig, None,
-                             [f"{k}={json.dumps(v)}" for k, v in asdict(base).items()]
-                             + list(args.overrides))
+    if args.paper_scale:
+        if args.config:
+            raise ConfigError("--paper-scale is a whole config: give it or --config, not both")
+        preset = [f"{k}={json.dumps(v)}"
+                  for k, v in asdict(ShardingBenchConfig.paper_scale()).items()]
+        config = load_config(ShardingBenchConfig, None, preset + list(args.overrides))
+    else:
+        config = load_config(ShardingBenchConfig, args.config, args.overrides)
     config.validate()
     if args.measure and config.compute_device == "cuda":
         import torch
