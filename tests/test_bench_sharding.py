@@ -55,6 +55,7 @@ def test_bad_config_is_refused():
     assert config.id_tables == [TableSpec("a", 5, 4, 1)]
 
 
+@pytest.mark.slow
 def test_measured_two_ranks_hold_exactly_the_tables():
     """Table-wise and row-wise both store every row once across the two ranks."""
     config = _tiny(plans=["table_wise", "row_wise"])

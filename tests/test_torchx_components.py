@@ -103,11 +103,12 @@ def test_torchx_dryrun_cli_parses_csft():
                    timeout=120)
     assert done.returncode == 0, done.stderr
     # The request is pretty-printed: long strings are split into adjacent literals.
-    request = re.sub(r"'\s*\n\s*'", "", done.stdout)
+    request = re.sub(r"['\"]\s*\n\s*['\"]", "", done.stdout)
     assert "--nproc_per_node 2" in request
     assert "-m train.cli csft --config configs/csft.yaml out=runs/csft" in request
 
 
+@pytest.mark.slow
 def test_local_cwd_run_of_bench_sharding():
     """A real job under TorchX's local_cwd scheduler: planner-only sharding bench."""
     done = _torchx("run", "--wait", "--log", "-s", "local_cwd",
