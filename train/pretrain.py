@@ -72,7 +72,7 @@ def run_pretrain(config) -> Path:
 
     from mim_rec.data.manifest import fingerprint_config, fingerprint_file
     from mim_rec.encoders import EncoderPair, save_encoders
-    from mim_rec.encoders.vision import describe_trainable
+    from mim_rec.encoders.freeze import describe_trainable
     from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
     from mim_rec.pretrain.objective import PretrainObjective
     from mim_rec.utils.dist import barrier, init_distributed

@@ -7,7 +7,7 @@ prefix then computes a fixed function of its input.
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Dict, Iterable, List
 
 from torch import nn
 
@@ -31,3 +31,9 @@ class PartlyFrozen(nn.Module):
         for module in self._frozen:
             module.eval()
         return self
+
+
+def describe_trainable(module: nn.Module) -> Dict[str, int]:
+    """Parameter counts for logs and docs: how much of a backbone actually trains."""
+    return {"parameters": sum(p.numel() for p in module.parameters()),
+            "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}

@@ -22,7 +22,7 @@ from mim_rec.data.manifest import Manifest, require, write_manifest
 from mim_rec.encoders.config import EncodersConfig, PRECOMPUTED
 from mim_rec.encoders.heads import ProjectionHead
 from mim_rec.encoders.text import HFTextEncoder, build_text_encoder
-from mim_rec.encoders.vision import VisionEncoder, build_vision_encoder
+from mim_rec.encoders.vision import TimmVisionEncoder, VisionEncoder, build_vision_encoder
 from mim_rec.utils.run import atomic_write_bytes
 
 WEIGHTS_NAME = "weights.pt"
@@ -54,8 +54,8 @@ class EncoderPair(nn.Module):
         """The config with the image size and normalisation actually in use written out,
         so a reload (which starts from random weights) preprocesses exactly the same way."""
         config = copy.deepcopy(self.config)
-        processor = getattr(self.vision, "image_processor", None)
-        if processor is not None:
+        if isinstance(self.vision, TimmVisionEncoder):
+            processor = self.vision.image_processor
             mean, std = processor.stats
             config.vision = dataclasses.replace(config.vision, image_size=processor.size,
                                                 mean=list(mean), std=list(std))

@@ -7,7 +7,7 @@ Both expose ``feature_dim``, ``preprocess(images) -> model input`` and ``forward
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -142,9 +142,3 @@ def build_vision_encoder(config: VisionConfig) -> VisionEncoder:
         return PrecomputedVisionEncoder(config)
     return TimmVisionEncoder(config)
 
-
-def describe_trainable(module: nn.Module) -> Dict[str, int]:
-    """Parameter counts, for logs and docs: how much of a backbone actually trains."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"parameters": total, "trainable": trainable}

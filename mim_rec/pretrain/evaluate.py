@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from mim_rec.encoders.heads import ProjectionHead
 from mim_rec.encoders.pair import EncoderPair
+from mim_rec.encoders.vision import PrecomputedVisionEncoder
 from mim_rec.pretrain.corpus import ItemCorpus
 from mim_rec.pretrain.dma import ClipLoss
 
@@ -51,7 +52,7 @@ def embed(pair: EncoderPair, corpus: ItemCorpus, batch_size: int) -> Embedded:
     parts = []
     for start in range(0, len(corpus), batch_size):
         images = corpus.images[start:start + batch_size]
-        if hasattr(pair.vision, "image_processor"):
+        if not isinstance(pair.vision, PrecomputedVisionEncoder):
             images = pair.vision.image_processor.normalize(images)
         image_features = pair.vision(images.to(device)).float()
         title_features = pair.text(corpus.titles[start:start + batch_size]).float()

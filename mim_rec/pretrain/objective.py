@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mim_rec.encoders.pair import EncoderPair
+from mim_rec.encoders.vision import PrecomputedVisionEncoder
 from mim_rec.pretrain.dda import ImageContrastive, MaskedLanguageModelling
 from mim_rec.pretrain.dma import ClipLoss
 
@@ -30,7 +31,7 @@ class PretrainObjective(nn.Module):
         super().__init__()
         self.pair = pair
         self.mlm = MaskedLanguageModelling(pair.text, mlm_probability)
-        self.pixels = hasattr(pair.vision, "image_processor")
+        self.pixels = not isinstance(pair.vision, PrecomputedVisionEncoder)
         self.image_ssl = ImageContrastive(pair.vision.feature_dim, ssl_dim) if self.pixels else None
         self.image_ssl_weight = image_ssl_weight
         self.clip = ClipLoss()
