@@ -8,8 +8,8 @@ C-SFT and the CiUBM trainer are separate jobs joined by the MM table that ``buil
 Every stage reads a typed config (``--config FILE``) and ``key=value`` overrides; artifact paths
 are config keys, so they travel in ``args`` like any other setting::
 
-    torchx run -s local_cwd torchx_components/mim.py:csft -j 1x2 \\
-        --config configs/csft.yaml -- data.world=runs/world pretrain_dir=runs/pretrain out=runs/csft
+    torchx run -s local_cwd torchx_components/mim.py:pretrain -j 1x2 \\
+        --config configs/pretrain.yaml -- data.world=runs/world out=runs/pretrain
 
 Distributed stages (pretrain, csft, build_table, train_ciubm, evaluate) run under ``torchrun``
 with ``j = {nnodes}x{nproc_per_node}`` exactly as :py:func:`torchx.components.dist.ddp` does;
@@ -38,6 +38,7 @@ def _distributed(
     role: str,
     command: List[str],
     args: tuple,
+    *,
     config: Optional[str],
     image: str,
     name: Optional[str],
@@ -64,6 +65,7 @@ def _single(
     role: str,
     command: List[str],
     args: tuple,
+    *,
     config: Optional[str],
     image: str,
     name: Optional[str],
@@ -77,7 +79,7 @@ def _single(
 ) -> specs.AppDef:
     """``python -m train.cli <command>`` as one plain process (no torchrun)."""
     return specs.AppDef(
-        name=(name or f"mim/{role}").split("/")[-1] or role,
+        name=name or role,
         roles=[specs.Role(
             name=role, image=image, entrypoint="python",
             args=["-m", ENTRY_MODULE, *_stage_argv(command, config, args)],
@@ -120,8 +122,10 @@ def pretrain(
         max_retries: scheduler retries
         rdzv_port: c10d rendezvous port on the first node (multi-node only)
     """
-    return _distributed("pretrain", ["pretrain"], args, config, image, name, j, cpu, gpu, memMB,
-                        h, env, mounts, max_retries, rdzv_port)
+    return _distributed(
+        "pretrain", ["pretrain"], args, config=config, image=image, name=name, j=j, cpu=cpu,
+        gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries,
+        rdzv_port=rdzv_port)
 
 
 def csft(
@@ -160,8 +164,10 @@ def csft(
         max_retries: scheduler retries
         rdzv_port: c10d rendezvous port on the first node (multi-node only)
     """
-    return _distributed("csft", ["csft"], args, config, image, name, j, cpu, gpu, memMB,
-                        h, env, mounts, max_retries, rdzv_port)
+    return _distributed(
+        "csft", ["csft"], args, config=config, image=image, name=name, j=j, cpu=cpu,
+        gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries,
+        rdzv_port=rdzv_port)
 
 
 def build_table(
@@ -199,8 +205,10 @@ def build_table(
         max_retries: scheduler retries
         rdzv_port: c10d rendezvous port on the first node (multi-node only)
     """
-    return _distributed("build_table", ["embeddings", "build"], args, config, image, name, j,
-                        cpu, gpu, memMB, h, env, mounts, max_retries, rdzv_port)
+    return _distributed(
+        "build_table", ["embeddings", "build"], args, config=config, image=image, name=name, j=j, cpu=cpu,
+        gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries,
+        rdzv_port=rdzv_port)
 
 
 def serve_rim(
@@ -234,8 +242,10 @@ def serve_rim(
         mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
         port: port the service listens on, exposed to the scheduler as ``rim`` (0: none)
     """
-    return _single("rim", ["embeddings", "serve"], args, config, image, name, cpu, gpu, memMB,
-                   h, env, mounts, port_map={"rim": port} if port else None)
+    return _single(
+        "rim", ["embeddings", "serve"], args, config=config, image=image, name=name, cpu=cpu,
+        gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts,
+        port_map={"rim": port} if port else None)
 
 
 def train_ciubm(
@@ -273,8 +283,10 @@ def train_ciubm(
         max_retries: scheduler retries (training resumes from its last checkpoint)
         rdzv_port: c10d rendezvous port on the first node (multi-node only)
     """
-    return _distributed("train_ciubm", ["train"], args, config, image, name, j, cpu, gpu, memMB,
-                        h, env, mounts, max_retries, rdzv_port)
+    return _distributed(
+        "train_ciubm", ["train"], args, config=config, image=image, name=name, j=j, cpu=cpu,
+        gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries,
+        rdzv_port=rdzv_port)
 
 
 def evaluate(
@@ -311,8 +323,10 @@ def evaluate(
         max_retries: scheduler retries
         rdzv_port: c10d rendezvous port on the first node (multi-node only)
     """
-    return _distributed("evaluate", ["train", "--eval-only"], args, config, image, name, j,
-                        cpu, gpu, memMB, h, env, mounts, max_retries, rdzv_port)
+    return _distributed(
+        "evaluate", ["train", "--eval-only"], args, config=config, image=image, name=name, j=j, cpu=cpu,
+        gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts, max_retries=max_retries,
+        rdzv_port=rdzv_port)
 
 
 def bench_sharding(
@@ -348,5 +362,6 @@ def bench_sharding(
         mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
     """
     command = ["bench", "sharding"] + (["--measure"] if measure else [])
-    return _single("bench_sharding", command, args, config, image, name, cpu, gpu, memMB, h,
-                   env, mounts)
+    return _single(
+        "bench_sharding", command, args, config=config, image=image, name=name, cpu=cpu,
+        gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts)
