@@ -24,15 +24,16 @@ class ConfigError(ValueError):
 
 
 def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
-                overrides: Iterable[str] = ()) -> T:
-    """Build ``cls`` from defaults, then ``path`` (YAML or JSON), then ``overrides``."""
-    data: Dict[str, Any] = {}
+                overrides: Iterable[str] = (), preset: Optional[T] = None) -> T:
+    """Build ``cls`` from its defaults (or a ``preset`` instance), then ``path`` (YAML or
+    JSON), then ``overrides``."""
+    data: Dict[str, Any] = dataclasses.asdict(preset) if preset is not None else {}
     if path is not None:
         text = Path(path).read_text()
         loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping, got {type(loaded).__name__}")
-        data = loaded
+        _merge(data, loaded)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -109,6 +110,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return str(value)
         return value
     return value
+
+
+def _merge(into: Dict[str, Any], update: Dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _set_dotted(data: Dict[str, Any], key: str, value: Any) -> None:

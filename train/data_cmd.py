@@ -9,6 +9,8 @@ import argparse
 import importlib
 
 DATA_COMMAND_MODULES: tuple = (
+    "train.data_synth",
+    "train.data_summary",
     "train.data_validate",
     "train.data_import",
 )

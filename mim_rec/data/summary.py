@@ -1,0 +1,86 @@
+"""What a world folder holds, in numbers: counts, click rates, history lengths, item ages.
+
+Reads only the columns it needs, batch by batch, so it works on any world in the project's
+format (synthetic or imported).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Union
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+PERCENTILES = (10, 50, 90, 99)
+
+
+def summarize_world(directory: Union[str, Path]) -> Dict:
+    """A JSON-serialisable summary of a world folder."""
+    directory = Path(directory)
+    items = pq.read_table(directory / "items.parquet", columns=["item_id", "category_id", "created_at"])
+    created = items["created_at"].cast("int64").to_numpy()
+    if items.schema.field("created_at").type.unit == "ms":
+        created = created // 1000
+    category_of = items["category_id"].to_numpy()[np.argsort(items["item_id"].to_numpy())]
+    created = created[np.argsort(items["item_id"].to_numpy())]
+    summary: Dict = {"items": items.num_rows, "categories": int(len(np.unique(category_of)))}
+    for split in ("train", "test"):
+        path = directory / f"events_{split}.parquet"
+        if not path.is_file():
+            continue
+        table = pq.read_table(path, columns=["user_id", "target_item_id", "label", "ts", "hist_item_ids"])
+        label = table["label"].to_numpy().astype(np.float64)
+        target = table["target_item_id"].to_numpy()
+        hist_len = pc.list_value_length(table["hist_item_ids"]).to_numpy(zero_copy_only=False)
+        age_days = (table["ts"].to_numpy() - created[target]) / 86_400
+        cats = category_of[target]
+        per_cat = {int(c): round(float(label[cats == c].mean()), 4) for c in np.unique(cats)}
+        summary[f"events_{split}"] = {
+            "rows": table.num_rows,
+            "users": int(len(np.unique(table["user_id"].to_numpy()))),
+            "click_rate": round(float(label.mean()), 4),
+            "click_rate_per_category": per_cat,
+            "history_length": _percentiles(hist_len),
+            "item_age_days": _percentiles(age_days),
+            "item_age_decile_edges_days": [round(float(x), 2) for x in np.percentile(age_days, np.arange(10, 100, 10))],
+        }
+    for split in ("train", "test"):
+        path = directory / f"pairs_{split}.parquet"
+        if path.is_file():
+            signal = pq.read_table(path, columns=["signal"])["signal"].to_numpy(zero_copy_only=False)
+            summary[f"pairs_{split}"] = {s: int((signal == s).sum()) for s in np.unique(signal)}
+    return summary
+
+
+def _percentiles(values: np.ndarray) -> Dict[str, float]:
+    out = {"mean": round(float(values.mean()), 2)} if len(values) else {}
+    for p in PERCENTILES:
+        out[f"p{p}"] = round(float(np.percentile(values, p)), 2) if len(values) else None
+    out["max"] = round(float(values.max()), 2) if len(values) else None
+    return out
+
+
+def format_summary(summary: Dict) -> str:
+    """Human-readable lines of :func:`summarize_world`'s dict."""
+    lines: List[str] = [f"items: {summary['items']:,}  categories: {summary['categories']}"]
+    for split in ("train", "test"):
+        ev = summary.get(f"events_{split}")
+        if ev:
+            lines.append(f"events_{split}: {ev['rows']:,} rows, {ev['users']:,} users, "
+                         f"click rate {ev['click_rate']:.4f}")
+            rates = ev["click_rate_per_category"].values()
+            lines.append(f"  click rate per category: min {min(rates):.4f} / max {max(rates):.4f}")
+            lines.append("  history length: " + _fmt(ev["history_length"]))
+            lines.append("  item age at event (days): " + _fmt(ev["item_age_days"]))
+            lines.append("  item-age decile edges (days): "
+                         + ", ".join(f"{x:g}" for x in ev["item_age_decile_edges_days"]))
+        pairs = summary.get(f"pairs_{split}")
+        if pairs:
+            lines.append(f"pairs_{split}: " + ", ".join(f"{k} {v:,}" for k, v in pairs.items()))
+    return "\n".join(lines)
+
+
+def _fmt(stats: Dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:g}" for k, v in stats.items())

@@ -1,0 +1,154 @@
+"""The embedded default world: a seeded generator of a small e-commerce world (see
+:mod:`mim_rec.data.synth.world` for the generative model, ``docs/synth.md`` for the story).
+
+``generate_world(config, out_dir)`` writes a world folder (layout in ``docs/interfaces.md``)
+with the ground-truth latent factors in ``truth/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Dict, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from mim_rec.data.io import write_table
+from mim_rec.data.manifest import Manifest, write_manifest
+from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
+from mim_rec.data.synth import render, text, world
+from mim_rec.data.synth.config import ClickModel, SynthConfig, tiny
+
+__all__ = ["ClickModel", "SynthConfig", "generate_world", "tiny"]
+
+RENDER_CHUNK = 2048
+
+
+def _images(styles: np.ndarray, categories: np.ndarray, rng: np.random.Generator, size: int,
+            jitter: float, desc: str) -> list:
+    out: list = []
+    for start in tqdm(range(0, len(styles), RENDER_CHUNK), desc=desc, unit="chunk", leave=False):
+        stop = start + RENDER_CHUNK
+        out += render.encode_png(render.render(styles[start:stop], categories[start:stop], rng, size, jitter))
+    return out
+
+
+def _items_table(config: SynthConfig, lat: world.Latents, rng: np.random.Generator) -> pa.Table:
+    brands = text.brand_names(config.brands, rng)
+    titles = text.titles(lat.item_style, lat.item_category, brands, lat.item_brand, rng)
+    images = _images(lat.item_style, lat.item_category, rng, config.image_size, 1.0, "item images")
+    ids = np.arange(config.items)
+    return pa.table({
+        "item_id": pa.array(ids, pa.int64()),
+        "raw_item_id": pa.array([f"synth-{i:07d}" for i in ids]),
+        "category_id": pa.array(lat.item_category, pa.int32()),
+        "title": pa.array(titles),
+        "created_at": pa.array(lat.item_created, pa.timestamp("s")),
+        "image": pa.array(images, pa.binary()),
+        "brand_id": pa.array(lat.item_brand, pa.int32()),
+        "price": pa.array(lat.item_price, pa.float32()),
+    })
+
+
+def _events_table(sessions: world.Sessions, rows: np.ndarray, hist: world.Histories,
+                  queries: list) -> pa.Table:
+    users, ts = sessions.user[rows], sessions.ts[rows]
+    offsets, index = world.history_slices(hist, users, ts)
+    offsets = pa.array(offsets.astype(np.int32))
+
+    def listed(values: np.ndarray, kind: pa.DataType) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, pa.array(values, kind))
+
+    return pa.table({
+        "user_id": pa.array(users, pa.int64()),
+        "query": pa.array([queries[s] for s in sessions.session[rows]]),
+        "target_item_id": pa.array(sessions.item[rows], pa.int64()),
+        "label": pa.array(sessions.label[rows], pa.int8()),
+        "ts": pa.array(ts, pa.int64()),
+        "hist_item_ids": listed(hist.items[index], pa.int64()),
+        "hist_category_ids": listed(hist.categories[index], pa.int32()),
+        "hist_ts": listed(hist.ts[index], pa.int64()),
+        "position": pa.array(sessions.position[rows], pa.int16()),
+    })
+
+
+def _pairs_table(config: SynthConfig, lat: world.Latents, sessions: world.Sessions, rows: np.ndarray,
+                 count: int, rng: np.random.Generator, desc: str) -> pa.Table:
+    chosen, signals = world.sample_pairs(sessions, rng, count, rows, config.click.content)
+    session = sessions.session[chosen]
+    images = _images(sessions.wanted[session], sessions.query_category[session], rng,
+                     config.image_size, 1.5, desc)
+    return pa.table({
+        "item_id": pa.array(sessions.item[chosen], pa.int64()),
+        "signal": pa.array(signals),
+        "category_id": pa.array(lat.item_category[sessions.item[chosen]], pa.int32()),
+        "ts": pa.array(sessions.ts[chosen], pa.int64()),
+        "query_image": pa.array(images, pa.binary()),
+        "user_id": pa.array(sessions.user[chosen], pa.int64()),
+    })
+
+
+def _write_truth(out: Path, lat: world.Latents, sessions: world.Sessions,
+                 splits: Dict[str, np.ndarray]) -> None:
+    truth = out / "truth"
+    truth.mkdir(parents=True, exist_ok=True)
+    np.savez(truth / "items.npz", style=lat.item_style, effect=lat.item_effect, group=lat.item_group,
+             category=lat.item_category, centroids=lat.centroids)
+    np.savez(truth / "users.npz", taste=lat.user_taste, group=lat.user_group,
+             favourites=lat.user_favourites, favourite_weights=lat.user_favourite_weights,
+             affinity=lat.affinity)
+    for split, rows in splits.items():
+        columns = {name: pa.array(values[rows]) for name, values in sessions.components.items()}
+        columns["session"] = pa.array(sessions.session[rows])
+        pq.write_table(pa.table(columns), truth / f"events_{split}.parquet")
+    (truth / "README.md").write_text(
+        "Ground truth of the synthetic world (see mim_rec/data/synth/world.py).\n"
+        "items.npz: style [N,S] unit vectors, effect b_j, group h_j, category, centroids [C,S].\n"
+        "users.npz: taste v_u, group g_u, favourites/favourite_weights, affinity A [G,G].\n"
+        "events_<split>.parquet: row-aligned with events_<split>.parquet: the click-logit\n"
+        "components (content, category, item_effect, collaborative, position, noise, logit).\n")
+
+
+def generate_world(config: SynthConfig, out_dir: Union[str, Path],
+                   echo: Callable[[str], None] = print) -> Path:
+    """Generate the world described by ``config`` into ``out_dir`` (replacing its files)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # a half-written world is never "done"
+    shutil.rmtree(out / "truth", ignore_errors=True)
+    rng = np.random.default_rng(config.seed)
+    steps = tqdm(total=6, desc="synth", unit="step")
+
+    lat = world.sample_latents(config, rng)
+    items = _items_table(config, lat, rng)
+    write_table(items, out / "items.parquet", ITEMS)
+    steps.update()
+    hist = world.sample_histories(config, lat, rng)
+    steps.update()
+    sessions = world.sample_sessions(config, lat, hist, rng)
+    queries = text.queries(sessions.wanted, sessions.query_category, rng)
+    _, t_end = world.time_line(config)
+    is_test = sessions.ts >= t_end - config.test_days * world.DAY
+    splits = {"train": np.flatnonzero(~is_test), "test": np.flatnonzero(is_test)}
+    steps.update()
+    for split, rows in splits.items():
+        write_table(_events_table(sessions, rows, hist, queries), out / f"events_{split}.parquet",
+                    EVENTS, item_count=config.items)
+    steps.update()
+    counts = {"items": config.items, "users": config.users, "categories": config.categories}
+    for split, count in (("train", config.pairs_train), ("test", config.pairs_test)):
+        pairs = _pairs_table(config, lat, sessions, splits[split], count, rng, f"{split} query images")
+        write_table(pairs, out / f"pairs_{split}.parquet", PAIRS, item_count=config.items)
+        counts[f"pairs_{split}"] = pairs.num_rows
+    steps.update()
+    _write_truth(out, lat, sessions, splits)
+    steps.update()
+    steps.close()
+    counts["events_train"], counts["events_test"] = len(splits["train"]), len(splits["test"])
+    write_manifest(out, Manifest(kind="world", stage="synth", config=asdict(config),
+                                 row_count=config.items, extra={"counts": counts}))
+    return out

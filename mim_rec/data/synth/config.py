@@ -1,0 +1,58 @@
+"""Every knob of the synthetic world, with the defaults `mim data synth` uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass
+class ClickModel:
+    """Weights of the click logit (see :mod:`mim_rec.data.synth.world`).
+
+    ``logit = bias + content * cos(wanted, style) + category * [item in query category]
+    + item_effect + collaborative + position * log1p(rank) + noise``.
+    """
+
+    bias: float = -3.8
+    content: float = 3.0            # content interest: visible in images and titles
+    category: float = 0.6           # the item matches the category the user searched
+    item_effect_std: float = 0.8    # ID-level quality/popularity the content does not show
+    collaborative_std: float = 0.7  # user-group x item-group affinity, invisible in content
+    position: float = -0.35         # per log1p(rank): users click the top of the page more
+    noise_std: float = 0.5          # per-impression noise on the logit
+
+
+@dataclass
+class SynthConfig:
+    """Sizes, latent dimensions, time line and click model of the world."""
+
+    seed: int = 0
+    items: int = 20_000
+    users: int = 5_000
+    categories: int = 20
+    brands: int = 300
+    style_dim: int = 8
+    image_size: int = 64
+    events: int = 500_000            # impressions, train + test
+    page_size: int = 10              # impressions per search session
+    pairs_train: int = 20_000        # C-SFT <query image, item> pairs
+    pairs_test: int = 2_000
+    mean_history: float = 40.0       # behaviours per user over the whole time line
+    max_history: int = 400
+    cf_groups: int = 8               # latent user/item groups of the collaborative effect
+    style_spread: float = 0.7        # item style = category centroid + spread * noise
+    taste_spread: float = 0.7        # user taste around each category centroid
+    session_noise: float = 0.35      # a session's wanted style around the user's taste
+    days_before: int = 365           # half the catalogue is created in the year before t0
+    days: int = 180                  # the observed time line [t0, t0 + days)
+    event_days: int = 60             # search sessions happen in the last event_days
+    test_days: int = 8               # the last test_days are the test split
+    t0: str = "2026-01-01"
+    click: ClickModel = field(default_factory=ClickModel)
+
+
+def tiny(config: SynthConfig) -> SynthConfig:
+    """A world small enough for unit tests (a few seconds), same generative model."""
+    return replace(config, items=600, users=200, categories=6, brands=20, events=6_000,
+                   pairs_train=600, pairs_test=150, mean_history=20.0, max_history=60,
+                   cf_groups=4)
