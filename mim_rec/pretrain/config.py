@@ -23,7 +23,7 @@ from mim_rec.pretrain.evaluate import EvalConfig
 class PretrainDataConfig:
     world: str = "data/world"        # a world folder (items.parquet inside) or an items file
     heldout_fraction: float = 0.2    # items kept out of training, for evaluation
-    batch_size: int = 64             # global batch; split evenly over ranks
+    batch_size: int = 32             # global batch; split evenly over ranks
 
 
 @dataclass
@@ -31,8 +31,8 @@ class PretrainConfig:
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    dda_steps: int = 30              # Downstream Data Adaptation (MLM + image contrastive)
-    dma_steps: int = 120             # Different Modal Alignment (CLIP loss)
+    dda_steps: int = 20              # Downstream Data Adaptation (MLM + image contrastive)
+    dma_steps: int = 100             # Different Modal Alignment (CLIP loss)
     mlm_probability: float = 0.15
     image_ssl_weight: float = 1.0
     lr: float = 1e-3                 # heads and temperature
