@@ -87,7 +87,7 @@ def render(styles: np.ndarray, categories: np.ndarray, rng: np.random.Generator,
     backdrop = np.broadcast_to(per_item(np.clip(background, 0, 1))[..., None], paint.shape)
     image = np.where(inside[..., None], paint, backdrop)
     image = image * per_item(1 + pose_jitter * rng.normal(0, 0.05, n))[..., None]
-    image = image + rng.normal(0, 0.03 * max(pose_jitter, 0.5), image.shape).astype(np.float32)
+    image = image + 0.03 * max(pose_jitter, 0.5) * rng.standard_normal(image.shape, dtype=np.float32)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
