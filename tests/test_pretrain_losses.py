@@ -72,6 +72,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_all_gathered_clip_loss_matches_single_process(tmp_path):
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)

@@ -32,7 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 def _config(world: Path, out: Path, **changes) -> PretrainConfig:
     return dataclasses.replace(PretrainConfig(
         encoders=tiny_encoders(), data=PretrainDataConfig(world=str(world), batch_size=8),
-        eval=EvalConfig(probe_steps=20), dda_steps=6, dma_steps=14, checkpoint_every=3,
+        eval=EvalConfig(probe_steps=20), dda_steps=4, dma_steps=8, checkpoint_every=3,
         log_every=1, out=str(out)), **changes)
 
 
@@ -50,6 +50,7 @@ def world(tmp_path_factory) -> Path:
     return write_items(tmp_path_factory.mktemp("world") / "items.parquet", count=48).parent
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     straight = run_pretrain(_config(world, tmp_path / "straight")).parent
     killed = tmp_path / "killed"
@@ -78,6 +79,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run(world, tmp_path):
     out = tmp_path / "ddp"
     config_file = _write_config(_config(world, out, dda_steps=2, dma_steps=2), tmp_path / "c.yaml")
@@ -112,3 +114,30 @@ def test_missing_world_is_an_error(tmp_path, capsys):
     config_file = _write_config(_config(tmp_path / "nowhere", tmp_path / "out"), tmp_path / "c.yaml")
     assert cli.main(["pretrain", "--config", str(config_file)]) == 2
     assert "items file not found" in capsys.readouterr().err
+
+
+def _rewrite(path: Path, column: str, row: int, value) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
+    values = table.column(column).to_pylist()
+    values[row] = value
+    index = table.column_names.index(column)
+    pq.write_table(table.set_column(index, table.schema.field(column),
+                                    pa.array(values, table.schema.field(column).type)), path)
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("title", "  ", "row 4, field 'title': empty title"),
+    ("image", None, "row 4, field 'image'"),  # read_items: all image columns null
+])
+def test_bad_titles_and_missing_images_are_reported(tmp_path, column, value, message):
+    from mim_rec.encoders import build_vision_encoder
+    from mim_rec.pretrain.corpus import load_corpus
+    from mim_rec.data.errors import DataError
+    from tests.encoder_fixtures import tiny_vision
+
+    items = write_items(tmp_path / "items.parquet", count=8)
+    _rewrite(items, column, 4, value)
+    with pytest.raises(DataError, match=message):
+        load_corpus(items, build_vision_encoder(tiny_vision()))
