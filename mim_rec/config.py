@@ -91,7 +91,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         inner = args[0] if args else Any
         items = [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict or tp is Any:
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        inner = args[1] if len(args) == 2 else Any
+        return {k: _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any or tp is object:
         return value
     if tp is bool:
         if isinstance(value, bool):

@@ -1,0 +1,2 @@
+"""The representation center: the MM embedding table (MFM), its sharded frozen loading into
+TorchRec, and real-time inference of new items (RIM)."""

@@ -1,0 +1,42 @@
+"""CiUBM settings: which interest modules are on, table sizes, dims, and the sharding
+constraints of each table (configuration, never code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class TableConstraint:
+    """Per-table planner constraints (``torchrec.distributed.planner.ParameterConstraints``)."""
+
+    sharding_types: Optional[List[str]] = None   # e.g. ["table_wise"], ["row_wise"]
+    compute_kernels: Optional[List[str]] = None  # e.g. ["fused"], ["dense"]
+
+
+@dataclass
+class ModelConfig:
+    ubm: str = "din"                       # avg | din | dien | bst | sim | twin
+    ubm_options: Dict[str, object] = field(default_factory=dict)
+    id_interest: bool = True               # the UBM over item-ID embeddings
+    content_interest: bool = True          # sum of cos(h_t^MM, h_i^MM) * h_i^MM
+    fusion_interest: bool = True           # sum of cos(h_t^MM, h_i^MM) * h_i^ID
+    item_dim: int = 16
+    category_dim: int = 8
+    user_dim: int = 16
+    query_dim: int = 8
+    mm_dim: int = 64                       # must match the MM table's dim
+    query_buckets: int = 20_000
+    over_arch: List[int] = field(default_factory=lambda: [200, 80])
+    dien_aux_weight: float = 1.0
+    constraints: Dict[str, TableConstraint] = field(default_factory=dict)  # by table name
+
+    @property
+    def uses_mm(self) -> bool:
+        return self.content_interest or self.fusion_interest
+
+    @property
+    def behaviour_dim(self) -> int:
+        """Width of a behaviour's ID representation: item embedding ++ category embedding."""
+        return self.item_dim + self.category_dim

@@ -1,0 +1,34 @@
+"""Content and fusion interest (MIM paper, section 3.4).
+
+Both use the same weights ``a_ti = cos(h_t^MM, h_i^MM)`` between the target's and each
+behaviour's multi-modal embedding (zero on padding): content interest pools the behaviours'
+MM embeddings with them, fusion interest pools their ID embeddings with them -- the content
+decides *which* behaviours matter, the ID embeddings carry what collaborative signal they hold.
+Weights are the raw cosines, not a softmax, as the paper states.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def content_weights(target_mm: torch.Tensor, behaviour_mm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``a [B, L] = cos(target_mm [B, D], behaviour_mm [B, L, D])``, 0 where ``mask`` is False."""
+    cos = torch.einsum("bd,bld->bl", F.normalize(target_mm, dim=-1), F.normalize(behaviour_mm, dim=-1))
+    return cos * mask
+
+
+class ContentInterestArch(nn.Module):
+    """``h^MM_B = sum_i a_ti h_i^MM`` -> ``[B, D_mm]``."""
+
+    def forward(self, weights: torch.Tensor, behaviour_mm: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bl,bld->bd", weights, behaviour_mm)
+
+
+class FusionInterestArch(nn.Module):
+    """``h^Fusion_B = sum_i a_ti h_i^ID`` -> ``[B, D_id]``, same weights as content interest."""
+
+    def forward(self, weights: torch.Tensor, behaviour_ids: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bl,bld->bd", weights, behaviour_ids)

@@ -1,0 +1,71 @@
+"""CiUBM: the content-interest-aware user behaviour model (MIM paper, section 3.4).
+
+``logit = OverArch(concat(ID interest, content interest, fusion interest, target ID and MM
+embeddings, user, query, dense))``. Base = the ID interest module alone (no MM table at all);
+Base+MIM = all three modules. Each module is switched by :class:`ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from mim_rec.ciubm.config import ModelConfig
+from mim_rec.ciubm.interest import ContentInterestArch, FusionInterestArch, content_weights
+from mim_rec.ciubm.over import OverArch
+from mim_rec.ciubm.sparse import SparseArch
+from mim_rec.data.loader import DENSE_FEATURES, CtrBatch
+from mim_rec.ubm import build_ubm
+
+
+class CiUBM(nn.Module):
+    """The CTR model. ``forward(batch) -> (logits [B], auxiliary loss or None)``."""
+
+    def __init__(self, config: ModelConfig, num_items: int, num_users: int, num_categories: int,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        if not (config.id_interest or config.uses_mm):
+            raise ValueError("CiUBM needs at least one interest module switched on")
+        self.config = config
+        self.sparse_arch = SparseArch(config, num_items, num_users, num_categories, device)
+        self.id_interest = build_ubm(config.ubm, config.behaviour_dim, **config.ubm_options) \
+            if config.id_interest else None
+        self.content_interest = ContentInterestArch() if config.content_interest else None
+        self.fusion_interest = FusionInterestArch() if config.fusion_interest else None
+        width = config.behaviour_dim + config.user_dim + config.query_dim + len(DENSE_FEATURES)
+        width += self.id_interest.output_dim if self.id_interest is not None else 0
+        width += 2 * config.mm_dim if config.content_interest else (config.mm_dim if config.uses_mm else 0)
+        width += config.behaviour_dim if config.fusion_interest else 0
+        self.over_arch = OverArch(width, config.over_arch)
+
+    def forward(self, batch: CtrBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        size = batch.labels.numel()
+        pooled, ids, mm = self.sparse_arch(batch.pooled, batch.sequence, size)
+        slot_present = batch.sequence.lengths()[: size * batch.slots].view(size, batch.slots) > 0
+        mask = slot_present[:, 1:]
+        target_ids, behaviour_ids = ids[:, 0], ids[:, 1:]
+        parts = [target_ids, pooled["user_id"], pooled["query_tokens"], batch.dense_features]
+        aux = None
+        if self.id_interest is not None:
+            categories = self._slot_categories(batch, size)
+            parts.append(self.id_interest(target_ids, behaviour_ids, mask, categories[:, 0], categories[:, 1:]))
+            aux = self.id_interest.auxiliary_loss()
+        if mm is not None:
+            target_mm, behaviour_mm = mm[:, 0], mm[:, 1:]
+            weights = content_weights(target_mm, behaviour_mm, mask)
+            parts.append(target_mm)
+            if self.content_interest is not None:
+                parts.append(self.content_interest(weights, behaviour_mm))
+            if self.fusion_interest is not None:
+                parts.append(self.fusion_interest(weights, behaviour_ids))
+        return self.over_arch(torch.cat(parts, dim=1)), aux
+
+    @staticmethod
+    def _slot_categories(batch: CtrBatch, size: int) -> torch.Tensor:
+        """``[B, 1+L]`` category id per slot (0 on empty slots) for SIM's category search."""
+        jagged = batch.sequence["category_seq"]
+        dense = torch.zeros(size * batch.slots, dtype=torch.long, device=jagged.values().device)
+        dense[jagged.lengths() > 0] = jagged.values().long()
+        return dense.view(size, batch.slots)

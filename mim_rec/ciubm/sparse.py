@@ -1,0 +1,92 @@
+"""The sparse arch: every embedding table of CiUBM, as TorchRec collections the planner shards.
+
+* ``pooled``: user and query-word tables (an ``EmbeddingBagCollection``, sum pooling).
+* ``sequence``: the item and category tables, looked up once per sequence slot (target +
+  behaviours), so target and behaviours share one item table.
+* ``mm``: the frozen multi-modal table (a :class:`FrozenEmbeddingBagCollection`): looked up
+  under ``no_grad``, sharded by its own sharder whose fused optimizer is plain SGD at learning
+  rate 0 (it has no state), and filled from the representation center.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+from mim_rec.ciubm.config import ModelConfig
+
+MM_TABLE = "mm_item"
+
+
+class FrozenEmbeddingBagCollection(EmbeddingBagCollection):
+    """An EBC that training never writes: its own type, so DMP gives it :class:`FrozenSharder`."""
+
+
+class FrozenSharder(EmbeddingBagCollectionSharder):
+    """Shards :class:`FrozenEmbeddingBagCollection` with a stateless, zero-step optimizer.
+
+    The model reads the table under ``no_grad``, so no gradient ever reaches it; EXACT_SGD at
+    learning rate 0 additionally guarantees no optimizer state and no update.
+    """
+
+    def __init__(self) -> None:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        super().__init__(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0})
+
+    @property
+    def module_type(self):
+        return FrozenEmbeddingBagCollection
+
+
+def _table(name: str, rows: int, dim: int, features: List[str]) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(name=name, num_embeddings=rows, embedding_dim=dim,
+                              feature_names=features, pooling=PoolingType.SUM)
+
+
+class SparseArch(nn.Module):
+    """Looks up every sparse feature of a batch.
+
+    Returns ``pooled {user_id: [B, Du], query_tokens: [B, Dq]}``, ``ids [B, 1+L, Di+Dc]``
+    (slot 0 the target), and ``mm [B, 1+L, Dmm]`` (``None`` when the config uses no MM).
+    """
+
+    def __init__(self, config: ModelConfig, num_items: int, num_users: int, num_categories: int,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        self.config = config
+        self.pooled = EmbeddingBagCollection(tables=[
+            _table("user", num_users, config.user_dim, ["user_id"]),
+            _table("query_word", config.query_buckets, config.query_dim, ["query_tokens"]),
+        ], device=device)
+        self.sequence = EmbeddingBagCollection(tables=[
+            _table("item", num_items, config.item_dim, ["item_seq"]),
+            _table("category", num_categories, config.category_dim, ["category_seq"]),
+        ], device=device)
+        self.mm = FrozenEmbeddingBagCollection(tables=[
+            _table(MM_TABLE, num_items, config.mm_dim, ["mm_item_seq"])], device=device) \
+            if config.uses_mm else None
+
+    def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor, batch_size: int
+                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        pooled_out = self.pooled(pooled).to_dict()
+        seq = self.sequence(sequence).to_dict()
+        ids = torch.cat([seq["item_seq"], seq["category_seq"]], dim=1).view(batch_size, -1, self.config.behaviour_dim)
+        mm = None
+        if self.mm is not None:
+            with torch.no_grad():
+                mm = self.mm(sequence).to_dict()["mm_item_seq"].view(batch_size, -1, self.config.mm_dim)
+        return pooled_out, ids, mm
+
+
+def sharders(id_learning_rate: float, use_cuda: bool) -> list:
+    """The sharders CiUBM needs: the ID tables' fused optimizer (Adam where the CUDA kernels
+    have it, row-wise Adagrad on CPU) and the frozen sharder for the MM table."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    optimizer = EmbOptimType.ADAM if use_cuda else EmbOptimType.EXACT_ROWWISE_ADAGRAD
+    return [EmbeddingBagCollectionSharder(fused_params={"optimizer": optimizer,
+                                                        "learning_rate": id_learning_rate}),
+            FrozenSharder()]

@@ -1,0 +1,19 @@
+"""Plain-text rendering of a :class:`~mim_rec.metrics.CtrMetrics` report."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+
+def _f(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    lines = [f"AUC {_f(report['auc'])}  GAUC {_f(report['gauc'])}  logloss {_f(report['logloss'])}  "
+             f"n {report['n']:,}"]
+    buckets = report.get("age_deciles") or []
+    if buckets:
+        lines.append("item-age buckets (S1 newest): " + "  ".join(
+            f"{b['bucket']} {_f(b['auc'])}" for b in buckets))
+    return "\n".join(lines)

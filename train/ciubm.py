@@ -1,0 +1,346 @@
+"""``mim train``: train and evaluate CiUBM (stage 3) with TorchRec.
+
+One plain loop over :class:`~mim_rec.data.loader.CtrEventsLoader` batches: the model is a
+``DistributedModelParallel`` over a plan from TorchRec's planner (per-table constraints from
+the config), the ID tables train with a fused optimizer inside the backward pass, the dense
+part with Adam, and the MM table never trains. Checkpoints are
+``torch.distributed.checkpoint`` (DCP) folders; re-running the same command resumes exactly
+where the last one stopped (every step reseeds torch from ``(seed, step, rank)``, and the
+data order is a pure function of ``(seed, epoch)``).
+
+Run as one process, or under ``torchrun``/TorchX (gloo on CPU, nccl on GPU)::
+
+    mim train data.world=runs/world mm_table=runs/mm_table out=runs/din model.ubm=din
+    torchrun --nproc-per-node 2 -m train.cli train --config din.yaml out=runs/din
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from mim_rec.ciubm.config import ModelConfig
+from mim_rec.data.loader import LoaderConfig
+
+COMMAND_HELP = "train and evaluate the CiUBM CTR model (stage 3)"
+
+
+@dataclass
+class DataPaths:
+    world: str = ""                # world folder: items.parquet, events_train/test.parquet
+
+
+@dataclass
+class TrainConfig:
+    data: DataPaths = field(default_factory=DataPaths)
+    mm_table: Optional[str] = None     # representation-center table folder; None = random stand-in
+    out: str = "runs/ciubm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    epochs: int = 1
+    max_steps: Optional[int] = None    # stop after this many steps (all epochs together)
+    lr: float = 0.005                  # dense Adam (paper: Adam, lr 0.005, batch 1024)
+    id_lr: float = 0.05                # fused optimizer of the ID tables
+    checkpoint_every: int = 200
+    log_every: int = 20
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda
+
+
+def load_train_config(path: Optional[str], overrides) -> TrainConfig:
+    """A validated TrainConfig from a file and ``key=value`` overrides."""
+    from mim_rec.config import ConfigError, load_config
+
+    config = load_config(TrainConfig, path, overrides)
+    if not config.data.world:
+        raise ConfigError("data.world: the world folder (items.parquet, events_*.parquet) is required")
+    config.loader.query_buckets = config.model.query_buckets
+    return config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help=COMMAND_HELP, description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML/JSON file of TrainConfig fields")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate the newest checkpoint in out/ without training")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="e.g. data.world=DIR mm_table=DIR out=DIR model.ubm=sim "
+                             "model.content_interest=false loader.max_hist_len=200")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    config = load_train_config(args.config, args.overrides)
+    report = run(config, train=not args.eval_only)
+    if report is not None:
+        from mim_rec.metrics.report import format_report
+        print(format_report(report))
+    return 0
+
+
+# ---------------------------------------------------------------- distributed set-up
+
+def _process_group(device: str):
+    """The DistContext; a one-rank gloo group when launched as a plain process (DMP needs one)."""
+    import torch.distributed as dist
+
+    from mim_rec.utils.dist import init_distributed
+
+    if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+        ctx = init_distributed(device)
+        if not dist.is_initialized():
+            dist.init_process_group(ctx.backend, rank=0, world_size=1)
+        return ctx
+    return init_distributed(device)
+
+
+def _plan(model, config, ctx, sharders):
+    import torch.distributed as dist
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+    constraints = {name: ParameterConstraints(sharding_types=c.sharding_types, compute_kernels=c.compute_kernels)
+                   for name, c in config.model.constraints.items()}
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
+        batch_size=config.loader.batch_size, constraints=constraints)
+    return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+
+
+def build_sharded_model(config: TrainConfig, sizes: Dict[str, int], ctx):
+    """``(DMP model, combined optimizer)`` for ``config`` on this rank."""
+    import torch
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from mim_rec.ciubm.model import CiUBM
+    from mim_rec.ciubm.sparse import sharders as make_sharders
+
+    torch.manual_seed(config.seed)
+    model = CiUBM(config.model, sizes["items"], sizes["users"], sizes["categories"], device=torch.device("meta"))
+    sharders = make_sharders(config.id_lr, ctx.device.type == "cuda")
+    plan = _plan(model, config, ctx, sharders)
+    dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  lambda params: torch.optim.Adam(params, lr=config.lr))
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
+
+
+def mm_table_state_key(model) -> str:
+    from mim_rec.ciubm.sparse import MM_TABLE
+    keys = [k for k in model.state_dict() if k.endswith(f"{MM_TABLE}.weight")]
+    if len(keys) != 1:
+        raise RuntimeError(f"expected one MM table weight in the model, found {keys}")
+    return keys[0]
+
+
+def fill_mm_table(model, vectors) -> None:
+    """Copy ``vectors [num_items, dim]`` into this rank's shards of the frozen MM table."""
+    import torch
+
+    weight = model.state_dict()[mm_table_state_key(model)]
+    if tuple(vectors.shape) != tuple(weight.size()):
+        raise ValueError(f"MM vectors have shape {tuple(vectors.shape)}, the table {tuple(weight.size())}")
+    with torch.no_grad():
+        if hasattr(weight, "local_shards"):
+            for shard in weight.local_shards():
+                (r, c), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(vectors[r:r + rows, c:c + cols])
+        else:
+            weight.copy_(vectors)
+
+
+def mm_vectors(config: TrainConfig, num_items: int, dim: int):
+    """The MM table's vectors: the representation center's table, or a seeded random stand-in."""
+    import torch
+
+    if config.mm_table is None:
+        generator = torch.Generator().manual_seed(config.seed + 7919)
+        return torch.randn(num_items, dim, generator=generator), "random stand-in (no mm_table given)"
+    from embeddings.table import read_mm_table
+    vectors = read_mm_table(config.mm_table, num_items, dim)
+    return vectors, f"table {config.mm_table}"
+
+
+# ---------------------------------------------------------------- train / evaluate
+
+def _sizes(config: TrainConfig, items) -> Dict[str, int]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    world = Path(config.data.world)
+    users = 0
+    for split in ("train", "test"):
+        path = world / f"events_{split}.parquet"
+        if path.is_file():
+            users = max(users, int(pc.max(pq.read_table(path, columns=["user_id"])["user_id"]).as_py()) + 1)
+    return {"items": items.count, "users": users, "categories": int(items.category.max()) + 1}
+
+
+def _validate_events(config: TrainConfig, item_count: int) -> None:
+    """Refuse bad events (unknown ids, ragged histories, NaN...) before any training."""
+    from mim_rec.data.io import validate_file
+    from mim_rec.data.schemas import EVENTS
+
+    for split in ("train", "test"):
+        path = Path(config.data.world) / f"events_{split}.parquet"
+        if path.is_file():
+            validate_file(path, EVENTS, item_count=item_count, keep=False)
+
+
+def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
+    """Train (resuming from ``out/checkpoints`` if present), then evaluate; the report on rank 0."""
+    import torch
+    import torch.distributed as dist
+
+    from mim_rec.data.loader import CtrEventsLoader, ItemInfo
+    from mim_rec.utils.run import JsonlLogger
+
+    ctx = _process_group(config.device)
+    out = Path(config.out)
+    world = Path(config.data.world)
+    items = ItemInfo.from_items(world / "items.parquet")
+    _validate_events(config, items.count)
+    sizes = _sizes(config, items)
+    model, optimizer, plan = build_sharded_model(config, sizes, ctx)
+    logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
+    if config.model.uses_mm:
+        vectors, source = mm_vectors(config, items.count, config.model.mm_dim)
+        fill_mm_table(model, vectors)
+        if logger:
+            logger.log({"event": "mm_table", "source": source})
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        (out / "plan.txt").write_text(str(plan))
+
+    checkpoints = DcpCheckpoints(out / "checkpoints")
+    progress = checkpoints.restore(model, optimizer) or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    if train:
+        loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader, ctx.rank, ctx.world_size)
+        _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx)
+    elif progress["global_step"] == 0 and ctx.is_main:
+        print("mim train --eval-only: no checkpoint in out/; evaluating an untrained model")
+    report = evaluate(config, model, items, ctx)
+    report["steps"] = progress["global_step"]
+    if ctx.is_main:
+        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+        logger.log({"event": "eval", **{k: report[k] for k in ("auc", "gauc", "logloss", "n")}})
+        logger.close()
+    dist.barrier()
+    return report if ctx.is_main else None
+
+
+def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx) -> None:
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    total = loader.batches_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    bar = tqdm(total=total, initial=progress["global_step"], desc="train", unit="step",
+               disable=not ctx.is_main)
+    model.train()
+    started = time.time()
+    while progress["global_step"] < total and progress["epoch"] < config.epochs:
+        for batch in loader.iterate(progress["epoch"], skip=progress["step_in_epoch"]):
+            if progress["global_step"] >= total:
+                break
+            torch.manual_seed(config.seed * 1_000_003 + progress["global_step"] * ctx.world_size + ctx.rank)
+            batch = batch.to(ctx.device)
+            logits, aux = model(batch)
+            weight = batch.meta["weight"]
+            loss = F.binary_cross_entropy_with_logits(logits, batch.labels, weight=weight, reduction="sum") \
+                / weight.sum().clamp_min(1)
+            if aux is not None:
+                loss = loss + config.model.dien_aux_weight * aux
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            progress["global_step"] += 1
+            progress["step_in_epoch"] += 1
+            bar.update()
+            if logger and progress["global_step"] % config.log_every == 0:
+                logger.log({"loss": float(loss), "samples_per_s": progress["global_step"] * config.loader.batch_size
+                            * ctx.world_size / max(time.time() - started, 1e-9)}, step=progress["global_step"])
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            if progress["global_step"] % config.checkpoint_every == 0:
+                checkpoints.save(model, optimizer, progress)
+        else:
+            progress["epoch"] += 1
+            progress["step_in_epoch"] = 0
+    bar.close()
+    checkpoints.save(model, optimizer, progress)
+
+
+def evaluate(config: TrainConfig, model, items, ctx) -> Dict[str, Any]:
+    """AUC, GAUC, log loss, per category and per item-age decile on events_test."""
+    import torch
+    from dataclasses import replace
+
+    from mim_rec.data.loader import CtrEventsLoader
+    from mim_rec.metrics import CtrMetrics
+    from tqdm import tqdm
+
+    loader = CtrEventsLoader(Path(config.data.world) / "events_test.parquet", items,
+                             replace(config.loader, shuffle=False), ctx.rank, ctx.world_size, drop_last=False)
+    metrics = CtrMetrics()
+    model.eval()
+    with torch.no_grad():
+        for batch in tqdm(loader.iterate(0), total=len(loader), desc="eval", unit="batch", disable=not ctx.is_main):
+            batch = batch.to(ctx.device)
+            logits, _ = model(batch)
+            keep = batch.meta["weight"] > 0
+            metrics.update(torch.sigmoid(logits)[keep], batch.labels[keep], batch.meta["user_id"][keep],
+                           batch.meta["target_category"][keep], batch.meta["item_age_days"][keep])
+    model.train()
+    return metrics.compute()
+
+
+class DcpCheckpoints:
+    """``DIR/step-N/`` DCP checkpoints of model + optimizer + progress, and ``DIR/latest``
+    naming the newest complete one (written after every rank finished saving)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def save(self, model, optimizer, progress: Dict[str, int]) -> None:
+        import torch
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        from mim_rec.utils.run import atomic_write_bytes
+
+        name = f"step-{progress['global_step']:09d}"
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "progress": {k: torch.tensor(v) for k, v in progress.items()}}
+        dcp.save(state, checkpoint_id=str(self.directory / name))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            atomic_write_bytes(self.directory / "latest", name.encode())
+
+    def restore(self, model, optimizer) -> Optional[Dict[str, int]]:
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        latest = self.directory / "latest"
+        if not latest.is_file():
+            return None
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "progress": {k: torch.tensor(0) for k in ("epoch", "step_in_epoch", "global_step")}}
+        dcp.load(state, checkpoint_id=str(self.directory / latest.read_text().strip()))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return {k: int(v) for k, v in state["progress"].items()}
