@@ -1,0 +1,44 @@
+"""train.common.CheckpointManager: retention, RNG restore, refusal of foreign checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from train.common import CheckpointManager
+
+
+def _model_and_optimizer():
+    model = torch.nn.Linear(3, 2)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def test_keeps_newest_and_restores_state_and_rng(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    manager = CheckpointManager(tmp_path, config_fingerprint="abc", keep=2)
+    for step in (3, 6, 9):
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        manager.save(step, model, optimizer, extra={"phase": "dma"})
+    assert [p.name for p in manager.checkpoints()] == ["step-000000006.pt", "step-000000009.pt"]
+    expected_next = torch.rand(4)  # the draw right after the step-9 save
+
+    fresh, fresh_optimizer = _model_and_optimizer()
+    resumed = manager.resume(fresh, fresh_optimizer)
+    assert resumed.step == 9 and resumed.extra == {"phase": "dma"}
+    assert torch.equal(torch.rand(4), expected_next)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert fresh_optimizer.state_dict()["state"][0]["step"] == 3
+
+
+def test_refuses_a_checkpoint_of_another_configuration(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    CheckpointManager(tmp_path, "abc").save(1, model, optimizer)
+    with pytest.raises(ValueError, match="another configuration"):
+        CheckpointManager(tmp_path, "xyz").resume(model, optimizer)
+
+
+def test_nothing_to_resume(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    assert CheckpointManager(tmp_path / "none", "abc").resume(model, optimizer) is None
