@@ -338,6 +338,7 @@ class DcpCheckpoints:
         latest = self.directory / "latest"
         if not latest.is_file():
             return None
+        optimizer.init_state()  # Adam's state is lazy; DCP loads in place, so it must exist
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "progress": {k: torch.tensor(0) for k in ("epoch", "step_in_epoch", "global_step")}}
         dcp.load(state, checkpoint_id=str(self.directory / latest.read_text().strip()))

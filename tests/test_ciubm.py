@@ -1,0 +1,152 @@
+"""CiUBM on TorchRec: batches, frozen MM table, training beats a constant, exact resume,
+refusal of bad events, and a 2-rank gloo run."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+
+from mim_rec.data.errors import DataError
+from mim_rec.data.loader import CtrEventsLoader, ItemInfo, LoaderConfig
+from mim_rec.data.synth import SynthConfig, generate_world, tiny
+from train import ciubm
+
+FAST = ["loader.batch_size=256", "loader.max_hist_len=10", "checkpoint_every=1000", "log_every=5",
+        "model.over_arch=[32]", "model.mm_dim=16"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    yield generate_world(tiny(SynthConfig(seed=11)), tmp_path_factory.mktemp("ciubm_world"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+
+
+def _config(world, out, *extra):
+    return ciubm.load_train_config(None, [f"data.world={world}", f"out={out}", *FAST, *extra])
+
+
+def test_batch_layout_matches_the_events(world):
+    config = LoaderConfig(batch_size=64, max_hist_len=5, shuffle=False)
+    items = ItemInfo.from_items(world / "items.parquet")
+    batch = next(iter(CtrEventsLoader(world / "events_train.parquet", items, config)))
+    events = pq.read_table(world / "events_train.parquet").slice(0, 64)
+    slots = 1 + config.max_hist_len
+    assert batch.sequence.stride() == 64 * slots and batch.slots == slots
+    lengths = batch.sequence["item_seq"].lengths().view(64, slots)
+    hist_len = np.minimum(pc.list_value_length(events["hist_item_ids"]).to_numpy(), 5)
+    assert (lengths[:, 0] == 1).all()
+    assert (lengths[:, 1:].sum(1).numpy() == hist_len).all()
+    assert (lengths[:, 1:].diff(dim=1) >= 0).all()  # empty slots first, behaviours right-aligned
+    values = batch.sequence["item_seq"].values()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.sum(1).cumsum(0)])
+    for row in (0, 17, 63):
+        ids = values[offsets[row]:offsets[row + 1]].tolist()
+        hist = events["hist_item_ids"][row].as_py()
+        assert ids[0] == events["target_item_id"][row].as_py()
+        assert ids[1:] == hist[-5:]
+    assert torch.equal(batch.sequence["mm_item_seq"].values(), values)
+    assert (batch.pooled["user_id"].lengths() == 1).all()
+    assert batch.dense_features.shape == (64, 2) and (batch.meta["weight"] == 1).all()
+
+
+def test_every_rank_steps_the_same_number_of_times(world):
+    items = ItemInfo.from_items(world / "items.parquet")
+    config = LoaderConfig(batch_size=512, max_hist_len=3)
+    counts = [sum(1 for _ in CtrEventsLoader(world / "events_test.parquet", items, config, r, 2,
+                                             drop_last=False).iterate(0)) for r in range(2)]
+    assert counts[0] == counts[1] >= 1
+
+
+def _mm_optimizer_state(optimizer) -> list:
+    return [v for k, v in optimizer.state_dict()["state"].items() if "mm_item" in k and v]
+
+
+def test_training_beats_a_constant_predictor(world, tmp_path):
+    config = _config(world, tmp_path / "run", "epochs=2", "model.ubm=din")
+    report = ciubm.run(config)
+    labels = pq.read_table(world / "events_test.parquet")["label"].to_numpy()
+    rate = labels.mean()
+    constant_logloss = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+    assert report["auc"] > 0.6 and report["logloss"] < constant_logloss
+
+
+def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path):
+    config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg")
+    ctx = ciubm._process_group("cpu")
+    items = ItemInfo.from_items(world / "items.parquet")
+    model, optimizer, _ = ciubm.build_sharded_model(config, ciubm._sizes(config, items), ctx)
+    vectors, _ = ciubm.mm_vectors(config, items.count, config.model.mm_dim)
+    ciubm.fill_mm_table(model, vectors)
+    key = ciubm.mm_table_state_key(model)
+    before = [s.tensor.clone() for s in model.state_dict()[key].local_shards()]
+    loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader)
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    ciubm._train(config, model, optimizer, loader, progress, ciubm.DcpCheckpoints(tmp_path / "ck"), None, ctx)
+    after = [s.tensor for s in model.state_dict()[key].local_shards()]
+    assert progress["global_step"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    item_state = [v for k, v in optimizer.state_dict()["state"].items() if k.endswith("embedding_bags.item.weight")]
+    assert item_state and item_state[0]          # the ID table trains with optimizer state
+    assert _mm_optimizer_state(optimizer) == []  # the MM table has none
+
+
+def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
+    straight = ciubm.run(_config(world, tmp_path / "a", "max_steps=6", "model.ubm=sim"))
+    ciubm.run(_config(world, tmp_path / "b", "max_steps=3", "model.ubm=sim"))
+    resumed = ciubm.run(_config(world, tmp_path / "b", "max_steps=6", "model.ubm=sim"))
+    assert resumed["steps"] == straight["steps"] == 6
+    assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-7)
+    assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-9)
+
+
+def test_bad_events_are_refused_before_training(world, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("items.parquet", "events_test.parquet"):
+        (bad / name).write_bytes((world / name).read_bytes())
+    events = pq.read_table(world / "events_train.parquet")
+    target = events["target_item_id"].to_numpy().copy()
+    target[5] = 10_000
+    events = events.set_column(events.schema.get_field_index("target_item_id"), "target_item_id",
+                               pa.array(target, pa.int64()))
+    pq.write_table(events, bad / "events_train.parquet")
+    with pytest.raises(DataError, match=r"events_train.parquet, row 5, field 'target_item_id'"):
+        ciubm.run(_config(bad, tmp_path / "never"))
+    assert not (tmp_path / "never" / "checkpoints").exists()
+
+
+def _two_rank_worker(rank: int, port: int, world: str, out: str, queue) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    report = ciubm.run(ciubm.load_train_config(None, [f"data.world={world}", f"out={out}", *FAST,
+                                                      "max_steps=8", "model.ubm=twin"]))
+    if rank == 0:
+        queue.put(report)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_and_evaluate(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_two_rank_worker, args=(port, str(world), str(tmp_path / "two"), queue), nprocs=2)
+    report = queue.get()
+    assert report["steps"] == 8 and report["n"] == pq.read_metadata(world / "events_test.parquet").num_rows
+    assert (tmp_path / "two" / "checkpoints" / "latest").is_file()
