@@ -61,7 +61,17 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     if not config.data.world:
         raise ConfigError("data.world: the world folder (items.parquet, events_*.parquet) is required")
     config.loader.query_buckets = config.model.query_buckets
+    if config.model.mm_dim is None:
+        config.model.mm_dim = _table_dim(config.mm_table)
     return config
+
+
+def _table_dim(mm_table: Optional[str]) -> int:
+    """The MM table's dimension from its manifest (64 for the random stand-in)."""
+    if mm_table is None:
+        return 64
+    from mim_rec.data.manifest import require
+    return int(require(mm_table, kind="mm_table").dim)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -16,6 +16,7 @@ from typing import List, Optional
 COMMAND_MODULES = (
     "train.data_cmd",
     "train.pretrain",
+    "train.embeddings_cmd",
     "train.ciubm",
     "train.bench_cmd",
 )

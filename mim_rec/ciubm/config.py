@@ -26,7 +26,7 @@ class ModelConfig:
     category_dim: int = 8
     user_dim: int = 16
     query_dim: int = 8
-    mm_dim: int = 64                       # must match the MM table's dim
+    mm_dim: Optional[int] = None           # None: the MM table's dim (64 for the random stand-in)
     query_buckets: int = 20_000
     over_arch: List[int] = field(default_factory=lambda: [200, 80])
     dien_aux_weight: float = 1.0

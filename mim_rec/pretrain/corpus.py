@@ -61,6 +61,11 @@ def load_corpus(world_or_file: Union[str, Path], vision: VisionEncoder) -> ItemC
     table = read_items(path)
     if table.num_rows == 0:
         raise DataError(str(path), "the item corpus is empty; pre-training needs items")
+    return corpus_from_table(table, path, vision)
+
+
+def corpus_from_table(table: pa.Table, path: Path, vision: VisionEncoder) -> ItemCorpus:
+    """Decode an already validated items table (``path`` names it in errors)."""
     titles = table.column("title").to_pylist()
     for row, title in enumerate(titles):
         if not title or not title.strip():

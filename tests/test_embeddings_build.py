@@ -1,0 +1,75 @@
+"""MFM build: exact vectors in, resumable by whole shards, other encoders refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from embeddings.build import build_table
+from embeddings.table import read_mm_table
+from mim_rec.data.errors import ManifestMismatch
+from mim_rec.data.manifest import read_manifest
+from mim_rec.data.synth import SynthConfig, generate_world, tiny
+
+
+class FakeEncoder:
+    """A deterministic encoder: item i -> a vector derived from i (and a salt)."""
+
+    def __init__(self, salt: int = 0, fail_after: int = -1) -> None:
+        self.dim, self.fingerprint, self.calls, self.fail_after = 8, f"fake:{salt}", 0, fail_after
+        self.salt = salt
+
+    def embed_items(self, items: pa.Table, source) -> torch.Tensor:
+        if self.calls == self.fail_after:
+            raise KeyboardInterrupt("killed mid-build")
+        self.calls += 1
+        ids = torch.from_numpy(items["item_id"].to_numpy()).float()
+        return torch.stack([torch.sin(ids * (k + 1) + self.salt) for k in range(self.dim)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    config = replace(tiny(SynthConfig(seed=5)), items=300, users=60, events=1000, pairs_train=20, pairs_test=5)
+    return generate_world(config, tmp_path_factory.mktemp("mfm_world"))
+
+
+def test_build_then_read_round_trips_exact_vectors(world, tmp_path):
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    manifest = read_manifest(out)
+    assert (manifest.kind, manifest.dim, manifest.row_count) == ("mm_table", 8, 300)
+    assert len(manifest.extra["shards"]) == 5 and manifest.extra["encoder_fingerprint"] == "fake:0"
+    expected = FakeEncoder().embed_items(pa.table({"item_id": np.arange(300)}), None)
+    assert torch.equal(read_mm_table(out, 300, 8), expected)
+
+
+def test_killed_build_resumes_from_whole_shards(world, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        build_table(FakeEncoder(fail_after=2), world / "items.parquet", tmp_path / "t", shard_rows=64)
+    assert sorted(p.name for p in (tmp_path / "t").glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
+    assert not (tmp_path / "t" / "manifest.json").exists()  # incomplete tables have no manifest
+    resumed = FakeEncoder()
+    build_table(resumed, world / "items.parquet", tmp_path / "t", shard_rows=64)
+    assert resumed.calls == 3  # only the missing shards were embedded
+    straight = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "s", shard_rows=64)
+    assert torch.equal(read_mm_table(tmp_path / "t", 300, 8), read_mm_table(straight, 300, 8))
+
+
+def test_another_encoder_is_refused_instead_of_mixed(world, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        build_table(FakeEncoder(fail_after=1), world / "items.parquet", tmp_path / "t", shard_rows=64)
+    with pytest.raises(ManifestMismatch, match="encoder_fingerprint"):
+        build_table(FakeEncoder(salt=1), world / "items.parquet", tmp_path / "t", shard_rows=64)
+
+
+def test_reader_refuses_wrong_dim_and_missing_items(world, tmp_path):
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    with pytest.raises(ManifestMismatch, match="dim"):
+        read_mm_table(out, 300, 16)
+    from mim_rec.data.errors import DataError
+    (out / "part-00002.parquet").unlink()
+    with pytest.raises(DataError, match="64 of 300 items have no vector"):
+        read_mm_table(out, 300, 8)
