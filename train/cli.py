@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "train.embeddings_cmd",
     "train.ciubm",
     "train.bench_cmd",
+    "train.pipeline",
 )
 
 
