@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
+
+@dataclass
+class BuildConfig:
+    world: str = ""        # world folder (items.parquet)
+    encoders: str = ""     # stage-1 encoders artifact (mim pretrain's out/encoders)
+    out: str = ""          # table folder
+    shard_rows: int = 4096
+    batch_size: int = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -11,12 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", help="embed every item into an MM table folder (resumable)",
                            description="Embed every item of a world with an item encoder and write "
                                        "the MM table (Parquet shards + manifest). Re-running resumes.")
-    build.add_argument("--world", required=True, help="world folder (items.parquet)")
-    build.add_argument("--encoders", required=True,
-                       help="stage-1 encoders artifact folder (mim pretrain's out/encoders)")
-    build.add_argument("--out", required=True, help="table folder")
-    build.add_argument("--shard-rows", type=int, default=4096)
-    build.add_argument("--batch-size", type=int, default=256)
+    build.add_argument("--config", default=None, help="YAML/JSON file of BuildConfig fields")
+    build.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="world=DIR encoders=DIR out=DIR [shard_rows=N batch_size=N]")
     build.set_defaults(func=_build)
 
 
@@ -25,11 +32,16 @@ def _build(args: argparse.Namespace) -> int:
 
     from embeddings.build import build_table
     from embeddings.encoders import Stage1ItemEncoder
+    from mim_rec.config import ConfigError, load_config
     from mim_rec.utils.dist import init_distributed
 
+    config = load_config(BuildConfig, args.config, args.overrides)
+    missing = [k for k in ("world", "encoders", "out") if not getattr(config, k)]
+    if missing:
+        raise ConfigError(f"mim embeddings build needs {', '.join(f'{k}=...' for k in missing)}")
     ctx = init_distributed("cpu")
-    encoder = Stage1ItemEncoder(args.encoders, args.batch_size)
-    out = build_table(encoder, Path(args.world) / "items.parquet", args.out, args.shard_rows,
+    encoder = Stage1ItemEncoder(config.encoders, config.batch_size)
+    out = build_table(encoder, Path(config.world) / "items.parquet", config.out, config.shard_rows,
                       ctx.rank, ctx.world_size)
     if ctx.is_main:
         print(f"MM table: {out} ({encoder.dim}-d, encoder {encoder.fingerprint})")

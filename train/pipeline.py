@@ -64,8 +64,8 @@ def stages(args: argparse.Namespace) -> List[Stage]:
     plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok"))
     plan.append(Stage("pretrain", mim + ["pretrain", f"data.world={world}", f"out={out / 'pretrain'}",
                                          *preset["pretrain"]], out / "pretrain" / "encoders" / "manifest.json"))
-    plan.append(Stage("mfm", mim + ["embeddings", "build", "--world", str(world), "--encoders",
-                                    str(out / "pretrain" / "encoders"), "--out", str(out / "mm_table")],
+    plan.append(Stage("mfm", mim + ["embeddings", "build", f"world={world}",
+                                    f"encoders={out / 'pretrain' / 'encoders'}", f"out={out / 'mm_table'}"],
                       out / "mm_table" / "manifest.json"))
     torchx = [str(Path(sys.executable).parent / "torchx"), "run", "--wait", "--log", "-s", "local_cwd",
               "torchx_components/mim.py:train_ciubm", "-j", f"1x{args.nproc}", "--cpu", str(args.nproc)]
