@@ -6,7 +6,8 @@ Each bench sub-command lives in its own module with ``register(bench_subparsers)
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from train.cli import add_command_group
 
 BENCH_COMMAND_MODULES: tuple = (
     "train.bench_sharding",
@@ -14,7 +15,4 @@ BENCH_COMMAND_MODULES: tuple = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="benchmark sharding plans and training")
-    sub = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
-    for name in BENCH_COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    add_command_group(subparsers, "bench", "benchmark sharding plans and training", BENCH_COMMAND_MODULES)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 # Order is the order shown by `mim --help`.
 COMMAND_MODULES = (
@@ -21,6 +21,16 @@ COMMAND_MODULES = (
     "train.bench_cmd",
     "train.pipeline",
 )
+
+
+def add_command_group(subparsers: argparse._SubParsersAction, name: str, help: str,
+                      modules: Sequence[str]) -> None:
+    """A parent command (``mim data``, ``mim bench``) whose sub-commands each live in a module
+    with ``register(subparsers)``."""
+    parser = subparsers.add_parser(name, help=help)
+    sub = parser.add_subparsers(dest=f"{name}_command", required=True, metavar=f"{name.upper()}_COMMAND")
+    for module in modules:
+        importlib.import_module(module).register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

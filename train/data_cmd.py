@@ -6,7 +6,8 @@ Each data sub-command lives in its own module with ``register(data_subparsers)``
 from __future__ import annotations
 
 import argparse
-import importlib
+
+from train.cli import add_command_group
 
 DATA_COMMAND_MODULES: tuple = (
     "train.data_synth",
@@ -17,7 +18,4 @@ DATA_COMMAND_MODULES: tuple = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="generate, validate, summarise, import data")
-    sub = parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    for name in DATA_COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    add_command_group(subparsers, "data", "generate, validate, summarise, import data", DATA_COMMAND_MODULES)
