@@ -25,22 +25,31 @@ def table_parts(table_dir: Union[str, Path]) -> List[Path]:
     return parts
 
 
-def read_mm_table(table_dir: Union[str, Path], num_items: int, dim: int) -> torch.Tensor:
-    """All vectors as ``[num_items, dim]`` float32, row i = item i.
-
-    Refuses a table whose manifest is not an ``mm_table`` of this ``dim``, rows of the wrong
-    length or non-finite values, and ids outside ``0..num_items-1``; ids the table lacks are an
-    error (a table must cover the catalogue it is trained with).
-    """
+def check_table(table_dir: Union[str, Path], num_items: int, dim: int) -> None:
+    """Refuse a folder that is not a complete MM table of ``num_items`` rows of ``dim``."""
     manifest = read_manifest(table_dir)
     if manifest.kind != "mm_table":
         raise ManifestMismatch(f"{table_dir}: manifest kind is {manifest.kind!r}, not 'mm_table'")
     if manifest.dim != dim:
         raise ManifestMismatch(f"{table_dir}: table dim {manifest.dim} != model.mm_dim {dim}")
-    out = torch.zeros(num_items, dim)
-    seen = np.zeros(num_items, dtype=bool)
+    if manifest.row_count != num_items:
+        raise ManifestMismatch(f"{table_dir}: table has {manifest.row_count} rows, the catalogue {num_items} items")
+
+
+def read_mm_rows(table_dir: Union[str, Path], start: int, stop: int, dim: int) -> torch.Tensor:
+    """Vectors of items ``start..stop-1`` as ``[stop - start, dim]`` float32.
+
+    Reads only the parts (and, inside them, the row groups) whose ``item_id`` statistics
+    overlap the range, so a rank holding one shard of a sharded table never reads the rest.
+    Rows of the wrong length, non-finite values and ids the table lacks are errors.
+    """
+    out = torch.zeros(stop - start, dim)
+    seen = np.zeros(stop - start, dtype=bool)
     for part in table_parts(table_dir):
-        table = pq.read_table(part)
+        low, high = _id_bounds(part)
+        if high < start or low >= stop:
+            continue
+        table = pq.read_table(part, filters=[("item_id", ">=", start), ("item_id", "<", stop)])
         ids = table["item_id"].to_numpy()
         flat = pc.list_flatten(table["vector"]).to_numpy(zero_copy_only=False).astype(np.float32)
         if flat.size != len(ids) * dim:
@@ -48,15 +57,29 @@ def read_mm_table(table_dir: Union[str, Path], num_items: int, dim: int) -> torc
         vectors = flat.reshape(len(ids), dim)
         if "scale" in table.column_names:
             vectors = vectors * table["scale"].to_numpy()[:, None] + table["bias"].to_numpy()[:, None]
-        bad = np.flatnonzero((ids < 0) | (ids >= num_items))
-        if len(bad):
-            raise DataError(str(part), f"item id {ids[bad[0]]} outside 0..{num_items - 1}", row=int(bad[0]), field="item_id")
         nonfinite = np.flatnonzero(~np.isfinite(vectors).all(1))
         if len(nonfinite):
-            raise DataError(str(part), "non-finite vector", row=int(nonfinite[0]), field="vector")
-        out[torch.from_numpy(ids)] = torch.from_numpy(vectors)
-        seen[ids] = True
+            raise DataError(str(part), f"non-finite vector of item {ids[nonfinite[0]]}", field="vector")
+        out[torch.from_numpy(ids - start)] = torch.from_numpy(vectors)
+        seen[ids - start] = True
     if not seen.all():
-        raise DataError(str(table_dir), f"{int((~seen).sum())} of {num_items} items have no vector "
-                        f"(first: item {int(np.flatnonzero(~seen)[0])}); rebuild the table for this catalogue")
+        raise DataError(str(table_dir), f"{int((~seen).sum())} of {stop - start} items in {start}..{stop - 1} "
+                        f"have no vector (first: item {start + int(np.flatnonzero(~seen)[0])}); "
+                        "rebuild the table for this catalogue")
     return out
+
+
+def read_mm_table(table_dir: Union[str, Path], num_items: int, dim: int) -> torch.Tensor:
+    """All vectors as ``[num_items, dim]`` float32, row i = item i (see :func:`read_mm_rows`)."""
+    check_table(table_dir, num_items, dim)
+    return read_mm_rows(table_dir, 0, num_items, dim)
+
+
+def _id_bounds(part: Path) -> tuple:
+    """``(min, max)`` item id of a part from its row-group statistics (no data read)."""
+    meta = pq.ParquetFile(part).metadata
+    column = meta.schema.to_arrow_schema().get_field_index("item_id")
+    stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+    if not stats or any(s is None or not s.has_min_max for s in stats):
+        return -np.inf, np.inf
+    return min(s.min for s in stats), max(s.max for s in stats)

@@ -87,8 +87,8 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path):
     ctx = ciubm._process_group("cpu")
     items = ItemInfo.from_items(world / "items.parquet")
     model, optimizer, _ = ciubm.build_sharded_model(config, ciubm._sizes(config, items), ctx)
-    vectors, _ = ciubm.mm_vectors(config, items.count, config.model.mm_dim)
-    ciubm.fill_mm_table(model, vectors)
+    rows_of, _ = ciubm.mm_rows(config, items.count, config.model.mm_dim)
+    ciubm.fill_mm_table(model, rows_of)
     key = ciubm.mm_table_state_key(model)
     before = [s.tensor.clone() for s in model.state_dict()[key].local_shards()]
     loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader)

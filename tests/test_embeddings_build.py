@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from embeddings.build import build_table
-from embeddings.table import read_mm_table
+import pyarrow.parquet as pq
+
+from embeddings.table import read_mm_rows, read_mm_table
 from mim_rec.data.errors import ManifestMismatch
 from mim_rec.data.manifest import read_manifest
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
@@ -46,6 +48,17 @@ def test_build_then_read_round_trips_exact_vectors(world, tmp_path):
     assert torch.equal(read_mm_table(out, 300, 8), expected)
 
 
+def test_a_row_range_reads_only_the_parts_that_hold_it(world, tmp_path, monkeypatch):
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    opened = []
+    real_read = pq.read_table
+    monkeypatch.setattr(pq, "read_table", lambda path, **kw: opened.append(path.name) or real_read(path, **kw))
+    rows = read_mm_rows(out, 100, 150, 8)
+    expected = FakeEncoder().embed_items(pa.table({"item_id": np.arange(300)}), None)
+    assert torch.equal(rows, expected[100:150])
+    assert opened == ["part-00001.parquet", "part-00002.parquet"]
+
+
 def test_killed_build_resumes_from_whole_shards(world, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build_table(FakeEncoder(fail_after=2), world / "items.parquet", tmp_path / "t", shard_rows=64)
@@ -71,5 +84,5 @@ def test_reader_refuses_wrong_dim_and_missing_items(world, tmp_path):
         read_mm_table(out, 300, 16)
     from mim_rec.data.errors import DataError
     (out / "part-00002.parquet").unlink()
-    with pytest.raises(DataError, match="64 of 300 items have no vector"):
+    with pytest.raises(DataError, match="64 of 300 items in 0..299 have no vector"):
         read_mm_table(out, 300, 8)

@@ -155,32 +155,33 @@ def mm_table_state_key(model) -> str:
     return keys[0]
 
 
-def fill_mm_table(model, vectors) -> None:
-    """Copy ``vectors [num_items, dim]`` into this rank's shards of the frozen MM table."""
+def fill_mm_table(model, rows_of) -> None:
+    """Fill this rank's shards of the frozen MM table: ``rows_of(start, stop)`` returns the
+    ``[stop - start, dim]`` vectors of items ``start..stop-1``; only local rows are asked for."""
     import torch
 
     weight = model.state_dict()[mm_table_state_key(model)]
-    if tuple(vectors.shape) != tuple(weight.size()):
-        raise ValueError(f"MM vectors have shape {tuple(vectors.shape)}, the table {tuple(weight.size())}")
     with torch.no_grad():
         if hasattr(weight, "local_shards"):
             for shard in weight.local_shards():
                 (r, c), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(vectors[r:r + rows, c:c + cols])
+                shard.tensor.copy_(rows_of(r, r + rows)[:, c:c + cols])
         else:
-            weight.copy_(vectors)
+            weight.copy_(rows_of(0, weight.size(0)))
 
 
-def mm_vectors(config: TrainConfig, num_items: int, dim: int):
-    """The MM table's vectors: the representation center's table, or a seeded random stand-in."""
+def mm_rows(config: TrainConfig, num_items: int, dim: int):
+    """``(rows_of, source)``: the representation center's table read range by range, or a
+    seeded random stand-in."""
     import torch
 
     if config.mm_table is None:
         generator = torch.Generator().manual_seed(config.seed + 7919)
-        return torch.randn(num_items, dim, generator=generator), "random stand-in (no mm_table given)"
-    from embeddings.table import read_mm_table
-    vectors = read_mm_table(config.mm_table, num_items, dim)
-    return vectors, f"table {config.mm_table}"
+        vectors = torch.randn(num_items, dim, generator=generator)
+        return (lambda start, stop: vectors[start:stop]), "random stand-in (no mm_table given)"
+    from embeddings.table import check_table, read_mm_rows
+    check_table(config.mm_table, num_items, dim)
+    return (lambda start, stop: read_mm_rows(config.mm_table, start, stop, dim)), f"table {config.mm_table}"
 
 
 # ---------------------------------------------------------------- train / evaluate
@@ -226,8 +227,8 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     model, optimizer, plan = build_sharded_model(config, sizes, ctx)
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
     if config.model.uses_mm:
-        vectors, source = mm_vectors(config, items.count, config.model.mm_dim)
-        fill_mm_table(model, vectors)
+        rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
+        fill_mm_table(model, rows_of)
         if logger:
             logger.log({"event": "mm_table", "source": source})
     if ctx.is_main:
