@@ -24,7 +24,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Dict, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -147,15 +147,13 @@ def make_batch(rows: pa.RecordBatch, items: ItemInfo, config: LoaderConfig,
     seq_lengths = np.zeros((n, slots), dtype=np.int64)
     seq_lengths[:, 0] = 1
     seq_lengths[:, 1:] = np.arange(config.max_hist_len)[None, :] >= (config.max_hist_len - hist_len)[:, None]
-    row_of_value = np.repeat(np.arange(n), hist_len)
-    item_values = np.empty(n + len(hist_items), dtype=np.int64)
+    # values in slot order: per row, its target first, then its behaviours
+    is_target = np.zeros(n + len(hist_items), dtype=bool)
+    is_target[np.arange(n) + np.concatenate([[0], np.cumsum(hist_len)[:-1]])] = True
+    item_values = np.empty(len(is_target), dtype=np.int64)
     cat_values = np.empty_like(item_values)
-    # values in slot order: per row, target first then its behaviours
-    target_pos = np.arange(n) + np.concatenate([[0], np.cumsum(hist_len)[:-1]])
-    behaviour_pos = np.setdiff1d(np.arange(len(item_values)), target_pos, assume_unique=True)
-    item_values[target_pos], cat_values[target_pos] = target, items.category[target]
-    item_values[behaviour_pos], cat_values[behaviour_pos] = hist_items, hist_cats
-    del row_of_value
+    item_values[is_target], cat_values[is_target] = target, items.category[target]
+    item_values[~is_target], cat_values[~is_target] = hist_items, hist_cats
 
     seq_len_t = torch.from_numpy(seq_lengths.ravel())
     item_t, cat_t = torch.from_numpy(item_values), torch.from_numpy(cat_values)
