@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mim_rec.data.errors import DataError
+from mim_rec.utils.dist import free_port
 from mim_rec.data.loader import CtrEventsLoader, ItemInfo, LoaderConfig
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 from train import ciubm
@@ -142,9 +142,7 @@ def _two_rank_worker(rank: int, port: int, world: str, out: str, queue) -> None:
 def test_two_gloo_ranks_train_and_evaluate(world, tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_two_rank_worker, args=(port, str(world), str(tmp_path / "two"), queue), nprocs=2)
     report = queue.get()

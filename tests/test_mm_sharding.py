@@ -4,7 +4,6 @@ table-wise, row-wise and column-wise sharding on 2 gloo ranks, each rank reading
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +17,7 @@ from embeddings.table import read_mm_rows
 from mim_rec.ciubm.sparse import FrozenEmbeddingBagCollection, FrozenSharder, MM_TABLE
 from mim_rec.data.io import write_table
 from mim_rec.data.schemas import ITEMS
+from mim_rec.utils.dist import free_port
 from train.ciubm import fill_mm_table
 
 ITEMS_COUNT, DIM = 96, 8
@@ -103,9 +103,7 @@ def table(tmp_path_factory):
 def test_every_id_round_trips_exactly(table, sharding):
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_worker, args=(port, str(table), sharding, queue), nprocs=2)
     results = sorted(queue.get() for _ in range(2))

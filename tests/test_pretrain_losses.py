@@ -4,7 +4,6 @@ under a real 2-process gloo DDP run matching one process on the concatenated bat
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from mim_rec.encoders import build_text_encoder
 from mim_rec.pretrain import ClipLoss, MaskedLanguageModelling, augment, mask_tokens
+from mim_rec.utils.dist import free_port
 from tests.encoder_fixtures import tiny_text
 
 torch.set_num_threads(1)
@@ -66,16 +66,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_all_gathered_clip_loss_matches_single_process(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     got = torch.load(out)
     want_loss, want_grads = _reference()
     torch.testing.assert_close(got["loss"], want_loss, atol=1e-6, rtol=1e-5)

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from mim_rec.pretrain.evaluate import EvalConfig
 from tests.encoder_fixtures import tiny_encoders, write_items
 from train import cli
 from train.pretrain import run_pretrain
+from mim_rec.utils.dist import free_port
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,19 +73,13 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_gloo_run(world, tmp_path):
     out = tmp_path / "ddp"
     config_file = _write_config(_config(world, out, dda_steps=2, dma_steps=2), tmp_path / "c.yaml")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         f"--master-port={_free_port()}", "-m", "train.cli", "pretrain", "--config",
+         f"--master-port={free_port()}", "-m", "train.cli", "pretrain", "--config",
          str(config_file), "--eval"], cwd=ROOT, env=ENV, capture_output=True, text=True,
         timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

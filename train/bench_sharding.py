@@ -27,16 +27,16 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
 from mim_rec.config import ConfigError, load_config
+from mim_rec.utils.dist import free_port
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise", "data_parallel")
@@ -416,9 +416,7 @@ def measure(config: ShardingBenchConfig, rows: List[PlanRow]) -> None:
     for row in tqdm(rows, desc="measuring plans", unit="plan", file=sys.stderr):
         if row.sharding_plan is None:
             continue
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         results = mp.get_context("spawn").SimpleQueue()
         mp.start_processes(_worker, args=(config, row.sharding_plan, port, results),
                            nprocs=config.world_size, start_method="spawn")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,13 +100,10 @@ def _process_group(device: str):
     """The DistContext; a one-rank gloo group when launched as a plain process (DMP needs one)."""
     import torch.distributed as dist
 
-    from mim_rec.utils.dist import init_distributed
+    from mim_rec.utils.dist import free_port, init_distributed
 
     if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
         ctx = init_distributed(device)
         if not dist.is_initialized():
             dist.init_process_group(ctx.backend, rank=0, world_size=1)
