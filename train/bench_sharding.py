@@ -257,6 +257,20 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
     return row
 
 
+def _fused(generator):
+    """The same sharding with the ``fused`` compute kernel, as the planner's rows use.
+
+    Left alone, TorchRec's helpers take the sharder's first kernel, ``dense`` on CPU, whose
+    backward has no autograd kernel in fbgemm's CPU build (a measured run aborted in it).
+    """
+    import dataclasses
+
+    def make(*args):
+        return dataclasses.replace(generator(*args), compute_kernel="fused")
+
+    return make
+
+
 def plan_manually(config: ShardingBenchConfig, model, sharding_type: str) -> PlanRow:
     """Build a plan with TorchRec's ``sharding_plan`` helpers (no planner, no estimates)."""
     from torchrec.distributed import sharding_plan as sp
@@ -264,8 +278,8 @@ def plan_manually(config: ShardingBenchConfig, model, sharding_type: str) -> Pla
 
     world, per_host = config.world_size, config.ranks_per_host
     generators = {  # the two types the EBC sharder keeps from the planner on CPU
-        "row_wise": lambda i: sp.row_wise(),
-        "table_row_wise": lambda i: sp.table_row_wise(host_index=i % (world // per_host)),
+        "row_wise": lambda i: _fused(sp.row_wise()),
+        "table_row_wise": lambda i: _fused(sp.table_row_wise(host_index=i % (world // per_host))),
     }
     if sharding_type not in generators:
         raise ValueError(f"{sharding_type} plans come from the planner, not built by hand")
