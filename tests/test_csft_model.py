@@ -1,0 +1,125 @@
+"""The C-SFT towers and the MM encoder artifact (the representation center's seam)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+
+import pytest
+import torch
+
+from embeddings.build import build_table
+from embeddings.encoders import Stage1ItemEncoder
+from mim_rec.csft import (CsftModel, FusionConfig, ModelConfig, load_csft_model,
+                          load_mm_encoder, save_mm_encoder)
+from mim_rec.csft.config import QueryConfig
+from mim_rec.csft.model import vision_input
+from mim_rec.data.errors import ManifestMismatch
+from mim_rec.data.io import read_items
+from mim_rec.data.manifest import read_manifest
+from mim_rec.encoders import EncoderPair, save_encoders
+from tests.encoder_fixtures import tiny_encoders, write_items
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("csft_model")
+    torch.manual_seed(0)
+    save_encoders(folder / "encoders", EncoderPair(tiny_encoders(shared_dim=8)))
+    return folder / "encoders", write_items(folder / "items.parquet", count=20)
+
+
+def _model(stage1_dir, **changes) -> CsftModel:
+    from mim_rec.encoders import load_encoders
+    torch.manual_seed(1)
+    return CsftModel(load_encoders(stage1_dir), ModelConfig(**changes))
+
+
+def _perturb(model: CsftModel) -> None:
+    """Stand-in for training: move every trainable weight."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+
+
+def test_untrained_model_reproduces_the_stage1_embeddings(stage1):
+    encoders, items_path = stage1
+    items = read_items(items_path)
+    model = _model(encoders)
+    expected = Stage1ItemEncoder(encoders).embed_items(items, items_path)
+    torch.testing.assert_close(model.items.embed_items(items, items_path), expected,
+                               rtol=1e-5, atol=1e-5)
+    pixels = vision_input(model.queries.vision,
+                          model.queries.vision.image_processor.to_uint8(items["image"].to_pylist()))
+    with torch.no_grad():
+        torch.testing.assert_close(model.queries(pixels), model.items.pair.embed_images(pixels))
+
+
+def test_frozen_backbones_train_only_heads_and_fusion(stage1):
+    model = _model(stage1[0])
+    trainable = {n.split(".")[1] if n.startswith("items.") else n.split(".")[0] + "." + n.split(".")[1]
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"pair", "fusion", "queries.head"}
+    assert all(not p.requires_grad for p in model.items.pair.vision.parameters())
+    assert all(not p.requires_grad for p in model.items.pair.text.parameters())
+    assert any(p.requires_grad for p in model.items.pair.vision_head.parameters())
+    unfrozen = _model(stage1[0], train_backbones=True)
+    assert any(p.requires_grad for p in unfrozen.items.pair.text.parameters())
+
+
+@pytest.mark.parametrize("share_vision", [True, False])
+def test_save_load_round_trip_and_fingerprint(stage1, tmp_path, share_vision):
+    encoders, items_path = stage1
+    items = read_items(items_path)
+    config = dict(fusion=FusionConfig(kind="lowrank", hidden=8, rank=2),
+                  query=QueryConfig(share_vision=share_vision), train_backbones=True)
+    model = _model(encoders, **config)
+    _perturb(model)
+    fingerprint = save_mm_encoder(tmp_path / "mm", model)
+    manifest = read_manifest(tmp_path / "mm")
+    assert (manifest.kind, manifest.dim, manifest.extra["fingerprint"]) == ("mm_encoder", 8, fingerprint)
+    encoder, loaded_fingerprint = load_mm_encoder(tmp_path / "mm")
+    assert loaded_fingerprint == fingerprint == encoder.fingerprint and fingerprint.startswith("csft:")
+    torch.testing.assert_close(encoder.embed_items(items, items_path),
+                               model.items.embed_items(items, items_path))
+    loaded = load_csft_model(tmp_path / "mm")
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.queries(pixels), model.eval().queries(pixels))
+    assert (loaded.queries.vision is loaded.items.pair.vision) == share_vision
+
+
+def test_fingerprint_follows_the_weights_and_tampering_is_refused(stage1, tmp_path):
+    model = _model(stage1[0])
+    before = model.items.fingerprint
+    assert model.items.fingerprint == before  # deterministic
+    _perturb(model)
+    assert model.items.fingerprint != before
+    save_mm_encoder(tmp_path / "mm", model)
+    state = torch.load(tmp_path / "mm" / "csft.pt")
+    state["fusion"]["output.bias"] += 1.0
+    torch.save(state, tmp_path / "mm" / "csft.pt")
+    with pytest.raises(ManifestMismatch, match="modified"):
+        load_mm_encoder(tmp_path / "mm")
+
+
+def test_representation_center_builds_a_table_from_it(stage1, tmp_path):
+    encoders, items_path = stage1
+    model = _model(encoders, fusion=FusionConfig(hidden=8))
+    _perturb(model)
+    save_mm_encoder(tmp_path / "mm", model)
+    encoder, fingerprint = load_mm_encoder(tmp_path / "mm")
+    table = build_table(encoder, items_path, tmp_path / "table", shard_rows=8)
+    manifest = read_manifest(table)
+    assert manifest.extra["encoder_fingerprint"] == fingerprint and manifest.dim == 8
+
+
+def test_paper_fusion_without_residual_is_unit_norm(stage1):
+    encoders, items_path = stage1
+    model = _model(encoders, fusion=FusionConfig(hidden=8, residual=False))
+    vectors = model.items.embed_items(read_items(items_path), items_path)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(20))
+    assert dataclasses.asdict(model.config)["fusion"]["residual"] is False
