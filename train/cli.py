@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 COMMAND_MODULES = (
     "train.data_cmd",
     "train.pretrain",
+    "train.csft",
     "train.embeddings_cmd",
     "train.ciubm",
     "train.bench_cmd",

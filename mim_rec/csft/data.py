@@ -1,0 +1,265 @@
+"""What C-SFT reads from a world folder: the catalogue, the <query image, item> pairs, and the
+backbone features of both, cached.
+
+With frozen backbones (the CPU default) a backbone is a fixed function, so its features of an
+item or a query image are computed once and cached on disk under a key made of the input
+file's fingerprint and a content hash of the backbone's weights and preprocessing: a cached
+tensor is exactly what the backbone would compute, and any other backbone (a fine-tuned
+one, another stage-1 run) gets its own entry. Training then runs only the heads and the
+fusion. With ``model.train_backbones=true`` steps read decoded pixels and titles instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mim_rec.csft.model import CsftModel, content_fingerprint, vision_input
+from mim_rec.csft.objective import CsftBatch
+from mim_rec.data.errors import DataError
+from mim_rec.data.io import read_items, read_pairs
+from mim_rec.data.manifest import fingerprint_file
+from mim_rec.data.schemas import SIGNALS
+from mim_rec.encoders.text import HFTextEncoder
+from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
+from mim_rec.pretrain.corpus import ItemCorpus, corpus_from_table
+from mim_rec.utils.run import atomic_write_bytes
+
+PathLike = Union[str, Path]
+
+
+@dataclass
+class Pairs:
+    """One pairs file, possibly filtered by signal; ``rows`` index the file's rows."""
+
+    path: Path
+    rows: np.ndarray          # [n] row numbers in the file
+    item_ids: np.ndarray      # [n] int64
+    categories: np.ndarray    # [n] int32
+    signals: List[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def read_pair_file(path: PathLike, item_count: int, signals: Optional[Sequence[str]] = None) -> Pairs:
+    """Validated pairs, keeping rows whose ``signal`` is in ``signals`` (all when None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "pairs file not found")
+    table = read_pairs(path, item_count, columns=["item_id", "signal", "category_id"])
+    signal = np.asarray(table.column("signal").to_pylist(), dtype=object)
+    unknown = sorted(set(signal) - set(SIGNALS))
+    if unknown:
+        row = int(np.flatnonzero(~np.isin(signal, SIGNALS))[0])
+        raise DataError(str(path), f"unknown signal {unknown[0]!r}; expected one of {SIGNALS}",
+                        row=row, field="signal")
+    keep = np.isin(signal, list(signals)) if signals is not None else np.ones(len(signal), bool)
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        raise DataError(str(path), f"no pairs with signal in {list(signals or [])}", field="signal")
+    return Pairs(path, rows, table.column("item_id").to_numpy()[rows],
+                 table.column("category_id").to_numpy()[rows], [str(s) for s in signal[rows]])
+
+
+def read_query_inputs(path: PathLike, item_count: int, vision: VisionEncoder) -> torch.Tensor:
+    """Every row's query, decoded: uint8 pixels ``[n, 3, S, S]``, or ``query_feature``
+    vectors for a precomputed vision tower. Errors name file, row and field."""
+    path = Path(path)
+    table = read_pairs(path, item_count)
+    rows = list(range(table.num_rows))
+    if isinstance(vision, PrecomputedVisionEncoder):
+        if "query_feature" not in table.column_names:
+            raise DataError(str(path), "no 'query_feature' column; the vision encoder is "
+                            "'precomputed'", field="query_feature")
+        return vision.preprocess(table.column("query_feature").to_pylist(), str(path), rows)
+    return vision.image_processor.to_uint8(_query_image_bytes(table, path), str(path), rows)
+
+
+def _query_image_bytes(table: pa.Table, path: Path) -> List[bytes]:
+    inline = table.column("query_image").to_pylist() if "query_image" in table.column_names else None
+    paths = (table.column("query_image_path").to_pylist()
+             if "query_image_path" in table.column_names else None)
+    if inline is None and paths is None:
+        raise DataError(str(path), "no 'query_image' or 'query_image_path' column; use "
+                        "vision.name=precomputed for pairs with only query_feature",
+                        field="query_image")
+    out = []
+    for row in range(table.num_rows):
+        if inline is not None and inline[row] is not None:
+            out.append(inline[row])
+        elif paths is not None and paths[row] is not None:
+            image_file = path.parent / paths[row]
+            if not image_file.is_file():
+                raise DataError(str(path), f"image file {image_file} not found", row=row,
+                                field="query_image_path")
+            out.append(image_file.read_bytes())
+        else:
+            raise DataError(str(path), "missing query image", row=row, field="query_image")
+    return out
+
+
+# ----------------------------------------------------------------------------- features
+
+@torch.no_grad()
+def vision_features(vision: VisionEncoder, images: torch.Tensor, batch_size: int,
+                    desc: str = "image features") -> torch.Tensor:
+    """Backbone features of stored images (uint8 pixels or feature vectors), eval mode."""
+    device = _device(vision)
+    return _batched(lambda s: vision(vision_input(vision, images[s]).to(device)),
+                    len(images), batch_size, vision, desc)
+
+
+@torch.no_grad()
+def text_features(text: HFTextEncoder, titles: Sequence[str], batch_size: int,
+                  desc: str = "title features") -> torch.Tensor:
+    return _batched(lambda s: text(titles[s]), len(titles), batch_size, text, desc)
+
+
+def _batched(fn: Callable[[slice], torch.Tensor], count: int, batch_size: int, module: nn.Module,
+             desc: str) -> torch.Tensor:
+    was_training = module.training
+    module.eval()
+    parts = [fn(slice(start, start + batch_size)).float().cpu()
+             for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch",
+                               disable=count <= batch_size)]
+    module.train(was_training)
+    return torch.cat(parts)
+
+
+def _device(module: nn.Module) -> torch.device:
+    """Where a module's weights live (the CPU for a weightless pass-through)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+class FeatureCache:
+    """``FOLDER/<name>-<key>.pt`` tensors; the key hashes everything the tensor depends on."""
+
+    def __init__(self, folder: PathLike) -> None:
+        self.folder = Path(folder)
+
+    def get(self, name: str, parts: Sequence[str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+        path = self.folder / f"{name}-{key}.pt"
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        tensor = compute()
+        buffer = io.BytesIO()
+        torch.save(tensor, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+        return tensor
+
+
+class WorldInputs:
+    """A world folder's items and pairs, as backbone features (cached) or decoded inputs.
+
+    ``vision``/``text`` are the backbones whose features are asked for; their weights and
+    preprocessing are part of every cache key.
+    """
+
+    def __init__(self, world: PathLike, cache: FeatureCache, batch_size: int = 256) -> None:
+        self.world = Path(world)
+        self.items_path = self.world / "items.parquet"
+        if not self.items_path.is_file():
+            raise DataError(str(self.items_path), "items file not found (give a world folder)")
+        self.items: pa.Table = read_items(self.items_path)
+        if self.items.num_rows < 2:
+            raise DataError(str(self.items_path), "C-SFT needs a catalogue of at least two items")
+        self.item_categories = self.items.column("category_id").to_numpy()
+        self.cache = cache
+        self.batch_size = batch_size
+        self._corpus: Optional[ItemCorpus] = None
+
+    @property
+    def item_count(self) -> int:
+        return self.items.num_rows
+
+    def pairs_path(self, split: str) -> Path:
+        return self.world / f"pairs_{split}.parquet"
+
+    def pairs(self, split: str, signals: Optional[Sequence[str]] = None) -> Pairs:
+        return read_pair_file(self.pairs_path(split), self.item_count, signals)
+
+    def corpus(self, vision: VisionEncoder) -> ItemCorpus:
+        """Decoded item images (or features) and titles, decoded once."""
+        if self._corpus is None:
+            self._corpus = corpus_from_table(self.items, self.items_path, vision)
+        return self._corpus
+
+    def item_image_features(self, vision: VisionEncoder) -> torch.Tensor:
+        return self.cache.get("items-image", self._key(self.items_path, vision),
+                              lambda: vision_features(vision, self.corpus(vision).images,
+                                                      self.batch_size, "item image features"))
+
+    def item_title_features(self, text: HFTextEncoder) -> torch.Tensor:
+        titles = self.items.column("title").to_pylist()  # read_items refuses empty titles
+        return self.cache.get("items-title", self._key(self.items_path, text),
+                              lambda: text_features(text, titles, self.batch_size,
+                                                    "item title features"))
+
+    def query_features(self, split: str, vision: VisionEncoder) -> torch.Tensor:
+        path = self.pairs_path(split)
+        return self.cache.get(f"queries-{split}", self._key(path, vision),
+                              lambda: vision_features(vision, read_query_inputs(path, self.item_count, vision),
+                                                      self.batch_size, f"{split} query features"))
+
+    def _key(self, path: Path, backbone: nn.Module) -> List[str]:
+        return [fingerprint_file(path), content_fingerprint(backbone, _preprocessing(backbone))]
+
+
+def _preprocessing(backbone: nn.Module) -> object:
+    """What turns stored inputs into the backbone's input, beyond its weights."""
+    if isinstance(backbone, HFTextEncoder):
+        return {"max_length": backbone.max_length, "vocab": backbone.tokenizer.vocab_size}
+    processor = getattr(backbone, "image_processor", None)
+    if processor is None:
+        return {"precomputed": getattr(backbone, "feature_dim", None)}
+    mean, std = processor.stats
+    return {"size": processor.size, "mean": mean, "std": std}
+
+
+class TrainingInputs:
+    """The training pairs' queries and the catalogue's items, ready for :class:`CsftBatch`:
+    backbone features (``features=True``, cached) or decoded images and titles."""
+
+    def __init__(self, world: WorldInputs, pairs: Pairs, model: CsftModel, features: bool) -> None:
+        self.features = features
+        self.item_vision, self.query_vision = model.items.pair.vision, model.queries.vision
+        if features:
+            self.item_images = world.item_image_features(self.item_vision)
+            self.item_titles = world.item_title_features(model.items.pair.text)
+            queries = world.query_features("train", self.query_vision)
+        else:
+            corpus = world.corpus(self.item_vision)
+            self.item_images, self.item_titles = corpus.images, corpus.titles
+            queries = read_query_inputs(pairs.path, world.item_count, self.query_vision)
+        self.queries = queries[torch.from_numpy(pairs.rows)]  # row i = pair i of ``pairs``
+
+    def items(self, ids: np.ndarray, device: torch.device) -> Tuple[torch.Tensor, Union[torch.Tensor, List[str]]]:
+        """The item tower's inputs for items ``ids``."""
+        index = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        if self.features:
+            return self.item_images[index].to(device), self.item_titles[index].to(device)
+        images = vision_input(self.item_vision, self.item_images[index]).to(device)
+        return images, [self.item_titles[i] for i in index.tolist()]
+
+    def batch(self, pair_index: np.ndarray, item_ids: np.ndarray, item_categories: np.ndarray,
+              device: torch.device) -> CsftBatch:
+        queries = self.queries[torch.from_numpy(np.asarray(pair_index, dtype=np.int64))]
+        if not self.features:
+            queries = vision_input(self.query_vision, queries)
+        images, titles = self.items(item_ids, device)
+        return CsftBatch(queries=queries.to(device), item_images=images, item_titles=titles,
+                         item_ids=torch.as_tensor(item_ids, dtype=torch.long, device=device),
+                         item_categories=torch.as_tensor(item_categories, dtype=torch.long,
+                                                         device=device),
+                         features=self.features)

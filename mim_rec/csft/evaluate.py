@@ -1,0 +1,125 @@
+"""C-SFT evaluation: does an embedding space capture *content interest*?
+
+Two measures, each computed for the stage-1 embeddings and for the C-SFT towers:
+
+* **query -> item retrieval** on the held-out pairs (``pairs_test``, every signal): each
+  query image is embedded, every item of the catalogue is scored by cosine, and recall@k is
+  the share of queries whose paired item ranks in the top k (ties counted in its favour).
+* **content-interest AUC** on the held-out impressions (``events_test``): an impression's
+  score is its target's mean cosine to the user's behaviour history, ``mean_i cos(h_t, h_i)``
+  (the content-interest weights CiUBM uses); ``pair_auc`` is the share of (click,
+  non-click) impression pairs *of the same user* that the score orders correctly (ties
+  half), pooled over users; ``gauc`` is the impression-weighted mean of per-user AUCs.
+  Impressions with an empty history have no score and are left out (counted).
+
+Stage-1 embeddings: a query is its stage-1 image embedding, an item ``unit(h_img + h_txt)``
+(what the representation center stores without C-SFT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from mim_rec.csft.data import WorldInputs
+from mim_rec.csft.model import CsftModel
+from mim_rec.data.errors import DataError
+from mim_rec.data.io import read_events
+from mim_rec.encoders.pair import EncoderPair
+from mim_rec.metrics import gauc, grouped_auc
+
+
+@dataclass
+class Embedded:
+    queries: torch.Tensor   # [n_test_pairs, d] unit
+    items: torch.Tensor     # [n_items, d] unit, row i = item i
+
+
+def recall_at_k(queries: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                ks: Sequence[int], batch_size: int = 1024) -> Dict[int, float]:
+    """Share of queries whose target item is among the top ``k`` of the whole catalogue."""
+    ranks = []
+    for start in range(0, len(queries), batch_size):
+        scores = queries[start:start + batch_size] @ items.T
+        target = targets[start:start + batch_size]
+        own = scores.gather(1, target.unsqueeze(1))
+        ranks.append((scores > own).sum(1))
+    rank = torch.cat(ranks)
+    return {k: (rank < k).float().mean().item() for k in ks}
+
+
+def history_scores(items: torch.Tensor, events: pa.Table) -> Dict[str, torch.Tensor]:
+    """Per impression with a non-empty history: ``mean_i cos(h_target, h_i)``, with its user and label."""
+    history = events.column("hist_item_ids").combine_chunks()
+    offsets = torch.from_numpy(history.offsets.to_numpy().astype(np.int64))
+    flat = torch.from_numpy(history.flatten().to_numpy().astype(np.int64))
+    lengths = offsets[1:] - offsets[:-1]
+    mean_history = F.embedding_bag(flat, items, offsets[:-1], mode="mean")
+    target = torch.from_numpy(events.column("target_item_id").to_numpy().astype(np.int64))
+    scores = (items[target] * mean_history).sum(1)
+    keep = lengths > 0
+    return {"score": scores[keep],
+            "label": torch.from_numpy(events.column("label").to_numpy().astype(np.int64))[keep],
+            "user": torch.from_numpy(events.column("user_id").to_numpy().astype(np.int64))[keep],
+            "skipped": (~keep).sum()}
+
+
+def content_interest_auc(items: torch.Tensor, events: pa.Table) -> Dict[str, float]:
+    scored = history_scores(items, events)
+    per_user = grouped_auc(scored["score"].double(), scored["label"], scored["user"])
+    defined = per_user.defined
+    if not defined.any():
+        raise ValueError("no user has both a click and a non-click with a history; the "
+                         "content-interest AUC is undefined")
+    pairs = (per_user.positives * (per_user.count - per_user.positives)).double()[defined]
+    return {"pair_auc": float((per_user.auc[defined] * pairs).sum() / pairs.sum()),
+            "gauc": gauc(per_user), "auc_users": int(defined.sum()),
+            "scored_impressions": int(scored["score"].numel()),
+            "no_history_impressions": int(scored["skipped"])}
+
+
+@torch.no_grad()
+def stage1_embeddings(pair: EncoderPair, world: WorldInputs) -> Embedded:
+    pair.eval()
+    image = world.item_image_features(pair.vision)
+    title = world.item_title_features(pair.text)
+    query = world.query_features("test", pair.vision)
+    size = world.batch_size
+    items = _batched(lambda s: F.normalize(pair.vision_head(image[s]) + pair.text_head(title[s]),
+                                           dim=-1), len(image), size)
+    return Embedded(_batched(lambda s: pair.vision_head(query[s]), len(query), size), items)
+
+
+@torch.no_grad()
+def csft_embeddings(model: CsftModel, world: WorldInputs) -> Embedded:
+    model.eval()
+    image = world.item_image_features(model.items.pair.vision)
+    title = world.item_title_features(model.items.pair.text)
+    query = world.query_features("test", model.queries.vision)
+    size = world.batch_size
+    items = _batched(lambda s: model.items.from_features(image[s], title[s]).mm, len(image), size)
+    return Embedded(_batched(lambda s: model.queries.from_features(query[s]), len(query), size), items)
+
+
+def _batched(fn, count: int, batch_size: int) -> torch.Tensor:
+    """``fn(slice)`` over ``range(count)`` in batches (fusion over a whole catalogue at once
+    would hold a ``[N, (d + 1)^2]`` tensor), on the CPU."""
+    return torch.cat([fn(slice(s, s + batch_size)).float().cpu() for s in range(0, count, batch_size)])
+
+
+def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int]) -> Dict[str, float]:
+    test = world.pairs("test")
+    recall = recall_at_k(embedded.queries, embedded.items, torch.from_numpy(test.item_ids), ks)
+    events_path = world.world / "events_test.parquet"
+    if not events_path.is_file():
+        raise DataError(str(events_path), "held-out events not found (the content-interest "
+                        "AUC needs them)")
+    events = read_events(events_path, world.item_count,
+                         columns=["user_id", "target_item_id", "label", "hist_item_ids"])
+    return {**{f"recall@{k}": v for k, v in recall.items()},
+            **content_interest_auc(embedded.items, events), "test_pairs": len(test)}

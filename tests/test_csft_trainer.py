@@ -1,0 +1,167 @@
+"""`mim csft` end to end on a tiny world with tiny random encoders: training learns, exact
+resume from a checkpoint (queue included), every variant runs, a 2-rank gloo run, clear
+errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from mim_rec.config import to_dict
+from mim_rec.csft import CsftConfig, load_csft_model
+from mim_rec.csft.config import (CsftDataConfig, FusionConfig, LossConfig, ModelConfig,
+                                 NegativesConfig, QueryConfig)
+from mim_rec.data.synth import SynthConfig, generate_world, tiny
+from mim_rec.encoders import EncoderPair, load_encoders, save_encoders
+from mim_rec.utils.dist import free_port
+from tests.encoder_fixtures import tiny_encoders
+from train import cli
+from train.csft import evaluate_run, run_csft
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("csft_trainer")
+    world = generate_world(replace(tiny(SynthConfig(seed=3)), items=240, users=60, events=1200,
+                                   pairs_train=160, pairs_test=40, image_size=32),
+                           folder / "world", echo=lambda _: None)
+    torch.manual_seed(0)
+    save_encoders(folder / "stage1", EncoderPair(tiny_encoders(shared_dim=8)))
+    return world, folder / "stage1", folder / "features"
+
+
+def _config(inputs, out: Path, **changes) -> CsftConfig:
+    world, stage1, features = inputs
+    return dataclasses.replace(CsftConfig(
+        encoders=str(stage1), model=ModelConfig(fusion=FusionConfig(hidden=16)),
+        data=CsftDataConfig(world=str(world), signals=["purchase", "click"], batch_size=16,
+                            feature_cache=str(features)),
+        negatives=NegativesConfig(queue_batches=3), steps=6, checkpoint_every=3, log_every=1,
+        out=str(out)), **changes)
+
+
+def _metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").open()]
+
+
+def test_training_lowers_the_loss_and_evaluates_both_rows(inputs, tmp_path):
+    out = tmp_path / "run"
+    config = _config(inputs, out, steps=40, checkpoint_every=40, lr=3e-3)
+    run_csft(config)
+    losses = [m["loss"] for m in _metrics(out) if "loss" in m]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    steps = [m for m in _metrics(out) if "negatives" in m]
+    assert max(m["negatives"] for m in steps) <= 2 * 16 * (3 + 1) - 1
+    assert all(0 <= m.get("queue_drift", 0) < 1 and m.get("queue_age", 1) <= 3 for m in steps)
+    report = evaluate_run(config)
+    assert set(report) == {"stage1", "csft"}
+    for row in report.values():
+        assert 0 <= row["recall@10"] <= row["recall@100"] <= 1 and 0 < row["pair_auc"] < 1
+        assert row["test_pairs"] == pq.read_metadata(inputs[0] / "pairs_test.parquet").num_rows
+    assert json.loads((out / "eval.json").read_text()) == report
+
+
+def _trainable_state(out: Path):
+    model = load_csft_model(out / "mm_encoder")
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def test_resume_from_a_checkpoint_gives_the_same_weights(inputs, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_csft(_config(inputs, straight))
+    run_csft(_config(inputs, resumed))
+    # What a run killed after step 4 leaves: the step-3 checkpoint, no artifact.
+    (resumed / "checkpoints" / "step-000000006.pt").unlink()
+    for path in (resumed / "mm_encoder").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    run_csft(_config(inputs, resumed))
+    assert "resume" in [m.get("event") for m in _metrics(resumed)]
+    want, got = _trainable_state(straight), _trainable_state(resumed)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(loss=LossConfig(kind="pairwise_ce")),
+    dict(loss=LossConfig(kind="category_ce")),
+    dict(loss=LossConfig(alpha=0.0, beta=0.0),
+         negatives=NegativesConfig(hard=False, queue_batches=0, all_gather=False),
+         model=ModelConfig(fusion=FusionConfig(kind="concat", hidden=16))),
+    dict(model=ModelConfig(fusion=FusionConfig(kind="lowrank", hidden=16, rank=2, residual=False),
+                           query=QueryConfig(share_vision=False), train_backbones=True)),
+], ids=["pairwise_ce", "category_ce", "all_extensions_off", "backbones_train"])
+def test_variants_run_and_save_a_loadable_encoder(inputs, tmp_path, changes):
+    out = tmp_path / "variant"
+    run_csft(_config(inputs, out, steps=2, checkpoint_every=2, **changes))
+    model = load_csft_model(out / "mm_encoder")
+    record = [m for m in _metrics(out) if "loss" in m][-1]
+    if changes.get("loss", LossConfig()).kind == "category_ce":
+        assert "category_ce" in record
+    elif "negatives" in changes:  # no hard negatives, no queue, one rank: N - 1
+        assert record["negatives"] <= 16 - 1 and set(record) >= {"q2item"} and "q2txt" not in record
+    if changes.get("model", ModelConfig()).train_backbones:
+        stage1 = load_encoders(inputs[1])
+        moved = [not torch.equal(a, b) for a, b in zip(stage1.text.parameters(),
+                                                        model.items.pair.text.parameters())]
+        assert any(moved)  # the trainable backbone layers did train
+
+
+def _write_config(config: CsftConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(config)))))
+    return path
+
+
+def test_two_rank_gloo_run(inputs, tmp_path):
+    out = tmp_path / "ddp"
+    config_file = _write_config(_config(inputs, out, steps=4), tmp_path / "c.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         f"--master-port={free_port()}", "-m", "train.cli", "csft", "--config",
+         str(config_file)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _metrics(out)
+    assert records[0]["world_size"] == 2
+    # N = 8 per rank, P = 2, hard negatives: 2NP = 32 current rows; the queue adds 32 a step.
+    negatives = [m["negatives"] for m in records if "negatives" in m]
+    assert negatives[0] <= 31 and max(negatives) <= 2 * 8 * 2 * (3 + 1) - 1
+    assert max(negatives) > 31  # the queue did add candidates
+    assert (out / "mm_encoder" / "manifest.json").exists()
+
+
+def test_unknown_signal_in_the_pairs_file_is_named(inputs, tmp_path, capsys):
+    world = tmp_path / "world"
+    world.mkdir()
+    for name in ("items.parquet", "pairs_test.parquet", "events_test.parquet"):
+        (world / name).symlink_to(inputs[0] / name)
+    table = pq.read_table(inputs[0] / "pairs_train.parquet")
+    signals = table.column("signal").to_pylist()
+    signals[7] = "wishlist"
+    index = table.column_names.index("signal")
+    pq.write_table(table.set_column(index, "signal", [signals]), world / "pairs_train.parquet")
+    config = _config((world, inputs[1], inputs[2]), tmp_path / "out")
+    config_file = _write_config(config, tmp_path / "c.yaml")
+    assert cli.main(["csft", "--config", str(config_file)]) == 2
+    assert "pairs_train.parquet, row 7, field 'signal'" in capsys.readouterr().err
+
+
+def test_no_pairs_of_the_chosen_signal_is_an_error(inputs, tmp_path, capsys):
+    config = _config(inputs, tmp_path / "out")
+    config_file = _write_config(config, tmp_path / "c.yaml")
+    assert cli.main(["csft", "--config", str(config_file), "data.signals=[refund]"]) == 2
+    assert "no pairs with signal in ['refund']" in capsys.readouterr().err

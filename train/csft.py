@@ -1,0 +1,255 @@
+"""``mim csft``: stage 2, C-SFT on the <query image, item> pairs; ``mim csft-eval``: query->item
+recall and content-interest AUC of the stage-1 embeddings and of the C-SFT towers.
+
+A run folder holds ``config.json``, ``checkpoints/`` (periodic, for exact resume after a
+kill: re-run the same command), ``metrics.jsonl`` (+ ``tb/`` when TensorBoard is
+installed), ``features/`` (cached backbone features, unless ``data.feature_cache`` points
+elsewhere), ``mm_encoder/`` (the artifact the representation center loads) and
+``eval.json``. Multi-process: ``torchrun --nproc-per-node 2 -m train.cli csft ...`` (gloo on
+CPU, nccl on GPU); the global batch is split over ranks and item rows all-gathered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Dict
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("csft", help="stage 2: C-SFT of the item (TFN) and query "
+                                                "towers on <query image, item> pairs")
+    _common_args(parser)
+    parser.add_argument("--eval", action="store_true", help="after training, evaluate as "
+                                                             "csft-eval does")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="skip training; evaluate the run folder (same as csft-eval)")
+    parser.set_defaults(func=_run_cli)
+    evaluate = subparsers.add_parser("csft-eval", help="query->item recall@k and content-"
+                                                       "interest AUC: stage 1 vs C-SFT")
+    _common_args(evaluate)
+    evaluate.set_defaults(func=_eval_cli)
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML/JSON file of CsftConfig")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.world=DIR "
+                                                     "encoders=DIR out=runs/csft steps=300")
+
+
+def _load(args: argparse.Namespace):
+    from mim_rec.config import load_config
+    from mim_rec.csft.config import CsftConfig
+    return load_config(CsftConfig, args.config, args.overrides)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if not args.eval_only:
+        run_csft(config)
+    return _eval_cli(args, config) if args.eval or args.eval_only else 0
+
+
+def _eval_cli(args: argparse.Namespace, config=None) -> int:
+    from mim_rec.utils.dist import init_distributed
+    config = config or _load(args)
+    if init_distributed(config.device).is_main:
+        print(format_table(evaluate_run(config)))
+    return 0
+
+
+# ----------------------------------------------------------------------------- training
+
+def run_csft(config) -> Path:
+    """Train (or resume) a run in ``config.out``; returns the MM encoder folder."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from mim_rec.csft.data import FeatureCache, TrainingInputs, WorldInputs
+    from mim_rec.csft.model import CsftModel, save_mm_encoder
+    from mim_rec.csft.negatives import SameCategorySampler
+    from mim_rec.csft.objective import CsftObjective
+    from mim_rec.data.manifest import fingerprint_config, fingerprint_file, fingerprint_tree
+    from mim_rec.encoders import load_encoders
+    from mim_rec.encoders.freeze import describe_trainable
+    from mim_rec.utils.dist import barrier, init_distributed
+    from mim_rec.utils.run import JsonlLogger, seed_everything
+    from train.common import CheckpointManager
+    from train.pretrain import _batch_index, _local_batch
+
+    ctx = init_distributed(config.device)
+    out = Path(config.out)
+    seed_everything(config.seed)  # identical initial weights on every rank
+    model = CsftModel(load_encoders(config.encoders), config.model)
+    world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
+                        batch_size=config.eval.batch_size)
+    pairs = world.pairs("train", config.data.signals)
+    if not ctx.is_main:
+        barrier()  # rank 0 computes and caches the backbone features first
+    inputs = TrainingInputs(world, pairs, model, features=not config.model.train_backbones)
+    if ctx.is_main:
+        barrier()
+    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(pairs))
+    sampler = SameCategorySampler(world.item_categories) if config.negatives.hard else None
+    objective = CsftObjective(model, config.loss, config.negatives,
+                              num_categories=int(world.item_categories.max()) + 1).to(ctx.device)
+    optimizer = _optimizer(objective, config)
+    step_module = objective
+    if ctx.world_size > 1:
+        # The category baseline never runs the query tower, hence find_unused_parameters.
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=config.loss.kind == "category_ce")
+
+    checkpoints = CheckpointManager(out / "checkpoints", fingerprint_config(config))
+    resumed = checkpoints.resume(objective, optimizer)
+    step = resumed.step if resumed else 0
+    if resumed:
+        objective.negatives.queue.load_state_dict(_to_device(resumed.extra["queues"][ctx.rank],
+                                                             ctx.device))
+    logger = None
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        logger = JsonlLogger(out / "metrics.jsonl", tensorboard_dir=out / "tb")
+        logger.log({"event": "resume" if resumed else "start", "world_size": ctx.world_size,
+                    "train_pairs": len(pairs), "signals": config.data.signals,
+                    "backbone_features_cached": inputs.features,
+                    "trainable": describe_trainable(objective)}, step=step)
+    progress = tqdm(total=config.steps, initial=step, desc="csft", disable=not ctx.is_main)
+    started = time.time()
+    objective.train()
+    for step in range(step, config.steps):
+        index = _batch_index(step, len(pairs), config.data.batch_size, config.seed)
+        mine = slice(ctx.rank * local_batch, (ctx.rank + 1) * local_batch)
+        item_ids = pairs.item_ids[index][mine]
+        if sampler is not None:  # drawn for the global batch: the same on any world size
+            negatives = sampler(pairs.item_ids[index], np.random.default_rng([config.seed, step]))
+            item_ids = np.concatenate([item_ids, negatives[mine]])
+        batch = inputs.batch(index[mine], item_ids, world.item_categories[item_ids], ctx.device)
+        losses = step_module(batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        progress.update(1)
+        done = step + 1
+        if logger is not None and (done % config.log_every == 0 or done == config.steps):
+            record = {k: v.item() for k, v in losses.items()}
+            record.update(_queue_drift(objective, inputs, ctx.device, done))
+            logger.log(record, step=done)
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            checkpoints.save(done, objective, optimizer,
+                             extra={"queues": _all_queue_states(objective.negatives.queue)})
+    progress.close()
+    final = out / "mm_encoder"
+    if ctx.is_main:
+        inputs_fp = {"encoders": fingerprint_tree(config.encoders),
+                     "items": fingerprint_file(world.items_path),
+                     "pairs_train": fingerprint_file(pairs.path)}
+        fingerprint = save_mm_encoder(final, model, inputs=inputs_fp,
+                                      extra={"steps": config.steps, "signals": config.data.signals,
+                                             "loss": config.loss.kind})
+        logger.log({"event": "done", "fingerprint": fingerprint,
+                    "hard_negative_fallbacks": sampler.fallbacks if sampler else 0,
+                    "train_seconds": round(time.time() - started, 1)}, step=config.steps)
+        logger.close()
+    barrier()
+    return final
+
+
+def _feature_cache(config, cache_type):
+    return cache_type(config.data.feature_cache or Path(config.out) / "features")
+
+
+def _optimizer(objective, config):
+    """AdamW, backbone layers (when they train) at ``backbone_lr``, everything else at ``lr``."""
+    import torch
+    backbone_ids = {id(p) for m in objective.model.backbone_modules().values() for p in m.parameters()}
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in backbone_ids], "lr": config.lr}]
+    backbone = [p for p in trainable if id(p) in backbone_ids]
+    if backbone:
+        groups.append({"params": backbone, "lr": config.backbone_lr})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def _queue_drift(objective, inputs, device, step: int) -> Dict[str, float]:
+    """How stale the queue is when step ``step`` reads it: 1 - mean cosine between the
+    oldest queued item rows and the same items embedded by the current weights (0 = exact),
+    and their age in steps."""
+    import torch
+    oldest = objective.negatives.queue.oldest()
+    if oldest is None:
+        return {}
+    with torch.no_grad():
+        was_training = objective.training
+        objective.eval()
+        images, titles = inputs.items(oldest.item_ids.cpu().numpy(), device)
+        items = objective.model.items
+        now = items.from_features(images, titles) if inputs.features else items(images, titles)
+        objective.train(was_training)
+    cosine = torch.nn.functional.cosine_similarity(now.mm, oldest.embeddings["item"], dim=-1)
+    return {"queue_drift": 1.0 - cosine.mean().item(), "queue_age": step - oldest.step}
+
+
+def _all_queue_states(queue):
+    """Every rank's queue (in rank order, on the CPU): without all-gather they differ."""
+    import torch.distributed as dist
+    mine = _to_device(queue.state_dict(), "cpu")
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _to_device(state, device):
+    import torch
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_device(v, device) for v in state]
+    return state
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_run(config) -> Dict[str, Dict[str, float]]:
+    """Stage-1 embeddings vs the run's ``mm_encoder/`` on the held-out pairs and impressions;
+    writes ``OUT/eval.json``."""
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.csft.evaluate import csft_embeddings, evaluate_embeddings, stage1_embeddings
+    from mim_rec.csft.model import load_csft_model
+    from mim_rec.encoders import load_encoders
+
+    out = Path(config.out)
+    world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
+                        batch_size=config.eval.batch_size)
+    report: Dict[str, Dict[str, float]] = {}
+    started = time.time()
+    report["stage1"] = evaluate_embeddings(stage1_embeddings(load_encoders(config.encoders), world),
+                                           world, config.eval.ks)
+    report["stage1"]["seconds"] = round(time.time() - started, 1)
+    if (out / "mm_encoder" / "manifest.json").exists():
+        started = time.time()
+        report["csft"] = evaluate_embeddings(csft_embeddings(load_csft_model(out / "mm_encoder"), world),
+                                             world, config.eval.ks)
+        report["csft"]["seconds"] = round(time.time() - started, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_table(report: Dict[str, Dict[str, float]]) -> str:
+    columns = [c for c in next(iter(report.values())) if c.startswith("recall@")] + ["pair_auc", "gauc"]
+    lines = ["| embeddings | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row, metrics in report.items():
+        lines.append(f"| {row} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)
