@@ -84,7 +84,7 @@ def run_csft(config) -> Path:
     ctx = init_distributed(config.device)
     out = Path(config.out)
     seed_everything(config.seed)  # identical initial weights on every rank
-    model = CsftModel(load_encoders(config.encoders), config.model)
+    model = CsftModel(load_encoders(config.encoders), config.model).to(ctx.device)
     world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
                         batch_size=config.eval.batch_size)
     pairs = world.pairs("train", config.data.signals)
