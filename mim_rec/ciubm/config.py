@@ -27,6 +27,7 @@ class ModelConfig:
     user_dim: int = 16
     query_dim: int = 8
     mm_dim: Optional[int] = None           # None: the MM table's dim (64 for the random stand-in)
+    mm_dtype: str = "fp32"                 # storage of the frozen MM table: fp32 | fp16 (int8: see sparse.py)
     query_buckets: int = 20_000
     over_arch: List[int] = field(default_factory=lambda: [200, 80])
     dien_aux_weight: float = 1.0

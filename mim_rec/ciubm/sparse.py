@@ -5,7 +5,8 @@
   behaviours), so target and behaviours share one item table.
 * ``mm``: the frozen multi-modal table (a :class:`FrozenEmbeddingBagCollection`): looked up
   under ``no_grad``, sharded by its own sharder whose fused optimizer is plain SGD at learning
-  rate 0 (it has no state), and filled from the representation center.
+  rate 0 (it has no state), and filled from the representation center. Its storage precision
+  is ``ModelConfig.mm_dtype`` (:func:`mm_data_type`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,25 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.modules.embedding_configs import DataType
 
 from mim_rec.ciubm.config import ModelConfig
+from mim_rec.config import ConfigError
 
 MM_TABLE = "mm_item"
+MM_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+
+# Why int8 is refused rather than silently widened: fbgemm's training TBE does run INT8 rows
+# on CPU (codes + an fp32 scale and bias per row, ``dim + 8`` bytes), but TorchRec 1.9's
+# fused kernel then wraps those ``[rows, dim + 8]`` rows in a ShardedTensor declared
+# ``[rows, dim]`` (``EmbeddingFusedOptimizer``, device-independent code) and fails.
+INT8_UNSUPPORTED = (
+    "model.mm_dtype=int8: TorchRec 1.9's sharded (training) EmbeddingBagCollection cannot hold an "
+    "INT8 table: sharding it fails with 'Shard tensor size does not match with "
+    "metadata.shard_lengths! Found shard tensor size: [rows, dim + 8], metadata.shard_lengths: "
+    "[rows, dim]' (fbgemm stores a per-row scale and bias next to the codes). Use "
+    "model.mm_dtype=fp16 for half the memory; an int8 table folder (MM_TABLE_INT8) still loads, "
+    "dequantised, into fp16 or fp32 storage")
 
 
 class FrozenEmbeddingBagCollection(EmbeddingBagCollection):
@@ -42,9 +58,19 @@ class FrozenSharder(EmbeddingBagCollectionSharder):
         return FrozenEmbeddingBagCollection
 
 
-def _table(name: str, rows: int, dim: int, features: List[str]) -> EmbeddingBagConfig:
+def mm_data_type(name: str) -> DataType:
+    """The TorchRec storage type of the frozen MM table for ``ModelConfig.mm_dtype``."""
+    if name == "int8":
+        raise ConfigError(INT8_UNSUPPORTED)
+    if name not in MM_DTYPES:
+        raise ConfigError(f"model.mm_dtype={name!r}: choose one of {sorted(MM_DTYPES)}")
+    return MM_DTYPES[name]
+
+
+def _table(name: str, rows: int, dim: int, features: List[str],
+           data_type: DataType = DataType.FP32) -> EmbeddingBagConfig:
     return EmbeddingBagConfig(name=name, num_embeddings=rows, embedding_dim=dim,
-                              feature_names=features, pooling=PoolingType.SUM)
+                              feature_names=features, pooling=PoolingType.SUM, data_type=data_type)
 
 
 class SparseArch(nn.Module):
@@ -67,7 +93,8 @@ class SparseArch(nn.Module):
             _table("category", num_categories, config.category_dim, ["category_seq"]),
         ], device=device)
         self.mm = FrozenEmbeddingBagCollection(tables=[
-            _table(MM_TABLE, num_items, config.mm_dim, ["mm_item_seq"])], device=device) \
+            _table(MM_TABLE, num_items, config.mm_dim, ["mm_item_seq"], mm_data_type(config.mm_dtype))],
+            device=device) \
             if config.uses_mm else None
 
     def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor, batch_size: int
@@ -78,7 +105,8 @@ class SparseArch(nn.Module):
         mm = None
         if self.mm is not None:
             with torch.no_grad():
-                mm = self.mm(sequence).to_dict()["mm_item_seq"].view(batch_size, -1, self.config.mm_dim)
+                rows = self.mm(sequence).to_dict()["mm_item_seq"].float()  # fp16 storage may pool in fp16
+                mm = rows.view(batch_size, -1, self.config.mm_dim)
         return pooled_out, ids, mm
 
 

@@ -1,0 +1,81 @@
+"""Compact MM tables: row-wise INT8 quantisation of a table folder, and its memory arithmetic.
+
+A row ``v`` is stored as int8 codes ``q`` with one fp32 ``scale`` and ``bias`` per row,
+``v ~ q * scale + bias`` (the ``MM_TABLE_INT8`` contract, which :func:`embeddings.table.read_mm_rows`
+dequantises). The codes span the row's own ``[min, max]``, so the error of any value is at most
+``scale / 2 = (max - min) / 510``. This is the layout fbgemm's INT8 embedding rows use (codes
+plus a per-row scale and bias), so a quantised folder measures the CTR effect of int8 values
+exactly, whatever precision the trainer then stores them in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, read_manifest, write_manifest
+from mim_rec.data.schemas import MM_TABLE_INT8
+
+from embeddings.table import read_mm_rows, table_parts
+
+# Bytes one stored row takes, by precision: fbgemm's INT8 row carries an fp32 scale and bias.
+INT8_ROW_OVERHEAD = 8
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+def row_bytes(dtype: str, dim: int) -> int:
+    """Bytes of one table row stored at ``dtype`` (fp32 | fp16 | int8)."""
+    return dim * ELEMENT_BYTES[dtype] + (INT8_ROW_OVERHEAD if dtype == "int8" else 0)
+
+
+def quantise_rows(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(codes int8 [n, d], scale fp32 [n], bias fp32 [n])`` with ``codes * scale + bias ~ vectors``."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    low, high = vectors.min(axis=1), vectors.max(axis=1)
+    scale = np.maximum((high - low) / 255.0, np.finfo(np.float32).tiny).astype(np.float32)
+    bias = (low + 128.0 * scale).astype(np.float32)
+    codes = np.clip(np.rint((vectors - bias[:, None]) / scale[:, None]), -128, 127).astype(np.int8)
+    return codes, scale, bias
+
+
+def dequantise_rows(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    return codes.astype(np.float32) * scale[:, None] + bias[:, None]
+
+
+def quantise_table(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
+    """Write an ``MM_TABLE_INT8`` copy of the fp table folder ``source`` into ``out_dir``.
+
+    Part for part (same item ranges), so a rank loading one shard still reads one part; the
+    manifest keeps the source's lineage and records the worst per-row quantisation step.
+    """
+    from mim_rec.data.io import write_table
+
+    source, out = Path(source), Path(out_dir)
+    manifest = read_manifest(source)
+    if manifest.kind != "mm_table" or manifest.dtype not in ("float32", "float16"):
+        raise ValueError(f"{source}: not an fp MM table (kind {manifest.kind!r}, dtype {manifest.dtype!r})")
+    out.mkdir(parents=True, exist_ok=True)
+    dim, worst_step = int(manifest.dim), 0.0
+    for part in tqdm(table_parts(source), desc="int8 quantise", unit="part"):
+        ids = pq.read_table(part, columns=["item_id"])["item_id"].to_numpy()
+        start, stop = int(ids.min()), int(ids.max()) + 1
+        if stop - start != len(ids):
+            raise ValueError(f"{part}: item ids are not one contiguous range; cannot quantise part-wise")
+        codes, scale, bias = quantise_rows(read_mm_rows(source, start, stop, dim).numpy())
+        worst_step = max(worst_step, float(scale.max()))
+        table = pa.table({"item_id": pa.array(np.arange(start, stop), pa.int64()),
+                          "vector": pa.array(list(codes), pa.list_(pa.int8())),
+                          "scale": scale, "bias": bias})
+        write_table(table, out / part.name, MM_TABLE_INT8, item_count=manifest.row_count,
+                    vector_dims={"vector": dim})
+    write_manifest(out, Manifest(
+        kind="mm_table", stage="quantise", config={"scheme": "row-wise int8, value = q * scale + bias"},
+        row_count=manifest.row_count, dim=dim, dtype="int8",
+        inputs={"mm_table": fingerprint_file(manifest_path(source))},
+        extra={**manifest.extra, "source": str(source), "max_scale": worst_step}))
+    return out
