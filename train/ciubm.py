@@ -151,6 +151,13 @@ def mm_table_state_key(model) -> str:
     return keys[0]
 
 
+def mm_table_bytes(model) -> int:
+    """Bytes of this rank's shards of the MM table (its storage precision included)."""
+    weight = model.state_dict()[mm_table_state_key(model)]
+    tensors = [s.tensor for s in weight.local_shards()] if hasattr(weight, "local_shards") else [weight]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def fill_mm_table(model, rows_of) -> None:
     """Fill this rank's shards of the frozen MM table: ``rows_of(start, stop)`` returns the
     ``[stop - start, dim]`` vectors of items ``start..stop-1``; only local rows are asked for."""
@@ -225,8 +232,11 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     if config.model.uses_mm:
         rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
         fill_mm_table(model, rows_of)
+        per_rank = [None] * ctx.world_size
+        dist.all_gather_object(per_rank, mm_table_bytes(model))
         if logger:
-            logger.log({"event": "mm_table", "source": source})
+            logger.log({"event": "mm_table", "source": source, "dtype": config.model.mm_dtype,
+                        "bytes_per_rank": per_rank})
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
