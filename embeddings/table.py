@@ -25,24 +25,43 @@ def table_parts(table_dir: Union[str, Path]) -> List[Path]:
     return parts
 
 
-def check_table(table_dir: Union[str, Path], num_items: int, dim: int) -> None:
-    """Refuse a folder that is not a complete MM table of ``num_items`` rows of ``dim``."""
+MISSING_POLICIES = ("error", "default")
+
+
+def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: str = "error") -> int:
+    """Refuse a folder that is not an MM table of ``dim`` for a catalogue of ``num_items``;
+    returns how many catalogue items it lacks.
+
+    ``missing="error"`` wants a complete table (one row per item). ``missing="default"``
+    accepts a table lacking some items (new ones that RIM has not embedded yet): they read as
+    the default vector, zeros, and the returned count says how many there are.
+    """
+    _check_policy(missing)
     manifest = read_manifest(table_dir)
     if manifest.kind != "mm_table":
         raise ManifestMismatch(f"{table_dir}: manifest kind is {manifest.kind!r}, not 'mm_table'")
     if manifest.dim != dim:
         raise ManifestMismatch(f"{table_dir}: table dim {manifest.dim} != model.mm_dim {dim}")
-    if manifest.row_count != num_items:
-        raise ManifestMismatch(f"{table_dir}: table has {manifest.row_count} rows, the catalogue {num_items} items")
+    _, high = manifest.extra.get("id_range", [0, manifest.row_count])
+    if high > num_items:
+        raise ManifestMismatch(f"{table_dir}: table ids reach {high - 1}, the catalogue has {num_items} items")
+    lacking = num_items - manifest.row_count
+    if lacking and missing == "error":
+        raise ManifestMismatch(f"{table_dir}: table has {manifest.row_count} rows, the catalogue {num_items} items "
+                               "(missing=default reads the absent items as zero vectors)")
+    return lacking
 
 
-def read_mm_rows(table_dir: Union[str, Path], start: int, stop: int, dim: int) -> torch.Tensor:
+def read_mm_rows(table_dir: Union[str, Path], start: int, stop: int, dim: int,
+                 missing: str = "error") -> torch.Tensor:
     """Vectors of items ``start..stop-1`` as ``[stop - start, dim]`` float32.
 
     Reads only the parts (and, inside them, the row groups) whose ``item_id`` statistics
     overlap the range, so a rank holding one shard of a sharded table never reads the rest.
-    Rows of the wrong length, non-finite values and ids the table lacks are errors.
+    Rows of the wrong length and non-finite values are errors; ids the table lacks are an
+    error too, or with ``missing="default"`` zero vectors (the default, never garbage).
     """
+    _check_policy(missing)
     out = torch.zeros(stop - start, dim)
     seen = np.zeros(stop - start, dtype=bool)
     for part in table_parts(table_dir):
@@ -62,7 +81,7 @@ def read_mm_rows(table_dir: Union[str, Path], start: int, stop: int, dim: int) -
             raise DataError(str(part), f"non-finite vector of item {ids[nonfinite[0]]}", field="vector")
         out[torch.from_numpy(ids - start)] = torch.from_numpy(vectors)
         seen[ids - start] = True
-    if not seen.all():
+    if not seen.all() and missing == "error":
         raise DataError(str(table_dir), f"{int((~seen).sum())} of {stop - start} items in {start}..{stop - 1} "
                         f"have no vector (first: item {start + int(np.flatnonzero(~seen)[0])}); "
                         "rebuild the table for this catalogue")
@@ -73,6 +92,17 @@ def read_mm_table(table_dir: Union[str, Path], num_items: int, dim: int) -> torc
     """All vectors as ``[num_items, dim]`` float32, row i = item i (see :func:`read_mm_rows`)."""
     check_table(table_dir, num_items, dim)
     return read_mm_rows(table_dir, 0, num_items, dim)
+
+
+def table_item_ids(table_dir: Union[str, Path]) -> np.ndarray:
+    """Every item id the table holds, sorted (reads only the ``item_id`` column)."""
+    ids = [pq.read_table(part, columns=["item_id"])["item_id"].to_numpy() for part in table_parts(table_dir)]
+    return np.sort(np.concatenate(ids))
+
+
+def _check_policy(missing: str) -> None:
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing={missing!r}: choose one of {MISSING_POLICIES}")
 
 
 def _id_bounds(part: Path) -> tuple:

@@ -39,6 +39,7 @@ class DataPaths:
 class TrainConfig:
     data: DataPaths = field(default_factory=DataPaths)
     mm_table: Optional[str] = None     # representation-center table folder; None = random stand-in
+    mm_missing: str = "error"          # items the table lacks: error | default (zero vector, counted)
     out: str = "runs/ciubm"
     model: ModelConfig = field(default_factory=ModelConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -151,11 +152,18 @@ def mm_table_state_key(model) -> str:
     return keys[0]
 
 
+def local_mm_shards(model):
+    """``(row offset, column offset, tensor)`` of each shard of the frozen MM table on this
+    rank; each tensor is the live storage, so writing it changes what the model looks up."""
+    weight = model.state_dict()[mm_table_state_key(model)]
+    if not hasattr(weight, "local_shards"):
+        return [(0, 0, weight)]
+    return [(*shard.metadata.shard_offsets, shard.tensor) for shard in weight.local_shards()]
+
+
 def mm_table_bytes(model) -> int:
     """Bytes of this rank's shards of the MM table (its storage precision included)."""
-    weight = model.state_dict()[mm_table_state_key(model)]
-    tensors = [s.tensor for s in weight.local_shards()] if hasattr(weight, "local_shards") else [weight]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for _, _, t in local_mm_shards(model))
 
 
 def fill_mm_table(model, rows_of) -> None:
@@ -163,19 +171,16 @@ def fill_mm_table(model, rows_of) -> None:
     ``[stop - start, dim]`` vectors of items ``start..stop-1``; only local rows are asked for."""
     import torch
 
-    weight = model.state_dict()[mm_table_state_key(model)]
     with torch.no_grad():
-        if hasattr(weight, "local_shards"):
-            for shard in weight.local_shards():
-                (r, c), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(rows_of(r, r + rows)[:, c:c + cols])
-        else:
-            weight.copy_(rows_of(0, weight.size(0)))
+        for r, c, tensor in local_mm_shards(model):
+            rows, cols = tensor.shape
+            tensor.copy_(rows_of(r, r + rows)[:, c:c + cols])
 
 
 def mm_rows(config: TrainConfig, num_items: int, dim: int):
     """``(rows_of, source)``: the representation center's table read range by range, or a
-    seeded random stand-in."""
+    seeded random stand-in. ``source`` counts the items given the zero default vector
+    (``mm_missing=default``)."""
     import torch
 
     if config.mm_table is None:
@@ -183,8 +188,10 @@ def mm_rows(config: TrainConfig, num_items: int, dim: int):
         vectors = torch.randn(num_items, dim, generator=generator)
         return (lambda start, stop: vectors[start:stop]), "random stand-in (no mm_table given)"
     from embeddings.table import check_table, read_mm_rows
-    check_table(config.mm_table, num_items, dim)
-    return (lambda start, stop: read_mm_rows(config.mm_table, start, stop, dim)), f"table {config.mm_table}"
+    lacking = check_table(config.mm_table, num_items, dim, config.mm_missing)
+    source = f"table {config.mm_table}" + (f" ({lacking} of {num_items} items missing: zero vectors)"
+                                           if lacking else "")
+    return (lambda start, stop: read_mm_rows(config.mm_table, start, stop, dim, config.mm_missing)), source
 
 
 # ---------------------------------------------------------------- train / evaluate

@@ -1,0 +1,220 @@
+"""RIM's window-message log: an append-only file of embedded new items.
+
+Each record is one *window message*, the items the RIM service embedded in one batch window::
+
+    frame    = magic b"RIM1" | payload length (uint32 LE) | CRC32 of payload (uint32 LE)
+    payload  = header length (uint32 LE) | header (UTF-8 JSON) | vectors (float32 LE, n x dim)
+    header   = {"fingerprint", "dim", "embedded_at", "item_ids": [n], "arrived_at": [n]}
+
+Offsets are byte offsets of record boundaries, so a consumer (the table fold, a live CTR
+model) remembers how far it has read and resumes there.
+
+Durability: :meth:`RimLog.append` writes one record and ``fsync``s it before returning, and the
+service acknowledges an item only after that, so an acknowledged item survives a crash. A
+crash can only tear the record being written, i.e. the last one: on open, a record that is
+incomplete or fails its CRC *at the end of the file* is a torn tail and is truncated (the
+dropped byte count is reported). The same defect with intact records after it cannot come from
+a crash; that is corruption and is refused with its offset, never skipped, because the records
+after it were acknowledged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Set, Tuple, Union
+
+import numpy as np
+
+from mim_rec.data.errors import DataError, ManifestMismatch
+
+MAGIC = b"RIM1"
+_FRAME = struct.Struct("<4sII")     # magic, payload length, crc32(payload)
+_HEADER_LEN = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class WindowMessage:
+    """Items embedded in one batch window: ``vectors[i]`` is item ``item_ids[i]``'s vector."""
+
+    item_ids: np.ndarray       # [n] int64
+    vectors: np.ndarray        # [n, dim] float32
+    fingerprint: str           # the item encoder that produced the vectors
+    arrived_at: np.ndarray     # [n] float64, Unix seconds each item reached the service
+    embedded_at: float         # Unix seconds the window was embedded
+
+    def __post_init__(self) -> None:
+        n = len(self.item_ids)
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != n or len(self.arrived_at) != n:
+            raise ValueError(f"window message of {n} ids has vectors {self.vectors.shape} "
+                             f"and {len(self.arrived_at)} arrival times")
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def encode(self) -> bytes:
+        header = json.dumps({"fingerprint": self.fingerprint, "dim": self.dim,
+                             "embedded_at": self.embedded_at,
+                             "item_ids": [int(i) for i in self.item_ids],
+                             "arrived_at": [float(t) for t in self.arrived_at]}).encode()
+        payload = _HEADER_LEN.pack(len(header)) + header + self.vectors.astype("<f4").tobytes()
+        return _FRAME.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+    @staticmethod
+    def decode(payload: bytes) -> "WindowMessage":
+        (header_len,) = _HEADER_LEN.unpack_from(payload)
+        header = json.loads(payload[_HEADER_LEN.size:_HEADER_LEN.size + header_len])
+        vectors = np.frombuffer(payload, dtype="<f4", offset=_HEADER_LEN.size + header_len)
+        return WindowMessage(np.asarray(header["item_ids"], dtype=np.int64),
+                             vectors.reshape(len(header["item_ids"]), header["dim"]).astype(np.float32),
+                             header["fingerprint"], np.asarray(header["arrived_at"], dtype=np.float64),
+                             float(header["embedded_at"]))
+
+
+class _TornTail(Exception):
+    """The record at this offset was cut short by a crash (only possible for the last one)."""
+
+
+def _frame_end(data: memoryview, offset: int, path: Path) -> int:
+    """End offset of the intact record at ``offset``; raises :class:`_TornTail` for a torn
+    last record and :class:`DataError` for a damaged record followed by more data."""
+    size = len(data)
+    if size - offset < _FRAME.size:
+        raise _TornTail
+    magic, length, crc = _FRAME.unpack_from(data, offset)
+    end = offset + _FRAME.size + length
+    if magic != MAGIC:
+        if not any(data[offset:]):  # a crash can leave a zero-filled tail on some filesystems
+            raise _TornTail
+        raise DataError(str(path), f"no record at byte {offset} (bad magic {bytes(magic)!r}); "
+                        "the log is corrupt, not torn")
+    if end > size:
+        raise _TornTail
+    if zlib.crc32(data[offset + _FRAME.size:end]) != crc:
+        if end == size:
+            raise _TornTail
+        raise DataError(str(path), f"record at byte {offset} fails its CRC with {size - end} bytes "
+                        "after it; the log is corrupt, not torn")
+    return end
+
+
+def _records(path: Path, offset: int, stop: Optional[int]) -> Iterator[Tuple[int, memoryview]]:
+    """``(end offset, payload)`` of every intact record from ``offset`` (to ``stop``)."""
+    if not path.is_file():
+        return
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        data = memoryview(fh.read(-1 if stop is None else stop - offset))
+    position = 0
+    while position < len(data):
+        try:
+            end = _frame_end(data, position, path)
+        except _TornTail:
+            return
+        yield offset + end, data[position + _FRAME.size:end]
+        position = end
+
+
+def read_messages(path: Union[str, Path], offset: int = 0,
+                  stop: Optional[int] = None) -> Iterator[Tuple[int, WindowMessage]]:
+    """Yield ``(end offset, message)`` for every complete record from byte ``offset`` (up to
+    byte ``stop``, a record boundary).
+
+    Stops quietly at an incomplete last record -- the writer may be in the middle of appending
+    it -- so a consumer can call again later from the last offset it got (tailing the log).
+    """
+    for end, payload in _records(Path(path), offset, stop):
+        yield end, WindowMessage.decode(bytes(payload))
+
+
+def complete_end(path: Union[str, Path], offset: int = 0) -> int:
+    """The offset after the last complete record (frames and CRCs checked, nothing decoded)."""
+    end = offset
+    for end, _ in _records(Path(path), offset, None):
+        pass
+    return end
+
+
+def check_fingerprint(message: WindowMessage, expected: str, source: Union[str, Path]) -> None:
+    """Refuse vectors from another encoder than the table's (they live in another space)."""
+    if message.fingerprint != expected:
+        raise ManifestMismatch(f"{source}: window message of items {message.item_ids[:3].tolist()}... "
+                               f"was embedded by encoder {message.fingerprint!r}, the table by "
+                               f"{expected!r}; vectors from two encoders cannot share a table")
+
+
+class RimLog:
+    """The single writer of a window-message log (an exclusive lock refuses a second one).
+
+    Opening recovers the file: a torn tail is truncated (``recovered_bytes`` says how much) and
+    every record already there must come from ``fingerprint`` with vectors of ``dim``.
+    """
+
+    def __init__(self, path: Union[str, Path], fingerprint: str, dim: int) -> None:
+        self.path, self.fingerprint, self.dim = Path(path), fingerprint, dim
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise DataError(str(self.path), "another process is writing this log") from None
+        if created:
+            _fsync_dir(self.path.parent)
+        self.item_ids: Set[int] = set()
+        self.records = 0
+        self.end = 0
+        for self.end, message in read_messages(self.path):
+            check_fingerprint(message, fingerprint, self.path)
+            if message.dim != dim:
+                raise ManifestMismatch(f"{self.path}: records of dim {message.dim}, encoder dim {dim}")
+            self.item_ids.update(int(i) for i in message.item_ids)
+            self.records += 1
+        size = os.fstat(self._fd).st_size
+        self.recovered_bytes = size - self.end
+        if self.recovered_bytes:
+            os.ftruncate(self._fd, self.end)
+            os.fsync(self._fd)
+
+    def append(self, message: WindowMessage) -> int:
+        """Write one record and make it durable; returns the offset after it."""
+        check_fingerprint(message, self.fingerprint, self.path)
+        if message.dim != self.dim:
+            raise ValueError(f"vectors of dim {message.dim}, log of dim {self.dim}")
+        data = message.encode()
+        written = os.pwrite(self._fd, data, self.end)
+        if written != len(data):
+            os.ftruncate(self._fd, self.end)
+            raise OSError(f"{self.path}: short write ({written} of {len(data)} bytes)")
+        os.fsync(self._fd)
+        self.end += len(data)
+        self.records += 1
+        self.item_ids.update(int(i) for i in message.item_ids)
+        return self.end
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "RimLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a new file's directory entry durable (else a crash can lose the whole file)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
