@@ -11,6 +11,7 @@ from train.cli import add_command_group
 
 BENCH_COMMAND_MODULES: tuple = (
     "train.bench_sharding",
+    "train.bench_lookup",
 )
 
 

@@ -1,0 +1,82 @@
+"""``mim bench lookup``: the quick mode runs end to end and prints both per-sample costs and
+their ratio; the table it times is the one it was given, looked up exactly."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from mim_rec.data.io import write_table
+from mim_rec.data.manifest import Manifest, write_manifest
+from mim_rec.data.schemas import ITEMS, MM_TABLE_FP
+from train.cli import main
+
+ITEMS_COUNT, DIM = 40, 8
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench_lookup")
+    items = pa.table({"item_id": pa.array(np.arange(ITEMS_COUNT), pa.int64()),
+                      "raw_item_id": [str(i) for i in range(ITEMS_COUNT)],
+                      "category_id": pa.array(np.arange(ITEMS_COUNT) % 3, pa.int32()),
+                      "title": [f"red square item {i}" for i in range(ITEMS_COUNT)],
+                      "created_at": pa.array(np.zeros(ITEMS_COUNT, np.int64), pa.timestamp("s")),
+                      "image": pa.array([_png(i) for i in range(ITEMS_COUNT)], pa.binary())})
+    write_table(items, folder / "items.parquet", ITEMS)
+    vectors = np.arange(ITEMS_COUNT * DIM, dtype=np.float32).reshape(ITEMS_COUNT, DIM)
+    write_table(pa.table({"item_id": pa.array(np.arange(ITEMS_COUNT), pa.int64()),
+                          "vector": pa.array(list(vectors), pa.list_(pa.float32()))}),
+                folder / "table" / "part-00000.parquet", MM_TABLE_FP, item_count=ITEMS_COUNT,
+                vector_dims={"vector": DIM})
+    write_manifest(folder / "table", Manifest(kind="mm_table", stage="mfm", row_count=ITEMS_COUNT,
+                                              dim=DIM, dtype="float32"))
+    return folder
+
+
+def test_quick_mode_prints_both_costs_and_their_ratio(catalogue, capsys):
+    code = main(["bench", "lookup", "--quick", f"items={catalogue / 'items.parquet'}",
+                 f"mm_table={catalogue / 'table'}", "mm_dtype=fp16", "batch_size=4", "hist_len=3",
+                 "repeats=1", "lookup_repeats=3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lookup = float(re.search(r"^lookup\s+([\d,.]+)$", out, re.M).group(1).replace(",", ""))
+    encoder = float(re.search(r"^encoder\s+([\d,.]+)$", out, re.M).group(1).replace(",", ""))
+    ratio = float(re.search(r"encoder / lookup per sample: ([\d,.]+)x", out).group(1).replace(",", ""))
+    assert lookup > 0 and encoder > 0
+    assert ratio == pytest.approx(encoder / lookup, rel=0.02, abs=0.5)  # printed rounded
+    assert "4 samples x (1 target + 3 behaviours) = 16 items" in out and "fp16, 8-d" in out
+
+
+def test_the_timed_table_holds_the_given_vectors(catalogue):
+    from train.bench_lookup import LookupBenchConfig, _process_group, _table_rows, sharded_mm_table
+    from torchrec import KeyedJaggedTensor
+
+    config = LookupBenchConfig(items=str(catalogue / "items.parquet"), mm_table=str(catalogue / "table"))
+    rows_of, dim = _table_rows(config, ITEMS_COUNT, encoder_dim=16)
+    assert dim == DIM  # the table's own dim, not the encoder's
+    ids = torch.tensor([5, 0, 39, 5])
+    with _process_group():
+        table = sharded_mm_table(ITEMS_COUNT, dim, "fp32", rows_of)
+        with torch.no_grad():
+            looked_up = table.module.mm(KeyedJaggedTensor(
+                keys=["mm_item_seq"], values=ids, lengths=torch.ones(4, dtype=torch.long))).to_dict()["mm_item_seq"]
+    assert torch.equal(looked_up, rows_of(0, ITEMS_COUNT)[ids])
+
+
+def test_missing_encoder_is_a_clear_error(catalogue, capsys):
+    assert main(["bench", "lookup", f"items={catalogue / 'items.parquet'}"]) == 2
+    assert "--quick" in capsys.readouterr().err
