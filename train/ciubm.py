@@ -116,12 +116,16 @@ def _plan(model, config, ctx, sharders):
     import torch.distributed as dist
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 
+    from mim_rec.ciubm.placement import pin_tables
+
     constraints = {name: ParameterConstraints(sharding_types=c.sharding_types, compute_kernels=c.compute_kernels)
                    for name, c in config.model.constraints.items()}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
         batch_size=config.loader.batch_size, constraints=constraints)
-    return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    return pin_tables(model, plan, config.model.constraints, sharders, ctx.world_size,
+                      int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)), ctx.device.type)
 
 
 def build_sharded_model(config: TrainConfig, sizes: Dict[str, int], ctx):

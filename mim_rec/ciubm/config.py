@@ -13,6 +13,7 @@ class TableConstraint:
 
     sharding_types: Optional[List[str]] = None   # e.g. ["table_wise"], ["row_wise"]
     compute_kernels: Optional[List[str]] = None  # e.g. ["fused"], ["dense"]
+    ranks: Optional[List[int]] = None            # pin the shards to these ranks (mim_rec/ciubm/placement.py)
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""Pinning tables to ranks: the paper's parameter machines, expressed as a TorchRec plan.
+
+TorchRec's planner picks a sharding type and kernel per table (``TableConstraint.sharding_types``
+/ ``compute_kernels`` narrow its choice) but places shards itself. ``TableConstraint.ranks``
+adds the placement: the table's shards go to exactly those ranks -- table-wise on one rank,
+or column-wise across several -- so a large table (the MM table) can be kept on chosen
+"parameter" ranks while every rank runs the dense part. The sharded lookup then moves only
+the rows of the batch's ids between ranks (input all-to-all of ids, output all-to-all of
+pooled rows), which is the parameter-machine / computation-machine split of MIM's CMD.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List
+
+from torch import nn
+
+from mim_rec.ciubm.config import TableConstraint
+from mim_rec.config import ConfigError
+
+PINNABLE = ("table_wise", "column_wise")
+
+
+def check_pinned(name: str, constraint: TableConstraint, world_size: int) -> str:
+    """The sharding type a pinned table uses; a clear error for an impossible pin."""
+    ranks: List[int] = list(constraint.ranks or [])
+    types = constraint.sharding_types or (["table_wise"] if len(ranks) == 1 else ["column_wise"])
+    if len(types) != 1 or types[0] not in PINNABLE:
+        raise ConfigError(f"model.constraints.{name}.ranks needs one sharding type of {list(PINNABLE)}, "
+                          f"got sharding_types={constraint.sharding_types}")
+    if not ranks or any(r < 0 or r >= world_size for r in ranks) or len(set(ranks)) != len(ranks):
+        raise ConfigError(f"model.constraints.{name}.ranks={ranks}: distinct ranks in 0..{world_size - 1} "
+                          f"(world size {world_size})")
+    if types[0] == "table_wise" and len(ranks) != 1:
+        raise ConfigError(f"model.constraints.{name}.ranks={ranks}: table_wise puts a table on one rank")
+    return types[0]
+
+
+def pin_tables(model: nn.Module, plan, constraints: Dict[str, TableConstraint], sharders: Iterable,
+               world_size: int, local_size: int, device_type: str):
+    """``plan`` with every table whose constraint names ``ranks`` re-placed on those ranks."""
+    from torchrec.distributed import sharding_plan as sp
+
+    pinned = {name: c for name, c in constraints.items() if c.ranks}
+    for path, module_plan in plan.plan.items():
+        module = model.get_submodule(path)
+        sharder = next(s for s in sharders if type(module) is s.module_type)
+        parameters = sharder.shardable_parameters(module)
+        for name in [n for n in module_plan if n in pinned]:
+            constraint = pinned.pop(name)
+            sharding = check_pinned(name, constraint, world_size)
+            kernel = (constraint.compute_kernels or ["fused"])[0]
+            generator = sp.table_wise(rank=constraint.ranks[0], compute_kernel=kernel) \
+                if sharding == "table_wise" else sp.column_wise(ranks=list(constraint.ranks), compute_kernel=kernel)
+            module_plan[name] = generator(parameters[name], local_size, world_size, device_type, sharder)
+    if pinned:
+        raise ConfigError(f"model.constraints: no sharded table named {sorted(pinned)}")
+    return plan

@@ -1,0 +1,105 @@
+"""CMD on TorchRec: tables pinned to "parameter" ranks by configuration, and a lookup that
+moves only the rows of the batch's ids.
+
+Two gloo ranks build the trainer's plan (``train.ciubm._plan``) for the real CiUBM with the MM
+table pinned to rank 1 and the item table to rank 0; each rank then looks up its own batch of
+ids, and a hook on each rank's embedding kernel records the ids it actually served.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mim_rec.ciubm.config import ModelConfig, TableConstraint
+from mim_rec.config import ConfigError
+from mim_rec.utils.dist import free_port
+
+ITEMS, USERS, CATEGORIES, MM_DIM = 1000, 50, 5, 8
+BATCHES = {0: [3, 3, 17, 512], 1: [999, 17, 40]}  # each rank's ids: duplicates, shared ids, both ends
+
+
+def _config(**mm_pin):
+    from train.ciubm import DataPaths, TrainConfig
+
+    model = ModelConfig(mm_dim=MM_DIM, query_buckets=100, constraints={
+        "mm_item": TableConstraint(**mm_pin), "item": TableConstraint(ranks=[0])})
+    return TrainConfig(data=DataPaths(world="unused"), model=model)
+
+
+def _served_ids(collection) -> list:
+    """Install hooks that record the ids each local embedding kernel of ``collection`` serves."""
+    served: list = []
+    for lookup in collection._lookups:
+        for kernel in getattr(lookup, "_emb_modules", []):
+            kernel.register_forward_pre_hook(lambda module, args: served.append(args[0].values().tolist()))
+    return served
+
+
+def _run(rank: int, config) -> dict:
+    from torchrec import KeyedJaggedTensor
+
+    from mim_rec.utils.dist import DistContext
+    from train.ciubm import build_sharded_model, mm_table_bytes
+
+    ctx = DistContext(rank, 2, rank, torch.device("cpu"), "gloo")
+    model, _, plan = build_sharded_model(config, {"items": ITEMS, "users": USERS, "categories": CATEGORIES}, ctx)
+    mm = model.module.sparse_arch.mm
+    served = _served_ids(mm)
+    ids = torch.tensor(BATCHES[rank])
+    with torch.no_grad():
+        rows = mm(KeyedJaggedTensor(keys=["mm_item_seq"], values=ids,
+                                    lengths=torch.ones(len(ids), dtype=torch.long))).to_dict()["mm_item_seq"]
+    types = {name: p.sharding_type for module in plan.plan.values() for name, p in module.items()}
+    ranks = {name: sorted(set(p.ranks or [])) for module in plan.plan.values() for name, p in module.items()}
+    return {"served": sorted(i for call in served for i in call), "bytes": mm_table_bytes(model),
+            "rows": tuple(rows.shape), "types": types, "ranks": ranks}
+
+
+def _worker(rank: int, port: int, queue) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        queue.put((rank, {"table_wise": _run(rank, _config(ranks=[1])),
+                          "column_wise": _run(rank, _config(ranks=[0, 1], sharding_types=["column_wise"]))}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_pinned_tables_serve_only_the_batch_rows():
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_worker, args=(port, queue), nprocs=2)
+    results = dict(queue.get() for _ in range(2))
+    every_id = sorted(BATCHES[0] + BATCHES[1])
+    pinned = {rank: results[rank]["table_wise"] for rank in (0, 1)}
+    assert pinned[0]["types"]["mm_item"] == "table_wise" and pinned[0]["ranks"]["mm_item"] == [1]
+    assert pinned[0]["ranks"]["item"] == [0]
+    # the parameter rank holds the whole MM table and serves exactly the ids of both ranks' batches
+    assert (pinned[0]["bytes"], pinned[1]["bytes"]) == (0, ITEMS * MM_DIM * 4)
+    assert pinned[0]["served"] == [] and pinned[1]["served"] == every_id
+    for rank in (0, 1):  # every rank gets the rows of its own batch back
+        assert pinned[rank]["rows"] == (len(BATCHES[rank]), MM_DIM)
+    split = {rank: results[rank]["column_wise"] for rank in (0, 1)}
+    assert split[0]["ranks"]["mm_item"] == [0, 1]
+    assert split[0]["bytes"] == split[1]["bytes"] == ITEMS * MM_DIM * 4 // 2
+    assert split[0]["served"] == split[1]["served"] == every_id  # each half-width shard: the same ids
+
+
+def test_impossible_pins_are_refused():
+    from mim_rec.ciubm.placement import check_pinned
+
+    assert check_pinned("mm_item", TableConstraint(ranks=[3]), world_size=4) == "table_wise"
+    with pytest.raises(ConfigError, match="0..1"):
+        check_pinned("mm_item", TableConstraint(ranks=[2]), world_size=2)
+    with pytest.raises(ConfigError, match="one rank"):
+        check_pinned("mm_item", TableConstraint(ranks=[0, 1], sharding_types=["table_wise"]), world_size=2)
+    with pytest.raises(ConfigError, match="row_wise"):
+        check_pinned("mm_item", TableConstraint(ranks=[0], sharding_types=["row_wise"]), world_size=2)
