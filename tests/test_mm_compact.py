@@ -1,6 +1,7 @@
 """Compact MM storage: build -> load -> lookup round-trips within the stated tolerance for
 fp16 storage and for an int8 (row-wise quantised) table folder, under table-wise, row-wise
-and column-wise sharding on 2 gloo ranks, and the fp16 shards take half the fp32 bytes.
+and column-wise sharding on 2 gloo ranks, and the fp16 shards take half the fp32 bytes; TorchRec
+still refuses an INT8 training table (if it stops refusing, ``model.mm_dtype=int8`` can open).
 
 Tolerances: fp16 rounding is at most half an ulp, ``|v| * 2**-11`` (plus 2**-24 for fp16
 subnormals); int8 adds at most half a quantisation step, ``scale / 2``, per row.
@@ -101,8 +102,7 @@ def _worker(rank: int, port: int, tables: dict, sharding: str, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {name: _lookup_all(tables[source], dtype, sharding)
-                   for name, (source, dtype) in {"fp32": ("fp", "fp32"), "fp16": ("fp", "fp16"),
-                                                 "int8": ("int8", "fp16")}.items()}
+                   for name, (source, dtype) in {"fp16": ("fp", "fp16"), "int8": ("int8", "fp16")}.items()}
         results["int8_refused"] = _torchrec_refuses_int8(sharding) if sharding == "row_wise" else None
         queue.put((rank, results))
     finally:
@@ -155,16 +155,15 @@ def test_compact_tables_round_trip_under_sharding(tables, sharding):
     codes, scale, bias = quantise_rows(vectors)
     int8_values = dequantise_rows(codes, scale, bias)
     for rank, result in results.items():
-        fp32, fp32_bytes, fp32_type = result["fp32"]
         fp16, fp16_bytes, fp16_type = result["fp16"]
         int8, int8_bytes, _ = result["int8"]
-        assert (fp32_type, fp16_type) == ("torch.float32", "torch.float16")
-        assert np.array_equal(fp32, vectors), f"{sharding}: rank {rank} fp32 not exact"
+        assert fp16_type == "torch.float16"
         assert np.allclose(fp16, vectors, rtol=FP16_RTOL, atol=FP16_ATOL), f"{sharding}: rank {rank} fp16"
         assert not np.array_equal(fp16, vectors)  # really stored in half precision
         assert np.allclose(int8, int8_values, rtol=FP16_RTOL, atol=FP16_ATOL), f"{sharding}: rank {rank} int8"
         assert (np.abs(int8 - vectors) <= scale[:, None] / 2 + np.abs(vectors) * FP16_RTOL + 1e-6).all()
-        assert fp16_bytes * 2 == fp32_bytes and int8_bytes == fp16_bytes
-    assert sum(r["fp16"][1] for r in results.values()) == ITEMS_COUNT * DIM * 2  # every row once
+        assert int8_bytes == fp16_bytes
+    # every row stored once, at 2 bytes a value: half the fp32 table (exact in tests/test_mm_sharding.py)
+    assert sum(r["fp16"][1] for r in results.values()) == ITEMS_COUNT * DIM * 2
     if sharding == "row_wise":  # both ranks hold rows, so both reach TorchRec's INT8 failure
         assert "metadata.shard_lengths" in results[0]["int8_refused"], results[0]["int8_refused"]
