@@ -9,14 +9,16 @@ from dataclasses import dataclass
 @dataclass
 class BuildConfig:
     world: str = ""        # world folder (items.parquet)
-    encoders: str = ""     # stage-1 encoders artifact (mim pretrain's out/encoders)
+    encoders: str = ""     # item encoder artifact: mim csft's out/mm_encoder, or mim pretrain's
+                           # out/encoders (stage 1 only: MIM w/o C-SFT)
     out: str = ""          # table folder
     shard_rows: int = 4096
     batch_size: int = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("embeddings", help="the representation center: build the MM table")
+    parser = subparsers.add_parser(
+        "embeddings", help="the representation center: build the MM table, serve new items (RIM), fold them in")
     sub = parser.add_subparsers(dest="embeddings_command", required=True, metavar="EMBEDDINGS_COMMAND")
     build = sub.add_parser("build", help="embed every item into an MM table folder (resumable)",
                            description="Embed every item of a world with an item encoder and write "
@@ -25,13 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("overrides", nargs="*", metavar="key=value",
                        help="world=DIR encoders=DIR out=DIR [shard_rows=N batch_size=N]")
     build.set_defaults(func=_build)
+    from train import rim_cmd  # serve (RIM) and fold
+    rim_cmd.register(sub)
 
 
 def _build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from embeddings.build import build_table
-    from embeddings.encoders import Stage1ItemEncoder
+    from embeddings.encoders import load_item_encoder
     from mim_rec.config import ConfigError, load_config
     from mim_rec.utils.dist import init_distributed
 
@@ -40,7 +44,7 @@ def _build(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"mim embeddings build needs {', '.join(f'{k}=...' for k in missing)}")
     ctx = init_distributed("cpu")
-    encoder = Stage1ItemEncoder(config.encoders, config.batch_size)
+    encoder = load_item_encoder(config.encoders, config.batch_size)
     out = build_table(encoder, Path(config.world) / "items.parquet", config.out, config.shard_rows,
                       ctx.rank, ctx.world_size)
     if ctx.is_main:
