@@ -33,6 +33,21 @@ def row_bytes(dtype: str, dim: int) -> int:
     return dim * ELEMENT_BYTES[dtype] + (INT8_ROW_OVERHEAD if dtype == "int8" else 0)
 
 
+def fbgemm_table_bytes(rows: int, dim: int, dtype: str) -> int:
+    """Bytes fbgemm's CPU embedding kernel (the TBE TorchRec's fused kernel wraps) allocates
+    for a ``rows x dim`` table at ``dtype`` -- measured by building one, INT8 included."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+
+    precision = {"fp32": SparseType.FP32, "fp16": SparseType.FP16, "int8": SparseType.INT8}[dtype]
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)], weights_precision=precision,
+        optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.0)
+    return tbe.weights_host.numel() * tbe.weights_host.element_size()
+
+
 def quantise_rows(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(codes int8 [n, d], scale fp32 [n], bias fp32 [n])`` with ``codes * scale + bias ~ vectors``."""
     vectors = np.asarray(vectors, dtype=np.float32)

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from embeddings.compact import dequantise_rows, quantise_rows, quantise_table, row_bytes
+from embeddings.compact import (dequantise_rows, fbgemm_table_bytes, quantise_rows, quantise_table,
+                                row_bytes)
 from embeddings.table import read_mm_rows
 from mim_rec.ciubm.sparse import MM_TABLE, FrozenEmbeddingBagCollection, FrozenSharder, mm_data_type
 from mim_rec.config import ConfigError
@@ -140,6 +141,11 @@ def test_int8_storage_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="fp16"):
         mm_data_type("bf8")
     assert row_bytes("int8", 128) == 136 and row_bytes("fp16", 128) == 256
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_fbgemm_allocates_the_stated_row_bytes(dtype):
+    assert fbgemm_table_bytes(100, 16, dtype) == 100 * row_bytes(dtype, 16)
 
 
 @pytest.mark.slow
