@@ -169,19 +169,26 @@ class RimLog:
         if created:
             _fsync_dir(self.path.parent)
         self.item_ids: Set[int] = set()
-        self.records = 0
-        self.end = 0
+        self.records = self.end = 0
+        try:
+            self.recovered_bytes = self._recover()
+        except BaseException:
+            self.close()
+            raise
+
+    def _recover(self) -> int:
+        """Check every record, truncate a torn tail; returns the bytes truncated."""
         for self.end, message in read_messages(self.path):
-            check_fingerprint(message, fingerprint, self.path)
-            if message.dim != dim:
-                raise ManifestMismatch(f"{self.path}: records of dim {message.dim}, encoder dim {dim}")
+            check_fingerprint(message, self.fingerprint, self.path)
+            if message.dim != self.dim:
+                raise ManifestMismatch(f"{self.path}: records of dim {message.dim}, encoder dim {self.dim}")
             self.item_ids.update(int(i) for i in message.item_ids)
             self.records += 1
-        size = os.fstat(self._fd).st_size
-        self.recovered_bytes = size - self.end
-        if self.recovered_bytes:
+        torn = os.fstat(self._fd).st_size - self.end
+        if torn:
             os.ftruncate(self._fd, self.end)
             os.fsync(self._fd)
+        return torn
 
     def append(self, message: WindowMessage) -> int:
         """Write one record and make it durable; returns the offset after it."""

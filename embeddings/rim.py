@@ -1,0 +1,412 @@
+"""RIM, real-time inference of new items: ``mim embeddings serve``.
+
+A small HTTP service (standard library only) in front of an item encoder::
+
+    POST /items      {"items": [{"item_id": 7, "title": "...", "image": "<base64 PNG/JPEG>",
+                                 "category_id": 3, "raw_item_id": "sku-7"}, ...]}
+                     -> 200 {"items": [{"item_id", "offset", "arrived_at", "embedded_at"}]}
+    GET  /items/<id> -> 200 {"item_id", "vector", "arrived_at", "embedded_at"} (the served row)
+    GET  /healthz    -> 200 {"status": "ok", "items", "log_bytes", "pending", ...}
+
+Request threads validate items and queue them; one batcher thread gathers queued requests for
+up to ``window_ms`` (or ``max_batch`` items), embeds them in one encoder call, appends one
+window message to the log (:mod:`embeddings.rim_log`) and ``fsync``s it, and only then answers
+the waiting requests: a 200 means the item is durable. Bad input gets a 4xx with a reason
+(the :class:`~mim_rec.data.errors.DataError` text naming item and field) and never stops the
+service; duplicates of an id already in the base table, the log or another in-flight request
+are 409.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from mim_rec.data.errors import DataError, ManifestMismatch
+from mim_rec.data.schemas import ITEMS
+
+from embeddings.encoders import ItemEncoder
+from embeddings.rim_log import RimLog, WindowMessage, read_messages
+
+REQUEST_SOURCE = "POST /items"
+_ITEM_FIELDS = {"item_id", "title", "image", "category_id", "raw_item_id"}
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class RimConfig:
+    encoders: str = ""              # item encoder artifact: the one that built the table
+    log: str = ""                   # window-message log file (created if absent, recovered if torn)
+    table: Optional[str] = None     # base MM table: its ids are duplicates, its encoder must match
+    num_items: int = 0              # catalogue size (the CTR model's MM rows): new ids must be below it; 0: any
+    host: str = "127.0.0.1"         # localhost only unless told otherwise
+    port: int = 8470                # 0: any free port (printed at start)
+    window_ms: float = 20.0         # batch window: the first queued item waits at most this long
+    max_batch: int = 64             # items per window (one encoder call, one log record)
+    max_request_items: int = 64     # items per POST
+    max_body_bytes: int = 8 << 20   # bytes per POST
+    max_image_pixels: int = 4096 * 4096
+    max_pending: int = 4096         # queued items beyond this are refused with 503 (back-pressure)
+    ack_timeout_s: float = 120.0    # a request not durable by then gets 503 (and may still land)
+    batch_size: int = 256           # encoder batch size
+
+
+class RequestError(Exception):
+    """A request the service refuses: the HTTP status and the reason sent back."""
+
+    def __init__(self, status: HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class NewItem:
+    item_id: int
+    title: str
+    image: bytes
+    category_id: int
+    raw_item_id: str
+    arrived_at: float
+
+
+@dataclass
+class _Submission:
+    """One request's items, answered together once their window message is durable."""
+
+    items: List[NewItem]
+    done: threading.Event = field(default_factory=threading.Event)
+    results: Optional[List[dict]] = None
+    error: Optional[RequestError] = None
+
+
+def parse_request(body: bytes, config: RimConfig, arrived_at: float) -> List[NewItem]:
+    """Validate a POST body into items; any defect is a :class:`RequestError` with a reason."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{REQUEST_SOURCE}: body is not JSON ({exc})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("items"), list) or not payload["items"]:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{REQUEST_SOURCE}: expected {{\"items\": [item, ...]}} "
+                                                   "with at least one item")
+    if len(payload["items"]) > config.max_request_items:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"{REQUEST_SOURCE}: {len(payload['items'])} items, at most {config.max_request_items} "
+                           "per request")
+    try:
+        items = [_parse_item(raw, row, config, arrived_at) for row, raw in enumerate(payload["items"])]
+    except DataError as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+    seen: Dict[int, int] = {}
+    for row, item in enumerate(items):
+        if item.item_id in seen:
+            raise RequestError(HTTPStatus.BAD_REQUEST, str(DataError(
+                REQUEST_SOURCE, f"item {item.item_id} also at row {seen[item.item_id]}", row, "item_id")))
+        seen[item.item_id] = row
+    return items
+
+
+def _parse_item(raw: object, row: int, config: RimConfig, arrived_at: float) -> NewItem:
+    def bad(message: str, name: Optional[str] = None) -> DataError:
+        return DataError(REQUEST_SOURCE, message, row=row, field=name)
+
+    if not isinstance(raw, dict):
+        raise bad("an item must be a JSON object")
+    unknown = set(raw) - _ITEM_FIELDS
+    if unknown:
+        raise bad(f"unknown field(s) {sorted(unknown)}; known: {sorted(_ITEM_FIELDS)}")
+    item_id = raw.get("item_id")
+    if not _is_int(item_id) or item_id < 0:
+        raise bad(f"item_id must be a non-negative integer, got {item_id!r}", "item_id")
+    if config.num_items and item_id >= config.num_items:
+        raise bad(f"item_id {item_id} is outside the id space [0, {config.num_items})", "item_id")
+    title = raw.get("title")
+    if not isinstance(title, str) or not title.strip():
+        raise bad("empty title", "title")
+    category_id = raw.get("category_id", 0)
+    if not _is_int(category_id) or not 0 <= category_id <= _INT32_MAX:
+        raise bad(f"category_id must be a non-negative int32, got {category_id!r}", "category_id")
+    raw_item_id = raw.get("raw_item_id", str(item_id))
+    if not isinstance(raw_item_id, str):
+        raise bad("raw_item_id must be a string", "raw_item_id")
+    return NewItem(item_id, title, _decode_image(raw.get("image"), config, bad), category_id,
+                   raw_item_id, arrived_at)
+
+
+def _decode_image(value: object, config: RimConfig, bad) -> bytes:
+    """The image's bytes, once they are known to decode as a PNG/JPEG of sane size."""
+    from PIL import Image, UnidentifiedImageError
+
+    from mim_rec.encoders.preprocess import decode_image
+
+    if not isinstance(value, str) or not value:
+        raise bad("image must be a base64 string of PNG/JPEG bytes", "image")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("image is not valid base64", "image") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind, (width, height) = image.format, image.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise bad(f"not a decodable PNG/JPEG ({exc})", "image") from None
+    if kind not in ("PNG", "JPEG"):
+        raise bad(f"image is {kind}, not PNG/JPEG", "image")
+    if width * height > config.max_image_pixels:
+        raise bad(f"image is {width}x{height}, above {config.max_image_pixels} pixels", "image")
+    try:
+        decode_image(data)
+    except ValueError as exc:
+        raise bad(str(exc), "image") from None
+    return data
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def items_table(items: List[NewItem]) -> pa.Table:
+    """New items as rows of the ITEMS contract (``created_at`` = arrival), for the encoder."""
+    schema = ITEMS.schema_for(["image"])
+    return pa.table({
+        "item_id": pa.array([i.item_id for i in items], pa.int64()),
+        "raw_item_id": pa.array([i.raw_item_id for i in items], pa.string()),
+        "category_id": pa.array([i.category_id for i in items], pa.int32()),
+        "title": pa.array([i.title for i in items], pa.string()),
+        "created_at": pa.array([datetime.fromtimestamp(int(i.arrived_at), timezone.utc) for i in items],
+                               pa.timestamp("s")),
+        "image": pa.array([i.image for i in items], pa.binary()),
+    }, schema=schema)
+
+
+class RimService:
+    """The RIM service: validation, duplicate refusal, the batch window, the durable log.
+
+    :meth:`submit` is the whole request path without HTTP (the handler is a thin wrapper), so
+    tests and embedders can drive it directly.
+    """
+
+    def __init__(self, config: RimConfig, encoder: ItemEncoder) -> None:
+        if config.max_request_items > config.max_batch:
+            raise ValueError(f"max_request_items={config.max_request_items} exceeds max_batch="
+                             f"{config.max_batch}: a request is embedded within one window")
+        self.encoder = encoder
+        self._table_ids = np.zeros(0, dtype=np.int64)
+        if config.table:
+            self._table_ids = self._load_table(config.table)
+        self.config = config
+        self.log = RimLog(config.log, encoder.fingerprint, encoder.dim)
+        self._served: Dict[int, Tuple[np.ndarray, float, float]] = {}
+        for _, message in read_messages(self.log.path):
+            self._serve(message)
+        self._lock = threading.Lock()
+        self._in_flight: set = set()
+        self._pending_items = 0
+        self._queue: "queue.Queue[Optional[_Submission]]" = queue.Queue()
+        self._batcher = threading.Thread(target=self._batch_loop, name="rim-batcher", daemon=True)
+        self._batcher.start()
+
+    def _load_table(self, table: str) -> np.ndarray:
+        """The base table's sorted ids, once its encoder is known to be the service's."""
+        from embeddings.table import table_item_ids
+        from mim_rec.data.manifest import require
+
+        manifest = require(table, kind="mm_table")
+        if manifest.extra.get("encoder_fingerprint") != self.encoder.fingerprint:
+            raise ManifestMismatch(f"{table}: built by encoder {manifest.extra.get('encoder_fingerprint')!r}, "
+                                   f"the service runs {self.encoder.fingerprint!r}; new items would land "
+                                   "in another vector space")
+        return table_item_ids(table)
+
+    # ------------------------------------------------------------------ request path
+
+    def submit(self, body: bytes, arrived_at: Optional[float] = None) -> List[dict]:
+        """Validate, reserve the ids, wait until the items are durable; the per-item results."""
+        items = parse_request(body, self.config, time.time() if arrived_at is None else arrived_at)
+        submission = _Submission(items)
+        with self._lock:
+            for row, item in enumerate(items):
+                reason = self._duplicate(item.item_id)
+                if reason:
+                    raise RequestError(HTTPStatus.CONFLICT, str(DataError(REQUEST_SOURCE, reason, row, "item_id")))
+            if self._pending_items + len(items) > self.config.max_pending:
+                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                   f"{self._pending_items} items are waiting to be embedded; retry later")
+            self._in_flight.update(item.item_id for item in items)
+            self._pending_items += len(items)
+        self._queue.put(submission)
+        if not submission.done.wait(self.config.ack_timeout_s):
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE,
+                               f"not durable after {self.config.ack_timeout_s} s; the items may still land: "
+                               "check GET /items/<id> before resending")
+        if submission.error is not None:
+            raise submission.error
+        return submission.results
+
+    def _duplicate(self, item_id: int) -> Optional[str]:
+        if item_id in self.log.item_ids:
+            return f"item {item_id} was already embedded (it is in the log)"
+        if item_id in self._in_flight:
+            return f"item {item_id} is being embedded by another request"
+        at = np.searchsorted(self._table_ids, item_id)
+        if at < len(self._table_ids) and self._table_ids[at] == item_id:
+            return f"item {item_id} is already in the table {self.config.table}"
+        return None
+
+    def served_row(self, item_id: int) -> Optional[dict]:
+        row = self._served.get(item_id)
+        if row is None:
+            return None
+        vector, arrived_at, embedded_at = row
+        return {"item_id": item_id, "vector": vector.tolist(), "arrived_at": arrived_at,
+                "embedded_at": embedded_at}
+
+    def health(self) -> dict:
+        return {"status": "ok", "encoder": self.encoder.fingerprint, "dim": self.encoder.dim,
+                "items": len(self._served), "records": self.log.records, "log_bytes": self.log.end,
+                "recovered_bytes": self.log.recovered_bytes, "pending": self._pending_items}
+
+    # ------------------------------------------------------------------ batch window
+
+    def _next_window(self) -> Optional[List[_Submission]]:
+        """Queued submissions for one window, or None at shutdown."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        window, count = [first], len(first.items)
+        deadline = time.monotonic() + self.config.window_ms / 1000
+        while count < self.config.max_batch:
+            try:
+                nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)  # finish this window, then stop
+                break
+            if count + len(nxt.items) > self.config.max_batch:
+                self._queue.put(nxt)   # FIFO within a window is not needed; it goes next
+                break
+            window.append(nxt)
+            count += len(nxt.items)
+        return window
+
+    def _batch_loop(self) -> None:
+        while True:
+            window = self._next_window()
+            if window is None:
+                return
+            for submission, error in self._embed_and_log(window):
+                with self._lock:
+                    self._in_flight.difference_update(item.item_id for item in submission.items)
+                    self._pending_items -= len(submission.items)
+                submission.error = error
+                submission.done.set()
+
+    def _embed_and_log(self, window: List[_Submission]) -> List[Tuple[_Submission, Optional[RequestError]]]:
+        """Embed a window and append it durably: each submission with its error (None: durable)."""
+        items = [item for submission in window for item in submission.items]
+        try:
+            vectors = self._embed(items)
+        except DataError as exc:
+            if len(window) > 1:  # isolate the request the encoder refused; the others still land
+                return [outcome for submission in window for outcome in self._embed_and_log([submission])]
+            return [(window[0], RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)))]
+        except Exception as exc:  # the service must stay up; the client learns why
+            return [(s, RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"embedding failed: {exc!r}")) for s in window]
+        message = WindowMessage(np.array([i.item_id for i in items], np.int64), vectors,
+                                self.encoder.fingerprint, np.array([i.arrived_at for i in items]), time.time())
+        try:
+            end = self.log.append(message)
+        except OSError as exc:
+            return [(s, RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"log append failed: {exc}")) for s in window]
+        self._serve(message)
+        for submission in window:
+            submission.results = [{"item_id": i.item_id, "offset": end, "arrived_at": i.arrived_at,
+                                   "embedded_at": message.embedded_at} for i in submission.items]
+        return [(submission, None) for submission in window]
+
+    def _embed(self, items: List[NewItem]) -> np.ndarray:
+        vectors = self.encoder.embed_items(items_table(items), Path(REQUEST_SOURCE)).float().cpu().numpy()
+        if vectors.shape != (len(items), self.encoder.dim) or not np.isfinite(vectors).all():
+            raise ValueError(f"encoder returned {vectors.shape} (finite: {np.isfinite(vectors).all()}) "
+                             f"for {len(items)} items")
+        return vectors.astype(np.float32)
+
+    def _serve(self, message: WindowMessage) -> None:
+        for item_id, vector, arrived_at in zip(message.item_ids, message.vectors, message.arrived_at):
+            self._served[int(item_id)] = (vector, float(arrived_at), message.embedded_at)
+
+    def close(self) -> None:
+        """Finish the queued windows, then close the log."""
+        self._queue.put(None)
+        self._batcher.join()
+        self.log.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive: a client reuses its connection
+    timeout = 30                    # a client that stops sending mid-body frees its thread
+    service: RimService             # set on the subclass made by make_server
+
+    def do_POST(self) -> None:
+        arrived_at = time.time()
+        if self.path != "/items":
+            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: POST {self.path}"})
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            return self._reply(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"},
+                               close=True)
+        if int(length) > self.service.config.max_body_bytes:
+            return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               {"error": f"body of {length} bytes, at most {self.service.config.max_body_bytes}"},
+                               close=True)
+        body = self.rfile.read(int(length))
+        try:
+            self._reply(HTTPStatus.OK, {"items": self.service.submit(body, arrived_at)})
+        except RequestError as exc:
+            self._reply(exc.status, {"error": exc.reason})
+
+    def do_GET(self) -> None:
+        if self.path == "/healthz":
+            return self._reply(HTTPStatus.OK, self.service.health())
+        match = re.fullmatch(r"/items/(\d+)", self.path)
+        row = self.service.served_row(int(match.group(1))) if match else None
+        if row is None:
+            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"nothing served at {self.path}"})
+        self._reply(HTTPStatus.OK, row)
+
+    def _reply(self, status: HTTPStatus, payload: dict, close: bool = False) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:
+        """Quiet: one line per request would swamp the log under load (GET /healthz has counts)."""
+
+
+def make_server(service: RimService) -> ThreadingHTTPServer:
+    """An HTTP server for ``service`` on ``config.host:config.port`` (not yet serving)."""
+    handler = type("RimHandler", (_Handler,), {"service": service})
+    server = ThreadingHTTPServer((service.config.host, service.config.port), handler)
+    server.daemon_threads = True
+    return server

@@ -1,0 +1,87 @@
+"""RIM window-message log: exact round trip, torn tails truncated on open (never half-read),
+corruption before intact records refused, foreign encoders and second writers refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embeddings.rim_log import RimLog, WindowMessage, complete_end, read_messages
+from mim_rec.data.errors import DataError, ManifestMismatch
+
+DIM = 4
+
+
+def message(ids, fingerprint="enc:a", dim=DIM) -> WindowMessage:
+    ids = np.asarray(ids, dtype=np.int64)
+    vectors = np.stack([np.arange(dim, dtype=np.float32) + 10 * i for i in ids]) if len(ids) else \
+        np.zeros((0, dim), np.float32)
+    return WindowMessage(ids, vectors, fingerprint, ids * 0.5 + 1000.0, 2000.0)
+
+
+def write_log(path, windows):
+    with RimLog(path, "enc:a", DIM) as log:
+        ends = [log.append(message(ids)) for ids in windows]
+    return ends
+
+
+def test_records_round_trip_exactly_from_any_offset(tmp_path):
+    path = tmp_path / "rim.log"
+    ends = write_log(path, [[3, 1], [7], [9, 8, 5]])
+    read = list(read_messages(path))
+    assert [end for end, _ in read] == ends == sorted(ends)
+    for (_, got), ids in zip(read, [[3, 1], [7], [9, 8, 5]]):
+        want = message(ids)
+        assert got.item_ids.tolist() == ids and got.fingerprint == "enc:a" and got.embedded_at == 2000.0
+        assert np.array_equal(got.vectors, want.vectors) and np.array_equal(got.arrived_at, want.arrived_at)
+    assert [m.item_ids.tolist() for _, m in read_messages(path, ends[0])] == [[7], [9, 8, 5]]
+    assert list(read_messages(path, ends[0], stop=ends[1]))[0][0] == ends[1]
+    assert complete_end(path) == ends[-1] == path.stat().st_size
+
+
+def test_a_torn_last_record_is_never_read_and_is_truncated_on_open(tmp_path):
+    path = tmp_path / "rim.log"
+    ends = write_log(path, [[1], [2, 3], [4, 5, 6]])
+    whole = path.read_bytes()
+    for cut in range(ends[1] + 1, ends[2]):  # every prefix of the last record
+        path.write_bytes(whole[:cut])
+        assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2, 3]]
+        with RimLog(path, "enc:a", DIM) as log:
+            assert (log.recovered_bytes, log.end, log.records) == (cut - ends[1], ends[1], 2)
+            assert log.item_ids == {1, 2, 3}
+        assert path.stat().st_size == ends[1]
+    with RimLog(path, "enc:a", DIM) as log:  # appends continue after the cut, readable again
+        assert log.recovered_bytes == 0
+        log.append(message([4]))
+    assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2, 3], [4]]
+
+
+def test_a_zero_filled_tail_is_torn_but_a_bad_record_before_good_ones_is_corruption(tmp_path):
+    path = tmp_path / "rim.log"
+    ends = write_log(path, [[1], [2], [3]])
+    with path.open("ab") as fh:
+        fh.write(b"\0" * 37)
+    with RimLog(path, "enc:a", DIM) as log:
+        assert log.recovered_bytes == 37 and log.records == 3
+    data = bytearray(path.read_bytes())
+    data[ends[0] + 20] ^= 0xFF  # inside record 2's payload: its CRC fails, record 3 follows
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"record at byte {ends[0]} fails its CRC"):
+        RimLog(path, "enc:a", DIM)
+    with pytest.raises(DataError, match="corrupt, not torn"):
+        list(read_messages(path))
+
+
+def test_another_encoder_is_refused(tmp_path):
+    path = tmp_path / "rim.log"
+    write_log(path, [[1]])
+    with pytest.raises(ManifestMismatch, match="embedded by encoder 'enc:a'"):
+        RimLog(path, "enc:b", DIM)
+    with RimLog(path, "enc:a", DIM) as log, pytest.raises(ManifestMismatch, match="enc:b"):
+        log.append(message([2], fingerprint="enc:b"))
+
+
+def test_one_writer_at_a_time(tmp_path):
+    with RimLog(tmp_path / "rim.log", "enc:a", DIM):
+        with pytest.raises(DataError, match="another process is writing"):
+            RimLog(tmp_path / "rim.log", "enc:a", DIM)

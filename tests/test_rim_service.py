@@ -1,0 +1,201 @@
+"""RIM service: bad input gets a 4xx with a reason and the service keeps answering; a served
+row is the encoder's vector; SIGKILL of the real ``mim embeddings serve`` under load loses no
+acknowledged item and leaves no torn record after restart."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embeddings.build import build_table
+from embeddings.encoders import load_item_encoder
+from embeddings.rim import RimConfig, RimService, items_table, make_server, NewItem
+from embeddings.rim_log import complete_end, read_messages
+from encoder_fixtures import png_bytes, tiny_encoders, write_items
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_ITEMS = 8
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    from mim_rec.encoders import EncoderPair, save_encoders
+
+    return save_encoders(tmp_path_factory.mktemp("rim_encoders"), EncoderPair(tiny_encoders()))
+
+
+@pytest.fixture(scope="module")
+def table(encoder_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rim_table")
+    items = write_items(folder / "items.parquet", count=BASE_ITEMS)
+    return build_table(load_item_encoder(encoder_dir), items, folder / "table", shard_rows=4)
+
+
+@pytest.fixture
+def service(encoder_dir, table, tmp_path):
+    config = RimConfig(encoders=str(encoder_dir), log=str(tmp_path / "rim.log"), table=str(table),
+                       num_items=100, port=0, window_ms=10, max_batch=8, max_request_items=4,
+                       max_body_bytes=100_000)
+    service = RimService(config, load_item_encoder(encoder_dir))
+    server = make_server(service)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield service, server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    service.close()
+
+
+def item(item_id, title="red square item", image=None, **extra) -> dict:
+    image = png_bytes(item_id % 6, item_id % 3, seed=abs(item_id)) if image is None else image
+    return {"item_id": item_id, "title": title, "image": base64.b64encode(image).decode(), **extra}
+
+
+def request(port: int, method: str, path: str, body=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    payload = json.loads(response.read())
+    connection.close()
+    return response.status, payload
+
+
+def gif_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "body is not JSON"),
+    ({"items": []}, 400, "at least one item"),
+    ({"things": [1]}, 400, "expected"),
+    ({"items": [item(i) for i in range(10, 15)]}, 413, "at most 4 per request"),
+    ({"items": [item(10, image=b"not an image")]}, 400, "row 0, field 'image': not a decodable PNG/JPEG"),
+    ({"items": [{**item(10), "image": "!!not base64!!"}]}, 400, "field 'image': image is not valid base64"),
+    ({"items": [item(10, image=gif_bytes())]}, 400, "image is GIF, not PNG/JPEG"),
+    ({"items": [item(10, title="   ")]}, 400, "field 'title': empty title"),
+    ({"items": [item(10), item(-1)]}, 400, "row 1, field 'item_id': item_id must be a non-negative integer"),
+    ({"items": [{**item(10), "item_id": "10"}]}, 400, "item_id must be a non-negative integer"),
+    ({"items": [{**item(10), "item_id": True}]}, 400, "item_id must be a non-negative integer"),
+    ({"items": [item(100)]}, 400, "outside the id space [0, 100)"),
+    ({"items": [item(10), item(10)]}, 400, "row 1, field 'item_id': item 10 also at row 0"),
+    ({"items": [item(10, colour="red")]}, 400, "unknown field(s) ['colour']"),
+    ({"items": [item(10, category_id=-2)]}, 400, "category_id must be a non-negative int32"),
+    ({"items": [item(3)]}, 409, "item 3 is already in the table"),
+]
+
+
+def test_bad_input_gets_a_4xx_with_its_reason_and_the_service_stays_up(service):
+    service, port = service
+    for body, status, reason in BAD_REQUESTS:
+        got, payload = request(port, "POST", "/items", body)
+        assert (got, reason in payload.get("error", "")) == (status, True), (body if isinstance(body, bytes)
+                                                                              else reason, got, payload)
+    for headers, status in [(b"", b"411"), (b"Content-Length: 100001\r\n", b"413")]:  # refused unread
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(b"POST /items HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+            assert raw.recv(1000).startswith(b"HTTP/1.1 " + status)
+    assert request(port, "GET", "/items/x")[0] == 404 and request(port, "POST", "/other", b"{}")[0] == 404
+    status, payload = request(port, "POST", "/items", {"items": [item(10), item(11)]})
+    assert status == 200 and [r["item_id"] for r in payload["items"]] == [10, 11]
+    status, payload = request(port, "POST", "/items", {"items": [item(12), item(11)]})
+    assert status == 409 and "row 1, field 'item_id': item 11 was already embedded" in payload["error"]
+    assert request(port, "GET", "/healthz")[1]["items"] == 2
+    assert [m.item_ids.tolist() for _, m in read_messages(service.log.path)] == [[10, 11]]
+
+
+def test_a_served_row_is_the_encoders_vector_of_the_item(service, encoder_dir):
+    service, port = service
+    sent = item(42, title="blue dot item 2", category_id=2)
+    assert request(port, "POST", "/items", {"items": [sent]})[0] == 200
+    status, row = request(port, "GET", "/items/42")
+    assert status == 200 and row["arrived_at"] <= row["embedded_at"]
+    new = NewItem(42, sent["title"], base64.b64decode(sent["image"]), 2, "42", row["arrived_at"])
+    expected = load_item_encoder(encoder_dir).embed_items(items_table([new]), Path("x"))[0].numpy()
+    np.testing.assert_allclose(row["vector"], expected, rtol=1e-5, atol=1e-6)
+    assert request(port, "GET", "/items/43")[0] == 404
+
+
+def test_two_requests_racing_for_one_id_embed_it_once(service):
+    service, port = service
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(request(port, "POST", "/items",
+                                                                      {"items": [item(60)]})[0]))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [200, 409, 409, 409]
+    assert [i for _, m in read_messages(service.log.path) for i in m.item_ids.tolist()] == [60]
+
+
+# ---------------------------------------------------------------- the real process, killed
+
+def start_service(encoder_dir, log: Path) -> "tuple[subprocess.Popen, int]":
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train.cli", "embeddings", "serve", f"encoders={encoder_dir}", f"log={log}",
+         "port=0", "window_ms=5", "max_batch=16", "max_request_items=4"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = process.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+    assert match, f"service did not start: {line}{process.stdout.read() if process.poll() is not None else ''}"
+    return process, int(match.group(1))
+
+
+@pytest.mark.slow
+def test_sigkill_under_load_loses_no_acknowledged_item_and_leaves_no_torn_record(encoder_dir, tmp_path):
+    log = tmp_path / "rim.log"
+    process, port = start_service(encoder_dir, log)
+    acknowledged, lock, images = [], threading.Lock(), [png_bytes(c, 0) for c in range(6)]
+
+    def client(first_id: int) -> None:
+        next_id = first_id
+        while True:
+            ids = list(range(next_id, next_id + 1 + next_id % 3))
+            next_id += len(ids)
+            try:
+                status, _ = request(port, "POST", "/items",
+                                    {"items": [item(i, image=images[i % 6]) for i in ids]})
+            except (OSError, http.client.HTTPException):
+                return  # the service died under this request: it was never acknowledged
+            assert status == 200
+            with lock:
+                acknowledged.extend(ids)
+
+    clients = [threading.Thread(target=client, args=(k * 1_000_000,)) for k in range(4)]
+    for thread in clients:
+        thread.start()
+    time.sleep(2.0)
+    process.kill()  # SIGKILL: no chance to flush or close anything
+    process.wait()
+    for thread in clients:
+        thread.join()
+    assert len(acknowledged) > 10, "the load did not get going before the kill"
+
+    process, port = start_service(encoder_dir, log)  # restart: recovers the log
+    health = request(port, "GET", "/healthz")[1]
+    assert request(port, "POST", "/items", {"items": [item(acknowledged[0])]})[0] == 409
+    process.terminate()
+    assert process.wait(timeout=60) == 0, process.stdout.read()
+
+    in_log = [i for _, m in read_messages(log) for i in m.item_ids.tolist()]
+    assert len(in_log) == len(set(in_log)), "an item is in the log twice"
+    assert set(acknowledged) <= set(in_log), f"lost {sorted(set(acknowledged) - set(in_log))[:5]}"
+    assert health["items"] == len(in_log)
+    assert complete_end(log) == log.stat().st_size, "a torn record is left in the log"
