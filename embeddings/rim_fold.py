@@ -1,0 +1,101 @@
+"""Fold RIM's window messages into the next MM table version (``mim embeddings fold``).
+
+The next version holds the base table's parts unchanged (hard-linked where the file system
+allows, else copied) plus one new part with the log's rows, and a manifest naming the base
+table and the log offset folded. Folding a folded table again with the same log starts at that
+offset, so each version adds exactly the items that arrived since the last one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import pyarrow as pa
+
+from mim_rec.data.errors import DataError, ManifestMismatch
+from mim_rec.data.io import write_table
+from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, require, write_manifest
+from mim_rec.data.schemas import MM_TABLE_FP
+
+from embeddings.rim_log import check_fingerprint, read_messages
+from embeddings.table import table_item_ids, table_parts
+
+
+def folded_offset(table_dir: Union[str, Path], log_path: Union[str, Path]) -> int:
+    """The log offset a table already contains: 0 unless it was folded from this very log."""
+    rim = require(table_dir, kind="mm_table").extra.get("rim") or {}
+    return int(rim["offset"]) if rim.get("log") == str(Path(log_path).resolve()) else 0
+
+
+def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: Union[str, Path],
+             num_items: Optional[int] = None) -> Path:
+    """Write ``out_dir``: the table ``table_dir`` plus every log row it does not hold yet.
+
+    ``num_items`` is the catalogue's id space (default: the base table's ``id_range``); a new
+    id outside it, an id the table already has, or a vector from another encoder is an error.
+    """
+    table_dir, log_path, out = Path(table_dir), Path(log_path), Path(out_dir)
+    base = require(table_dir, kind="mm_table")
+    if manifest_path(out).exists():
+        raise ManifestMismatch(f"{out}: already a finished table; fold into a new folder")
+    fingerprint = base.extra["encoder_fingerprint"]
+    num_items = num_items or int(base.extra.get("id_range", [0, base.row_count])[1])
+    start = end = folded_offset(table_dir, log_path)
+    ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, base.dim), np.float32)]
+    for end, message in read_messages(log_path, start):
+        check_fingerprint(message, fingerprint, log_path)
+        if message.dim != base.dim:
+            raise ManifestMismatch(f"{log_path}: vectors of dim {message.dim}, table {table_dir} of dim {base.dim}")
+        ids.append(message.item_ids)
+        vectors.append(message.vectors)
+    ids, vectors = np.concatenate(ids), np.concatenate(vectors)
+    _check_new_ids(ids, table_item_ids(table_dir), num_items, log_path, table_dir)
+
+    out.mkdir(parents=True, exist_ok=True)
+    parts = table_parts(table_dir)
+    names = [f"part-{k:05d}.parquet" for k in range(len(parts) + (len(ids) > 0))]
+    for part, name in zip(parts, names):
+        _link_or_copy(part, out / name)
+    if len(ids):
+        order = np.argsort(ids)
+        write_table(pa.table({"item_id": pa.array(ids[order], pa.int64()),
+                              "vector": pa.array(list(vectors[order]), pa.list_(pa.float32()))}),
+                    out / names[-1], MM_TABLE_FP, item_count=num_items, vector_dims={"vector": base.dim})
+    write_manifest(out, Manifest(
+        kind="mm_table", stage="rim_fold", config={"num_items": num_items},
+        row_count=base.row_count + len(ids), dim=base.dim, dtype=base.dtype,
+        inputs={"base_table": fingerprint_file(manifest_path(table_dir)), "log": fingerprint_file(log_path)},
+        extra={"encoder_fingerprint": fingerprint, "id_range": [0, num_items], "shards": names,
+               "base_table": str(table_dir.resolve()),
+               "rim": {"log": str(log_path.resolve()), "from_offset": start, "offset": end,
+                       "items": int(len(ids))}}))
+    return out
+
+
+def _check_new_ids(ids: np.ndarray, table_ids: np.ndarray, num_items: int, log_path: Path,
+                   table_dir: Path) -> None:
+    outside = ids[(ids < 0) | (ids >= num_items)]
+    if len(outside):
+        raise DataError(str(log_path), f"{len(outside)} item(s) outside the id range [0, {num_items}) of "
+                        f"{table_dir} (first: {outside[0]}); pass num_items=<catalogue size>", field="item_id")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(str(log_path), f"item {unique[counts > 1][0]} appears in more than one record",
+                        field="item_id")
+    known = ids[np.isin(ids, table_ids)]
+    if len(known):
+        raise DataError(str(log_path), f"item {known[0]} is already in {table_dir}; a table row is never "
+                        "replaced by a fold", field="item_id")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if target.exists():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

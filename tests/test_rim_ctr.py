@@ -1,0 +1,179 @@
+"""RIM end to end with a CTR model: a new item scores with the zero default vector (counted)
+before the live update and with its real MM vector after it; the fold writes the same rows as
+the next table version; foreign encoders, out-of-range and duplicate ids are refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+
+from embeddings.build import build_table
+from embeddings.rim import RimConfig, RimService
+from embeddings.rim_fold import fold_log
+from embeddings.rim_live import LiveMMTable
+from embeddings.rim_log import RimLog, WindowMessage
+from embeddings.table import read_mm_rows, read_mm_table
+from mim_rec.data.errors import DataError, ManifestMismatch
+from mim_rec.data.io import read_items, write_table
+from mim_rec.data.loader import CtrEventsLoader, ItemInfo
+from mim_rec.data.manifest import read_manifest
+from mim_rec.data.schemas import ITEMS
+from mim_rec.data.synth import SynthConfig, generate_world, tiny
+from train import ciubm
+
+DIM = 8
+
+
+class IdEncoder:
+    """Item i -> a fixed vector derived from i, whatever its image and title."""
+
+    dim, fingerprint = DIM, "ids:v1"
+
+    def embed_items(self, items: pa.Table, source) -> torch.Tensor:
+        ids = torch.from_numpy(items["item_id"].to_numpy().copy()).float()
+        return torch.stack([torch.cos(ids * (k + 1) / 7) for k in range(DIM)], dim=1)
+
+
+def vectors_of(ids) -> torch.Tensor:
+    return IdEncoder().embed_items(pa.table({"item_id": np.asarray(ids, np.int64)}), None)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rim_world")
+    yield generate_world(replace(tiny(SynthConfig(seed=4)), items=200, users=60, events=1500), folder)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+
+
+@pytest.fixture(scope="module")
+def catalogue(world):
+    """``(all items, cut)``: items ``cut..`` are the new ones, absent from the base table."""
+    items = read_items(world / "items.parquet")
+    return items, items.num_rows * 3 // 4
+
+
+@pytest.fixture(scope="module")
+def base_table(world, catalogue, tmp_path_factory):
+    items, cut = catalogue
+    folder = tmp_path_factory.mktemp("rim_base")
+    write_table(items.slice(0, cut), folder / "items_old.parquet", ITEMS)
+    return build_table(IdEncoder(), folder / "items_old.parquet", folder / "table", shard_rows=64)
+
+
+@pytest.fixture(scope="module")
+def log(catalogue, base_table, tmp_path_factory):
+    """The new items, sent through the RIM service (in process) into its log."""
+    items, cut = catalogue
+    path = tmp_path_factory.mktemp("rim_log") / "rim.log"
+    service = RimService(RimConfig(log=str(path), table=str(base_table), num_items=items.num_rows,
+                                   window_ms=1), IdEncoder())
+    new = items.slice(cut).to_pylist()
+    for start in range(0, len(new), 16):
+        body = {"items": [{"item_id": row["item_id"], "title": row["title"], "category_id": row["category_id"],
+                           "image": base64.b64encode(row["image"]).decode()} for row in new[start:start + 16]]}
+        service.submit(json.dumps(body).encode())
+    service.close()
+    return path
+
+
+def _model(world, base_table, tmp_path):
+    config = ciubm.load_train_config(None, [
+        f"data.world={world}", f"mm_table={base_table}", "mm_missing=default", f"out={tmp_path}",
+        "loader.batch_size=128", "loader.max_hist_len=10", "model.over_arch=[16]", "model.ubm=avg"])
+    ctx = ciubm._process_group("cpu")
+    items = ItemInfo.from_items(world / "items.parquet")
+    model, _, _ = ciubm.build_sharded_model(config, ciubm._sizes(config, items), ctx)
+    rows_of, source = ciubm.mm_rows(config, items.count, DIM)
+    ciubm.fill_mm_table(model, rows_of)
+    return model.eval(), items, config, source
+
+
+def _mm_rows(model, ids) -> torch.Tensor:
+    (row_offset, _, tensor), = ciubm.local_mm_shards(model)  # one rank: the whole table
+    return tensor[torch.as_tensor(ids) - row_offset].clone()
+
+
+def test_a_new_item_scores_with_the_default_before_and_its_vector_after_the_live_update(
+        world, catalogue, base_table, log, tmp_path):
+    items, cut = catalogue
+    model, info, config, source = _model(world, base_table, tmp_path)
+    new_ids = np.arange(cut, items.num_rows)
+    assert f"{len(new_ids)} of {items.num_rows} items missing: zero vectors" in source
+    assert torch.equal(_mm_rows(model, new_ids), torch.zeros(len(new_ids), DIM))
+    assert torch.equal(_mm_rows(model, np.arange(cut)), vectors_of(np.arange(cut)))
+
+    batch = next(iter(CtrEventsLoader(world / "events_test.parquet", info, replace(config.loader, shuffle=False))))
+    events = pq.read_table(world / "events_test.parquet").slice(0, 128).to_pylist()
+    touches_new = torch.tensor([e["target_item_id"] >= cut or any(i >= cut for i in e["hist_item_ids"][-10:])
+                                for e in events])
+    new_target = torch.tensor([e["target_item_id"] >= cut for e in events])
+    assert new_target.any() and (~touches_new).any()
+    with torch.no_grad():
+        before = model(batch)[0]
+
+    live = LiveMMTable(log, base_table, items.num_rows)
+    assert live.apply(model) == len(new_ids) and live.apply(model) == 0  # nothing twice
+    assert torch.equal(_mm_rows(model, new_ids), vectors_of(new_ids))
+    with torch.no_grad():
+        after = model(batch)[0]
+    assert torch.equal(after[~touches_new], before[~touches_new])  # old items: untouched
+    assert (after[new_target] != before[new_target]).all()         # new targets: rescored
+
+    # The fold writes the same rows: the model refilled from the next table version scores alike.
+    folded = fold_log(base_table, log, tmp_path / "next", num_items=items.num_rows)
+    ciubm.fill_mm_table(model, lambda start, stop: read_mm_rows(folded, start, stop, DIM))
+    with torch.no_grad():
+        assert torch.equal(model(batch)[0], after)
+
+
+def test_fold_writes_the_next_table_version(catalogue, base_table, log, tmp_path):
+    items, cut = catalogue
+    out = fold_log(base_table, log, tmp_path / "v2", num_items=items.num_rows)
+    assert torch.equal(read_mm_table(out, items.num_rows, DIM), vectors_of(np.arange(items.num_rows)))
+    manifest = read_manifest(out)
+    assert manifest.row_count == items.num_rows and manifest.extra["id_range"] == [0, items.num_rows]
+    assert manifest.extra["rim"]["offset"] == log.stat().st_size
+    assert manifest.extra["rim"]["items"] == items.num_rows - cut
+    assert manifest.extra["base_table"] == str(base_table.resolve())
+    again = fold_log(out, log, tmp_path / "v3")  # the same log again: nothing new to fold
+    assert read_manifest(again).extra["rim"]["items"] == 0 and read_manifest(again).row_count == items.num_rows
+    assert LiveMMTable(log, out, items.num_rows).offset == log.stat().st_size
+    with pytest.raises(ManifestMismatch, match="already a finished table"):
+        fold_log(base_table, log, out, num_items=items.num_rows)
+
+
+def test_fold_refuses_ids_outside_the_id_space_known_ids_and_other_encoders(catalogue, base_table, log, tmp_path):
+    items, cut = catalogue
+    with pytest.raises(DataError, match=rf"outside the id range \[0, {cut}\).*num_items="):
+        fold_log(base_table, log, tmp_path / "a")  # the base table's own id range
+    known = tmp_path / "known.log"
+    with RimLog(known, IdEncoder.fingerprint, DIM) as writer:
+        writer.append(WindowMessage(np.array([3]), vectors_of([3]).numpy(), IdEncoder.fingerprint,
+                                    np.zeros(1), 0.0))
+    with pytest.raises(DataError, match="item 3 is already in"):
+        fold_log(base_table, known, tmp_path / "b", num_items=items.num_rows)
+    foreign = tmp_path / "foreign.log"
+    with RimLog(foreign, "other:v1", DIM) as writer:
+        writer.append(WindowMessage(np.array([cut]), np.zeros((1, DIM), np.float32), "other:v1", np.zeros(1), 0.0))
+    with pytest.raises(ManifestMismatch, match="other:v1"):
+        fold_log(base_table, foreign, tmp_path / "c", num_items=items.num_rows)
+    with pytest.raises(ManifestMismatch, match="other:v1"):
+        RimService(RimConfig(log=str(foreign), table=str(base_table)), IdEncoder())
+
+
+def test_the_trainer_refuses_a_partial_table_unless_told_to_default(world, base_table, tmp_path):
+    config = ciubm.load_train_config(None, [f"data.world={world}", f"mm_table={base_table}", f"out={tmp_path}"])
+    with pytest.raises(ManifestMismatch, match="missing=default"):
+        ciubm.mm_rows(config, ItemInfo.from_items(world / "items.parquet").count, DIM)
