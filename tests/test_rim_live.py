@@ -1,0 +1,97 @@
+"""Live apply on 2 gloo ranks: under row-wise and column-wise sharding every rank writes only its
+own shards, both apply the same records, and every id then looks up its RIM vector."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.distributed as dist
+
+from embeddings.build import build_table
+from embeddings.rim_live import LiveMMTable
+from embeddings.rim_log import RimLog, WindowMessage
+from embeddings.table import read_mm_rows
+from mim_rec.data.io import write_table
+from mim_rec.data.schemas import ITEMS
+from mim_rec.utils.dist import free_port
+from test_mm_sharding import DIM, ITEMS_COUNT, IdEncoder, MMOnly, _plan
+from train.ciubm import fill_mm_table, local_mm_shards
+
+OLD = 40  # items 0..39 are in the base table; 40..95 arrive through RIM
+
+
+def _worker(rank: int, port: int, table: str, log: str, shardings, queue) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        for sharding in shardings:  # one process group, a fresh model per sharding
+            queue.put((sharding, rank, *_fill_apply_look_up(table, log, sharding)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fill_apply_look_up(table: str, log: str, sharding: str) -> tuple:
+    """``(items applied, rows this rank changed, its shards, every id's looked-up vector)``."""
+    from torchrec import KeyedJaggedTensor
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from mim_rec.ciubm.sparse import FrozenSharder
+
+    model = MMOnly()
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=_plan(model, sharding),
+                                   sharders=[FrozenSharder()])
+    fill_mm_table(dmp, lambda start, stop: read_mm_rows(table, start, stop, DIM, missing="default"))
+    before = [t.clone() for _, _, t in local_mm_shards(dmp)]
+    applied = LiveMMTable(log, table, ITEMS_COUNT).apply(dmp)
+    shards = local_mm_shards(dmp)
+    changed = sorted({r + int(i) for (r, _, t), old in zip(shards, before)
+                      for i in torch.nonzero((t != old).any(1)).flatten()})
+    ids = torch.arange(ITEMS_COUNT)
+    kjt = KeyedJaggedTensor(keys=["mm_item_seq"], values=ids, lengths=torch.ones(ITEMS_COUNT, dtype=torch.long))
+    with torch.no_grad():
+        looked_up = dmp.module.mm(kjt).to_dict()["mm_item_seq"]
+    return applied, changed, [(r, c, tuple(t.shape)) for r, c, t in shards], looked_up.numpy().copy()
+
+
+@pytest.fixture(scope="module")
+def table_and_log(tmp_path_factory):
+    from PIL import Image
+    import io
+
+    folder = tmp_path_factory.mktemp("rim_live")
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    items = pa.table({"item_id": pa.array(np.arange(OLD), pa.int64()), "raw_item_id": [str(i) for i in range(OLD)],
+                      "category_id": pa.array(np.zeros(OLD), pa.int32()), "title": ["t"] * OLD,
+                      "created_at": pa.array(np.zeros(OLD, np.int64), pa.timestamp("s")),
+                      "image": pa.array([buffer.getvalue()] * OLD, pa.binary())})
+    write_table(items, folder / "items.parquet", ITEMS)
+    table = build_table(IdEncoder(), folder / "items.parquet", folder / "table", shard_rows=16)
+    with RimLog(folder / "rim.log", IdEncoder.fingerprint, DIM) as log:
+        for window in np.array_split(np.arange(OLD, ITEMS_COUNT), 5):
+            vectors = IdEncoder().embed_items(pa.table({"item_id": window}), None).numpy()
+            log.append(WindowMessage(window, vectors, IdEncoder.fingerprint, np.zeros(len(window)), 0.0))
+    return table, folder / "rim.log"
+
+
+@pytest.mark.slow
+def test_each_rank_applies_the_same_records_to_its_own_shards(table_and_log):
+    import torch.multiprocessing as mp
+
+    table, log = table_and_log
+    shardings = ("row_wise", "column_wise")
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_worker, args=(free_port(), str(table), str(log), shardings, queue), nprocs=2)
+    results = sorted(queue.get() for _ in range(2 * len(shardings)))
+    expected = IdEncoder().embed_items(pa.table({"item_id": np.arange(ITEMS_COUNT)}), None).numpy()
+    for sharding, rank, applied, changed, shards, looked_up in results:
+        assert applied == ITEMS_COUNT - OLD
+        assert np.array_equal(looked_up, expected), f"{sharding}: rank {rank} looks up other vectors"
+        own_rows = {row for r, _, (rows, _) in shards for row in range(r, r + rows)}
+        assert changed == sorted(row for row in own_rows if row >= OLD)  # its new rows, no other
+    row_wise = [changed for sharding, _, _, changed, _, _ in results if sharding == "row_wise"]
+    assert [min(c) for c in row_wise] == [OLD, ITEMS_COUNT // 2]  # the new rows split by row range
