@@ -12,6 +12,7 @@ from train.cli import add_command_group
 BENCH_COMMAND_MODULES: tuple = (
     "train.bench_sharding",
     "train.bench_lookup",
+    "train.bench_rim",
 )
 
 
