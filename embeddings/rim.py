@@ -217,6 +217,7 @@ class RimService:
         self._in_flight: set = set()
         self._pending_items = 0
         self._queue: "queue.Queue[Optional[_Submission]]" = queue.Queue()
+        self._carry: Optional[_Submission] = None  # did not fit the last window
         self._batcher = threading.Thread(target=self._batch_loop, name="rim-batcher", daemon=True)
         self._batcher.start()
 
@@ -284,7 +285,7 @@ class RimService:
 
     def _next_window(self) -> Optional[List[_Submission]]:
         """Queued submissions for one window, or None at shutdown."""
-        first = self._queue.get()
+        first, self._carry = self._carry or self._queue.get(), None
         if first is None:
             return None
         window, count = [first], len(first.items)
@@ -298,7 +299,7 @@ class RimService:
                 self._queue.put(None)  # finish this window, then stop
                 break
             if count + len(nxt.items) > self.config.max_batch:
-                self._queue.put(nxt)   # FIFO within a window is not needed; it goes next
+                self._carry = nxt      # it opens the next window
                 break
             window.append(nxt)
             count += len(nxt.items)
