@@ -31,6 +31,7 @@ from train.ciubm import fill_mm_table, mm_table_state_key
 
 ITEMS_COUNT, DIM, PART_ROWS = 64, 8, 16
 FP16_RTOL, FP16_ATOL = 2.0 ** -11, 2.0 ** -24
+SHARDINGS = ("table_wise", "row_wise", "column_wise")
 
 
 def _vectors() -> np.ndarray:
@@ -97,14 +98,16 @@ def _torchrec_refuses_int8(sharding: str) -> str:
     return ""
 
 
-def _worker(rank: int, port: int, tables: dict, sharding: str, queue) -> None:
+def _worker(rank: int, port: int, tables: dict, queue) -> None:
+    """Every sharding type in one pair of processes (spawning costs more than the checks)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        results = {name: _lookup_all(tables[source], dtype, sharding)
-                   for name, (source, dtype) in {"fp16": ("fp", "fp16"), "int8": ("int8", "fp16")}.items()}
-        results["int8_refused"] = _torchrec_refuses_int8(sharding) if sharding == "row_wise" else None
+        results = {(sharding, name): _lookup_all(tables[source], "fp16", sharding)
+                   for sharding in SHARDINGS for name, source in (("fp16", "fp"), ("int8", "int8"))}
+        # row-wise: both ranks hold rows, so both reach TorchRec's INT8 failure
+        results["int8_refused"] = _torchrec_refuses_int8("row_wise")
         queue.put((rank, results))
     finally:
         dist.destroy_process_group()
@@ -149,27 +152,28 @@ def test_fbgemm_allocates_the_stated_row_bytes(dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
-def test_compact_tables_round_trip_under_sharding(tables, sharding):
+def test_compact_tables_round_trip_under_sharding(tables):
     import torch.multiprocessing as mp
 
     port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(port, tables, sharding, queue), nprocs=2)
+    mp.spawn(_worker, args=(port, tables, queue), nprocs=2)
     results = dict(queue.get() for _ in range(2))
     vectors = _vectors()
     codes, scale, bias = quantise_rows(vectors)
     int8_values = dequantise_rows(codes, scale, bias)
+    for sharding in SHARDINGS:
+        for rank, result in results.items():
+            fp16, fp16_bytes, fp16_type = result[sharding, "fp16"]
+            int8, int8_bytes, _ = result[sharding, "int8"]
+            where = f"{sharding}, rank {rank}"
+            assert fp16_type == "torch.float16", where
+            assert np.allclose(fp16, vectors, rtol=FP16_RTOL, atol=FP16_ATOL), f"{where}: fp16"
+            assert not np.array_equal(fp16, vectors), where  # really stored in half precision
+            assert np.allclose(int8, int8_values, rtol=FP16_RTOL, atol=FP16_ATOL), f"{where}: int8"
+            assert (np.abs(int8 - vectors) <= scale[:, None] / 2 + np.abs(vectors) * FP16_RTOL + 1e-6).all(), where
+            assert int8_bytes == fp16_bytes, where
+        # every row stored once, at 2 bytes a value: half the fp32 table (exact in test_mm_sharding.py)
+        assert sum(r[sharding, "fp16"][1] for r in results.values()) == ITEMS_COUNT * DIM * 2, sharding
     for rank, result in results.items():
-        fp16, fp16_bytes, fp16_type = result["fp16"]
-        int8, int8_bytes, _ = result["int8"]
-        assert fp16_type == "torch.float16"
-        assert np.allclose(fp16, vectors, rtol=FP16_RTOL, atol=FP16_ATOL), f"{sharding}: rank {rank} fp16"
-        assert not np.array_equal(fp16, vectors)  # really stored in half precision
-        assert np.allclose(int8, int8_values, rtol=FP16_RTOL, atol=FP16_ATOL), f"{sharding}: rank {rank} int8"
-        assert (np.abs(int8 - vectors) <= scale[:, None] / 2 + np.abs(vectors) * FP16_RTOL + 1e-6).all()
-        assert int8_bytes == fp16_bytes
-    # every row stored once, at 2 bytes a value: half the fp32 table (exact in tests/test_mm_sharding.py)
-    assert sum(r["fp16"][1] for r in results.values()) == ITEMS_COUNT * DIM * 2
-    if sharding == "row_wise":  # both ranks hold rows, so both reach TorchRec's INT8 failure
-        assert "metadata.shard_lengths" in results[0]["int8_refused"], results[0]["int8_refused"]
+        assert "metadata.shard_lengths" in result["int8_refused"], (rank, result["int8_refused"])
