@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -214,7 +214,7 @@ class RimService:
         for _, message in read_messages(self.log.path):
             self._serve(message)
         self._lock = threading.Lock()
-        self._in_flight: set = set()
+        self._in_flight: Set[int] = set()
         self._pending_items = 0
         self._queue: "queue.Queue[Optional[_Submission]]" = queue.Queue()
         self._carry: Optional[_Submission] = None  # did not fit the last window
