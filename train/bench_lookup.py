@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 COMMAND_HELP = "per-sample cost: MM table lookup vs running the item encoder (paper Table 6)"
 
@@ -45,14 +45,15 @@ class LookupBenchConfig:
     seed: int = 0
 
 
-def _median_seconds(work: Callable[[], Any], repeats: int) -> float:
-    work()  # warm-up: first-call allocations, kernel selection, lazy imports
+def _median_seconds(work: Callable[[], Any], repeats: int) -> Tuple[float, Any]:
+    """``(median seconds of `repeats` timed calls, the untimed warm-up call's result)``."""
+    result = work()  # warm-up: first-call allocations, kernel selection, lazy imports
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         work()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
 @contextmanager
@@ -157,10 +158,11 @@ def run_bench(config: LookupBenchConfig, quick: bool = False) -> Dict[str, Any]:
             with torch.no_grad():
                 return table.module.mm(kjt).to_dict()["mm_item_seq"]
 
-        if lookup().shape != (slots, dim) or encode().shape != (slots, encoder.dim):
-            raise RuntimeError("lookup or encoder returned an unexpected shape")
-        lookup_s = _median_seconds(lookup, config.lookup_repeats)
-        encoder_s = _median_seconds(encode, config.repeats)
+        lookup_s, looked_up = _median_seconds(lookup, config.lookup_repeats)
+        encoder_s, encoded = _median_seconds(encode, config.repeats)
+    if looked_up.shape != (slots, dim) or encoded.shape != (slots, encoder.dim):
+        raise RuntimeError(f"lookup gave {tuple(looked_up.shape)}, the encoder {tuple(encoded.shape)}; "
+                           f"expected ({slots}, {dim}) and ({slots}, {encoder.dim})")
     return {"config": asdict(config), "quick": quick, "encoder": encoder.fingerprint, "encoder_dim": encoder.dim,
             "table": config.mm_table or "random vectors", "table_dim": dim, "items": items.num_rows,
             "slots": slots, "threads": torch.get_num_threads(),
