@@ -61,6 +61,9 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     if not config.data.world:
         raise ConfigError("data.world: the world folder (items.parquet, events_*.parquet) is required")
     config.loader.query_buckets = config.model.query_buckets
+    if config.model.uses_mm:
+        from mim_rec.ciubm.sparse import mm_data_type
+        mm_data_type(config.model.mm_dtype)  # an unsupported storage precision fails here, with its reason
     if config.model.mm_dim is None:
         config.model.mm_dim = _table_dim(config.mm_table)
     return config
