@@ -11,11 +11,11 @@ model) remembers how far it has read and resumes there.
 
 Durability: :meth:`RimLog.append` writes one record and ``fsync``s it before returning, and the
 service acknowledges an item only after that, so an acknowledged item survives a crash. A
-crash can only tear the record being written, i.e. the last one: on open, a record that is
-incomplete or fails its CRC *at the end of the file* is a torn tail and is truncated (the
-dropped byte count is reported). The same defect with intact records after it cannot come from
-a crash; that is corruption and is refused with its offset, never skipped, because the records
-after it were acknowledged.
+crash can only tear the record being written, i.e. the last one: on open, a damaged record
+(incomplete, wrong magic, failed CRC, a zero-filled tail) with no intact record after it is a
+torn tail and is truncated (the dropped byte count is reported). A damaged record with an
+intact one after it cannot come from a crash; that is corruption and is refused with its
+offset, never skipped, because the records after it were acknowledged.
 """
 
 from __future__ import annotations
@@ -81,27 +81,31 @@ class _TornTail(Exception):
     """The record at this offset was cut short by a crash (only possible for the last one)."""
 
 
-def _frame_end(data: memoryview, offset: int, path: Path) -> int:
-    """End offset of the intact record at ``offset``; raises :class:`_TornTail` for a torn
-    last record and :class:`DataError` for a damaged record followed by more data."""
-    size = len(data)
-    if size - offset < _FRAME.size:
-        raise _TornTail
+def _intact_end(data: memoryview, offset: int) -> Optional[int]:
+    """End offset of the record at ``offset`` if it is whole and passes its CRC, else None."""
+    if len(data) - offset < _FRAME.size:
+        return None
     magic, length, crc = _FRAME.unpack_from(data, offset)
     end = offset + _FRAME.size + length
-    if magic != MAGIC:
-        if not any(data[offset:]):  # a crash can leave a zero-filled tail on some filesystems
-            raise _TornTail
-        raise DataError(str(path), f"no record at byte {offset} (bad magic {bytes(magic)!r}); "
-                        "the log is corrupt, not torn")
-    if end > size:
-        raise _TornTail
-    if zlib.crc32(data[offset + _FRAME.size:end]) != crc:
-        if end == size:
-            raise _TornTail
-        raise DataError(str(path), f"record at byte {offset} fails its CRC with {size - end} bytes "
-                        "after it; the log is corrupt, not torn")
+    if magic != MAGIC or end > len(data) or zlib.crc32(data[offset + _FRAME.size:end]) != crc:
+        return None
     return end
+
+
+def _frame_end(data: memoryview, offset: int, path: Path) -> int:
+    """End offset of the intact record at ``offset``. A damaged record is a torn tail
+    (:class:`_TornTail`) when no intact record follows it, else corruption (:class:`DataError`)."""
+    end = _intact_end(data, offset)
+    if end is not None:
+        return end
+    raw = bytes(data)
+    at = raw.find(MAGIC, offset + 1)
+    while at >= 0:
+        if _intact_end(data, at) is not None:
+            raise DataError(str(path), f"damaged record at byte {offset} with an intact one at byte {at} "
+                            "after it; the log is corrupt, not torn")
+        at = raw.find(MAGIC, at + 1)
+    raise _TornTail
 
 
 def _records(path: Path, offset: int, stop: Optional[int]) -> Iterator[Tuple[int, memoryview]]:

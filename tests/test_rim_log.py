@@ -56,17 +56,18 @@ def test_a_torn_last_record_is_never_read_and_is_truncated_on_open(tmp_path):
     assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2, 3], [4]]
 
 
-def test_a_zero_filled_tail_is_torn_but_a_bad_record_before_good_ones_is_corruption(tmp_path):
+@pytest.mark.parametrize("tail", [b"\0" * 37, b"garbage after the last record"])
+def test_a_damaged_tail_is_torn_but_a_bad_record_before_good_ones_is_corruption(tmp_path, tail):
     path = tmp_path / "rim.log"
     ends = write_log(path, [[1], [2], [3]])
     with path.open("ab") as fh:
-        fh.write(b"\0" * 37)
+        fh.write(tail)
     with RimLog(path, "enc:a", DIM) as log:
-        assert log.recovered_bytes == 37 and log.records == 3
+        assert log.recovered_bytes == len(tail) and log.records == 3
     data = bytearray(path.read_bytes())
     data[ends[0] + 20] ^= 0xFF  # inside record 2's payload: its CRC fails, record 3 follows
     path.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=f"record at byte {ends[0]} fails its CRC"):
+    with pytest.raises(DataError, match=f"damaged record at byte {ends[0]} with an intact one at byte {ends[1]}"):
         RimLog(path, "enc:a", DIM)
     with pytest.raises(DataError, match="corrupt, not torn"):
         list(read_messages(path))
