@@ -177,3 +177,19 @@ def test_the_trainer_refuses_a_partial_table_unless_told_to_default(world, base_
     config = ciubm.load_train_config(None, [f"data.world={world}", f"mm_table={base_table}", f"out={tmp_path}"])
     with pytest.raises(ManifestMismatch, match="missing=default"):
         ciubm.mm_rows(config, ItemInfo.from_items(world / "items.parquet").count, DIM)
+
+
+def test_mim_train_applies_the_rim_log_between_steps(world, catalogue, base_table, log, tmp_path):
+    from mim_rec.config import ConfigError
+
+    items, cut = catalogue
+    common = [f"data.world={world}", f"out={tmp_path / 'run'}", "loader.batch_size=128", "loader.max_hist_len=10",
+              "model.over_arch=[16]", "model.ubm=avg", f"rim_log={log}"]
+    config = ciubm.load_train_config(None, [*common, f"mm_table={base_table}", "mm_missing=default",
+                                            "rim_apply_every=2", "max_steps=3"])
+    ciubm.run(config)
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["items"]) for e in events if e.get("event") == "rim_apply"] == [(2, items.num_rows - cut)]
+    assert "missing: zero vectors" in next(e["source"] for e in events if e.get("event") == "mm_table")
+    with pytest.raises(ConfigError, match="rim_log: RIM rows are applied to the MM table"):
+        ciubm.load_train_config(None, common)

@@ -40,6 +40,8 @@ class TrainConfig:
     data: DataPaths = field(default_factory=DataPaths)
     mm_table: Optional[str] = None     # representation-center table folder; None = random stand-in
     mm_missing: str = "error"          # items the table lacks: error | default (zero vector, counted)
+    rim_log: Optional[str] = None      # RIM window-message log: new items' rows applied to the live MM table
+    rim_apply_every: int = 50          # steps between two applies of rim_log (and once before evaluation)
     out: str = "runs/ciubm"
     model: ModelConfig = field(default_factory=ModelConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -66,6 +68,9 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
         mm_data_type(config.model.mm_dtype)  # an unsupported storage precision fails here, with its reason
     if config.model.mm_dim is None:
         config.model.mm_dim = _table_dim(config.mm_table)
+    if config.rim_log and not (config.mm_table and config.model.uses_mm):
+        raise ConfigError("rim_log: RIM rows are applied to the MM table, so they need mm_table=DIR "
+                          "(the table they extend) and a model that uses it")
     return config
 
 
@@ -258,11 +263,17 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
 
     checkpoints = DcpCheckpoints(out / "checkpoints")
     progress = checkpoints.restore(model, optimizer) or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    live = None
+    if config.rim_log:
+        from embeddings.rim_live import LiveMMTable
+        live = LiveMMTable(config.rim_log, config.mm_table, items.count)
     if train:
         loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader, ctx.rank, ctx.world_size)
-        _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx)
+        _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx, live)
     elif progress["global_step"] == 0 and ctx.is_main:
         print("mim train --eval-only: no checkpoint in out/; evaluating an untrained model")
+    if live is not None:
+        _apply_rim(live, model, logger, progress["global_step"])
     report = evaluate(config, model, items, ctx)
     report["steps"] = progress["global_step"]
     if ctx.is_main:
@@ -273,7 +284,15 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     return report if ctx.is_main else None
 
 
-def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx) -> None:
+def _apply_rim(live, model, logger, step: int) -> None:
+    """Write the RIM rows that arrived since the last call into the MM table (every rank,
+    between steps; the table stays frozen to training)."""
+    applied = live.apply(model)
+    if logger and applied:
+        logger.log({"event": "rim_apply", "items": applied, "log_offset": live.offset}, step=step)
+
+
+def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx, live=None) -> None:
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -307,6 +326,8 @@ def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx)
                 logger.log({"loss": float(loss), "samples_per_s": progress["global_step"] * config.loader.batch_size
                             * ctx.world_size / max(time.time() - started, 1e-9)}, step=progress["global_step"])
                 bar.set_postfix(loss=f"{float(loss):.4f}")
+            if live is not None and progress["global_step"] % config.rim_apply_every == 0:
+                _apply_rim(live, model, logger, progress["global_step"])
             if progress["global_step"] % config.checkpoint_every == 0:
                 checkpoints.save(model, optimizer, progress)
         else:
