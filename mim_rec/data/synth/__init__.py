@@ -78,17 +78,17 @@ def _events_table(sessions: world.Sessions, rows: np.ndarray, hist: world.Histor
 
 def _pairs_table(config: SynthConfig, lat: world.Latents, sessions: world.Sessions, rows: np.ndarray,
                  count: int, rng: np.random.Generator, desc: str) -> pa.Table:
-    chosen, signals = world.sample_pairs(sessions, rng, count, rows, config.click.content)
-    session = sessions.session[chosen]
+    session, item, signals = world.sample_pairs(config, lat, sessions, rng, count, rows)
+    first_row = np.searchsorted(sessions.session, session)
     images = _images(sessions.wanted[session], sessions.query_category[session], rng,
                      config.image_size, 1.5, desc)
     return pa.table({
-        "item_id": pa.array(sessions.item[chosen], pa.int64()),
+        "item_id": pa.array(item, pa.int64()),
         "signal": pa.array(signals),
-        "category_id": pa.array(lat.item_category[sessions.item[chosen]], pa.int32()),
-        "ts": pa.array(sessions.ts[chosen], pa.int64()),
+        "category_id": pa.array(lat.item_category[item], pa.int32()),
+        "ts": pa.array(sessions.ts[first_row], pa.int64()),
         "query_image": pa.array(images, pa.binary()),
-        "user_id": pa.array(sessions.user[chosen], pa.int64()),
+        "user_id": pa.array(sessions.user[first_row], pa.int64()),
     })
 
 

@@ -37,6 +37,10 @@ class SynthConfig:
     page_size: int = 10              # impressions per search session
     pairs_train: int = 20_000        # C-SFT <query image, item> pairs
     pairs_test: int = 2_000
+    # Visual search (C-SFT pairs): the engine ranks a category's items by
+    # ``search_sharpness * cos(wanted, style) + Gumbel noise`` and shows ``search_results``.
+    search_sharpness: float = 6.0
+    search_results: int = 10
     mean_history: float = 40.0       # behaviours per user over the whole time line
     max_history: int = 400
     cf_groups: int = 8               # latent user/item groups of the collaborative effect

@@ -21,8 +21,12 @@ noisy relevance. Each impression is clicked with probability ``sigmoid(logit)``:
     logit = bias + content * cos(w, s_j) + category * [c_j = c] + b_j + A[g_u, h_j]
             + position * log1p(rank) + noise
 
-Visual-search pairs: the query image is a fresh rendering of ``w``; the item is one the user
-clicked in that session, marked ``purchase`` with probability rising with the content match.
+Visual-search pairs (the Pailitao setting C-SFT learns from): a session's user photographs
+the wanted style ``w`` (the query image is a fresh rendering of it); the engine shows the items
+of category ``c`` that look most like it (``search_sharpness * cos(w, s_j)`` plus Gumbel noise:
+an imperfect visual matcher); the user picks one by the same taste that drives clicks
+(``content * cos(w, s_j) + b_j + A[g_u, h_j]`` plus Gumbel noise), and buys it with probability
+``sigmoid(4 cos(w, s_j) - 2)`` (``purchase``, else ``click``).
 """
 
 from __future__ import annotations
@@ -249,11 +253,30 @@ def history_slices(hist: Histories, users: np.ndarray, ts: np.ndarray) -> Tuple[
     return offsets, index
 
 
-def sample_pairs(sessions: Sessions, rng: np.random.Generator, count: int,
-                 rows: np.ndarray, content_weight: float) -> Tuple[np.ndarray, List[str]]:
-    """Pick ``count`` clicked impressions among ``rows``; purchased ones marked so."""
-    clicked = rows[sessions.label[rows] == 1]
-    chosen = np.sort(rng.choice(clicked, size=min(count, len(clicked)), replace=False))
-    match = sessions.components["content"][chosen] / max(content_weight, 1e-9)
-    purchase = rng.random(len(chosen)) < 1 / (1 + np.exp(-(4 * match - 2)))
-    return chosen, ["purchase" if p else "click" for p in purchase]
+def sample_pairs(config: SynthConfig, lat: Latents, sessions: Sessions, rng: np.random.Generator,
+                 count: int, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    """``count`` visual searches, one per distinct session among the impression ``rows``:
+    returns ``(session, item, signal)`` per pair (see the module docstring)."""
+    session = np.unique(sessions.session[rows])
+    session = np.sort(rng.choice(session, size=min(count, len(session)), replace=False))
+    first_row = np.searchsorted(sessions.session, session)
+    users, ts = sessions.user[first_row], sessions.ts[first_row]
+    category, wanted = sessions.query_category[session], sessions.wanted[session]
+    item = np.empty(len(session), dtype=np.int64)
+    for c in np.unique(category):
+        rows_c = np.flatnonzero(category == c)
+        pool = np.flatnonzero(lat.item_category == c)
+        pool = pool[np.argsort(lat.item_created[pool], kind="stable")]
+        available = np.searchsorted(lat.item_created[pool], ts[rows_c], side="right")
+        match = wanted[rows_c] @ lat.item_style[pool].T                    # [n, pool]
+        relevance = config.search_sharpness * match + _gumbel(rng, match.shape)
+        relevance[np.arange(len(pool))[None, :] >= available[:, None]] = -np.inf  # not yet created
+        shown = np.argpartition(-relevance, config.search_results - 1, axis=1)[:, :config.search_results]
+        taste = (config.click.content * np.take_along_axis(match, shown, 1)
+                 + lat.item_effect[pool[shown]] + lat.collaborative(users[rows_c, None], pool[shown])
+                 + _gumbel(rng, shown.shape))
+        taste[~np.isfinite(np.take_along_axis(relevance, shown, 1))] = -np.inf
+        item[rows_c] = pool[np.take_along_axis(shown, taste.argmax(1)[:, None], 1)[:, 0]]
+    match = np.einsum("pd,pd->p", wanted, lat.item_style[item])
+    purchase = rng.random(len(item)) < 1 / (1 + np.exp(-(4 * match - 2)))
+    return session, item, ["purchase" if p else "click" for p in purchase]
