@@ -168,3 +168,22 @@ def test_gathered_rows_send_gradients_back_to_their_owner(two_ranks):
     # losses: P (DDP's averaging then makes it the gradient of the mean loss).
     for result in two_ranks:
         assert torch.tensor(result["grad"]).eq(float(P)).all()
+
+
+def test_a_refreshed_queue_scores_the_current_rows_of_the_queued_items():
+    calls = []
+
+    def refresh(ids: torch.Tensor):  # "current weights": a row that names its item
+        calls.append(ids.clone())
+        assert not torch.is_grad_enabled()  # queued rows never take a gradient
+        return {"item": ids.float()[:, None].expand(-1, DIM).clone()}
+
+    negatives = SpaceTimeNegatives(2, all_gather=False, refresh=refresh)
+    for step in range(3):
+        ids = torch.arange(step * 4, step * 4 + 4)
+        candidates = negatives(step, {"item": torch.randn(4, DIM, requires_grad=True)}, ids, num_queries=2)
+    # Step 2 reads steps 0 and 1 (items 0..7), re-embedded now rather than as stored.
+    assert torch.equal(candidates.item_ids[4:], torch.arange(8)) and candidates.queued == 8
+    queued = candidates.embeddings["item"][4:]
+    assert torch.equal(queued, torch.arange(8).float()[:, None].expand(-1, DIM))
+    assert [c.tolist() for c in calls] == [list(range(4)), list(range(8))]  # step 0: empty queue

@@ -97,6 +97,13 @@ def run_csft(config) -> Path:
     sampler = SameCategorySampler(world.item_categories) if config.negatives.hard else None
     objective = CsftObjective(model, config.loss, config.negatives,
                               num_categories=int(world.item_categories.max()) + 1).to(ctx.device)
+    if config.negatives.queue_batches and config.negatives.queue_refresh:
+        if not inputs.features:
+            from mim_rec.config import ConfigError
+            raise ConfigError("negatives.queue_refresh=true re-embeds queued items from cached backbone "
+                              "features, which needs model.train_backbones=false; set "
+                              "negatives.queue_refresh=false for a stale (MoCo-style) queue")
+        objective.refresh_queue_from(lambda ids: inputs.items(ids.cpu().numpy(), ctx.device))
     optimizer = _optimizer(objective, config)
     step_module = objective
     if ctx.world_size > 1:
@@ -184,7 +191,7 @@ def _queue_drift(objective, inputs, device, step: int) -> Dict[str, float]:
     and their age in steps."""
     import torch
     oldest = objective.negatives.queue.oldest()
-    if oldest is None:
+    if oldest is None or objective.negatives.refresh is not None:  # refreshed rows never drift
         return {}
     with torch.no_grad():
         was_training = objective.training

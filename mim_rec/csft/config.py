@@ -60,6 +60,10 @@ class CsftDataConfig:
 class NegativesConfig:
     hard: bool = True              # one same-category item per pair
     queue_batches: int = 10        # k: time-based negatives from the last k steps (0 = off)
+    # Re-embed the queued items with the current weights each step (exact and free of
+    # staleness, from the cached backbone features: needs model.train_backbones=false).
+    # false: use the rows as computed up to k steps ago (MoCo-style, stale).
+    queue_refresh: bool = True
     all_gather: bool = True        # space-based negatives from every rank
 
 

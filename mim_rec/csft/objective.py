@@ -5,7 +5,7 @@ behind one ``forward(batch, step)`` so a single DDP wrapper and optimizer serve 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Union, get_args
+from typing import Callable, Dict, List, Tuple, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,18 @@ class CsftObjective(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(0.0))
         if loss.kind == "category_ce":
             self.classifier = nn.Linear(model.items.dim, num_categories)
+
+    def refresh_queue_from(self, item_features: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Re-embed queued items with the current weights at every step, from their cached
+        backbone features ``item_features(item_ids) -> (image, title)``: a queue without
+        staleness (see :mod:`mim_rec.csft.negatives`). Chunked: the full TFN vector of a
+        whole queue would not fit comfortably in memory."""
+        def refresh(ids: torch.Tensor, chunk: int = 256) -> Dict[str, torch.Tensor]:
+            parts = [self.levels(self.model.items.from_features(*item_features(ids[s:s + chunk])))
+                     for s in range(0, ids.numel(), chunk)]
+            return {level: torch.cat([p[level] for p in parts]) for level in parts[0]}
+
+        self.negatives.refresh = refresh
 
     def embed_items(self, batch: CsftBatch) -> ItemEmbeddings:
         items = self.model.items
