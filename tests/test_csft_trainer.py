@@ -165,3 +165,23 @@ def test_no_pairs_of_the_chosen_signal_is_an_error(inputs, tmp_path, capsys):
     config_file = _write_config(config, tmp_path / "c.yaml")
     assert cli.main(["csft", "--config", str(config_file), "data.signals=[refund]"]) == 2
     assert "no pairs with signal in ['refund']" in capsys.readouterr().err
+
+
+def test_a_refreshed_queue_needs_frozen_backbones(inputs, tmp_path, capsys):
+    config_file = _write_config(_config(inputs, tmp_path / "out"), tmp_path / "c.yaml")
+    assert cli.main(["csft", "--config", str(config_file), "model.train_backbones=true"]) == 2
+    assert "negatives.queue_refresh=true" in capsys.readouterr().err
+
+
+def test_ablations_run_each_variant_once_and_write_the_tables(inputs, tmp_path):
+    from train.csft_ablations import run_ablations
+    out = tmp_path / "ablations"
+    config_file = _write_config(_config(inputs, out), tmp_path / "c.yaml")
+    report = run_ablations(str(config_file), [], ["full", "no_tfn"])
+    assert set(report) == {"stage1", "full", "no_tfn"}
+    assert json.loads((out / "no_tfn" / "config.json").read_text())["model"]["fusion"]["kind"] == "concat"
+    assert json.loads((out / "full" / "config.json").read_text())["model"]["fusion"]["kind"] == "tfn"
+    table = (out / "ABLATIONS.md").read_text()
+    assert "| w/o TFN (concat fusion) | `model.fusion.kind=concat` |" in table
+    assert table.count("w/o C-SFT (stage-1 embeddings)") == 2  # the baseline row of both tables
+    assert run_ablations(str(config_file), [], ["full", "no_tfn"]) == report  # reused, not retrained

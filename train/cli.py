@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "train.data_cmd",
     "train.pretrain",
     "train.csft",
+    "train.csft_ablations",
     "train.embeddings_cmd",
     "train.ciubm",
     "train.bench_cmd",

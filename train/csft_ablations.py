@@ -1,0 +1,139 @@
+"""``mim csft-ablations``: the paper's C-SFT tables on one world, in one command.
+
+Runs C-SFT once per variant (each a set of ``key=value`` overrides of ``CsftConfig`` on top of
+the user's own), all on the same stage-1 encoders and one shared backbone-feature cache, and
+evaluates each with ``csft-eval``'s measures next to the stage-1 embeddings (the paper's
+"w/o C-SFT" row). Variants:
+
+* Table 5 (ablations): the full method, w/o TFN (concatenation), w/o ST-NSG (in-batch
+  negatives of one rank only), w/o multi-level InfoNCE (``alpha = beta = 0``).
+* Table 4 (signals and objectives): category classification (interest-irrelevant), click /
+  purchase pairs with a pairwise cross-entropy classifier or with InfoNCE.
+
+Every variant is its own run folder under ``OUT/``, so a re-run resumes and a finished
+variant is not trained again (its result is kept with its configuration's fingerprint).
+Writes ``OUT/ablations.json`` and ``OUT/ABLATIONS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+# (name, table, overrides). "full" is the default configuration: purchase pairs, TFN,
+# multi-level InfoNCE, ST-NSG.
+VARIANTS: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
+    ("full", "both", ()),
+    ("no_tfn", "ablation", ("model.fusion.kind=concat",)),
+    ("no_st_nsg", "ablation", ("negatives.hard=false", "negatives.queue_batches=0",
+                               "negatives.all_gather=false")),
+    ("no_multi_level", "ablation", ("loss.alpha=0", "loss.beta=0")),
+    ("category_ce", "signals", ("loss.kind=category_ce",)),
+    ("click_ce", "signals", ("data.signals=[click]", "loss.kind=pairwise_ce")),
+    ("purchase_ce", "signals", ("loss.kind=pairwise_ce",)),
+    ("click_infonce", "signals", ("data.signals=[click]",)),
+)
+LABELS = {"stage1": "w/o C-SFT (stage-1 embeddings)", "full": "C-SFT (purchase, InfoNCE, TFN, ST-NSG)",
+          "no_tfn": "w/o TFN (concat fusion)", "no_st_nsg": "w/o ST-NSG (in-batch negatives only)",
+          "no_multi_level": "w/o multi-level InfoNCE (q2item only)",
+          "category_ce": "category CE (interest-irrelevant)", "click_ce": "click pairs, CE",
+          "purchase_ce": "purchase pairs, CE", "click_infonce": "click pairs, InfoNCE"}
+METRICS = ("recall@10", "recall@100", "pair_auc", "gauc")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "csft-ablations", help="C-SFT variants (paper Tables 4 and 5) vs stage 1, one table",
+        description="Train and evaluate every C-SFT variant on the same encoders and world; "
+                    "writes OUT/ABLATIONS.md. Re-running skips finished variants.")
+    parser.add_argument("--config", default=None, help="YAML/JSON file of CsftConfig (the base)")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated variants (default: all of {[v[0] for v in VARIANTS]})")
+    parser.add_argument("overrides", nargs="*", help="base overrides: data.world=DIR encoders=DIR "
+                                                     "out=DIR steps=N ...")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from mim_rec.config import ConfigError
+    names = [v[0] for v in VARIANTS]
+    chosen = names if args.only is None else [n.strip() for n in args.only.split(",")]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; expected some of {names}")
+    report = run_ablations(args.config, args.overrides, chosen)
+    print(format_ablations(report))
+    return 0
+
+
+def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]) -> Dict[str, Dict]:
+    """Train/evaluate ``variants`` (names from :data:`VARIANTS`); returns name -> metrics."""
+    from mim_rec.config import load_config
+    from mim_rec.csft.config import CsftConfig
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.csft.evaluate import csft_embeddings, evaluate_embeddings, stage1_embeddings
+    from mim_rec.csft.model import load_csft_model
+    from mim_rec.data.manifest import fingerprint_config
+    from mim_rec.encoders import load_encoders
+    from train.csft import run_csft
+
+    base = load_config(CsftConfig, config_path, overrides)
+    out = Path(base.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = base.data.feature_cache or str(out / "features")
+    world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
+    report: Dict[str, Dict] = {}
+
+    def cached(name: str, fingerprint: str, compute) -> Dict:
+        path = out / name / "result.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") == fingerprint:
+                return saved["metrics"]
+        started = time.time()
+        metrics = compute()
+        metrics["seconds"] = round(time.time() - started, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=2))
+        return metrics
+
+    report["stage1"] = cached("stage1", fingerprint_config({"encoders": base.encoders, "eval": base.eval,
+                                                            "world": base.data.world}),
+                              lambda: evaluate_embeddings(stage1_embeddings(load_encoders(base.encoders), world),
+                                                          world, base.eval.ks))
+    for name, _, variant in VARIANTS:
+        if name not in variants:
+            continue
+        config = load_config(CsftConfig, config_path, [*overrides, *variant, f"out={out / name}",
+                                                        f"data.feature_cache={cache}"])
+
+        def train_and_evaluate(config=config) -> Dict:
+            folder = run_csft(config)
+            return evaluate_embeddings(csft_embeddings(load_csft_model(folder), world), world,
+                                       config.eval.ks)
+
+        report[name] = cached(name, fingerprint_config(config), train_and_evaluate)
+        report[name]["overrides"] = list(variant)
+    (out / "ablations.json").write_text(json.dumps(report, indent=2))
+    (out / "ABLATIONS.md").write_text(format_ablations(report) + "\n")
+    return report
+
+
+def format_ablations(report: Dict[str, Dict]) -> str:
+    """Markdown: Table 5 (ablations) and Table 4 (signals/objectives), each with stage 1."""
+    sections: List[str] = []
+    for title, tables in (("Ablations (paper Table 5)", ("both", "ablation")),
+                          ("Signals and objectives (paper Table 4)", ("both", "signals"))):
+        rows = ["stage1"] + [n for n, table, _ in VARIANTS if table in tables and n in report]
+        lines = [f"### {title}", "", "| variant | overrides | " + " | ".join(METRICS) + " |",
+                 "|---|---|" + "---|" * len(METRICS)]
+        for name in rows:
+            metrics = report[name]
+            overrides = " ".join(metrics.get("overrides", [])) or "-"
+            lines.append(f"| {LABELS[name]} | `{overrides}` | "
+                         + " | ".join(f"{metrics[m]:.4f}" for m in METRICS) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
