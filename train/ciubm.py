@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.data.loader import LoaderConfig
@@ -39,7 +39,7 @@ class DataPaths:
 class TrainConfig:
     data: DataPaths = field(default_factory=DataPaths)
     mm_table: Optional[str] = None     # representation-center table folder; None = random stand-in
-    mm_missing: str = "error"          # items the table lacks: error | default (zero vector, counted)
+    mm_missing: Literal["error", "default"] = "error"  # items the table lacks: zero vector, counted
     rim_log: Optional[str] = None      # RIM window-message log: new items' rows applied to the live MM table
     rim_apply_every: int = 50          # steps between two applies of rim_log (and once before evaluation)
     out: str = "runs/ciubm"
