@@ -1,5 +1,6 @@
-"""`mim pipeline --preset tiny`: every stage runs as its own process (CiUBM on 2 ranks through
-TorchX local_cwd), the report is written, a re-run reuses every stage, a failure names its stage."""
+"""`mim pipeline --preset tiny`: every stage runs as its own process (C-SFT and CiUBM on 2 ranks
+through TorchX local_cwd), the report is written, a re-run reuses every stage, a failure names
+its stage."""
 
 from __future__ import annotations
 
@@ -29,13 +30,16 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path):
     for model in ("base_din", "mim_din"):
         metrics = json.loads((out / model / "metrics.json").read_text())
         assert 0.5 < metrics["auc"] < 1 and metrics["n"] > 0
-    assert "SUCCEEDED" in (out / "logs" / "train_mim.log").read_text()  # TorchX local_cwd job
+    for stage in ("csft", "train_mim"):  # TorchX local_cwd jobs
+        assert "SUCCEEDED" in (out / "logs" / f"{stage}.log").read_text()
+    table = json.loads((out / "mm_table" / "manifest.json").read_text())
+    assert table["extra"]["encoder_fingerprint"].startswith("csft:")  # built from the C-SFT tower
     config = json.loads((out / "base_din" / "config.json").read_text())
     assert config["model"]["content_interest"] is False and config["mm_table"].endswith("mm_table")
 
     again = _pipeline("--preset", "tiny", "--out", str(out))
     assert again.returncode == 0
-    assert again.stdout.count(": reused") == 6
+    assert again.stdout.count(": reused") == 7
 
 
 def test_a_failing_stage_is_named_with_its_log(tmp_path):

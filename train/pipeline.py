@@ -1,6 +1,7 @@
 """``mim pipeline``: the whole MIM chain on one world, as separate stages that exchange only
-artifacts on disk -- synth -> validate -> pretrain -> MFM table -> CiUBM Base and Base+MIM
-(2 ranks through the TorchX ``train_ciubm`` component) -> report.
+artifacts on disk -- synth -> validate -> pretrain -> C-SFT (2 ranks through the TorchX
+``csft`` component) -> MFM table from the C-SFT item tower -> CiUBM Base and Base+MIM (2 ranks
+through the TorchX ``train_ciubm`` component) -> report.
 
 Each stage is a ``mim`` command run as its own process, logged to ``RUNDIR/logs/<stage>.log``.
 A stage whose artifact exists and whose command line is unchanged since it last succeeded is
@@ -22,10 +23,11 @@ from typing import Dict, List, Optional
 
 PRESETS: Dict[str, Dict[str, List[str]]] = {
     # ~15 min on 2 CPU cores: the default world, short pre-training, 150 CTR steps per model.
-    "default": {"synth": [], "pretrain": ["dda_steps=20", "dma_steps=100"],
+    "default": {"synth": [], "pretrain": ["dda_steps=20", "dma_steps=100"], "csft": [],
                 "train": ["max_steps=150", "loader.batch_size=1024", "loader.max_hist_len=30"]},
     # ~3 min: the tiny world, for tests.
     "tiny": {"synth": ["--tiny"], "pretrain": ["dda_steps=2", "dma_steps=10", "data.batch_size=16"],
+             "csft": ["steps=10", "data.batch_size=32", "negatives.queue_batches=2"],
              "train": ["epochs=2", "loader.batch_size=128", "loader.max_hist_len=20"]},
 }
 MODELS = {"base": ["model.content_interest=false", "model.fusion_interest=false"], "mim": []}
@@ -64,15 +66,20 @@ def stages(args: argparse.Namespace) -> List[Stage]:
     plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok"))
     plan.append(Stage("pretrain", mim + ["pretrain", f"data.world={world}", f"out={out / 'pretrain'}",
                                          *preset["pretrain"]], out / "pretrain" / "encoders" / "manifest.json"))
+    torchx = [str(Path(sys.executable).parent / "torchx"), "run", "--wait", "--log", "-s", "local_cwd"]
+    distributed = ["-j", f"1x{args.nproc}", "--cpu", str(args.nproc)]
+    plan.append(Stage("csft", torchx + ["torchx_components/mim.py:csft", *distributed,
+                                        f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}",
+                                        f"out={out / 'csft'}", *preset["csft"]],
+                      out / "csft" / "mm_encoder" / "manifest.json"))
     plan.append(Stage("mfm", mim + ["embeddings", "build", f"world={world}",
-                                    f"encoders={out / 'pretrain' / 'encoders'}", f"out={out / 'mm_table'}"],
+                                    f"encoders={out / 'csft' / 'mm_encoder'}", f"out={out / 'mm_table'}"],
                       out / "mm_table" / "manifest.json"))
-    torchx = [str(Path(sys.executable).parent / "torchx"), "run", "--wait", "--log", "-s", "local_cwd",
-              "torchx_components/mim.py:train_ciubm", "-j", f"1x{args.nproc}", "--cpu", str(args.nproc)]
     for model, switches in MODELS.items():
         run_dir = out / f"{model}_{args.ubm}"
         plan.append(Stage(f"train_{model}", torchx + [
-            f"data.world={world}", f"mm_table={out / 'mm_table'}", f"out={run_dir}", f"model.ubm={args.ubm}",
+            "torchx_components/mim.py:train_ciubm", *distributed, f"data.world={world}",
+            f"mm_table={out / 'mm_table'}", f"out={run_dir}", f"model.ubm={args.ubm}",
             *preset["train"], *switches], run_dir / "metrics.json"))
     return plan
 
