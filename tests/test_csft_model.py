@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from embeddings.build import build_table
-from embeddings.encoders import Stage1ItemEncoder
+from embeddings.encoders import CsftItemEncoder, Stage1ItemEncoder, load_item_encoder
 from mim_rec.csft import (CsftModel, FusionConfig, ModelConfig, load_csft_model,
                           load_mm_encoder, save_mm_encoder)
 from mim_rec.csft.config import QueryConfig
@@ -123,3 +123,18 @@ def test_paper_fusion_without_residual_is_unit_norm(stage1):
     vectors = model.items.embed_items(read_items(items_path), items_path)
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(20))
     assert dataclasses.asdict(model.config)["fusion"]["residual"] is False
+
+
+def test_load_item_encoder_picks_the_tower_by_manifest_kind(stage1, tmp_path):
+    encoders, items_path = stage1
+    model = _model(encoders, fusion=FusionConfig(hidden=8))
+    _perturb(model)
+    fingerprint = save_mm_encoder(tmp_path / "mm", model)
+    csft = load_item_encoder(tmp_path / "mm")
+    assert isinstance(csft, CsftItemEncoder) and csft.fingerprint == fingerprint
+    assert isinstance(load_item_encoder(encoders), Stage1ItemEncoder)
+    items = read_items(items_path)
+    assert torch.allclose(csft.embed_items(items, items_path), model.items.embed_items(items, items_path))
+    table = build_table(csft, items_path, tmp_path / "table", shard_rows=8)
+    with pytest.raises(ManifestMismatch, match="not an item encoder"):
+        load_item_encoder(table)
