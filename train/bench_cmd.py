@@ -13,6 +13,7 @@ BENCH_COMMAND_MODULES: tuple = (
     "train.bench_sharding",
     "train.bench_lookup",
     "train.bench_rim",
+    "train.bench_train",
 )
 
 

@@ -1,0 +1,514 @@
+"""``mim bench train``: training and inference throughput and peak memory of CiUBM, per UBM.
+
+For each UBM and each variant -- **Base** (the ID interest module alone, no MM table) and
+**Base+MIM** (ID + content + fusion interest over the frozen MM table) -- two implementations
+of the same model are run side by side in one process, on the same seeded synthetic batches:
+
+* **TorchRec**: the CiUBM of ``mim train``, built by :func:`train.ciubm.build_sharded_model`
+  (``DistributedModelParallel`` on a one-rank gloo/nccl group, the trainer's sharders: fused
+  ID-table optimizer, frozen MM sharder; dense Adam).
+* **nn.Embedding reference**: what a user would otherwise write -- the same CiUBM interest and
+  over-arch modules, with the embedding tables as plain ``torch.nn.Embedding`` /
+  ``nn.EmbeddingBag`` (sparse gradients, stepped by ``torch.optim.Adagrad`` on CPU /
+  ``SparseAdam`` on CUDA, the optimizer families of the fused kernels) and the MM table as a
+  frozen buffer. It starts from the TorchRec model's initial weights, so both compute the
+  same logits (tests/test_bench_train.py checks it).
+
+Each run times ``steps`` training steps (forward + backward + optimizer) and ``steps``
+inference forwards (``eval``, ``no_grad``) after ``warmup`` untimed ones, and records the peak
+memory from before the model was built to the end of its timed work: on CUDA
+``torch.cuda.max_memory_allocated``; on CPU the peak resident set size above the level before
+the build, sampled every few milliseconds (process-wide, so other allocations in this process
+count too). The printed ratios are Base+MIM / Base (what MIM costs) and TorchRec / reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mim_rec.ciubm.config import ModelConfig
+from mim_rec.ciubm.model import CiUBM
+from mim_rec.data.loader import CtrBatch, ItemInfo, LoaderConfig, make_batch
+
+COMMAND_HELP = "train / inference samples/s and peak memory per UBM: Base vs Base+MIM, TorchRec vs nn.Embedding"
+
+ALL_UBMS = ["avg", "din", "dien", "bst", "sim", "twin"]
+VARIANTS = {"Base": dict(content_interest=False, fusion_interest=False),
+            "Base+MIM": dict(content_interest=True, fusion_interest=True)}
+IMPLEMENTATIONS = ("torchrec", "reference")
+QUERY_WORDS = 500        # distinct words in the synthetic queries (hashed into query_buckets)
+
+
+@dataclass
+class TrainBenchConfig:
+    world: str = ""                   # world folder: take items/users/categories from it
+    items: int = 20_000
+    users: int = 5_000
+    categories: int = 20
+    batch_size: int = 1024
+    hist_len: int = 30                # behaviour slots per sample (histories fill 1..hist_len)
+    mm_dim: int = 256
+    ubms: List[str] = field(default_factory=lambda: list(ALL_UBMS))
+    model: ModelConfig = field(default_factory=ModelConfig)  # dims, over-arch, UBM options
+    steps: int = 5                    # timed training steps, and timed inference forwards
+    warmup: int = 1
+    distinct_batches: int = 4         # batches cycled through (built before timing)
+    lr: float = 0.005
+    id_lr: float = 0.05
+    threads: Optional[int] = None     # torch threads; None = torch's default
+    device: str = "auto"              # auto | cpu | cuda
+    flops: bool = True                # count the dense forward's FLOPs per sample
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "TrainBenchConfig":
+        """Tiny sizes for a smoke run: two UBMs, one timed step each."""
+        return cls(items=300, users=50, categories=5, batch_size=16, hist_len=6, mm_dim=8,
+                   ubms=["avg", "din"], steps=1, warmup=1, distinct_batches=2)
+
+
+# ------------------------------------------------------------------------------- batches
+
+def synthetic_events(config: TrainBenchConfig, category: np.ndarray, rows: int, seed: int):
+    """A seeded events record batch (the ``events`` contract) with random ids and histories."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, config.hist_len + 1, rows)
+    hist = rng.integers(0, config.items, int(lengths.sum()))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    words = rng.integers(0, QUERY_WORDS, (rows, 3))
+    word_counts = rng.integers(0, 4, rows)
+    queries = [" ".join(f"w{w}" for w in words[r, :word_counts[r]]) for r in range(rows)]
+    return pa.RecordBatch.from_pydict({
+        "user_id": pa.array(rng.integers(0, config.users, rows), pa.int64()),
+        "query": pa.array(queries, pa.string()),
+        "target_item_id": pa.array(rng.integers(0, config.items, rows), pa.int64()),
+        "label": pa.array(rng.integers(0, 2, rows), pa.int8()),
+        "ts": pa.array(np.full(rows, 86_400 * 30), pa.int64()),
+        "hist_item_ids": pa.ListArray.from_arrays(offsets, pa.array(hist, pa.int64())),
+        "hist_category_ids": pa.ListArray.from_arrays(offsets, pa.array(category[hist], pa.int32())),
+    })
+
+
+def synthetic_batches(config: TrainBenchConfig) -> List[CtrBatch]:
+    """``distinct_batches`` CtrBatches built by the training loader's own ``make_batch``."""
+    rng = np.random.default_rng(config.seed)
+    category = rng.integers(0, config.categories, config.items)
+    items = ItemInfo(category=category, created_s=rng.integers(0, 86_400 * 30, config.items))
+    loader = LoaderConfig(batch_size=config.batch_size, max_hist_len=config.hist_len,
+                          query_buckets=config.model.query_buckets)
+    return [make_batch(synthetic_events(config, category, config.batch_size, config.seed + 1 + i), items, loader)
+            for i in range(config.distinct_batches)]
+
+
+# ------------------------------------------------------------------------------- reference model
+
+class PlainSparseArch(nn.Module):
+    """:class:`~mim_rec.ciubm.sparse.SparseArch` written with plain torch tables.
+
+    Same inputs (the batch's KJTs) and outputs; ``tables`` holds the trainable ID tables
+    (``nn.Embedding`` for one-id features, ``nn.EmbeddingBag`` for the query's word bag),
+    ``mm`` the frozen MM table as a buffer read without gradient.
+    """
+
+    def __init__(self, config: ModelConfig, num_items: int, num_users: int, num_categories: int) -> None:
+        super().__init__()
+        self.config = config
+        self.tables = nn.ModuleDict({
+            "user": nn.Embedding(num_users, config.user_dim, sparse=True),
+            "query_word": nn.EmbeddingBag(config.query_buckets, config.query_dim, mode="sum", sparse=True),
+            "item": nn.Embedding(num_items, config.item_dim, sparse=True),
+            "category": nn.Embedding(num_categories, config.category_dim, sparse=True),
+        })
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[config.mm_dtype]
+        self.register_buffer("mm", torch.zeros(num_items, config.mm_dim, dtype=dtype) if config.uses_mm else None)
+
+    def forward(self, pooled, sequence, batch_size: int):
+        user, query = pooled["user_id"], pooled["query_tokens"]
+        pooled_out = {"user_id": self.tables["user"](user.values()),
+                      "query_tokens": self.tables["query_word"](query.values(), query.offsets()[:-1])}
+        items, present = self._slot_ids(sequence["item_seq"])
+        categories, _ = self._slot_ids(sequence["category_seq"])
+        ids = torch.cat([self.tables["item"](items), self.tables["category"](categories)], dim=-1) * present
+        mm = None
+        if self.mm is not None:
+            mm = (self.mm[items].float() * present).view(batch_size, -1, self.config.mm_dim)
+        return pooled_out, ids.view(batch_size, -1, self.config.behaviour_dim), mm
+
+    @staticmethod
+    def _slot_ids(jagged) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [slots], present [slots, 1])``: every slot holds one id or none (then id 0, masked)."""
+        present = jagged.lengths() > 0
+        ids = torch.zeros(present.numel(), dtype=torch.long, device=present.device)
+        ids[present] = jagged.values().long()
+        return ids, present.unsqueeze(1).to(torch.float32)
+
+
+def _full_tensor(weight) -> torch.Tensor:
+    """A (possibly sharded) table of the one-rank TorchRec model as one plain tensor."""
+    if not hasattr(weight, "local_shards"):
+        return weight.detach()
+    full = torch.empty(weight.size(), dtype=weight.dtype)
+    for shard in weight.local_shards():
+        (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        full[row:row + rows, col:col + cols] = shard.tensor.detach().cpu()
+    return full
+
+
+def torchrec_weights(model) -> Dict[str, torch.Tensor]:
+    """The one-rank TorchRec CiUBM's weights under the reference model's state-dict names."""
+    renamed = {}
+    for key, value in model.state_dict().items():
+        if ".embedding_bags." in key:
+            table = key.split(".embedding_bags.")[1].rsplit(".", 1)[0]
+            key = "sparse_arch.mm" if table == "mm_item" else f"sparse_arch.tables.{table}.weight"
+        renamed[key] = _full_tensor(value).clone()
+    return renamed
+
+
+def reference_model(config: ModelConfig, sizes: Dict[str, int], weights: Dict[str, torch.Tensor],
+                    device: torch.device) -> CiUBM:
+    """CiUBM with :class:`PlainSparseArch` tables, loaded with ``weights`` (:func:`torchrec_weights`)."""
+    model = CiUBM(config, sizes["items"], sizes["users"], sizes["categories"], device=torch.device("meta"))
+    model.sparse_arch = PlainSparseArch(config, sizes["items"], sizes["users"], sizes["categories"])
+    model = model.to_empty(device=device)
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def reference_optimizer(model: CiUBM, lr: float, id_lr: float) -> Callable[[], None]:
+    """``step()`` of a user's optimizers: sparse ID tables (Adagrad / SparseAdam), dense Adam."""
+    tables = list(model.sparse_arch.tables.parameters())
+    table_ids = {id(p) for p in tables}
+    dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in table_ids], lr=lr)
+    sparse = torch.optim.SparseAdam(tables, lr=id_lr) if tables[0].is_cuda else torch.optim.Adagrad(tables, lr=id_lr)
+
+    def step() -> None:
+        dense.step()
+        sparse.step()
+        dense.zero_grad(set_to_none=True)
+        sparse.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ------------------------------------------------------------------------------- measuring
+
+class PeakMemory:
+    """Peak memory of a block of work, in bytes, above the level when it started.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (exact, tensors only). CPU: the process's
+    resident set size sampled every ``interval_s`` by a thread (glibc's free lists are trimmed
+    first, so memory freed by an earlier model does not hide this one's).
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+
+    @contextmanager
+    def measure(self) -> Iterator["PeakMemory"]:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            yield self
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - start
+            return
+        _trim_malloc()
+        start = peak = self._rss()
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(self.interval_s):
+                peak = max(peak, self._rss())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield self
+        finally:
+            done.set()
+            sampler.join()
+            self.peak_bytes = max(peak, self._rss()) - start
+
+
+_PAGE = 4096
+
+
+def _trim_malloc() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS deltas are then only an upper-bound guess
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(work: Callable[[CtrBatch], None], batches: List[CtrBatch], warmup: int, steps: int,
+           device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``work`` (cycling ``batches``) after ``warmup`` calls."""
+    for i in range(warmup):
+        work(batches[i % len(batches)])
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        work(batches[i % len(batches)])
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _loss(model, batch: CtrBatch, aux_weight: float) -> torch.Tensor:
+    logits, aux = model(batch)
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+    return loss + aux_weight * aux if aux is not None else loss
+
+
+def throughput(model, step: Callable[[], None], batches: List[CtrBatch], config: TrainBenchConfig,
+               device: torch.device) -> Dict[str, float]:
+    """Training and inference samples/s of ``model`` (``step`` applies its optimizers)."""
+    def train(batch: CtrBatch) -> None:
+        _loss(model, batch, config.model.dien_aux_weight).backward()
+        step()
+
+    def infer(batch: CtrBatch) -> None:
+        with torch.no_grad():
+            model(batch)
+
+    model.train()
+    train_s = _timed(train, batches, config.warmup, config.steps, device)
+    model.eval()
+    infer_s = _timed(infer, batches, config.warmup, config.steps, device)
+    samples = config.steps * config.batch_size
+    return {"train_samples_per_s": samples / train_s, "infer_samples_per_s": samples / infer_s}
+
+
+def dense_flops_per_sample(model: CiUBM, batch: CtrBatch) -> float:
+    """FLOPs of one inference forward per sample, as ``FlopCounterMode`` counts them (matrix
+    products, convolutions, attention; the lookups count zero)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(batch)
+    return counter.get_total_flops() / batch.labels.numel()
+
+
+# ------------------------------------------------------------------------------- the run
+
+@contextmanager
+def _process_group(device: str) -> Iterator[Any]:
+    """A one-rank process group for DMP (or the caller's), and its DistContext."""
+    import os
+
+    import torch.distributed as dist
+
+    from mim_rec.utils.dist import free_port, init_distributed
+
+    owned = not dist.is_initialized()
+    added = {} if not owned or "WORLD_SIZE" in os.environ else \
+        dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    os.environ.update(added)
+    try:
+        ctx = init_distributed(device)
+        if not dist.is_initialized():
+            dist.init_process_group(ctx.backend, rank=0, world_size=1)
+        if dist.get_world_size() != 1:
+            raise RuntimeError("mim bench train runs on one process (world size 1)")
+        yield ctx
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def bench_sizes(config: TrainBenchConfig) -> Dict[str, int]:
+    """Table sizes: the world folder's, or the configured ones."""
+    if not config.world:
+        return {"items": config.items, "users": config.users, "categories": config.categories}
+    from train.ciubm import DataPaths, TrainConfig, _sizes
+
+    items = ItemInfo.from_items(Path(config.world) / "items.parquet")
+    return _sizes(TrainConfig(data=DataPaths(world=config.world)), items)
+
+
+def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: Dict[str, int], ctx):
+    """``(DMP CiUBM, optimizer step)`` exactly as ``mim train`` builds them, MM table filled."""
+    from train.ciubm import TrainConfig, build_sharded_model, fill_mm_table
+
+    train_config = TrainConfig(model=model_config, loader=LoaderConfig(batch_size=config.batch_size),
+                               lr=config.lr, id_lr=config.id_lr, seed=config.seed)
+    model, optimizer, _ = build_sharded_model(train_config, sizes, ctx)
+    if model_config.uses_mm:
+        vectors = torch.randn(sizes["items"], model_config.mm_dim, generator=torch.Generator().manual_seed(config.seed))
+        fill_mm_table(model, lambda start, stop: vectors[start:stop])
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return model, step
+
+
+def _warm_process(config: TrainBenchConfig, sizes: Dict[str, int], batches: List[CtrBatch], ctx) -> None:
+    """One untimed, unmeasured step of both implementations, so that the process's one-time
+    costs (kernel libraries, thread pools, allocator arenas) are not charged to the first row."""
+    model_config = replace(config.model, ubm=config.ubms[0], mm_dim=config.mm_dim, **VARIANTS["Base+MIM"])
+    model, step = build_torchrec(config, model_config, sizes, ctx)
+    reference = reference_model(model_config, sizes, torchrec_weights(model), ctx.device)
+    for net, apply in ((model, step), (reference, reference_optimizer(reference, config.lr, config.id_lr))):
+        _loss(net, batches[0], config.model.dien_aux_weight).backward()
+        apply()
+        with torch.no_grad():
+            net(batches[0])
+
+
+def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
+    """Every UBM x variant x implementation; the result dict :func:`format_table` prints."""
+    unknown = sorted(set(config.ubms) - set(ALL_UBMS))
+    if unknown:
+        from mim_rec.config import ConfigError
+        raise ConfigError(f"ubms: unknown {unknown}; choose from {ALL_UBMS}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    sizes = bench_sizes(config)
+    config = replace(config, **sizes) if config.world else config
+    batches = synthetic_batches(config)
+    rows = []
+    with _process_group(config.device) as ctx:
+        batches = [b.to(ctx.device) for b in batches]
+        memory = PeakMemory(ctx.device)
+        _warm_process(config, sizes, batches, ctx)
+        for ubm in config.ubms:
+            for variant, switches in VARIANTS.items():
+                model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, id_interest=True, **switches)
+                row: Dict[str, Any] = {"ubm": ubm, "variant": variant}
+                with memory.measure():
+                    model, step = build_torchrec(config, model_config, sizes, ctx)
+                    weights = torchrec_weights(model)
+                    row["torchrec"] = throughput(model, step, batches, config, ctx.device)
+                row["torchrec"]["peak_memory_bytes"] = memory.peak_bytes
+                del model, step
+                with memory.measure():
+                    model = reference_model(model_config, sizes, weights, ctx.device)
+                    step = reference_optimizer(model, config.lr, config.id_lr)
+                    row["reference"] = throughput(model, step, batches, config, ctx.device)
+                row["reference"]["peak_memory_bytes"] = memory.peak_bytes
+                if config.flops:
+                    row["dense_flops_per_sample"] = dense_flops_per_sample(model, batches[0])
+                del model, step, weights
+                rows.append(row)
+                print(f"  {ubm:<5} {variant:<9} done", flush=True)
+        device = str(ctx.device)
+    return {"config": asdict(config), "sizes": sizes, "device": device, "threads": torch.get_num_threads(),
+            "memory_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS delta (sampled)",
+            "rows": rows, "ratios": ratios(rows)}
+
+
+METRICS = ("train_samples_per_s", "infer_samples_per_s", "peak_memory_bytes")
+
+
+def ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per row: TorchRec / reference; per UBM: Base+MIM / Base (each implementation)."""
+    by_key = {(r["ubm"], r["variant"]): r for r in rows}
+    out = []
+    for row in rows:
+        entry = {"ubm": row["ubm"], "variant": row["variant"],
+                 "torchrec_over_reference": {m: _ratio(row["torchrec"][m], row["reference"][m]) for m in METRICS}}
+        base = by_key.get((row["ubm"], "Base"))
+        if row["variant"] == "Base+MIM" and base is not None:
+            entry["mim_over_base"] = {impl: {m: _ratio(row[impl][m], base[impl][m]) for m in METRICS}
+                                      for impl in IMPLEMENTATIONS}
+        out.append(entry)
+    return out
+
+
+def _ratio(a: float, b: float) -> Optional[float]:
+    return a / b if b else None
+
+
+def _fmt_ratio(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    config, sizes = result["config"], result["sizes"]
+    lines = [
+        f"sizes: {sizes['items']:,} items, {sizes['users']:,} users, {sizes['categories']} categories; "
+        f"batch {config['batch_size']}, hist {config['hist_len']}, mm_dim {config['mm_dim']}; "
+        f"{config['steps']} timed steps after {config['warmup']} warm-up; device {result['device']}, "
+        f"torch threads {result['threads']}",
+        f"MFLOP/smp: dense forward FLOPs per sample; memory: {result['memory_kind']}, MB; ratios: TR/ref = TorchRec / nn.Embedding reference, "
+        f"MIM/Base = Base+MIM / Base (TorchRec)",
+    ]
+    header = (f"{'ubm':<5} {'variant':<9} {'MFLOP/smp':>9} | {'train/s TR':>10} {'ref':>8} {'TR/ref':>7} | "
+              f"{'infer/s TR':>10} {'ref':>8} {'TR/ref':>7} | {'mem TR':>7} {'ref':>7} {'TR/ref':>7} | "
+              f"{'MIM/Base train':>14} {'infer':>6} {'mem':>6}")
+    lines += [header, "-" * len(header)]
+    for row, ratio in zip(result["rows"], result["ratios"]):
+        tr, ref, vs = row["torchrec"], row["reference"], ratio["torchrec_over_reference"]
+        flops = row.get("dense_flops_per_sample")
+        mim = ratio.get("mim_over_base", {}).get("torchrec")
+        lines.append(
+            f"{row['ubm']:<5} {row['variant']:<9} {'-' if flops is None else f'{flops / 1e6:.2f}':>9} | "
+            f"{tr['train_samples_per_s']:>10,.0f} {ref['train_samples_per_s']:>8,.0f} "
+            f"{_fmt_ratio(vs['train_samples_per_s']):>7} | "
+            f"{tr['infer_samples_per_s']:>10,.0f} {ref['infer_samples_per_s']:>8,.0f} "
+            f"{_fmt_ratio(vs['infer_samples_per_s']):>7} | "
+            f"{tr['peak_memory_bytes'] / 2**20:>7.1f} {ref['peak_memory_bytes'] / 2**20:>7.1f} "
+            f"{_fmt_ratio(vs['peak_memory_bytes']):>7} | "
+            + (f"{_fmt_ratio(mim['train_samples_per_s']):>14} {_fmt_ratio(mim['infer_samples_per_s']):>6} "
+               f"{_fmt_ratio(mim['peak_memory_bytes']):>6}" if mim else f"{'':>14} {'':>6} {'':>6}"))
+    return "\n".join(lines)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from mim_rec.config import load_config
+
+    preset = TrainBenchConfig.quick() if args.quick else None
+    config = load_config(TrainBenchConfig, args.config, args.overrides, preset=preset)
+    started = time.perf_counter()
+    result = run_bench(config)
+    result["wall_s"] = time.perf_counter() - started
+    print(format_table(result))
+    print(f"wall time {result['wall_s']:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help=COMMAND_HELP, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML/JSON TrainBenchConfig")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, avg + din, one timed step (smoke run)")
+    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="e.g. batch_size=1024 hist_len=30 mm_dim=256 steps=5 ubms=[din,sim] world=runs/world")
+    parser.set_defaults(func=_cli)
