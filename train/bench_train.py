@@ -14,12 +14,16 @@ of the same model are run side by side in one process, on the same seeded synthe
   frozen buffer. It starts from the TorchRec model's initial weights, so both compute the
   same logits (tests/test_bench_train.py checks it).
 
-Each run times ``steps`` training steps (forward + backward + optimizer) and ``steps``
-inference forwards (``eval``, ``no_grad``) after ``warmup`` untimed ones, and records the peak
-memory from before the model was built to the end of its timed work: on CUDA
+Both implementations of a row are built and warmed up (``warmup`` training steps and inference
+forwards), then timed in alternating rounds -- ``steps`` training steps (forward + backward +
+optimizer) of one, then of the other, ``rounds`` times; then the same for inference forwards
+(``eval``, ``no_grad``) -- and each one's median round gives its samples/s, so that a shared
+machine's changing load falls on both alike. Peak memory is taken from before a model is built
+to the end of its warm-up, whose steps are the timed ones' twins: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size above the level before
-the build, sampled every few milliseconds (process-wide, so other allocations in this process
-count too). The printed ratios are Base+MIM / Base (what MIM costs) and TorchRec / reference.
+the build, sampled every few milliseconds (process-wide, so anything else this process
+allocates meanwhile counts too). The printed ratios are Base+MIM / Base (what MIM costs) and
+TorchRec / reference (what TorchRec's kernels and sharding wrappers cost or save).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import argparse
 import ctypes
 import gc
 import json
+import os
+import statistics
 import threading
 import time
 from contextlib import contextmanager
@@ -64,8 +70,9 @@ class TrainBenchConfig:
     mm_dim: int = 256
     ubms: List[str] = field(default_factory=lambda: list(ALL_UBMS))
     model: ModelConfig = field(default_factory=ModelConfig)  # dims, over-arch, UBM options
-    steps: int = 5                    # timed training steps, and timed inference forwards
-    warmup: int = 1
+    steps: int = 2                    # timed training steps (and inference forwards) per round
+    rounds: int = 3                   # alternating rounds of both implementations; the median counts
+    warmup: int = 1                   # untimed steps first (inside the peak-memory window)
     distinct_batches: int = 4         # batches cycled through (built before timing)
     lr: float = 0.005
     id_lr: float = 0.05
@@ -78,7 +85,7 @@ class TrainBenchConfig:
     def quick(cls) -> "TrainBenchConfig":
         """Tiny sizes for a smoke run: two UBMs, one timed step each."""
         return cls(items=300, users=50, categories=5, batch_size=16, hist_len=6, mm_dim=8,
-                   ubms=["avg", "din"], steps=1, warmup=1, distinct_batches=2)
+                   ubms=["avg", "din"], steps=1, rounds=1, warmup=1, distinct_batches=2)
 
 
 # ------------------------------------------------------------------------------- batches
@@ -224,7 +231,7 @@ class PeakMemory:
     @staticmethod
     def _rss() -> int:
         with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * _PAGE
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     @contextmanager
     def measure(self) -> Iterator["PeakMemory"]:
@@ -255,8 +262,6 @@ class PeakMemory:
             self.peak_bytes = max(peak, self._rss()) - start
 
 
-_PAGE = 4096
-
 
 def _trim_malloc() -> None:
     try:
@@ -270,11 +275,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(work: Callable[[CtrBatch], None], batches: List[CtrBatch], warmup: int, steps: int,
-           device: torch.device) -> float:
-    """Seconds for ``steps`` calls of ``work`` (cycling ``batches``) after ``warmup`` calls."""
-    for i in range(warmup):
-        work(batches[i % len(batches)])
+def _loss(model, batch: CtrBatch, aux_weight: float) -> torch.Tensor:
+    logits, aux = model(batch)
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+    return loss + aux_weight * aux if aux is not None else loss
+
+
+def _work(mode: str, model, step: Callable[[], None], aux_weight: float) -> Callable[[CtrBatch], None]:
+    """One training step (forward + backward + optimizer) or one inference forward."""
+    def train(batch: CtrBatch) -> None:
+        _loss(model, batch, aux_weight).backward()
+        step()
+
+    def infer(batch: CtrBatch) -> None:
+        with torch.no_grad():
+            model(batch)
+
+    return train if mode == "train" else infer
+
+
+def warm_up(model, step: Callable[[], None], batches: List[CtrBatch], config: TrainBenchConfig) -> None:
+    """``warmup`` untimed training steps and inference forwards: first-call allocations,
+    optimizer state and kernel selection happen here (inside the peak-memory window)."""
+    for mode in ("train", "infer"):
+        model.train(mode == "train")
+        work = _work(mode, model, step, config.model.dien_aux_weight)
+        for i in range(config.warmup):
+            work(batches[i % len(batches)])
+
+
+def _seconds(work: Callable[[CtrBatch], None], batches: List[CtrBatch], steps: int, device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
     for i in range(steps):
@@ -283,29 +313,27 @@ def _timed(work: Callable[[CtrBatch], None], batches: List[CtrBatch], warmup: in
     return time.perf_counter() - start
 
 
-def _loss(model, batch: CtrBatch, aux_weight: float) -> torch.Tensor:
-    logits, aux = model(batch)
-    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-    return loss + aux_weight * aux if aux is not None else loss
+def interleaved_throughput(models: Dict[str, Tuple[Any, Callable[[], None]]], batches: List[CtrBatch],
+                           config: TrainBenchConfig, device: torch.device) -> Dict[str, Dict[str, float]]:
+    """Training and inference samples/s of each ``{name: (model, optimizer step)}``.
 
-
-def throughput(model, step: Callable[[], None], batches: List[CtrBatch], config: TrainBenchConfig,
-               device: torch.device) -> Dict[str, float]:
-    """Training and inference samples/s of ``model`` (``step`` applies its optimizers)."""
-    def train(batch: CtrBatch) -> None:
-        _loss(model, batch, config.model.dien_aux_weight).backward()
-        step()
-
-    def infer(batch: CtrBatch) -> None:
-        with torch.no_grad():
-            model(batch)
-
-    model.train()
-    train_s = _timed(train, batches, config.warmup, config.steps, device)
-    model.eval()
-    infer_s = _timed(infer, batches, config.warmup, config.steps, device)
-    samples = config.steps * config.batch_size
-    return {"train_samples_per_s": samples / train_s, "infer_samples_per_s": samples / infer_s}
+    In each of ``rounds`` rounds every model runs ``steps`` timed calls in turn, and each
+    model's median round counts: alternating spreads a shared machine's changing load over
+    all models alike instead of charging it to whichever ran last.
+    """
+    result: Dict[str, Dict[str, float]] = {name: {} for name in models}
+    for mode in ("train", "infer"):
+        works = {}
+        for name, (model, step) in models.items():
+            model.train(mode == "train")
+            works[name] = _work(mode, model, step, config.model.dien_aux_weight)
+        rounds: Dict[str, List[float]] = {name: [] for name in models}
+        for _ in range(config.rounds):
+            for name, work in works.items():
+                rounds[name].append(_seconds(work, batches, config.steps, device))
+        for name, seconds in rounds.items():
+            result[name][f"{mode}_samples_per_s"] = config.steps * config.batch_size / statistics.median(seconds)
+    return result
 
 
 def dense_flops_per_sample(model: CiUBM, batch: CtrBatch) -> float:
@@ -325,8 +353,6 @@ def dense_flops_per_sample(model: CiUBM, batch: CtrBatch) -> float:
 @contextmanager
 def _process_group(device: str) -> Iterator[Any]:
     """A one-rank process group for DMP (or the caller's), and its DistContext."""
-    import os
-
     import torch.distributed as dist
 
     from mim_rec.utils.dist import free_port, init_distributed
@@ -381,13 +407,10 @@ def _warm_process(config: TrainBenchConfig, sizes: Dict[str, int], batches: List
     """One untimed, unmeasured step of both implementations, so that the process's one-time
     costs (kernel libraries, thread pools, allocator arenas) are not charged to the first row."""
     model_config = replace(config.model, ubm=config.ubms[0], mm_dim=config.mm_dim, **VARIANTS["Base+MIM"])
-    model, step = build_torchrec(config, model_config, sizes, ctx)
-    reference = reference_model(model_config, sizes, torchrec_weights(model), ctx.device)
-    for net, apply in ((model, step), (reference, reference_optimizer(reference, config.lr, config.id_lr))):
-        _loss(net, batches[0], config.model.dien_aux_weight).backward()
-        apply()
-        with torch.no_grad():
-            net(batches[0])
+    torchrec = build_torchrec(config, model_config, sizes, ctx)
+    reference = reference_model(model_config, sizes, torchrec_weights(torchrec[0]), ctx.device)
+    for model, step in (torchrec, (reference, reference_optimizer(reference, config.lr, config.id_lr))):
+        warm_up(model, step, batches[:1], replace(config, warmup=1))
 
 
 def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
@@ -396,6 +419,9 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     if unknown:
         from mim_rec.config import ConfigError
         raise ConfigError(f"ubms: unknown {unknown}; choose from {ALL_UBMS}")
+    if min(config.steps, config.rounds, config.warmup, config.distinct_batches) < 1:
+        from mim_rec.config import ConfigError
+        raise ConfigError("steps, rounds, warmup and distinct_batches must each be at least 1")
     if config.threads:
         torch.set_num_threads(config.threads)
     sizes = bench_sizes(config)
@@ -411,19 +437,23 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
                 model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, id_interest=True, **switches)
                 row: Dict[str, Any] = {"ubm": ubm, "variant": variant}
                 with memory.measure():
-                    model, step = build_torchrec(config, model_config, sizes, ctx)
-                    weights = torchrec_weights(model)
-                    row["torchrec"] = throughput(model, step, batches, config, ctx.device)
-                row["torchrec"]["peak_memory_bytes"] = memory.peak_bytes
-                del model, step
+                    torchrec = build_torchrec(config, model_config, sizes, ctx)
+                    weights = torchrec_weights(torchrec[0])
+                    warm_up(*torchrec, batches, config)
+                row["torchrec"] = {"peak_memory_bytes": memory.peak_bytes}
                 with memory.measure():
-                    model = reference_model(model_config, sizes, weights, ctx.device)
-                    step = reference_optimizer(model, config.lr, config.id_lr)
-                    row["reference"] = throughput(model, step, batches, config, ctx.device)
-                row["reference"]["peak_memory_bytes"] = memory.peak_bytes
+                    reference = reference_model(model_config, sizes, weights, ctx.device)
+                    reference = (reference, reference_optimizer(reference, config.lr, config.id_lr))
+                    warm_up(*reference, batches, config)
+                row["reference"] = {"peak_memory_bytes": memory.peak_bytes}
+                del weights
+                speeds = interleaved_throughput({"torchrec": torchrec, "reference": reference}, batches, config,
+                                                ctx.device)
+                for name in IMPLEMENTATIONS:
+                    row[name].update(speeds[name])
                 if config.flops:
-                    row["dense_flops_per_sample"] = dense_flops_per_sample(model, batches[0])
-                del model, step, weights
+                    row["dense_flops_per_sample"] = dense_flops_per_sample(reference[0], batches[0])
+                del torchrec, reference
                 rows.append(row)
                 print(f"  {ubm:<5} {variant:<9} done", flush=True)
         device = str(ctx.device)
@@ -463,7 +493,8 @@ def format_table(result: Dict[str, Any]) -> str:
     lines = [
         f"sizes: {sizes['items']:,} items, {sizes['users']:,} users, {sizes['categories']} categories; "
         f"batch {config['batch_size']}, hist {config['hist_len']}, mm_dim {config['mm_dim']}; "
-        f"{config['steps']} timed steps after {config['warmup']} warm-up; device {result['device']}, "
+        f"median of {config['rounds']} alternating rounds of {config['steps']} timed steps after "
+        f"{config['warmup']} warm-up; device {result['device']}, "
         f"torch threads {result['threads']}",
         f"MFLOP/smp: dense forward FLOPs per sample; memory: {result['memory_kind']}, MB; ratios: TR/ref = TorchRec / nn.Embedding reference, "
         f"MIM/Base = Base+MIM / Base (TorchRec)",
