@@ -104,7 +104,8 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(inputs, tmp_path):
          negatives=NegativesConfig(hard=False, queue_batches=0, all_gather=False),
          model=ModelConfig(fusion=FusionConfig(kind="concat", hidden=16))),
     dict(model=ModelConfig(fusion=FusionConfig(kind="lowrank", hidden=16, rank=2, residual=False),
-                           query=QueryConfig(share_vision=False), train_backbones=True)),
+                           query=QueryConfig(share_vision=False), train_backbones=True),
+         negatives=NegativesConfig(queue_batches=3, queue_refresh=False)),  # live backbones: stale queue
 ], ids=["pairwise_ce", "category_ce", "all_extensions_off", "backbones_train"])
 def test_variants_run_and_save_a_loadable_encoder(inputs, tmp_path, changes):
     out = tmp_path / "variant"
@@ -113,13 +114,14 @@ def test_variants_run_and_save_a_loadable_encoder(inputs, tmp_path, changes):
     record = [m for m in _metrics(out) if "loss" in m][-1]
     if changes.get("loss", LossConfig()).kind == "category_ce":
         assert "category_ce" in record
-    elif "negatives" in changes:  # no hard negatives, no queue, one rank: N - 1
+    elif not changes.get("negatives", NegativesConfig()).hard:  # no hard negatives, no queue, one rank: N - 1
         assert record["negatives"] <= 16 - 1 and set(record) >= {"q2item"} and "q2txt" not in record
     if changes.get("model", ModelConfig()).train_backbones:
         stage1 = load_encoders(inputs[1])
         moved = [not torch.equal(a, b) for a, b in zip(stage1.text.parameters(),
                                                         model.items.pair.text.parameters())]
         assert any(moved)  # the trainable backbone layers did train
+        assert "queue_drift" in record  # stored rows: their staleness is measured
 
 
 def _write_config(config: CsftConfig, path: Path) -> Path:
