@@ -337,11 +337,12 @@ def interleaved_throughput(models: Dict[str, Tuple[Any, Callable[[], None]]], ba
 
 
 def dense_flops_per_sample(model: CiUBM, batch: CtrBatch) -> float:
-    """FLOPs of one inference forward per sample, as ``FlopCounterMode`` counts them (matrix
-    products, convolutions, attention; the lookups count zero)."""
+    """FLOPs of one forward per sample, as ``FlopCounterMode`` counts them (matrix products,
+    attention; the lookups count zero). Counted in training mode: in eval mode
+    ``nn.TransformerEncoderLayer`` (BST) takes a fused fast path that the counter does not see."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model.eval()
+    model.train()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(batch)
