@@ -11,8 +11,8 @@ of the same model are run side by side in one process, on the same seeded synthe
   over-arch modules, with the embedding tables as plain ``torch.nn.Embedding`` /
   ``nn.EmbeddingBag`` (sparse gradients, stepped by ``torch.optim.Adagrad`` on CPU /
   ``SparseAdam`` on CUDA, the optimizer families of the fused kernels) and the MM table as a
-  frozen buffer. It starts from the TorchRec model's initial weights, so both compute the
-  same logits (tests/test_bench_train.py checks it).
+  frozen buffer. It is loaded with the TorchRec model's weights (as they are after its
+  warm-up), so both compute the same logits (tests/test_bench_train.py checks it).
 
 Both implementations of a row are built and warmed up (``warmup`` training steps and inference
 forwards), then timed in alternating rounds -- ``steps`` training steps (forward + backward +
@@ -133,17 +133,20 @@ class PlainSparseArch(nn.Module):
     ``mm`` the frozen MM table as a buffer read without gradient.
     """
 
-    def __init__(self, config: ModelConfig, num_items: int, num_users: int, num_categories: int) -> None:
+    def __init__(self, config: ModelConfig, num_items: int, num_users: int, num_categories: int,
+                 device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.config = config
         self.tables = nn.ModuleDict({
-            "user": nn.Embedding(num_users, config.user_dim, sparse=True),
-            "query_word": nn.EmbeddingBag(config.query_buckets, config.query_dim, mode="sum", sparse=True),
-            "item": nn.Embedding(num_items, config.item_dim, sparse=True),
-            "category": nn.Embedding(num_categories, config.category_dim, sparse=True),
+            "user": nn.Embedding(num_users, config.user_dim, sparse=True, device=device),
+            "query_word": nn.EmbeddingBag(config.query_buckets, config.query_dim, mode="sum", sparse=True,
+                                          device=device),
+            "item": nn.Embedding(num_items, config.item_dim, sparse=True, device=device),
+            "category": nn.Embedding(num_categories, config.category_dim, sparse=True, device=device),
         })
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[config.mm_dtype]
-        self.register_buffer("mm", torch.zeros(num_items, config.mm_dim, dtype=dtype) if config.uses_mm else None)
+        self.register_buffer("mm", torch.zeros(num_items, config.mm_dim, dtype=dtype, device=device)
+                             if config.uses_mm else None)
 
     def forward(self, pooled, sequence, batch_size: int):
         user, query = pooled["user_id"], pooled["query_tokens"]
@@ -191,8 +194,9 @@ def torchrec_weights(model) -> Dict[str, torch.Tensor]:
 def reference_model(config: ModelConfig, sizes: Dict[str, int], weights: Dict[str, torch.Tensor],
                     device: torch.device) -> CiUBM:
     """CiUBM with :class:`PlainSparseArch` tables, loaded with ``weights`` (:func:`torchrec_weights`)."""
-    model = CiUBM(config, sizes["items"], sizes["users"], sizes["categories"], device=torch.device("meta"))
-    model.sparse_arch = PlainSparseArch(config, sizes["items"], sizes["users"], sizes["categories"])
+    meta = torch.device("meta")  # allocate once, in to_empty: a build's memory is then the model's own
+    model = CiUBM(config, sizes["items"], sizes["users"], sizes["categories"], device=meta)
+    model.sparse_arch = PlainSparseArch(config, sizes["items"], sizes["users"], sizes["categories"], meta)
     model = model.to_empty(device=device)
     model.load_state_dict(weights, strict=True)
     return model
@@ -439,9 +443,9 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
                 row: Dict[str, Any] = {"ubm": ubm, "variant": variant}
                 with memory.measure():
                     torchrec = build_torchrec(config, model_config, sizes, ctx)
-                    weights = torchrec_weights(torchrec[0])
                     warm_up(*torchrec, batches, config)
                 row["torchrec"] = {"peak_memory_bytes": memory.peak_bytes}
+                weights = torchrec_weights(torchrec[0])  # outside both windows: neither model's memory
                 with memory.measure():
                     reference = reference_model(model_config, sizes, weights, ctx.device)
                     reference = (reference, reference_optimizer(reference, config.lr, config.id_lr))
