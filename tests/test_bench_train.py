@@ -74,3 +74,19 @@ def test_reference_computes_the_torchrec_models_logits(ubm):
     other = reference_model(model_config, sizes, weights, torch.device("cpu")).eval()
     with torch.no_grad():
         assert not torch.allclose(other(batch)[0], expected, atol=1e-5)
+
+
+def test_world_folder_sets_the_table_sizes(tmp_path, capsys):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mim_rec.data.synth import SynthConfig, generate_world, tiny
+
+    world = generate_world(tiny(SynthConfig(seed=3)), tmp_path / "world")
+    items = pq.read_table(world / "items.parquet", columns=["category_id"])
+    users = max(int(pc.max(pq.read_table(world / f"events_{split}.parquet", columns=["user_id"])["user_id"]).as_py())
+                for split in ("train", "test")) + 1
+    categories = int(pc.max(items["category_id"]).as_py()) + 1
+    assert main(["bench", "train", "--quick", f"world={world}", "ubms=[avg]", "flops=false"]) == 0
+    out = capsys.readouterr().out
+    assert f"sizes: {items.num_rows:,} items, {users:,} users, {categories} categories;" in out

@@ -266,11 +266,11 @@ class PeakMemory:
             self.peak_bytes = max(peak, self._rss()) - start
 
 
-
 def _trim_malloc() -> None:
+    """Hand glibc's free memory back to the OS, so the next window starts from a clean level."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: RSS deltas are then only an upper-bound guess
+    except (OSError, AttributeError):  # not glibc: freed memory may be reused, and deltas read low
         pass
 
 
@@ -420,12 +420,14 @@ def _warm_process(config: TrainBenchConfig, sizes: Dict[str, int], batches: List
 
 def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     """Every UBM x variant x implementation; the result dict :func:`format_table` prints."""
+    from tqdm import tqdm
+
+    from mim_rec.config import ConfigError
+
     unknown = sorted(set(config.ubms) - set(ALL_UBMS))
     if unknown:
-        from mim_rec.config import ConfigError
         raise ConfigError(f"ubms: unknown {unknown}; choose from {ALL_UBMS}")
     if min(config.steps, config.rounds, config.warmup, config.distinct_batches) < 1:
-        from mim_rec.config import ConfigError
         raise ConfigError("steps, rounds, warmup and distinct_batches must each be at least 1")
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -437,30 +439,28 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
         batches = [b.to(ctx.device) for b in batches]
         memory = PeakMemory(ctx.device)
         _warm_process(config, sizes, batches, ctx)
-        for ubm in config.ubms:
-            for variant, switches in VARIANTS.items():
-                model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, id_interest=True, **switches)
-                row: Dict[str, Any] = {"ubm": ubm, "variant": variant}
-                with memory.measure():
-                    torchrec = build_torchrec(config, model_config, sizes, ctx)
-                    warm_up(*torchrec, batches, config)
-                row["torchrec"] = {"peak_memory_bytes": memory.peak_bytes}
-                weights = torchrec_weights(torchrec[0])  # outside both windows: neither model's memory
-                with memory.measure():
-                    reference = reference_model(model_config, sizes, weights, ctx.device)
-                    reference = (reference, reference_optimizer(reference, config.lr, config.id_lr))
-                    warm_up(*reference, batches, config)
-                row["reference"] = {"peak_memory_bytes": memory.peak_bytes}
-                del weights
-                speeds = interleaved_throughput({"torchrec": torchrec, "reference": reference}, batches, config,
-                                                ctx.device)
-                for name in IMPLEMENTATIONS:
-                    row[name].update(speeds[name])
-                if config.flops:
-                    row["dense_flops_per_sample"] = dense_flops_per_sample(reference[0], batches[0])
-                del torchrec, reference
-                rows.append(row)
-                print(f"  {ubm:<5} {variant:<9} done", flush=True)
+        for ubm, variant in tqdm([(u, v) for u in config.ubms for v in VARIANTS], desc="bench train", unit="row"):
+            model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, id_interest=True, **VARIANTS[variant])
+            row: Dict[str, Any] = {"ubm": ubm, "variant": variant}
+            with memory.measure():
+                torchrec = build_torchrec(config, model_config, sizes, ctx)
+                warm_up(*torchrec, batches, config)
+            row["torchrec"] = {"peak_memory_bytes": memory.peak_bytes}
+            weights = torchrec_weights(torchrec[0])  # outside both windows: neither model's memory
+            with memory.measure():
+                reference = reference_model(model_config, sizes, weights, ctx.device)
+                reference = (reference, reference_optimizer(reference, config.lr, config.id_lr))
+                warm_up(*reference, batches, config)
+            row["reference"] = {"peak_memory_bytes": memory.peak_bytes}
+            del weights
+            speeds = interleaved_throughput({"torchrec": torchrec, "reference": reference}, batches, config,
+                                            ctx.device)
+            for name in IMPLEMENTATIONS:
+                row[name].update(speeds[name])
+            if config.flops:
+                row["dense_flops_per_sample"] = dense_flops_per_sample(reference[0], batches[0])
+            del torchrec, reference
+            rows.append(row)
         device = str(ctx.device)
     return {"config": asdict(config), "sizes": sizes, "device": device, "threads": torch.get_num_threads(),
             "memory_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS delta (sampled)",
