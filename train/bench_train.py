@@ -501,8 +501,8 @@ def format_table(result: Dict[str, Any]) -> str:
         f"median of {config['rounds']} alternating rounds of {config['steps']} timed steps after "
         f"{config['warmup']} warm-up; device {result['device']}, "
         f"torch threads {result['threads']}",
-        f"MFLOP/smp: dense forward FLOPs per sample; memory: {result['memory_kind']}, MB; ratios: TR/ref = TorchRec / nn.Embedding reference, "
-        f"MIM/Base = Base+MIM / Base (TorchRec)",
+        f"MFLOP/smp: forward FLOPs per sample; memory: {result['memory_kind']}, MB; "
+        f"ratios: TR/ref = TorchRec / nn.Embedding reference, MIM/Base = Base+MIM / Base (TorchRec)",
     ]
     header = (f"{'ubm':<5} {'variant':<9} {'MFLOP/smp':>9} | {'train/s TR':>10} {'ref':>8} {'TR/ref':>7} | "
               f"{'infer/s TR':>10} {'ref':>8} {'TR/ref':>7} | {'mem TR':>7} {'ref':>7} {'TR/ref':>7} | "
