@@ -3,6 +3,7 @@ refusal of bad events, and a 2-rank gloo run."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
 from mim_rec.utils.dist import free_port
 from mim_rec.data.loader import CtrEventsLoader, ItemInfo, LoaderConfig
@@ -125,6 +127,38 @@ def test_bad_events_are_refused_before_training(world, tmp_path):
     with pytest.raises(DataError, match=r"events_train.parquet, row 5, field 'target_item_id'"):
         ciubm.run(_config(bad, tmp_path / "never"))
     assert not (tmp_path / "never" / "checkpoints").exists()
+
+
+def test_grid_runs_equal_single_runs_and_skip_finished_ones(world, tmp_path, capsys):
+    base = [f"data.world={world}", *FAST, "max_steps=3"]
+    grid = [{"name": "avg", "overrides": [f"out={tmp_path / 'g_avg'}", "model.ubm=avg"]},
+            {"name": "din_base", "overrides": [f"out={tmp_path / 'g_din'}", "model.ubm=din",
+                                               "model.content_interest=false", "seed=3"]}]
+    ciubm.run_grid(None, base, grid)
+    single = ciubm.run(ciubm.load_train_config(None, [*base, f"out={tmp_path / 's_din'}", "model.ubm=din",
+                                                      "model.content_interest=false", "seed=3"]))
+    gridded = json.loads((tmp_path / "g_din" / "metrics.json").read_text())
+    assert gridded["auc"] == pytest.approx(single["auc"], abs=1e-9) and gridded["steps"] == 3
+    assert json.loads((tmp_path / "g_avg" / "config.json").read_text())["model"]["ubm"] == "avg"
+    capsys.readouterr()
+    ciubm.run_grid(None, base, grid)
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+    changed = [{"name": "avg", "overrides": [f"out={tmp_path / 'g_avg'}", "model.ubm=avg", "seed=5"]}]
+    with pytest.raises(ConfigError, match=r"another config \(differs in: seed\)"):
+        ciubm.run_grid(None, base, changed)  # never resumed from the seed-0 run's checkpoints
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"name": "a"}', "expected a JSON list"),
+    ('[{"name": "a", "overrides": "model.ubm=din"}]', "run 0 must be"),
+    ('[{"name": "a", "overrides": []}, {"name": "a", "overrides": []}]', "run 1: duplicate name 'a'"),
+    ("[{", "grid.json"),
+])
+def test_bad_grid_files_are_refused(tmp_path, text, message):
+    path = tmp_path / "grid.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        ciubm.load_grid(str(path))
 
 
 def _two_rank_worker(rank: int, port: int, world: str, out: str, queue) -> None:

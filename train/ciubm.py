@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.data.loader import LoaderConfig
@@ -88,6 +88,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default=None, help="YAML/JSON file of TrainConfig fields")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the newest checkpoint in out/ without training")
+    parser.add_argument("--grid", default=None, metavar="FILE",
+                        help="JSON list of {\"name\", \"overrides\"}: train every run in turn in one "
+                             "process group (one launch for a seeds x models study); each run adds its "
+                             "overrides to the command's, a finished run is skipped")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="e.g. data.world=DIR mm_table=DIR out=DIR model.ubm=sim "
                              "model.content_interest=false loader.max_hist_len=200")
@@ -95,12 +99,89 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from mim_rec.metrics.report import format_report
+
+    if args.grid:
+        run_grid(args.config, args.overrides, load_grid(args.grid), train=not args.eval_only)
+        return 0
     config = load_train_config(args.config, args.overrides)
     report = run(config, train=not args.eval_only)
     if report is not None:
-        from mim_rec.metrics.report import format_report
         print(format_report(report))
     return 0
+
+
+def load_grid(path: str) -> List[Dict[str, Any]]:
+    """The runs of a ``--grid`` file: a JSON list of ``{"name": str, "overrides": [key=value, ...]}``."""
+    from mim_rec.config import ConfigError
+
+    try:
+        runs = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--grid {path}: {exc}") from exc
+    if not isinstance(runs, list):
+        raise ConfigError(f"--grid {path}: expected a JSON list of runs, got {type(runs).__name__}")
+    names = set()
+    for index, entry in enumerate(runs):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("overrides"), list)
+                and all(isinstance(o, str) for o in entry["overrides"])):
+            raise ConfigError(f"--grid {path}: run {index} must be {{\"name\": str, \"overrides\": [str, ...]}}")
+        if entry["name"] in names:
+            raise ConfigError(f"--grid {path}: run {index}: duplicate name {entry['name']!r}")
+        names.add(entry["name"])
+    return runs
+
+
+def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], train: bool = True) -> None:
+    """Train and evaluate every run of a grid in this process group, one after another.
+
+    Start-up (interpreter, TorchRec imports, rendezvous) is paid once instead of once per run;
+    each run is the same :func:`run` as a single ``mim train``, so it resumes from its own
+    checkpoints. A run whose ``metrics.json`` exists for an identical config is skipped. All
+    configs are validated before the first step, so a typo in run 30 fails at once."""
+    import gc
+
+    configs = [(entry["name"], load_train_config(config_path, [*overrides, *entry["overrides"]]))
+               for entry in runs]
+    for index, (name, config) in enumerate(configs, 1):
+        if train and _finished(config):
+            print(f"grid [{index}/{len(configs)}] {name}: finished earlier, skipped", flush=True)
+            continue
+        print(f"grid [{index}/{len(configs)}] {name}: {config.out}", flush=True)
+        run(config, train=train)
+        gc.collect()  # the previous run's sharded model and optimizer before the next one's
+
+
+# Settings a resumed run may change: how long it trains, how often it logs and saves.
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"})
+
+
+def _config_dict(config: TrainConfig) -> Dict[str, Any]:
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def _refuse_foreign_checkpoints(config: TrainConfig) -> None:
+    """Resuming from checkpoints written under another config would silently mix two runs."""
+    from mim_rec.config import ConfigError
+
+    out = Path(config.out)
+    if not (out / "checkpoints" / "latest").is_file() or not (out / "config.json").is_file():
+        return
+    before, now = json.loads((out / "config.json").read_text()), _config_dict(config)
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
+                          f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
+
+
+def _finished(config: TrainConfig) -> bool:
+    """Whether ``config.out`` holds the evaluation of a run of exactly this config."""
+    out = Path(config.out)
+    if not (out / "metrics.json").is_file() or not (out / "config.json").is_file():
+        return False
+    return json.loads((out / "config.json").read_text()) == _config_dict(config)
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -246,6 +327,7 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     items = ItemInfo.from_items(world / "items.parquet")
     _validate_events(config, items.count)
     sizes = _sizes(config, items)
+    _refuse_foreign_checkpoints(config)  # before build: the planner's collectives order it before any write
     model, optimizer, plan = build_sharded_model(config, sizes, ctx)
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
     if config.model.uses_mm:
@@ -258,6 +340,7 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
                         "bytes_per_rank": per_rank})
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)  # it always describes the config.json beside it
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
         (out / "plan.txt").write_text(str(plan))
 
