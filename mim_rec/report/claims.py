@@ -1,0 +1,134 @@
+"""The paper's claims, each checked against this run's numbers.
+
+``holds`` is three-valued: True / False from the measured numbers, None where the inputs were not
+measured in this run. A claim over several parts (every UBM, every Table-4 variant) is False as
+soon as one measured part fails, and None if the measured parts pass but some part is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional
+
+from mim_rec.report.stats import CtrRuns, Stat, fmt, fmt_stat, nested, pooled_age_gains
+
+Claim = Dict[str, Any]
+ABLATED = {"tfn": ("no_tfn", "TFN"), "st_nsg": ("no_st_nsg", "ST-NSG"),
+           "multi_level": ("no_multi_level", "multi-level InfoNCE")}
+TABLE4_OTHERS = ("category_ce", "click_ce", "purchase_ce", "click_infonce")
+MIN_ENCODER_OVER_LOOKUP = 100.0
+MIN_TRAIN_THROUGHPUT_RATIO = 0.5
+
+
+def _claim(claim_id: str, claim: str, measure: str, value: str, holds: Optional[bool]) -> Claim:
+    return {"id": claim_id, "claim": claim, "measure": measure, "value": value, "holds": holds}
+
+
+def all_of(flags: Iterable[Optional[bool]]) -> Optional[bool]:
+    """False if any is False; else None if any is None or there are none; else True."""
+    flags = list(flags)
+    if False in flags:
+        return False
+    return None if not flags or None in flags else True
+
+
+def _greater(a: Optional[float], b: Optional[float]) -> Optional[bool]:
+    return None if a is None or b is None else a > b
+
+
+def _positive(s: Optional[Stat]) -> Optional[bool]:
+    return None if s is None else s.mean > 0
+
+
+def _seeds(s: Optional[Stat]) -> str:
+    return "" if s is None else f" ({s.n} seed{'s' * (s.n != 1)})"
+
+
+def _mim_beats_base(ctr: CtrRuns) -> Claim:
+    deltas = {ubm: ctr.delta("mim", "base", ubm) for ubm in ctr.ubms}
+    value = "; ".join(f"{ubm} {fmt_stat(d, signed=True)}" for ubm, d in deltas.items()) or "not run"
+    return _claim("1", "Base+MIM beats Base in AUC for every user behaviour model.",
+                  "Δ AUC (Base+MIM − Base), mean over seeds, per UBM", value,
+                  all_of(_positive(d) for d in deltas.values()))
+
+
+def _newest_gain_largest(ctr: CtrRuns) -> Claim:
+    gains = pooled_age_gains(ctr)
+    value = "; ".join(f"{b} {fmt(s.mean, signed=True)}" for b, s in gains.items()) or "not run"
+    newest = gains.get("S1")
+    holds = None if newest is None or len(gains) < 2 else all(
+        newest.mean > s.mean for b, s in gains.items() if b != "S1")
+    return _claim("2", "The MIM gain is largest on the newest items.",
+                  "Δ AUC by item-age bucket (S1 newest), mean over UBMs and seeds: S1 above every other",
+                  value, holds)
+
+
+def _paired_din(ctr: CtrRuns, claim_id: str, claim: str, measure: str, kind: str, reference: str) -> Claim:
+    """``kind`` run beats ``reference`` run in DIN's AUC (paired Δ over seeds > 0)."""
+    delta = ctr.delta(kind, reference, "din")
+    return _claim(claim_id, claim, measure, fmt_stat(delta, signed=True) + _seeds(delta), _positive(delta))
+
+
+def _csft_pair(csft: Optional[Dict], claim_id: str, claim: str, better: str, worse: str, metric: str) -> Claim:
+    a, b = nested(csft, better, metric), nested(csft, worse, metric)
+    return _claim(claim_id, claim, f"{metric}: {better} vs {worse}",
+                  f"{fmt(a, missing='not run')} vs {fmt(b, missing='not run')}", _greater(a, b))
+
+
+def _csft_claims(csft: Optional[Dict]) -> List[Claim]:
+    claims = [
+        _csft_pair(csft, "4", "C-SFT embeddings beat the stage-1 embeddings on query→item retrieval.",
+                   "full", "stage1", "recall@10"),
+        _csft_pair(csft, "5", "C-SFT embeddings beat the stage-1 embeddings on content-interest AUC.",
+                   "full", "stage1", "pair_auc"),
+    ]
+    for key, (variant, module) in ABLATED.items():
+        claims.append(_csft_pair(csft, f"6-{key}", f"{module} helps C-SFT retrieval (removing it lowers recall@10).",
+                                 "full", variant, "recall@10"))
+    best = nested(csft, "full", "recall@10")
+    others = {v: nested(csft, v, "recall@10") for v in TABLE4_OTHERS}
+    claims.append(_claim("7", "Purchase pairs with InfoNCE are the best C-SFT signal and objective.",
+                         "recall@10: full (purchase InfoNCE) vs each other Table-4 variant",
+                         f"full {fmt(best, missing='not run')}; "
+                         + "; ".join(f"{v} {fmt(x, missing='not run')}" for v, x in others.items()),
+                         all_of(_greater(best, x) for x in others.values())))
+    return claims
+
+
+def _dda_dma_claim(pretrain_eval: Optional[Dict]) -> Claim:
+    aligned, plain = nested(pretrain_eval, "dda+dma", "probe_i2t_r10"), nested(pretrain_eval, "plain", "probe_i2t_r10")
+    return _claim("8", "Stage-1 pre-training (DDA + DMA) improves the encoders over the plain towers.",
+                  "probe image→text R@10: dda+dma vs plain",
+                  f"{fmt(aligned, missing='not run')} vs {fmt(plain, missing='not run')}", _greater(aligned, plain))
+
+
+def _cost_claim(bench_train: Optional[Dict], bench_lookup: Optional[Dict]) -> Claim:
+    encoder_over_lookup = nested(bench_lookup, "encoder_over_lookup")
+    train_ratios = {r["ubm"]: nested(r, "mim_over_base", "torchrec", "train_samples_per_s")
+                    for r in (nested(bench_train, "ratios") or []) if r.get("variant") == "Base+MIM"}
+    flags = [None if encoder_over_lookup is None else encoder_over_lookup > MIN_ENCODER_OVER_LOOKUP,
+             None if bench_train is None else all_of(
+                 None if r is None else r >= MIN_TRAIN_THROUGHPUT_RATIO for r in train_ratios.values())]
+    lookup = "not run" if encoder_over_lookup is None else f"{encoder_over_lookup:,.0f}×"
+    train = "; ".join(f"{ubm} {'n/a' if r is None else f'{r:.2f}×'}" for ubm, r in train_ratios.items()) or "not run"
+    return _claim("10", "The representation center makes content interest cheap.",
+                  f"encoder-per-sample / lookup cost > {MIN_ENCODER_OVER_LOOKUP:.0f}× and Base+MIM / Base "
+                  f"training samples/s ≥ {MIN_TRAIN_THROUGHPUT_RATIO} for every UBM",
+                  f"encoder/lookup {lookup}; MIM/Base train throughput: {train}", all_of(flags))
+
+
+def paper_claims(results: Dict[str, Any]) -> List[Claim]:
+    """Each claim: ``{"id", "claim", "measure", "value", "holds"}`` (``holds`` None = not measured)."""
+    ctr, csft = CtrRuns(results), results.get("csft")
+    return [
+        _mim_beats_base(ctr),
+        _newest_gain_largest(ctr),
+        _paired_din(ctr, "3", "C-SFT's MM table beats the stage-1 table in CTR AUC.",
+                    "DIN Δ AUC (C-SFT table − stage-1 table), paired over seeds", "mim", "stage1table"),
+        *_csft_claims(csft),
+        _dda_dma_claim(results.get("pretrain_eval")),
+        _paired_din(ctr, "9-content", "Content interest helps the CTR model.",
+                    "DIN Δ AUC (Base+MIM − w/o content interest), paired over seeds", "mim", "nocontent"),
+        _paired_din(ctr, "9-fusion", "Fusion interest helps the CTR model.",
+                    "DIN Δ AUC (Base+MIM − w/o fusion interest), paired over seeds", "mim", "nofusion"),
+        _cost_claim(results.get("bench_train"), results.get("bench_lookup")),
+    ]

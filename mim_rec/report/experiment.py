@@ -1,0 +1,279 @@
+"""REPORT.md of ``mim experiment``: the paper's tables and figures, every number from ``results``.
+
+``results`` is the orchestrator's dict (stage records, CTR metrics per run, the encoder and C-SFT
+evaluations, the cost benches); any part may be missing or None when its stage was not run, and
+then its section says "not run" instead of failing, so that a partial experiment still reports
+what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from mim_rec.report import plots
+from mim_rec.report.claims import paper_claims
+from mim_rec.report.stats import (CtrRuns, Stat, age_gains, fmt, fmt_stat, mean_of, nested, pooled_age_gains,
+                                  seeds_of)
+
+NOT_RUN = "_not run_"
+FIGURES = {"table2": "table2_auc.png", "fig5": "fig5_encoders.png", "fig6": "fig6_age_gain.png"}
+PRETRAIN_ROWS = (("plain", "plain towers"), ("dda", "+DDA"), ("dda+dma", "+DDA+DMA"))
+PRETRAIN_METRICS = (("probe_i2t_r10", "probe i2t R@10"), ("probe_t2i_r10", "probe t2i R@10"),
+                    ("own_i2t_r10", "own-head i2t R@10"), ("image_linear_probe_acc", "image linear-probe acc"))
+CSFT_METRICS = (("recall@10", "recall@10"), ("recall@100", "recall@100"), ("pair_auc", "pair AUC"),
+                ("gauc", "GAUC"))
+CSFT_STAGES = (("stage1", "stage 1 (w/o C-SFT)"), ("full", "C-SFT"))
+TABLE4_ROWS = (("category_ce", "category CE (interest-irrelevant)"), ("click_ce", "click pairs, CE"),
+               ("purchase_ce", "purchase pairs, CE"), ("click_infonce", "click pairs, InfoNCE"),
+               ("full", "purchase pairs, InfoNCE (full)"))
+TABLE5_ROWS = (("full", "C-SFT (full)"), ("no_tfn", "w/o TFN"), ("no_st_nsg", "w/o ST-NSG"),
+               ("no_multi_level", "w/o multi-level InfoNCE"), ("stage1", "w/o C-SFT (stage 1)"))
+MODULE_ROWS = (("mim", "Base+MIM"), ("nocontent", "w/o content interest"), ("nofusion", "w/o fusion interest"),
+               ("stage1table", "w/o C-SFT (stage-1 MM table)"), ("base", "Base"))
+TABLE3_CTR_ROWS = (("stage1table", "stage-1 MM table"), ("mim", "C-SFT MM table"))
+BENCH_VARIANTS = ("Base", "Base+MIM")
+
+
+# ------------------------------------------------------------------------------- markdown pieces
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    """A GitHub markdown table (``|`` inside a cell is escaped)."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return [line(header), "|" + "---|" * len(header), *map(line, rows)]
+
+
+def _figure(name: str, written: Dict[str, bool], caption: str) -> List[str]:
+    return ["", f"![{caption}]({FIGURES[name]})" if written.get(name) else f"Figure {FIGURES[name]}: not run"]
+
+
+def _metric_table(source: Optional[Dict], rows: Sequence[Tuple[str, str]],
+                  metrics: Sequence[Tuple[str, str]], first: str) -> List[str]:
+    """Rows of a ``{row: {metric: value}}`` evaluation (pretrain-eval, csft-ablations)."""
+    if source is None:
+        return [NOT_RUN]
+    return md_table([first, *(label for _, label in metrics)],
+                    [[label, *(fmt(nested(source, key, m), missing="not run") for m, _ in metrics)]
+                     for key, label in rows])
+
+
+def _ctr_kinds_table(ctr: CtrRuns, ubm: str, rows: Sequence[Tuple[str, str]], first: str) -> List[str]:
+    """AUC of each run kind of one UBM over seeds, and its paired Δ vs Base+MIM (``mim``)."""
+    table = [[label, fmt_stat(ctr.metric(kind, ubm)),
+              "-" if kind == "mim" else fmt_stat(ctr.delta(kind, "mim", ubm), signed=True),
+              str(seeds_of(ctr.metric(kind, ubm)))] for kind, label in rows]
+    if all(r[1] == "not run" for r in table):
+        return [NOT_RUN]
+    return md_table([first, "AUC", "Δ vs Base+MIM", "seeds"], table)
+
+
+# ------------------------------------------------------------------------------- sections
+
+def _header(results: Dict[str, Any]) -> List[str]:
+    code = results.get("code") or {}
+    commit = code.get("commit", "unknown") + (" (dirty)" if code.get("dirty") else "")
+    stages = results.get("stages") or []
+    total = sum(s.get("wall_s") or 0.0 for s in stages)
+    lines = ["# MIM experiment report", "",
+             f"- preset: {results.get('preset', 'unknown')}", f"- commit: {commit}",
+             f"- world: {results.get('world', 'unknown')}",
+             f"- seeds: {results.get('seeds', 'unknown')}; UBMs: {results.get('ubms', 'unknown')}",
+             f"- total wall time: {total:,.0f} s ({total / 3600:.2f} h)", "", "## Stages", ""]
+    if not stages:
+        return lines + [NOT_RUN]
+    return lines + md_table(["stage", "wall s", "reused or ran", "command"],
+                            [[s.get("name", "?"), f"{s.get('wall_s') or 0.0:,.1f}",
+                              "reused" if s.get("reused") else "ran", f"`{' '.join(s.get('argv') or [])}`"]
+                             for s in stages])
+
+
+def _config(results: Dict[str, Any]) -> List[str]:
+    config = results.get("config")
+    body = [NOT_RUN] if config is None else ["```json", json.dumps(config, indent=2, default=str), "```"]
+    return ["## Configuration", "", *body]
+
+
+def table2_bars(ctr: CtrRuns) -> plots.Bars:
+    """UBM -> {Base, Base+MIM} -> (mean AUC, std): the data of table2_auc.png."""
+    bars = {}
+    for ubm in ctr.ubms:
+        stats = {label: ctr.metric(kind, ubm) for kind, label in (("base", "Base"), ("mim", "Base+MIM"))}
+        if all(stats.values()):
+            bars[ubm] = {label: (s.mean, s.std) for label, s in stats.items()}
+    return bars
+
+
+def _table2(ctr: CtrRuns, written: Dict[str, bool]) -> List[str]:
+    lines = ["## Table 2: Base vs Base+MIM per user behaviour model", ""]
+    if not ctr.ubms:
+        return lines + [NOT_RUN]
+    rows = [[ubm, fmt_stat(ctr.metric("base", ubm)), fmt_stat(ctr.metric("mim", ubm)),
+             fmt_stat(ctr.delta("mim", "base", ubm), signed=True),
+             fmt_stat(ctr.delta("mim", "base", ubm, lambda m: m.get("gauc")), signed=True),
+             str(seeds_of(ctr.delta("mim", "base", ubm)))] for ubm in ctr.ubms]
+    lines += md_table(["UBM", "Base AUC", "Base+MIM AUC", "Δ AUC", "Δ GAUC", "seeds"], rows)
+    lines += ["", "Δ = Base+MIM − Base, paired per seed; mean ± sample std over seeds.",
+              "", "### Δ AUC per category (mean over seeds)", ""]
+    categories = ctr.categories()
+    if not categories:
+        lines.append(NOT_RUN)
+    else:
+        lines += md_table(["category", *ctr.ubms], [
+            [c, *(fmt(mean_of(ctr.category_delta(ubm, c)), signed=True) for ubm in ctr.ubms)]
+            for c in categories])
+    return lines + _figure("table2", written, "Table 2 AUC")
+
+
+def encoder_panels(results: Dict[str, Any], ctr: CtrRuns) -> Dict[str, plots.Bars]:
+    """The numbers of fig5_encoders.png: stage-1 measures, C-SFT measures, CTR AUC per MM table."""
+    def panel(source: Optional[Dict], rows, metrics) -> plots.Bars:
+        groups = {label: {row_label: (nested(source, row, key), None) for row, row_label in rows}
+                  for key, label in metrics}
+        return {g: {k: v for k, v in bars.items() if v[0] is not None} for g, bars in groups.items()
+                if any(v[0] is not None for v in bars.values())}
+
+    ctr_stats = {label: ctr.metric(kind, "din") for kind, label in TABLE3_CTR_ROWS}
+    ctr_bars = {label: (s.mean, s.std) for label, s in ctr_stats.items() if s is not None}
+    return {"Stage 1 (pretrain-eval)": panel(results.get("pretrain_eval"), PRETRAIN_ROWS, PRETRAIN_METRICS),
+            "C-SFT vs stage 1 (csft-ablations)": panel(results.get("csft"), CSFT_STAGES, CSFT_METRICS[:3]),
+            "CTR AUC, DIN Base+MIM": {"AUC": ctr_bars} if ctr_bars else {}}
+
+
+def _table3(results: Dict[str, Any], ctr: CtrRuns, written: Dict[str, bool]) -> List[str]:
+    return ["## Table 3: stages of the encoder", "", "### Stage 1: pre-training and alignment", "",
+            *_metric_table(results.get("pretrain_eval"), PRETRAIN_ROWS, PRETRAIN_METRICS, "encoder"),
+            "", "### Stage 2: C-SFT (query→item retrieval, content-interest pair AUC)", "",
+            *_metric_table(results.get("csft"), CSFT_STAGES, CSFT_METRICS[:3], "embeddings"),
+            "", "### CTR: DIN Base+MIM with each MM table", "",
+            *_ctr_kinds_table(ctr, "din", TABLE3_CTR_ROWS, "MM table"),
+            *_figure("fig5", written, "Figure 5: encoder measures")]
+
+
+def _table4(results: Dict[str, Any]) -> List[str]:
+    return ["## Table 4: C-SFT signals and objectives", "",
+            *_metric_table(results.get("csft"), TABLE4_ROWS, CSFT_METRICS, "signal, objective")]
+
+
+def _table5(results: Dict[str, Any], ctr: CtrRuns) -> List[str]:
+    return ["## Table 5: ablations", "", "### C-SFT modules", "",
+            *_metric_table(results.get("csft"), TABLE5_ROWS, CSFT_METRICS, "variant"),
+            "", "### CiUBM modules (DIN)", "",
+            *_ctr_kinds_table(ctr, "din", MODULE_ROWS, "model")]
+
+
+def _bench_train_rows(bench: Dict[str, Any]) -> List[List[str]]:
+    """Per UBM: Base and Base+MIM (TorchRec implementation), then their MIM/Base ratios."""
+    rows = {(r["ubm"], r["variant"]): r for r in bench.get("rows", [])}
+    ratios = {r["ubm"]: nested(r, "mim_over_base", "torchrec") or {}
+              for r in bench.get("ratios", []) if r.get("variant") == "Base+MIM"}
+
+    def ratio(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:.2f}×"
+
+    table = []
+    for ubm in dict.fromkeys(u for u, _ in rows):
+        for variant in BENCH_VARIANTS:
+            row = rows.get((ubm, variant))
+            if row:
+                flops = row.get("dense_flops_per_sample")
+                tr = row.get("torchrec", {})
+                table.append([ubm, variant, "n/a" if flops is None else f"{flops / 1e6:.3f}",
+                              f"{tr.get('peak_memory_bytes', 0) / 2**20:,.1f}",
+                              f"{tr.get('train_samples_per_s', 0):,.0f}", f"{tr.get('infer_samples_per_s', 0):,.0f}"])
+        if ubm in ratios:
+            base, mim = rows.get((ubm, "Base"), {}), rows.get((ubm, "Base+MIM"), {})
+            flops = (mim.get("dense_flops_per_sample") / base["dense_flops_per_sample"]
+                     if mim.get("dense_flops_per_sample") and base.get("dense_flops_per_sample") else None)
+            r = ratios[ubm]
+            table.append([ubm, "MIM / Base", ratio(flops), ratio(r.get("peak_memory_bytes")),
+                          ratio(r.get("train_samples_per_s")), ratio(r.get("infer_samples_per_s"))])
+    return table
+
+
+def _bench_train(bench: Optional[Dict[str, Any]]) -> List[str]:
+    lines = ["### Training and inference cost per UBM (`mim bench train`)", ""]
+    if bench is None:
+        return lines + [NOT_RUN]
+    config, sizes = bench.get("config", {}), bench.get("sizes", {})
+    lines.append(f"Device {bench.get('device', '?')}, {bench.get('threads', '?')} torch threads; "
+                 f"{sizes.get('items', '?')} items, {sizes.get('users', '?')} users; batch "
+                 f"{config.get('batch_size', '?')}, history {config.get('hist_len', '?')}, MM dim "
+                 f"{config.get('mm_dim', '?')}; memory: {bench.get('memory_kind', '?')}; TorchRec implementation.")
+    return lines + [""] + md_table(["UBM", "variant", "MFLOPs / sample", "peak memory MB", "train samples/s",
+                                    "inference samples/s"], _bench_train_rows(bench))
+
+
+def _bench_lookup(bench: Optional[Dict[str, Any]]) -> List[str]:
+    lines = ["### Content interest with and without the representation center (`mim bench lookup`)", ""]
+    if bench is None:
+        return lines + [NOT_RUN]
+    config = bench.get("config", {})
+    lines.append(f"{bench.get('items', 0):,} items; batch {config.get('batch_size', '?')} samples × "
+                 f"(1 target + {config.get('hist_len', '?')} behaviours); MM table {config.get('mm_dtype', '?')}, "
+                 f"{bench.get('table_dim', '?')}-d; encoder {bench.get('encoder', '?')}"
+                 + (" (quick: tiny random encoder)" if bench.get("quick") else "")
+                 + f"; {bench.get('threads', '?')} torch threads.")
+    ratio = bench.get("encoder_over_lookup")
+    return lines + [""] + md_table(["MM vectors from", "µs / sample"], [
+        ["MM table lookup (MIM, representation center)", f"{bench.get('lookup_us_per_sample', 0):,.1f}"],
+        ["encoder per sample (MIM w/o representation center)", f"{bench.get('encoder_us_per_sample', 0):,.1f}"],
+        ["encoder / lookup", "n/a" if ratio is None else f"{ratio:,.0f}×"]])
+
+
+def _table6(results: Dict[str, Any]) -> List[str]:
+    return ["## Table 6: cost", "", *_bench_train(results.get("bench_train")), "",
+            *_bench_lookup(results.get("bench_lookup"))]
+
+
+def _age_row(label: str, gains: Dict[str, Stat], buckets: List[str]) -> List[str]:
+    seeds = max((s.n for s in gains.values()), default=0)
+    return [label, *(fmt(mean_of(gains.get(b)), signed=True) for b in buckets), str(seeds)]
+
+
+def _figure6(ctr: CtrRuns, written: Dict[str, bool]) -> List[str]:
+    lines = ["## Figure 6: Δ AUC by item age (S1 newest … S10 oldest)", ""]
+    table, pooled = age_gains(ctr), pooled_age_gains(ctr)
+    if not table:
+        return lines + [NOT_RUN]
+    buckets = list(dict.fromkeys(b for gains in table.values() for b in gains))
+    rows = [_age_row(ubm, gains, buckets) for ubm, gains in table.items()]
+    rows.append(_age_row("all UBMs", pooled, buckets))
+    lines += md_table(["UBM", *buckets, "pairs"], rows)
+    lines += ["", "Δ = Base+MIM − Base AUC in the bucket (both runs bucketed by the same age edges), "
+                  "mean over seeds; \"all UBMs\" pools every (UBM, seed) pair."]
+    return lines + _figure("fig6", written, "Figure 6: gain by item age")
+
+
+def _claims(claims: List[Dict[str, Any]]) -> List[str]:
+    verdict: Dict[Optional[bool], str] = {True: "yes", False: "**no**", None: "not run"}
+    return ["## Paper claims", "", *md_table(["#", "claim", "measure", "value", "holds"], [
+        [c["id"], c["claim"], c["measure"], c["value"], verdict[c["holds"]]] for c in claims])]
+
+
+# ------------------------------------------------------------------------------- entry point
+
+def _write_figures(results: Dict[str, Any], ctr: CtrRuns, out_dir: Path) -> Dict[str, bool]:
+    draw: Dict[str, Callable[[Path], bool]] = {
+        "table2": lambda p: plots.plot_table2(p, table2_bars(ctr)),
+        "fig5": lambda p: plots.plot_encoders(p, encoder_panels(results, ctr)),
+        "fig6": lambda p: plots.plot_age_gain(p, {ubm: {b: s.mean for b, s in gains.items()}
+                                                  for ubm, gains in age_gains(ctr).items()}),
+    }
+    return {name: fn(out_dir / FIGURES[name]) for name, fn in draw.items()}
+
+
+def write_report(results: Dict[str, Any], out_dir: Path) -> str:
+    """Writes ``out_dir/REPORT.md`` and the PNG figures (``fig6_age_gain.png``, ``fig5_encoders.png``,
+    ``table2_auc.png``; a figure with no measured number is not written); returns the markdown."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctr = CtrRuns(results)
+    written = _write_figures(results, ctr, out_dir)
+    sections = [_header(results), _config(results), _table2(ctr, written), _table3(results, ctr, written),
+                _table4(results), _table5(results, ctr), _table6(results), _figure6(ctr, written),
+                _claims(paper_claims(results))]
+    text = "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+    (out_dir / "REPORT.md").write_text(text)
+    return text

@@ -1,0 +1,200 @@
+"""``mim experiment``'s report: sections, seed statistics, claims and figures on hand-made results."""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence
+
+from mim_rec.report import paper_claims, write_report
+from train.bench_train import ratios
+
+UBMS = ["avg", "din"]
+SEEDS = [0, 1]
+EDGES = [10.0 * (i + 1) for i in range(9)]
+SECTIONS = ("# MIM experiment report", "## Stages", "## Configuration", "## Table 2", "## Table 3",
+            "## Table 4", "## Table 5", "## Table 6", "## Figure 6", "## Paper claims")
+FIGURES = ("table2_auc.png", "fig5_encoders.png", "fig6_age_gain.png")
+
+
+def ctr_metrics(auc: float, deciles: Optional[Sequence[float]] = None, categories: Optional[Dict[str, float]] = None,
+                edges: Sequence[float] = EDGES) -> Dict:
+    """A metrics.json of ``mim train`` with the given AUCs (GAUC = AUC - 0.01)."""
+    deciles = [auc] * 10 if deciles is None else deciles
+    categories = {"0": auc, "1": auc} if categories is None else categories
+    return {"n": 1000, "positives": 100, "auc": auc, "logloss": 0.3, "gauc": auc - 0.01, "gauc_users": 50,
+            "per_category": {c: {"auc": a, "n": 500} for c, a in categories.items()},
+            "age_edges": list(edges),
+            "age_deciles": [{"bucket": f"S{i + 1}", "age_days_max": 10.0 * (i + 1), "auc": a, "n": 100}
+                            for i, a in enumerate(deciles)],
+            "steps": 10}
+
+
+def bench_train(train_ratio: float) -> Dict:
+    """A ``mim bench train --json`` result whose Base+MIM trains at ``train_ratio`` x Base's speed."""
+    rows = []
+    for ubm in UBMS:
+        for variant, speed in (("Base", 1000.0), ("Base+MIM", 1000.0 * train_ratio)):
+            impl = {"peak_memory_bytes": 2**20, "train_samples_per_s": speed, "infer_samples_per_s": 4 * speed}
+            rows.append({"ubm": ubm, "variant": variant, "torchrec": dict(impl), "reference": dict(impl),
+                         "dense_flops_per_sample": 1e5})
+    return {"config": {"batch_size": 16, "hist_len": 6, "mm_dim": 8}, "sizes": {"items": 300, "users": 50},
+            "device": "cpu", "threads": 1, "memory_kind": "peak RSS delta (sampled)", "rows": rows,
+            "ratios": ratios(rows)}
+
+
+def bench_lookup(encoder_over_lookup: float) -> Dict:
+    return {"config": {"batch_size": 64, "hist_len": 20, "mm_dtype": "fp32"}, "quick": False, "encoder": "enc",
+            "encoder_dim": 16, "table": "random vectors", "table_dim": 16, "items": 100, "slots": 1344,
+            "threads": 1, "lookup_us_per_sample": 10.0, "encoder_us_per_sample": 10.0 * encoder_over_lookup,
+            "encoder_over_lookup": encoder_over_lookup}
+
+
+def csft_row(recall10: float, pair_auc: float = 0.6) -> Dict:
+    return {"recall@10": recall10, "recall@100": 5 * recall10, "pair_auc": pair_auc, "gauc": pair_auc - 0.01}
+
+
+def make_results(gain: Dict[str, float] = None) -> Dict:
+    """Every stage present: per seed Base AUC 0.60 + 0.02 seed, Base+MIM that plus ``gain[ubm]``
+    (0.01 by default); MIM's age buckets gain 0.05 at S1 and 0.01 elsewhere."""
+    gain = {ubm: 0.01 for ubm in UBMS} | (gain or {})
+    ctr = {}
+    for seed in SEEDS:
+        base = 0.60 + 0.02 * seed
+        for ubm in UBMS:
+            ctr[f"base_{ubm}_s{seed}"] = ctr_metrics(base)
+            ctr[f"mim_{ubm}_s{seed}"] = ctr_metrics(base + gain[ubm], [base + 0.05] + [base + 0.01] * 9)
+        for kind, drop in (("nocontent", 0.004), ("nofusion", 0.002), ("stage1table", 0.003)):
+            ctr[f"{kind}_din_s{seed}"] = ctr_metrics(base + gain["din"] - drop)
+    csft = {"stage1": csft_row(0.01, 0.55), "full": csft_row(0.03, 0.60), "no_tfn": csft_row(0.02),
+            "no_st_nsg": csft_row(0.025), "no_multi_level": csft_row(0.015), "category_ce": csft_row(0.005),
+            "click_ce": csft_row(0.01), "purchase_ce": csft_row(0.02), "click_infonce": csft_row(0.028)}
+    pretrain = {row: {"probe_i2t_r10": r, "probe_t2i_r10": r, "own_i2t_r10": r / 2, "image_linear_probe_acc": 0.5}
+                for row, r in (("plain", 0.10), ("dda", 0.12), ("dda+dma", 0.15))}
+    return {"preset": "quick", "config": {"steps": 10}, "code": {"commit": "abc123", "dirty": True},
+            "world": "/tmp/world", "seeds": SEEDS, "ubms": UBMS,
+            "stages": [{"name": "synth", "wall_s": 12.5, "reused": False, "argv": ["mim", "data", "synth"]},
+                       {"name": "pretrain", "wall_s": 30.0, "reused": True, "argv": ["mim", "pretrain"]}],
+            "ctr": ctr, "pretrain_eval": pretrain, "csft": csft,
+            "bench_train": bench_train(0.8), "bench_lookup": bench_lookup(500.0)}
+
+
+def section(text: str, header: str) -> str:
+    """The text of one ``## `` section of REPORT.md."""
+    start = text.index(header)
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def table_row(text: str, first_cell: str) -> List[str]:
+    """Cells of the first markdown table row whose first cell is ``first_cell``."""
+    match = re.search(rf"^\| {re.escape(first_cell)} \|(.*)\|$", text, re.M)
+    assert match, f"no row {first_cell!r} in:\n{text}"
+    return [c.strip() for c in match.group(1).split("|")]
+
+
+def claims_by_id(results: Dict) -> Dict[str, Dict]:
+    return {c["id"]: c for c in paper_claims(results)}
+
+
+def test_report_has_every_section_a_row_per_ubm_and_the_figures(tmp_path):
+    text = write_report(make_results(), tmp_path)
+    assert (tmp_path / "REPORT.md").read_text() == text
+    for header in SECTIONS:
+        assert header in text
+    assert "abc123 (dirty)" in text and "total wall time: 42 s" in text
+    assert table_row(section(text, "## Stages"), "pretrain")[1] == "reused"
+    table2 = section(text, "## Table 2")
+    for ubm in UBMS:
+        assert table_row(table2, ubm)[-1] == "2"  # seeds
+    for name in FIGURES:
+        assert (tmp_path / name).stat().st_size > 1000
+        assert f"]({name})" in text
+    assert "not run" not in section(text, "## Paper claims")
+
+
+def test_mean_and_sample_std_over_seeds(tmp_path):
+    results = make_results({"din": 0.03})
+    results["ctr"]["mim_din_s1"]["auc"] = 0.62 + 0.04  # Δ per seed: 0.03, 0.04
+    text = section(write_report(results, tmp_path), "## Table 2")
+    base, mim, delta, delta_gauc, _ = table_row(text, "din")
+    assert base == "0.6100 ± 0.0141"  # AUCs 0.60, 0.62
+    assert mim == "0.6450 ± 0.0212"   # 0.63, 0.66
+    assert delta == "+0.0350 ± 0.0071"
+    assert delta_gauc == "+0.0300 ± 0.0000"  # GAUC of the edited run was not changed
+
+
+def test_one_seed_prints_std_as_na(tmp_path):
+    results = make_results()
+    results["seeds"] = [0]
+    text = section(write_report(results, tmp_path), "## Table 2")
+    assert table_row(text, "avg")[:2] == ["0.6000 ± n/a", "0.6100 ± n/a"]
+
+
+def test_per_category_delta_is_the_mean_over_seeds(tmp_path):
+    results = make_results()
+    for seed, gain in zip(SEEDS, (0.02, 0.04)):
+        results["ctr"][f"mim_avg_s{seed}"]["per_category"]["1"]["auc"] += gain - 0.01
+    text = section(write_report(results, tmp_path), "### Δ AUC per category")
+    assert table_row(text, "1") == ["+0.0300", "+0.0100"]  # avg, din
+    assert table_row(text, "0") == ["+0.0100", "+0.0100"]
+
+
+def test_claim_1_fails_when_one_ubm_loses():
+    assert claims_by_id(make_results())["1"]["holds"] is True
+    claim = claims_by_id(make_results({"avg": -0.005}))["1"]
+    assert claim["holds"] is False
+    assert "avg -0.0050" in claim["value"]
+
+
+def test_claim_2_follows_the_age_deciles():
+    assert claims_by_id(make_results())["2"]["holds"] is True
+    results = make_results()
+    for name, metrics in results["ctr"].items():
+        if name.startswith("mim_din"):
+            metrics["age_deciles"][4]["auc"] += 0.1  # S5 now gains the most in the pool
+    assert claims_by_id(results)["2"]["holds"] is False
+
+
+def test_encoder_module_and_cost_claims_follow_their_numbers():
+    claims = claims_by_id(make_results())
+    for claim_id in ("3", "4", "5", "6-tfn", "6-st_nsg", "6-multi_level", "7", "8", "9-content", "9-fusion", "10"):
+        assert claims[claim_id]["holds"] is True, claims[claim_id]
+    results = make_results()
+    results["csft"]["no_tfn"]["recall@10"] = 0.05
+    results["csft"]["click_infonce"]["recall@10"] = 0.04
+    results["bench_train"] = bench_train(0.3)
+    claims = claims_by_id(results)
+    assert [claims[i]["holds"] for i in ("6-tfn", "6-st_nsg", "7", "10")] == [False, True, False, False]
+
+
+def test_missing_parts_render_not_run_and_give_no_verdict(tmp_path):
+    results = {key: None for key in ("config", "code", "stages", "ctr", "pretrain_eval", "csft",
+                                     "bench_train", "bench_lookup")}
+    text = write_report(results, tmp_path)
+    for header in SECTIONS[1:-1]:
+        assert "not run" in section(text, header), header
+    assert all(c["holds"] is None for c in paper_claims(results))
+    assert all(c["holds"] is None for c in paper_claims({}))
+    assert not any((tmp_path / name).exists() for name in FIGURES)
+    assert write_report({}, tmp_path / "empty").count("not run") >= 10
+
+
+def test_a_missing_seed_or_stage_leaves_the_rest_measured(tmp_path):
+    results = make_results()
+    results["csft"] = None
+    results["ctr"]["mim_din_s1"] = None  # that training failed
+    claims = claims_by_id(results)
+    assert claims["4"]["holds"] is None and claims["1"]["holds"] is True
+    text = write_report(results, tmp_path)
+    assert table_row(section(text, "## Table 2"), "din")[-1] == "1"
+    assert "not run" in section(text, "## Table 4")
+
+
+def test_runs_bucketed_differently_are_left_out_of_figure_6(tmp_path):
+    results = make_results()
+    for seed in SEEDS:
+        results["ctr"][f"mim_avg_s{seed}"]["age_edges"] = [e + 1 for e in EDGES]
+    text = section(write_report(results, tmp_path), "## Figure 6")
+    assert table_row(text, "din")[-1] == "2"
+    assert "| avg |" not in text
+
