@@ -5,24 +5,15 @@ its stage."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _pipeline(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.cli", "pipeline", *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+from conftest import run_mim
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path):
-    out = tmp_path / "run"
-    done = _pipeline("--preset", "tiny", "--out", str(out))
+def test_tiny_pipeline_runs_every_stage_and_reuses_them(tiny_pipeline):
+    out, done = tiny_pipeline
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = (out / "REPORT.md").read_text()
     assert "| Base |" in report and "| Base+MIM |" in report
@@ -37,14 +28,14 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tmp_path):
     config = json.loads((out / "base_din" / "config.json").read_text())
     assert config["model"]["content_interest"] is False and config["mm_table"].endswith("mm_table")
 
-    again = _pipeline("--preset", "tiny", "--out", str(out))
+    again = run_mim("pipeline", "--preset", "tiny", "--out", str(out))
     assert again.returncode == 0
     assert again.stdout.count(": reused") == 7
 
 
 def test_a_failing_stage_is_named_with_its_log(tmp_path):
     (tmp_path / "world").mkdir()
-    done = _pipeline("--preset", "tiny", "--world", str(tmp_path / "world"), "--out", str(tmp_path / "run"))
+    done = run_mim("pipeline", "--preset", "tiny", "--world", str(tmp_path / "world"), "--out", str(tmp_path / "run"))
     assert done.returncode != 0
     assert "stage 'validate' failed" in done.stderr and "logs/validate.log" in done.stderr
     assert "items.parquet" in done.stderr  # the log's tail says what was wrong

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "train.ciubm",
     "train.bench_cmd",
     "train.pipeline",
+    "train.experiment",
 )
 
 

@@ -11,7 +11,6 @@ reused, so re-running after a failure (or a kill) continues where the chain stop
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 PRESETS: Dict[str, Dict[str, List[str]]] = {
     # ~15 min on 2 CPU cores: the default world, short pre-training, 150 CTR steps per model.
@@ -40,8 +39,10 @@ class Stage:
     done_marker: Path   # the artifact file whose presence means the stage finished
 
     @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256("\0".join(self.argv).encode()).hexdigest()[:16]
+    def command(self) -> List[str]:
+        """The arguments that decide the artifact: argv without its program path (``.venv/bin/
+        python`` and ``.venv/bin/python3`` run the same stage)."""
+        return self.argv[1:]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,19 +56,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def stages(args: argparse.Namespace) -> List[Stage]:
-    out, preset = Path(args.out).resolve(), PRESETS[args.preset]
-    mim = [sys.executable, "-m", "train.cli"]
-    world = Path(args.world).resolve() if args.world else out / "world"
+def mim_command() -> List[str]:
+    return [sys.executable, "-m", "train.cli"]
+
+
+def torchx_command(nproc: int) -> List[str]:
+    """``torchx run`` on the local_cwd scheduler with ``nproc`` ranks on this host."""
+    return [str(Path(sys.executable).parent / "torchx"), "run", "--wait", "--log", "-s", "local_cwd"], \
+        ["-j", f"1x{nproc}", "--cpu", str(nproc)]
+
+
+def world_folder(out: Path, world_arg: Optional[str]) -> Path:
+    """The world a run uses: the one given, or the one its synth stage writes into ``out``."""
+    return Path(world_arg).resolve() if world_arg else out / "world"
+
+
+def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, List[str]],
+                         nproc: int) -> Tuple[Path, List[Stage]]:
+    """``(world, stages)`` up to the MM table: synth (unless a world is given), validate,
+    pretrain, C-SFT (TorchX, ``nproc`` ranks) and MFM from the C-SFT item tower. ``mim
+    experiment`` runs the same stages with the same command lines, so one run folder serves
+    both commands without training anything twice."""
+    mim = mim_command()
+    world = world_folder(out, world_arg)
     plan = []
-    if not args.world:
+    if not world_arg:
         plan.append(Stage("synth", mim + ["data", "synth", "--out", str(world), *preset["synth"]],
                           world / "manifest.json"))
     plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok"))
     plan.append(Stage("pretrain", mim + ["pretrain", f"data.world={world}", f"out={out / 'pretrain'}",
                                          *preset["pretrain"]], out / "pretrain" / "encoders" / "manifest.json"))
-    torchx = [str(Path(sys.executable).parent / "torchx"), "run", "--wait", "--log", "-s", "local_cwd"]
-    distributed = ["-j", f"1x{args.nproc}", "--cpu", str(args.nproc)]
+    torchx, distributed = torchx_command(nproc)
     plan.append(Stage("csft", torchx + ["torchx_components/mim.py:csft", *distributed,
                                         f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}",
                                         f"out={out / 'csft'}", *preset["csft"]],
@@ -75,6 +94,13 @@ def stages(args: argparse.Namespace) -> List[Stage]:
     plan.append(Stage("mfm", mim + ["embeddings", "build", f"world={world}",
                                     f"encoders={out / 'csft' / 'mm_encoder'}", f"out={out / 'mm_table'}"],
                       out / "mm_table" / "manifest.json"))
+    return world, plan
+
+
+def stages(args: argparse.Namespace) -> List[Stage]:
+    out, preset = Path(args.out).resolve(), PRESETS[args.preset]
+    world, plan = representation_chain(out, args.world, preset, args.nproc)
+    torchx, distributed = torchx_command(args.nproc)
     for model, switches in MODELS.items():
         run_dir = out / f"{model}_{args.ubm}"
         plan.append(Stage(f"train_{model}", torchx + [
@@ -84,14 +110,23 @@ def stages(args: argparse.Namespace) -> List[Stage]:
     return plan
 
 
-def run_stage(stage: Stage, out: Path, index: int, total: int) -> float:
-    """Run ``stage`` unless its artifact is there from the same command; return its wall time."""
+def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
+    """The record of the finished run that made ``stage``'s artifact with the same command, or None."""
     record_path = out / "stages" / f"{stage.name}.json"
     if stage.done_marker.exists() and record_path.exists():
         record = json.loads(record_path.read_text())
-        if record["fingerprint"] == stage.fingerprint:
-            print(f"[{index}/{total}] {stage.name}: reused ({record['wall_s']:.0f} s when it ran)", flush=True)
-            return record["wall_s"]
+        if record["argv"][1:] == stage.command:
+            return record
+    return None
+
+
+def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, bool]:
+    """Run ``stage`` unless its artifact is there from the same command; return ``(its wall
+    time, whether it was reused)`` (a reused stage reports the wall time of the run that made it)."""
+    record = stage_record(stage, out)
+    if record is not None:
+        print(f"[{index}/{total}] {stage.name}: reused ({record['wall_s']:.0f} s when it ran)", flush=True)
+        return record["wall_s"], True
     log = out / "logs" / f"{stage.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{index}/{total}] {stage.name}: running (log: {log})", flush=True)
@@ -109,9 +144,9 @@ def run_stage(stage: Stage, out: Path, index: int, total: int) -> float:
     if stage.name == "validate":
         stage.done_marker.write_text("ok\n")
     record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps({"argv": stage.argv, "fingerprint": stage.fingerprint, "wall_s": wall}))
+    record_path.write_text(json.dumps({"argv": stage.argv, "wall_s": wall}))
     print(f"[{index}/{total}] {stage.name}: done in {wall:.0f} s", flush=True)
-    return wall
+    return wall, False
 
 
 def report(out: Path, ubm: str, walls: Dict[str, float]) -> str:
@@ -147,6 +182,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = stages(args)
-    walls = {stage.name: run_stage(stage, out, i + 1, len(plan)) for i, stage in enumerate(plan)}
+    walls = {stage.name: run_stage(stage, out, i + 1, len(plan))[0] for i, stage in enumerate(plan)}
     print(report(out, args.ubm, walls))
     return 0

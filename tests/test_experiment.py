@@ -1,0 +1,101 @@
+"""`mim experiment`: which stages and CTR runs each table needs, refusal of bad arguments, and the
+quick preset end to end on the tiny pipeline's run folder (its shared stages are reused, the
+report has every table, and the paper's claims it checks agree with the numbers beside them)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import pytest
+
+from conftest import run_mim
+from mim_rec.config import ConfigError
+from train import experiment
+
+
+def _plan(tmp_path, **kwargs) -> experiment.Plan:
+    args = dict(out=str(tmp_path / "exp"), preset="quick", world=None, tables="2,3,4,5,6", ubms=None,
+                seeds=None, nproc=2)
+    args.update(kwargs)
+    return experiment.make_plan(argparse.Namespace(**args))
+
+
+def test_every_table_asks_for_its_own_runs(tmp_path):
+    names = [run["name"] for run in experiment.ctr_runs(_plan(tmp_path, seeds="0,1,2"))]
+    for seed in (0, 1, 2):
+        for ubm in experiment.ALL_UBMS:
+            assert f"base_{ubm}_s{seed}" in names and f"mim_{ubm}_s{seed}" in names
+        for variant in ("stage1table", "nocontent", "nofusion"):
+            assert f"{variant}_din_s{seed}" in names
+    assert len(names) == len(set(names)) == 3 * (2 * 6 + 3)
+
+    only_costs = _plan(tmp_path, tables="6")
+    assert experiment.ctr_runs(only_costs) == []
+    assert [s.name for s in experiment.stages(only_costs)][-2:] == ["bench_train", "bench_lookup"]
+
+    ablations = _plan(tmp_path, tables="5", seeds="4")
+    runs = {run["name"]: run["overrides"] for run in experiment.ctr_runs(ablations)}
+    assert sorted(runs) == ["base_din_s4", "mim_din_s4", "nocontent_din_s4", "nofusion_din_s4", "stage1table_din_s4"]
+    assert "model.content_interest=false" in runs["nocontent_din_s4"] and "seed=4" in runs["nofusion_din_s4"]
+    assert any(o.endswith("mm_table_stage1") for o in runs["stage1table_din_s4"])
+    assert {"mfm_stage1", "ctr_grid", "csft_tables"} <= {s.name for s in experiment.stages(ablations)}
+
+
+def test_the_grid_file_name_follows_its_content(tmp_path):
+    first = next(s for s in experiment.stages(_plan(tmp_path, ubms="din")) if s.name == "ctr_grid")
+    second = next(s for s in experiment.stages(_plan(tmp_path, ubms="din,sim")) if s.name == "ctr_grid")
+    grid = lambda stage: stage.argv[stage.argv.index("--grid") + 1]  # noqa: E731
+    assert grid(first) != grid(second)
+    assert [r["name"] for r in json.loads(open(grid(second)).read())][:4] == \
+        ["base_din_s0", "mim_din_s0", "base_sim_s0", "mim_sim_s0"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tables", "2,7", "--tables"), ("ubms", "din,gru4rec", "--ubms"), ("seeds", "1,x", "--seeds"),
+    ("tables", "", "--tables")])
+def test_bad_arguments_are_refused(tmp_path, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        _plan(tmp_path, **{field: value})
+
+
+@pytest.mark.slow
+def test_quick_experiment_reuses_the_pipeline_and_reports_every_table(tiny_pipeline, tmp_path):
+    pipeline_out, done = tiny_pipeline
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "exp"
+    shutil.copytree(pipeline_out, out)  # the pipeline test re-runs in its own folder
+    ran = run_mim("experiment", "--preset", "quick", "--out", str(out), timeout=1800)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    for stage in ("validate", "pretrain", "csft", "mfm"):
+        assert f"{stage}: reused" in ran.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert all(results["ctr"].values()), [k for k, v in results["ctr"].items() if not v]
+    for name, metrics in results["ctr"].items():
+        assert 0.5 < metrics["auc"] < 1, name
+    assert set(results["csft"]) >= {"stage1", "full", "no_tfn", "no_st_nsg", "no_multi_level", "category_ce",
+                                    "click_ce", "purchase_ce", "click_infonce"}
+    assert set(results["pretrain_eval"]) == {"plain", "dda", "dda+dma"}
+    assert results["bench_train"] and results["bench_lookup"]
+    assert results["code"]["commit"]
+
+    report = (out / "report" / "REPORT.md").read_text()
+    for heading in ("Table 2", "Table 3", "Table 4", "Table 5", "Table 6", "Figure 6", "claims"):
+        assert heading in report, heading
+    for ubm in experiment.ALL_UBMS:
+        assert f"| {ubm}" in report.lower()
+    for png in ("fig6_age_gain.png", "fig5_encoders.png", "table2_auc.png"):
+        assert (out / "report" / png).stat().st_size > 1000
+
+    from mim_rec.report import paper_claims
+    claims = {c["id"]: c for c in paper_claims(results)}
+    assert all(c["holds"] is not None for c in claims.values())  # every table ran
+    # The representation center's claim holds on any world: a table lookup is far cheaper than
+    # running the encoder for every behaviour of every sample.
+    cheap = [c for c in claims.values() if "representation center" in c["claim"].lower()]
+    assert cheap and all(c["holds"] for c in cheap)
+
+    again = run_mim("experiment", "--preset", "quick", "--out", str(out))
+    assert again.returncode == 0 and ": running" not in again.stdout

@@ -1,0 +1,256 @@
+"""``mim experiment``: the paper's evaluation (Tables 2-6, Figures 5-6) on one world, as one
+resumable command that writes ``OUT/report/REPORT.md`` with its plots.
+
+Stages (each its own process, logged to ``OUT/logs/<stage>.log``, reused when its artifact
+exists from the same command line, exactly as ``mim pipeline`` does, with which it shares the
+first five stages and their folders):
+
+1. synth (unless ``--world``), validate, pretrain, C-SFT (TorchX, 2 ranks), MFM table from the
+   C-SFT item tower -- the representation chain of :mod:`train.pipeline`;
+2. ``mfm_stage1``: a second MM table from the stage-1 encoders (the paper's "w/o C-SFT");
+3. ``ctr_grid``: every CiUBM run in one TorchX job (``mim train --grid``): Base and Base+MIM
+   for each UBM and seed (Table 2, Figure 6), and DIN without content interest, without fusion
+   interest and with the stage-1 table (Tables 3 and 5);
+4. ``bench_train`` and ``bench_lookup``: the cost of each variant (Table 6);
+5. ``pretrain_eval``: plain encoders, +DDA, +DDA+DMA (Table 3);
+6. ``csft_tables``: every C-SFT variant against the stage-1 embeddings (Tables 4 and 5),
+   on the C-SFT stage's backbone-feature cache.
+
+``--tables`` runs a subset (the report says "not run" for the rest); the cheapest stages
+come first so that a long run yields the CTR tables early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from train.pipeline import MODELS, PRESETS as PIPELINE_PRESETS, Stage, mim_command, representation_chain, \
+    run_stage, stage_record, torchx_command, world_folder
+
+ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
+ALL_TABLES = (2, 3, 4, 5, 6)
+ABLATION_UBM = "din"  # the UBM of the module ablations and of the encoder-stage CTR rows
+
+
+@dataclass(frozen=True)
+class Preset:
+    pipeline: str                    # the train.pipeline preset of the shared stages and CTR runs
+    seeds: Tuple[int, ...]
+    bench_train: Tuple[str, ...]     # `mim bench train` arguments (its world= is added)
+    bench_lookup: Tuple[str, ...]    # `mim bench lookup` arguments (items, encoder, table added)
+    ubms: Tuple[str, ...] = ALL_UBMS
+
+
+PRESETS: Dict[str, Preset] = {
+    # CI-sized: the tiny world, 2 seeds, one timed step per benchmark.
+    "quick": Preset(pipeline="tiny", seeds=(0, 1), bench_train=("--quick",),
+                    bench_lookup=("batch_size=8", "hist_len=5", "repeats=1", "lookup_repeats=5")),
+    # The embedded default world, 3 seeds, the benchmark sizes of the README.
+    "full": Preset(pipeline="default", seeds=(0, 1, 2),
+                   bench_train=("threads=1", "batch_size=1024", "hist_len=30", "steps=3", "rounds=3",
+                                "warmup=1"),
+                   bench_lookup=("batch_size=64", "hist_len=20")),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("experiment", help="the paper's Tables 2-6 and Figures 5-6 in one report",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="run folder (artifacts, logs, report/)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--world", default=None, help="use this world/dataset folder instead of generating one")
+    parser.add_argument("--tables", default=",".join(map(str, ALL_TABLES)),
+                        help="comma-separated paper tables to produce (default: all of 2,3,4,5,6)")
+    parser.add_argument("--ubms", default=None, help=f"comma-separated UBMs (default: {','.join(ALL_UBMS)})")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd)")
+    parser.add_argument("--dry-run", action="store_true", help="print each stage's command line and whether "
+                                                               "it would be reused; run nothing")
+    parser.set_defaults(func=_cli)
+
+
+@dataclass
+class Plan:
+    """What one invocation runs: resolved from the preset and the command line."""
+    out: Path
+    preset_name: str
+    preset: Preset
+    world_arg: Optional[str]
+    tables: Tuple[int, ...]
+    ubms: Tuple[str, ...]
+    seeds: Tuple[int, ...]
+    nproc: int
+
+    @property
+    def world(self) -> Path:
+        return world_folder(self.out, self.world_arg)
+
+    def settings(self) -> Dict[str, Any]:
+        """Everything that decides the numbers, for the report."""
+        return {"preset": self.preset_name, **asdict(self.preset), "ubms": list(self.ubms),
+                "seeds": list(self.seeds), "tables": list(self.tables), "nproc": self.nproc,
+                "pipeline_preset": PIPELINE_PRESETS[self.preset.pipeline]}
+
+
+def _cli(args: argparse.Namespace) -> int:
+    plan = make_plan(args)
+    if args.dry_run:
+        for stage in stages(plan):
+            state = "reuse" if stage_record(stage, plan.out) else "run"
+            print(f"{stage.name} [{state}]: {' '.join(stage.argv)}")
+        return 0
+    results = run_experiment(plan)
+    from mim_rec.report import write_report
+    markdown = write_report(results, plan.out / "report")
+    print(markdown)
+    print(f"mim experiment: report in {plan.out / 'report' / 'REPORT.md'}")
+    return 0
+
+
+def _parse_list(text: Optional[str], kind, allowed: Optional[Sequence] = None, what: str = "") -> Optional[Tuple]:
+    from mim_rec.config import ConfigError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
+    unknown = [v for v in values if allowed is not None and v not in allowed]
+    if unknown or not values:
+        raise ConfigError(f"{what}: expected a comma-separated list of {list(allowed or [])}, got {text!r}")
+    return values
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    preset = PRESETS[args.preset]
+    return Plan(out=Path(args.out).resolve(), preset_name=args.preset, preset=preset, world_arg=args.world,
+                tables=_parse_list(args.tables, int, ALL_TABLES, "--tables"),
+                ubms=_parse_list(args.ubms, str, ALL_UBMS, "--ubms") or preset.ubms,
+                seeds=_parse_list(args.seeds, int, None, "--seeds") or preset.seeds, nproc=args.nproc)
+
+
+# ------------------------------------------------------------------------------- the runs
+
+def ctr_runs(plan: Plan) -> List[Dict[str, Any]]:
+    """The CiUBM runs the chosen tables need: ``{"name", "overrides"}`` for ``mim train --grid``."""
+    out = plan.out
+    tables = set(plan.tables)
+    runs: List[Dict[str, Any]] = []
+
+    def add(name: str, ubm: str, seed: int, *overrides: str, table: Path = out / "mm_table") -> None:
+        runs.append({"name": name, "overrides": [f"out={out / 'ctr' / name}", f"model.ubm={ubm}", f"seed={seed}",
+                                                 f"mm_table={table}", *overrides]})
+
+    for seed in plan.seeds:
+        ubms = plan.ubms if 2 in tables else (ABLATION_UBM,) if tables & {3, 5} else ()
+        for ubm in ubms:
+            add(f"base_{ubm}_s{seed}", ubm, seed, *MODELS["base"])
+            add(f"mim_{ubm}_s{seed}", ubm, seed, *MODELS["mim"])
+        if tables & {3, 5}:
+            add(f"stage1table_{ABLATION_UBM}_s{seed}", ABLATION_UBM, seed, table=out / "mm_table_stage1")
+        if 5 in tables:
+            add(f"nocontent_{ABLATION_UBM}_s{seed}", ABLATION_UBM, seed, "model.content_interest=false")
+            add(f"nofusion_{ABLATION_UBM}_s{seed}", ABLATION_UBM, seed, "model.fusion_interest=false")
+    return runs
+
+
+def _grid_file(out: Path, runs: List[Dict[str, Any]]) -> Path:
+    """The grid written under a name that hashes its content, so another grid is another command."""
+    text = json.dumps(runs, indent=1)
+    path = out / f"grid-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file():
+        path.write_text(text)
+    return path
+
+
+def stages(plan: Plan) -> List[Stage]:
+    out, preset, tables = plan.out, PIPELINE_PRESETS[plan.preset.pipeline], set(plan.tables)
+    world, chain = representation_chain(out, plan.world_arg, preset, plan.nproc)  # world == plan.world
+    mim = mim_command()
+    torchx, distributed = torchx_command(plan.nproc)
+    encoders = out / "pretrain" / "encoders"
+    result: List[Stage] = list(chain)
+    if tables & {3, 5}:
+        result.append(Stage("mfm_stage1", mim + ["embeddings", "build", f"world={world}", f"encoders={encoders}",
+                                                 f"out={out / 'mm_table_stage1'}"],
+                            out / "mm_table_stage1" / "manifest.json"))
+    runs = ctr_runs(plan)
+    if runs:
+        grid = _grid_file(out, runs)
+        result.append(Stage("ctr_grid", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, "--",
+                                                  "--grid", str(grid), f"data.world={world}", *preset["train"]],
+                            out / "ctr" / runs[-1]["name"] / "metrics.json"))
+    if 6 in tables:
+        result.append(Stage("bench_train", mim + ["bench", "train", "--json", str(out / "bench_train.json"),
+                                                  f"world={world}", *plan.preset.bench_train],
+                            out / "bench_train.json"))
+        result.append(Stage("bench_lookup", mim + [
+            "bench", "lookup", "--json", str(out / "bench_lookup.json"), f"items={world / 'items.parquet'}",
+            f"encoder={out / 'csft' / 'mm_encoder'}", f"mm_table={out / 'mm_table'}", *plan.preset.bench_lookup],
+                            out / "bench_lookup.json"))
+    if 3 in tables:
+        result.append(Stage("pretrain_eval", mim + ["pretrain-eval", f"data.world={world}", f"out={out / 'pretrain'}",
+                                                    *preset["pretrain"]], out / "pretrain" / "eval.json"))
+    if tables & {3, 4, 5}:
+        ablations = out / "csft_tables"
+        result.append(Stage("csft_tables", mim + [
+            "csft-ablations", f"data.world={world}", f"encoders={encoders}", f"out={ablations}",
+            f"data.feature_cache={out / 'csft' / 'features'}", *preset["csft"]], ablations / "ablations.json"))
+    return result
+
+
+# ------------------------------------------------------------------------------- results
+
+def _read_json(path: Path) -> Optional[Any]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _code_version() -> Dict[str, Any]:
+    """The commit the code ran from, and whether the working tree differed from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*argv: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def collect_results(plan: Plan, stage_walls: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Every number the report shows, read back from the stages' artifacts."""
+    out = plan.out
+    return {"preset": plan.preset_name, "config": plan.settings(), "code": _code_version(),
+            "world": str(plan.world), "seeds": list(plan.seeds), "ubms": list(plan.ubms), "stages": stage_walls,
+            "ctr": {run["name"]: _read_json(out / "ctr" / run["name"] / "metrics.json") for run in ctr_runs(plan)},
+            "pretrain_eval": _read_json(out / "pretrain" / "eval.json") if 3 in plan.tables else None,
+            "csft": _read_json(out / "csft_tables" / "ablations.json") if set(plan.tables) & {3, 4, 5} else None,
+            "bench_train": _read_json(out / "bench_train.json") if 6 in plan.tables else None,
+            "bench_lookup": _read_json(out / "bench_lookup.json") if 6 in plan.tables else None}
+
+
+def run_experiment(plan: Plan) -> Dict[str, Any]:
+    """Run (or reuse) every stage of ``plan``; write and return ``OUT/results.json``."""
+    plan.out.mkdir(parents=True, exist_ok=True)
+    todo = stages(plan)
+    walls = []
+    started = time.time()
+    for index, stage in enumerate(todo, 1):
+        wall, reused = run_stage(stage, plan.out, index, len(todo))
+        walls.append({"name": stage.name, "wall_s": round(wall, 1), "reused": reused, "argv": stage.argv})
+    results = collect_results(plan, walls)
+    results["wall_s_this_invocation"] = round(time.time() - started, 1)
+    (plan.out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
