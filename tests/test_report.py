@@ -157,14 +157,18 @@ def test_claim_2_follows_the_age_deciles():
 
 def test_encoder_module_and_cost_claims_follow_their_numbers():
     claims = claims_by_id(make_results())
-    for claim_id in ("3", "4", "5", "6-tfn", "6-st_nsg", "6-multi_level", "7", "8", "9-content", "9-fusion", "10"):
+    for claim_id in ("3", "4", "5", "6-tfn", "6-st_nsg", "6-multi_level", "7", "8", "9-content", "9-fusion", "10-lookup",
+                     "10-train"):
         assert claims[claim_id]["holds"] is True, claims[claim_id]
     results = make_results()
     results["csft"]["no_tfn"]["recall@10"] = 0.05
     results["csft"]["click_infonce"]["recall@10"] = 0.04
     results["bench_train"] = bench_train(0.3)
     claims = claims_by_id(results)
-    assert [claims[i]["holds"] for i in ("6-tfn", "6-st_nsg", "7", "10")] == [False, True, False, False]
+    assert [claims[i]["holds"] for i in ("6-tfn", "6-st_nsg", "7", "10-lookup", "10-train")] == \
+        [False, True, False, True, False]
+    results["bench_lookup"]["encoder_over_lookup"] = 50.0
+    assert claims_by_id(results)["10-lookup"]["holds"] is False
 
 
 def test_missing_parts_render_not_run_and_give_no_verdict(tmp_path):

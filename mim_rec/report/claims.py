@@ -101,19 +101,23 @@ def _dda_dma_claim(pretrain_eval: Optional[Dict]) -> Claim:
                   f"{fmt(aligned, missing='not run')} vs {fmt(plain, missing='not run')}", _greater(aligned, plain))
 
 
-def _cost_claim(bench_train: Optional[Dict], bench_lookup: Optional[Dict]) -> Claim:
+def _lookup_claim(bench_lookup: Optional[Dict]) -> Claim:
     encoder_over_lookup = nested(bench_lookup, "encoder_over_lookup")
+    return _claim("10-lookup", "The representation center makes content interest cheap: a table lookup "
+                               "replaces running the encoder for every item of every sample.",
+                  f"encoder-per-sample / lookup cost > {MIN_ENCODER_OVER_LOOKUP:.0f}×",
+                  "not run" if encoder_over_lookup is None else f"{encoder_over_lookup:,.0f}×",
+                  None if encoder_over_lookup is None else encoder_over_lookup > MIN_ENCODER_OVER_LOOKUP)
+
+
+def _training_cost_claim(bench_train: Optional[Dict]) -> Claim:
     train_ratios = {r["ubm"]: nested(r, "mim_over_base", "torchrec", "train_samples_per_s")
                     for r in (nested(bench_train, "ratios") or []) if r.get("variant") == "Base+MIM"}
-    flags = [None if encoder_over_lookup is None else encoder_over_lookup > MIN_ENCODER_OVER_LOOKUP,
-             None if bench_train is None else all_of(
-                 None if r is None else r >= MIN_TRAIN_THROUGHPUT_RATIO for r in train_ratios.values())]
-    lookup = "not run" if encoder_over_lookup is None else f"{encoder_over_lookup:,.0f}×"
-    train = "; ".join(f"{ubm} {'n/a' if r is None else f'{r:.2f}×'}" for ubm, r in train_ratios.items()) or "not run"
-    return _claim("10", "The representation center makes content interest cheap.",
-                  f"encoder-per-sample / lookup cost > {MIN_ENCODER_OVER_LOOKUP:.0f}× and Base+MIM / Base "
-                  f"training samples/s ≥ {MIN_TRAIN_THROUGHPUT_RATIO} for every UBM",
-                  f"encoder/lookup {lookup}; MIM/Base train throughput: {train}", all_of(flags))
+    value = "; ".join(f"{ubm} {'n/a' if r is None else f'{r:.2f}×'}" for ubm, r in train_ratios.items())
+    return _claim("10-train", "With the representation center, Base+MIM trains at close to Base's cost.",
+                  f"Base+MIM / Base training samples/s ≥ {MIN_TRAIN_THROUGHPUT_RATIO} for every UBM",
+                  value or "not run", None if bench_train is None else all_of(
+                      None if r is None else r >= MIN_TRAIN_THROUGHPUT_RATIO for r in train_ratios.values()))
 
 
 def paper_claims(results: Dict[str, Any]) -> List[Claim]:
@@ -130,5 +134,6 @@ def paper_claims(results: Dict[str, Any]) -> List[Claim]:
                     "DIN Δ AUC (Base+MIM − w/o content interest), paired over seeds", "mim", "nocontent"),
         _paired_din(ctr, "9-fusion", "Fusion interest helps the CTR model.",
                     "DIN Δ AUC (Base+MIM − w/o fusion interest), paired over seeds", "mim", "nofusion"),
-        _cost_claim(results.get("bench_train"), results.get("bench_lookup")),
+        _lookup_claim(results.get("bench_lookup")),
+        _training_cost_claim(results.get("bench_train")),
     ]
