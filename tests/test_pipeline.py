@@ -5,10 +5,12 @@ its stage."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from conftest import run_mim
+from train.pipeline import Stage, run_stage, stage_record
 
 
 @pytest.mark.slow
@@ -39,3 +41,12 @@ def test_a_failing_stage_is_named_with_its_log(tmp_path):
     assert done.returncode != 0
     assert "stage 'validate' failed" in done.stderr and "logs/validate.log" in done.stderr
     assert "items.parquet" in done.stderr  # the log's tail says what was wrong
+
+
+def test_a_finished_stage_is_recorded_and_then_reused(tmp_path):
+    """A stage that succeeds leaves its record (argv, wall time), and the next call reuses it."""
+    marker = tmp_path / "artifact.txt"
+    stage = Stage("touch", [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('x')"], marker)
+    wall, reused = run_stage(stage, tmp_path, 1, 1)
+    assert not reused and stage_record(stage, tmp_path)["wall_s"] == wall
+    assert run_stage(stage, tmp_path, 1, 1) == (wall, True)

@@ -110,9 +110,14 @@ def stages(args: argparse.Namespace) -> List[Stage]:
     return plan
 
 
+def record_file(stage: Stage, out: Path) -> Path:
+    """Where the record of ``stage``'s last successful run (its argv and wall time) is kept."""
+    return out / "stages" / f"{stage.name}.json"
+
+
 def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
     """The record of the finished run that made ``stage``'s artifact with the same command, or None."""
-    record_path = out / "stages" / f"{stage.name}.json"
+    record_path = record_file(stage, out)
     if stage.done_marker.exists() and record_path.exists():
         record = json.loads(record_path.read_text())
         if record["argv"][1:] == stage.command:
@@ -143,6 +148,7 @@ def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, b
                          f"log: {log}\n" + "\n".join(tail))
     if stage.name == "validate":
         stage.done_marker.write_text("ok\n")
+    record_path = record_file(stage, out)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps({"argv": stage.argv, "wall_s": wall}))
     print(f"[{index}/{total}] {stage.name}: done in {wall:.0f} s", flush=True)
