@@ -135,3 +135,40 @@ def test_bad_titles_and_missing_images_are_reported(tmp_path, column, value, mes
     _rewrite(items, column, 4, value)
     with pytest.raises(DataError, match=message):
         load_corpus(items, build_vision_encoder(tiny_vision()))
+
+
+def _features_only(pixels: Path, out: Path, dim: int = 6) -> Path:
+    """The items of ``pixels`` as an imported data set ships them: ``image_feature`` vectors, no image."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pixels).drop_columns(["image"])
+    vectors = np.random.default_rng(0).normal(size=(table.num_rows, dim)).astype(np.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.append_column("image_feature", pa.array(list(vectors), pa.list_(pa.float32()))), out)
+    return out
+
+
+def test_vision_tower_follows_the_items_columns(world, tmp_path):
+    from mim_rec.pretrain.corpus import vision_for_items
+    from tests.encoder_fixtures import tiny_vision
+
+    features = _features_only(world / "items.parquet", tmp_path / "features" / "items.parquet")
+    pixel_tower = tiny_vision()
+    assert vision_for_items(pixel_tower, world) == pixel_tower
+    switched = vision_for_items(pixel_tower, features.parent)
+    assert (switched.name, switched.feature_dim) == ("precomputed", 6)
+    assert vision_for_items(switched, world) == switched  # an explicit precomputed tower is kept
+
+
+@pytest.mark.slow
+def test_pixel_config_pretrains_on_features_only_items(world, tmp_path, capsys):
+    """`mim pretrain` configured for pixels (as `mim pipeline`/`mim experiment` run it) on an
+    imported world whose items carry only image_feature: the precomputed tower is used."""
+    features = _features_only(world / "items.parquet", tmp_path / "features" / "items.parquet")
+    config = _config(features.parent, tmp_path / "out", dda_steps=1, dma_steps=2)
+    assert cli.main(["pretrain", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 0
+    assert "vision tower 'precomputed' (6-d)" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "encoders" / "manifest.json").read_text())
+    assert manifest["config"]["vision"]["name"] == "precomputed"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -42,9 +43,19 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """The config, with the vision tower the world's items can feed (pixels or features)."""
     from mim_rec.config import load_config
     from mim_rec.pretrain.config import PretrainConfig
-    return load_config(PretrainConfig, args.config, args.overrides)
+    from mim_rec.pretrain.corpus import vision_for_items
+
+    config = load_config(PretrainConfig, args.config, args.overrides)
+    vision = vision_for_items(config.encoders.vision, config.data.world)
+    if vision != config.encoders.vision:
+        print(f"mim pretrain: the items carry image_feature vectors and no pixels: vision tower "
+              f"'{vision.name}' ({vision.feature_dim}-d) instead of '{config.encoders.vision.name}'",
+              file=sys.stderr)
+        config.encoders.vision = vision
+    return config
 
 
 def _run_cli(args: argparse.Namespace) -> int:

@@ -8,15 +8,19 @@ training starts, with its file, row and field, and steps never pay for decoding.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from mim_rec.data.errors import DataError
+from mim_rec.encoders.config import PRECOMPUTED, VisionConfig
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: a stable split that needs no RNG
@@ -49,6 +53,32 @@ class ItemCorpus:
 def items_path(world_or_file: Union[str, Path]) -> Path:
     path = Path(world_or_file)
     return path / "items.parquet" if path.is_dir() else path
+
+
+def vision_for_items(vision: VisionConfig, world_or_file: Union[str, Path]) -> VisionConfig:
+    """The vision tower the items can feed. Imported data sets (Amazon, TAOBAO-MM) ship an
+    ``image_feature`` vector and no pixels, which a pixel tower cannot read; for them the
+    precomputed tower with the vectors' length is returned, so that every stage configured for
+    pixels runs unchanged on them. Items with pixels, and a precomputed config, are returned
+    as given (a missing or unreadable file is left to :func:`load_corpus` to report)."""
+    path = items_path(world_or_file)
+    if vision.name == PRECOMPUTED or not path.is_file():
+        return vision
+    names = set(pq.read_schema(path).names)
+    if names & {"image", "image_path"} or "image_feature" not in names:
+        return vision
+    dim = _first_vector_length(path, "image_feature")
+    return vision if dim is None else dataclasses.replace(vision, name=PRECOMPUTED, feature_dim=dim)
+
+
+def _first_vector_length(path: Path, column: str) -> Optional[int]:
+    """The length of the first non-null vector of ``column`` (None when the file has none);
+    :class:`PrecomputedVisionEncoder` checks that every other row has the same."""
+    for batch in pq.ParquetFile(path).iter_batches(columns=[column]):
+        lengths = pc.drop_null(pc.list_value_length(batch.column(0)))
+        if len(lengths):
+            return int(lengths[0].as_py())
+    return None
 
 
 def load_corpus(world_or_file: Union[str, Path], vision: VisionEncoder) -> ItemCorpus:
