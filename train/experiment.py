@@ -149,11 +149,12 @@ def ctr_runs(plan: Plan) -> List[Dict[str, Any]]:
         runs.append({"name": name, "overrides": [f"out={out / 'ctr' / name}", f"model.ubm={ubm}", f"seed={seed}",
                                                  f"mm_table={table}", *overrides]})
 
-    for seed in plan.seeds:
-        ubms = plan.ubms if 2 in tables else (ABLATION_UBM,) if tables & {3, 5} else ()
+    ubms = plan.ubms if 2 in tables else (ABLATION_UBM,) if tables & {3, 5} else ()
+    for seed in plan.seeds:  # Table 2 first: a run stopped part-way has its seeds complete
         for ubm in ubms:
             add(f"base_{ubm}_s{seed}", ubm, seed, *MODELS["base"])
             add(f"mim_{ubm}_s{seed}", ubm, seed, *MODELS["mim"])
+    for seed in plan.seeds:
         if tables & {3, 5}:
             add(f"stage1table_{ABLATION_UBM}_s{seed}", ABLATION_UBM, seed, table=out / "mm_table_stage1")
         if 5 in tables:
