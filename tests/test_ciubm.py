@@ -113,6 +113,42 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-9)
 
 
+def _step_losses(out) -> list:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
+def test_sparse_dist_pipeline_trains_like_the_plain_loop(world, tmp_path, caplog):
+    """Same batches in the same order, same losses step by step (DIEN: its auxiliary loss
+    too), and every sharded collection -- the frozen MM one included -- pipelined."""
+    common = ("max_steps=5", "log_every=1", "model.ubm=dien")
+    plain = ciubm.run(_config(world, tmp_path / "plain", *common, "train_pipeline=plain"))
+    with caplog.at_level("INFO", logger="torchrec.distributed.train_pipeline"):
+        piped = ciubm.run(_config(world, tmp_path / "piped", *common, "train_pipeline=sparse_dist"))
+    for name in ("pooled", "sequence", "mm"):
+        assert f"Module 'sparse_arch.{name}' will be pipelined" in caplog.text
+    assert "will NOT be pipelined" not in caplog.text
+    assert piped["steps"] == plain["steps"] == 5
+    assert len(_step_losses(tmp_path / "piped")) == 5
+    assert _step_losses(tmp_path / "piped") == pytest.approx(_step_losses(tmp_path / "plain"), abs=1e-6)
+    assert piped["auc"] == pytest.approx(plain["auc"], abs=1e-6)
+    assert piped["logloss"] == pytest.approx(plain["logloss"], abs=1e-6)
+
+
+def test_runs_written_before_train_pipeline_existed_resume_and_stay_finished(world, tmp_path):
+    config = _config(world, tmp_path / "old")
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "latest").write_text("step-000000003")
+    older = {k: v for k, v in ciubm._config_dict(config).items() if k != "train_pipeline"}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(older))
+    (tmp_path / "old" / "metrics.json").write_text("{}")
+    ciubm._refuse_foreign_checkpoints(config)  # no ConfigError
+    assert ciubm._finished(config)
+    older["seed"] = 1
+    (tmp_path / "old" / "config.json").write_text(json.dumps(older))
+    assert not ciubm._finished(config)
+
+
 def test_bad_events_are_refused_before_training(world, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -1,6 +1,8 @@
 """``mim train``: train and evaluate CiUBM (stage 3) with TorchRec.
 
-One plain loop over :class:`~mim_rec.data.loader.CtrEventsLoader` batches: the model is a
+One loop over :class:`~mim_rec.data.loader.CtrEventsLoader` batches, each step run by
+TorchRec's ``TrainPipelineSparseDist`` (``train_pipeline=sparse_dist``, the default) or a plain
+copy/forward/backward/step (``train_pipeline=plain``): the model is a
 ``DistributedModelParallel`` over a plan from TorchRec's planner (per-table constraints from
 the config), the ID tables train with a fused optimizer inside the backward pass, the dense
 part with Adam, and the MM table never trains. Checkpoints are
@@ -17,15 +19,21 @@ Run as one process, or under ``torchrun``/TorchX (gloo on CPU, nccl on GPU)::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Literal, Optional, Tuple
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.data.loader import LoaderConfig
+
+if TYPE_CHECKING:  # annotations only; the functions import what they run, as elsewhere in this module
+    import torch
+
+    from mim_rec.data.loader import CtrBatch
 
 COMMAND_HELP = "train and evaluate the CiUBM CTR model (stage 3)"
 
@@ -53,6 +61,7 @@ class TrainConfig:
     log_every: int = 20
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
+    train_pipeline: Literal["sparse_dist", "plain"] = "sparse_dist"  # TorchRec's TrainPipelineSparseDist, or a plain loop
 
 
 def load_train_config(path: Optional[str], overrides) -> TrainConfig:
@@ -153,8 +162,11 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
         gc.collect()  # the previous run's sharded model and optimizer before the next one's
 
 
+# Settings that change how the steps run, not what they compute: a run under another value
+# (or one written before the setting existed) resumes, and a finished one stays finished.
+EXECUTION_ONLY = frozenset({"train_pipeline"})
 # Settings a resumed run may change: how long it trains, how often it logs and saves.
-RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"})
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
 
 
 def _config_dict(config: TrainConfig) -> Dict[str, Any]:
@@ -181,7 +193,8 @@ def _finished(config: TrainConfig) -> bool:
     out = Path(config.out)
     if not (out / "metrics.json").is_file() or not (out / "config.json").is_file():
         return False
-    return json.loads((out / "config.json").read_text()) == _config_dict(config)
+    before, now = json.loads((out / "config.json").read_text()), _config_dict(config)
+    return all(before.get(k) == now.get(k) for k in before.keys() | now.keys() if k not in EXECUTION_ONLY)
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -375,47 +388,119 @@ def _apply_rim(live, model, logger, step: int) -> None:
         logger.log({"event": "rim_apply", "items": applied, "log_offset": live.offset}, step=step)
 
 
+def ctr_loss(logits: torch.Tensor, aux: Optional[torch.Tensor], batch: CtrBatch, aux_weight: float) -> torch.Tensor:
+    """The training objective: BCE weighted by ``meta["weight"]`` (padding rows count 0),
+    normalised by the weight sum, plus the UBM's auxiliary loss (DIEN) times ``aux_weight``."""
+    import torch.nn.functional as F
+
+    weight = batch.meta["weight"]
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels, weight=weight, reduction="sum") \
+        / weight.sum().clamp_min(1)
+    return loss if aux is None else loss + aux_weight * aux
+
+
+class TrainStep:
+    """The model's training forward as TorchRec's pipelines call it: ``batch -> (loss, loss)``.
+
+    Kept outside the DMP module (TorchRec's ``custom_model_fwd``) rather than wrapping CiUBM
+    in a loss module, so the state-dict keys of checkpoints and the evaluation forward stay
+    those of CiUBM itself."""
+
+    def __init__(self, model, aux_weight: float) -> None:
+        self.model, self.aux_weight = model, aux_weight
+
+    def __call__(self, batch: CtrBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits, aux = self.model(batch)
+        loss = ctr_loss(logits, aux, batch, self.aux_weight)
+        return loss, loss.detach()
+
+
+class PlainStep:
+    """One training step without pipelining: copy the next batch, forward, backward, step.
+    Same interface as TorchRec's pipelines: ``progress(batches)`` and ``detach()``."""
+
+    def __init__(self, model, optimizer, device, aux_weight: float) -> None:
+        self.forward, self.optimizer, self.device = TrainStep(model, aux_weight), optimizer, device
+
+    def progress(self, batches: Iterator[CtrBatch]) -> torch.Tensor:
+        loss, output = self.forward(next(batches).to(self.device))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return output
+
+    def detach(self):
+        return self.forward.model
+
+
+def make_step(config: TrainConfig, model, optimizer, device):
+    """The step function of ``config.train_pipeline``: an object whose ``progress(batches)``
+    trains on the next batch of the iterator and returns the loss (detached), and whose
+    ``detach()`` gives the model back with its own forwards (a pipeline replaces the sharded
+    modules' forwards by ones that read its queued input dists, which evaluation must not).
+
+    ``sparse_dist`` is TorchRec's ``TrainPipelineSparseDist``: the H2D copy of batch i+2 and
+    the input dist (ID all-to-all) of batch i+1 overlap the forward/backward of batch i (CUDA
+    streams; on CPU the same stages run in order on the one stream)."""
+    if config.train_pipeline == "plain":
+        return PlainStep(model, optimizer, device, config.model.dien_aux_weight)
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    return TrainPipelineSparseDist(model, optimizer, device, execute_all_batches=True,
+                                   custom_model_fwd=TrainStep(model, config.model.dien_aux_weight))
+
+
+def _total_steps(config: TrainConfig, loader) -> int:
+    total = loader.batches_per_epoch * config.epochs
+    return total if config.max_steps is None else min(total, config.max_steps)
+
+
+def _batch_stream(loader, progress: Dict[str, int], steps: int) -> Iterator[CtrBatch]:
+    """The next ``steps`` batches from ``progress`` on, across epochs: exactly the batches the
+    remaining steps train on (a pipeline reading ahead never pulls one more)."""
+    def epochs(epoch: int, skip: int):
+        while True:
+            yield from loader.iterate(epoch, skip=skip)
+            epoch, skip = epoch + 1, 0
+    return itertools.islice(epochs(progress["epoch"], progress["step_in_epoch"]), steps)
+
+
+def _advance(progress: Dict[str, int], batches_per_epoch: int) -> None:
+    """Count one step; an epoch ends with its last batch."""
+    progress["global_step"] += 1
+    progress["step_in_epoch"] += 1
+    if progress["step_in_epoch"] >= batches_per_epoch:
+        progress["epoch"] += 1
+        progress["step_in_epoch"] = 0
+
+
 def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx, live=None) -> None:
     import torch
-    import torch.nn.functional as F
     from tqdm import tqdm
 
-    total = loader.batches_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+    if progress["step_in_epoch"] >= loader.batches_per_epoch:  # saved at an epoch's last step
+        progress.update(epoch=progress["epoch"] + 1, step_in_epoch=0)
+    total = _total_steps(config, loader)
+    steps = max(total - progress["global_step"], 0)
+    batches = _batch_stream(loader, progress, steps)
+    step = make_step(config, model, optimizer, ctx.device)
     bar = tqdm(total=total, initial=progress["global_step"], desc="train", unit="step",
                disable=not ctx.is_main)
     model.train()
     started = time.time()
-    while progress["global_step"] < total and progress["epoch"] < config.epochs:
-        for batch in loader.iterate(progress["epoch"], skip=progress["step_in_epoch"]):
-            if progress["global_step"] >= total:
-                break
-            torch.manual_seed(config.seed * 1_000_003 + progress["global_step"] * ctx.world_size + ctx.rank)
-            batch = batch.to(ctx.device)
-            logits, aux = model(batch)
-            weight = batch.meta["weight"]
-            loss = F.binary_cross_entropy_with_logits(logits, batch.labels, weight=weight, reduction="sum") \
-                / weight.sum().clamp_min(1)
-            if aux is not None:
-                loss = loss + config.model.dien_aux_weight * aux
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            progress["global_step"] += 1
-            progress["step_in_epoch"] += 1
-            bar.update()
-            if logger and progress["global_step"] % config.log_every == 0:
-                logger.log({"loss": float(loss), "samples_per_s": progress["global_step"] * config.loader.batch_size
-                            * ctx.world_size / max(time.time() - started, 1e-9)}, step=progress["global_step"])
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-            if live is not None and progress["global_step"] % config.rim_apply_every == 0:
-                _apply_rim(live, model, logger, progress["global_step"])
-            if progress["global_step"] % config.checkpoint_every == 0:
-                checkpoints.save(model, optimizer, progress)
-        else:
-            progress["epoch"] += 1
-            progress["step_in_epoch"] = 0
+    for done in range(1, steps + 1):
+        torch.manual_seed(config.seed * 1_000_003 + progress["global_step"] * ctx.world_size + ctx.rank)
+        loss = step.progress(batches)
+        _advance(progress, loader.batches_per_epoch)
+        bar.update()
+        if logger and progress["global_step"] % config.log_every == 0:
+            logger.log({"loss": float(loss), "samples_per_s": done * config.loader.batch_size
+                        * ctx.world_size / max(time.time() - started, 1e-9)}, step=progress["global_step"])
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+        if live is not None and progress["global_step"] % config.rim_apply_every == 0:
+            _apply_rim(live, model, logger, progress["global_step"])
+        if progress["global_step"] % config.checkpoint_every == 0:
+            checkpoints.save(model, optimizer, progress)
+    step.detach()
     bar.close()
     checkpoints.save(model, optimizer, progress)
 

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torchrec import KeyedJaggedTensor
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.ciubm.interest import ContentInterestArch, FusionInterestArch, content_weights
@@ -18,6 +19,19 @@ from mim_rec.ciubm.over import OverArch
 from mim_rec.ciubm.sparse import SparseArch
 from mim_rec.data.loader import DENSE_FEATURES, CtrBatch
 from mim_rec.ubm import build_ubm
+
+
+@torch.fx.wrap
+def slot_categories(sequence: KeyedJaggedTensor, size: int, slots: int) -> torch.Tensor:
+    """``[B, 1+L]`` category id per slot (0 on empty slots) for SIM's category search.
+
+    An fx leaf (``torch.fx.wrap``): its masked assignment cannot be traced symbolically, and
+    TorchRec's train pipeline traces CiUBM's forward to find the batch fields that feed each
+    sharded collection."""
+    jagged = sequence["category_seq"]
+    dense = torch.zeros(size * slots, dtype=torch.long, device=jagged.values().device)
+    dense[jagged.lengths() > 0] = jagged.values().long()
+    return dense.view(size, slots)
 
 
 class CiUBM(nn.Module):
@@ -49,7 +63,7 @@ class CiUBM(nn.Module):
         parts = [target_ids, pooled["user_id"], pooled["query_tokens"], batch.dense_features]
         aux = None
         if self.id_interest is not None:
-            categories = self._slot_categories(batch, size)
+            categories = slot_categories(batch.sequence, size, batch.slots)
             parts.append(self.id_interest(target_ids, behaviour_ids, mask, categories[:, 0], categories[:, 1:]))
             aux = self.id_interest.auxiliary_loss()
         if mm is not None:
@@ -61,11 +75,3 @@ class CiUBM(nn.Module):
             if self.fusion_interest is not None:
                 parts.append(self.fusion_interest(weights, behaviour_ids))
         return self.over_arch(torch.cat(parts, dim=1)), aux
-
-    @staticmethod
-    def _slot_categories(batch: CtrBatch, size: int) -> torch.Tensor:
-        """``[B, 1+L]`` category id per slot (0 on empty slots) for SIM's category search."""
-        jagged = batch.sequence["category_seq"]
-        dense = torch.zeros(size * batch.slots, dtype=torch.long, device=jagged.values().device)
-        dense[jagged.lengths() > 0] = jagged.values().long()
-        return dense.view(size, batch.slots)
