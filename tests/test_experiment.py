@@ -17,7 +17,7 @@ from train import experiment
 
 def _plan(tmp_path, **kwargs) -> experiment.Plan:
     args = dict(out=str(tmp_path / "exp"), preset="quick", world=None, tables="2,3,4,5,6", ubms=None,
-                seeds=None, nproc=2)
+                seeds=None, nproc=2, ctr=[])
     args.update(kwargs)
     return experiment.make_plan(argparse.Namespace(**args))
 
@@ -50,6 +50,15 @@ def test_the_grid_file_name_follows_its_content(tmp_path):
     assert grid(first) != grid(second)
     assert [r["name"] for r in json.loads(open(grid(second)).read())][:4] == \
         ["base_din_s0", "mim_din_s0", "base_sim_s0", "mim_sim_s0"]
+
+
+def test_ctr_overrides_reach_every_run_in_a_folder_of_their_own(tmp_path):
+    default = _plan(tmp_path, tables="2", ubms="din")
+    small = _plan(tmp_path, tables="2", ubms="din", ctr=["epochs=5", "loader.batch_size=256"])
+    grid = next(s for s in experiment.stages(small) if s.name == "ctr_grid")
+    assert grid.argv[-2:] == ["epochs=5", "loader.batch_size=256"]  # after the preset's, so they win
+    assert small.ctr_dir != default.ctr_dir and small.ctr_dir.parent == default.ctr_dir.parent
+    assert all(run["overrides"][0].startswith(f"out={small.ctr_dir}/") for run in experiment.ctr_runs(small))
 
 
 @pytest.mark.parametrize("field, value, message", [

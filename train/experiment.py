@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="comma-separated paper tables to produce (default: all of 2,3,4,5,6)")
     parser.add_argument("--ubms", default=None, help=f"comma-separated UBMs (default: {','.join(ALL_UBMS)})")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
+    parser.add_argument("--ctr", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra `mim train` overrides for every CTR run (e.g. epochs=5 "
+                             "loader.batch_size=256 for a small dataset); their runs go to their own folder")
     parser.add_argument("--nproc", type=int, default=2, help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd)")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's command line and whether "
                                                                "it would be reused; run nothing")
@@ -87,15 +90,25 @@ class Plan:
     ubms: Tuple[str, ...]
     seeds: Tuple[int, ...]
     nproc: int
+    ctr_overrides: Tuple[str, ...] = ()
 
     @property
     def world(self) -> Path:
         return world_folder(self.out, self.world_arg)
 
+    @property
+    def ctr_dir(self) -> Path:
+        """``OUT/ctr``, or ``OUT/ctr-<hash>`` for runs with ``--ctr`` overrides: other settings
+        are other runs, kept beside the default ones instead of refused as foreign checkpoints."""
+        if not self.ctr_overrides:
+            return self.out / "ctr"
+        return self.out / f"ctr-{hashlib.sha256(chr(0).join(self.ctr_overrides).encode()).hexdigest()[:8]}"
+
     def settings(self) -> Dict[str, Any]:
         """Everything that decides the numbers, for the report."""
         return {"preset": self.preset_name, **asdict(self.preset), "ubms": list(self.ubms),
                 "seeds": list(self.seeds), "tables": list(self.tables), "nproc": self.nproc,
+                "ctr_overrides": list(self.ctr_overrides),
                 "pipeline_preset": PIPELINE_PRESETS[self.preset.pipeline]}
 
 
@@ -134,7 +147,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan(out=Path(args.out).resolve(), preset_name=args.preset, preset=preset, world_arg=args.world,
                 tables=_parse_list(args.tables, int, ALL_TABLES, "--tables"),
                 ubms=_parse_list(args.ubms, str, ALL_UBMS, "--ubms") or preset.ubms,
-                seeds=_parse_list(args.seeds, int, None, "--seeds") or preset.seeds, nproc=args.nproc)
+                seeds=_parse_list(args.seeds, int, None, "--seeds") or preset.seeds, nproc=args.nproc,
+                ctr_overrides=tuple(args.ctr))
 
 
 # ------------------------------------------------------------------------------- the runs
@@ -146,7 +160,7 @@ def ctr_runs(plan: Plan) -> List[Dict[str, Any]]:
     runs: List[Dict[str, Any]] = []
 
     def add(name: str, ubm: str, seed: int, *overrides: str, table: Path = out / "mm_table") -> None:
-        runs.append({"name": name, "overrides": [f"out={out / 'ctr' / name}", f"model.ubm={ubm}", f"seed={seed}",
+        runs.append({"name": name, "overrides": [f"out={plan.ctr_dir / name}", f"model.ubm={ubm}", f"seed={seed}",
                                                  f"mm_table={table}", *overrides]})
 
     ubms = plan.ubms if 2 in tables else (ABLATION_UBM,) if tables & {3, 5} else ()
@@ -188,8 +202,9 @@ def stages(plan: Plan) -> List[Stage]:
     if runs:
         grid = _grid_file(out, runs)
         result.append(Stage("ctr_grid", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, "--",
-                                                  "--grid", str(grid), f"data.world={world}", *preset["train"]],
-                            out / "ctr" / runs[-1]["name"] / "metrics.json"))
+                                                  "--grid", str(grid), f"data.world={world}", *preset["train"],
+                                                  *plan.ctr_overrides],
+                            plan.ctr_dir / runs[-1]["name"] / "metrics.json"))
     if 6 in tables:
         result.append(Stage("bench_train", mim + ["bench", "train", "--json", str(out / "bench_train.json"),
                                                   f"world={world}", *plan.preset.bench_train],
@@ -235,7 +250,7 @@ def collect_results(plan: Plan, stage_walls: List[Dict[str, Any]]) -> Dict[str, 
     out = plan.out
     return {"preset": plan.preset_name, "config": plan.settings(), "code": _code_version(),
             "world": str(plan.world), "seeds": list(plan.seeds), "ubms": list(plan.ubms), "stages": stage_walls,
-            "ctr": {run["name"]: _read_json(out / "ctr" / run["name"] / "metrics.json") for run in ctr_runs(plan)},
+            "ctr": {run["name"]: _read_json(plan.ctr_dir / run["name"] / "metrics.json") for run in ctr_runs(plan)},
             "pretrain_eval": _read_json(out / "pretrain" / "eval.json") if 3 in plan.tables else None,
             "csft": _read_json(out / "csft_tables" / "ablations.json") if set(plan.tables) & {3, 4, 5} else None,
             "bench_train": _read_json(out / "bench_train.json") if 6 in plan.tables else None,
