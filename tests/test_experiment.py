@@ -60,6 +60,19 @@ def test_ctr_overrides_reach_every_run_in_a_folder_of_their_own(tmp_path):
     assert all(run["overrides"][0].startswith(f"out={small.ctr_dir}/") for run in experiment.ctr_runs(small))
 
 
+def test_report_only_runs_nothing_and_reports_what_finished(tmp_path):
+    plan = _plan(tmp_path, tables="2", ubms="avg", seeds="0")
+    finished = plan.ctr_dir / "base_avg_s0"
+    finished.mkdir(parents=True)
+    metrics = {"auc": 0.61, "gauc": 0.6, "logloss": 0.4, "n": 10, "per_category": {}, "age_edges": [],
+               "age_deciles": [], "steps": 3}
+    (finished / "metrics.json").write_text(json.dumps(metrics))
+    results = experiment.run_experiment(plan, report_only=True)
+    assert results["stages"] == [] and not (plan.out / "logs").exists()  # nothing ran
+    assert results["ctr"] == {"base_avg_s0": metrics, "mim_avg_s0": None}
+    assert json.loads((plan.out / "results.json").read_text())["ctr"]["base_avg_s0"]["auc"] == 0.61
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("tables", "2,7", "--tables"), ("ubms", "din,gru4rec", "--ubms"), ("seeds", "1,x", "--seeds"),
     ("tables", "", "--tables")])

@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd)")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's command line and whether "
                                                                "it would be reused; run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from the stages and CTR runs that have "
+                             "finished in OUT (e.g. while a long run is still going)")
     parser.set_defaults(func=_cli)
 
 
@@ -119,7 +122,7 @@ def _cli(args: argparse.Namespace) -> int:
             state = "reuse" if stage_record(stage, plan.out) else "run"
             print(f"{stage.name} [{state}]: {' '.join(stage.argv)}")
         return 0
-    results = run_experiment(plan)
+    results = run_experiment(plan, report_only=args.report_only)
     from mim_rec.report import write_report
     markdown = write_report(results, plan.out / "report")
     print(markdown)
@@ -257,14 +260,23 @@ def collect_results(plan: Plan, stage_walls: List[Dict[str, Any]]) -> Dict[str, 
             "bench_lookup": _read_json(out / "bench_lookup.json") if 6 in plan.tables else None}
 
 
-def run_experiment(plan: Plan) -> Dict[str, Any]:
-    """Run (or reuse) every stage of ``plan``; write and return ``OUT/results.json``."""
+def run_experiment(plan: Plan, report_only: bool = False) -> Dict[str, Any]:
+    """Run (or reuse) every stage of ``plan``; write and return ``OUT/results.json``. With
+    ``report_only``, run nothing and collect what has finished: stages that did not finish are
+    left out of the stage table, and CTR runs without a ``metrics.json`` read as not run."""
     plan.out.mkdir(parents=True, exist_ok=True)
     todo = stages(plan)
     walls = []
     started = time.time()
     for index, stage in enumerate(todo, 1):
-        wall, reused = run_stage(stage, plan.out, index, len(todo))
+        if report_only:
+            record = stage_record(stage, plan.out)
+            print(f"[{index}/{len(todo)}] {stage.name}: {'finished' if record else 'not finished'}", flush=True)
+            if record is None:
+                continue
+            wall, reused = record["wall_s"], True
+        else:
+            wall, reused = run_stage(stage, plan.out, index, len(todo))
         walls.append({"name": stage.name, "wall_s": round(wall, 1), "reused": reused, "argv": stage.argv})
     results = collect_results(plan, walls)
     results["wall_s_this_invocation"] = round(time.time() - started, 1)
