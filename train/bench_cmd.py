@@ -6,6 +6,10 @@ Each bench sub-command lives in its own module with ``register(bench_subparsers)
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
 
 from train.cli import add_command_group
 
@@ -19,3 +23,30 @@ BENCH_COMMAND_MODULES: tuple = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     add_command_group(subparsers, "bench", "benchmark sharding plans and training", BENCH_COMMAND_MODULES)
+
+
+def measuring_bench_parser(subparsers: argparse._SubParsersAction, name: str, help: str, description: str,
+                           config_name: str, quick_help: str, overrides_help: str,
+                           func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A bench sub-command with the arguments the measuring benches share: a config file, a
+    ``--quick`` smoke preset, ``--json`` output and ``key=value`` overrides."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("--config", help=f"YAML/JSON {config_name}")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def run_and_report(measure: Callable[[], Dict[str, Any]], render: Callable[[Dict[str, Any]], str],
+                   json_path: Optional[str]) -> Dict[str, Any]:
+    """Run a bench, print its table and wall time, and write the result (with ``wall_s``) as JSON."""
+    started = time.perf_counter()
+    result = measure()
+    result["wall_s"] = time.perf_counter() - started
+    print(render(result))
+    print(f"wall time {result['wall_s']:.1f} s")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -18,7 +18,6 @@ size; the printed ratio is encoder cost / lookup cost per sample.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -26,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
+
+from train.bench_cmd import measuring_bench_parser, run_and_report
 
 COMMAND_HELP = "per-sample cost: MM table lookup vs running the item encoder (paper Table 6)"
 
@@ -195,21 +196,12 @@ def _cli(args: argparse.Namespace) -> int:
         raise ConfigError("items: the catalogue's items.parquet (images + titles) is required")
     if not (config.encoder or args.quick):
         raise ConfigError("encoder: give an encoders / mm_encoder folder, or --quick for a tiny random one")
-    started = time.perf_counter()
-    result = run_bench(config, quick=args.quick)
-    print(format_result(result))
-    print(f"wall time {time.perf_counter() - started:.1f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    run_and_report(lambda: run_bench(config, quick=args.quick), format_result, args.json)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("lookup", help=COMMAND_HELP, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML/JSON LookupBenchConfig")
-    parser.add_argument("--quick", action="store_true", help="a tiny random-init item encoder (smoke run)")
-    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="e.g. items=runs/world/items.parquet encoder=runs/pretrain/encoders "
-                             "mm_table=runs/mm_table batch_size=64 hist_len=20")
-    parser.set_defaults(func=_cli)
+    measuring_bench_parser(subparsers, "lookup", COMMAND_HELP, __doc__.split("\n\n")[0], "LookupBenchConfig",
+                           "a tiny random-init item encoder (smoke run)",
+                           "e.g. items=runs/world/items.parquet encoder=runs/pretrain/encoders "
+                           "mm_table=runs/mm_table batch_size=64 hist_len=20", _cli)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import statistics
 import threading
@@ -49,6 +48,7 @@ from torch import nn
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.ciubm.model import CiUBM
 from mim_rec.data.loader import CtrBatch, ItemInfo, LoaderConfig, make_batch
+from train.bench_cmd import measuring_bench_parser, run_and_report
 
 COMMAND_HELP = "train / inference samples/s and peak memory per UBM: Base vs Base+MIM, TorchRec vs nn.Embedding"
 
@@ -530,21 +530,12 @@ def _cli(args: argparse.Namespace) -> int:
 
     preset = TrainBenchConfig.quick() if args.quick else None
     config = load_config(TrainBenchConfig, args.config, args.overrides, preset=preset)
-    started = time.perf_counter()
-    result = run_bench(config)
-    result["wall_s"] = time.perf_counter() - started
-    print(format_table(result))
-    print(f"wall time {result['wall_s']:.1f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    run_and_report(lambda: run_bench(config), format_table, args.json)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help=COMMAND_HELP, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML/JSON TrainBenchConfig")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, avg + din, one timed step (smoke run)")
-    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="e.g. batch_size=1024 hist_len=30 mm_dim=256 steps=5 ubms=[din,sim] world=runs/world")
-    parser.set_defaults(func=_cli)
+    measuring_bench_parser(subparsers, "train", COMMAND_HELP, __doc__.split("\n\n")[0], "TrainBenchConfig",
+                           "tiny sizes, avg + din, one timed step (smoke run)",
+                           "e.g. batch_size=1024 hist_len=30 mm_dim=256 steps=5 ubms=[din,sim] world=runs/world",
+                           _cli)
