@@ -170,7 +170,18 @@ RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_e
 
 
 def _config_dict(config: TrainConfig) -> Dict[str, Any]:
+    """``config`` as its ``config.json`` reads back."""
     return json.loads(json.dumps(asdict(config), default=str))
+
+
+def _changed_settings(config: TrainConfig, ignored: frozenset) -> Optional[List[str]]:
+    """Top-level settings (outside ``ignored``) in which ``config`` differs from the run whose
+    ``config.json`` is in ``config.out``; None when no run wrote one there."""
+    saved = Path(config.out) / "config.json"
+    if not saved.is_file():
+        return None
+    before, now = json.loads(saved.read_text()), _config_dict(config)
+    return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
 
 
 def _refuse_foreign_checkpoints(config: TrainConfig) -> None:
@@ -178,11 +189,9 @@ def _refuse_foreign_checkpoints(config: TrainConfig) -> None:
     from mim_rec.config import ConfigError
 
     out = Path(config.out)
-    if not (out / "checkpoints" / "latest").is_file() or not (out / "config.json").is_file():
+    if not (out / "checkpoints" / "latest").is_file():
         return
-    before, now = json.loads((out / "config.json").read_text()), _config_dict(config)
-    changed = sorted(k for k in before.keys() | now.keys()
-                     if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    changed = _changed_settings(config, RESUMABLE_CHANGES)
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
@@ -190,11 +199,7 @@ def _refuse_foreign_checkpoints(config: TrainConfig) -> None:
 
 def _finished(config: TrainConfig) -> bool:
     """Whether ``config.out`` holds the evaluation of a run of exactly this config."""
-    out = Path(config.out)
-    if not (out / "metrics.json").is_file() or not (out / "config.json").is_file():
-        return False
-    before, now = json.loads((out / "config.json").read_text()), _config_dict(config)
-    return all(before.get(k) == now.get(k) for k in before.keys() | now.keys() if k not in EXECUTION_ONLY)
+    return (Path(config.out) / "metrics.json").is_file() and _changed_settings(config, EXECUTION_ONLY) == []
 
 
 # ---------------------------------------------------------------- distributed set-up
