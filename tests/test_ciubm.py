@@ -15,6 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from mim_rec.ciubm.config import ModelConfig
+from mim_rec.ciubm.interest import content_match
+from mim_rec.ciubm.model import CiUBM
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
 from mim_rec.utils.dist import free_port
@@ -84,8 +87,26 @@ def test_training_beats_a_constant_predictor(world, tmp_path):
     assert report["auc"] > 0.6 and report["logloss"] < constant_logloss
 
 
-def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path):
-    config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg")
+def test_content_match_is_the_mean_and_max_weight_over_real_behaviours():
+    weights = torch.tensor([[0.5, -0.2, 0.0], [0.0, 0.0, 0.0], [-0.4, -0.1, 0.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False], [True, True, False]])
+    expected = torch.tensor([[0.15, 0.5], [0.0, 0.0], [-0.25, -0.1]])
+    assert torch.allclose(content_match(weights, mask), expected)
+
+
+def test_mm_projection_and_content_match_set_the_over_arch_width():
+    sizes = {"num_items": 50, "num_users": 10, "num_categories": 4}
+    plain = CiUBM(ModelConfig(ubm="avg", mm_dim=16), **sizes)
+    projected = CiUBM(ModelConfig(ubm="avg", mm_dim=16, mm_projection=4, content_match=True), **sizes)
+    first = lambda model: model.over_arch.mlp[0].in_features
+    # target MM and content interest each shrink from 16 to 4; content match adds 2 scalars
+    assert first(plain) - first(projected) == 2 * (16 - 4) - 2
+    assert isinstance(plain.mm_projection, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true")])
+def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options):
+    config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", *options)
     ctx = ciubm._process_group("cpu")
     items = ItemInfo.from_items(world / "items.parquet")
     model, optimizer, _ = ciubm.build_sharded_model(config, ciubm._sizes(config, items), ctx)
@@ -135,11 +156,13 @@ def test_sparse_dist_pipeline_trains_like_the_plain_loop(world, tmp_path, caplog
     assert piped["logloss"] == pytest.approx(plain["logloss"], abs=1e-6)
 
 
-def test_runs_written_before_train_pipeline_existed_resume_and_stay_finished(world, tmp_path):
+def test_runs_written_before_newer_settings_existed_resume_and_stay_finished(world, tmp_path):
     config = _config(world, tmp_path / "old")
     (tmp_path / "old" / "checkpoints").mkdir(parents=True)
     (tmp_path / "old" / "checkpoints" / "latest").write_text("step-000000003")
     older = {k: v for k, v in ciubm._config_dict(config).items() if k != "train_pipeline"}
+    for newer_setting in ("mm_projection", "content_match"):  # read back as their defaults
+        del older["model"][newer_setting]
     (tmp_path / "old" / "config.json").write_text(json.dumps(older))
     (tmp_path / "old" / "metrics.json").write_text("{}")
     ciubm._refuse_foreign_checkpoints(config)  # no ConfigError

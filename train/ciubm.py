@@ -180,7 +180,13 @@ def _changed_settings(config: TrainConfig, ignored: frozenset) -> Optional[List[
     saved = Path(config.out) / "config.json"
     if not saved.is_file():
         return None
-    before, now = json.loads(saved.read_text()), _config_dict(config)
+    from mim_rec.config import ConfigError, load_config
+
+    try:  # a setting added after the run was written reads as its default (the old behaviour)
+        before = _config_dict(load_config(TrainConfig, saved))
+    except ConfigError:  # written with settings this version no longer has
+        before = json.loads(saved.read_text())
+    now = _config_dict(config)
     return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
 
 

@@ -29,6 +29,9 @@ class ModelConfig:
     query_dim: int = 8
     mm_dim: Optional[int] = None           # None: the MM table's dim (64 for the random stand-in)
     mm_dtype: str = "fp32"                 # storage of the frozen MM table: fp32 | fp16 (int8: see sparse.py)
+    mm_projection: Optional[int] = None    # learned width of the target's MM vector and the content interest
+                                           # before the over-arch (None: the raw mm_dim, as in the paper)
+    content_match: bool = False            # also feed the mean and max content weight a_ti (2 scalars)
     query_buckets: int = 20_000
     over_arch: List[int] = field(default_factory=lambda: [200, 80])
     dien_aux_weight: float = 1.0

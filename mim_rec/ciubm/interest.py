@@ -20,6 +20,16 @@ def content_weights(target_mm: torch.Tensor, behaviour_mm: torch.Tensor, mask: t
     return cos * mask
 
 
+def content_match(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 2]``: the mean and the max of the content weights over the real behaviours (0 for an
+    empty history) -- how well the target matches the history's content, as two scalars the
+    over-arch need not learn to compute from the concatenated MM vectors."""
+    count = mask.sum(dim=1, keepdim=True)
+    mean = weights.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    best = weights.masked_fill(~mask, -1.0).max(dim=1, keepdim=True).values * (count > 0)
+    return torch.cat([mean, best], dim=1)
+
+
 class ContentInterestArch(nn.Module):
     """``h^MM_B = sum_i a_ti h_i^MM`` -> ``[B, D_mm]``."""
 

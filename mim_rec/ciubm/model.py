@@ -14,7 +14,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from mim_rec.ciubm.config import ModelConfig
-from mim_rec.ciubm.interest import ContentInterestArch, FusionInterestArch, content_weights
+from mim_rec.ciubm.interest import ContentInterestArch, FusionInterestArch, content_match, content_weights
 from mim_rec.ciubm.over import OverArch
 from mim_rec.ciubm.sparse import SparseArch
 from mim_rec.data.loader import DENSE_FEATURES, CtrBatch
@@ -50,8 +50,12 @@ class CiUBM(nn.Module):
         self.fusion_interest = FusionInterestArch() if config.fusion_interest else None
         width = config.behaviour_dim + config.user_dim + config.query_dim + len(DENSE_FEATURES)
         width += self.id_interest.output_dim if self.id_interest is not None else 0
-        width += 2 * config.mm_dim if config.content_interest else (config.mm_dim if config.uses_mm else 0)
+        mm_width = config.mm_projection or config.mm_dim
+        self.mm_projection = nn.Linear(config.mm_dim, config.mm_projection) \
+            if config.uses_mm and config.mm_projection else nn.Identity()
+        width += 2 * mm_width if config.content_interest else (mm_width if config.uses_mm else 0)
         width += config.behaviour_dim if config.fusion_interest else 0
+        width += 2 if config.uses_mm and config.content_match else 0
         self.over_arch = OverArch(width, config.over_arch)
 
     def forward(self, batch: CtrBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -69,9 +73,11 @@ class CiUBM(nn.Module):
         if mm is not None:
             target_mm, behaviour_mm = mm[:, 0], mm[:, 1:]
             weights = content_weights(target_mm, behaviour_mm, mask)
-            parts.append(target_mm)
+            parts.append(self.mm_projection(target_mm))
             if self.content_interest is not None:
-                parts.append(self.content_interest(weights, behaviour_mm))
+                parts.append(self.mm_projection(self.content_interest(weights, behaviour_mm)))
+            if self.config.content_match:
+                parts.append(content_match(weights, mask))
             if self.fusion_interest is not None:
                 parts.append(self.fusion_interest(weights, behaviour_ids))
         return self.over_arch(torch.cat(parts, dim=1)), aux
