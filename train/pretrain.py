@@ -125,6 +125,12 @@ def run_pretrain(config) -> Path:
                               enabled=config.precision == "bf16")
     progress = tqdm(total=total, initial=step, desc="pretrain", disable=not ctx.is_main)
     started = time.time()
+    # The warm-up belongs to the boundary step: a checkpoint at step dda_steps is only ever
+    # written after it, so a run resumed there never redoes it and one killed during it
+    # resumes from an earlier checkpoint and redoes it identically (it is seeded).
+    warmup = config.head_warmup_steps > 0 and config.dma_steps > 0
+    if warmup and step == config.dda_steps and resumed is None:  # dda_steps == 0
+        _warm_up_heads(objective, optimizer, checkpoints, train_items, config, ctx, logger, step)
     model.train()
     for step in range(step, total):
         phase = "dda" if step < config.dda_steps else "dma"
@@ -144,7 +150,9 @@ def run_pretrain(config) -> Path:
         if done == config.dda_steps and ctx.is_main:
             save_encoders(out / "dda", pair, stage="pretrain", inputs=inputs,
                           extra={"phases": ["dda"], "steps": done})
-        if done % config.checkpoint_every == 0 or done == total:
+        if warmup and done == config.dda_steps:
+            _warm_up_heads(objective, optimizer, checkpoints, train_items, config, ctx, logger, done)
+        elif done % config.checkpoint_every == 0 or done == total:
             checkpoints.save(done, objective, optimizer, extra={"phase": phase})
     progress.close()
     final = out / "encoders"
@@ -156,6 +164,57 @@ def run_pretrain(config) -> Path:
         logger.close()
     barrier()
     return final
+
+
+def _warm_up_heads(objective, optimizer, checkpoints, train_items, config, ctx, logger,
+                   step: int) -> None:
+    """LP-FT: fit the pair's projection heads and the CLIP temperature on frozen tower
+    features of the training items (the evaluation probe's loop), so DMA starts from aligned
+    heads; then checkpoint ``step``. Rank 0 trains and broadcasts, which makes identical
+    weights on every rank a guarantee rather than a property of deterministic kernels."""
+    import torch.distributed as dist
+
+    from mim_rec.pretrain.evaluate import fit_clip_heads
+
+    started = time.time()
+    pair, temperature = objective.pair, objective.clip.temperature
+    features = _embed_items(pair, train_items, config.eval.batch_size, ctx)
+    loss = fit_clip_heads(pair.vision_head, pair.text_head, temperature, features,
+                          config.head_warmup_steps, config.head_warmup_lr,
+                          config.head_warmup_batch_size, config.seed,
+                          progress="head warm-up") if ctx.is_main else None
+    if ctx.world_size > 1:
+        for head in (pair.vision_head, pair.text_head, temperature):
+            for param in head.parameters():
+                dist.broadcast(param.data, src=0)
+    if logger is not None:
+        logger.log({"event": "head_warmup", "loss": loss, "steps": config.head_warmup_steps,
+                    "seconds": round(time.time() - started, 1)}, step=step)
+    objective.train()  # embedding switched the pair to eval mode
+    checkpoints.save(step, objective, optimizer, extra={"phase": "head_warmup"})
+
+
+def _embed_items(pair, items, batch_size: int, ctx):
+    """Frozen tower features of ``items`` on rank 0 (None elsewhere). Each rank embeds a
+    contiguous shard -- the towers' forward pass is the costly part and splits evenly --
+    and rank 0 gathers the shards in rank order."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from mim_rec.pretrain.evaluate import Embedded, embed
+
+    if ctx.world_size == 1:
+        return embed(pair, items, batch_size)
+    mask = np.zeros(len(items), dtype=bool)
+    mask[np.array_split(np.arange(len(items)), ctx.world_size)[ctx.rank]] = True
+    mine = embed(pair, items.subset(mask), batch_size)
+    parts = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(mine, parts, dst=0)
+    if not ctx.is_main:
+        return None
+    return Embedded(*(torch.cat([getattr(p, f.name) for p in parts])
+                      for f in dataclasses.fields(Embedded)))
 
 
 def _local_batch(global_batch: int, world_size: int, train_items: int) -> int:

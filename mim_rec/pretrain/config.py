@@ -33,6 +33,13 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dda_steps: int = 20              # Downstream Data Adaptation (MLM + image contrastive)
     dma_steps: int = 100             # Different Modal Alignment (CLIP loss)
+    # LP-FT head warm-up between DDA and DMA (Kumar et al., ICLR 2022): the projection heads
+    # and the CLIP temperature first train alone on frozen tower features of the training
+    # items (as the evaluation probe does), so DMA fine-tunes the backbones through aligned
+    # heads instead of random ones, which distort the pretrained features. 0 = no warm-up.
+    head_warmup_steps: int = 300
+    head_warmup_batch_size: int = 256
+    head_warmup_lr: float = 3e-3     # = EvalConfig.probe_lr
     mlm_probability: float = 0.15
     image_ssl_weight: float = 1.0
     lr: float = 1e-3                 # heads and temperature

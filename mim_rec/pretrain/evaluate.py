@@ -16,16 +16,18 @@ A hit is the query's own item (index match) among the top k candidates.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mim_rec.encoders.heads import ProjectionHead
 from mim_rec.encoders.pair import EncoderPair
 from mim_rec.encoders.vision import PrecomputedVisionEncoder
 from mim_rec.pretrain.corpus import ItemCorpus
-from mim_rec.pretrain.dma import ClipLoss
+from mim_rec.pretrain.contrastive import symmetric_info_nce
+from mim_rec.pretrain.dma import LearnableTemperature
 
 
 @dataclass
@@ -74,25 +76,49 @@ def retrieval(images: torch.Tensor, titles: torch.Tensor) -> Dict[str, float]:
     return {"i2t_r1": i2t[1], "i2t_r10": i2t[10], "t2i_r1": t2i[1], "t2i_r10": t2i[10]}
 
 
+def fit_clip_heads(image_head: nn.Module, title_head: nn.Module,
+                   temperature: LearnableTemperature, features: Embedded, steps: int, lr: float,
+                   batch_size: int, seed: int, progress: Optional[str] = None) -> float:
+    """Train ``image_head``, ``title_head`` and ``temperature`` in place with the CLIP loss on
+    frozen tower ``features`` (a seeded draw of ``batch_size`` rows per step); returns the last
+    step's loss (nan for 0 steps).
+
+    The one loop behind both the evaluation probe (fresh heads) and the trainer's LP-FT head
+    warm-up (the pair's own heads). It takes a temperature rather than a ClipLoss because
+    the loss must stay local (no all-gather; the trainer's ClipLoss gathers across ranks):
+    every feature is already in this process, and under DDP only rank 0 runs it. The batch
+    order comes from a private generator, so the global RNG is untouched. ``progress`` is a
+    tqdm label (None: no bar).
+    """
+    from tqdm import tqdm
+
+    device = temperature.log_scale.device
+    image_features = features.image_features.to(device)
+    title_features = features.title_features.to(device)
+    params = [*image_head.parameters(), *title_head.parameters(), *temperature.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    count = image_features.shape[0]
+    batch = min(batch_size, count)
+    loss = torch.tensor(float("nan"))
+    for _ in tqdm(range(steps), desc=progress, disable=progress is None, leave=False):
+        index = torch.randperm(count, generator=generator)[:batch].to(device)
+        loss = symmetric_info_nce(image_head(image_features[index]),
+                                  title_head(title_features[index]), temperature(), gather=False)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
 def train_probe_heads(train: Embedded, dim: int, config: EvalConfig) -> Tuple[ProjectionHead, ProjectionHead]:
     """Fresh heads on frozen features with the CLIP loss (a fixed, seeded budget)."""
-    generator = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         image_head = ProjectionHead(train.image_features.shape[1], dim)
         title_head = ProjectionHead(train.title_features.shape[1], dim)
-        loss_fn = ClipLoss(gather=False)  # evaluation runs on one rank
-    params = [*image_head.parameters(), *title_head.parameters(), *loss_fn.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.probe_lr, weight_decay=0.01)
-    count = train.image_features.shape[0]
-    batch = min(config.probe_batch_size, count)
-    for _ in range(config.probe_steps):
-        index = torch.randperm(count, generator=generator)[:batch]
-        loss = loss_fn(image_head(train.image_features[index]),
-                       title_head(train.title_features[index]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_clip_heads(image_head, title_head, LearnableTemperature(), train, config.probe_steps,
+                   config.probe_lr, config.probe_batch_size, config.seed)
     return image_head.eval(), title_head.eval()
 
 
