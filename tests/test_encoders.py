@@ -73,6 +73,19 @@ def test_partial_freezing_trains_only_the_tail():
     assert not any(".layer.0." in n or "embeddings" in n for n in names)
 
 
+@pytest.mark.parametrize("pinned", [True, False])
+def test_batchnorm_eval_keeps_running_statistics_while_weights_train(pinned):
+    config = VisionConfig(name="efficientnet_lite0", weights=None, image_size=32, batchnorm_eval=pinned)
+    vision = build_vision_encoder(config).train()
+    norms = [m for m in vision.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    tail = norms[-1]  # in the trainable head, not the frozen prefix
+    before = tail.running_mean.clone()
+    vision(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert tail.weight.grad is not None  # the affine weights train either way
+    assert torch.equal(tail.running_mean, before) == pinned
+    assert all(not m.training for m in norms) == pinned
+
+
 def test_gradient_checkpointing_keeps_outputs():
     torch.manual_seed(0)
     plain = build_vision_encoder(tiny_vision("vit_tiny_patch16_224"))

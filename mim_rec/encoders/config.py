@@ -35,6 +35,10 @@ class VisionConfig:
     # Train only the last N of timm's coarse layer groups (and ungrouped final layers such as
     # EfficientNet's 1x1 head conv); None = all. See docs/pretrain.md for why 2 by default.
     trainable_groups: Optional[int] = 2
+    # Batch-norm layers normalise with their pretrained running statistics in training too
+    # (their affine weights still train): at CPU batches (16 images a rank) batch statistics
+    # are noise, and the LP-FT head warm-up's features must be the ones DMA starts from.
+    batchnorm_eval: bool = True
     grad_checkpointing: bool = False
 
 

@@ -17,18 +17,23 @@ class PartlyFrozen(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._frozen: List[nn.Module] = []
+        self._always_eval: List[nn.Module] = []
 
     def freeze(self, modules: Iterable[nn.Module]) -> None:
         for module in modules:
             for param in module.parameters():
                 param.requires_grad_(False)
+            self.pin_eval([module])
+
+    def pin_eval(self, modules: Iterable[nn.Module]) -> None:
+        """Keep ``modules`` in eval mode (their parameters may still train)."""
+        for module in modules:
             module.eval()
-            self._frozen.append(module)
+            self._always_eval.append(module)
 
     def train(self, mode: bool = True) -> "PartlyFrozen":
         super().train(mode)
-        for module in self._frozen:
+        for module in self._always_eval:
             module.eval()
         return self
 

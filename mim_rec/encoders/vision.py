@@ -82,6 +82,8 @@ class TimmVisionEncoder(PartlyFrozen):
                                                  config.mean or mean, config.std or std)
         if config.trainable_groups is not None:
             self.freeze(_leading_groups(model, config.trainable_groups))
+        if config.batchnorm_eval:
+            self.pin_eval(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
         if config.grad_checkpointing:
             model.set_grad_checkpointing(True)
 
