@@ -138,3 +138,34 @@ def test_load_item_encoder_picks_the_tower_by_manifest_kind(stage1, tmp_path):
     table = build_table(csft, items_path, tmp_path / "table", shard_rows=8)
     with pytest.raises(ManifestMismatch, match="not an item encoder"):
         load_item_encoder(table)
+
+
+@pytest.mark.parametrize("artifact", ["stage1", "csft"])
+def test_table_build_reads_the_frozen_backbones_features_from_the_csft_cache(stage1, tmp_path, artifact):
+    """``feature_cache``: the table is the one the backbones would give, yet they never run."""
+    from embeddings.table import read_mm_table
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+
+    encoders, items_path = stage1
+    model = _model(encoders, fusion=FusionConfig(hidden=8))
+    _perturb(model)  # heads and fusion move; the frozen backbones do not
+    folder = encoders if artifact == "stage1" else tmp_path / "mm"
+    if artifact == "csft":
+        save_mm_encoder(folder, model)
+    # What mim csft caches before its first step, with its own (in-memory) backbones.
+    world = WorldInputs(items_path.parent, FeatureCache(tmp_path / "features"), batch_size=7)
+    world.item_image_features(model.items.pair.vision)
+    world.item_title_features(model.items.pair.text)
+
+    expected = read_mm_table(build_table(load_item_encoder(folder), items_path, tmp_path / "plain",
+                                         shard_rows=8), 20, 8)
+    cached = load_item_encoder(folder, batch_size=3, feature_cache=tmp_path / "features")
+    pair = cached.pair if artifact == "stage1" else cached.tower.pair
+
+    def never(*_):
+        raise AssertionError("a backbone ran although its features were cached")
+
+    pair.vision.forward = pair.text.forward = never
+    table = build_table(cached, items_path, tmp_path / "cached", shard_rows=8)
+    torch.testing.assert_close(read_mm_table(table, 20, 8), expected, rtol=1e-5, atol=1e-5)
+    assert read_manifest(table).extra["encoder_fingerprint"] == cached.fingerprint

@@ -14,6 +14,8 @@ class BuildConfig:
     out: str = ""          # table folder
     shard_rows: int = 4096
     batch_size: int = 256
+    feature_cache: str = ""  # mim csft's OUT/features: read the frozen backbones' catalogue features
+                             # from it (exact: keyed by items file + backbone content hash)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                        "the MM table (Parquet shards + manifest). Re-running resumes.")
     build.add_argument("--config", default=None, help="YAML/JSON file of BuildConfig fields")
     build.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="world=DIR encoders=DIR out=DIR [shard_rows=N batch_size=N]")
+                       help="world=DIR encoders=DIR out=DIR [shard_rows=N batch_size=N feature_cache=DIR]")
     build.set_defaults(func=_build)
     from train import rim_cmd  # serve (RIM) and fold
     rim_cmd.register(sub)
@@ -44,7 +46,7 @@ def _build(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"mim embeddings build needs {', '.join(f'{k}=...' for k in missing)}")
     ctx = init_distributed("cpu")
-    encoder = load_item_encoder(config.encoders, config.batch_size)
+    encoder = load_item_encoder(config.encoders, config.batch_size, config.feature_cache or None)
     out = build_table(encoder, Path(config.world) / "items.parquet", config.out, config.shard_rows,
                       ctx.rank, ctx.world_size)
     if ctx.is_main:

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from train.pipeline import MODELS, PRESETS as PIPELINE_PRESETS, Stage, mim_command, representation_chain, \
-    run_stage, stage_record, torchx_command, world_folder
+from train.pipeline import MODELS, PRESETS as PIPELINE_PRESETS, Stage, csft_feature_cache, mim_command, \
+    representation_chain, run_stage, stage_record, torchx_command, world_folder
 
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
 ALL_TABLES = (2, 3, 4, 5, 6)
@@ -199,7 +199,8 @@ def stages(plan: Plan) -> List[Stage]:
     result: List[Stage] = list(chain)
     if tables & {3, 5}:
         result.append(Stage("mfm_stage1", mim + ["embeddings", "build", f"world={world}", f"encoders={encoders}",
-                                                 f"out={out / 'mm_table_stage1'}"],
+                                                 f"out={out / 'mm_table_stage1'}",
+                                                 f"feature_cache={csft_feature_cache(out)}"],
                             out / "mm_table_stage1" / "manifest.json"))
     runs = ctr_runs(plan)
     if runs:

@@ -71,6 +71,12 @@ def world_folder(out: Path, world_arg: Optional[str]) -> Path:
     return Path(world_arg).resolve() if world_arg else out / "world"
 
 
+def csft_feature_cache(out: Path) -> Path:
+    """The C-SFT stage's backbone-feature cache, which the MM table builds read instead of
+    running the frozen backbones over the catalogue again."""
+    return out / "csft" / "features"
+
+
 def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, List[str]],
                          nproc: int) -> Tuple[Path, List[Stage]]:
     """``(world, stages)`` up to the MM table: synth (unless a world is given), validate,
@@ -92,7 +98,8 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
                                         f"out={out / 'csft'}", *preset["csft"]],
                       out / "csft" / "mm_encoder" / "manifest.json"))
     plan.append(Stage("mfm", mim + ["embeddings", "build", f"world={world}",
-                                    f"encoders={out / 'csft' / 'mm_encoder'}", f"out={out / 'mm_table'}"],
+                                    f"encoders={out / 'csft' / 'mm_encoder'}", f"out={out / 'mm_table'}",
+                                    f"feature_cache={csft_feature_cache(out)}"],
                       out / "mm_table" / "manifest.json"))
     return world, plan
 
