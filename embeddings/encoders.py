@@ -4,7 +4,10 @@
 :class:`Stage1ItemEncoder` embeds an item as the mean of its aligned image and title
 embeddings from the stage-1 encoders (``mim pretrain``) -- MIM without C-SFT, the paper's
 ablation row. :class:`CsftItemEncoder` is the C-SFT item tower (``mim csft``), the paper's
-``h^MM``. :func:`load_item_encoder` picks one by the artifact's manifest kind.
+``h^MM``. :class:`LatentStyleEncoder` is no encoder at all: it reads a synthetic world's true
+item styles (``truth/items.npz``), the MM table a perfect content encoder would write, so an
+experiment can tell what CiUBM makes of content from what the encoders capture of it.
+:func:`load_item_encoder` picks one by the artifact's manifest kind (or a truth folder).
 
 Both towers are heads over frozen backbones by default, and ``mim csft`` caches those
 backbones' features of the whole catalogue (its ``OUT/features``). Given that folder as
@@ -124,11 +127,51 @@ class CsftItemEncoder:
         return _batched_heads(lambda i, t: self.tower.from_features(i, t).mm, images, titles, self.batch_size)
 
 
+class LatentStyleEncoder:
+    """A synthetic world's ground-truth item styles as the MM table (the content ceiling).
+
+    The click model of ``mim data synth`` scores content as ``cos(wanted style, item style)``,
+    so these vectors hold all the content signal there is and nothing else (no ID effect):
+    CiUBM's gain with this table bounds what any encoder's table can give on that world."""
+
+    def __init__(self, truth_dir: Union[str, Path]) -> None:
+        import numpy as np
+
+        from mim_rec.data.errors import DataError
+        from mim_rec.data.manifest import fingerprint_file
+
+        path = Path(truth_dir) / "items.npz"
+        with np.load(path) as truth:
+            if "style" not in truth.files:
+                raise DataError(str(path), "no 'style' array: not a synthetic world's truth folder", field="style")
+            self.styles = torch.from_numpy(truth["style"]).float()
+        self.dim = self.styles.shape[1]
+        self.fingerprint = f"truth:{fingerprint_file(path)}"
+
+    def embed_items(self, items: pa.Table, source: Path) -> torch.Tensor:
+        from mim_rec.data.errors import DataError
+
+        ids = torch.from_numpy(items.column("item_id").to_numpy().astype("int64"))
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self.styles)):
+            raise DataError(str(source), f"item ids {int(ids.min())}..{int(ids.max())} exceed the "
+                                         f"{len(self.styles)} true styles: another world's truth folder?",
+                            field="item_id")
+        return self.styles[ids]
+
+
+def is_truth_folder(folder: Union[str, Path]) -> bool:
+    """A synthetic world's ``truth/`` folder (``mim data synth`` writes ``items.npz`` there)."""
+    return (Path(folder) / "items.npz").is_file() and not (Path(folder) / "manifest.json").is_file()
+
+
 def load_item_encoder(artifact_dir: Union[str, Path], batch_size: int = 256,
                       feature_cache: Optional[Union[str, Path]] = None) -> ItemEncoder:
     """The item encoder an artifact folder holds, chosen by its manifest kind:
     ``encoders`` (``mim pretrain``: MIM w/o C-SFT) or ``mm_encoder`` (``mim csft``).
-    ``feature_cache``: a C-SFT backbone-feature folder to read catalogue features from."""
+    ``feature_cache``: a C-SFT backbone-feature folder to read catalogue features from.
+    A synthetic world's ``truth/`` folder gives its :class:`LatentStyleEncoder`."""
+    if is_truth_folder(artifact_dir):
+        return LatentStyleEncoder(artifact_dir)
     kind = read_manifest(artifact_dir).kind
     if kind == "encoders":
         return Stage1ItemEncoder(artifact_dir, batch_size, feature_cache)

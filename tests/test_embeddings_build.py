@@ -86,3 +86,19 @@ def test_reader_refuses_wrong_dim_and_missing_items(world, tmp_path):
     (out / "part-00002.parquet").unlink()
     with pytest.raises(DataError, match="64 of 300 items in 0..299 have no vector"):
         read_mm_table(out, 300, 8)
+
+
+def test_a_synthetic_worlds_truth_folder_builds_the_true_style_table(world, tmp_path):
+    from embeddings.encoders import LatentStyleEncoder, load_item_encoder
+    from mim_rec.data.errors import DataError
+
+    encoder = load_item_encoder(world / "truth")
+    assert isinstance(encoder, LatentStyleEncoder) and encoder.fingerprint.startswith("truth:")
+    table = build_table(encoder, world / "items.parquet", tmp_path / "truth_table", shard_rows=128)
+    styles = np.load(world / "truth" / "items.npz")["style"]
+    torch.testing.assert_close(read_mm_table(table, 300, styles.shape[1]), torch.from_numpy(styles).float())
+    other = tmp_path / "other_truth"
+    other.mkdir()
+    np.savez(other / "items.npz", style=styles[:100])  # another (smaller) world's truth
+    with pytest.raises(DataError, match="another world's truth"):
+        build_table(load_item_encoder(other), world / "items.parquet", tmp_path / "mixed", shard_rows=128)

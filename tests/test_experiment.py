@@ -26,9 +26,9 @@ def test_every_table_asks_for_its_own_runs(tmp_path):
     for seed in (0, 1, 2):
         for ubm in experiment.ALL_UBMS:
             assert f"base_{ubm}_s{seed}" in names and f"mim_{ubm}_s{seed}" in names
-        for variant in ("stage1table", "nocontent", "nofusion"):
+        for variant in ("stage1table", "nocontent", "nofusion", "truthtable"):
             assert f"{variant}_din_s{seed}" in names
-    assert len(names) == len(set(names)) == 3 * (2 * 6 + 3)
+    assert len(names) == len(set(names)) == 3 * (2 * 6 + 4)
 
     only_costs = _plan(tmp_path, tables="6")
     assert experiment.ctr_runs(only_costs) == []
@@ -40,6 +40,19 @@ def test_every_table_asks_for_its_own_runs(tmp_path):
     assert "model.content_interest=false" in runs["nocontent_din_s4"] and "seed=4" in runs["nofusion_din_s4"]
     assert any(o.endswith("mm_table_stage1") for o in runs["stage1table_din_s4"])
     assert {"mfm_stage1", "ctr_grid", "csft_tables"} <= {s.name for s in experiment.stages(ablations)}
+
+
+def test_the_true_style_table_runs_only_where_the_world_has_truth(tmp_path):
+    synthesised = _plan(tmp_path, tables="3", seeds="0")
+    truth = next(s for s in experiment.stages(synthesised) if s.name == "mfm_truth")
+    assert f"encoders={synthesised.world / 'truth'}" in truth.argv
+    runs = {run["name"]: run["overrides"] for run in experiment.ctr_runs(synthesised)}
+    assert any(o.endswith("mm_table_truth") for o in runs["truthtable_din_s0"])
+    imported = tmp_path / "imported"
+    imported.mkdir()
+    plan = _plan(tmp_path, tables="3", seeds="0", world=str(imported))  # no truth/ folder
+    assert "mfm_truth" not in {s.name for s in experiment.stages(plan)}
+    assert "truthtable_din_s0" not in {run["name"] for run in experiment.ctr_runs(plan)}
 
 
 def test_the_grid_file_name_follows_its_content(tmp_path):

@@ -202,3 +202,19 @@ def test_runs_bucketed_differently_are_left_out_of_figure_6(tmp_path):
     assert table_row(text, "din")[-1] == "2"
     assert "| avg |" not in text
 
+
+
+def test_table3_shows_the_true_style_ceiling_and_its_gain_by_item_age(tmp_path):
+    results = make_results()
+    for seed in SEEDS:
+        base = 0.60 + 0.02 * seed
+        results["ctr"][f"truthtable_din_s{seed}"] = ctr_metrics(base + 0.04, [base + 0.08] + [base + 0.03] * 9)
+    table3 = section(write_report(results, tmp_path), "## Table 3")
+    ceiling = "true item styles (synthetic world only: the content ceiling)"
+    auc, delta, seeds = table_row(table3, ceiling)
+    assert auc == "0.6500 ± 0.0141" and delta == "+0.0300 ± 0.0000" and seeds == "2"
+    gains = table_row(section(table3, "Δ AUC vs Base by item age"), ceiling)
+    assert gains[0] == "+0.0800" and gains[1:] == ["+0.0300"] * 9
+    assert table_row(section(table3, "Δ AUC vs Base by item age"), "C-SFT MM table")[0] == "+0.0500"
+    without = section(write_report(make_results(), tmp_path / "none"), "## Table 3")
+    assert table_row(without, ceiling)[0] == "not run"

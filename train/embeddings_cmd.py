@@ -10,7 +10,8 @@ from dataclasses import dataclass
 class BuildConfig:
     world: str = ""        # world folder (items.parquet)
     encoders: str = ""     # item encoder artifact: mim csft's out/mm_encoder, or mim pretrain's
-                           # out/encoders (stage 1 only: MIM w/o C-SFT)
+                           # out/encoders (stage 1 only: MIM w/o C-SFT), or a synthetic world's
+                           # truth/ folder (its true item styles: the content ceiling)
     out: str = ""          # table folder
     shard_rows: int = 4096
     batch_size: int = 256

@@ -7,7 +7,8 @@ first five stages and their folders):
 
 1. synth (unless ``--world``), validate, pretrain, C-SFT (TorchX, 2 ranks), MFM table from the
    C-SFT item tower -- the representation chain of :mod:`train.pipeline`;
-2. ``mfm_stage1``: a second MM table from the stage-1 encoders (the paper's "w/o C-SFT");
+2. ``mfm_stage1``: a second MM table from the stage-1 encoders (the paper's "w/o C-SFT"), and on
+   a synthetic world ``mfm_truth``, a third from its true item styles (the content ceiling);
 3. ``ctr_grid``: every CiUBM run in one TorchX job (``mim train --grid``): Base and Base+MIM
    for each UBM and seed (Table 2, Figure 6), and DIN without content interest, without fusion
    interest and with the stage-1 table (Tables 3 and 5);
@@ -174,10 +175,18 @@ def ctr_runs(plan: Plan) -> List[Dict[str, Any]]:
     for seed in plan.seeds:
         if tables & {3, 5}:
             add(f"stage1table_{ABLATION_UBM}_s{seed}", ABLATION_UBM, seed, table=out / "mm_table_stage1")
+        if 3 in tables and has_truth(plan):
+            add(f"truthtable_{ABLATION_UBM}_s{seed}", ABLATION_UBM, seed, table=out / "mm_table_truth")
         if 5 in tables:
             add(f"nocontent_{ABLATION_UBM}_s{seed}", ABLATION_UBM, seed, "model.content_interest=false")
             add(f"nofusion_{ABLATION_UBM}_s{seed}", ABLATION_UBM, seed, "model.fusion_interest=false")
     return runs
+
+
+def has_truth(plan: Plan) -> bool:
+    """Whether the world has true item styles: a world this run synthesises, or one whose
+    ``truth/`` folder ``mim data synth`` wrote (an imported dataset has none)."""
+    return plan.world_arg is None or (plan.world / "truth" / "items.npz").is_file()
 
 
 def _grid_file(out: Path, runs: List[Dict[str, Any]]) -> Path:
@@ -202,6 +211,10 @@ def stages(plan: Plan) -> List[Stage]:
                                                  f"out={out / 'mm_table_stage1'}",
                                                  f"feature_cache={csft_feature_cache(out)}"],
                             out / "mm_table_stage1" / "manifest.json"))
+    if 3 in tables and has_truth(plan):
+        result.append(Stage("mfm_truth", mim + ["embeddings", "build", f"world={world}",
+                                                f"encoders={world / 'truth'}", f"out={out / 'mm_table_truth'}"],
+                            out / "mm_table_truth" / "manifest.json"))
     runs = ctr_runs(plan)
     if runs:
         grid = _grid_file(out, runs)

@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mim_rec.report import plots
 from mim_rec.report.claims import paper_claims
-from mim_rec.report.stats import (CtrRuns, Stat, age_gains, fmt, fmt_stat, mean_of, nested, pooled_age_gains,
-                                  seeds_of)
+from mim_rec.report.stats import (CtrRuns, Stat, age_gains, by_bucket, fmt, fmt_stat, mean_of, nested,
+                                  pooled_age_gains, seeds_of)
 
 NOT_RUN = "_not run_"
 FIGURES = {"table2": "table2_auc.png", "fig5": "fig5_encoders.png", "fig6": "fig6_age_gain.png"}
@@ -32,7 +32,8 @@ TABLE5_ROWS = (("full", "C-SFT (full)"), ("no_tfn", "w/o TFN"), ("no_st_nsg", "w
                ("no_multi_level", "w/o multi-level InfoNCE"), ("stage1", "w/o C-SFT (stage 1)"))
 MODULE_ROWS = (("mim", "Base+MIM"), ("nocontent", "w/o content interest"), ("nofusion", "w/o fusion interest"),
                ("stage1table", "w/o C-SFT (stage-1 MM table)"), ("base", "Base"))
-TABLE3_CTR_ROWS = (("stage1table", "stage-1 MM table"), ("mim", "C-SFT MM table"))
+TABLE3_CTR_ROWS = (("stage1table", "stage-1 MM table"), ("mim", "C-SFT MM table"),
+                   ("truthtable", "true item styles (synthetic world only: the content ceiling)"))
 BENCH_VARIANTS = ("Base", "Base+MIM")
 
 
@@ -141,6 +142,19 @@ def encoder_panels(results: Dict[str, Any], ctr: CtrRuns) -> Dict[str, plots.Bar
             "CTR AUC, DIN Base+MIM": {"AUC": ctr_bars} if ctr_bars else {}}
 
 
+def _table_age_gains(ctr: CtrRuns, ubm: str, rows: Sequence[Tuple[str, str]]) -> List[str]:
+    """Δ AUC vs Base by item-age bucket (mean over seeds) for each run kind of one UBM."""
+    gains = {label: by_bucket(ctr.age_gain_seeds(ubm, kind)) for kind, label in rows}
+    gains = {label: row for label, row in gains.items() if row}
+    if not gains:
+        return []
+    buckets = list(dict.fromkeys(b for row in gains.values() for b in row))
+    return ["", f"Δ AUC vs Base by item age ({ubm.upper()}, mean over seeds; S1 newest):", "",
+            *md_table(["MM table", *buckets],
+                      [[label, *(fmt(row[b].mean, signed=True) if b in row else "n/a" for b in buckets)]
+                       for label, row in gains.items()])]
+
+
 def _table3(results: Dict[str, Any], ctr: CtrRuns, written: Dict[str, bool]) -> List[str]:
     return ["## Table 3: stages of the encoder", "", "### Stage 1: pre-training and alignment", "",
             *_metric_table(results.get("pretrain_eval"), PRETRAIN_ROWS, PRETRAIN_METRICS, "encoder"),
@@ -148,6 +162,7 @@ def _table3(results: Dict[str, Any], ctr: CtrRuns, written: Dict[str, bool]) -> 
             *_metric_table(results.get("csft"), CSFT_STAGES, CSFT_METRICS[:3], "embeddings"),
             "", "### CTR: DIN Base+MIM with each MM table", "",
             *_ctr_kinds_table(ctr, "din", TABLE3_CTR_ROWS, "MM table"),
+            *_table_age_gains(ctr, "din", TABLE3_CTR_ROWS),
             *_figure("fig5", written, "Figure 5: encoder measures")]
 
 

@@ -107,15 +107,16 @@ class CtrRuns:
     def category_delta(self, ubm: str, category: str) -> Optional[Stat]:
         return self.delta("mim", "base", ubm, lambda m: ((m.get("per_category") or {}).get(category) or {}).get("auc"))
 
-    def age_gain_seeds(self, ubm: str) -> List[Dict[str, Optional[float]]]:
-        """Per seed with both runs bucketed alike: bucket -> Base+MIM AUC - Base AUC (S1 newest).
+    def age_gain_seeds(self, ubm: str, kind: str = "mim") -> List[Dict[str, Optional[float]]]:
+        """Per seed with both runs bucketed alike: bucket -> ``kind`` (default Base+MIM) AUC -
+        Base AUC (S1 newest).
 
         A seed whose two runs used different age edges is left out: its buckets would hold
         different items (see :func:`~mim_rec.metrics.gain.relative_auc_gain`).
         """
         gains = []
         for seed in self.seeds:
-            base, mim = self.run("base", ubm, seed), self.run("mim", ubm, seed)
+            base, mim = self.run("base", ubm, seed), self.run(kind, ubm, seed)
             if not (base and mim and base.get("age_deciles") and mim.get("age_deciles")):
                 continue
             try:
