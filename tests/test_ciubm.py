@@ -104,31 +104,7 @@ def test_mm_projection_and_content_match_set_the_over_arch_width():
     assert isinstance(plain.mm_projection, torch.nn.Identity)
 
 
-@pytest.mark.parametrize("space", ["table", "projected"])
-def test_content_space_decides_where_the_content_weights_are_taken(world, space):
-    """``table``: cos of the frozen MM vectors (the projection never touches the weights);
-    ``projected``: cos after the learned projection, so moving it moves the weights."""
-    items = ItemInfo.from_items(world / "items.parquet")
-    batch = next(iter(CtrEventsLoader(world / "events_train.parquet", items,
-                                      LoaderConfig(batch_size=32, max_hist_len=6, shuffle=False))))
-    torch.manual_seed(0)
-    model = CiUBM(ModelConfig(ubm="avg", mm_dim=16, mm_projection=4, content_space=space),
-                  num_items=items.count, num_users=200, num_categories=6).eval()
-    seen = []
-    model.fusion_interest.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].clone()))
-    with torch.no_grad():
-        model(batch)
-        model.mm_projection.weight.mul_(torch.randn_like(model.mm_projection.weight))
-        model(batch)
-    assert seen[0].abs().sum() > 0
-    assert torch.equal(seen[0], seen[1]) == (space == "table")
-    with pytest.raises(ValueError, match="needs model.mm_projection"):
-        CiUBM(ModelConfig(ubm="avg", mm_dim=16, content_space="projected"), num_items=10, num_users=5,
-              num_categories=2)
-
-
-@pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true",
-                                          "model.content_space=projected")])
+@pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true")])
 def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options):
     config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", *options)
     ctx = ciubm._process_group("cpu")

@@ -32,9 +32,6 @@ class ModelConfig:
     mm_projection: Optional[int] = None    # learned width of the target's MM vector and the content interest
                                            # before the over-arch (None: the raw mm_dim, as in the paper)
     content_match: bool = False            # also feed the mean and max content weight a_ti (2 scalars)
-    content_space: str = "table"           # where a_ti = cos(h_t, h_i) is taken: "table" (the frozen MM
-                                           # vectors, the paper) | "projected" (after mm_projection: a
-                                           # content metric learned from the clicks; the table stays frozen)
     query_buckets: int = 20_000
     over_arch: List[int] = field(default_factory=lambda: [200, 80])
     dien_aux_weight: float = 1.0

@@ -50,11 +50,6 @@ class CiUBM(nn.Module):
         self.fusion_interest = FusionInterestArch() if config.fusion_interest else None
         width = config.behaviour_dim + config.user_dim + config.query_dim + len(DENSE_FEATURES)
         width += self.id_interest.output_dim if self.id_interest is not None else 0
-        if config.content_space not in ("table", "projected"):
-            raise ValueError(f"model.content_space must be 'table' or 'projected', got {config.content_space!r}")
-        if config.content_space == "projected" and not config.mm_projection:
-            raise ValueError("model.content_space=projected takes the content weights after the learned "
-                             "projection, so it needs model.mm_projection=WIDTH")
         mm_width = config.mm_projection or config.mm_dim
         self.mm_projection = nn.Linear(config.mm_dim, config.mm_projection) \
             if config.uses_mm and config.mm_projection else nn.Identity()
@@ -77,17 +72,10 @@ class CiUBM(nn.Module):
             aux = self.id_interest.auxiliary_loss()
         if mm is not None:
             target_mm, behaviour_mm = mm[:, 0], mm[:, 1:]
-            if self.config.content_space == "projected":  # the weights in the learned space
-                target_mm, behaviour_mm = self.mm_projection(target_mm), self.mm_projection(behaviour_mm)
-                weights = content_weights(target_mm, behaviour_mm, mask)
-                parts.append(target_mm)
-                if self.content_interest is not None:
-                    parts.append(self.content_interest(weights, behaviour_mm))
-            else:
-                weights = content_weights(target_mm, behaviour_mm, mask)
-                parts.append(self.mm_projection(target_mm))
-                if self.content_interest is not None:
-                    parts.append(self.mm_projection(self.content_interest(weights, behaviour_mm)))
+            weights = content_weights(target_mm, behaviour_mm, mask)
+            parts.append(self.mm_projection(target_mm))
+            if self.content_interest is not None:
+                parts.append(self.mm_projection(self.content_interest(weights, behaviour_mm)))
             if self.config.content_match:
                 parts.append(content_match(weights, mask))
             if self.fusion_interest is not None:
