@@ -102,9 +102,32 @@ def test_mm_projection_and_content_match_set_the_over_arch_width():
     # target MM and content interest each shrink from 16 to 4; content match adds 2 scalars
     assert first(plain) - first(projected) == 2 * (16 - 4) - 2
     assert isinstance(plain.mm_projection, torch.nn.Identity)
+    whitened = CiUBM(ModelConfig(ubm="avg", mm_dim=16, mm_whiten=6), **sizes)
+    assert first(plain) - first(whitened) == 2 * (16 - 6)
+    assert not any("mm_whitening" in name for name, _ in whitened.named_parameters())  # buffers only
 
 
-@pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true")])
+def test_whitening_statistics_give_unit_covariance_in_any_chunking():
+    from mim_rec.ciubm.whitening import MMWhitening, whitening_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(500, 6, generator=generator) @ torch.randn(6, 6, generator=generator) + 3.0
+    mean, projection = whitening_statistics(lambda a, b: rows[a:b], 500, components=4)
+    chunked = whitening_statistics(lambda a, b: rows[a:b], 500, components=4, chunk=37)
+    torch.testing.assert_close(chunked[0], mean)
+    torch.testing.assert_close(chunked[1].abs(), projection.abs(), rtol=1e-4, atol=1e-5)  # up to signs
+    layer = MMWhitening(6, 4)
+    layer.mean.copy_(mean)
+    layer.projection.copy_(projection)
+    white = layer(rows)
+    torch.testing.assert_close(white.mean(0), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(white.T @ white / 500, torch.eye(4), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="mm_whiten must be in 1..6"):
+        MMWhitening(6, 7)
+
+
+@pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true"),
+                                     ("model.mm_whiten=6",)])
 def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options):
     config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", *options)
     ctx = ciubm._process_group("cpu")
@@ -112,6 +135,11 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
     model, optimizer, _ = ciubm.build_sharded_model(config, ciubm._sizes(config, items), ctx)
     rows_of, _ = ciubm.mm_rows(config, items.count, config.model.mm_dim)
     ciubm.fill_mm_table(model, rows_of)
+    if config.model.mm_whiten:
+        ciubm.fit_mm_whitening(model, rows_of, items.count, config.model.mm_whiten, ctx.device)
+    whitening = {n: b.clone() for n, b in model.named_buffers() if "mm_whitening" in n}
+    assert bool(config.model.mm_whiten) == bool(whitening)
+    assert all(b.abs().sum() > 0 for b in whitening.values())
     key = ciubm.mm_table_state_key(model)
     before = [s.tensor.clone() for s in model.state_dict()[key].local_shards()]
     loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader)
@@ -120,6 +148,7 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
     after = [s.tensor for s in model.state_dict()[key].local_shards()]
     assert progress["global_step"] == 4
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(b, whitening[n]) for n, b in model.named_buffers() if n in whitening)  # fixed
     item_state = [v for k, v in optimizer.state_dict()["state"].items() if k.endswith("embedding_bags.item.weight")]
     assert item_state and item_state[0]          # the ID table trains with optimizer state
     assert _mm_optimizer_state(optimizer) == []  # the MM table has none

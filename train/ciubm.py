@@ -294,6 +294,22 @@ def fill_mm_table(model, rows_of) -> None:
             tensor.copy_(rows_of(r, r + rows)[:, c:c + cols])
 
 
+def fit_mm_whitening(model, rows_of, count: int, components: int, device) -> None:
+    """Set the model's MM whitening buffers from the table's rows (every rank the same); a
+    resumed run then loads the checkpoint's copy of them, which is the same transform."""
+    import torch
+
+    from mim_rec.ciubm.whitening import whitening_statistics
+
+    mean, projection = whitening_statistics(rows_of, count, components, device)
+    buffers = {name.rsplit(".", 1)[-1]: b for name, b in model.named_buffers() if ".mm_whitening." in f".{name}"}
+    if set(buffers) != {"mean", "projection"}:
+        raise RuntimeError(f"expected the model's mm_whitening buffers, found {sorted(buffers)}")
+    with torch.no_grad():
+        buffers["mean"].copy_(mean)
+        buffers["projection"].copy_(projection)
+
+
 def mm_rows(config: TrainConfig, num_items: int, dim: int):
     """``(rows_of, source)``: the representation center's table read range by range, or a
     seeded random stand-in. ``source`` counts the items given the zero default vector
@@ -357,6 +373,8 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     if config.model.uses_mm:
         rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
         fill_mm_table(model, rows_of)
+        if config.model.mm_whiten:
+            fit_mm_whitening(model, rows_of, items.count, config.model.mm_whiten, ctx.device)
         per_rank = [None] * ctx.world_size
         dist.all_gather_object(per_rank, mm_table_bytes(model))
         if logger:

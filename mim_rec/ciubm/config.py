@@ -32,6 +32,8 @@ class ModelConfig:
     mm_projection: Optional[int] = None    # learned width of the target's MM vector and the content interest
                                            # before the over-arch (None: the raw mm_dim, as in the paper)
     content_match: bool = False            # also feed the mean and max content weight a_ti (2 scalars)
+    mm_whiten: Optional[int] = None        # PCA-whiten the looked-up MM vectors to this many components
+                                           # (statistics fitted once from the table, never trained)
     query_buckets: int = 20_000
     over_arch: List[int] = field(default_factory=lambda: [200, 80])
     dien_aux_weight: float = 1.0

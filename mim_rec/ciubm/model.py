@@ -17,6 +17,7 @@ from mim_rec.ciubm.config import ModelConfig
 from mim_rec.ciubm.interest import ContentInterestArch, FusionInterestArch, content_match, content_weights
 from mim_rec.ciubm.over import OverArch
 from mim_rec.ciubm.sparse import SparseArch
+from mim_rec.ciubm.whitening import MMWhitening
 from mim_rec.data.loader import DENSE_FEATURES, CtrBatch
 from mim_rec.ubm import build_ubm
 
@@ -50,8 +51,12 @@ class CiUBM(nn.Module):
         self.fusion_interest = FusionInterestArch() if config.fusion_interest else None
         width = config.behaviour_dim + config.user_dim + config.query_dim + len(DENSE_FEATURES)
         width += self.id_interest.output_dim if self.id_interest is not None else 0
-        mm_width = config.mm_projection or config.mm_dim
-        self.mm_projection = nn.Linear(config.mm_dim, config.mm_projection) \
+        # The model's view of the frozen table: whitened (fixed buffers) and/or projected (learned).
+        self.mm_whitening = MMWhitening(config.mm_dim, config.mm_whiten, device) \
+            if config.uses_mm and config.mm_whiten else None
+        looked_up = config.mm_whiten or config.mm_dim
+        mm_width = config.mm_projection or looked_up
+        self.mm_projection = nn.Linear(looked_up, config.mm_projection) \
             if config.uses_mm and config.mm_projection else nn.Identity()
         width += 2 * mm_width if config.content_interest else (mm_width if config.uses_mm else 0)
         width += config.behaviour_dim if config.fusion_interest else 0
@@ -71,6 +76,8 @@ class CiUBM(nn.Module):
             parts.append(self.id_interest(target_ids, behaviour_ids, mask, categories[:, 0], categories[:, 1:]))
             aux = self.id_interest.auxiliary_loss()
         if mm is not None:
+            if self.mm_whitening is not None:
+                mm = self.mm_whitening(mm)
             target_mm, behaviour_mm = mm[:, 0], mm[:, 1:]
             weights = content_weights(target_mm, behaviour_mm, mask)
             parts.append(self.mm_projection(target_mm))

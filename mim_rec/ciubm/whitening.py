@@ -1,0 +1,72 @@
+"""PCA whitening of the frozen MM vectors, fitted once from the table and never trained.
+
+Content interest reads cosines between MM vectors. In a table whose first directions encode
+the category (what C-SFT and CLIP heads learn first), every same-category pair looks alike and
+the within-category differences that content interest needs are a small part of each cosine.
+Whitening (Su et al. 2021, "Whitening Sentence Representations for Better Semantics and
+Faster Retrieval", arXiv 2103.15316) centres the vectors and rescales their top ``k``
+principal directions to unit variance, so each direction weighs the same in the cosine.
+
+The table itself is untouched (it stays the representation center's shared, frozen artifact,
+and RIM keeps writing encoder outputs into it); the CTR model applies the transform to what it
+looks up, so new items' rows go through the same transform. The statistics are buffers: they
+travel in the model's checkpoint and are never written by the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class MMWhitening(nn.Module):
+    """``[..., dim] -> [..., components]``: ``(x - mean) @ projection`` (buffers, not parameters)."""
+
+    def __init__(self, dim: int, components: int, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        if not 0 < components <= dim:
+            raise ValueError(f"model.mm_whiten must be in 1..{dim} (the MM table's dim), got {components}")
+        self.register_buffer("mean", torch.zeros(dim, device=device))
+        self.register_buffer("projection", torch.zeros(dim, components, device=device))
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return (vectors - self.mean) @ self.projection
+
+
+def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int, components: int,
+                         device: Optional[torch.device] = None,
+                         chunk: int = 65_536) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(mean [D], projection [D, k])`` over items ``0..count-1``, read ``chunk`` rows at a time.
+
+    Under ``torch.distributed`` each rank reads a contiguous ``1/W`` of the rows and the sums
+    are all-reduced (on ``device``: the process group's, CUDA under nccl), so every rank ends
+    with the same transform for ``1/W`` of the reading.
+    Sums are float64; the top ``k`` eigenvectors of the covariance are scaled by
+    ``1/sqrt(eigenvalue)`` (eigenvalues floored at 1e-12 of the largest).
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    start, stop = count * rank // world, count * (rank + 1) // world
+    total: Optional[torch.Tensor] = None
+    gram: Optional[torch.Tensor] = None
+    for first in range(start, stop, chunk):
+        rows = rows_of(first, min(first + chunk, stop)).to(device=device, dtype=torch.float64)
+        total = rows.sum(0) if total is None else total + rows.sum(0)
+        gram = rows.T @ rows if gram is None else gram + rows.T @ rows
+    if total is None:  # this rank had no rows; learn the width from one row
+        dim = rows_of(0, 1).shape[1]
+        total = torch.zeros(dim, dtype=torch.float64, device=device)
+        gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(total)
+        dist.all_reduce(gram)
+    mean = total / count
+    covariance = gram / count - torch.outer(mean, mean)
+    values, vectors = torch.linalg.eigh(covariance)  # ascending
+    values, vectors = values.flip(0)[:components], vectors.flip(1)[:, :components]
+    values = values.clamp(min=float(values[0]) * 1e-12)
+    return mean.float().cpu(), (vectors / values.sqrt()).float().cpu()
