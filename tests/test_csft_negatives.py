@@ -113,6 +113,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         candidates.embeddings["item"].sum().backward()
         result["grad"] = items["item"].grad.tolist()
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still communicates
     finally:
         dist.destroy_process_group()
 
