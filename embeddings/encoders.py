@@ -39,6 +39,18 @@ class ItemEncoder(Protocol):
         """Vectors of ``items`` (rows of the items contract read from ``source``)."""
 
 
+def _item_rows(items: pa.Table, count: int, source: Path, what: str) -> torch.Tensor:
+    """``items``' ids as row indices into a ``count``-row per-item tensor; ids outside it are
+    an error naming ``source`` and ``what`` holds the rows (the ids are dense ``0..N-1``)."""
+    from mim_rec.data.errors import DataError
+
+    ids = torch.from_numpy(items.column("item_id").to_numpy().astype("int64"))
+    if len(ids) and (ids.min() < 0 or ids.max() >= count):
+        raise DataError(str(source), f"item ids {int(ids.min())}..{int(ids.max())} fall outside the "
+                                     f"{count} rows of {what}", field="item_id")
+    return ids
+
+
 class CatalogueFeatures:
     """Backbone features of every item of an items file, read from (or added to) a C-SFT
     feature cache, kept in memory for the shards of one build."""
@@ -63,10 +75,7 @@ class CatalogueFeatures:
             world = WorldInputs(source.parent, FeatureCache(self.folder), self.batch_size)
             self._loaded = (source, world.item_image_features(vision), world.item_title_features(text))
         _, images, titles = self._loaded
-        ids = torch.from_numpy(items.column("item_id").to_numpy().astype("int64"))
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(images)):
-            raise DataError(str(source), f"item ids {int(ids.min())}..{int(ids.max())} fall outside the "
-                                         f"{len(images)}-item catalogue the cached features cover", field="item_id")
+        ids = _item_rows(items, len(images), source, "the catalogue the cached features cover")
         return images[ids], titles[ids]
 
 
@@ -149,14 +158,8 @@ class LatentStyleEncoder:
         self.fingerprint = f"truth:{fingerprint_file(path)}"
 
     def embed_items(self, items: pa.Table, source: Path) -> torch.Tensor:
-        from mim_rec.data.errors import DataError
-
-        ids = torch.from_numpy(items.column("item_id").to_numpy().astype("int64"))
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(self.styles)):
-            raise DataError(str(source), f"item ids {int(ids.min())}..{int(ids.max())} exceed the "
-                                         f"{len(self.styles)} true styles: another world's truth folder?",
-                            field="item_id")
-        return self.styles[ids]
+        return self.styles[_item_rows(items, len(self.styles), source,
+                                      "the true styles (another world's truth folder?)")]
 
 
 def is_truth_folder(folder: Union[str, Path]) -> bool:
