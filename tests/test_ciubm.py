@@ -105,6 +105,10 @@ def test_mm_projection_and_content_match_set_the_over_arch_width():
     whitened = CiUBM(ModelConfig(ubm="avg", mm_dim=16, mm_whiten=6), **sizes)
     assert first(plain) - first(whitened) == 2 * (16 - 6)
     assert not any("mm_whitening" in name for name, _ in whitened.named_parameters())  # buffers only
+    # a table narrower than mm_whiten is whitened in full (one setting for a grid of tables)
+    narrow = CiUBM(ModelConfig(ubm="avg", mm_dim=4, mm_whiten=6), **sizes)
+    assert narrow.mm_whitening.projection.shape == (4, 4)
+    assert first(narrow) - first(CiUBM(ModelConfig(ubm="avg", mm_dim=4), **sizes)) == 0
 
 
 def test_whitening_statistics_give_unit_covariance_in_any_chunking():
@@ -136,7 +140,7 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
     rows_of, _ = ciubm.mm_rows(config, items.count, config.model.mm_dim)
     ciubm.fill_mm_table(model, rows_of)
     if config.model.mm_whiten:
-        ciubm.fit_mm_whitening(model, rows_of, items.count, config.model.mm_whiten, ctx.device)
+        ciubm.fit_mm_whitening(model, rows_of, items.count, config.model.mm_whiten_components, ctx.device)
     whitening = {n: b.clone() for n, b in model.named_buffers() if "mm_whitening" in n}
     assert bool(config.model.mm_whiten) == bool(whitening)
     assert all(b.abs().sum() > 0 for b in whitening.values())

@@ -374,7 +374,7 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
         rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
         fill_mm_table(model, rows_of)
         if config.model.mm_whiten:
-            fit_mm_whitening(model, rows_of, items.count, config.model.mm_whiten, ctx.device)
+            fit_mm_whitening(model, rows_of, items.count, config.model.mm_whiten_components, ctx.device)
         per_rank = [None] * ctx.world_size
         dist.all_gather_object(per_rank, mm_table_bytes(model))
         if logger:

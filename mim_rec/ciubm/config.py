@@ -32,7 +32,7 @@ class ModelConfig:
     mm_projection: Optional[int] = None    # learned width of the target's MM vector and the content interest
                                            # before the over-arch (None: the raw mm_dim, as in the paper)
     content_match: bool = False            # also feed the mean and max content weight a_ti (2 scalars)
-    mm_whiten: Optional[int] = None        # PCA-whiten the looked-up MM vectors to this many components
+    mm_whiten: Optional[int] = None        # PCA-whiten the looked-up MM vectors to at most this many components
                                            # (statistics fitted once from the table, never trained)
     query_buckets: int = 20_000
     over_arch: List[int] = field(default_factory=lambda: [200, 80])
@@ -42,6 +42,16 @@ class ModelConfig:
     @property
     def uses_mm(self) -> bool:
         return self.content_interest or self.fusion_interest
+
+    @property
+    def mm_whiten_components(self) -> Optional[int]:
+        """The whitened width: ``mm_whiten`` capped at the table's dim, so one setting serves a grid
+        whose tables differ in width (a table narrower than ``mm_whiten`` is whitened in full)."""
+        if not self.mm_whiten:
+            return None
+        if self.mm_dim is None:
+            raise ValueError("model.mm_dim must be resolved from the MM table before whitening is sized")
+        return min(self.mm_whiten, self.mm_dim)
 
     @property
     def behaviour_dim(self) -> int:

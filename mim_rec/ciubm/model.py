@@ -52,9 +52,9 @@ class CiUBM(nn.Module):
         width = config.behaviour_dim + config.user_dim + config.query_dim + len(DENSE_FEATURES)
         width += self.id_interest.output_dim if self.id_interest is not None else 0
         # The model's view of the frozen table: whitened (fixed buffers) and/or projected (learned).
-        self.mm_whitening = MMWhitening(config.mm_dim, config.mm_whiten, device) \
-            if config.uses_mm and config.mm_whiten else None
-        looked_up = config.mm_whiten or config.mm_dim
+        whitened = config.mm_whiten_components if config.uses_mm else None
+        self.mm_whitening = MMWhitening(config.mm_dim, whitened, device) if whitened else None
+        looked_up = whitened or config.mm_dim
         mm_width = config.mm_projection or looked_up
         self.mm_projection = nn.Linear(looked_up, config.mm_projection) \
             if config.uses_mm and config.mm_projection else nn.Identity()
