@@ -187,3 +187,20 @@ def test_ablations_run_each_variant_once_and_write_the_tables(inputs, tmp_path):
     assert "| w/o TFN (concat fusion) | `model.fusion.kind=concat` |" in table
     assert table.count("w/o C-SFT (stage-1 embeddings)") == 2  # the baseline row of both tables
     assert run_ablations(str(config_file), [], ["full", "no_tfn"]) == report  # reused, not retrained
+
+
+def test_head_lr_puts_the_stage1_heads_in_their_own_group(inputs, tmp_path):
+    from mim_rec.csft.model import CsftModel
+    from mim_rec.csft.objective import CsftObjective
+    from train.csft import _optimizer
+
+    config = _config(inputs, tmp_path / "unused", head_lr=1e-5)
+    model = CsftModel(load_encoders(inputs[1]), config.model)
+    objective = CsftObjective(model, config.loss, config.negatives, num_categories=4)
+    by_lr = {group["lr"]: {id(p) for p in group["params"]} for group in _optimizer(objective, config).param_groups}
+    heads = {id(p) for head in (model.items.pair.vision_head, model.items.pair.text_head, model.queries.head)
+             for p in head.parameters()}
+    assert by_lr[1e-5] == heads
+    assert {id(p) for p in model.items.fusion.parameters()} <= by_lr[config.lr]
+    default = _optimizer(objective, _config(inputs, tmp_path / "unused")).param_groups
+    assert {group["lr"] for group in default} == {config.lr}  # head_lr unset: the heads train at lr

@@ -174,15 +174,21 @@ def _feature_cache(config, cache_type):
 
 
 def _optimizer(objective, config):
-    """AdamW, backbone layers (when they train) at ``backbone_lr``, everything else at ``lr``."""
+    """AdamW: backbone layers (when they train) at ``backbone_lr``, the stage-1 projection heads
+    at ``head_lr`` (default ``lr``), everything else at ``lr``."""
     import torch
-    backbone_ids = {id(p) for m in objective.model.backbone_modules().values() for p in m.parameters()}
+    model = objective.model
+    backbone_ids = {id(p) for m in model.backbone_modules().values() for p in m.parameters()}
+    heads = (model.items.pair.vision_head, model.items.pair.text_head, model.queries.head)
+    head_ids = {id(p) for head in heads for p in head.parameters()}
     trainable = [p for p in objective.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in backbone_ids], "lr": config.lr}]
+    groups = [{"params": [p for p in trainable if id(p) not in backbone_ids | head_ids], "lr": config.lr},
+              {"params": [p for p in trainable if id(p) in head_ids],
+               "lr": config.lr if config.head_lr is None else config.head_lr}]
     backbone = [p for p in trainable if id(p) in backbone_ids]
     if backbone:
         groups.append({"params": backbone, "lr": config.backbone_lr})
-    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
 
 
 def _queue_drift(objective, inputs, device, step: int) -> Dict[str, float]:

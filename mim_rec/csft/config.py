@@ -92,7 +92,11 @@ class CsftConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: CsftEvalConfig = field(default_factory=CsftEvalConfig)
     steps: int = 300
-    lr: float = 1e-3               # heads, fusion, loss parameters
+    lr: float = 1e-3               # fusion, loss parameters (and the heads unless head_lr is set)
+    # The stage-1 projection heads (image, title, and the query head copied from the image
+    # head): None trains them at lr; a smaller value keeps stage 1's image-title alignment
+    # while the fusion learns (discriminative learning rates, as LP-FT's lesson suggests).
+    head_lr: Optional[float] = None
     backbone_lr: float = 1e-4      # backbone layers (model.train_backbones=true)
     weight_decay: float = 0.01
     seed: int = 0
