@@ -28,10 +28,17 @@ def test_defaults_file_and_overrides(tmp_path):
     assert cfg == Cfg(seed=3, layers=[8, 4], optim=Optim(lr=0.1, name="sgd"), out="x", fast=True)
 
 
+@pytest.mark.parametrize("text", ["1e-4", "1.0e-4", "0.0001"])
+def test_a_float_in_exponent_notation_is_a_number(text):
+    # YAML 1.1 reads "1e-4" (no dot) as a string; a learning rate must still parse
+    assert load_config(Cfg, None, [f"optim.lr={text}"]).optim.lr == 1e-4
+
+
 @pytest.mark.parametrize("override, needle", [
     ("optim.lrr=1", "optim.lrr"),
     ("seed=abc", "seed"),
     ("fast=3", "fast"),
+    ("optim.lr=fast", "optim.lr"),
     ("novalue", "key=value"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
