@@ -4,7 +4,7 @@ constraints of each table (configuration, never code)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -36,7 +36,6 @@ class ModelConfig:
                                            # (statistics fitted once from the table, never trained)
     query_buckets: int = 20_000
     over_arch: List[int] = field(default_factory=lambda: [200, 80])
-    over_arch_norm: Literal["none", "batch"] = "none"  # batch: BatchNorm1d on the over-arch input
     dien_aux_weight: float = 1.0
     constraints: Dict[str, TableConstraint] = field(default_factory=dict)  # by table name
 

@@ -61,7 +61,7 @@ class CiUBM(nn.Module):
         width += 2 * mm_width if config.content_interest else (mm_width if config.uses_mm else 0)
         width += config.behaviour_dim if config.fusion_interest else 0
         width += 2 if config.uses_mm and config.content_match else 0
-        self.over_arch = OverArch(width, config.over_arch, config.over_arch_norm)
+        self.over_arch = OverArch(width, config.over_arch)
 
     def forward(self, batch: CtrBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         size = batch.labels.numel()
