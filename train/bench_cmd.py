@@ -18,6 +18,7 @@ BENCH_COMMAND_MODULES: tuple = (
     "train.bench_lookup",
     "train.bench_rim",
     "train.bench_train",
+    "train.bench_layout",
 )
 
 

@@ -1,0 +1,38 @@
+"""``mim bench layout``: both behaviour-lookup layouts run on fbgemm's kernels, return the same
+rows (checked before timing) and are printed side by side with their ratio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from train import bench_layout
+from train.cli import main
+
+
+def test_quick_run_times_both_layouts_and_writes_the_ratio(tmp_path, capsys):
+    out = tmp_path / "layout.json"
+    assert main(["bench", "layout", "--quick", "--json", str(out), "hist_len=4"]) == 0
+    result = json.loads(out.read_text())
+    assert [row["pooling"] for row in result["layouts"]] == ["SUM", "NONE"]
+    assert result["rows_per_step"] == 16 * (1 + 4)
+    assert all(row["train_ms"] > 0 and row["inference_ms"] > 0 for row in result["layouts"])
+    ebc, ec = result["layouts"]
+    assert result["ec_over_ebc_train_time"] == pytest.approx(ec["train_ms"] / ebc["train_ms"])
+    printed = capsys.readouterr().out
+    assert "EC / EBC time" in printed and "single-behaviour bags" in printed
+
+
+def test_a_layout_that_returns_other_rows_voids_the_bench(monkeypatch):
+    # sum-pooling whole sequences is another lookup ([B, D], not a row per slot): never timed
+    monkeypatch.setattr(bench_layout, "LAYOUTS", (bench_layout.LAYOUTS[0], ("pooled", "SUM", "sample", "pooled")))
+    with pytest.raises(RuntimeError, match="different rows"):
+        bench_layout.measure(bench_layout.quick())
+
+
+@pytest.mark.parametrize("override, needle", [("batch_size=0", "batch_size"), ("warmup=-1", "warmup"),
+                                              ("device=tpu", "device")])
+def test_bad_settings_are_refused_by_name(override, needle, capsys):
+    assert main(["bench", "layout", "--quick", override]) == 2
+    assert needle in capsys.readouterr().err
