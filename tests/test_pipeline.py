@@ -48,5 +48,7 @@ def test_a_finished_stage_is_recorded_and_then_reused(tmp_path):
     marker = tmp_path / "artifact.txt"
     stage = Stage("touch", [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('x')"], marker)
     wall, reused = run_stage(stage, tmp_path, 1, 1)
-    assert not reused and stage_record(stage, tmp_path)["wall_s"] == wall
+    record = stage_record(stage, tmp_path)
+    assert not reused and record["wall_s"] == wall
+    assert set(record["code"]) == {"commit", "dirty"}  # the code version the stage ran from
     assert run_stage(stage, tmp_path, 1, 1) == (wall, True)

@@ -72,7 +72,8 @@ def make_results(gain: Dict[str, float] = None) -> Dict:
                 for row, r in (("plain", 0.10), ("dda", 0.12), ("dda+dma", 0.15))}
     return {"preset": "quick", "config": {"steps": 10}, "code": {"commit": "abc123", "dirty": True},
             "world": "/tmp/world", "seeds": SEEDS, "ubms": UBMS,
-            "stages": [{"name": "synth", "wall_s": 12.5, "reused": False, "argv": ["mim", "data", "synth"]},
+            "stages": [{"name": "synth", "wall_s": 12.5, "reused": False, "argv": ["mim", "data", "synth"],
+                        "code": {"commit": "0123456789abcdef", "dirty": False}},
                        {"name": "pretrain", "wall_s": 30.0, "reused": True, "argv": ["mim", "pretrain"]}],
             "ctr": ctr, "pretrain_eval": pretrain, "csft": csft,
             "bench_train": bench_train(0.8), "bench_lookup": bench_lookup(500.0)}
@@ -102,7 +103,8 @@ def test_report_has_every_section_a_row_per_ubm_and_the_figures(tmp_path):
     for header in SECTIONS:
         assert header in text
     assert "abc123 (dirty)" in text and "total wall time: 42 s" in text
-    assert table_row(section(text, "## Stages"), "pretrain")[1] == "reused"
+    assert table_row(section(text, "## Stages"), "pretrain")[1:3] == ["reused", "-"]  # no code recorded
+    assert table_row(section(text, "## Stages"), "synth")[1:3] == ["ran", "01234567"]
     table2 = section(text, "## Table 2")
     for ubm in UBMS:
         assert table_row(table2, ubm)[-1] == "2"  # seeds

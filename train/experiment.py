@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from train.pipeline import MODELS, PRESETS as PIPELINE_PRESETS, Stage, csft_feature_cache, mim_command, \
+from train.pipeline import MODELS, PRESETS as PIPELINE_PRESETS, Stage, code_version, csft_feature_cache, \
+    mim_command, \
     representation_chain, run_stage, stage_record, torchx_command, world_folder
 
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
@@ -247,25 +247,10 @@ def _read_json(path: Path) -> Optional[Any]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _code_version() -> Dict[str, Any]:
-    """The commit the code ran from, and whether the working tree differed from it."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*argv: str) -> Optional[str]:
-        try:
-            done = subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
-
-
 def collect_results(plan: Plan, stage_walls: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Every number the report shows, read back from the stages' artifacts."""
     out = plan.out
-    return {"preset": plan.preset_name, "config": plan.settings(), "code": _code_version(),
+    return {"preset": plan.preset_name, "config": plan.settings(), "code": code_version(),
             "world": str(plan.world), "seeds": list(plan.seeds), "ubms": list(plan.ubms), "stages": stage_walls,
             "ctr": {run["name"]: _read_json(plan.ctr_dir / run["name"] / "metrics.json") for run in ctr_runs(plan)},
             "pretrain_eval": _read_json(out / "pretrain" / "eval.json") if 3 in plan.tables else None,
@@ -291,7 +276,9 @@ def run_experiment(plan: Plan, report_only: bool = False) -> Dict[str, Any]:
             wall, reused = record["wall_s"], True
         else:
             wall, reused = run_stage(stage, plan.out, index, len(todo))
-        walls.append({"name": stage.name, "wall_s": round(wall, 1), "reused": reused, "argv": stage.argv})
+            record = stage_record(stage, plan.out)
+        walls.append({"name": stage.name, "wall_s": round(wall, 1), "reused": reused, "argv": stage.argv,
+                      "code": (record or {}).get("code")})  # None: recorded before stages kept it
     results = collect_results(plan, walls)
     results["wall_s_this_invocation"] = round(time.time() - started, 1)
     (plan.out / "results.json").write_text(json.dumps(results, indent=2))

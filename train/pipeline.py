@@ -122,6 +122,21 @@ def record_file(stage: Stage, out: Path) -> Path:
     return out / "stages" / f"{stage.name}.json"
 
 
+def code_version() -> Dict[str, object]:
+    """The commit the code runs from, and whether the tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*argv: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
 def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
     """The record of the finished run that made ``stage``'s artifact with the same command, or None."""
     record_path = record_file(stage, out)
@@ -143,6 +158,7 @@ def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, b
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{index}/{total}] {stage.name}: running (log: {log})", flush=True)
     started = time.time()
+    version = code_version()  # of the code the stage starts with
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                PYTHONUNBUFFERED="1")
     with log.open("w") as fh:
@@ -157,7 +173,7 @@ def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, b
         stage.done_marker.write_text("ok\n")
     record_path = record_file(stage, out)
     record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps({"argv": stage.argv, "wall_s": wall}))
+    record_path.write_text(json.dumps({"argv": stage.argv, "wall_s": wall, "code": version}))
     print(f"[{index}/{total}] {stage.name}: done in {wall:.0f} s", flush=True)
     return wall, False
 

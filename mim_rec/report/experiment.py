@@ -84,10 +84,19 @@ def _header(results: Dict[str, Any]) -> List[str]:
              f"- total wall time: {total:,.0f} s ({total / 3600:.2f} h)", "", "## Stages", ""]
     if not stages:
         return lines + [NOT_RUN]
-    return lines + md_table(["stage", "wall s", "reused or ran", "command"],
+    return lines + md_table(["stage", "wall s", "reused or ran", "code", "command"],
                             [[s.get("name", "?"), f"{s.get('wall_s') or 0.0:,.1f}",
-                              "reused" if s.get("reused") else "ran", f"`{' '.join(s.get('argv') or [])}`"]
+                              "reused" if s.get("reused") else "ran", _commit(s.get("code")),
+                              f"`{' '.join(s.get('argv') or [])}`"]
                              for s in stages])
+
+
+def _commit(code: Optional[Dict[str, Any]]) -> str:
+    """The short commit a stage ran from (``+dirty`` when the tree differed); ``-`` when its
+    record predates stages keeping it."""
+    if not code or not code.get("commit"):
+        return "-"
+    return code["commit"][:8] + ("+dirty" if code.get("dirty") else "")
 
 
 def _config(results: Dict[str, Any]) -> List[str]:
