@@ -94,6 +94,17 @@ def test_content_match_is_the_mean_and_max_weight_over_real_behaviours():
     assert torch.allclose(content_match(weights, mask), expected)
 
 
+def test_mean_content_pool_divides_the_weighted_sum_by_the_real_behaviours():
+    from mim_rec.ciubm.interest import ContentInterestArch
+
+    weights = torch.tensor([[0.5, -0.2, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    vectors = torch.tensor([[[2.0, 0.0], [0.0, 5.0], [9.0, 9.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]])
+    summed = ContentInterestArch("sum")(weights, vectors, mask)
+    assert torch.allclose(summed, torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+    assert torch.allclose(ContentInterestArch("mean")(weights, vectors, mask), summed / torch.tensor([[2.0], [1.0]]))
+
+
 def test_mm_projection_and_content_match_set_the_over_arch_width():
     sizes = {"num_items": 50, "num_users": 10, "num_categories": 4}
     plain = CiUBM(ModelConfig(ubm="avg", mm_dim=16), **sizes)

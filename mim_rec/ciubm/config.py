@@ -4,7 +4,7 @@ constraints of each table (configuration, never code)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ModelConfig:
     ubm_options: Dict[str, object] = field(default_factory=dict)
     id_interest: bool = True               # the UBM over item-ID embeddings
     content_interest: bool = True          # sum of cos(h_t^MM, h_i^MM) * h_i^MM
+    content_pool: Literal["sum", "mean"] = "sum"  # mean: the sum over the number of real behaviours
     fusion_interest: bool = True           # sum of cos(h_t^MM, h_i^MM) * h_i^ID
     item_dim: int = 16
     category_dim: int = 8

@@ -31,10 +31,18 @@ def content_match(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class ContentInterestArch(nn.Module):
-    """``h^MM_B = sum_i a_ti h_i^MM`` -> ``[B, D_mm]``."""
+    """``h^MM_B = sum_i a_ti h_i^MM`` -> ``[B, D_mm]`` (``pool="mean"``: divided by the number of
+    real behaviours, so its scale does not grow with the history's length)."""
 
-    def forward(self, weights: torch.Tensor, behaviour_mm: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bl,bld->bd", weights, behaviour_mm)
+    def __init__(self, pool: str = "sum") -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, weights: torch.Tensor, behaviour_mm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = torch.einsum("bl,bld->bd", weights, behaviour_mm)
+        if self.pool == "mean":
+            pooled = pooled / mask.sum(dim=1, keepdim=True).clamp(min=1)
+        return pooled
 
 
 class FusionInterestArch(nn.Module):

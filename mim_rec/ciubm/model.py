@@ -47,7 +47,7 @@ class CiUBM(nn.Module):
         self.sparse_arch = SparseArch(config, num_items, num_users, num_categories, device)
         self.id_interest = build_ubm(config.ubm, config.behaviour_dim, **config.ubm_options) \
             if config.id_interest else None
-        self.content_interest = ContentInterestArch() if config.content_interest else None
+        self.content_interest = ContentInterestArch(config.content_pool) if config.content_interest else None
         self.fusion_interest = FusionInterestArch() if config.fusion_interest else None
         width = config.behaviour_dim + config.user_dim + config.query_dim + len(DENSE_FEATURES)
         width += self.id_interest.output_dim if self.id_interest is not None else 0
@@ -82,7 +82,7 @@ class CiUBM(nn.Module):
             weights = content_weights(target_mm, behaviour_mm, mask)
             parts.append(self.mm_projection(target_mm))
             if self.content_interest is not None:
-                parts.append(self.mm_projection(self.content_interest(weights, behaviour_mm)))
+                parts.append(self.mm_projection(self.content_interest(weights, behaviour_mm, mask)))
             if self.config.content_match:
                 parts.append(content_match(weights, mask))
             if self.fusion_interest is not None:
