@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from train.cli import add_command_group
 
@@ -51,3 +52,23 @@ def run_and_report(measure: Callable[[], Dict[str, Any]], render: Callable[[Dict
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def median_seconds(work: Callable[[], Any], repeats: int, warmup: int = 1,
+                   synchronize: Callable[[], None] = lambda: None) -> Tuple[float, Any]:
+    """``(median seconds of `repeats` timed calls, the last untimed warm-up call's result)``.
+
+    ``warmup`` untimed calls come first (first-call allocations, kernel selection, lazy
+    imports); ``synchronize`` (e.g. ``torch.cuda.synchronize``) ends each timed call, so
+    asynchronous device work is inside the time it is charged to."""
+    result = None
+    for _ in range(warmup):
+        result = work()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from train.bench_cmd import measuring_bench_parser, run_and_report
+from train.bench_cmd import measuring_bench_parser, median_seconds, run_and_report
 
 COMMAND_HELP = "behaviour lookups: single-behaviour bags (EBC) vs sequence (EC) on fbgemm's kernels"
 # (name, fbgemm pooling, what one bag of the KJT holds, label)
@@ -73,24 +72,15 @@ def _kernel(config: LayoutBenchConfig, pooling: str, device):
         learning_rate=0.01, pooling_mode=getattr(PoolingMode, pooling), **kwargs)
 
 
-def _timed_median(step: Callable[[], Any], repeats: int, synchronize: Callable[[], None]) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(config: LayoutBenchConfig) -> Dict[str, Any]:
     import torch
+
+    from mim_rec.utils.dist import resolve_device
 
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and
-                                                                 torch.cuda.is_available()) else "cpu")
+    device = resolve_device(config.device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     slots = 1 + config.hist_len
     rows = config.batch_size * slots
@@ -122,11 +112,8 @@ def measure(config: LayoutBenchConfig) -> Dict[str, Any]:
     for _ in range(config.rounds):
         for name, *_ in LAYOUTS:
             for kind, make in (("train", train_step), ("inference", inference_step)):
-                step = make(name)
-                for _ in range(config.warmup):
-                    step()
-                synchronize()
-                samples[name][kind].append(_timed_median(step, config.repeats, synchronize))
+                seconds, _ = median_seconds(make(name), config.repeats, config.warmup, synchronize)
+                samples[name][kind].append(seconds)
     result_rows = []
     for name, pooling, _, label in LAYOUTS:
         train_s = statistics.median(samples[name]["train"])

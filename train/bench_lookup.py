@@ -18,15 +18,13 @@ size; the printed ratio is encoder cost / lookup cost per sample.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-from train.bench_cmd import measuring_bench_parser, run_and_report
+from train.bench_cmd import measuring_bench_parser, median_seconds, run_and_report
 
 COMMAND_HELP = "per-sample cost: MM table lookup vs running the item encoder (paper Table 6)"
 
@@ -44,17 +42,6 @@ class LookupBenchConfig:
     encoder_batch_size: int = 256      # the encoder's own inference batch
     threads: Optional[int] = None      # torch threads for both sides; None = torch's default
     seed: int = 0
-
-
-def _median_seconds(work: Callable[[], Any], repeats: int) -> Tuple[float, Any]:
-    """``(median seconds of `repeats` timed calls, the untimed warm-up call's result)``."""
-    result = work()  # warm-up: first-call allocations, kernel selection, lazy imports
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 @contextmanager
@@ -159,8 +146,8 @@ def run_bench(config: LookupBenchConfig, quick: bool = False) -> Dict[str, Any]:
             with torch.no_grad():
                 return table.module.mm(kjt).to_dict()["mm_item_seq"]
 
-        lookup_s, looked_up = _median_seconds(lookup, config.lookup_repeats)
-        encoder_s, encoded = _median_seconds(encode, config.repeats)
+        lookup_s, looked_up = median_seconds(lookup, config.lookup_repeats)
+        encoder_s, encoded = median_seconds(encode, config.repeats)
     if looked_up.shape != (slots, dim) or encoded.shape != (slots, encoder.dim):
         raise RuntimeError(f"lookup gave {tuple(looked_up.shape)}, the encoder {tuple(encoded.shape)}; "
                            f"expected ({slots}, {dim}) and ({slots}, {encoder.dim})")

@@ -27,23 +27,28 @@ class DistContext:
         return self.rank == 0
 
 
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``device`` -- "auto" (cuda when available), "cpu" or "cuda" -- as a ``torch.device``;
+    cuda asked for where none is visible is an error."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but no CUDA device is visible")
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
 def init_distributed(device: str = "auto") -> DistContext:
     """Initialise the default process group if launched with several processes.
 
     ``device``: "auto" (cuda when available), "cpu" or "cuda".
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda requested but no CUDA device is visible")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistContext(rank, world_size, local_rank, dev, backend)
