@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from train.pipeline import MODELS, PRESETS as PIPELINE_PRESETS, Stage, code_version, csft_feature_cache, \
-    mim_command, \
-    representation_chain, run_stage, stage_record, torchx_command, world_folder
+    mim_command, representation_chain, run_stage, stage_record, torchx_command, world_folder
 
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
 ALL_TABLES = (2, 3, 4, 5, 6)
