@@ -72,7 +72,8 @@ def test_training_lowers_the_loss_and_evaluates_both_rows(inputs, tmp_path):
     assert set(report) == {"stage1", "csft"}
     for row in report.values():
         assert 0 <= row["recall@10"] <= row["recall@100"] <= 1 and 0 < row["pair_auc"] < 1
-        assert row["test_pairs"] == pq.read_metadata(inputs[0] / "pairs_test.parquet").num_rows
+        assert row["held_out"] == "test"
+        assert row["held_out_pairs"] == pq.read_metadata(inputs[0] / "pairs_test.parquet").num_rows
     assert json.loads((out / "eval.json").read_text()) == report
 
 
@@ -204,3 +205,99 @@ def test_head_lr_puts_the_stage1_heads_in_their_own_group(inputs, tmp_path):
     assert {id(p) for p in model.items.fusion.parameters()} <= by_lr[config.lr]
     default = _optimizer(objective, _config(inputs, tmp_path / "unused")).param_groups
     assert {group["lr"] for group in default} == {config.lr}  # head_lr unset: the heads train at lr
+
+
+def _world_inputs(inputs):
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    return WorldInputs(inputs[0], FeatureCache(inputs[2]))
+
+
+def test_validation_holds_out_the_latest_pairs_and_their_period(inputs):
+    world = _world_inputs(inputs)
+    every = world.pairs("train")
+    train = world.training_pairs(["purchase", "click"], validation=0.25)
+    valid = world.held_out(0.25)
+    assert valid.name == "validation" and valid.split == "train" and valid.since is not None
+    assert not set(train.rows) & set(valid.pairs.rows)
+    assert len(train) + len(valid.pairs) == len(every)
+    assert abs(len(valid.pairs) - 0.25 * len(every)) <= 0.05 * len(every)  # ties at the cut move a few
+    assert train.ts.max() < valid.since <= valid.pairs.ts.min()
+    purchases = world.training_pairs(["purchase"], validation=0.25)
+    assert set(purchases.rows) <= set(train.rows) and set(purchases.signals) == {"purchase"}
+    test = world.held_out(0.0)
+    assert (test.name, test.split, test.since) == ("test", "test", None)
+    assert test.events_path.name == "events_test.parquet"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_validation_share_must_lie_inside_zero_and_one(fraction):
+    import numpy as np
+    from mim_rec.csft.data import validation_cut
+    with pytest.raises(ValueError, match="data.validation"):
+        validation_cut(np.arange(10), fraction, "pairs_train.parquet")
+
+
+def test_a_cut_that_leaves_nothing_to_train_on_is_named():
+    import numpy as np
+    from mim_rec.csft.data import validation_cut
+    from mim_rec.data.errors import DataError
+    with pytest.raises(DataError, match="pairs_train.parquet.*leaves no pairs"):
+        validation_cut(np.full(10, 7), 0.2, "pairs_train.parquet")
+
+
+def test_a_validation_run_trains_without_the_held_out_pairs_and_scores_them(inputs, tmp_path):
+    out = tmp_path / "valid"
+    config = _config(inputs, out, steps=2, checkpoint_every=2)
+    config = replace(config, data=replace(config.data, validation=0.25))
+    run_csft(config)
+    world = _world_inputs(inputs)
+    start = next(m for m in _metrics(out) if m.get("event") == "start")
+    assert start["train_pairs"] == len(world.training_pairs(config.data.signals, 0.25))
+    report = evaluate_run(config)
+    held_out = world.held_out(0.25)
+    for row in report.values():
+        assert row["held_out"] == "validation" and row["held_out_pairs"] == len(held_out.pairs)
+    events = pq.read_table(inputs[0] / "events_train.parquet", columns=["ts", "hist_item_ids"])
+    in_period = [len(h) for t, h in zip(events.column("ts").to_pylist(),
+                                        events.column("hist_item_ids").to_pylist()) if t >= held_out.since]
+    assert report["stage1"]["scored_impressions"] + report["stage1"]["no_history_impressions"] == len(in_period)
+
+
+def test_balanced_score_is_the_weaker_relative_gain():
+    from train.csft_tune import score
+    stage1 = {"recall@10": 0.02, "pair_auc": 0.58}
+    assert score({"recall@10": 0.03, "pair_auc": 0.60}, stage1, "balanced") == pytest.approx(1.25)  # AUC side
+    assert score({"recall@10": 0.01, "pair_auc": 0.62}, stage1, "balanced") == pytest.approx(0.5)   # recall side
+    assert score({"recall@10": 0.01, "pair_auc": 0.62}, stage1, "pair_auc") == 0.62
+
+
+def test_grid_values_keep_bracketed_lists_whole():
+    from mim_rec.config import ConfigError
+    from train.csft_tune import parse_grid
+    assert parse_grid(["loss.temperature=0.05, 0.1", "data.signals=[click],[click,purchase]"]) == [
+        ("loss.temperature", ["0.05", "0.1"]), ("data.signals", ["[click]", "[click,purchase]"])]
+    for bad in (["loss.temperature"], ["loss.temperature=0.1,"], ["a=1", "a=2"]):
+        with pytest.raises(ConfigError, match="--grid"):
+            parse_grid(bad)
+
+
+def test_tune_chooses_on_validation_and_reports_the_choice_on_test(inputs, tmp_path):
+    from train.csft_tune import run_tune
+    out = tmp_path / "tune"
+    config_file = _write_config(_config(inputs, out, steps=3, checkpoint_every=3), tmp_path / "c.yaml")
+    grid = [("loss.temperature", ["0.05", "0.5"])]
+    report = run_tune(str(config_file), [], grid, validation=0.25, final=True)
+    trials = report["trials"]
+    assert [t["settings"] for t in trials] == [["loss.temperature=0.05"], ["loss.temperature=0.5"]]
+    assert report["chosen"] == max(trials, key=lambda t: t["score"])["settings"]
+    for trial in trials:
+        assert trial["metrics"]["held_out"] == "validation"
+        saved = json.loads((out / "trials" / f"temperature-{trial['settings'][0].split('=')[1]}" / "config.json").read_text())
+        assert saved["data"]["validation"] == 0.25
+    final = json.loads((out / "final" / "config.json").read_text())
+    assert final["data"]["validation"] == 0.0
+    assert final["loss"]["temperature"] == float(report["chosen"][0].split("=")[1])
+    assert report["final"]["csft"]["held_out"] == "test" and report["final"]["stage1"]["held_out"] == "test"
+    table = (out / "TUNE.md").read_text()
+    assert f"**{report['chosen'][0]}**" in table and "### Test" in table
+    assert run_tune(str(config_file), [], grid, validation=0.25, final=True) == report  # reused, not retrained

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "train.pretrain",
     "train.csft",
     "train.csft_ablations",
+    "train.csft_tune",
     "train.embeddings_cmd",
     "train.ciubm",
     "train.bench_cmd",

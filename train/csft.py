@@ -87,7 +87,7 @@ def run_csft(config) -> Path:
     model = CsftModel(load_encoders(config.encoders), config.model).to(ctx.device)
     world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
                         batch_size=config.eval.batch_size)
-    pairs = world.pairs("train", config.data.signals)
+    pairs = world.training_pairs(config.data.signals, config.data.validation)
     if not ctx.is_main:
         barrier()  # rank 0 computes and caches the backbone features first
     inputs = TrainingInputs(world, pairs, model, features=not config.model.train_backbones)
@@ -160,7 +160,8 @@ def run_csft(config) -> Path:
                      "pairs_train": fingerprint_file(pairs.path)}
         fingerprint = save_mm_encoder(final, model, inputs=inputs_fp,
                                       extra={"steps": config.steps, "signals": config.data.signals,
-                                             "loss": config.loss.kind})
+                                             "loss": config.loss.kind,
+                                             "validation": config.data.validation})
         logger.log({"event": "done", "fingerprint": fingerprint,
                     "hard_negative_fallbacks": sampler.fallbacks if sampler else 0,
                     "train_seconds": round(time.time() - started, 1)}, step=config.steps)
@@ -235,8 +236,9 @@ def _to_device(state, device):
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate_run(config) -> Dict[str, Dict[str, float]]:
-    """Stage-1 embeddings vs the run's ``mm_encoder/`` on the held-out pairs and impressions;
-    writes ``OUT/eval.json``."""
+    """Stage-1 embeddings vs the run's ``mm_encoder/`` on the held-out pairs and impressions
+    (the test files, or the validation period when ``data.validation > 0``); writes
+    ``OUT/eval.json``."""
     from mim_rec.csft.data import FeatureCache, WorldInputs
     from mim_rec.csft.evaluate import csft_embeddings, evaluate_embeddings, stage1_embeddings
     from mim_rec.csft.model import load_csft_model
@@ -245,15 +247,16 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
     out = Path(config.out)
     world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
                         batch_size=config.eval.batch_size)
+    held_out = world.held_out(config.data.validation)
     report: Dict[str, Dict[str, float]] = {}
     started = time.time()
-    report["stage1"] = evaluate_embeddings(stage1_embeddings(load_encoders(config.encoders), world),
-                                           world, config.eval.ks)
+    report["stage1"] = evaluate_embeddings(stage1_embeddings(load_encoders(config.encoders), world, held_out),
+                                           world, config.eval.ks, held_out)
     report["stage1"]["seconds"] = round(time.time() - started, 1)
     if (out / "mm_encoder" / "manifest.json").exists():
         started = time.time()
-        report["csft"] = evaluate_embeddings(csft_embeddings(load_csft_model(out / "mm_encoder"), world),
-                                             world, config.eval.ks)
+        report["csft"] = evaluate_embeddings(csft_embeddings(load_csft_model(out / "mm_encoder"), world,
+                                                             held_out), world, config.eval.ks, held_out)
         report["csft"]["seconds"] = round(time.time() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2))

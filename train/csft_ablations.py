@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -74,48 +73,21 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     from mim_rec.config import load_config
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
-    from mim_rec.csft.evaluate import csft_embeddings, evaluate_embeddings, stage1_embeddings
-    from mim_rec.csft.model import load_csft_model
-    from mim_rec.data.manifest import fingerprint_config
-    from mim_rec.encoders import load_encoders
-    from train.csft import run_csft
+    from train.csft_runs import csft_result, stage1_result
 
     base = load_config(CsftConfig, config_path, overrides)
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = base.data.feature_cache or str(out / "features")
     world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
-    report: Dict[str, Dict] = {}
-
-    def cached(name: str, fingerprint: str, compute) -> Dict:
-        path = out / name / "result.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") == fingerprint:
-                return saved["metrics"]
-        started = time.time()
-        metrics = compute()
-        metrics["seconds"] = round(time.time() - started, 1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=2))
-        return metrics
-
-    report["stage1"] = cached("stage1", fingerprint_config({"encoders": base.encoders, "eval": base.eval,
-                                                            "world": base.data.world}),
-                              lambda: evaluate_embeddings(stage1_embeddings(load_encoders(base.encoders), world),
-                                                          world, base.eval.ks))
+    held_out = world.held_out(base.data.validation)
+    report: Dict[str, Dict] = {"stage1": stage1_result(base, world, held_out, out / "stage1")}
     for name, _, variant in VARIANTS:
         if name not in variants:
             continue
         config = load_config(CsftConfig, config_path, [*overrides, *variant, f"out={out / name}",
                                                         f"data.feature_cache={cache}"])
-
-        def train_and_evaluate(config=config) -> Dict:
-            folder = run_csft(config)
-            return evaluate_embeddings(csft_embeddings(load_csft_model(folder), world), world,
-                                       config.eval.ks)
-
-        report[name] = cached(name, fingerprint_config(config), train_and_evaluate)
+        report[name] = csft_result(config, world, held_out)
         report[name]["overrides"] = list(variant)
     (out / "ablations.json").write_text(json.dumps(report, indent=2))
     (out / "ABLATIONS.md").write_text(format_ablations(report) + "\n")

@@ -51,6 +51,10 @@ class CsftDataConfig:
     # In the synthetic world every pair is a click and "purchase" marks those also bought.
     signals: List[str] = field(default_factory=lambda: ["purchase"])
     batch_size: int = 128          # pairs per step, over all ranks (N = batch_size / P)
+    # Hold out the latest share of pairs_train (by time) and the events_train impressions of
+    # that period: training skips them and csft-eval scores them instead of the test files.
+    # 0 = train on every pair, evaluate on the test files. mim csft-tune sets it.
+    validation: float = 0.0
     # Backbone features, cached per (backbone weights, input file): default OUT/features.
     # Point several runs at one folder to share it (ablations on the same encoders).
     feature_cache: Optional[str] = None

@@ -46,9 +46,15 @@ class Pairs:
     item_ids: np.ndarray      # [n] int64
     categories: np.ndarray    # [n] int32
     signals: List[str]
+    ts: np.ndarray            # [n] int64 Unix seconds
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def where(self, keep: np.ndarray) -> "Pairs":
+        """The pairs where the boolean mask ``keep`` is true (rows still index the file)."""
+        return Pairs(self.path, self.rows[keep], self.item_ids[keep], self.categories[keep],
+                     [s for s, k in zip(self.signals, keep) if k], self.ts[keep])
 
 
 def read_pair_file(path: PathLike, item_count: int, signals: Optional[Sequence[str]] = None) -> Pairs:
@@ -56,7 +62,7 @@ def read_pair_file(path: PathLike, item_count: int, signals: Optional[Sequence[s
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "pairs file not found")
-    table = read_pairs(path, item_count, columns=["item_id", "signal", "category_id"])
+    table = read_pairs(path, item_count, columns=["item_id", "signal", "category_id", "ts"])
     signal = np.asarray(table.column("signal").to_pylist(), dtype=object)
     unknown = sorted(set(signal) - set(SIGNALS))
     if unknown:
@@ -68,7 +74,34 @@ def read_pair_file(path: PathLike, item_count: int, signals: Optional[Sequence[s
     if rows.size == 0:
         raise DataError(str(path), f"no pairs with signal in {list(signals or [])}", field="signal")
     return Pairs(path, rows, table.column("item_id").to_numpy()[rows],
-                 table.column("category_id").to_numpy()[rows], [str(s) for s in signal[rows]])
+                 table.column("category_id").to_numpy()[rows], [str(s) for s in signal[rows]],
+                 table.column("ts").to_numpy()[rows])
+
+
+def validation_cut(ts: np.ndarray, fraction: float, path: PathLike) -> int:
+    """The time from which the latest ``fraction`` of pairs (by ``ts``) is held out: pairs at
+    or after it validate, the earlier ones train. Splitting by time, like the world's own
+    train/test split, keeps the validation period after everything trained on."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.validation must lie strictly between 0 and 1, got {fraction}")
+    ordered = np.sort(ts)
+    cut = int(ordered[min(len(ordered) - 1, int(np.floor(len(ordered) * (1.0 - fraction))))])
+    if not (ordered < cut).any():
+        raise DataError(str(path), f"data.validation={fraction} leaves no pairs to train on "
+                        "(every pair shares the cut's timestamp)", field="ts")
+    return cut
+
+
+@dataclass
+class HeldOut:
+    """What an evaluation scores: pairs of one pairs file (their queries are that file's
+    rows ``pairs.rows``) and the impressions of ``events_path`` at or after ``since``."""
+
+    name: str                 # "test" or "validation"
+    split: str                # the pairs file the queries come from: "test" or "train"
+    pairs: Pairs
+    events_path: Path
+    since: Optional[int]      # None: every impression of the file
 
 
 def read_query_inputs(path: PathLike, item_count: int, vision: VisionEncoder) -> torch.Tensor:
@@ -188,6 +221,27 @@ class WorldInputs:
 
     def pairs(self, split: str, signals: Optional[Sequence[str]] = None) -> Pairs:
         return read_pair_file(self.pairs_path(split), self.item_count, signals)
+
+    def training_pairs(self, signals: Sequence[str], validation: float = 0.0) -> Pairs:
+        """The pairs C-SFT learns from: ``pairs_train`` with ``signals``, less the held-out
+        validation period when ``validation > 0`` (see :meth:`held_out`)."""
+        pairs = self.pairs("train", signals)
+        if not validation:
+            return pairs
+        cut = validation_cut(self.pairs("train").ts, validation, pairs.path)
+        return pairs.where(pairs.ts < cut)
+
+    def held_out(self, validation: float = 0.0) -> HeldOut:
+        """The evaluation data. ``validation = 0``: the test files (``pairs_test`` and
+        ``events_test``). ``validation = f``: the latest share ``f`` of ``pairs_train`` (every
+        signal) and the ``events_train`` impressions of the same period, which no C-SFT run
+        with that setting trains on: the data to choose settings on (``mim csft-tune``)."""
+        if not validation:
+            return HeldOut("test", "test", self.pairs("test"), self.world / "events_test.parquet", None)
+        pairs = self.pairs("train")
+        cut = validation_cut(pairs.ts, validation, pairs.path)
+        return HeldOut("validation", "train", pairs.where(pairs.ts >= cut),
+                       self.world / "events_train.parquet", cut)
 
     def corpus(self, vision: VisionEncoder) -> ItemCorpus:
         """Decoded item images (or features) and titles, decoded once."""

@@ -14,6 +14,9 @@ Two measures, each computed for the stage-1 embeddings and for the C-SFT towers:
 
 Stage-1 embeddings: a query is its stage-1 image embedding, an item ``unit(h_img + h_txt)``
 (what the representation center stores without C-SFT).
+
+Both measures read a :class:`~mim_rec.csft.data.HeldOut`: the test files by default, or the
+validation period carved from the training files (``data.validation``) to choose settings on.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from typing import Dict, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from mim_rec.csft.data import WorldInputs
+from mim_rec.csft.data import HeldOut, WorldInputs
 from mim_rec.csft.model import CsftModel
 from mim_rec.data.errors import DataError
 from mim_rec.data.io import read_events
@@ -36,7 +40,7 @@ from mim_rec.metrics import gauc, grouped_auc
 
 @dataclass
 class Embedded:
-    queries: torch.Tensor   # [n_test_pairs, d] unit
+    queries: torch.Tensor   # [n_held_out_pairs, d] unit
     items: torch.Tensor     # [n_items, d] unit, row i = item i
 
 
@@ -84,11 +88,11 @@ def content_interest_auc(items: torch.Tensor, events: pa.Table) -> Dict[str, flo
 
 
 @torch.no_grad()
-def stage1_embeddings(pair: EncoderPair, world: WorldInputs) -> Embedded:
+def stage1_embeddings(pair: EncoderPair, world: WorldInputs, held_out: HeldOut) -> Embedded:
     pair.eval()
     image = world.item_image_features(pair.vision)
     title = world.item_title_features(pair.text)
-    query = world.query_features("test", pair.vision)
+    query = _held_out_queries(world, held_out, pair.vision)
     size = world.batch_size
     items = _batched(lambda s: F.normalize(pair.vision_head(image[s]) + pair.text_head(title[s]),
                                            dim=-1), len(image), size)
@@ -96,14 +100,19 @@ def stage1_embeddings(pair: EncoderPair, world: WorldInputs) -> Embedded:
 
 
 @torch.no_grad()
-def csft_embeddings(model: CsftModel, world: WorldInputs) -> Embedded:
+def csft_embeddings(model: CsftModel, world: WorldInputs, held_out: HeldOut) -> Embedded:
     model.eval()
     image = world.item_image_features(model.items.pair.vision)
     title = world.item_title_features(model.items.pair.text)
-    query = world.query_features("test", model.queries.vision)
+    query = _held_out_queries(world, held_out, model.queries.vision)
     size = world.batch_size
     items = _batched(lambda s: model.items.from_features(image[s], title[s]).mm, len(image), size)
     return Embedded(_batched(lambda s: model.queries.from_features(query[s]), len(query), size), items)
+
+
+def _held_out_queries(world: WorldInputs, held_out: HeldOut, vision) -> torch.Tensor:
+    """Backbone features of the held-out pairs' query images (cached for the whole file)."""
+    return world.query_features(held_out.split, vision)[torch.from_numpy(held_out.pairs.rows)]
 
 
 def _batched(fn, count: int, batch_size: int) -> torch.Tensor:
@@ -112,14 +121,20 @@ def _batched(fn, count: int, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(slice(s, s + batch_size)).float().cpu() for s in range(0, count, batch_size)])
 
 
-def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int]) -> Dict[str, float]:
-    test = world.pairs("test")
-    recall = recall_at_k(embedded.queries, embedded.items, torch.from_numpy(test.item_ids), ks)
-    events_path = world.world / "events_test.parquet"
+def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int],
+                        held_out: HeldOut) -> Dict[str, float]:
+    recall = recall_at_k(embedded.queries, embedded.items, torch.from_numpy(held_out.pairs.item_ids), ks)
+    events_path = held_out.events_path
     if not events_path.is_file():
         raise DataError(str(events_path), "held-out events not found (the content-interest "
                         "AUC needs them)")
     events = read_events(events_path, world.item_count,
-                         columns=["user_id", "target_item_id", "label", "hist_item_ids"])
+                         columns=["user_id", "target_item_id", "label", "hist_item_ids", "ts"])
+    if held_out.since is not None:
+        events = events.filter(pc.greater_equal(events.column("ts"), held_out.since))
+        if events.num_rows == 0:
+            raise DataError(str(events_path), f"no impressions at or after ts={held_out.since}, "
+                            "the validation period", field="ts")
     return {**{f"recall@{k}": v for k, v in recall.items()},
-            **content_interest_auc(embedded.items, events), "test_pairs": len(test)}
+            **content_interest_auc(embedded.items, events), "held_out": held_out.name,
+            "held_out_pairs": len(held_out.pairs)}

@@ -1,0 +1,160 @@
+"""``mim csft-tune``: choose C-SFT settings on a validation split, never on the test files.
+
+Every combination of the ``--grid`` values is one C-SFT run trained without the latest share
+of the training pairs (``data.validation``, by time) and evaluated on that held-out period:
+its pairs for query->item recall, the ``events_train`` impressions of the same period for
+the content-interest AUC. The stage-1 embeddings are scored on the same data. The chosen
+combination is the one with the highest score (``--select``); ``--final`` then trains it on
+every training pair and reports it on the test files, next to stage 1.
+
+The default score, ``balanced``, is the smaller of the two relative gains over stage 1,
+``min(recall@10 / stage1 recall@10, (pair_auc - 0.5) / (stage1 pair_auc - 0.5))``: the
+issue's goal is an embedding better on *both* measures, so the combination whose weaker
+side is strongest wins. Any metric name (``pair_auc``, ``recall@100``, ...) selects on it
+alone. Writes ``OUT/tune.json`` and ``OUT/TUNE.md``; re-running skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+METRICS = ("recall@10", "recall@100", "pair_auc", "gauc")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "csft-tune", help="choose C-SFT settings (e.g. the temperature) on a validation split",
+        description="Train one C-SFT run per --grid combination without the validation period, "
+                    "score each there, keep the best; --final trains it on every pair and "
+                    "evaluates it on the test files. Writes OUT/TUNE.md.")
+    parser.add_argument("--config", default=None, help="YAML/JSON file of CsftConfig (the base)")
+    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                        help="values to try for one setting (repeat for a product of settings), "
+                             "e.g. --grid loss.temperature=0.05,0.07,0.1")
+    parser.add_argument("--validation", type=float, default=0.1,
+                        help="share of the training pairs (the latest by time) held out (default 0.1)")
+    parser.add_argument("--select", default="balanced",
+                        help="score to maximise: balanced (default) or a metric name")
+    parser.add_argument("--final", action="store_true",
+                        help="train the chosen settings on every training pair and evaluate on the test files")
+    parser.add_argument("overrides", nargs="*", help="base overrides: data.world=DIR encoders=DIR out=DIR ...")
+    parser.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    report = run_tune(args.config, args.overrides, parse_grid(args.grid), args.validation,
+                      args.select, args.final)
+    print(format_tune(report))
+    return 0
+
+
+def parse_grid(specs: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """``["loss.temperature=0.05,0.1", "data.signals=[click],[purchase]"]`` ->
+    ``[("loss.temperature", ["0.05", "0.1"]), ("data.signals", ["[click]", "[purchase]"])]``
+    (commas inside brackets belong to the value)."""
+    from mim_rec.config import ConfigError
+    grid = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ConfigError(f"--grid {spec!r}: expected KEY=V1,V2,...")
+        parts, depth, current = [], 0, ""
+        for char in values:
+            depth += {"[": 1, "]": -1}.get(char, 0)
+            if char == "," and depth == 0:
+                parts.append(current)
+                current = ""
+            else:
+                current += char
+        parts.append(current)
+        if any(not p.strip() for p in parts):
+            raise ConfigError(f"--grid {spec!r}: empty value")
+        grid.append((key.strip(), [p.strip() for p in parts]))
+    keys = [k for k, _ in grid]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"--grid names a setting twice: {keys}")
+    return grid
+
+
+def score(metrics: Dict[str, float], stage1: Dict[str, float], select: str) -> float:
+    """The selection score of one run's validation metrics (see the module docstring)."""
+    from mim_rec.config import ConfigError
+    if select != "balanced":
+        if select not in metrics:
+            raise ConfigError(f"--select {select!r}: not a metric; expected balanced or one of "
+                              f"{sorted(k for k, v in metrics.items() if isinstance(v, float))}")
+        return float(metrics[select])
+    tiny = 1e-12
+    recall = metrics["recall@10"] / max(stage1["recall@10"], tiny)
+    auc = (metrics["pair_auc"] - 0.5) / max(stage1["pair_auc"] - 0.5, tiny)
+    return float(min(recall, auc))
+
+
+def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[str]]],
+             validation: float, select: str = "balanced", final: bool = False) -> Dict:
+    from mim_rec.config import load_config
+    from mim_rec.csft.config import CsftConfig
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from train.csft_runs import csft_result, stage1_result
+
+    base = load_config(CsftConfig, config_path, overrides)
+    out = Path(base.out)
+    cache = base.data.feature_cache or str(out / "features")
+    world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
+    shared = [*overrides, f"data.feature_cache={cache}"]
+
+    def config_of(settings: Sequence[str], folder: Path, held_out_share: float):
+        return load_config(CsftConfig, config_path, [*shared, *settings, f"out={folder}",
+                                                     f"data.validation={held_out_share}"])
+
+    valid = world.held_out(validation)
+    stage1 = stage1_result(config_of([], out, validation), world, valid, out / "stage1_validation")
+    trials = []
+    for values in itertools.product(*(v for _, v in grid)):
+        settings = [f"{key}={value}" for (key, _), value in zip(grid, values)]
+        name = "_".join(f"{key.rsplit('.', 1)[-1]}-{value}" for (key, _), value in zip(grid, values))
+        metrics = csft_result(config_of(settings, out / "trials" / _safe(name), validation), world, valid)
+        trials.append({"name": name, "settings": settings, "metrics": metrics,
+                       "score": score(metrics, stage1, select)})
+    best = max(trials, key=lambda t: t["score"])
+    report = {"validation": validation, "select": select, "validation_pairs": len(valid.pairs),
+              "stage1": stage1, "trials": trials, "chosen": best["settings"]}
+    if final:
+        test = world.held_out(0.0)
+        report["final"] = {"stage1": stage1_result(config_of([], out, 0.0), world, test, out / "stage1_test"),
+                           "csft": csft_result(config_of(best["settings"], out / "final", 0.0), world, test)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune.json").write_text(json.dumps(report, indent=2))
+    (out / "TUNE.md").write_text(format_tune(report) + "\n")
+    return report
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def format_tune(report: Dict) -> str:
+    """Markdown: the validation table (chosen row in bold) and, with --final, the test table."""
+    def row(label: str, metrics: Dict, *extra: str) -> str:
+        return "| " + " | ".join([label, *(f"{metrics[m]:.4f}" for m in METRICS), *extra]) + " |"
+
+    def header(first: str, *extra: str) -> List[str]:
+        columns = [first, *METRICS, *extra]
+        return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+    lines = [f"### Validation (latest {report['validation']:.0%} of the training pairs, "
+             f"{report['validation_pairs']} pairs; select by {report['select']})", "",
+             *header("settings", "score"), row("stage 1 (no C-SFT)", report["stage1"], "-")]
+    for trial in report["trials"]:
+        mark = "**" if trial["settings"] == report["chosen"] else ""
+        lines.append(row(f"{mark}{' '.join(trial['settings'])}{mark}", trial["metrics"], f"{trial['score']:.4f}"))
+    if "final" in report:
+        final = report["final"]
+        lines += ["", "### Test (the chosen settings trained on every training pair)", "",
+                  *header("embeddings"), row("stage 1 (no C-SFT)", final["stage1"]),
+                  row("C-SFT " + " ".join(report["chosen"]), final["csft"])]
+    return "\n".join(lines)
