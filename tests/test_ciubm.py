@@ -141,6 +141,19 @@ def test_whitening_statistics_give_unit_covariance_in_any_chunking():
         MMWhitening(6, 7)
 
 
+def test_whitening_zeroes_directions_the_table_does_not_span():
+    from mim_rec.ciubm.whitening import whitening_statistics
+
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(3, 6, generator=generator).repeat(50, 1)  # 3 distinct rows: rank 2 after centring
+    _, projection = whitening_statistics(lambda a, b: rows[a:b], 150, components=5)
+    assert torch.count_nonzero(projection.abs().sum(0) > 0) == 2
+    white = (rows - rows.mean(0)) @ projection
+    assert white.abs().max() < 10  # no amplified rounding noise
+    torch.testing.assert_close(white.T @ white / 150, torch.diag(torch.tensor([1.0, 1, 0, 0, 0])),
+                               atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true"),
                                      ("model.mm_whiten=6",)])
 def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options):

@@ -44,7 +44,9 @@ def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int
     are all-reduced (on ``device``: the process group's, CUDA under nccl), so every rank ends
     with the same transform for ``1/W`` of the reading.
     Sums are float64; the top ``k`` eigenvectors of the covariance are scaled by
-    ``1/sqrt(eigenvalue)`` (eigenvalues floored at 1e-12 of the largest).
+    ``1/sqrt(eigenvalue)``. A direction whose variance is below 1e-6 of the largest (a table
+    with fewer distinct rows than ``k``, or a constant column) gets a zero column rather than
+    a huge scale: whitening must not turn rounding noise into the loudest part of a cosine.
     """
     import torch.distributed as dist
 
@@ -68,5 +70,6 @@ def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int
     covariance = gram / count - torch.outer(mean, mean)
     values, vectors = torch.linalg.eigh(covariance)  # ascending
     values, vectors = values.flip(0)[:components], vectors.flip(1)[:, :components]
-    values = values.clamp(min=float(values[0]) * 1e-12)
-    return mean.float().cpu(), (vectors / values.sqrt()).float().cpu()
+    informative = values > float(values[0]) * 1e-6
+    scale = torch.where(informative, values.clamp(min=1e-300).rsqrt(), torch.zeros_like(values))
+    return mean.float().cpu(), (vectors * scale).float().cpu()
