@@ -96,7 +96,7 @@ def _model(world, base_table, tmp_path):
     items = ItemInfo.from_items(world / "items.parquet")
     model, _, _ = ciubm.build_sharded_model(config, ciubm._sizes(config, items), ctx)
     rows_of, source = ciubm.mm_rows(config, items.count, DIM)
-    ciubm.fill_mm_table(model, rows_of)
+    ciubm.load_mm_table(model, rows_of, items.count, ctx.device)
     return model.eval(), items, config, source
 
 

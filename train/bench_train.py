@@ -392,14 +392,14 @@ def bench_sizes(config: TrainBenchConfig) -> Dict[str, int]:
 
 def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: Dict[str, int], ctx):
     """``(DMP CiUBM, optimizer step)`` exactly as ``mim train`` builds them, MM table filled."""
-    from train.ciubm import TrainConfig, build_sharded_model, fill_mm_table
+    from train.ciubm import TrainConfig, build_sharded_model, load_mm_table
 
     train_config = TrainConfig(model=model_config, loader=LoaderConfig(batch_size=config.batch_size),
                                lr=config.lr, id_lr=config.id_lr, seed=config.seed)
     model, optimizer, _ = build_sharded_model(train_config, sizes, ctx)
     if model_config.uses_mm:
         vectors = torch.randn(sizes["items"], model_config.mm_dim, generator=torch.Generator().manual_seed(config.seed))
-        fill_mm_table(model, lambda start, stop: vectors[start:stop])
+        load_mm_table(model, lambda start, stop: vectors[start:stop], sizes["items"], ctx.device)
 
     def step() -> None:
         optimizer.step()

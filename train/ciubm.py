@@ -294,17 +294,22 @@ def fill_mm_table(model, rows_of) -> None:
             tensor.copy_(rows_of(r, r + rows)[:, c:c + cols])
 
 
-def fit_mm_whitening(model, rows_of, count: int, components: int, device) -> None:
-    """Set the model's MM whitening buffers from the table's rows (every rank the same); a
-    resumed run then loads the checkpoint's copy of them, which is the same transform."""
+def load_mm_table(model, rows_of, count: int, device) -> None:
+    """Fill this rank's shards of the MM table and, when the model whitens its view of the
+    table (``model.mm_whiten``), fit the whitening from the same rows. One call for both, so no
+    model looks its table up through an unfitted (all-zero) transform. A resumed run then loads
+    the checkpoint's copy of the statistics, which is the same transform."""
     import torch
 
     from mim_rec.ciubm.whitening import whitening_statistics
 
-    mean, projection = whitening_statistics(rows_of, count, components, device)
+    fill_mm_table(model, rows_of)
     buffers = {name.rsplit(".", 1)[-1]: b for name, b in model.named_buffers() if ".mm_whitening." in f".{name}"}
+    if not buffers:
+        return
     if set(buffers) != {"mean", "projection"}:
         raise RuntimeError(f"expected the model's mm_whitening buffers, found {sorted(buffers)}")
+    mean, projection = whitening_statistics(rows_of, count, buffers["projection"].shape[1], device)
     with torch.no_grad():
         buffers["mean"].copy_(mean)
         buffers["projection"].copy_(projection)
@@ -372,9 +377,7 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
     if config.model.uses_mm:
         rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
-        fill_mm_table(model, rows_of)
-        if config.model.mm_whiten:
-            fit_mm_whitening(model, rows_of, items.count, config.model.mm_whiten_components, ctx.device)
+        load_mm_table(model, rows_of, items.count, ctx.device)
         per_rank = [None] * ctx.world_size
         dist.all_gather_object(per_rank, mm_table_bytes(model))
         if logger:

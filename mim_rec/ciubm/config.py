@@ -22,7 +22,9 @@ class ModelConfig:
     ubm_options: Dict[str, object] = field(default_factory=dict)
     id_interest: bool = True               # the UBM over item-ID embeddings
     content_interest: bool = True          # sum of cos(h_t^MM, h_i^MM) * h_i^MM
-    content_pool: Literal["sum", "mean"] = "sum"  # mean: the sum over the number of real behaviours
+    # mean: the weighted sum over the number of real behaviours, so its scale does not grow with
+    # the history (docs/ciubm.md); sum: as the paper writes it.
+    content_pool: Literal["sum", "mean"] = "mean"
     fusion_interest: bool = True           # sum of cos(h_t^MM, h_i^MM) * h_i^ID
     item_dim: int = 16
     category_dim: int = 8
@@ -33,8 +35,9 @@ class ModelConfig:
     mm_projection: Optional[int] = None    # learned width of the target's MM vector and the content interest
                                            # before the over-arch (None: the raw mm_dim, as in the paper)
     content_match: bool = False            # also feed the mean and max content weight a_ti (2 scalars)
-    mm_whiten: Optional[int] = None        # PCA-whiten the looked-up MM vectors to at most this many components
-                                           # (statistics fitted once from the table, never trained)
+    # PCA-whiten the looked-up MM vectors to at most this many components (statistics fitted once
+    # from the table, never trained; docs/ciubm.md). None or 0: the raw table, as in the paper.
+    mm_whiten: Optional[int] = 16
     query_buckets: int = 20_000
     over_arch: List[int] = field(default_factory=lambda: [200, 80])
     dien_aux_weight: float = 1.0
