@@ -269,6 +269,9 @@ def test_balanced_score_is_the_weaker_relative_gain():
     assert score({"recall@10": 0.03, "pair_auc": 0.60}, stage1, "balanced") == pytest.approx(1.25)  # AUC side
     assert score({"recall@10": 0.01, "pair_auc": 0.62}, stage1, "balanced") == pytest.approx(0.5)   # recall side
     assert score({"recall@10": 0.01, "pair_auc": 0.62}, stage1, "pair_auc") == 0.62
+    from mim_rec.config import ConfigError
+    with pytest.raises(ConfigError, match="--select 'auc'"):
+        score({"recall@10": 0.01, "pair_auc": 0.62}, stage1, "auc")
 
 
 def test_grid_values_keep_bracketed_lists_whole():

@@ -96,6 +96,8 @@ def score(metrics: Dict[str, float], stage1: Dict[str, float], select: str) -> f
 
 def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[str]]],
              validation: float, select: str = "balanced", final: bool = False) -> Dict:
+    """Train and score every grid combination on the validation split (and the chosen one on
+    the test files with ``final``); returns what ``OUT/tune.json`` holds."""
     from mim_rec.config import load_config
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
@@ -113,6 +115,7 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
 
     valid = world.held_out(validation)
     stage1 = stage1_result(config_of([], out, validation), world, valid, out / "stage1_validation")
+    score(stage1, stage1, select)  # an unknown --select fails here, before any training
     trials = []
     for values in itertools.product(*(v for _, v in grid)):
         settings = [f"{key}={value}" for (key, _), value in zip(grid, values)]
