@@ -76,7 +76,9 @@ class LossConfig:
     # infonce: multi-level InfoNCE; pairwise_ce: a match/no-match classifier over the same
     # candidates; category_ce: classify the item's category (interest-irrelevant baseline).
     kind: LossKind = "infonce"
-    temperature: float = 0.07
+    # Chosen by mim csft-tune on the default world's validation split from 0.07 (the common
+    # contrastive default), 0.1, 0.14 and 0.2 (docs/csft.md).
+    temperature: float = 0.14
     alpha: float = 0.5             # weight of L_q2txt
     beta: float = 0.5              # weight of L_q2img
 
