@@ -5,6 +5,7 @@ its stage."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import sys
 
 import pytest
@@ -41,6 +42,31 @@ def test_a_failing_stage_is_named_with_its_log(tmp_path):
     assert done.returncode != 0
     assert "stage 'validate' failed" in done.stderr and "logs/validate.log" in done.stderr
     assert "items.parquet" in done.stderr  # the log's tail says what was wrong
+
+
+@dataclass
+class StageSettings:
+    """Stands for a stage's config class in the test below."""
+    temperature: float = 0.07
+
+
+@dataclass
+class NewerStageSettings:
+    temperature: float = 0.14
+
+
+def test_a_stage_made_under_other_defaults_is_not_reused(tmp_path, monkeypatch):
+    """Same command line, changed default: the record no longer describes what the command
+    would make now, so the stage runs again."""
+    marker = tmp_path / "artifact.txt"
+    stage = Stage("touch", [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('x')"], marker,
+                  f"{__name__}:StageSettings")
+    run_stage(stage, tmp_path, 1, 1)
+    assert stage_record(stage, tmp_path) is not None
+    monkeypatch.setattr(sys.modules[__name__], "StageSettings", NewerStageSettings)
+    assert stage_record(stage, tmp_path) is None
+    assert run_stage(stage, tmp_path, 1, 1)[1] is False  # ran again
+    assert stage_record(stage, tmp_path) is not None   # and is current now
 
 
 def test_a_finished_stage_is_recorded_and_then_reused(tmp_path):

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from train.pipeline import MODELS, PRESETS as PIPELINE_PRESETS, Stage, code_version, csft_feature_cache, \
-    mim_command, representation_chain, run_stage, stage_record, torchx_command, world_folder
+from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESETS, PRETRAIN, Stage, code_version, \
+    csft_feature_cache, mim_command, representation_chain, run_stage, stage_record, torchx_command, world_folder
 
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
 ALL_TABLES = (2, 3, 4, 5, 6)
@@ -209,34 +209,35 @@ def stages(plan: Plan) -> List[Stage]:
         result.append(Stage("mfm_stage1", mim + ["embeddings", "build", f"world={world}", f"encoders={encoders}",
                                                  f"out={out / 'mm_table_stage1'}",
                                                  f"feature_cache={csft_feature_cache(out)}"],
-                            out / "mm_table_stage1" / "manifest.json"))
+                            out / "mm_table_stage1" / "manifest.json", BUILD))
     if 3 in tables and has_truth(plan):
         result.append(Stage("mfm_truth", mim + ["embeddings", "build", f"world={world}",
                                                 f"encoders={world / 'truth'}", f"out={out / 'mm_table_truth'}"],
-                            out / "mm_table_truth" / "manifest.json"))
+                            out / "mm_table_truth" / "manifest.json", BUILD))
     runs = ctr_runs(plan)
     if runs:
         grid = _grid_file(out, runs)
         result.append(Stage("ctr_grid", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, "--",
                                                   "--grid", str(grid), f"data.world={world}", *preset["train"],
                                                   *plan.ctr_overrides],
-                            plan.ctr_dir / runs[-1]["name"] / "metrics.json"))
+                            plan.ctr_dir / runs[-1]["name"] / "metrics.json", CIUBM))
     if 6 in tables:
         result.append(Stage("bench_train", mim + ["bench", "train", "--json", str(out / "bench_train.json"),
                                                   f"world={world}", *plan.preset.bench_train],
-                            out / "bench_train.json"))
+                            out / "bench_train.json", "train.bench_train:TrainBenchConfig"))
         result.append(Stage("bench_lookup", mim + [
             "bench", "lookup", "--json", str(out / "bench_lookup.json"), f"items={world / 'items.parquet'}",
             f"encoder={out / 'csft' / 'mm_encoder'}", f"mm_table={out / 'mm_table'}", *plan.preset.bench_lookup],
-                            out / "bench_lookup.json"))
+                            out / "bench_lookup.json", "train.bench_lookup:LookupBenchConfig"))
     if 3 in tables:
         result.append(Stage("pretrain_eval", mim + ["pretrain-eval", f"data.world={world}", f"out={out / 'pretrain'}",
-                                                    *preset["pretrain"]], out / "pretrain" / "eval.json"))
+                                                    *preset["pretrain"]], out / "pretrain" / "eval.json", PRETRAIN))
     if tables & {3, 4, 5}:
         ablations = out / "csft_tables"
         result.append(Stage("csft_tables", mim + [
             "csft-ablations", f"data.world={world}", f"encoders={encoders}", f"out={ablations}",
-            f"data.feature_cache={out / 'csft' / 'features'}", *preset["csft"]], ablations / "ablations.json"))
+            f"data.feature_cache={out / 'csft' / 'features'}", *preset["csft"]], ablations / "ablations.json",
+            CSFT))
     return result
 
 

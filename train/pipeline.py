@@ -37,12 +37,33 @@ class Stage:
     name: str
     argv: List[str]
     done_marker: Path   # the artifact file whose presence means the stage finished
+    # "module:Class" of the config the command resolves its settings from: its defaults decide
+    # the artifact as much as the command line does (see :func:`defaults_fingerprint`).
+    settings: Optional[str] = None
 
     @property
     def command(self) -> List[str]:
         """The arguments that decide the artifact: argv without its program path (``.venv/bin/
         python`` and ``.venv/bin/python3`` run the same stage)."""
         return self.argv[1:]
+
+
+SYNTH, PRETRAIN, CSFT = "mim_rec.data.synth.config:SynthConfig", "mim_rec.pretrain.config:PretrainConfig", \
+    "mim_rec.csft.config:CsftConfig"
+BUILD, CIUBM = "train.embeddings_cmd:BuildConfig", "train.ciubm:TrainConfig"
+
+
+def defaults_fingerprint(settings: Optional[str]) -> Optional[str]:
+    """A fingerprint of the default values of ``settings`` ("module:Class"), or None. A stage
+    record keeps it, so that a release which changes a default (a temperature, a pooling) does
+    not reuse an artifact its command line alone says is current."""
+    if settings is None:
+        return None
+    import importlib
+
+    from mim_rec.data.manifest import fingerprint_config
+    module, name = settings.split(":")
+    return fingerprint_config(getattr(importlib.import_module(module), name)())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,19 +109,20 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     plan = []
     if not world_arg:
         plan.append(Stage("synth", mim + ["data", "synth", "--out", str(world), *preset["synth"]],
-                          world / "manifest.json"))
+                          world / "manifest.json", SYNTH))
     plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok"))
     plan.append(Stage("pretrain", mim + ["pretrain", f"data.world={world}", f"out={out / 'pretrain'}",
-                                         *preset["pretrain"]], out / "pretrain" / "encoders" / "manifest.json"))
+                                         *preset["pretrain"]], out / "pretrain" / "encoders" / "manifest.json",
+                      PRETRAIN))
     torchx, distributed = torchx_command(nproc)
     plan.append(Stage("csft", torchx + ["torchx_components/mim.py:csft", *distributed,
                                         f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}",
                                         f"out={out / 'csft'}", *preset["csft"]],
-                      out / "csft" / "mm_encoder" / "manifest.json"))
+                      out / "csft" / "mm_encoder" / "manifest.json", CSFT))
     plan.append(Stage("mfm", mim + ["embeddings", "build", f"world={world}",
                                     f"encoders={out / 'csft' / 'mm_encoder'}", f"out={out / 'mm_table'}",
                                     f"feature_cache={csft_feature_cache(out)}"],
-                      out / "mm_table" / "manifest.json"))
+                      out / "mm_table" / "manifest.json", BUILD))
     return world, plan
 
 
@@ -113,7 +135,7 @@ def stages(args: argparse.Namespace) -> List[Stage]:
         plan.append(Stage(f"train_{model}", torchx + [
             "torchx_components/mim.py:train_ciubm", *distributed, f"data.world={world}",
             f"mm_table={out / 'mm_table'}", f"out={run_dir}", f"model.ubm={args.ubm}",
-            *preset["train"], *switches], run_dir / "metrics.json"))
+            *preset["train"], *switches], run_dir / "metrics.json", CIUBM))
     return plan
 
 
@@ -138,11 +160,12 @@ def code_version() -> Dict[str, object]:
 
 
 def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
-    """The record of the finished run that made ``stage``'s artifact with the same command, or None."""
+    """The record of the finished run that made ``stage``'s artifact with the same command and
+    the same defaults, or None."""
     record_path = record_file(stage, out)
     if stage.done_marker.exists() and record_path.exists():
         record = json.loads(record_path.read_text())
-        if record["argv"][1:] == stage.command:
+        if record["argv"][1:] == stage.command and record.get("defaults") == defaults_fingerprint(stage.settings):
             return record
     return None
 
@@ -173,7 +196,8 @@ def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, b
         stage.done_marker.write_text("ok\n")
     record_path = record_file(stage, out)
     record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps({"argv": stage.argv, "wall_s": wall, "code": version}))
+    record_path.write_text(json.dumps({"argv": stage.argv, "wall_s": wall, "code": version,
+                                       "defaults": defaults_fingerprint(stage.settings)}))
     print(f"[{index}/{total}] {stage.name}: done in {wall:.0f} s", flush=True)
     return wall, False
 
