@@ -1,4 +1,4 @@
-"""train.common.CheckpointManager: retention, RNG restore, refusal of foreign checkpoints."""
+"""train.common.CheckpointManager: retention, RNG restore, frozen weights, refusal of foreign checkpoints."""
 
 from __future__ import annotations
 
@@ -42,3 +42,29 @@ def test_refuses_a_checkpoint_of_another_configuration(tmp_path):
 def test_nothing_to_resume(tmp_path):
     model, optimizer = _model_and_optimizer()
     assert CheckpointManager(tmp_path / "none", "abc").resume(model, optimizer) is None
+
+
+def _partly_frozen_model():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)  # stands for a frozen backbone
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(trainable, lr=0.1)
+
+
+def test_frozen_weights_are_left_out_and_checked_on_resume(tmp_path):
+    torch.manual_seed(0)
+    model, optimizer = _partly_frozen_model()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    path = CheckpointManager(tmp_path, "abc").save(1, model, optimizer)
+    assert set(torch.load(path, weights_only=False)["model"]) == {"1.weight", "1.bias"}
+
+    torch.manual_seed(0)  # the same construction gives the same frozen weights
+    fresh, fresh_optimizer = _partly_frozen_model()
+    CheckpointManager(tmp_path, "abc").resume(fresh, fresh_optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                fresh.state_dict().values()))
+
+    other, other_optimizer = _partly_frozen_model()  # other frozen weights
+    with pytest.raises(ValueError, match="other frozen weights"):
+        CheckpointManager(tmp_path, "abc").resume(other, other_optimizer)

@@ -4,10 +4,16 @@ A training checkpoint holds everything a run needs to continue as if never stopp
 and optimizer state, the global step (which is also the data position: every trainer here
 draws batch ``s`` as a pure function of ``(seed, s)``), each rank's RNG states, and a
 fingerprint of the configuration so a checkpoint is never resumed under other settings.
+
+Frozen parameters (``requires_grad=False``) are not written: they are what the model was
+built from (the stage-1 encoders under a C-SFT run, some 110 MB that every checkpoint would
+otherwise repeat). A digest of them is written instead, and resume refuses a model whose
+frozen weights differ from those the checkpoint was trained against.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import re
@@ -51,6 +57,25 @@ def _all_ranks_rng() -> List[Dict[str, Any]]:
     return states  # type: ignore[return-value]
 
 
+def _frozen_parameters(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """A digest of the frozen parameters' names, shapes and values."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, param in sorted(_frozen_parameters(model).items()):
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _trained_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict without the frozen parameters."""
+    frozen = set(_frozen_parameters(model))
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
 @dataclass
 class Resumed:
     step: int
@@ -77,9 +102,9 @@ class CheckpointManager:
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return None
         buffer = io.BytesIO()
-        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "rng": rng, "config_fingerprint": self.config_fingerprint,
-                    "extra": extra or {}}, buffer)
+        torch.save({"step": step, "model": _trained_state(model), "frozen": frozen_digest(model),
+                    "optimizer": optimizer.state_dict(), "rng": rng,
+                    "config_fingerprint": self.config_fingerprint, "extra": extra or {}}, buffer)
         path = self.directory / f"step-{step:09d}.pt"
         atomic_write_bytes(path, buffer.getvalue())
         for old in self.checkpoints()[:-self.keep]:
@@ -101,7 +126,14 @@ class CheckpointManager:
         if len(state["rng"]) != (dist.get_world_size() if distributed else 1):
             raise ValueError(f"{found[-1]} was written by {len(state['rng'])} rank(s); "
                              f"resume with the same world size")
-        model.load_state_dict(state["model"])
+        if state["frozen"] != frozen_digest(model):
+            raise ValueError(f"{found[-1]} was trained against other frozen weights than this "
+                             f"model's (did the encoders it was built from change?); use a fresh "
+                             f"output folder")
+        missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        if set(missing) != set(_frozen_parameters(model)) or unexpected:
+            raise ValueError(f"{found[-1]} does not fit this model (missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]})")
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"][rank])
         return Resumed(step=state["step"], extra=state["extra"])
