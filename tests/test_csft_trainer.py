@@ -232,17 +232,17 @@ def test_validation_holds_out_the_latest_pairs_and_their_period(inputs):
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
 def test_validation_share_must_lie_inside_zero_and_one(fraction):
     import numpy as np
-    from mim_rec.csft.data import validation_cut
+    from mim_rec.data.split import time_cut
     with pytest.raises(ValueError, match="data.validation"):
-        validation_cut(np.arange(10), fraction, "pairs_train.parquet")
+        time_cut(np.arange(10), fraction, "pairs_train.parquet")
 
 
 def test_a_cut_that_leaves_nothing_to_train_on_is_named():
     import numpy as np
-    from mim_rec.csft.data import validation_cut
+    from mim_rec.data.split import time_cut
     from mim_rec.data.errors import DataError
-    with pytest.raises(DataError, match="pairs_train.parquet.*leaves no pairs"):
-        validation_cut(np.full(10, 7), 0.2, "pairs_train.parquet")
+    with pytest.raises(DataError, match="pairs_train.parquet.*leaves no rows"):
+        time_cut(np.full(10, 7), 0.2, "pairs_train.parquet")
 
 
 def test_a_validation_run_trains_without_the_held_out_pairs_and_scores_them(inputs, tmp_path):

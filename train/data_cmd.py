@@ -14,6 +14,7 @@ DATA_COMMAND_MODULES: tuple = (
     "train.data_summary",
     "train.data_validate",
     "train.data_import",
+    "train.data_holdout",
 )
 
 

@@ -29,6 +29,7 @@ from mim_rec.data.errors import DataError
 from mim_rec.data.io import read_items, read_pairs
 from mim_rec.data.manifest import fingerprint_file
 from mim_rec.data.schemas import SIGNALS
+from mim_rec.data.split import time_cut
 from mim_rec.encoders.text import HFTextEncoder
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
 from mim_rec.pretrain.corpus import ItemCorpus, corpus_from_table
@@ -76,20 +77,6 @@ def read_pair_file(path: PathLike, item_count: int, signals: Optional[Sequence[s
     return Pairs(path, rows, table.column("item_id").to_numpy()[rows],
                  table.column("category_id").to_numpy()[rows], [str(s) for s in signal[rows]],
                  table.column("ts").to_numpy()[rows])
-
-
-def validation_cut(ts: np.ndarray, fraction: float, path: PathLike) -> int:
-    """The time from which the latest ``fraction`` of pairs (by ``ts``) is held out: pairs at
-    or after it validate, the earlier ones train. Splitting by time, like the world's own
-    train/test split, keeps the validation period after everything trained on."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"data.validation must lie strictly between 0 and 1, got {fraction}")
-    ordered = np.sort(ts)
-    cut = int(ordered[min(len(ordered) - 1, int(np.floor(len(ordered) * (1.0 - fraction))))])
-    if not (ordered < cut).any():
-        raise DataError(str(path), f"data.validation={fraction} leaves no pairs to train on "
-                        "(every pair shares the cut's timestamp)", field="ts")
-    return cut
 
 
 @dataclass
@@ -228,7 +215,7 @@ class WorldInputs:
         pairs = self.pairs("train", signals)
         if not validation:
             return pairs
-        cut = validation_cut(self.pairs("train").ts, validation, pairs.path)
+        cut = time_cut(self.pairs("train").ts, validation, pairs.path)
         return pairs.where(pairs.ts < cut)
 
     def held_out(self, validation: float = 0.0) -> HeldOut:
@@ -239,7 +226,7 @@ class WorldInputs:
         if not validation:
             return HeldOut("test", "test", self.pairs("test"), self.world / "events_test.parquet", None)
         pairs = self.pairs("train")
-        cut = validation_cut(pairs.ts, validation, pairs.path)
+        cut = time_cut(pairs.ts, validation, pairs.path)
         return HeldOut("validation", "train", pairs.where(pairs.ts >= cut),
                        self.world / "events_train.parquet", cut)
 

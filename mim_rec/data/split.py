@@ -1,0 +1,141 @@
+"""Time splits: the latest share of a world's training rows, held out to choose settings on.
+
+A setting chosen on the test events is a setting tuned to them, and the test AUC it then
+reports is optimistic. Holding out the *latest* share of the training period (not a random
+share) keeps what is scored after everything trained on, as the world's own train/test split
+does, so the choice is made under the same conditions as the test it is reported on.
+
+:func:`holdout_world` writes such a split as a world folder of its own (``events_test`` = the
+held-out period), so every command that takes a world (``mim train``, ``mim experiment
+--world``, ``mim csft``) runs on it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mim_rec.data.errors import DataError
+from mim_rec.data.io import read_events, read_pairs, validate_file
+from mim_rec.data.manifest import Manifest, fingerprint_file, read_manifest, write_manifest
+from mim_rec.data.schemas import ITEMS
+
+PathLike = Union[str, Path]
+HOLDOUT_STAGE = "holdout"
+
+
+def time_cut(ts: np.ndarray, fraction: float, path: PathLike, option: str = "data.validation") -> int:
+    """The time from which the latest ``fraction`` of rows (by ``ts``) is held out: rows at or
+    after it validate, the earlier ones train. ``option`` names the setting in errors."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"{option} must lie strictly between 0 and 1, got {fraction}")
+    ordered = np.sort(ts)
+    cut = int(ordered[min(len(ordered) - 1, int(np.floor(len(ordered) * (1.0 - fraction))))])
+    if not (ordered < cut).any():
+        raise DataError(str(path), f"{option}={fraction} leaves no rows to train on "
+                        "(every row shares the cut's timestamp)", field="ts")
+    return cut
+
+
+def _write(table: pa.Table, path: Path, row_group_size: int) -> None:
+    """Write ``table`` to ``path`` through a temporary name: a file there is always whole."""
+    partial = path.with_name(path.name + ".partial")
+    pq.write_table(table, partial, row_group_size=row_group_size)
+    os.replace(partial, path)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the filesystem allows (no second copy of a 200 MB catalogue), else a copy."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _row_group_size(path: Path) -> int:
+    """The source's row-group size: the loader shuffles within groups of row groups, so the
+    split files keep the granularity of the file they came from."""
+    metadata = pq.ParquetFile(path).metadata
+    return max(1, metadata.row_group(0).num_rows) if metadata.num_row_groups else 1
+
+
+def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str, int]:
+    """Write the world ``out``: ``source``'s items, its ``events_train`` before the cut as
+    ``events_train`` and from the cut on as ``events_test``; ``pairs_train`` split at the same
+    time into ``pairs_train`` / ``pairs_test`` (so C-SFT on ``out`` never trains on the
+    held-out period either); the synthetic ground truth split alike where present. The
+    source's test files are not read. Returns the row counts; the manifest, written last,
+    records the source files' fingerprints, the fraction and the cut."""
+    source, out = Path(source), Path(out)
+    if source.resolve() == out.resolve():
+        raise ValueError(f"--out must differ from the source world {source}")
+    items_path, events_path = source / "items.parquet", source / "events_train.parquet"
+    for path in (items_path, events_path):
+        if not path.is_file():
+            raise DataError(str(path), "a world to hold out from needs this file")
+    item_count = validate_file(items_path, ITEMS, keep=False).rows
+    events = read_events(events_path, item_count)
+    cut = time_cut(events.column("ts").to_numpy(), fraction, events_path, option="--fraction")
+    validating = events.column("ts").to_numpy() >= cut
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # a half-written split is never "done"
+    _link_or_copy(items_path, out / "items.parquet")
+    groups = _row_group_size(events_path)
+    _write(events.filter(pa.array(~validating)), out / "events_train.parquet", groups)
+    _write(events.filter(pa.array(validating)), out / "events_test.parquet", groups)
+    counts = {"items": item_count, "events_train": int((~validating).sum()),
+              "events_test": int(validating.sum())}
+    inputs = {"items": fingerprint_file(items_path), "events_train": fingerprint_file(events_path)}
+
+    pairs_path = source / "pairs_train.parquet"
+    for stale in ("pairs_train.parquet", "pairs_test.parquet"):
+        (out / stale).unlink(missing_ok=True)
+    if pairs_path.is_file():
+        pairs = read_pairs(pairs_path, item_count)
+        later = pairs.column("ts").to_numpy() >= cut
+        groups = _row_group_size(pairs_path)
+        _write(pairs.filter(pa.array(~later)), out / "pairs_train.parquet", groups)
+        _write(pairs.filter(pa.array(later)), out / "pairs_test.parquet", groups)
+        counts.update(pairs_train=int((~later).sum()), pairs_test=int(later.sum()))
+        inputs["pairs_train"] = fingerprint_file(pairs_path)
+    _split_truth(source / "truth", out / "truth", validating)
+
+    write_manifest(out, Manifest(
+        kind="world", stage=HOLDOUT_STAGE, row_count=item_count, inputs=inputs,
+        config={"source": str(source.resolve()), "fraction": fraction, "cut_ts": cut},
+        extra={"counts": counts, "source_config": _source_config(source)}))
+    return counts
+
+
+def _split_truth(source: Path, out: Path, validating: np.ndarray) -> None:
+    """The synthetic ground truth, kept row-aligned with the split events files."""
+    shutil.rmtree(out, ignore_errors=True)
+    if not source.is_dir():
+        return
+    out.mkdir(parents=True)
+    for name in ("items.npz", "users.npz", "README.md"):
+        if (source / name).is_file():
+            _link_or_copy(source / name, out / name)
+    truth_events = source / "events_train.parquet"
+    if truth_events.is_file():
+        table = pq.read_table(truth_events)
+        if table.num_rows != len(validating):
+            raise DataError(str(truth_events), f"{table.num_rows} rows, but events_train.parquet has "
+                            f"{len(validating)}: the ground truth is not row-aligned with the events")
+        pq.write_table(table.filter(pa.array(~validating)), out / "events_train.parquet")
+        pq.write_table(table.filter(pa.array(validating)), out / "events_test.parquet")
+
+
+def _source_config(source: Path) -> Dict:
+    """The source world's own config (a synthetic world's generator settings), if it has one."""
+    if not (source / "manifest.json").is_file():
+        return {}
+    return read_manifest(source).config

@@ -1,0 +1,75 @@
+"""``mim data holdout``: the latest share of the training period becomes the test split of a
+world of its own; nothing of the source's test files is read; errors name the file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_mim
+from mim_rec.data.errors import DataError
+from mim_rec.data.io import validate_world
+from mim_rec.data.split import holdout_world, time_cut
+from mim_rec.data.synth import SynthConfig, generate_world, tiny
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(tiny(SynthConfig(seed=3)), tmp_path_factory.mktemp("world"))
+
+
+def _ts(path):
+    return pq.read_table(path, columns=["ts"]).column("ts").to_numpy()
+
+
+def test_the_latest_share_validates_and_the_rest_trains(world, tmp_path):
+    counts = holdout_world(world, tmp_path / "val", 0.2)
+    source = pq.read_table(world / "events_train.parquet")
+    train, held = (pq.read_table(tmp_path / "val" / f"events_{s}.parquet") for s in ("train", "test"))
+    assert train.num_rows + held.num_rows == source.num_rows
+    assert counts["events_test"] == held.num_rows and 0.15 < held.num_rows / source.num_rows <= 0.25
+    assert train.column("ts").to_numpy().max() < held.column("ts").to_numpy().min()  # split by time
+    assert sorted(train.column("ts").to_pylist() + held.column("ts").to_pylist()) == \
+        sorted(source.column("ts").to_pylist())  # every row once, none changed
+    cut = json.loads((tmp_path / "val" / "manifest.json").read_text())["config"]["cut_ts"]
+    assert (_ts(tmp_path / "val" / "pairs_train.parquet") < cut).all()
+    assert (_ts(tmp_path / "val" / "pairs_test.parquet") >= cut).all()
+    truth = pq.read_table(tmp_path / "val" / "truth" / "events_test.parquet")
+    assert truth.num_rows == held.num_rows  # the ground truth stays row-aligned
+    validate_world(tmp_path / "val", echo=lambda line: None)
+
+
+def test_the_source_test_files_are_not_read(world, tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("items.parquet", "events_train.parquet", "pairs_train.parquet"):
+        (source / name).symlink_to(world / name)
+    (source / "events_test.parquet").write_bytes(b"not parquet")
+    holdout_world(source, tmp_path / "val", 0.1)  # the unreadable events_test is never opened
+    assert _ts(tmp_path / "val" / "events_test.parquet").max() <= _ts(world / "events_test.parquet").min()
+
+
+def test_a_missing_events_file_is_named(tmp_path, world):
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "items.parquet").symlink_to(world / "items.parquet")
+    with pytest.raises(DataError, match="events_train.parquet"):
+        holdout_world(tmp_path / "source", tmp_path / "val", 0.1)
+
+
+def test_a_cut_that_leaves_nothing_to_train_on_is_named():
+    with pytest.raises(DataError, match="events_train.parquet.*leaves no rows"):
+        time_cut(np.full(10, 7), 0.2, "events_train.parquet", option="--fraction")
+    with pytest.raises(ValueError, match="--fraction"):
+        time_cut(np.arange(10), 1.0, "events_train.parquet", option="--fraction")
+
+
+def test_cli_writes_a_world_the_trainer_can_take(world, tmp_path):
+    done = run_mim("data", "holdout", str(world), "--out", str(tmp_path / "val"), "--fraction", "0.25")
+    assert done.returncode == 0, done.stderr
+    assert "events_test" in done.stdout
+    manifest = json.loads((tmp_path / "val" / "manifest.json").read_text())
+    assert manifest["kind"] == "world" and manifest["stage"] == "holdout"
+    assert manifest["config"]["fraction"] == 0.25
