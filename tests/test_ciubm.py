@@ -189,9 +189,13 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-9)
 
 
-def _step_losses(out) -> list:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+def _step_records(out) -> list:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line]
+
+
+def _step_losses(out) -> list:
+    return [record["loss"] for record in _step_records(out)]
 
 
 def test_sparse_dist_pipeline_trains_like_the_plain_loop(world, tmp_path, caplog):
@@ -209,6 +213,10 @@ def test_sparse_dist_pipeline_trains_like_the_plain_loop(world, tmp_path, caplog
     assert _step_losses(tmp_path / "piped") == pytest.approx(_step_losses(tmp_path / "plain"), abs=1e-6)
     assert piped["auc"] == pytest.approx(plain["auc"], abs=1e-6)
     assert piped["logloss"] == pytest.approx(plain["logloss"], abs=1e-6)
+    for out in ("plain", "piped"):  # the log splits the objective into its parts
+        for record in _step_records(tmp_path / out):
+            assert record["aux_loss"] > 0
+            assert record["loss"] == pytest.approx(record["bce"] + record["aux_loss"], rel=1e-6)
 
 
 def test_runs_written_before_newer_settings_existed_resume_and_stay_finished(world, tmp_path):

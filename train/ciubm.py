@@ -420,19 +420,27 @@ def _apply_rim(live, model, logger, step: int) -> None:
         logger.log({"event": "rim_apply", "items": applied, "log_offset": live.offset}, step=step)
 
 
-def ctr_loss(logits: torch.Tensor, aux: Optional[torch.Tensor], batch: CtrBatch, aux_weight: float) -> torch.Tensor:
-    """The training objective: BCE weighted by ``meta["weight"]`` (padding rows count 0),
-    normalised by the weight sum, plus the UBM's auxiliary loss (DIEN) times ``aux_weight``."""
+def ctr_loss(logits: torch.Tensor, aux: Optional[torch.Tensor], batch: CtrBatch,
+             aux_weight: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The training objective and its parts ``[total, BCE, auxiliary]`` (detached, for the log).
+
+    BCE weighted by ``meta["weight"]`` (padding rows count 0), normalised by the weight sum,
+    plus the UBM's auxiliary loss (DIEN) times ``aux_weight``; the auxiliary part is 0 for a
+    UBM without one."""
+    import torch
     import torch.nn.functional as F
 
     weight = batch.meta["weight"]
-    loss = F.binary_cross_entropy_with_logits(logits, batch.labels, weight=weight, reduction="sum") \
+    bce = F.binary_cross_entropy_with_logits(logits, batch.labels, weight=weight, reduction="sum") \
         / weight.sum().clamp_min(1)
-    return loss if aux is None else loss + aux_weight * aux
+    aux = torch.zeros_like(bce) if aux is None else aux
+    loss = bce + aux_weight * aux
+    return loss, torch.stack([loss, bce, aux]).detach()
 
 
 class TrainStep:
-    """The model's training forward as TorchRec's pipelines call it: ``batch -> (loss, loss)``.
+    """The model's training forward as TorchRec's pipelines call it: ``batch -> (loss, parts)``
+    with ``parts = [total, BCE, auxiliary]`` detached (what :func:`ctr_loss` returns).
 
     Kept outside the DMP module (TorchRec's ``custom_model_fwd``) rather than wrapping CiUBM
     in a loss module, so the state-dict keys of checkpoints and the evaluation forward stay
@@ -443,8 +451,7 @@ class TrainStep:
 
     def __call__(self, batch: CtrBatch) -> Tuple[torch.Tensor, torch.Tensor]:
         logits, aux = self.model(batch)
-        loss = ctr_loss(logits, aux, batch, self.aux_weight)
-        return loss, loss.detach()
+        return ctr_loss(logits, aux, batch, self.aux_weight)
 
 
 class PlainStep:
@@ -455,11 +462,11 @@ class PlainStep:
         self.forward, self.optimizer, self.device = TrainStep(model, aux_weight), optimizer, device
 
     def progress(self, batches: Iterator[CtrBatch]) -> torch.Tensor:
-        loss, output = self.forward(next(batches).to(self.device))
+        loss, parts = self.forward(next(batches).to(self.device))
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return output
+        return parts
 
     def detach(self):
         return self.forward.model
@@ -467,9 +474,10 @@ class PlainStep:
 
 def make_step(config: TrainConfig, model, optimizer, device):
     """The step function of ``config.train_pipeline``: an object whose ``progress(batches)``
-    trains on the next batch of the iterator and returns the loss (detached), and whose
-    ``detach()`` gives the model back with its own forwards (a pipeline replaces the sharded
-    modules' forwards by ones that read its queued input dists, which evaluation must not).
+    trains on the next batch of the iterator and returns ``[total, BCE, auxiliary]`` loss
+    (detached), and whose ``detach()`` gives the model back with its own forwards (a pipeline
+    replaces the sharded modules' forwards by ones that read its queued input dists, which
+    evaluation must not).
 
     ``sparse_dist`` is TorchRec's ``TrainPipelineSparseDist``: the H2D copy of batch i+2 and
     the input dist (ID all-to-all) of batch i+1 overlap the forward/backward of batch i (CUDA
@@ -521,13 +529,14 @@ def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx,
     started = time.time()
     for done in range(1, steps + 1):
         torch.manual_seed(config.seed * 1_000_003 + progress["global_step"] * ctx.world_size + ctx.rank)
-        loss = step.progress(batches)
+        parts = step.progress(batches)
         _advance(progress, loader.batches_per_epoch)
         bar.update()
         if logger and progress["global_step"] % config.log_every == 0:
-            logger.log({"loss": float(loss), "samples_per_s": done * config.loader.batch_size
+            loss, bce, aux = parts.tolist()  # the one device sync, every log_every steps
+            logger.log({"loss": loss, "bce": bce, "aux_loss": aux, "samples_per_s": done * config.loader.batch_size
                         * ctx.world_size / max(time.time() - started, 1e-9)}, step=progress["global_step"])
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}")
         if live is not None and progress["global_step"] % config.rim_apply_every == 0:
             _apply_rim(live, model, logger, progress["global_step"])
         if progress["global_step"] % config.checkpoint_every == 0:

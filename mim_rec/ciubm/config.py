@@ -34,6 +34,7 @@ class ModelConfig:
     mm_dtype: str = "fp32"                 # storage of the frozen MM table: fp32 | fp16 (int8: see sparse.py)
     mm_projection: Optional[int] = None    # learned width of the target's MM vector and the content interest
                                            # before the over-arch (None: the raw mm_dim, as in the paper)
+    target_mm: bool = True                 # feed the target's own MM vector to the over-arch too
     content_match: bool = False            # also feed the mean and max content weight a_ti (2 scalars)
     # PCA-whiten the looked-up MM vectors to at most this many components (statistics fitted once
     # from the table, never trained; docs/ciubm.md). None or 0: the raw table, as in the paper.

@@ -58,7 +58,8 @@ class CiUBM(nn.Module):
         mm_width = config.mm_projection or looked_up
         self.mm_projection = nn.Linear(looked_up, config.mm_projection) \
             if config.uses_mm and config.mm_projection else nn.Identity()
-        width += 2 * mm_width if config.content_interest else (mm_width if config.uses_mm else 0)
+        width += mm_width if config.content_interest else 0
+        width += mm_width if config.uses_mm and config.target_mm else 0
         width += config.behaviour_dim if config.fusion_interest else 0
         width += 2 if config.uses_mm and config.content_match else 0
         self.over_arch = OverArch(width, config.over_arch)
@@ -80,7 +81,8 @@ class CiUBM(nn.Module):
                 mm = self.mm_whitening(mm)
             target_mm, behaviour_mm = mm[:, 0], mm[:, 1:]
             weights = content_weights(target_mm, behaviour_mm, mask)
-            parts.append(self.mm_projection(target_mm))
+            if self.config.target_mm:
+                parts.append(self.mm_projection(target_mm))
             if self.content_interest is not None:
                 parts.append(self.mm_projection(self.content_interest(weights, behaviour_mm, mask)))
             if self.config.content_match:
