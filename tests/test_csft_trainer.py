@@ -82,10 +82,15 @@ def _trainable_state(out: Path):
     return {k: v for k, v in model.state_dict().items()}
 
 
-def test_resume_from_a_checkpoint_gives_the_same_weights(inputs, tmp_path):
+def test_resume_from_a_checkpoint_gives_the_same_weights(inputs, tmp_path, monkeypatch):
+    from train.common import CheckpointManager
+
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_csft(_config(inputs, straight))
-    run_csft(_config(inputs, resumed))
+    assert [p.name for p in (straight / "checkpoints").iterdir()] == ["step-000000006.pt"]  # finished
+    with monkeypatch.context() as patch:  # a killed run never gets to prune its checkpoints
+        patch.setattr(CheckpointManager, "finish", lambda self: None)
+        run_csft(_config(inputs, resumed))
     # What a run killed after step 4 leaves: the step-3 checkpoint, no artifact.
     (resumed / "checkpoints" / "step-000000006.pt").unlink()
     for path in (resumed / "mm_encoder").rglob("*"):

@@ -21,6 +21,8 @@ def test_keeps_newest_and_restores_state_and_rng(tmp_path):
         optimizer.step()
         manager.save(step, model, optimizer, extra={"phase": "dma"})
     assert [p.name for p in manager.checkpoints()] == ["step-000000006.pt", "step-000000009.pt"]
+    manager.finish()
+    assert [p.name for p in manager.checkpoints()] == ["step-000000009.pt"]
     expected_next = torch.rand(4)  # the draw right after the step-9 save
 
     fresh, fresh_optimizer = _model_and_optimizer()

@@ -63,12 +63,16 @@ def test_warmup_is_skipped_without_dma(world, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dda_steps", [0, 2])
-def test_run_resumed_after_warmup_does_not_redo_it(world, tmp_path, dda_steps):
+def test_run_resumed_after_warmup_does_not_redo_it(world, tmp_path, dda_steps, monkeypatch):
     """A run resumed from the checkpoint written right after the warm-up skips it and ends
     with the uninterrupted run's weights."""
+    from train.common import CheckpointManager
+
     config = _config(world, tmp_path / "run", dda_steps=dda_steps, dma_steps=2,
                      head_warmup_steps=40, checkpoint_every=100)
-    run = run_pretrain(config).parent
+    with monkeypatch.context() as patch:  # keep every checkpoint, as a run killed later would
+        patch.setattr(CheckpointManager, "finish", lambda self: None)
+        run = run_pretrain(config).parent
     want = _weights(run)
     boundary = run / "checkpoints" / f"step-{dda_steps:09d}.pt"
     assert boundary.exists()

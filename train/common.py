@@ -111,6 +111,15 @@ class CheckpointManager:
             old.unlink()
         return path
 
+    def finish(self) -> None:
+        """Keep only the newest checkpoint once training is done: the run resumes from it (a
+        re-run with the same configuration trains no further step), and the older one, kept
+        until now against a crash while writing, is no longer needed. Rank 0 only."""
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        for old in self.checkpoints()[:-1]:
+            old.unlink()
+
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[Resumed]:
         """Load the newest checkpoint into ``model``/``optimizer`` and this rank's RNG."""
         found = self.checkpoints()

@@ -153,6 +153,7 @@ def run_csft(config) -> Path:
             checkpoints.save(done, objective, optimizer,
                              extra={"queues": _all_queue_states(objective.negatives.queue)})
     progress.close()
+    checkpoints.finish()
     final = out / "mm_encoder"
     if ctx.is_main:
         inputs_fp = {"encoders": fingerprint_tree(config.encoders),

@@ -155,6 +155,7 @@ def run_pretrain(config) -> Path:
         elif done % config.checkpoint_every == 0 or done == total:
             checkpoints.save(done, objective, optimizer, extra={"phase": phase})
     progress.close()
+    checkpoints.finish()
     final = out / "encoders"
     if ctx.is_main:
         phases = [p for p, n in (("dda", config.dda_steps), ("dma", config.dma_steps)) if n > 0]
