@@ -120,6 +120,8 @@ def test_mm_projection_and_content_match_set_the_over_arch_width():
     narrow = CiUBM(ModelConfig(ubm="avg", mm_dim=4, mm_whiten=6), **sizes)
     assert narrow.mm_whitening.projection.shape == (4, 4)
     assert first(narrow) - first(CiUBM(ModelConfig(ubm="avg", mm_dim=4), **sizes)) == 0
+    no_target = CiUBM(ModelConfig(ubm="avg", mm_dim=16, target_mm=False), **sizes)
+    assert first(plain) - first(no_target) == 16  # the target's MM vector left out
 
 
 def test_whitening_statistics_give_unit_covariance_in_any_chunking():
@@ -155,7 +157,8 @@ def test_whitening_zeroes_directions_the_table_does_not_span():
 
 
 @pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true"),
-                                     ("model.mm_whiten=0", "model.content_pool=sum")])  # the paper's CiUBM
+                                     ("model.mm_whiten=0", "model.content_pool=sum"),  # the paper's CiUBM
+                                     ("model.target_mm=false",)])
 def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options):
     config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", *options)
     ctx = ciubm._process_group("cpu")
