@@ -70,3 +70,16 @@ def test_frozen_weights_are_left_out_and_checked_on_resume(tmp_path):
     other, other_optimizer = _partly_frozen_model()  # other frozen weights
     with pytest.raises(ValueError, match="other frozen weights"):
         CheckpointManager(tmp_path, "abc").resume(other, other_optimizer)
+
+
+def test_a_checkpoint_with_the_whole_state_still_resumes(tmp_path):
+    """Checkpoints written before frozen weights were left out hold every parameter."""
+    model, optimizer = _partly_frozen_model()
+    path = CheckpointManager(tmp_path, "abc").save(1, model, optimizer)
+    state = torch.load(path, weights_only=False)
+    del state["frozen"]
+    state["model"] = model.state_dict()
+    torch.save(state, path)
+    fresh, fresh_optimizer = _partly_frozen_model()
+    assert CheckpointManager(tmp_path, "abc").resume(fresh, fresh_optimizer).step == 1
+    assert torch.equal(fresh[0].weight, model[0].weight)

@@ -135,14 +135,17 @@ class CheckpointManager:
         if len(state["rng"]) != (dist.get_world_size() if distributed else 1):
             raise ValueError(f"{found[-1]} was written by {len(state['rng'])} rank(s); "
                              f"resume with the same world size")
-        if state["frozen"] != frozen_digest(model):
+        if "frozen" not in state:  # written before frozen weights were left out: the whole state
+            model.load_state_dict(state["model"])
+        elif state["frozen"] != frozen_digest(model):
             raise ValueError(f"{found[-1]} was trained against other frozen weights than this "
                              f"model's (did the encoders it was built from change?); use a fresh "
                              f"output folder")
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
-        if set(missing) != set(_frozen_parameters(model)) or unexpected:
-            raise ValueError(f"{found[-1]} does not fit this model (missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]})")
+        else:
+            missing, unexpected = model.load_state_dict(state["model"], strict=False)
+            if set(missing) != set(_frozen_parameters(model)) or unexpected:
+                raise ValueError(f"{found[-1]} does not fit this model (missing "
+                                 f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"][rank])
         return Resumed(step=state["step"], extra=state["extra"])
