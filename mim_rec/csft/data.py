@@ -70,13 +70,18 @@ def read_pair_file(path: PathLike, item_count: int, signals: Optional[Sequence[s
         row = int(np.flatnonzero(~np.isin(signal, SIGNALS))[0])
         raise DataError(str(path), f"unknown signal {unknown[0]!r}; expected one of {SIGNALS}",
                         row=row, field="signal")
-    keep = np.isin(signal, list(signals)) if signals is not None else np.ones(len(signal), bool)
-    rows = np.flatnonzero(keep)
-    if rows.size == 0:
-        raise DataError(str(path), f"no pairs with signal in {list(signals or [])}", field="signal")
-    return Pairs(path, rows, table.column("item_id").to_numpy()[rows],
-                 table.column("category_id").to_numpy()[rows], [str(s) for s in signal[rows]],
-                 table.column("ts").to_numpy()[rows])
+    every = Pairs(path, np.arange(len(signal)), table.column("item_id").to_numpy(),
+                  table.column("category_id").to_numpy(), [str(s) for s in signal],
+                  table.column("ts").to_numpy())
+    return every if signals is None else with_signals(every, signals)
+
+
+def with_signals(pairs: Pairs, signals: Sequence[str]) -> Pairs:
+    """The pairs whose ``signal`` is in ``signals``; none is an error naming the file."""
+    keep = np.isin(np.asarray(pairs.signals, dtype=object), list(signals))
+    if not keep.any():
+        raise DataError(str(pairs.path), f"no pairs with signal in {list(signals)}", field="signal")
+    return pairs.where(keep)
 
 
 @dataclass
@@ -212,11 +217,12 @@ class WorldInputs:
     def training_pairs(self, signals: Sequence[str], validation: float = 0.0) -> Pairs:
         """The pairs C-SFT learns from: ``pairs_train`` with ``signals``, less the held-out
         validation period when ``validation > 0`` (see :meth:`held_out`)."""
-        pairs = self.pairs("train", signals)
         if not validation:
-            return pairs
-        cut = time_cut(self.pairs("train").ts, validation, pairs.path)
-        return pairs.where(pairs.ts < cut)
+            return self.pairs("train", signals)
+        every = self.pairs("train")  # the cut is placed over every signal, as held_out places it
+        cut = time_cut(every.ts, validation, every.path)
+        chosen = with_signals(every, signals)
+        return chosen.where(chosen.ts < cut)
 
     def held_out(self, validation: float = 0.0) -> HeldOut:
         """The evaluation data. ``validation = 0``: the test files (``pairs_test`` and
