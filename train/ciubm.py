@@ -534,8 +534,10 @@ def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx,
         bar.update()
         if logger and progress["global_step"] % config.log_every == 0:
             loss, bce, aux = parts.tolist()  # the one device sync, every log_every steps
-            logger.log({"loss": loss, "bce": bce, "aux_loss": aux, "samples_per_s": done * config.loader.batch_size
-                        * ctx.world_size / max(time.time() - started, 1e-9)}, step=progress["global_step"])
+            samples = done * config.loader.batch_size * ctx.world_size
+            logger.log({"loss": loss, "bce": bce, "aux_loss": aux,
+                        "samples_per_s": samples / max(time.time() - started, 1e-9)},
+                       step=progress["global_step"])
             bar.set_postfix(loss=f"{loss:.4f}")
         if live is not None and progress["global_step"] % config.rim_apply_every == 0:
             _apply_rim(live, model, logger, progress["global_step"])
