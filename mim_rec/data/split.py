@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import read_events, read_pairs, validate_file
+from mim_rec.data.io import read_events, read_pairs, validate_file, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, read_manifest, write_manifest
-from mim_rec.data.schemas import ITEMS
+from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS, Contract
 
 PathLike = Union[str, Path]
 HOLDOUT_STAGE = "holdout"
@@ -43,11 +43,14 @@ def time_cut(ts: np.ndarray, fraction: float, path: PathLike, option: str = "dat
     return cut
 
 
-def _write(table: pa.Table, path: Path, row_group_size: int) -> None:
-    """Write ``table`` to ``path`` through a temporary name: a file there is always whole."""
-    partial = path.with_name(path.name + ".partial")
-    pq.write_table(table, partial, row_group_size=row_group_size)
-    os.replace(partial, path)
+def _write_split(table: pa.Table, held: np.ndarray, out: Path, stem: str, contract: Contract,
+                 item_count: int) -> Dict[str, int]:
+    """``table``'s rows outside ``held`` as ``out/{stem}_train.parquet``, those in it as
+    ``{stem}_test.parquet`` (checked and written atomically by :func:`write_table`); the counts."""
+    for split, rows in (("train", ~held), ("test", held)):
+        write_table(table.filter(pa.array(rows)), out / f"{stem}_{split}.parquet", contract,
+                    item_count=item_count)
+    return {f"{stem}_train": int((~held).sum()), f"{stem}_test": int(held.sum())}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -57,13 +60,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
-
-
-def _row_group_size(path: Path) -> int:
-    """The source's row-group size: the loader shuffles within groups of row groups, so the
-    split files keep the granularity of the file they came from."""
-    metadata = pq.ParquetFile(path).metadata
-    return max(1, metadata.row_group(0).num_rows) if metadata.num_row_groups else 1
 
 
 def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str, int]:
@@ -82,17 +78,14 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
             raise DataError(str(path), "a world to hold out from needs this file")
     item_count = validate_file(items_path, ITEMS, keep=False).rows
     events = read_events(events_path, item_count)
-    cut = time_cut(events.column("ts").to_numpy(), fraction, events_path, option="--fraction")
-    validating = events.column("ts").to_numpy() >= cut
+    ts = events.column("ts").to_numpy()
+    cut = time_cut(ts, fraction, events_path, option="--fraction")
+    validating = ts >= cut
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # a half-written split is never "done"
     _link_or_copy(items_path, out / "items.parquet")
-    groups = _row_group_size(events_path)
-    _write(events.filter(pa.array(~validating)), out / "events_train.parquet", groups)
-    _write(events.filter(pa.array(validating)), out / "events_test.parquet", groups)
-    counts = {"items": item_count, "events_train": int((~validating).sum()),
-              "events_test": int(validating.sum())}
+    counts = {"items": item_count, **_write_split(events, validating, out, "events", EVENTS, item_count)}
     inputs = {"items": fingerprint_file(items_path), "events_train": fingerprint_file(events_path)}
 
     pairs_path = source / "pairs_train.parquet"
@@ -101,10 +94,7 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
     if pairs_path.is_file():
         pairs = read_pairs(pairs_path, item_count)
         later = pairs.column("ts").to_numpy() >= cut
-        groups = _row_group_size(pairs_path)
-        _write(pairs.filter(pa.array(~later)), out / "pairs_train.parquet", groups)
-        _write(pairs.filter(pa.array(later)), out / "pairs_test.parquet", groups)
-        counts.update(pairs_train=int((~later).sum()), pairs_test=int(later.sum()))
+        counts.update(_write_split(pairs, later, out, "pairs", PAIRS, item_count))
         inputs["pairs_train"] = fingerprint_file(pairs_path)
     _split_truth(source / "truth", out / "truth", validating)
 
