@@ -47,6 +47,11 @@ def restore_rng(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank() -> int:
+    """This process's rank, 0 without a process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _all_ranks_rng() -> List[Dict[str, Any]]:
     """Every rank's RNG state, in rank order (each rank draws its own augmentations)."""
     mine = capture_rng()
@@ -99,7 +104,7 @@ class CheckpointManager:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              extra: Optional[Dict[str, Any]] = None) -> Optional[Path]:
         rng = _all_ranks_rng()
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if _rank() != 0:
             return None
         buffer = io.BytesIO()
         torch.save({"step": step, "model": _trained_state(model), "frozen": frozen_digest(model),
@@ -115,7 +120,7 @@ class CheckpointManager:
         """Keep only the newest checkpoint once training is done: the run resumes from it (a
         re-run with the same configuration trains no further step), and the older one, kept
         until now against a crash while writing, is no longer needed. Rank 0 only."""
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        if _rank() != 0:
             return
         for old in self.checkpoints()[:-1]:
             old.unlink()
@@ -131,7 +136,7 @@ class CheckpointManager:
                              f"(fingerprint {state['config_fingerprint']} != "
                              f"{self.config_fingerprint}); use a fresh output folder")
         distributed = dist.is_available() and dist.is_initialized()
-        rank = dist.get_rank() if distributed else 0
+        rank = _rank()
         if len(state["rng"]) != (dist.get_world_size() if distributed else 1):
             raise ValueError(f"{found[-1]} was written by {len(state['rng'])} rank(s); "
                              f"resume with the same world size")
