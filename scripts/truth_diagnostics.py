@@ -11,6 +11,15 @@
    features (``mim csft``'s ``OUT/features``: image and title) onto the true styles -- how much
    content those features hold for a head that knew what to look for. It is trained on the
    truth, so it is a measuring stick, never a model to ship.
+3. ``--geometry TABLE ...``: how well each MM table's cosines (raw, and in the view CiUBM's
+   default ``model.mm_whiten=16`` gives it) rank item pairs the way the true styles' cosines
+   do, over all pairs and within a category (content interest compares a target with
+   behaviours mostly of its own category), and the held-out R^2 of a ridge readout of each
+   true style coordinate, net of its category mean, from the table. The cosine ranks are what
+   content interest uses; the R^2 says whether the information is there at all.
+4. ``--id-embeddings CHECKPOINT ...``: the same R^2 for the item ID table of a ``mim train``
+   checkpoint (a DCP folder, e.g. ``RUN/checkpoints/step-000000211``), plus the true item
+   effect: what the ID embeddings learned from the events and sequences.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import glob
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -25,6 +35,8 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 COMPONENTS = ("content", "item_effect", "collaborative", "category", "position", "logit")
+STYLE_NAMES = ("hue x", "hue y", "brightness", "size", "stripe freq", "stripe angle", "stripe hue", "backdrop")
+ITEM_TABLE_KEY = "sparse_arch.sequence.embedding_bags.item.weight"
 
 
 def age_buckets(world: Path) -> np.ndarray:
@@ -84,13 +96,99 @@ def readout_table(world: Path, feature_cache: Path, out: Path, ridge: float = 1e
     print(f"MM table: {build_table(Readout(), world / 'items.parquet', out)}")
 
 
+def within_category(values: np.ndarray, categories: np.ndarray) -> np.ndarray:
+    """``values`` minus the mean of its category's rows."""
+    out = values.astype(np.float64).copy()
+    for category in np.unique(categories):
+        rows = categories == category
+        out[rows] -= out[rows].mean(0)
+    return out
+
+
+def heldout_r2(features: np.ndarray, targets: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
+    """Per target column, R^2 on every fifth row of a ridge fit on the other rows."""
+    x = (features - features.mean(0)) / (features.std(0) + 1e-9)
+    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    fit = np.arange(len(x)) % 5 != 0
+    weights = np.linalg.solve(x[fit].T @ x[fit] + ridge * fit.sum() * np.eye(x.shape[1]), x[fit].T @ targets[fit])
+    error = x[~fit] @ weights - targets[~fit]
+    return 1 - (error ** 2).sum(0) / ((targets[~fit] - targets[~fit].mean(0)) ** 2).sum(0)
+
+
+def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rho (no tie correction: the inputs are continuous)."""
+    rx, ry = x.argsort().argsort().double(), y.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+
+
+def pair_cosine(vectors: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    unit = torch.nn.functional.normalize(vectors.double(), dim=1)
+    return (unit[first] * unit[second]).sum(1)
+
+
+def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int = 16) -> None:
+    from embeddings.table import read_mm_table
+    from mim_rec.ciubm.whitening import whitening_statistics
+    from mim_rec.data.manifest import read_manifest
+
+    truth = np.load(world / "truth" / "items.npz")
+    styles, categories = torch.from_numpy(truth["style"]), truth["category"]
+    style_residual = within_category(truth["style"], categories)
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(len(styles), (pairs,), generator=generator) for _ in range(2))
+    same = torch.from_numpy(categories)[first] == torch.from_numpy(categories)[second]
+    true_cos = pair_cosine(styles, first, second)
+    print(f"| table | view | cosine rank corr., all pairs | within a category | "
+          + " | ".join(STYLE_NAMES) + " |")
+    print("|---" * (3 + len(STYLE_NAMES)) + "|")
+    for table in tables:
+        vectors = read_mm_table(table, len(styles), int(read_manifest(table).dim))
+        r2 = heldout_r2(within_category(vectors.numpy(), categories), style_residual)
+        views = {"raw": vectors}
+        if whiten < vectors.shape[1]:
+            mean, projection = whitening_statistics(lambda a, b: vectors[a:b], len(vectors), whiten)
+            views[f"whitened {whiten}"] = (vectors - mean) @ projection
+        for name, view in views.items():
+            cos = pair_cosine(view, first, second)
+            print(f"| {table} | {name} | {rank_correlation(cos, true_cos):.3f} | "
+                  f"{rank_correlation(cos[same], true_cos[same]):.3f} | "
+                  + " | ".join(f"{v:.2f}" for v in r2) + " |")
+
+
+def id_embeddings(world: Path, checkpoints: List[Path]) -> None:
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    truth = np.load(world / "truth" / "items.npz")
+    style_residual = within_category(truth["style"], truth["category"])
+    print("| checkpoint | item effect | " + " | ".join(STYLE_NAMES) + " |")
+    print("|---" * (2 + len(STYLE_NAMES)) + "|")
+    for checkpoint in checkpoints:
+        with tempfile.TemporaryDirectory() as scratch:
+            dcp_to_torch_save(checkpoint, Path(scratch) / "state.pt")
+            state = torch.load(Path(scratch) / "state.pt", weights_only=False)
+        table = state["model"][ITEM_TABLE_KEY].double().numpy()
+        effect = heldout_r2(table, truth["effect"][:, None])[0]
+        styles = heldout_r2(within_category(table, truth["category"]), style_residual)
+        print(f"| {checkpoint} | {effect:.2f} | " + " | ".join(f"{v:.2f}" for v in styles) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("world", type=Path, help="a world folder written by mim data synth (with truth/)")
     parser.add_argument("--readout-table", type=Path, default=None, help="write the ridge readout MM table here")
     parser.add_argument("--feature-cache", type=Path, default=None, help="mim csft's OUT/features")
+    parser.add_argument("--geometry", type=Path, nargs="+", default=[], metavar="TABLE",
+                        help="MM tables whose cosine geometry to compare with the true styles")
+    parser.add_argument("--id-embeddings", type=Path, nargs="+", default=[], metavar="CHECKPOINT",
+                        help="mim train DCP checkpoints whose item ID table to read out")
     args = parser.parse_args()
     component_table(args.world)
+    if args.geometry:
+        geometry(args.world, args.geometry)
+    if args.id_embeddings:
+        id_embeddings(args.world, args.id_embeddings)
     if args.readout_table:
         if args.feature_cache is None:
             parser.error("--readout-table needs --feature-cache")

@@ -105,6 +105,28 @@ def test_mean_content_pool_divides_the_weighted_sum_by_the_real_behaviours():
     assert torch.allclose(ContentInterestArch("mean")(weights, vectors, mask), summed / torch.tensor([[2.0], [1.0]]))
 
 
+def test_content_metric_starts_at_the_fixed_cosine_ignores_padding_and_learns():
+    from mim_rec.ciubm.interest import ContentMetric, content_weights
+
+    generator = torch.Generator().manual_seed(2)
+    target, behaviours = torch.randn(3, 5, generator=generator), torch.randn(3, 4, 5, generator=generator)
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True], [False] * 4])
+    metric = ContentMetric(5)
+    weights = metric(target, behaviours, mask)
+    torch.testing.assert_close(weights, content_weights(target, behaviours, mask))  # the paper's a_ti at start
+    assert torch.all(weights[~mask] == 0)
+    # whatever sits in a padded slot changes nothing
+    noisy = behaviours.clone()
+    noisy[~mask] = 100 * torch.randn(int((~mask).sum()), 5, generator=generator)
+    torch.testing.assert_close(metric(target, noisy, mask), weights)
+    weights.sum().backward()
+    assert metric.map.weight.grad is not None and metric.map.weight.grad.abs().sum() > 0
+    sizes = {"num_items": 50, "num_users": 10, "num_categories": 4}
+    assert CiUBM(ModelConfig(ubm="avg", mm_dim=16), **sizes).content_metric is None  # off by default
+    learned = CiUBM(ModelConfig(ubm="avg", mm_dim=16, mm_whiten=6, content_metric=True), **sizes)
+    assert learned.content_metric.map.weight.shape == (6, 6)  # acts on the whitened view
+
+
 def test_mm_projection_and_content_match_set_the_over_arch_width():
     sizes = {"num_items": 50, "num_users": 10, "num_categories": 4}
     plain = CiUBM(ModelConfig(ubm="avg", mm_dim=16), **sizes)
@@ -158,7 +180,7 @@ def test_whitening_zeroes_directions_the_table_does_not_span():
 
 @pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true"),
                                      ("model.mm_whiten=0", "model.content_pool=sum"),  # the paper's CiUBM
-                                     ("model.target_mm=false",)])
+                                     ("model.target_mm=false",), ("model.content_metric=true",)])
 def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options):
     config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", *options)
     ctx = ciubm._process_group("cpu")
@@ -181,6 +203,9 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
     item_state = [v for k, v in optimizer.state_dict()["state"].items() if k.endswith("embedding_bags.item.weight")]
     assert item_state and item_state[0]          # the ID table trains with optimizer state
     assert _mm_optimizer_state(optimizer) == []  # the MM table has none
+    if config.model.content_metric:  # the learned metric is a dense parameter and trains
+        metric = [w for n, w in model.named_parameters() if n.endswith("content_metric.map.weight")]
+        assert len(metric) == 1 and not torch.equal(metric[0].detach(), torch.eye(16))
 
 
 def test_resumed_run_equals_uninterrupted_run(world, tmp_path):

@@ -39,6 +39,10 @@ class ModelConfig:
     # PCA-whiten the looked-up MM vectors to at most this many components (statistics fitted once
     # from the table, never trained; docs/ciubm.md). None or 0: the raw table, as in the paper.
     mm_whiten: Optional[int] = 16
+    # Learn the metric of the content weights: a_ti = cos(M h_t, M h_i) with a square M (dense,
+    # starts as the identity, so training starts from the fixed cosine). None/False: the fixed
+    # cosine, as in the paper. The table stays frozen; M is a model parameter.
+    content_metric: bool = False
     query_buckets: int = 20_000
     over_arch: List[int] = field(default_factory=lambda: [200, 80])
     dien_aux_weight: float = 1.0

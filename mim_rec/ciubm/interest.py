@@ -30,6 +30,25 @@ def content_match(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, best], dim=1)
 
 
+class ContentMetric(nn.Module):
+    """A learned square map ``M`` under the content weights: ``a_ti = cos(M h_t, M h_i)``.
+
+    The paper's weights are fixed cosines of the frozen table, so which directions of the table
+    decide "similar" is whatever the encoders made dominant. ``M`` lets the CTR loss reweigh
+    them (a Mahalanobis-style metric, ``M^T M``) without touching the table. It starts as the
+    identity, so an untrained model computes the paper's weights exactly.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.map = nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.map.weight.copy_(torch.eye(dim))
+
+    def forward(self, target_mm: torch.Tensor, behaviour_mm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return content_weights(self.map(target_mm), self.map(behaviour_mm), mask)
+
+
 class ContentInterestArch(nn.Module):
     """``h^MM_B = sum_i a_ti h_i^MM`` -> ``[B, D_mm]`` (``pool="mean"``: divided by the number of
     real behaviours, so its scale does not grow with the history's length)."""

@@ -14,7 +14,8 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from mim_rec.ciubm.config import ModelConfig
-from mim_rec.ciubm.interest import ContentInterestArch, FusionInterestArch, content_match, content_weights
+from mim_rec.ciubm.interest import (ContentInterestArch, ContentMetric, FusionInterestArch, content_match,
+                                   content_weights)
 from mim_rec.ciubm.over import OverArch
 from mim_rec.ciubm.sparse import SparseArch
 from mim_rec.ciubm.whitening import MMWhitening
@@ -55,6 +56,7 @@ class CiUBM(nn.Module):
         whitened = config.mm_whiten_components if config.uses_mm else None
         self.mm_whitening = MMWhitening(config.mm_dim, whitened, device) if whitened else None
         looked_up = whitened or config.mm_dim
+        self.content_metric = ContentMetric(looked_up) if config.uses_mm and config.content_metric else None
         mm_width = config.mm_projection or looked_up
         self.mm_projection = nn.Linear(looked_up, config.mm_projection) \
             if config.uses_mm and config.mm_projection else nn.Identity()
@@ -80,7 +82,8 @@ class CiUBM(nn.Module):
             if self.mm_whitening is not None:
                 mm = self.mm_whitening(mm)
             target_mm, behaviour_mm = mm[:, 0], mm[:, 1:]
-            weights = content_weights(target_mm, behaviour_mm, mask)
+            weights = content_weights(target_mm, behaviour_mm, mask) if self.content_metric is None \
+                else self.content_metric(target_mm, behaviour_mm, mask)
             if self.config.target_mm:
                 parts.append(self.mm_projection(target_mm))
             if self.content_interest is not None:

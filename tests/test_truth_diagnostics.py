@@ -1,0 +1,87 @@
+"""scripts/truth_diagnostics.py: the measuring sticks the docs quote must measure what they say."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from embeddings.build import build_table
+from embeddings.encoders import load_item_encoder
+from mim_rec.data.synth import SynthConfig, generate_world, tiny
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "truth_diagnostics.py"
+
+
+def _diagnostics():
+    spec = importlib.util.spec_from_file_location("truth_diagnostics", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _RandomEncoder:
+    fingerprint, dim = "random:test", 12
+
+    def embed_items(self, items, source):
+        return torch.randn(items.num_rows, self.dim, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    yield generate_world(tiny(SynthConfig(seed=5)), tmp_path_factory.mktemp("diag_world"))
+    if dist.is_initialized():  # mim train's one-rank gloo group
+        dist.destroy_process_group()
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+
+
+def _rows(text: str, table: Path) -> list:
+    return [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(f"| {table} |")]
+
+
+def test_geometry_scores_the_true_table_one_and_a_random_table_near_zero(world, tmp_path, capsys):
+    diagnostics = _diagnostics()
+    truth = build_table(load_item_encoder(world / "truth"), world / "items.parquet", tmp_path / "truth", shard_rows=256)
+    noise = build_table(_RandomEncoder(), world / "items.parquet", tmp_path / "noise", shard_rows=256)
+    diagnostics.geometry(world, [Path(truth), Path(noise)], pairs=20_000, whiten=8)
+    out = capsys.readouterr().out
+    (true_row,) = _rows(out, Path(truth))  # as wide as the whitened view: raw only
+    assert [float(v) for v in true_row[2:4]] == [1.0, 1.0]
+    assert all(float(v) > 0.99 for v in true_row[4:])  # every style coordinate read out
+    noise_rows = _rows(out, Path(noise))
+    assert [r[1].strip() for r in noise_rows] == ["raw", "whitened 8"]
+    assert all(abs(float(v)) < 0.15 for row in noise_rows for v in row[2:4])  # 600 items: pairs share items
+
+
+def test_heldout_r2_and_within_category_remove_what_they_should():
+    diagnostics = _diagnostics()
+    rng = np.random.default_rng(0)
+    categories = rng.integers(0, 4, 1000)
+    values = rng.normal(size=(1000, 3)) + 10 * categories[:, None]
+    residual = diagnostics.within_category(values, categories)
+    for category in range(4):
+        np.testing.assert_allclose(residual[categories == category].mean(0), 0, atol=1e-9)
+    features = rng.normal(size=(1000, 5))
+    targets = np.stack([features @ rng.normal(size=5), rng.normal(size=1000)], axis=1)
+    r2 = diagnostics.heldout_r2(features, targets, ridge=1e-6)
+    assert r2[0] > 0.999 and abs(r2[1]) < 0.05  # a linear target is read out, noise is not
+
+
+def test_id_embeddings_reads_the_item_table_of_a_train_checkpoint(world, tmp_path, capsys):
+    from train import ciubm
+
+    out = tmp_path / "ctr"
+    config = ciubm.load_train_config(None, [f"data.world={world}", f"out={out}", "model.ubm=avg",
+                                            "loader.batch_size=256", "loader.max_hist_len=10", "max_steps=3",
+                                            "checkpoint_every=3", "model.over_arch=[16]"])
+    ciubm.run(config)
+    (checkpoint,) = sorted((out / "checkpoints").glob("step-*"))
+    _diagnostics().id_embeddings(world, [checkpoint])
+    (row,) = _rows(capsys.readouterr().out, checkpoint)
+    assert len(row) == 2 + 8 and all(np.isfinite(float(v)) for v in row[1:])
