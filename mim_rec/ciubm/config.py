@@ -40,7 +40,7 @@ class ModelConfig:
     # from the table, never trained; docs/ciubm.md). None or 0: the raw table, as in the paper.
     mm_whiten: Optional[int] = 16
     # Learn the metric of the content weights: a_ti = cos(M h_t, M h_i) with a square M (dense,
-    # starts as the identity, so training starts from the fixed cosine). None/False: the fixed
+    # starts as the identity, so training starts from the fixed cosine). False: the fixed
     # cosine, as in the paper. The table stays frozen; M is a model parameter.
     content_metric: bool = False
     query_buckets: int = 20_000
