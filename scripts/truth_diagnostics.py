@@ -20,14 +20,18 @@
 4. ``--id-embeddings CHECKPOINT ...``: the same R^2 for the item ID table of a ``mim train``
    checkpoint (a DCP folder, e.g. ``RUN/checkpoints/step-000000211``), plus the true item
    effect: what the ID embeddings learned from the events and sequences.
+5. ``--learned-views CHECKPOINT ...``: the cosine ranks of a trained model's own view of its
+   run's MM table (the checkpoint's whitening and, with ``model.content_metric=true``, its
+   learned metric): what the content weights of that model actually compare.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -126,52 +130,88 @@ def pair_cosine(vectors: torch.Tensor, first: torch.Tensor, second: torch.Tensor
     return (unit[first] * unit[second]).sum(1)
 
 
-def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int = 16) -> None:
-    from embeddings.table import read_mm_table
-    from mim_rec.ciubm.whitening import whitening_statistics
-    from mim_rec.data.manifest import read_manifest
-
+def style_pairs(world: Path, pairs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(first, second, same_category, true_cosine)`` of ``pairs`` random item pairs (seeded)."""
     truth = np.load(world / "truth" / "items.npz")
-    styles, categories = torch.from_numpy(truth["style"]), truth["category"]
-    style_residual = within_category(truth["style"], categories)
+    styles, categories = torch.from_numpy(truth["style"]), torch.from_numpy(truth["category"])
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.randint(len(styles), (pairs,), generator=generator) for _ in range(2))
-    same = torch.from_numpy(categories)[first] == torch.from_numpy(categories)[second]
-    true_cos = pair_cosine(styles, first, second)
+    return first, second, categories[first] == categories[second], pair_cosine(styles, first, second)
+
+
+def rank_agreement(view: torch.Tensor, pairs: Tuple[torch.Tensor, ...]) -> str:
+    """``"all | within a category"``: rank correlation of ``view``'s pair cosines with the truth's."""
+    first, second, same, true_cos = pairs
+    cos = pair_cosine(view, first, second)
+    return f"{rank_correlation(cos, true_cos):.3f} | {rank_correlation(cos[same], true_cos[same]):.3f}"
+
+
+def _read_table(table: Path, count: int) -> torch.Tensor:
+    from embeddings.table import read_mm_table
+    from mim_rec.data.manifest import read_manifest
+
+    return read_mm_table(table, count, int(read_manifest(table).dim))
+
+
+def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int = 16) -> None:
+    from mim_rec.ciubm.whitening import whitening_statistics
+
+    truth = np.load(world / "truth" / "items.npz")
+    style_residual = within_category(truth["style"], truth["category"])
+    sample = style_pairs(world, pairs)
     print(f"| table | view | cosine rank corr., all pairs | within a category | "
           + " | ".join(STYLE_NAMES) + " |")
     print("|---" * (3 + len(STYLE_NAMES)) + "|")
     for table in tables:
-        vectors = read_mm_table(table, len(styles), int(read_manifest(table).dim))
-        r2 = heldout_r2(within_category(vectors.numpy(), categories), style_residual)
+        vectors = _read_table(table, len(style_residual))
+        r2 = heldout_r2(within_category(vectors.numpy(), truth["category"]), style_residual)
         views = {"raw": vectors}
         if whiten < vectors.shape[1]:
             mean, projection = whitening_statistics(lambda a, b: vectors[a:b], len(vectors), whiten)
             views[f"whitened {whiten}"] = (vectors - mean) @ projection
         for name, view in views.items():
-            cos = pair_cosine(view, first, second)
-            print(f"| {table} | {name} | {rank_correlation(cos, true_cos):.3f} | "
-                  f"{rank_correlation(cos[same], true_cos[same]):.3f} | "
-                  + " | ".join(f"{v:.2f}" for v in r2) + " |")
+            print(f"| {table} | {name} | {rank_agreement(view, sample)} | " + " | ".join(f"{v:.2f}" for v in r2) + " |")
 
 
-def id_embeddings(world: Path, checkpoints: List[Path]) -> None:
+def _model_state(checkpoint: Path) -> dict:
+    """The ``model`` state of a ``mim train`` DCP checkpoint, gathered into one process."""
     import tempfile
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+    with tempfile.TemporaryDirectory() as scratch:
+        dcp_to_torch_save(checkpoint, Path(scratch) / "state.pt")
+        return torch.load(Path(scratch) / "state.pt", weights_only=False)["model"]
+
+
+def id_embeddings(world: Path, checkpoints: List[Path]) -> None:
     truth = np.load(world / "truth" / "items.npz")
     style_residual = within_category(truth["style"], truth["category"])
     print("| checkpoint | item effect | " + " | ".join(STYLE_NAMES) + " |")
     print("|---" * (2 + len(STYLE_NAMES)) + "|")
     for checkpoint in checkpoints:
-        with tempfile.TemporaryDirectory() as scratch:
-            dcp_to_torch_save(checkpoint, Path(scratch) / "state.pt")
-            state = torch.load(Path(scratch) / "state.pt", weights_only=False)
-        table = state["model"][ITEM_TABLE_KEY].double().numpy()
+        table = _model_state(checkpoint)[ITEM_TABLE_KEY].double().numpy()
         effect = heldout_r2(table, truth["effect"][:, None])[0]
         styles = heldout_r2(within_category(table, truth["category"]), style_residual)
         print(f"| {checkpoint} | {effect:.2f} | " + " | ".join(f"{v:.2f}" for v in styles) + " |")
+
+
+def learned_views(world: Path, checkpoints: List[Path], pairs: int = 400_000) -> None:
+    """The geometry of the content weights a trained CiUBM computes: its run's MM table through
+    the checkpoint's whitening and, with ``model.content_metric``, its learned metric ``M``."""
+    sample = style_pairs(world, pairs)
+    count = len(np.load(world / "truth" / "items.npz")["style"])
+    print("| checkpoint | view | cosine rank corr., all pairs | within a category |")
+    print("|---|---|---|---|")
+    for checkpoint in checkpoints:
+        state = _model_state(checkpoint)
+        run = json.loads((checkpoint.parent.parent / "config.json").read_text())
+        view = _read_table(Path(run["mm_table"]), count)
+        if "mm_whitening.mean" in state:
+            view = (view - state["mm_whitening.mean"]) @ state["mm_whitening.projection"]
+            print(f"| {checkpoint} | whitened | {rank_agreement(view, sample)} |")
+        if "content_metric.map.weight" in state:
+            print(f"| {checkpoint} | learned metric | {rank_agreement(view @ state['content_metric.map.weight'].T, sample)} |")
 
 
 def main() -> None:
@@ -183,12 +223,17 @@ def main() -> None:
                         help="MM tables whose cosine geometry to compare with the true styles")
     parser.add_argument("--id-embeddings", type=Path, nargs="+", default=[], metavar="CHECKPOINT",
                         help="mim train DCP checkpoints whose item ID table to read out")
+    parser.add_argument("--learned-views", type=Path, nargs="+", default=[], metavar="CHECKPOINT",
+                        help="mim train DCP checkpoints whose view of the MM table (whitening, "
+                             "learned content metric) to compare with the true styles")
     args = parser.parse_args()
     component_table(args.world)
     if args.geometry:
         geometry(args.world, args.geometry)
     if args.id_embeddings:
         id_embeddings(args.world, args.id_embeddings)
+    if args.learned_views:
+        learned_views(args.world, args.learned_views)
     if args.readout_table:
         if args.feature_cache is None:
             parser.error("--readout-table needs --feature-cache")

@@ -73,15 +73,24 @@ def test_heldout_r2_and_within_category_remove_what_they_should():
     assert r2[0] > 0.999 and abs(r2[1]) < 0.05  # a linear target is read out, noise is not
 
 
-def test_id_embeddings_reads_the_item_table_of_a_train_checkpoint(world, tmp_path, capsys):
+def test_checkpoint_readouts_read_a_train_checkpoint(world, tmp_path, capsys):
+    """--id-embeddings and --learned-views on a real (3-step) mim train checkpoint."""
     from train import ciubm
 
+    table = build_table(load_item_encoder(world / "truth"), world / "items.parquet", tmp_path / "truth", shard_rows=256)
     out = tmp_path / "ctr"
-    config = ciubm.load_train_config(None, [f"data.world={world}", f"out={out}", "model.ubm=avg",
-                                            "loader.batch_size=256", "loader.max_hist_len=10", "max_steps=3",
-                                            "checkpoint_every=3", "model.over_arch=[16]"])
+    config = ciubm.load_train_config(None, [f"data.world={world}", f"out={out}", f"mm_table={table}", "model.ubm=avg",
+                                            "model.content_metric=true", "loader.batch_size=256",
+                                            "loader.max_hist_len=10", "max_steps=3", "checkpoint_every=3",
+                                            "model.over_arch=[16]"])
     ciubm.run(config)
     (checkpoint,) = sorted((out / "checkpoints").glob("step-*"))
-    _diagnostics().id_embeddings(world, [checkpoint])
-    (row,) = _rows(capsys.readouterr().out, checkpoint)
-    assert len(row) == 2 + 8 and all(np.isfinite(float(v)) for v in row[1:])
+    diagnostics = _diagnostics()
+    diagnostics.id_embeddings(world, [checkpoint])
+    diagnostics.learned_views(world, [checkpoint], pairs=20_000)
+    rows = _rows(capsys.readouterr().out, checkpoint)
+    (readout,) = [row for row in rows if len(row) == 2 + 8]
+    assert all(np.isfinite(float(v)) for v in readout[1:])
+    views = {row[1].strip(): [float(v) for v in row[2:]] for row in rows if len(row) == 4}
+    assert set(views) == {"whitened", "learned metric"}
+    assert views["whitened"][1] > 0.9  # the whitened true styles still rank same-category pairs
