@@ -79,15 +79,11 @@ def readout_table(world: Path, feature_cache: Path, out: Path, ridge: float = 1e
             raise SystemExit(f"{feature_cache}: expected one {name}-*.pt, found {len(found)}")
         return torch.load(found[0]).double()
 
-    features = torch.cat([cached("items-image"), cached("items-title")], dim=1)
-    styles = torch.from_numpy(np.load(world / "truth" / "items.npz")["style"]).double()
-    mean, std = features.mean(0), features.std(0) + 1e-6
-    x = torch.cat([(features - mean) / std, torch.ones(len(features), 1, dtype=features.dtype)], dim=1)
-    fit = torch.arange(len(x)) % 5 != 0  # every fifth item held out of the fit
-    gram = x[fit].T @ x[fit] + ridge * int(fit.sum()) * torch.eye(x.shape[1], dtype=x.dtype)
-    readout = (x @ torch.linalg.solve(gram, x[fit].T @ styles[fit])).float()
-    held = ~fit
-    r2 = 1 - ((readout[held] - styles[held].float()) ** 2).sum() / ((styles[held] - styles[held].mean(0)) ** 2).sum()
+    features = torch.cat([cached("items-image"), cached("items-title")], dim=1).numpy()
+    styles = np.load(world / "truth" / "items.npz")["style"].astype(np.float64)
+    predictions, held = ridge_readout(features, styles, ridge)
+    readout = torch.from_numpy(predictions).float()
+    r2 = 1 - ((predictions[held] - styles[held]) ** 2).sum() / ((styles[held] - styles[held].mean(0)) ** 2).sum()
     print(f"readout R^2 on held-out items: {float(r2):.3f}")
 
     class Readout:
@@ -109,14 +105,21 @@ def within_category(values: np.ndarray, categories: np.ndarray) -> np.ndarray:
     return out
 
 
-def heldout_r2(features: np.ndarray, targets: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
-    """Per target column, R^2 on every fifth row of a ridge fit on the other rows."""
+def ridge_readout(features: np.ndarray, targets: np.ndarray, ridge: float = 1e-2) -> Tuple[np.ndarray, np.ndarray]:
+    """``(predictions of every row, held-out mask)`` of a ridge fit on standardised ``features``
+    that leaves every fifth row out."""
     x = (features - features.mean(0)) / (features.std(0) + 1e-9)
     x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
     fit = np.arange(len(x)) % 5 != 0
     weights = np.linalg.solve(x[fit].T @ x[fit] + ridge * fit.sum() * np.eye(x.shape[1]), x[fit].T @ targets[fit])
-    error = x[~fit] @ weights - targets[~fit]
-    return 1 - (error ** 2).sum(0) / ((targets[~fit] - targets[~fit].mean(0)) ** 2).sum(0)
+    return x @ weights, ~fit
+
+
+def heldout_r2(features: np.ndarray, targets: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
+    """Per target column, R^2 of :func:`ridge_readout` on the rows it held out."""
+    predictions, held = ridge_readout(features, targets, ridge)
+    error = predictions[held] - targets[held]
+    return 1 - (error ** 2).sum(0) / ((targets[held] - targets[held].mean(0)) ** 2).sum(0)
 
 
 def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
