@@ -31,7 +31,7 @@ import argparse
 import glob
 import json
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -133,9 +133,9 @@ def pair_cosine(vectors: torch.Tensor, first: torch.Tensor, second: torch.Tensor
     return (unit[first] * unit[second]).sum(1)
 
 
-def style_pairs(world: Path, pairs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(first, second, same_category, true_cosine)`` of ``pairs`` random item pairs (seeded)."""
-    truth = np.load(world / "truth" / "items.npz")
+def style_pairs(truth: Any, pairs: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(first, second, same_category, true_cosine)`` of ``pairs`` random item pairs (seeded),
+    from a world's ``truth/items.npz`` as loaded."""
     styles, categories = torch.from_numpy(truth["style"]), torch.from_numpy(truth["category"])
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.randint(len(styles), (pairs,), generator=generator) for _ in range(2))
@@ -161,7 +161,7 @@ def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int 
 
     truth = np.load(world / "truth" / "items.npz")
     style_residual = within_category(truth["style"], truth["category"])
-    sample = style_pairs(world, pairs)
+    sample = style_pairs(truth, pairs)
     print(f"| table | view | cosine rank corr., all pairs | within a category | "
           + " | ".join(STYLE_NAMES) + " |")
     print("|---" * (3 + len(STYLE_NAMES)) + "|")
@@ -202,8 +202,8 @@ def id_embeddings(world: Path, checkpoints: List[Path]) -> None:
 def learned_views(world: Path, checkpoints: List[Path], pairs: int = 400_000) -> None:
     """The geometry of the content weights a trained CiUBM computes: its run's MM table through
     the checkpoint's whitening and, with ``model.content_metric``, its learned metric ``M``."""
-    sample = style_pairs(world, pairs)
-    count = len(np.load(world / "truth" / "items.npz")["style"])
+    truth = np.load(world / "truth" / "items.npz")
+    sample, count = style_pairs(truth, pairs), len(truth["style"])
     print("| checkpoint | view | cosine rank corr., all pairs | within a category |")
     print("|---|---|---|---|")
     for checkpoint in checkpoints:
