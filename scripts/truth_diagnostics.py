@@ -23,6 +23,9 @@
 5. ``--learned-views CHECKPOINT ...``: the cosine ranks of a trained model's own view of its
    run's MM table (the checkpoint's whitening and, with ``model.content_metric=true``, its
    learned metric): what the content weights of that model actually compare.
+6. ``--towers ENCODERS ... --feature-cache RUN/csft/features``: the same table for every step
+   of an item tower (backbone features, each projection head, the item embedding), so a
+   style that is lost can be traced to the step that loses it.
 """
 
 from __future__ import annotations
@@ -156,24 +159,65 @@ def _read_table(table: Path, count: int) -> torch.Tensor:
     return read_mm_table(table, count, int(read_manifest(table).dim))
 
 
-def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int = 16) -> None:
-    from mim_rec.ciubm.whitening import whitening_statistics
-
-    truth = np.load(world / "truth" / "items.npz")
-    style_residual = within_category(truth["style"], truth["category"])
-    sample = style_pairs(truth, pairs)
-    print(f"| table | view | cosine rank corr., all pairs | within a category | "
+def _geometry_header(first: str) -> None:
+    print(f"| {first} | view | cosine rank corr., all pairs | within a category | "
           + " | ".join(STYLE_NAMES) + " |")
     print("|---" * (3 + len(STYLE_NAMES)) + "|")
+
+
+def _geometry_rows(name: str, vectors: torch.Tensor, truth: Any, sample: Tuple[torch.Tensor, ...],
+                   whiten: int) -> None:
+    """One row per view of ``vectors`` (raw, and whitened when wider than ``whiten``)."""
+    from mim_rec.ciubm.whitening import whitening_statistics
+
+    vectors = vectors.float()
+    style_residual = within_category(truth["style"], truth["category"])
+    r2 = heldout_r2(within_category(vectors.numpy(), truth["category"]), style_residual)
+    views = {"raw": vectors}
+    if whiten < vectors.shape[1]:
+        mean, projection = whitening_statistics(lambda a, b: vectors[a:b], len(vectors), whiten)
+        views[f"whitened {whiten}"] = (vectors - mean) @ projection
+    for view_name, view in views.items():
+        print(f"| {name} | {view_name} | {rank_agreement(view, sample)} | " + " | ".join(f"{v:.2f}" for v in r2) + " |")
+
+
+def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int = 16) -> None:
+    truth = np.load(world / "truth" / "items.npz")
+    sample = style_pairs(truth, pairs)
+    _geometry_header("table")
     for table in tables:
-        vectors = _read_table(table, len(style_residual))
-        r2 = heldout_r2(within_category(vectors.numpy(), truth["category"]), style_residual)
-        views = {"raw": vectors}
-        if whiten < vectors.shape[1]:
-            mean, projection = whitening_statistics(lambda a, b: vectors[a:b], len(vectors), whiten)
-            views[f"whitened {whiten}"] = (vectors - mean) @ projection
-        for name, view in views.items():
-            print(f"| {table} | {name} | {rank_agreement(view, sample)} | " + " | ".join(f"{v:.2f}" for v in r2) + " |")
+        _geometry_rows(str(table), _read_table(table, len(truth["style"])), truth, sample, whiten)
+
+
+@torch.no_grad()
+def towers(world: Path, encoders: List[Path], feature_cache: Path, pairs: int = 400_000,
+           whiten: int = 16) -> None:
+    """The geometry and style readouts at every step of an item tower (``mim pretrain``'s
+    ``encoders`` or ``mim csft``'s ``mm_encoder``): the backbones' cached features, alone and
+    side by side, each projection head, and the item embedding the MM table stores. Where a
+    style coordinate's R^2 drops is where the tower loses it; where it is near zero in the
+    features, no head trained on them can recover it."""
+    from embeddings.encoders import CatalogueFeatures, CsftItemEncoder, load_item_encoder
+
+    truth = np.load(world / "truth" / "items.npz")
+    sample = style_pairs(truth, pairs)
+    items_path = world / "items.parquet"
+    items = pq.read_table(items_path)
+    _geometry_header("tower step")
+    for folder in encoders:
+        encoder = load_item_encoder(folder)
+        pair = encoder.tower.pair if isinstance(encoder, CsftItemEncoder) else encoder.pair
+        images, titles = CatalogueFeatures(feature_cache, 256).of(items, items_path, pair.vision, pair.text)
+        image_head, title_head = pair.vision_head(images), pair.text_head(titles)
+        if isinstance(encoder, CsftItemEncoder):
+            item = encoder.tower.from_features(images, titles).mm
+        else:
+            item = torch.nn.functional.normalize(image_head + title_head, dim=-1)
+        steps = {"image features": images, "title features": titles,
+                 "image + title features": torch.cat([images, titles], dim=1),
+                 "image head": image_head, "title head": title_head, "item embedding": item}
+        for step, vectors in steps.items():
+            _geometry_rows(f"{folder}: {step}", vectors, truth, sample, whiten)
 
 
 def _model_state(checkpoint: Path) -> dict:
@@ -226,6 +270,9 @@ def main() -> None:
                         help="MM tables whose cosine geometry to compare with the true styles")
     parser.add_argument("--id-embeddings", type=Path, nargs="+", default=[], metavar="CHECKPOINT",
                         help="mim train DCP checkpoints whose item ID table to read out")
+    parser.add_argument("--towers", type=Path, nargs="+", default=[], metavar="ENCODERS",
+                        help="mim pretrain encoders / mim csft mm_encoder folders whose every step "
+                             "to compare with the true styles (needs --feature-cache)")
     parser.add_argument("--learned-views", type=Path, nargs="+", default=[], metavar="CHECKPOINT",
                         help="mim train DCP checkpoints whose view of the MM table (whitening, "
                              "learned content metric) to compare with the true styles")
@@ -237,6 +284,10 @@ def main() -> None:
         id_embeddings(args.world, args.id_embeddings)
     if args.learned_views:
         learned_views(args.world, args.learned_views)
+    if args.towers:
+        if args.feature_cache is None:
+            parser.error("--towers needs --feature-cache")
+        towers(args.world, args.towers, args.feature_cache)
     if args.readout_table:
         if args.feature_cache is None:
             parser.error("--readout-table needs --feature-cache")

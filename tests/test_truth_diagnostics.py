@@ -94,3 +94,38 @@ def test_checkpoint_readouts_read_a_train_checkpoint(world, tmp_path, capsys):
     views = {row[1].strip(): [float(v) for v in row[2:]] for row in rows if len(row) == 4}
     assert set(views) == {"whitened", "learned metric"}
     assert views["whitened"][1] > 0.9  # the whitened true styles still rank same-category pairs
+
+
+def test_towers_trace_every_step_and_end_at_the_table_the_center_builds(world, tmp_path, capsys):
+    """--towers on a stage-1 and a C-SFT folder: six steps, each with its raw and whitened row,
+    and the last step (the item embedding) scores exactly as the MM table built from it."""
+    from mim_rec.csft import CsftModel, FusionConfig, ModelConfig, save_mm_encoder
+    from mim_rec.encoders import EncoderPair, load_encoders, save_encoders
+    from tests.encoder_fixtures import tiny_encoders
+
+    torch.manual_seed(0)
+    stage1 = tmp_path / "encoders"
+    save_encoders(stage1, EncoderPair(tiny_encoders(shared_dim=24)))
+    csft = tmp_path / "mm_encoder"
+    model = CsftModel(load_encoders(stage1), ModelConfig(fusion=FusionConfig(hidden=8)))
+    with torch.no_grad():  # a trained fusion: the C-SFT item embedding differs from stage 1's
+        for param in model.items.fusion.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    save_mm_encoder(csft, model)
+    diagnostics = _diagnostics()
+    diagnostics.towers(world, [stage1, csft], tmp_path / "features", pairs=20_000, whiten=8)
+    towers_out = capsys.readouterr().out
+    steps = ("image features", "title features", "image + title features", "image head", "title head",
+             "item embedding")
+    for folder in (stage1, csft):
+        for step in steps:
+            rows = _rows(towers_out, f"{folder}: {step}")
+            assert [r[1].strip() for r in rows] == ["raw", "whitened 8"], (folder, step)
+            assert all(np.isfinite(float(v)) for row in rows for v in row[2:])
+        tables = build_table(load_item_encoder(folder), world / "items.parquet", tmp_path / f"table_{folder.name}",
+                             shard_rows=256)
+        diagnostics.geometry(world, [Path(tables)], pairs=20_000, whiten=8)
+        built = [row[1:] for row in _rows(capsys.readouterr().out, Path(tables))]
+        traced = [row[1:] for row in _rows(towers_out, f"{folder}: item embedding")]
+        assert traced == built
+    assert _rows(towers_out, f"{stage1}: item embedding") != _rows(towers_out, f"{csft}: item embedding")
