@@ -197,7 +197,7 @@ def towers(world: Path, encoders: List[Path], feature_cache: Path, pairs: int = 
     side by side, each projection head, and the item embedding the MM table stores. Where a
     style coordinate's R^2 drops is where the tower loses it; where it is near zero in the
     features, no head trained on them can recover it."""
-    from embeddings.encoders import CatalogueFeatures, CsftItemEncoder, load_item_encoder
+    from embeddings.encoders import CsftItemEncoder, Stage1ItemEncoder, load_item_encoder
 
     truth = np.load(world / "truth" / "items.npz")
     sample = style_pairs(truth, pairs)
@@ -205,14 +205,13 @@ def towers(world: Path, encoders: List[Path], feature_cache: Path, pairs: int = 
     items = pq.read_table(items_path)
     _geometry_header("tower step")
     for folder in encoders:
-        encoder = load_item_encoder(folder)
+        encoder = load_item_encoder(folder, feature_cache=feature_cache)
+        if not isinstance(encoder, (Stage1ItemEncoder, CsftItemEncoder)):
+            raise SystemExit(f"{folder}: --towers reads mim pretrain encoders or mim csft mm_encoder folders")
         pair = encoder.tower.pair if isinstance(encoder, CsftItemEncoder) else encoder.pair
-        images, titles = CatalogueFeatures(feature_cache, 256).of(items, items_path, pair.vision, pair.text)
+        images, titles = encoder.features.of(items, items_path, pair.vision, pair.text)
         image_head, title_head = pair.vision_head(images), pair.text_head(titles)
-        if isinstance(encoder, CsftItemEncoder):
-            item = encoder.tower.from_features(images, titles).mm
-        else:
-            item = torch.nn.functional.normalize(image_head + title_head, dim=-1)
+        item = encoder.embed_items(items, items_path)  # the representation center's own code path
         steps = {"image features": images, "title features": titles,
                  "image + title features": torch.cat([images, titles], dim=1),
                  "image head": image_head, "title head": title_head, "item embedding": item}
