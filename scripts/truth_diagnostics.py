@@ -145,11 +145,18 @@ def style_pairs(truth: Any, pairs: int) -> Tuple[torch.Tensor, torch.Tensor, tor
     return first, second, categories[first] == categories[second], pair_cosine(styles, first, second)
 
 
-def rank_agreement(view: torch.Tensor, pairs: Tuple[torch.Tensor, ...]) -> str:
-    """``"all | within a category"``: rank correlation of ``view``'s pair cosines with the truth's."""
+def pair_rank_correlations(view: torch.Tensor, pairs: Tuple[torch.Tensor, ...]) -> Tuple[float, float]:
+    """Rank correlation of ``view``'s pair cosines with the truth's: over all pairs, and over
+    the pairs within a category."""
     first, second, same, true_cos = pairs
     cos = pair_cosine(view, first, second)
-    return f"{rank_correlation(cos, true_cos):.3f} | {rank_correlation(cos[same], true_cos[same]):.3f}"
+    return rank_correlation(cos, true_cos), rank_correlation(cos[same], true_cos[same])
+
+
+def rank_agreement(view: torch.Tensor, pairs: Tuple[torch.Tensor, ...]) -> str:
+    """``"all | within a category"`` of :func:`pair_rank_correlations`."""
+    every, within = pair_rank_correlations(view, pairs)
+    return f"{every:.3f} | {within:.3f}"
 
 
 def _read_table(table: Path, count: int) -> torch.Tensor:
@@ -161,13 +168,15 @@ def _read_table(table: Path, count: int) -> torch.Tensor:
 
 def _geometry_header(first: str) -> None:
     print(f"| {first} | view | cosine rank corr., all pairs | within a category | "
-          + " | ".join(STYLE_NAMES) + " |")
-    print("|---" * (3 + len(STYLE_NAMES)) + "|")
+          "its style readout, within a category | " + " | ".join(STYLE_NAMES) + " |")
+    print("|---" * (5 + len(STYLE_NAMES)) + "|")
 
 
 def _geometry_rows(name: str, vectors: torch.Tensor, truth: Any, sample: Tuple[torch.Tensor, ...],
                    whiten: int) -> None:
-    """One row per view of ``vectors`` (raw, and whitened when wider than ``whiten``)."""
+    """One row per view of ``vectors`` (raw, and whitened when wider than ``whiten``): the
+    view's cosine ranks; the cosine ranks of its ridge readout onto the true styles (what the
+    view holds, however it weighs it); and the per-coordinate R^2 of the raw vectors."""
     from mim_rec.ciubm.whitening import whitening_statistics
 
     vectors = vectors.float()
@@ -178,7 +187,10 @@ def _geometry_rows(name: str, vectors: torch.Tensor, truth: Any, sample: Tuple[t
         mean, projection = whitening_statistics(lambda a, b: vectors[a:b], len(vectors), whiten)
         views[f"whitened {whiten}"] = (vectors - mean) @ projection
     for view_name, view in views.items():
-        print(f"| {name} | {view_name} | {rank_agreement(view, sample)} | " + " | ".join(f"{v:.2f}" for v in r2) + " |")
+        readout, _ = ridge_readout(view.double().numpy(), truth["style"].astype(np.float64))
+        _, readout_within = pair_rank_correlations(torch.from_numpy(readout), sample)
+        print(f"| {name} | {view_name} | {rank_agreement(view, sample)} | {readout_within:.3f} | "
+              + " | ".join(f"{v:.2f}" for v in r2) + " |")
 
 
 def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int = 16) -> None:
