@@ -172,15 +172,14 @@ def _geometry_header(first: str) -> None:
     print("|---" * (5 + len(STYLE_NAMES)) + "|")
 
 
-def _geometry_rows(name: str, vectors: torch.Tensor, truth: Any, sample: Tuple[torch.Tensor, ...],
-                   whiten: int) -> None:
+def _geometry_rows(name: str, vectors: torch.Tensor, truth: Any, style_residual: np.ndarray,
+                   sample: Tuple[torch.Tensor, ...], whiten: int) -> None:
     """One row per view of ``vectors`` (raw, and whitened when wider than ``whiten``): the
     view's cosine ranks; the cosine ranks of its ridge readout onto the true styles (what the
     view holds, however it weighs it); and the per-coordinate R^2 of the raw vectors."""
     from mim_rec.ciubm.whitening import whitening_statistics
 
     vectors = vectors.float()
-    style_residual = within_category(truth["style"], truth["category"])
     r2 = heldout_r2(within_category(vectors.numpy(), truth["category"]), style_residual)
     views = {"raw": vectors}
     if whiten < vectors.shape[1]:
@@ -195,10 +194,10 @@ def _geometry_rows(name: str, vectors: torch.Tensor, truth: Any, sample: Tuple[t
 
 def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int = 16) -> None:
     truth = np.load(world / "truth" / "items.npz")
-    sample = style_pairs(truth, pairs)
+    sample, style_residual = style_pairs(truth, pairs), within_category(truth["style"], truth["category"])
     _geometry_header("table")
     for table in tables:
-        _geometry_rows(str(table), _read_table(table, len(truth["style"])), truth, sample, whiten)
+        _geometry_rows(str(table), _read_table(table, len(truth["style"])), truth, style_residual, sample, whiten)
 
 
 @torch.no_grad()
@@ -212,7 +211,7 @@ def towers(world: Path, encoders: List[Path], feature_cache: Path, pairs: int = 
     from embeddings.encoders import CsftItemEncoder, Stage1ItemEncoder, load_item_encoder
 
     truth = np.load(world / "truth" / "items.npz")
-    sample = style_pairs(truth, pairs)
+    sample, style_residual = style_pairs(truth, pairs), within_category(truth["style"], truth["category"])
     items_path = world / "items.parquet"
     items = pq.read_table(items_path)
     _geometry_header("tower step")
@@ -228,7 +227,7 @@ def towers(world: Path, encoders: List[Path], feature_cache: Path, pairs: int = 
                  "image + title features": torch.cat([images, titles], dim=1),
                  "image head": image_head, "title head": title_head, "item embedding": item}
         for step, vectors in steps.items():
-            _geometry_rows(f"{folder}: {step}", vectors, truth, sample, whiten)
+            _geometry_rows(f"{folder}: {step}", vectors, truth, style_residual, sample, whiten)
 
 
 def _model_state(checkpoint: Path) -> dict:
