@@ -52,8 +52,8 @@ def test_geometry_scores_the_true_table_one_and_a_random_table_near_zero(world, 
     diagnostics.geometry(world, [Path(truth), Path(noise)], pairs=20_000, whiten=8)
     out = capsys.readouterr().out
     (true_row,) = _rows(out, Path(truth))  # as wide as the whitened view: raw only
-    assert [float(v) for v in true_row[2:4]] == [1.0, 1.0]  # then its readout and every R^2
-    assert all(float(v) > 0.99 for v in true_row[4:])  # every style coordinate read out
+    assert [float(v) for v in true_row[2:4]] == [1.0, 1.0]
+    assert all(float(v) > 0.99 for v in true_row[4:])  # its readout, and every style coordinate read out
     noise_rows = _rows(out, Path(noise))
     assert [r[1].strip() for r in noise_rows] == ["raw", "whitened 8"]
     assert all(abs(float(v)) < 0.15 for row in noise_rows for v in row[2:5])  # 600 items: pairs share items
