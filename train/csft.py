@@ -97,12 +97,15 @@ def run_csft(config) -> Path:
     sampler = SameCategorySampler(world.item_categories) if config.negatives.hard else None
     objective = CsftObjective(model, config.loss, config.negatives,
                               num_categories=int(world.item_categories.max()) + 1).to(ctx.device)
+    if config.negatives.queue_batches and not inputs.features:
+        from mim_rec.config import ConfigError
+        # Refreshing needs cached features, which moving backbones invalidate; stored rows go
+        # stale so fast that the loss climbs and the table collapses (docs/csft.md).
+        raise ConfigError("model.train_backbones=true needs negatives.queue_batches=0: a refreshed "
+                          "queue re-embeds queued items from cached backbone features, which moving "
+                          "backbones invalidate, and a stored (stale) queue made C-SFT diverge "
+                          "(docs/csft.md, 'Staleness')")
     if config.negatives.queue_batches and config.negatives.queue_refresh:
-        if not inputs.features:
-            from mim_rec.config import ConfigError
-            raise ConfigError("negatives.queue_refresh=true re-embeds queued items from cached backbone "
-                              "features, which needs model.train_backbones=false; set "
-                              "negatives.queue_refresh=false for a stale (MoCo-style) queue")
         objective.refresh_queue_from(lambda ids: inputs.items(ids.cpu().numpy(), ctx.device))
     optimizer = _optimizer(objective, config)
     step_module = objective
@@ -206,7 +209,7 @@ def _queue_drift(objective, inputs, device, step: int) -> Dict[str, float]:
         objective.eval()
         images, titles = inputs.items(oldest.item_ids.cpu().numpy(), device)
         items = objective.model.items
-        now = items.from_features(images, titles) if inputs.features else items(images, titles)
+        now = items.from_features(images, titles)  # a queue implies frozen backbones: cached features
         objective.train(was_training)
     cosine = torch.nn.functional.cosine_similarity(now.mm, oldest.embeddings["item"], dim=-1)
     return {"queue_drift": 1.0 - cosine.mean().item(), "queue_age": step - oldest.step}

@@ -63,7 +63,9 @@ class CsftDataConfig:
 @dataclass
 class NegativesConfig:
     hard: bool = True              # one same-category item per pair
-    queue_batches: int = 10        # k: time-based negatives from the last k steps (0 = off)
+    # k: time-based negatives from the last k steps (0 = off; must be 0 with trainable
+    # backbones, whose stale rows made C-SFT diverge: docs/csft.md)
+    queue_batches: int = 10
     # Re-embed the queued items with the current weights each step (exact and free of
     # staleness, from the cached backbone features: needs model.train_backbones=false).
     # false: use the rows as computed up to k steps ago (MoCo-style, stale).
