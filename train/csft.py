@@ -104,7 +104,7 @@ def run_csft(config) -> Path:
         raise ConfigError("model.train_backbones=true needs negatives.queue_batches=0: a refreshed "
                           "queue re-embeds queued items from cached backbone features, which moving "
                           "backbones invalidate, and a stored (stale) queue made C-SFT diverge "
-                          "(docs/csft.md, 'Staleness')")
+                          "(docs/csft.md, 'No queue while the backbones train')")
     if config.negatives.queue_batches and config.negatives.queue_refresh:
         objective.refresh_queue_from(lambda ids: inputs.items(ids.cpu().numpy(), ctx.device))
     optimizer = _optimizer(objective, config)
