@@ -81,6 +81,12 @@ def run_csft(config) -> Path:
     from train.common import CheckpointManager
     from train.pretrain import _batch_index, _local_batch
 
+    if config.negatives.queue_batches and config.model.train_backbones:  # refused before any work
+        from mim_rec.config import ConfigError
+        raise ConfigError("model.train_backbones=true needs negatives.queue_batches=0: a refreshed "
+                          "queue re-embeds queued items from cached backbone features, which moving "
+                          "backbones invalidate, and a stored (stale) queue made C-SFT diverge "
+                          "(docs/csft.md, 'No queue while the backbones train')")
     ctx = init_distributed(config.device)
     out = Path(config.out)
     seed_everything(config.seed)  # identical initial weights on every rank
@@ -97,14 +103,6 @@ def run_csft(config) -> Path:
     sampler = SameCategorySampler(world.item_categories) if config.negatives.hard else None
     objective = CsftObjective(model, config.loss, config.negatives,
                               num_categories=int(world.item_categories.max()) + 1).to(ctx.device)
-    if config.negatives.queue_batches and not inputs.features:
-        from mim_rec.config import ConfigError
-        # Refreshing needs cached features, which moving backbones invalidate; stored rows go
-        # stale so fast that the loss climbs and the table collapses (docs/csft.md).
-        raise ConfigError("model.train_backbones=true needs negatives.queue_batches=0: a refreshed "
-                          "queue re-embeds queued items from cached backbone features, which moving "
-                          "backbones invalidate, and a stored (stale) queue made C-SFT diverge "
-                          "(docs/csft.md, 'No queue while the backbones train')")
     if config.negatives.queue_batches and config.negatives.queue_refresh:
         objective.refresh_queue_from(lambda ids: inputs.items(ids.cpu().numpy(), ctx.device))
     optimizer = _optimizer(objective, config)
