@@ -192,9 +192,14 @@ def _geometry_rows(name: str, vectors: torch.Tensor, truth: Any, style_residual:
               + " | ".join(f"{v:.2f}" for v in r2) + " |")
 
 
-def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int = 16) -> None:
+def _truth_for_geometry(world: Path, pairs: int) -> Tuple[Any, Tuple[torch.Tensor, ...], np.ndarray]:
+    """``(truth, pair sample, within-category styles)``: what every geometry row compares with."""
     truth = np.load(world / "truth" / "items.npz")
-    sample, style_residual = style_pairs(truth, pairs), within_category(truth["style"], truth["category"])
+    return truth, style_pairs(truth, pairs), within_category(truth["style"], truth["category"])
+
+
+def geometry(world: Path, tables: List[Path], pairs: int = 400_000, whiten: int = 16) -> None:
+    truth, sample, style_residual = _truth_for_geometry(world, pairs)
     _geometry_header("table")
     for table in tables:
         _geometry_rows(str(table), _read_table(table, len(truth["style"])), truth, style_residual, sample, whiten)
@@ -210,8 +215,7 @@ def towers(world: Path, encoders: List[Path], feature_cache: Path, pairs: int = 
     features, no head trained on them can recover it."""
     from embeddings.encoders import CsftItemEncoder, Stage1ItemEncoder, load_item_encoder
 
-    truth = np.load(world / "truth" / "items.npz")
-    sample, style_residual = style_pairs(truth, pairs), within_category(truth["style"], truth["category"])
+    truth, sample, style_residual = _truth_for_geometry(world, pairs)
     items_path = world / "items.parquet"
     items = pq.read_table(items_path)
     _geometry_header("tower step")

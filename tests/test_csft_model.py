@@ -169,3 +169,20 @@ def test_table_build_reads_the_frozen_backbones_features_from_the_csft_cache(sta
     table = build_table(cached, items_path, tmp_path / "cached", shard_rows=8)
     torch.testing.assert_close(read_mm_table(table, 20, 8), expected, rtol=1e-5, atol=1e-5)
     assert read_manifest(table).extra["encoder_fingerprint"] == cached.fingerprint
+
+
+def test_feature_cache_keys_follow_the_style_stages(tmp_path):
+    """Style statistics change what a backbone computes but not its weights; the cache must
+    not serve one setting's features to the other."""
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.encoders import build_vision_encoder
+    from tests.encoder_fixtures import tiny_vision, write_items
+
+    items_path = write_items(tmp_path / "world" / "items.parquet", count=6)
+    plain = build_vision_encoder(tiny_vision()).eval()
+    styled = build_vision_encoder(tiny_vision(style_stages=[1])).eval()
+    styled.load_state_dict(plain.state_dict())
+    world = WorldInputs(items_path.parent, FeatureCache(tmp_path / "features"), batch_size=4)
+    assert world.item_image_features(plain).shape == (6, plain.feature_dim)
+    assert world.item_image_features(styled).shape == (6, styled.feature_dim)
+    assert world.item_image_features(plain).shape == (6, plain.feature_dim)

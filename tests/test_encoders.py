@@ -127,3 +127,25 @@ def test_bf16_autocast_forward_is_finite():
         images, titles = pair.embed_images(pixels), pair.embed_titles(["red stripe", "blue dot"])
     assert images.dtype == torch.float32  # heads normalise in fp32
     assert torch.isfinite(images).all() and torch.isfinite(titles).all()
+
+
+def test_style_stages_append_each_stages_channel_mean_and_std():
+    """The pooled features come first, unchanged; then, per stage, the mean and standard
+    deviation over positions of each channel of that stage's feature map."""
+    plain = build_vision_encoder(tiny_vision()).eval()
+    styled = build_vision_encoder(tiny_vision(style_stages=[0, 2])).eval()
+    styled.load_state_dict(plain.state_dict())
+    pixels = plain.preprocess([png_bytes(0, 0), png_bytes(3, 1)])
+    features = styled(pixels)
+    widths = [styled.backbone.feature_info[s]["num_chs"] for s in (0, 2)]
+    assert styled.feature_dim == plain.feature_dim + 2 * sum(widths) == features.shape[1]
+    assert torch.equal(features[:, :plain.feature_dim], plain(pixels))
+    maps = styled.backbone.forward_intermediates(pixels, indices=[0, 2], intermediates_only=True)
+    expected = torch.cat([torch.cat([m.mean(dim=(2, 3)), m.std(dim=(2, 3))], dim=1) for m in maps], dim=1)
+    assert torch.allclose(features[:, plain.feature_dim:], expected)
+
+
+@pytest.mark.parametrize("stages", [[2, 0], [1, 1], [4], [-1]])
+def test_bad_style_stages_are_refused(stages):
+    with pytest.raises(ValueError, match="style_stages"):
+        build_vision_encoder(tiny_vision(style_stages=stages))

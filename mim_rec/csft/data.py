@@ -271,7 +271,10 @@ def _preprocessing(backbone: nn.Module) -> object:
     if processor is None:
         return {"precomputed": getattr(backbone, "feature_dim", None)}
     mean, std = processor.stats
-    return {"size": processor.size, "mean": mean, "std": std}
+    prepared = {"size": processor.size, "mean": mean, "std": std}
+    if getattr(backbone, "style_stages", None):  # only when set: older caches keep their keys
+        prepared["style_stages"] = backbone.style_stages
+    return prepared
 
 
 class TrainingInputs:

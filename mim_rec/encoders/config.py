@@ -40,6 +40,13 @@ class VisionConfig:
     # are noise, and the LP-FT head warm-up's features must be the ones DMA starts from.
     batchnorm_eval: bool = True
     grad_checkpointing: bool = False
+    # Indices into the backbone's ``feature_info`` (timm's feature stages) whose channel-wise
+    # mean and standard deviation over positions are appended to the pooled features. These
+    # are the statistics that carry an image's style (Huang & Belongie, ICCV 2017, "Arbitrary
+    # Style Transfer in Real-time with Adaptive Instance Normalization"): colour, brightness,
+    # texture frequency and orientation, which the last, semantic stage pools away. [] = the
+    # pooled last stage only.
+    style_stages: List[int] = field(default_factory=list)
 
 
 @dataclass

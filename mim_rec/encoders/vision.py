@@ -7,7 +7,7 @@ Both expose ``feature_dim``, ``preprocess(images) -> model input`` and ``forward
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -64,14 +64,17 @@ def load_state_dict_by_order(model: nn.Module, path: Path) -> None:
 
 
 class TimmVisionEncoder(PartlyFrozen):
-    """A timm backbone's pooled features (``forward_head(..., pre_logits=True)``)."""
+    """A timm backbone's pooled features (``forward_head(..., pre_logits=True)``), followed by
+    the channel mean and standard deviation of each of ``config.style_stages``."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         model = load_timm_model(config)
         model.reset_classifier(0)
         self.backbone = model
-        self.feature_dim: int = model.num_features
+        self.style_stages = _style_stages(model, config.style_stages)
+        self.feature_dim: int = model.num_features + sum(
+            2 * model.feature_info[stage]["num_chs"] for stage in self.style_stages)
         default_size = model.pretrained_cfg["input_size"][-1]
         if config.weights == BUNDLED:
             bundled = bundled_vision_weights(config.name)
@@ -92,7 +95,25 @@ class TimmVisionEncoder(PartlyFrozen):
         return self.image_processor(images, source, rows)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_head(self.backbone.forward_features(pixels), pre_logits=True)
+        if not self.style_stages:
+            return self.backbone.forward_head(self.backbone.forward_features(pixels), pre_logits=True)
+        final, maps = self.backbone.forward_intermediates(pixels, indices=self.style_stages)
+        statistics = [torch.cat([m.mean(dim=(2, 3)), m.std(dim=(2, 3))], dim=1) for m in maps]
+        return torch.cat([self.backbone.forward_head(final, pre_logits=True), *statistics], dim=1)
+
+
+def _style_stages(model: nn.Module, stages: Sequence[int]) -> List[int]:
+    """``stages`` checked against the feature stages ``model`` reports (timm's ``feature_info``)."""
+    if not stages:
+        return []
+    info = getattr(model, "feature_info", None)
+    if not info or not hasattr(model, "forward_intermediates"):
+        raise ValueError(f"vision.style_stages: {type(model).__name__} reports no feature stages "
+                         "(timm feature_info / forward_intermediates); set vision.style_stages=[]")
+    if sorted(set(stages)) != list(stages) or not all(0 <= s < len(info) for s in stages):
+        raise ValueError(f"vision.style_stages={list(stages)}: need distinct increasing indices "
+                         f"into the backbone's {len(info)} feature stages (0..{len(info) - 1})")
+    return list(stages)
 
 
 def _leading_groups(model: nn.Module, trainable: int) -> Sequence[nn.Module]:
