@@ -20,6 +20,7 @@ BENCH_COMMAND_MODULES: tuple = (
     "train.bench_rim",
     "train.bench_train",
     "train.bench_layout",
+    "train.bench_peer",
 )
 
 
