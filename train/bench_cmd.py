@@ -42,6 +42,20 @@ def measuring_bench_parser(subparsers: argparse._SubParsersAction, name: str, he
     return parser
 
 
+def preset_cli(config_cls: type, run: Callable[[Any], Dict[str, Any]],
+               render: Callable[[Dict[str, Any]], str]) -> Callable[[argparse.Namespace], int]:
+    """The sub-command function of a bench whose ``--quick`` is ``config_cls.quick()``: load the
+    config (preset, file, overrides), run it, print and write the result."""
+    def cli(args: argparse.Namespace) -> int:
+        from mim_rec.config import load_config
+
+        preset = config_cls.quick() if args.quick else None
+        config = load_config(config_cls, args.config, args.overrides, preset=preset)
+        run_and_report(lambda: run(config), render, args.json)
+        return 0
+    return cli
+
+
 def run_and_report(measure: Callable[[], Dict[str, Any]], render: Callable[[Dict[str, Any]], str],
                    json_path: Optional[str]) -> Dict[str, Any]:
     """Run a bench, print its table and wall time, and write the result (with ``wall_s``) as JSON."""

@@ -6,7 +6,8 @@ trained in one process on the same batches: one :class:`CtrEventsLoader` order, 
 seed. They get the same inputs: user id, target item and category, the last
 ``loader.max_hist_len`` behaviours' items and categories, the hashed query words and the two
 dense features. Widths (embedding dims, attention and over-arch MLPs), the attention's
-activation and softmax, DIEN's auxiliary weight and the dense learning rate are the same too.
+activation and softmax, DIEN's auxiliary weight and (unless ``peer_lr`` is set) the dense
+learning rate are the same too.
 Both are scored on ``events_test`` by the same :class:`mim_rec.metrics.CtrMetrics`: AUC, GAUC,
 log loss, AUC on the newest-item decile (S1), and training samples/s.
 
@@ -14,16 +15,18 @@ log loss, AUC on the newest-item decile (S1), and training samples/s.
   alone) on one process: TorchRec tables with the fused row-wise Adagrad (``id_lr``), dense Adam
   (``lr``), batches streamed and built from Parquet inside the timed loop.
 * **DeepCTR-Torch** 0.3: ``deepctr_torch.models.DIN``, or ``DIEN`` with AUGRU and its
-  negative-sampling auxiliary loss. Its own ``nn.Embedding`` tables; Adam at ``lr`` on every
-  parameter, its usual optimiser. Its ``fit`` is not used, because it would reshuffle the
-  samples. A plain loop feeds it the same batches, converted once before timing into the
+  negative-sampling auxiliary loss. Its own ``nn.Embedding`` tables; Adam at ``lr`` (or
+  ``peer_lr``) on every parameter, its usual optimiser. Its ``fit`` is not used, because it
+  would reshuffle the samples. A plain loop feeds it the same batches, converted once before timing into the
   fixed-width float matrix its models read (so the timing leaves its input pipeline out), and
   adds its auxiliary loss as ``fit`` does.
 
 What is left to each library is its own design: initialisation, DeepCTR-Torch's extra L2 term
-(set to 0 here), and DIEN's auxiliary negatives. Ours are in-batch, the previous row's behaviour
-at the same step; DeepCTR-Torch takes a negative sequence from the caller, uniform random items
-here as in its own example.
+(set to 0 here), and DIEN's auxiliary loss. Ours scores a state against the next behaviour by
+an inner product (the paper's Eq. 2) with an in-batch negative, the previous row's behaviour at
+the same step. DeepCTR-Torch scores the pair with an MLP and takes the negative sequence from
+the caller: uniform random items here, as in its own example. Its DIEN also feeds its MLP no
+variable-length feature but the histories, so it never sees the query words.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.data.loader import CtrBatch, CtrEventsLoader, ItemInfo, LoaderConfig
-from train.bench_cmd import measuring_bench_parser, run_and_report
+from train.bench_cmd import measuring_bench_parser, preset_cli
 
 COMMAND_HELP = "Base DIN / DIEN of mim_rec against DeepCTR-Torch's, same samples: AUC, GAUC, samples/s"
 
@@ -62,6 +65,7 @@ class PeerBenchConfig:
     loader: LoaderConfig = field(default_factory=lambda: LoaderConfig(max_hist_len=30))
     model: ModelConfig = field(default_factory=ModelConfig)  # dims, over-arch, UBM options, dien_aux_weight
     lr: float = 0.005                 # dense Adam (both); DeepCTR-Torch's embeddings too
+    peer_lr: Optional[float] = None   # DeepCTR-Torch's Adam lr if not lr (its compile("adam") uses 0.001)
     id_lr: float = 0.05               # mim_rec's fused ID-table optimizer
     query_len: int = 16               # query words per row in DeepCTR-Torch's fixed-width input
     threads: Optional[int] = None     # torch threads; None = torch's default
@@ -191,7 +195,7 @@ def run_peer(ubm: str, seed: int, config: PeerBenchConfig, items: ItemInfo, size
     batches = [(peer_input(b, model.feature_index, items, config.query_len, negatives).to(device),
                 b.labels.to(device), b.meta["weight"].to(device))
                for b in _epochs(train_loader, config.epochs, config.max_steps)]
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr if config.peer_lr is None else config.peer_lr)
     model.train()
     started = time.perf_counter()
     for features, labels, weight in batches:
@@ -312,17 +316,8 @@ def format_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cli(args: argparse.Namespace) -> int:
-    from mim_rec.config import load_config
-
-    preset = PeerBenchConfig.quick() if args.quick else None
-    config = load_config(PeerBenchConfig, args.config, args.overrides, preset=preset)
-    run_and_report(lambda: run_bench(config), format_table, args.json)
-    return 0
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     measuring_bench_parser(subparsers, "peer", COMMAND_HELP, __doc__.split("\n\n")[0], "PeerBenchConfig",
                            "a few small steps of both UBMs (smoke run; needs world=DIR)",
                            "e.g. world=runs/demo/world seeds=[0,1,2] max_steps=300 loader.batch_size=1024",
-                           _cli)
+                           preset_cli(PeerBenchConfig, run_bench, format_table))

@@ -48,7 +48,7 @@ from torch import nn
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.ciubm.model import CiUBM
 from mim_rec.data.loader import CtrBatch, ItemInfo, LoaderConfig, make_batch
-from train.bench_cmd import measuring_bench_parser, run_and_report
+from train.bench_cmd import measuring_bench_parser, preset_cli
 
 COMMAND_HELP = "train / inference samples/s and peak memory per UBM: Base vs Base+MIM, TorchRec vs nn.Embedding"
 
@@ -525,17 +525,8 @@ def format_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cli(args: argparse.Namespace) -> int:
-    from mim_rec.config import load_config
-
-    preset = TrainBenchConfig.quick() if args.quick else None
-    config = load_config(TrainBenchConfig, args.config, args.overrides, preset=preset)
-    run_and_report(lambda: run_bench(config), format_table, args.json)
-    return 0
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     measuring_bench_parser(subparsers, "train", COMMAND_HELP, __doc__.split("\n\n")[0], "TrainBenchConfig",
                            "tiny sizes, avg + din, one timed step (smoke run)",
                            "e.g. batch_size=1024 hist_len=30 mm_dim=256 steps=5 ubms=[din,sim] world=runs/world",
-                           _cli)
+                           preset_cli(TrainBenchConfig, run_bench, format_table))
