@@ -16,6 +16,7 @@ import torch.distributed as dist
 from mim_rec.data.loader import CtrEventsLoader, ItemInfo, LoaderConfig, hash_tokens
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 from train.bench_peer import PeerBenchConfig, peer_input, peer_model
+from train.ciubm import table_sizes
 from train.cli import main
 
 
@@ -30,19 +31,13 @@ def world(tmp_path_factory):
         os.environ.pop(key, None)
 
 
-def _sizes(world) -> dict:
-    items = ItemInfo.from_items(world / "items.parquet")
-    users = max(pq.read_table(world / f"events_{s}.parquet")["user_id"].to_numpy().max() for s in ("train", "test"))
-    return {"items": items.count, "users": int(users) + 1, "categories": int(items.category.max()) + 1}
-
-
 @pytest.mark.parametrize("ubm", ["din", "dien"])
 def test_peer_input_holds_each_event_as_deepctr_reads_it(world, ubm):
     length = 5
     config = PeerBenchConfig(world=str(world), loader=LoaderConfig(batch_size=64, max_hist_len=length, shuffle=False))
     items = ItemInfo.from_items(world / "items.parquet")
     batch = next(iter(CtrEventsLoader(world / "events_train.parquet", items, config.loader)))
-    model = peer_model(ubm, _sizes(world), config, seed=0, device=torch.device("cpu"))
+    model = peer_model(ubm, table_sizes(world, items), config, seed=0, device=torch.device("cpu"))
     matrix = peer_input(batch, model.feature_index, items, config.query_len,
                         torch.Generator().manual_seed(0) if ubm == "dien" else None)
     column = {name: matrix[:, start:end].long() for name, (start, end) in model.feature_index.items()}
@@ -74,7 +69,7 @@ def test_a_query_longer_than_the_input_is_refused(world):
     config = PeerBenchConfig(world=str(world), query_len=1, loader=LoaderConfig(batch_size=64, shuffle=False))
     items = ItemInfo.from_items(world / "items.parquet")
     batch = next(iter(CtrEventsLoader(world / "events_train.parquet", items, config.loader)))
-    model = peer_model("din", _sizes(world), config, seed=0, device=torch.device("cpu"))
+    model = peer_model("din", table_sizes(world, items), config, seed=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="query_len=1"):
         peer_input(batch, model.feature_index, items, config.query_len)
 

@@ -185,7 +185,7 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
     config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", *options)
     ctx = ciubm._process_group("cpu")
     items = ItemInfo.from_items(world / "items.parquet")
-    model, optimizer, _ = ciubm.build_sharded_model(config, ciubm._sizes(config, items), ctx)
+    model, optimizer, _ = ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items), ctx)
     rows_of, _ = ciubm.mm_rows(config, items.count, config.model.mm_dim)
     ciubm.load_mm_table(model, rows_of, items.count, ctx.device)
     whitening = {n: b.clone() for n, b in model.named_buffers() if "mm_whitening" in n}

@@ -94,7 +94,7 @@ def _model(world, base_table, tmp_path):
         "loader.batch_size=128", "loader.max_hist_len=10", "model.over_arch=[16]", "model.ubm=avg"])
     ctx = ciubm._process_group("cpu")
     items = ItemInfo.from_items(world / "items.parquet")
-    model, _, _ = ciubm.build_sharded_model(config, ciubm._sizes(config, items), ctx)
+    model, _, _ = ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items), ctx)
     rows_of, source = ciubm.mm_rows(config, items.count, DIM)
     ciubm.load_mm_table(model, rows_of, items.count, ctx.device)
     return model.eval(), items, config, source

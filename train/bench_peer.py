@@ -17,9 +17,9 @@ log loss, AUC on the newest-item decile (S1), and training samples/s.
 * **DeepCTR-Torch** 0.3: ``deepctr_torch.models.DIN``, or ``DIEN`` with AUGRU and its
   negative-sampling auxiliary loss. Its own ``nn.Embedding`` tables; Adam at ``lr`` (or
   ``peer_lr``) on every parameter, its usual optimiser. Its ``fit`` is not used, because it
-  would reshuffle the samples. A plain loop feeds it the same batches, converted once before timing into the
-  fixed-width float matrix its models read (so the timing leaves its input pipeline out), and
-  adds its auxiliary loss as ``fit`` does.
+  would reshuffle the samples. A plain loop feeds it the same batches, converted once before
+  timing into the fixed-width float matrix its models read (so the timing leaves its input
+  pipeline out), and adds its auxiliary loss as ``fit`` does.
 
 What is left to each library is its own design: initialisation, DeepCTR-Torch's extra L2 term
 (set to 0 here), and DIEN's auxiliary loss. Ours scores a state against the next behaviour by
@@ -248,7 +248,7 @@ def _summary(report: Dict[str, Any]) -> Dict[str, Any]:
 # -------------------------------------------------------------------------------- the bench
 
 def run_bench(config: PeerBenchConfig) -> Dict[str, Any]:
-    from train.ciubm import DataPaths, TrainConfig, _sizes
+    from train.ciubm import table_sizes
 
     if not config.world:
         raise ValueError("mim bench peer needs world=DIR (a folder with items.parquet and events_*.parquet)")
@@ -258,7 +258,7 @@ def run_bench(config: PeerBenchConfig) -> Dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     items = ItemInfo.from_items(Path(config.world) / "items.parquet")
-    sizes = _sizes(TrainConfig(data=DataPaths(world=config.world)), items)
+    sizes = table_sizes(config.world, items)
     if max(sizes.values()) + 1 >= FLOAT_EXACT_IDS or config.loader.query_buckets + 1 >= FLOAT_EXACT_IDS:
         raise ValueError(f"tables of {sizes} do not fit DeepCTR-Torch's float32 input exactly (ids < 2**24)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where mim train's "auto" runs

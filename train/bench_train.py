@@ -384,10 +384,9 @@ def bench_sizes(config: TrainBenchConfig) -> Dict[str, int]:
     """Table sizes: the world folder's, or the configured ones."""
     if not config.world:
         return {"items": config.items, "users": config.users, "categories": config.categories}
-    from train.ciubm import DataPaths, TrainConfig, _sizes
+    from train.ciubm import table_sizes
 
-    items = ItemInfo.from_items(Path(config.world) / "items.parquet")
-    return _sizes(TrainConfig(data=DataPaths(world=config.world)), items)
+    return table_sizes(config.world, ItemInfo.from_items(Path(config.world) / "items.parquet"))
 
 
 def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: Dict[str, int], ctx):

@@ -334,11 +334,12 @@ def mm_rows(config: TrainConfig, num_items: int, dim: int):
 
 # ---------------------------------------------------------------- train / evaluate
 
-def _sizes(config: TrainConfig, items) -> Dict[str, int]:
+def table_sizes(world: str, items) -> Dict[str, int]:
+    """Rows of the ID tables for a world folder: items, users (over both event splits), categories."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    world = Path(config.data.world)
+    world = Path(world)
     users = 0
     for split in ("train", "test"):
         path = world / f"events_{split}.parquet"
@@ -371,7 +372,7 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     world = Path(config.data.world)
     items = ItemInfo.from_items(world / "items.parquet")
     _validate_events(config, items.count)
-    sizes = _sizes(config, items)
+    sizes = table_sizes(config.data.world, items)
     _refuse_foreign_checkpoints(config)  # before build: the planner's collectives order it before any write
     model, optimizer, plan = build_sharded_model(config, sizes, ctx)
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
