@@ -122,6 +122,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def require_positive(config: Any, keys: Iterable[str]) -> None:
+    """Refuse a zero or negative value at any of the dotted ``keys`` of ``config`` (``None``
+    means "not set" and passes), naming the key: a batch size or step interval of 0 would
+    otherwise surface as a division by zero, or as a run that trains nothing, far from its cause."""
+    for key in keys:
+        value: Any = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value}: must be positive")
+
+
 def _merge(into: Dict[str, Any], update: Dict[str, Any]) -> None:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):

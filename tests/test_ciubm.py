@@ -311,6 +311,21 @@ def test_bad_grid_files_are_refused(tmp_path, text, message):
         ciubm.load_grid(str(path))
 
 
+
+@pytest.mark.parametrize("override, message", [
+    ("loader.batch_size=0", r"loader.batch_size=0: must be positive"),
+    ("checkpoint_every=0", r"checkpoint_every=0: must be positive"),
+    ("loader.max_hist_len=-1", r"loader.max_hist_len=-1: must be positive"),
+    ("epochs=0", r"epochs=0: must be positive"),
+    ("lr=-0.1", r"lr=-0.1: must be positive"),
+    ("model.ubm=dinn", r"model.ubm='dinn': choose one of avg, bst, dien, din, sim, twin"),
+])
+def test_settings_that_cannot_train_are_refused_by_key(tmp_path, override, message):
+    """Before any data is read: a zero batch size or interval used to surface as a
+    ZeroDivisionError mid-run, zero epochs as a silently untrained model."""
+    with pytest.raises(ConfigError, match=message):
+        ciubm.load_train_config(None, [f"data.world={tmp_path}", override])
+
 def _two_rank_worker(rank: int, port: int, world: str, out: str, queue) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",

@@ -163,3 +163,18 @@ def test_cli_generates_validates_and_summarises(tmp_path, capsys):
     assert "items: 300" in out and "click rate" in out and "item-age decile edges" in out
     assert mim(["data", "validate", str(tmp_path / "w")]) == 0
     assert mim(["data", "synth", "--tiny", "--out", str(tmp_path / "x"), "itemz=3"]) == 2
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"style_dim": 4}, "style_dim=4"),          # the renderer reads eight style coordinates
+    ({"categories": 0}, "categories=0"),
+    ({"items": 3}, "categories=6 exceeds items=3"),
+    ({"events": 5}, "events=5"),
+    ({"test_days": 60}, "test_days=60"),        # the test split must leave training days
+])
+def test_a_world_the_generator_cannot_draw_is_refused_by_field(override, named):
+    from dataclasses import replace
+
+    from mim_rec.config import ConfigError
+    with pytest.raises(ConfigError, match=named):
+        replace(tiny(SynthConfig()), **override)

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from mim_rec.ciubm.config import ModelConfig
+from mim_rec.ciubm.model import slot_ids
 from mim_rec.data.loader import CtrBatch, CtrEventsLoader, ItemInfo, LoaderConfig
 from train.bench_cmd import measuring_bench_parser, preset_cli
 
@@ -117,14 +118,6 @@ def peer_model(ubm: str, sizes: Dict[str, int], config: PeerBenchConfig, seed: i
                 att_activation=options["activation"], att_weight_normalization=True, **shared)
 
 
-def _slots(batch: CtrBatch, key: str) -> torch.Tensor:
-    """``[B, 1 + L]`` ids of one sequence key, shifted by one (0 on empty slots)."""
-    jagged, size = batch.sequence[key], batch.labels.numel()
-    dense = torch.zeros(size * batch.slots, dtype=torch.long)
-    dense[jagged.lengths() > 0] = jagged.values().long() + 1
-    return dense.view(size, batch.slots)
-
-
 def _left_aligned(right_aligned: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Move each row's last ``n`` entries to its front (our padding is on the left, DeepCTR-Torch
     masks by length from the right), zeros after them."""
@@ -153,7 +146,9 @@ def peer_input(batch: CtrBatch, feature_index: Dict[str, tuple], items: ItemInfo
                negatives: Optional[torch.Generator] = None) -> torch.Tensor:
     """The float matrix DeepCTR-Torch's models read, one row per sample, laid out by its
     ``feature_index``. ``negatives`` (DIEN) draws the uniform negative behaviours."""
-    item_slots, category_slots = _slots(batch, "item_seq"), _slots(batch, "category_seq")
+    size = batch.labels.numel()
+    item_slots, category_slots = (slot_ids(batch.sequence, key, size, batch.slots, offset=1)
+                                  for key in ("item_seq", "category_seq"))
     lengths = (item_slots[:, 1:] > 0).sum(1)
     values = {
         "user": batch.pooled["user_id"].values().long()[:, None] + 1,

@@ -64,13 +64,24 @@ class TrainConfig:
     train_pipeline: Literal["sparse_dist", "plain"] = "sparse_dist"  # TorchRec's TrainPipelineSparseDist, or a plain loop
 
 
+# Sizes, step intervals and learning rates: 0 or less is a mistake, never a way to switch off.
+POSITIVE_SETTINGS = ("epochs", "max_steps", "lr", "id_lr", "checkpoint_every", "log_every", "rim_apply_every",
+                     "loader.batch_size", "loader.max_hist_len", "loader.query_buckets",
+                     "loader.shuffle_row_groups", "model.item_dim", "model.category_dim", "model.user_dim",
+                     "model.query_dim", "model.mm_dim", "model.query_buckets", "model.mm_projection")
+
+
 def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     """A validated TrainConfig from a file and ``key=value`` overrides."""
-    from mim_rec.config import ConfigError, load_config
+    from mim_rec.config import ConfigError, load_config, require_positive
+    from mim_rec.ubm import available_ubms
 
     config = load_config(TrainConfig, path, overrides)
     if not config.data.world:
         raise ConfigError("data.world: the world folder (items.parquet, events_*.parquet) is required")
+    require_positive(config, POSITIVE_SETTINGS)
+    if config.model.ubm not in available_ubms():
+        raise ConfigError(f"model.ubm={config.model.ubm!r}: choose one of {', '.join(available_ubms())}")
     config.loader.query_buckets = config.model.query_buckets
     if config.model.uses_mm:
         from mim_rec.ciubm.sparse import mm_data_type

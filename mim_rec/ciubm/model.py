@@ -24,15 +24,17 @@ from mim_rec.ubm import build_ubm
 
 
 @torch.fx.wrap
-def slot_categories(sequence: KeyedJaggedTensor, size: int, slots: int) -> torch.Tensor:
-    """``[B, 1+L]`` category id per slot (0 on empty slots) for SIM's category search.
+def slot_ids(sequence: KeyedJaggedTensor, key: str, size: int, slots: int, offset: int = 0) -> torch.Tensor:
+    """``[B, 1+L]`` id of ``key`` per slot, plus ``offset``; 0 on empty slots. CiUBM reads the
+    category of each slot for SIM's category search; ``offset=1`` keeps id 0 apart from padding
+    for a library that pads with 0.
 
     An fx leaf (``torch.fx.wrap``): its masked assignment cannot be traced symbolically, and
     TorchRec's train pipeline traces CiUBM's forward to find the batch fields that feed each
     sharded collection."""
-    jagged = sequence["category_seq"]
+    jagged = sequence[key]
     dense = torch.zeros(size * slots, dtype=torch.long, device=jagged.values().device)
-    dense[jagged.lengths() > 0] = jagged.values().long()
+    dense[jagged.lengths() > 0] = jagged.values().long() + offset
     return dense.view(size, slots)
 
 
@@ -75,7 +77,7 @@ class CiUBM(nn.Module):
         parts = [target_ids, pooled["user_id"], pooled["query_tokens"], batch.dense_features]
         aux = None
         if self.id_interest is not None:
-            categories = slot_categories(batch.sequence, size, batch.slots)
+            categories = slot_ids(batch.sequence, "category_seq", size, batch.slots)
             parts.append(self.id_interest(target_ids, behaviour_ids, mask, categories[:, 0], categories[:, 1:]))
             aux = self.id_interest.auxiliary_loss()
         if mm is not None:

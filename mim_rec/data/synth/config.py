@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from mim_rec.config import ConfigError
+
+# The renderer draws eight style coordinates (hue from s0/s1, brightness, size, stripe frequency
+# and angle, stripe colour, backdrop: docs/synth.md), so a world needs at least that many.
+RENDERED_STYLE_DIMS = 8
+
 
 @dataclass
 class ClickModel:
@@ -53,6 +59,26 @@ class SynthConfig:
     test_days: int = 8               # the last test_days are the test split
     t0: str = "2026-01-01"
     click: ClickModel = field(default_factory=ClickModel)
+
+    def __post_init__(self) -> None:
+        """Refuse a world the generator cannot draw, naming the field, before any sampling
+        fails deep inside numpy with an index or bounds error."""
+        at_least = {"items": 1, "users": 1, "categories": 1, "brands": 1, "cf_groups": 1,
+                    "style_dim": RENDERED_STYLE_DIMS, "image_size": 8, "page_size": 1, "pairs_train": 1,
+                    "pairs_test": 1, "search_results": 1, "max_history": 3, "days": 1, "test_days": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be at least {low}")
+        if self.categories > self.items:
+            raise ConfigError(f"categories={self.categories} exceeds items={self.items}: a category needs an item")
+        if self.events < 2 * self.page_size:
+            raise ConfigError(f"events={self.events}: need at least two pages of page_size={self.page_size} "
+                              "(one for the train split, one for the test split)")
+        if not self.test_days < self.event_days <= self.days:
+            raise ConfigError(f"need test_days < event_days <= days, got test_days={self.test_days}, "
+                              f"event_days={self.event_days}, days={self.days}")
+        if self.mean_history <= 0:
+            raise ConfigError(f"mean_history={self.mean_history}: must be positive")
 
 
 def tiny(config: SynthConfig) -> SynthConfig:
