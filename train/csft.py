@@ -41,9 +41,12 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from mim_rec.config import load_config
+    from mim_rec.config import load_config, require_positive
     from mim_rec.csft.config import CsftConfig
-    return load_config(CsftConfig, args.config, args.overrides)
+    config = load_config(CsftConfig, args.config, args.overrides)
+    require_positive(config, ("steps", "lr", "head_lr", "backbone_lr", "checkpoint_every", "log_every",
+                              "data.batch_size", "eval.batch_size", "loss.temperature"))
+    return config
 
 
 def _run_cli(args: argparse.Namespace) -> int:

@@ -44,11 +44,13 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     """The config, with the vision tower the world's items can feed (pixels or features)."""
-    from mim_rec.config import load_config
+    from mim_rec.config import load_config, require_positive
     from mim_rec.pretrain.config import PretrainConfig
     from mim_rec.pretrain.corpus import vision_for_items
 
     config = load_config(PretrainConfig, args.config, args.overrides)
+    require_positive(config, ("data.batch_size", "head_warmup_batch_size", "lr", "backbone_lr", "head_warmup_lr",
+                              "checkpoint_every", "log_every"))
     vision = vision_for_items(config.encoders.vision, config.data.world)
     if vision != config.encoders.vision:
         print(f"mim pretrain: the items carry image_feature vectors and no pixels: vision tower "
