@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+from mim_rec.ciubm.sparse import shard_columns
 from mim_rec.data.errors import DataError
 from mim_rec.data.manifest import require
 
@@ -74,4 +75,4 @@ def _write_rows(shards, ids: torch.Tensor, vectors: torch.Tensor) -> None:
             rows, cols = tensor.shape
             local = (ids >= row_offset) & (ids < row_offset + rows)
             if local.any():
-                tensor[ids[local] - row_offset] = vectors[local, col_offset:col_offset + cols].to(tensor.dtype)
+                tensor[ids[local] - row_offset] = shard_columns(vectors[local], col_offset, cols).to(tensor.dtype)

@@ -180,7 +180,8 @@ def test_whitening_zeroes_directions_the_table_does_not_span():
 
 @pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true"),
                                      ("model.mm_whiten=0", "model.content_pool=sum"),  # the paper's CiUBM
-                                     ("model.target_mm=false",), ("model.content_metric=true",)])
+                                     ("model.target_mm=false",), ("model.content_metric=true",),
+                                     ("model.mm_dim=10",)])  # stored 12 wide: FBGEMM's alignment
 def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options):
     config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", *options)
     ctx = ciubm._process_group("cpu")
@@ -319,6 +320,7 @@ def test_bad_grid_files_are_refused(tmp_path, text, message):
     ("epochs=0", r"epochs=0: must be positive"),
     ("lr=-0.1", r"lr=-0.1: must be positive"),
     ("model.ubm=dinn", r"model.ubm='dinn': choose one of avg, bst, dien, din, sim, twin"),
+    ("model.item_dim=10", r"model.item_dim=10: FBGEMM's embedding kernels need a multiple of 4"),
 ])
 def test_settings_that_cannot_train_are_refused_by_key(tmp_path, override, message):
     """Before any data is read: a zero batch size or interval used to surface as a

@@ -1,5 +1,6 @@
 """Build -> load -> lookup of the MM table round-trips exact fp32 vectors for every id under
-table-wise, row-wise and column-wise sharding on 2 gloo ranks, each rank reading only its rows."""
+table-wise, row-wise and column-wise sharding on 2 gloo ranks, each rank reading only its rows,
+for a table width FBGEMM takes as it is (8) and one it must be padded for (10)."""
 
 from __future__ import annotations
 
@@ -14,29 +15,31 @@ from torch import nn
 
 from embeddings.build import build_table
 from embeddings.table import read_mm_rows
-from mim_rec.ciubm.sparse import FrozenEmbeddingBagCollection, FrozenSharder, MM_TABLE
+from mim_rec.ciubm.sparse import MM_TABLE, FrozenEmbeddingBagCollection, FrozenSharder, mm_table_config
 from mim_rec.data.io import write_table
 from mim_rec.data.schemas import ITEMS
 from mim_rec.utils.dist import free_port
 from train.ciubm import fill_mm_table
 
-ITEMS_COUNT, DIM = 96, 8
+ITEMS_COUNT = 96
 
 
 class IdEncoder:
-    dim, fingerprint = DIM, "ids"
+    fingerprint = "ids"
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
 
     def embed_items(self, items: pa.Table, source) -> torch.Tensor:
         ids = torch.from_numpy(items["item_id"].to_numpy()).float()
-        return torch.stack([ids * 10 + k for k in range(DIM)], dim=1)
+        return torch.stack([ids * 100 + k for k in range(self.dim)], dim=1)
 
 
 class MMOnly(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dim: int) -> None:
         super().__init__()
-        self.mm = FrozenEmbeddingBagCollection(tables=[__import__("torchrec").EmbeddingBagConfig(
-            name=MM_TABLE, num_embeddings=ITEMS_COUNT, embedding_dim=DIM, feature_names=["mm_item_seq"])],
-            device=torch.device("meta"))
+        self.mm = FrozenEmbeddingBagCollection(tables=[mm_table_config(ITEMS_COUNT, dim, "fp32")],
+                                               device=torch.device("meta"))
 
 
 def _plan(model: MMOnly, sharding: str):
@@ -53,7 +56,7 @@ def _plan(model: MMOnly, sharding: str):
     return planner.collective_plan(model, [FrozenSharder()], dist.GroupMember.WORLD)
 
 
-def _worker(rank: int, port: int, table: str, sharding: str, queue) -> None:
+def _worker(rank: int, port: int, table: str, dim: int, sharding: str, queue) -> None:
     from torchrec import KeyedJaggedTensor
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
@@ -61,28 +64,29 @@ def _worker(rank: int, port: int, table: str, sharding: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        model = MMOnly()
+        model = MMOnly(dim)
         dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=_plan(model, sharding),
                                        sharders=[FrozenSharder()])
         asked = []
 
         def rows_of(start: int, stop: int) -> torch.Tensor:
             asked.append((start, stop))
-            return read_mm_rows(table, start, stop, DIM)
+            return read_mm_rows(table, start, stop, dim)
 
         fill_mm_table(dmp, rows_of)
         ids = torch.arange(ITEMS_COUNT)
         kjt = KeyedJaggedTensor(keys=["mm_item_seq"], values=ids, lengths=torch.ones(ITEMS_COUNT, dtype=torch.long))
         with torch.no_grad():
             looked_up = dmp.module.mm(kjt).to_dict()["mm_item_seq"]
-        queue.put((rank, asked, looked_up.numpy().copy()))
+        assert not looked_up[:, dim:].any(), "the alignment padding must stay zero"
+        queue.put((rank, asked, looked_up[:, :dim].numpy().copy()))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mm_sharding")
+@pytest.fixture(scope="module", params=[8, 10], ids=["dim8", "dim10"])
+def table(tmp_path_factory, request):
+    folder = tmp_path_factory.mktemp(f"mm_sharding_{request.param}")
     import io
 
     from PIL import Image
@@ -95,7 +99,8 @@ def table(tmp_path_factory):
                       "created_at": pa.array(np.zeros(ITEMS_COUNT, np.int64), pa.timestamp("s")),
                       "image": pa.array([buffer.getvalue()] * ITEMS_COUNT, pa.binary())})
     write_table(items, folder / "items.parquet", ITEMS)
-    return build_table(IdEncoder(), folder / "items.parquet", folder / "table", shard_rows=16)
+    return build_table(IdEncoder(request.param), folder / "items.parquet", folder / "table", shard_rows=16), \
+        request.param
 
 
 @pytest.mark.slow
@@ -103,11 +108,12 @@ def table(tmp_path_factory):
 def test_every_id_round_trips_exactly(table, sharding):
     import torch.multiprocessing as mp
 
+    folder, dim = table
     port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(port, str(table), sharding, queue), nprocs=2)
+    mp.spawn(_worker, args=(port, str(folder), dim, sharding, queue), nprocs=2)
     results = sorted(queue.get() for _ in range(2))
-    expected = IdEncoder().embed_items(pa.table({"item_id": np.arange(ITEMS_COUNT)}), None)
+    expected = IdEncoder(dim).embed_items(pa.table({"item_id": np.arange(ITEMS_COUNT)}), None)
     for rank, asked, looked_up in results:
         assert np.array_equal(looked_up, expected.numpy()), f"{sharding}: rank {rank} looked up other vectors"
     if sharding == "row_wise":  # each rank read only its half of the rows

@@ -80,6 +80,11 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     if not config.data.world:
         raise ConfigError("data.world: the world folder (items.parquet, events_*.parquet) is required")
     require_positive(config, POSITIVE_SETTINGS)
+    from mim_rec.ciubm.sparse import FBGEMM_COLUMN_ALIGNMENT
+    for key in ("item_dim", "category_dim", "user_dim", "query_dim"):
+        if getattr(config.model, key) % FBGEMM_COLUMN_ALIGNMENT:
+            raise ConfigError(f"model.{key}={getattr(config.model, key)}: FBGEMM's embedding kernels need a "
+                              f"multiple of {FBGEMM_COLUMN_ALIGNMENT}")
     if config.model.ubm not in available_ubms():
         raise ConfigError(f"model.ubm={config.model.ubm!r}: choose one of {', '.join(available_ubms())}")
     config.loader.query_buckets = config.model.query_buckets
@@ -299,10 +304,12 @@ def fill_mm_table(model, rows_of) -> None:
     ``[stop - start, dim]`` vectors of items ``start..stop-1``; only local rows are asked for."""
     import torch
 
+    from mim_rec.ciubm.sparse import shard_columns
+
     with torch.no_grad():
         for r, c, tensor in local_mm_shards(model):
             rows, cols = tensor.shape
-            tensor.copy_(rows_of(r, r + rows)[:, c:c + cols])
+            tensor.copy_(shard_columns(rows_of(r, r + rows), c, cols))
 
 
 def load_mm_table(model, rows_of, count: int, device) -> None:

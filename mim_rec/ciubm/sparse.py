@@ -23,6 +23,9 @@ from mim_rec.ciubm.config import ModelConfig
 from mim_rec.config import ConfigError
 
 MM_TABLE = "mm_item"
+# FBGEMM's kernels (and TorchRec's sharded collections, which assert it on every rank) need a
+# table's width to be a multiple of this.
+FBGEMM_COLUMN_ALIGNMENT = 4
 MM_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
 # Why int8 is refused rather than silently widened: fbgemm's training TBE does run INT8 rows
@@ -67,6 +70,26 @@ def mm_data_type(name: str) -> DataType:
     return MM_DTYPES[name]
 
 
+def mm_storage_dim(dim: int) -> int:
+    """The stored width of a ``dim``-wide MM table: ``dim`` rounded up to FBGEMM's column
+    alignment. An encoder's width is whatever the encoder gives (an 8-d style table, a 10-d
+    one, a 510-d one), so the table is padded with zero columns rather than refused; zeros add
+    nothing to a cosine or a weighted sum, and every lookup is sliced back to ``dim``."""
+    return -(-dim // FBGEMM_COLUMN_ALIGNMENT) * FBGEMM_COLUMN_ALIGNMENT
+
+
+def shard_columns(vectors: torch.Tensor, column: int, width: int) -> torch.Tensor:
+    """Columns ``column..column+width-1`` of ``vectors [n, dim]`` as one shard stores them:
+    zeros past ``dim``, where the table is wider than its vectors (:func:`mm_storage_dim`)."""
+    block = vectors[:, column:column + width]
+    return nn.functional.pad(block, (0, width - block.shape[1]))
+
+
+def mm_table_config(num_items: int, dim: int, mm_dtype: str) -> EmbeddingBagConfig:
+    """The frozen MM table's TorchRec config (stored :func:`mm_storage_dim` wide)."""
+    return _table(MM_TABLE, num_items, mm_storage_dim(dim), ["mm_item_seq"], mm_data_type(mm_dtype))
+
+
 def _table(name: str, rows: int, dim: int, features: List[str],
            data_type: DataType = DataType.FP32) -> EmbeddingBagConfig:
     return EmbeddingBagConfig(name=name, num_embeddings=rows, embedding_dim=dim,
@@ -92,9 +115,8 @@ class SparseArch(nn.Module):
             _table("item", num_items, config.item_dim, ["item_seq"]),
             _table("category", num_categories, config.category_dim, ["category_seq"]),
         ], device=device)
-        self.mm = FrozenEmbeddingBagCollection(tables=[
-            _table(MM_TABLE, num_items, config.mm_dim, ["mm_item_seq"], mm_data_type(config.mm_dtype))],
-            device=device) \
+        self.mm = FrozenEmbeddingBagCollection(
+            tables=[mm_table_config(num_items, config.mm_dim, config.mm_dtype)], device=device) \
             if config.uses_mm else None
 
     def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor, batch_size: int
@@ -106,7 +128,7 @@ class SparseArch(nn.Module):
         if self.mm is not None:
             with torch.no_grad():
                 rows = self.mm(sequence).to_dict()["mm_item_seq"].float()  # fp16 storage may pool in fp16
-                mm = rows.view(batch_size, -1, self.config.mm_dim)
+                mm = rows.view(batch_size, -1, mm_storage_dim(self.config.mm_dim))[..., :self.config.mm_dim]
         return pooled_out, ids, mm
 
 
