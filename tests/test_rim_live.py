@@ -1,5 +1,6 @@
 """Live apply on 2 gloo ranks: under row-wise and column-wise sharding every rank writes only its
-own shards, both apply the same records, and every id then looks up its RIM vector."""
+own shards, both apply the same records, and every id then looks up its RIM vector. The table is
+10 wide, stored 12 wide (FBGEMM's alignment): RIM's writes pad the way the initial fill does."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from embeddings.table import read_mm_rows
 from mim_rec.data.io import write_table
 from mim_rec.data.schemas import ITEMS
 from mim_rec.utils.dist import free_port
-from test_mm_sharding import DIM, ITEMS_COUNT, IdEncoder, MMOnly, _plan
+from test_mm_sharding import ITEMS_COUNT, IdEncoder, MMOnly, _plan
 from train.ciubm import fill_mm_table, local_mm_shards
 
 OLD = 40  # items 0..39 are in the base table; 40..95 arrive through RIM
+DIM = 10
 
 
 def _worker(rank: int, port: int, table: str, log: str, shardings, queue) -> None:
@@ -41,7 +43,7 @@ def _fill_apply_look_up(table: str, log: str, sharding: str) -> tuple:
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from mim_rec.ciubm.sparse import FrozenSharder
 
-    model = MMOnly()
+    model = MMOnly(DIM)
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=_plan(model, sharding),
                                    sharders=[FrozenSharder()])
     fill_mm_table(dmp, lambda start, stop: read_mm_rows(table, start, stop, DIM, missing="default"))
@@ -54,7 +56,8 @@ def _fill_apply_look_up(table: str, log: str, sharding: str) -> tuple:
     kjt = KeyedJaggedTensor(keys=["mm_item_seq"], values=ids, lengths=torch.ones(ITEMS_COUNT, dtype=torch.long))
     with torch.no_grad():
         looked_up = dmp.module.mm(kjt).to_dict()["mm_item_seq"]
-    return applied, changed, [(r, c, tuple(t.shape)) for r, c, t in shards], looked_up.numpy().copy()
+    assert not looked_up[:, DIM:].any(), "the alignment padding must stay zero"
+    return applied, changed, [(r, c, tuple(t.shape)) for r, c, t in shards], looked_up[:, :DIM].numpy().copy()
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +73,10 @@ def table_and_log(tmp_path_factory):
                       "created_at": pa.array(np.zeros(OLD, np.int64), pa.timestamp("s")),
                       "image": pa.array([buffer.getvalue()] * OLD, pa.binary())})
     write_table(items, folder / "items.parquet", ITEMS)
-    table = build_table(IdEncoder(), folder / "items.parquet", folder / "table", shard_rows=16)
+    table = build_table(IdEncoder(DIM), folder / "items.parquet", folder / "table", shard_rows=16)
     with RimLog(folder / "rim.log", IdEncoder.fingerprint, DIM) as log:
         for window in np.array_split(np.arange(OLD, ITEMS_COUNT), 5):
-            vectors = IdEncoder().embed_items(pa.table({"item_id": window}), None).numpy()
+            vectors = IdEncoder(DIM).embed_items(pa.table({"item_id": window}), None).numpy()
             log.append(WindowMessage(window, vectors, IdEncoder.fingerprint, np.zeros(len(window)), 0.0))
     return table, folder / "rim.log"
 
@@ -87,7 +90,7 @@ def test_each_rank_applies_the_same_records_to_its_own_shards(table_and_log):
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_worker, args=(free_port(), str(table), str(log), shardings, queue), nprocs=2)
     results = sorted(queue.get() for _ in range(2 * len(shardings)))
-    expected = IdEncoder().embed_items(pa.table({"item_id": np.arange(ITEMS_COUNT)}), None).numpy()
+    expected = IdEncoder(DIM).embed_items(pa.table({"item_id": np.arange(ITEMS_COUNT)}), None).numpy()
     for sharding, rank, applied, changed, shards, looked_up in results:
         assert applied == ITEMS_COUNT - OLD
         assert np.array_equal(looked_up, expected), f"{sharding}: rank {rank} looks up other vectors"
