@@ -32,7 +32,7 @@ from mim_rec.data.schemas import SIGNALS
 from mim_rec.data.split import time_cut
 from mim_rec.encoders.text import HFTextEncoder
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
-from mim_rec.pretrain.corpus import ItemCorpus, corpus_from_table
+from mim_rec.pretrain.corpus import ItemCorpus, corpus_from_table, encoded_images
 from mim_rec.utils.run import atomic_write_bytes
 
 PathLike = Union[str, Path]
@@ -107,30 +107,8 @@ def read_query_inputs(path: PathLike, item_count: int, vision: VisionEncoder) ->
             raise DataError(str(path), "no 'query_feature' column; the vision encoder is "
                             "'precomputed'", field="query_feature")
         return vision.preprocess(table.column("query_feature").to_pylist(), str(path), rows)
-    return vision.image_processor.to_uint8(_query_image_bytes(table, path), str(path), rows)
-
-
-def _query_image_bytes(table: pa.Table, path: Path) -> List[bytes]:
-    inline = table.column("query_image").to_pylist() if "query_image" in table.column_names else None
-    paths = (table.column("query_image_path").to_pylist()
-             if "query_image_path" in table.column_names else None)
-    if inline is None and paths is None:
-        raise DataError(str(path), "no 'query_image' or 'query_image_path' column; use "
-                        "vision.name=precomputed for pairs with only query_feature",
-                        field="query_image")
-    out = []
-    for row in range(table.num_rows):
-        if inline is not None and inline[row] is not None:
-            out.append(inline[row])
-        elif paths is not None and paths[row] is not None:
-            image_file = path.parent / paths[row]
-            if not image_file.is_file():
-                raise DataError(str(path), f"image file {image_file} not found", row=row,
-                                field="query_image_path")
-            out.append(image_file.read_bytes())
-        else:
-            raise DataError(str(path), "missing query image", row=row, field="query_image")
-    return out
+    images = encoded_images(table, path, "query_image", "query_image_path", "pairs", "query_feature")
+    return vision.image_processor.to_uint8(images, str(path), rows)
 
 
 # ----------------------------------------------------------------------------- features

@@ -104,7 +104,7 @@ def corpus_from_table(table: pa.Table, path: Path, vision: VisionEncoder) -> Ite
     if isinstance(vision, PrecomputedVisionEncoder):
         images = vision.preprocess(_column(table, path, "image_feature"), str(path), rows)
     else:
-        images = vision.image_processor.to_uint8(_image_bytes(table, path), str(path), rows)
+        images = vision.image_processor.to_uint8(encoded_images(table, path), str(path), rows)
     return ItemCorpus(table.column("item_id").to_numpy(), titles, images,
                       table.column("category_id").to_numpy(), str(path))
 
@@ -116,25 +116,26 @@ def _column(table: pa.Table, path: Path, name: str) -> list:
     return table.column(name).to_pylist()
 
 
-def _image_bytes(table: pa.Table, path: Path) -> List[bytes]:
-    """Each row's encoded image, from the ``image`` column or the file ``image_path`` names
-    (relative to the items file's folder)."""
-    inline = table.column("image").to_pylist() if "image" in table.column_names else None
-    paths = table.column("image_path").to_pylist() if "image_path" in table.column_names else None
-    if inline is None and paths is None:
-        raise DataError(str(path), "no 'image' or 'image_path' column; use "
-                        "vision.name=precomputed for items with only image_feature",
-                        field="image")
+def encoded_images(table: pa.Table, path: Path, inline: str = "image", by_path: str = "image_path",
+                   rows_are: str = "items", feature: str = "image_feature") -> List[bytes]:
+    """Each row's encoded image, from the ``inline`` bytes column or the file the ``by_path``
+    column names (relative to ``path``'s folder). Items and C-SFT pairs (``query_image``,
+    ``query_image_path``) store their pictures the same two ways; a row with neither, or a named
+    file that is absent, is a :class:`DataError` with its row and field."""
+    inline_values = table.column(inline).to_pylist() if inline in table.column_names else None
+    paths = table.column(by_path).to_pylist() if by_path in table.column_names else None
+    if inline_values is None and paths is None:
+        raise DataError(str(path), f"no '{inline}' or '{by_path}' column; use vision.name=precomputed "
+                        f"for {rows_are} with only {feature}", field=inline)
     out = []
     for row in range(table.num_rows):
-        if inline is not None and inline[row] is not None:
-            out.append(inline[row])
+        if inline_values is not None and inline_values[row] is not None:
+            out.append(inline_values[row])
         elif paths is not None and paths[row] is not None:
             image_file = path.parent / paths[row]
             if not image_file.is_file():
-                raise DataError(str(path), f"image file {image_file} not found", row=row,
-                                field="image_path")
+                raise DataError(str(path), f"image file {image_file} not found", row=row, field=by_path)
             out.append(image_file.read_bytes())
         else:
-            raise DataError(str(path), "missing image", row=row, field="image")
+            raise DataError(str(path), f"missing {inline.replace('_', ' ')}", row=row, field=inline)
     return out
