@@ -1,5 +1,6 @@
-"""``mim bench layout``: both behaviour-lookup layouts run on fbgemm's kernels, return the same
-rows (checked before timing) and are printed side by side with their ratio."""
+"""``mim bench layout``: both behaviour-lookup layouts run on fbgemm's kernels, and sharded by
+DistributedModelParallel on 2 gloo ranks, return the same rows (checked before timing) and are
+printed side by side with their ratio."""
 
 from __future__ import annotations
 
@@ -31,8 +32,25 @@ def test_a_layout_that_returns_other_rows_voids_the_bench(monkeypatch):
         bench_layout.measure(bench_layout.quick())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
+def test_sharded_run_times_both_collections_through_dmp_on_two_ranks(tmp_path, capsys, sharding):
+    out = tmp_path / "sharded.json"
+    assert main(["bench", "layout", "--quick", "--json", str(out), "sharded=true", f"sharding={sharding}",
+                 "hist_len=6", "min_hist_len=2"]) == 0
+    result = json.loads(out.read_text())
+    # each of the 2 ranks looked up its 16 targets and 2..6 behaviours per sample
+    assert len(result["rows_per_rank"]) == 2
+    assert all(16 * 3 <= rows <= 16 * 7 for rows in result["rows_per_rank"])
+    ebc, ec = result["layouts"]
+    assert ebc["train_samples_per_s"] == pytest.approx(2 * 16 / (ebc["train_ms"] / 1e3))  # both ranks' samples
+    assert result["ec_over_ebc_train_time"] == pytest.approx(ec["train_ms"] / ebc["train_ms"])
+    assert f"2 ranks, {sharding}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("override, needle", [("batch_size=0", "batch_size"), ("warmup=-1", "warmup"),
-                                              ("device=tpu", "device")])
+                                              ("device=tpu", "device"), ("min_hist_len=9", "min_hist_len"),
+                                              ("sharding=diagonal", "sharding")])
 def test_bad_settings_are_refused_by_name(override, needle, capsys):
     assert main(["bench", "layout", "--quick", override]) == 2
     assert needle in capsys.readouterr().err

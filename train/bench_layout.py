@@ -1,17 +1,21 @@
 """``mim bench layout``: behaviour-sequence lookups as single-behaviour bags (what CiUBM does)
-vs TorchRec's ``EmbeddingCollection`` layout, measured side by side on fbgemm's kernels.
+vs TorchRec's ``EmbeddingCollection`` layout, measured side by side.
 
 A sharded ``EmbeddingBagCollection`` runs fbgemm's table-batched embedding kernel
 (``SplitTableBatchedEmbeddingBagsCodegen``) with sum pooling; a sharded
 ``EmbeddingCollection`` runs the same kernel with ``PoolingMode.NONE`` (one output row per
 id). CiUBM gives every behaviour slot a bag of its own, so the sum-pooled kernel returns the
-same ``[B * (1 + L), D]`` rows the sequence kernel does; which one is faster decides the
-layout. TorchRec 1.9.2's sharded ``EmbeddingCollection`` crashes on this CPU build (see
-``docs/ciubm.md``), so this bench times the kernels themselves, each with its fused optimizer
-(EXACT_ROWWISE_ADAGRAD, applied in the backward pass as in training), on the same ids in one
-run. Both layouts must return identical rows first: a bench of two different lookups would
-mean nothing. Input and output distribution move the same ``B * (1 + L)`` rows in either
-layout and are left out.
+same rows the sequence kernel does; which one is faster decides the layout. Two modes, each
+timing both layouts in one run, with their fused optimizer (EXACT_ROWWISE_ADAGRAD, applied in
+the backward pass as in training), after checking that both return identical rows (a bench of
+two different lookups would mean nothing):
+
+* kernels (default): the fbgemm kernels alone on full ``B * (1 + L)`` slots, no distribution;
+* ``sharded=true``: both collections sharded by ``DistributedModelParallel`` over ``ranks``
+  spawned gloo (nccl on GPUs) processes under one sharding type, every rank with its own batch
+  whose history lengths are drawn from ``min_hist_len..L``: input distribution, lookup, output distribution,
+  backward and the fused update, as a CiUBM step runs them. The EBC pads each short history
+  with empty bags; the EC's sequences are as long as the history.
 """
 
 from __future__ import annotations
@@ -29,18 +33,29 @@ LAYOUTS = (("ebc_single_bags", "SUM", "slot", "EmbeddingBagCollection over singl
            ("ec_sequence", "NONE", "sample", "EmbeddingCollection (sequence) layout"))
 
 
+SHARDINGS = ("table_wise", "row_wise", "column_wise")
+
+
 @dataclass
 class LayoutBenchConfig:
     items: int = 20_000          # rows of the item table
     dim: int = 24                # item ++ category width of CiUBM's behaviour table
     batch_size: int = 1024       # samples per step
     hist_len: int = 30           # behaviours per sample (plus the target slot)
+    # sharded=true: each sample's behaviours are drawn from min_hist_len..hist_len (hist_len:
+    # every history full, as the kernel mode has them)
+    min_hist_len: int = 1
     repeats: int = 20            # timed steps per layout (median reported)
     warmup: int = 3              # untimed steps first
     rounds: int = 3              # the layouts alternate this many times (drift hits both alike)
     threads: Optional[int] = 1   # torch threads; None = torch's default
     device: str = "auto"         # auto | cpu | cuda
     seed: int = 0
+    # Through DistributedModelParallel on `ranks` spawned processes, under one sharding type
+    # (table_wise | row_wise | column_wise), instead of the bare kernels.
+    sharded: bool = False
+    ranks: int = 2
+    sharding: str = "table_wise"
 
     def validate(self) -> None:
         from mim_rec.config import ConfigError
@@ -51,6 +66,12 @@ class LayoutBenchConfig:
             raise ConfigError(f"warmup must be at least 0, got {self.warmup}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not 1 <= self.min_hist_len <= self.hist_len:
+            raise ConfigError(f"min_hist_len must be in 1..hist_len={self.hist_len}, got {self.min_hist_len}")
+        if self.sharded and self.ranks < 1:
+            raise ConfigError(f"ranks must be at least 1, got {self.ranks}")
+        if self.sharding not in SHARDINGS:
+            raise ConfigError(f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
 
 
 def quick() -> LayoutBenchConfig:
@@ -73,11 +94,15 @@ def _kernel(config: LayoutBenchConfig, pooling: str, device):
 
 
 def measure(config: LayoutBenchConfig) -> Dict[str, Any]:
+    config.validate()
+    return measure_sharded(config) if config.sharded else measure_kernels(config)
+
+
+def measure_kernels(config: LayoutBenchConfig) -> Dict[str, Any]:
     import torch
 
     from mim_rec.utils.dist import resolve_device
 
-    config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -99,13 +124,24 @@ def measure(config: LayoutBenchConfig) -> Dict[str, Any]:
     if first.shape != (rows, config.dim) or first.shape != second.shape or not torch.equal(first, second):
         raise RuntimeError("the two layouts returned different rows for the same ids; the bench is void")
 
+    samples = _alternate_rounds(config, lambda name: kernels[name](ids, offsets[name]), synchronize)
+    return _result(config, device.type, samples, {"rows_per_step": rows})
+
+
+def _alternate_rounds(config: LayoutBenchConfig, lookup: Callable[[str], Any],
+                      synchronize: Callable[[], None]) -> Dict[str, Dict[str, List[float]]]:
+    """Per layout, the median seconds of a train step (``lookup(name)``, then a backward that
+    runs the fused update) and of an inference step in each round; the layouts alternate
+    within a round, so drift in the machine's load hits both alike."""
+    import torch
+
     def train_step(name: str) -> Callable[[], None]:
-        return lambda: kernels[name](ids, offsets[name]).sum().backward()  # the fused update runs here
+        return lambda: lookup(name).sum().backward()
 
     def inference_step(name: str) -> Callable[[], None]:
         def step() -> None:
             with torch.no_grad():
-                kernels[name](ids, offsets[name])
+                lookup(name)
         return step
 
     samples: Dict[str, Dict[str, List[float]]] = {name: {"train": [], "inference": []} for name, *_ in LAYOUTS}
@@ -114,27 +150,167 @@ def measure(config: LayoutBenchConfig) -> Dict[str, Any]:
             for kind, make in (("train", train_step), ("inference", inference_step)):
                 seconds, _ = median_seconds(make(name), config.repeats, config.warmup, synchronize)
                 samples[name][kind].append(seconds)
+    return samples
+
+
+def _result(config: LayoutBenchConfig, device: str, samples: Dict[str, Dict[str, List[float]]],
+            extra: Dict[str, Any]) -> Dict[str, Any]:
+    """Medians over the rounds, samples/s over all ranks, and the EC / EBC time ratios."""
+    per_step = config.batch_size * (config.ranks if config.sharded else 1)
     result_rows = []
     for name, pooling, _, label in LAYOUTS:
         train_s = statistics.median(samples[name]["train"])
         inference_s = statistics.median(samples[name]["inference"])
         result_rows.append({"layout": name, "label": label, "pooling": pooling,
-                            "train_ms": 1e3 * train_s, "train_samples_per_s": config.batch_size / train_s,
-                            "inference_ms": 1e3 * inference_s,
-                            "inference_samples_per_s": config.batch_size / inference_s})
+                            "train_ms": 1e3 * train_s, "train_samples_per_s": per_step / train_s,
+                            "inference_ms": 1e3 * inference_s, "inference_samples_per_s": per_step / inference_s})
     ebc, ec = result_rows
-    return {"config": asdict(config), "device": device.type, "rows_per_step": rows, "layouts": result_rows,
+    return {"config": asdict(config), "device": device, **extra, "layouts": result_rows,
             "ec_over_ebc_train_time": ec["train_ms"] / ebc["train_ms"],
             "ec_over_ebc_inference_time": ec["inference_ms"] / ebc["inference_ms"]}
 
 
+# ---------------------------------------------------------------- through DistributedModelParallel
+
+def measure_sharded(config: LayoutBenchConfig) -> Dict[str, Any]:
+    """Spawn ``config.ranks`` processes, time both sharded collections in each, and keep the
+    slowest rank's medians (a step with collectives ends when its slowest rank does)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from mim_rec.utils.dist import free_port, resolve_device
+
+    device = resolve_device(config.device).type
+    if device == "cuda" and torch.cuda.device_count() < config.ranks:
+        from mim_rec.config import ConfigError
+        raise ConfigError(f"ranks={config.ranks}: only {torch.cuda.device_count()} GPUs are visible")
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_sharded_worker, args=(config, device, free_port(), results), nprocs=config.ranks,
+                       start_method="spawn")
+    per_rank = results.get()
+    samples = {name: {kind: [max(rank[name][kind][r] for rank in per_rank[0])
+                             for r in range(config.rounds)] for kind in ("train", "inference")}
+               for name, *_ in LAYOUTS}
+    return _result(config, device, samples, {"rows_per_rank": per_rank[1]})
+
+
+def _sharded_worker(rank: int, config: LayoutBenchConfig, device_type: str, port: int, results) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(config.threads or torch.get_num_threads())
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=config.ranks)
+    try:
+        measured = _measure_on_rank(config, rank, device)
+        gathered: List[Any] = [None] * config.ranks
+        dist.all_gather_object(gathered, measured)
+        if rank == 0:
+            results.put(([samples for samples, _ in gathered], [rows for _, rows in gathered]))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_collections(config: LayoutBenchConfig, device):
+    """Both layouts over one ``items x dim`` table each, sharded by DMP under ``config.sharding``,
+    each with the fused row-wise Adagrad, filled with the same seeded weights."""
+    import torch
+    import torch.distributed as dist
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torch import nn
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, PoolingType
+    from torchrec.distributed import sharding_plan
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingPlan
+
+    fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01}
+    sharders = {"ebc_single_bags": EmbeddingBagCollectionSharder(fused_params=fused),
+                "ec_sequence": EmbeddingCollectionSharder(fused_params=fused)}
+    model = nn.Module()
+    meta = torch.device("meta")
+    model.ebc_single_bags = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        name="slots", num_embeddings=config.items, embedding_dim=config.dim, feature_names=["slot"],
+        pooling=PoolingType.SUM)], device=meta)
+    model.ec_sequence = EmbeddingCollection(tables=[EmbeddingConfig(
+        name="sequence", num_embeddings=config.items, embedding_dim=config.dim, feature_names=["behaviours"])],
+        device=meta)
+    world = dist.get_world_size()
+    # The fused kernel, as CiUBM's tables use. The plan helpers' default is the dense kernel, which
+    # TorchRec's planner never offers an EmbeddingCollection on CPU; forced on both collections,
+    # it aborted the first step with a glibc heap error here (TorchRec 1.9.2).
+    kernel = "fused"
+    generator = {"table_wise": lambda: sharding_plan.table_wise(rank=0, compute_kernel=kernel),
+                 "row_wise": lambda: sharding_plan.row_wise(compute_kernel=kernel),
+                 "column_wise": lambda: sharding_plan.column_wise(ranks=list(range(world)), compute_kernel=kernel),
+                 }[config.sharding]
+    plan = ShardingPlan({name: sharding_plan.construct_module_sharding_plan(
+        getattr(model, name), {table: generator()}, local_size=world, world_size=world, device_type=device.type,
+        sharder=sharders[name]) for name, table in (("ebc_single_bags", "slots"), ("ec_sequence", "sequence"))})
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=list(sharders.values()))
+    weights = torch.randn(config.items, config.dim, generator=torch.Generator().manual_seed(config.seed))
+    with torch.no_grad():
+        for key, tensor in dmp.state_dict().items():
+            for shard in tensor.local_shards():
+                (row, column), (rows, columns) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(weights[row:row + rows, column:column + columns])
+    return dmp.module
+
+
+def _rank_batch(config: LayoutBenchConfig, rank: int, device):
+    """This rank's batch in both layouts: ``(slot KJT, sequence KJT, slot is filled [B*(1+L)])``.
+    A sample has the target and ``min_hist_len..L`` behaviours, right-aligned in its ``1 + L``
+    slots."""
+    import torch
+    from torchrec import KeyedJaggedTensor
+
+    generator = torch.Generator().manual_seed(config.seed * 1_000 + rank)
+    slots = 1 + config.hist_len
+    behaviours = torch.randint(config.min_hist_len, config.hist_len + 1, (config.batch_size,), generator=generator)
+    filled = torch.arange(slots)[None, :] >= (config.hist_len - behaviours)[:, None]  # [B, 1+L]
+    filled[:, 0] = True                                                                 # the target
+    ids = torch.randint(0, config.items, (int(filled.sum()),), generator=generator)
+    slot_kjt = KeyedJaggedTensor(keys=["slot"], values=ids, lengths=filled.flatten().long())
+    sequence_kjt = KeyedJaggedTensor(keys=["behaviours"], values=ids, lengths=filled.sum(1))
+    return slot_kjt.to(device), sequence_kjt.to(device), filled.flatten().to(device)
+
+
+def _measure_on_rank(config: LayoutBenchConfig, rank: int, device):
+    import torch
+
+    module = _sharded_collections(config, device)
+    slot_kjt, sequence_kjt, filled = _rank_batch(config, rank, device)
+    lookups = {"ebc_single_bags": lambda: module.ebc_single_bags(slot_kjt).values(),
+               "ec_sequence": lambda: module.ec_sequence(sequence_kjt)["behaviours"].values()}
+    with torch.no_grad():
+        per_slot, per_id = lookups["ebc_single_bags"](), lookups["ec_sequence"]()
+    if not torch.equal(per_slot[filled], per_id) or per_slot[~filled].any():
+        raise RuntimeError("the two sharded layouts returned different rows for the same ids; the bench is void")
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return _alternate_rounds(config, lambda name: lookups[name](), synchronize), int(filled.sum())
+
+
 def render(result: Dict[str, Any]) -> str:
     config = result["config"]
-    lines = [f"Behaviour lookup layouts on fbgemm's kernels ({result['device']}, "
-             f"{config['threads'] or 'default'} torch threads): {config['items']:,} x {config['dim']} table, "
-             f"batch {config['batch_size']} x (1 + {config['hist_len']}) slots = {result['rows_per_step']:,} rows; "
-             f"median of {config['rounds']} rounds x {config['repeats']} steps",
-             "", "| layout | pooling | train ms/step | train samples/s | inference ms | inference samples/s |",
+    if config["sharded"]:
+        rows = sum(result["rows_per_rank"])
+        title = (f"Behaviour lookup layouts through DistributedModelParallel ({result['device']}, "
+                 f"{config['ranks']} ranks, {config['sharding']}, {config['threads'] or 'default'} torch threads "
+                 f"per rank): {config['items']:,} x {config['dim']} table, batch {config['batch_size']} per rank "
+                 f"x (1 + {config['min_hist_len']}..{config['hist_len']}) ids = {rows:,} ids over all ranks; slowest rank's median "
+                 f"of {config['rounds']} rounds x {config['repeats']} steps")
+    else:
+        title = (f"Behaviour lookup layouts on fbgemm's kernels ({result['device']}, "
+                 f"{config['threads'] or 'default'} torch threads): {config['items']:,} x {config['dim']} table, "
+                 f"batch {config['batch_size']} x (1 + {config['hist_len']}) slots = {result['rows_per_step']:,} "
+                 f"rows; median of {config['rounds']} rounds x {config['repeats']} steps")
+    lines = [title, "", "| layout | pooling | train ms/step | train samples/s | inference ms | inference samples/s |",
              "|---|---|---|---|---|---|"]
     for row in result["layouts"]:
         lines.append(f"| {row['label']} | {row['pooling']} | {row['train_ms']:.2f} | "

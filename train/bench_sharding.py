@@ -17,8 +17,8 @@ Where an estimate comes from matters, so every row says it:
 
 The MM table is an ``EmbeddingBagCollection`` whose bags hold one behaviour each, summed per
 sample here (pooling = behaviour-sequence length): storage, lookups and communication per id
-are those of the CiUBM lookup. (TorchRec 1.9's sharded ``EmbeddingCollection`` crashes on
-CPU in this build, so the bench keeps to EBCs on every device.)
+are those of the CiUBM lookup, whose layout ``mim bench layout sharded=true`` compares with an
+``EmbeddingCollection``.
 """
 
 from __future__ import annotations

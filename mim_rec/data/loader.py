@@ -9,8 +9,9 @@ Two ``KeyedJaggedTensor``s per batch, because the model looks rows up two ways:
   ``item_seq``, ``category_seq`` and ``mm_item_seq`` (the same item ids as keys of the MM
   table). Every bag holds one id or none, so an EBC returns one row per slot -- the
   target and the behaviours share one item table, as target attention needs -- and the model
-  reshapes ``[B * (1 + L), D]`` to ``[B, 1 + L, D]``. (TorchRec's sharded
-  ``EmbeddingCollection`` would be the natural fit but crashes on CPU in torchrec 1.9.2.)
+  reshapes ``[B * (1 + L), D]`` to ``[B, 1 + L, D]``. (TorchRec's ``EmbeddingCollection``
+  over per-sample sequences is the alternative; ``mim bench layout sharded=true`` measures
+  which is faster under each sharding type, docs/ciubm.md.)
 
 Rows are streamed by Parquet row group; each epoch shuffles the row-group order and the rows
 inside a buffer of row groups (seeded by ``seed`` and the epoch), and rank ``r`` of ``W``
