@@ -78,6 +78,38 @@ def _mm_optimizer_state(optimizer) -> list:
     return [v for k, v in optimizer.state_dict()["state"].items() if "mm_item" in k and v]
 
 
+def _layout_twins(ubm: str, layout_sizes: dict):
+    """A CiUBM per sequence layout with the same weights (the tables mapped by name)."""
+    torch.manual_seed(0)
+    models = {layout: CiUBM(ModelConfig(ubm=ubm, mm_dim=10, sequence_layout=layout), **layout_sizes)
+              for layout in ("ebc", "ec")}
+    source = models["ebc"].state_dict()
+    by_table = {key.rsplit(".", 2)[-2]: value for key, value in source.items() if "sparse_arch" in key}
+    target = {key: by_table[key.rsplit(".", 2)[-2]] if "sparse_arch" in key else source[key]
+              for key in models["ec"].state_dict()}
+    models["ec"].load_state_dict(target)
+    return models
+
+
+@pytest.mark.parametrize("ubm", ["din", "dien", "bst", "sim", "twin"])
+def test_ec_and_ebc_layouts_compute_the_same_logits(world, ubm):
+    """The loader's per-sample sequences and the EmbeddingCollections place every row in the slot
+    the single-bag layout gives it, padding included (SIM reads the slots' categories; BST
+    their positions), and the MM table reads the same rows (10 wide: stored padded in both)."""
+    items = ItemInfo.from_items(world / "items.parquet")
+    sizes = ciubm.table_sizes(str(world), items)
+    models = _layout_twins(ubm, {"num_items": sizes["items"], "num_users": sizes["users"],
+                                 "num_categories": sizes["categories"]})
+    logits = {}
+    for layout, model in models.items():
+        config = LoaderConfig(batch_size=96, max_hist_len=12, shuffle=False, sequence_layout=layout)
+        batch = next(iter(CtrEventsLoader(world / "events_train.parquet", items, config)))
+        assert batch.slots == 13 and batch.sequence.stride() == (96 * 13 if layout == "ebc" else 96)
+        model.eval()
+        with torch.no_grad():
+            logits[layout], _ = model(batch)
+    torch.testing.assert_close(logits["ec"], logits["ebc"], rtol=1e-5, atol=1e-6)
+
 def test_training_beats_a_constant_predictor(world, tmp_path):
     config = _config(world, tmp_path / "run", "epochs=2", "model.ubm=din")
     report = ciubm.run(config)
@@ -181,7 +213,8 @@ def test_whitening_zeroes_directions_the_table_does_not_span():
 @pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true"),
                                      ("model.mm_whiten=0", "model.content_pool=sum"),  # the paper's CiUBM
                                      ("model.target_mm=false",), ("model.content_metric=true",),
-                                     ("model.mm_dim=10",)])  # stored 12 wide: FBGEMM's alignment
+                                     ("model.mm_dim=10",),  # stored 12 wide: FBGEMM's alignment
+                                     ("model.sequence_layout=ec",)])
 def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options):
     config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", *options)
     ctx = ciubm._process_group("cpu")
@@ -201,7 +234,7 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
     assert progress["global_step"] == 4
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.equal(b, whitening[n]) for n, b in model.named_buffers() if n in whitening)  # fixed
-    item_state = [v for k, v in optimizer.state_dict()["state"].items() if k.endswith("embedding_bags.item.weight")]
+    item_state = [v for k, v in optimizer.state_dict()["state"].items() if k.endswith(".item.weight")]
     assert item_state and item_state[0]          # the ID table trains with optimizer state
     assert _mm_optimizer_state(optimizer) == []  # the MM table has none
     if config.model.content_metric:  # the learned metric is a dense parameter and trains
@@ -227,14 +260,17 @@ def _step_losses(out) -> list:
     return [record["loss"] for record in _step_records(out)]
 
 
-def test_sparse_dist_pipeline_trains_like_the_plain_loop(world, tmp_path, caplog):
+@pytest.mark.parametrize("layout, collections", [("ebc", ("pooled", "sequence", "mm")),
+                                                 ("ec", ("pooled", "sequence_items", "sequence_categories", "mm"))])
+def test_sparse_dist_pipeline_trains_like_the_plain_loop(world, tmp_path, caplog, layout, collections):
     """Same batches in the same order, same losses step by step (DIEN: its auxiliary loss
-    too), and every sharded collection -- the frozen MM one included -- pipelined."""
-    common = ("max_steps=5", "log_every=1", "model.ubm=dien")
+    too), and every sharded collection -- the frozen MM one included -- pipelined, in either
+    sequence layout."""
+    common = ("max_steps=5", "log_every=1", "model.ubm=dien", f"model.sequence_layout={layout}")
     plain = ciubm.run(_config(world, tmp_path / "plain", *common, "train_pipeline=plain"))
     with caplog.at_level("INFO", logger="torchrec.distributed.train_pipeline"):
         piped = ciubm.run(_config(world, tmp_path / "piped", *common, "train_pipeline=sparse_dist"))
-    for name in ("pooled", "sequence", "mm"):
+    for name in collections:
         assert f"Module 'sparse_arch.{name}' will be pipelined" in caplog.text
     assert "will NOT be pipelined" not in caplog.text
     assert piped["steps"] == plain["steps"] == 5

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from mim_rec.ciubm.config import ModelConfig
-from mim_rec.ciubm.model import slot_ids
+from mim_rec.ciubm.sparse import slot_ids
 from mim_rec.data.loader import CtrBatch, CtrEventsLoader, ItemInfo, LoaderConfig
 from train.bench_cmd import measuring_bench_parser, preset_cli
 
@@ -250,6 +250,8 @@ def run_bench(config: PeerBenchConfig) -> Dict[str, Any]:
     unknown = sorted(set(config.ubms) - set(PEER_UBMS))
     if unknown:
         raise ValueError(f"ubms: DeepCTR-Torch has no {unknown}; choose from {list(PEER_UBMS)}")
+    if config.model.sequence_layout != "ebc":
+        raise ValueError("model.sequence_layout: the peer's input is read from the slot (ebc) layout")
     if config.threads:
         torch.set_num_threads(config.threads)
     items = ItemInfo.from_items(Path(config.world) / "items.parquet")

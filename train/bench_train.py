@@ -148,7 +148,7 @@ class PlainSparseArch(nn.Module):
         self.register_buffer("mm", torch.zeros(num_items, config.mm_dim, dtype=dtype, device=device)
                              if config.uses_mm else None)
 
-    def forward(self, pooled, sequence, batch_size: int):
+    def forward(self, pooled, sequence, batch_size: int, slots: int):
         user, query = pooled["user_id"], pooled["query_tokens"]
         pooled_out = {"user_id": self.tables["user"](user.values()),
                       "query_tokens": self.tables["query_word"](query.values(), query.offsets()[:-1])}
@@ -157,8 +157,9 @@ class PlainSparseArch(nn.Module):
         ids = torch.cat([self.tables["item"](items), self.tables["category"](categories)], dim=-1) * present
         mm = None
         if self.mm is not None:
-            mm = (self.mm[items].float() * present).view(batch_size, -1, self.config.mm_dim)
-        return pooled_out, ids.view(batch_size, -1, self.config.behaviour_dim), mm
+            mm = (self.mm[items].float() * present).view(batch_size, slots, self.config.mm_dim)
+        return (pooled_out, ids.view(batch_size, slots, self.config.behaviour_dim), mm,
+                present.view(batch_size, slots) > 0, categories.view(batch_size, slots))
 
     @staticmethod
     def _slot_ids(jagged) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -428,6 +429,9 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
         raise ConfigError(f"ubms: unknown {unknown}; choose from {ALL_UBMS}")
     if min(config.steps, config.rounds, config.warmup, config.distinct_batches) < 1:
         raise ConfigError("steps, rounds, warmup and distinct_batches must each be at least 1")
+    if config.model.sequence_layout != "ebc":
+        raise ConfigError("model.sequence_layout: the plain-torch reference reads the slot (ebc) layout; "
+                          "compare the layouts with mim bench layout")
     if config.threads:
         torch.set_num_threads(config.threads)
     sizes = bench_sizes(config)

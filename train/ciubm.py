@@ -88,6 +88,7 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     if config.model.ubm not in available_ubms():
         raise ConfigError(f"model.ubm={config.model.ubm!r}: choose one of {', '.join(available_ubms())}")
     config.loader.query_buckets = config.model.query_buckets
+    config.loader.sequence_layout = config.model.sequence_layout
     if config.model.uses_mm:
         from mim_rec.ciubm.sparse import mm_data_type
         mm_data_type(config.model.mm_dtype)  # an unsupported storage precision fails here, with its reason

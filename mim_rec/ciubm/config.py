@@ -26,6 +26,11 @@ class ModelConfig:
     # the history (docs/ciubm.md); sum: as the paper writes it.
     content_pool: Literal["sum", "mean"] = "mean"
     fusion_interest: bool = True           # sum of cos(h_t^MM, h_i^MM) * h_i^ID
+    # How the behaviour tables are looked up: ebc, an EmbeddingBagCollection over one single-id
+    # bag per slot; ec, EmbeddingCollections over one sequence per sample. The same rows either
+    # way; ec trains faster under row-wise sharding, ebc under table- and column-wise
+    # (`mim bench layout sharded=true`, docs/ciubm.md "Batches").
+    sequence_layout: Literal["ebc", "ec"] = "ebc"
     item_dim: int = 16
     category_dim: int = 8
     user_dim: int = 16

@@ -11,7 +11,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec import KeyedJaggedTensor
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.ciubm.interest import (ContentInterestArch, ContentMetric, FusionInterestArch, content_match,
@@ -21,21 +20,6 @@ from mim_rec.ciubm.sparse import SparseArch
 from mim_rec.ciubm.whitening import MMWhitening
 from mim_rec.data.loader import DENSE_FEATURES, CtrBatch
 from mim_rec.ubm import build_ubm
-
-
-@torch.fx.wrap
-def slot_ids(sequence: KeyedJaggedTensor, key: str, size: int, slots: int, offset: int = 0) -> torch.Tensor:
-    """``[B, 1+L]`` id of ``key`` per slot, plus ``offset``; 0 on empty slots. CiUBM reads the
-    category of each slot for SIM's category search; ``offset=1`` keeps id 0 apart from padding
-    for a library that pads with 0.
-
-    An fx leaf (``torch.fx.wrap``): its masked assignment cannot be traced symbolically, and
-    TorchRec's train pipeline traces CiUBM's forward to find the batch fields that feed each
-    sharded collection."""
-    jagged = sequence[key]
-    dense = torch.zeros(size * slots, dtype=torch.long, device=jagged.values().device)
-    dense[jagged.lengths() > 0] = jagged.values().long() + offset
-    return dense.view(size, slots)
 
 
 class CiUBM(nn.Module):
@@ -70,14 +54,13 @@ class CiUBM(nn.Module):
 
     def forward(self, batch: CtrBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         size = batch.labels.numel()
-        pooled, ids, mm = self.sparse_arch(batch.pooled, batch.sequence, size)
-        slot_present = batch.sequence.lengths()[: size * batch.slots].view(size, batch.slots) > 0
+        pooled, ids, mm, slot_present, categories = self.sparse_arch(batch.pooled, batch.sequence, size,
+                                                                     batch.slots)
         mask = slot_present[:, 1:]
         target_ids, behaviour_ids = ids[:, 0], ids[:, 1:]
         parts = [target_ids, pooled["user_id"], pooled["query_tokens"], batch.dense_features]
         aux = None
         if self.id_interest is not None:
-            categories = slot_ids(batch.sequence, "category_seq", size, batch.slots)
             parts.append(self.id_interest(target_ids, behaviour_ids, mask, categories[:, 0], categories[:, 1:]))
             aux = self.id_interest.auxiliary_loss()
         if mm is not None:

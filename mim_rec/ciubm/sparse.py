@@ -1,12 +1,17 @@
 """The sparse arch: every embedding table of CiUBM, as TorchRec collections the planner shards.
 
 * ``pooled``: user and query-word tables (an ``EmbeddingBagCollection``, sum pooling).
-* ``sequence``: the item and category tables, looked up once per sequence slot (target +
-  behaviours), so target and behaviours share one item table.
-* ``mm``: the frozen multi-modal table (a :class:`FrozenEmbeddingBagCollection`): looked up
-  under ``no_grad``, sharded by its own sharder whose fused optimizer is plain SGD at learning
-  rate 0 (it has no state), and filled from the representation center. Its storage precision
-  is ``ModelConfig.mm_dtype`` (:func:`mm_data_type`).
+* the behaviour tables (item, category), looked up for the target and every behaviour, so
+  target and behaviours share one item table. ``ModelConfig.sequence_layout`` picks how:
+  ``ebc`` (``sequence``), an ``EmbeddingBagCollection`` over one single-id bag per slot;
+  ``ec`` (``sequence_items``, ``sequence_categories``), ``EmbeddingCollection``s over one
+  sequence per sample (an EC's tables share one width, so each table has its own). Both give
+  the same rows; which is faster depends on the sharding (``mim bench layout``, docs/ciubm.md).
+* ``mm``: the frozen multi-modal table (:class:`FrozenEmbeddingBagCollection`, or
+  :class:`FrozenEmbeddingCollection` under the ``ec`` layout): looked up under ``no_grad``,
+  sharded by its own sharder whose fused optimizer is plain SGD at learning rate 0 (it has no
+  state), and filled from the representation center. Its storage precision is
+  ``ModelConfig.mm_dtype`` (:func:`mm_data_type`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig,
+                     KeyedJaggedTensor, PoolingType)
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.modules.embedding_configs import DataType
 
@@ -45,20 +52,38 @@ class FrozenEmbeddingBagCollection(EmbeddingBagCollection):
     """An EBC that training never writes: its own type, so DMP gives it :class:`FrozenSharder`."""
 
 
-class FrozenSharder(EmbeddingBagCollectionSharder):
-    """Shards :class:`FrozenEmbeddingBagCollection` with a stateless, zero-step optimizer.
+class FrozenEmbeddingCollection(EmbeddingCollection):
+    """The frozen MM table under the ``ec`` layout: its own type, so DMP gives it
+    :class:`FrozenSequenceSharder`."""
 
-    The model reads the table under ``no_grad``, so no gradient ever reaches it; EXACT_SGD at
-    learning rate 0 additionally guarantees no optimizer state and no update.
-    """
+
+def _frozen_params() -> dict:
+    """EXACT_SGD at learning rate 0: the fused optimizer of a frozen table keeps no state and
+    never moves a weight (and the model reads the table under ``no_grad`` besides)."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    return {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
+
+
+class FrozenSharder(EmbeddingBagCollectionSharder):
+    """Shards :class:`FrozenEmbeddingBagCollection` with a stateless, zero-step optimizer."""
 
     def __init__(self) -> None:
-        from fbgemm_gpu.split_embedding_configs import EmbOptimType
-        super().__init__(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0})
+        super().__init__(fused_params=_frozen_params())
 
     @property
     def module_type(self):
         return FrozenEmbeddingBagCollection
+
+
+class FrozenSequenceSharder(EmbeddingCollectionSharder):
+    """Shards :class:`FrozenEmbeddingCollection` with a stateless, zero-step optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__(fused_params=_frozen_params())
+
+    @property
+    def module_type(self):
+        return FrozenEmbeddingCollection
 
 
 def mm_data_type(name: str) -> DataType:
@@ -96,11 +121,46 @@ def _table(name: str, rows: int, dim: int, features: List[str],
                               feature_names=features, pooling=PoolingType.SUM, data_type=data_type)
 
 
+def _sequence_table(bag: EmbeddingBagConfig) -> EmbeddingConfig:
+    """The same table for an ``EmbeddingCollection`` (one row per id, no pooling)."""
+    return EmbeddingConfig(name=bag.name, num_embeddings=bag.num_embeddings, embedding_dim=bag.embedding_dim,
+                           feature_names=bag.feature_names, data_type=bag.data_type)
+
+
+@torch.fx.wrap
+def slot_ids(sequence: KeyedJaggedTensor, key: str, size: int, slots: int, offset: int = 0) -> torch.Tensor:
+    """``[B, 1+L]`` id of ``key`` per slot, plus ``offset``; 0 on empty slots. CiUBM reads the
+    category of each slot for SIM's category search (``ebc`` layout); ``offset=1`` keeps id 0 apart from padding
+    for a library that pads with 0.
+
+    An fx leaf (``torch.fx.wrap``): its masked assignment cannot be traced symbolically, and
+    TorchRec's train pipeline traces CiUBM's forward to find the batch fields that feed each
+    sharded collection."""
+    jagged = sequence[key]
+    dense = torch.zeros(size * slots, dtype=torch.long, device=jagged.values().device)
+    dense[jagged.lengths() > 0] = jagged.values().long() + offset
+    return dense.view(size, slots)
+
+
+@torch.fx.wrap
+def right_aligned_slots(lengths: torch.Tensor, slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(index [sum(lengths)], present [B, slots])`` for per-sample sequences of ``lengths``
+    (the target, then the behaviours): the flat slot of each id when, as in the slot layout
+    the loader gives the ``ebc`` layout, the target takes slot 0 and the behaviours the last
+    ``length - 1`` slots. An fx leaf, like :func:`slot_ids`."""
+    position = torch.arange(slots, device=lengths.device)[None, :]
+    present = (position >= (slots - lengths + 1)[:, None]) | (position == 0)
+    return torch.nonzero(present.flatten()).squeeze(1), present
+
+
 class SparseArch(nn.Module):
     """Looks up every sparse feature of a batch.
 
-    Returns ``pooled {user_id: [B, Du], query_tokens: [B, Dq]}``, ``ids [B, 1+L, Di+Dc]``
-    (slot 0 the target), and ``mm [B, 1+L, Dmm]`` (``None`` when the config uses no MM).
+    Returns ``pooled {user_id: [B, Du], query_tokens: [B, Dq]}``, ``ids [B, S, Di+Dc]`` and
+    ``mm [B, S, Dmm]`` (``None`` when the config uses no MM) over the ``S = 1+L`` slots (slot
+    0 the target, behaviours right-aligned, empty slots zero), ``present [B, S]`` (which slots
+    hold an id) and ``categories [B, S]`` (each slot's category id, 0 when empty), whichever
+    ``sequence_layout`` looked them up.
     """
 
     def __init__(self, config: ModelConfig, num_items: int, num_users: int, num_categories: int,
@@ -111,32 +171,56 @@ class SparseArch(nn.Module):
             _table("user", num_users, config.user_dim, ["user_id"]),
             _table("query_word", config.query_buckets, config.query_dim, ["query_tokens"]),
         ], device=device)
-        self.sequence = EmbeddingBagCollection(tables=[
-            _table("item", num_items, config.item_dim, ["item_seq"]),
-            _table("category", num_categories, config.category_dim, ["category_seq"]),
-        ], device=device)
-        self.mm = FrozenEmbeddingBagCollection(
-            tables=[mm_table_config(num_items, config.mm_dim, config.mm_dtype)], device=device) \
-            if config.uses_mm else None
+        behaviour = [_table("item", num_items, config.item_dim, ["item_seq"]),
+                     _table("category", num_categories, config.category_dim, ["category_seq"])]
+        mm = mm_table_config(num_items, config.mm_dim, config.mm_dtype) if config.uses_mm else None
+        self.sequence = self.sequence_items = self.sequence_categories = None
+        if config.sequence_layout == "ebc":
+            self.sequence = EmbeddingBagCollection(tables=behaviour, device=device)
+            self.mm = FrozenEmbeddingBagCollection(tables=[mm], device=device) if mm else None
+        else:
+            self.sequence_items = EmbeddingCollection(tables=[_sequence_table(behaviour[0])], device=device)
+            self.sequence_categories = EmbeddingCollection(tables=[_sequence_table(behaviour[1])], device=device)
+            self.mm = FrozenEmbeddingCollection(tables=[_sequence_table(mm)], device=device) if mm else None
 
-    def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor, batch_size: int
-                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor, batch_size: int, slots: int
+                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor], torch.Tensor,
+                           torch.Tensor]:
         pooled_out = self.pooled(pooled).to_dict()
-        seq = self.sequence(sequence).to_dict()
-        ids = torch.cat([seq["item_seq"], seq["category_seq"]], dim=1).view(batch_size, -1, self.config.behaviour_dim)
-        mm = None
-        if self.mm is not None:
-            with torch.no_grad():
-                rows = self.mm(sequence).to_dict()["mm_item_seq"].float()  # fp16 storage may pool in fp16
-                mm = rows.view(batch_size, -1, mm_storage_dim(self.config.mm_dim))[..., :self.config.mm_dim]
-        return pooled_out, ids, mm
+        mm_width, mm = mm_storage_dim(self.config.mm_dim) if self.mm is not None else 0, None
+        if self.sequence is not None:  # one bag per slot: the rows come out in slot order
+            seq = self.sequence(sequence).to_dict()
+            ids = torch.cat([seq["item_seq"], seq["category_seq"]], dim=1)
+            present = sequence.lengths()[: batch_size * slots].view(batch_size, slots) > 0
+            categories = slot_ids(sequence, "category_seq", batch_size, slots)
+            if self.mm is not None:
+                with torch.no_grad():
+                    mm = self.mm(sequence).to_dict()["mm_item_seq"].float()  # fp16 storage may pool in fp16
+        else:  # one sequence per sample: its rows go to its last slots
+            items = self.sequence_items(sequence)["item_seq"]
+            index, present = right_aligned_slots(items.lengths(), slots)
+            category_rows = self.sequence_categories(sequence)["category_seq"].values()
+            rows = torch.cat([items.values(), category_rows], dim=1)
+            ids = rows.new_zeros(batch_size * slots, rows.shape[1]).index_copy(0, index, rows)
+            category_values = sequence["category_seq"].values().long()
+            categories = category_values.new_zeros(batch_size * slots).index_copy(0, index, category_values)
+            categories = categories.view(batch_size, slots)
+            if self.mm is not None:
+                with torch.no_grad():
+                    values = self.mm(sequence)["mm_item_seq"].values().float()
+                    mm = values.new_zeros(batch_size * slots, mm_width).index_copy(0, index, values)
+        ids = ids.view(batch_size, slots, self.config.behaviour_dim)
+        if mm is not None:
+            mm = mm.view(batch_size, slots, mm_width)[..., :self.config.mm_dim]
+        return pooled_out, ids, mm, present, categories
 
 
 def sharders(id_learning_rate: float, use_cuda: bool) -> list:
     """The sharders CiUBM needs: the ID tables' fused optimizer (Adam where the CUDA kernels
-    have it, row-wise Adagrad on CPU) and the frozen sharder for the MM table."""
+    have it, row-wise Adagrad on CPU) for pooled and sequence collections, and the frozen
+    sharders for the MM table in either layout."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     optimizer = EmbOptimType.ADAM if use_cuda else EmbOptimType.EXACT_ROWWISE_ADAGRAD
-    return [EmbeddingBagCollectionSharder(fused_params={"optimizer": optimizer,
-                                                        "learning_rate": id_learning_rate}),
-            FrozenSharder()]
+    fused = {"optimizer": optimizer, "learning_rate": id_learning_rate}
+    return [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused),
+            FrozenSharder(), FrozenSequenceSharder()]

@@ -9,9 +9,10 @@ Two ``KeyedJaggedTensor``s per batch, because the model looks rows up two ways:
   ``item_seq``, ``category_seq`` and ``mm_item_seq`` (the same item ids as keys of the MM
   table). Every bag holds one id or none, so an EBC returns one row per slot -- the
   target and the behaviours share one item table, as target attention needs -- and the model
-  reshapes ``[B * (1 + L), D]`` to ``[B, 1 + L, D]``. (TorchRec's ``EmbeddingCollection``
-  over per-sample sequences is the alternative; ``mim bench layout sharded=true`` measures
-  which is faster under each sharding type, docs/ciubm.md.)
+  reshapes ``[B * (1 + L), D]`` to ``[B, 1 + L, D]``. With ``sequence_layout="ec"`` the same
+  values form one sequence per sample (stride ``B``, length ``1 +`` its behaviours) for
+  ``EmbeddingCollection``s, and the model places each sample's rows in its last slots;
+  ``mim bench layout sharded=true`` measures which layout is faster under each sharding type.
 
 Rows are streamed by Parquet row group; each epoch shuffles the row-group order and the rows
 inside a buffer of row groups (seeded by ``seed`` and the epoch), and rank ``r`` of ``W``
@@ -54,6 +55,9 @@ class LoaderConfig:
     shuffle: bool = True
     shuffle_row_groups: int = 4     # rows are shuffled within this many row groups
     seed: int = 0
+    # The sequence KJT's shape: "ebc", a single-id bag per slot (stride B*(1+L)); "ec", one
+    # sequence per sample (stride B). mim train sets it from model.sequence_layout.
+    sequence_layout: str = "ebc"
 
 
 @dataclass
@@ -66,18 +70,18 @@ class CtrBatch(Pipelineable):
     sequence: KeyedJaggedTensor
     labels: torch.Tensor
     meta: Dict[str, torch.Tensor] = field(default_factory=dict)
+    slots: int = 0  # 1 + L sequence slots per row; 0: read off the stride of a slot-layout KJT
 
-    @property
-    def slots(self) -> int:
-        """``1 + L``: sequence slots per row."""
-        return self.sequence.stride() // self.labels.numel()
+    def __post_init__(self) -> None:
+        if not self.slots:
+            self.slots = self.sequence.stride() // self.labels.numel()
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "CtrBatch":
         return CtrBatch(self.dense_features.to(device, non_blocking=non_blocking),
                         self.pooled.to(device, non_blocking=non_blocking),
                         self.sequence.to(device, non_blocking=non_blocking),
                         self.labels.to(device, non_blocking=non_blocking),
-                        {k: v.to(device, non_blocking=non_blocking) for k, v in self.meta.items()})
+                        {k: v.to(device, non_blocking=non_blocking) for k, v in self.meta.items()}, self.slots)
 
     def record_stream(self, stream: torch.cuda.streams.Stream) -> None:
         for tensor in (self.dense_features, self.labels, *self.meta.values()):
@@ -88,7 +92,7 @@ class CtrBatch(Pipelineable):
     def pin_memory(self) -> "CtrBatch":
         return CtrBatch(self.dense_features.pin_memory(), self.pooled.pin_memory(),
                         self.sequence.pin_memory(), self.labels.pin_memory(),
-                        {k: v.pin_memory() for k, v in self.meta.items()})
+                        {k: v.pin_memory() for k, v in self.meta.items()}, self.slots)
 
 
 @dataclass
@@ -156,11 +160,12 @@ def make_batch(rows: pa.RecordBatch, items: ItemInfo, config: LoaderConfig,
     item_values[is_target], cat_values[is_target] = target, items.category[target]
     item_values[~is_target], cat_values[~is_target] = hist_items, hist_cats
 
-    seq_len_t = torch.from_numpy(seq_lengths.ravel())
+    # the ec layout keeps the same values as one sequence per row: its target and behaviours
+    seq_len_t = torch.from_numpy(seq_lengths.ravel() if config.sequence_layout == "ebc" else 1 + hist_len)
     item_t, cat_t = torch.from_numpy(item_values), torch.from_numpy(cat_values)
     sequence = KeyedJaggedTensor(
         keys=list(SEQUENCE_KEYS), values=torch.cat([item_t, cat_t, item_t]),
-        lengths=torch.cat([seq_len_t, seq_len_t, seq_len_t]), stride=n * slots)
+        lengths=torch.cat([seq_len_t, seq_len_t, seq_len_t]), stride=len(seq_len_t))
 
     query_len, query_ids = hash_tokens(column["query"], config.query_buckets)
     user = column["user_id"].to_numpy()
@@ -178,7 +183,7 @@ def make_batch(rows: pa.RecordBatch, items: ItemInfo, config: LoaderConfig,
         meta={"user_id": torch.from_numpy(user.astype(np.int64)),
               "target_category": torch.from_numpy(items.category[target]),
               "item_age_days": torch.from_numpy(age_days.astype(np.float32)),
-              "weight": torch.from_numpy(weight)})
+              "weight": torch.from_numpy(weight)}, slots=slots)
 
 
 class CtrEventsLoader:
