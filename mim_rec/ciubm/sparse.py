@@ -129,9 +129,9 @@ def _sequence_table(bag: EmbeddingBagConfig) -> EmbeddingConfig:
 
 @torch.fx.wrap
 def slot_ids(sequence: KeyedJaggedTensor, key: str, size: int, slots: int, offset: int = 0) -> torch.Tensor:
-    """``[B, 1+L]`` id of ``key`` per slot, plus ``offset``; 0 on empty slots. CiUBM reads the
-    category of each slot for SIM's category search (``ebc`` layout); ``offset=1`` keeps id 0 apart from padding
-    for a library that pads with 0.
+    """``[B, 1+L]`` id of ``key`` per slot of the ``ebc`` layout, plus ``offset``; 0 on empty
+    slots. CiUBM reads the category of each slot for SIM's category search; ``offset=1`` keeps
+    id 0 apart from padding for a library that pads with 0.
 
     An fx leaf (``torch.fx.wrap``): its masked assignment cannot be traced symbolically, and
     TorchRec's train pipeline traces CiUBM's forward to find the batch fields that feed each
@@ -186,33 +186,40 @@ class SparseArch(nn.Module):
     def forward(self, pooled: KeyedJaggedTensor, sequence: KeyedJaggedTensor, batch_size: int, slots: int
                 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor], torch.Tensor,
                            torch.Tensor]:
-        pooled_out = self.pooled(pooled).to_dict()
-        mm_width, mm = mm_storage_dim(self.config.mm_dim) if self.mm is not None else 0, None
-        if self.sequence is not None:  # one bag per slot: the rows come out in slot order
-            seq = self.sequence(sequence).to_dict()
-            ids = torch.cat([seq["item_seq"], seq["category_seq"]], dim=1)
-            present = sequence.lengths()[: batch_size * slots].view(batch_size, slots) > 0
-            categories = slot_ids(sequence, "category_seq", batch_size, slots)
-            if self.mm is not None:
-                with torch.no_grad():
-                    mm = self.mm(sequence).to_dict()["mm_item_seq"].float()  # fp16 storage may pool in fp16
-        else:  # one sequence per sample: its rows go to its last slots
-            items = self.sequence_items(sequence)["item_seq"]
-            index, present = right_aligned_slots(items.lengths(), slots)
-            category_rows = self.sequence_categories(sequence)["category_seq"].values()
-            rows = torch.cat([items.values(), category_rows], dim=1)
-            ids = rows.new_zeros(batch_size * slots, rows.shape[1]).index_copy(0, index, rows)
-            category_values = sequence["category_seq"].values().long()
-            categories = category_values.new_zeros(batch_size * slots).index_copy(0, index, category_values)
-            categories = categories.view(batch_size, slots)
-            if self.mm is not None:
-                with torch.no_grad():
-                    values = self.mm(sequence)["mm_item_seq"].values().float()
-                    mm = values.new_zeros(batch_size * slots, mm_width).index_copy(0, index, values)
-        ids = ids.view(batch_size, slots, self.config.behaviour_dim)
-        if mm is not None:
-            mm = mm.view(batch_size, slots, mm_width)[..., :self.config.mm_dim]
-        return pooled_out, ids, mm, present, categories
+        lookup = self._bag_per_slot if self.sequence is not None else self._sequence_per_sample
+        ids, mm, present, categories = lookup(sequence, batch_size, slots)
+        if mm is not None:  # the table's alignment padding off
+            mm = mm.view(batch_size, slots, -1)[..., :self.config.mm_dim]
+        return (self.pooled(pooled).to_dict(), ids.view(batch_size, slots, self.config.behaviour_dim), mm,
+                present, categories)
+
+    def _bag_per_slot(self, sequence: KeyedJaggedTensor, batch_size: int, slots: int):
+        """``ebc``: the rows come out in slot order, empty bags as zero rows."""
+        rows = self.sequence(sequence).to_dict()
+        ids = torch.cat([rows["item_seq"], rows["category_seq"]], dim=1)
+        present = sequence.lengths()[: batch_size * slots].view(batch_size, slots) > 0
+        categories = slot_ids(sequence, "category_seq", batch_size, slots)
+        mm = None
+        if self.mm is not None:
+            with torch.no_grad():
+                mm = self.mm(sequence).to_dict()["mm_item_seq"].float()  # fp16 storage may pool in fp16
+        return ids, mm, present, categories
+
+    def _sequence_per_sample(self, sequence: KeyedJaggedTensor, batch_size: int, slots: int):
+        """``ec``: each sample's rows are copied to its slots (:func:`right_aligned_slots`)."""
+        items = self.sequence_items(sequence)["item_seq"]
+        index, present = right_aligned_slots(items.lengths(), slots)
+
+        def in_slots(values: torch.Tensor) -> torch.Tensor:  # [N, D] -> [B * slots, D]
+            return values.new_zeros(batch_size * slots, values.shape[1]).index_copy(0, index, values)
+
+        ids = in_slots(torch.cat([items.values(), self.sequence_categories(sequence)["category_seq"].values()], 1))
+        categories = in_slots(sequence["category_seq"].values().long()[:, None]).view(batch_size, slots)
+        mm = None
+        if self.mm is not None:
+            with torch.no_grad():
+                mm = in_slots(self.mm(sequence)["mm_item_seq"].values().float())
+        return ids, mm, present, categories
 
 
 def sharders(id_learning_rate: float, use_cuda: bool) -> list:
