@@ -91,6 +91,15 @@ def _layout_twins(ubm: str, layout_sizes: dict):
     return models
 
 
+
+def test_right_aligned_slots_put_the_target_first_and_the_behaviours_last():
+    from mim_rec.ciubm.sparse import right_aligned_slots
+
+    # a target alone; a target and 2 behaviours; a target and 1 behaviour; 4 slots each
+    index, present = right_aligned_slots(torch.tensor([1, 3, 2]), 4, 6)
+    assert index.tolist() == [0, 4 + 0, 4 + 2, 4 + 3, 8 + 0, 8 + 3]
+    assert present.int().tolist() == [[1, 0, 0, 0], [1, 0, 1, 1], [1, 0, 0, 1]]
+
 @pytest.mark.parametrize("ubm", ["din", "dien", "bst", "sim", "twin"])
 def test_ec_and_ebc_layouts_compute_the_same_logits(world, ubm):
     """The loader's per-sample sequences and the EmbeddingCollections place every row in the slot

@@ -143,14 +143,20 @@ def slot_ids(sequence: KeyedJaggedTensor, key: str, size: int, slots: int, offse
 
 
 @torch.fx.wrap
-def right_aligned_slots(lengths: torch.Tensor, slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(index [sum(lengths)], present [B, slots])`` for per-sample sequences of ``lengths``
-    (the target, then the behaviours): the flat slot of each id when, as in the slot layout
-    the loader gives the ``ebc`` layout, the target takes slot 0 and the behaviours the last
-    ``length - 1`` slots. An fx leaf, like :func:`slot_ids`."""
+def right_aligned_slots(lengths: torch.Tensor, slots: int, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(index [count], present [B, slots])`` for per-sample sequences of ``lengths`` (the
+    target, then the behaviours; ``count = sum(lengths)``): the flat slot of each id when, as
+    in the slot layout the loader gives the ``ebc`` layout, the target takes slot 0 and the
+    behaviours the last ``length - 1`` slots. Computed without reading a tensor back to the
+    host (``count`` is the values' known length), so a CUDA step does not synchronise here.
+    An fx leaf, like :func:`slot_ids`."""
+    rows = torch.arange(lengths.numel(), device=lengths.device)
+    row = torch.repeat_interleave(rows, lengths, output_size=count)
+    within = torch.arange(count, device=lengths.device) - (torch.cumsum(lengths, 0) - lengths)[row]
+    slot = torch.where(within == 0, within, slots - lengths[row] + within)
     position = torch.arange(slots, device=lengths.device)[None, :]
     present = (position >= (slots - lengths + 1)[:, None]) | (position == 0)
-    return torch.nonzero(present.flatten()).squeeze(1), present
+    return row * slots + slot, present
 
 
 class SparseArch(nn.Module):
@@ -208,7 +214,7 @@ class SparseArch(nn.Module):
     def _sequence_per_sample(self, sequence: KeyedJaggedTensor, batch_size: int, slots: int):
         """``ec``: each sample's rows are copied to its slots (:func:`right_aligned_slots`)."""
         items = self.sequence_items(sequence)["item_seq"]
-        index, present = right_aligned_slots(items.lengths(), slots)
+        index, present = right_aligned_slots(items.lengths(), slots, items.values().shape[0])
 
         def in_slots(values: torch.Tensor) -> torch.Tensor:  # [N, D] -> [B * slots, D]
             return values.new_zeros(batch_size * slots, values.shape[1]).index_copy(0, index, values)
