@@ -43,7 +43,9 @@ from torchmetrics.functional.classification import binary_auroc
 
 COMPONENTS = ("content", "item_effect", "collaborative", "category", "position", "logit")
 STYLE_NAMES = ("hue x", "hue y", "brightness", "size", "stripe freq", "stripe angle", "stripe hue", "backdrop")
-ITEM_TABLE_KEY = "sparse_arch.sequence.embedding_bags.item.weight"
+# The item ID table's state-dict key under each model.sequence_layout (an EBC's or an EC's)
+ITEM_TABLE_KEYS = ("sparse_arch.sequence.embedding_bags.item.weight",
+                   "sparse_arch.sequence_items.embeddings.item.weight")
 
 
 def age_buckets(world: Path) -> np.ndarray:
@@ -251,7 +253,8 @@ def id_embeddings(world: Path, checkpoints: List[Path]) -> None:
     print("| checkpoint | item effect | " + " | ".join(STYLE_NAMES) + " |")
     print("|---" * (2 + len(STYLE_NAMES)) + "|")
     for checkpoint in checkpoints:
-        table = _model_state(checkpoint)[ITEM_TABLE_KEY].double().numpy()
+        state = _model_state(checkpoint)
+        table = next(state[key] for key in ITEM_TABLE_KEYS if key in state).double().numpy()
         effect = heldout_r2(table, truth["effect"][:, None])[0]
         styles = heldout_r2(within_category(table, truth["category"]), style_residual)
         print(f"| {checkpoint} | {effect:.2f} | " + " | ".join(f"{v:.2f}" for v in styles) + " |")
