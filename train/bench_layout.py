@@ -303,8 +303,8 @@ def render(result: Dict[str, Any]) -> str:
         title = (f"Behaviour lookup layouts through DistributedModelParallel ({result['device']}, "
                  f"{config['ranks']} ranks, {config['sharding']}, {config['threads'] or 'default'} torch threads "
                  f"per rank): {config['items']:,} x {config['dim']} table, batch {config['batch_size']} per rank "
-                 f"x (1 + {config['min_hist_len']}..{config['hist_len']}) ids = {rows:,} ids over all ranks; slowest rank's median "
-                 f"of {config['rounds']} rounds x {config['repeats']} steps")
+                 f"x (1 + {config['min_hist_len']}..{config['hist_len']}) ids = {rows:,} ids over all ranks; "
+                 f"slowest rank's median of {config['rounds']} rounds x {config['repeats']} steps")
     else:
         title = (f"Behaviour lookup layouts on fbgemm's kernels ({result['device']}, "
                  f"{config['threads'] or 'default'} torch threads): {config['items']:,} x {config['dim']} table, "
