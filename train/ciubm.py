@@ -592,6 +592,21 @@ def evaluate(config: TrainConfig, model, items, ctx) -> Dict[str, Any]:
     return metrics.compute()
 
 
+def _without_stateless(optimizer_state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(the optimizer's state dict less its empty per-parameter entries, those entries)``.
+
+    The frozen MM table's zero-step optimizer keeps no state, and TorchRec lists it on the
+    ranks that hold a shard as an empty entry. DCP writes nothing for an empty entry but asks
+    for it on load, so a multi-rank run could not resume ("Missing key in checkpoint
+    state_dict: optimizer.state.sparse_arch.mm..."). Leaving the empty entries out of both
+    save and load keeps them agreeing; checkpoints written before this load as they are."""
+    entries = optimizer_state["state"]
+    stateless = {key: value for key, value in entries.items() if not value}
+    trimmed = dict(optimizer_state)
+    trimmed["state"] = {key: value for key, value in entries.items() if value}
+    return trimmed, stateless
+
+
 class DcpCheckpoints:
     """``DIR/step-N/`` DCP checkpoints of model + optimizer + progress, and ``DIR/latest``
     naming the newest complete one (written after every rank finished saving)."""
@@ -607,7 +622,8 @@ class DcpCheckpoints:
         from mim_rec.utils.run import atomic_write_bytes
 
         name = f"step-{progress['global_step']:09d}"
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        optimizer_state, _ = _without_stateless(optimizer.state_dict())
+        state = {"model": model.state_dict(), "optimizer": optimizer_state,
                  "progress": {k: torch.tensor(v) for k, v in progress.items()}}
         dcp.save(state, checkpoint_id=str(self.directory / name))
         dist.barrier()
@@ -622,9 +638,11 @@ class DcpCheckpoints:
         if not latest.is_file():
             return None
         optimizer.init_state()  # Adam's state is lazy; DCP loads in place, so it must exist
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        optimizer_state, stateless = _without_stateless(optimizer.state_dict())
+        state = {"model": model.state_dict(), "optimizer": optimizer_state,
                  "progress": {k: torch.tensor(0) for k in ("epoch", "step_in_epoch", "global_step")}}
         dcp.load(state, checkpoint_id=str(self.directory / latest.read_text().strip()))
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer_state["state"].update(stateless)
+        optimizer.load_state_dict(optimizer_state)
         return {k: int(v) for k, v in state["progress"].items()}
