@@ -11,7 +11,7 @@ Two ``KeyedJaggedTensor``s per batch, because the model looks rows up two ways:
   target and the behaviours share one item table, as target attention needs -- and the model
   reshapes ``[B * (1 + L), D]`` to ``[B, 1 + L, D]``. With ``sequence_layout="ec"`` the same
   values form one sequence per sample (stride ``B``, length ``1 +`` its behaviours) for
-  ``EmbeddingCollection``s, and the model places each sample's rows in its last slots;
+  ``EmbeddingCollection``s, and the model places each sample's rows in the same slots;
   ``mim bench layout sharded=true`` measures which layout is faster under each sharding type.
 
 Rows are streamed by Parquet row group; each epoch shuffles the row-group order and the rows
@@ -26,7 +26,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Union
+from typing import Dict, Iterator, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -57,7 +57,7 @@ class LoaderConfig:
     seed: int = 0
     # The sequence KJT's shape: "ebc", a single-id bag per slot (stride B*(1+L)); "ec", one
     # sequence per sample (stride B). mim train sets it from model.sequence_layout.
-    sequence_layout: str = "ebc"
+    sequence_layout: Literal["ebc", "ec"] = "ebc"
 
 
 @dataclass
