@@ -100,7 +100,7 @@ def test_right_aligned_slots_put_the_target_first_and_the_behaviours_last():
     assert index.tolist() == [0, 4 + 0, 4 + 2, 4 + 3, 8 + 0, 8 + 3]
     assert present.int().tolist() == [[1, 0, 0, 0], [1, 0, 1, 1], [1, 0, 0, 1]]
 
-@pytest.mark.parametrize("ubm", ["din", "dien", "bst", "sim", "twin"])
+@pytest.mark.parametrize("ubm", ["avg", "din", "dien", "bst", "sim", "twin"])
 def test_ec_and_ebc_layouts_compute_the_same_logits(world, ubm):
     """The loader's per-sample sequences and the EmbeddingCollections place every row in the slot
     the single-bag layout gives it, padding included (SIM reads the slots' categories; BST
