@@ -13,8 +13,8 @@ two different lookups would mean nothing):
 * kernels (default): the fbgemm kernels alone on full ``B * (1 + L)`` slots, no distribution;
 * ``sharded=true``: both collections sharded by ``DistributedModelParallel`` over ``ranks``
   spawned gloo (nccl on GPUs) processes under one sharding type, every rank with its own batch
-  whose history lengths are drawn from ``min_hist_len..L``: input distribution, lookup, output distribution,
-  backward and the fused update, as a CiUBM step runs them. The EBC pads each short history
+  whose history lengths are drawn from ``min_hist_len..L``: input distribution, lookup,
+  output distribution, backward and the fused update, as a CiUBM step runs them. The EBC pads each short history
   with empty bags; the EC's sequences are as long as the history.
 """
 
@@ -173,47 +173,21 @@ def _result(config: LayoutBenchConfig, device: str, samples: Dict[str, Dict[str,
 # ---------------------------------------------------------------- through DistributedModelParallel
 
 def measure_sharded(config: LayoutBenchConfig) -> Dict[str, Any]:
-    """Spawn ``config.ranks`` processes, time both sharded collections in each, and keep the
+    """Time both sharded collections on ``config.ranks`` spawned processes, and keep the
     slowest rank's medians (a step with collectives ends when its slowest rank does)."""
     import torch
-    import torch.multiprocessing as mp
 
-    from mim_rec.utils.dist import free_port, resolve_device
+    from mim_rec.utils.dist import resolve_device, run_on_spawned_ranks
 
     device = resolve_device(config.device).type
     if device == "cuda" and torch.cuda.device_count() < config.ranks:
         from mim_rec.config import ConfigError
         raise ConfigError(f"ranks={config.ranks}: only {torch.cuda.device_count()} GPUs are visible")
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_sharded_worker, args=(config, device, free_port(), results), nprocs=config.ranks,
-                       start_method="spawn")
-    per_rank = results.get()
-    samples = {name: {kind: [max(rank[name][kind][r] for rank in per_rank[0])
-                             for r in range(config.rounds)] for kind in ("train", "inference")}
+    per_rank = run_on_spawned_ranks(_measure_on_rank, config.ranks, device, config)
+    samples = {name: {kind: [max(rank[name][kind][r] for rank, _ in per_rank) for r in range(config.rounds)]
+                      for kind in ("train", "inference")}
                for name, *_ in LAYOUTS}
-    return _result(config, device, samples, {"rows_per_rank": per_rank[1]})
-
-
-def _sharded_worker(rank: int, config: LayoutBenchConfig, device_type: str, port: int, results) -> None:
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(config.threads or torch.get_num_threads())
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=config.ranks)
-    try:
-        measured = _measure_on_rank(config, rank, device)
-        gathered: List[Any] = [None] * config.ranks
-        dist.all_gather_object(gathered, measured)
-        if rank == 0:
-            results.put(([samples for samples, _ in gathered], [rows for _, rows in gathered]))
-    finally:
-        dist.destroy_process_group()
+    return _result(config, device, samples, {"rows_per_rank": [rows for _, rows in per_rank]})
 
 
 def _sharded_collections(config: LayoutBenchConfig, device):
@@ -229,6 +203,8 @@ def _sharded_collections(config: LayoutBenchConfig, device):
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingPlan
+
+    from train.ciubm import local_blocks
 
     fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01}
     sharders = {"ebc_single_bags": EmbeddingBagCollectionSharder(fused_params=fused),
@@ -256,10 +232,9 @@ def _sharded_collections(config: LayoutBenchConfig, device):
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=list(sharders.values()))
     weights = torch.randn(config.items, config.dim, generator=torch.Generator().manual_seed(config.seed))
     with torch.no_grad():
-        for key, tensor in dmp.state_dict().items():
-            for shard in tensor.local_shards():
-                (row, column), (rows, columns) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(weights[row:row + rows, column:column + columns])
+        for table in dmp.state_dict().values():
+            for row, column, block in local_blocks(table):
+                block.copy_(weights[row:row + block.shape[0], column:column + block.shape[1]])
     return dmp.module
 
 
@@ -281,9 +256,11 @@ def _rank_batch(config: LayoutBenchConfig, rank: int, device):
     return slot_kjt.to(device), sequence_kjt.to(device), filled.flatten().to(device)
 
 
-def _measure_on_rank(config: LayoutBenchConfig, rank: int, device):
+def _measure_on_rank(rank: int, device, config: LayoutBenchConfig):
+    """This rank's timings of both layouts and the number of ids it looked up."""
     import torch
 
+    torch.set_num_threads(config.threads or torch.get_num_threads())
     module = _sharded_collections(config, device)
     slot_kjt, sequence_kjt, filled = _rank_batch(config, rank, device)
     lookups = {"ebc_single_bags": lambda: module.ebc_single_bags(slot_kjt).values(),

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
@@ -36,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from tqdm import tqdm
 
 from mim_rec.config import ConfigError, load_config
-from mim_rec.utils.dist import free_port
+from mim_rec.utils.dist import run_on_spawned_ranks
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise", "data_parallel")
@@ -358,14 +357,16 @@ def _local_bytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _measure_plan(config: ShardingBenchConfig, plan, rank: int, device) -> Tuple[float, float, float]:
-    """Run warm-up + timed steps under ``plan``; return (median step s, shard MB, peak RSS MB)."""
+def _measure_plan(rank: int, device, config: ShardingBenchConfig, plan) -> Tuple[float, float, float]:
+    """Run warm-up + timed steps under ``plan`` on this rank (one torch thread); return
+    (median step s, shard MB, peak RSS MB)."""
     import torch
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.optim.keyed import KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+    torch.set_num_threads(1)
     model = DistributedModelParallel(build_model(config), device=device, plan=plan,
                                      sharders=_sharders())
     dense_optimizer = KeyedOptimizerWrapper(
@@ -398,43 +399,16 @@ def _measure_plan(config: ShardingBenchConfig, plan, rank: int, device) -> Tuple
     return step_s, shard_bytes / 2**20, peak_rss_mb
 
 
-def _worker(rank: int, config: ShardingBenchConfig, plan: Any, port: int, results) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    use_cuda = config.compute_device == "cuda"
-    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank,
-                            world_size=config.world_size)
-    try:
-        measured = _measure_plan(config, plan, rank, device)
-        gathered: List[Any] = [None] * config.world_size
-        dist.all_gather_object(gathered, measured)
-        if rank == 0:
-            results.put(gathered)
-    finally:
-        dist.destroy_process_group()
-
-
 def measure(config: ShardingBenchConfig, rows: List[PlanRow]) -> None:
     """Fill the measured columns of every row that has a plan.
 
     Each plan runs in its own freshly spawned ranks, so peak memory belongs to that plan alone.
     """
-    import torch.multiprocessing as mp
-
     for row in tqdm(rows, desc="measuring plans", unit="plan", file=sys.stderr):
         if row.sharding_plan is None:
             continue
-        port = free_port()
-        results = mp.get_context("spawn").SimpleQueue()
-        mp.start_processes(_worker, args=(config, row.sharding_plan, port, results),
-                           nprocs=config.world_size, start_method="spawn")
-        per_rank = results.get()
+        per_rank = run_on_spawned_ranks(_measure_plan, config.world_size, config.compute_device, config,
+                                        row.sharding_plan)
         row.step_ms = max(step for step, _, _ in per_rank) * 1e3
         row.samples_per_s = config.batch_size * config.world_size / (row.step_ms / 1e3)
         row.shard_mb = [mb for _, mb, _ in per_rank]

@@ -172,12 +172,13 @@ class PlainSparseArch(nn.Module):
 
 def _full_tensor(weight) -> torch.Tensor:
     """A (possibly sharded) table of the one-rank TorchRec model as one plain tensor."""
+    from train.ciubm import local_blocks
+
     if not hasattr(weight, "local_shards"):
         return weight.detach()
     full = torch.empty(weight.size(), dtype=weight.dtype)
-    for shard in weight.local_shards():
-        (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-        full[row:row + rows, col:col + cols] = shard.tensor.detach().cpu()
+    for row, col, block in local_blocks(weight):
+        full[row:row + block.shape[0], col:col + block.shape[1]] = block.detach().cpu()
     return full
 
 

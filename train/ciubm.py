@@ -73,6 +73,7 @@ POSITIVE_SETTINGS = ("epochs", "max_steps", "lr", "id_lr", "checkpoint_every", "
 
 def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     """A validated TrainConfig from a file and ``key=value`` overrides."""
+    from mim_rec.ciubm.sparse import FBGEMM_COLUMN_ALIGNMENT
     from mim_rec.config import ConfigError, load_config, require_positive
     from mim_rec.ubm import available_ubms
 
@@ -80,7 +81,6 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     if not config.data.world:
         raise ConfigError("data.world: the world folder (items.parquet, events_*.parquet) is required")
     require_positive(config, POSITIVE_SETTINGS)
-    from mim_rec.ciubm.sparse import FBGEMM_COLUMN_ALIGNMENT
     for key in ("item_dim", "category_dim", "user_dim", "query_dim"):
         if getattr(config.model, key) % FBGEMM_COLUMN_ALIGNMENT:
             raise ConfigError(f"model.{key}={getattr(config.model, key)}: FBGEMM's embedding kernels need a "
@@ -286,13 +286,17 @@ def mm_table_state_key(model) -> str:
     return keys[0]
 
 
-def local_mm_shards(model):
-    """``(row offset, column offset, tensor)`` of each shard of the frozen MM table on this
+def local_blocks(weight):
+    """``(row offset, column offset, tensor)`` of each shard of a (possibly sharded) table on this
     rank; each tensor is the live storage, so writing it changes what the model looks up."""
-    weight = model.state_dict()[mm_table_state_key(model)]
     if not hasattr(weight, "local_shards"):
         return [(0, 0, weight)]
     return [(*shard.metadata.shard_offsets, shard.tensor) for shard in weight.local_shards()]
+
+
+def local_mm_shards(model):
+    """:func:`local_blocks` of the frozen MM table."""
+    return local_blocks(model.state_dict()[mm_table_state_key(model)])
 
 
 def mm_table_bytes(model) -> int:

@@ -69,19 +69,15 @@ class CtrBatch(Pipelineable):
     pooled: KeyedJaggedTensor
     sequence: KeyedJaggedTensor
     labels: torch.Tensor
+    slots: int  # 1 + L sequence slots per row, whichever layout the sequence KJT has
     meta: Dict[str, torch.Tensor] = field(default_factory=dict)
-    slots: int = 0  # 1 + L sequence slots per row; 0: read off the stride of a slot-layout KJT
-
-    def __post_init__(self) -> None:
-        if not self.slots:
-            self.slots = self.sequence.stride() // self.labels.numel()
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "CtrBatch":
         return CtrBatch(self.dense_features.to(device, non_blocking=non_blocking),
                         self.pooled.to(device, non_blocking=non_blocking),
                         self.sequence.to(device, non_blocking=non_blocking),
-                        self.labels.to(device, non_blocking=non_blocking),
-                        {k: v.to(device, non_blocking=non_blocking) for k, v in self.meta.items()}, self.slots)
+                        self.labels.to(device, non_blocking=non_blocking), self.slots,
+                        {k: v.to(device, non_blocking=non_blocking) for k, v in self.meta.items()})
 
     def record_stream(self, stream: torch.cuda.streams.Stream) -> None:
         for tensor in (self.dense_features, self.labels, *self.meta.values()):
@@ -91,8 +87,8 @@ class CtrBatch(Pipelineable):
 
     def pin_memory(self) -> "CtrBatch":
         return CtrBatch(self.dense_features.pin_memory(), self.pooled.pin_memory(),
-                        self.sequence.pin_memory(), self.labels.pin_memory(),
-                        {k: v.pin_memory() for k, v in self.meta.items()}, self.slots)
+                        self.sequence.pin_memory(), self.labels.pin_memory(), self.slots,
+                        {k: v.pin_memory() for k, v in self.meta.items()})
 
 
 @dataclass
@@ -179,11 +175,11 @@ def make_batch(rows: pa.RecordBatch, items: ItemInfo, config: LoaderConfig,
     weight = np.ones(n, np.float32) if weight is None else weight
     return CtrBatch(
         dense_features=torch.from_numpy(dense), pooled=pooled, sequence=sequence,
-        labels=torch.from_numpy(column["label"].to_numpy().astype(np.float32)),
+        labels=torch.from_numpy(column["label"].to_numpy().astype(np.float32)), slots=slots,
         meta={"user_id": torch.from_numpy(user.astype(np.int64)),
               "target_category": torch.from_numpy(items.category[target]),
               "item_age_days": torch.from_numpy(age_days.astype(np.float32)),
-              "weight": torch.from_numpy(weight)}, slots=slots)
+              "weight": torch.from_numpy(weight)})
 
 
 class CtrEventsLoader:

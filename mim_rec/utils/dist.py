@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any, Callable, List
 
 import torch
 import torch.distributed as dist
@@ -69,3 +70,32 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_on_spawned_ranks(work: Callable[..., Any], ranks: int, device_type: str, *args: Any) -> List[Any]:
+    """``work(rank, device, *args)`` on ``ranks`` freshly spawned processes, joined in one
+    process group (nccl on ``device_type="cuda"``, one GPU a rank; gloo otherwise); returns each
+    rank's result, in rank order. ``work`` must be a module-level function (spawn pickles it)
+    and its result picklable. Fresh processes give each measurement its own peak memory."""
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_spawned_rank, args=(work, ranks, device_type, free_port(), args, results), nprocs=ranks,
+                       start_method="spawn")
+    return results.get()
+
+
+def _spawned_rank(rank: int, work: Callable[..., Any], ranks: int, device_type: str, port: int, args: tuple,
+                  results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=ranks)
+    try:
+        gathered: List[Any] = [None] * ranks
+        dist.all_gather_object(gathered, work(rank, device, *args))
+        if rank == 0:
+            results.put(gathered)
+    finally:
+        dist.destroy_process_group()
