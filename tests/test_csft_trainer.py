@@ -154,6 +154,19 @@ def test_two_rank_gloo_run(inputs, tmp_path):
     assert (out / "mm_encoder" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("command", [["csft-eval"], ["csft", "--eval-only"]])
+def test_the_eval_commands_print_both_rows_of_a_finished_run(inputs, tmp_path, capsys, command):
+    out = tmp_path / "run"
+    config = _config(inputs, out, steps=4)
+    run_csft(config)
+    trained = (out / "mm_encoder" / "manifest.json").read_bytes()
+    assert cli.main([*command, "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 0
+    printed = capsys.readouterr().out
+    assert "stage1" in printed and "csft" in printed
+    assert set(json.loads((out / "eval.json").read_text())) == {"stage1", "csft"}
+    assert (out / "mm_encoder" / "manifest.json").read_bytes() == trained  # evaluated, not retrained
+
+
 def test_unknown_signal_in_the_pairs_file_is_named(inputs, tmp_path, capsys):
     world = tmp_path / "world"
     world.mkdir()

@@ -18,26 +18,17 @@ import time
 from pathlib import Path
 from typing import Dict
 
+from train.stage_cli import StageCommands, register_stage
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("csft", help="stage 2: C-SFT of the item (TFN) and query "
-                                                "towers on <query image, item> pairs")
-    _common_args(parser)
-    parser.add_argument("--eval", action="store_true", help="after training, evaluate as "
-                                                             "csft-eval does")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="skip training; evaluate the run folder (same as csft-eval)")
-    parser.set_defaults(func=_run_cli)
-    evaluate = subparsers.add_parser("csft-eval", help="query->item recall@k and content-"
-                                                       "interest AUC: stage 1 vs C-SFT")
-    _common_args(evaluate)
-    evaluate.set_defaults(func=_eval_cli)
-
-
-def _common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML/JSON file of CsftConfig")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.world=DIR "
-                                                     "encoders=DIR out=runs/csft steps=300")
+    register_stage(subparsers, StageCommands(
+        name="csft",
+        help="stage 2: C-SFT of the item (TFN) and query towers on <query image, item> pairs",
+        eval_help="query->item recall@k and content-interest AUC: stage 1 vs C-SFT",
+        config_type="CsftConfig",
+        example="data.world=DIR encoders=DIR out=runs/csft steps=300",
+        load=_load, train=run_csft, report=lambda config: format_table(evaluate_run(config))))
 
 
 def _load(args: argparse.Namespace):
@@ -47,21 +38,6 @@ def _load(args: argparse.Namespace):
     require_positive(config, ("steps", "lr", "head_lr", "backbone_lr", "checkpoint_every", "log_every",
                               "data.batch_size", "eval.batch_size", "loss.temperature"))
     return config
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    config = _load(args)
-    if not args.eval_only:
-        run_csft(config)
-    return _eval_cli(args, config) if args.eval or args.eval_only else 0
-
-
-def _eval_cli(args: argparse.Namespace, config=None) -> int:
-    from mim_rec.utils.dist import init_distributed
-    config = config or _load(args)
-    if init_distributed(config.device).is_main:
-        print(format_table(evaluate_run(config)))
-    return 0
 
 
 # ----------------------------------------------------------------------------- training

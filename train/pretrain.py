@@ -18,28 +18,19 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from train.stage_cli import StageCommands, register_stage
+
 DEFAULT_EVAL_ROWS = ("plain", "dda", "dda+dma")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("pretrain", help="stage 1: DDA + DMA pre-training of the "
-                                                    "image and title encoders")
-    _common_args(parser)
-    parser.add_argument("--eval", action="store_true",
-                        help="after training, evaluate as pretrain-eval does")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="skip training; evaluate the run folder (same as pretrain-eval)")
-    parser.set_defaults(func=_run_cli)
-    evaluate = subparsers.add_parser("pretrain-eval", help="recall@1/@10 and category linear "
-                                                           "probe for plain, +DDA, +DDA+DMA")
-    _common_args(evaluate)
-    evaluate.set_defaults(func=_eval_cli, eval_only=True)
-
-
-def _common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML/JSON file of PretrainConfig")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. "
-                                                     "data.world=DIR dma_steps=200 out=runs/p")
+    register_stage(subparsers, StageCommands(
+        name="pretrain",
+        help="stage 1: DDA + DMA pre-training of the image and title encoders",
+        eval_help="recall@1/@10 and category linear probe for plain, +DDA, +DDA+DMA",
+        config_type="PretrainConfig",
+        example="data.world=DIR dma_steps=200 out=runs/p",
+        load=_load, train=run_pretrain, report=lambda config: format_table(evaluate_run(config))))
 
 
 def _load(args: argparse.Namespace):
@@ -58,22 +49,6 @@ def _load(args: argparse.Namespace):
               file=sys.stderr)
         config.encoders.vision = vision
     return config
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    config = _load(args)
-    if not args.eval_only:
-        run_pretrain(config)
-    return _eval_cli(args, config) if args.eval or args.eval_only else 0
-
-
-def _eval_cli(args: argparse.Namespace, config=None) -> int:
-    from mim_rec.utils.dist import init_distributed
-    config = config or _load(args)
-    if init_distributed(config.device).is_main:
-        report = evaluate_run(config)
-        print(format_table(report))
-    return 0
 
 
 # ----------------------------------------------------------------------------- training

@@ -1,0 +1,57 @@
+"""The command pair of a training stage: ``mim STAGE`` (train or resume, then optionally
+evaluate) and ``mim STAGE-eval`` (evaluate a finished run folder).
+
+Stage 1 and C-SFT share this shape; only how a config is loaded, how a run trains and what
+its evaluation prints differ, so those are the three callables a stage passes in.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class StageCommands:
+    name: str                                        # ``mim NAME`` and ``mim NAME-eval``
+    help: str                                        # of the training command
+    eval_help: str                                   # of the evaluation command
+    config_type: str                                 # named in --config's help
+    example: str                                     # example overrides, in the overrides' help
+    load: Callable[[argparse.Namespace], Any]        # args -> checked config
+    train: Callable[[Any], Any]                      # config -> trains or resumes ``config.out``
+    report: Callable[[Any], str]                     # config -> the evaluation table, as text
+
+
+def register_stage(subparsers: argparse._SubParsersAction, stage: StageCommands) -> None:
+    parser = subparsers.add_parser(stage.name, help=stage.help)
+    _common_args(parser, stage)
+    parser.add_argument("--eval", action="store_true",
+                        help=f"after training, evaluate as {stage.name}-eval does")
+    parser.add_argument("--eval-only", action="store_true",
+                        help=f"skip training; evaluate the run folder (same as {stage.name}-eval)")
+    parser.set_defaults(func=lambda args: _train_cli(stage, args))
+    evaluate = subparsers.add_parser(f"{stage.name}-eval", help=stage.eval_help)
+    _common_args(evaluate, stage)
+    evaluate.set_defaults(func=lambda args: _eval_cli(stage, stage.load(args)))
+
+
+def _common_args(parser: argparse.ArgumentParser, stage: StageCommands) -> None:
+    parser.add_argument("--config", default=None, help=f"YAML/JSON file of {stage.config_type}")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {stage.example}")
+
+
+def _train_cli(stage: StageCommands, args: argparse.Namespace) -> int:
+    config = stage.load(args)
+    if not args.eval_only:
+        stage.train(config)
+    return _eval_cli(stage, config) if args.eval or args.eval_only else 0
+
+
+def _eval_cli(stage: StageCommands, config: Any) -> int:
+    """Evaluates and prints on the main rank only; other ranks of a torchrun launch exit."""
+    from mim_rec.utils.dist import init_distributed
+    if init_distributed(config.device).is_main:
+        print(stage.report(config))
+    return 0
