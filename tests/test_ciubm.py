@@ -252,12 +252,17 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
 
 
 def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
+    """Resumed after its folder was moved, too: a run folder is not tied to where it was written
+    (copied off a cluster, renamed)."""
     straight = ciubm.run(_config(world, tmp_path / "a", "max_steps=6", "model.ubm=sim"))
     ciubm.run(_config(world, tmp_path / "b", "max_steps=3", "model.ubm=sim"))
-    resumed = ciubm.run(_config(world, tmp_path / "b", "max_steps=6", "model.ubm=sim"))
+    (tmp_path / "b").rename(tmp_path / "moved")
+    resumed = ciubm.run(_config(world, tmp_path / "moved", "max_steps=6", "model.ubm=sim"))
     assert resumed["steps"] == straight["steps"] == 6
     assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-7)
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-9)
+    (tmp_path / "moved").rename(tmp_path / "moved_again")
+    assert ciubm._finished(_config(world, tmp_path / "moved_again", "max_steps=6", "model.ubm=sim"))
 
 
 def _step_records(out) -> list:

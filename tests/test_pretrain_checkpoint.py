@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
+from mim_rec.data.manifest import fingerprint_config
 from train.common import CheckpointManager
 
 
@@ -39,6 +42,31 @@ def test_refuses_a_checkpoint_of_another_configuration(tmp_path):
     CheckpointManager(tmp_path, "abc").save(1, model, optimizer)
     with pytest.raises(ValueError, match="another configuration"):
         CheckpointManager(tmp_path, "xyz").resume(model, optimizer)
+
+
+@dataclass
+class _RunConfig:
+    lr: float = 0.1
+    out: str = ""
+
+
+def test_a_moved_run_folder_resumes_and_another_config_is_still_refused(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    CheckpointManager.for_run(_RunConfig(out=str(tmp_path / "a"))).save(1, model, optimizer)
+    (tmp_path / "a").rename(tmp_path / "b")
+    fresh, fresh_optimizer = _model_and_optimizer()
+    assert CheckpointManager.for_run(_RunConfig(out=str(tmp_path / "b"))).resume(fresh, fresh_optimizer).step == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    with pytest.raises(ValueError, match="another configuration"):
+        CheckpointManager.for_run(_RunConfig(lr=0.2, out=str(tmp_path / "b"))).resume(fresh, fresh_optimizer)
+
+
+def test_checkpoints_fingerprinted_with_their_folder_still_resume_there(tmp_path):
+    """What versions before ``for_run`` wrote: the fingerprint of the whole config, ``out`` included."""
+    model, optimizer = _model_and_optimizer()
+    config = _RunConfig(out=str(tmp_path))
+    CheckpointManager(tmp_path / "checkpoints", fingerprint_config(config)).save(4, model, optimizer)
+    assert CheckpointManager.for_run(config).resume(model, optimizer).step == 4
 
 
 def test_nothing_to_resume(tmp_path):

@@ -181,7 +181,8 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
 
 # Settings that change how the steps run, not what they compute: a run under another value
 # (or one written before the setting existed) resumes, and a finished one stays finished.
-EXECUTION_ONLY = frozenset({"train_pipeline"})
+# ``out`` is one: a run folder that was moved or copied is still the same run.
+EXECUTION_ONLY = frozenset({"train_pipeline", "out"})
 # Settings a resumed run may change: how long it trains, how often it logs and saves.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
 

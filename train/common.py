@@ -17,9 +17,9 @@ import hashlib
 import io
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -91,10 +91,23 @@ class CheckpointManager:
     """``DIR/step-000000040.pt`` files written atomically by rank 0; the newest ``keep``
     are kept. Every rank must call :meth:`save` (RNG states are gathered)."""
 
-    def __init__(self, directory: Path, config_fingerprint: str, keep: int = 2) -> None:
+    def __init__(self, directory: Path, config_fingerprint: str, keep: int = 2,
+                 also_accepted: Tuple[str, ...] = ()) -> None:
         self.directory = Path(directory)
         self.config_fingerprint = config_fingerprint
+        self.also_accepted = also_accepted  # fingerprints an older version wrote for this config
         self.keep = keep
+
+    @classmethod
+    def for_run(cls, config: Any) -> "CheckpointManager":
+        """The checkpoints of the run ``config`` describes, in ``config.out/checkpoints``.
+
+        Their fingerprint leaves ``out`` out: where a run folder lies is not part of what it
+        computes, so a folder that was moved or copied still resumes. Checkpoints written when
+        the fingerprint still held ``out`` are accepted in the folder they were written in."""
+        from mim_rec.data.manifest import fingerprint_config
+        return cls(Path(config.out) / "checkpoints", fingerprint_config(replace(config, out="")),
+                   also_accepted=(fingerprint_config(config),))
 
     def checkpoints(self) -> List[Path]:
         if not self.directory.exists():
@@ -131,7 +144,7 @@ class CheckpointManager:
         if not found:
             return None
         state = torch.load(found[-1], map_location="cpu", weights_only=False)
-        if state["config_fingerprint"] != self.config_fingerprint:
+        if state["config_fingerprint"] not in (self.config_fingerprint, *self.also_accepted):
             raise ValueError(f"{found[-1]} was written under another configuration "
                              f"(fingerprint {state['config_fingerprint']} != "
                              f"{self.config_fingerprint}); use a fresh output folder")

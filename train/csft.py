@@ -52,7 +52,7 @@ def run_csft(config) -> Path:
     from mim_rec.csft.model import CsftModel, save_mm_encoder
     from mim_rec.csft.negatives import SameCategorySampler
     from mim_rec.csft.objective import CsftObjective
-    from mim_rec.data.manifest import fingerprint_config, fingerprint_file, fingerprint_tree
+    from mim_rec.data.manifest import fingerprint_file, fingerprint_tree
     from mim_rec.encoders import load_encoders
     from mim_rec.encoders.freeze import describe_trainable
     from mim_rec.utils.dist import barrier, init_distributed
@@ -92,7 +92,7 @@ def run_csft(config) -> Path:
             objective, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
             find_unused_parameters=config.loss.kind == "category_ce")
 
-    checkpoints = CheckpointManager(out / "checkpoints", fingerprint_config(config))
+    checkpoints = CheckpointManager.for_run(config)
     resumed = checkpoints.resume(objective, optimizer)
     step = resumed.step if resumed else 0
     if resumed:

@@ -58,7 +58,7 @@ def run_pretrain(config) -> Path:
     import torch
     from tqdm import tqdm
 
-    from mim_rec.data.manifest import fingerprint_config, fingerprint_file
+    from mim_rec.data.manifest import fingerprint_file
     from mim_rec.encoders import EncoderPair, save_encoders
     from mim_rec.encoders.freeze import describe_trainable
     from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
@@ -83,7 +83,7 @@ def run_pretrain(config) -> Path:
             objective, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
             find_unused_parameters=True)
 
-    checkpoints = CheckpointManager(out / "checkpoints", fingerprint_config(config))
+    checkpoints = CheckpointManager.for_run(config)
     seed_everything(config.seed + 1000 * ctx.rank)  # each rank draws its own masks and views
     resumed = checkpoints.resume(objective, optimizer)
     step = resumed.step if resumed else 0
