@@ -430,3 +430,14 @@ def test_two_gloo_ranks_resume_exactly(world, tmp_path, layout):
     assert _step_losses(tmp_path / "b") == pytest.approx(_step_losses(tmp_path / "a"), abs=1e-6)
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-6)
     assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
+
+    # One process: the 2-rank checkpoint evaluates (DCP reshards the weights to this plan) and
+    # gives the same figures; training on from it is refused, naming the ranks it needs.
+    one_rank = [f"data.world={world}", f"out={tmp_path}/a", *FAST, "model.ubm=din",
+                f"model.sequence_layout={layout}", "log_every=1"]
+    evaluated = ciubm.run(ciubm.load_train_config(None, [*one_rank, "max_steps=6"]), train=False)
+    assert evaluated["steps"] == 6
+    assert evaluated["auc"] == pytest.approx(straight["auc"], abs=1e-6)
+    assert evaluated["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
+    with pytest.raises(ConfigError, match=r"written by 2 rank\(s\) and this run has 1: resume it on 2"):
+        ciubm.run(ciubm.load_train_config(None, [*one_rank, "max_steps=8"]))

@@ -415,7 +415,8 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
         (out / "plan.txt").write_text(str(plan))
 
     checkpoints = DcpCheckpoints(out / "checkpoints")
-    progress = checkpoints.restore(model, optimizer) or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    progress = checkpoints.restore(model, optimizer, with_optimizer=train) \
+        or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     live = None
     if config.rim_log:
         from embeddings.rim_live import LiveMMTable
@@ -629,25 +630,56 @@ class DcpCheckpoints:
         name = f"step-{progress['global_step']:09d}"
         optimizer_state, _ = _without_stateless(optimizer.state_dict())
         state = {"model": model.state_dict(), "optimizer": optimizer_state,
-                 "progress": {k: torch.tensor(v) for k, v in progress.items()}}
+                 "progress": {k: torch.tensor(v) for k, v in progress.items()},
+                 "world_size": torch.tensor(dist.get_world_size())}
         dcp.save(state, checkpoint_id=str(self.directory / name))
         dist.barrier()
         if dist.get_rank() == 0:
             atomic_write_bytes(self.directory / "latest", name.encode())
 
-    def restore(self, model, optimizer) -> Optional[Dict[str, int]]:
+    def restore(self, model, optimizer, with_optimizer: bool = True) -> Optional[Dict[str, int]]:
+        """Load the newest checkpoint into ``model`` (and ``optimizer``); its progress, or None.
+
+        The model's weights load on any number of ranks (DCP reshards them), so a run trained
+        on many can be evaluated on one (``with_optimizer=False``). Resuming training needs the
+        ranks it was written by: the planner shards the tables differently on another number,
+        and the fused optimizers' state follows the shards."""
         import torch
+        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
+
+        from mim_rec.config import ConfigError
 
         latest = self.directory / "latest"
         if not latest.is_file():
             return None
-        optimizer.init_state()  # Adam's state is lazy; DCP loads in place, so it must exist
-        optimizer_state, stateless = _without_stateless(optimizer.state_dict())
-        state = {"model": model.state_dict(), "optimizer": optimizer_state,
+        checkpoint = self.directory / latest.read_text().strip()
+        written_by = _checkpoint_world_size(checkpoint)
+        if with_optimizer and written_by not in (None, dist.get_world_size()):
+            raise ConfigError(f"{checkpoint} was written by {written_by} rank(s) and this run has "
+                              f"{dist.get_world_size()}: resume it on {written_by} (torchrun "
+                              f"--nproc-per-node {written_by}); --eval-only evaluates it on any number")
+        state = {"model": model.state_dict(),
                  "progress": {k: torch.tensor(0) for k in ("epoch", "step_in_epoch", "global_step")}}
-        dcp.load(state, checkpoint_id=str(self.directory / latest.read_text().strip()))
+        if with_optimizer:
+            optimizer.init_state()  # Adam's state is lazy; DCP loads in place, so it must exist
+            optimizer_state, stateless = _without_stateless(optimizer.state_dict())
+            state["optimizer"] = optimizer_state
+        dcp.load(state, checkpoint_id=str(checkpoint))
         model.load_state_dict(state["model"])
-        optimizer_state["state"].update(stateless)
-        optimizer.load_state_dict(optimizer_state)
+        if with_optimizer:
+            optimizer_state["state"].update(stateless)
+            optimizer.load_state_dict(optimizer_state)
         return {k: int(v) for k, v in state["progress"].items()}
+
+
+def _checkpoint_world_size(checkpoint: Path) -> Optional[int]:
+    """How many ranks wrote a DCP checkpoint; None for one written before that was recorded."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    if "world_size" not in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata:
+        return None
+    state = {"world_size": torch.tensor(0)}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    return int(state["world_size"])
