@@ -378,6 +378,13 @@ def test_settings_that_cannot_train_are_refused_by_key(tmp_path, override, messa
     with pytest.raises(ConfigError, match=message):
         ciubm.load_train_config(None, [f"data.world={tmp_path}", override])
 
+def test_eval_only_without_a_checkpoint_is_refused(world, tmp_path):
+    """It used to evaluate an untrained model and write its AUC into metrics.json."""
+    with pytest.raises(ConfigError, match=r"--eval-only: out=.*empty holds no checkpoint"):
+        ciubm.run(_config(world, tmp_path / "empty"), train=False)
+    assert not (tmp_path / "empty" / "metrics.json").exists()
+
+
 def _two_rank_worker(rank: int, port: int, world: str, out: str, queue) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",

@@ -398,6 +398,9 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     _validate_events(config, items.count)
     sizes = table_sizes(config.data.world, items)
     _refuse_foreign_checkpoints(config)  # before build: the planner's collectives order it before any write
+    if not train and not (out / "checkpoints" / "latest").is_file():
+        from mim_rec.config import ConfigError
+        raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
     model, optimizer, plan = build_sharded_model(config, sizes, ctx)
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
     if config.model.uses_mm:
@@ -424,8 +427,6 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     if train:
         loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader, ctx.rank, ctx.world_size)
         _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx, live)
-    elif progress["global_step"] == 0 and ctx.is_main:
-        print("mim train --eval-only: no checkpoint in out/; evaluating an untrained model")
     if live is not None:
         _apply_rim(live, model, logger, progress["global_step"])
     report = evaluate(config, model, items, ctx)
