@@ -330,6 +330,36 @@ def test_bad_events_are_refused_before_training(world, tmp_path):
     assert not (tmp_path / "never" / "checkpoints").exists()
 
 
+def _world_with_events(world, folder, edit_train):
+    """A copy of ``world`` whose events_train is ``edit_train(table)``."""
+    folder.mkdir()
+    for name in ("items.parquet", "events_test.parquet"):
+        (folder / name).write_bytes((world / name).read_bytes())
+    pq.write_table(edit_train(pq.read_table(world / "events_train.parquet")), folder / "events_train.parquet")
+    return folder
+
+
+def test_raw_unmapped_user_ids_are_refused_before_sizing_a_table(world, tmp_path):
+    """A user id of 1e11 used to reach the planner as an 800 GB table."""
+    def raw_user(events):
+        users = events["user_id"].to_numpy().copy()
+        users[5] = 10 ** 11
+        return events.set_column(events.schema.get_field_index("user_id"), "user_id", pa.array(users, pa.int64()))
+
+    bad = _world_with_events(world, tmp_path / "bad", raw_user)
+    with pytest.raises(DataError, match=r"events_train.parquet, row 5, field 'user_id': user_id 100000000000 "
+                                        r"would size a 100,000,000,001-row table") as info:
+        ciubm.run(_config(bad, tmp_path / "never"))
+    assert "ids must be dense" in str(info.value)
+    assert not (tmp_path / "never").exists()
+
+
+def test_an_empty_events_file_is_named(world, tmp_path):
+    empty = _world_with_events(world, tmp_path / "empty", lambda events: events.slice(0, 0))
+    with pytest.raises(DataError, match=r"events_train.parquet: no events to train or evaluate on"):
+        ciubm.run(_config(empty, tmp_path / "never"))
+
+
 def test_grid_runs_equal_single_runs_and_skip_finished_ones(world, tmp_path, capsys):
     base = [f"data.world={world}", *FAST, "max_steps=3"]
     grid = [{"name": "avg", "overrides": [f"out={tmp_path / 'g_avg'}", "model.ubm=avg"]},

@@ -235,3 +235,18 @@ def test_round_trip_and_world(tmp_path, capsys):
     with pytest.raises(DataError, match="outside the item table") as info:
         validate_world(tmp_path)
     assert info.value.file.endswith("pairs_train.parquet") and info.value.row == 3
+
+
+def test_category_ids_past_the_items_categories_are_refused(tmp_path):
+    """An unknown category id would be looked up in rows the category table does not have."""
+    write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)  # categories 0 and 1
+    events = write_raw(tmp_path, "events_train.parquet", EVENTS,
+                       edit(events_rows(), "hist_category_ids", 2, [2]))
+    with pytest.raises(DataError, match=r"behaviour category id outside the items' categories \(0\.\.1\)") as info:
+        validate_world(tmp_path)
+    assert (info.value.file, info.value.row, info.value.field) == (str(events), 2, "hist_category_ids")
+    pairs = write_raw(tmp_path, "pairs_test.parquet", PAIRS, edit(pairs_rows(), "category_id", 1, 7))
+    with pytest.raises(DataError, match="category id outside the items' categories") as info:
+        validate_file(pairs, PAIRS, item_count=N_ITEMS, category_count=2)
+    assert (info.value.row, info.value.field) == (1, "category_id")
+    validate_file(pairs, PAIRS, item_count=N_ITEMS)  # without the items' categories, only >= 0 is checked

@@ -25,6 +25,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mim_rec.data.errors import DataError, ManifestMismatch
@@ -84,7 +85,7 @@ def read_events(path: PathLike, item_count: int, drop_invalid: bool = False,
 
 
 def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[int] = None,
-                  drop_invalid: bool = False, keep: bool = True,
+                  category_count: Optional[int] = None, drop_invalid: bool = False, keep: bool = True,
                   columns: Optional[List[str]] = None,
                   vector_dims: Optional[Dict[str, int]] = None,
                   batch_rows: int = BATCH_ROWS) -> ValidationResult:
@@ -99,7 +100,8 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     file = str(path)
     parquet = _open(path)
     schema = conform_schema(parquet.schema_arrow, contract, file)
-    ctx = CheckContext(file, item_count=item_count, base_dir=path.parent, vector_dims=vector_dims)
+    ctx = CheckContext(file, item_count=item_count, category_count=category_count, base_dir=path.parent,
+                       vector_dims=vector_dims)
     read_columns = None
     if columns is not None:
         read_columns = [n for n in schema.names if n in contract.fields or n in columns]
@@ -316,7 +318,8 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
         if not path.is_file():
             continue
         item_count = results[0].rows if results else None
-        result = validate_file(path, contract, item_count=item_count,
+        categories = category_count(directory / "items.parquet") if results else None
+        result = validate_file(path, contract, item_count=item_count, category_count=categories,
                                drop_invalid=drop_invalid, keep=False)
         results.append(result)
         echo(ok_line(result))
@@ -324,6 +327,14 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
     if (directory / "mm_table").is_dir():
         results += validate_mm_table(directory / "mm_table", results[0].rows, echo=echo)
     return results
+
+
+def category_count(items_path: PathLike) -> int:
+    """How many categories an (already checked) items table spans: ``max(category_id) + 1``;
+    pair and event category ids must lie below it."""
+    column = pq.read_table(items_path, columns=["category_id"])["category_id"]
+    top = pc.max(column).as_py()
+    return 0 if top is None else int(top) + 1
 
 
 def validate_mm_table(table_dir: PathLike, item_count: Optional[int] = None,

@@ -116,6 +116,7 @@ class CheckContext:
 
     file: str
     item_count: Optional[int] = None   # ids must lie in 0..item_count-1 (None: unchecked)
+    category_count: Optional[int] = None  # category ids in 0..category_count-1 (None: only >= 0)
     base_dir: Optional[Path] = None    # image paths are relative to the file's folder
     vector_dims: Optional[Dict[str, int]] = None  # expected length per vector column
 
@@ -181,10 +182,16 @@ def _no_null_elements(name: str) -> RowCheck:
     return RowCheck(name, "null element in list", _per_row(name, lambda v: _mask(v.is_null())))
 
 
-def _id_in_range(name: str, high: Optional[int], what: str) -> RowCheck:
+def _id_in_range(name: str, high: Optional[int], what: str, table: str = "the item table") -> RowCheck:
     span = f"0..{high - 1}" if high is not None else ">= 0"
-    return RowCheck(name, f"{what} outside the item table ({span})" if high is not None
+    return RowCheck(name, f"{what} outside {table} ({span})" if high is not None
                     else f"negative {what}", _per_row(name, lambda v: _out_of_range(v, high)))
+
+
+def _category_in_range(name: str, ctx: CheckContext, what: str) -> RowCheck:
+    """A category id must be one the items table has: an id past it would be looked up in rows
+    the category embedding table does not have."""
+    return _id_in_range(name, ctx.category_count, what, "the items' categories")
 
 
 def _finite(name: str) -> RowCheck:
@@ -281,7 +288,7 @@ def _pairs_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
     checks = [_not_null(f) for f in PAIRS.required_names]
     checks += [
         _id_in_range("item_id", ctx.item_count, "item id"),
-        _id_in_range("category_id", None, "category id"),
+        _category_in_range("category_id", ctx, "category id"),
         RowCheck("signal", f"unknown signal (expected one of {list(SIGNALS)})",
                  lambda b: ~_mask(pc.is_in(pc.fill_null(b.column("signal"), SIGNALS[0]),
                                            value_set=pa.array(SIGNALS)))),
@@ -309,7 +316,7 @@ def _events_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
                                    pc.list_value_length(b.column(HISTORY_FIELDS[0])),
                                    pc.list_value_length(b.column(other))))))
     checks += [_id_in_range("hist_item_ids", ctx.item_count, "behaviour item id"),
-               _id_in_range("hist_category_ids", None, "behaviour category id")]
+               _category_in_range("hist_category_ids", ctx, "behaviour category id")]
     return checks
 
 
