@@ -130,7 +130,7 @@ def require_positive(config: Any, keys: Iterable[str]) -> None:
         value: Any = config
         for part in key.split("."):
             value = getattr(value, part)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # written so that NaN is refused too
             raise ConfigError(f"{key}={value}: must be positive")
 
 

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import pytest
+import torch
 
 from mim_rec.config import ConfigError, require_positive
+from train.ciubm import load_train_config
 from train.cli import main as mim
 
 
@@ -43,3 +45,32 @@ def test_stage_commands_refuse_non_positive_settings(tmp_path, capsys, command, 
     assert mim([command, f"data.world={tmp_path / 'absent'}", f"out={tmp_path / 'out'}", override]) == 2
     assert f"mim {command}: error: {key}: must be positive" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.ubm_options.foo=1", r"model.ubm_options=\{'foo': 1\} for din: .*unexpected keyword argument 'foo'"),
+    ("model.ubm=bst model.ubm_options.num_heads=5", r"model.ubm_options=\{'num_heads': 5\} for bst"),
+    ("model.ubm=bst model.ubm_options.dropout=1.5", r"model.ubm_options=\{'dropout': 1.5\} for bst"),
+    ("model.over_arch=[0]", r"model.over_arch=\[0\]: layer widths must be positive"),
+    ("model.constraints.nosuch.sharding_types=[row_wise]", r"model.constraints.nosuch: no such table; the tables "
+                                                           r"are user, query_word, item, category, mm_item"),
+    ("model.constraints.item.sharding_types=[bogus]", r"model.constraints.item.sharding_types=\['bogus'\]: "
+                                                      r"choose from column_wise, .*row_wise"),
+    ("model.constraints.item.compute_kernels=[turbo]", r"model.constraints.item.compute_kernels=\['turbo'\]"),
+    ("lr=nan", r"lr=nan: must be positive"),
+])
+def test_model_shapes_that_would_fail_inside_torch_are_refused_by_key(tmp_path, override, message):
+    """These used to fail after the process group was up (a UBM's constructor, TorchRec's
+    enumerator, torch's optimizer) or, for a zero-width over-arch, train a constant."""
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, [f"data.world={tmp_path}", *override.split()])
+
+
+def test_the_table_names_constraints_accept_are_the_tables_the_model_builds():
+    from mim_rec.ciubm.config import ModelConfig
+    from mim_rec.ciubm.sparse import TABLE_NAMES, SparseArch
+
+    arch = SparseArch(ModelConfig(mm_dim=8), num_items=10, num_users=4, num_categories=3, device=torch.device("meta"))
+    built = {config.name for module in arch.modules() if hasattr(module, "embedding_bag_configs")
+             for config in module.embedding_bag_configs()}
+    assert built == set(TABLE_NAMES)

@@ -87,6 +87,7 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
                               f"multiple of {FBGEMM_COLUMN_ALIGNMENT}")
     if config.model.ubm not in available_ubms():
         raise ConfigError(f"model.ubm={config.model.ubm!r}: choose one of {', '.join(available_ubms())}")
+    _check_model_shape(config.model)
     config.loader.query_buckets = config.model.query_buckets
     config.loader.sequence_layout = config.model.sequence_layout
     if config.model.uses_mm:
@@ -98,6 +99,32 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
         raise ConfigError("rim_log: RIM rows are applied to the MM table, so they need mm_table=DIR "
                           "(the table they extend) and a model that uses it")
     return config
+
+
+def _check_model_shape(model: ModelConfig) -> None:
+    """Refuse, by key, what would otherwise fail inside torch or TorchRec after the process group
+    is up (or train a constant): the UBM's options, the over-arch's widths, the planner constraints."""
+    from mim_rec.ciubm.sparse import TABLE_NAMES
+    from mim_rec.config import ConfigError
+    from mim_rec.ubm import build_ubm
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.types import ShardingType
+
+    try:  # a throw-away instance: the UBM's own constructor is what knows its options
+        build_ubm(model.ubm, model.behaviour_dim, **model.ubm_options)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ConfigError(f"model.ubm_options={model.ubm_options} for {model.ubm}: {err}") from err
+    if not all(width > 0 for width in model.over_arch):
+        raise ConfigError(f"model.over_arch={model.over_arch}: layer widths must be positive")
+    choices = {"sharding_types": sorted(t.value for t in ShardingType),
+               "compute_kernels": sorted(k.value for k in EmbeddingComputeKernel)}
+    for table, constraint in model.constraints.items():
+        if table not in TABLE_NAMES:
+            raise ConfigError(f"model.constraints.{table}: no such table; the tables are {', '.join(TABLE_NAMES)}")
+        for key, allowed in choices.items():
+            unknown = [v for v in getattr(constraint, key) or () if v not in allowed]
+            if unknown:
+                raise ConfigError(f"model.constraints.{table}.{key}={unknown}: choose from {', '.join(allowed)}")
 
 
 def _table_dim(mm_table: Optional[str]) -> int:

@@ -30,6 +30,8 @@ from mim_rec.ciubm.config import ModelConfig
 from mim_rec.config import ConfigError
 
 MM_TABLE = "mm_item"
+# Every table SparseArch builds, by name: the keys `model.constraints` may use.
+TABLE_NAMES = ("user", "query_word", "item", "category", MM_TABLE)
 # FBGEMM's kernels (and TorchRec's sharded collections, which assert it on every rank) need a
 # table's width to be a multiple of this.
 FBGEMM_COLUMN_ALIGNMENT = 4
