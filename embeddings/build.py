@@ -21,16 +21,18 @@ from tqdm.auto import tqdm
 
 from mim_rec.data.errors import ManifestMismatch
 from mim_rec.data.io import read_items, write_table
-from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
+from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP
 from mim_rec.utils.run import atomic_write_bytes
 
 from embeddings.encoders import ItemEncoder
+from embeddings.table import catalogue_fingerprint
 
 STATE_NAME = ".build.json"
 
 
 def _check_state(out: Path, state: dict) -> None:
+    """Resume only a build of exactly ``state``; start one only in a folder holding no table."""
     path = out / STATE_NAME
     if path.is_file():
         old = json.loads(path.read_text())
@@ -39,6 +41,13 @@ def _check_state(out: Path, state: dict) -> None:
             raise ManifestMismatch(f"{out}: shards there were built by another run {diff}; "
                                    "use a new folder (or delete it) instead of mixing tables")
     else:
+        # A fold's or quantiser's output (or any table) has no build state: its parts would be
+        # taken for this build's finished shards, whatever encoder made them.
+        present = sorted(p.name for p in out.glob("part-*.parquet")) + \
+            (["manifest.json"] if manifest_path(out).exists() else [])
+        if present:
+            raise ManifestMismatch(f"{out}: holds a table this build did not start ({', '.join(present[:3])}"
+                                   f"{', ...' if len(present) > 3 else ''}); build into a new or empty folder")
         atomic_write_bytes(path, json.dumps(state, indent=2).encode())
 
 
@@ -80,5 +89,6 @@ def build_table(encoder: ItemEncoder, items_path: Union[str, Path], out_dir: Uni
             kind="mm_table", stage="mfm", config={"shard_rows": shard_rows}, row_count=count,
             dim=encoder.dim, dtype="float32", inputs={"items": state["items"]},
             extra={"encoder_fingerprint": encoder.fingerprint, "id_range": [0, count],
-                   "shards": [f"part-{k:05d}.parquet" for k in shards]}))
+                   "shards": [f"part-{k:05d}.parquet" for k in shards],
+                   "catalogue": {"rows": count, "fingerprint": catalogue_fingerprint(items_path, count)}}))
     return out

@@ -70,6 +70,7 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
         row_count=base.row_count + len(ids), dim=base.dim, dtype=base.dtype,
         inputs={"base_table": fingerprint_file(manifest_path(table_dir)), "log": fingerprint_file(log_path)},
         extra={"encoder_fingerprint": fingerprint, "id_range": [0, num_items], "shards": names,
+               **({"catalogue": base.extra["catalogue"]} if "catalogue" in base.extra else {}),
                "base_table": str(table_dir.resolve()),
                "rim": {"log": str(log_path.resolve()), "from_offset": start, "offset": end,
                        "items": int(len(ids))}}))

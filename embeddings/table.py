@@ -6,8 +6,9 @@ Parts hold ``(item_id, vector)`` rows in the ``MM_TABLE_FP`` contract, or row-wi
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import pyarrow.compute as pc
@@ -28,13 +29,31 @@ def table_parts(table_dir: Union[str, Path]) -> List[Path]:
 MISSING_POLICIES = ("error", "default")
 
 
-def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: str = "error") -> int:
+def catalogue_fingerprint(items_path: Union[str, Path], rows: int) -> str:
+    """What a table's rows were embedded from: the raw ids and titles of items ``0..rows-1``.
+
+    An MM table built for another catalogue of as many items (another world, other content
+    under the same ids) passes every size check, and its vectors would be trained on as if they
+    were this catalogue's. A catalogue that has grown since (new items, not embedded yet) still
+    matches on the rows the table holds."""
+    items = pq.read_table(items_path, columns=["item_id", "raw_item_id", "title"]).sort_by("item_id").slice(0, rows)
+    digest = hashlib.sha256()
+    for column in ("raw_item_id", "title"):
+        for value in items[column].to_pylist():
+            digest.update(str(value).encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: str = "error",
+                items_path: Optional[Union[str, Path]] = None) -> int:
     """Refuse a folder that is not an MM table of ``dim`` for a catalogue of ``num_items``;
     returns how many catalogue items it lacks.
 
     ``missing="error"`` wants a complete table (one row per item). ``missing="default"``
     accepts a table lacking some items (new ones that RIM has not embedded yet): they read as
-    the default vector, zeros, and the returned count says how many there are.
+    the default vector, zeros, and the returned count says how many there are. With
+    ``items_path``, a table that records its catalogue (:func:`catalogue_fingerprint`) must have
+    been built from these items.
     """
     _check_policy(missing)
     manifest = read_manifest(table_dir)
@@ -45,6 +64,11 @@ def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: 
     _, high = manifest.extra.get("id_range", [0, manifest.row_count])
     if high > num_items:
         raise ManifestMismatch(f"{table_dir}: table ids reach {high - 1}, the catalogue has {num_items} items")
+    built_for = manifest.extra.get("catalogue")
+    if items_path is not None and built_for is not None and \
+            catalogue_fingerprint(items_path, built_for["rows"]) != built_for["fingerprint"]:
+        raise ManifestMismatch(f"{table_dir}: built for other items than {items_path} (the raw ids and titles of "
+                               f"its {built_for['rows']} items differ); build the table from this world's items")
     lacking = num_items - manifest.row_count
     if lacking and missing == "error":
         raise ManifestMismatch(f"{table_dir}: table has {manifest.row_count} rows, the catalogue {num_items} items "

@@ -74,3 +74,13 @@ def test_the_table_names_constraints_accept_are_the_tables_the_model_builds():
     built = {config.name for module in arch.modules() if hasattr(module, "embedding_bag_configs")
              for config in module.embedding_bag_configs()}
     assert built == set(TABLE_NAMES)
+
+
+@pytest.mark.parametrize("override", ["shard_rows=-5", "shard_rows=0", "batch_size=0"])
+def test_table_build_refuses_non_positive_sizes_before_writing(tmp_path, capsys, override):
+    """shard_rows=-5 used to write a 'complete' manifest with no shards; 0 a ZeroDivisionError
+    that left build state behind, refusing the corrected re-run."""
+    assert mim(["embeddings", "build", f"world={tmp_path / 'absent'}", f"encoders={tmp_path / 'absent'}",
+                f"out={tmp_path / 'table'}", override]) == 2
+    assert f"{override}: must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "table").exists()

@@ -78,6 +78,33 @@ def test_another_encoder_is_refused_instead_of_mixed(world, tmp_path):
         build_table(FakeEncoder(salt=1), world / "items.parquet", tmp_path / "t", shard_rows=64)
 
 
+def test_a_folder_holding_a_table_this_build_did_not_start_is_refused(world, tmp_path):
+    """A fold's or quantiser's output has no build state; its parts used to be taken for this
+    build's finished shards, under a manifest naming the new encoder."""
+    import shutil
+
+    built = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "t", shard_rows=64)
+    shutil.copytree(built, tmp_path / "copy", ignore=shutil.ignore_patterns(".build.json"))
+    with pytest.raises(ManifestMismatch, match=r"copy: holds a table this build did not start \(part-00000"):
+        build_table(FakeEncoder(salt=1), world / "items.parquet", tmp_path / "copy", shard_rows=64)
+    assert read_manifest(tmp_path / "copy").extra["encoder_fingerprint"] == "fake:0"  # left as it was
+
+
+def test_a_table_built_for_other_items_of_the_same_count_is_refused(world, tmp_path):
+    from embeddings.table import check_table
+
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    assert check_table(out, 300, 8, items_path=world / "items.parquet") == 0
+    items = pq.read_table(world / "items.parquet")
+    titles = items["title"].to_pylist()
+    titles[7] = "another world's item"
+    other = tmp_path / "other_items.parquet"
+    pq.write_table(items.set_column(items.schema.get_field_index("title"), "title", pa.array(titles)), other)
+    with pytest.raises(ManifestMismatch, match=r"table: built for other items than .*other_items.parquet"):
+        check_table(out, 300, 8, items_path=other)
+    check_table(out, 300, 8)  # without the items, only sizes are checked
+
+
 def test_reader_refuses_wrong_dim_and_missing_items(world, tmp_path):
     out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
     with pytest.raises(ManifestMismatch, match="dim"):

@@ -377,7 +377,8 @@ def mm_rows(config: TrainConfig, num_items: int, dim: int):
         vectors = torch.randn(num_items, dim, generator=generator)
         return (lambda start, stop: vectors[start:stop]), "random stand-in (no mm_table given)"
     from embeddings.table import check_table, read_mm_rows
-    lacking = check_table(config.mm_table, num_items, dim, config.mm_missing)
+    lacking = check_table(config.mm_table, num_items, dim, config.mm_missing,
+                          items_path=Path(config.data.world) / "items.parquet")
     source = f"table {config.mm_table}" + (f" ({lacking} of {num_items} items missing: zero vectors)"
                                            if lacking else "")
     return (lambda start, stop: read_mm_rows(config.mm_table, start, stop, dim, config.mm_missing)), source

@@ -39,13 +39,14 @@ def _build(args: argparse.Namespace) -> int:
 
     from embeddings.build import build_table
     from embeddings.encoders import load_item_encoder
-    from mim_rec.config import ConfigError, load_config
+    from mim_rec.config import ConfigError, load_config, require_positive
     from mim_rec.utils.dist import init_distributed
 
     config = load_config(BuildConfig, args.config, args.overrides)
     missing = [k for k in ("world", "encoders", "out") if not getattr(config, k)]
     if missing:
         raise ConfigError(f"mim embeddings build needs {', '.join(f'{k}=...' for k in missing)}")
+    require_positive(config, ("shard_rows", "batch_size"))
     ctx = init_distributed("cpu")
     encoder = load_item_encoder(config.encoders, config.batch_size, config.feature_cache or None)
     out = build_table(encoder, Path(config.world) / "items.parquet", config.out, config.shard_rows,
