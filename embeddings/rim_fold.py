@@ -8,6 +8,7 @@ offset, so each version adds exactly the items that arrived since the last one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -25,10 +26,34 @@ from embeddings.rim_log import check_fingerprint, read_messages
 from embeddings.table import table_item_ids, table_parts
 
 
+# How much of a log's head identifies it: a log rotated to a new file at the same path starts
+# with other records, so its head differs from the one a fold recorded.
+LOG_HEAD_BYTES = 1 << 20
+
+
+def log_head_digest(log_path: Union[str, Path], length: int) -> str:
+    """sha256 of the log's first ``min(length, LOG_HEAD_BYTES)`` bytes (16 hex chars)."""
+    with Path(log_path).open("rb") as fh:
+        return hashlib.sha256(fh.read(min(length, LOG_HEAD_BYTES))).hexdigest()[:16]
+
+
 def folded_offset(table_dir: Union[str, Path], log_path: Union[str, Path]) -> int:
-    """The log offset a table already contains: 0 unless it was folded from this very log."""
+    """The log offset a table already contains: 0 unless it was folded from this very log.
+
+    "This very log" is the path *and* the file: a log rotated at the same path, shorter than
+    the offset or with another head, is refused rather than read from the old offset, which
+    would skip its first records for good."""
     rim = require(table_dir, kind="mm_table").extra.get("rim") or {}
-    return int(rim["offset"]) if rim.get("log") == str(Path(log_path).resolve()) else 0
+    log_path = Path(log_path)
+    if rim.get("log") != str(log_path.resolve()):
+        return 0
+    offset = int(rim["offset"])
+    size = log_path.stat().st_size if log_path.is_file() else 0
+    if offset > size or ("head" in rim and log_head_digest(log_path, offset) != rim["head"]):
+        raise ManifestMismatch(f"{log_path}: not the log {table_dir} was folded from ({offset} bytes of it "
+                               f"are in the table; this file has {size} bytes"
+                               f"{'' if offset > size else ' and another head'}); give a rotated log a new name")
+    return offset
 
 
 def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: Union[str, Path],
@@ -40,40 +65,61 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     """
     table_dir, log_path, out = Path(table_dir), Path(log_path), Path(out_dir)
     base = require(table_dir, kind="mm_table")
-    if manifest_path(out).exists():
-        raise ManifestMismatch(f"{out}: already a finished table; fold into a new folder")
-    fingerprint = base.extra["encoder_fingerprint"]
-    num_items = num_items or int(base.extra.get("id_range", [0, base.row_count])[1])
+    if not log_path.is_file():
+        raise DataError(str(log_path), "no such log file")
+    if out.exists() and any(out.iterdir()):
+        raise ManifestMismatch(f"{out}: not empty; fold into a new folder")
+    fingerprint = base.extra.get("encoder_fingerprint")
+    if fingerprint is None:
+        raise ManifestMismatch(f"{table_dir}: its manifest names no encoder (extra.encoder_fingerprint), so "
+                               "no log's vectors can be checked against it")
+    table_ids = int(base.extra.get("id_range", [0, base.row_count])[1])
+    num_items = num_items or table_ids
+    if num_items < table_ids:
+        raise ManifestMismatch(f"num_items={num_items}: {table_dir} already spans ids 0..{table_ids - 1}")
     start = end = folded_offset(table_dir, log_path)
     ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, base.dim), np.float32)]
     for end, message in read_messages(log_path, start):
         check_fingerprint(message, fingerprint, log_path)
         if message.dim != base.dim:
             raise ManifestMismatch(f"{log_path}: vectors of dim {message.dim}, table {table_dir} of dim {base.dim}")
+        broken = ~np.isfinite(message.vectors).all(axis=1)
+        if broken.any():
+            raise DataError(str(log_path), f"the record ending at byte {end} holds a NaN or infinite vector "
+                            f"(item {message.item_ids[broken][0]})", field="vector")
         ids.append(message.item_ids)
         vectors.append(message.vectors)
     ids, vectors = np.concatenate(ids), np.concatenate(vectors)
     _check_new_ids(ids, table_item_ids(table_dir), num_items, log_path, table_dir)
 
-    out.mkdir(parents=True, exist_ok=True)
-    parts = table_parts(table_dir)
-    names = [f"part-{k:05d}.parquet" for k in range(len(parts) + (len(ids) > 0))]
-    for part, name in zip(parts, names):
-        _link_or_copy(part, out / name)
-    if len(ids):
-        order = np.argsort(ids)
-        write_table(pa.table({"item_id": pa.array(ids[order], pa.int64()),
-                              "vector": pa.array(list(vectors[order]), pa.list_(pa.float32()))}),
-                    out / names[-1], MM_TABLE_FP, item_count=num_items, vector_dims={"vector": base.dim})
-    write_manifest(out, Manifest(
-        kind="mm_table", stage="rim_fold", config={"num_items": num_items},
-        row_count=base.row_count + len(ids), dim=base.dim, dtype=base.dtype,
-        inputs={"base_table": fingerprint_file(manifest_path(table_dir)), "log": fingerprint_file(log_path)},
-        extra={"encoder_fingerprint": fingerprint, "id_range": [0, num_items], "shards": names,
-               **({"catalogue": base.extra["catalogue"]} if "catalogue" in base.extra else {}),
-               "base_table": str(table_dir.resolve()),
-               "rim": {"log": str(log_path.resolve()), "from_offset": start, "offset": end,
-                       "items": int(len(ids))}}))
+    # Written beside ``out`` and renamed into place: a fold that fails leaves no half-table.
+    staging = out.parent / f".{out.name}.folding"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        parts = table_parts(table_dir)
+        names = [f"part-{k:05d}.parquet" for k in range(len(parts) + (len(ids) > 0))]
+        for part, name in zip(parts, names):
+            _link_or_copy(part, staging / name)
+        if len(ids):
+            order = np.argsort(ids)
+            write_table(pa.table({"item_id": pa.array(ids[order], pa.int64()),
+                                  "vector": pa.array(list(vectors[order]), pa.list_(pa.float32()))}),
+                        staging / names[-1], MM_TABLE_FP, item_count=num_items, vector_dims={"vector": base.dim})
+        write_manifest(staging, Manifest(
+            kind="mm_table", stage="rim_fold", config={"num_items": num_items},
+            row_count=base.row_count + len(ids), dim=base.dim, dtype=base.dtype,
+            inputs={"base_table": fingerprint_file(manifest_path(table_dir)), "log": fingerprint_file(log_path)},
+            extra={"encoder_fingerprint": fingerprint, "id_range": [0, num_items], "shards": names,
+                   **({"catalogue": base.extra["catalogue"]} if "catalogue" in base.extra else {}),
+                   "base_table": str(table_dir.resolve()),
+                   "rim": {"log": str(log_path.resolve()), "from_offset": start, "offset": end,
+                           "head": log_head_digest(log_path, end), "items": int(len(ids))}}))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

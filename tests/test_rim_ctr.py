@@ -150,7 +150,7 @@ def test_fold_writes_the_next_table_version(catalogue, base_table, log, tmp_path
     again = fold_log(out, log, tmp_path / "v3")  # the same log again: nothing new to fold
     assert read_manifest(again).extra["rim"]["items"] == 0 and read_manifest(again).row_count == items.num_rows
     assert LiveMMTable(log, out, items.num_rows).offset == log.stat().st_size
-    with pytest.raises(ManifestMismatch, match="already a finished table"):
+    with pytest.raises(ManifestMismatch, match="v2: not empty"):
         fold_log(base_table, log, out, num_items=items.num_rows)
 
 
@@ -171,6 +171,43 @@ def test_fold_refuses_ids_outside_the_id_space_known_ids_and_other_encoders(cata
         fold_log(base_table, foreign, tmp_path / "c", num_items=items.num_rows)
     with pytest.raises(ManifestMismatch, match="other:v1"):
         RimService(RimConfig(log=str(foreign), table=str(base_table)), IdEncoder())
+
+
+def _log_of(path, ids, vectors=None):
+    with RimLog(path, IdEncoder.fingerprint, DIM) as writer:
+        for item in ids:
+            writer.append(WindowMessage(np.array([item]), vectors_of([item]).numpy() if vectors is None else vectors,
+                                        IdEncoder.fingerprint, np.zeros(1), 0.0))
+    return path
+
+
+@pytest.mark.parametrize("rotated_to", ["shorter", "longer"])
+def test_a_log_rotated_at_the_folded_path_is_refused_not_read_from_the_old_offset(
+        catalogue, base_table, tmp_path, rotated_to):
+    """Folding the new file from the old offset used to skip its first records for good."""
+    items, cut = catalogue
+    path = _log_of(tmp_path / "rim.log", [cut, cut + 1])
+    folded = fold_log(base_table, path, tmp_path / "v2", num_items=items.num_rows)
+    path.unlink()
+    _log_of(path, [cut + 2] if rotated_to == "shorter" else [cut + 2, cut + 3, cut + 4])
+    with pytest.raises(ManifestMismatch, match=r"rim.log: not the log .*v2 was folded from.*give a rotated log a new name"):
+        fold_log(folded, path, tmp_path / "v3")
+    with pytest.raises(ManifestMismatch, match="not the log"):
+        LiveMMTable(path, folded, items.num_rows)
+    assert not (tmp_path / "v3").exists()
+
+
+def test_a_fold_that_fails_leaves_no_folder_and_names_what_failed(catalogue, base_table, tmp_path):
+    items, cut = catalogue
+    broken = np.full((1, DIM), np.nan, np.float32)
+    nan_log = _log_of(tmp_path / "nan.log", [cut], vectors=broken)
+    with pytest.raises(DataError, match=rf"nan.log, field 'vector': the record ending at byte \d+ holds a NaN .*item {cut}"):
+        fold_log(base_table, nan_log, tmp_path / "out", num_items=items.num_rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.log"]  # no out, no staging folder
+    with pytest.raises(DataError, match="absent.log: no such log file"):
+        fold_log(base_table, tmp_path / "absent.log", tmp_path / "out", num_items=items.num_rows)
+    with pytest.raises(ManifestMismatch, match=rf"num_items=10: .* already spans ids 0..{cut - 1}"):
+        fold_log(base_table, nan_log, tmp_path / "out", num_items=10)
 
 
 def test_the_trainer_refuses_a_partial_table_unless_told_to_default(world, base_table, tmp_path):
