@@ -17,6 +17,7 @@ from typing import Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from mim_rec.data.errors import ManifestMismatch
@@ -51,6 +52,17 @@ def _check_state(out: Path, state: dict) -> None:
         atomic_write_bytes(path, json.dumps(state, indent=2).encode())
 
 
+def _whole_shard(part: Path, rows: int) -> bool:
+    """Whether a resumed build may keep ``part``: a readable Parquet file of ``rows`` rows. Parts
+    are written atomically, so anything else (truncated, damaged by hand) is embedded again."""
+    if not part.is_file():
+        return False
+    try:
+        return pq.read_metadata(part).num_rows == rows
+    except (OSError, pa.ArrowException):
+        return False
+
+
 def build_table(encoder: ItemEncoder, items_path: Union[str, Path], out_dir: Union[str, Path],
                 shard_rows: int = 4096, rank: int = 0, world_size: int = 1) -> Path:
     """Embed every item of ``items_path`` with ``encoder`` into the table folder ``out_dir``."""
@@ -67,7 +79,8 @@ def build_table(encoder: ItemEncoder, items_path: Union[str, Path], out_dir: Uni
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     shards = range(0, (count + shard_rows - 1) // shard_rows)
-    mine = [k for k in shards if k % world_size == rank and not (out / f"part-{k:05d}.parquet").is_file()]
+    mine = [k for k in shards if k % world_size == rank
+            and not _whole_shard(out / f"part-{k:05d}.parquet", min(shard_rows, count - k * shard_rows))]
     started, done = time.time(), 0
     bar = tqdm(mine, desc=f"MFM build (rank {rank})", unit="shard", disable=not mine)
     for k in bar:

@@ -71,6 +71,18 @@ def test_killed_build_resumes_from_whole_shards(world, tmp_path):
     assert torch.equal(read_mm_table(tmp_path / "t", 300, 8), read_mm_table(straight, 300, 8))
 
 
+def test_a_resumed_build_embeds_a_damaged_shard_again(world, tmp_path):
+    """A truncated part used to count as finished, and the table read back failed later."""
+    built = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "t", shard_rows=64)
+    (built / "manifest.json").unlink()  # as if killed before the manifest
+    part = built / "part-00002.parquet"
+    part.write_bytes(part.read_bytes()[:300])
+    resumed = FakeEncoder()
+    build_table(resumed, world / "items.parquet", built, shard_rows=64)
+    assert resumed.calls == 1
+    assert torch.equal(read_mm_table(built, 300, 8), FakeEncoder().embed_items(pa.table({"item_id": np.arange(300)}), None))
+
+
 def test_another_encoder_is_refused_instead_of_mixed(world, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build_table(FakeEncoder(fail_after=1), world / "items.parquet", tmp_path / "t", shard_rows=64)
