@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -50,6 +50,15 @@ class _RunConfig:
     out: str = ""
 
 
+@dataclass
+class _LoggedRunConfig:
+    steps: int = 4
+    out: str = ""
+    log_every: int = 10
+    checkpoint_every: int = 5
+    eval: dict = field(default_factory=dict)
+
+
 def test_a_moved_run_folder_resumes_and_another_config_is_still_refused(tmp_path):
     model, optimizer = _model_and_optimizer()
     CheckpointManager.for_run(_RunConfig(out=str(tmp_path / "a"))).save(1, model, optimizer)
@@ -67,6 +76,33 @@ def test_checkpoints_fingerprinted_with_their_folder_still_resume_there(tmp_path
     config = _RunConfig(out=str(tmp_path))
     CheckpointManager(tmp_path / "checkpoints", fingerprint_config(config)).save(4, model, optimizer)
     assert CheckpointManager.for_run(config).resume(model, optimizer).step == 4
+
+
+def test_a_changed_setting_is_named_and_logging_or_eval_settings_may_change(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from mim_rec.config import ConfigError
+
+    model, optimizer = _model_and_optimizer()
+    config = _LoggedRunConfig(out=str(tmp_path))
+    CheckpointManager.for_run(config).save(1, model, optimizer)
+    (tmp_path / "config.json").write_text(json.dumps(asdict(config)))
+    relogged = _LoggedRunConfig(out=str(tmp_path), log_every=1, checkpoint_every=2, eval={"ks": [1]})
+    assert CheckpointManager.for_run(relogged).resume(model, optimizer).step == 1
+    with pytest.raises(ConfigError, match=r"written under another configuration \(differs in: steps\)"):
+        CheckpointManager.for_run(_LoggedRunConfig(out=str(tmp_path), steps=9)).resume(model, optimizer)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    model, optimizer = _model_and_optimizer()
+    manager = CheckpointManager(tmp_path, "abc")
+    manager.save(3, model, optimizer)
+    manager.save(6, model, optimizer)
+    newest = tmp_path / "step-000000006.pt"
+    newest.write_bytes(newest.read_bytes()[:500])
+    assert manager.resume(model, optimizer).step == 3
+    assert "step-000000006.pt does not load" in capsys.readouterr().err
 
 
 def test_nothing_to_resume(tmp_path):

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import pickle
 import random
 import re
-from dataclasses import dataclass, replace
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -26,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mim_rec.config import ConfigError
+from mim_rec.data.errors import DataError
 from mim_rec.utils.run import atomic_write_bytes
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
@@ -81,6 +86,32 @@ def _trained_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
+# Settings a resumed run may change: they do not change what its steps compute.
+NOT_FINGERPRINTED = ("out", "log_every", "checkpoint_every", "eval")
+
+
+def _newest_readable(checkpoints: List[Path]) -> Tuple[Path, Dict[str, Any]]:
+    """The newest checkpoint that loads, and its state. A damaged newest one (a disk that filled,
+    a file cut by hand) falls back to the one kept before it, with a warning."""
+    for path in reversed(checkpoints):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            print(f"warning: {path} does not load ({err}); trying the checkpoint before it", file=sys.stderr)
+    raise DataError(str(checkpoints[-1].parent), f"none of the {len(checkpoints)} checkpoints loads")
+
+
+def _changed_settings(config: Any) -> List[str]:
+    """Top-level settings in which ``config`` differs from the ``config.json`` of its run folder
+    (empty when there is none to compare with)."""
+    saved = Path(config.out) / "config.json"
+    if not saved.is_file():
+        return []
+    before = json.loads(saved.read_text())
+    now = json.loads(json.dumps(asdict(config), default=str))
+    return sorted(k for k in before.keys() | now.keys() if k not in NOT_FINGERPRINTED and before.get(k) != now.get(k))
+
+
 @dataclass
 class Resumed:
     step: int
@@ -92,22 +123,25 @@ class CheckpointManager:
     are kept. Every rank must call :meth:`save` (RNG states are gathered)."""
 
     def __init__(self, directory: Path, config_fingerprint: str, keep: int = 2,
-                 also_accepted: Tuple[str, ...] = ()) -> None:
+                 also_accepted: Tuple[str, ...] = (), config: Any = None) -> None:
         self.directory = Path(directory)
         self.config_fingerprint = config_fingerprint
         self.also_accepted = also_accepted  # fingerprints an older version wrote for this config
+        self.config = config  # the run's config, to name what changed when a checkpoint is refused
         self.keep = keep
 
     @classmethod
     def for_run(cls, config: Any) -> "CheckpointManager":
         """The checkpoints of the run ``config`` describes, in ``config.out/checkpoints``.
 
-        Their fingerprint leaves ``out`` out: where a run folder lies is not part of what it
-        computes, so a folder that was moved or copied still resumes. Checkpoints written when
-        the fingerprint still held ``out`` are accepted in the folder they were written in."""
+        Their fingerprint leaves out the settings that do not change what training computes
+        (:data:`NOT_FINGERPRINTED`: where the folder lies, how often it logs, saves and how it is
+        evaluated), so a moved folder resumes and a run can be re-logged or re-evaluated.
+        Checkpoints written when the fingerprint held every setting resume in their own folder."""
         from mim_rec.data.manifest import fingerprint_config
-        return cls(Path(config.out) / "checkpoints", fingerprint_config(replace(config, out="")),
-                   also_accepted=(fingerprint_config(config),))
+        computing = replace(config, **{k: None for k in NOT_FINGERPRINTED if hasattr(config, k)})
+        return cls(Path(config.out) / "checkpoints", fingerprint_config(computing),
+                   also_accepted=(fingerprint_config(config),), config=config)
 
     def checkpoints(self) -> List[Path]:
         if not self.directory.exists():
@@ -143,11 +177,13 @@ class CheckpointManager:
         found = self.checkpoints()
         if not found:
             return None
-        state = torch.load(found[-1], map_location="cpu", weights_only=False)
+        path, state = _newest_readable(found)
         if state["config_fingerprint"] not in (self.config_fingerprint, *self.also_accepted):
-            raise ValueError(f"{found[-1]} was written under another configuration "
-                             f"(fingerprint {state['config_fingerprint']} != "
-                             f"{self.config_fingerprint}); use a fresh output folder")
+            changed = _changed_settings(self.config) if self.config is not None else None
+            detail = f"differs in: {', '.join(changed)}" if changed else \
+                f"fingerprint {state['config_fingerprint']} != {self.config_fingerprint}"
+            raise ConfigError(f"{path} was written under another configuration ({detail}); "
+                              f"use a fresh output folder")
         distributed = dist.is_available() and dist.is_initialized()
         rank = _rank()
         if len(state["rng"]) != (dist.get_world_size() if distributed else 1):
