@@ -298,6 +298,18 @@ def test_sparse_dist_pipeline_trains_like_the_plain_loop(world, tmp_path, caplog
             assert record["loss"] == pytest.approx(record["bce"] + record["aux_loss"], rel=1e-6)
 
 
+def test_a_world_changed_under_the_same_path_does_not_resume(world, tmp_path):
+    """Steps 1-3 on one world and 4-6 on another used to finish as one run."""
+    changing = _world_with_events(world, tmp_path / "world", lambda events: events)
+    ciubm.run(_config(changing, tmp_path / "run", "max_steps=3"))
+    assert set(json.loads((tmp_path / "run" / "inputs.json").read_text())) == {"items.parquet", "events_train.parquet"}
+    events = pq.read_table(changing / "events_train.parquet")
+    pq.write_table(events.slice(0, events.num_rows - 1), changing / "events_train.parquet")
+    with pytest.raises(ConfigError, match=r"checkpoints trained on other data: events_train.parquet in data.world=.* changed"):
+        ciubm.run(_config(changing, tmp_path / "run", "max_steps=6"))
+    assert ciubm.run(_config(changing, tmp_path / "run", "max_steps=3"), train=False)["steps"] == 3  # evaluates
+
+
 def test_runs_written_before_newer_settings_existed_resume_and_stay_finished(world, tmp_path):
     config = _config(world, tmp_path / "old")
     (tmp_path / "old" / "checkpoints").mkdir(parents=True)

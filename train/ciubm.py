@@ -235,8 +235,18 @@ def _changed_settings(config: TrainConfig, ignored: frozenset) -> Optional[List[
     return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
 
 
-def _refuse_foreign_checkpoints(config: TrainConfig) -> None:
-    """Resuming from checkpoints written under another config would silently mix two runs."""
+TRAINING_INPUTS = ("items.parquet", "events_train.parquet")
+
+
+def _training_inputs(config: TrainConfig) -> Dict[str, str]:
+    """Content fingerprints of the world files training reads (written as ``out/inputs.json``)."""
+    from mim_rec.data.manifest import fingerprint_file
+    return {name: fingerprint_file(Path(config.data.world) / name) for name in TRAINING_INPUTS}
+
+
+def _refuse_foreign_checkpoints(config: TrainConfig, train: bool = True) -> None:
+    """Resuming from checkpoints written under another config, or trained on other data under
+    the same world path, would silently mix two runs."""
     from mim_rec.config import ConfigError
 
     out = Path(config.out)
@@ -246,6 +256,14 @@ def _refuse_foreign_checkpoints(config: TrainConfig) -> None:
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
+    recorded = out / "inputs.json"
+    if train and recorded.is_file():
+        now = _training_inputs(config)
+        differ = [name for name, fingerprint in json.loads(recorded.read_text()).items() if now.get(name) != fingerprint]
+        if differ:
+            raise ConfigError(f"out={out} holds checkpoints trained on other data: {', '.join(differ)} in "
+                              f"data.world={config.data.world} changed since; use a new out= or delete "
+                              f"{out / 'checkpoints'}")
 
 
 def _finished(config: TrainConfig) -> bool:
@@ -452,7 +470,7 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     items = ItemInfo.from_items(world / "items.parquet")
     _validate_events(config, items)
     sizes = table_sizes(config.data.world, items)
-    _refuse_foreign_checkpoints(config)  # before build: the planner's collectives order it before any write
+    _refuse_foreign_checkpoints(config, train)  # before build: the planner's collectives order it before any write
     if not train and not (out / "checkpoints" / "latest").is_file():
         from mim_rec.config import ConfigError
         raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
@@ -470,6 +488,8 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # it always describes the config.json beside it
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        if train:
+            (out / "inputs.json").write_text(json.dumps(_training_inputs(config), indent=2))
         (out / "plan.txt").write_text(str(plan))
 
     checkpoints = DcpCheckpoints(out / "checkpoints")
