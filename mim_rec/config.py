@@ -127,11 +127,32 @@ def require_positive(config: Any, keys: Iterable[str]) -> None:
     means "not set" and passes), naming the key: a batch size or step interval of 0 would
     otherwise surface as a division by zero, or as a run that trains nothing, far from its cause."""
     for key in keys:
-        value: Any = config
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = _dotted(config, key)
         if value is not None and not value > 0:  # written so that NaN is refused too
             raise ConfigError(f"{key}={value}: must be positive")
+
+
+def require_not_negative(config: Any, keys: Iterable[str]) -> None:
+    """Like :func:`require_positive`, for settings where 0 means "off" (a phase's steps, a weight)."""
+    for key in keys:
+        value = _dotted(config, key)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{key}={value}: must not be negative")
+
+
+def require_fraction(config: Any, keys: Iterable[str]) -> None:
+    """Refuse a share or probability outside ``0 < value < 1`` (``None`` passes)."""
+    for key in keys:
+        value = _dotted(config, key)
+        if value is not None and not 0 < value < 1:
+            raise ConfigError(f"{key}={value}: must lie strictly between 0 and 1")
+
+
+def _dotted(config: Any, key: str) -> Any:
+    value = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _merge(into: Dict[str, Any], update: Dict[str, Any]) -> None:

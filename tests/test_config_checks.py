@@ -39,6 +39,8 @@ def test_require_positive_names_the_dotted_key_and_lets_unset_pass():
     ("csft", "steps=0", "steps=0"),
     ("csft", "loss.temperature=0", "loss.temperature=0.0"),
     ("csft", "checkpoint_every=-1", "checkpoint_every=-1"),
+    ("csft", "model.fusion.hidden=0", "model.fusion.hidden=0"),
+    ("pretrain", "encoders.shared_dim=0", "encoders.shared_dim=0"),
 ])
 def test_stage_commands_refuse_non_positive_settings(tmp_path, capsys, command, override, key):
     # The world folder does not exist: the refusal must come before anything reads it.
@@ -84,3 +86,19 @@ def test_table_build_refuses_non_positive_sizes_before_writing(tmp_path, capsys,
                 f"out={tmp_path / 'table'}", override]) == 2
     assert f"{override}: must be positive" in capsys.readouterr().err
     assert not (tmp_path / "table").exists()
+
+
+@pytest.mark.parametrize("command, override, message", [
+    ("pretrain", "dda_steps=-1", "dda_steps=-1: must not be negative"),
+    ("pretrain", "dda_steps=0 dma_steps=0", "dda_steps=0 dma_steps=0: nothing to train"),
+    ("pretrain", "mlm_probability=1.5", "mlm_probability=1.5: must lie strictly between 0 and 1"),
+    ("csft", "loss.alpha=-1", "loss.alpha=-1.0: must not be negative"),
+    ("csft", "negatives.queue_batches=-1", "negatives.queue_batches=-1: must not be negative"),
+    ("csft", "data.validation=1.5", "data.validation=1.5: must lie strictly between 0 and 1"),
+    ("csft", "eval.ks=[0]", r"eval.ks=[0]: recall cut-offs must be positive"),
+])
+def test_stage_commands_refuse_settings_that_train_nothing_or_nonsense(tmp_path, capsys, command, override, message):
+    """Each of these used to exit 0 with an untrained or meaningless artifact, or a traceback."""
+    assert mim([command, f"data.world={tmp_path / 'absent'}", f"out={tmp_path / 'out'}", *override.split()]) == 2
+    assert f"mim {command}: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

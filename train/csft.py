@@ -32,11 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from mim_rec.config import load_config, require_positive
+    from mim_rec.config import ConfigError, load_config, require_fraction, require_not_negative, require_positive
     from mim_rec.csft.config import CsftConfig
     config = load_config(CsftConfig, args.config, args.overrides)
     require_positive(config, ("steps", "lr", "head_lr", "backbone_lr", "checkpoint_every", "log_every",
-                              "data.batch_size", "eval.batch_size", "loss.temperature"))
+                              "data.batch_size", "eval.batch_size", "loss.temperature", "model.fusion.hidden",
+                              "model.fusion.rank"))
+    require_not_negative(config, ("loss.alpha", "loss.beta", "negatives.queue_batches", "weight_decay"))
+    if config.data.validation:
+        require_fraction(config, ("data.validation",))
+    if not config.eval.ks or min(config.eval.ks) <= 0:
+        raise ConfigError(f"eval.ks={config.eval.ks}: recall cut-offs must be positive")
     return config
 
 

@@ -35,13 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace):
     """The config, with the vision tower the world's items can feed (pixels or features)."""
-    from mim_rec.config import load_config, require_positive
+    from mim_rec.config import ConfigError, load_config, require_fraction, require_not_negative, require_positive
     from mim_rec.pretrain.config import PretrainConfig
     from mim_rec.pretrain.corpus import vision_for_items
 
     config = load_config(PretrainConfig, args.config, args.overrides)
     require_positive(config, ("data.batch_size", "head_warmup_batch_size", "lr", "backbone_lr", "head_warmup_lr",
-                              "checkpoint_every", "log_every"))
+                              "checkpoint_every", "log_every", "encoders.shared_dim"))
+    require_not_negative(config, ("dda_steps", "dma_steps", "head_warmup_steps", "image_ssl_weight", "weight_decay"))
+    require_fraction(config, ("mlm_probability", "data.heldout_fraction"))
+    if config.dda_steps + config.dma_steps == 0:
+        raise ConfigError("dda_steps=0 dma_steps=0: nothing to train")
     vision = vision_for_items(config.encoders.vision, config.data.world)
     if vision != config.encoders.vision:
         print(f"mim pretrain: the items carry image_feature vectors and no pixels: vision tower "
