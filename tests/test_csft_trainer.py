@@ -167,6 +167,21 @@ def test_the_eval_commands_print_both_rows_of_a_finished_run(inputs, tmp_path, c
     assert (out / "mm_encoder" / "manifest.json").read_bytes() == trained  # evaluated, not retrained
 
 
+def test_the_eval_commands_refuse_a_folder_without_a_model_or_other_stage1_encoders(inputs, tmp_path, capsys):
+    """Both used to exit 0: a stage-1 row alone, or one from towers the C-SFT model never saw."""
+    config = _config(inputs, tmp_path / "none")
+    assert cli.main(["csft-eval", "--config", str(_write_config(config, tmp_path / "a.yaml"))]) == 2
+    assert "holds no C-SFT model (mm_encoder/)" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    run_csft(_config(inputs, tmp_path / "run", steps=2))
+    other = tmp_path / "other_stage1"
+    torch.manual_seed(9)
+    save_encoders(other, EncoderPair(tiny_encoders(shared_dim=8)))
+    elsewhere = dataclasses.replace(_config(inputs, tmp_path / "run", steps=2), encoders=str(other))
+    assert cli.main(["csft-eval", "--config", str(_write_config(elsewhere, tmp_path / "b.yaml"))]) == 2
+    assert "not the stage-1 encoders" in capsys.readouterr().err
+
+
 def test_unknown_signal_in_the_pairs_file_is_named(inputs, tmp_path, capsys):
     world = tmp_path / "world"
     world.mkdir()

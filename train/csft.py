@@ -231,20 +231,25 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
     from mim_rec.csft.model import load_csft_model
     from mim_rec.encoders import load_encoders
 
+    from mim_rec.config import ConfigError
+    from mim_rec.data.manifest import fingerprint_tree, read_manifest
+
     out = Path(config.out)
+    if not (out / "mm_encoder" / "manifest.json").exists():
+        raise ConfigError(f"out={out} holds no C-SFT model (mm_encoder/); point out= at a finished C-SFT run")
+    trained_from = read_manifest(out / "mm_encoder").inputs.get("encoders")
+    if trained_from is not None and trained_from != fingerprint_tree(config.encoders):
+        raise ConfigError(f"encoders={config.encoders}: not the stage-1 encoders {out / 'mm_encoder'} was trained "
+                          "from, so its stage-1 row would compare other towers")
     world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
                         batch_size=config.eval.batch_size)
     held_out = world.held_out(config.data.validation)
     report: Dict[str, Dict[str, float]] = {}
-    started = time.time()
-    report["stage1"] = evaluate_embeddings(stage1_embeddings(load_encoders(config.encoders), world, held_out),
-                                           world, config.eval.ks, held_out)
-    report["stage1"]["seconds"] = round(time.time() - started, 1)
-    if (out / "mm_encoder" / "manifest.json").exists():
+    for row, embed in (("stage1", lambda: stage1_embeddings(load_encoders(config.encoders), world, held_out)),
+                       ("csft", lambda: csft_embeddings(load_csft_model(out / "mm_encoder"), world, held_out))):
         started = time.time()
-        report["csft"] = evaluate_embeddings(csft_embeddings(load_csft_model(out / "mm_encoder"), world,
-                                                             held_out), world, config.eval.ks, held_out)
-        report["csft"]["seconds"] = round(time.time() - started, 1)
+        report[row] = evaluate_embeddings(embed(), world, config.eval.ks, held_out)
+        report[row]["seconds"] = round(time.time() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     return report
