@@ -30,7 +30,10 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
     data: Dict[str, Any] = dataclasses.asdict(preset) if preset is not None else {}
     if path is not None:
         text = Path(path).read_text()
-        loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        try:
+            loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {err}") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping, got {type(loaded).__name__}")
         _merge(data, loaded)
@@ -38,7 +41,11 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({err.__class__.__name__})") from err
+        _set_dotted(data, key.strip(), value)
     return from_dict(cls, data)
 
 

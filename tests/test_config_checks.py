@@ -102,3 +102,12 @@ def test_stage_commands_refuse_settings_that_train_nothing_or_nonsense(tmp_path,
     assert mim([command, f"data.world={tmp_path / 'absent'}", f"out={tmp_path / 'out'}", *override.split()]) == 2
     assert f"mim {command}: error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_file_or_override_that_does_not_parse_is_named(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: [0.1\nseed: 1\n")
+    assert mim(["train", "--config", str(broken), f"data.world={tmp_path}"]) == 2
+    assert f"{broken}: not valid YAML" in capsys.readouterr().err
+    assert mim(["train", f"data.world={tmp_path}", "model.over_arch=[1,"]) == 2
+    assert "override 'model.over_arch=[1,': the value is not valid YAML" in capsys.readouterr().err

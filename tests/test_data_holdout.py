@@ -66,6 +66,13 @@ def test_a_cut_that_leaves_nothing_to_train_on_is_named():
         time_cut(np.arange(10), 1.0, "events_train.parquet", option="--fraction")
 
 
+@pytest.mark.parametrize("fraction", ["0", "1.5", "nan"])
+def test_cli_refuses_a_fraction_outside_zero_and_one_in_one_line(world, tmp_path, fraction):
+    done = run_mim("data", "holdout", str(world), "--out", str(tmp_path / "val"), "--fraction", fraction)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"--fraction={float(fraction)}: must lie strictly between 0 and 1" in done.stderr
+
+
 def test_cli_writes_a_world_the_trainer_can_take(world, tmp_path):
     done = run_mim("data", "holdout", str(world), "--out", str(tmp_path / "val"), "--fraction", "0.25")
     assert done.returncode == 0, done.stderr

@@ -106,6 +106,17 @@ def test_cli_import(tmp_path, capsys):
     assert "events_train" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("negatives", [0, N_ITEMS, 100_000])
+def test_negatives_per_positive_must_fit_the_catalogue(tmp_path, capsys, negatives):
+    """0 wrote an all-positive CTR world; 100,000 ran the importer out of memory."""
+    src = write_amazon(tmp_path / "src")
+    assert main(["data", "import", "--format", "amazon", str(src), "--out", str(tmp_path / "w"),
+                 "--negatives", str(negatives)]) == 2
+    assert f"--negatives {negatives}: the reviews hold no non-clicks, so each positive needs 1 to {N_ITEMS - 1}" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("case", ["missing column", "item out of range", "inconsistent history",
                                   "truncated features", "wrong vector size", "missing text"])
 def test_bad_sources_are_refused(tmp_path, case):

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
 from mim_rec.data.io import read_events, read_pairs, validate_file, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, read_manifest, write_manifest
@@ -34,7 +35,7 @@ def time_cut(ts: np.ndarray, fraction: float, path: PathLike, option: str = "dat
     """The time from which the latest ``fraction`` of rows (by ``ts``) is held out: rows at or
     after it validate, the earlier ones train. ``option`` names the setting in errors."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"{option} must lie strictly between 0 and 1, got {fraction}")
+        raise ConfigError(f"{option}={fraction}: must lie strictly between 0 and 1")
     ordered = np.sort(ts)
     cut = int(ordered[min(len(ordered) - 1, int(np.floor(len(ordered) * (1.0 - fraction))))])
     if not (ordered < cut).any():
@@ -71,7 +72,7 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
     records the source files' fingerprints, the fraction and the cut."""
     source, out = Path(source), Path(out)
     if source.resolve() == out.resolve():
-        raise ValueError(f"--out must differ from the source world {source}")
+        raise ConfigError(f"--out must differ from the source world {source}")
     items_path, events_path = source / "items.parquet", source / "events_train.parquet"
     for path in (items_path, events_path):
         if not path.is_file():

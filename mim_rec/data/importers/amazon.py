@@ -40,6 +40,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import pyarrow as pa
 
+from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
 from mim_rec.data.importers.common import (ImportReport, list_column, refuse_missing,
                                            sample_negatives, write_world)
@@ -70,6 +71,9 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     asins = _read_index(path["item2index"])
     users = _read_index(path["user2index"])
     n_items = len(asins)
+    if not 0 < options.negatives < n_items:
+        raise ConfigError(f"--negatives {options.negatives}: the reviews hold no non-clicks, so each positive "
+                          f"needs 1 to {n_items - 1} sampled negatives ({n_items} items in {path['item2index']})")
     report = ImportReport("amazon")
 
     texts, missing_text = _read_texts(path["text"], asins)
@@ -308,9 +312,8 @@ def _events(rows: List[_InterRow], seqs: _Sequences, category: np.ndarray,
     ts = np.array([seqs.clock[r.user][r.position] for r in rows], np.int64)
     hist = [np.array(seqs.seq[r.user][:r.position], np.int64) for r in rows]
     hist_ts = [np.array(seqs.clock[r.user][:r.position], np.int64) for r in rows]
-    negatives = (sample_negatives(users, options.negatives, seqs.items, positives,
-                                  options.negative_sampling, popularity, rng)
-                 if options.negatives else np.zeros((len(rows), 0), np.int64))
+    negatives = sample_negatives(users, options.negatives, seqs.items, positives, options.negative_sampling,
+                                 popularity, rng)
     k = 1 + options.negatives  # each positive followed by its negatives
     repeat = np.repeat(np.arange(len(rows)), k)
     target = np.concatenate([targets[:, None], negatives], axis=1).reshape(-1)
