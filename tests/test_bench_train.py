@@ -90,3 +90,12 @@ def test_world_folder_sets_the_table_sizes(tmp_path, capsys):
     assert main(["bench", "train", "--quick", f"world={world}", "ubms=[avg]", "flops=false"]) == 0
     out = capsys.readouterr().out
     assert f"sizes: {items.num_rows:,} items, {users:,} users, {categories} categories;" in out
+
+
+@pytest.mark.parametrize("override, message", [("ubms=[]", r"ubms=[]: choose one or more of"),
+                                               ("ubms=[dinn]", r"ubms=['dinn']: choose one or more of"),
+                                               ("hist_len=0", "hist_len=0: must be positive")])
+def test_settings_that_cannot_run_are_refused_in_one_line(capsys, override, message):
+    """ubms=[] used to end in an IndexError, hist_len=0 in numpy's 'low >= high'."""
+    assert main(["bench", "train", "--quick", override]) == 2
+    assert message in capsys.readouterr().err

@@ -214,6 +214,10 @@ def test_the_trainer_refuses_a_partial_table_unless_told_to_default(world, base_
     config = ciubm.load_train_config(None, [f"data.world={world}", f"mm_table={base_table}", f"out={tmp_path}"])
     with pytest.raises(ManifestMismatch, match="missing=default"):
         ciubm.mm_rows(config, ItemInfo.from_items(world / "items.parquet").count, DIM)
+    run = ciubm.load_train_config(None, [f"data.world={world}", f"mm_table={base_table}", f"out={tmp_path / 'run'}"])
+    with pytest.raises(ManifestMismatch, match="missing=default"):
+        ciubm.run(run)
+    assert not (tmp_path / "run").exists()  # refused before a log or a plan was written
 
 
 def test_mim_train_applies_the_rim_log_between_steps(world, catalogue, base_table, log, tmp_path):

@@ -423,13 +423,13 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     """Every UBM x variant x implementation; the result dict :func:`format_table` prints."""
     from tqdm import tqdm
 
-    from mim_rec.config import ConfigError
+    from mim_rec.config import ConfigError, require_positive
 
     unknown = sorted(set(config.ubms) - set(ALL_UBMS))
-    if unknown:
-        raise ConfigError(f"ubms: unknown {unknown}; choose from {ALL_UBMS}")
-    if min(config.steps, config.rounds, config.warmup, config.distinct_batches) < 1:
-        raise ConfigError("steps, rounds, warmup and distinct_batches must each be at least 1")
+    if unknown or not config.ubms:
+        raise ConfigError(f"ubms={config.ubms}: choose one or more of {ALL_UBMS}")
+    require_positive(config, ("steps", "rounds", "warmup", "distinct_batches", "batch_size", "hist_len", "mm_dim",
+                              "lr", "id_lr"))
     if config.model.sequence_layout != "ebc":
         raise ConfigError("model.sequence_layout: the plain-torch reference reads the slot (ebc) layout; "
                           "compare the layouts with mim bench layout")

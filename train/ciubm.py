@@ -474,10 +474,11 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     if not train and not (out / "checkpoints" / "latest").is_file():
         from mim_rec.config import ConfigError
         raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
+    if config.model.uses_mm:  # the table is checked before anything is built or written
+        rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
     model, optimizer, plan = build_sharded_model(config, sizes, ctx)
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
     if config.model.uses_mm:
-        rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
         load_mm_table(model, rows_of, items.count, ctx.device)
         per_rank = [None] * ctx.world_size
         dist.all_gather_object(per_rank, mm_table_bytes(model))
