@@ -65,6 +65,19 @@ class RimConfig:
     ack_timeout_s: float = 120.0    # a request not durable by then gets 503 (and may still land)
     batch_size: int = 256           # encoder batch size
 
+    def validate(self) -> None:
+        """Refuse settings under which no request could succeed (before the log is opened)."""
+        from mim_rec.config import ConfigError, require_not_negative, require_positive
+
+        require_positive(self, ("window_ms", "max_batch", "max_request_items", "max_body_bytes", "max_image_pixels",
+                                "max_pending", "ack_timeout_s", "batch_size"))
+        require_not_negative(self, ("num_items",))
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port={self.port}: must lie in 0..65535 (0: any free port)")
+        if self.max_request_items > self.max_batch:
+            raise ConfigError(f"max_request_items={self.max_request_items} exceeds max_batch={self.max_batch}: "
+                              "a request is embedded within one window")
+
 
 class RequestError(Exception):
     """A request the service refuses: the HTTP status and the reason sent back."""
@@ -201,9 +214,7 @@ class RimService:
     """
 
     def __init__(self, config: RimConfig, encoder: ItemEncoder) -> None:
-        if config.max_request_items > config.max_batch:
-            raise ValueError(f"max_request_items={config.max_request_items} exceeds max_batch="
-                             f"{config.max_batch}: a request is embedded within one window")
+        config.validate()
         self.encoder = encoder
         self._table_ids = np.zeros(0, dtype=np.int64)
         if config.table:

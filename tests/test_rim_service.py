@@ -213,3 +213,16 @@ def test_sigkill_under_load_loses_no_acknowledged_item_and_leaves_no_torn_record
     assert complete_end(log) == log.stat().st_size, "a torn record is left in the log"
     print(f"SIGKILL under load: {len(acknowledged)} items acknowledged, all in the log once; {len(in_log)} "
           f"items in the log; {health['recovered_bytes']} torn bytes truncated on restart")
+
+
+@pytest.mark.parametrize("override, message", [("max_batch=0", "max_batch=0: must be positive"),
+                                               ("port=99999", "port=99999: must lie in 0..65535"),
+                                               ("max_request_items=100", "max_request_items=100 exceeds max_batch=64")])
+def test_serve_refuses_settings_under_which_no_request_succeeds_before_opening_the_log(tmp_path, capsys, override,
+                                                                                       message):
+    from train.cli import main
+
+    log = tmp_path / "rim.log"
+    assert main(["embeddings", "serve", f"encoders={tmp_path / 'absent'}", f"log={log}", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not log.exists()

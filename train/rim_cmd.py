@@ -45,6 +45,17 @@ def _required(config, command: str, *keys: str) -> None:
         raise ConfigError(f"mim embeddings {command} needs {', '.join(f'{k}=...' for k in missing)}")
 
 
+def _warn_unchecked_ids(config) -> None:
+    """A fold refuses an id outside its catalogue or already in its table; a service told
+    neither would acknowledge such an item, which then never leaves the log."""
+    import sys
+
+    unchecked = [what for what, given in (("table=", config.table), ("num_items=", config.num_items)) if not given]
+    if unchecked:
+        print(f"warning: no {' and no '.join(unchecked)}: new ids are not checked against the base table and "
+              "the catalogue, so an id a fold will refuse can be acknowledged", file=sys.stderr, flush=True)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -55,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(RimConfig, args.config, args.overrides)
     _required(config, "serve", "encoders", "log")
+    config.validate()  # before the encoder is loaded or the log opened
     service = RimService(config, load_item_encoder(config.encoders, config.batch_size))
     try:
         server = make_server(service)
@@ -65,6 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     health = service.health()
     print(f"RIM serving http://{host}:{port} (encoder {health['encoder']}, log {config.log}: "
           f"{health['items']} items, {health['recovered_bytes']} torn bytes truncated)", flush=True)
+    _warn_unchecked_ids(config)
     # serve_forever runs on this thread, and shutdown() waits for it: call it from another one.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     try:
