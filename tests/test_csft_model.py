@@ -186,3 +186,16 @@ def test_feature_cache_keys_follow_the_style_stages(tmp_path):
     assert world.item_image_features(plain).shape == (6, plain.feature_dim)
     assert world.item_image_features(styled).shape == (6, styled.feature_dim)
     assert world.item_image_features(plain).shape == (6, plain.feature_dim)
+
+
+def test_a_damaged_feature_cache_entry_is_computed_again(tmp_path, capsys):
+    """A cut cache file used to fail every later run with torch's zip-archive error."""
+    from mim_rec.csft.data import FeatureCache
+
+    cache = FeatureCache(tmp_path)
+    first = cache.get("items-image", ["key"], lambda: torch.arange(6.0))
+    (entry,) = tmp_path.glob("items-image-*.pt")
+    entry.write_bytes(entry.read_bytes()[:40])
+    again = cache.get("items-image", ["key"], lambda: torch.arange(6.0) * 2)
+    assert torch.equal(again, first * 2) and "does not load" in capsys.readouterr().err
+    assert torch.equal(cache.get("items-image", ["key"], lambda: torch.zeros(1)), first * 2)  # rewritten whole

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -154,7 +156,10 @@ class FeatureCache:
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
         path = self.folder / f"{name}-{key}.pt"
         if path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # cut or damaged: a cache
+                print(f"warning: {path} does not load ({err}); computing it again", file=sys.stderr)
         tensor = compute()
         buffer = io.BytesIO()
         torch.save(tensor, buffer)
