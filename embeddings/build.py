@@ -69,6 +69,8 @@ def build_table(encoder: ItemEncoder, items_path: Union[str, Path], out_dir: Uni
     import torch.distributed as dist
 
     items_path, out = Path(items_path), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ManifestMismatch(f"out={out}: a file, not a table folder")
     out.mkdir(parents=True, exist_ok=True)
     items = read_items(items_path)
     count = items.num_rows

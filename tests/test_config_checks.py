@@ -111,3 +111,10 @@ def test_a_config_file_or_override_that_does_not_parse_is_named(tmp_path, capsys
     assert f"{broken}: not valid YAML" in capsys.readouterr().err
     assert mim(["train", f"data.world={tmp_path}", "model.over_arch=[1,"]) == 2
     assert "override 'model.over_arch=[1,': the value is not valid YAML" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for hosts without a GPU")
+def test_device_cuda_on_a_host_without_one_is_a_config_error():
+    from mim_rec.utils.dist import resolve_device
+    with pytest.raises(ConfigError, match="device=cuda: no CUDA device is visible"):
+        resolve_device("cuda")

@@ -33,7 +33,8 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     cuda asked for where none is visible is an error."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda requested but no CUDA device is visible")
+        from mim_rec.config import ConfigError
+        raise ConfigError("device=cuda: no CUDA device is visible on this host (device=auto picks the CPU)")
     return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
