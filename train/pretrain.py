@@ -200,12 +200,12 @@ def _embed_items(pair, items, batch_size: int, ctx):
 
 
 def _local_batch(global_batch: int, world_size: int, train_items: int) -> int:
+    from mim_rec.config import ConfigError
+
     if global_batch % world_size:
-        raise ValueError(f"data.batch_size={global_batch} is not divisible by the "
-                         f"{world_size} ranks")
+        raise ConfigError(f"data.batch_size={global_batch} is not divisible by the {world_size} ranks")
     if train_items < global_batch:
-        raise ValueError(f"only {train_items} training items for data.batch_size="
-                         f"{global_batch}; lower the batch size")
+        raise ConfigError(f"data.batch_size={global_batch}: only {train_items} training items; lower the batch size")
     return global_batch // world_size
 
 
