@@ -490,3 +490,4 @@ def test_two_gloo_ranks_resume_exactly(world, tmp_path, layout):
     assert evaluated["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
     with pytest.raises(ConfigError, match=r"written by 2 rank\(s\) and this run has 1: resume it on 2"):
         ciubm.run(ciubm.load_train_config(None, [*one_rank, "max_steps=8"]))
+    assert (tmp_path / "a" / "metrics.json").is_file()  # refused before the run folder was touched

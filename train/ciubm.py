@@ -256,6 +256,14 @@ def _refuse_foreign_checkpoints(config: TrainConfig, train: bool = True) -> None
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
+    if train:  # the planner shards by the number of ranks, and the fused optimizers' state follows the shards
+        import torch.distributed as dist
+        checkpoint = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+        written_by = _checkpoint_world_size(checkpoint)
+        if written_by not in (None, dist.get_world_size()):
+            raise ConfigError(f"{checkpoint} was written by {written_by} rank(s) and this run has "
+                              f"{dist.get_world_size()}: resume it on {written_by} (torchrun "
+                              f"--nproc-per-node {written_by}); --eval-only evaluates it on any number")
     recorded = out / "inputs.json"
     if train and recorded.is_file():
         now = _training_inputs(config)
@@ -718,24 +726,15 @@ class DcpCheckpoints:
         """Load the newest checkpoint into ``model`` (and ``optimizer``); its progress, or None.
 
         The model's weights load on any number of ranks (DCP reshards them), so a run trained
-        on many can be evaluated on one (``with_optimizer=False``). Resuming training needs the
-        ranks it was written by: the planner shards the tables differently on another number,
-        and the fused optimizers' state follows the shards."""
+        on many can be evaluated on one (``with_optimizer=False``). Training on needs the ranks
+        that wrote it (checked before anything is written: :func:`_refuse_foreign_checkpoints`)."""
         import torch
-        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
-
-        from mim_rec.config import ConfigError
 
         latest = self.directory / "latest"
         if not latest.is_file():
             return None
         checkpoint = self.directory / latest.read_text().strip()
-        written_by = _checkpoint_world_size(checkpoint)
-        if with_optimizer and written_by not in (None, dist.get_world_size()):
-            raise ConfigError(f"{checkpoint} was written by {written_by} rank(s) and this run has "
-                              f"{dist.get_world_size()}: resume it on {written_by} (torchrun "
-                              f"--nproc-per-node {written_by}); --eval-only evaluates it on any number")
         state = {"model": model.state_dict(),
                  "progress": {k: torch.tensor(0) for k in ("epoch", "step_in_epoch", "global_step")}}
         if with_optimizer:
