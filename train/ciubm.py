@@ -750,11 +750,13 @@ class DcpCheckpoints:
 
 
 def _checkpoint_world_size(checkpoint: Path) -> Optional[int]:
-    """How many ranks wrote a DCP checkpoint; None for one written before that was recorded."""
+    """How many ranks wrote a DCP checkpoint; None for one written before that was recorded (or
+    not readable at all: its load then names the problem)."""
     import torch
     import torch.distributed.checkpoint as dcp
 
-    if "world_size" not in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata:
+    if not (checkpoint / ".metadata").is_file() or \
+            "world_size" not in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata:
         return None
     state = {"world_size": torch.tensor(0)}
     dcp.load(state, checkpoint_id=str(checkpoint))
