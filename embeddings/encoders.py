@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from mim_rec.data.errors import ManifestMismatch
+from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.manifest import fingerprint_tree, read_manifest
 
 
@@ -173,6 +173,8 @@ def load_item_encoder(artifact_dir: Union[str, Path], batch_size: int = 256,
     ``encoders`` (``mim pretrain``: MIM w/o C-SFT) or ``mm_encoder`` (``mim csft``).
     ``feature_cache``: a C-SFT backbone-feature folder to read catalogue features from.
     A synthetic world's ``truth/`` folder gives its :class:`LatentStyleEncoder`."""
+    if feature_cache and Path(feature_cache).exists() and not Path(feature_cache).is_dir():
+        raise DataError(str(feature_cache), "feature_cache: a file, not a folder of cached features")
     if is_truth_folder(artifact_dir):
         return LatentStyleEncoder(artifact_dir)
     kind = read_manifest(artifact_dir).kind

@@ -162,6 +162,8 @@ class RimLog:
 
     def __init__(self, path: Union[str, Path], fingerprint: str, dim: int) -> None:
         self.path, self.fingerprint, self.dim = Path(path), fingerprint, dim
+        if self.path.is_dir():
+            raise DataError(str(self.path), "a folder, not a log file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -118,3 +118,17 @@ def test_device_cuda_on_a_host_without_one_is_a_config_error():
     from mim_rec.utils.dist import resolve_device
     with pytest.raises(ConfigError, match="device=cuda: no CUDA device is visible"):
         resolve_device("cuda")
+
+
+def test_a_folder_where_a_file_belongs_and_the_reverse_are_named(tmp_path):
+    """Both used to end in a raw OSError (IsADirectoryError, FileExistsError)."""
+    (tmp_path / "log_dir").mkdir()
+    from embeddings.encoders import load_item_encoder
+    from embeddings.rim_log import RimLog
+    from mim_rec.data.errors import DataError
+
+    with pytest.raises(DataError, match="log_dir: a folder, not a log file"):
+        RimLog(tmp_path / "log_dir", "fp", 8)
+    (tmp_path / "cache_file").write_text("")
+    with pytest.raises(DataError, match="cache_file: feature_cache: a file, not a folder"):
+        load_item_encoder(tmp_path / "absent", feature_cache=tmp_path / "cache_file")
