@@ -24,6 +24,7 @@ from mim_rec.utils.dist import free_port
 from mim_rec.data.loader import CtrEventsLoader, ItemInfo, LoaderConfig
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 from train import ciubm
+from train.common import config_dict
 
 FAST = ["loader.batch_size=256", "loader.max_hist_len=10", "checkpoint_every=1000", "log_every=5",
         "model.over_arch=[32]", "model.mm_dim=16"]
@@ -314,12 +315,12 @@ def test_runs_written_before_newer_settings_existed_resume_and_stay_finished(wor
     config = _config(world, tmp_path / "old")
     (tmp_path / "old" / "checkpoints").mkdir(parents=True)
     (tmp_path / "old" / "checkpoints" / "latest").write_text("step-000000003")
-    older = {k: v for k, v in ciubm._config_dict(config).items() if k != "train_pipeline"}
+    older = {k: v for k, v in config_dict(config).items() if k != "train_pipeline"}
     for newer_setting in ("mm_projection", "content_match"):  # read back as their defaults
         del older["model"][newer_setting]
     (tmp_path / "old" / "config.json").write_text(json.dumps(older))
     (tmp_path / "old" / "metrics.json").write_text("{}")
-    ciubm._refuse_foreign_checkpoints(config)  # no ConfigError
+    ciubm._refuse_foreign_checkpoints(config, ciubm._training_inputs(config))  # no ConfigError
     assert ciubm._finished(config)
     older["seed"] = 1
     (tmp_path / "old" / "config.json").write_text(json.dumps(older))

@@ -214,27 +214,6 @@ EXECUTION_ONLY = frozenset({"train_pipeline", "out"})
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
 
 
-def _config_dict(config: TrainConfig) -> Dict[str, Any]:
-    """``config`` as its ``config.json`` reads back."""
-    return json.loads(json.dumps(asdict(config), default=str))
-
-
-def _changed_settings(config: TrainConfig, ignored: frozenset) -> Optional[List[str]]:
-    """Top-level settings (outside ``ignored``) in which ``config`` differs from the run whose
-    ``config.json`` is in ``config.out``; None when no run wrote one there."""
-    saved = Path(config.out) / "config.json"
-    if not saved.is_file():
-        return None
-    from mim_rec.config import ConfigError, load_config
-
-    try:  # a setting added after the run was written reads as its default (the old behaviour)
-        before = _config_dict(load_config(TrainConfig, saved))
-    except ConfigError:  # written with settings this version no longer has
-        before = json.loads(saved.read_text())
-    now = _config_dict(config)
-    return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
-
-
 TRAINING_INPUTS = ("items.parquet", "events_train.parquet")
 
 
@@ -244,19 +223,22 @@ def _training_inputs(config: TrainConfig) -> Dict[str, str]:
     return {name: fingerprint_file(Path(config.data.world) / name) for name in TRAINING_INPUTS}
 
 
-def _refuse_foreign_checkpoints(config: TrainConfig, train: bool = True) -> None:
+def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, str]]) -> None:
     """Resuming from checkpoints written under another config, or trained on other data under
-    the same world path, would silently mix two runs."""
+    the same world path, would silently mix two runs. ``inputs``: this run's
+    :func:`_training_inputs` when it trains on (None to evaluate only)."""
     from mim_rec.config import ConfigError
 
     out = Path(config.out)
     if not (out / "checkpoints" / "latest").is_file():
         return
-    changed = _changed_settings(config, RESUMABLE_CHANGES)
+    from train.common import changed_settings
+
+    changed = changed_settings(config, RESUMABLE_CHANGES)
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
-    if train:  # the planner shards by the number of ranks, and the fused optimizers' state follows the shards
+    if inputs is not None:  # the planner shards by the number of ranks, and the fused optimizers' state follows the shards
         import torch.distributed as dist
         checkpoint = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
         written_by = _checkpoint_world_size(checkpoint)
@@ -265,9 +247,9 @@ def _refuse_foreign_checkpoints(config: TrainConfig, train: bool = True) -> None
                               f"{dist.get_world_size()}: resume it on {written_by} (torchrun "
                               f"--nproc-per-node {written_by}); --eval-only evaluates it on any number")
     recorded = out / "inputs.json"
-    if train and recorded.is_file():
-        now = _training_inputs(config)
-        differ = [name for name, fingerprint in json.loads(recorded.read_text()).items() if now.get(name) != fingerprint]
+    if inputs is not None and recorded.is_file():
+        differ = [name for name, fingerprint in json.loads(recorded.read_text()).items()
+                  if inputs.get(name) != fingerprint]
         if differ:
             raise ConfigError(f"out={out} holds checkpoints trained on other data: {', '.join(differ)} in "
                               f"data.world={config.data.world} changed since; use a new out= or delete "
@@ -276,7 +258,8 @@ def _refuse_foreign_checkpoints(config: TrainConfig, train: bool = True) -> None
 
 def _finished(config: TrainConfig) -> bool:
     """Whether ``config.out`` holds the evaluation of a run of exactly this config."""
-    return (Path(config.out) / "metrics.json").is_file() and _changed_settings(config, EXECUTION_ONLY) == []
+    from train.common import changed_settings
+    return (Path(config.out) / "metrics.json").is_file() and changed_settings(config, EXECUTION_ONLY) == []
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -478,7 +461,8 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     items = ItemInfo.from_items(world / "items.parquet")
     _validate_events(config, items)
     sizes = table_sizes(config.data.world, items)
-    _refuse_foreign_checkpoints(config, train)  # before build: the planner's collectives order it before any write
+    inputs = _training_inputs(config) if train else None
+    _refuse_foreign_checkpoints(config, inputs)  # before build: the planner's collectives order it before any write
     if not train and not (out / "checkpoints" / "latest").is_file():
         from mim_rec.config import ConfigError
         raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
@@ -497,8 +481,8 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # it always describes the config.json beside it
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-        if train:
-            (out / "inputs.json").write_text(json.dumps(_training_inputs(config), indent=2))
+        if inputs is not None:
+            (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
         (out / "plan.txt").write_text(str(plan))
 
     checkpoints = DcpCheckpoints(out / "checkpoints")

@@ -16,22 +16,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import pickle
 import random
 import re
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mim_rec.config import ConfigError
+from mim_rec.config import ConfigError, load_config
 from mim_rec.data.errors import DataError
-from mim_rec.utils.run import atomic_write_bytes
+from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
@@ -96,20 +95,28 @@ def _newest_readable(checkpoints: List[Path]) -> Tuple[Path, Dict[str, Any]]:
     for path in reversed(checkpoints):
         try:
             return path, torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        except DAMAGED_FILE_ERRORS as err:
             print(f"warning: {path} does not load ({err}); trying the checkpoint before it", file=sys.stderr)
     raise DataError(str(checkpoints[-1].parent), f"none of the {len(checkpoints)} checkpoints loads")
 
 
-def _changed_settings(config: Any) -> List[str]:
-    """Top-level settings in which ``config`` differs from the ``config.json`` of its run folder
-    (empty when there is none to compare with)."""
+def config_dict(config: Any) -> Dict[str, Any]:
+    """``config`` as its ``config.json`` reads back."""
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def changed_settings(config: Any, ignored: Iterable[str]) -> Optional[List[str]]:
+    """Top-level settings (outside ``ignored``) in which ``config`` differs from the run whose
+    ``config.json`` is in ``config.out``; None when no run wrote one there."""
     saved = Path(config.out) / "config.json"
     if not saved.is_file():
-        return []
-    before = json.loads(saved.read_text())
-    now = json.loads(json.dumps(asdict(config), default=str))
-    return sorted(k for k in before.keys() | now.keys() if k not in NOT_FINGERPRINTED and before.get(k) != now.get(k))
+        return None
+    try:  # a setting added after the run was written reads as its default (the old behaviour)
+        before = config_dict(load_config(type(config), saved))
+    except ConfigError:  # written with settings this version no longer has
+        before = json.loads(saved.read_text())
+    now = config_dict(config)
+    return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
 
 
 @dataclass
@@ -179,7 +186,7 @@ class CheckpointManager:
             return None
         path, state = _newest_readable(found)
         if state["config_fingerprint"] not in (self.config_fingerprint, *self.also_accepted):
-            changed = _changed_settings(self.config) if self.config is not None else None
+            changed = changed_settings(self.config, NOT_FINGERPRINTED) if self.config is not None else None
             detail = f"differs in: {', '.join(changed)}" if changed else \
                 f"fingerprint {state['config_fingerprint']} != {self.config_fingerprint}"
             raise ConfigError(f"{path} was written under another configuration ({detail}); "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from mim_rec.data.split import time_cut
 from mim_rec.encoders.text import HFTextEncoder
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
 from mim_rec.pretrain.corpus import ItemCorpus, corpus_from_table, encoded_images
-from mim_rec.utils.run import atomic_write_bytes
+from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
 
 PathLike = Union[str, Path]
 
@@ -158,7 +157,7 @@ class FeatureCache:
         if path.is_file():
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
-            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # cut or damaged: a cache
+            except DAMAGED_FILE_ERRORS as err:  # a cache: computed again
                 print(f"warning: {path} does not load ({err}); computing it again", file=sys.stderr)
         tensor = compute()
         buffer = io.BytesIO()

@@ -312,15 +312,16 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
     directory = Path(directory)
     if not (directory / "items.parquet").is_file():
         raise DataError(str(directory / "items.parquet"), "a world folder needs items.parquet")
-    results = []
+    results: List[ValidationResult] = []
+    item_count = categories = None  # known once items.parquet (the first of WORLD_FILES) passed
     for name, contract in WORLD_FILES:
         path = directory / name
         if not path.is_file():
             continue
-        item_count = results[0].rows if results else None
-        categories = category_count(directory / "items.parquet") if results else None
         result = validate_file(path, contract, item_count=item_count, category_count=categories,
                                drop_invalid=drop_invalid, keep=False)
+        if contract is ITEMS:
+            item_count, categories = result.rows, category_count(path)
         results.append(result)
         echo(ok_line(result))
     _check_world_manifest(directory, results[0].rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -51,6 +52,11 @@ class JsonlLogger:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+# What ``torch.load`` raises for a file cut short or damaged (a disk that filled, an edit by
+# hand): readers of files that can be written again fall back instead of failing.
+DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
