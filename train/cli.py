@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional, Sequence
+from typing import List, NoReturn, Optional, Sequence
 
 # Order is the order shown by `mim --help`.
 COMMAND_MODULES = (
@@ -59,5 +59,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     return int(result or 0)
 
 
+def run() -> NoReturn:
+    """The console script (and ``python -m train.cli``, as torchrun launches it): ``main``, then
+    an exit that a process group left running cannot turn into an abort (see
+    :func:`mim_rec.utils.dist.exit_process`). Tests call ``main``, which returns."""
+    code = main()
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            from mim_rec.utils.dist import exit_process
+            exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1,0 +1,37 @@
+"""How a process that joined a process group ends: with its own exit code and all of its
+output, and without the interpreter teardown that a still-running gloo worker thread can turn
+into an abort (see ``mim_rec.utils.dist.exit_process``)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from mim_rec.utils.dist import free_port, run_on_spawned_ranks
+
+
+def test_exit_process_keeps_the_exit_code_and_the_buffered_output(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch.distributed as dist
+        from mim_rec.utils.dist import exit_process
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        print("written before the exit", end="")   # stays in the pipe's buffer until flushed
+        print("and to stderr", end="", file=sys.stderr)
+        exit_process(3)
+        print("never reached")
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # make sets it
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 3
+    assert done.stdout == "written before the exit"
+    assert done.stderr.endswith("and to stderr")
+
+
+def _rank_and_square(rank, device, base):
+    return rank, (base + rank) ** 2
+
+
+def test_spawned_ranks_return_every_rank_result_in_rank_order():
+    assert run_on_spawned_ranks(_rank_and_square, 2, "cpu", 3) == [(0, 9), (1, 16)]
