@@ -20,7 +20,7 @@ from mim_rec.ciubm.interest import content_match
 from mim_rec.ciubm.model import CiUBM
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
-from mim_rec.utils.dist import free_port
+from mim_rec.utils.dist import run_on_spawned_ranks
 from mim_rec.data.loader import CtrEventsLoader, ItemInfo, LoaderConfig
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 from train import ciubm
@@ -428,42 +428,25 @@ def test_eval_only_without_a_checkpoint_is_refused(world, tmp_path):
     assert not (tmp_path / "empty" / "metrics.json").exists()
 
 
-def _two_rank_worker(rank: int, port: int, world: str, out: str, queue) -> None:
+def _two_rank_work(rank: int, device, world: str, out: str) -> dict:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    report = ciubm.run(ciubm.load_train_config(None, [f"data.world={world}", f"out={out}", *FAST,
-                                                      "max_steps=8", "model.ubm=twin"]))
-    if rank == 0:
-        queue.put(report)
-    dist.destroy_process_group()
+    return ciubm.run(ciubm.load_train_config(None, [f"data.world={world}", f"out={out}", *FAST,
+                                                    "max_steps=8", "model.ubm=twin"]))
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_train_and_evaluate(world, tmp_path):
-    import torch.multiprocessing as mp
-
-    port = free_port()
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_two_rank_worker, args=(port, str(world), str(tmp_path / "two"), queue), nprocs=2)
-    report = queue.get()
+    report, _ = run_on_spawned_ranks(_two_rank_work, 2, "cpu", str(world), str(tmp_path / "two"))
     assert report["steps"] == 8 and report["n"] == pq.read_metadata(world / "events_test.parquet").num_rows
     assert (tmp_path / "two" / "checkpoints" / "latest").is_file()
 
 
-def _two_rank_resume_worker(rank: int, port: int, world: str, folder: str, layout: str, queue) -> None:
+def _two_rank_resume_work(rank: int, device, world: str, folder: str, layout: str) -> list:
     """Straight 6 steps in ``a``; 3 steps in ``b``, then ``b`` resumed to 6, in one process group."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    reports = []
-    for out, steps in (("a", 6), ("b", 3), ("b", 6)):
-        reports.append(ciubm.run(ciubm.load_train_config(None, [
-            f"data.world={world}", f"out={folder}/{out}", *FAST, f"max_steps={steps}", "model.ubm=din",
-            f"model.sequence_layout={layout}", "log_every=1"])))
-    if rank == 0:
-        queue.put(reports)
-    dist.destroy_process_group()
+    return [ciubm.run(ciubm.load_train_config(None, [
+        f"data.world={world}", f"out={folder}/{out}", *FAST, f"max_steps={steps}", "model.ubm=din",
+        f"model.sequence_layout={layout}", "log_every=1"])) for out, steps in (("a", 6), ("b", 3), ("b", 6))]
 
 
 @pytest.mark.slow
@@ -471,11 +454,8 @@ def _two_rank_resume_worker(rank: int, port: int, world: str, folder: str, layou
 def test_two_gloo_ranks_resume_exactly(world, tmp_path, layout):
     """On 2 ranks the frozen MM table's stateless optimizer entry used to break DCP's load
     ('Missing key in checkpoint state_dict: optimizer.state.sparse_arch.mm...')."""
-    import torch.multiprocessing as mp
-
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_two_rank_resume_worker, args=(free_port(), str(world), str(tmp_path), layout, queue), nprocs=2)
-    straight, _, resumed = queue.get()
+    (straight, _, resumed), _ = run_on_spawned_ranks(_two_rank_resume_work, 2, "cpu", str(world), str(tmp_path),
+                                                     layout)
     assert straight["steps"] == resumed["steps"] == 6
     assert _step_losses(tmp_path / "b") == pytest.approx(_step_losses(tmp_path / "a"), abs=1e-6)
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-6)

@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mim_rec.csft.losses import negatives_per_query, usable_columns
 from mim_rec.csft.negatives import EmbeddingQueue, SameCategorySampler, SpaceTimeNegatives
-from mim_rec.utils.dist import free_port
+from mim_rec.utils.dist import run_on_spawned_ranks
 
 torch.set_num_threads(1)
 
@@ -100,29 +97,21 @@ def _run_steps(rank: int, unique: bool, all_gather: bool = True, queue_batches: 
     return seen
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _rank_steps(rank: int, device) -> dict:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=P)
-    try:
-        result = {"unique": _run_steps(rank, unique=True), "repeated": _run_steps(rank, unique=False),
-                  "local": _run_steps(rank, unique=True, all_gather=False)}
-        # The gathered rows keep their gradient path back to the rank that owns them.
-        ids, items = _step_inputs(rank, 0, True)
-        candidates = SpaceTimeNegatives(0, True)(0, items, ids, N)
-        candidates.embeddings["item"].sum().backward()
-        result["grad"] = items["item"].grad.tolist()
-        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-        dist.barrier()  # neither rank tears the group down while the other still communicates
-    finally:
-        dist.destroy_process_group()
+    result = {"unique": _run_steps(rank, unique=True), "repeated": _run_steps(rank, unique=False),
+              "local": _run_steps(rank, unique=True, all_gather=False)}
+    # The gathered rows keep their gradient path back to the rank that owns them.
+    ids, items = _step_inputs(rank, 0, True)
+    candidates = SpaceTimeNegatives(0, True)(0, items, ids, N)
+    candidates.embeddings["item"].sum().backward()
+    result["grad"] = items["item"].grad.tolist()
+    return result
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("stnsg")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=P, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(P)]
+def two_ranks():
+    return run_on_spawned_ranks(_rank_steps, P, "cpu")
 
 
 def test_negative_count_is_2NP_k_plus_1_minus_1(two_ranks):

@@ -178,7 +178,6 @@ def test_first_bad_row_across_batches_and_quarantine_counts_all(tmp_path):
             "label": rng.integers(0, 2, n).tolist(), "ts": list(range(n)),
             "hist_item_ids": hist, "hist_category_ids": [[0] * len(h) for h in hist],
             "hist_ts": [[0] * len(h) for h in hist]}
-    bad = {"label": [700, 901], "target_item_id": [350], "hist_ts": [123]}
     rows["label"][700] = rows["label"][901] = 5
     rows["target_item_id"][350] = -3
     rows["hist_ts"][123] = rows["hist_ts"][123] + [9]

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torchmetrics.functional.classification import binary_auroc
 
 from mim_rec.metrics import CtrMetrics, age_bucket_edges, binary_auc, gauc, grouped_auc, log_loss, relative_auc_gain
+from mim_rec.utils.dist import run_on_spawned_ranks
 
 
 def random_eval(n: int, seed: int = 0):
@@ -137,12 +134,6 @@ def test_bad_edges_and_empty_compute_are_errors():
         CtrMetrics().compute()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _report(shards) -> dict:
     metrics = CtrMetrics()
     for shard in shards:
@@ -154,26 +145,19 @@ def _split(data, bounds):
     return [tuple(column[a:b] for column in data) for a, b in zip(bounds, bounds[1:])]
 
 
-def _gather_worker(rank: int, port: int, out_dir: str) -> None:
+def _gathered_reports(rank: int, device) -> str:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     data = random_eval(301)
     # Unequal shards (rank 0: 120 rows in two batches, rank 1: 181 rows), then rank 1 empty.
     unequal = _split(data, [0, 50, 120]) if rank == 0 else _split(data, [120, 301])
     one_sided = _split(data, [0, 301]) if rank == 0 else []
-    reports = {"unequal": _report(unequal), "one_sided": _report(one_sided)}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(reports, f)
-    dist.destroy_process_group()
+    return json.dumps({"unequal": _report(unequal), "one_sided": _report(one_sided)})
 
 
-def test_two_rank_gather_equals_one_process(tmp_path):
-    mp.spawn(_gather_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_rank_gather_equals_one_process():
     expected = json.loads(json.dumps(_report([random_eval(301)])))
-    for rank in (0, 1):
-        reports = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        for report in reports.values():
+    for rank_reports in run_on_spawned_ranks(_gathered_reports, 2, "cpu"):
+        for report in json.loads(rank_reports).values():
             assert _close(report, expected)
 
 

@@ -8,15 +8,13 @@ ids, and a hook on each rank's embedding kernel records the ids it actually serv
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from mim_rec.ciubm.config import ModelConfig, TableConstraint
 from mim_rec.config import ConfigError
-from mim_rec.utils.dist import free_port
+from mim_rec.utils.dist import run_on_spawned_ranks
 
 ITEMS, USERS, CATEGORIES, MM_DIM = 1000, 50, 5, 8
 BATCHES = {0: [3, 3, 17, 512], 1: [999, 17, 40]}  # each rank's ids: duplicates, shared ids, both ends
@@ -59,25 +57,15 @@ def _run(rank: int, config) -> dict:
             "rows": tuple(rows.shape), "types": types, "ranks": ranks}
 
 
-def _worker(rank: int, port: int, queue) -> None:
+def _both_placements(rank: int, device) -> dict:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        queue.put((rank, {"table_wise": _run(rank, _config(ranks=[1])),
-                          "column_wise": _run(rank, _config(ranks=[0, 1], sharding_types=["column_wise"]))}))
-    finally:
-        dist.destroy_process_group()
+    return {"table_wise": _run(rank, _config(ranks=[1])),
+            "column_wise": _run(rank, _config(ranks=[0, 1], sharding_types=["column_wise"]))}
 
 
 @pytest.mark.slow
 def test_pinned_tables_serve_only_the_batch_rows():
-    import torch.multiprocessing as mp
-
-    port = free_port()
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(port, queue), nprocs=2)
-    results = dict(queue.get() for _ in range(2))
+    results = dict(enumerate(run_on_spawned_ranks(_both_placements, 2, "cpu")))
     every_id = sorted(BATCHES[0] + BATCHES[1])
     pinned = {rank: results[rank]["table_wise"] for rank in (0, 1)}
     assert pinned[0]["types"]["mm_item"] == "table_wise" and pinned[0]["ranks"]["mm_item"] == [1]

@@ -9,7 +9,6 @@ subnormals); int8 adds at most half a quantisation step, ``scale / 2``, per row.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +25,7 @@ from mim_rec.config import ConfigError
 from mim_rec.data.io import write_table
 from mim_rec.data.manifest import Manifest, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP
-from mim_rec.utils.dist import free_port
+from mim_rec.utils.dist import run_on_spawned_ranks
 from train.ciubm import fill_mm_table, mm_table_state_key
 
 ITEMS_COUNT, DIM, PART_ROWS = 64, 8, 16
@@ -98,19 +97,14 @@ def _torchrec_refuses_int8(sharding: str) -> str:
     return ""
 
 
-def _worker(rank: int, port: int, tables: dict, queue) -> None:
+def _every_sharding(rank: int, device, tables: dict) -> dict:
     """Every sharding type in one pair of processes (spawning costs more than the checks)."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {(sharding, name): _lookup_all(tables[source], "fp16", sharding)
-                   for sharding in SHARDINGS for name, source in (("fp16", "fp"), ("int8", "int8"))}
-        # row-wise: both ranks hold rows, so both reach TorchRec's INT8 failure
-        results["int8_refused"] = _torchrec_refuses_int8("row_wise")
-        queue.put((rank, results))
-    finally:
-        dist.destroy_process_group()
+    results = {(sharding, name): _lookup_all(tables[source], "fp16", sharding)
+               for sharding in SHARDINGS for name, source in (("fp16", "fp"), ("int8", "int8"))}
+    # row-wise: both ranks hold rows, so both reach TorchRec's INT8 failure
+    results["int8_refused"] = _torchrec_refuses_int8("row_wise")
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -153,12 +147,7 @@ def test_fbgemm_allocates_the_stated_row_bytes(dtype):
 
 @pytest.mark.slow
 def test_compact_tables_round_trip_under_sharding(tables):
-    import torch.multiprocessing as mp
-
-    port = free_port()
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(port, tables, queue), nprocs=2)
-    results = dict(queue.get() for _ in range(2))
+    results = dict(enumerate(run_on_spawned_ranks(_every_sharding, 2, "cpu", tables)))
     vectors = _vectors()
     codes, scale, bias = quantise_rows(vectors)
     int8_values = dequantise_rows(codes, scale, bias)

@@ -4,7 +4,6 @@ for a table width FBGEMM takes as it is (8) and one it must be padded for (10)."
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +17,7 @@ from embeddings.table import read_mm_rows
 from mim_rec.ciubm.sparse import MM_TABLE, FrozenEmbeddingBagCollection, FrozenSharder, mm_table_config
 from mim_rec.data.io import write_table
 from mim_rec.data.schemas import ITEMS
-from mim_rec.utils.dist import free_port
+from mim_rec.utils.dist import run_on_spawned_ranks
 from train.ciubm import fill_mm_table
 
 ITEMS_COUNT = 96
@@ -56,32 +55,27 @@ def _plan(model: MMOnly, sharding: str):
     return planner.collective_plan(model, [FrozenSharder()], dist.GroupMember.WORLD)
 
 
-def _worker(rank: int, port: int, table: str, dim: int, sharding: str, queue) -> None:
+def _fill_and_look_up(rank: int, device, table: str, dim: int, sharding: str) -> tuple:
+    """``(rank, the row ranges this rank read, every id's looked-up vector)``."""
     from torchrec import KeyedJaggedTensor
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        model = MMOnly(dim)
-        dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=_plan(model, sharding),
-                                       sharders=[FrozenSharder()])
-        asked = []
+    model = MMOnly(dim)
+    dmp = DistributedModelParallel(model, device=device, plan=_plan(model, sharding), sharders=[FrozenSharder()])
+    asked = []
 
-        def rows_of(start: int, stop: int) -> torch.Tensor:
-            asked.append((start, stop))
-            return read_mm_rows(table, start, stop, dim)
+    def rows_of(start: int, stop: int) -> torch.Tensor:
+        asked.append((start, stop))
+        return read_mm_rows(table, start, stop, dim)
 
-        fill_mm_table(dmp, rows_of)
-        ids = torch.arange(ITEMS_COUNT)
-        kjt = KeyedJaggedTensor(keys=["mm_item_seq"], values=ids, lengths=torch.ones(ITEMS_COUNT, dtype=torch.long))
-        with torch.no_grad():
-            looked_up = dmp.module.mm(kjt).to_dict()["mm_item_seq"]
-        assert not looked_up[:, dim:].any(), "the alignment padding must stay zero"
-        queue.put((rank, asked, looked_up[:, :dim].numpy().copy()))
-    finally:
-        dist.destroy_process_group()
+    fill_mm_table(dmp, rows_of)
+    ids = torch.arange(ITEMS_COUNT)
+    kjt = KeyedJaggedTensor(keys=["mm_item_seq"], values=ids, lengths=torch.ones(ITEMS_COUNT, dtype=torch.long))
+    with torch.no_grad():
+        looked_up = dmp.module.mm(kjt).to_dict()["mm_item_seq"]
+    assert not looked_up[:, dim:].any(), "the alignment padding must stay zero"
+    return rank, asked, looked_up[:, :dim].numpy().copy()
 
 
 @pytest.fixture(scope="module", params=[8, 10], ids=["dim8", "dim10"])
@@ -106,13 +100,8 @@ def table(tmp_path_factory, request):
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
 def test_every_id_round_trips_exactly(table, sharding):
-    import torch.multiprocessing as mp
-
     folder, dim = table
-    port = free_port()
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(port, str(folder), dim, sharding, queue), nprocs=2)
-    results = sorted(queue.get() for _ in range(2))
+    results = run_on_spawned_ranks(_fill_and_look_up, 2, "cpu", str(folder), dim, sharding)
     expected = IdEncoder(dim).embed_items(pa.table({"item_id": np.arange(ITEMS_COUNT)}), None)
     for rank, asked, looked_up in results:
         assert np.array_equal(looked_up, expected.numpy()), f"{sharding}: rank {rank} looked up other vectors"

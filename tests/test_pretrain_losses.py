@@ -3,18 +3,16 @@ under a real 2-process gloo DDP run matching one process on the concatenated bat
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from mim_rec.encoders import build_text_encoder
 from mim_rec.pretrain import ClipLoss, MaskedLanguageModelling, augment, mask_tokens
-from mim_rec.utils.dist import free_port
+from mim_rec.utils.dist import run_on_spawned_ranks
 from tests.encoder_fixtures import tiny_text
 
 torch.set_num_threads(1)
@@ -47,10 +45,9 @@ def _reference():
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _half_batch_step(rank: int, device) -> dict:
+    """The mean loss over the ranks and the DDP-averaged gradients, each rank on half the batch."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(_Towers())
     images, titles = _inputs()
@@ -60,17 +57,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
     mean_loss /= WORLD
-    if rank == 0:
-        torch.save({"loss": mean_loss,
-                    "grads": {n: p.grad for n, p in model.module.named_parameters()}}, out)
-    dist.destroy_process_group()
+    return {"loss": mean_loss, "grads": {n: p.grad for n, p in model.module.named_parameters()}}
 
 
 @pytest.mark.slow
-def test_all_gathered_clip_loss_matches_single_process(tmp_path):
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
-    got = torch.load(out)
+def test_all_gathered_clip_loss_matches_single_process():
+    got, _ = run_on_spawned_ranks(_half_batch_step, WORLD, "cpu")
     want_loss, want_grads = _reference()
     torch.testing.assert_close(got["loss"], want_loss, atol=1e-6, rtol=1e-5)
     for name, grad in want_grads.items():

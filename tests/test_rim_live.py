@@ -4,13 +4,11 @@ own shards, both apply the same records, and every id then looks up its RIM vect
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-import torch.distributed as dist
 
 from embeddings.build import build_table
 from embeddings.rim_live import LiveMMTable
@@ -18,7 +16,7 @@ from embeddings.rim_log import RimLog, WindowMessage
 from embeddings.table import read_mm_rows
 from mim_rec.data.io import write_table
 from mim_rec.data.schemas import ITEMS
-from mim_rec.utils.dist import free_port
+from mim_rec.utils.dist import run_on_spawned_ranks
 from test_mm_sharding import ITEMS_COUNT, IdEncoder, MMOnly, _plan
 from train.ciubm import fill_mm_table, local_mm_shards
 
@@ -26,15 +24,9 @@ OLD = 40  # items 0..39 are in the base table; 40..95 arrive through RIM
 DIM = 10
 
 
-def _worker(rank: int, port: int, table: str, log: str, shardings, queue) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        for sharding in shardings:  # one process group, a fresh model per sharding
-            queue.put((sharding, rank, *_fill_apply_look_up(table, log, sharding)))
-    finally:
-        dist.destroy_process_group()
+def _every_sharding(rank: int, device, table: str, log: str, shardings) -> list:
+    torch.set_num_threads(1)  # one process group, a fresh model per sharding
+    return [(sharding, rank, *_fill_apply_look_up(table, log, sharding)) for sharding in shardings]
 
 
 def _fill_apply_look_up(table: str, log: str, sharding: str) -> tuple:
@@ -83,13 +75,10 @@ def table_and_log(tmp_path_factory):
 
 @pytest.mark.slow
 def test_each_rank_applies_the_same_records_to_its_own_shards(table_and_log):
-    import torch.multiprocessing as mp
-
     table, log = table_and_log
     shardings = ("row_wise", "column_wise")
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(free_port(), str(table), str(log), shardings, queue), nprocs=2)
-    results = sorted(queue.get() for _ in range(2 * len(shardings)))
+    results = sorted(result for rank in run_on_spawned_ranks(_every_sharding, 2, "cpu", str(table), str(log),
+                                                             shardings) for result in rank)
     expected = IdEncoder(DIM).embed_items(pa.table({"item_id": np.arange(ITEMS_COUNT)}), None).numpy()
     for sharding, rank, applied, changed, shards, looked_up in results:
         assert applied == ITEMS_COUNT - OLD

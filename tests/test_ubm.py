@@ -12,7 +12,7 @@ from mim_rec.ubm import available_ubms, build_ubm
 from mim_rec.ubm.dien import DIEN
 from mim_rec.ubm.din import DIN
 from mim_rec.ubm.layers import masked_softmax, recency_positions
-from mim_rec.ubm.sim import SIM, category_search
+from mim_rec.ubm.sim import category_search
 from mim_rec.ubm.twin import TWIN
 
 NAMES = ["avg", "din", "dien", "bst", "sim", "twin"]

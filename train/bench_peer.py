@@ -41,7 +41,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

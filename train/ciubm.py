@@ -449,7 +449,6 @@ def _validate_events(config: TrainConfig, items) -> None:
 
 def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     """Train (resuming from ``out/checkpoints`` if present), then evaluate; the report on rank 0."""
-    import torch
     import torch.distributed as dist
 
     from mim_rec.data.loader import CtrEventsLoader, ItemInfo

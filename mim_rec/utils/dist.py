@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import sys
 from dataclasses import dataclass
@@ -105,12 +106,14 @@ def run_on_spawned_ranks(work: Callable[..., Any], ranks: int, device_type: str,
     results = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_spawned_rank, args=(work, ranks, device_type, free_port(), args, results), nprocs=ranks,
                        start_method="spawn")
-    return results.get()
+    return pickle.loads(results.get())
 
 
 def _spawned_rank(rank: int, work: Callable[..., Any], ranks: int, device_type: str, port: int, args: tuple,
                   results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # RANK and friends too, for code that reads them as torchrun sets them (init_distributed)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(ranks))
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -118,8 +121,8 @@ def _spawned_rank(rank: int, work: Callable[..., Any], ranks: int, device_type: 
     try:
         gathered: List[Any] = [None] * ranks
         dist.all_gather_object(gathered, work(rank, device, *args))
-        if rank == 0:
-            results.put(gathered)
+        if rank == 0:  # by value: torch's queue would share tensors from a process that has exited
+            results.put(pickle.dumps(gathered))
     except BaseException:
         destroy()
         raise  # torch.multiprocessing reports it to the parent
