@@ -14,6 +14,7 @@ from mim_rec.data.io import (read_events, read_items, read_pairs, rejected_path_
                              validate_file, validate_world, write_table)
 from mim_rec.data.manifest import Manifest, read_manifest
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
+from train.cli import main as mim
 
 N_ITEMS = 6
 
@@ -234,6 +235,24 @@ def test_round_trip_and_world(tmp_path, capsys):
     with pytest.raises(DataError, match="outside the item table") as info:
         validate_world(tmp_path)
     assert info.value.file.endswith("pairs_train.parquet") and info.value.row == 3
+
+
+@pytest.mark.parametrize("drop_invalid", [False, True])
+def test_a_world_file_without_rows_is_refused(tmp_path, capsys, drop_invalid):
+    """`mim data validate` used to print OK for an events file with no rows."""
+    write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)
+    rows = events_rows()
+    if drop_invalid:  # rows that are all quarantined leave none either
+        rows["label"] = [7] * len(rows["label"])
+    else:
+        rows = {name: [] for name in rows}
+    events = write_raw(tmp_path, "events_train.parquet", EVENTS, rows)
+    with pytest.raises(DataError, match="holds no rows" + (r" \(4 quarantined" if drop_invalid else "")) as info:
+        validate_world(tmp_path, drop_invalid=drop_invalid)
+    assert info.value.file == str(events)
+    # the one-file form of the command too
+    assert mim(["data", "validate", str(events), *(["--drop-invalid"] if drop_invalid else [])]) == 2
+    assert f"{events}: holds no rows" in capsys.readouterr().err
 
 
 def test_category_ids_past_the_items_categories_are_refused(tmp_path):

@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mim_rec.data.errors import DataError
-    from mim_rec.data.io import CONTRACT_BY_PREFIX, category_count, ok_line, validate_file, validate_world
+    from mim_rec.data.io import (CONTRACT_BY_PREFIX, category_count, ok_line, require_rows, validate_file,
+                                 validate_world)
     from mim_rec.data.schemas import ITEMS
 
     path = Path(args.path)
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(str(path), "needs --item-count or items.parquet beside it to check ids")
         item_count = validate_file(items, ITEMS, keep=False).rows
         categories = category_count(items)
-    result = validate_file(path, contract, item_count=item_count, category_count=categories,
-                           drop_invalid=args.drop_invalid, keep=False)
+    result = require_rows(validate_file(path, contract, item_count=item_count, category_count=categories,
+                                        drop_invalid=args.drop_invalid, keep=False))
     print(ok_line(result))
     return 0

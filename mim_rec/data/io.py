@@ -307,8 +307,8 @@ def write_table(table: pa.Table, path: PathLike, contract: Contract,
 def validate_world(directory: PathLike, drop_invalid: bool = False,
                    echo=print) -> List[ValidationResult]:
     """Check every file of a world folder (see ``docs/interfaces.md``), cross-file rules
-    included: pair and event item ids must lie in the items table, and an ``mm_table/``
-    folder must match its manifest. Prints one ``OK`` line per file with its row count."""
+    included: pair and event item ids must lie in the items table, no file may be empty, and an
+    ``mm_table/`` folder must match its manifest. Prints one ``OK`` line per file with its row count."""
     directory = Path(directory)
     if not (directory / "items.parquet").is_file():
         raise DataError(str(directory / "items.parquet"), "a world folder needs items.parquet")
@@ -320,6 +320,7 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
             continue
         result = validate_file(path, contract, item_count=item_count, category_count=categories,
                                drop_invalid=drop_invalid, keep=False)
+        require_rows(result)
         if contract is ITEMS:
             item_count, categories = result.rows, category_count(path)
         results.append(result)
@@ -328,6 +329,15 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
     if (directory / "mm_table").is_dir():
         results += validate_mm_table(directory / "mm_table", results[0].rows, echo=echo)
     return results
+
+
+def require_rows(result: ValidationResult) -> ValidationResult:
+    """Refuse a checked file that kept no rows: the stage reading it would fail later or train
+    on nothing, so ``mim data validate`` must not call it OK."""
+    if result.rows == 0:
+        quarantined = f" ({result.rejected} quarantined -> {result.rejected_path})" if result.rejected else ""
+        raise DataError(str(result.path), f"holds no rows{quarantined}; a world file must hold data")
+    return result
 
 
 def category_count(items_path: PathLike) -> int:
