@@ -31,10 +31,14 @@ def test_exit_process_keeps_the_exit_code_and_the_buffered_output(tmp_path):
     assert done.stderr.endswith("and to stderr")
 
 
-def _rank_and_square(rank, device, base):
-    return rank, torch.tensor(float(base + rank)) ** 2
+def _rank_and_square(rank, device, base, rows):
+    return rank, torch.tensor(float(base + rank)) ** 2, torch.full((rows,), rank)
 
 
 def test_spawned_ranks_return_every_rank_result_in_rank_order():
-    """Tensors too, though the ranks have exited by the time the caller reads them."""
-    assert run_on_spawned_ranks(_rank_and_square, 2, "cpu", 3) == [(0, 9.0), (1, 16.0)]
+    """Tensors too, though the ranks have exited by the time the caller reads them, and results
+    larger than a pipe holds (they used to go through a queue, which hangs on those)."""
+    rows = 100_000  # 800 kB a rank
+    results = run_on_spawned_ranks(_rank_and_square, 2, "cpu", 3, rows)
+    assert [(rank, square) for rank, square, _ in results] == [(0, 9.0), (1, 16.0)]
+    assert [values.tolist() == [rank] * rows for rank, _, values in results] == [True, True]

@@ -101,16 +101,22 @@ def run_on_spawned_ranks(work: Callable[..., Any], ranks: int, device_type: str,
     rank's result, in rank order. ``work`` must be a module-level function (spawn pickles it)
     and its result picklable. Fresh processes give each measurement its own peak memory; a rank
     that succeeded leaves through :func:`exit_process`."""
+    import tempfile
+
     import torch.multiprocessing as mp
 
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_spawned_rank, args=(work, ranks, device_type, free_port(), args, results), nprocs=ranks,
-                       start_method="spawn")
-    return pickle.loads(results.get())
+    # A file, not a queue: a pipe holds 64 KiB, and a rank blocked writing more never exits to
+    # be joined; pickled by value, since shared-memory tensors die with the rank that made them.
+    with tempfile.TemporaryDirectory(prefix="mim-ranks-") as folder:
+        results = os.path.join(folder, "results.pkl")
+        mp.start_processes(_spawned_rank, args=(work, ranks, device_type, free_port(), args, results),
+                           nprocs=ranks, start_method="spawn")
+        with open(results, "rb") as file:
+            return pickle.load(file)
 
 
 def _spawned_rank(rank: int, work: Callable[..., Any], ranks: int, device_type: str, port: int, args: tuple,
-                  results) -> None:
+                  results: str) -> None:
     # RANK and friends too, for code that reads them as torchrun sets them (init_distributed)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(ranks))
@@ -121,8 +127,9 @@ def _spawned_rank(rank: int, work: Callable[..., Any], ranks: int, device_type: 
     try:
         gathered: List[Any] = [None] * ranks
         dist.all_gather_object(gathered, work(rank, device, *args))
-        if rank == 0:  # by value: torch's queue would share tensors from a process that has exited
-            results.put(pickle.dumps(gathered))
+        if rank == 0:
+            with open(results, "wb") as file:
+                pickle.dump(gathered, file)
     except BaseException:
         destroy()
         raise  # torch.multiprocessing reports it to the parent
