@@ -1,11 +1,15 @@
 """CiUBM on TorchRec: batches, frozen MM table, training beats a constant, exact resume,
-refusal of bad events, and a 2-rank gloo run."""
+refusal of bad events, and a 2-rank gloo run. Marked ``cuda``: under MIM_TEST_DEVICE=cuda the
+one-process tests train on the GPU (nccl, FBGEMM's CUDA kernels, fused Adam for the ID tables)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +24,13 @@ from mim_rec.ciubm.interest import content_match
 from mim_rec.ciubm.model import CiUBM
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
-from mim_rec.utils.dist import run_on_spawned_ranks
+from mim_rec.utils.dist import ensure_process_group, free_port, run_on_spawned_ranks
 from mim_rec.data.loader import CtrEventsLoader, ItemInfo, LoaderConfig
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 from train import ciubm
 from train.common import config_dict
+
+pytestmark = pytest.mark.cuda
 
 FAST = ["loader.batch_size=256", "loader.max_hist_len=10", "checkpoint_every=1000", "log_every=5",
         "model.over_arch=[32]", "model.mm_dim=16"]
@@ -225,13 +231,13 @@ def test_whitening_zeroes_directions_the_table_does_not_span():
                                      ("model.target_mm=false",), ("model.content_metric=true",),
                                      ("model.mm_dim=10",),  # stored 12 wide: FBGEMM's alignment
                                      ("model.sequence_layout=ec",)])
-def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options):
-    config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", *options)
-    ctx = ciubm._process_group("cpu")
+def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options, test_device):
+    config = _config(world, tmp_path / "frozen", "max_steps=4", "model.ubm=avg", f"device={test_device}", *options)
+    ctx = ensure_process_group(test_device)
     items = ItemInfo.from_items(world / "items.parquet")
     model, optimizer, _ = ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items), ctx)
     rows_of, _ = ciubm.mm_rows(config, items.count, config.model.mm_dim)
-    ciubm.load_mm_table(model, rows_of, items.count, ctx.device)
+    ciubm.load_mm_table(model, rows_of, items.count)
     whitening = {n: b.clone() for n, b in model.named_buffers() if "mm_whitening" in n}
     assert bool(config.model.mm_whiten) == bool(whitening)
     assert all(b.abs().sum() > 0 for b in whitening.values())
@@ -246,10 +252,12 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
     assert all(torch.equal(b, whitening[n]) for n, b in model.named_buffers() if n in whitening)  # fixed
     item_state = [v for k, v in optimizer.state_dict()["state"].items() if k.endswith(".item.weight")]
     assert item_state and item_state[0]          # the ID table trains with optimizer state
+    # fused Adam where FBGEMM has its CUDA kernel (two moments), row-wise Adagrad on the CPU (one)
+    assert len(item_state[0]) == (2 if test_device == "cuda" else 1), sorted(item_state[0])
     assert _mm_optimizer_state(optimizer) == []  # the MM table has none
     if config.model.content_metric:  # the learned metric is a dense parameter and trains
         metric = [w for n, w in model.named_parameters() if n.endswith("content_metric.map.weight")]
-        assert len(metric) == 1 and not torch.equal(metric[0].detach(), torch.eye(16))
+        assert len(metric) == 1 and not torch.equal(metric[0].detach().cpu(), torch.eye(16))
 
 
 def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
@@ -431,7 +439,7 @@ def test_eval_only_without_a_checkpoint_is_refused(world, tmp_path):
 def _two_rank_work(rank: int, device, world: str, out: str) -> dict:
     torch.set_num_threads(1)
     return ciubm.run(ciubm.load_train_config(None, [f"data.world={world}", f"out={out}", *FAST,
-                                                    "max_steps=8", "model.ubm=twin"]))
+                                                    "max_steps=8", "model.ubm=twin", "device=cpu"]))
 
 
 @pytest.mark.slow
@@ -441,12 +449,41 @@ def test_two_gloo_ranks_train_and_evaluate(world, tmp_path):
     assert (tmp_path / "two" / "checkpoints" / "latest").is_file()
 
 
+@pytest.mark.slow
+def test_a_one_process_torchrun_launch_trains(world, tmp_path, test_device):
+    """torchrun (or TorchX's dist.ddp -j 1x1) with one process sets WORLD_SIZE=1: the trainer
+    must still start the process group DMP's planner needs ("The default process group is not
+    yet initialized" on a one-GPU host before)."""
+    out = tmp_path / "one"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", f"--master-port={free_port()}",
+         "-m", "train.cli", "train", f"data.world={world}", f"out={out}", *FAST, "max_steps=3", "model.ubm=din",
+         "model.sequence_layout=ec", f"device={test_device}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+
+
 def _two_rank_resume_work(rank: int, device, world: str, folder: str, layout: str) -> list:
     """Straight 6 steps in ``a``; 3 steps in ``b``, then ``b`` resumed to 6, in one process group."""
     torch.set_num_threads(1)
     return [ciubm.run(ciubm.load_train_config(None, [
         f"data.world={world}", f"out={folder}/{out}", *FAST, f"max_steps={steps}", "model.ubm=din",
-        f"model.sequence_layout={layout}", "log_every=1"])) for out, steps in (("a", 6), ("b", 3), ("b", 6))]
+        f"model.sequence_layout={layout}", "log_every=1", "device=cpu"]))
+        for out, steps in (("a", 6), ("b", 3), ("b", 6))]
+
+
+def _one_rank_after_two(rank: int, device, world: str, folder: str, layout: str):
+    """``(report, refusal)``: the 2-rank run ``a`` evaluated on one rank, and the error that
+    refuses to train it on there."""
+    one_rank = [f"data.world={world}", f"out={folder}/a", *FAST, "model.ubm=din",
+                f"model.sequence_layout={layout}", "log_every=1", "device=cpu"]
+    evaluated = ciubm.run(ciubm.load_train_config(None, [*one_rank, "max_steps=6"]), train=False)
+    try:
+        ciubm.run(ciubm.load_train_config(None, [*one_rank, "max_steps=8"]))
+    except ConfigError as err:
+        return evaluated, str(err)
+    return evaluated, ""
 
 
 @pytest.mark.slow
@@ -462,13 +499,11 @@ def test_two_gloo_ranks_resume_exactly(world, tmp_path, layout):
     assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
 
     # One process: the 2-rank checkpoint evaluates (DCP reshards the weights to this plan) and
-    # gives the same figures; training on from it is refused, naming the ranks it needs.
-    one_rank = [f"data.world={world}", f"out={tmp_path}/a", *FAST, "model.ubm=din",
-                f"model.sequence_layout={layout}", "log_every=1"]
-    evaluated = ciubm.run(ciubm.load_train_config(None, [*one_rank, "max_steps=6"]), train=False)
+    # gives the same figures; training on from it is refused, naming the ranks it needs. A
+    # fresh process, so its gloo group is its own whatever this one runs on.
+    [(evaluated, refusal)] = run_on_spawned_ranks(_one_rank_after_two, 1, "cpu", str(world), str(tmp_path), layout)
     assert evaluated["steps"] == 6
     assert evaluated["auc"] == pytest.approx(straight["auc"], abs=1e-6)
     assert evaluated["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
-    with pytest.raises(ConfigError, match=r"written by 2 rank\(s\) and this run has 1: resume it on 2"):
-        ciubm.run(ciubm.load_train_config(None, [*one_rank, "max_steps=8"]))
+    assert "written by 2 rank(s) and this run has 1: resume it on 2" in refusal
     assert (tmp_path / "a" / "metrics.json").is_file()  # refused before the run folder was touched

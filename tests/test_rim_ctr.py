@@ -28,6 +28,7 @@ from mim_rec.data.loader import CtrEventsLoader, ItemInfo
 from mim_rec.data.manifest import read_manifest
 from mim_rec.data.schemas import ITEMS
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
+from mim_rec.utils.dist import ensure_process_group
 from train import ciubm
 
 DIM = 8
@@ -92,11 +93,11 @@ def _model(world, base_table, tmp_path):
     config = ciubm.load_train_config(None, [
         f"data.world={world}", f"mm_table={base_table}", "mm_missing=default", f"out={tmp_path}",
         "loader.batch_size=128", "loader.max_hist_len=10", "model.over_arch=[16]", "model.ubm=avg"])
-    ctx = ciubm._process_group("cpu")
+    ctx = ensure_process_group("cpu")
     items = ItemInfo.from_items(world / "items.parquet")
     model, _, _ = ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items), ctx)
     rows_of, source = ciubm.mm_rows(config, items.count, DIM)
-    ciubm.load_mm_table(model, rows_of, items.count, ctx.device)
+    ciubm.load_mm_table(model, rows_of, items.count)
     return model.eval(), items, config, source
 
 

@@ -362,16 +362,13 @@ def _process_group(device: str) -> Iterator[Any]:
     """A one-rank process group for DMP (or the caller's), and its DistContext."""
     import torch.distributed as dist
 
-    from mim_rec.utils.dist import free_port, init_distributed
+    from mim_rec.utils.dist import ensure_process_group
 
     owned = not dist.is_initialized()
-    added = {} if not owned or "WORLD_SIZE" in os.environ else \
-        dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-    os.environ.update(added)
+    added = [] if not owned else [key for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+                                  if key not in os.environ]
     try:
-        ctx = init_distributed(device)
-        if not dist.is_initialized():
-            dist.init_process_group(ctx.backend, rank=0, world_size=1)
+        ctx = ensure_process_group(device)
         if dist.get_world_size() != 1:
             raise RuntimeError("mim bench train runs on one process (world size 1)")
         yield ctx
@@ -400,7 +397,7 @@ def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: D
     model, optimizer, _ = build_sharded_model(train_config, sizes, ctx)
     if model_config.uses_mm:
         vectors = torch.randn(sizes["items"], model_config.mm_dim, generator=torch.Generator().manual_seed(config.seed))
-        load_mm_table(model, lambda start, stop: vectors[start:stop], sizes["items"], ctx.device)
+        load_mm_table(model, lambda start, stop: vectors[start:stop], sizes["items"])
 
     def step() -> None:
         optimizer.step()

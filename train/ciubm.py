@@ -264,21 +264,6 @@ def _finished(config: TrainConfig) -> bool:
 
 # ---------------------------------------------------------------- distributed set-up
 
-def _process_group(device: str):
-    """The DistContext; a one-rank gloo group when launched as a plain process (DMP needs one)."""
-    import torch.distributed as dist
-
-    from mim_rec.utils.dist import free_port, init_distributed
-
-    if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-        ctx = init_distributed(device)
-        if not dist.is_initialized():
-            dist.init_process_group(ctx.backend, rank=0, world_size=1)
-        return ctx
-    return init_distributed(device)
-
-
 def _plan(model, config, ctx, sharders):
     import torch.distributed as dist
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -354,7 +339,7 @@ def fill_mm_table(model, rows_of) -> None:
             tensor.copy_(shard_columns(rows_of(r, r + rows), c, cols))
 
 
-def load_mm_table(model, rows_of, count: int, device) -> None:
+def load_mm_table(model, rows_of, count: int) -> None:
     """Fill this rank's shards of the MM table and, when the model whitens its view of the
     table (``model.mm_whiten``), fit the whitening from the same rows. One call for both, so no
     model looks its table up through an unfitted (all-zero) transform. A resumed run then loads
@@ -369,7 +354,7 @@ def load_mm_table(model, rows_of, count: int, device) -> None:
         return
     if set(buffers) != {"mean", "projection"}:
         raise RuntimeError(f"expected the model's mm_whitening buffers, found {sorted(buffers)}")
-    mean, projection = whitening_statistics(rows_of, count, buffers["projection"].shape[1], device)
+    mean, projection = whitening_statistics(rows_of, count, buffers["projection"].shape[1])
     with torch.no_grad():
         buffers["mean"].copy_(mean)
         buffers["projection"].copy_(projection)
@@ -452,9 +437,10 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     import torch.distributed as dist
 
     from mim_rec.data.loader import CtrEventsLoader, ItemInfo
+    from mim_rec.utils.dist import ensure_process_group
     from mim_rec.utils.run import JsonlLogger
 
-    ctx = _process_group(config.device)
+    ctx = ensure_process_group(config.device)
     out = Path(config.out)
     world = Path(config.data.world)
     items = ItemInfo.from_items(world / "items.parquet")
@@ -470,7 +456,7 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     model, optimizer, plan = build_sharded_model(config, sizes, ctx)
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
     if config.model.uses_mm:
-        load_mm_table(model, rows_of, items.count, ctx.device)
+        load_mm_table(model, rows_of, items.count)
         per_rank = [None] * ctx.world_size
         dist.all_gather_object(per_rank, mm_table_bytes(model))
         if logger:
@@ -726,10 +712,15 @@ class DcpCheckpoints:
             state["optimizer"] = optimizer_state
         dcp.load(state, checkpoint_id=str(checkpoint))
         model.load_state_dict(state["model"])
+        progress = {k: int(v) for k, v in state["progress"].items()}
         if with_optimizer:
             optimizer_state["state"].update(stateless)
             optimizer.load_state_dict(optimizer_state)
-        return {k: int(v) for k, v in state["progress"].items()}
+            # FBGEMM's fused Adam counts its steps (for its bias correction) in a kernel buffer
+            # that no state dict holds. Left at 0, a resumed GPU run took several times too large
+            # ID-table steps: its losses left the straight run's from the second step on.
+            optimizer.set_optimizer_step(progress["global_step"])
+        return progress
 
 
 def _checkpoint_world_size(checkpoint: Path) -> Optional[int]:

@@ -36,12 +36,11 @@ class MMWhitening(nn.Module):
 
 
 def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int, components: int,
-                         device: Optional[torch.device] = None,
                          chunk: int = 65_536) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(mean [D], projection [D, k])`` over items ``0..count-1``, read ``chunk`` rows at a time.
 
     Under ``torch.distributed`` each rank reads a contiguous ``1/W`` of the rows and the sums
-    are all-reduced (on ``device``: the process group's, CUDA under nccl), so every rank ends
+    are all-reduced (on the process group's device: the GPU under nccl), so every rank ends
     with the same transform for ``1/W`` of the reading.
     Sums are float64; the top ``k`` eigenvectors of the covariance are scaled by
     ``1/sqrt(eigenvalue)``. A direction whose variance is below 1e-6 of the largest (a table
@@ -50,8 +49,11 @@ def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int
     """
     import torch.distributed as dist
 
+    from mim_rec.utils.dist import collective_device
+
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = collective_device() if distributed else torch.device("cpu")
     start, stop = count * rank // world, count * (rank + 1) // world
     total: Optional[torch.Tensor] = None
     gram: Optional[torch.Tensor] = None

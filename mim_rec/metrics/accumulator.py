@@ -15,15 +15,9 @@ import torch.distributed as dist
 
 from mim_rec.metrics.functional import (age_bucket_edges, binary_auc, check_edges, gauc, grouped_auc,
                                         log_loss)
+from mim_rec.utils.dist import collective_device
 
 _FIELDS = ("preds", "labels", "user_id", "category", "item_age_days")
-
-
-def _collective_device() -> torch.device:
-    """Where tensors must live for the default process group's collectives."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -32,7 +26,7 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     Sizes are exchanged first, then every rank pads to the longest and the padding is cut off
     after the gather (``all_gather`` needs equal shapes).
     """
-    device = _collective_device()
+    device = collective_device()
     local = tensor.to(device)
     size = torch.tensor([local.numel()], device=device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]

@@ -59,6 +59,28 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank, world_size, local_rank, dev, backend)
 
 
+def ensure_process_group(device: str = "auto") -> DistContext:
+    """The DistContext with the default process group up, also for a single rank: TorchRec's
+    DistributedModelParallel and the planner's collective plan need one. Under torchrun/TorchX
+    it joins the launcher's group -- one launched process too (WORLD_SIZE=1, where
+    :func:`init_distributed` starts none); in a plain process it makes a one-rank group on a
+    free local port."""
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    ctx = init_distributed(device)
+    if not dist.is_initialized():
+        dist.init_process_group(ctx.backend, rank=ctx.rank, world_size=ctx.world_size)
+    return ctx
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for the default process group's collectives: the current GPU
+    under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
