@@ -314,7 +314,7 @@ def test_a_world_changed_under_the_same_path_does_not_resume(world, tmp_path):
     assert set(json.loads((tmp_path / "run" / "inputs.json").read_text())) == {"items.parquet", "events_train.parquet"}
     events = pq.read_table(changing / "events_train.parquet")
     pq.write_table(events.slice(0, events.num_rows - 1), changing / "events_train.parquet")
-    with pytest.raises(ConfigError, match=r"checkpoints trained on other data: events_train.parquet in data.world=.* changed"):
+    with pytest.raises(ConfigError, match=r"checkpoints trained on other data: .*world/events_train.parquet changed"):
         ciubm.run(_config(changing, tmp_path / "run", "max_steps=6"))
     assert ciubm.run(_config(changing, tmp_path / "run", "max_steps=3"), train=False)["steps"] == 3  # evaluates
 
@@ -379,6 +379,15 @@ def test_an_empty_events_file_is_named(world, tmp_path):
     empty = _world_with_events(world, tmp_path / "empty", lambda events: events.slice(0, 0))
     with pytest.raises(DataError, match=r"events_train.parquet: no events to train or evaluate on"):
         ciubm.run(_config(empty, tmp_path / "never"))
+
+
+def test_a_world_without_its_test_split_is_refused_before_training(world, tmp_path):
+    """It used to train every step, then fail at the evaluation with a raw FileNotFoundError."""
+    partial = _world_with_events(world, tmp_path / "partial", lambda events: events)
+    (partial / "events_test.parquet").unlink()
+    with pytest.raises(DataError, match=r"events_test.parquet: no such file"):
+        ciubm.run(_config(partial, tmp_path / "never", "max_steps=2"))
+    assert not (tmp_path / "never" / "checkpoints").exists()
 
 
 def test_grid_runs_equal_single_runs_and_skip_finished_ones(world, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -227,14 +228,28 @@ def test_round_trip_and_world(tmp_path, capsys):
     events = read_events(tmp_path / "events_train.parquet", N_ITEMS)
     assert events.equals(table(EVENTS, events_rows()).cast(events.schema))
 
+    with pytest.raises(DataError, match=r"no such file; a world folder needs .* \(missing: events_test.parquet\)") \
+            as info:
+        validate_world(tmp_path)  # a CTR run used to fail on the missing split only after training
+    assert info.value.file == str(tmp_path / "events_test.parquet")
+    _complete_world(tmp_path)
     results = validate_world(tmp_path)
-    assert [r.rows for r in results] == [N_ITEMS, 4, 4]
-    assert capsys.readouterr().out.count("OK ") == 3
+    assert [r.rows for r in results] == [N_ITEMS, 4, 4, 4, 4]
+    assert capsys.readouterr().out.count("OK ") == 5
     # cross-file: events valid alone are refused against a smaller item table
     write_table(table(ITEMS, items_rows()).slice(0, 3), tmp_path / "items.parquet", ITEMS)
     with pytest.raises(DataError, match="outside the item table") as info:
         validate_world(tmp_path)
     assert info.value.file.endswith("pairs_train.parquet") and info.value.row == 3
+
+
+def _complete_world(folder: Path) -> None:
+    """Write the world files ``folder`` lacks, each with valid rows."""
+    for name, contract, rows in (("pairs_train.parquet", PAIRS, pairs_rows()), ("pairs_test.parquet", PAIRS, pairs_rows()),
+                                 ("events_train.parquet", EVENTS, events_rows()),
+                                 ("events_test.parquet", EVENTS, events_rows())):
+        if not (folder / name).is_file():
+            write_table(table(contract, rows), folder / name, contract, item_count=N_ITEMS)
 
 
 @pytest.mark.parametrize("drop_invalid", [False, True])
@@ -247,6 +262,7 @@ def test_a_world_file_without_rows_is_refused(tmp_path, capsys, drop_invalid):
     else:
         rows = {name: [] for name in rows}
     events = write_raw(tmp_path, "events_train.parquet", EVENTS, rows)
+    _complete_world(tmp_path)
     with pytest.raises(DataError, match="holds no rows" + (r" \(4 quarantined" if drop_invalid else "")) as info:
         validate_world(tmp_path, drop_invalid=drop_invalid)
     assert info.value.file == str(events)
@@ -260,6 +276,7 @@ def test_category_ids_past_the_items_categories_are_refused(tmp_path):
     write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)  # categories 0 and 1
     events = write_raw(tmp_path, "events_train.parquet", EVENTS,
                        edit(events_rows(), "hist_category_ids", 2, [2]))
+    _complete_world(tmp_path)
     with pytest.raises(DataError, match=r"behaviour category id outside the items' categories \(0\.\.1\)") as info:
         validate_world(tmp_path)
     assert (info.value.file, info.value.row, info.value.field) == (str(events), 2, "hist_category_ids")

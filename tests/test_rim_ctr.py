@@ -235,3 +235,25 @@ def test_mim_train_applies_the_rim_log_between_steps(world, catalogue, base_tabl
     assert "missing: zero vectors" in next(e["source"] for e in events if e.get("event") == "mm_table")
     with pytest.raises(ConfigError, match="rim_log: RIM rows are applied to the MM table"):
         ciubm.load_train_config(None, common)
+
+
+def test_a_table_rebuilt_under_the_same_path_does_not_resume(world, catalogue, tmp_path):
+    """Steps 1-3 on one table and 4-6 on another used to finish as one run: the checkpoint's
+    copy of the frozen table replaced the rebuilt one without a word."""
+    from mim_rec.config import ConfigError
+
+    items, _ = catalogue
+    write_table(items, tmp_path / "items.parquet", ITEMS)
+    table = build_table(IdEncoder(), tmp_path / "items.parquet", tmp_path / "table", shard_rows=64)
+    common = [f"data.world={world}", f"mm_table={table}", f"out={tmp_path / 'run'}", "loader.batch_size=128",
+              "loader.max_hist_len=10", "model.over_arch=[16]", "model.ubm=avg"]
+    ciubm.run(ciubm.load_train_config(None, [*common, "max_steps=3"]))
+    assert "mm_table" in json.loads((tmp_path / "run" / "inputs.json").read_text())
+    assert ciubm._finished(ciubm.load_train_config(None, [*common, "max_steps=3"]))
+    part = sorted(table.glob("part-*.parquet"))[0]
+    rows = pq.read_table(part)
+    flipped = pa.array([[-x for x in vector] for vector in rows["vector"].to_pylist()], rows.schema.field("vector").type)
+    pq.write_table(rows.set_column(rows.schema.get_field_index("vector"), "vector", flipped), part)
+    assert not ciubm._finished(ciubm.load_train_config(None, [*common, "max_steps=3"]))
+    with pytest.raises(ConfigError, match=rf"trained on other data: mm_table={table} changed since"):
+        ciubm.run(ciubm.load_train_config(None, [*common, "max_steps=6"]))

@@ -218,9 +218,21 @@ TRAINING_INPUTS = ("items.parquet", "events_train.parquet")
 
 
 def _training_inputs(config: TrainConfig) -> Dict[str, str]:
-    """Content fingerprints of the world files training reads (written as ``out/inputs.json``)."""
-    from mim_rec.data.manifest import fingerprint_file
-    return {name: fingerprint_file(Path(config.data.world) / name) for name in TRAINING_INPUTS}
+    """Content fingerprints of the data training reads (written as ``out/inputs.json``): the
+    world's files and, when the model reads one, the MM table's parts. A checkpoint holds its
+    own copy of the frozen table and restores it over the one just loaded, so a table rebuilt
+    under the same path would otherwise go unused without a word."""
+    from mim_rec.data.manifest import fingerprint_file, fingerprint_tree
+
+    inputs = {name: fingerprint_file(Path(config.data.world) / name) for name in TRAINING_INPUTS}
+    if config.mm_table and config.model.uses_mm:
+        inputs["mm_table"] = fingerprint_tree(config.mm_table)
+    return inputs
+
+
+def _input_path(config: TrainConfig, name: str) -> str:
+    """Where the input :func:`_training_inputs` names ``name`` lives, for messages."""
+    return f"mm_table={config.mm_table}" if name == "mm_table" else str(Path(config.data.world) / name)
 
 
 def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, str]]) -> None:
@@ -246,20 +258,30 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
             raise ConfigError(f"{checkpoint} was written by {written_by} rank(s) and this run has "
                               f"{dist.get_world_size()}: resume it on {written_by} (torchrun "
                               f"--nproc-per-node {written_by}); --eval-only evaluates it on any number")
-    recorded = out / "inputs.json"
-    if inputs is not None and recorded.is_file():
-        differ = [name for name, fingerprint in json.loads(recorded.read_text()).items()
-                  if inputs.get(name) != fingerprint]
+    if inputs is not None:
+        differ = _changed_inputs(out, inputs)
         if differ:
-            raise ConfigError(f"out={out} holds checkpoints trained on other data: {', '.join(differ)} in "
-                              f"data.world={config.data.world} changed since; use a new out= or delete "
-                              f"{out / 'checkpoints'}")
+            raise ConfigError(f"out={out} holds checkpoints trained on other data: "
+                              f"{', '.join(_input_path(config, name) for name in differ)} changed since; "
+                              f"use a new out= or delete {out / 'checkpoints'}")
+
+
+def _changed_inputs(out: Path, inputs: Dict[str, str]) -> List[str]:
+    """The inputs whose fingerprints differ from those ``out/inputs.json`` recorded (none
+    when it recorded nothing: a run written before inputs were recorded)."""
+    recorded = out / "inputs.json"
+    if not recorded.is_file():
+        return []
+    return [name for name, fingerprint in json.loads(recorded.read_text()).items() if inputs.get(name) != fingerprint]
 
 
 def _finished(config: TrainConfig) -> bool:
-    """Whether ``config.out`` holds the evaluation of a run of exactly this config."""
+    """Whether ``config.out`` holds the evaluation of a run of exactly this config, on the data
+    it reads now."""
     from train.common import changed_settings
-    return (Path(config.out) / "metrics.json").is_file() and changed_settings(config, EXECUTION_ONLY) == []
+    out = Path(config.out)
+    return (out / "metrics.json").is_file() and changed_settings(config, EXECUTION_ONLY) == [] \
+        and _changed_inputs(out, _training_inputs(config)) == []
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -421,15 +443,15 @@ def _dense_rows(ids, path: Path, field: str, what: str) -> int:
 
 
 def _validate_events(config: TrainConfig, items) -> None:
-    """Refuse bad events (unknown ids, ragged histories, NaN...) before any training."""
+    """Refuse bad events (unknown ids, ragged histories, NaN...) and a missing split before any
+    training (a missing events_test.parquet used to surface only at the evaluation)."""
     from mim_rec.data.io import validate_file
     from mim_rec.data.schemas import EVENTS
 
     for split in ("train", "test"):
         path = Path(config.data.world) / f"events_{split}.parquet"
-        if path.is_file():
-            validate_file(path, EVENTS, item_count=items.count, category_count=int(items.category.max()) + 1,
-                          keep=False)
+        validate_file(path, EVENTS, item_count=items.count, category_count=int(items.category.max()) + 1,
+                      keep=False)
 
 
 def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:

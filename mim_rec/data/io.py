@@ -44,6 +44,7 @@ CONTRACT_BY_PREFIX = {"items": ITEMS, "pairs": PAIRS, "events": EVENTS}
 WORLD_FILES = (("items.parquet", ITEMS), ("pairs_train.parquet", PAIRS),
                ("pairs_test.parquet", PAIRS), ("events_train.parquet", EVENTS),
                ("events_test.parquet", EVENTS))
+REQUIRED_WORLD_FILES = ("items.parquet", "events_train.parquet", "events_test.parquet")
 
 
 @dataclass
@@ -307,11 +308,16 @@ def write_table(table: pa.Table, path: PathLike, contract: Contract,
 def validate_world(directory: PathLike, drop_invalid: bool = False,
                    echo=print) -> List[ValidationResult]:
     """Check every file of a world folder (see ``docs/interfaces.md``), cross-file rules
-    included: pair and event item ids must lie in the items table, no file may be empty, and an
-    ``mm_table/`` folder must match its manifest. Prints one ``OK`` line per file with its row count."""
+    included: the items and both event splits present (a missing split used to pass here and
+    fail a CTR run after its training), pair and event item ids in the items table, no file
+    empty, and an ``mm_table/`` folder matching its manifest. Pairs are optional (only C-SFT
+    reads them; a release without query images has none). Prints one ``OK`` line per file with
+    its row count."""
     directory = Path(directory)
-    if not (directory / "items.parquet").is_file():
-        raise DataError(str(directory / "items.parquet"), "a world folder needs items.parquet")
+    missing = [name for name in REQUIRED_WORLD_FILES if not (directory / name).is_file()]
+    if missing:
+        raise DataError(str(directory / missing[0]), f"no such file; a world folder needs "
+                        f"{', '.join(REQUIRED_WORLD_FILES)} (missing: {', '.join(missing)})")
     results: List[ValidationResult] = []
     item_count = categories = None  # known once items.parquet (the first of WORLD_FILES) passed
     for name, contract in WORLD_FILES:
