@@ -272,6 +272,8 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-9)
     (tmp_path / "moved").rename(tmp_path / "moved_again")
     assert ciubm._finished(_config(world, tmp_path / "moved_again", "max_steps=6", "model.ubm=sim"))
+    with pytest.raises(ConfigError, match=r"holds a run trained 6 steps, more than max_steps=3"):
+        ciubm.run(_config(world, tmp_path / "moved_again", "max_steps=3", "model.ubm=sim"))
 
 
 def _step_records(out) -> list:
@@ -407,6 +409,10 @@ def test_grid_runs_equal_single_runs_and_skip_finished_ones(world, tmp_path, cap
     changed = [{"name": "avg", "overrides": [f"out={tmp_path / 'g_avg'}", "model.ubm=avg", "seed=5"]}]
     with pytest.raises(ConfigError, match=r"another config \(differs in: seed\)"):
         ciubm.run_grid(None, base, changed)  # never resumed from the seed-0 run's checkpoints
+    shared = [{"name": "a", "overrides": ["model.ubm=avg"]}, {"name": "b", "overrides": ["model.ubm=din"]}]
+    with pytest.raises(ConfigError, match=r"--grid: runs 'a' and 'b' both write out=.*shared; give each its own"):
+        ciubm.run_grid(None, [*base, f"out={tmp_path / 'shared'}"], shared)  # refused before run a trained
+    assert not (tmp_path / "shared").exists()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -431,12 +437,30 @@ def test_bad_grid_files_are_refused(tmp_path, text, message):
     ("lr=-0.1", r"lr=-0.1: must be positive"),
     ("model.ubm=dinn", r"model.ubm='dinn': choose one of avg, bst, dien, din, sim, twin"),
     ("model.item_dim=10", r"model.item_dim=10: FBGEMM's embedding kernels need a multiple of 4"),
+    ("model.dien_aux_weight=nan", r"model.dien_aux_weight=nan: must not be negative"),
+    ("model.dien_aux_weight=-5", r"model.dien_aux_weight=-5.0: must not be negative"),
+    ("model.mm_whiten=-1", r"model.mm_whiten=-1: must not be negative"),
+    ("loader.seed=-5", r"loader.seed=-5: must not be negative"),
+    ("model.ubm=twin model.ubm_options={num_heads: 0}", r"num_heads=0: must be a positive divisor"),
+    ("model.ubm=bst model.ubm_options={max_positions: 0}", r"max_positions=0: must be at least 1"),
 ])
 def test_settings_that_cannot_train_are_refused_by_key(tmp_path, override, message):
     """Before any data is read: a zero batch size or interval used to surface as a
     ZeroDivisionError mid-run, zero epochs as a silently untrained model."""
     with pytest.raises(ConfigError, match=message):
-        ciubm.load_train_config(None, [f"data.world={tmp_path}", override])
+        ciubm.load_train_config(None, [f"data.world={tmp_path}", *override.split(" ", 1)])
+
+
+def test_a_diverged_run_stops_before_checkpointing_nan_weights(world, tmp_path, capsys):
+    """A NaN loss used to be checkpointed (poisoning every resume) and then fail the
+    evaluation with a message about applying sigmoid to logits."""
+    from train.cli import main
+
+    out = tmp_path / "diverged"
+    assert main(["train", f"data.world={world}", f"out={out}", *FAST, "max_steps=4",
+                 "lr=1e30", "id_lr=1e30"]) == 1
+    assert "the training loss is not finite" in capsys.readouterr().err
+    assert not (out / "checkpoints" / "latest").is_file() and not (out / "metrics.json").exists()
 
 def test_eval_only_without_a_checkpoint_is_refused(world, tmp_path):
     """It used to evaluate an untrained model and write its AUC into metrics.json."""

@@ -114,6 +114,7 @@ def test_given_edges_bucket_two_runs_identically_and_gain_is_per_bucket():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(preds=torch.tensor([0.5, 1.5])), "probabilities"),
+    (dict(preds=torch.tensor([0.5, float("nan")])), "NaN or infinity"),
     (dict(labels=torch.tensor([0.0, 2.0])), "0 or 1"),
     (dict(user_id=torch.tensor([1])), "'user_id' has 1 values"),
     (dict(item_age_days=torch.tensor([1.0, float("nan")])), "finite"),

@@ -69,18 +69,21 @@ POSITIVE_SETTINGS = ("epochs", "max_steps", "lr", "id_lr", "checkpoint_every", "
                      "loader.batch_size", "loader.max_hist_len", "loader.query_buckets",
                      "loader.shuffle_row_groups", "model.item_dim", "model.category_dim", "model.user_dim",
                      "model.query_dim", "model.mm_dim", "model.query_buckets", "model.mm_projection")
+# ... and these may be 0 (a weight or the whitening switched off, seed 0), never negative or NaN.
+NOT_NEGATIVE_SETTINGS = ("model.dien_aux_weight", "model.mm_whiten", "seed", "loader.seed")
 
 
 def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     """A validated TrainConfig from a file and ``key=value`` overrides."""
     from mim_rec.ciubm.sparse import FBGEMM_COLUMN_ALIGNMENT
-    from mim_rec.config import ConfigError, load_config, require_positive
+    from mim_rec.config import ConfigError, load_config, require_not_negative, require_positive
     from mim_rec.ubm import available_ubms
 
     config = load_config(TrainConfig, path, overrides)
     if not config.data.world:
         raise ConfigError("data.world: the world folder (items.parquet, events_*.parquet) is required")
     require_positive(config, POSITIVE_SETTINGS)
+    require_not_negative(config, NOT_NEGATIVE_SETTINGS)
     for key in ("item_dim", "category_dim", "user_dim", "query_dim"):
         if getattr(config.model, key) % FBGEMM_COLUMN_ALIGNMENT:
             raise ConfigError(f"model.{key}={getattr(config.model, key)}: FBGEMM's embedding kernels need a "
@@ -195,8 +198,17 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
     configs are validated before the first step, so a typo in run 30 fails at once."""
     import gc
 
+    from mim_rec.config import ConfigError
+
     configs = [(entry["name"], load_train_config(config_path, [*overrides, *entry["overrides"]]))
                for entry in runs]
+    writers: Dict[Path, str] = {}
+    for name, config in configs:  # two runs in one folder: the second would be refused after the first trained
+        folder = Path(config.out).resolve()
+        if folder in writers:
+            raise ConfigError(f"--grid: runs {writers[folder]!r} and {name!r} both write out={config.out}; "
+                              f"give each its own out=")
+        writers[folder] = name
     for index, (name, config) in enumerate(configs, 1):
         if train and _finished(config):
             print(f"grid [{index}/{len(configs)}] {name}: finished earlier, skipped", flush=True)
@@ -250,6 +262,10 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
+    trained = int((out / "checkpoints" / "latest").read_text().strip().rsplit("-", 1)[-1])
+    if config.max_steps is not None and trained > config.max_steps:  # it used to report the longer run as this one
+        raise ConfigError(f"out={out} holds a run trained {trained} steps, more than max_steps={config.max_steps}: "
+                          f"use a new out= (or max_steps={trained} or more)")
     if inputs is not None:  # the planner shards by the number of ranks, and the fused optimizers' state follows the shards
         import torch.distributed as dist
         checkpoint = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
@@ -644,10 +660,32 @@ def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx,
         if live is not None and progress["global_step"] % config.rim_apply_every == 0:
             _apply_rim(live, model, logger, progress["global_step"])
         if progress["global_step"] % config.checkpoint_every == 0:
+            _require_finite(parts, progress["global_step"], checkpoints)
             checkpoints.save(model, optimizer, progress)
     step.detach()
     bar.close()
+    if steps:
+        _require_finite(parts, progress["global_step"], checkpoints)
     checkpoints.save(model, optimizer, progress)
+
+
+def _require_finite(parts, step: int, checkpoints) -> None:
+    """Stop, on every rank alike, before checkpointing a step whose loss is NaN or infinite:
+    the weights it updated are too, and every resume would load them. One flag all-reduced,
+    at checkpoint time only (the loss stays on the device between logs)."""
+    import torch
+    import torch.distributed as dist
+
+    from mim_rec.utils.run import TrainingDiverged
+
+    finite = torch.isfinite(parts).all().to(torch.float32).reshape(1)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1:
+        latest = checkpoints.directory / "latest"
+        kept = latest.read_text().strip() if latest.is_file() else "none"
+        raise TrainingDiverged(f"step {step}: the training loss is not finite (total, BCE, auxiliary: "
+                               f"{parts.tolist()} on this rank); no checkpoint was written for it (the "
+                               f"newest is {kept}). Lower lr or id_lr, or check the inputs")
 
 
 def evaluate(config: TrainConfig, model, items, ctx) -> Dict[str, Any]:

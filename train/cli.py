@@ -51,11 +51,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from mim_rec.data.errors import DataError, ManifestMismatch
     from mim_rec.config import ConfigError
+    from mim_rec.utils.run import TrainingDiverged
     try:
         result = args.func(args)
     except (DataError, ManifestMismatch, ConfigError) as exc:
         print(f"mim {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"mim {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

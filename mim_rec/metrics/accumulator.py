@@ -75,7 +75,9 @@ class CtrMetrics:
             if column.numel() != size:
                 raise ValueError(f"update(): '{name}' has {column.numel()} values, 'preds' has {size}")
         preds, labels = preds.detach().reshape(-1).float(), labels.detach().reshape(-1).float()
-        if not torch.isfinite(preds).all() or ((preds < 0) | (preds > 1)).any():
+        if not torch.isfinite(preds).all():
+            raise ValueError("update(): 'preds' hold NaN or infinity (did the model diverge?)")
+        if ((preds < 0) | (preds > 1)).any():
             raise ValueError("update(): 'preds' must be probabilities in [0, 1] (apply sigmoid to logits)")
         if ((labels != 0) & (labels != 1)).any():
             raise ValueError("update(): 'labels' must be 0 or 1")

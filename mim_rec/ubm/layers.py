@@ -101,8 +101,8 @@ class ProjectedDotScorer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 1) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"num_heads={num_heads}: must be a positive divisor of dim {dim}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
@@ -153,6 +153,8 @@ class PositionalEmbedding(nn.Module):
 
     def __init__(self, max_positions: int, dim: int) -> None:
         super().__init__()
+        if max_positions < 1:
+            raise ValueError(f"max_positions={max_positions}: must be at least 1")
         self.max_positions = max_positions
         self.table = nn.Embedding(max_positions, dim)
 

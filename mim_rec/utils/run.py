@@ -1,4 +1,5 @@
-"""Helpers every trainer uses: seeding, JSONL metric logging, atomic file writes."""
+"""Helpers every trainer uses: seeding, JSONL metric logging, atomic file writes, the
+divergence error."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite: the run stops before it checkpoints NaN weights that
+    every resume would load."""
 
 
 def seed_everything(seed: int) -> None:
