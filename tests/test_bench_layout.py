@@ -50,7 +50,9 @@ def test_sharded_run_times_both_collections_through_dmp_on_two_ranks(tmp_path, c
 
 @pytest.mark.parametrize("override, needle", [("batch_size=0", "batch_size"), ("warmup=-1", "warmup"),
                                               ("device=tpu", "device"), ("min_hist_len=9", "min_hist_len"),
-                                              ("sharding=diagonal", "sharding")])
+                                              ("sharding=diagonal", "sharding"),
+                                              ("dim=3", "dim=3: FBGEMM's embedding kernels need a multiple of 4"),
+                                              ("sharded=true ranks=3 sharding=column_wise", "column_wise over ranks=3")])
 def test_bad_settings_are_refused_by_name(override, needle, capsys):
-    assert main(["bench", "layout", "--quick", override]) == 2
+    assert main(["bench", "layout", "--quick", *override.split()]) == 2
     assert needle in capsys.readouterr().err

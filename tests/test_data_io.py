@@ -104,6 +104,10 @@ BAD_CASES = {
     "non-dense id": ("items", lambda r: edit(r, "item_id", 5, 7), 5, "item_id", "not dense"),
     "unknown signal": ("pairs", lambda r: edit(r, "signal", 2, "like"), 2, "signal", "unknown signal"),
     "label": ("events", lambda r: edit(r, "label", 3, 2), 3, "label", "label not in"),
+    "behaviour after its event": ("events", lambda r: edit(r, "hist_ts", 2, [9]), 2, "hist_ts",
+                                  r"behaviour after its event \(hist_ts > ts\)"),
+    "history newest first": ("events", lambda r: edit(r, "hist_ts", 3, [1, 0, 0]), 3, "hist_ts",
+                             "history not oldest first"),
     "empty title": ("items", lambda r: edit(r, "title", 0, "  "), 0, "title", "empty title"),
     "no image at all": ("items", lambda r: edit(edit(r, "image", 2, None), "image_feature", 2, None),
                         2, "image|image_feature", "all of these columns are null"),
@@ -271,6 +275,18 @@ def test_a_world_file_without_rows_is_refused(tmp_path, capsys, drop_invalid):
     assert f"{events}: holds no rows" in capsys.readouterr().err
 
 
+def test_a_behaviour_category_that_is_not_its_items_is_refused(tmp_path):
+    """The loader embeds the category the events list; one that disagrees with the items table
+    gave a behaviour another category's embedding and misled SIM's category search."""
+    write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)  # item i has category i % 2
+    events = write_raw(tmp_path, "events_test.parquet", EVENTS, edit(events_rows(), "hist_category_ids", 3, [0, 0, 0]))
+    _complete_world(tmp_path)
+    with pytest.raises(DataError, match="behaviour category differs from its item's in the items table") as info:
+        validate_world(tmp_path)
+    assert (info.value.file, info.value.row, info.value.field) == (str(events), 3, "hist_category_ids")
+    validate_file(events, EVENTS, item_count=N_ITEMS)  # without the items' categories it is not checked
+
+
 def test_category_ids_past_the_items_categories_are_refused(tmp_path):
     """An unknown category id would be looked up in rows the category table does not have."""
     write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)  # categories 0 and 1
@@ -285,3 +301,12 @@ def test_category_ids_past_the_items_categories_are_refused(tmp_path):
         validate_file(pairs, PAIRS, item_count=N_ITEMS, category_count=2)
     assert (info.value.row, info.value.field) == (1, "category_id")
     validate_file(pairs, PAIRS, item_count=N_ITEMS)  # without the items' categories, only >= 0 is checked
+
+
+def test_validate_names_a_missing_path_and_a_bad_item_count(tmp_path, capsys):
+    """A missing path was reported as a file name the command could not read a contract from."""
+    assert mim(["data", "validate", str(tmp_path / "absent")]) == 2
+    assert "absent: no such file or world folder" in capsys.readouterr().err
+    events = write_raw(tmp_path, "events_train.parquet", EVENTS, events_rows())
+    assert mim(["data", "validate", str(events), "--item-count", "-1"]) == 2
+    assert "--item-count=-1: must be positive" in capsys.readouterr().err

@@ -178,3 +178,16 @@ def test_a_world_the_generator_cannot_draw_is_refused_by_field(override, named):
     from mim_rec.config import ConfigError
     with pytest.raises(ConfigError, match=named):
         replace(tiny(SynthConfig()), **override)
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"search_results": 10_000}, r"search_results=10000: category \d+ has only \d+ items"),
+    ({"items": 60, "users": 50, "categories": 20, "events": 2000}, r"page_size=8: category \d+ has fewer items"),
+])
+def test_sizes_a_category_cannot_fill_are_setting_errors(tmp_path, override, named):
+    """They used to end in numpy tracebacks halfway through writing the world."""
+    from dataclasses import replace
+
+    from mim_rec.config import ConfigError
+    with pytest.raises(ConfigError, match=named):
+        generate_world(replace(tiny(SynthConfig(seed=3)), **override), tmp_path)

@@ -72,6 +72,11 @@ class LayoutBenchConfig:
             raise ConfigError(f"ranks must be at least 1, got {self.ranks}")
         if self.sharding not in SHARDINGS:
             raise ConfigError(f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
+        if self.dim % 4:
+            raise ConfigError(f"dim={self.dim}: FBGEMM's embedding kernels need a multiple of 4")
+        if self.sharded and self.sharding == "column_wise" and self.dim % (4 * self.ranks):
+            raise ConfigError(f"dim={self.dim}: column_wise over ranks={self.ranks} needs a multiple of "
+                              f"{4 * self.ranks} (a block of a multiple of 4 columns a rank)")
 
 
 def quick() -> LayoutBenchConfig:

@@ -467,7 +467,7 @@ def _validate_events(config: TrainConfig, items) -> None:
     for split in ("train", "test"):
         path = Path(config.data.world) / f"events_{split}.parquet"
         validate_file(path, EVENTS, item_count=items.count, category_count=int(items.category.max()) + 1,
-                      keep=False)
+                      item_category=items.category, keep=False)
 
 
 def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:

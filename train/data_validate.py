@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from mim_rec.data.schemas import ITEMS
 
     path = Path(args.path)
+    if not path.exists():
+        raise DataError(str(path), "no such file or world folder")
+    if args.item_count is not None and args.item_count < 1:
+        raise DataError(str(path), f"--item-count={args.item_count}: must be positive")
     if path.is_dir():
         validate_world(path, drop_invalid=args.drop_invalid)
         return 0

@@ -89,20 +89,22 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
                   category_count: Optional[int] = None, drop_invalid: bool = False, keep: bool = True,
                   columns: Optional[List[str]] = None,
                   vector_dims: Optional[Dict[str, int]] = None,
+                  item_category: Optional[np.ndarray] = None,
                   batch_rows: int = BATCH_ROWS) -> ValidationResult:
     """Check one Parquet file against ``contract``; see the module docstring.
 
     ``keep=False`` streams without holding the table (for ``mim data validate`` on files larger
     than memory). ``columns`` reads a subset (contract columns are always all read, since the
     checks need them). ``vector_dims`` fixes the expected length of vector columns; without it
-    the first row's length is the column's dimension.
+    the first row's length is the column's dimension. ``item_category`` (:func:`read_item_categories`)
+    lets events be checked against their items: each behaviour's category must be its item's.
     """
     path = Path(path)
     file = str(path)
     parquet = _open(path)
     schema = conform_schema(parquet.schema_arrow, contract, file)
     ctx = CheckContext(file, item_count=item_count, category_count=category_count, base_dir=path.parent,
-                       vector_dims=vector_dims)
+                       vector_dims=vector_dims, item_category=item_category)
     read_columns = None
     if columns is not None:
         read_columns = [n for n in schema.names if n in contract.fields or n in columns]
@@ -319,16 +321,16 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
         raise DataError(str(directory / missing[0]), f"no such file; a world folder needs "
                         f"{', '.join(REQUIRED_WORLD_FILES)} (missing: {', '.join(missing)})")
     results: List[ValidationResult] = []
-    item_count = categories = None  # known once items.parquet (the first of WORLD_FILES) passed
+    item_count = categories = item_category = None  # known once items.parquet (the first of WORLD_FILES) passed
     for name, contract in WORLD_FILES:
         path = directory / name
         if not path.is_file():
             continue
         result = validate_file(path, contract, item_count=item_count, category_count=categories,
-                               drop_invalid=drop_invalid, keep=False)
+                               item_category=item_category, drop_invalid=drop_invalid, keep=False)
         require_rows(result)
         if contract is ITEMS:
-            item_count, categories = result.rows, category_count(path)
+            item_count, categories, item_category = result.rows, category_count(path), read_item_categories(path)
         results.append(result)
         echo(ok_line(result))
     _check_world_manifest(directory, results[0].rows)
@@ -344,6 +346,13 @@ def require_rows(result: ValidationResult) -> ValidationResult:
         quarantined = f" ({result.rejected} quarantined -> {result.rejected_path})" if result.rejected else ""
         raise DataError(str(result.path), f"holds no rows{quarantined}; a world file must hold data")
     return result
+
+
+def read_item_categories(items_path: PathLike) -> np.ndarray:
+    """Each item's category_id (row i: item i) from an already checked items table, read
+    without the images."""
+    table = pq.read_table(items_path, columns=["item_id", "category_id"])
+    return table["category_id"].to_numpy().astype(np.int64)[np.argsort(table["item_id"].to_numpy())]
 
 
 def category_count(items_path: PathLike) -> int:

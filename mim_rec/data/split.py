@@ -39,8 +39,9 @@ def time_cut(ts: np.ndarray, fraction: float, path: PathLike, option: str = "dat
     ordered = np.sort(ts)
     cut = int(ordered[min(len(ordered) - 1, int(np.floor(len(ordered) * (1.0 - fraction))))])
     if not (ordered < cut).any():
-        raise DataError(str(path), f"{option}={fraction} leaves no rows to train on "
-                        "(every row shares the cut's timestamp)", field="ts")
+        why = ("every row shares the cut's timestamp" if int(np.floor(len(ordered) * (1.0 - fraction))) > 0
+               else f"it holds out all {len(ordered)} rows")
+        raise DataError(str(path), f"{option}={fraction} leaves no rows to train on ({why})", field="ts")
     return cut
 
 

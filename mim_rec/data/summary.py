@@ -44,7 +44,10 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
             "click_rate_per_category": per_cat,
             "history_length": _percentiles(hist_len),
             "item_age_days": _percentiles(age_days),
-            "item_age_decile_edges_days": [round(float(x), 2) for x in np.percentile(age_days, np.arange(10, 100, 10))],
+            # the evaluation's method (lower-value quantiles: mim_rec.metrics age_bucket_edges), so
+            # these edges are the ones metrics.json reports for the same split
+            "item_age_decile_edges_days": [round(float(x), 2) for x in np.percentile(
+                age_days, np.arange(10, 100, 10), method="lower")] if len(age_days) else None,
         }
     for split in ("train", "test"):
         path = directory / f"pairs_{split}.parquet"

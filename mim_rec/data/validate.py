@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -119,6 +119,8 @@ class CheckContext:
     category_count: Optional[int] = None  # category ids in 0..category_count-1 (None: only >= 0)
     base_dir: Optional[Path] = None    # image paths are relative to the file's folder
     vector_dims: Optional[Dict[str, int]] = None  # expected length per vector column
+    # Per item (row i: item i), from the items table: behaviours must agree (None: unchecked)
+    item_category: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         # Vector columns without a given dim take the first row's length; all rows must match.
@@ -170,6 +172,19 @@ def _per_row(name: str, value_mask: Callable[[pa.Array], np.ndarray]):
         bad = value_mask(values)
         return _rows_of_values(column, bad) if values is not column else bad
     return flags
+
+
+def _list_elements(column: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+    """``(row of every element, the elements)`` of a list column, nulls as 0 (their own rule
+    flags them)."""
+    values = pc.fill_null(_values(column), 0).to_numpy(zero_copy_only=False)
+    return pc.list_parent_indices(column).to_numpy(), values
+
+
+def _rows_where(rows: np.ndarray, element_mask: np.ndarray, num_rows: int) -> np.ndarray:
+    flagged = np.zeros(num_rows, dtype=bool)
+    flagged[rows[element_mask]] = True
+    return flagged
 
 
 # ---------------------------------------------------------------- reusable rules
@@ -300,6 +315,35 @@ def _pairs_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
     return checks
 
 
+def _behaviour_categories_match_items(ctx: CheckContext) -> RowCheck:
+    """The loader embeds a behaviour with the category the events list: one that is not its
+    item's would give it another category's embedding and mislead SIM's category search."""
+    def flags(batch: pa.RecordBatch) -> np.ndarray:
+        rows, ids = _list_elements(batch.column("hist_item_ids"))
+        _, categories = _list_elements(batch.column("hist_category_ids"))
+        if len(ids) != len(categories):  # ragged: the unequal-length rule names those rows
+            return np.zeros(batch.num_rows, dtype=bool)
+        known = (ids >= 0) & (ids < len(ctx.item_category))
+        return _rows_where(rows, known & (ctx.item_category[np.where(known, ids, 0)] != categories), batch.num_rows)
+    return RowCheck("hist_category_ids", "behaviour category differs from its item's in the items table", flags)
+
+
+def _behaviours_before_the_event(batch: pa.RecordBatch) -> np.ndarray:
+    """A behaviour after its event leaks the future into the features (label leakage)."""
+    rows, times = _list_elements(batch.column("hist_ts"))
+    ts = pc.fill_null(batch.column("ts"), 0).to_numpy(zero_copy_only=False)
+    return _rows_where(rows, times > ts[rows], batch.num_rows)
+
+
+def _behaviours_oldest_first(batch: pa.RecordBatch) -> np.ndarray:
+    """The loader keeps the last ``max_hist_len`` behaviours as the most recent: a history
+    stored newest first would silently keep the oldest."""
+    rows, times = _list_elements(batch.column("hist_ts"))
+    earlier = np.zeros(len(times), dtype=bool)
+    earlier[1:] = (times[1:] < times[:-1]) & (rows[1:] == rows[:-1])
+    return _rows_where(rows, earlier, batch.num_rows)
+
+
 def _events_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
     checks = [_not_null(f) for f in EVENTS.required_names]
     checks += [
@@ -316,7 +360,11 @@ def _events_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
                                    pc.list_value_length(b.column(HISTORY_FIELDS[0])),
                                    pc.list_value_length(b.column(other))))))
     checks += [_id_in_range("hist_item_ids", ctx.item_count, "behaviour item id"),
-               _category_in_range("hist_category_ids", ctx, "behaviour category id")]
+               _category_in_range("hist_category_ids", ctx, "behaviour category id"),
+               RowCheck("hist_ts", "behaviour after its event (hist_ts > ts)", _behaviours_before_the_event),
+               RowCheck("hist_ts", "history not oldest first (hist_ts decreases)", _behaviours_oldest_first)]
+    if ctx.item_category is not None:
+        checks.append(_behaviour_categories_match_items(ctx))
     return checks
 
 

@@ -37,6 +37,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from mim_rec.config import ConfigError
 from mim_rec.data.synth.config import SynthConfig
 
 DAY = 86_400
@@ -226,9 +227,9 @@ def _category_candidates(config: SynthConfig, lat: Latents, categories: np.ndarr
         items = np.flatnonzero(lat.item_category == c)
         items = items[np.argsort(lat.item_created[items], kind="stable")]
         available = np.searchsorted(lat.item_created[items], ts[rows], side="right")
-        if (available < take).any():
-            raise ValueError(f"category {c} has fewer than {take} items before a session; "
-                             "raise items or lower page_size")
+        if (available < take).any():  # the sizes asked for cannot fill a page: a setting error
+            raise ConfigError(f"page_size={take}: category {c} has fewer items before a session; "
+                              "raise items or lower page_size")
         candidates = items[(rng.random((len(rows), 3 * take)) * available[:, None]).astype(np.int64)]
         score = 0.5 * lat.item_effect[candidates] + _gumbel(rng, candidates.shape)
         out[rows] = _dedupe_top(candidates, score, take)
@@ -267,6 +268,9 @@ def sample_pairs(config: SynthConfig, lat: Latents, sessions: Sessions, rng: np.
         rows_c = np.flatnonzero(category == c)
         pool = np.flatnonzero(lat.item_category == c)
         pool = pool[np.argsort(lat.item_created[pool], kind="stable")]
+        if len(pool) < config.search_results:
+            raise ConfigError(f"search_results={config.search_results}: category {c} has only {len(pool)} items; "
+                              "lower search_results or raise items")
         available = np.searchsorted(lat.item_created[pool], ts[rows_c], side="right")
         match = wanted[rows_c] @ lat.item_style[pool].T                    # [n, pool]
         relevance = config.search_sharpness * match + _gumbel(rng, match.shape)
