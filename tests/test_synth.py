@@ -191,3 +191,26 @@ def test_sizes_a_category_cannot_fill_are_setting_errors(tmp_path, override, nam
     from mim_rec.config import ConfigError
     with pytest.raises(ConfigError, match=named):
         generate_world(replace(tiny(SynthConfig(seed=3)), **override), tmp_path)
+
+
+def test_summary_edges_are_the_evaluations_and_an_empty_split_is_summarised(world, tmp_path, capsys):
+    """The decile edges used another quantile method than metrics.json's age_edges, and an
+    empty events file crashed the command."""
+    import shutil
+
+    import torch
+
+    from mim_rec.data.summary import summarize_world
+    from mim_rec.metrics.functional import age_bucket_edges
+
+    events = pq.read_table(world / "events_test.parquet", columns=["target_item_id", "ts"])
+    created = pq.read_table(world / "items.parquet", columns=["item_id", "created_at"]).sort_by("item_id")
+    created_s = created["created_at"].cast(pa.timestamp("s")).cast(pa.int64()).to_numpy()
+    ages = (events["ts"].to_numpy() - created_s[events["target_item_id"].to_numpy()]) / 86_400
+    expected = [round(x, 2) for x in age_bucket_edges(torch.from_numpy(ages))]
+    assert summarize_world(world)["events_test"]["item_age_decile_edges_days"] == expected
+    copy = tmp_path / "copy"
+    shutil.copytree(world, copy)
+    pq.write_table(pq.read_table(copy / "events_test.parquet").slice(0, 0), copy / "events_test.parquet")
+    assert mim(["data", "summary", str(copy)]) == 0
+    assert "events_test: 0 rows" in capsys.readouterr().out

@@ -31,6 +31,9 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
         if not path.is_file():
             continue
         table = pq.read_table(path, columns=["user_id", "target_item_id", "label", "ts", "hist_item_ids"])
+        if table.num_rows == 0:  # summarised as such (validate refuses it, naming the file)
+            summary[f"events_{split}"] = {"rows": 0}
+            continue
         label = table["label"].to_numpy().astype(np.float64)
         target = table["target_item_id"].to_numpy()
         hist_len = pc.list_value_length(table["hist_item_ids"]).to_numpy(zero_copy_only=False)
@@ -47,7 +50,7 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
             # the evaluation's method (lower-value quantiles: mim_rec.metrics age_bucket_edges), so
             # these edges are the ones metrics.json reports for the same split
             "item_age_decile_edges_days": [round(float(x), 2) for x in np.percentile(
-                age_days, np.arange(10, 100, 10), method="lower")] if len(age_days) else None,
+                age_days, np.arange(10, 100, 10), method="lower")],
         }
     for split in ("train", "test"):
         path = directory / f"pairs_{split}.parquet"
@@ -70,7 +73,9 @@ def format_summary(summary: Dict) -> str:
     lines: List[str] = [f"items: {summary['items']:,}  categories: {summary['categories']}"]
     for split in ("train", "test"):
         ev = summary.get(f"events_{split}")
-        if ev:
+        if ev and not ev["rows"]:
+            lines.append(f"events_{split}: 0 rows")
+        elif ev:
             lines.append(f"events_{split}: {ev['rows']:,} rows, {ev['users']:,} users, "
                          f"click rate {ev['click_rate']:.4f}")
             rates = ev["click_rate_per_category"].values()
