@@ -41,6 +41,9 @@ def test_require_positive_names_the_dotted_key_and_lets_unset_pass():
     ("csft", "checkpoint_every=-1", "checkpoint_every=-1"),
     ("csft", "model.fusion.hidden=0", "model.fusion.hidden=0"),
     ("pretrain", "encoders.shared_dim=0", "encoders.shared_dim=0"),
+    ("pretrain", "encoders.vision.image_size=0", "encoders.vision.image_size=0"),
+    ("pretrain", "encoders.text.max_length=0", "encoders.text.max_length=0"),
+    ("pretrain", "eval.probe_lr=nan", "eval.probe_lr=nan"),
 ])
 def test_stage_commands_refuse_non_positive_settings(tmp_path, capsys, command, override, key):
     # The world folder does not exist: the refusal must come before anything reads it.
@@ -92,6 +95,8 @@ def test_table_build_refuses_non_positive_sizes_before_writing(tmp_path, capsys,
     ("pretrain", "dda_steps=-1", "dda_steps=-1: must not be negative"),
     ("pretrain", "dda_steps=0 dma_steps=0", "dda_steps=0 dma_steps=0: nothing to train"),
     ("pretrain", "mlm_probability=1.5", "mlm_probability=1.5: must lie strictly between 0 and 1"),
+    ("pretrain", "seed=-1", "seed=-1: must not be negative"),
+    ("pretrain", "encoders.vision.trainable_groups=-1", "encoders.vision.trainable_groups=-1: must not be negative"),
     ("csft", "loss.alpha=-1", "loss.alpha=-1.0: must not be negative"),
     ("csft", "negatives.queue_batches=-1", "negatives.queue_batches=-1: must not be negative"),
     ("csft", "data.validation=1.5", "data.validation=1.5: must lie strictly between 0 and 1"),
@@ -118,6 +123,13 @@ def test_device_cuda_on_a_host_without_one_is_a_config_error():
     from mim_rec.utils.dist import resolve_device
     with pytest.raises(ConfigError, match="device=cuda: no CUDA device is visible"):
         resolve_device("cuda")
+
+
+def test_an_unknown_device_is_a_config_error():
+    """device=tpu used to run on the CPU without a word."""
+    from mim_rec.utils.dist import resolve_device
+    with pytest.raises(ConfigError, match="device='tpu': choose auto, cpu or cuda"):
+        resolve_device("tpu")
 
 
 def test_a_folder_where_a_file_belongs_and_the_reverse_are_named(tmp_path):

@@ -41,8 +41,12 @@ def _load(args: argparse.Namespace):
 
     config = load_config(PretrainConfig, args.config, args.overrides)
     require_positive(config, ("data.batch_size", "head_warmup_batch_size", "lr", "backbone_lr", "head_warmup_lr",
-                              "checkpoint_every", "log_every", "encoders.shared_dim"))
-    require_not_negative(config, ("dda_steps", "dma_steps", "head_warmup_steps", "image_ssl_weight", "weight_decay"))
+                              "checkpoint_every", "log_every", "encoders.shared_dim", "encoders.vision.image_size",
+                              "encoders.vision.feature_dim", "encoders.text.max_length", "eval.batch_size",
+                              "eval.probe_steps", "eval.probe_lr", "eval.probe_batch_size"))
+    require_not_negative(config, ("dda_steps", "dma_steps", "head_warmup_steps", "image_ssl_weight", "weight_decay",
+                                  "seed", "eval.seed", "encoders.vision.trainable_groups",
+                                  "encoders.text.trainable_layers"))
     require_fraction(config, ("mlm_probability", "data.heldout_fraction"))
     if config.dda_steps + config.dma_steps == 0:
         raise ConfigError("dda_steps=0 dma_steps=0: nothing to train")

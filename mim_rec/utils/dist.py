@@ -33,7 +33,10 @@ class DistContext:
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``device`` -- "auto" (cuda when available), "cpu" or "cuda" -- as a ``torch.device``;
-    cuda asked for where none is visible is an error."""
+    cuda asked for where none is visible is an error, and so is any other name."""
+    if device not in ("auto", "cpu", "cuda"):
+        from mim_rec.config import ConfigError
+        raise ConfigError(f"device={device!r}: choose auto, cpu or cuda")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         from mim_rec.config import ConfigError
