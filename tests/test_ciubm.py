@@ -263,17 +263,21 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
 def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
     """Resumed after its folder was moved, too: a run folder is not tied to where it was written
     (copied off a cluster, renamed)."""
-    straight = ciubm.run(_config(world, tmp_path / "a", "max_steps=6", "model.ubm=sim"))
-    ciubm.run(_config(world, tmp_path / "b", "max_steps=3", "model.ubm=sim"))
+    straight = ciubm.run(_config(world, tmp_path / "a", "max_steps=6", "model.ubm=sim", "log_every=1"))
+    ciubm.run(_config(world, tmp_path / "b", "max_steps=3", "model.ubm=sim", "log_every=1"))
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as log:  # what a kill after step 4 leaves
+        log.write(json.dumps({"step": 4, "loss": 9.0}) + "\n" + '{"step": 5, "lo')
     (tmp_path / "b").rename(tmp_path / "moved")
-    resumed = ciubm.run(_config(world, tmp_path / "moved", "max_steps=6", "model.ubm=sim"))
+    resumed = ciubm.run(_config(world, tmp_path / "moved", "max_steps=6", "model.ubm=sim", "log_every=1"))
     assert resumed["steps"] == straight["steps"] == 6
+    assert [r["step"] for r in _step_records(tmp_path / "moved")] == [1, 2, 3, 4, 5, 6]
+    assert _step_losses(tmp_path / "moved") == pytest.approx(_step_losses(tmp_path / "a"), abs=1e-6)
     assert resumed["logloss"] == pytest.approx(straight["logloss"], abs=1e-7)
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-9)
     (tmp_path / "moved").rename(tmp_path / "moved_again")
-    assert ciubm._finished(_config(world, tmp_path / "moved_again", "max_steps=6", "model.ubm=sim"))
+    assert ciubm._finished(_config(world, tmp_path / "moved_again", "max_steps=6", "model.ubm=sim", "log_every=1"))
     with pytest.raises(ConfigError, match=r"holds a run trained 6 steps, more than max_steps=3"):
-        ciubm.run(_config(world, tmp_path / "moved_again", "max_steps=3", "model.ubm=sim"))
+        ciubm.run(_config(world, tmp_path / "moved_again", "max_steps=3", "model.ubm=sim", "log_every=1"))
 
 
 def _step_records(out) -> list:

@@ -511,6 +511,8 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     checkpoints = DcpCheckpoints(out / "checkpoints")
     progress = checkpoints.restore(model, optimizer, with_optimizer=train) \
         or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    if logger and train:
+        logger.forget_after(progress["global_step"])
     live = None
     if config.rim_log:
         from embeddings.rim_live import LiveMMTable

@@ -109,6 +109,7 @@ def run_csft(config) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         logger = JsonlLogger(out / "metrics.jsonl", tensorboard_dir=out / "tb")
+        logger.forget_after(step)
         logger.log({"event": "resume" if resumed else "start", "world_size": ctx.world_size,
                     "train_pairs": len(pairs), "signals": config.data.signals,
                     "backbone_features_cached": inputs.features,

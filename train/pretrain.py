@@ -100,6 +100,7 @@ def run_pretrain(config) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         logger = JsonlLogger(out / "metrics.jsonl", tensorboard_dir=out / "tb")
+        logger.forget_after(step)
         logger.log({"event": "resume" if resumed else "start", "world_size": ctx.world_size,
                     "train_items": len(train_items), "heldout_items": len(corpus) - len(train_items),
                     "vision": describe_trainable(pair.vision), "text": describe_trainable(pair.text)},

@@ -54,6 +54,22 @@ class JsonlLogger:
                 if isinstance(value, (int, float)) and key not in ("time", "step"):
                     self._tb.add_scalar(key, value, step)
 
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after ``step``, where a run resumes: the steps a killed run
+        logged past its last checkpoint are trained and logged again, and would otherwise be
+        in the log twice. A line cut short by the kill goes too; records without a step stay."""
+        self._fh.close()
+        kept = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", step) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        atomic_write_bytes(self.path, "".join(kept).encode())
+        self._fh = self.path.open("a", buffering=1)
+
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:
