@@ -90,6 +90,9 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
         ids.append(message.item_ids)
         vectors.append(message.vectors)
     ids, vectors = np.concatenate(ids), np.concatenate(vectors)
+    # An incomplete last record (being appended, or torn by a crash) is not folded; the next
+    # fold starts at ``end`` and takes it if it has been completed by then. Said, not hidden.
+    unfolded = log_path.stat().st_size - end
     _check_new_ids(ids, table_item_ids(table_dir), num_items, log_path, table_dir)
 
     # Written beside ``out`` and renamed into place: a fold that fails leaves no half-table.
@@ -114,7 +117,8 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
                    **({"catalogue": base.extra["catalogue"]} if "catalogue" in base.extra else {}),
                    "base_table": str(table_dir.resolve()),
                    "rim": {"log": str(log_path.resolve()), "from_offset": start, "offset": end,
-                           "head": log_head_digest(log_path, end), "items": int(len(ids))}}))
+                           "head": log_head_digest(log_path, end), "items": int(len(ids)),
+                           "unfolded_bytes": unfolded}}))
         if out.exists():
             out.rmdir()  # empty (checked above)
         staging.rename(out)

@@ -29,7 +29,7 @@ from mim_rec.data.manifest import read_manifest
 from mim_rec.data.schemas import ITEMS
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 from mim_rec.utils.dist import ensure_process_group
-from train import ciubm
+from train import ciubm, cli
 
 DIM = 8
 
@@ -153,6 +153,22 @@ def test_fold_writes_the_next_table_version(catalogue, base_table, log, tmp_path
     assert LiveMMTable(log, out, items.num_rows).offset == log.stat().st_size
     with pytest.raises(ManifestMismatch, match="v2: not empty"):
         fold_log(base_table, log, out, num_items=items.num_rows)
+
+
+def test_fold_says_how_many_bytes_of_an_incomplete_last_record_it_left(catalogue, base_table, tmp_path, capsys):
+    """A torn or half-written last record was left out without a word."""
+    items, cut = catalogue
+    path = _log_of(tmp_path / "rim.log", [cut, cut + 1])
+    whole = path.stat().st_size
+    torn = WindowMessage(np.array([cut + 2]), vectors_of([cut + 2]).numpy(), IdEncoder.fingerprint,
+                         np.zeros(1), 0.0).encode()[:-5]
+    with path.open("ab") as log_file:
+        log_file.write(torn)
+    assert cli.main(["embeddings", "fold", f"table={base_table}", f"log={path}", f"out={tmp_path / 'v2'}",
+                     f"num_items={items.num_rows}"]) == 0
+    rim = read_manifest(tmp_path / "v2").extra["rim"]
+    assert (rim["items"], rim["offset"], rim["unfolded_bytes"]) == (2, whole, len(torn))
+    assert f"the {len(torn)} bytes after byte {whole} are not a complete record" in capsys.readouterr().err
 
 
 def test_fold_refuses_ids_outside_the_id_space_known_ids_and_other_encoders(catalogue, base_table, log, tmp_path):

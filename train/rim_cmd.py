@@ -4,6 +4,7 @@ window-message log into the next table version)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 
@@ -48,7 +49,6 @@ def _required(config, command: str, *keys: str) -> None:
 def _warn_unchecked_ids(config) -> None:
     """A fold refuses an id outside its catalogue or already in its table; a service told
     neither would acknowledge such an item, which then never leaves the log."""
-    import sys
 
     unchecked = [what for what, given in (("table=", config.table), ("num_items=", config.num_items)) if not given]
     if unchecked:
@@ -102,4 +102,8 @@ def _fold(args: argparse.Namespace) -> int:
     rim = read_manifest(out).extra["rim"]
     print(f"MM table {out}: {config.table} + {rim['items']} items from {config.log} "
           f"(bytes {rim['from_offset']}..{rim['offset']})")
+    if rim["unfolded_bytes"]:
+        print(f"warning: {config.log}: the {rim['unfolded_bytes']} bytes after byte {rim['offset']} are not a "
+              "complete record (one being written, or torn by a crash) and were not folded; a later fold "
+              "starts at that byte", file=sys.stderr)
     return 0
