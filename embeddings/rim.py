@@ -148,7 +148,9 @@ def _parse_item(raw: object, row: int, config: RimConfig, arrived_at: float) -> 
     if config.num_items and item_id >= config.num_items:
         raise bad(f"item_id {item_id} is outside the id space [0, {config.num_items})", "item_id")
     title = raw.get("title")
-    if not isinstance(title, str) or not title.strip():
+    if not isinstance(title, str):
+        raise bad(f"title must be a string, got {title!r}", "title")
+    if not title.strip():
         raise bad("empty title", "title")
     category_id = raw.get("category_id", 0)
     if not _is_int(category_id) or not 0 <= category_id <= _INT32_MAX:

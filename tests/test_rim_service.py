@@ -90,6 +90,7 @@ BAD_REQUESTS = [
     ({"items": [{**item(10), "image": "!!not base64!!"}]}, 400, "field 'image': image is not valid base64"),
     ({"items": [item(10, image=gif_bytes())]}, 400, "image is GIF, not PNG/JPEG"),
     ({"items": [item(10, title="   ")]}, 400, "field 'title': empty title"),
+    ({"items": [item(10, title=123)]}, 400, "field 'title': title must be a string, got 123"),
     ({"items": [item(10), item(-1)]}, 400, "row 1, field 'item_id': item_id must be a non-negative integer"),
     ({"items": [{**item(10), "item_id": "10"}]}, 400, "item_id must be a non-negative integer"),
     ({"items": [{**item(10), "item_id": True}]}, 400, "item_id must be a non-negative integer"),
