@@ -21,6 +21,7 @@ from mim_rec.config import to_dict
 from mim_rec.csft import CsftConfig, load_csft_model
 from mim_rec.csft.config import (CsftDataConfig, FusionConfig, LossConfig, ModelConfig,
                                  NegativesConfig, QueryConfig)
+from mim_rec.data.manifest import fingerprint_file
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 from mim_rec.encoders import EncoderPair, load_encoders, save_encoders
 from mim_rec.utils.dist import free_port
@@ -59,7 +60,7 @@ def _metrics(out: Path):
     return [json.loads(line) for line in (out / "metrics.jsonl").open()]
 
 
-def test_training_lowers_the_loss_and_evaluates_both_rows(inputs, tmp_path):
+def test_training_lowers_the_loss_and_evaluates_both_rows(inputs, tmp_path, capsys):
     out = tmp_path / "run"
     config = _config(inputs, out, steps=40, checkpoint_every=40, lr=3e-3)
     run_csft(config)
@@ -74,7 +75,17 @@ def test_training_lowers_the_loss_and_evaluates_both_rows(inputs, tmp_path):
         assert 0 <= row["recall@10"] <= row["recall@100"] <= 1 and 0 < row["pair_auc"] < 1
         assert row["held_out"] == "test"
         assert row["held_out_pairs"] == pq.read_metadata(inputs[0] / "pairs_test.parquet").num_rows
-    assert json.loads((out / "eval.json").read_text()) == report
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved.pop("inputs") == {"split": "test", "validation": 0.0, "files": {
+        str((inputs[0] / name).resolve()): fingerprint_file(inputs[0] / name)
+        for name in ("items.parquet", "pairs_test.parquet", "events_test.parquet")}}
+    assert saved == report
+    # evaluated again on other data (here the validation period): the report says so, and so
+    # does the command, instead of silently replacing the test numbers
+    again = evaluate_run(dataclasses.replace(config, data=dataclasses.replace(config.data, validation=0.25)))
+    assert "held an evaluation of other inputs" in capsys.readouterr().err
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved.pop("inputs")["split"] == "validation" and saved == again
 
 
 def _trainable_state(out: Path):
@@ -163,7 +174,7 @@ def test_the_eval_commands_print_both_rows_of_a_finished_run(inputs, tmp_path, c
     assert cli.main([*command, "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 0
     printed = capsys.readouterr().out
     assert "stage1" in printed and "csft" in printed
-    assert set(json.loads((out / "eval.json").read_text())) == {"stage1", "csft"}
+    assert set(json.loads((out / "eval.json").read_text())) == {"inputs", "stage1", "csft"}
     assert (out / "mm_encoder" / "manifest.json").read_bytes() == trained  # evaluated, not retrained
 
 

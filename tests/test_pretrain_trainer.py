@@ -89,7 +89,7 @@ def test_two_process_gloo_run(world, tmp_path):
     start = json.loads((out / "metrics.jsonl").open().readline())
     assert start["world_size"] == 2
     assert (out / "encoders" / "manifest.json").exists()
-    assert set(json.loads((out / "eval.json").read_text())) == {"plain", "dda", "dda+dma"}
+    assert set(json.loads((out / "eval.json").read_text())) == {"inputs", "plain", "dda", "dda+dma"}
 
 
 def test_corrupt_image_names_file_row_and_field(tmp_path, capsys):

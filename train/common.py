@@ -119,6 +119,26 @@ def changed_settings(config: Any, ignored: Iterable[str]) -> Optional[List[str]]
     return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
 
 
+def write_eval_report(out: Path, rows: Dict[str, Dict[str, float]], files: Iterable[Path],
+                      **settings: Any) -> None:
+    """Write ``OUT/eval.json``: the evaluation's rows and what they were measured on (each file
+    read, by path and content fingerprint, and the settings that chose the split), so numbers
+    of another world or split are never mistaken for the run's own. Replacing a report of other
+    inputs is said on stderr."""
+    from mim_rec.data.manifest import fingerprint_file
+
+    path = Path(out) / "eval.json"
+    inputs = {"files": {str(Path(f).resolve()): fingerprint_file(f) for f in files}, **settings}
+    try:
+        before = json.loads(path.read_text()).get("inputs") if path.is_file() else inputs
+    except (json.JSONDecodeError, AttributeError):
+        before = None
+    if before != inputs:
+        print(f"note: {path} held an evaluation of other inputs ({before}); it is replaced", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({"inputs": inputs, **rows}, indent=2).encode())
+
+
 @dataclass
 class Resumed:
     step: int

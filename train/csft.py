@@ -234,6 +234,7 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
 
     from mim_rec.config import ConfigError
     from mim_rec.data.manifest import fingerprint_tree, read_manifest
+    from train.common import write_eval_report
 
     out = Path(config.out)
     if not (out / "mm_encoder" / "manifest.json").exists():
@@ -251,8 +252,8 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
         started = time.time()
         report[row] = evaluate_embeddings(embed(), world, config.eval.ks, held_out)
         report[row]["seconds"] = round(time.time() - started, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    write_eval_report(out, report, [world.items_path, held_out.pairs.path, held_out.events_path],
+                      split=held_out.name, validation=config.data.validation)
     return report
 
 

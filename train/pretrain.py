@@ -244,9 +244,10 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     """Evaluate the plain encoders and the run's ``dda/`` and ``encoders/`` artifacts on the
     held-out items; writes ``OUT/eval.json``."""
     from mim_rec.encoders import EncoderPair, load_encoders
-    from mim_rec.pretrain.corpus import heldout_mask, load_corpus
+    from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
     from mim_rec.pretrain.evaluate import evaluate_pair
     from mim_rec.utils.run import seed_everything
+    from train.common import write_eval_report
 
     out = Path(config.out)
     sources = {"plain": None, "dda": out / "dda", "dda+dma": out / "encoders"}
@@ -265,8 +266,8 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
             train_items, heldout_items = corpus.subset(~heldout), corpus.subset(heldout)
         report[row] = evaluate_pair(pair, train_items, heldout_items, config.eval)
         report[row]["seconds"] = round(time.time() - started, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    write_eval_report(out, report, [items_path(config.data.world)],
+                      heldout_fraction=config.data.heldout_fraction)
     return report
 
 
