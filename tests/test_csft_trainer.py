@@ -40,7 +40,7 @@ def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("csft_trainer")
     world = generate_world(replace(tiny(SynthConfig(seed=3)), items=240, users=60, events=1200,
                                    pairs_train=160, pairs_test=40, image_size=32),
-                           folder / "world", echo=lambda _: None)
+                           folder / "world")
     torch.manual_seed(0)
     save_encoders(folder / "stage1", EncoderPair(tiny_encoders(shared_dim=8)))
     return world, folder / "stage1", folder / "features"

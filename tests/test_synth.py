@@ -214,3 +214,31 @@ def test_summary_edges_are_the_evaluations_and_an_empty_split_is_summarised(worl
     pq.write_table(pq.read_table(copy / "events_test.parquet").slice(0, 0), copy / "events_test.parquet")
     assert mim(["data", "summary", str(copy)]) == 0
     assert "events_test: 0 rows" in capsys.readouterr().out
+
+
+def test_a_synth_killed_part_way_leaves_no_world_that_validates(world, tmp_path, monkeypatch):
+    """It used to leave the files written so far, events without pairs, which validated and
+    trained (the pairs are optional)."""
+    import shutil
+
+    import mim_rec.data.synth as synth
+    from mim_rec.data.errors import DataError
+
+    shutil.copytree(world, tmp_path / "old")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "old").glob("*.parquet")}
+    crash = RuntimeError("killed")
+
+    def killed(*args, **kwargs):
+        raise crash
+
+    monkeypatch.setattr(synth, "_pairs_table", killed)
+    for out in (tmp_path / "new", tmp_path / "old"):
+        with pytest.raises(RuntimeError, match="killed"):
+            generate_world(tiny(SynthConfig(seed=8)), out)
+    assert list((tmp_path / "new").iterdir()) == []
+    with pytest.raises(DataError, match="items"):
+        validate_world(tmp_path / "new", echo=lambda _: None)
+    # a world being replaced keeps its files but loses its manifest: never "done" half-replaced
+    assert {path.name: path.read_bytes() for path in (tmp_path / "old").glob("*.parquet")} == before
+    assert not (tmp_path / "old" / "manifest.json").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["new", "old"]  # no staging left

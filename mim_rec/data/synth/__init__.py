@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Dict, Union
+from typing import Dict, Union
 
 import numpy as np
 import pyarrow as pa
@@ -113,13 +113,31 @@ def _write_truth(out: Path, lat: world.Latents, sessions: world.Sessions,
         "components (content, category, item_effect, collaborative, position, noise, logit).\n")
 
 
-def generate_world(config: SynthConfig, out_dir: Union[str, Path],
-                   echo: Callable[[str], None] = print) -> Path:
-    """Generate the world described by ``config`` into ``out_dir`` (replacing its files)."""
+def generate_world(config: SynthConfig, out_dir: Union[str, Path]) -> Path:
+    """Generate the world described by ``config`` into ``out_dir`` (replacing its files).
+
+    The world is written in a staging folder beside ``out_dir`` and moved in only when whole,
+    manifest last: a run killed part-way leaves no half-world that would validate (its pairs
+    are optional, so one cut off before them would train)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # a half-written world is never "done"
-    shutil.rmtree(out / "truth", ignore_errors=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # a world being replaced is never "done"
+    staging = out.parent / f".{out.name}.synth"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _write_world(config, staging)
+        for entry in sorted(staging.iterdir(), key=lambda path: path.name == "manifest.json"):
+            target = out / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            entry.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_world(config: SynthConfig, out: Path) -> None:
     rng = np.random.default_rng(config.seed)
     steps = tqdm(total=6, desc="synth", unit="step")
 
@@ -151,4 +169,3 @@ def generate_world(config: SynthConfig, out_dir: Union[str, Path],
     counts["events_train"], counts["events_test"] = len(splits["train"]), len(splits["test"])
     write_manifest(out, Manifest(kind="world", stage="synth", config=asdict(config),
                                  row_count=config.items, extra={"counts": counts}))
-    return out
