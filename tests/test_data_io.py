@@ -256,6 +256,31 @@ def _complete_world(folder: Path) -> None:
             write_table(table(contract, rows), folder / name, contract, item_count=N_ITEMS)
 
 
+def test_clean_out_writes_a_world_of_the_valid_rows_that_validates(tmp_path, capsys):
+    """--drop-invalid only reported: the world stayed unusable until its files were fixed by hand."""
+    world = tmp_path / "world"
+    world.mkdir()
+    write_table(table(ITEMS, items_rows()), world / "items.parquet", ITEMS)
+    write_raw(world, "events_train.parquet", EVENTS, edit(events_rows(), "label", 2, 5))
+    _complete_world(world)
+    assert mim(["data", "validate", str(world), "--clean-out", str(tmp_path / "clean")]) == 0
+    assert "clean world -> " in capsys.readouterr().out
+    results = validate_world(tmp_path / "clean")  # the clean world passes without quarantine
+    assert [r.rows for r in results] == [N_ITEMS, 4, 4, 3, 4] and not any(r.rejected for r in results)
+    kept = pq.read_table(tmp_path / "clean" / "events_train.parquet")
+    assert kept.column("label").to_pylist() == [l for i, l in enumerate(events_rows()["label"]) if i != 2]
+    manifest = read_manifest(tmp_path / "clean")
+    assert manifest.extra["rejected"] == {"events_train.parquet": 1}
+    assert manifest.extra["counts"]["events_train"] == 3 and manifest.extra["source"] == str(world.resolve())
+    # never into the world itself or a folder with files; a world that fails leaves no clean folder
+    assert mim(["data", "validate", str(world), "--clean-out", str(world)]) == 2
+    assert mim(["data", "validate", str(world), "--clean-out", str(tmp_path / "clean")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    write_raw(world, "events_test.parquet", EVENTS, {name: [] for name in events_rows()})
+    assert mim(["data", "validate", str(world), "--clean-out", str(tmp_path / "other")]) == 2
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("drop_invalid", [False, True])
 def test_a_world_file_without_rows_is_refused(tmp_path, capsys, drop_invalid):
     """`mim data validate` used to print OK for an events file with no rows."""

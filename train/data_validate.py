@@ -1,4 +1,4 @@
-"""``mim data validate DIR_OR_FILE [--drop-invalid]``: check a world folder or one file.
+"""``mim data validate DIR_OR_FILE [--drop-invalid] [--clean-out DIR]``: check a world folder or one file.
 
 A world folder (``items.parquet``, ``pairs_*``, ``events_*``, optional ``mm_table/``) is checked
 file by file with the cross-file rules (pair/event item ids within the items table). A single
@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--drop-invalid", action="store_true",
                         help="quarantine bad rows into <file>.rejected.parquet instead of "
                              "stopping at the first one")
+    parser.add_argument("--clean-out", default=None, metavar="DIR",
+                        help="with a world folder: write a new world there holding each file's "
+                             "valid rows (implies --drop-invalid)")
     parser.add_argument("--item-count", type=int, default=None,
                         help="item table size for a lone pairs/events file "
                              "(default: rows of items.parquet beside it)")
@@ -37,8 +40,11 @@ def run(args: argparse.Namespace) -> int:
     if args.item_count is not None and args.item_count < 1:
         raise DataError(str(path), f"--item-count={args.item_count}: must be positive")
     if path.is_dir():
-        validate_world(path, drop_invalid=args.drop_invalid)
+        validate_world(path, drop_invalid=args.drop_invalid or args.clean_out is not None,
+                       clean_out=args.clean_out)
         return 0
+    if args.clean_out is not None:
+        raise DataError(str(path), "--clean-out writes a world folder; give the world folder, not one file")
     contract = CONTRACT_BY_PREFIX.get(path.name.split("_")[0].split(".")[0])
     if contract is None:
         raise DataError(str(path), "cannot tell the contract from the file name "

@@ -19,6 +19,7 @@ rename), so a half-written or invalid artifact never appears under its final nam
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Union
@@ -90,7 +91,7 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
                   columns: Optional[List[str]] = None,
                   vector_dims: Optional[Dict[str, int]] = None,
                   item_category: Optional[np.ndarray] = None,
-                  batch_rows: int = BATCH_ROWS) -> ValidationResult:
+                  batch_rows: int = BATCH_ROWS, copy_to: Optional[PathLike] = None) -> ValidationResult:
     """Check one Parquet file against ``contract``; see the module docstring.
 
     ``keep=False`` streams without holding the table (for ``mim data validate`` on files larger
@@ -98,6 +99,8 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     checks need them). ``vector_dims`` fixes the expected length of vector columns; without it
     the first row's length is the column's dimension. ``item_category`` (:func:`read_item_categories`)
     lets events be checked against their items: each behaviour's category must be its item's.
+    ``copy_to`` streams the rows kept (cast to the contract's types) into a new Parquet file,
+    which appears only once the whole file passed.
     """
     path = Path(path)
     file = str(path)
@@ -120,19 +123,31 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
 
     quarantine = _Quarantine(path) if drop_invalid else None
     keep_table = keep or contract is ITEMS  # items are always checked for density
+    copy = _AtomicParquet(Path(copy_to)) if copy_to is not None else None
     kept: List[pa.RecordBatch] = []
     rows = 0
-    for batch in _scan((cast_batch(b, schema, file) for b in batches), checks, file, quarantine):
-        rows += batch.num_rows
-        if keep_table:
-            kept.append(batch)
-    rejected = quarantine.close() if quarantine else 0
-    if rejected:
-        print(f"{file}: quarantined {rejected} invalid row(s) -> {quarantine.path}")
+    try:
+        for batch in _scan((cast_batch(b, schema, file) for b in batches), checks, file, quarantine):
+            rows += batch.num_rows
+            if keep_table:
+                kept.append(batch)
+            elif copy is not None:
+                copy.write(pa.Table.from_batches([batch], schema=schema))
+        rejected = quarantine.close() if quarantine else 0
+        if rejected:
+            print(f"{file}: quarantined {rejected} invalid row(s) -> {quarantine.path}")
 
-    table = pa.Table.from_batches(kept, schema=schema) if keep_table else None
-    if contract is ITEMS:
-        table = _dense_items(table, file, rejected)
+        table = pa.Table.from_batches(kept, schema=schema) if keep_table else None
+        if contract is ITEMS:
+            table = _dense_items(table, file, rejected)
+        if copy is not None:
+            if table is not None:
+                copy.write(table)
+            copy.close(schema)
+    except BaseException:
+        if copy is not None:
+            copy.abort()
+        raise
     if not keep:
         table = None
     return ValidationResult(path, contract.name, rows, rejected, table,
@@ -201,30 +216,57 @@ def _short(value, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class _AtomicParquet:
+    """A Parquet file written table by table under a temporary name, renamed into place by
+    :meth:`close` (an empty file of ``schema`` if nothing was written); :meth:`abort` leaves
+    nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        self._writer: Optional[pq.ParquetWriter] = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp, table.schema)
+        self._writer.write_table(table)
+
+    @property
+    def started(self) -> bool:
+        return self._writer is not None
+
+    def close(self, schema: Optional[pa.Schema] = None) -> None:
+        if self._writer is None and schema is not None:
+            self.write(schema.empty_table())
+        if self._writer is not None:
+            self._writer.close()
+            os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._tmp.unlink(missing_ok=True)
+
+
 class _Quarantine:
     """Streams rejected rows, with ``source_row`` and ``reason``, to ``<file>.rejected.parquet``
     (atomically: the file appears only once complete; a stale one is removed)."""
 
     def __init__(self, source: Path):
-        self.path = rejected_path_for(source)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self._writer: Optional[pq.ParquetWriter] = None
+        self._file = _AtomicParquet(rejected_path_for(source))
+        self.path = self._file.path
         self.count = 0
 
     def add(self, batch: pa.RecordBatch, offset: int, bad: np.ndarray, reasons: List[str]) -> None:
         rows = batch.filter(pa.array(bad))
-        table = pa.Table.from_batches([rows]).append_column(
+        self._file.write(pa.Table.from_batches([rows]).append_column(
             "source_row", pa.array(np.flatnonzero(bad) + offset, pa.int64())).append_column(
-            "reason", pa.array(reasons, pa.string()))
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._tmp, table.schema)
-        self._writer.write_table(table)
+            "reason", pa.array(reasons, pa.string())))
         self.count += len(reasons)
 
     def close(self) -> int:
-        if self._writer is not None:
-            self._writer.close()
-            os.replace(self._tmp, self.path)
+        if self._file.started:
+            self._file.close()
         elif self.path.exists():
             self.path.unlink()
         return self.count
@@ -308,18 +350,40 @@ def write_table(table: pa.Table, path: PathLike, contract: Contract,
 # ---------------------------------------------------------------- world folders
 
 def validate_world(directory: PathLike, drop_invalid: bool = False,
-                   echo=print) -> List[ValidationResult]:
+                   echo=print, clean_out: Optional[PathLike] = None) -> List[ValidationResult]:
     """Check every file of a world folder (see ``docs/interfaces.md``), cross-file rules
     included: the items and both event splits present (a missing split used to pass here and
     fail a CTR run after its training), pair and event item ids in the items table, no file
     empty, and an ``mm_table/`` folder matching its manifest. Pairs are optional (only C-SFT
     reads them; a release without query images has none). Prints one ``OK`` line per file with
-    its row count."""
+    its row count.
+
+    ``clean_out`` (with ``drop_invalid``) writes a new world folder there: each file's valid
+    rows and a world manifest naming the source files. An ``mm_table/`` and a synthetic
+    world's ``truth/`` (row-aligned with the events) are not copied. A check that fails
+    leaves no clean folder."""
     directory = Path(directory)
     missing = [name for name in REQUIRED_WORLD_FILES if not (directory / name).is_file()]
     if missing:
         raise DataError(str(directory / missing[0]), f"no such file; a world folder needs "
                         f"{', '.join(REQUIRED_WORLD_FILES)} (missing: {', '.join(missing)})")
+    clean = _clean_world_folder(directory, clean_out) if clean_out is not None else None
+    try:
+        results = _check_world_files(directory, drop_invalid, echo, clean)
+        _check_world_manifest(directory, results[0].rows)
+        if clean is not None:
+            _write_clean_manifest(clean, directory, results)
+            echo(f"clean world -> {clean} ({sum(r.rejected for r in results)} row(s) left out)")
+    except BaseException:
+        if clean is not None:
+            shutil.rmtree(clean, ignore_errors=True)
+        raise
+    if (directory / "mm_table").is_dir():
+        results += validate_mm_table(directory / "mm_table", results[0].rows, echo=echo)
+    return results
+
+
+def _check_world_files(directory: Path, drop_invalid: bool, echo, clean: Optional[Path]) -> List[ValidationResult]:
     results: List[ValidationResult] = []
     item_count = categories = item_category = None  # known once items.parquet (the first of WORLD_FILES) passed
     for name, contract in WORLD_FILES:
@@ -327,16 +391,36 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
         if not path.is_file():
             continue
         result = validate_file(path, contract, item_count=item_count, category_count=categories,
-                               item_category=item_category, drop_invalid=drop_invalid, keep=False)
+                               item_category=item_category, drop_invalid=drop_invalid, keep=False,
+                               copy_to=None if clean is None else clean / name)
         require_rows(result)
         if contract is ITEMS:
             item_count, categories, item_category = result.rows, category_count(path), read_item_categories(path)
         results.append(result)
         echo(ok_line(result))
-    _check_world_manifest(directory, results[0].rows)
-    if (directory / "mm_table").is_dir():
-        results += validate_mm_table(directory / "mm_table", results[0].rows, echo=echo)
     return results
+
+
+def _clean_world_folder(source: Path, clean_out: PathLike) -> Path:
+    """``clean_out``, checked to be a new (or empty) folder other than the source world."""
+    clean = Path(clean_out)
+    if clean.resolve() == source.resolve():
+        raise DataError(str(clean), "the clean world must be a new folder, not the world being checked")
+    if clean.exists() and (not clean.is_dir() or any(clean.iterdir())):
+        raise DataError(str(clean), "not an empty folder; write the clean world into a new one")
+    clean.mkdir(parents=True, exist_ok=True)
+    return clean
+
+
+def _write_clean_manifest(clean: Path, source: Path, results: List[ValidationResult]) -> None:
+    from mim_rec.data.manifest import fingerprint_file
+
+    write_manifest(clean, Manifest(
+        kind="world", stage="validate --drop-invalid", row_count=results[0].rows,
+        inputs={r.path.name: fingerprint_file(r.path) for r in results},
+        extra={"counts": {r.path.name.replace(".parquet", ""): r.rows for r in results},
+               "source": str(source.resolve()),
+               "rejected": {r.path.name: r.rejected for r in results if r.rejected}}))
 
 
 def require_rows(result: ValidationResult) -> ValidationResult:
