@@ -109,7 +109,7 @@ def test_quick_experiment_reuses_the_pipeline_and_reports_every_table(tiny_pipel
         assert 0.5 < metrics["auc"] < 1, name
     assert set(results["csft"]) >= {"stage1", "full", "no_tfn", "no_st_nsg", "no_multi_level", "category_ce",
                                     "click_ce", "purchase_ce", "click_infonce"}
-    assert set(results["pretrain_eval"]) == {"plain", "dda", "dda+dma"}
+    assert set(results["pretrain_eval"]) == {"inputs", "plain", "dda", "dda+dma"}
     assert results["bench_train"] and results["bench_lookup"]
     assert results["code"]["commit"]
 
