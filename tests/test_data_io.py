@@ -335,3 +335,26 @@ def test_validate_names_a_missing_path_and_a_bad_item_count(tmp_path, capsys):
     events = write_raw(tmp_path, "events_train.parquet", EVENTS, events_rows())
     assert mim(["data", "validate", str(events), "--item-count", "-1"]) == 2
     assert "--item-count=-1: must be positive" in capsys.readouterr().err
+
+
+def test_corrupt_parquet_is_a_data_error_naming_the_file(tmp_path, capsys):
+    """A corrupt data page (validate) and a broken footer (summary) used to end in Arrow's
+    OSError traceback, which names no file."""
+    write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)
+    _complete_world(tmp_path)
+    events = tmp_path / "events_train.parquet"
+    pq.write_table(table(EVENTS, {k: v * 50 for k, v in events_rows().items()}), events,
+                   row_group_size=100, compression="snappy")
+    chunk = pq.ParquetFile(events).metadata.row_group(1).column(1)  # the query strings
+    data = bytearray(events.read_bytes())
+    end = chunk.data_page_offset + chunk.total_compressed_size
+    data[end - 40:end] = b"\xff" * 40
+    events.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="unreadable Parquet data") as info:
+        validate_world(tmp_path, echo=lambda _: None)
+    assert info.value.file == str(events)
+
+    items = tmp_path / "items.parquet"
+    items.write_bytes(items.read_bytes()[:-30])
+    assert mim(["data", "summary", str(tmp_path)]) == 2
+    assert f"{items}: not a readable Parquet file" in capsys.readouterr().err

@@ -118,7 +118,8 @@ def test_negatives_per_positive_must_fit_the_catalogue(tmp_path, capsys, negativ
 
 
 @pytest.mark.parametrize("case", ["missing column", "item out of range", "inconsistent history",
-                                  "truncated features", "wrong vector size", "missing text"])
+                                  "truncated features", "wrong vector size", "missing text",
+                                  "truncated test", "not utf-8"])
 def test_bad_sources_are_refused(tmp_path, case):
     src = tmp_path / "src"
     feats = np.zeros((N_ITEMS, DIM), "<f4")
@@ -142,9 +143,20 @@ def test_bad_sources_are_refused(tmp_path, case):
     elif case == "wrong vector size":
         write_amazon(src, features=np.zeros((N_ITEMS, DIM - 3), "<f4"))
         file, match = "Tiny.feat3CLS", "holds 5 rows of 8 float32"
-    else:
+    elif case == "missing text":
         write_amazon(src, texts={i: f"Item {i}. C. B." for i in range(N_ITEMS - 1)})
         file, match = "Tiny.text", "items without text: 1"
+    elif case == "truncated test":  # cut at a line boundary: every row left is well formed
+        write_amazon(src)
+        lines = (src / "Tiny.test.inter").read_text().splitlines(keepends=True)
+        (src / "Tiny.test.inter").write_text("".join(lines[:-1]))
+        file, match = "Tiny.test.inter", "users without a test row: 1"
+    else:  # used to be a UnicodeDecodeError traceback
+        write_amazon(src)
+        lines = (src / "Tiny.text").read_bytes().splitlines(keepends=True)
+        lines[3] = lines[3].replace(b"Title", b"Ti\xfftle")
+        (src / "Tiny.text").write_bytes(b"".join(lines))
+        file, row, match = "Tiny.text", 2, "not UTF-8"
     with pytest.raises(DataError, match=match) as info:
         import_amazon(src, tmp_path / "out", options())
     assert info.value.file.endswith(file)
@@ -156,6 +168,10 @@ def test_bad_sources_are_refused(tmp_path, case):
         report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
         assert report.missing == {"items without text": 1}
         assert read_items(tmp_path / "out" / "items.parquet").column("title")[-1].as_py() == "ASIN7"
+    if case == "truncated test":  # accepted, counted, when the user says so
+        report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+        assert report.missing == {"users without a test row": 1}
+        assert report.counts["inter rows test"] == N_USERS - 1
 
 
 def test_category_phrase():

@@ -114,7 +114,8 @@ def test_files_that_do_not_join_are_refused_or_counted(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing column", "unequal lists", "embedding size",
-                                  "label not one-hot", "duplicate embedding"])
+                                  "label not one-hot", "duplicate embedding", "duplicate features",
+                                  "not parquet"])
 def test_bad_sources_are_refused_with_file_row_field(tmp_path, case):
     src = tmp_path / "src"
     if case == "missing column":
@@ -133,10 +134,49 @@ def test_bad_sources_are_refused_with_file_row_field(tmp_path, case):
     elif case == "label not one-hot":
         write_taobao(src, labels=[[1, 0], [1, 1], [0, 1], [1, 0]])
         file, row, field = "train_samples.parquet", 1, "label_0"
-    else:
+    elif case == "duplicate embedding":
         write_taobao(src, embedding_items=np.concatenate([ITEMS, ITEMS[2:3]]))
         file, row, field = "scl_embedding_int8_p90.parquet", len(ITEMS), "205"
+    elif case == "duplicate features":  # the second row used to replace the first silently
+        write_taobao(src)
+        t = pq.read_table(src / "item_features.parquet")
+        pq.write_table(pa.concat_tables([t, t.slice(4, 1)]), src / "item_features.parquet")
+        file, row, field = "item_features.parquet", len(ITEMS), "205"
+    else:  # used to be Arrow's traceback, naming no file
+        write_taobao(src)
+        (src / "test_user_features.parquet").write_bytes(b"PAR1 cut short")
+        file, row, field = "test_user_features.parquet", None, None
     with pytest.raises(DataError) as info:
         import_taobao_mm(src, tmp_path / "out", TaobaoOptions())
     assert info.value.file.endswith(file)
     assert (info.value.row, info.value.field) == (row, field)
+
+
+def test_an_import_replaces_its_output_whole_and_a_failed_one_changes_nothing(tmp_path):
+    """Imports used to write over ``--out`` in place: an Amazon world's pairs stayed beside a
+    TAOBAO-MM import (and validated), and a failed re-import had already deleted the MM table."""
+    from tests.test_import_amazon import options, write_amazon
+    from mim_rec.data.importers.amazon import import_amazon
+
+    out = tmp_path / "world"
+    import_amazon(write_amazon(tmp_path / "amazon"), out, options())
+    assert (out / "pairs_train.parquet").exists()
+    src, _ = write_taobao(tmp_path / "src")
+    import_taobao_mm(src, out, TaobaoOptions())
+    assert sorted(p.name for p in out.iterdir()) == [
+        "events_test.parquet", "events_train.parquet", "items.parquet", "manifest.json", "mm_table"]
+    validate_world(out)
+
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (src / "item_features.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        import_taobao_mm(src, out, TaobaoOptions())
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["amazon", "src", "world"]  # no staging left
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("someone's files")
+    with pytest.raises(DataError, match="not empty and holds no manifest.json"):
+        import_taobao_mm(write_taobao(tmp_path / "src2")[0], mine, TaobaoOptions())
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

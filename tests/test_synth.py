@@ -218,14 +218,14 @@ def test_summary_edges_are_the_evaluations_and_an_empty_split_is_summarised(worl
 
 def test_a_synth_killed_part_way_leaves_no_world_that_validates(world, tmp_path, monkeypatch):
     """It used to leave the files written so far, events without pairs, which validated and
-    trained (the pairs are optional)."""
+    trained (the pairs are optional); now a failed run leaves its output folder as it was."""
     import shutil
 
     import mim_rec.data.synth as synth
     from mim_rec.data.errors import DataError
 
     shutil.copytree(world, tmp_path / "old")
-    before = {path.name: path.read_bytes() for path in (tmp_path / "old").glob("*.parquet")}
+    before = {path.name: path.read_bytes() for path in (tmp_path / "old").iterdir() if path.is_file()}
     crash = RuntimeError("killed")
 
     def killed(*args, **kwargs):
@@ -235,10 +235,34 @@ def test_a_synth_killed_part_way_leaves_no_world_that_validates(world, tmp_path,
     for out in (tmp_path / "new", tmp_path / "old"):
         with pytest.raises(RuntimeError, match="killed"):
             generate_world(tiny(SynthConfig(seed=8)), out)
-    assert list((tmp_path / "new").iterdir()) == []
+    assert not (tmp_path / "new").exists()
     with pytest.raises(DataError, match="items"):
         validate_world(tmp_path / "new", echo=lambda _: None)
-    # a world being replaced keeps its files but loses its manifest: never "done" half-replaced
-    assert {path.name: path.read_bytes() for path in (tmp_path / "old").glob("*.parquet")} == before
-    assert not (tmp_path / "old" / "manifest.json").exists()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["new", "old"]  # no staging left
+    # the world it was replacing is untouched, manifest included
+    assert {path.name: path.read_bytes() for path in (tmp_path / "old").iterdir() if path.is_file()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["old"]  # no staging left
+
+
+def test_a_synth_replaces_a_world_whole_and_refuses_a_folder_of_other_files(world, tmp_path):
+    """Written over another world it used to keep that world's extra files (an imported data
+    set's ``mm_table/``, a quarantine), which then passed for part of the new world."""
+    import shutil
+
+    from mim_rec.data.errors import DataError
+
+    out = tmp_path / "world"
+    shutil.copytree(world, out)
+    (out / "mm_table").mkdir()
+    (out / "mm_table" / "part-00000.parquet").write_bytes(b"another data set's table")
+    (out / "events_train.parquet.rejected.parquet").write_bytes(b"an old quarantine")
+    generate_world(tiny(SynthConfig(seed=8)), out)
+    assert not (out / "mm_table").exists()
+    assert not (out / "events_train.parquet.rejected.parquet").exists()
+    validate_world(out, echo=lambda _: None)
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a world")
+    with pytest.raises(DataError, match="not empty and holds no manifest.json"):
+        generate_world(tiny(SynthConfig(seed=8)), mine)
+    assert [path.name for path in mine.iterdir()] == ["notes.txt"]

@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -104,7 +104,7 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     """
     path = Path(path)
     file = str(path)
-    parquet = _open(path)
+    parquet = open_parquet(path)
     schema = conform_schema(parquet.schema_arrow, contract, file)
     ctx = CheckContext(file, item_count=item_count, category_count=category_count, base_dir=path.parent,
                        vector_dims=vector_dims, item_category=item_category)
@@ -115,11 +115,11 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     checks = row_checks(contract, schema.names, ctx)
 
     if contract is ITEMS:  # duplicate/density rules need every id at once
-        whole = parquet.read(columns=read_columns)
+        whole = read_parquet_columns(path, read_columns or parquet.schema_arrow.names, batch_rows)
         batches = whole.combine_chunks().to_batches() or [pa.RecordBatch.from_pylist([], whole.schema)]
         checks += item_id_checks(whole.num_rows)
     else:
-        batches = parquet.iter_batches(batch_size=batch_rows, columns=read_columns)
+        batches = read_batches(parquet, file, batch_rows, read_columns)
 
     quarantine = _Quarantine(path) if drop_invalid else None
     keep_table = keep or contract is ITEMS  # items are always checked for density
@@ -154,13 +154,44 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
                             quarantine.path if rejected else None)
 
 
-def _open(path: Path) -> pq.ParquetFile:
+def open_parquet(path: PathLike) -> pq.ParquetFile:
+    """Open a Parquet file; a missing file or a broken footer is a :class:`DataError`."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "no such file")
     try:
         return pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise DataError(str(path), f"not a readable Parquet file ({exc})") from exc
+
+
+def read_batches(parquet: pq.ParquetFile, file: str, batch_rows: int,
+                 columns: Optional[Sequence[str]] = None) -> Iterator[pa.RecordBatch]:
+    """``parquet``'s record batches; a corrupt page is a :class:`DataError` naming the file and
+    the first row that could not be read (Arrow's own error names neither)."""
+    batches = parquet.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns))
+    rows = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(file, f"unreadable Parquet data from this row on ({exc})", row=rows) from exc
+        rows += batch.num_rows
+        yield batch
+
+
+def read_parquet_columns(path: PathLike, columns: Sequence[str], batch_rows: int = 1 << 16) -> pa.Table:
+    """Some columns of a Parquet file as a table, for readers that need no contract check
+    (summaries); a missing file or column and corrupt data are :class:`DataError`\ s."""
+    parquet = open_parquet(path)
+    stored = parquet.schema_arrow
+    for name in columns:
+        if name not in stored.names:
+            raise DataError(str(path), f"missing column (has {stored.names})", field=name)
+    schema = pa.schema([stored.field(n) for n in columns])
+    return pa.Table.from_batches(list(read_batches(parquet, str(path), batch_rows, columns)), schema)
 
 
 def _dense_items(table: pa.Table, file: str, rejected: int) -> pa.Table:

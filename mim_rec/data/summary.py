@@ -1,7 +1,7 @@
 """What a world folder holds, in numbers: counts, click rates, history lengths, item ages.
 
 Reads only the columns it needs, batch by batch, so it works on any world in the project's
-format (synthetic or imported).
+format (synthetic or imported). A missing or unreadable file is a ``DataError`` naming it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Dict, List, Union
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from mim_rec.data.io import read_parquet_columns
 
 PERCENTILES = (10, 50, 90, 99)
 
@@ -19,7 +20,7 @@ PERCENTILES = (10, 50, 90, 99)
 def summarize_world(directory: Union[str, Path]) -> Dict:
     """A JSON-serialisable summary of a world folder."""
     directory = Path(directory)
-    items = pq.read_table(directory / "items.parquet", columns=["item_id", "category_id", "created_at"])
+    items = read_parquet_columns(directory / "items.parquet", ["item_id", "category_id", "created_at"])
     created = items["created_at"].cast("int64").to_numpy()
     if items.schema.field("created_at").type.unit == "ms":
         created = created // 1000
@@ -30,7 +31,7 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
         path = directory / f"events_{split}.parquet"
         if not path.is_file():
             continue
-        table = pq.read_table(path, columns=["user_id", "target_item_id", "label", "ts", "hist_item_ids"])
+        table = read_parquet_columns(path, ["user_id", "target_item_id", "label", "ts", "hist_item_ids"])
         if table.num_rows == 0:  # summarised as such (validate refuses it, naming the file)
             summary[f"events_{split}"] = {"rows": 0}
             continue
@@ -55,7 +56,7 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
     for split in ("train", "test"):
         path = directory / f"pairs_{split}.parquet"
         if path.is_file():
-            signal = pq.read_table(path, columns=["signal"])["signal"].to_numpy(zero_copy_only=False)
+            signal = read_parquet_columns(path, ["signal"])["signal"].to_numpy(zero_copy_only=False)
             summary[f"pairs_{split}"] = {s: int((signal == s).sum()) for s in np.unique(signal)}
     return summary
 

@@ -83,6 +83,14 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     missing = {"items without text": len(missing_text)}
     refuse_missing(str(path["text"]), missing, options.allow_missing,
                    "Every item of item2index needs a text line.")
+    # UniSRec splits leave-one-out: every user has one valid and one test row, so a user without
+    # one means a file cut short (at a line boundary, which no row check can see).
+    for split in ("valid", "test"):
+        gap = {f"users without a {split} row": len(users) - len({r.user for r in rows[split]})}
+        refuse_missing(str(path[f"{split}.inter"]), gap, options.allow_missing,
+                       "The format splits leave-one-out, one row per user of user2index: "
+                       "is the file truncated?")
+        missing.update(gap)
     for index in missing_text:  # counted default: the ASIN is the only text there is
         texts[index] = asins[index]
     report.missing = {k: v for k, v in missing.items() if v}
@@ -111,8 +119,9 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     events, pairs = {}, {}
     for split, parts in (("train", ("train", "valid")), ("test", ("test",))):
         split_rows = [r for p in parts for r in rows[p]]
+        source = ", ".join(str(path[f"{p}.inter"]) for p in parts)
         events[split] = _events(split_rows, sequences, category_id, raw_users, options,
-                                positives, popularity, rng)
+                                positives, popularity, rng, source)
         pairs[split] = _pairs(split_rows, sequences, category_id, image_features)
 
     report.counts = {
@@ -151,15 +160,16 @@ def _tsv(path: Path, header: Optional[Tuple[str, ...]], columns: int) -> Iterato
     """(0-based data row, fields) of a TSV file; header and column count checked."""
     if not path.is_file():
         raise DataError(str(path), "no such file")
-    with path.open(encoding="utf-8") as fh:
+    with path.open("rb") as fh:
+        lines = (_decode(path, row, raw) for row, raw in enumerate(fh, start=-1 if header else 0))
         if header is not None:
-            got = tuple(fh.readline().rstrip("\n").split("\t"))
+            got = tuple(next(lines, "").rstrip("\n").split("\t"))
             for name in header:
                 if name not in got:
                     raise DataError(str(path), f"missing column (header is {list(got)})", field=name)
             if got != header:
                 raise DataError(str(path), f"header {list(got)} is not {list(header)}")
-        for row, line in enumerate(fh):
+        for row, line in enumerate(lines):
             line = line.rstrip("\n")
             if not line:
                 continue
@@ -168,6 +178,15 @@ def _tsv(path: Path, header: Optional[Tuple[str, ...]], columns: int) -> Iterato
                 raise DataError(str(path), f"has {len(fields)} tab-separated fields, "
                                            f"expected {columns}", row=row)
             yield row, fields
+
+
+def _decode(path: Path, row: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        where = "the header" if row < 0 else f"byte {exc.start} of the line"
+        raise DataError(str(path), f"is not UTF-8 text ({exc.reason} at {where})",
+                        row=None if row < 0 else row) from None
 
 
 def _int(path: Path, row: int, field: str, text: str) -> int:
@@ -306,14 +325,14 @@ class _Sequences:
 
 def _events(rows: List[_InterRow], seqs: _Sequences, category: np.ndarray,
             raw_users: np.ndarray, options: AmazonOptions, positives, popularity,
-            rng: np.random.Generator) -> pa.Table:
+            rng: np.random.Generator, source: str) -> pa.Table:
     users = np.array([r.user for r in rows], np.int64)
     targets = np.array([seqs.seq[r.user][r.position] for r in rows], np.int64)
     ts = np.array([seqs.clock[r.user][r.position] for r in rows], np.int64)
     hist = [np.array(seqs.seq[r.user][:r.position], np.int64) for r in rows]
     hist_ts = [np.array(seqs.clock[r.user][:r.position], np.int64) for r in rows]
     negatives = sample_negatives(users, options.negatives, seqs.items, positives, options.negative_sampling,
-                                 popularity, rng)
+                                 popularity, rng, source)
     k = 1 + options.negatives  # each positive followed by its negatives
     repeat = np.repeat(np.arange(len(rows)), k)
     target = np.concatenate([targets[:, None], negatives], axis=1).reshape(-1)

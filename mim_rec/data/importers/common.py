@@ -14,6 +14,7 @@ from mim_rec.data.errors import DataError
 from mim_rec.data.io import write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
+from mim_rec.data.staging import staged_folder
 
 
 class DenseIds:
@@ -43,8 +44,10 @@ class DenseIds:
 
 def sample_negatives(users: np.ndarray, count: int, item_count: int,
                      positives: Mapping[int, np.ndarray], method: str,
-                     popularity: Optional[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """``count`` negative items per row of ``users``, never a positive of that row's user.
+                     popularity: Optional[np.ndarray], rng: np.random.Generator,
+                     source: str) -> np.ndarray:
+    """``count`` negative items per row of ``users`` (rows of ``source``, named in errors),
+    never a positive of that row's user.
 
     ``uniform`` draws every item with equal probability; ``popularity`` draws in proportion
     to ``popularity + 1`` (training interaction counts, add-one smoothed so items first seen
@@ -70,8 +73,8 @@ def sample_negatives(users: np.ndarray, count: int, item_count: int,
         if len(todo) == 0:
             return draws.reshape(len(users), count)
         draws[todo] = rng.choice(item_count, size=len(todo), p=p)
-    raise DataError("negatives", f"{len(todo)} rows could not draw a non-positive item "
-                                 f"(users who interacted with nearly every item?)")
+    raise DataError(source, f"{len(todo)} rows could not draw a non-positive item (users who "
+                            f"interacted with nearly every item?); lower --negatives", field="negatives")
 
 
 def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -114,8 +117,15 @@ def write_world(out: Path, items: pa.Table, pairs: Dict[str, pa.Table],
                 events: Dict[str, pa.Table], report: ImportReport, config: dict,
                 sources: Iterable[Path]) -> Manifest:
     """Write a world folder (items, pairs_*, events_*) through the validating writer, then
-    its manifest (kind="world", stage="import"), last, so a folder with a manifest is whole."""
-    out.mkdir(parents=True, exist_ok=True)
+    its manifest (kind="world", stage="import"), in a staging folder that replaces ``out``
+    whole when done: nothing of an earlier world there is kept, nor lost if this fails."""
+    with staged_folder(out, "mim data import") as staging:
+        return _write_world(staging, items, pairs, events, report, config, sources)
+
+
+def _write_world(out: Path, items: pa.Table, pairs: Dict[str, pa.Table],
+                 events: Dict[str, pa.Table], report: ImportReport, config: dict,
+                 sources: Iterable[Path]) -> Manifest:
     item_count = items.num_rows
     write_table(items, out / "items.parquet", ITEMS)
     for split, table in pairs.items():

@@ -49,9 +49,10 @@ import pyarrow.parquet as pq
 
 from mim_rec.data.errors import DataError
 from mim_rec.data.importers.common import DenseIds, ImportReport, refuse_missing
-from mim_rec.data.io import ContractWriter, write_table
+from mim_rec.data.io import ContractWriter, open_parquet, read_batches, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
 from mim_rec.data.schemas import EVENTS, FLOAT_VECTOR, ITEMS, MM_TABLE_INT8
+from mim_rec.data.staging import staged_folder
 from mim_rec.data.validate import type_accepted
 
 USER, ITEM, LABEL, EMBEDDING = "129_1", "205", "label_0", "205_c"
@@ -88,7 +89,7 @@ class _Source:
         self.columns = SOURCES[kind]
         self.batch_rows = batch_rows
         for part in self.parts:
-            schema = pq.read_schema(part)
+            schema = open_parquet(part).schema_arrow
             for column, want in self.columns.items():
                 if column not in schema.names:
                     raise DataError(str(part), f"missing column (has {schema.names})", field=column)
@@ -99,15 +100,12 @@ class _Source:
     def batches(self, columns: Sequence[str]) -> Iterator[Tuple[str, int, pa.RecordBatch]]:
         for part in self.parts:
             offset = 0
-            for batch in pq.ParquetFile(part).iter_batches(self.batch_rows, columns=list(columns)):
+            for batch in read_batches(open_parquet(part), str(part), self.batch_rows, columns):
                 batch = pa.RecordBatch.from_arrays(
                     [pc.cast(batch.column(c), self.columns[c]) for c in columns], names=list(columns))
                 _check_batch(str(part), offset, batch)
                 yield str(part), offset, batch
                 offset += batch.num_rows
-
-    def row_count(self) -> int:
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in self.parts)
 
 
 def _check_batch(file: str, offset: int, batch: pa.RecordBatch) -> None:
@@ -168,6 +166,8 @@ def import_taobao_mm(src: Path, out: Path, options: TaobaoOptions) -> ImportRepo
         "item_features": _Source(src, "item_features", "item_features", options.batch_rows),
         "embedding": _Source(src, "scl_embedding_int8_p90", "embedding", options.batch_rows),
     }
+    for name, what in (("item_features", "feature"), ("embedding", "embedding")):
+        _refuse_repeated_items(sources[name], f"item has a second {what} row")
     ids = _collect_ids(sources)
     report = ImportReport("taobao-mm")
     report.missing = _join_gaps(sources, ids)
@@ -177,7 +177,14 @@ def import_taobao_mm(src: Path, out: Path, options: TaobaoOptions) -> ImportRepo
                    "whose ids do not join.")
     report.missing = {k: v for k, v in report.missing.items() if v}
 
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_folder(out, "mim data import") as staging:
+        _write_world(sources, ids, staging, src, options, report)
+    return report
+
+
+def _write_world(sources: Dict[str, _Source], ids: _Ids, out: Path, src: Path,
+                 options: TaobaoOptions, report: ImportReport) -> None:
+    """Pass 2: the MM table, the events of each split, the items, then the manifest."""
     embedded = _write_mm_table(sources["embedding"], ids, out / "mm_table", src)
     first_sample = np.full(len(ids.items), np.iinfo(np.int64).max)
     ordinal = 1
@@ -190,12 +197,16 @@ def import_taobao_mm(src: Path, out: Path, options: TaobaoOptions) -> ImportRepo
                 writer.write(batch)
             event_counts[split] = writer.rows
         ordinal += writer.rows
-    write_table(_items(sources, ids, first_sample, embedded), out / "items.parquet", ITEMS)
+    items = _items(sources, ids, first_sample, embedded)
+    write_table(items, out / "items.parquet", ITEMS)
+    item_category = items.column("category_id").to_numpy()
 
     clicks = {s: int(pc.sum(pq.read_table(out / f"events_{s}.parquet", columns=["label"])
                             .column("label").cast(pa.int64())).as_py() or 0) for s in SPLITS}
     report.counts = {
-        "items": len(ids.items), "users": len(ids.users), "categories": len(ids.categories),
+        # what the items table holds, as ``mim data summary`` counts it (0 = unknown included)
+        "items": len(ids.items), "users": len(ids.users), "categories": len(np.unique(item_category)),
+        "items of unknown category (0)": int((item_category == 0).sum()),
         **{f"events_{s}": event_counts[s] for s in SPLITS},
         **{f"clicks_{s}": clicks[s] for s in SPLITS},
         "mm_table rows with embedding": int(embedded.sum()),
@@ -214,7 +225,6 @@ def import_taobao_mm(src: Path, out: Path, options: TaobaoOptions) -> ImportRepo
         extra={"format": "taobao-mm", "counts": report.counts, "missing": report.missing,
                "notes": report.notes})
     write_manifest(out, manifest)
-    return report
 
 
 @dataclass
@@ -304,6 +314,16 @@ class _UserHistories:
                 pc.if_else(pa.array(found), categories, empty.cast(pa.list_(pa.int32()))))
 
 
+def _refuse_repeated_items(source: _Source, message: str) -> None:
+    """A side file (features, embeddings) gives each item once: a second row would silently
+    replace the first, so it is refused, located."""
+    chunks, where = [], []
+    for file, offset, b in source.batches([ITEM]):
+        chunks.append(b.column(ITEM).to_numpy())
+        where.append((file, offset))
+    _refuse_duplicates(chunks, where, ITEM, message)
+
+
 def _refuse_duplicates(chunks: List[np.ndarray], where: List[Tuple[str, int]], field: str,
                        message: str) -> None:
     """Raise at the first repeated id across batches (``where`` = each batch's file, offset)."""
@@ -364,18 +384,12 @@ def _events(samples: _Source, ids: _Ids, histories: _UserHistories, first_ordina
 def _write_mm_table(source: _Source, ids: _Ids, table_dir: Path, src: Path) -> np.ndarray:
     """Stream ``205_c`` into ``mm_table/part-*.parquet`` (MM_TABLE_INT8); items without an
     embedding get a zero row in a last part. Returns the mask of items with an embedding."""
-    table_dir.mkdir(parents=True, exist_ok=True)
-    for stale in table_dir.glob("part-*.parquet"):
-        stale.unlink()
+    table_dir.mkdir()
     embedded = np.zeros(len(ids.items), bool)
     schema = pa.schema([f for f in MM_TABLE_INT8.required])
     part = 0
-    for file, offset, b in source.batches([ITEM, EMBEDDING]):
+    for _, _, b in source.batches([ITEM, EMBEDDING]):
         dense, _ = ids.items.lookup(b.column(ITEM).to_numpy())
-        twice = embedded[dense] | _duplicated(dense)
-        if twice.any():
-            raise DataError(file, "item has a second embedding row", row=offset + int(np.argmax(twice)),
-                            field=ITEM)
         embedded[dense] = True
         _write_part(table_dir / f"part-{part:05d}.parquet", schema, dense, b.column(EMBEDDING), ids)
         part += 1

@@ -7,7 +7,6 @@ with the ground-truth latent factors in ``truth/``.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Union
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from mim_rec.data.io import write_table
 from mim_rec.data.manifest import Manifest, write_manifest
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
+from mim_rec.data.staging import staged_folder
 from mim_rec.data.synth import render, text, world
 from mim_rec.data.synth.config import ClickModel, SynthConfig, tiny
 
@@ -114,26 +114,15 @@ def _write_truth(out: Path, lat: world.Latents, sessions: world.Sessions,
 
 
 def generate_world(config: SynthConfig, out_dir: Union[str, Path]) -> Path:
-    """Generate the world described by ``config`` into ``out_dir`` (replacing its files).
+    """Generate the world described by ``config`` into ``out_dir``, replacing a world there.
 
-    The world is written in a staging folder beside ``out_dir`` and moved in only when whole,
-    manifest last: a run killed part-way leaves no half-world that would validate (its pairs
-    are optional, so one cut off before them would train)."""
+    The world is written in a staging folder beside ``out_dir`` and swapped in only when whole
+    (:func:`staged_folder`): a run killed part-way leaves no half-world that would validate (its
+    pairs are optional, so one cut off before them would train), and nothing of a world
+    replaced (another data set's ``mm_table/``) is left beside the new one."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # a world being replaced is never "done"
-    staging = out.parent / f".{out.name}.synth"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_folder(out, "mim data synth") as staging:
         _write_world(config, staging)
-        for entry in sorted(staging.iterdir(), key=lambda path: path.name == "manifest.json"):
-            target = out / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            entry.replace(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
