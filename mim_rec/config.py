@@ -29,6 +29,8 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
     JSON), then ``overrides``."""
     data: Dict[str, Any] = dataclasses.asdict(preset) if preset is not None else {}
     if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config {path}: no such file")
         text = Path(path).read_text()
         try:
             loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
@@ -129,22 +131,23 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def require_positive(config: Any, keys: Iterable[str]) -> None:
+def require_positive(config: Any, keys: Iterable[str], prefix: str = "") -> None:
     """Refuse a zero or negative value at any of the dotted ``keys`` of ``config`` (``None``
-    means "not set" and passes), naming the key: a batch size or step interval of 0 would
-    otherwise surface as a division by zero, or as a run that trains nothing, far from its cause."""
+    means "not set" and passes), naming the key (after ``prefix``, for an item of a list): a
+    batch size or step interval of 0 would otherwise surface as a division by zero, or as a
+    run that trains nothing, far from its cause."""
     for key in keys:
         value = _dotted(config, key)
         if value is not None and not value > 0:  # written so that NaN is refused too
-            raise ConfigError(f"{key}={value}: must be positive")
+            raise ConfigError(f"{prefix}{key}={value}: must be positive")
 
 
-def require_not_negative(config: Any, keys: Iterable[str]) -> None:
+def require_not_negative(config: Any, keys: Iterable[str], prefix: str = "") -> None:
     """Like :func:`require_positive`, for settings where 0 means "off" (a phase's steps, a weight)."""
     for key in keys:
         value = _dotted(config, key)
         if value is not None and not value >= 0:
-            raise ConfigError(f"{key}={value}: must not be negative")
+            raise ConfigError(f"{prefix}{key}={value}: must not be negative")
 
 
 def require_fraction(config: Any, keys: Iterable[str]) -> None:

@@ -83,3 +83,12 @@ def test_the_timed_table_holds_the_given_vectors(catalogue):
 def test_missing_encoder_is_a_clear_error(catalogue, capsys):
     assert main(["bench", "lookup", f"items={catalogue / 'items.parquet'}"]) == 2
     assert "--quick" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [("batch_size=0", "batch_size=0: must be positive"),
+                                              ("hist_len=-1", "hist_len=-1: must not be negative"),
+                                              ("repeats=0", "repeats=0: must be positive")])
+def test_a_setting_that_cannot_be_timed_is_refused(catalogue, capsys, setting, message):
+    """batch_size=0 and hist_len=-1 ended in a traceback; repeats=0 in a median of nothing."""
+    assert main(["bench", "lookup", "--quick", f"items={catalogue / 'items.parquet'}", setting]) == 2
+    assert message in capsys.readouterr().err

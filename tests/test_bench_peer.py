@@ -93,6 +93,24 @@ def test_both_libraries_train_on_the_same_steps_and_beat_chance(world, tmp_path,
         assert row["train_samples_per_s"] > 0
 
 
-def test_a_ubm_deepctr_lacks_is_refused(world):
-    with pytest.raises(ValueError, match="DeepCTR-Torch has no"):
-        main(["bench", "peer", f"world={world}", "ubms=[twin]"])
+@pytest.mark.parametrize("setting, message", [
+    ("ubms=[twin]", "DeepCTR-Torch has no ['twin']"),
+    ("ubms=[]", "give at least one of each"),
+    ("seeds=[]", "give at least one of each"),
+    ("max_steps=0", "max_steps=0: must be positive"),
+    ("loader.batch_size=-2", "loader.batch_size=-2: must be positive"),
+    ("world=", "needs world=DIR"),
+])
+def test_a_setting_that_cannot_run_is_refused_before_training(world, capsys, setting, message):
+    """These used to end in a traceback, or (seeds=[]) in an empty table."""
+    assert main(["bench", "peer", f"world={world}", setting]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_seed_is_printed_without_a_spread():
+    from train.bench_peer import format_table, summarise
+
+    rows = [{"ubm": "din", "seed": 0, "implementation": impl, "auc": 0.7, "gauc": 0.6, "logloss": 0.5,
+             "s1_auc": 0.65, "train_samples_per_s": 100.0} for impl in ("mim_rec", "deepctr_torch")]
+    table = format_table({"world": "w", "sizes": {}, "seeds": [0], "rows": rows, "summary": summarise(rows)})
+    assert "±" not in table and "one seed: no spread" in table

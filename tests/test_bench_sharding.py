@@ -51,6 +51,15 @@ def test_bad_config_is_refused():
     with pytest.raises(ConfigError, match="int8"):
         _tiny(mm_dtype="int8").validate()
     assert main(["bench", "sharding", "--paper-scale", "--config", "x.yaml"]) == 2
+    # each of these ended in a traceback, or (batch_size=0) was planned silently as 512
+    for bad, message in (({"mm_rows": 0}, "mm_rows=0: must be positive"),
+                         ({"mm_dim": 0}, "mm_dim=0: must be positive"),
+                         ({"batch_size": 0}, "batch_size=0: must be positive"),
+                         ({"world_size": 0}, "world_size=0: must be positive"),
+                         ({"steps": 0}, "steps=0: must be positive"),
+                         ({"id_tables": [TableSpec("a", 0, 4)]}, r"id_tables\[0\].rows=0: must be positive")):
+        with pytest.raises(ConfigError, match=message):
+            _tiny(**bad).validate()
     config = load_config(ShardingBenchConfig, None, ["id_tables=[{name: a, rows: 5, dim: 4}]"])
     assert config.id_tables == [TableSpec("a", 5, 4, 1)]
 
@@ -68,6 +77,24 @@ def test_measured_two_ranks_hold_exactly_the_tables():
         assert sum(row.shard_mb) == pytest.approx(total_mb), row.plan
     row_wise = rows[1]
     assert row_wise.shard_mb[0] == pytest.approx(row_wise.shard_mb[1])
+
+
+def test_column_wise_says_when_no_table_is_split_and_splits_when_asked():
+    """Every table of <= 128 columns stayed whole, so the column_wise row was table_wise's."""
+    whole = {r.plan: r for r in make_plans(_tiny(plans=["table_wise", "column_wise"]))}
+    assert "no table was split by columns" in whole["column_wise"].note
+    assert whole["column_wise"].est_mem_gb == whole["table_wise"].est_mem_gb
+    split = make_plans(_tiny(plans=["column_wise"], column_wise_min_dim=8))[0]
+    assert split.note == ""
+    mm_shards = split.sharding_plan.plan["mm_table"]["mm_table"].sharding_spec.shards
+    assert [shard.shard_sizes for shard in mm_shards] == [[128, 8], [128, 8]]  # 16 columns in two
+
+
+def test_cli_refuses_a_json_path_before_planning(tmp_path, capsys):
+    assert main(["bench", "sharding", "mm_rows=64", "mm_dim=8", "plans=[table_wise]",
+                 "--json", str(tmp_path / "missing" / "rows.json")]) == 2
+    err = capsys.readouterr()
+    assert "no folder" in err.err and "est mem/rank" not in err.out
 
 
 def test_cli_prints_the_comparison_table(capsys):

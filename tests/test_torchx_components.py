@@ -52,7 +52,9 @@ def test_component_file_passes_torchx_linter():
 
 
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
-def test_component_materialises_from_cli(component):
+def test_component_materialises_from_cli(component, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.yaml").write_text("seed: 7\n")
     command, distributed = COMPONENTS[component]
     cli = ["--config", "cfg.yaml", "--cpu", "3", "--memMB", "2048", "--env", "A=1,B=2",
            "--mounts", "type=bind,src=/data/runs,dst=/runs,readonly"]
@@ -101,15 +103,40 @@ def _torchx(*argv: str, timeout: float) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=timeout)
 
 
-def test_torchx_dryrun_cli_parses_csft():
-    done = _torchx("run", "--dryrun", "-s", "local_cwd", "torchx_components/mim.py:csft",
-                   "-j", "1x2", "--config", "configs/csft.yaml", "--", "out=runs/csft",
-                   timeout=120)
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("launch, message", [
+    (["--cpu", "-1"], "need cpu >= 1"), (["--memMB", "0"], "memMB >= 1"),
+    (["--config", "no_such.yaml"], "--config no_such.yaml: no such file here")])
+def test_launch_arguments_no_job_could_use_are_refused(component, launch, message):
+    """They passed the dry run and failed only once the job was scheduled (or never ran)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        materialize_appdef(getattr(mim, component), launch + ["--", "out=x"])
+
+
+@pytest.mark.parametrize("j", ["1x0", "0x2", "3:2x1"])
+def test_a_job_shape_without_processes_is_refused(j):
+    with pytest.raises(ValueError, match=f"-j {j}: nodes and processes per node must be at least 1"):
+        materialize_appdef(mim.train_ciubm, ["-j", j, "--", "out=x"])
+
+
+def test_torchx_dryrun_cli_parses_csft(tmp_path):
+    (REPO / "runs").mkdir(exist_ok=True)
+    config = Path("runs") / f"{tmp_path.name}_csft.yaml"  # relative to the checkout, as users write it
+    (REPO / config).write_text("steps: 3\n")
+    try:
+        done = _torchx("run", "--dryrun", "-s", "local_cwd", "torchx_components/mim.py:csft",
+                       "-j", "1x2", "--config", str(config), "--", "out=runs/csft", timeout=120)
+    finally:
+        (REPO / config).unlink()
     assert done.returncode == 0, done.stderr
     # The request is pretty-printed: long strings are split into adjacent literals.
     request = re.sub(r"['\"]\s*\n\s*['\"]", "", done.stdout)
     assert "--nproc_per_node 2" in request
-    assert "-m train.cli csft --config configs/csft.yaml out=runs/csft" in request
+    assert f"-m train.cli csft --config {config} out=runs/csft" in request
+
+    missing = _torchx("run", "--dryrun", "-s", "local_cwd", "torchx_components/mim.py:csft",
+                      "--config", "no_such.yaml", "--", "out=runs/csft", timeout=120)
+    assert missing.returncode != 0 and "--config no_such.yaml: no such file here" in missing.stderr
 
 
 @pytest.mark.slow

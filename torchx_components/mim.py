@@ -9,7 +9,7 @@ Every stage reads a typed config (``--config FILE``) and ``key=value`` overrides
 are config keys, so they travel in ``args`` like any other setting::
 
     torchx run -s local_cwd torchx_components/mim.py:pretrain -j 1x2 \\
-        --config configs/pretrain.yaml -- data.world=runs/world out=runs/pretrain
+        --config pretrain.yaml -- data.world=runs/world out=runs/pretrain
 
 Distributed stages (pretrain, csft, build_table, train_ciubm, evaluate) run under ``torchrun``
 with ``j = {nnodes}x{nproc_per_node}`` exactly as :py:func:`torchx.components.dist.ddp` does;
@@ -18,6 +18,7 @@ are single-process roles (the bench spawns its own measuring ranks).
 """
 
 # No `from __future__ import annotations`: TorchX reads the real annotations to build the CLI.
+import os
 from typing import Dict, List, Optional
 
 import torchx
@@ -30,8 +31,24 @@ ENTRY_MODULE = "train.cli"
 def _stage_argv(command: List[str], config: Optional[str], args: tuple) -> List[str]:
     argv = list(command)
     if config:
+        if not os.path.isabs(config) and not os.path.isfile(config):
+            # Checked here so that the mistake costs a dry run, not a queued job. An absolute
+            # path is the job's own (inside the image or a mount) and cannot be checked here.
+            raise ValueError(f"--config {config}: no such file here; give a path relative to this "
+                             f"folder, or an absolute one as the job sees it (image or mount)")
         argv += ["--config", config]
     return argv + list(args)
+
+
+def _check_resources(cpu: int, gpu: int, memMB: int, h: Optional[str], j: Optional[str] = None) -> None:
+    """Refuse launch arguments no scheduler can meet (TorchX passes them on unchecked)."""
+    if j is not None:
+        min_nodes, max_nodes, nproc_per_node, _ = dist.parse_nnodes(j)
+        if min(min_nodes, max_nodes, nproc_per_node) < 1 or min_nodes > max_nodes:
+            raise ValueError(f"-j {j}: nodes and processes per node must be at least 1 "
+                             f"(and min nodes <= max nodes)")
+    if h is None and (cpu < 1 or gpu < 0 or memMB < 1):
+        raise ValueError(f"--cpu {cpu} --gpu {gpu} --memMB {memMB}: need cpu >= 1, gpu >= 0, memMB >= 1")
 
 
 def _distributed(
@@ -53,6 +70,7 @@ def _distributed(
     rdzv_port: int,
 ) -> specs.AppDef:
     """``mim <command>`` under torchrun on ``j`` = nnodes x nproc_per_node, via dist.ddp."""
+    _check_resources(cpu, gpu, memMB, h, j)
     app = dist.ddp(
         *_stage_argv(command, config, args), m=ENTRY_MODULE, image=image,
         name=name or f"mim/{role}", cpu=cpu, gpu=gpu, memMB=memMB, h=h, j=j,
@@ -78,6 +96,7 @@ def _single(
     port_map: Optional[Dict[str, int]] = None,
 ) -> specs.AppDef:
     """``python -m train.cli <command>`` as one plain process (no torchrun)."""
+    _check_resources(cpu, gpu, memMB, h)
     return specs.AppDef(
         name=name or role,
         roles=[specs.Role(

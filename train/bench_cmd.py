@@ -56,9 +56,18 @@ def preset_cli(config_cls: type, run: Callable[[Any], Dict[str, Any]],
     return cli
 
 
+def check_json_path(json_path: Optional[str]) -> None:
+    """Refuse a ``--json`` path whose folder does not exist before measuring, not after."""
+    from mim_rec.config import ConfigError
+
+    if json_path and json_path != "-" and not Path(json_path).parent.is_dir():
+        raise ConfigError(f"--json {json_path}: no folder {Path(json_path).parent}")
+
+
 def run_and_report(measure: Callable[[], Dict[str, Any]], render: Callable[[Dict[str, Any]], str],
                    json_path: Optional[str]) -> Dict[str, Any]:
     """Run a bench, print its table and wall time, and write the result (with ``wall_s``) as JSON."""
+    check_json_path(json_path)
     started = time.perf_counter()
     result = measure()
     result["wall_s"] = time.perf_counter() - started

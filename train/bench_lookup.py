@@ -174,9 +174,11 @@ def format_result(result: Dict[str, Any]) -> str:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from mim_rec.config import ConfigError, load_config
+    from mim_rec.config import ConfigError, load_config, require_not_negative, require_positive
 
     config = load_config(LookupBenchConfig, args.config, args.overrides)
+    require_positive(config, ("batch_size", "repeats", "lookup_repeats", "encoder_batch_size", "threads"))
+    require_not_negative(config, ("hist_len",))
     if not config.items:
         raise ConfigError("items: the catalogue's items.parquet (images + titles) is required")
     if not (config.encoder or args.quick):

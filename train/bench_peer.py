@@ -241,16 +241,27 @@ def _summary(report: Dict[str, Any]) -> Dict[str, Any]:
 
 # -------------------------------------------------------------------------------- the bench
 
+def check_config(config: PeerBenchConfig) -> None:
+    """Refuse, before any training, a setting that would fail late or print an empty table."""
+    from mim_rec.config import ConfigError, require_positive
+
+    if not config.world:
+        raise ConfigError("mim bench peer needs world=DIR (a folder with items.parquet and events_*.parquet)")
+    if not config.ubms or not config.seeds:
+        raise ConfigError(f"ubms={config.ubms} seeds={config.seeds}: give at least one of each")
+    unknown = sorted(set(config.ubms) - set(PEER_UBMS))
+    if unknown:
+        raise ConfigError(f"ubms: DeepCTR-Torch has no {unknown}; choose from {list(PEER_UBMS)}")
+    if config.model.sequence_layout != "ebc":
+        raise ConfigError("model.sequence_layout: the peer's input is read from the slot (ebc) layout")
+    require_positive(config, ("epochs", "max_steps", "lr", "peer_lr", "id_lr", "query_len", "threads",
+                              "loader.batch_size", "loader.max_hist_len"))
+
+
 def run_bench(config: PeerBenchConfig) -> Dict[str, Any]:
     from train.ciubm import table_sizes
 
-    if not config.world:
-        raise ValueError("mim bench peer needs world=DIR (a folder with items.parquet and events_*.parquet)")
-    unknown = sorted(set(config.ubms) - set(PEER_UBMS))
-    if unknown:
-        raise ValueError(f"ubms: DeepCTR-Torch has no {unknown}; choose from {list(PEER_UBMS)}")
-    if config.model.sequence_layout != "ebc":
-        raise ValueError("model.sequence_layout: the peer's input is read from the slot (ebc) layout")
+    check_config(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     items = ItemInfo.from_items(Path(config.world) / "items.parquet")
@@ -287,18 +298,21 @@ def summarise(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return summary
 
 
-def _mean_std(values: List[float]) -> Dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
+    """Mean and sample std; the std of one value is ``None`` (unknown, not zero)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None}
 
 
-def _fmt(stat: Dict[str, float], digits: int = 4, signed: bool = False) -> str:
+def _fmt(stat: Dict[str, Optional[float]], digits: int = 4, signed: bool = False) -> str:
     sign = "+" if signed else ""
-    return f"{stat['mean']:{sign}.{digits}f} ± {stat['std']:.{digits}f}"
+    spread = "" if stat["std"] is None else f" ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:{sign}.{digits}f}{spread}"
 
 
 def format_table(result: Dict[str, Any]) -> str:
     seeds = result["seeds"]
-    lines = [f"world {result['world']}  sizes {result['sizes']}  seeds {seeds} (mean ± std over seeds)",
+    spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed: no spread"
+    lines = [f"world {result['world']}  sizes {result['sizes']}  seeds {seeds} ({spread})",
              f"{'ubm':<5} {'implementation':<14} {'AUC':>17} {'GAUC':>17} {'log loss':>17} {'S1 AUC':>17} "
              f"{'train samples/s':>19}"]
     for entry in result["summary"]:

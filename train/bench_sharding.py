@@ -34,8 +34,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from mim_rec.config import ConfigError, load_config
+from mim_rec.config import ConfigError, load_config, require_not_negative, require_positive
 from mim_rec.utils.dist import run_on_spawned_ranks
+from train.bench_cmd import check_json_path
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise", "data_parallel")
@@ -79,6 +80,9 @@ class ShardingBenchConfig:
     warmup_steps: int = 3
     steps: int = 20
     seed: int = 0
+    # Columns per shard of a column-wise table (ParameterConstraints.min_partition); None keeps
+    # TorchRec's 128, under which a table of <= 128 columns stays whole (the row says so).
+    column_wise_min_dim: Optional[int] = None
 
     @classmethod
     def paper_scale(cls) -> "ShardingBenchConfig":
@@ -90,6 +94,11 @@ class ShardingBenchConfig:
                    plans=list(SHARDING_TYPES) + [PLANNER_CHOICE])
 
     def validate(self) -> None:
+        require_positive(self, ("mm_rows", "mm_dim", "mm_pooling", "batch_size", "world_size", "local_world_size",
+                                "steps", "column_wise_min_dim"))
+        require_not_negative(self, ("warmup_steps", "hbm_gb_per_device", "ddr_gb_per_device"))
+        for index, table in enumerate(self.id_tables):
+            require_positive(table, ("rows", "dim", "pooling"), prefix=f"id_tables[{index}].")
         if self.mm_dtype not in ("fp32", "fp16"):
             # TorchRec's training EmbeddingBagCollection silently stores an INT8 table as fp16,
             # so the planner would estimate fp16 bytes under an int8 label.
@@ -101,7 +110,7 @@ class ShardingBenchConfig:
         if unknown:
             raise ConfigError(f"plans: unknown {unknown}; choose from "
                               f"{list(SHARDING_TYPES) + [PLANNER_CHOICE]}")
-        if self.world_size < 1 or self.world_size % self.ranks_per_host:
+        if self.world_size % self.ranks_per_host:
             raise ConfigError(f"world_size={self.world_size} is not a multiple of "
                               f"local_world_size={self.ranks_per_host}")
         names = [t.name for t in self.id_tables] + ["mm_table"]
@@ -205,6 +214,7 @@ def planner_offers(compute_device: str) -> List[str]:
 def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optional[str]) -> PlanRow:
     """Ask TorchRec's planner for a plan (every table forced to ``sharding_type`` if given)."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner.constants import MIN_CW_DIM
     from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
     from torchrec.distributed.planner.types import PlannerError, Stats
 
@@ -223,7 +233,8 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
     kernels = {"data_parallel": ["dense"], None: ["fused", "dense"]}.get(sharding_type, ["fused"])
     constraints = {t.name: ParameterConstraints(
         sharding_types=[sharding_type] if sharding_type else None,
-        compute_kernels=kernels, pooling_factors=[float(t.pooling)])
+        compute_kernels=kernels, pooling_factors=[float(t.pooling)],
+        min_partition=config.column_wise_min_dim)
         for t in _all_tables(config)}
     stats = KeepBestPlan()
     # Keep 15% of each rank's memory for the dense part, inputs and outputs (TorchRec's default,
@@ -253,6 +264,10 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
                                   + shard.perf.input_dist_comms)
             perf[shard.rank] += shard.perf.total
     row.est_mem_gb, row.est_comms_ms, row.est_step_ms = mem, comms, max(perf)
+    column_wise = [o for o in stats.best_plan if o.sharding_type in ("column_wise", "table_column_wise")]
+    if column_wise and all(len(o.shards) == 1 for o in column_wise):
+        row.note = (f"no table was split by columns (each has <= {config.column_wise_min_dim or MIN_CW_DIM} "
+                    f"columns, the shard width): the layout of table_wise; set column_wise_min_dim to split")
     return row
 
 
@@ -494,6 +509,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = load_config(ShardingBenchConfig, args.config, args.overrides)
     config.validate()
+    check_json_path(args.json)
     if args.measure and config.compute_device == "cuda":
         import torch
         if torch.cuda.device_count() < config.world_size:
