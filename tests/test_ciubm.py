@@ -126,9 +126,10 @@ def test_ec_and_ebc_layouts_compute_the_same_logits(world, ubm):
             logits[layout], _ = model(batch)
     torch.testing.assert_close(logits["ec"], logits["ebc"], rtol=1e-5, atol=1e-6)
 
-def test_training_beats_a_constant_predictor(world, tmp_path):
+def test_training_beats_a_constant_predictor(world, tmp_path, capsys):
     config = _config(world, tmp_path / "run", "epochs=2", "model.ubm=din")
     report = ciubm.run(config)
+    assert "no mm_table= given" in capsys.readouterr().err  # it trained on random vectors silently
     labels = pq.read_table(world / "events_test.parquet")["label"].to_numpy()
     rate = labels.mean()
     constant_logloss = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))

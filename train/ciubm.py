@@ -22,6 +22,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -491,6 +492,9 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
         raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
     if config.model.uses_mm:  # the table is checked before anything is built or written
         rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
+        if config.mm_table is None and ctx.is_main:
+            print("note: no mm_table= given: the content and fusion modules read a seeded random "
+                  "stand-in table, so this run measures the plumbing, not MIM", file=sys.stderr)
     model, optimizer, plan = build_sharded_model(config, sizes, ctx)
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
     if config.model.uses_mm:
