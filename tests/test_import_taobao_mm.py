@@ -152,11 +152,12 @@ def test_bad_sources_are_refused_with_file_row_field(tmp_path, case):
     assert (info.value.row, info.value.field) == (row, field)
 
 
-def test_an_import_replaces_its_output_whole_and_a_failed_one_changes_nothing(tmp_path):
+def test_an_import_replaces_its_output_whole_and_a_failed_one_changes_nothing(tmp_path, monkeypatch):
     """Imports used to write over ``--out`` in place: an Amazon world's pairs stayed beside a
     TAOBAO-MM import (and validated), and a failed re-import had already deleted the MM table."""
-    from tests.test_import_amazon import options, write_amazon
+    from mim_rec.data.importers import taobao_mm
     from mim_rec.data.importers.amazon import import_amazon
+    from tests.test_import_amazon import options, write_amazon
 
     out = tmp_path / "world"
     import_amazon(write_amazon(tmp_path / "amazon"), out, options())
@@ -168,6 +169,14 @@ def test_an_import_replaces_its_output_whole_and_a_failed_one_changes_nothing(tm
     validate_world(out)
 
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def killed(*args, **kwargs):  # after the MM table and the events are written
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(taobao_mm, "_items", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        import_taobao_mm(src, out, TaobaoOptions())
+    monkeypatch.undo()
     (src / "item_features.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         import_taobao_mm(src, out, TaobaoOptions())

@@ -266,3 +266,14 @@ def test_a_synth_replaces_a_world_whole_and_refuses_a_folder_of_other_files(worl
     with pytest.raises(DataError, match="not empty and holds no manifest.json"):
         generate_world(tiny(SynthConfig(seed=8)), mine)
     assert [path.name for path in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_synth_into_the_working_directory_keeps_the_folder(world, tmp_path, monkeypatch):
+    """``--out .``: the folder is refilled, never renamed away from under the shell."""
+    monkeypatch.chdir(tmp_path)
+    generate_world(tiny(SynthConfig(seed=8)), ".")
+    inode = tmp_path.stat().st_ino
+    generate_world(tiny(SynthConfig(seed=9)), ".")
+    assert tmp_path.stat().st_ino == inode
+    assert not any(path.name.startswith(".mim_") for path in tmp_path.iterdir())
+    validate_world(tmp_path, echo=lambda _: None)

@@ -116,7 +116,7 @@ def _write_truth(out: Path, lat: world.Latents, sessions: world.Sessions,
 def generate_world(config: SynthConfig, out_dir: Union[str, Path]) -> Path:
     """Generate the world described by ``config`` into ``out_dir``, replacing a world there.
 
-    The world is written in a staging folder beside ``out_dir`` and swapped in only when whole
+    The world is written in a staging folder and swapped in only when whole
     (:func:`staged_folder`): a run killed part-way leaves no half-world that would validate (its
     pairs are optional, so one cut off before them would train), and nothing of a world
     replaced (another data set's ``mm_table/``) is left beside the new one."""
