@@ -184,7 +184,7 @@ def read_batches(parquet: pq.ParquetFile, file: str, batch_rows: int,
 
 def read_parquet_columns(path: PathLike, columns: Sequence[str], batch_rows: int = 1 << 16) -> pa.Table:
     """Some columns of a Parquet file as a table, for readers that need no contract check
-    (summaries); a missing file or column and corrupt data are :class:`DataError`\ s."""
+    (summaries); a missing file or column and corrupt data raise :class:`DataError`."""
     parquet = open_parquet(path)
     stored = parquet.schema_arrow
     for name in columns:
