@@ -113,6 +113,8 @@ def parse_request(body: bytes, config: RimConfig, arrived_at: float) -> List[New
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{REQUEST_SOURCE}: body is not JSON ({exc})") from None
+    except RecursionError:  # "[[[[...": the decoder recurses once per level
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{REQUEST_SOURCE}: body nests too deeply to be a request") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("items"), list) or not payload["items"]:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{REQUEST_SOURCE}: expected {{\"items\": [item, ...]}} "
                                                    "with at least one item")

@@ -83,6 +83,7 @@ def gif_bytes() -> bytes:
 
 BAD_REQUESTS = [
     (b"{not json", 400, "body is not JSON"),
+    (b"[" * 40_000 + b"]" * 40_000, 400, "nests too deeply"),  # a RecursionError dropped the connection
     ({"items": []}, 400, "at least one item"),
     ({"things": [1]}, 400, "expected"),
     ({"items": [item(i) for i in range(10, 15)]}, 413, "at most 4 per request"),
