@@ -11,18 +11,34 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from mim_rec.data.errors import DataError, ManifestMismatch
-from mim_rec.data.manifest import read_manifest
+from mim_rec.data.io import open_parquet
+from mim_rec.data.manifest import manifest_path, read_manifest
 
 
 def table_parts(table_dir: Union[str, Path]) -> List[Path]:
-    parts = sorted(Path(table_dir).glob("part-*.parquet"))
+    """The table's parts. Where the manifest lists them (``extra.shards``), a listed part that is
+    absent and a part it does not list are errors: read as they are, the first gives zero
+    vectors and the second overwrites rows, and neither would be noticed."""
+    table_dir = Path(table_dir)
+    parts = sorted(table_dir.glob("part-*.parquet"))
     if not parts:
         raise DataError(str(table_dir), "no part-*.parquet files: not an MM table folder")
+    listed = read_manifest(table_dir).extra.get("shards") if manifest_path(table_dir).is_file() else None
+    if listed is not None:
+        names = {part.name for part in parts}
+        absent, stray = sorted(set(listed) - names), sorted(names - set(listed))
+        if absent:
+            raise DataError(str(table_dir / absent[0]), f"a part the manifest lists is missing ({len(absent)} "
+                                                        f"missing in all); rebuild the table")
+        if stray:
+            raise DataError(str(table_dir / stray[0]), "a part the manifest does not list (left by another "
+                                                       "build?); remove it or rebuild the table")
     return parts
 
 
@@ -69,6 +85,10 @@ def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: 
             catalogue_fingerprint(items_path, built_for["rows"]) != built_for["fingerprint"]:
         raise ManifestMismatch(f"{table_dir}: built for other items than {items_path} (the raw ids and titles of "
                                f"its {built_for['rows']} items differ); build the table from this world's items")
+    held = sum(open_parquet(part).metadata.num_rows for part in table_parts(table_dir))
+    if held != manifest.row_count:
+        raise DataError(str(table_dir), f"its parts hold {held} rows, its manifest says {manifest.row_count}: "
+                                        "a part is missing or was added; rebuild the table")
     lacking = num_items - manifest.row_count
     if lacking and missing == "error":
         raise ManifestMismatch(f"{table_dir}: table has {manifest.row_count} rows, the catalogue {num_items} items "
@@ -92,8 +112,15 @@ def read_mm_rows(table_dir: Union[str, Path], start: int, stop: int, dim: int,
         low, high = _id_bounds(part)
         if high < start or low >= stop:
             continue
-        table = pq.read_table(part, filters=[("item_id", ">=", start), ("item_id", "<", stop)])
+        try:
+            table = pq.read_table(part, filters=[("item_id", ">=", start), ("item_id", "<", stop)])
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(str(part), f"unreadable Parquet data ({exc})") from exc
         ids = table["item_id"].to_numpy()
+        repeated = seen[ids - start] | _repeated(ids)
+        if repeated.any():
+            raise DataError(str(part), f"item {ids[repeated][0]} has a second row (in this or an earlier "
+                                       "part); rebuild the table", field="item_id")
         flat = pc.list_flatten(table["vector"]).to_numpy(zero_copy_only=False).astype(np.float32)
         if flat.size != len(ids) * dim:
             raise DataError(str(part), f"vectors are not all {dim} long", field="vector")
@@ -129,9 +156,16 @@ def _check_policy(missing: str) -> None:
         raise ValueError(f"missing={missing!r}: choose one of {MISSING_POLICIES}")
 
 
+def _repeated(ids: np.ndarray) -> np.ndarray:
+    """Which entries of ``ids`` repeat an earlier one."""
+    repeated = np.ones(len(ids), bool)
+    repeated[np.unique(ids, return_index=True)[1]] = False
+    return repeated
+
+
 def _id_bounds(part: Path) -> tuple:
     """``(min, max)`` item id of a part from its row-group statistics (no data read)."""
-    meta = pq.ParquetFile(part).metadata
+    meta = open_parquet(part).metadata
     column = meta.schema.to_arrow_schema().get_field_index("item_id")
     stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
     if not stats or any(s is None or not s.has_min_max for s in stats):

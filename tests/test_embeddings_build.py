@@ -122,9 +122,42 @@ def test_reader_refuses_wrong_dim_and_missing_items(world, tmp_path):
     with pytest.raises(ManifestMismatch, match="dim"):
         read_mm_table(out, 300, 16)
     from mim_rec.data.errors import DataError
+    with pytest.raises(DataError, match="10 of 310 items in 0..309 have no vector"):
+        read_mm_rows(out, 0, 310, 8)  # a catalogue grown past the table
+
+
+def test_a_table_missing_a_part_or_holding_a_stray_one_is_refused(world, tmp_path):
+    """A missing part used to read as zero vectors even under missing=default, counted nowhere;
+    a stray part's rows silently replaced the table's; a cut part was Arrow's traceback."""
+    from embeddings.table import check_table
+    from mim_rec.data.errors import DataError
+    from mim_rec.data.manifest import write_manifest
+
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    part = (out / "part-00002.parquet").read_bytes()
     (out / "part-00002.parquet").unlink()
-    with pytest.raises(DataError, match="64 of 300 items in 0..299 have no vector"):
+    with pytest.raises(DataError, match="a part the manifest lists is missing") as info:
+        check_table(out, 300, 8, missing="default")
+    assert info.value.file.endswith("part-00002.parquet")
+
+    (out / "part-00002.parquet").write_bytes(part)
+    pq.write_table(pq.read_table(out / "part-00000.parquet"), out / "part-00099.parquet")
+    with pytest.raises(DataError, match="a part the manifest does not list"):
         read_mm_table(out, 300, 8)
+
+    manifest = read_manifest(out)  # a table whose manifest lists no parts (e.g. an import's)
+    write_manifest(out, replace(manifest, extra={k: v for k, v in manifest.extra.items() if k != "shards"}))
+    with pytest.raises(DataError, match="its parts hold 364 rows, its manifest says 300"):
+        check_table(out, 300, 8)
+    with pytest.raises(DataError, match="item 0 has a second row") as info:
+        read_mm_rows(out, 0, 300, 8)
+    assert info.value.file.endswith("part-00099.parquet")
+
+    (out / "part-00099.parquet").unlink()
+    (out / "part-00001.parquet").write_bytes((out / "part-00001.parquet").read_bytes()[:200])
+    with pytest.raises(DataError, match="not a readable Parquet file") as info:
+        read_mm_rows(out, 0, 300, 8)
+    assert info.value.file.endswith("part-00001.parquet")
 
 
 def test_a_synthetic_worlds_truth_folder_builds_the_true_style_table(world, tmp_path):
