@@ -175,3 +175,20 @@ def test_pixel_config_pretrains_on_features_only_items(world, tmp_path, capsys):
     assert "vision tower 'precomputed' (6-d)" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "out" / "encoders" / "manifest.json").read_text())
     assert manifest["config"]["vision"]["name"] == "precomputed"
+
+
+def test_evaluation_refuses_a_folder_without_a_run_and_a_larger_held_out_share(world, tmp_path, capsys):
+    """pretrain-eval used to score any folder (writing a plain-only eval.json into a new one),
+    and with heldout_fraction above the run's it scored trained-on items as held out."""
+    config_file = _write_config(_config(world, tmp_path / "none"), tmp_path / "c.yaml")
+    assert cli.main(["pretrain-eval", "--config", str(config_file)]) == 2
+    assert "no `mim pretrain` run here" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(to_dict(_config(world, run))))  # held out 0.2
+    config_file = _write_config(_config(world, run), tmp_path / "c.yaml")
+    assert cli.main(["pretrain-eval", "--config", str(config_file), "data.heldout_fraction=0.9"]) == 2
+    assert "held out 0.2, so the items past that were trained on" in capsys.readouterr().err
+    assert not (run / "eval.json").exists()

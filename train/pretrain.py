@@ -250,6 +250,7 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     from train.common import write_eval_report
 
     out = Path(config.out)
+    _check_evaluated_run(config)
     sources = {"plain": None, "dda": out / "dda", "dda+dma": out / "encoders"}
     report: Dict[str, Dict[str, float]] = {}
     corpus = None
@@ -269,6 +270,21 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     write_eval_report(out, report, [items_path(config.data.world)],
                       heldout_fraction=config.data.heldout_fraction)
     return report
+
+
+def _check_evaluated_run(config) -> None:
+    """Refuse to evaluate anything but a pretrain run, or with more items held out than it held
+    out: the extra ones were trained on, and their retrieval scores would pass as held-out."""
+    from mim_rec.config import ConfigError
+
+    saved = Path(config.out) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"out={config.out}: no `mim pretrain` run here (no config.json); "
+                          "point out= at a pretrain run folder")
+    trained = json.loads(saved.read_text()).get("data", {}).get("heldout_fraction")
+    if trained is not None and config.data.heldout_fraction > trained:
+        raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction}: the run in {config.out} held "
+                          f"out {trained}, so the items past that were trained on; evaluate with at most {trained}")
 
 
 def format_table(report: Dict[str, Dict[str, float]]) -> str:
