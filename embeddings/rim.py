@@ -45,6 +45,7 @@ from embeddings.rim_log import RimLog, WindowMessage, read_messages
 
 REQUEST_SOURCE = "POST /items"
 _ITEM_FIELDS = {"item_id", "title", "image", "category_id", "raw_item_id"}
+_INT64_MAX = 2**63 - 1
 _INT32_MAX = 2**31 - 1
 
 
@@ -145,8 +146,8 @@ def _parse_item(raw: object, row: int, config: RimConfig, arrived_at: float) -> 
     if unknown:
         raise bad(f"unknown field(s) {sorted(unknown)}; known: {sorted(_ITEM_FIELDS)}")
     item_id = raw.get("item_id")
-    if not _is_int(item_id) or item_id < 0:
-        raise bad(f"item_id must be a non-negative integer, got {item_id!r}", "item_id")
+    if not _is_int(item_id) or not 0 <= item_id <= _INT64_MAX:
+        raise bad(f"item_id must be a non-negative integer (int64), got {item_id!r}", "item_id")
     if config.num_items and item_id >= config.num_items:
         raise bad(f"item_id {item_id} is outside the id space [0, {config.num_items})", "item_id")
     title = raw.get("title")
@@ -154,6 +155,10 @@ def _parse_item(raw: object, row: int, config: RimConfig, arrived_at: float) -> 
         raise bad(f"title must be a string, got {title!r}", "title")
     if not title.strip():
         raise bad("empty title", "title")
+    try:  # JSON may carry a lone surrogate ("\ud800"), which no tokenizer or log can encode
+        title.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(f"title is not valid Unicode ({exc.reason})", "title") from None
     category_id = raw.get("category_id", 0)
     if not _is_int(category_id) or not 0 <= category_id <= _INT32_MAX:
         raise bad(f"category_id must be a non-negative int32, got {category_id!r}", "category_id")

@@ -95,6 +95,8 @@ BAD_REQUESTS = [
     ({"items": [item(10), item(-1)]}, 400, "row 1, field 'item_id': item_id must be a non-negative integer"),
     ({"items": [{**item(10), "item_id": "10"}]}, 400, "item_id must be a non-negative integer"),
     ({"items": [{**item(10), "item_id": True}]}, 400, "item_id must be a non-negative integer"),
+    ({"items": [{**item(10), "item_id": 2**63}]}, 400, "item_id must be a non-negative integer (int64)"),
+    (b'{"items": [{"item_id": 10, "title": "\\ud800", "image": "x"}]}', 400, "title is not valid Unicode"),
     ({"items": [item(100)]}, 400, "outside the id space [0, 100)"),
     ({"items": [item(10), item(10)]}, 400, "row 1, field 'item_id': item 10 also at row 0"),
     ({"items": [item(10, colour="red")]}, 400, "unknown field(s) ['colour']"),

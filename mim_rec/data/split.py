@@ -36,6 +36,8 @@ def time_cut(ts: np.ndarray, fraction: float, path: PathLike, option: str = "dat
     after it validate, the earlier ones train. ``option`` names the setting in errors."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"{option}={fraction}: must lie strictly between 0 and 1")
+    if len(ts) == 0:
+        raise DataError(str(path), f"{option}={fraction}: there are no rows to split", field="ts")
     ordered = np.sort(ts)
     cut = int(ordered[min(len(ordered) - 1, int(np.floor(len(ordered) * (1.0 - fraction))))])
     if not (ordered < cut).any():
