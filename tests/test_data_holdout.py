@@ -80,3 +80,12 @@ def test_cli_writes_a_world_the_trainer_can_take(world, tmp_path):
     manifest = json.loads((tmp_path / "val" / "manifest.json").read_text())
     assert manifest["kind"] == "world" and manifest["stage"] == "holdout"
     assert manifest["config"]["fraction"] == 0.25
+
+
+def test_no_rows_and_an_out_that_is_a_file_are_named(world, tmp_path):
+    """Both were tracebacks: IndexError on an empty split, FileExistsError on a file."""
+    with pytest.raises(DataError, match="no rows to split"):
+        time_cut(np.zeros(0, np.int64), 0.1, "events_train.parquet")
+    (tmp_path / "afile").touch()
+    with pytest.raises(DataError, match="a file, not a folder"):
+        holdout_world(world, tmp_path / "afile", 0.1)

@@ -192,3 +192,10 @@ def test_evaluation_refuses_a_folder_without_a_run_and_a_larger_held_out_share(w
     assert cli.main(["pretrain-eval", "--config", str(config_file), "data.heldout_fraction=0.9"]) == 2
     assert "held out 0.2, so the items past that were trained on" in capsys.readouterr().err
     assert not (run / "eval.json").exists()
+
+
+def test_an_out_that_is_a_file_is_refused(world, tmp_path, capsys):
+    (tmp_path / "afile").touch()
+    config_file = _write_config(_config(world, tmp_path / "afile"), tmp_path / "c.yaml")
+    assert cli.main(["pretrain", "--config", str(config_file)]) == 2  # FileExistsError traceback before
+    assert "a file, not a run folder" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -43,7 +44,11 @@ def _common_args(parser: argparse.ArgumentParser, stage: StageCommands) -> None:
 
 
 def _train_cli(stage: StageCommands, args: argparse.Namespace) -> int:
+    from mim_rec.config import ConfigError
+
     config = stage.load(args)
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise ConfigError(f"out={config.out}: a file, not a run folder")
     if not args.eval_only:
         stage.train(config)
     return _eval_cli(stage, config) if args.eval or args.eval_only else 0

@@ -80,6 +80,8 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
     for path in (items_path, events_path):
         if not path.is_file():
             raise DataError(str(path), "a world to hold out from needs this file")
+    if out.exists() and not out.is_dir():
+        raise DataError(str(out), "a file, not a folder to write the validation world to")
     item_count = validate_file(items_path, ITEMS, keep=False).rows
     events = read_events(events_path, item_count)
     ts = events.column("ts").to_numpy()
