@@ -545,3 +545,13 @@ def test_two_gloo_ranks_resume_exactly(world, tmp_path, layout):
     assert evaluated["logloss"] == pytest.approx(straight["logloss"], abs=1e-6)
     assert "written by 2 rank(s) and this run has 1: resume it on 2" in refusal
     assert (tmp_path / "a" / "metrics.json").is_file()  # refused before the run folder was touched
+
+
+def test_a_torn_metrics_json_is_not_a_finished_run(world, tmp_path):
+    """A grid skipped a run whose metrics.json a kill had cut short, as finished."""
+    config = _config(world, tmp_path / "run", "max_steps=2", "model.ubm=avg")
+    ciubm.run(config)
+    assert ciubm._finished(config)
+    metrics = tmp_path / "run" / "metrics.json"
+    metrics.write_text(metrics.read_text()[:12])
+    assert not ciubm._finished(config)

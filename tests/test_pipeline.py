@@ -78,3 +78,8 @@ def test_a_finished_stage_is_recorded_and_then_reused(tmp_path):
     assert not reused and record["wall_s"] == wall
     assert set(record["code"]) == {"commit", "dirty"}  # the code version the stage ran from
     assert run_stage(stage, tmp_path, 1, 1) == (wall, True)
+    # a record cut short (a killed write) means "not finished": the stage runs again
+    record_path = tmp_path / "stages" / "touch.json"
+    record_path.write_text(record_path.read_text()[:20])
+    assert stage_record(stage, tmp_path) is None  # it was a JSONDecodeError traceback
+    assert run_stage(stage, tmp_path, 1, 1)[1] is False

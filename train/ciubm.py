@@ -295,9 +295,10 @@ def _changed_inputs(out: Path, inputs: Dict[str, str]) -> List[str]:
 def _finished(config: TrainConfig) -> bool:
     """Whether ``config.out`` holds the evaluation of a run of exactly this config, on the data
     it reads now."""
+    from mim_rec.utils.run import read_json_or_none
     from train.common import changed_settings
     out = Path(config.out)
-    return (out / "metrics.json").is_file() and changed_settings(config, EXECUTION_ONLY) == [] \
+    return read_json_or_none(out / "metrics.json") is not None and changed_settings(config, EXECUTION_ONLY) == [] \
         and _changed_inputs(out, _training_inputs(config)) == []
 
 
@@ -529,7 +530,8 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     report = evaluate(config, model, items, ctx)
     report["steps"] = progress["global_step"]
     if ctx.is_main:
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+        from mim_rec.utils.run import atomic_write_bytes
+        atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=2).encode())
         logger.log({"event": "eval", **{k: report[k] for k in ("auc", "gauc", "logloss", "n")}})
         logger.close()
     dist.barrier()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -244,7 +245,13 @@ def stages(plan: Plan) -> List[Stage]:
 # ------------------------------------------------------------------------------- results
 
 def _read_json(path: Path) -> Optional[Any]:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A result file, or None (reported as not run) when it is missing or torn."""
+    from mim_rec.utils.run import read_json_or_none
+
+    value = read_json_or_none(path)
+    if value is None and path.is_file():
+        print(f"warning: {path} is not whole JSON (a killed write?); its run counts as not run", file=sys.stderr)
+    return value
 
 
 def collect_results(plan: Plan, stage_walls: List[Dict[str, Any]]) -> Dict[str, Any]:

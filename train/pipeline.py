@@ -162,9 +162,11 @@ def code_version() -> Dict[str, object]:
 def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
     """The record of the finished run that made ``stage``'s artifact with the same command and
     the same defaults, or None."""
+    from mim_rec.utils.run import read_json_or_none
+
     record_path = record_file(stage, out)
-    if stage.done_marker.exists() and record_path.exists():
-        record = json.loads(record_path.read_text())
+    record = read_json_or_none(record_path) if stage.done_marker.exists() else None
+    if record is not None:
         if record["argv"][1:] == stage.command and record.get("defaults") == defaults_fingerprint(stage.settings):
             return record
     return None
@@ -195,9 +197,10 @@ def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, b
     if stage.name == "validate":
         stage.done_marker.write_text("ok\n")
     record_path = record_file(stage, out)
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    record_path.write_text(json.dumps({"argv": stage.argv, "wall_s": wall, "code": version,
-                                       "defaults": defaults_fingerprint(stage.settings)}))
+    from mim_rec.utils.run import atomic_write_bytes
+
+    atomic_write_bytes(record_path, json.dumps({"argv": stage.argv, "wall_s": wall, "code": version,
+                                                "defaults": defaults_fingerprint(stage.settings)}).encode())
     print(f"[{index}/{total}] {stage.name}: done in {wall:.0f} s", flush=True)
     return wall, False
 

@@ -81,6 +81,15 @@ class JsonlLogger:
 DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
 
 
+def read_json_or_none(path: Union[str, Path]) -> Any:
+    """A JSON file's value, or None when it is missing or not whole JSON (cut short by a kill
+    or a full disk): readers that decide "is this finished?" must not trust a torn file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
