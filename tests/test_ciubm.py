@@ -555,3 +555,18 @@ def test_a_torn_metrics_json_is_not_a_finished_run(world, tmp_path):
     metrics = tmp_path / "run" / "metrics.json"
     metrics.write_text(metrics.read_text()[:12])
     assert not ciubm._finished(config)
+
+
+def test_eval_only_accepts_the_same_paths_written_relative_and_another_world(world, tmp_path, monkeypatch):
+    """The same world given as a relative path was "another config", and so was evaluating
+    the checkpoint on another world's events, which docs/ciubm.md does."""
+    import shutil
+
+    trained = ciubm.run(_config(world, tmp_path / "run", "max_steps=2", "model.ubm=avg"))
+    monkeypatch.chdir(world.parent)
+    again = ciubm.run(_config(world.name, tmp_path / "run", "max_steps=2", "model.ubm=avg"), train=False)
+    assert again["auc"] == trained["auc"]
+    other = tmp_path / "other_world"
+    shutil.copytree(world, other)
+    assert ciubm.run(_config(other, tmp_path / "run", "max_steps=2", "model.ubm=avg"), train=False)["auc"] \
+        == trained["auc"]  # the same events under another path

@@ -225,6 +225,8 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
 EXECUTION_ONLY = frozenset({"train_pipeline", "out"})
 # Settings a resumed run may change: how long it trains, how often it logs and saves.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
+# Settings that name files: compared as absolute paths.
+PATH_SETTINGS = ("data.world", "mm_table", "rim_log")
 
 
 TRAINING_INPUTS = ("items.parquet", "events_train.parquet")
@@ -259,7 +261,8 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
         return
     from train.common import changed_settings
 
-    changed = changed_settings(config, RESUMABLE_CHANGES)
+    # --eval-only may score the checkpoint on other events (another world); training may not
+    changed = changed_settings(config, RESUMABLE_CHANGES | ({"data"} if inputs is None else set()), PATH_SETTINGS)
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
@@ -298,7 +301,7 @@ def _finished(config: TrainConfig) -> bool:
     from mim_rec.utils.run import read_json_or_none
     from train.common import changed_settings
     out = Path(config.out)
-    return read_json_or_none(out / "metrics.json") is not None and changed_settings(config, EXECUTION_ONLY) == [] \
+    return read_json_or_none(out / "metrics.json") is not None and changed_settings(config, EXECUTION_ONLY, PATH_SETTINGS) == [] \
         and _changed_inputs(out, _training_inputs(config)) == []
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import sys
@@ -105,9 +106,10 @@ def config_dict(config: Any) -> Dict[str, Any]:
     return json.loads(json.dumps(asdict(config), default=str))
 
 
-def changed_settings(config: Any, ignored: Iterable[str]) -> Optional[List[str]]:
+def changed_settings(config: Any, ignored: Iterable[str], paths: Iterable[str] = ()) -> Optional[List[str]]:
     """Top-level settings (outside ``ignored``) in which ``config`` differs from the run whose
-    ``config.json`` is in ``config.out``; None when no run wrote one there."""
+    ``config.json`` is in ``config.out``; None when no run wrote one there. The dotted ``paths``
+    name files or folders, compared as absolute paths (``runs/world`` is ``$PWD/runs/world``)."""
     saved = Path(config.out) / "config.json"
     if not saved.is_file():
         return None
@@ -116,6 +118,14 @@ def changed_settings(config: Any, ignored: Iterable[str]) -> Optional[List[str]]
     except ConfigError:  # written with settings this version no longer has
         before = json.loads(saved.read_text())
     now = config_dict(config)
+    for settings in (before, now):
+        for key in paths:
+            *parents, name = key.split(".")
+            holder = settings
+            for part in parents:
+                holder = holder.get(part) if isinstance(holder, dict) else None
+            if isinstance(holder, dict) and isinstance(holder.get(name), str) and holder[name]:
+                holder[name] = os.path.abspath(holder[name])
     return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
 
 
