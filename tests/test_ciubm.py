@@ -425,6 +425,7 @@ def test_grid_runs_equal_single_runs_and_skip_finished_ones(world, tmp_path, cap
     ('[{"name": "a", "overrides": "model.ubm=din"}]', "run 0 must be"),
     ('[{"name": "a", "overrides": []}, {"name": "a", "overrides": []}]', "run 1: duplicate name 'a'"),
     ("[{", "grid.json"),
+    ("[]", "the list of runs is empty"),  # exited 0 having trained nothing
 ])
 def test_bad_grid_files_are_refused(tmp_path, text, message):
     path = tmp_path / "grid.json"

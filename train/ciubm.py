@@ -178,6 +178,8 @@ def load_grid(path: str) -> List[Dict[str, Any]]:
         raise ConfigError(f"--grid {path}: {exc}") from exc
     if not isinstance(runs, list):
         raise ConfigError(f"--grid {path}: expected a JSON list of runs, got {type(runs).__name__}")
+    if not runs:
+        raise ConfigError(f"--grid {path}: the list of runs is empty; nothing would train")
     names = set()
     for index, entry in enumerate(runs):
         if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
