@@ -352,3 +352,15 @@ def test_tune_chooses_on_validation_and_reports_the_choice_on_test(inputs, tmp_p
     table = (out / "TUNE.md").read_text()
     assert f"**{report['chosen'][0]}**" in table and "### Test" in table
     assert run_tune(str(config_file), [], grid, validation=0.25, final=True) == report  # reused, not retrained
+
+
+def test_eval_without_the_test_pairs_is_refused_before_training(inputs, tmp_path, capsys):
+    """It trained every step first and only then failed on the missing file."""
+    world = tmp_path / "world"
+    world.mkdir()
+    for name in ("items.parquet", "pairs_train.parquet", "events_train.parquet", "events_test.parquet"):
+        (world / name).symlink_to(inputs[0] / name)
+    config_file = _write_config(_config((world, inputs[1], inputs[2]), tmp_path / "out"), tmp_path / "c.yaml")
+    assert cli.main(["csft", "--config", str(config_file), "--eval"]) == 2
+    assert "pairs_test.parquet: no such file; the evaluation reads it" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

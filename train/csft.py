@@ -43,6 +43,12 @@ def _load(args: argparse.Namespace):
         require_fraction(config, ("data.validation",))
     if not config.eval.ks or min(config.eval.ks) <= 0:
         raise ConfigError(f"eval.ks={config.eval.ks}: recall cut-offs must be positive")
+    if (getattr(args, "eval", False) or getattr(args, "eval_only", False)) and not config.data.validation:
+        from mim_rec.data.errors import DataError
+        for name in ("pairs_test.parquet", "events_test.parquet"):  # found missing only after training, before
+            if not (Path(config.data.world) / name).is_file():
+                raise DataError(str(Path(config.data.world) / name), "no such file; the evaluation reads it "
+                                "(or set data.validation to evaluate on the latest training pairs)")
     return config
 
 
