@@ -145,11 +145,12 @@ def complete_end(path: Union[str, Path], offset: int = 0) -> int:
     return end
 
 
-def check_fingerprint(message: WindowMessage, expected: str, source: Union[str, Path]) -> None:
-    """Refuse vectors from another encoder than the table's (they live in another space)."""
+def check_fingerprint(message: WindowMessage, expected: str, source: Union[str, Path],
+                      expected_of: str = "the table") -> None:
+    """Refuse vectors from another encoder than ``expected_of``'s (they live in another space)."""
     if message.fingerprint != expected:
         raise ManifestMismatch(f"{source}: window message of items {message.item_ids[:3].tolist()}... "
-                               f"was embedded by encoder {message.fingerprint!r}, the table by "
+                               f"was embedded by encoder {message.fingerprint!r}, {expected_of} by "
                                f"{expected!r}; vectors from two encoders cannot share a table")
 
 
@@ -185,7 +186,7 @@ class RimLog:
     def _recover(self) -> int:
         """Check every record, truncate a torn tail; returns the bytes truncated."""
         for self.end, message in read_messages(self.path):
-            check_fingerprint(message, self.fingerprint, self.path)
+            check_fingerprint(message, self.fingerprint, self.path, "this writer's encoder")
             if message.dim != self.dim:
                 raise ManifestMismatch(f"{self.path}: records of dim {message.dim}, encoder dim {self.dim}")
             self.item_ids.update(int(i) for i in message.item_ids)
@@ -198,7 +199,7 @@ class RimLog:
 
     def append(self, message: WindowMessage) -> int:
         """Write one record and make it durable; returns the offset after it."""
-        check_fingerprint(message, self.fingerprint, self.path)
+        check_fingerprint(message, self.fingerprint, self.path, "this writer's encoder")
         if message.dim != self.dim:
             raise ValueError(f"vectors of dim {message.dim}, log of dim {self.dim}")
         data = message.encode()

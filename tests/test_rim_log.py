@@ -76,7 +76,7 @@ def test_a_damaged_tail_is_torn_but_a_bad_record_before_good_ones_is_corruption(
 def test_another_encoder_is_refused(tmp_path):
     path = tmp_path / "rim.log"
     write_log(path, [[1]])
-    with pytest.raises(ManifestMismatch, match="embedded by encoder 'enc:a'"):
+    with pytest.raises(ManifestMismatch, match="embedded by encoder 'enc:a', this writer's encoder by 'enc:b'"):
         RimLog(path, "enc:b", DIM)
     with RimLog(path, "enc:a", DIM) as log, pytest.raises(ManifestMismatch, match="enc:b"):
         log.append(message([2], fingerprint="enc:b"))
