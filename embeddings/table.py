@@ -19,6 +19,7 @@ import torch
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import open_parquet
 from mim_rec.data.manifest import manifest_path, read_manifest
+from mim_rec.data.validate import repeated_entries
 
 
 def table_parts(table_dir: Union[str, Path]) -> List[Path]:
@@ -117,7 +118,7 @@ def read_mm_rows(table_dir: Union[str, Path], start: int, stop: int, dim: int,
         except (pa.ArrowException, OSError) as exc:
             raise DataError(str(part), f"unreadable Parquet data ({exc})") from exc
         ids = table["item_id"].to_numpy()
-        repeated = seen[ids - start] | _repeated(ids)
+        repeated = seen[ids - start] | repeated_entries(ids)
         if repeated.any():
             raise DataError(str(part), f"item {ids[repeated][0]} has a second row (in this or an earlier "
                                        "part); rebuild the table", field="item_id")
@@ -154,13 +155,6 @@ def table_item_ids(table_dir: Union[str, Path]) -> np.ndarray:
 def _check_policy(missing: str) -> None:
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing={missing!r}: choose one of {MISSING_POLICIES}")
-
-
-def _repeated(ids: np.ndarray) -> np.ndarray:
-    """Which entries of ``ids`` repeat an earlier one."""
-    repeated = np.ones(len(ids), bool)
-    repeated[np.unique(ids, return_index=True)[1]] = False
-    return repeated
 
 
 def _id_bounds(part: Path) -> tuple:

@@ -281,6 +281,13 @@ def _items_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
     return checks
 
 
+def repeated_entries(values: np.ndarray) -> np.ndarray:
+    """Which entries of ``values`` repeat an earlier one (the first sight of each is False)."""
+    repeated = np.ones(len(values), dtype=bool)
+    repeated[np.unique(values, return_index=True)[1]] = False
+    return repeated
+
+
 def item_id_checks(count: int) -> List[RowCheck]:
     """Whole-file rules for the items table: ids unique and dense ``0..N-1``.
 
@@ -288,11 +295,7 @@ def item_id_checks(count: int) -> List[RowCheck]:
     next to events: one row per item). ``count`` is the file's row count."""
 
     def duplicate(batch: pa.RecordBatch) -> np.ndarray:
-        ids_here = pc.fill_null(batch.column("item_id"), -1).to_numpy()
-        _, first = np.unique(ids_here, return_index=True)
-        dup = np.ones(len(ids_here), dtype=bool)
-        dup[first] = False
-        return dup
+        return repeated_entries(pc.fill_null(batch.column("item_id"), -1).to_numpy())
 
     return [RowCheck("item_id", "duplicate item id", duplicate),
             RowCheck("item_id", f"item ids are not dense 0..N-1 (N={count} rows)",

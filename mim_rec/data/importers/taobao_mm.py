@@ -53,7 +53,7 @@ from mim_rec.data.io import ContractWriter, open_parquet, read_batches, write_ta
 from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
 from mim_rec.data.schemas import EVENTS, FLOAT_VECTOR, ITEMS, MM_TABLE_INT8
 from mim_rec.data.staging import staged_folder
-from mim_rec.data.validate import type_accepted
+from mim_rec.data.validate import repeated_entries, type_accepted
 
 USER, ITEM, LABEL, EMBEDDING = "129_1", "205", "label_0", "205_c"
 HIST_ITEMS, HIST_CATEGORIES = "150_2_180", "151_2_180"
@@ -329,7 +329,7 @@ def _refuse_duplicates(chunks: List[np.ndarray], where: List[Tuple[str, int]], f
     """Raise at the first repeated id across batches (``where`` = each batch's file, offset)."""
     if not chunks:
         return
-    dup = _duplicated(np.concatenate(chunks))
+    dup = repeated_entries(np.concatenate(chunks))
     if dup.any():
         index = int(np.argmax(dup))
         ends = np.cumsum([len(c) for c in chunks])
@@ -337,13 +337,6 @@ def _refuse_duplicates(chunks: List[np.ndarray], where: List[Tuple[str, int]], f
         file, offset = where[batch]
         raise DataError(file, message, row=offset + index - (ends[batch] - len(chunks[batch])),
                         field=field)
-
-
-def _duplicated(values: np.ndarray) -> np.ndarray:
-    _, first = np.unique(values, return_index=True)
-    dup = np.ones(len(values), bool)
-    dup[first] = False
-    return dup
 
 
 def _remap_list(column: pa.Array, dense: DenseIds, shift: int = 0) -> pa.Array:
