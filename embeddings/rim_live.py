@@ -4,7 +4,7 @@ Between two steps every rank calls :meth:`LiveMMTable.apply`: rank 0 reads how f
 complete and broadcasts that offset, so all ranks apply exactly the same records in the same
 step (a model whose ranks disagree about a row would score the same item differently), then
 each rank reads those records and writes only the rows of its own shards -- the same shard
-addressing as the initial fill (:func:`train.ciubm.local_mm_shards`). The table stays frozen:
+addressing as the initial fill (:func:`mim_rec.ciubm.mm_shards.local_mm_shards`). The table stays frozen:
 training never writes it; only this applier does, under ``no_grad``, between steps.
 """
 
@@ -40,7 +40,7 @@ class LiveMMTable:
     def apply(self, model) -> int:
         """Write every new complete record into ``model``'s local MM shards; returns the number
         of items applied (the same on every rank)."""
-        from train.ciubm import local_mm_shards
+        from mim_rec.ciubm.mm_shards import local_mm_shards
 
         stop = _agreed(complete_end(self.log_path, self.offset))
         shards = local_mm_shards(model)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.ciubm.interest import content_match
+from mim_rec.ciubm import mm_shards
 from mim_rec.ciubm.model import CiUBM
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
@@ -29,6 +30,7 @@ from mim_rec.data.loader import CtrEventsLoader, ItemInfo, LoaderConfig
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 from train import ciubm
 from train.common import config_dict
+from train.dcp_checkpoints import DcpCheckpoints
 
 pytestmark = pytest.mark.cuda
 
@@ -238,15 +240,15 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
     items = ItemInfo.from_items(world / "items.parquet")
     model, optimizer, _ = ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items), ctx)
     rows_of, _ = ciubm.mm_rows(config, items.count, config.model.mm_dim)
-    ciubm.load_mm_table(model, rows_of, items.count)
+    mm_shards.load_mm_table(model, rows_of, items.count)
     whitening = {n: b.clone() for n, b in model.named_buffers() if "mm_whitening" in n}
     assert bool(config.model.mm_whiten) == bool(whitening)
     assert all(b.abs().sum() > 0 for b in whitening.values())
-    key = ciubm.mm_table_state_key(model)
+    key = mm_shards.mm_table_state_key(model)
     before = [s.tensor.clone() for s in model.state_dict()[key].local_shards()]
     loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader)
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    ciubm._train(config, model, optimizer, loader, progress, ciubm.DcpCheckpoints(tmp_path / "ck"), None, ctx)
+    ciubm._train(config, model, optimizer, loader, progress, DcpCheckpoints(tmp_path / "ck"), None, ctx)
     after = [s.tensor for s in model.state_dict()[key].local_shards()]
     assert progress["global_step"] == 4
     assert all(torch.equal(a, b) for a, b in zip(before, after))

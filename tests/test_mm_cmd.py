@@ -41,7 +41,8 @@ def _run(rank: int, config) -> dict:
     from torchrec import KeyedJaggedTensor
 
     from mim_rec.utils.dist import DistContext
-    from train.ciubm import build_sharded_model, mm_table_bytes
+    from mim_rec.ciubm.mm_shards import mm_table_bytes
+    from train.ciubm import build_sharded_model
 
     ctx = DistContext(rank, 2, rank, torch.device("cpu"), "gloo")
     model, _, plan = build_sharded_model(config, {"items": ITEMS, "users": USERS, "categories": CATEGORIES}, ctx)

@@ -26,7 +26,7 @@ from mim_rec.data.io import write_table
 from mim_rec.data.manifest import Manifest, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP
 from mim_rec.utils.dist import run_on_spawned_ranks
-from train.ciubm import fill_mm_table, mm_table_state_key
+from mim_rec.ciubm.mm_shards import fill_mm_table, mm_table_state_key
 
 ITEMS_COUNT, DIM, PART_ROWS = 64, 8, 16
 FP16_RTOL, FP16_ATOL = 2.0 ** -11, 2.0 ** -24

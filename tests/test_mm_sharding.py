@@ -18,7 +18,7 @@ from mim_rec.ciubm.sparse import MM_TABLE, FrozenEmbeddingBagCollection, FrozenS
 from mim_rec.data.io import write_table
 from mim_rec.data.schemas import ITEMS
 from mim_rec.utils.dist import run_on_spawned_ranks
-from train.ciubm import fill_mm_table
+from mim_rec.ciubm.mm_shards import fill_mm_table
 
 ITEMS_COUNT = 96
 

@@ -22,6 +22,7 @@ from embeddings.rim_fold import fold_log
 from embeddings.rim_live import LiveMMTable
 from embeddings.rim_log import RimLog, WindowMessage
 from embeddings.table import read_mm_rows, read_mm_table
+from mim_rec.ciubm import mm_shards
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import read_items, write_table
 from mim_rec.data.loader import CtrEventsLoader, ItemInfo
@@ -97,12 +98,12 @@ def _model(world, base_table, tmp_path):
     items = ItemInfo.from_items(world / "items.parquet")
     model, _, _ = ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items), ctx)
     rows_of, source = ciubm.mm_rows(config, items.count, DIM)
-    ciubm.load_mm_table(model, rows_of, items.count)
+    mm_shards.load_mm_table(model, rows_of, items.count)
     return model.eval(), items, config, source
 
 
 def _mm_rows(model, ids) -> torch.Tensor:
-    (row_offset, _, tensor), = ciubm.local_mm_shards(model)  # one rank: the whole table
+    (row_offset, _, tensor), = mm_shards.local_mm_shards(model)  # one rank: the whole table
     return tensor[torch.as_tensor(ids) - row_offset].clone()
 
 
@@ -134,7 +135,7 @@ def test_a_new_item_scores_with_the_default_before_and_its_vector_after_the_live
 
     # The fold writes the same rows: the model refilled from the next table version scores alike.
     folded = fold_log(base_table, log, tmp_path / "next", num_items=items.num_rows)
-    ciubm.fill_mm_table(model, lambda start, stop: read_mm_rows(folded, start, stop, DIM))
+    mm_shards.fill_mm_table(model, lambda start, stop: read_mm_rows(folded, start, stop, DIM))
     with torch.no_grad():
         assert torch.equal(model(batch)[0], after)
 

@@ -18,7 +18,7 @@ from mim_rec.data.io import write_table
 from mim_rec.data.schemas import ITEMS
 from mim_rec.utils.dist import run_on_spawned_ranks
 from test_mm_sharding import ITEMS_COUNT, IdEncoder, MMOnly, _plan
-from train.ciubm import fill_mm_table, local_mm_shards
+from mim_rec.ciubm.mm_shards import fill_mm_table, local_mm_shards
 
 OLD = 40  # items 0..39 are in the base table; 40..95 arrive through RIM
 DIM = 10

@@ -209,7 +209,7 @@ def _sharded_collections(config: LayoutBenchConfig, device):
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingPlan
 
-    from train.ciubm import local_blocks
+    from mim_rec.ciubm.mm_shards import local_blocks
 
     fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01}
     sharders = {"ebc_single_bags": EmbeddingBagCollectionSharder(fused_params=fused),

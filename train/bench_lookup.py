@@ -69,7 +69,7 @@ def sharded_mm_table(num_items: int, dim: int, mm_dtype: str, rows_of):
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 
     from mim_rec.ciubm.sparse import FrozenEmbeddingBagCollection, FrozenSharder, mm_table_config
-    from train.ciubm import fill_mm_table
+    from mim_rec.ciubm.mm_shards import fill_mm_table
 
     model = torch.nn.Module()
     model.mm = FrozenEmbeddingBagCollection(tables=[mm_table_config(num_items, dim, mm_dtype)],

@@ -172,7 +172,7 @@ class PlainSparseArch(nn.Module):
 
 def _full_tensor(weight) -> torch.Tensor:
     """A (possibly sharded) table of the one-rank TorchRec model as one plain tensor."""
-    from train.ciubm import local_blocks
+    from mim_rec.ciubm.mm_shards import local_blocks
 
     if not hasattr(weight, "local_shards"):
         return weight.detach()
@@ -390,7 +390,8 @@ def bench_sizes(config: TrainBenchConfig) -> Dict[str, int]:
 
 def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: Dict[str, int], ctx):
     """``(DMP CiUBM, optimizer step)`` exactly as ``mim train`` builds them, MM table filled."""
-    from train.ciubm import TrainConfig, build_sharded_model, load_mm_table
+    from mim_rec.ciubm.mm_shards import load_mm_table
+    from train.ciubm import TrainConfig, build_sharded_model
 
     train_config = TrainConfig(model=model_config, loader=LoaderConfig(batch_size=config.batch_size),
                                lr=config.lr, id_lr=config.id_lr, seed=config.seed)

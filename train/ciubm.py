@@ -274,8 +274,11 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
                           f"use a new out= (or max_steps={trained} or more)")
     if inputs is not None:  # the planner shards by the number of ranks, and the fused optimizers' state follows the shards
         import torch.distributed as dist
+
+        from train.dcp_checkpoints import checkpoint_world_size
+
         checkpoint = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
-        written_by = _checkpoint_world_size(checkpoint)
+        written_by = checkpoint_world_size(checkpoint)
         if written_by not in (None, dist.get_world_size()):
             raise ConfigError(f"{checkpoint} was written by {written_by} rank(s) and this run has "
                               f"{dist.get_world_size()}: resume it on {written_by} (torchrun "
@@ -343,66 +346,6 @@ def build_sharded_model(config: TrainConfig, sizes: Dict[str, int], ctx):
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda params: torch.optim.Adam(params, lr=config.lr))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
-
-
-def mm_table_state_key(model) -> str:
-    from mim_rec.ciubm.sparse import MM_TABLE
-    keys = [k for k in model.state_dict() if k.endswith(f"{MM_TABLE}.weight")]
-    if len(keys) != 1:
-        raise RuntimeError(f"expected one MM table weight in the model, found {keys}")
-    return keys[0]
-
-
-def local_blocks(weight):
-    """``(row offset, column offset, tensor)`` of each shard of a (possibly sharded) table on this
-    rank; each tensor is the live storage, so writing it changes what the model looks up."""
-    if not hasattr(weight, "local_shards"):
-        return [(0, 0, weight)]
-    return [(*shard.metadata.shard_offsets, shard.tensor) for shard in weight.local_shards()]
-
-
-def local_mm_shards(model):
-    """:func:`local_blocks` of the frozen MM table."""
-    return local_blocks(model.state_dict()[mm_table_state_key(model)])
-
-
-def mm_table_bytes(model) -> int:
-    """Bytes of this rank's shards of the MM table (its storage precision included)."""
-    return sum(t.numel() * t.element_size() for _, _, t in local_mm_shards(model))
-
-
-def fill_mm_table(model, rows_of) -> None:
-    """Fill this rank's shards of the frozen MM table: ``rows_of(start, stop)`` returns the
-    ``[stop - start, dim]`` vectors of items ``start..stop-1``; only local rows are asked for."""
-    import torch
-
-    from mim_rec.ciubm.sparse import shard_columns
-
-    with torch.no_grad():
-        for r, c, tensor in local_mm_shards(model):
-            rows, cols = tensor.shape
-            tensor.copy_(shard_columns(rows_of(r, r + rows), c, cols))
-
-
-def load_mm_table(model, rows_of, count: int) -> None:
-    """Fill this rank's shards of the MM table and, when the model whitens its view of the
-    table (``model.mm_whiten``), fit the whitening from the same rows. One call for both, so no
-    model looks its table up through an unfitted (all-zero) transform. A resumed run then loads
-    the checkpoint's copy of the statistics, which is the same transform."""
-    import torch
-
-    from mim_rec.ciubm.whitening import whitening_statistics
-
-    fill_mm_table(model, rows_of)
-    buffers = {name.rsplit(".", 1)[-1]: b for name, b in model.named_buffers() if ".mm_whitening." in f".{name}"}
-    if not buffers:
-        return
-    if set(buffers) != {"mean", "projection"}:
-        raise RuntimeError(f"expected the model's mm_whitening buffers, found {sorted(buffers)}")
-    mean, projection = whitening_statistics(rows_of, count, buffers["projection"].shape[1])
-    with torch.no_grad():
-        buffers["mean"].copy_(mean)
-        buffers["projection"].copy_(projection)
 
 
 def mm_rows(config: TrainConfig, num_items: int, dim: int):
@@ -481,9 +424,11 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     """Train (resuming from ``out/checkpoints`` if present), then evaluate; the report on rank 0."""
     import torch.distributed as dist
 
+    from mim_rec.ciubm.mm_shards import load_mm_table, mm_table_bytes
     from mim_rec.data.loader import CtrEventsLoader, ItemInfo
     from mim_rec.utils.dist import ensure_process_group
     from mim_rec.utils.run import JsonlLogger
+    from train.dcp_checkpoints import DcpCheckpoints
 
     ctx = ensure_process_group(config.device)
     out = Path(config.out)
@@ -723,88 +668,3 @@ def evaluate(config: TrainConfig, model, items, ctx) -> Dict[str, Any]:
                            batch.meta["target_category"][keep], batch.meta["item_age_days"][keep])
     model.train()
     return metrics.compute()
-
-
-def _without_stateless(optimizer_state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """``(the optimizer's state dict less its empty per-parameter entries, those entries)``.
-
-    The frozen MM table's zero-step optimizer keeps no state, and TorchRec lists it on the
-    ranks that hold a shard as an empty entry. DCP writes nothing for an empty entry but asks
-    for it on load, so a multi-rank run could not resume ("Missing key in checkpoint
-    state_dict: optimizer.state.sparse_arch.mm..."). Leaving the empty entries out of both
-    save and load keeps them agreeing; checkpoints written before this load as they are."""
-    entries = optimizer_state["state"]
-    stateless = {key: value for key, value in entries.items() if not value}
-    trimmed = dict(optimizer_state)
-    trimmed["state"] = {key: value for key, value in entries.items() if value}
-    return trimmed, stateless
-
-
-class DcpCheckpoints:
-    """``DIR/step-N/`` DCP checkpoints of model + optimizer + progress, and ``DIR/latest``
-    naming the newest complete one (written after every rank finished saving)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-
-    def save(self, model, optimizer, progress: Dict[str, int]) -> None:
-        import torch
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-
-        from mim_rec.utils.run import atomic_write_bytes
-
-        name = f"step-{progress['global_step']:09d}"
-        optimizer_state, _ = _without_stateless(optimizer.state_dict())
-        state = {"model": model.state_dict(), "optimizer": optimizer_state,
-                 "progress": {k: torch.tensor(v) for k, v in progress.items()},
-                 "world_size": torch.tensor(dist.get_world_size())}
-        dcp.save(state, checkpoint_id=str(self.directory / name))
-        dist.barrier()
-        if dist.get_rank() == 0:
-            atomic_write_bytes(self.directory / "latest", name.encode())
-
-    def restore(self, model, optimizer, with_optimizer: bool = True) -> Optional[Dict[str, int]]:
-        """Load the newest checkpoint into ``model`` (and ``optimizer``); its progress, or None.
-
-        The model's weights load on any number of ranks (DCP reshards them), so a run trained
-        on many can be evaluated on one (``with_optimizer=False``). Training on needs the ranks
-        that wrote it (checked before anything is written: :func:`_refuse_foreign_checkpoints`)."""
-        import torch
-        import torch.distributed.checkpoint as dcp
-
-        latest = self.directory / "latest"
-        if not latest.is_file():
-            return None
-        checkpoint = self.directory / latest.read_text().strip()
-        state = {"model": model.state_dict(),
-                 "progress": {k: torch.tensor(0) for k in ("epoch", "step_in_epoch", "global_step")}}
-        if with_optimizer:
-            optimizer.init_state()  # Adam's state is lazy; DCP loads in place, so it must exist
-            optimizer_state, stateless = _without_stateless(optimizer.state_dict())
-            state["optimizer"] = optimizer_state
-        dcp.load(state, checkpoint_id=str(checkpoint))
-        model.load_state_dict(state["model"])
-        progress = {k: int(v) for k, v in state["progress"].items()}
-        if with_optimizer:
-            optimizer_state["state"].update(stateless)
-            optimizer.load_state_dict(optimizer_state)
-            # FBGEMM's fused Adam counts its steps (for its bias correction) in a kernel buffer
-            # that no state dict holds. Left at 0, a resumed GPU run took several times too large
-            # ID-table steps: its losses left the straight run's from the second step on.
-            optimizer.set_optimizer_step(progress["global_step"])
-        return progress
-
-
-def _checkpoint_world_size(checkpoint: Path) -> Optional[int]:
-    """How many ranks wrote a DCP checkpoint; None for one written before that was recorded (or
-    not readable at all: its load then names the problem)."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    if not (checkpoint / ".metadata").is_file() or \
-            "world_size" not in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata:
-        return None
-    state = {"world_size": torch.tensor(0)}
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    return int(state["world_size"])

@@ -1,0 +1,87 @@
+"""``torch.distributed.checkpoint`` (DCP) checkpoints of ``mim train``: model, optimizer and
+progress, written by every rank and resharded on load, so a run resumes exactly after a kill
+and a model trained on many ranks can be evaluated on one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from mim_rec.utils.run import atomic_write_bytes
+
+
+def _without_stateless(optimizer_state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(the optimizer's state dict less its empty per-parameter entries, those entries)``.
+
+    The frozen MM table's zero-step optimizer keeps no state, and TorchRec lists it on the
+    ranks that hold a shard as an empty entry. DCP writes nothing for an empty entry but asks
+    for it on load, so a multi-rank run could not resume ("Missing key in checkpoint
+    state_dict: optimizer.state.sparse_arch.mm..."). Leaving the empty entries out of both
+    save and load keeps them agreeing; checkpoints written before this load as they are."""
+    entries = optimizer_state["state"]
+    stateless = {key: value for key, value in entries.items() if not value}
+    trimmed = dict(optimizer_state)
+    trimmed["state"] = {key: value for key, value in entries.items() if value}
+    return trimmed, stateless
+
+
+class DcpCheckpoints:
+    """``DIR/step-N/`` DCP checkpoints of model + optimizer + progress, and ``DIR/latest``
+    naming the newest complete one (written after every rank finished saving)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def save(self, model, optimizer, progress: Dict[str, int]) -> None:
+        name = f"step-{progress['global_step']:09d}"
+        optimizer_state, _ = _without_stateless(optimizer.state_dict())
+        state = {"model": model.state_dict(), "optimizer": optimizer_state,
+                 "progress": {k: torch.tensor(v) for k, v in progress.items()},
+                 "world_size": torch.tensor(dist.get_world_size())}
+        dcp.save(state, checkpoint_id=str(self.directory / name))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            atomic_write_bytes(self.directory / "latest", name.encode())
+
+    def restore(self, model, optimizer, with_optimizer: bool = True) -> Optional[Dict[str, int]]:
+        """Load the newest checkpoint into ``model`` (and ``optimizer``); its progress, or None.
+
+        The model's weights load on any number of ranks (DCP reshards them), so a run trained
+        on many can be evaluated on one (``with_optimizer=False``). Training on needs the ranks
+        that wrote it (checked before anything is written: :func:`train.ciubm._refuse_foreign_checkpoints`)."""
+        latest = self.directory / "latest"
+        if not latest.is_file():
+            return None
+        checkpoint = self.directory / latest.read_text().strip()
+        state = {"model": model.state_dict(),
+                 "progress": {k: torch.tensor(0) for k in ("epoch", "step_in_epoch", "global_step")}}
+        if with_optimizer:
+            optimizer.init_state()  # Adam's state is lazy; DCP loads in place, so it must exist
+            optimizer_state, stateless = _without_stateless(optimizer.state_dict())
+            state["optimizer"] = optimizer_state
+        dcp.load(state, checkpoint_id=str(checkpoint))
+        model.load_state_dict(state["model"])
+        progress = {k: int(v) for k, v in state["progress"].items()}
+        if with_optimizer:
+            optimizer_state["state"].update(stateless)
+            optimizer.load_state_dict(optimizer_state)
+            # FBGEMM's fused Adam counts its steps (for its bias correction) in a kernel buffer
+            # that no state dict holds. Left at 0, a resumed GPU run took several times too large
+            # ID-table steps: its losses left the straight run's from the second step on.
+            optimizer.set_optimizer_step(progress["global_step"])
+        return progress
+
+
+def checkpoint_world_size(checkpoint: Path) -> Optional[int]:
+    """How many ranks wrote a DCP checkpoint; None for one written before that was recorded (or
+    not readable at all: its load then names the problem)."""
+    if not (checkpoint / ".metadata").is_file() or \
+            "world_size" not in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata:
+        return None
+    state = {"world_size": torch.tensor(0)}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    return int(state["world_size"])
