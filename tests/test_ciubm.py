@@ -336,7 +336,8 @@ def test_runs_written_before_newer_settings_existed_resume_and_stay_finished(wor
     for newer_setting in ("mm_projection", "content_match"):  # read back as their defaults
         del older["model"][newer_setting]
     (tmp_path / "old" / "config.json").write_text(json.dumps(older))
-    (tmp_path / "old" / "metrics.json").write_text("{}")
+    (tmp_path / "old" / "metrics.json").write_text('{"steps": 3}')
+    ensure_process_group()
     ciubm._refuse_foreign_checkpoints(config, ciubm._training_inputs(config))  # no ConfigError
     assert ciubm._finished(config)
     older["seed"] = 1
@@ -573,3 +574,39 @@ def test_eval_only_accepts_the_same_paths_written_relative_and_another_world(wor
     shutil.copytree(world, other)
     assert ciubm.run(_config(other, tmp_path / "run", "max_steps=2", "model.ubm=avg"), train=False)["auc"] \
         == trained["auc"]  # the same events under another path
+
+
+def test_eval_only_leaves_the_run_records_and_starts_from_the_run_config(world, tmp_path, capsys):
+    """--eval-only used to rewrite the run's config.json and metrics.json: evaluated on another
+    world, a grid then took the run as finished on that world (and the pipeline reported its
+    numbers), and training on was refused as "another config". It also needed the whole
+    training command again; now the run folder is enough."""
+    import shutil
+
+    from train import cli
+
+    run_dir = tmp_path / "run"
+    config = _config(world, run_dir, "max_steps=2", "model.ubm=avg")
+    trained = ciubm.run(config)
+    records = {name: (run_dir / name).read_bytes() for name in ("config.json", "metrics.json", "inputs.json")}
+    other = tmp_path / "other_world"
+    shutil.copytree(world, other)
+    events = pq.read_table(other / "events_test.parquet")
+    pq.write_table(events.slice(0, events.num_rows // 2), other / "events_test.parquet")
+    capsys.readouterr()
+    assert cli.main(["train", "--eval-only", f"out={run_dir}", f"data.world={other}"]) == 0
+    assert "AUC" in capsys.readouterr().out
+    assert {name: (run_dir / name).read_bytes() for name in records} == records
+    evaluated = json.loads((run_dir / "eval.json").read_text())
+    assert evaluated["events_test"] == str((other / "events_test.parquet").resolve())
+    assert evaluated["checkpoint"] == "step-000000002" and evaluated["n"] == events.num_rows // 2
+    assert evaluated["n"] != trained["n"]
+    assert ciubm._finished(config)  # still the run training finished, on its own world
+
+
+def test_a_metrics_file_of_fewer_steps_than_the_checkpoint_is_not_finished(world, tmp_path):
+    config = _config(world, tmp_path / "run", "max_steps=2", "model.ubm=avg")
+    ciubm.run(config)
+    metrics = tmp_path / "run" / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "steps": 1}))
+    assert not ciubm._finished(config)

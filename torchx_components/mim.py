@@ -325,11 +325,13 @@ def evaluate(
 ) -> specs.AppDef:
     """Evaluate a trained CiUBM run: AUC, GAUC, per category, item-age buckets (``mim train --eval-only``).
 
-    Loads the run's checkpoint, re-shards it over ``j`` ranks and writes the eval report.
+    Loads the run's newest checkpoint, re-shards it over ``j`` ranks and writes ``out/eval.json``;
+    the run's own config.json (the default config) and metrics.json are left as they are.
 
     Args:
-        args: ``key=value`` overrides for ``mim train`` naming the run folder and test events
-        config: YAML/JSON CiUBM config file (the one the run trained with)
+        args: ``key=value`` overrides for ``mim train``: ``out=RUN``, plus e.g. ``data.world=DIR``
+            to score another world's test events
+        config: YAML/JSON CiUBM config file; default: the run's own ``out/config.json``
         image: image (docker) or, for local_cwd, the working directory that holds the code
         name: job name, ``{experiment}/{run}``; default ``mim/evaluate``
         j: {nnodes}x{nproc_per_node}

@@ -144,7 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML/JSON file of TrainConfig fields")
     parser.add_argument("--eval-only", action="store_true",
-                        help="evaluate the newest checkpoint in out/ without training")
+                        help="evaluate the newest checkpoint in out/ without training, with the run's own "
+                             "out/config.json under the overrides; writes out/eval.json and leaves the "
+                             "run's config.json and metrics.json as training wrote them")
     parser.add_argument("--grid", default=None, metavar="FILE",
                         help="JSON list of {\"name\", \"overrides\"}: train every run in turn in one "
                              "process group (one launch for a seeds x models study); each run adds its "
@@ -161,11 +163,22 @@ def _cli(args: argparse.Namespace) -> int:
     if args.grid:
         run_grid(args.config, args.overrides, load_grid(args.grid), train=not args.eval_only)
         return 0
-    config = load_train_config(args.config, args.overrides)
+    config_path = args.config
+    if args.eval_only and config_path is None:
+        config_path = _run_config(args.overrides)
+    config = load_train_config(config_path, args.overrides)
     report = run(config, train=not args.eval_only)
     if report is not None:
         print(format_report(report))
     return 0
+
+
+def _run_config(overrides: List[str]) -> Optional[str]:
+    """The ``config.json`` a trained run folder (``out=``) holds, if any: what ``--eval-only``
+    starts from, so evaluating a run needs its folder, not its whole command again."""
+    outs = [value.split("=", 1)[1] for value in overrides if value.startswith("out=")]
+    saved = Path(outs[-1]) / "config.json" if outs else None
+    return str(saved) if saved is not None and saved.is_file() else None
 
 
 def load_grid(path: str) -> List[Dict[str, Any]]:
@@ -306,7 +319,10 @@ def _finished(config: TrainConfig) -> bool:
     from mim_rec.utils.run import read_json_or_none
     from train.common import changed_settings
     out = Path(config.out)
-    return read_json_or_none(out / "metrics.json") is not None and changed_settings(config, EXECUTION_ONLY, PATH_SETTINGS) == [] \
+    report, latest = read_json_or_none(out / "metrics.json"), out / "checkpoints" / "latest"
+    return report is not None and latest.is_file() \
+        and f"step-{report.get('steps', -1):09d}" == latest.read_text().strip() \
+        and changed_settings(config, EXECUTION_ONLY, PATH_SETTINGS) == [] \
         and _changed_inputs(out, _training_inputs(config)) == []
 
 
@@ -447,7 +463,9 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
             print("note: no mm_table= given: the content and fusion modules read a seeded random "
                   "stand-in table, so this run measures the plumbing, not MIM", file=sys.stderr)
     model, optimizer, plan = build_sharded_model(config, sizes, ctx)
-    logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main else None
+    # --eval-only leaves the run's own records alone: its config.json and metrics.json describe
+    # what training did (a grid or the pipeline reuses a run by them), whatever is evaluated later
+    logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main and train else None
     if config.model.uses_mm:
         load_mm_table(model, rows_of, items.count)
         per_rank = [None] * ctx.world_size
@@ -455,12 +473,11 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
         if logger:
             logger.log({"event": "mm_table", "source": source, "dtype": config.model.mm_dtype,
                         "bytes_per_rank": per_rank})
-    if ctx.is_main:
+    if ctx.is_main and train:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # it always describes the config.json beside it
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-        if inputs is not None:
-            (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
+        (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
         (out / "plan.txt").write_text(str(plan))
 
     checkpoints = DcpCheckpoints(out / "checkpoints")
@@ -481,11 +498,25 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     report["steps"] = progress["global_step"]
     if ctx.is_main:
         from mim_rec.utils.run import atomic_write_bytes
-        atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=2).encode())
-        logger.log({"event": "eval", **{k: report[k] for k in ("auc", "gauc", "logloss", "n")}})
-        logger.close()
+        if train:
+            atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=2).encode())
+            logger.log({"event": "eval", **{k: report[k] for k in ("auc", "gauc", "logloss", "n")}})
+            logger.close()
+        else:
+            atomic_write_bytes(out / "eval.json", json.dumps(_evaluated(config, report), indent=2).encode())
     dist.barrier()
     return report if ctx.is_main else None
+
+
+def _evaluated(config: TrainConfig, report: Dict[str, Any]) -> Dict[str, Any]:
+    """An ``--eval-only`` report with what it measured: the checkpoint and the test events (path
+    and content fingerprint), which may be another world's than the run trained on."""
+    from mim_rec.data.manifest import fingerprint_file
+
+    events = Path(config.data.world) / "events_test.parquet"
+    checkpoint = (Path(config.out) / "checkpoints" / "latest").read_text().strip()
+    return {"checkpoint": checkpoint, "events_test": str(events.resolve()),
+            "events_test_fingerprint": fingerprint_file(events), "mm_table": config.mm_table, **report}
 
 
 def _apply_rim(live, model, logger, step: int) -> None:
