@@ -236,6 +236,42 @@ def test_ablations_run_each_variant_once_and_write_the_tables(inputs, tmp_path):
     assert "| w/o TFN (concat fusion) | `model.fusion.kind=concat` |" in table
     assert table.count("w/o C-SFT (stage-1 embeddings)") == 2  # the baseline row of both tables
     assert run_ablations(str(config_file), [], ["full", "no_tfn"]) == report  # reused, not retrained
+    # another --only adds its variant to the tables rather than dropping the earlier ones
+    more = run_ablations(str(config_file), [], ["no_multi_level"])
+    assert set(more) == {"stage1", "full", "no_tfn", "no_multi_level"} and more["no_tfn"] == report["no_tfn"]
+    assert "| w/o TFN (concat fusion) |" in (out / "ABLATIONS.md").read_text()
+
+
+def test_a_world_changed_under_the_same_path_is_refused_not_resumed(inputs, tmp_path, monkeypatch):
+    """Regenerating a world in place used to resume (or, finished, re-label) a C-SFT run with
+    the new world's fingerprints, and csft-ablations answered from its stale result.json."""
+    import shutil
+
+    from mim_rec.config import ConfigError
+    from train.csft_ablations import run_ablations
+
+    world = tmp_path / "world"
+    shutil.copytree(inputs[0], world)
+    moved = (world, *inputs[1:])
+    out = tmp_path / "ablations"
+    config_file = _write_config(_config(moved, out), tmp_path / "c.yaml")
+    run_ablations(str(config_file), [], ["full"])
+    pairs = pq.read_table(world / "pairs_train.parquet")
+    pq.write_table(pairs.slice(0, pairs.num_rows - 8), world / "pairs_train.parquet")
+    with pytest.raises(ConfigError, match="trained on other data: pairs_train changed"):
+        run_ablations(str(config_file), [], ["full"])
+    with pytest.raises(ConfigError, match="trained on other data: pairs_train changed"):
+        run_csft(_config(moved, out / "full"))
+
+
+def test_the_same_folders_given_relative_and_absolute_resume(inputs, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run_csft(_config(inputs, out))
+    monkeypatch.chdir(tmp_path)
+    world, stage1, features = inputs
+    relative = (Path(os.path.relpath(world)), Path(os.path.relpath(stage1)), Path(os.path.relpath(features)))
+    run_csft(_config(relative, out))  # resumes the finished run: not "another configuration"
+    assert [m.get("event") for m in _metrics(out)].count("resume") == 1
 
 
 def test_head_lr_puts_the_stage1_heads_in_their_own_group(inputs, tmp_path):

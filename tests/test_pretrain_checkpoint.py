@@ -147,3 +147,29 @@ def test_a_checkpoint_with_the_whole_state_still_resumes(tmp_path):
     fresh, fresh_optimizer = _partly_frozen_model()
     assert CheckpointManager(tmp_path, "abc").resume(fresh, fresh_optimizer).step == 1
     assert torch.equal(fresh[0].weight, model[0].weight)
+
+
+def test_another_number_of_ranks_is_a_config_error_that_names_the_count(tmp_path):
+    """It was a bare ValueError, a traceback under torchrun, naming the wrong file."""
+    from mim_rec.config import ConfigError
+
+    model, optimizer = _model_and_optimizer()
+    path = CheckpointManager(tmp_path, "abc").save(1, model, optimizer)
+    state = torch.load(path, weights_only=False)
+    state["rng"] = state["rng"] * 2  # as two ranks write it
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match=r"step-000000001.pt was written by 2 rank\(s\) and this run has 1: "
+                                          r"resume it on 2"):
+        CheckpointManager(tmp_path, "abc").resume(model, optimizer)
+
+
+def test_a_checkpoint_of_other_data_is_refused_and_one_without_a_record_resumes(tmp_path):
+    from mim_rec.config import ConfigError
+
+    model, optimizer = _model_and_optimizer()
+    CheckpointManager(tmp_path, "abc", inputs={"items": "1111", "pairs": "2222"}).save(1, model, optimizer)
+    assert CheckpointManager(tmp_path, "abc", inputs={"items": "1111", "pairs": "2222"}).resume(model, optimizer)
+    with pytest.raises(ConfigError, match="trained on other data: pairs changed"):
+        CheckpointManager(tmp_path, "abc", inputs={"items": "1111", "pairs": "3333"}).resume(model, optimizer)
+    CheckpointManager(tmp_path / "old", "abc").save(1, model, optimizer)  # records no inputs
+    assert CheckpointManager(tmp_path / "old", "abc", inputs={"items": "1111"}).resume(model, optimizer)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mim_rec.config import ConfigError, load_config
+from mim_rec.utils.dist import current_rank
 from mim_rec.data.errors import DataError
 from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
 
@@ -50,11 +51,6 @@ def restore_rng(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _rank() -> int:
-    """This process's rank, 0 without a process group."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _all_ranks_rng() -> List[Dict[str, Any]]:
@@ -88,6 +84,9 @@ def _trained_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 # Settings a resumed run may change: they do not change what its steps compute.
 NOT_FINGERPRINTED = ("out", "log_every", "checkpoint_every", "eval")
+# Settings of pretrain and C-SFT that name files or folders: the same folder given relatively
+# or absolutely is the same setting.
+STAGE_PATH_SETTINGS = ("data.world", "encoders", "data.feature_cache")
 
 
 def _newest_readable(checkpoints: List[Path]) -> Tuple[Path, Dict[str, Any]]:
@@ -119,14 +118,20 @@ def changed_settings(config: Any, ignored: Iterable[str], paths: Iterable[str] =
         before = json.loads(saved.read_text())
     now = config_dict(config)
     for settings in (before, now):
-        for key in paths:
-            *parents, name = key.split(".")
-            holder = settings
-            for part in parents:
-                holder = holder.get(part) if isinstance(holder, dict) else None
-            if isinstance(holder, dict) and isinstance(holder.get(name), str) and holder[name]:
-                holder[name] = os.path.abspath(holder[name])
+        absolute_paths(settings, paths)
     return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
+
+
+def absolute_paths(settings: Dict[str, Any], paths: Iterable[str]) -> Dict[str, Any]:
+    """``settings`` (a config as a dict) with the dotted ``paths`` made absolute, in place."""
+    for key in paths:
+        *parents, name = key.split(".")
+        holder = settings
+        for part in parents:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and isinstance(holder.get(name), str) and holder[name]:
+            holder[name] = os.path.abspath(holder[name])
+    return settings
 
 
 def write_eval_report(out: Path, rows: Dict[str, Dict[str, float]], files: Iterable[Path],
@@ -157,28 +162,38 @@ class Resumed:
 
 class CheckpointManager:
     """``DIR/step-000000040.pt`` files written atomically by rank 0; the newest ``keep``
-    are kept. Every rank must call :meth:`save` (RNG states are gathered)."""
+    are kept. Every rank must call :meth:`save` (RNG states are gathered).
+
+    ``inputs``: content fingerprints of the data the run trains on, kept in every checkpoint;
+    resuming one whose data changed since under the same paths is refused (steps 1..k on one
+    world and k+1..n on another would otherwise finish as one run, and its artifact would name
+    the second world's files)."""
 
     def __init__(self, directory: Path, config_fingerprint: str, keep: int = 2,
-                 also_accepted: Tuple[str, ...] = (), config: Any = None) -> None:
+                 also_accepted: Tuple[str, ...] = (), config: Any = None,
+                 inputs: Optional[Dict[str, str]] = None) -> None:
         self.directory = Path(directory)
         self.config_fingerprint = config_fingerprint
         self.also_accepted = also_accepted  # fingerprints an older version wrote for this config
         self.config = config  # the run's config, to name what changed when a checkpoint is refused
+        self.inputs = inputs or {}
         self.keep = keep
 
     @classmethod
-    def for_run(cls, config: Any) -> "CheckpointManager":
+    def for_run(cls, config: Any, inputs: Optional[Dict[str, str]] = None) -> "CheckpointManager":
         """The checkpoints of the run ``config`` describes, in ``config.out/checkpoints``.
 
         Their fingerprint leaves out the settings that do not change what training computes
         (:data:`NOT_FINGERPRINTED`: where the folder lies, how often it logs, saves and how it is
-        evaluated), so a moved folder resumes and a run can be re-logged or re-evaluated.
-        Checkpoints written when the fingerprint held every setting resume in their own folder."""
+        evaluated), so a moved folder resumes and a run can be re-logged or re-evaluated, and
+        it reads path settings as absolute paths (:data:`STAGE_PATH_SETTINGS`). Checkpoints
+        written under the older fingerprints resume in their own folder."""
         from mim_rec.data.manifest import fingerprint_config
         computing = replace(config, **{k: None for k in NOT_FINGERPRINTED if hasattr(config, k)})
-        return cls(Path(config.out) / "checkpoints", fingerprint_config(computing),
-                   also_accepted=(fingerprint_config(config),), config=config)
+        return cls(Path(config.out) / "checkpoints",
+                   fingerprint_config(absolute_paths(config_dict(computing), STAGE_PATH_SETTINGS)),
+                   also_accepted=(fingerprint_config(computing), fingerprint_config(config)),
+                   config=config, inputs=inputs)
 
     def checkpoints(self) -> List[Path]:
         if not self.directory.exists():
@@ -188,12 +203,13 @@ class CheckpointManager:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              extra: Optional[Dict[str, Any]] = None) -> Optional[Path]:
         rng = _all_ranks_rng()
-        if _rank() != 0:
+        if current_rank() != 0:
             return None
         buffer = io.BytesIO()
         torch.save({"step": step, "model": _trained_state(model), "frozen": frozen_digest(model),
                     "optimizer": optimizer.state_dict(), "rng": rng,
-                    "config_fingerprint": self.config_fingerprint, "extra": extra or {}}, buffer)
+                    "config_fingerprint": self.config_fingerprint, "inputs": self.inputs,
+                    "extra": extra or {}}, buffer)
         path = self.directory / f"step-{step:09d}.pt"
         atomic_write_bytes(path, buffer.getvalue())
         for old in self.checkpoints()[:-self.keep]:
@@ -204,7 +220,7 @@ class CheckpointManager:
         """Keep only the newest checkpoint once training is done: the run resumes from it (a
         re-run with the same configuration trains no further step), and the older one, kept
         until now against a crash while writing, is no longer needed. Rank 0 only."""
-        if _rank() != 0:
+        if current_rank() != 0:
             return
         for old in self.checkpoints()[:-1]:
             old.unlink()
@@ -216,27 +232,34 @@ class CheckpointManager:
             return None
         path, state = _newest_readable(found)
         if state["config_fingerprint"] not in (self.config_fingerprint, *self.also_accepted):
-            changed = changed_settings(self.config, NOT_FINGERPRINTED) if self.config is not None else None
+            changed = changed_settings(self.config, NOT_FINGERPRINTED, STAGE_PATH_SETTINGS) \
+                if self.config is not None else None
             detail = f"differs in: {', '.join(changed)}" if changed else \
                 f"fingerprint {state['config_fingerprint']} != {self.config_fingerprint}"
             raise ConfigError(f"{path} was written under another configuration ({detail}); "
                               f"use a fresh output folder")
+        trained_on = state.get("inputs") or {}  # none recorded: written before inputs were
+        changed_inputs = sorted(name for name in trained_on if self.inputs.get(name) != trained_on[name])
+        if changed_inputs:
+            raise ConfigError(f"{path} was trained on other data: {', '.join(changed_inputs)} changed "
+                              f"since under the same path; use a fresh output folder")
         distributed = dist.is_available() and dist.is_initialized()
-        rank = _rank()
-        if len(state["rng"]) != (dist.get_world_size() if distributed else 1):
-            raise ValueError(f"{found[-1]} was written by {len(state['rng'])} rank(s); "
-                             f"resume with the same world size")
+        rank = current_rank()
+        written_by, ranks = len(state["rng"]), (dist.get_world_size() if distributed else 1)
+        if written_by != ranks:
+            raise ConfigError(f"{path} was written by {written_by} rank(s) and this run has {ranks}: "
+                              f"resume it on {written_by} (torchrun --nproc-per-node {written_by})")
         if "frozen" not in state:  # written before frozen weights were left out: the whole state
             model.load_state_dict(state["model"])
         elif state["frozen"] != frozen_digest(model):
-            raise ValueError(f"{found[-1]} was trained against other frozen weights than this "
-                             f"model's (did the encoders it was built from change?); use a fresh "
-                             f"output folder")
+            raise ConfigError(f"{path} was trained against other frozen weights than this "
+                              f"model's (did the encoders it was built from change?); use a fresh "
+                              f"output folder")
         else:
             missing, unexpected = model.load_state_dict(state["model"], strict=False)
             if set(missing) != set(_frozen_parameters(model)) or unexpected:
-                raise ValueError(f"{found[-1]} does not fit this model (missing "
-                                 f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+                raise ConfigError(f"{path} does not fit this model (missing "
+                                  f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"][rank])
         return Resumed(step=state["step"], extra=state["extra"])

@@ -104,7 +104,9 @@ def run_csft(config) -> Path:
             objective, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
             find_unused_parameters=config.loss.kind == "category_ce")
 
-    checkpoints = CheckpointManager.for_run(config)
+    inputs_fp = {"encoders": fingerprint_tree(config.encoders), "items": fingerprint_file(world.items_path),
+                 "pairs_train": fingerprint_file(pairs.path)}
+    checkpoints = CheckpointManager.for_run(config, inputs_fp)
     resumed = checkpoints.resume(objective, optimizer)
     step = resumed.step if resumed else 0
     if resumed:
@@ -149,9 +151,6 @@ def run_csft(config) -> Path:
     checkpoints.finish()
     final = out / "mm_encoder"
     if ctx.is_main:
-        inputs_fp = {"encoders": fingerprint_tree(config.encoders),
-                     "items": fingerprint_file(world.items_path),
-                     "pairs_train": fingerprint_file(pairs.path)}
         fingerprint = save_mm_encoder(final, model, inputs=inputs_fp,
                                       extra={"steps": config.steps, "signals": config.data.signals,
                                              "loss": config.loss.kind,

@@ -58,22 +58,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     from mim_rec.config import ConfigError
+    from mim_rec.utils.dist import current_rank
     names = [v[0] for v in VARIANTS]
     chosen = names if args.only is None else [n.strip() for n in args.only.split(",")]
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; expected some of {names}")
     report = run_ablations(args.config, args.overrides, chosen)
-    print(format_ablations(report))
+    if current_rank() == 0:
+        print(format_ablations(report))
     return 0
 
 
 def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]) -> Dict[str, Dict]:
-    """Train/evaluate ``variants`` (names from :data:`VARIANTS`); returns name -> metrics."""
+    """Train/evaluate ``variants`` (names from :data:`VARIANTS`); returns name -> metrics.
+
+    The tables also show every other variant whose result in ``out`` is of this configuration
+    and data (an earlier run, e.g. with another ``--only``), so running the variants a few at a
+    time builds the whole table rather than replacing it."""
     from mim_rec.config import load_config
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
-    from train.csft_runs import csft_result, stage1_result
+    from mim_rec.utils.dist import current_rank
+    from mim_rec.utils.run import atomic_write_bytes
+    from train.csft_runs import csft_fingerprint, csft_result, saved_result, stage1_result
 
     base = load_config(CsftConfig, config_path, overrides)
     out = Path(base.out)
@@ -83,14 +91,15 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     held_out = world.held_out(base.data.validation)
     report: Dict[str, Dict] = {"stage1": stage1_result(base, world, held_out, out / "stage1")}
     for name, _, variant in VARIANTS:
-        if name not in variants:
-            continue
         config = load_config(CsftConfig, config_path, [*overrides, *variant, f"out={out / name}",
                                                         f"data.feature_cache={cache}"])
-        report[name] = csft_result(config, world, held_out)
-        report[name]["overrides"] = list(variant)
-    (out / "ablations.json").write_text(json.dumps(report, indent=2))
-    (out / "ABLATIONS.md").write_text(format_ablations(report) + "\n")
+        result = csft_result(config, world, held_out) if name in variants else \
+            saved_result(out / name, csft_fingerprint(config))
+        if result is not None:
+            report[name] = {**result, "overrides": list(variant)}
+    if current_rank() == 0:
+        atomic_write_bytes(out / "ablations.json", json.dumps(report, indent=2).encode())
+        atomic_write_bytes(out / "ABLATIONS.md", (format_ablations(report) + "\n").encode())
     return report
 
 

@@ -2,46 +2,84 @@
 ``mim csft-tune`` share.
 
 Every run is its own folder holding ``result.json``: its metrics next to the fingerprint of
-the configuration that produced them. A re-run with the same configuration reads the result
+the configuration that produced them and of the data it read (the encoders, the world's items
+and pairs, by content). A re-run with the same configuration on the same data reads the result
 instead of training again (and an interrupted run resumes from its checkpoints); a changed
-configuration trains anew.
+configuration trains anew, and a world regenerated under the same path is refused by the
+run's checkpoints rather than answered from a stale result.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from mim_rec.csft.data import HeldOut, WorldInputs
 
 
+def saved_result(folder: Path, fingerprint: str) -> Optional[Dict]:
+    """``folder/result.json``'s metrics if its fingerprint is ``fingerprint``, else None."""
+    from mim_rec.utils.run import read_json_or_none
+
+    saved = read_json_or_none(folder / "result.json")
+    return saved["metrics"] if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
+
+
 def cached_result(folder: Path, fingerprint: str, compute: Callable[[], Dict]) -> Dict:
-    """``folder/result.json``'s metrics if its fingerprint is ``fingerprint``, else ``compute()``
-    (timed) written there."""
-    path = folder / "result.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("fingerprint") == fingerprint:
-            return saved["metrics"]
+    """:func:`saved_result`, else ``compute()`` (timed), written there by rank 0 (atomically:
+    a torn file reads as no result)."""
+    from mim_rec.utils.dist import current_rank
+    from mim_rec.utils.run import atomic_write_bytes
+
+    metrics = saved_result(folder, fingerprint)
+    if metrics is not None:
+        return metrics
     started = time.time()
     metrics = compute()
     metrics["seconds"] = round(time.time() - started, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=2))
+    if current_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / "result.json",
+                           json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=2).encode())
     return metrics
+
+
+def _fingerprint(config, settings: Dict[str, Any]) -> str:
+    """``settings`` (with path settings made absolute) and the content of what the runs read."""
+    from mim_rec.data.manifest import fingerprint_config, fingerprint_file, fingerprint_tree
+    from train.common import STAGE_PATH_SETTINGS, absolute_paths
+
+    world = Path(config.data.world)
+    data = {name: _content(world / name, fingerprint_file) for name in
+            ("items.parquet", "pairs_train.parquet", "pairs_test.parquet") if (world / name).is_file()}
+    return fingerprint_config({"settings": absolute_paths(json.loads(json.dumps(settings, default=str)),
+                                                          STAGE_PATH_SETTINGS),
+                               "encoders": fingerprint_tree(config.encoders), "data": data})
+
+
+_CONTENT: Dict[Tuple[str, int, int], str] = {}
+
+
+def _content(path: Path, fingerprint: Callable[[Path], str]) -> str:
+    """``fingerprint(path)`` of a file, hashed once per process while its size and time stay the
+    same (an ablation table keys a dozen runs by the same world files)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _CONTENT:
+        _CONTENT[key] = fingerprint(path)
+    return _CONTENT[key]
 
 
 def stage1_result(config, world: WorldInputs, held_out: HeldOut, folder: Path) -> Dict:
     """The stage-1 embeddings (the "w/o C-SFT" row) on ``held_out``, cached in ``folder``."""
     from mim_rec.csft.evaluate import evaluate_embeddings, stage1_embeddings
-    from mim_rec.data.manifest import fingerprint_config
     from mim_rec.encoders import load_encoders
 
-    fingerprint = fingerprint_config({"encoders": config.encoders, "eval": config.eval,
-                                      "world": config.data.world, "held_out": held_out.name,
-                                      "validation": config.data.validation})
+    fingerprint = _fingerprint(config, {"eval": asdict(config.eval), "held_out": held_out.name,
+                                        "validation": config.data.validation})
     return cached_result(folder, fingerprint, lambda: evaluate_embeddings(
         stage1_embeddings(load_encoders(config.encoders), world, held_out), world,
         config.eval.ks, held_out))
@@ -52,7 +90,6 @@ def csft_result(config, world: WorldInputs, held_out: HeldOut) -> Dict:
     ``held_out``, cached in ``config.out``."""
     from mim_rec.csft.evaluate import csft_embeddings, evaluate_embeddings
     from mim_rec.csft.model import load_csft_model
-    from mim_rec.data.manifest import fingerprint_config
     from train.csft import run_csft
 
     def train_and_evaluate() -> Dict:
@@ -60,4 +97,9 @@ def csft_result(config, world: WorldInputs, held_out: HeldOut) -> Dict:
         return evaluate_embeddings(csft_embeddings(model, world, held_out), world,
                                    config.eval.ks, held_out)
 
-    return cached_result(Path(config.out), fingerprint_config(config), train_and_evaluate)
+    return cached_result(Path(config.out), csft_fingerprint(config), train_and_evaluate)
+
+
+def csft_fingerprint(config) -> str:
+    """What :func:`csft_result` keys the run ``config``'s result by."""
+    return _fingerprint(config, asdict(config))

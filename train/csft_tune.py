@@ -46,9 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from mim_rec.utils.dist import current_rank
+
     report = run_tune(args.config, args.overrides, parse_grid(args.grid), args.validation,
                       args.select, args.final)
-    print(format_tune(report))
+    if current_rank() == 0:
+        print(format_tune(report))
     return 0
 
 
@@ -130,9 +133,11 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
         test = world.held_out(0.0)
         report["final"] = {"stage1": stage1_result(config_of([], out, 0.0), world, test, out / "stage1_test"),
                            "csft": csft_result(config_of(best["settings"], out / "final", 0.0), world, test)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tune.json").write_text(json.dumps(report, indent=2))
-    (out / "TUNE.md").write_text(format_tune(report) + "\n")
+    from mim_rec.utils.dist import current_rank
+    from mim_rec.utils.run import atomic_write_bytes
+    if current_rank() == 0:
+        atomic_write_bytes(out / "tune.json", json.dumps(report, indent=2).encode())
+        atomic_write_bytes(out / "TUNE.md", (format_tune(report) + "\n").encode())
     return report
 
 

@@ -91,7 +91,8 @@ def run_pretrain(config) -> Path:
             objective, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
             find_unused_parameters=True)
 
-    checkpoints = CheckpointManager.for_run(config)
+    inputs = {"items": fingerprint_file(items_path(config.data.world))}
+    checkpoints = CheckpointManager.for_run(config, inputs)
     seed_everything(config.seed + 1000 * ctx.rank)  # each rank draws its own masks and views
     resumed = checkpoints.resume(objective, optimizer)
     step = resumed.step if resumed else 0
@@ -105,7 +106,6 @@ def run_pretrain(config) -> Path:
                     "train_items": len(train_items), "heldout_items": len(corpus) - len(train_items),
                     "vision": describe_trainable(pair.vision), "text": describe_trainable(pair.text)},
                    step=step)
-    inputs = {"items": fingerprint_file(items_path(config.data.world))}
     total = config.dda_steps + config.dma_steps
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16,
                               enabled=config.precision == "bf16")

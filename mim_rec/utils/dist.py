@@ -31,6 +31,11 @@ class DistContext:
         return self.rank == 0
 
 
+def current_rank() -> int:
+    """This process's rank, 0 without a process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``device`` -- "auto" (cuda when available), "cpu" or "cuda" -- as a ``torch.device``;
     cuda asked for where none is visible is an error, and so is any other name."""
