@@ -151,3 +151,26 @@ def test_local_cwd_run_of_bench_sharding():
     assert "SUCCEEDED" in log
     assert "bench_sharding/0 table_wise  " in log
     assert "bench_sharding/0 data_parallel" in log
+
+
+def test_serve_rim_listens_on_the_port_it_exposes():
+    """--port went into the port map only: the service listened on its default 8470."""
+    from embeddings.rim import RimConfig
+    from mim_rec.config import load_config
+
+    role = materialize_appdef(mim.serve_rim, ["--port", "9123", "--", "encoders=e", "log=l"]).roles[0]
+    assert role.port_map == {"rim": 9123}
+    config = load_config(RimConfig, None, _mim_argv(role)[2:])
+    assert (config.port, config.host) == (9123, "0.0.0.0")
+    own_host = materialize_appdef(mim.serve_rim, ["--port", "9123", "--", "host=10.0.0.5"]).roles[0]
+    assert load_config(RimConfig, None, _mim_argv(own_host)[2:]).host == "10.0.0.5"
+    unexposed = materialize_appdef(mim.serve_rim, ["--", "encoders=e"]).roles[0]
+    assert unexposed.port_map == {} and _mim_argv(unexposed)[2:] == ["encoders=e"]
+    with pytest.raises(ValueError, match="--port 70000"):
+        materialize_appdef(mim.serve_rim, ["--port", "70000"])
+
+
+@pytest.mark.parametrize("launch", [["--max_retries", "-1"], ["--rdzv_port", "99999"]])
+def test_retries_and_rendezvous_ports_no_scheduler_takes_are_refused(launch):
+    with pytest.raises(ValueError, match="need max_retries >= 0 and a TCP port"):
+        materialize_appdef(mim.train_ciubm, launch + ["--", "out=x"])

@@ -71,6 +71,9 @@ def _distributed(
 ) -> specs.AppDef:
     """``mim <command>`` under torchrun on ``j`` = nnodes x nproc_per_node, via dist.ddp."""
     _check_resources(cpu, gpu, memMB, h, j)
+    if max_retries < 0 or not 1 <= rdzv_port <= 65535:
+        raise ValueError(f"--max_retries {max_retries} --rdzv_port {rdzv_port}: need max_retries >= 0 "
+                         f"and a TCP port 1..65535")
     app = dist.ddp(
         *_stage_argv(command, config, args), m=ENTRY_MODULE, image=image,
         name=name or f"mim/{role}", cpu=cpu, gpu=gpu, memMB=memMB, h=h, j=j,
@@ -259,10 +262,17 @@ def serve_rim(
         h: a registered named resource; takes precedence over cpu, gpu and memMB
         env: environment variables, ENV1=v1,ENV2=v2
         mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
-        port: port the service listens on, exposed to the scheduler as ``rim`` (0: none)
+        port: port the service listens on (over a ``port=`` in args), on every interface
+            (``host=0.0.0.0`` unless args name a host), exposed to the scheduler as ``rim``; 0: the service's own
+            ``port``/``host`` settings (default 127.0.0.1:8470), nothing exposed
     """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a TCP port is 1..65535 (0: none exposed)")
+    listen = []
+    if port:  # the service must listen where the scheduler routes
+        listen = [f"port={port}"] + ([] if any(a.startswith("host=") for a in args) else ["host=0.0.0.0"])
     return _single(
-        "rim", ["embeddings", "serve"], args, config=config, image=image, name=name, cpu=cpu,
+        "rim", ["embeddings", "serve"], (*args, *listen), config=config, image=image, name=name, cpu=cpu,
         gpu=gpu, memMB=memMB, h=h, env=env, mounts=mounts,
         port_map={"rim": port} if port else None)
 
@@ -299,7 +309,8 @@ def train_ciubm(
         h: a registered named resource; takes precedence over cpu, gpu and memMB
         env: environment variables, ENV1=v1,ENV2=v2
         mounts: artifact mounts, type=bind,src=/host/runs,dst=/runs[,readonly]
-        max_retries: scheduler retries (training resumes from its last checkpoint)
+        max_retries: retries of a failed job by schedulers that retry (Kubernetes, Slurm; not
+            local_cwd), each resuming from the last checkpoint; otherwise rerun the same command
         rdzv_port: c10d rendezvous port on the first node (multi-node only)
     """
     return _distributed(
