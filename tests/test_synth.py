@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mim_rec.data.io import validate_world
-from mim_rec.data.synth import SynthConfig, generate_world, render, tiny
+from mim_rec.data.synth import ClickModel, SynthConfig, generate_world, render, tiny
 from mim_rec.data.synth.text import COLOURS, category_nouns, colour_bin
 from train.cli import main as mim
 
@@ -165,12 +165,30 @@ def test_cli_generates_validates_and_summarises(tmp_path, capsys):
     assert mim(["data", "synth", "--tiny", "--out", str(tmp_path / "x"), "itemz=3"]) == 2
 
 
+def test_fewer_pairs_than_asked_for_are_said(tmp_path, capsys):
+    """A pair is one search session's: a split with fewer sessions gave fewer pairs silently."""
+    generate_world(tiny(SynthConfig(seed=7)), tmp_path / "w")
+    err = capsys.readouterr().err
+    drawn = pq.read_metadata(tmp_path / "w" / "pairs_test.parquet").num_rows
+    assert drawn < 150 and f"pairs_test=150 asked for, {drawn} drawn" in err
+
+
 @pytest.mark.parametrize("override, named", [
     ({"style_dim": 4}, "style_dim=4"),          # the renderer reads eight style coordinates
     ({"categories": 0}, "categories=0"),
     ({"items": 3}, "categories=6 exceeds items=3"),
     ({"events": 5}, "events=5"),
     ({"test_days": 60}, "test_days=60"),        # the test split must leave training days
+    # these passed: a NaN click weight gave a world without clicks that validated, the others
+    # ended in numpy or datetime tracebacks
+    ({"click": ClickModel(content=float("nan"))}, "click.content=nan: must be a finite number"),
+    ({"style_spread": float("nan")}, "style_spread=nan"),
+    ({"search_sharpness": float("inf")}, "search_sharpness=inf"),
+    ({"mean_history": float("nan")}, "mean_history=nan"),
+    ({"days_before": 0}, "days_before=0"),
+    ({"seed": -1}, "seed=-1"),
+    ({"t0": "notadate"}, "t0='notadate': not an ISO date"),
+    ({"click": ClickModel(noise_std=-1.0)}, "click.noise_std=-1.0: a spread"),
 ])
 def test_a_world_the_generator_cannot_draw_is_refused_by_field(override, named):
     from dataclasses import replace
@@ -182,7 +200,10 @@ def test_a_world_the_generator_cannot_draw_is_refused_by_field(override, named):
 
 @pytest.mark.parametrize("override, named", [
     ({"search_results": 10_000}, r"search_results=10000: category \d+ has only \d+ items"),
-    ({"items": 60, "users": 50, "categories": 20, "events": 2000}, r"page_size=8: category \d+ has fewer items"),
+    ({"items": 60, "users": 50, "categories": 20, "events": 2000},
+     r"page_size=10: its 8 in-category slots need more items of category \d+"),
+    # no session in the test days: it failed writing the empty test split, naming a column type
+    ({"events": 200, "seed": 7}, r"events=200: none of the \d+ search sessions fell in the test split"),
 ])
 def test_sizes_a_category_cannot_fill_are_setting_errors(tmp_path, override, named):
     """They used to end in numpy tracebacks halfway through writing the world."""

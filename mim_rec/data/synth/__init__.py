@@ -7,6 +7,7 @@ with the ground-truth latent factors in ``truth/``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Union
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from mim_rec.config import ConfigError
 from mim_rec.data.io import write_table
 from mim_rec.data.manifest import Manifest, write_manifest
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
@@ -141,6 +143,12 @@ def _write_world(config: SynthConfig, out: Path) -> None:
     _, t_end = world.time_line(config)
     is_test = sessions.ts >= t_end - config.test_days * world.DAY
     splits = {"train": np.flatnonzero(~is_test), "test": np.flatnonzero(is_test)}
+    for split, rows in splits.items():
+        if not len(rows):  # a world without test (or train) events would fail later, in a reader
+            raise ConfigError(f"events={config.events}: none of the {len(np.unique(sessions.session))} search "
+                              f"sessions fell in the {split} split (the last test_days={config.test_days} of "
+                              f"event_days={config.event_days} are the test split); raise events or change "
+                              f"test_days")
     steps.update()
     for split, rows in splits.items():
         write_table(_events_table(sessions, rows, hist, queries), out / f"events_{split}.parquet",
@@ -151,6 +159,9 @@ def _write_world(config: SynthConfig, out: Path) -> None:
         pairs = _pairs_table(config, lat, sessions, splits[split], count, rng, f"{split} query images")
         write_table(pairs, out / f"pairs_{split}.parquet", PAIRS, item_count=config.items)
         counts[f"pairs_{split}"] = pairs.num_rows
+        if pairs.num_rows < count:  # one visual search per session: the split has too few sessions
+            print(f"note: pairs_{split}={count} asked for, {pairs.num_rows} drawn: a pair is one search "
+                  f"session's, and the {split} split has {pairs.num_rows} sessions", file=sys.stderr)
     steps.update()
     _write_truth(out, lat, sessions, splits)
     steps.update()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from mim_rec.config import ConfigError
 
@@ -77,8 +79,27 @@ class SynthConfig:
         if not self.test_days < self.event_days <= self.days:
             raise ConfigError(f"need test_days < event_days <= days, got test_days={self.test_days}, "
                               f"event_days={self.event_days}, days={self.days}")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed}: must be at least 0 (numpy's generators take no negative seed)")
+        if self.days_before < 1:
+            raise ConfigError(f"days_before={self.days_before}: must be at least 1 (half the catalogue "
+                              "is created in the days before t0)")
+        floats = {name: getattr(self, name) for name in
+                  ("search_sharpness", "mean_history", "style_spread", "taste_spread", "session_noise")}
+        floats.update({f"click.{name}": value for name, value in vars(self.click).items()})
+        for name, value in floats.items():
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}={value}: must be a finite number")
         if self.mean_history <= 0:
             raise ConfigError(f"mean_history={self.mean_history}: must be positive")
+        for name in ("style_spread", "taste_spread", "session_noise", "click.item_effect_std",
+                     "click.collaborative_std", "click.noise_std"):
+            if floats[name] < 0:
+                raise ConfigError(f"{name}={floats[name]}: a spread, must not be negative")
+        try:
+            datetime.fromisoformat(self.t0)
+        except (TypeError, ValueError):
+            raise ConfigError(f"t0={self.t0!r}: not an ISO date (YYYY-MM-DD)") from None
 
 
 def tiny(config: SynthConfig) -> SynthConfig:

@@ -228,7 +228,8 @@ def _category_candidates(config: SynthConfig, lat: Latents, categories: np.ndarr
         items = items[np.argsort(lat.item_created[items], kind="stable")]
         available = np.searchsorted(lat.item_created[items], ts[rows], side="right")
         if (available < take).any():  # the sizes asked for cannot fill a page: a setting error
-            raise ConfigError(f"page_size={take}: category {c} has fewer items before a session; "
+            raise ConfigError(f"page_size={config.page_size}: its {take} in-category slots need more items of "
+                              f"category {c} than exist before some session; "
                               "raise items or lower page_size")
         candidates = items[(rng.random((len(rows), 3 * take)) * available[:, None]).astype(np.int64)]
         score = 0.5 * lat.item_effect[candidates] + _gumbel(rng, candidates.shape)
