@@ -56,6 +56,8 @@ def test_import_builds_a_valid_world(tmp_path):
     assert [r.rows for r in validate_world(out)][:1] == [N_ITEMS]
     manifest = read_manifest(out)
     assert (manifest.kind, manifest.stage, manifest.extra["counts"]["users"]) == ("world", "import", 3)
+    from mim_rec.data.manifest import world_age_caveat
+    assert "ordered by user, not by time" in world_age_caveat(out)  # what reports print under S1..S10
 
     items = read_items(out / "items.parquet")
     assert items.column("raw_item_id").to_pylist()[3] == "ASIN3"

@@ -91,6 +91,7 @@ def test_import_maps_ids_histories_labels_and_the_int8_table(tmp_path):
         assert row["vector"] == vectors[raw[row["item_id"]]].tolist()
         assert (row["scale"], row["bias"]) == (1.0, 0.0)
     assert read_manifest(out).extra["counts"]["users"] == 2
+    assert "not item ages" in read_manifest(out).extra["item_age"]
 
 
 def test_files_that_do_not_join_are_refused_or_counted(tmp_path):

@@ -21,6 +21,7 @@ def test_tiny_pipeline_runs_every_stage_and_reuses_them(tiny_pipeline):
     report = (out / "REPORT.md").read_text()
     assert "| Base |" in report and "| Base+MIM |" in report
     assert all(f"| S{i} |" in report for i in range(1, 11))
+    assert "not item ages" not in report  # a synthetic world's items have creation times
     for model in ("base_din", "mim_din"):
         metrics = json.loads((out / model / "metrics.json").read_text())
         assert 0.5 < metrics["auc"] < 1 and metrics["n"] > 0
@@ -83,3 +84,18 @@ def test_a_finished_stage_is_recorded_and_then_reused(tmp_path):
     record_path.write_text(record_path.read_text()[:20])
     assert stage_record(stage, tmp_path) is None  # it was a JSONDecodeError traceback
     assert run_stage(stage, tmp_path, 1, 1)[1] is False
+
+
+def test_the_report_says_when_a_worlds_age_buckets_are_not_ages(tmp_path):
+    from mim_rec.data.manifest import Manifest, write_manifest
+    from train.pipeline import report
+
+    world = tmp_path / "world"
+    world.mkdir()
+    write_manifest(world, Manifest(kind="world", stage="import", extra={"item_age": "ordinals by user"}))
+    bucket = {"bucket": "S1", "age_days_max": 1.0, "auc": 0.6, "n": 10}
+    for model in ("base_din", "mim_din"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "metrics.json").write_text(json.dumps(
+            {"auc": 0.6, "gauc": 0.6, "logloss": 0.3, "n": 10, "age_edges": [], "age_deciles": [bucket]}))
+    assert "**These buckets are not item ages on this world:** ordinals by user." in report(tmp_path, "din", {}, world)

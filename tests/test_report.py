@@ -157,6 +157,19 @@ def test_claim_2_follows_the_age_deciles():
     assert claims_by_id(results)["2"]["holds"] is False
 
 
+
+def test_a_world_whose_ages_are_not_ages_gives_no_verdict_on_claim_2_and_says_why(tmp_path):
+    """An imported Amazon world's created_at is the first reviewer's index: its S1..S10 used to
+    be reported, and judged, as item ages."""
+    results = make_results()
+    results["item_age_caveat"] = "created_at is the first appearance, ordered by user"
+    claim = claims_by_id(results)["2"]
+    assert claim["holds"] is None and "not item ages on this world" in claim["value"]
+    figure6 = section(write_report(results, tmp_path), "## Figure 6")
+    assert "not item ages on this world:** created_at is the first appearance, ordered by user." in figure6
+    assert "not item ages" not in section(write_report(make_results(), tmp_path), "## Figure 6")
+
+
 def test_encoder_module_and_cost_claims_follow_their_numbers():
     claims = claims_by_id(make_results())
     for claim_id in ("3", "4", "5", "6-tfn", "6-st_nsg", "6-multi_level", "7", "8", "9-content", "9-fusion", "10-lookup",

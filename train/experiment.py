@@ -256,9 +256,11 @@ def _read_json(path: Path) -> Optional[Any]:
 
 def collect_results(plan: Plan, stage_walls: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Every number the report shows, read back from the stages' artifacts."""
+    from mim_rec.data.manifest import world_age_caveat
+
     out = plan.out
     return {"preset": plan.preset_name, "config": plan.settings(), "code": code_version(),
-            "world": str(plan.world), "seeds": list(plan.seeds), "ubms": list(plan.ubms), "stages": stage_walls,
+            "world": str(plan.world), "item_age_caveat": world_age_caveat(plan.world), "seeds": list(plan.seeds), "ubms": list(plan.ubms), "stages": stage_walls,
             "ctr": {run["name"]: _read_json(plan.ctr_dir / run["name"] / "metrics.json") for run in ctr_runs(plan)},
             "pretrain_eval": _read_json(out / "pretrain" / "eval.json") if 3 in plan.tables else None,
             "csft": _read_json(out / "csft_tables" / "ablations.json") if set(plan.tables) & {3, 4, 5} else None,

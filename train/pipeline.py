@@ -205,8 +205,9 @@ def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, b
     return wall, False
 
 
-def report(out: Path, ubm: str, walls: Dict[str, float]) -> str:
-    """REPORT.md: Base vs Base+MIM AUC overall, GAUC and by item-age bucket, with stage times."""
+def report(out: Path, ubm: str, walls: Dict[str, float], world: Path) -> str:
+    """REPORT.md: Base vs Base+MIM AUC overall, GAUC and by item-age bucket (with the world's
+    caveat where its ages are not calendar ages), with stage times."""
     from mim_rec.metrics import relative_auc_gain
 
     base = json.loads((out / f"base_{ubm}" / "metrics.json").read_text())
@@ -227,6 +228,10 @@ def report(out: Path, ubm: str, walls: Dict[str, float]) -> str:
             lines.append(f"| {g['bucket']} | {cell(g['base_auc'])} | {cell(g['auc'])} | {cell(g['auc_gain'])} |")
     except ValueError as exc:  # the two runs bucketed differently
         lines.append(f"| (not comparable: {exc}) | | | |")
+    from mim_rec.data.manifest import world_age_caveat
+    caveat = world_age_caveat(world)
+    if caveat:
+        lines += ["", f"**These buckets are not item ages on this world:** {caveat}."]
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()),
               f"Total: {sum(walls.values()) / 60:.1f} min"]
     text = "\n".join(lines) + "\n"
@@ -239,5 +244,5 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plan = stages(args)
     walls = {stage.name: run_stage(stage, out, i + 1, len(plan))[0] for i, stage in enumerate(plan)}
-    print(report(out, args.ubm, walls))
+    print(report(out, args.ubm, walls, world_folder(out, args.world)))
     return 0

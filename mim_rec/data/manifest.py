@@ -117,6 +117,16 @@ def write_manifest(artifact: Union[str, Path], manifest: Manifest) -> Path:
     return path
 
 
+def world_age_caveat(world: Union[str, Path]) -> Optional[str]:
+    """Why a world's item-age buckets are not item ages (an importer's ``extra.item_age``), or
+    None: a synthetic world's items have real creation times, and a world without a readable
+    manifest is not second-guessed here."""
+    try:
+        return read_manifest(world).extra.get("item_age")
+    except (ManifestMismatch, OSError, ValueError):
+        return None
+
+
 def read_manifest(artifact: Union[str, Path]) -> Manifest:
     path = manifest_path(artifact)
     if not path.exists():

@@ -256,7 +256,7 @@ def _age_row(label: str, gains: Dict[str, Stat], buckets: List[str]) -> List[str
     return [label, *(fmt(mean_of(gains.get(b)), signed=True) for b in buckets), str(seeds)]
 
 
-def _figure6(ctr: CtrRuns, written: Dict[str, bool]) -> List[str]:
+def _figure6(ctr: CtrRuns, written: Dict[str, bool], caveat: Optional[str]) -> List[str]:
     lines = ["## Figure 6: Δ AUC by item age (S1 newest … S10 oldest)", ""]
     table, pooled = age_gains(ctr), pooled_age_gains(ctr)
     if not table:
@@ -267,6 +267,8 @@ def _figure6(ctr: CtrRuns, written: Dict[str, bool]) -> List[str]:
     lines += md_table(["UBM", *buckets, "pairs"], rows)
     lines += ["", "Δ = Base+MIM − Base AUC in the bucket (both runs bucketed by the same age edges), "
                   "mean over seeds; \"all UBMs\" pools every (UBM, seed) pair."]
+    if caveat:
+        lines += ["", f"**These buckets are not item ages on this world:** {caveat}."]
     return lines + _figure("fig6", written, "Figure 6: gain by item age")
 
 
@@ -296,7 +298,7 @@ def write_report(results: Dict[str, Any], out_dir: Path) -> str:
     ctr = CtrRuns(results)
     written = _write_figures(results, ctr, out_dir)
     sections = [_header(results), _config(results), _table2(ctr, written), _table3(results, ctr, written),
-                _table4(results), _table5(results, ctr), _table6(results), _figure6(ctr, written),
+                _table4(results), _table5(results, ctr), _table6(results), _figure6(ctr, written, results.get("item_age_caveat")),
                 _claims(paper_claims(results))]
     text = "\n\n".join("\n".join(lines) for lines in sections) + "\n"
     (out_dir / "REPORT.md").write_text(text)

@@ -74,7 +74,10 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     if not 0 < options.negatives < n_items:
         raise ConfigError(f"--negatives {options.negatives}: the reviews hold no non-clicks, so each positive "
                           f"needs 1 to {n_items - 1} sampled negatives ({n_items} items in {path['item2index']})")
-    report = ImportReport("amazon")
+    report = ImportReport("amazon", item_age=(
+        "the format has no timestamps: an item's created_at is its first appearance in the "
+        "interaction files, which are ordered by user, not by time, so the S1..S10 buckets group "
+        "items by the index of the first user who reviewed them, not by their age"))
 
     texts, missing_text = _read_texts(path["text"], asins)
     image_features = read_feature_file(path["feat3CLS"], n_items, options.feature_dim)

@@ -92,6 +92,9 @@ class ImportReport:
     counts: Dict[str, int] = field(default_factory=dict)
     missing: Dict[str, int] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    # Set when ``created_at`` is no calendar time: why the item-age buckets (S1..S10) of this
+    # world measure something else. Reports print it under their age tables (world_age_caveat).
+    item_age: Optional[str] = None
 
     def lines(self) -> List[str]:
         out = [f"import {self.format}:"]
@@ -100,6 +103,8 @@ class ImportReport:
             out.append("  missing (filled with counted defaults, --allow-missing):")
             out += [f"    {k:<38} {v:>12,}" for k, v in self.missing.items()]
         out += [f"  note: {n}" for n in self.notes]
+        if self.item_age:
+            out.append(f"  item age: {self.item_age}")
         return out
 
 
@@ -137,7 +142,7 @@ def _write_world(out: Path, items: pa.Table, pairs: Dict[str, pa.Table],
         inputs={Path(p).name: fingerprint_file(p) for p in sources},
         row_count=item_count,
         extra={"format": report.format, "counts": report.counts, "missing": report.missing,
-               "notes": report.notes})
+               "notes": report.notes, "item_age": report.item_age})
     write_manifest(out, manifest)
     return manifest
 

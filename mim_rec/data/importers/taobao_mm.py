@@ -169,7 +169,9 @@ def import_taobao_mm(src: Path, out: Path, options: TaobaoOptions) -> ImportRepo
     for name, what in (("item_features", "feature"), ("embedding", "embedding")):
         _refuse_repeated_items(sources[name], f"item has a second {what} row")
     ids = _collect_ids(sources)
-    report = ImportReport("taobao-mm")
+    report = ImportReport("taobao-mm", item_age=(
+        "the release has no timestamps: an item's created_at is its first sample ordinal (0 for "
+        "items of any behaviour list), so the S1..S10 buckets are not item ages"))
     report.missing = _join_gaps(sources, ids)
     refuse_missing(str(src), report.missing, options.allow_missing,
                    "Sample items need an SCL embedding and item features, and sample users "
@@ -223,7 +225,7 @@ def _write_world(sources: Dict[str, _Source], ids: _Ids, out: Path, src: Path,
         inputs={Path(p).name: fingerprint_file(p) for s in sources.values() for p in s.parts},
         row_count=len(ids.items),
         extra={"format": "taobao-mm", "counts": report.counts, "missing": report.missing,
-               "notes": report.notes})
+               "notes": report.notes, "item_age": report.item_age})
     write_manifest(out, manifest)
 
 
