@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from mim_rec.utils.run import JsonlLogger
 
@@ -24,3 +27,38 @@ def test_a_resumed_log_forgets_the_steps_after_its_checkpoint(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r.get("step"), r.get("loss"), r.get("event")) for r in records] == [
         (0, None, "start"), (1, 1.0, None), (2, 2.0, None), (3, 3.0, None), (None, None, "table"), (4, 4.5, None)]
+
+
+def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path, monkeypatch):
+    """A resume started while a run orphaned by a killed torchrun still wrote the folder raced
+    it for the checkpoints."""
+    from mim_rec.config import ConfigError
+    from mim_rec.utils.run import run_folder_lock
+
+    with run_folder_lock(tmp_path / "run"):
+        with pytest.raises(ConfigError, match=rf"another run is writing this folder \(pid {os.getpid()}\)"):
+            with run_folder_lock(tmp_path / "run"):
+                pass
+        monkeypatch.setenv("RANK", "1")  # only rank 0 of a launch takes it
+        with run_folder_lock(tmp_path / "run"):
+            pass
+        monkeypatch.delenv("RANK")
+    with run_folder_lock(tmp_path / "run"):  # free again once the holder is done
+        pass
+
+
+def test_a_killed_holder_leaves_no_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from mim_rec.utils.run import run_folder_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from mim_rec.utils.run import run_folder_lock\n"
+                               f"with run_folder_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with run_folder_lock(tmp_path):
+        pass

@@ -437,7 +437,17 @@ def _validate_events(config: TrainConfig, items) -> None:
 
 
 def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
-    """Train (resuming from ``out/checkpoints`` if present), then evaluate; the report on rank 0."""
+    """Train (resuming from ``out/checkpoints`` if present), then evaluate; the report on rank 0.
+    A training run holds ``out`` (:func:`~mim_rec.utils.run.run_folder_lock`)."""
+    from contextlib import nullcontext
+
+    from mim_rec.utils.run import run_folder_lock
+
+    with run_folder_lock(config.out) if train else nullcontext():
+        return _run(config, train)
+
+
+def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     import torch.distributed as dist
 
     from mim_rec.ciubm.mm_shards import load_mm_table, mm_table_bytes

@@ -56,6 +56,13 @@ def _load(args: argparse.Namespace):
 
 def run_csft(config) -> Path:
     """Train (or resume) a run in ``config.out``; returns the MM encoder folder."""
+    from mim_rec.utils.run import run_folder_lock
+
+    with run_folder_lock(config.out):
+        return _run_csft(config)
+
+
+def _run_csft(config) -> Path:
     import numpy as np
     import torch
     from tqdm import tqdm

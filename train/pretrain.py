@@ -63,6 +63,13 @@ def _load(args: argparse.Namespace):
 
 def run_pretrain(config) -> Path:
     """Train (or resume) a run in ``config.out``; returns the final encoders folder."""
+    from mim_rec.utils.run import run_folder_lock
+
+    with run_folder_lock(config.out):
+        return _run_pretrain(config)
+
+
+def _run_pretrain(config) -> Path:
     import torch
     from tqdm import tqdm
 

@@ -8,8 +8,9 @@ import os
 import pickle
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -108,3 +109,52 @@ def _to_builtin(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     return str(obj)
+
+
+LOCK_NAME = ".mim.lock"
+
+
+@contextmanager
+def run_folder_lock(out: Union[str, Path]) -> Iterator[None]:
+    """Hold ``out`` for one training run: a second run on the same folder (a resume started
+    while the first, orphaned by a killed launcher, still writes) is refused instead of racing
+    it for the checkpoints. Rank 0 takes the lock (``RANK`` of torchrun, 0 without one); the
+    OS frees it when the holder exits, however it exits, so a kill leaves nothing to clean."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = Path(out) / LOCK_NAME
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _held(path, out):
+            yield
+    finally:  # a run refused before it wrote anything leaves no folder behind
+        if created and [p.name for p in path.parent.iterdir()] == [LOCK_NAME]:
+            path.unlink()
+            path.parent.rmdir()
+
+
+@contextmanager
+def _held(path: Path, out: Union[str, Path]) -> Iterator[None]:
+    """An exclusive flock on ``path`` (holding this process's pid) for the ``with`` block."""
+    import fcntl
+
+    from mim_rec.config import ConfigError
+
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ConfigError(f"out={out}: another run is writing this folder (pid {holder}); wait for it, "
+                              f"stop it, or use another out=") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
