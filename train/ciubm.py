@@ -59,6 +59,7 @@ class TrainConfig:
     lr: float = 0.005                  # dense Adam (paper: Adam, lr 0.005, batch 1024)
     id_lr: float = 0.05                # fused optimizer of the ID tables
     checkpoint_every: int = 200
+    checkpoint_keep: int = 2           # newest checkpoints kept; each holds its copy of the MM table shards
     log_every: int = 20
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda
@@ -66,7 +67,8 @@ class TrainConfig:
 
 
 # Sizes, step intervals and learning rates: 0 or less is a mistake, never a way to switch off.
-POSITIVE_SETTINGS = ("epochs", "max_steps", "lr", "id_lr", "checkpoint_every", "log_every", "rim_apply_every",
+POSITIVE_SETTINGS = ("epochs", "max_steps", "lr", "id_lr", "checkpoint_every", "checkpoint_keep", "log_every",
+                     "rim_apply_every",
                      "loader.batch_size", "loader.max_hist_len", "loader.query_buckets",
                      "loader.shuffle_row_groups", "model.item_dim", "model.category_dim", "model.user_dim",
                      "model.query_dim", "model.mm_dim", "model.query_buckets", "model.mm_projection")
@@ -237,7 +239,7 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
 # Settings that change how the steps run, not what they compute: a run under another value
 # (or one written before the setting existed) resumes, and a finished one stays finished.
 # ``out`` is one: a run folder that was moved or copied is still the same run.
-EXECUTION_ONLY = frozenset({"train_pipeline", "out"})
+EXECUTION_ONLY = frozenset({"train_pipeline", "out", "checkpoint_keep"})
 # Settings a resumed run may change: how long it trains, how often it logs and saves.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
 # Settings that name files: compared as absolute paths.
@@ -490,7 +492,7 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
         (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
         (out / "plan.txt").write_text(str(plan))
 
-    checkpoints = DcpCheckpoints(out / "checkpoints")
+    checkpoints = DcpCheckpoints(out / "checkpoints", keep=config.checkpoint_keep)
     progress = checkpoints.restore(model, optimizer, with_optimizer=train) \
         or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if logger and train:

@@ -4,6 +4,7 @@ and a model trained on many ranks can be evaluated on one."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -31,10 +32,13 @@ def _without_stateless(optimizer_state: Dict[str, Any]) -> Tuple[Dict[str, Any],
 
 class DcpCheckpoints:
     """``DIR/step-N/`` DCP checkpoints of model + optimizer + progress, and ``DIR/latest``
-    naming the newest complete one (written after every rank finished saving)."""
+    naming the newest complete one (written after every rank finished saving). The newest
+    ``keep`` are kept: every checkpoint holds the model's frozen MM table shards too (RIM rows
+    applied during training included), so keeping them all would repeat the table each time."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, keep: int = 2) -> None:
         self.directory = Path(directory)
+        self.keep = keep
 
     def save(self, model, optimizer, progress: Dict[str, int]) -> None:
         name = f"step-{progress['global_step']:09d}"
@@ -46,6 +50,11 @@ class DcpCheckpoints:
         dist.barrier()
         if dist.get_rank() == 0:
             atomic_write_bytes(self.directory / "latest", name.encode())
+            # Zero-padded names sort by step. A folder past this step is a save a kill cut short
+            # (it may sort last after a resume with another checkpoint_every): never counted as kept.
+            done = [p for p in sorted(self.directory.glob("step-*")) if p.name <= name]
+            for old in done[:-self.keep]:
+                shutil.rmtree(old)
 
     def restore(self, model, optimizer, with_optimizer: bool = True) -> Optional[Dict[str, int]]:
         """Load the newest checkpoint into ``model`` (and ``optimizer``); its progress, or None.
