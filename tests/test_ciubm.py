@@ -622,3 +622,15 @@ def test_only_the_newest_checkpoints_are_kept(world, tmp_path):
     folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert folders == ["step-000000003", "step-000000004", "step-000000009"]
     assert ciubm.run(config, train=False)["steps"] == 4
+
+
+def test_a_clickless_split_is_refused_before_training(world, tmp_path):
+    """A world without clicks used to train to a constant and report no AUC."""
+    def no_clicks(events):
+        return events.set_column(events.schema.get_field_index("label"), "label",
+                                 pa.array(np.zeros(len(events), np.int8)))
+
+    clickless = _world_with_events(world, tmp_path / "clickless", no_clicks)
+    with pytest.raises(DataError, match=r"events_train.parquet, field 'label': every row has label 0"):
+        ciubm.run(_config(clickless, tmp_path / "never"))
+    assert not (tmp_path / "never").exists()

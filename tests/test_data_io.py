@@ -239,7 +239,12 @@ def test_round_trip_and_world(tmp_path, capsys):
     _complete_world(tmp_path)
     results = validate_world(tmp_path)
     assert [r.rows for r in results] == [N_ITEMS, 4, 4, 4, 4]
-    assert capsys.readouterr().out.count("OK ") == 5
+    out = capsys.readouterr().out
+    assert out.count("OK ") == 5 and "note:" not in out
+    write_table(table(EVENTS, events_rows() | {"label": [0, 0, 0, 0]}),
+                tmp_path / "events_test.parquet", EVENTS, item_count=N_ITEMS)
+    validate_world(tmp_path)  # valid data, but a CTR run would have nothing to rank: said
+    assert f"note: {tmp_path / 'events_test.parquet'}: every label is 0" in capsys.readouterr().out
     # cross-file: events valid alone are refused against a smaller item table
     write_table(table(ITEMS, items_rows()).slice(0, 3), tmp_path / "items.parquet", ITEMS)
     with pytest.raises(DataError, match="outside the item table") as info:

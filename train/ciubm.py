@@ -427,15 +427,21 @@ def _dense_rows(ids, path: Path, field: str, what: str) -> int:
 
 
 def _validate_events(config: TrainConfig, items) -> None:
-    """Refuse bad events (unknown ids, ragged histories, NaN...) and a missing split before any
-    training (a missing events_test.parquet used to surface only at the evaluation)."""
-    from mim_rec.data.io import validate_file
+    """Refuse bad events (unknown ids, ragged histories, NaN...), a missing split and a split of
+    one label before any training (a missing events_test.parquet used to surface only at the
+    evaluation; a clickless world trained to a constant and reported no AUC)."""
+    from mim_rec.data.errors import DataError
+    from mim_rec.data.io import single_label, validate_file
     from mim_rec.data.schemas import EVENTS
 
     for split in ("train", "test"):
         path = Path(config.data.world) / f"events_{split}.parquet"
         validate_file(path, EVENTS, item_count=items.count, category_count=int(items.category.max()) + 1,
                       item_category=items.category, keep=False)
+        label = single_label(path)
+        if label is not None:
+            raise DataError(str(path), f"every row has label {label}: a CTR run needs clicks and non-clicks "
+                                       f"in both splits (the AUC is undefined on one class)", field="label")
 
 
 def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:

@@ -429,6 +429,8 @@ def _check_world_files(directory: Path, drop_invalid: bool, echo, clean: Optiona
             item_count, categories, item_category = result.rows, category_count(path), read_item_categories(path)
         results.append(result)
         echo(ok_line(result))
+        if contract is EVENTS and (label := single_label(path)) is not None:
+            echo(f"note: {path}: every label is {label}; mim train refuses a split of one class")
     return results
 
 
@@ -461,6 +463,14 @@ def require_rows(result: ValidationResult) -> ValidationResult:
         quarantined = f" ({result.rejected} quarantined -> {result.rejected_path})" if result.rejected else ""
         raise DataError(str(result.path), f"holds no rows{quarantined}; a world file must hold data")
     return result
+
+
+def single_label(events_path: PathLike) -> Optional[int]:
+    """The one ``label`` value a checked events file holds, or None when it holds both. A file
+    of one class is valid data but gives a CTR model nothing to learn (or an AUC nothing to rank)."""
+    labels = pq.read_table(events_path, columns=["label"]).column("label")
+    present = pc.unique(labels).to_pylist()
+    return int(present[0]) if len(present) == 1 else None
 
 
 def read_item_categories(items_path: PathLike) -> np.ndarray:
