@@ -25,6 +25,7 @@ import io
 import json
 import queue
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -425,9 +426,19 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: one line per request would swamp the log under load (GET /healthz has counts)."""
 
 
+class _RimHttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up before its reply (a timed-out producer, a load balancer's
+        probe) is routine: its items were already queued, and a traceback per hang-up would bury
+        the real errors in the log. Anything else is still printed."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 def make_server(service: RimService) -> ThreadingHTTPServer:
     """An HTTP server for ``service`` on ``config.host:config.port`` (not yet serving)."""
     handler = type("RimHandler", (_Handler,), {"service": service})
-    server = ThreadingHTTPServer((service.config.host, service.config.port), handler)
-    server.daemon_threads = True
-    return server
+    return _RimHttpServer((service.config.host, service.config.port), handler)

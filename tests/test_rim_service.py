@@ -11,6 +11,7 @@ import io
 import json
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -230,3 +231,23 @@ def test_serve_refuses_settings_under_which_no_request_succeeds_before_opening_t
     assert main(["embeddings", "serve", f"encoders={tmp_path / 'absent'}", f"log={log}", override]) == 2
     assert message in capsys.readouterr().err
     assert not log.exists()
+
+
+def test_a_client_hanging_up_before_its_reply_prints_no_traceback(service, capsys):
+    """Every hung-up producer used to print a BrokenPipeError traceback into the service log."""
+    _, port = service
+    connection = socket.create_connection(("127.0.0.1", port))
+    body = json.dumps({"items": [item(100)]}).encode()
+    connection.sendall(b"POST /items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, not FIN
+    connection.close()
+    assert request(port, "GET", "/items/100")[0] in (200, 404)  # still serving
+    server = make_server(service[0])  # the same handling, called the way socketserver calls it
+    for error, printed in ((BrokenPipeError(), False), (ConnectionResetError(), False), (ValueError("bug"), True)):
+        try:
+            raise error
+        except Exception:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert ("Traceback" in capsys.readouterr().err) == printed
+    server.server_close()
