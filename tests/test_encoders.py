@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.encoders import (EncoderPair, VisionConfig, build_text_encoder,
                               build_vision_encoder, load_encoders, save_encoders)
+from mim_rec.encoders.preprocess import decode_image
 from tests.encoder_fixtures import png_bytes, tiny_encoders, tiny_text, tiny_vision
 
 torch.set_num_threads(1)
@@ -31,6 +35,15 @@ def test_preprocess_normalises_with_configured_stats():
     encoder = build_vision_encoder(tiny_vision(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]))
     white = np.full((32, 32, 3), 255, dtype=np.uint8)
     assert torch.allclose(encoder.preprocess([white]), torch.full((1, 3, 32, 32), 2.0))
+
+
+def test_sixteen_bit_greyscale_png_keeps_its_tones():
+    """PIL's own RGB conversion clipped 16-bit grey at 255: a mid-grey photo decoded white."""
+    grey = np.full((8, 8), 32768, dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode.startswith("I")
+    assert (np.asarray(decode_image(buffer.getvalue())) == 128).all()
 
 
 def test_corrupt_image_is_reported_with_row_and_field():

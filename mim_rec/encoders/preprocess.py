@@ -24,11 +24,20 @@ def decode_image(data: ImageLike) -> Image.Image:
             image.load()
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"not a decodable PNG/JPEG ({exc})") from exc
-        return image.convert("RGB")
+        return _sixteen_to_eight_bit(image).convert("RGB")
     array = np.asarray(data)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 array, got shape {array.shape} {array.dtype}")
     return Image.fromarray(array)
+
+
+def _sixteen_to_eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (PIL modes ``I;16*`` and ``I``) scaled to 8 bits: PIL's own
+    conversion clips at 255, which turned every such product photo nearly white."""
+    if not (image.mode == "I" or image.mode.startswith("I;16")):
+        return image
+    pixels = np.asarray(image).astype(np.float64) / 257.0
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 class ImagePreprocessor:
