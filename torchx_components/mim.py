@@ -383,7 +383,8 @@ def bench_sharding(
     Args:
         args: flags and ``key=value`` overrides for ``mim bench sharding`` (e.g. ``--paper-scale``)
         config: YAML/JSON ShardingBenchConfig file
-        measure: run real steps on each plan (needs world_size local devices or CPU ranks)
+        measure: run real steps on each plan (needs world_size local devices or CPU ranks);
+            TorchX takes only ``True`` (any case) as true
         image: image (docker) or, for local_cwd, the working directory that holds the code
         name: job name; default ``bench_sharding``
         cpu: CPUs (at least the measured world size)
