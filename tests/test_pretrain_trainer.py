@@ -89,7 +89,10 @@ def test_two_process_gloo_run(world, tmp_path):
     start = json.loads((out / "metrics.jsonl").open().readline())
     assert start["world_size"] == 2
     assert (out / "encoders" / "manifest.json").exists()
-    assert set(json.loads((out / "eval.json").read_text())) == {"inputs", "plain", "dda", "dda+dma"}
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report) == {"inputs", "plain", "dda", "dda+dma"}
+    assert [report[row]["steps"] for row in ("plain", "dda", "dda+dma")] == [0, 2, 4]
+    assert "| dda+dma | 4 |" in result.stdout
 
 
 def test_corrupt_image_names_file_row_and_field(tmp_path, capsys):
@@ -192,6 +195,10 @@ def test_evaluation_refuses_a_folder_without_a_run_and_a_larger_held_out_share(w
     assert cli.main(["pretrain-eval", "--config", str(config_file), "data.heldout_fraction=0.9"]) == 2
     assert "held out 0.2, so the items past that were trained on" in capsys.readouterr().err
     assert not (run / "eval.json").exists()
+    # a run that has not reached its DDA artifact yet: the rows it lacks are named, not dropped silently
+    assert cli.main(["pretrain-eval", "--config", str(config_file)]) == 0
+    assert f"note: no {run / 'dda'}: row 'dda' left out" in capsys.readouterr().err
+    assert set(json.loads((run / "eval.json").read_text())) == {"inputs", "plain"}
 
 
 def test_an_out_that_is_a_file_is_refused(world, tmp_path, capsys):

@@ -250,6 +250,7 @@ def _optimizer(objective, config):
 def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     """Evaluate the plain encoders and the run's ``dda/`` and ``encoders/`` artifacts on the
     held-out items; writes ``OUT/eval.json``."""
+    from mim_rec.data.manifest import read_manifest
     from mim_rec.encoders import EncoderPair, load_encoders
     from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
     from mim_rec.pretrain.evaluate import evaluate_pair
@@ -264,6 +265,7 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     for row in rows or DEFAULT_EVAL_ROWS:
         source = sources[row]
         if source is not None and not (source / "manifest.json").exists():
+            print(f"note: no {source}: row '{row}' left out (the run has not finished that phase)", file=sys.stderr)
             continue
         started = time.time()
         seed_everything(config.seed)  # the plain row's (random) heads are seeded
@@ -274,6 +276,8 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
             train_items, heldout_items = corpus.subset(~heldout), corpus.subset(heldout)
         report[row] = evaluate_pair(pair, train_items, heldout_items, config.eval)
         report[row]["seconds"] = round(time.time() - started, 1)
+        # the training steps behind the row: a folder re-trained with other step counts says so
+        report[row]["steps"] = 0 if source is None else read_manifest(source).extra.get("steps")
     write_eval_report(out, report, [items_path(config.data.world)],
                       heldout_fraction=config.data.heldout_fraction)
     return report
@@ -295,11 +299,12 @@ def _check_evaluated_run(config) -> None:
 
 
 def format_table(report: Dict[str, Dict[str, float]]) -> str:
-    columns = ["own_i2t_r1", "own_i2t_r10", "own_t2i_r1", "own_t2i_r10", "probe_i2t_r1",
+    columns = ["steps", "own_i2t_r1", "own_i2t_r10", "own_t2i_r1", "own_t2i_r10", "probe_i2t_r1",
                "probe_i2t_r10", "probe_t2i_r1", "probe_t2i_r10", "image_linear_probe_acc",
                "title_linear_probe_acc"]
     lines = ["| encoders | " + " | ".join(columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for row, metrics in report.items():
-        lines.append(f"| {row} | " + " | ".join(f"{metrics[c]:.3f}" for c in columns) + " |")
+        lines.append(f"| {row} | {metrics.get('steps', '?')} | "
+                     + " | ".join(f"{metrics[c]:.3f}" for c in columns[1:]) + " |")
     return "\n".join(lines)
