@@ -34,7 +34,7 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
         text = Path(path).read_text()
         try:
             loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
+        except (json.JSONDecodeError, yaml.YAMLError, ValueError) as err:  # ValueError: a date like 2026-13-01
             raise ConfigError(f"{path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {err}") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping, got {type(loaded).__name__}")
@@ -47,6 +47,8 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({err.__class__.__name__})") from err
+        except ValueError:  # YAML reads 2026-13-01 as a date and fails building it: keep the text
+            value = raw       # for the field's own check to name
         _set_dotted(data, key.strip(), value)
     return from_dict(cls, data)
 

@@ -40,7 +40,16 @@ def test_a_float_in_exponent_notation_is_a_number(text):
     ("fast=3", "fast"),
     ("optim.lr=fast", "optim.lr"),
     ("novalue", "key=value"),
+    ("seed=2026-13-01", "seed: expected an integer, got '2026-13-01'"),  # YAML's date constructor raised
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(Cfg, None, [override])
+
+
+def test_a_config_file_with_an_impossible_date_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("out: 2026-02-30\n")
+    with pytest.raises(ConfigError, match="c.yaml: not valid YAML"):
+        load_config(Cfg, path, [])
+    assert load_config(Cfg, None, ["out=2026-02-30"]).out == "2026-02-30"  # the override keeps the text

@@ -163,6 +163,9 @@ def test_cli_generates_validates_and_summarises(tmp_path, capsys):
     assert "items: 300" in out and "click rate" in out and "item-age decile edges" in out
     assert mim(["data", "validate", str(tmp_path / "w")]) == 0
     assert mim(["data", "synth", "--tiny", "--out", str(tmp_path / "x"), "itemz=3"]) == 2
+    # --seed used to win silently over a seed= override
+    assert mim(["data", "synth", "--tiny", "--seed", "3", "--out", str(tmp_path / "x"), "seed=5"]) == 2
+    assert "--seed 3 and seed=5: give the seed once" in capsys.readouterr().err
 
 
 def test_fewer_pairs_than_asked_for_are_said(tmp_path, capsys):
@@ -187,6 +190,7 @@ def test_fewer_pairs_than_asked_for_are_said(tmp_path, capsys):
     ({"mean_history": float("nan")}, "mean_history=nan"),
     ({"days_before": 0}, "days_before=0"),
     ({"seed": -1}, "seed=-1"),
+    ({"brands": 2941}, "brands=2941: the title generator spells at most 2940"),  # drew names forever
     ({"t0": "notadate"}, "t0='notadate': not an ISO date"),
     ({"click": ClickModel(noise_std=-1.0)}, "click.noise_std=-1.0: a spread"),
 ])
@@ -201,7 +205,8 @@ def test_a_world_the_generator_cannot_draw_is_refused_by_field(override, named):
 @pytest.mark.parametrize("override, named", [
     ({"search_results": 10_000}, r"search_results=10000: category \d+ has only \d+ items"),
     ({"items": 60, "users": 50, "categories": 20, "events": 2000},
-     r"page_size=10: its 8 in-category slots need more items of category \d+"),
+     r"page_size=10: its 8 in-category slots need more items of category \d+ than exist before some "
+     r"session \(items=60 over categories=20\); raise items, or lower categories or page_size"),
     # no session in the test days: it failed writing the empty test split, naming a column type
     ({"events": 200, "seed": 7}, r"events=200: none of the \d+ search sessions fell in the test split"),
 ])

@@ -24,13 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from mim_rec.config import load_config
+    from mim_rec.config import ConfigError, load_config
     from mim_rec.data.summary import format_summary, summarize_world
     from mim_rec.data.synth import SynthConfig, generate_world, tiny
 
     preset = tiny(SynthConfig()) if args.tiny else None
     config = load_config(SynthConfig, args.config, args.overrides, preset=preset)
     if args.seed is not None:
+        if any(o.split("=", 1)[0].strip() == "seed" for o in args.overrides) and config.seed != args.seed:
+            raise ConfigError(f"--seed {args.seed} and seed={config.seed}: give the seed once")
         config = replace(config, seed=args.seed)
     start = time.time()
     out = generate_world(config, args.out)

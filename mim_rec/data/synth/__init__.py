@@ -129,8 +129,13 @@ def generate_world(config: SynthConfig, out_dir: Union[str, Path]) -> Path:
 
 
 def _write_world(config: SynthConfig, out: Path) -> None:
+    # the bar is closed however the draw ends, so a refusal prints on a line of its own
+    with tqdm(total=6, desc="synth", unit="step") as steps:
+        _draw_world(config, out, steps)
+
+
+def _draw_world(config: SynthConfig, out: Path, steps: tqdm) -> None:
     rng = np.random.default_rng(config.seed)
-    steps = tqdm(total=6, desc="synth", unit="step")
 
     lat = world.sample_latents(config, rng)
     items = _items_table(config, lat, rng)
@@ -160,12 +165,11 @@ def _write_world(config: SynthConfig, out: Path) -> None:
         write_table(pairs, out / f"pairs_{split}.parquet", PAIRS, item_count=config.items)
         counts[f"pairs_{split}"] = pairs.num_rows
         if pairs.num_rows < count:  # one visual search per session: the split has too few sessions
-            print(f"note: pairs_{split}={count} asked for, {pairs.num_rows} drawn: a pair is one search "
-                  f"session's, and the {split} split has {pairs.num_rows} sessions", file=sys.stderr)
+            tqdm.write(f"note: pairs_{split}={count} asked for, {pairs.num_rows} drawn: a pair is one search "
+                       f"session's, and the {split} split has {pairs.num_rows} sessions", file=sys.stderr)
     steps.update()
     _write_truth(out, lat, sessions, splits)
     steps.update()
-    steps.close()
     counts["events_train"], counts["events_test"] = len(splits["train"]), len(splits["test"])
     write_manifest(out, Manifest(kind="world", stage="synth", config=asdict(config),
                                  row_count=config.items, extra={"counts": counts}))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from mim_rec.config import ConfigError
+from mim_rec.data.synth.text import BRAND_NAME_LIMIT
 
 # The renderer draws eight style coordinates (hue from s0/s1, brightness, size, stripe frequency
 # and angle, stripe colour, backdrop: docs/synth.md), so a world needs at least that many.
@@ -71,6 +72,9 @@ class SynthConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least {low}")
+        if self.brands > BRAND_NAME_LIMIT:  # the name draw would loop forever
+            raise ConfigError(f"brands={self.brands}: the title generator spells at most {BRAND_NAME_LIMIT} "
+                              "distinct brand names")
         if self.categories > self.items:
             raise ConfigError(f"categories={self.categories} exceeds items={self.items}: a category needs an item")
         if self.events < 2 * self.page_size:

@@ -9,6 +9,7 @@ so text and image agree about an item without being copies of each other.
 
 from __future__ import annotations
 
+import itertools
 from typing import List
 
 import numpy as np
@@ -40,8 +41,19 @@ def category_nouns(category: int) -> tuple:
     return nouns if series == 0 else tuple(f"{n} series{series}" for n in nouns)
 
 
+def _possible_brand_names() -> int:
+    """How many distinct names two or three syllables spell (some spellings coincide)."""
+    return len({"".join(parts) for size in (2, 3) for parts in itertools.product(_SYLLABLES, repeat=size)})
+
+
+BRAND_NAME_LIMIT = _possible_brand_names()
+
+
 def brand_names(count: int, rng: np.random.Generator) -> List[str]:
-    """Distinct pronounceable brand names."""
+    """Distinct pronounceable brand names (at most :data:`BRAND_NAME_LIMIT`: the draw below
+    would never end past it)."""
+    if count > BRAND_NAME_LIMIT:
+        raise ValueError(f"{count} brand names asked for; two or three syllables spell {BRAND_NAME_LIMIT}")
     names: List[str] = []
     seen = set()
     while len(names) < count:

@@ -229,8 +229,8 @@ def _category_candidates(config: SynthConfig, lat: Latents, categories: np.ndarr
         available = np.searchsorted(lat.item_created[items], ts[rows], side="right")
         if (available < take).any():  # the sizes asked for cannot fill a page: a setting error
             raise ConfigError(f"page_size={config.page_size}: its {take} in-category slots need more items of "
-                              f"category {c} than exist before some session; "
-                              "raise items or lower page_size")
+                              f"category {c} than exist before some session (items={config.items} over "
+                              f"categories={config.categories}); raise items, or lower categories or page_size")
         candidates = items[(rng.random((len(rows), 3 * take)) * available[:, None]).astype(np.int64)]
         score = 0.5 * lat.item_effect[candidates] + _gumbel(rng, candidates.shape)
         out[rows] = _dedupe_top(candidates, score, take)
