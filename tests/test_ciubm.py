@@ -634,3 +634,25 @@ def test_a_clickless_split_is_refused_before_training(world, tmp_path):
     with pytest.raises(DataError, match=r"events_train.parquet, field 'label': every row has label 0"):
         ciubm.run(_config(clickless, tmp_path / "never"))
     assert not (tmp_path / "never").exists()
+
+
+def test_eval_only_scores_a_world_of_fewer_users_and_refuses_another_catalogue(world, tmp_path):
+    """Both ended in DCP's size-mismatch traceback, or (another catalogue of the same sizes)
+    were scored as if its item ids were the trained items."""
+    import shutil
+
+    config = _config(world, tmp_path / "run", "max_steps=2", "model.ubm=avg")
+    ciubm.run(config)
+    fewer = tmp_path / "fewer_users"
+    shutil.copytree(world, fewer)
+    last_user = max(pc.max(pq.read_table(world / f"events_{split}.parquet")["user_id"]).as_py()
+                    for split in ("train", "test"))
+    for split in ("train", "test"):
+        events = pq.read_table(fewer / f"events_{split}.parquet")
+        pq.write_table(events.filter(pc.less(events["user_id"], last_user)), fewer / f"events_{split}.parquet")
+    assert ciubm.table_sizes(str(fewer), ItemInfo.from_items(fewer / "items.parquet"))["users"] < last_user + 1
+    assert ciubm.run(_config(fewer, tmp_path / "run", "max_steps=2", "model.ubm=avg"), train=False)["n"] > 0
+
+    other = generate_world(tiny(SynthConfig(seed=12)), tmp_path / "other")  # the same sizes, other items
+    with pytest.raises(ConfigError, match=r"other/items.parquet is not the catalogue out=.* trained on"):
+        ciubm.run(_config(other, tmp_path / "run", "max_steps=2", "model.ubm=avg"), train=False)

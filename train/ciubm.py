@@ -475,6 +475,8 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     if not train and not (out / "checkpoints" / "latest").is_file():
         from mim_rec.config import ConfigError
         raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
+    if not train:
+        sizes = _evaluation_sizes(config, sizes)
     if config.model.uses_mm:  # the table is checked before anything is built or written
         rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
         if config.mm_table is None and ctx.is_main:
@@ -524,6 +526,43 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
             atomic_write_bytes(out / "eval.json", json.dumps(_evaluated(config, report), indent=2).encode())
     dist.barrier()
     return report if ctx.is_main else None
+
+
+# The table each size of :func:`table_sizes` rows.
+SIZED_TABLES = {"items": "item", "users": "user", "categories": "category"}
+
+
+def _evaluation_sizes(config: TrainConfig, needed: Dict[str, int]) -> Dict[str, int]:
+    """The table sizes to evaluate the run's newest checkpoint with: the ones it trained. A
+    world whose ids fit them (a holdout, a later test split with fewer users) is scored with
+    the trained tables; one with other items or ids past a table is refused here, naming the
+    table (DCP's size-mismatch traceback said it only deep in the load). So is a world of
+    another catalogue, by its items.parquet's content: its item ids name other items, and a
+    world of the same sizes was scored as if they were the trained ones."""
+    from mim_rec.config import ConfigError
+    from mim_rec.data.manifest import fingerprint_file
+    from train.dcp_checkpoints import checkpoint_table_rows
+
+    recorded = Path(config.out) / "inputs.json"
+    items = Path(config.data.world) / "items.parquet"
+    if recorded.is_file() and json.loads(recorded.read_text()).get("items.parquet") not in (None, fingerprint_file(items)):
+        raise ConfigError(f"--eval-only: {items} is not the catalogue out={config.out} trained on (its content "
+                          "differs): item ids index the trained tables, so evaluate on a world of the same items "
+                          "(`mim data holdout` keeps them)")
+    checkpoints = Path(config.out) / "checkpoints"
+    checkpoint = checkpoints / (checkpoints / "latest").read_text().strip()
+    trained = checkpoint_table_rows(checkpoint)
+    sizes = {key: trained.get(table, needed[key]) for key, table in SIZED_TABLES.items()}
+    if needed["items"] != sizes["items"]:
+        raise ConfigError(f"--eval-only: data.world={config.data.world} has {needed['items']:,} items and "
+                          f"{checkpoint} was trained on {sizes['items']:,}: the item tables (and the MM table) "
+                          "are keyed by item id, so evaluate on a world of the same catalogue")
+    past = [f"{key} ({needed[key]:,} rows needed, {sizes[key]:,} trained)" for key in ("users", "categories")
+            if needed[key] > sizes[key]]
+    if past:
+        raise ConfigError(f"--eval-only: data.world={config.data.world} has ids past the tables of {checkpoint}: "
+                          f"{', '.join(past)}; evaluate on a world of the same id spaces")
+    return sizes
 
 
 def _evaluated(config: TrainConfig, report: Dict[str, Any]) -> Dict[str, Any]:

@@ -4,6 +4,7 @@ and a model trained on many ranks can be evaluated on one."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -94,3 +95,14 @@ def checkpoint_world_size(checkpoint: Path) -> Optional[int]:
     state = {"world_size": torch.tensor(0)}
     dcp.load(state, checkpoint_id=str(checkpoint))
     return int(state["world_size"])
+
+
+_TABLE_WEIGHT = re.compile(r"model\.sparse_arch\.\w+\.(?:embedding_bags|embeddings)\.(\w+)\.weight")
+
+
+def checkpoint_table_rows(checkpoint: Path) -> Dict[str, int]:
+    """Rows of each embedding table a DCP checkpoint holds, by table name, from its metadata
+    (nothing is loaded)."""
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    return {match.group(1): int(entry.size[0]) for key, entry in metadata.items()
+            if (match := _TABLE_WEIGHT.fullmatch(key))}
