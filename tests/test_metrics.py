@@ -106,6 +106,10 @@ def test_given_edges_bucket_two_runs_identically_and_gain_is_per_bucket():
         assert gain["relative_gain"] == pytest.approx((after["auc"] - before["auc"]) / before["auc"])
     assert gains[0]["auc_gain"] > 0 and gains[-1]["auc_gain"] == 0
 
+    # a bucket whose base ranks every pair wrong has an AUC gain but no ratio (it divided by zero)
+    zero = {**base_report, "age_deciles": [{**d, "auc": 0.0} for d in base_report["age_deciles"]]}
+    assert all(g["relative_gain"] is None and g["auc_gain"] > 0 for g in relative_auc_gain(zero, better_report))
+
     shifted = CtrMetrics()
     shifted.update(preds, labels, users, categories, ages + 30)
     with pytest.raises(ValueError, match="different age buckets"):

@@ -99,3 +99,33 @@ def test_the_report_says_when_a_worlds_age_buckets_are_not_ages(tmp_path):
         (tmp_path / model / "metrics.json").write_text(json.dumps(
             {"auc": 0.6, "gauc": 0.6, "logloss": 0.3, "n": 10, "age_edges": [], "age_deciles": [bucket]}))
     assert "**These buckets are not item ages on this world:** ordinals by user." in report(tmp_path, "din", {}, world)
+
+
+def test_a_stage_failing_under_torchx_shows_the_commands_own_error(tmp_path):
+    """Under TorchX the log's tail is torchrun's failure report, which names no cause: the
+    stage's `mim ...: error:` line was only in the log file."""
+    from train.pipeline import failure_lines
+
+    log = ["csft/0 [0]:loading", "csft/0 [0]:mim csft: error: data.batch_size=32: only 8 training items",
+           *[f"csft/0 torchrun report line {i}" for i in range(20)]]
+    shown = failure_lines("\n".join(log)).splitlines()
+    assert shown[0].endswith("mim csft: error: data.batch_size=32: only 8 training items")
+    assert shown[-1] == "csft/0 torchrun report line 19" and len(shown) == 1 + 1 + 15
+    assert failure_lines("a\nb") == "a\nb"  # nothing above the tail: the tail only
+
+
+def test_stage_settings_go_after_the_presets(tmp_path):
+    """A world too small for a preset's batch size could not be run through the pipeline at all."""
+    import argparse
+
+    from mim_rec.config import ConfigError
+    from train.pipeline import stages
+
+    args = argparse.Namespace(out=str(tmp_path), preset="tiny", world=None, ubm="din", nproc=2, synth=["seed=3"],
+                              pretrain=[], csft=["data.batch_size=8"], train=["max_steps=5"])
+    plan = {stage.name: stage.argv for stage in stages(args)}
+    assert plan["synth"][-1] == "seed=3"
+    assert plan["csft"][-1] == "data.batch_size=8" and "data.batch_size=32" in plan["csft"]  # later wins
+    assert all("max_steps=5" in plan[name] for name in ("train_base", "train_mim"))
+    with pytest.raises(ConfigError, match="--synth"):
+        stages(argparse.Namespace(**{**vars(args), "world": str(tmp_path)}))

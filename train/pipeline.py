@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,9 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
              "csft": ["steps=10", "data.batch_size=32", "negatives.queue_batches=2"],
              "train": ["epochs=2", "loader.batch_size=128", "loader.max_hist_len=20"]},
 }
+# The stages a user can pass settings to (`--csft data.batch_size=8`), by the preset key they extend.
+STAGE_OVERRIDES = {"synth": "mim data synth", "pretrain": "mim pretrain", "csft": "mim csft",
+                   "train": "mim train, both CiUBM runs"}
 MODELS = {"base": ["model.content_interest=false", "model.fusion_interest=false"], "mim": []}
 
 
@@ -74,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--world", default=None, help="use this world folder instead of generating one")
     parser.add_argument("--ubm", default="din", help="user behaviour model for Base and Base+MIM")
     parser.add_argument("--nproc", type=int, default=2, help="CiUBM ranks (TorchX local_cwd)")
+    for stage, command in STAGE_OVERRIDES.items():
+        parser.add_argument(f"--{stage}", nargs="+", default=[], metavar="KEY=VALUE",
+                            help=f"overrides for the {stage} stage ({command}), after the preset's")
     parser.set_defaults(func=run)
 
 
@@ -127,7 +134,11 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
 
 
 def stages(args: argparse.Namespace) -> List[Stage]:
-    out, preset = Path(args.out).resolve(), PRESETS[args.preset]
+    out = Path(args.out).resolve()
+    preset = {stage: [*argv, *getattr(args, stage, [])] for stage, argv in PRESETS[args.preset].items()}
+    if args.world and getattr(args, "synth", []):
+        from mim_rec.config import ConfigError
+        raise ConfigError("--synth: settings of the synth stage, which --world skips")
     world, plan = representation_chain(out, args.world, preset, args.nproc)
     torchx, distributed = torchx_command(args.nproc)
     for model, switches in MODELS.items():
@@ -191,9 +202,8 @@ def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, b
                               cwd=Path(__file__).resolve().parents[1]).returncode
     wall = time.time() - started
     if code != 0:
-        tail = log.read_text().splitlines()[-15:]
         raise SystemExit(f"mim pipeline: stage '{stage.name}' failed (exit {code}) after {wall:.0f} s; "
-                         f"log: {log}\n" + "\n".join(tail))
+                         f"log: {log}\n" + failure_lines(log.read_text()))
     if stage.name == "validate":
         stage.done_marker.write_text("ok\n")
     record_path = record_file(stage, out)
@@ -203,6 +213,15 @@ def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, b
                                                 "defaults": defaults_fingerprint(stage.settings)}).encode())
     print(f"[{index}/{total}] {stage.name}: done in {wall:.0f} s", flush=True)
     return wall, False
+
+
+def failure_lines(log: str, tail: int = 15) -> str:
+    """What to show of a failed stage's log: the ``mim ...: error:`` lines the commands print
+    (under TorchX they sit above torchrun's own failure report, which names no cause), then the
+    log's last lines."""
+    lines = log.splitlines()
+    errors = [line for line in lines[:-tail] if re.search(r"\bmim [\w-]+: error: ", line)]
+    return "\n".join([*errors, *(["..."] if errors else []), *lines[-tail:]])
 
 
 def report(out: Path, ubm: str, walls: Dict[str, float], world: Path) -> str:
