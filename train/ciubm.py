@@ -273,8 +273,11 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
     :func:`_training_inputs` when it trains on (None to evaluate only)."""
     from mim_rec.config import ConfigError
 
+    from train.dcp_checkpoints import DcpCheckpoints
+
     out = Path(config.out)
-    if not (out / "checkpoints" / "latest").is_file():
+    checkpoint = DcpCheckpoints(out / "checkpoints").newest()
+    if checkpoint is None:
         return
     from train.common import changed_settings
 
@@ -283,7 +286,7 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
-    trained = int((out / "checkpoints" / "latest").read_text().strip().rsplit("-", 1)[-1])
+    trained = int(checkpoint.name.rsplit("-", 1)[-1])
     if config.max_steps is not None and trained > config.max_steps:  # it used to report the longer run as this one
         raise ConfigError(f"out={out} holds a run trained {trained} steps, more than max_steps={config.max_steps}: "
                           f"use a new out= (or max_steps={trained} or more)")
@@ -292,7 +295,6 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
 
         from train.dcp_checkpoints import checkpoint_world_size
 
-        checkpoint = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
         written_by = checkpoint_world_size(checkpoint)
         if written_by not in (None, dist.get_world_size()):
             raise ConfigError(f"{checkpoint} was written by {written_by} rank(s) and this run has "
@@ -320,10 +322,11 @@ def _finished(config: TrainConfig) -> bool:
     it reads now."""
     from mim_rec.utils.run import read_json_or_none
     from train.common import changed_settings
+    from train.dcp_checkpoints import DcpCheckpoints
     out = Path(config.out)
-    report, latest = read_json_or_none(out / "metrics.json"), out / "checkpoints" / "latest"
-    return report is not None and latest.is_file() \
-        and f"step-{report.get('steps', -1):09d}" == latest.read_text().strip() \
+    report, checkpoint = read_json_or_none(out / "metrics.json"), DcpCheckpoints(out / "checkpoints").newest()
+    return report is not None and checkpoint is not None \
+        and f"step-{report.get('steps', -1):09d}" == checkpoint.name \
         and changed_settings(config, EXECUTION_ONLY, PATH_SETTINGS) == [] \
         and _changed_inputs(out, _training_inputs(config)) == []
 
@@ -472,11 +475,13 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     sizes = table_sizes(config.data.world, items)
     inputs = _training_inputs(config) if train else None
     _refuse_foreign_checkpoints(config, inputs)  # before build: the planner's collectives order it before any write
-    if not train and not (out / "checkpoints" / "latest").is_file():
-        from mim_rec.config import ConfigError
-        raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
+    checkpoints = DcpCheckpoints(out / "checkpoints", keep=config.checkpoint_keep)
     if not train:
-        sizes = _evaluation_sizes(config, sizes)
+        evaluated = checkpoints.newest()
+        if evaluated is None:
+            from mim_rec.config import ConfigError
+            raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
+        sizes = _evaluation_sizes(config, sizes, evaluated)
     if config.model.uses_mm:  # the table is checked before anything is built or written
         rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
         if config.mm_table is None and ctx.is_main:
@@ -500,7 +505,6 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
         (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
         (out / "plan.txt").write_text(str(plan))
 
-    checkpoints = DcpCheckpoints(out / "checkpoints", keep=config.checkpoint_keep)
     progress = checkpoints.restore(model, optimizer, with_optimizer=train) \
         or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if logger and train:
@@ -523,7 +527,7 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
             logger.log({"event": "eval", **{k: report[k] for k in ("auc", "gauc", "logloss", "n")}})
             logger.close()
         else:
-            atomic_write_bytes(out / "eval.json", json.dumps(_evaluated(config, report), indent=2).encode())
+            atomic_write_bytes(out / "eval.json", json.dumps(_evaluated(config, report, evaluated), indent=2).encode())
     dist.barrier()
     return report if ctx.is_main else None
 
@@ -532,8 +536,8 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
 SIZED_TABLES = {"items": "item", "users": "user", "categories": "category"}
 
 
-def _evaluation_sizes(config: TrainConfig, needed: Dict[str, int]) -> Dict[str, int]:
-    """The table sizes to evaluate the run's newest checkpoint with: the ones it trained. A
+def _evaluation_sizes(config: TrainConfig, needed: Dict[str, int], checkpoint: Path) -> Dict[str, int]:
+    """The table sizes to evaluate ``checkpoint`` (the run's newest) with: the ones it trained. A
     world whose ids fit them (a holdout, a later test split with fewer users) is scored with
     the trained tables; one with other items or ids past a table is refused here, naming the
     table (DCP's size-mismatch traceback said it only deep in the load). So is a world of
@@ -543,14 +547,11 @@ def _evaluation_sizes(config: TrainConfig, needed: Dict[str, int]) -> Dict[str, 
     from mim_rec.data.manifest import fingerprint_file
     from train.dcp_checkpoints import checkpoint_table_rows
 
-    recorded = Path(config.out) / "inputs.json"
     items = Path(config.data.world) / "items.parquet"
-    if recorded.is_file() and json.loads(recorded.read_text()).get("items.parquet") not in (None, fingerprint_file(items)):
+    if "items.parquet" in _changed_inputs(Path(config.out), {"items.parquet": fingerprint_file(items)}):
         raise ConfigError(f"--eval-only: {items} is not the catalogue out={config.out} trained on (its content "
                           "differs): item ids index the trained tables, so evaluate on a world of the same items "
                           "(`mim data holdout` keeps them)")
-    checkpoints = Path(config.out) / "checkpoints"
-    checkpoint = checkpoints / (checkpoints / "latest").read_text().strip()
     trained = checkpoint_table_rows(checkpoint)
     sizes = {key: trained.get(table, needed[key]) for key, table in SIZED_TABLES.items()}
     if needed["items"] != sizes["items"]:
@@ -565,14 +566,13 @@ def _evaluation_sizes(config: TrainConfig, needed: Dict[str, int]) -> Dict[str, 
     return sizes
 
 
-def _evaluated(config: TrainConfig, report: Dict[str, Any]) -> Dict[str, Any]:
+def _evaluated(config: TrainConfig, report: Dict[str, Any], checkpoint: Path) -> Dict[str, Any]:
     """An ``--eval-only`` report with what it measured: the checkpoint and the test events (path
     and content fingerprint), which may be another world's than the run trained on."""
     from mim_rec.data.manifest import fingerprint_file
 
     events = Path(config.data.world) / "events_test.parquet"
-    checkpoint = (Path(config.out) / "checkpoints" / "latest").read_text().strip()
-    return {"checkpoint": checkpoint, "events_test": str(events.resolve()),
+    return {"checkpoint": checkpoint.name, "events_test": str(events.resolve()),
             "events_test_fingerprint": fingerprint_file(events), "mm_table": config.mm_table, **report}
 
 
@@ -727,8 +727,8 @@ def _require_finite(parts, step: int, checkpoints) -> None:
     finite = torch.isfinite(parts).all().to(torch.float32).reshape(1)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() < 1:
-        latest = checkpoints.directory / "latest"
-        kept = latest.read_text().strip() if latest.is_file() else "none"
+        newest = checkpoints.newest()
+        kept = newest.name if newest is not None else "none"
         raise TrainingDiverged(f"step {step}: the training loss is not finite (total, BCE, auxiliary: "
                                f"{parts.tolist()} on this rank); no checkpoint was written for it (the "
                                f"newest is {kept}). Lower lr or id_lr, or check the inputs")

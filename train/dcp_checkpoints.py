@@ -41,6 +41,11 @@ class DcpCheckpoints:
         self.directory = Path(directory)
         self.keep = keep
 
+    def newest(self) -> Optional[Path]:
+        """The newest complete checkpoint's folder (the one ``latest`` names), or None."""
+        latest = self.directory / "latest"
+        return self.directory / latest.read_text().strip() if latest.is_file() else None
+
     def save(self, model, optimizer, progress: Dict[str, int]) -> None:
         name = f"step-{progress['global_step']:09d}"
         optimizer_state, _ = _without_stateless(optimizer.state_dict())
@@ -63,10 +68,9 @@ class DcpCheckpoints:
         The model's weights load on any number of ranks (DCP reshards them), so a run trained
         on many can be evaluated on one (``with_optimizer=False``). Training on needs the ranks
         that wrote it (checked before anything is written: :func:`train.ciubm._refuse_foreign_checkpoints`)."""
-        latest = self.directory / "latest"
-        if not latest.is_file():
+        checkpoint = self.newest()
+        if checkpoint is None:
             return None
-        checkpoint = self.directory / latest.read_text().strip()
         state = {"model": model.state_dict(),
                  "progress": {k: torch.tensor(0) for k in ("epoch", "step_in_epoch", "global_step")}}
         if with_optimizer:

@@ -135,8 +135,8 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
 
 def stages(args: argparse.Namespace) -> List[Stage]:
     out = Path(args.out).resolve()
-    preset = {stage: [*argv, *getattr(args, stage, [])] for stage, argv in PRESETS[args.preset].items()}
-    if args.world and getattr(args, "synth", []):
+    preset = {stage: [*argv, *getattr(args, stage)] for stage, argv in PRESETS[args.preset].items()}
+    if args.world and args.synth:
         from mim_rec.config import ConfigError
         raise ConfigError("--synth: settings of the synth stage, which --world skips")
     world, plan = representation_chain(out, args.world, preset, args.nproc)
