@@ -66,13 +66,14 @@ class RimConfig:
     max_pending: int = 4096         # queued items beyond this are refused with 503 (back-pressure)
     ack_timeout_s: float = 120.0    # a request not durable by then gets 503 (and may still land)
     batch_size: int = 256           # encoder batch size
+    max_connections: int = 64       # open client connections (one thread each); more get 503 and are closed
 
     def validate(self) -> None:
         """Refuse settings under which no request could succeed (before the log is opened)."""
         from mim_rec.config import ConfigError, require_not_negative, require_positive
 
         require_positive(self, ("window_ms", "max_batch", "max_request_items", "max_body_bytes", "max_image_pixels",
-                                "max_pending", "ack_timeout_s", "batch_size"))
+                                "max_pending", "ack_timeout_s", "batch_size", "max_connections"))
         require_not_negative(self, ("num_items",))
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port={self.port}: must lie in 0..65535 (0: any free port)")
@@ -427,7 +428,50 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _RimHttpServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` of them.
+
+    Keep-alive clients hold their thread between requests, so without a cap a crowd of idle
+    producers (or a connection leak in one) grows the thread count without bound. A connection
+    beyond the cap gets a 503 with ``Retry-After`` from the accepting thread and is closed."""
+
     daemon_threads = True
+
+    def __init__(self, address: Tuple[str, int], handler: type, max_connections: int) -> None:
+        # socketserver's listen backlog is 5: a burst of clients connecting at once overflowed it
+        # and some of them were reset. Let the kernel queue as many as may be served.
+        self.request_queue_size = max(self.request_queue_size, max_connections)
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else will give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_busy(self, request) -> None:
+        body = json.dumps({"error": f"{self.max_connections} connections open (max_connections); "
+                                    "retry later"}).encode()
+        head = (f"HTTP/1.1 {HTTPStatus.SERVICE_UNAVAILABLE.value} {HTTPStatus.SERVICE_UNAVAILABLE.phrase}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)  # never let one slow client stall the accepting thread
+            request.sendall(head + body)
+        except OSError:
+            pass  # it went away; closing it is all that is left
 
     def handle_error(self, request, client_address) -> None:
         """A client that hung up before its reply (a timed-out producer, a load balancer's
@@ -441,4 +485,4 @@ class _RimHttpServer(ThreadingHTTPServer):
 def make_server(service: RimService) -> ThreadingHTTPServer:
     """An HTTP server for ``service`` on ``config.host:config.port`` (not yet serving)."""
     handler = type("RimHandler", (_Handler,), {"service": service})
-    return _RimHttpServer((service.config.host, service.config.port), handler)
+    return _RimHttpServer((service.config.host, service.config.port), handler, service.config.max_connections)

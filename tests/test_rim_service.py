@@ -46,19 +46,28 @@ def table(encoder_dir, tmp_path_factory):
     return build_table(load_item_encoder(encoder_dir), items, folder / "table", shard_rows=4)
 
 
-@pytest.fixture
-def service(encoder_dir, table, tmp_path):
-    config = RimConfig(encoders=str(encoder_dir), log=str(tmp_path / "rim.log"), table=str(table),
+@contextlib.contextmanager
+def service_in_thread(encoder_dir, table, log: Path, **overrides):
+    """A service on a free port, serving from a thread: yields (service, port)."""
+    config = RimConfig(encoders=str(encoder_dir), log=str(log), table=str(table),
                        num_items=100, port=0, window_ms=10, max_batch=8, max_request_items=4,
-                       max_body_bytes=100_000)
+                       max_body_bytes=100_000, **overrides)
     service = RimService(config, load_item_encoder(encoder_dir))
     server = make_server(service)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield service, server.server_address[1]
-    server.shutdown()
-    server.server_close()
-    service.close()
+    try:
+        yield service, server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        service.close()
+
+
+@pytest.fixture
+def service(encoder_dir, table, tmp_path):
+    with service_in_thread(encoder_dir, table, tmp_path / "rim.log") as running:
+        yield running
 
 
 def item(item_id, title="red square item", image=None, **extra) -> dict:
@@ -251,3 +260,43 @@ def test_a_client_hanging_up_before_its_reply_prints_no_traceback(service, capsy
             server.handle_error(None, ("127.0.0.1", 1))
         assert ("Traceback" in capsys.readouterr().err) == printed
     server.server_close()
+
+
+def test_connections_beyond_max_connections_get_503_and_a_freed_slot_is_reused(encoder_dir, table, tmp_path):
+    """Keep-alive clients each hold a thread; past the cap a client is told to retry, not queued
+    behind them or given a thread of its own."""
+    with service_in_thread(encoder_dir, table, tmp_path / "rim.log", max_connections=2) as (_, port):
+        held = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(2)]
+        for connection in held:  # one keep-alive request each: both threads are now taken
+            connection.request("GET", "/healthz")
+            assert connection.getresponse().read() and True
+        status, payload = request(port, "GET", "/healthz")
+        assert status == 503 and "max_connections" in payload["error"]
+        for connection in held:  # still served on their own connections
+            connection.request("GET", "/healthz")
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+        held[0].close()
+        deadline = time.monotonic() + 10
+        while (status := request(port, "GET", "/healthz")[0]) == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the closed connection's thread gives its slot back when it sees EOF
+        assert status == 200
+        held[1].close()
+
+
+def test_max_connections_must_be_positive(tmp_path):
+    from mim_rec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_connections"):
+        RimConfig(encoders="e", log=str(tmp_path / "l"), max_connections=0).validate()
+
+
+def test_bench_rim_loads_more_clients_than_the_default_connection_cap(encoder_dir, tmp_path):
+    """`mim bench rim` sizes the service's connection cap to its clients: with more clients than
+    the default 64 every request is still answered 200 and every sampled item is served."""
+    from train.bench_rim import RimBenchConfig, run
+
+    config = RimBenchConfig(encoders=str(encoder_dir), clients=RimConfig.max_connections + 2, seconds=1.0,
+                            window_ms=5, max_batch=64)
+    result = run(config, tmp_path / "bench.log")
+    assert result["items"] >= config.clients and result["non_200"] == {} and result["unserved"] == 0

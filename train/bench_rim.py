@@ -6,7 +6,8 @@ in its own process, so they do not share its interpreter) for ``seconds``, each 
 ``items_per_request`` new items at a time and waiting for the answer. A 200 means the items
 are durable in the log and served by ``GET /items/<id>``, so the latency of one item is from
 sending its request (arrival) to that answer (row served); every 10th answer is checked with a
-GET. Reports items/s, p50/p99 latency, the mean window size and any non-200 answers.
+GET. Reports items/s, p50/p99 latency, the mean window size and any non-200 answers (connection
+errors by name).
 
     mim bench rim encoders=runs/demo/pretrain/encoders world=runs/demo/world clients=8 seconds=30
 """
@@ -47,7 +48,7 @@ class RimBenchConfig:
 @dataclass
 class ClientStats:
     latencies: List[float] = field(default_factory=list)   # seconds, one per acknowledged item
-    statuses: Counter = field(default_factory=Counter)
+    statuses: Counter = field(default_factory=Counter)         # HTTP status, or the connection error's name
     unserved: int = 0                                       # acknowledged but GET /items/<id> failed
 
 
@@ -118,7 +119,8 @@ def _start_service(config: RimBenchConfig, log: Path):
     process = subprocess.Popen(
         [sys.executable, "-m", "train.cli", "embeddings", "serve", f"encoders={config.encoders}", f"log={log}",
          "port=0", f"window_ms={config.window_ms}", f"max_batch={config.max_batch}",
-         f"max_request_items={min(config.items_per_request, config.max_batch)}"],
+         f"max_request_items={min(config.items_per_request, config.max_batch)}",
+         f"max_connections={config.clients + 1}"],  # the clients and the warm-up's connection
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = process.stdout.readline()
     match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
@@ -163,17 +165,21 @@ def _client(port: int, k: int, config: RimBenchConfig, payloads: List[dict], dea
     while time.monotonic() < deadline:
         ids = list(range(next_id, next_id + config.items_per_request))
         next_id += len(ids)
-        sent = time.perf_counter()
-        status = _post(connection, payloads, ids)
-        answered = time.perf_counter()
-        stats.statuses[status] += 1
-        if status != 200:
-            continue
-        stats.latencies.extend([answered - sent] * len(ids))
-        requests += 1
-        if requests % 10 == 0:
-            connection.request("GET", f"/items/{ids[-1]}")
-            response = connection.getresponse()
-            response.read()
-            stats.unserved += response.status != 200
+        try:
+            sent = time.perf_counter()
+            status = _post(connection, payloads, ids)
+            answered = time.perf_counter()
+            stats.statuses[status] += 1
+            if status != 200:
+                continue
+            stats.latencies.extend([answered - sent] * len(ids))
+            requests += 1
+            if requests % 10 == 0:
+                connection.request("GET", f"/items/{ids[-1]}")
+                response = connection.getresponse()
+                response.read()
+                stats.unserved += response.status != 200
+        except (OSError, http.client.HTTPException) as exc:  # counted: a dead client would go unnoticed
+            stats.statuses[type(exc).__name__] += 1
+            connection.close()  # the next request opens a new connection
     connection.close()

@@ -26,7 +26,7 @@ def register(embeddings_subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--config", default=None, help="YAML/JSON file of RimConfig fields")
     serve.add_argument("overrides", nargs="*", metavar="key=value",
                        help="encoders=DIR log=FILE [table=DIR num_items=N host=127.0.0.1 port=8470 "
-                            "window_ms=20 max_batch=64 max_request_items=64 max_body_bytes=N]")
+                            "window_ms=20 max_batch=64 max_request_items=64 max_body_bytes=N max_connections=64]")
     serve.set_defaults(func=_serve)
     fold = embeddings_subparsers.add_parser(
         "fold", help="write the next MM table version: a table plus the RIM log's new rows",
