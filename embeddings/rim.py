@@ -114,7 +114,7 @@ def parse_request(body: bytes, config: RimConfig, arrived_at: float) -> List[New
     """Validate a POST body into items; any defect is a :class:`RequestError` with a reason."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer past Python's 4300-digit limit
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{REQUEST_SOURCE}: body is not JSON ({exc})") from None
     except RecursionError:  # "[[[[...": the decoder recurses once per level
         raise RequestError(HTTPStatus.BAD_REQUEST, f"{REQUEST_SOURCE}: body nests too deeply to be a request") from None
@@ -186,7 +186,9 @@ def _decode_image(value: object, config: RimConfig, bad) -> bytes:
     try:
         with Image.open(io.BytesIO(data)) as image:
             kind, (width, height) = image.format, image.size
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its message names only an in-memory buffer
+        raise bad("not a decodable PNG/JPEG (no image format recognised)", "image") from None
+    except (OSError, Image.DecompressionBombError) as exc:
         raise bad(f"not a decodable PNG/JPEG ({exc})", "image") from None
     if kind not in ("PNG", "JPEG"):
         raise bad(f"image is {kind}, not PNG/JPEG", "image")
@@ -390,10 +392,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/items":
             return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: POST {self.path}"})
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            return self._reply(HTTPStatus.LENGTH_REQUIRED, {"error": "a Content-Length header is required"},
-                               close=True)
-        if int(length) > self.service.config.max_body_bytes:
+        if length is None or not re.fullmatch(r"[0-9]+", length):  # str.isdigit() also takes "²"
+            return self._reply(HTTPStatus.LENGTH_REQUIRED,
+                               {"error": "a Content-Length header of decimal digits is required"}, close=True)
+        if len(length) > 19 or int(length) > self.service.config.max_body_bytes:
             return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                {"error": f"body of {length} bytes, at most {self.service.config.max_body_bytes}"},
                                close=True)
@@ -406,7 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/healthz":
             return self._reply(HTTPStatus.OK, self.service.health())
-        match = re.fullmatch(r"/items/(\d+)", self.path)
+        match = re.fullmatch(r"/items/([0-9]{1,19})", self.path)  # an int64 id; longer ones are not served
         row = self.service.served_row(int(match.group(1))) if match else None
         if row is None:
             return self._reply(HTTPStatus.NOT_FOUND, {"error": f"nothing served at {self.path}"})

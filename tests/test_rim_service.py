@@ -94,10 +94,12 @@ def gif_bytes() -> bytes:
 BAD_REQUESTS = [
     (b"{not json", 400, "body is not JSON"),
     (b"[" * 40_000 + b"]" * 40_000, 400, "nests too deeply"),  # a RecursionError dropped the connection
+    (b'{"items": [{"item_id": 1' + b"0" * 5000 + b'}]}', 400, "body is not JSON"),  # past int()'s digit limit
     ({"items": []}, 400, "at least one item"),
     ({"things": [1]}, 400, "expected"),
     ({"items": [item(i) for i in range(10, 15)]}, 413, "at most 4 per request"),
-    ({"items": [item(10, image=b"not an image")]}, 400, "row 0, field 'image': not a decodable PNG/JPEG"),
+    ({"items": [item(10, image=b"not an image")]}, 400,
+     "row 0, field 'image': not a decodable PNG/JPEG (no image format recognised)"),
     ({"items": [{**item(10), "image": "!!not base64!!"}]}, 400, "field 'image': image is not valid base64"),
     ({"items": [item(10, image=gif_bytes())]}, 400, "image is GIF, not PNG/JPEG"),
     ({"items": [item(10, title="   ")]}, 400, "field 'title': empty title"),
@@ -121,11 +123,13 @@ def test_bad_input_gets_a_4xx_with_its_reason_and_the_service_stays_up(service):
         got, payload = request(port, "POST", "/items", body)
         assert (got, reason in payload.get("error", "")) == (status, True), (body if isinstance(body, bytes)
                                                                               else reason, got, payload)
-    for headers, status in [(b"", b"411"), (b"Content-Length: 100001\r\n", b"413")]:  # refused unread
+    for headers, status in [(b"", b"411"), (b"Content-Length: 100001\r\n", b"413"),  # refused unread
+                            (b"Content-Length: \xb2\r\n", b"411"), (b"Content-Length: " + b"9" * 5000 + b"\r\n", b"413")]:
         with socket.create_connection(("127.0.0.1", port)) as raw:
             raw.sendall(b"POST /items HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
             assert raw.recv(1000).startswith(b"HTTP/1.1 " + status)
     assert request(port, "GET", "/items/x")[0] == 404 and request(port, "POST", "/other", b"{}")[0] == 404
+    assert request(port, "GET", "/items/" + "9" * 5000)[0] == 404  # int() of it raised: no answer at all
     status, payload = request(port, "POST", "/items", {"items": [item(10), item(11)]})
     assert status == 200 and [r["item_id"] for r in payload["items"]] == [10, 11]
     status, payload = request(port, "POST", "/items", {"items": [item(12), item(11)]})
