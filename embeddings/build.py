@@ -71,8 +71,8 @@ def build_table(encoder: ItemEncoder, items_path: Union[str, Path], out_dir: Uni
     items_path, out = Path(items_path), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ManifestMismatch(f"out={out}: a file, not a table folder")
+    items = read_items(items_path)  # before making out/: a missing world leaves no empty folder behind
     out.mkdir(parents=True, exist_ok=True)
-    items = read_items(items_path)
     count = items.num_rows
     state = {"encoder_fingerprint": encoder.fingerprint, "items": fingerprint_file(items_path),
              "item_count": count, "shard_rows": shard_rows, "dim": encoder.dim}

@@ -149,17 +149,34 @@ class LatentStyleEncoder:
         from mim_rec.data.errors import DataError
         from mim_rec.data.manifest import fingerprint_file
 
-        path = Path(truth_dir) / "items.npz"
-        with np.load(path) as truth:
-            if "style" not in truth.files:
-                raise DataError(str(path), "no 'style' array: not a synthetic world's truth folder", field="style")
+        self.path = Path(truth_dir) / "items.npz"
+        with np.load(self.path) as truth:
+            missing = [name for name in ("style", "category") if name not in truth.files]
+            if missing:
+                raise DataError(str(self.path), f"no {missing[0]!r} array: not a synthetic world's truth folder",
+                                field=missing[0])
             self.styles = torch.from_numpy(truth["style"]).float()
+            self.categories = truth["category"].astype(np.int64)
         self.dim = self.styles.shape[1]
-        self.fingerprint = f"truth:{fingerprint_file(path)}"
+        self.fingerprint = f"truth:{fingerprint_file(self.path)}"
 
     def embed_items(self, items: pa.Table, source: Path) -> torch.Tensor:
-        return self.styles[_item_rows(items, len(self.styles), source,
-                                      "the true styles (another world's truth folder?)")]
+        import numpy as np
+
+        from mim_rec.data.errors import DataError
+
+        rows = _item_rows(items, len(self.styles), source, "the true styles (another world's truth folder?)")
+        # Another world of as many items fits every size check; its items' categories do not
+        # match these (a world of one category is the only one this cannot tell apart).
+        given = items.column("category_id").to_numpy().astype(np.int64)
+        differ = np.flatnonzero(given != self.categories[rows.numpy()])
+        if len(differ):
+            first = differ[0]
+            raise DataError(str(source), f"item {int(rows[first])} is in category {given[first]} here and "
+                                         f"{self.categories[rows[first]]} in {self.path}: the truth folder of "
+                                         f"another world ({len(differ)} of {len(given)} items differ)",
+                            field="category_id")
+        return self.styles[rows]
 
 
 def is_truth_folder(folder: Union[str, Path]) -> bool:

@@ -66,9 +66,14 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     table_dir, log_path, out = Path(table_dir), Path(log_path), Path(out_dir)
     base = require(table_dir, kind="mm_table")
     if not log_path.is_file():
-        raise DataError(str(log_path), "no such log file")
+        raise DataError(str(log_path), "a folder, not a RIM log file" if log_path.is_dir() else "no such log file")
+    if out.exists() and not out.is_dir():
+        raise ManifestMismatch(f"out={out}: a file, not a folder; fold into a new folder")
     if out.exists() and any(out.iterdir()):
         raise ManifestMismatch(f"{out}: not empty; fold into a new folder")
+    if out.resolve().is_relative_to(table_dir.resolve()):
+        raise ManifestMismatch(f"out={out} lies inside the base table {table_dir}, whose parts it shares: "
+                               "removing the old version would remove the new one's; fold into a folder beside it")
     fingerprint = base.extra.get("encoder_fingerprint")
     if fingerprint is None:
         raise ManifestMismatch(f"{table_dir}: its manifest names no encoder (extra.encoder_fingerprint), so "

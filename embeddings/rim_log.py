@@ -68,13 +68,24 @@ class WindowMessage:
 
     @staticmethod
     def decode(payload: bytes) -> "WindowMessage":
+        """The message a record holds; ``ValueError`` names what is malformed. The CRC only
+        proves the bytes are the ones written, so a writer's bug still has to be caught here."""
         (header_len,) = _HEADER_LEN.unpack_from(payload)
-        header = json.loads(payload[_HEADER_LEN.size:_HEADER_LEN.size + header_len])
+        try:
+            header = json.loads(payload[_HEADER_LEN.size:_HEADER_LEN.size + header_len])
+            ids, arrived_at = header["item_ids"], header["arrived_at"]
+            dim, fingerprint, embedded_at = header["dim"], header["fingerprint"], float(header["embedded_at"])
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"header is not a window header ({type(exc).__name__}: {exc})") from None
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise ValueError("item_ids are not all integers")
+        if type(dim) is not int or dim <= 0:
+            raise ValueError(f"dim {dim!r} is not a positive integer")
         vectors = np.frombuffer(payload, dtype="<f4", offset=_HEADER_LEN.size + header_len)
-        return WindowMessage(np.asarray(header["item_ids"], dtype=np.int64),
-                             vectors.reshape(len(header["item_ids"]), header["dim"]).astype(np.float32),
-                             header["fingerprint"], np.asarray(header["arrived_at"], dtype=np.float64),
-                             float(header["embedded_at"]))
+        if vectors.size != len(ids) * dim:
+            raise ValueError(f"{vectors.size} floats for {len(ids)} items of dim {dim}")
+        return WindowMessage(np.asarray(ids, dtype=np.int64), vectors.reshape(len(ids), dim).astype(np.float32),
+                             str(fingerprint), np.asarray(arrived_at, dtype=np.float64), embedded_at)
 
 
 class _TornTail(Exception):
@@ -134,7 +145,12 @@ def read_messages(path: Union[str, Path], offset: int = 0,
     it -- so a consumer can call again later from the last offset it got (tailing the log).
     """
     for end, payload in _records(Path(path), offset, stop):
-        yield end, WindowMessage.decode(bytes(payload))
+        try:
+            message = WindowMessage.decode(bytes(payload))
+        except (ValueError, TypeError, struct.error) as exc:
+            raise DataError(str(path), f"the record ending at byte {end} passes its CRC but is malformed "
+                                       f"({exc}): written by another program or version?") from None
+        yield end, message
 
 
 def complete_end(path: Union[str, Path], offset: int = 0) -> int:

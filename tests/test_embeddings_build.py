@@ -171,6 +171,25 @@ def test_a_synthetic_worlds_truth_folder_builds_the_true_style_table(world, tmp_
     torch.testing.assert_close(read_mm_table(table, 300, styles.shape[1]), torch.from_numpy(styles).float())
     other = tmp_path / "other_truth"
     other.mkdir()
-    np.savez(other / "items.npz", style=styles[:100])  # another (smaller) world's truth
+    categories = np.load(world / "truth" / "items.npz")["category"]
+    np.savez(other / "items.npz", style=styles[:100], category=categories[:100])  # another (smaller) world's truth
     with pytest.raises(DataError, match="another world's truth"):
         build_table(load_item_encoder(other), world / "items.parquet", tmp_path / "mixed", shard_rows=128)
+    # Another world of as many items: every size fits, only its items' categories tell it apart.
+    np.savez(other / "items.npz", style=styles[::-1], category=categories[::-1])
+    with pytest.raises(DataError, match=r"in category \d+ here and \d+ in .*the truth folder of another world") \
+            as info:
+        build_table(load_item_encoder(other), world / "items.parquet", tmp_path / "swapped", shard_rows=128)
+    assert info.value.field == "category_id"
+
+
+def test_a_build_refused_before_it_starts_leaves_no_folder_behind(tmp_path):
+    """A missing items file used to leave an empty out/ folder, which then looked like a build."""
+    from mim_rec.data.errors import DataError, ManifestMismatch
+
+    with pytest.raises(DataError):
+        build_table(FakeEncoder(), tmp_path / "no_world" / "items.parquet", tmp_path / "table")
+    assert not (tmp_path / "table").exists()
+    (tmp_path / "afile").touch()
+    with pytest.raises(ManifestMismatch, match="a file, not a table folder"):
+        build_table(FakeEncoder(), tmp_path / "no_world" / "items.parquet", tmp_path / "afile")

@@ -156,6 +156,21 @@ def test_fold_writes_the_next_table_version(catalogue, base_table, log, tmp_path
         fold_log(base_table, log, out, num_items=items.num_rows)
 
 
+def test_fold_refuses_a_file_as_out_a_folder_inside_the_base_table_and_a_folder_as_log(catalogue, base_table, log,
+                                                                                       tmp_path):
+    """Each was a traceback (out a file), a misleading 'no such log file' (log a folder), or a new
+    version that deleting the old one would break (out inside the base table)."""
+    items, _ = catalogue
+    (tmp_path / "afile").touch()
+    with pytest.raises(ManifestMismatch, match="out=.*afile: a file, not a folder"):
+        fold_log(base_table, log, tmp_path / "afile", num_items=items.num_rows)
+    with pytest.raises(ManifestMismatch, match="lies inside the base table"):
+        fold_log(base_table, log, base_table / "v2", num_items=items.num_rows)
+    assert not (base_table / "v2").exists()
+    with pytest.raises(DataError, match="a folder, not a RIM log file"):
+        fold_log(base_table, tmp_path, tmp_path / "v2", num_items=items.num_rows)
+
+
 def test_fold_says_how_many_bytes_of_an_incomplete_last_record_it_left(catalogue, base_table, tmp_path, capsys):
     """A torn or half-written last record was left out without a word."""
     items, cut = catalogue

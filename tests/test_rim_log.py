@@ -86,3 +86,51 @@ def test_one_writer_at_a_time(tmp_path):
     with RimLog(tmp_path / "rim.log", "enc:a", DIM):
         with pytest.raises(DataError, match="another process is writing"):
             RimLog(tmp_path / "rim.log", "enc:a", DIM)
+
+
+def framed(header: dict, floats: int) -> bytes:
+    """A record with a valid frame and CRC around whatever header and vector bytes it is given:
+    what a buggy writer would leave, which the CRC cannot catch."""
+    import json
+    import zlib
+
+    from embeddings.rim_log import _FRAME, _HEADER_LEN, MAGIC
+
+    raw = json.dumps(header).encode()
+    payload = _HEADER_LEN.pack(len(raw)) + raw + np.zeros(floats, "<f4").tobytes()
+    return _FRAME.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+GOOD_HEADER = {"fingerprint": "enc:a", "dim": DIM, "embedded_at": 1.0, "item_ids": [5], "arrived_at": [0.5]}
+
+
+@pytest.mark.parametrize("header, floats, reason", [
+    ({**GOOD_HEADER, "dim": 2 * DIM}, DIM, f"{DIM} floats for 1 items of dim {2 * DIM}"),
+    ({k: v for k, v in GOOD_HEADER.items() if k != "embedded_at"}, DIM, "KeyError"),
+    ({**GOOD_HEADER, "arrived_at": [0.5, 0.6]}, DIM, "2 arrival times"),
+    ({**GOOD_HEADER, "arrived_at": ["soon"]}, DIM, "malformed"),
+    ({**GOOD_HEADER, "item_ids": [5.7]}, DIM, "item_ids are not all integers"),  # was folded as item 5
+    ({**GOOD_HEADER, "dim": 0}, 0, "dim 0 is not a positive integer"),
+])
+def test_a_record_with_a_valid_crc_but_a_malformed_body_is_refused_naming_file_and_byte(tmp_path, header,
+                                                                                          floats, reason):
+    path = tmp_path / "rim.log"
+    end = write_log(path, [[1, 2]])[-1]
+    record = framed(header, floats)
+    with open(path, "ab") as log:
+        log.write(record)
+    with pytest.raises(DataError, match=f"the record ending at byte {end + len(record)} .*malformed") as caught:
+        list(read_messages(path))
+    assert str(path) in str(caught.value) and reason in str(caught.value)
+
+
+def test_a_header_that_is_not_json_is_refused(tmp_path):
+    import zlib
+
+    from embeddings.rim_log import _FRAME, _HEADER_LEN, MAGIC
+
+    path = tmp_path / "rim.log"
+    payload = _HEADER_LEN.pack(5) + b"{oops"
+    path.write_bytes(_FRAME.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
+    with pytest.raises(DataError, match="header is not a window header"):
+        list(read_messages(path))
