@@ -636,6 +636,15 @@ def test_a_clickless_split_is_refused_before_training(world, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_an_empty_test_split_is_refused_before_training(world, tmp_path):
+    """It used to be found only by the evaluation, after the whole training run."""
+    empty = _world_with_events(world, tmp_path / "empty_test", lambda events: events)
+    pq.write_table(pq.read_table(world / "events_test.parquet").slice(0, 0), empty / "events_test.parquet")
+    with pytest.raises(DataError, match=r"events_test.parquet: holds no events"):
+        ciubm.run(_config(empty, tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
 def test_eval_only_scores_a_world_of_fewer_users_and_refuses_another_catalogue(world, tmp_path):
     """Both ended in DCP's size-mismatch traceback, or (another catalogue of the same sizes)
     were scored as if its item ids were the trained items."""

@@ -242,6 +242,29 @@ def test_summary_edges_are_the_evaluations_and_an_empty_split_is_summarised(worl
     assert "events_test: 0 rows" in capsys.readouterr().out
 
 
+def test_summary_and_the_train_report_say_when_item_ages_are_not_ages(world, tmp_path, capsys):
+    """An imported world's ages are ordinals (its manifest says so); the summary printed them
+    as days, and mim train printed S1..S10, without a word."""
+    import shutil
+    from dataclasses import replace
+
+    from mim_rec.data.manifest import read_manifest, write_manifest
+    from mim_rec.metrics.report import format_report
+
+    copy = tmp_path / "imported"
+    shutil.copytree(world, copy)
+    manifest = read_manifest(copy)
+    write_manifest(copy, replace(manifest, extra={**manifest.extra, "item_age": "ordinals by user"}))
+    assert mim(["data", "summary", str(copy)]) == 0
+    assert "note: these are not item ages on this world: ordinals by user" in capsys.readouterr().out
+    assert mim(["data", "summary", str(world)]) == 0
+    assert "not item ages" not in capsys.readouterr().out
+    report = {"auc": 0.6, "gauc": 0.6, "logloss": 0.3, "n": 10,
+              "age_deciles": [{"bucket": "S1", "age_days_max": 1.0, "auc": 0.6, "n": 10}]}
+    assert "not item ages on this world: ordinals by user" in format_report(report, "ordinals by user")
+    assert "note" not in format_report(report)
+
+
 def test_a_synth_killed_part_way_leaves_no_world_that_validates(world, tmp_path, monkeypatch):
     """It used to leave the files written so far, events without pairs, which validated and
     trained (the pairs are optional); now a failed run leaves its output folder as it was."""

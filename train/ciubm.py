@@ -160,6 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from mim_rec.data.manifest import world_age_caveat
     from mim_rec.metrics.report import format_report
 
     if args.grid:
@@ -171,7 +172,7 @@ def _cli(args: argparse.Namespace) -> int:
     config = load_train_config(config_path, args.overrides)
     report = run(config, train=not args.eval_only)
     if report is not None:
-        print(format_report(report))
+        print(format_report(report, world_age_caveat(config.data.world)))
     return 0
 
 
@@ -430,9 +431,11 @@ def _dense_rows(ids, path: Path, field: str, what: str) -> int:
 
 
 def _validate_events(config: TrainConfig, items) -> None:
-    """Refuse bad events (unknown ids, ragged histories, NaN...), a missing split and a split of
-    one label before any training (a missing events_test.parquet used to surface only at the
+    """Refuse bad events (unknown ids, ragged histories, NaN...), a missing or empty split and a
+    split of one label before any training (a missing events_test.parquet used to surface only at the
     evaluation; a clickless world trained to a constant and reported no AUC)."""
+    import pyarrow.parquet as pq
+
     from mim_rec.data.errors import DataError
     from mim_rec.data.io import single_label, validate_file
     from mim_rec.data.schemas import EVENTS
@@ -441,6 +444,8 @@ def _validate_events(config: TrainConfig, items) -> None:
         path = Path(config.data.world) / f"events_{split}.parquet"
         validate_file(path, EVENTS, item_count=items.count, category_count=int(items.category.max()) + 1,
                       item_category=items.category, keep=False)
+        if pq.read_metadata(path).num_rows == 0:  # an empty test split used to surface after training
+            raise DataError(str(path), f"holds no events: a CTR run needs {split} events")
         label = single_label(path)
         if label is not None:
             raise DataError(str(path), f"every row has label {label}: a CTR run needs clicks and non-clicks "

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from mim_rec.data.io import read_parquet_columns
+from mim_rec.data.manifest import world_age_caveat
 
 PERCENTILES = (10, 50, 90, 99)
 
@@ -26,7 +27,8 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
         created = created // 1000
     category_of = items["category_id"].to_numpy()[np.argsort(items["item_id"].to_numpy())]
     created = created[np.argsort(items["item_id"].to_numpy())]
-    summary: Dict = {"items": items.num_rows, "categories": int(len(np.unique(category_of)))}
+    summary: Dict = {"items": items.num_rows, "categories": int(len(np.unique(category_of))),
+                     "item_age_caveat": world_age_caveat(directory)}
     for split in ("train", "test"):
         path = directory / f"events_{split}.parquet"
         if not path.is_file():
@@ -85,6 +87,8 @@ def format_summary(summary: Dict) -> str:
             lines.append("  item age at event (days): " + _fmt(ev["item_age_days"]))
             lines.append("  item-age decile edges (days): "
                          + ", ".join(f"{x:g}" for x in ev["item_age_decile_edges_days"]))
+            if summary.get("item_age_caveat"):
+                lines.append(f"  note: these are not item ages on this world: {summary['item_age_caveat']}")
         pairs = summary.get(f"pairs_{split}")
         if pairs:
             lines.append(f"pairs_{split}: " + ", ".join(f"{k} {v:,}" for k, v in pairs.items()))
