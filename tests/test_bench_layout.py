@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from mim_rec.config import ConfigError
 from train import bench_layout
 from train.cli import main
 
@@ -56,3 +57,32 @@ def test_sharded_run_times_both_collections_through_dmp_on_two_ranks(tmp_path, c
 def test_bad_settings_are_refused_by_name(override, needle, capsys):
     assert main(["bench", "layout", "--quick", *override.split()]) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_threads_must_be_positive(threads, capsys):
+    """threads=-1 ended in torch's 'set_num_threads expects a positive integer'; 0 passed silently."""
+    assert main(["bench", "layout", "--quick", f"threads={threads}"]) == 2
+    err = capsys.readouterr().err
+    assert f"threads must be at least 1, got {threads}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_row_wise_refuses_a_rank_with_no_row(capsys):
+    """items=1 over 2 ranks crashed inside fbgemm ('weights[0] must be a GPU or MTIA tensor')."""
+    assert main(["bench", "layout", "--quick", "sharded=true", "ranks=2", "items=1", "sharding=row_wise",
+                 "dim=8", "batch_size=4", "hist_len=3"]) == 2
+    assert "items=1: row_wise over ranks=2 splits the table into TorchRec's row blocks [1, 0]" in \
+        capsys.readouterr().err
+    # TorchRec's ceil-sized blocks can leave the last rank empty even with items >= ranks
+    with pytest.raises(ConfigError, match=r"\[2, 2, 1, 0\]"):
+        bench_layout.LayoutBenchConfig(sharded=True, ranks=4, items=5, sharding="row_wise").validate()
+    bench_layout.LayoutBenchConfig(sharded=True, ranks=4, items=7, sharding="row_wise").validate()
+
+
+def test_row_wise_blocks_are_torchrecs():
+    from torchrec.distributed.sharding_plan import _calculate_rw_shard_sizes_and_offsets
+
+    for rows in range(1, 30):
+        for ranks in range(1, 9):
+            sizes, _ = _calculate_rw_shard_sizes_and_offsets(rows, ranks, 4)
+            assert bench_layout.row_wise_blocks(rows, ranks) == [size[0] for size in sizes], (rows, ranks)

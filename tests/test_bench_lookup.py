@@ -92,3 +92,13 @@ def test_a_setting_that_cannot_be_timed_is_refused(catalogue, capsys, setting, m
     """batch_size=0 and hist_len=-1 ended in a traceback; repeats=0 in a median of nothing."""
     assert main(["bench", "lookup", "--quick", f"items={catalogue / 'items.parquet'}", setting]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["bogus", "int8"])
+def test_mm_dtype_is_refused_by_its_own_name_before_loading(tmp_path, capsys, dtype):
+    """It was refused only after loading the items and the encoder, as 'model.mm_dtype'."""
+    missing = tmp_path / "no" / "items.parquet"  # loading it first would fail differently
+    assert main(["bench", "lookup", "--quick", f"items={missing}", f"mm_dtype={dtype}"]) == 2
+    err = capsys.readouterr().err
+    assert f"mim bench: error: mm_dtype='{dtype}': choose one of ['fp16', 'fp32']" in err
+    assert "model.mm_dtype" not in err and len(err.strip().splitlines()) == 1

@@ -3,7 +3,7 @@
 import pytest
 
 from mim_rec.config import ConfigError, load_config
-from train.bench_sharding import (ShardingBenchConfig, TableSpec, format_table, make_plans,
+from train.bench_sharding import (ShardingBenchConfig, TableSpec, build_model, format_table, make_plans,
                                   measure)
 from train.cli import main
 
@@ -104,3 +104,43 @@ def test_cli_prints_the_comparison_table(capsys):
     assert "est mem/rank GB" in out
     assert sum(line.startswith(("table_wise", "column_wise", "planner")) for line in
                out.splitlines()) == 3
+
+
+def test_an_empty_plan_list_is_refused_by_name(capsys):
+    """plans=[] used to end in a TypeError inside format_table."""
+    with pytest.raises(ConfigError, match="plans: empty"):
+        _tiny(plans=[]).validate()
+    assert main(["bench", "sharding", "plans=[]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mim bench: error: plans: empty") and len(err.strip().splitlines()) == 1
+
+
+def test_a_manual_plan_gets_the_planners_storage_estimate():
+    """On a (simulated) GPU the planner offers row-wise itself: the manual plan's estimate is the same."""
+    config = _tiny(compute_device="cuda")
+    from train.bench_sharding import plan_manually, plan_with_planner
+    model = build_model(config)
+    for sharding_type in ("row_wise", "table_row_wise"):
+        manual = plan_manually(config, model, sharding_type)
+        assert manual.source == "manual" and manual.fits is True
+        assert manual.est_mem_gb == pytest.approx(plan_with_planner(config, model, sharding_type).est_mem_gb)
+    cpu = {r.plan: r for r in make_plans(_tiny(plans=["row_wise", "table_row_wise"]))}
+    tables_gb = (64 * 8 + 96 * 8 + 128 * 16) * 4 / 1e9
+    for row in cpu.values():
+        assert row.fits is True and len(row.est_mem_gb) == 2
+        assert sum(row.est_mem_gb) >= tables_gb  # every row once, plus the batch's buffers
+    assert "EmbeddingStorageEstimator" in format_table(list(cpu.values()), measured=False)
+
+
+def test_a_manual_plan_that_does_not_fit_is_not_measured():
+    """It was shown 'fits ?' and run at 18 MB per rank against a 0.1 MB limit."""
+    config = _tiny(plans=["row_wise", "table_row_wise", "table_wise"], ddr_gb_per_device=1e-7)
+    rows = make_plans(config)
+    assert [r.fits for r in rows] == [False, False, False]
+    assert all(len(r.est_mem_gb) == 2 for r in rows[:2])
+    measure(config, rows)  # spawns no rank: nothing fits
+    assert all(r.step_ms is None and not r.shard_mb for r in rows)
+    table = format_table(rows, measured=True)
+    assert "does not fit: rank" in table and "not run" in table
+    fits_column = table.splitlines()[0].index("fits")
+    assert [line[fits_column:fits_column + 4].strip() for line in table.splitlines()[2:5]] == ["no"] * 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -99,3 +99,84 @@ def test_settings_that_cannot_run_are_refused_in_one_line(capsys, override, mess
     """ubms=[] used to end in an IndexError, hist_len=0 in numpy's 'low >= high'."""
     assert main(["bench", "train", "--quick", override]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_threads_must_be_positive(capsys, threads):
+    """threads=-1 ended in torch's 'set_num_threads expects a positive integer'; 0 passed silently."""
+    assert main(["bench", "train", "--quick", f"threads={threads}"]) == 2
+    assert f"threads={threads}: must be positive" in capsys.readouterr().err
+
+
+def test_round_summary_gives_the_median_and_the_spread():
+    from train.bench_train import round_summary
+
+    summary = round_summary([300.0, 100.0, 200.0])
+    assert summary == {"samples_per_s": 200.0, "rounds": [300.0, 100.0, 200.0], "spread": 1.0}
+    assert round_summary([84.0, 3225.0, 3000.0, 3100.0])["samples_per_s"] == 3050.0
+    assert round_summary([50.0])["spread"] is None  # one round shows no spread
+
+
+def test_all_four_models_of_a_ubm_are_timed_interleaved(monkeypatch):
+    """Each round runs every model once, the order rotated a round; the median round counts,
+    so a load spike in one round moves no model's figure."""
+    from train import bench_train
+
+    calls = []
+    seconds = {"Base-TR": [1.0, 1.0, 50.0], "Base-ref": [2.0, 2.0, 2.0],   # a spike in Base-TR's 3rd round
+               "MIM-TR": [4.0, 1.0, 2.0], "MIM-ref": [1.0, 1.0, 1.0]}
+
+    class Model:
+        def __init__(self, name):
+            self.name = name
+
+        def train(self, mode):
+            pass
+
+    monkeypatch.setattr(bench_train, "_work", lambda mode, model, step, aux: (mode, model.name))
+    monkeypatch.setattr(bench_train, "_seconds", lambda work, batches, steps, device: (
+        calls.append(work), seconds[work[1]][sum(c == work for c in calls) - 1])[1])
+    config = replace(TrainBenchConfig.quick(), steps=2, rounds=3, batch_size=10)
+    result = bench_train.interleaved_throughput({name: (Model(name), None) for name in seconds}, [], config,
+                                                torch.device("cpu"))
+    names = list(seconds)
+    train_calls = [name for mode, name in calls if mode == "train"]
+    assert train_calls == names + names[1:] + names[:1] + names[2:] + names[:2]
+    assert [name for mode, name in calls if mode == "infer"] == train_calls
+    base = result["Base-TR"]
+    assert base["train_rounds"] == [20.0, 20.0, 0.4]             # 2 steps x 10 samples / seconds
+    assert base["train_samples_per_s"] == 20.0                   # the spike is outvoted
+    assert base["train_spread"] == pytest.approx((20.0 - 0.4) / 20.0)
+    assert result["MIM-TR"]["train_samples_per_s"] == 10.0 and result["Base-ref"]["infer_spread"] == 0.0
+
+
+def _fake_row(ubm, variant, train_tr_rounds):
+    from train.bench_train import round_summary
+
+    row = {"ubm": ubm, "variant": variant, "dense_flops_per_sample": 1e5}
+    for impl, rounds in (("torchrec", train_tr_rounds), ("reference", [100.0, 110.0, 105.0])):
+        row[impl] = {"peak_memory_bytes": 2**20}
+        for mode in ("train", "infer"):
+            summary = round_summary(rounds if mode == "train" else [100.0, 100.0, 100.0])
+            row[impl].update({f"{mode}_samples_per_s": summary["samples_per_s"], f"{mode}_rounds": summary["rounds"],
+                              f"{mode}_spread": summary["spread"]})
+    return row
+
+
+def test_a_row_with_a_wide_spread_is_printed_with_a_warning():
+    from train.bench_train import SPREAD_WARNING, format_table, ratios
+
+    rows = [_fake_row("din", "Base", [84.0, 3225.0, 3100.0]), _fake_row("din", "Base+MIM", [3000.0, 3225.0, 3100.0])]
+    config = {**asdict(TrainBenchConfig.quick()), "ubms": ["din"]}
+    out = format_table({"config": config, "sizes": {"items": 1, "users": 1, "categories": 1}, "device": "cpu",
+                        "threads": 1, "memory_kind": "fake", "rows": rows, "ratios": ratios(rows)})
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("ubm "))
+    assert header.rstrip().endswith("| spread")
+    base, mim = (next(line for line in lines if line.startswith(f"din   {v} ")) for v in ("Base", "Base+MIM"))
+    assert base.split("|")[-1].strip() == f"{(3225 - 84) / 3100:.0%}"
+    assert mim.split("|")[-1].strip() == "10%"  # the row's largest: the reference's 100..110 round, not TR's 7%
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert SPREAD_WARNING == 0.5 and len(warnings) == 1
+    assert warnings[0].startswith("warning: din Base: rounds differ by more than 50%") and "train/s TR 84..3,225" in \
+        warnings[0]

@@ -64,6 +64,8 @@ class LayoutBenchConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be at least 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:  # 0 used to pass as "default", -1 crashed torch
+            raise ConfigError(f"threads must be at least 1, got {self.threads} (threads=null: torch's default)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 1 <= self.min_hist_len <= self.hist_len:
@@ -74,9 +76,20 @@ class LayoutBenchConfig:
             raise ConfigError(f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
         if self.dim % 4:
             raise ConfigError(f"dim={self.dim}: FBGEMM's embedding kernels need a multiple of 4")
+        if self.sharded and self.sharding == "row_wise" and 0 in row_wise_blocks(self.items, self.ranks):
+            raise ConfigError(f"items={self.items}: row_wise over ranks={self.ranks} splits the table into "
+                              f"TorchRec's row blocks {row_wise_blocks(self.items, self.ranks)}, and fbgemm's "
+                              f"kernel cannot run a rank with no row; use more items or fewer ranks")
         if self.sharded and self.sharding == "column_wise" and self.dim % (4 * self.ranks):
             raise ConfigError(f"dim={self.dim}: column_wise over ranks={self.ranks} needs a multiple of "
                               f"{4 * self.ranks} (a block of a multiple of 4 columns a rank)")
+
+
+def row_wise_blocks(rows: int, ranks: int) -> List[int]:
+    """Rows per rank of a row-wise table as TorchRec splits it: blocks of ``ceil(rows / ranks)``,
+    the rest to the last, so a rank can be left none (5 rows over 4 ranks: 2, 2, 1, 0)."""
+    block = -(-rows // ranks)
+    return [max(0, min(block, rows - block * rank)) for rank in range(ranks)]
 
 
 def quick() -> LayoutBenchConfig:

@@ -43,6 +43,18 @@ class LookupBenchConfig:
     threads: Optional[int] = None      # torch threads for both sides; None = torch's default
     seed: int = 0
 
+    def validate(self) -> None:
+        """Refuse settings that cannot be timed, before the items and the encoder are loaded."""
+        from mim_rec.ciubm.sparse import MM_DTYPES
+        from mim_rec.config import ConfigError, require_not_negative, require_positive
+
+        require_positive(self, ("batch_size", "repeats", "lookup_repeats", "encoder_batch_size", "threads"))
+        require_not_negative(self, ("hist_len",))
+        if self.mm_dtype not in MM_DTYPES:
+            why = (" (TorchRec's sharded EmbeddingBagCollection cannot hold an INT8 table; fp16 halves the memory)"
+                   if self.mm_dtype == "int8" else "")
+            raise ConfigError(f"mm_dtype={self.mm_dtype!r}: choose one of {sorted(MM_DTYPES)}{why}")
+
 
 @contextmanager
 def _process_group():
@@ -120,6 +132,7 @@ def run_bench(config: LookupBenchConfig, quick: bool = False) -> Dict[str, Any]:
     from embeddings.encoders import load_item_encoder
     from mim_rec.data.io import read_items
 
+    config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     items_path = Path(config.items)
@@ -174,11 +187,10 @@ def format_result(result: Dict[str, Any]) -> str:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from mim_rec.config import ConfigError, load_config, require_not_negative, require_positive
+    from mim_rec.config import ConfigError, load_config
 
     config = load_config(LookupBenchConfig, args.config, args.overrides)
-    require_positive(config, ("batch_size", "repeats", "lookup_repeats", "encoder_batch_size", "threads"))
-    require_not_negative(config, ("hist_len",))
+    config.validate()
     if not config.items:
         raise ConfigError("items: the catalogue's items.parquet (images + titles) is required")
     if not (config.encoder or args.quick):

@@ -44,6 +44,16 @@ class RimBenchConfig:
     max_batch: int = 64
     out: str = ""                 # folder for the service's log (default: a temporary folder)
 
+    def validate(self) -> None:
+        """Refuse, before the service starts, settings that would fail in it (a window of 0 ms,
+        0 items) or measure nothing (0 clients, 0 s, requests larger than a window: every one a 413)."""
+        from mim_rec.config import ConfigError, require_positive
+
+        require_positive(self, ("clients", "seconds", "items_per_request", "window_ms", "max_batch"))
+        if self.items_per_request > self.max_batch:
+            raise ConfigError(f"items_per_request={self.items_per_request} exceeds max_batch={self.max_batch}: "
+                              "the service refuses a request larger than one window (413)")
+
 
 @dataclass
 class ClientStats:
@@ -66,6 +76,7 @@ def _cli(args: argparse.Namespace) -> int:
     from mim_rec.config import ConfigError, load_config
 
     config = load_config(RimBenchConfig, args.config, args.overrides)
+    config.validate()
     if not config.encoders:
         raise ConfigError("mim bench rim needs encoders=DIR (the item encoder the service runs)")
     with tempfile.TemporaryDirectory(prefix="rim-bench-") as scratch:
@@ -79,6 +90,7 @@ def run(config: RimBenchConfig, log: Path) -> Dict[str, float]:
     """Serve on a fresh ``log``, load it, stop it; the figures."""
     from embeddings.rim_log import read_messages
 
+    config.validate()
     payloads = _payloads(config.world)
     service, port = _start_service(config, log)
     try:
@@ -119,7 +131,7 @@ def _start_service(config: RimBenchConfig, log: Path):
     process = subprocess.Popen(
         [sys.executable, "-m", "train.cli", "embeddings", "serve", f"encoders={config.encoders}", f"log={log}",
          "port=0", f"window_ms={config.window_ms}", f"max_batch={config.max_batch}",
-         f"max_request_items={min(config.items_per_request, config.max_batch)}",
+         f"max_request_items={config.items_per_request}",
          f"max_connections={config.clients + 1}"],  # the clients and the warm-up's connection
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = process.stdout.readline()

@@ -12,8 +12,10 @@ Where an estimate comes from matters, so every row says it:
     ``ParameterConstraints`` (or free, for the ``planner`` row); estimates are its own.
   * ``manual``: the sharding type is not offered by TorchRec's sharder on this compute device
     (row-wise and table-row-wise for an EmbeddingBagCollection on CPU), so the plan is built
-    with ``torchrec.distributed.sharding_plan`` helpers and has no planner estimate; it can
-    still be measured.
+    with ``torchrec.distributed.sharding_plan`` helpers. Its per-rank storage is TorchRec's
+    ``EmbeddingStorageEstimator``'s for the plan's own shards, and ``fits`` is decided as for
+    the planner's rows (capacity less the same reservation); it has no comms or step estimate.
+    A plan of either source that does not fit is never measured.
 
 The MM table is an ``EmbeddingBagCollection`` whose bags hold one behaviour each, summed per
 sample here (pooling = behaviour-sequence length): storage, lookups and communication per id
@@ -106,6 +108,8 @@ class ShardingBenchConfig:
                               "trains no int8 tables; the header shows int8 sizes)")
         if self.compute_device not in ("cpu", "cuda"):
             raise ConfigError(f"compute_device: {self.compute_device!r} is not cpu or cuda")
+        if not self.plans:
+            raise ConfigError(f"plans: empty; choose one or more of {list(SHARDING_TYPES) + [PLANNER_CHOICE]}")
         unknown = [p for p in self.plans if p not in SHARDING_TYPES + (PLANNER_CHOICE,)]
         if unknown:
             raise ConfigError(f"plans: unknown {unknown}; choose from "
@@ -206,6 +210,18 @@ def _all_tables(config: ShardingBenchConfig) -> List[TableSpec]:
     return list(config.id_tables) + [config.mm_table]
 
 
+# Kept free on each rank before any shard is placed: 15% of its memory, plus the dense part and
+# the batch's input copies as TorchRec's HeuristicalStorageReservation computes them (its
+# default percentage, named here so that "fits" has a stated meaning, for planner and manual
+# rows alike).
+RESERVED_FRACTION = 0.15
+
+
+def _storage_reservation():
+    from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+    return HeuristicalStorageReservation(percentage=RESERVED_FRACTION)
+
+
 def planner_offers(compute_device: str) -> List[str]:
     """Sharding types TorchRec's EBC sharder offers the planner on ``compute_device``."""
     return list(_sharders()[0].sharding_types(compute_device))
@@ -215,7 +231,6 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
     """Ask TorchRec's planner for a plan (every table forced to ``sharding_type`` if given)."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
     from torchrec.distributed.planner.constants import MIN_CW_DIM
-    from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
     from torchrec.distributed.planner.types import PlannerError, Stats
 
     class KeepBestPlan(Stats):
@@ -237,12 +252,9 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
         min_partition=config.column_wise_min_dim)
         for t in _all_tables(config)}
     stats = KeepBestPlan()
-    # Keep 15% of each rank's memory for the dense part, inputs and outputs (TorchRec's default,
-    # named here so that "fits" has a stated meaning).
     planner = EmbeddingShardingPlanner(
         topology=_topology(config), batch_size=config.batch_size, constraints=constraints,
-        storage_reservation=HeuristicalStorageReservation(percentage=0.15), stats=stats,
-        debug=False)
+        storage_reservation=_storage_reservation(), stats=stats, debug=False)
     name = sharding_type or PLANNER_CHOICE
     try:
         plan = planner.plan(model, _sharders())
@@ -286,7 +298,8 @@ def _fused(generator):
 
 
 def plan_manually(config: ShardingBenchConfig, model, sharding_type: str) -> PlanRow:
-    """Build a plan with TorchRec's ``sharding_plan`` helpers (no planner, no estimates)."""
+    """Build a plan with TorchRec's ``sharding_plan`` helpers (no planner: its storage per rank
+    comes from TorchRec's storage estimator and decides ``fits``; no comms or step estimates)."""
     from torchrec.distributed import sharding_plan as sp
     from torchrec.distributed.types import ShardingPlan
 
@@ -299,8 +312,7 @@ def plan_manually(config: ShardingBenchConfig, model, sharding_type: str) -> Pla
         raise ValueError(f"{sharding_type} plans come from the planner, not built by hand")
     device = "cuda" if config.compute_device == "cuda" else "cpu"
     modules: Dict[str, Any] = {}
-    row = PlanRow(sharding_type, "manual",
-                  note=f"planner offers it only on cuda; estimates n/a on {config.compute_device}")
+    row = PlanRow(sharding_type, "manual")
     index = 0
     for path in ("id_tables", "mm_table"):
         module = getattr(model, path)
@@ -315,7 +327,101 @@ def plan_manually(config: ShardingBenchConfig, model, sharding_type: str) -> Pla
             module, per_param, local_size=per_host, world_size=world, device_type=device,
             sharder=_sharders()[0])
     row.sharding_plan = ShardingPlan(modules)
+    estimate_manual_storage(config, model, row)
     return row
+
+
+def _manual_shard_storage(config: ShardingBenchConfig, model, row: PlanRow, topology, constraints,
+                          sharder) -> Tuple[List[Tuple[int, int]], bool]:
+    """``([(hbm, ddr) bytes per rank], from the planner's estimator?)`` of a manual plan.
+
+    TorchRec's own ``EmbeddingStorageEstimator`` (what the planner's rows show) prices every
+    table under the plan's sharding type and kernel, shard by shard; each estimated shard is
+    charged to the rank the manual plan puts it on (matched by its offsets). If the estimator's
+    shards are not exactly the plan's, the plan's own shard sizes are counted instead (rows x
+    columns x element bytes: no optimizer state under EXACT_SGD, no input/output buffers)."""
+    from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+    from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
+
+    per_rank = [[0, 0] for _ in range(config.world_size)]
+    try:
+        enumerator = EmbeddingEnumerator(
+            topology=topology, batch_size=config.batch_size, constraints=constraints,
+            estimator=[EmbeddingStorageEstimator(topology=topology, constraints=constraints)])
+        options = enumerator.enumerate(model, [sharder])
+        seen = set()
+        for option in options:
+            spec = row.sharding_plan.plan[option.path][option.name]
+            if (option.path, option.name) in seen or option.sharding_type != spec.sharding_type \
+                    or option.compute_kernel != spec.compute_kernel:
+                raise LookupError(option.name)
+            seen.add((option.path, option.name))
+            placed = {(tuple(s.shard_offsets), tuple(s.shard_sizes)): s.placement.rank()
+                      for s in spec.sharding_spec.shards}
+            if len(placed) != len(option.shards):
+                raise LookupError(option.name)
+            for shard in option.shards:
+                rank = placed[(tuple(shard.offset), tuple(shard.size))]  # KeyError: not the plan's shard
+                per_rank[rank][0] += shard.storage.hbm
+                per_rank[rank][1] += shard.storage.ddr
+        if seen != {(path, name) for path, tables in row.sharding_plan.plan.items() for name in tables}:
+            raise LookupError("tables")
+        return [tuple(r) for r in per_rank], True
+    except (LookupError, AttributeError, ValueError):
+        per_rank = [[0, 0] for _ in range(config.world_size)]
+        dtypes = {t.name: (config.mm_dtype if t.name == "mm_table" else "fp32") for t in _all_tables(config)}
+        on_device = 0 if config.compute_device == "cuda" else 1
+        for tables in row.sharding_plan.plan.values():
+            for name, spec in tables.items():
+                for shard in spec.sharding_spec.shards:
+                    rows, cols = shard.shard_sizes
+                    per_rank[shard.placement.rank()][on_device] += rows * cols * DTYPE_BYTES[dtypes[name]]
+        return [tuple(r) for r in per_rank], False
+
+
+def estimate_manual_storage(config: ShardingBenchConfig, model, row: PlanRow) -> None:
+    """Fill ``est_mem_gb`` and ``fits`` of a manual row as the planner does for its own rows:
+    each rank's shard storage against its capacity less the planner's reservation
+    (:data:`RESERVED_FRACTION`, the dense part and the inputs). A plan that does not fit is not
+    measured (it could allocate far more than the rank has)."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import ParameterConstraints
+    from torchrec.distributed.planner.types import PlannerError
+
+    sharding_type = row.plan
+    compute_kernel = next(iter(next(iter(row.sharding_plan.plan.values())).values())).compute_kernel
+
+    class EstimateOnlySharder(EmbeddingBagCollectionSharder):
+        """The bench's sharder offering the manual plan's type to the estimator (never to DMP)."""
+
+        def sharding_types(self, compute_device_type: str) -> List[str]:
+            return [sharding_type]
+
+    sharder = EstimateOnlySharder(fused_params=_sharders()[0].fused_params)
+    constraints = {t.name: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[compute_kernel],
+                                                pooling_factors=[float(t.pooling)])
+                   for t in _all_tables(config)}
+    topology = _topology(config)
+    per_rank, estimated = _manual_shard_storage(config, model, row, topology, constraints, sharder)
+    row.est_mem_gb = [(hbm + ddr) / GB for hbm, ddr in per_rank]
+    how = ("storage estimated by TorchRec's EmbeddingStorageEstimator for this plan's shards" if estimated
+           else "storage = the plan's shard bytes only (the estimator's shards differ from the plan's)")
+    row.note = f"planner offers it only on cuda; {how}; comms/step estimates n/a on {config.compute_device}"
+    try:
+        free = [(d.storage.hbm, d.storage.ddr) for d in
+                _storage_reservation().reserve(topology, config.batch_size, model, [sharder], constraints).devices]
+    except PlannerError as exc:  # the reservation alone exceeds a rank's memory
+        row.fits = False
+        row.note += f"; does not fit: {_first_line(str(exc))}; not run"
+        return
+    short = [r for r, ((hbm, ddr), (free_hbm, free_ddr)) in enumerate(zip(per_rank, free))
+             if hbm > free_hbm or ddr > free_ddr]
+    row.fits = not short
+    if short:
+        rank = max(short, key=lambda r: row.est_mem_gb[r])
+        left = max(0.0, sum(free[rank])) / GB
+        row.note += (f"; does not fit: rank {rank} needs {row.est_mem_gb[rank]:.4g} GB, {left:.4g} GB of "
+                     f"{_capacity_gb(config):g} GB per rank is left after the planner's reservation; not run")
 
 
 def make_plans(config: ShardingBenchConfig) -> List[PlanRow]:
@@ -420,7 +526,7 @@ def measure(config: ShardingBenchConfig, rows: List[PlanRow]) -> None:
     Each plan runs in its own freshly spawned ranks, so peak memory belongs to that plan alone.
     """
     for row in tqdm(rows, desc="measuring plans", unit="plan", file=sys.stderr):
-        if row.sharding_plan is None:
+        if row.sharding_plan is None or row.fits is False:  # never run a plan that does not fit
             continue
         per_rank = run_on_spawned_ranks(_measure_plan, config.world_size, config.compute_device, config,
                                         row.sharding_plan)
@@ -489,7 +595,10 @@ def format_table(rows: List[PlanRow], measured: bool) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in body]
     notes = [f"  {r.plan}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines + (["notes:"] + notes if notes else []))
+    legend = [f"est mem/rank: TorchRec's storage estimate of the table shards each rank holds (weights, "
+              f"optimizer state, the batch's lookup inputs/outputs); fits: every rank's estimate is within its "
+              f"memory less the planner's reservation ({RESERVED_FRACTION:.0%} + dense part + input copies)"]
+    return "\n".join(lines + legend + (["notes:"] + notes if notes else []))
 
 
 def to_json(config: ShardingBenchConfig, rows: List[PlanRow]) -> Dict[str, Any]:

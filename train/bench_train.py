@@ -14,11 +14,14 @@ of the same model are run side by side in one process, on the same seeded synthe
   frozen buffer. It is loaded with the TorchRec model's weights (as they are after its
   warm-up), so both compute the same logits (tests/test_bench_train.py checks it).
 
-Both implementations of a row are built and warmed up (``warmup`` training steps and inference
-forwards), then timed in alternating rounds -- ``steps`` training steps (forward + backward +
-optimizer) of one, then of the other, ``rounds`` times; then the same for inference forwards
-(``eval``, ``no_grad``) -- and each one's median round gives its samples/s, so that a shared
-machine's changing load falls on both alike. Peak memory is taken from before a model is built
+All four models of a UBM (Base and Base+MIM, each in both implementations) are built and
+warmed up (``warmup`` training steps and inference forwards), then timed in interleaved rounds
+-- ``steps`` training steps (forward + backward + optimizer) of each model in turn, the order
+rotated every round, ``rounds`` times; then the same for inference forwards (``eval``,
+``no_grad``) -- and each one's median round gives its samples/s, so that a shared machine's
+changing load falls on all four alike (a load spike during one variant's only window once made
+MIM look 38x faster than Base). The spread of the rounds, (max - min) / median, is printed per
+row, with a warning where it exceeds :data:`SPREAD_WARNING`. Peak memory is taken from before a model is built
 to the end of its warm-up, whose steps are the timed ones' twins: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size above the level before
 the build, sampled every few milliseconds (process-wide, so anything else this process
@@ -71,21 +74,21 @@ class TrainBenchConfig:
     ubms: List[str] = field(default_factory=lambda: list(ALL_UBMS))
     model: ModelConfig = field(default_factory=ModelConfig)  # dims, over-arch, UBM options
     steps: int = 2                    # timed training steps (and inference forwards) per round
-    rounds: int = 3                   # alternating rounds of both implementations; the median counts
+    rounds: int = 3                   # interleaved rounds of a UBM's four models; the median counts
     warmup: int = 1                   # untimed steps first (inside the peak-memory window)
     distinct_batches: int = 4         # batches cycled through (built before timing)
     lr: float = 0.005
     id_lr: float = 0.05
-    threads: Optional[int] = None     # torch threads; None = torch's default
+    threads: Optional[int] = None     # torch threads (positive); None = torch's default
     device: str = "auto"              # auto | cpu | cuda
     flops: bool = True                # count the dense forward's FLOPs per sample
     seed: int = 0
 
     @classmethod
     def quick(cls) -> "TrainBenchConfig":
-        """Tiny sizes for a smoke run: two UBMs, one timed step each."""
+        """Tiny sizes for a smoke run: two UBMs, three interleaved rounds of one timed step."""
         return cls(items=300, users=50, categories=5, batch_size=16, hist_len=6, mm_dim=8,
-                   ubms=["avg", "din"], steps=1, rounds=1, warmup=1, distinct_batches=2)
+                   ubms=["avg", "din"], steps=1, rounds=3, warmup=1, distinct_batches=2)
 
 
 # ------------------------------------------------------------------------------- batches
@@ -319,26 +322,45 @@ def _seconds(work: Callable[[CtrBatch], None], batches: List[CtrBatch], steps: i
     return time.perf_counter() - start
 
 
-def interleaved_throughput(models: Dict[str, Tuple[Any, Callable[[], None]]], batches: List[CtrBatch],
-                           config: TrainBenchConfig, device: torch.device) -> Dict[str, Dict[str, float]]:
+# A row whose rounds' samples/s differ by more than this fraction of their median gets a warning.
+SPREAD_WARNING = 0.5
+
+
+def round_summary(samples_per_s: List[float]) -> Dict[str, Any]:
+    """The median of per-round samples/s, the rounds themselves, and their spread:
+    ``(max - min) / median`` (``None`` for a single round, which shows no spread)."""
+    median = statistics.median(samples_per_s)
+    spread = (max(samples_per_s) - min(samples_per_s)) / median if len(samples_per_s) > 1 and median else None
+    return {"samples_per_s": median, "rounds": list(samples_per_s), "spread": spread}
+
+
+def interleaved_throughput(models: Dict[Any, Tuple[Any, Callable[[], None]]], batches: List[CtrBatch],
+                           config: TrainBenchConfig, device: torch.device) -> Dict[Any, Dict[str, Any]]:
     """Training and inference samples/s of each ``{name: (model, optimizer step)}``.
 
-    In each of ``rounds`` rounds every model runs ``steps`` timed calls in turn, and each
-    model's median round counts: alternating spreads a shared machine's changing load over
-    all models alike instead of charging it to whichever ran last.
+    In each of ``rounds`` rounds every model runs ``steps`` timed calls in turn (the order
+    rotated by one model a round), and each model's median round counts: interleaving spreads
+    a shared machine's changing load over all models alike instead of charging it to whichever
+    ran during a spike. Per model and mode: ``{mode}_samples_per_s`` (median),
+    ``{mode}_rounds`` (every round's samples/s) and ``{mode}_spread`` (:func:`round_summary`).
     """
-    result: Dict[str, Dict[str, float]] = {name: {} for name in models}
+    names = list(models)
+    result: Dict[Any, Dict[str, Any]] = {name: {} for name in names}
     for mode in ("train", "infer"):
         works = {}
         for name, (model, step) in models.items():
             model.train(mode == "train")
             works[name] = _work(mode, model, step, config.model.dien_aux_weight)
-        rounds: Dict[str, List[float]] = {name: [] for name in models}
-        for _ in range(config.rounds):
-            for name, work in works.items():
-                rounds[name].append(_seconds(work, batches, config.steps, device))
-        for name, seconds in rounds.items():
-            result[name][f"{mode}_samples_per_s"] = config.steps * config.batch_size / statistics.median(seconds)
+        rates: Dict[Any, List[float]] = {name: [] for name in names}
+        for round_index in range(config.rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                seconds = _seconds(works[name], batches, config.steps, device)
+                rates[name].append(config.steps * config.batch_size / seconds)
+        for name in names:
+            summary = round_summary(rates[name])
+            result[name].update({f"{mode}_samples_per_s": summary["samples_per_s"],
+                                 f"{mode}_rounds": summary["rounds"], f"{mode}_spread": summary["spread"]})
     return result
 
 
@@ -427,7 +449,7 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     if unknown or not config.ubms:
         raise ConfigError(f"ubms={config.ubms}: choose one or more of {ALL_UBMS}")
     require_positive(config, ("steps", "rounds", "warmup", "distinct_batches", "batch_size", "hist_len", "mm_dim",
-                              "lr", "id_lr"))
+                              "lr", "id_lr", "threads"))  # threads: None (torch's default) passes
     if config.model.sequence_layout != "ebc":
         raise ConfigError("model.sequence_layout: the plain-torch reference reads the slot (ebc) layout; "
                           "compare the layouts with mim bench layout")
@@ -441,28 +463,36 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
         batches = [b.to(ctx.device) for b in batches]
         memory = PeakMemory(ctx.device)
         _warm_process(config, sizes, batches, ctx)
-        for ubm, variant in tqdm([(u, v) for u in config.ubms for v in VARIANTS], desc="bench train", unit="row"):
-            model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, id_interest=True, **VARIANTS[variant])
-            row: Dict[str, Any] = {"ubm": ubm, "variant": variant}
-            with memory.measure():
-                torchrec = build_torchrec(config, model_config, sizes, ctx)
-                warm_up(*torchrec, batches, config)
-            row["torchrec"] = {"peak_memory_bytes": memory.peak_bytes}
-            weights = torchrec_weights(torchrec[0])  # outside both windows: neither model's memory
-            with memory.measure():
-                reference = reference_model(model_config, sizes, weights, ctx.device)
-                reference = (reference, reference_optimizer(reference, config.lr, config.id_lr))
-                warm_up(*reference, batches, config)
-            row["reference"] = {"peak_memory_bytes": memory.peak_bytes}
-            del weights
-            speeds = interleaved_throughput({"torchrec": torchrec, "reference": reference}, batches, config,
-                                            ctx.device)
-            for name in IMPLEMENTATIONS:
-                row[name].update(speeds[name])
-            if config.flops:
-                row["dense_flops_per_sample"] = dense_flops_per_sample(reference[0], batches[0])
-            del torchrec, reference
-            rows.append(row)
+        for ubm in tqdm(config.ubms, desc="bench train", unit="ubm"):
+            # Both variants in both implementations, built first and then timed interleaved, so
+            # that MIM/Base compares rounds taken side by side, not minutes apart.
+            models: Dict[Tuple[str, str], Tuple[Any, Callable[[], None]]] = {}
+            ubm_rows: Dict[str, Dict[str, Any]] = {}
+            for variant in VARIANTS:
+                model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, id_interest=True,
+                                       **VARIANTS[variant])
+                row: Dict[str, Any] = {"ubm": ubm, "variant": variant}
+                with memory.measure():  # above the level of the models built before it
+                    torchrec = build_torchrec(config, model_config, sizes, ctx)
+                    warm_up(*torchrec, batches, config)
+                row["torchrec"] = {"peak_memory_bytes": memory.peak_bytes}
+                weights = torchrec_weights(torchrec[0])  # outside both windows: neither model's memory
+                with memory.measure():
+                    reference = reference_model(model_config, sizes, weights, ctx.device)
+                    reference = (reference, reference_optimizer(reference, config.lr, config.id_lr))
+                    warm_up(*reference, batches, config)
+                row["reference"] = {"peak_memory_bytes": memory.peak_bytes}
+                del weights
+                if config.flops:
+                    row["dense_flops_per_sample"] = dense_flops_per_sample(reference[0], batches[0])
+                models[(variant, "torchrec")], models[(variant, "reference")] = torchrec, reference
+                ubm_rows[variant] = row
+                del torchrec, reference
+            speeds = interleaved_throughput(models, batches, config, ctx.device)
+            for (variant, name), figures in speeds.items():
+                ubm_rows[variant][name].update(figures)
+            del models
+            rows.extend(ubm_rows.values())
         device = str(ctx.device)
     return {"config": asdict(config), "sizes": sizes, "device": device, "threads": torch.get_num_threads(),
             "memory_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS delta (sampled)",
@@ -487,6 +517,31 @@ def ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+THROUGHPUTS = (("train", "torchrec", "train/s TR"), ("train", "reference", "train/s ref"),
+               ("infer", "torchrec", "infer/s TR"), ("infer", "reference", "infer/s ref"))
+
+
+def row_spread(row: Dict[str, Any]) -> Optional[float]:
+    """The largest round spread of a row's four samples/s figures (``None``: one round)."""
+    spreads = [row[impl].get(f"{mode}_spread") for mode, impl, _ in THROUGHPUTS]
+    spreads = [s for s in spreads if s is not None]
+    return max(spreads) if spreads else None
+
+
+def spread_warnings(rows: List[Dict[str, Any]], threshold: float = SPREAD_WARNING) -> List[str]:
+    """One line per row whose rounds disagree by more than ``threshold`` of their median."""
+    lines = []
+    for row in rows:
+        noisy = [f"{label} {min(row[impl][f'{mode}_rounds']):,.0f}..{max(row[impl][f'{mode}_rounds']):,.0f}"
+                 for mode, impl, label in THROUGHPUTS
+                 if (row[impl].get(f"{mode}_spread") or 0) > threshold]
+        if noisy:
+            lines.append(f"warning: {row['ubm']} {row['variant']}: rounds differ by more than {threshold:.0%} of "
+                         f"their median ({'; '.join(noisy)} samples/s): the machine's load moved; its figures and "
+                         f"ratios are not reliable (more rounds/steps, or an idle machine)")
+    return lines
+
+
 def _ratio(a: float, b: float) -> Optional[float]:
     return a / b if b else None
 
@@ -500,15 +555,15 @@ def format_table(result: Dict[str, Any]) -> str:
     lines = [
         f"sizes: {sizes['items']:,} items, {sizes['users']:,} users, {sizes['categories']} categories; "
         f"batch {config['batch_size']}, hist {config['hist_len']}, mm_dim {config['mm_dim']}; "
-        f"median of {config['rounds']} alternating rounds of {config['steps']} timed steps after "
-        f"{config['warmup']} warm-up; device {result['device']}, "
-        f"torch threads {result['threads']}",
+        f"median of {config['rounds']} interleaved rounds (a UBM's 4 models in turn) of {config['steps']} timed "
+        f"steps after {config['warmup']} warm-up; device {result['device']}, torch threads {result['threads']}",
         f"MFLOP/smp: forward FLOPs per sample; memory: {result['memory_kind']}, MB; "
-        f"ratios: TR/ref = TorchRec / nn.Embedding reference, MIM/Base = Base+MIM / Base (TorchRec)",
+        f"ratios: TR/ref = TorchRec / nn.Embedding reference, MIM/Base = Base+MIM / Base (TorchRec); "
+        f"spread: largest (max - min) / median of the rounds' samples/s in the row",
     ]
     header = (f"{'ubm':<5} {'variant':<9} {'MFLOP/smp':>9} | {'train/s TR':>10} {'ref':>8} {'TR/ref':>7} | "
               f"{'infer/s TR':>10} {'ref':>8} {'TR/ref':>7} | {'mem TR':>7} {'ref':>7} {'TR/ref':>7} | "
-              f"{'MIM/Base train':>14} {'infer':>6} {'mem':>6}")
+              f"{'MIM/Base train':>14} {'infer':>6} {'mem':>6} | {'spread':>6}")
     lines += [header, "-" * len(header)]
     for row, ratio in zip(result["rows"], result["ratios"]):
         tr, ref, vs = row["torchrec"], row["reference"], ratio["torchrec_over_reference"]
@@ -523,8 +578,15 @@ def format_table(result: Dict[str, Any]) -> str:
             f"{tr['peak_memory_bytes'] / 2**20:>7.1f} {ref['peak_memory_bytes'] / 2**20:>7.1f} "
             f"{_fmt_ratio(vs['peak_memory_bytes']):>7} | "
             + (f"{_fmt_ratio(mim['train_samples_per_s']):>14} {_fmt_ratio(mim['infer_samples_per_s']):>6} "
-               f"{_fmt_ratio(mim['peak_memory_bytes']):>6}" if mim else f"{'':>14} {'':>6} {'':>6}"))
-    return "\n".join(lines)
+               f"{_fmt_ratio(mim['peak_memory_bytes']):>6}" if mim else f"{'':>14} {'':>6} {'':>6}")
+            + f" | {_fmt_spread(row_spread(row)):>6}")
+    if config["rounds"] == 1:
+        lines.append("one round per figure: no spread to show, and nothing to outvote a load spike (rounds >= 3)")
+    return "\n".join(lines + spread_warnings(result["rows"]))
+
+
+def _fmt_spread(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,0 +1,34 @@
+"""``mim bench rim``: settings that would crash the service or measure nothing are refused in one
+line naming the setting, before the service starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from mim_rec.config import ConfigError
+from train.bench_rim import RimBenchConfig
+from train.cli import main
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("items_per_request=0", "items_per_request=0: must be positive"),    # the service would not start
+    ("window_ms=0", "window_ms=0.0: must be positive"),                  # (traceback from a child process)
+    ("max_batch=0", "max_batch=0: must be positive"),
+    ("clients=0", "clients=0: must be positive"),                        # "0 clients x 0.0 s"
+    ("seconds=0", "seconds=0.0: must be positive"),
+    ("seconds=-1", "seconds=-1.0: must be positive"),
+    ("items_per_request=100", "items_per_request=100 exceeds max_batch=64"),  # every request a 413, p50 nan
+])
+def test_bench_rim_refuses_a_setting_by_name_before_serving(tmp_path, capsys, setting, message):
+    # encoders names no real artifact: had the check come after the service's start, that start
+    # would have failed instead, with a traceback
+    assert main(["bench", "rim", f"encoders={tmp_path / 'none'}", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mim bench: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_rim_bench_config_accepts_the_defaults_and_a_full_window():
+    RimBenchConfig(encoders="x").validate()
+    RimBenchConfig(encoders="x", items_per_request=64, max_batch=64).validate()
+    with pytest.raises(ConfigError, match="items_per_request=65 exceeds max_batch=64"):
+        RimBenchConfig(encoders="x", items_per_request=65).validate()
