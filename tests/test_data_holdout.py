@@ -89,3 +89,25 @@ def test_no_rows_and_an_out_that_is_a_file_are_named(world, tmp_path):
     (tmp_path / "afile").touch()
     with pytest.raises(DataError, match="a file, not a folder"):
         holdout_world(world, tmp_path / "afile", 0.1)
+
+
+def test_a_worlds_own_mm_table_is_carried(world, tmp_path):
+    """A TAOBAO-MM world's mm_table/ was left behind: `mim train data.world=VAL
+    mm_table=VAL/mm_table` failed, though DIR_VAL is meant to run every command unchanged."""
+    from mim_rec.data.importers.taobao_mm import TaobaoOptions, import_taobao_mm
+    from mim_rec.data.manifest import require
+    from tests.test_import_taobao_mm import write_taobao
+
+    source = tmp_path / "tb"
+    import_taobao_mm(write_taobao(tmp_path / "src")[0], source, TaobaoOptions())
+    val = tmp_path / "val"
+    holdout_world(source, val, 0.25)
+    results = validate_world(val, echo=lambda line: None)
+    assert [r.rows for r in results][-1] == pq.read_metadata(val / "items.parquet").num_rows
+    assert sorted(p.name for p in (val / "mm_table").iterdir()) == \
+        sorted(p.name for p in (source / "mm_table").iterdir())
+    assert require(val / "mm_table", kind="mm_table", dtype="int8").dim == 128
+    assert "mm_table" in json.loads((val / "manifest.json").read_text())["inputs"]
+
+    holdout_world(world, val, 0.25)  # a world without one leaves none behind
+    assert not (val / "mm_table").exists()

@@ -181,3 +181,75 @@ def test_category_phrase():
     assert category_phrase(path) == "Industrial & Scientific"
     assert category_phrase(path, 1) == "Tapes, Adhesives & Sealants"
     assert category_phrase("Industrial & Scientific Additive Manufacturing", 1) == "Additive"
+
+
+def test_feat1cls_is_neither_needed_nor_fingerprinted(tmp_path):
+    """The text features are not imported, yet a missing file was a FileNotFoundError traceback
+    (it was listed among the fingerprinted sources)."""
+    src = write_amazon(tmp_path / "src")
+    (src / "Tiny.feat1CLS").unlink()
+    import_amazon(src, tmp_path / "out", options())
+    inputs = read_manifest(tmp_path / "out").inputs
+    assert "Tiny.feat1CLS" not in inputs and "Tiny.feat3CLS" in inputs
+
+
+def _edit_inter(src, split, edit):
+    path = src / f"Tiny.{split}.inter"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(edit(lines)) + "\n")
+
+
+@pytest.mark.parametrize("case", ["repeated train row", "repeated test row", "stale valid row",
+                                  "valid row skips an item"])
+def test_repeated_or_stale_rows_are_refused(tmp_path, case):
+    """A repeated or stale row used to pass silently: its interaction was trained on (or scored)
+    twice, and a stale test row's target already sat in the training histories."""
+    src = write_amazon(tmp_path / "src")
+    user0 = SEQUENCES[0]
+    if case == "repeated train row":  # train lines: user 0's rows first (positions 2, 1)
+        _edit_inter(src, "train", lambda lines: lines[:3] + [lines[1]] + lines[3:])
+        file, row, match = "Tiny.train.inter", 2, "repeats row 0"
+    elif case == "repeated test row":
+        _edit_inter(src, "test", lambda lines: lines + [lines[2]])
+        file, row, match = "Tiny.test.inter", N_USERS, "already in the earlier rows"
+    elif case == "stale valid row":  # user 0's valid row replaced by one of its train rows
+        stale = f"0\t{' '.join(map(str, user0[:1]))}\t{user0[1]}"
+        _edit_inter(src, "valid", lambda lines: [lines[0], stale] + lines[2:])
+        file, row, match = "Tiny.valid.inter", 0, "position 1 of user 0's sequence, is already"
+    else:  # user 0's valid row holds its test row: two items beyond the train rows
+        test_row = f"0\t{' '.join(map(str, user0[:-1]))}\t{user0[-1]}"
+        _edit_inter(src, "valid", lambda lines: [lines[0], test_row] + lines[2:])
+        file, row, match = "Tiny.valid.inter", 0, "adds 1 item\\(s\\) that no earlier row has"
+    with pytest.raises(DataError, match=match) as info:
+        import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    assert info.value.file.endswith(file)
+    assert (info.value.row, info.value.field) == (row, "item_id:token")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_empty_split_is_refused_even_with_allow_missing(tmp_path, split):
+    """A header-only test file was imported (exit 0) into a world every later command refused."""
+    src = write_amazon(tmp_path / "src")
+    _edit_inter(src, split, lambda lines: lines[:1])
+    with pytest.raises(DataError, match=f"holds no rows \\(header only\\): the world's {split} split"
+                                        f" would be empty") as info:
+        import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    assert info.value.file.endswith(f"Tiny.{split}.inter")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_folder_an_unnamed_set_and_an_empty_file_say_so(tmp_path):
+    with pytest.raises(DataError, match="no such folder") as info:
+        import_amazon(tmp_path / "nowhere", tmp_path / "out", options())
+    assert info.value.file.endswith("nowhere")
+    src = write_amazon(tmp_path / "src")
+    for name in ("Tiny.train.inter", "Other.train.inter"):
+        (tmp_path / "two").mkdir(exist_ok=True)
+        (tmp_path / "two" / name).write_text("")
+    with pytest.raises(DataError, match="found \\['Other', 'Tiny'\\]; pass the data set name with --name"):
+        import_amazon(tmp_path / "two", tmp_path / "out", options())
+    (src / "Tiny.text").write_text("")
+    with pytest.raises(DataError, match="is empty \\(expected the header") as info:
+        import_amazon(src, tmp_path / "out", options())
+    assert info.value.file.endswith("Tiny.text")

@@ -190,3 +190,59 @@ def test_an_import_replaces_its_output_whole_and_a_failed_one_changes_nothing(tm
     with pytest.raises(DataError, match="not empty and holds no manifest.json"):
         import_taobao_mm(write_taobao(tmp_path / "src2")[0], mine, TaobaoOptions())
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_behaviour_category_that_is_not_its_items_is_replaced_and_counted(tmp_path, capsys):
+    """The importer wrote such behaviours as listed, and its own validator (and mim train)
+    refused the world: 'behaviour category differs from its item's in the items table'."""
+    hist = dict(HIST)
+    hist[-77] = ([17, -5, 17, 88], [300, 200, 400, 400])  # item 17 is category 300 (its 206)
+    src, _ = write_taobao(tmp_path / "src", hist=hist)
+    out = tmp_path / "world"
+    report = import_taobao_mm(src, out, TaobaoOptions())
+    validate_world(out, echo=lambda line: None)
+    assert report.counts["behaviour categories set to the item's"] == 2  # train and test features
+    warning = capsys.readouterr().err
+    assert "2 behaviour categories (in 2 user-feature rows) differed from the item's and were " \
+           "replaced by it" in warning
+    assert "train_user_features.parquet, row 0, field '151_2_180' position 2: 400 listed, " \
+           "the item's is 300" in warning
+    manifest = read_manifest(out)
+    assert manifest.extra["counts"]["behaviour categories set to the item's"] == 2
+    assert any("were replaced by it (first: " in note for note in manifest.extra["notes"])
+    items = read_items(out / "items.parquet")
+    raw = [int(r) for r in items.column("raw_item_id").to_pylist()]
+    first = read_events(out / "events_train.parquet", len(ITEMS)).slice(0, 1).to_pylist()[0]
+    assert first["hist_category_ids"][2] == items.column("category_id")[raw.index(17)].as_py()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("as_parts", [False, True])
+def test_an_empty_split_is_refused(tmp_path, split, as_parts):
+    """A test_samples file of 0 rows was imported (exit 0) into a world validate refuses."""
+    src, _ = write_taobao(tmp_path / "src", samples_as_parts=as_parts)
+    if as_parts:
+        for part in (src / f"{split}_samples").glob("*.parquet"):
+            pq.write_table(pq.read_table(part).slice(0, 0), part)
+    else:
+        path = src / f"{split}_samples.parquet"
+        pq.write_table(pq.read_table(path).slice(0, 0), path)
+    with pytest.raises(DataError, match=f"holds no rows: the world's {split} split would be empty") as info:
+        import_taobao_mm(src, tmp_path / "out", TaobaoOptions(allow_missing=True))
+    assert info.value.file.endswith(f"{split}_samples" if as_parts else f"{split}_samples.parquet")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_amazon_options_with_taobao_mm(tmp_path, capsys):
+    """--negatives, --seed, --negative-sampling and --name were silently ignored."""
+    from train.cli import main
+
+    src, _ = write_taobao(tmp_path / "src")
+    base = ["data", "import", "--format", "taobao-mm", str(src), "--out", str(tmp_path / "w")]
+    assert main(base + ["--negatives", "1", "--seed", "0"]) == 2  # even at their default values
+    err = capsys.readouterr().err
+    assert "--negatives, --seed: amazon options, not used by --format taobao-mm" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+    for flag in (["--negative-sampling", "uniform"], ["--name", "X"]):
+        assert main(base + flag) == 2 and f"{flag[0]}: amazon options" in capsys.readouterr().err
+    assert main(base) == 0  # the defaults do not trigger it

@@ -24,11 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-missing", action="store_true",
                         help="fill ids that do not join (no embedding, no features, no text) "
                              "with counted defaults instead of refusing")
-    parser.add_argument("--negatives", type=_non_negative, default=1,
+    # The amazon-only options default to None so that one given with another format is
+    # refused (a taobao-mm import would otherwise ignore it); AmazonOptions holds the defaults.
+    parser.add_argument("--negatives", type=_non_negative, default=None,
                         help="amazon: sampled non-clicks per positive (default 1)")
     parser.add_argument("--negative-sampling", choices=("uniform", "popularity"),
-                        default="popularity", help="amazon: how negatives are drawn")
-    parser.add_argument("--seed", type=int, default=0, help="amazon: negative sampling seed")
+                        default=None, help="amazon: how negatives are drawn (default popularity)")
+    parser.add_argument("--seed", type=int, default=None, help="amazon: negative sampling seed (default 0)")
     parser.add_argument("--name", default=None,
                         help="amazon: data set name (file prefix); default: the only one in SRC")
     parser.set_defaults(func=run)
@@ -41,14 +43,23 @@ def _non_negative(text: str) -> int:
     return value
 
 
+AMAZON_ONLY = {"negatives": "--negatives", "negative_sampling": "--negative-sampling",
+               "seed": "--seed", "name": "--name"}
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.format == "amazon":
         from mim_rec.data.importers.amazon import AmazonOptions, import_amazon
-        report = import_amazon(args.src, args.out, AmazonOptions(
-            negatives=args.negatives, negative_sampling=args.negative_sampling, seed=args.seed,
-            allow_missing=args.allow_missing, name=args.name))
+        given = {k: getattr(args, k) for k in AMAZON_ONLY if getattr(args, k) is not None}
+        report = import_amazon(args.src, args.out, AmazonOptions(allow_missing=args.allow_missing, **given))
     else:
+        from mim_rec.config import ConfigError
+        given = [flag for key, flag in AMAZON_ONLY.items() if getattr(args, key) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: amazon options, not used by --format {args.format} "
+                              f"(its samples carry their own labels and its files have fixed names); "
+                              f"leave them out")
         from mim_rec.data.importers.taobao_mm import TaobaoOptions, import_taobao_mm
         report = import_taobao_mm(args.src, args.out, TaobaoOptions(allow_missing=args.allow_missing))
     print("\n".join(report.lines()))

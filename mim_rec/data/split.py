@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
 from mim_rec.data.io import read_events, read_pairs, validate_file, write_table
-from mim_rec.data.manifest import Manifest, fingerprint_file, read_manifest, write_manifest
+from mim_rec.data.manifest import (Manifest, fingerprint_file, fingerprint_tree, read_manifest,
+                                   write_manifest)
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS, Contract
 
 PathLike = Union[str, Path]
@@ -70,7 +71,8 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
     """Write the world ``out``: ``source``'s items, its ``events_train`` before the cut as
     ``events_train`` and from the cut on as ``events_test``; ``pairs_train`` split at the same
     time into ``pairs_train`` / ``pairs_test`` (so C-SFT on ``out`` never trains on the
-    held-out period either); the synthetic ground truth split alike where present. The
+    held-out period either); the synthetic ground truth split alike where present; the world's
+    own ``mm_table/`` (an import's) linked as it is. The
     source's test files are not read. Returns the row counts; the manifest, written last,
     records the source files' fingerprints, the fraction and the cut."""
     source, out = Path(source), Path(out)
@@ -103,12 +105,28 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
         counts.update(_write_split(pairs, later, out, "pairs", PAIRS, item_count))
         inputs["pairs_train"] = fingerprint_file(pairs_path)
     _split_truth(source / "truth", out / "truth", validating)
+    if _carry_mm_table(source / "mm_table", out / "mm_table"):
+        inputs["mm_table"] = fingerprint_tree(source / "mm_table")
 
     write_manifest(out, Manifest(
         kind="world", stage=HOLDOUT_STAGE, row_count=item_count, inputs=inputs,
         config={"source": str(source.resolve()), "fraction": fraction, "cut_ts": cut},
         extra={"counts": counts, "source_config": _source_config(source)}))
     return counts
+
+
+def _carry_mm_table(source: Path, out: Path) -> bool:
+    """The world's own MM table (an import's, e.g. TAOBAO-MM's release embeddings), linked file
+    by file with its manifest: it is keyed by item id and the items are the source's, so it is
+    valid for the split world unchanged (``mm_table=DIR_VAL/mm_table``). Whether one was there."""
+    shutil.rmtree(out, ignore_errors=True)
+    if not source.is_dir():
+        return False
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        target = out / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(path, target)
+    return True
 
 
 def _split_truth(source: Path, out: Path, validating: np.ndarray) -> None:

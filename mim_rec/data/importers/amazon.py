@@ -14,10 +14,13 @@ Mapping onto the contracts (each choice is forced by what the format lacks):
   reads), ``image_feature`` = the ``feat3CLS`` row (there are no pixels: stages 1/2 run the
   "precomputed" vision input), ``brand_id`` from the brand segment (0 = none). ``category_id``
   = the first category phrase below the data set's root category in the text (see
-  :func:`category_phrase`). The text features (``feat1CLS``) are not imported: the contract
-  has no column for them, and the text tower runs on the real text.
+  :func:`category_phrase`). The text features (``feat1CLS``) are not imported (nor read, nor
+  fingerprinted; the file may be absent): the contract has no column for them, and the text
+  tower runs on the real text.
 * **time**: the format has no timestamps. Each user's sequence is rebuilt from the
-  ``.inter`` rows (histories must extend one another) and every interaction gets a
+  ``.inter`` rows (histories must extend one another; no row may repeat an interaction, and a
+  valid or test row adds exactly its target to the user's sequence: see :class:`_Sequences`)
+  and every interaction gets a
   pseudo-time: its ordinal when the files are read in order train, valid, test (an item
   seen first in a history gets the ordinal of that first sight). ``ts``/``hist_ts`` and
   ``created_at`` (the item's first appearance, as seconds after the epoch) are these
@@ -83,6 +86,10 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     image_features = read_feature_file(path["feat3CLS"], n_items, options.feature_dim)
     sequences = _Sequences(len(users), n_items)
     rows = {s: sequences.read(path[f"{s}.inter"]) for s in SPLITS}
+    for split in ("train", "test"):  # a split without rows would only be refused downstream
+        if not rows[split]:
+            raise DataError(str(path[f"{split}.inter"]), f"holds no rows (header only): the world's "
+                                                         f"{split} split would be empty")
     missing = {"items without text": len(missing_text)}
     refuse_missing(str(path["text"]), missing, options.allow_missing,
                    "Every item of item2index needs a text line.")
@@ -126,6 +133,9 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
         events[split] = _events(split_rows, sequences, category_id, raw_users, options,
                                 positives, popularity, rng, source)
         pairs[split] = _pairs(split_rows, sequences, category_id, image_features)
+        if pairs[split].num_rows == 0:
+            raise DataError(source, f"no row has a history (an earlier item), so pairs_{split} "
+                                    f"would be empty", field=INTER_HEADER[1])
 
     report.counts = {
         "items": n_items, "users": len(users), "categories": len(category_names),
@@ -144,18 +154,22 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
         "image_feature = feat3CLS (no pixels); feat1CLS text features not imported",
     ]
     config = {"format": "amazon", "src": str(src), **vars(options), "name": name}
-    write_world(Path(out), items, pairs, events, report, config,
-                [p for p in path.values()] + [src / f"{name}.feat1CLS"])
+    # Only the files read are fingerprinted: feat1CLS is not imported and may be absent.
+    write_world(Path(out), items, pairs, events, report, config, list(path.values()))
     return report
 
 
 # ---------------------------------------------------------------- source files
 
 def _dataset_name(src: Path) -> str:
+    if not src.exists():
+        raise DataError(str(src), "no such folder (SRC: the folder of the <name>.* source files)")
+    if not src.is_dir():
+        raise DataError(str(src), "is a file, not the folder of the <name>.* source files")
     names = sorted({p.name.split(".")[0] for p in src.glob("*.train.inter")})
     if len(names) != 1:
         raise DataError(str(src), f"expected exactly one <name>.train.inter, found {names}; "
-                                  f"pass the data set name")
+                                  f"pass the data set name with --name")
     return names[0]
 
 
@@ -163,6 +177,8 @@ def _tsv(path: Path, header: Optional[Tuple[str, ...]], columns: int) -> Iterato
     """(0-based data row, fields) of a TSV file; header and column count checked."""
     if not path.is_file():
         raise DataError(str(path), "no such file")
+    if path.stat().st_size == 0:
+        raise DataError(str(path), "is empty" + (f" (expected the header {list(header)})" if header else ""))
     with path.open("rb") as fh:
         lines = (_decode(path, row, raw) for row, raw in enumerate(fh, start=-1 if header else 0))
         if header is not None:
@@ -212,6 +228,8 @@ def _read_index(path: Path) -> List[str]:
         by_index[index] = token
         seen.add(token)
     count = len(by_index)
+    if not count:
+        raise DataError(str(path), "holds no rows (expected one token<TAB>index line per entry)")
     if set(by_index) != set(range(count)):
         gap = min(set(range(count)) - set(by_index))
         raise DataError(str(path), f"indices are not dense 0..{count - 1} (first gap: {gap})",
@@ -268,6 +286,13 @@ class _Sequences:
     A row ``(u, [s0..s_{k-1}], s_k)`` says positions 0..k of user u's sequence; rows must agree
     with each other (a history that contradicts an earlier row is refused). Positions get a
     global ordinal the first time any row reveals them.
+
+    Each row is one interaction (its target), so a row must not repeat one: a train row whose
+    target position an earlier train row already had is refused (the real train file lists a
+    user's prefixes longest first, each once), and a valid or test row must extend the user's
+    sequence by exactly its target, the item right after everything the earlier files said (a
+    duplicated or stale valid/test row would score, or train on, an interaction twice: its
+    target would already sit in the training histories).
     """
 
     def __init__(self, users: int, items: int):
@@ -278,6 +303,7 @@ class _Sequences:
         self.first_split = np.full(items, -1, np.int64)
         self.interactions = 0
         self._split = -1
+        self._train_targets: Dict[Tuple[int, int], int] = {}  # (user, position) -> train row
 
     def read(self, path: Path) -> List[_InterRow]:
         self._split += 1
@@ -289,24 +315,50 @@ class _Sequences:
                                 row=row, field=INTER_HEADER[0])
             items = [_int(path, row, INTER_HEADER[1], t) for t in history.split()]
             items.append(_int(path, row, INTER_HEADER[2], target))
+            known = len(self.seq[user])
             for position, item in enumerate(items):
                 field = INTER_HEADER[2] if position == len(items) - 1 else INTER_HEADER[1]
                 if not 0 <= item < self.items:
                     raise DataError(str(path), f"item {item} outside item2index "
                                                f"(0..{self.items - 1})", row=row, field=field)
-                self._reveal(path, row, field, user, position, item)
+                self._agree(path, row, field, user, position, item)
+            self._refuse_repeat(path, row, user, len(items) - 1, known)
+            for item in items[known:]:
+                self._reveal(user, item)
             rows.append(_InterRow(self._split, user, len(items) - 1))
         return rows
 
-    def _reveal(self, path: Path, row: int, field: str, user: int, position: int, item: int) -> None:
-        seq = self.seq[user]
-        if position < len(seq):
-            if seq[position] != item:
-                raise DataError(str(path), f"user {user}'s item at position {position} is {item} "
-                                           f"here but {seq[position]} in an earlier row",
-                                row=row, field=field)
+    def _refuse_repeat(self, path: Path, row: int, user: int, position: int, known: int) -> None:
+        """A row's target must be a new interaction (see the class docstring)."""
+        if self._split == 0:
+            first = self._train_targets.setdefault((user, position), row)
+            if first != row:
+                raise DataError(str(path), f"repeats row {first}: user {user}'s item at position "
+                                           f"{position} is the target of both (duplicated row)",
+                                row=row, field=INTER_HEADER[2])
             return
-        seq.append(item)  # positions are revealed in order: every row lists 0..k
+        if known and position != known:
+            split = SPLITS[self._split]
+            if position < known:
+                why = (f"its target, position {position} of user {user}'s sequence, is already in "
+                       f"the earlier rows (which reach position {known - 1}): a duplicated or stale "
+                       f"{split} row")
+            else:
+                why = (f"its history adds {position - known} item(s) that no earlier row has, but a "
+                       f"{split} row extends user {user}'s sequence by exactly one item (position "
+                       f"{known}, after the earlier rows)")
+            raise DataError(str(path), why, row=row, field=INTER_HEADER[2])
+
+    def _agree(self, path: Path, row: int, field: str, user: int, position: int, item: int) -> None:
+        seq = self.seq[user]
+        if position < len(seq) and seq[position] != item:
+            raise DataError(str(path), f"user {user}'s item at position {position} is {item} "
+                                       f"here but {seq[position]} in an earlier row",
+                            row=row, field=field)
+
+    def _reveal(self, user: int, item: int) -> None:
+        """The next position of ``user``'s sequence (every row lists positions 0..k in order)."""
+        self.seq[user].append(item)
         self.clock[user].append(self.interactions)
         if self.first_seen[item] < 0:
             self.first_seen[item] = self.interactions

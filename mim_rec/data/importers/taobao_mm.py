@@ -26,6 +26,11 @@ Mapping onto the contracts:
   samples first, then test, so test is later); the history joins the split's user features
   by ``129_1``; the release's list order is kept as oldest first (not verifiable from the
   release); ``hist_ts`` = 0 (unknown: every behaviour precedes the logged samples).
+  ``hist_category_ids`` = each behaviour item's ``category_id``: a ``151_2_180`` value that
+  disagrees (with ``206``, or with the item's first behaviour row) is replaced, counted in the
+  report and the manifest and the first one located on stderr, since the validator refuses a
+  behaviour whose category is not its item's (see docs/data.md, "behaviour categories").
+  An empty ``{train,test}_samples`` is refused: the world would have an empty split.
   User features ``130_*`` and item features ``213/214`` have no column in the contracts and are
   not imported. There are no pairs: the release has no query images.
 * the MM table: ``205_c`` rows as ``MM_TABLE_INT8`` with ``scale=1, bias=0`` (the release
@@ -38,6 +43,7 @@ Everything streams by row groups except the user-feature join: the split's user 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
@@ -155,6 +161,13 @@ def _refuse(file: str, offset: int, field: str, flags: pa.Array, message: str) -
         raise DataError(file, message, row=offset + int(np.argmax(mask)), field=field)
 
 
+def _refuse_empty(source: _Source, why: str) -> None:
+    """A source with no rows in any part is refused, named (the file, or its folder of parts)."""
+    if sum(open_parquet(part).metadata.num_rows for part in source.parts) == 0:
+        where = source.parts[0] if len(source.parts) == 1 else source.parts[0].parent
+        raise DataError(str(where), f"holds no rows: {why}")
+
+
 # ---------------------------------------------------------------- the import
 
 def import_taobao_mm(src: Path, out: Path, options: TaobaoOptions) -> ImportReport:
@@ -166,6 +179,8 @@ def import_taobao_mm(src: Path, out: Path, options: TaobaoOptions) -> ImportRepo
         "item_features": _Source(src, "item_features", "item_features", options.batch_rows),
         "embedding": _Source(src, "scl_embedding_int8_p90", "embedding", options.batch_rows),
     }
+    for split in SPLITS:  # an empty split would only be refused downstream (validate, train)
+        _refuse_empty(sources[f"{split}_samples"], f"the world's {split} split would be empty")
     for name, what in (("item_features", "feature"), ("embedding", "embedding")):
         _refuse_repeated_items(sources[name], f"item has a second {what} row")
     ids = _collect_ids(sources)
@@ -188,20 +203,21 @@ def _write_world(sources: Dict[str, _Source], ids: _Ids, out: Path, src: Path,
                  options: TaobaoOptions, report: ImportReport) -> None:
     """Pass 2: the MM table, the events of each split, the items, then the manifest."""
     embedded = _write_mm_table(sources["embedding"], ids, out / "mm_table", src)
+    item_category = _item_categories(sources, ids)
     first_sample = np.full(len(ids.items), np.iinfo(np.int64).max)
     ordinal = 1
     event_counts = {}
+    replaced = _Replaced()
     for split in SPLITS:
-        histories = _UserHistories(sources[f"{split}_user_features"], ids)
+        histories = _UserHistories(sources[f"{split}_user_features"], ids, item_category, replaced)
         with ContractWriter(out / f"events_{split}.parquet", EVENTS, _EVENTS_SCHEMA,
                             item_count=len(ids.items)) as writer:
             for batch in _events(sources[f"{split}_samples"], ids, histories, ordinal, first_sample):
                 writer.write(batch)
             event_counts[split] = writer.rows
         ordinal += writer.rows
-    items = _items(sources, ids, first_sample, embedded)
+    items = _items(sources, ids, first_sample, embedded, item_category)
     write_table(items, out / "items.parquet", ITEMS)
-    item_category = items.column("category_id").to_numpy()
 
     clicks = {s: int(pc.sum(pq.read_table(out / f"events_{s}.parquet", columns=["label"])
                             .column("label").cast(pa.int64())).as_py() or 0) for s in SPLITS}
@@ -212,9 +228,12 @@ def _write_world(sources: Dict[str, _Source], ids: _Ids, out: Path, src: Path,
         **{f"events_{s}": event_counts[s] for s in SPLITS},
         **{f"clicks_{s}": clicks[s] for s in SPLITS},
         "mm_table rows with embedding": int(embedded.sum()),
+        "behaviour categories set to the item's": replaced.entries,
     }
     report.notes = [
         "no timestamps in the release: ts = sample ordinal (train then test), hist_ts = 0",
+        f"hist_category_ids = the item's category_id (206, else its first behaviour category): "
+        f"{replaced.describe()}",
         "no titles or images: title = hashed feature tokens, image_feature = SCL embedding",
         "user features 130_* and item features 213/214 are not imported (no contract column)",
         "no pairs: the release has no query images",
@@ -227,6 +246,8 @@ def _write_world(sources: Dict[str, _Source], ids: _Ids, out: Path, src: Path,
         extra={"format": "taobao-mm", "counts": report.counts, "missing": report.missing,
                "notes": report.notes, "item_age": report.item_age})
     write_manifest(out, manifest)
+    if replaced.entries:
+        print(f"mim data import: warning: {replaced.describe()}", file=sys.stderr)
 
 
 @dataclass
@@ -285,16 +306,57 @@ def _join_gaps(sources: Dict[str, _Source], ids: _Ids) -> Dict[str, int]:
     return gaps
 
 
-class _UserHistories:
-    """A split's user histories in dense ids, held in memory for the join with its samples."""
+@dataclass
+class _Replaced:
+    """Behaviour categories (``151_2_180``) that disagreed with their item's category and were
+    replaced by it: counted, the first one located."""
 
-    def __init__(self, source: _Source, ids: _Ids):
+    entries: int = 0
+    rows: int = 0
+    first: str = ""
+
+    def add(self, file: str, offset: int, column: pa.Array, listed: np.ndarray, own: np.ndarray,
+            raw: DenseIds) -> None:
+        differs = listed != own
+        if not differs.any():
+            return
+        parents = pc.list_parent_indices(column).to_numpy()
+        if not self.entries:
+            at = int(np.argmax(differs))
+            position = at - int(column.offsets[parents[at]].as_py() - column.offsets[0].as_py())
+            self.first = (f"first: {file}, row {offset + int(parents[at])}, field '{HIST_CATEGORIES}' "
+                          f"position {position}: {raw.raw[listed[at] - 1]} listed, the item's is "
+                          f"{raw.raw[own[at] - 1] if own[at] else 'unknown'}")
+        self.entries += int(differs.sum())
+        self.rows += len(np.unique(parents[differs]))
+
+    def describe(self) -> str:
+        if not self.entries:
+            return "no behaviour listed another category"
+        one = self.entries == 1
+        return (f"{self.entries:,} behaviour categor{'y' if one else 'ies'} (in {self.rows:,} "
+                f"user-feature row{'' if self.rows == 1 else 's'}) differed from the item's and "
+                f"{'was' if one else 'were'} replaced by it ({self.first})")
+
+
+class _UserHistories:
+    """A split's user histories in dense ids, held in memory for the join with its samples.
+
+    Behaviour categories are the items' own (``item_category``, dense): the contract wants a
+    behaviour's category to be its item's, and ``151_2_180`` may disagree with ``206`` (or with
+    another behaviour row of the item); each replaced value is counted in ``replaced``."""
+
+    def __init__(self, source: _Source, ids: _Ids, item_category: np.ndarray, replaced: _Replaced):
         raw_users, hist_items, hist_categories, where = [], [], [], []
         for file, offset, b in source.batches([USER, HIST_ITEMS, HIST_CATEGORIES]):
             raw_users.append(b.column(USER).to_numpy())
             where.append((file, offset))
-            hist_items.append(_remap_list(b.column(HIST_ITEMS), ids.items))
-            hist_categories.append(_remap_list(b.column(HIST_CATEGORIES), ids.categories, shift=1))
+            items = _remap_list(b.column(HIST_ITEMS), ids.items)
+            hist_items.append(items)
+            listed = ids.categories.lookup(b.column(HIST_CATEGORIES).flatten().to_numpy())[0] + 1
+            own = item_category[items.flatten().to_numpy()]
+            replaced.add(file, offset, b.column(HIST_CATEGORIES), listed, own, ids.categories)
+            hist_categories.append(pa.ListArray.from_arrays(items.offsets, pa.array(own.astype(np.int32))))
         _refuse_duplicates(raw_users, where, USER, "user listed twice")
         raw = np.concatenate(raw_users) if raw_users else np.zeros(0, np.int64)
         order = np.argsort(raw, kind="stable")
@@ -341,13 +403,11 @@ def _refuse_duplicates(chunks: List[np.ndarray], where: List[Tuple[str, int]], f
                         field=field)
 
 
-def _remap_list(column: pa.Array, dense: DenseIds, shift: int = 0) -> pa.Array:
+def _remap_list(column: pa.Array, dense: DenseIds) -> pa.Array:
     """Map a list column's raw ids to dense ids, keeping its offsets."""
     mapped, _ = dense.lookup(column.flatten().to_numpy())
-    value_type = pa.int32() if shift else pa.int64()
-    values = pa.array((mapped + shift).astype(value_type.to_pandas_dtype()))
     offsets = pc.subtract(column.offsets, column.offsets[0])
-    return pa.ListArray.from_arrays(offsets, values)
+    return pa.ListArray.from_arrays(offsets, pa.array(mapped.astype(np.int64)))
 
 
 _EVENTS_SCHEMA = pa.schema([EVENTS.fields[n] for n in EVENTS.required_names] +
@@ -421,22 +481,30 @@ def _feature_tokens(columns: Dict[str, pa.Array]) -> pa.Array:
     return pc.binary_join_element_wise(*parts, " ")
 
 
-def _items(sources: Dict[str, _Source], ids: _Ids, first_sample: np.ndarray,
-           embedded: np.ndarray) -> pa.Table:
-    """The items table; ``created_at`` = first sample ordinal, 0 for items in any behaviour
-    list or never a sample target (they predate the logged samples)."""
-    n = len(ids.items)
-    category = np.zeros(n, np.int32)
+def _item_categories(sources: Dict[str, _Source], ids: _Ids) -> np.ndarray:
+    """Each item's dense category: from ``206``, else its first behaviour row's, else 0."""
+    category = np.zeros(len(ids.items), np.int32)
     behaviour_items, behaviour_cats = ids.behaviour_category
     dense, _ = ids.items.lookup(behaviour_items)
     category[dense] = ids.categories.lookup(behaviour_cats)[0] + 1
+    for _, _, b in sources["item_features"].batches([ITEM, CATEGORY]):
+        dense, _ = ids.items.lookup(b.column(ITEM).to_numpy())
+        category[dense] = ids.categories.lookup(b.column(CATEGORY).to_numpy())[0] + 1
+    return category
+
+
+def _items(sources: Dict[str, _Source], ids: _Ids, first_sample: np.ndarray,
+           embedded: np.ndarray, category: np.ndarray) -> pa.Table:
+    """The items table; ``created_at`` = first sample ordinal, 0 for items in any behaviour
+    list or never a sample target (they predate the logged samples)."""
+    n = len(ids.items)
+    dense, _ = ids.items.lookup(ids.behaviour_category[0])
     created = first_sample.copy()
     created[dense] = 0
     created[created == np.iinfo(np.int64).max] = 0
     tokens = np.array(_feature_tokens({ITEM: pa.array(ids.items.raw)}).to_pylist(), dtype=object)
     for _, _, b in sources["item_features"].batches([ITEM, CATEGORY, *ITEM_SIDE]):
         dense, _ = ids.items.lookup(b.column(ITEM).to_numpy())
-        category[dense] = ids.categories.lookup(b.column(CATEGORY).to_numpy())[0] + 1
         tokens[dense] = _feature_tokens({c: b.column(c) for c in (ITEM, CATEGORY, *ITEM_SIDE)}).to_pylist()
     vectors = np.zeros((n, EMBEDDING_DIM), np.float32)
     for _, _, b in sources["embedding"].batches([ITEM, EMBEDDING]):
