@@ -385,10 +385,15 @@ def test_raw_unmapped_user_ids_are_refused_before_sizing_a_table(world, tmp_path
     assert not (tmp_path / "never").exists()
 
 
-def test_an_empty_events_file_is_named(world, tmp_path):
-    empty = _world_with_events(world, tmp_path / "empty", lambda events: events.slice(0, 0))
-    with pytest.raises(DataError, match=r"events_train.parquet: no events to train or evaluate on"):
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_an_empty_events_file_is_named_before_training(world, tmp_path, split):
+    """An empty test split used to be found only by the evaluation, after the whole run."""
+    empty = _world_with_events(world, tmp_path / "empty", lambda events: events)
+    path = empty / f"events_{split}.parquet"
+    pq.write_table(pq.read_table(path).slice(0, 0), path)
+    with pytest.raises(DataError, match=rf"events_{split}.parquet: holds no events: a CTR run needs {split} events"):
         ciubm.run(_config(empty, tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
 
 
 def test_a_world_without_its_test_split_is_refused_before_training(world, tmp_path):
@@ -633,15 +638,6 @@ def test_a_clickless_split_is_refused_before_training(world, tmp_path):
     clickless = _world_with_events(world, tmp_path / "clickless", no_clicks)
     with pytest.raises(DataError, match=r"events_train.parquet, field 'label': every row has label 0"):
         ciubm.run(_config(clickless, tmp_path / "never"))
-    assert not (tmp_path / "never").exists()
-
-
-def test_an_empty_test_split_is_refused_before_training(world, tmp_path):
-    """It used to be found only by the evaluation, after the whole training run."""
-    empty = _world_with_events(world, tmp_path / "empty_test", lambda events: events)
-    pq.write_table(pq.read_table(world / "events_test.parquet").slice(0, 0), empty / "events_test.parquet")
-    with pytest.raises(DataError, match=r"events_test.parquet: holds no events"):
-        ciubm.run(_config(empty, tmp_path / "never"))
     assert not (tmp_path / "never").exists()
 
 
