@@ -18,19 +18,22 @@ import torch
 
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import open_parquet
-from mim_rec.data.manifest import manifest_path, read_manifest
+from mim_rec.data.manifest import Manifest, manifest_path, read_manifest
 from mim_rec.data.validate import repeated_entries
 
 
-def table_parts(table_dir: Union[str, Path]) -> List[Path]:
+def table_parts(table_dir: Union[str, Path], manifest: Optional[Manifest] = None) -> List[Path]:
     """The table's parts. Where the manifest lists them (``extra.shards``), a listed part that is
     absent and a part it does not list are errors: read as they are, the first gives zero
-    vectors and the second overwrites rows, and neither would be noticed."""
+    vectors and the second overwrites rows, and neither would be noticed. ``manifest``: the
+    folder's, when the caller has read it already."""
     table_dir = Path(table_dir)
     parts = sorted(table_dir.glob("part-*.parquet"))
     if not parts:
         raise DataError(str(table_dir), "no part-*.parquet files: not an MM table folder")
-    listed = read_manifest(table_dir).extra.get("shards") if manifest_path(table_dir).is_file() else None
+    if manifest is None and manifest_path(table_dir).is_file():
+        manifest = read_manifest(table_dir)
+    listed = manifest.extra.get("shards") if manifest is not None else None
     if listed is not None:
         names = {part.name for part in parts}
         absent, stray = sorted(set(listed) - names), sorted(names - set(listed))
@@ -86,7 +89,7 @@ def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: 
             catalogue_fingerprint(items_path, built_for["rows"]) != built_for["fingerprint"]:
         raise ManifestMismatch(f"{table_dir}: built for other items than {items_path} (the raw ids and titles of "
                                f"its {built_for['rows']} items differ); build the table from this world's items")
-    held = sum(open_parquet(part).metadata.num_rows for part in table_parts(table_dir))
+    held = sum(open_parquet(part).metadata.num_rows for part in table_parts(table_dir, manifest))
     if held != manifest.row_count:
         raise DataError(str(table_dir), f"its parts hold {held} rows, its manifest says {manifest.row_count}: "
                                         "a part is missing or was added; rebuild the table")
