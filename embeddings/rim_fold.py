@@ -9,7 +9,6 @@ offset, so each version adds exactly the items that arrived since the last one.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Optional, Union
@@ -18,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from mim_rec.data.errors import DataError, ManifestMismatch
-from mim_rec.data.io import write_table
+from mim_rec.data.io import link_or_copy, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, require, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP
 
@@ -108,7 +107,7 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
         parts = table_parts(table_dir)
         names = [f"part-{k:05d}.parquet" for k in range(len(parts) + (len(ids) > 0))]
         for part, name in zip(parts, names):
-            _link_or_copy(part, staging / name)
+            link_or_copy(part, staging / name)
         if len(ids):
             order = np.argsort(ids)
             write_table(pa.table({"item_id": pa.array(ids[order], pa.int64()),
@@ -146,12 +145,3 @@ def _check_new_ids(ids: np.ndarray, table_ids: np.ndarray, num_items: int, log_p
     if len(known):
         raise DataError(str(log_path), f"item {known[0]} is already in {table_dir}; a table row is never "
                         "replaced by a fold", field="item_id")
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    if target.exists():
-        target.unlink()
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)

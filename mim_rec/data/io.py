@@ -355,6 +355,16 @@ class ContractWriter:
             self.abort()
 
 
+def link_or_copy(source: PathLike, target: PathLike) -> None:
+    """``target`` as a hard link to ``source`` where the filesystem allows (no second copy of a
+    large catalogue or table part), else a copy; a file already at ``target`` is replaced."""
+    Path(target).unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def write_table(table: pa.Table, path: PathLike, contract: Contract,
                 manifest: Optional[Manifest] = None, item_count: Optional[int] = None,
                 vector_dims: Optional[Dict[str, int]] = None) -> Path:

@@ -12,7 +12,6 @@ held-out period), so every command that takes a world (``mim train``, ``mim expe
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Dict, Union
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import read_events, read_pairs, validate_file, write_table
+from mim_rec.data.io import link_or_copy, read_events, read_pairs, validate_file, write_table
 from mim_rec.data.manifest import (Manifest, fingerprint_file, fingerprint_tree, read_manifest,
                                    write_manifest)
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS, Contract
@@ -58,15 +57,6 @@ def _write_split(table: pa.Table, held: np.ndarray, out: Path, stem: str, contra
     return {f"{stem}_train": int((~held).sum()), f"{stem}_test": int(held.sum())}
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where the filesystem allows (no second copy of a 200 MB catalogue), else a copy."""
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str, int]:
     """Write the world ``out``: ``source``'s items, its ``events_train`` before the cut as
     ``events_train`` and from the cut on as ``events_test``; ``pairs_train`` split at the same
@@ -92,7 +82,7 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # a half-written split is never "done"
-    _link_or_copy(items_path, out / "items.parquet")
+    link_or_copy(items_path, out / "items.parquet")
     counts = {"items": item_count, **_write_split(events, validating, out, "events", EVENTS, item_count)}
     inputs = {"items": fingerprint_file(items_path), "events_train": fingerprint_file(events_path)}
 
@@ -125,7 +115,7 @@ def _carry_mm_table(source: Path, out: Path) -> bool:
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         target = out / path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(path, target)
+        link_or_copy(path, target)
     return True
 
 
@@ -137,7 +127,7 @@ def _split_truth(source: Path, out: Path, validating: np.ndarray) -> None:
     out.mkdir(parents=True)
     for name in ("items.npz", "users.npz", "README.md"):
         if (source / name).is_file():
-            _link_or_copy(source / name, out / name)
+            link_or_copy(source / name, out / name)
     truth_events = source / "events_train.parquet"
     if truth_events.is_file():
         table = pq.read_table(truth_events)
