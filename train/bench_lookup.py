@@ -190,7 +190,6 @@ def _cli(args: argparse.Namespace) -> int:
     from mim_rec.config import ConfigError, load_config
 
     config = load_config(LookupBenchConfig, args.config, args.overrides)
-    config.validate()
     if not config.items:
         raise ConfigError("items: the catalogue's items.parquet (images + titles) is required")
     if not (config.encoder or args.quick):

@@ -76,7 +76,6 @@ def _cli(args: argparse.Namespace) -> int:
     from mim_rec.config import ConfigError, load_config
 
     config = load_config(RimBenchConfig, args.config, args.overrides)
-    config.validate()
     if not config.encoders:
         raise ConfigError("mim bench rim needs encoders=DIR (the item encoder the service runs)")
     with tempfile.TemporaryDirectory(prefix="rim-bench-") as scratch:

@@ -482,7 +482,11 @@ def _feature_tokens(columns: Dict[str, pa.Array]) -> pa.Array:
 
 
 def _item_categories(sources: Dict[str, _Source], ids: _Ids) -> np.ndarray:
-    """Each item's dense category: from ``206``, else its first behaviour row's, else 0."""
+    """Each item's dense category: from ``206``, else its first behaviour row's, else 0.
+
+    Needed before the events are written (behaviours take their item's category), so it reads
+    the two id columns of ``item_features`` on its own; the titles are built after the events
+    by :func:`_items`, so the per-item token strings are not held beside the histories."""
     category = np.zeros(len(ids.items), np.int32)
     behaviour_items, behaviour_cats = ids.behaviour_category
     dense, _ = ids.items.lookup(behaviour_items)
