@@ -144,3 +144,15 @@ def test_a_manual_plan_that_does_not_fit_is_not_measured():
     assert "does not fit: rank" in table and "not run" in table
     fits_column = table.splitlines()[0].index("fits")
     assert [line[fits_column:fits_column + 4].strip() for line in table.splitlines()[2:5]] == ["no"] * 3
+
+
+def test_a_manual_plan_the_estimator_splits_otherwise_is_refused_by_table():
+    """Pricing it some other way would put rows priced unlike the others in one table."""
+    from train.bench_sharding import estimate_manual_storage, plan_manually
+    config = _tiny(compute_device="cuda")
+    model = build_model(config)
+    row = plan_manually(config, model, "row_wise")
+    shards = row.sharding_plan.plan["mm_table"]["mm_table"].sharding_spec.shards
+    shards[0].shard_sizes[0] -= 1  # no longer the estimator's even row split
+    with pytest.raises(RuntimeError, match="'mm_table'"):
+        estimate_manual_storage(config, model, row)

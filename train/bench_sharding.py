@@ -332,51 +332,46 @@ def plan_manually(config: ShardingBenchConfig, model, sharding_type: str) -> Pla
 
 
 def _manual_shard_storage(config: ShardingBenchConfig, model, row: PlanRow, topology, constraints,
-                          sharder) -> Tuple[List[Tuple[int, int]], bool]:
-    """``([(hbm, ddr) bytes per rank], from the planner's estimator?)`` of a manual plan.
+                          sharder) -> List[Tuple[int, int]]:
+    """``[(hbm, ddr) bytes per rank]`` of a manual plan, priced by TorchRec's own estimator.
 
-    TorchRec's own ``EmbeddingStorageEstimator`` (what the planner's rows show) prices every
-    table under the plan's sharding type and kernel, shard by shard; each estimated shard is
-    charged to the rank the manual plan puts it on (matched by its offsets). If the estimator's
-    shards are not exactly the plan's, the plan's own shard sizes are counted instead (rows x
-    columns x element bytes: no optimizer state under EXACT_SGD, no input/output buffers)."""
+    ``EmbeddingStorageEstimator`` (what the planner's rows show) prices every table under the
+    plan's sharding type and kernel, shard by shard; each estimated shard is charged to the rank
+    the manual plan puts it on (matched by its offsets). Shards that are not exactly the plan's
+    mean this TorchRec splits tables differently from :func:`plan_manually`: that is refused by
+    table name rather than priced some other way, so every row of the bench is priced alike."""
     from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
     from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
 
+    def mismatch(table: str) -> RuntimeError:
+        return RuntimeError(f"{row.plan}: TorchRec's estimator splits table {table!r} into other shards "
+                            "than the manual plan does; the plan cannot be priced")
+
     per_rank = [[0, 0] for _ in range(config.world_size)]
-    try:
-        enumerator = EmbeddingEnumerator(
-            topology=topology, batch_size=config.batch_size, constraints=constraints,
-            estimator=[EmbeddingStorageEstimator(topology=topology, constraints=constraints)])
-        options = enumerator.enumerate(model, [sharder])
-        seen = set()
-        for option in options:
-            spec = row.sharding_plan.plan[option.path][option.name]
-            if (option.path, option.name) in seen or option.sharding_type != spec.sharding_type \
-                    or option.compute_kernel != spec.compute_kernel:
-                raise LookupError(option.name)
-            seen.add((option.path, option.name))
-            placed = {(tuple(s.shard_offsets), tuple(s.shard_sizes)): s.placement.rank()
-                      for s in spec.sharding_spec.shards}
-            if len(placed) != len(option.shards):
-                raise LookupError(option.name)
-            for shard in option.shards:
-                rank = placed[(tuple(shard.offset), tuple(shard.size))]  # KeyError: not the plan's shard
-                per_rank[rank][0] += shard.storage.hbm
-                per_rank[rank][1] += shard.storage.ddr
-        if seen != {(path, name) for path, tables in row.sharding_plan.plan.items() for name in tables}:
-            raise LookupError("tables")
-        return [tuple(r) for r in per_rank], True
-    except (LookupError, AttributeError, ValueError):
-        per_rank = [[0, 0] for _ in range(config.world_size)]
-        dtypes = {t.name: (config.mm_dtype if t.name == "mm_table" else "fp32") for t in _all_tables(config)}
-        on_device = 0 if config.compute_device == "cuda" else 1
-        for tables in row.sharding_plan.plan.values():
-            for name, spec in tables.items():
-                for shard in spec.sharding_spec.shards:
-                    rows, cols = shard.shard_sizes
-                    per_rank[shard.placement.rank()][on_device] += rows * cols * DTYPE_BYTES[dtypes[name]]
-        return [tuple(r) for r in per_rank], False
+    enumerator = EmbeddingEnumerator(
+        topology=topology, batch_size=config.batch_size, constraints=constraints,
+        estimator=[EmbeddingStorageEstimator(topology=topology, constraints=constraints)])
+    seen = set()
+    for option in enumerator.enumerate(model, [sharder]):
+        spec = row.sharding_plan.plan[option.path][option.name]
+        if (option.path, option.name) in seen or option.sharding_type != spec.sharding_type \
+                or option.compute_kernel != spec.compute_kernel:
+            raise mismatch(option.name)
+        seen.add((option.path, option.name))
+        placed = {(tuple(s.shard_offsets), tuple(s.shard_sizes)): s.placement.rank()
+                  for s in spec.sharding_spec.shards}
+        if len(placed) != len(option.shards):
+            raise mismatch(option.name)
+        for shard in option.shards:
+            rank = placed.get((tuple(shard.offset), tuple(shard.size)))
+            if rank is None:
+                raise mismatch(option.name)
+            per_rank[rank][0] += shard.storage.hbm
+            per_rank[rank][1] += shard.storage.ddr
+    missing = {(path, name) for path, tables in row.sharding_plan.plan.items() for name in tables} - seen
+    if missing:
+        raise mismatch(sorted(missing)[0][1])
+    return [tuple(r) for r in per_rank]
 
 
 def estimate_manual_storage(config: ShardingBenchConfig, model, row: PlanRow) -> None:
@@ -402,11 +397,10 @@ def estimate_manual_storage(config: ShardingBenchConfig, model, row: PlanRow) ->
                                                 pooling_factors=[float(t.pooling)])
                    for t in _all_tables(config)}
     topology = _topology(config)
-    per_rank, estimated = _manual_shard_storage(config, model, row, topology, constraints, sharder)
+    per_rank = _manual_shard_storage(config, model, row, topology, constraints, sharder)
     row.est_mem_gb = [(hbm + ddr) / GB for hbm, ddr in per_rank]
-    how = ("storage estimated by TorchRec's EmbeddingStorageEstimator for this plan's shards" if estimated
-           else "storage = the plan's shard bytes only (the estimator's shards differ from the plan's)")
-    row.note = f"planner offers it only on cuda; {how}; comms/step estimates n/a on {config.compute_device}"
+    row.note = ("planner offers it only on cuda; storage estimated by TorchRec's EmbeddingStorageEstimator "
+                f"for this plan's shards; comms/step estimates n/a on {config.compute_device}")
     try:
         free = [(d.storage.hbm, d.storage.ddr) for d in
                 _storage_reservation().reserve(topology, config.batch_size, model, [sharder], constraints).devices]
