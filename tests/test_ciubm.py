@@ -279,8 +279,29 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path):
     assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-9)
     (tmp_path / "moved").rename(tmp_path / "moved_again")
     assert ciubm._finished(_config(world, tmp_path / "moved_again", "max_steps=6", "model.ubm=sim", "log_every=1"))
-    with pytest.raises(ConfigError, match=r"holds a run trained 6 steps, more than max_steps=3"):
+    with pytest.raises(ConfigError, match=r"holds a run trained 6 steps, more than the 3 this config trains"):
         ciubm.run(_config(world, tmp_path / "moved_again", "max_steps=3", "model.ubm=sim", "log_every=1"))
+
+
+def test_a_rerun_logs_one_record_per_trained_state_and_no_shorter_run_reuses_the_folder(world, tmp_path):
+    """Re-running with fewer epochs reported the longer run as the shorter one (and a grid then
+    took the folder for a finished shorter run); every re-run or resume added another step-less
+    eval and mm_table record, stale ones no reader could tell from the final one; and rewrote its
+    newest checkpoint in place, where a kill would have left none whole."""
+    two_epochs = ciubm.run(_config(world, tmp_path, "loader.batch_size=1024", "epochs=2"))
+    config_json = (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError, match=rf"trained {two_epochs['steps']} steps, more than the "
+                                          rf"{two_epochs['steps'] // 2} this config trains \(epochs=1"):
+        ciubm.run(_config(world, tmp_path, "loader.batch_size=1024", "epochs=1"))
+    assert (tmp_path / "config.json").read_text() == config_json  # the refused run wrote nothing
+    saved = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    ciubm.run(_config(world, tmp_path, "loader.batch_size=1024", "epochs=2"))  # a re-run: no step trained
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == saved
+    three_epochs = ciubm.run(_config(world, tmp_path, "loader.batch_size=1024", "epochs=3"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [(r["event"], r["step"]) for r in records if "event" in r]
+    assert events == [("mm_table", 0), ("mm_table", two_epochs["steps"]), ("eval", three_epochs["steps"])]
+    assert next(r for r in records if r.get("event") == "eval")["auc"] == three_epochs["auc"]
 
 
 def _step_records(out) -> list:
@@ -338,7 +359,7 @@ def test_runs_written_before_newer_settings_existed_resume_and_stay_finished(wor
     (tmp_path / "old" / "config.json").write_text(json.dumps(older))
     (tmp_path / "old" / "metrics.json").write_text('{"steps": 3}')
     ensure_process_group()
-    ciubm._refuse_foreign_checkpoints(config, ciubm._training_inputs(config))  # no ConfigError
+    ciubm._refuse_foreign_checkpoints(config, ciubm._training_inputs(config), 3)  # no ConfigError
     assert ciubm._finished(config)
     older["seed"] = 1
     (tmp_path / "old" / "config.json").write_text(json.dumps(older))

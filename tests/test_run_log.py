@@ -29,6 +29,23 @@ def test_a_resumed_log_forgets_the_steps_after_its_checkpoint(tmp_path):
         (0, None, "start"), (1, 1.0, None), (2, 2.0, None), (3, 3.0, None), (None, None, "table"), (4, 4.5, None)]
 
 
+def test_events_a_resumed_run_logs_again_are_kept_once(tmp_path):
+    """An evaluation logged by every start piled up, stale copies beside the final one."""
+    logger = JsonlLogger(tmp_path / "metrics.jsonl")
+    logger.log({"event": "table"}, step=0)
+    logger.log({"loss": 1.0}, step=4)
+    logger.log({"event": "eval", "auc": 0.6}, step=4)
+    logger.log({"event": "eval", "auc": 0.5})  # written before evaluations carried their step
+    logger.log({"event": "rim_apply"}, step=4)
+    logger.forget_after(4, redone=("eval", "table"))
+    logger.log({"event": "eval", "auc": 0.7}, step=4)
+    logger.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r.get("event"), r["step"]) for r in records if "step" in r] == [
+        ("table", 0), (None, 4), ("rim_apply", 4), ("eval", 4)]
+    assert [r["auc"] for r in records if r.get("event") == "eval"] == [0.7]
+
+
 def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path, monkeypatch):
     """A resume started while a run orphaned by a killed torchrun still wrote the folder raced
     it for the checkpoints."""

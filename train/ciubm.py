@@ -243,6 +243,9 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
 EXECUTION_ONLY = frozenset({"train_pipeline", "out", "checkpoint_keep"})
 # Settings a resumed run may change: how long it trains, how often it logs and saves.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
+# Events of metrics.jsonl every run logs again after restoring its checkpoint: a resumed or
+# re-run folder keeps one record of each per trained state, not one per start.
+LOGGED_AFTER_RESTORE = ("mm_table", "rim_apply", "eval")
 # Settings that name files: compared as absolute paths.
 PATH_SETTINGS = ("data.world", "mm_table", "rim_log")
 
@@ -268,10 +271,12 @@ def _input_path(config: TrainConfig, name: str) -> str:
     return f"mm_table={config.mm_table}" if name == "mm_table" else str(Path(config.data.world) / name)
 
 
-def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, str]]) -> None:
+def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, str]],
+                                total_steps: Optional[int]) -> None:
     """Resuming from checkpoints written under another config, or trained on other data under
-    the same world path, would silently mix two runs. ``inputs``: this run's
-    :func:`_training_inputs` when it trains on (None to evaluate only)."""
+    the same world path, would silently mix two runs; nor may a run trained longer than this
+    config trains be reported as this config's. ``inputs``, ``total_steps``: this run's
+    :func:`_training_inputs` and :func:`_total_steps` when it trains on (None to evaluate only)."""
     from mim_rec.config import ConfigError
 
     from train.dcp_checkpoints import DcpCheckpoints
@@ -288,9 +293,10 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
     trained = int(checkpoint.name.rsplit("-", 1)[-1])
-    if config.max_steps is not None and trained > config.max_steps:  # it used to report the longer run as this one
-        raise ConfigError(f"out={out} holds a run trained {trained} steps, more than max_steps={config.max_steps}: "
-                          f"use a new out= (or max_steps={trained} or more)")
+    if total_steps is not None and trained > total_steps:  # it used to report the longer run as this one
+        raise ConfigError(f"out={out} holds a run trained {trained} steps, more than the {total_steps} this config "
+                          f"trains (epochs={config.epochs}, max_steps={config.max_steps}): use a new out= "
+                          f"(or epochs / max_steps that train {trained} or more)")
     if inputs is not None:  # the planner shards by the number of ranks, and the fused optimizers' state follows the shards
         import torch.distributed as dist
 
@@ -479,7 +485,10 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     _validate_events(config, items)
     sizes = table_sizes(config.data.world, items)
     inputs = _training_inputs(config) if train else None
-    _refuse_foreign_checkpoints(config, inputs)  # before build: the planner's collectives order it before any write
+    loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader, ctx.rank,
+                             ctx.world_size) if train else None
+    # before build: the planner's collectives order it before any write
+    _refuse_foreign_checkpoints(config, inputs, _total_steps(config, loader) if train else None)
     checkpoints = DcpCheckpoints(out / "checkpoints", keep=config.checkpoint_keep)
     if not train:
         evaluated = checkpoints.newest()
@@ -498,11 +507,8 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main and train else None
     if config.model.uses_mm:
         load_mm_table(model, rows_of, items.count)
-        per_rank = [None] * ctx.world_size
-        dist.all_gather_object(per_rank, mm_table_bytes(model))
-        if logger:
-            logger.log({"event": "mm_table", "source": source, "dtype": config.model.mm_dtype,
-                        "bytes_per_rank": per_rank})
+        mm_bytes = [None] * ctx.world_size
+        dist.all_gather_object(mm_bytes, mm_table_bytes(model))
     if ctx.is_main and train:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # it always describes the config.json beside it
@@ -512,14 +518,16 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
 
     progress = checkpoints.restore(model, optimizer, with_optimizer=train) \
         or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    if logger and train:
-        logger.forget_after(progress["global_step"])
+    if logger:
+        logger.forget_after(progress["global_step"], redone=LOGGED_AFTER_RESTORE)
+        if config.model.uses_mm:
+            logger.log({"event": "mm_table", "source": source, "dtype": config.model.mm_dtype,
+                        "bytes_per_rank": mm_bytes}, step=progress["global_step"])
     live = None
     if config.rim_log:
         from embeddings.rim_live import LiveMMTable
         live = LiveMMTable(config.rim_log, config.mm_table, items.count)
     if train:
-        loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader, ctx.rank, ctx.world_size)
         _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx, live)
     if live is not None:
         _apply_rim(live, model, logger, progress["global_step"])
@@ -529,7 +537,8 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
         from mim_rec.utils.run import atomic_write_bytes
         if train:
             atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=2).encode())
-            logger.log({"event": "eval", **{k: report[k] for k in ("auc", "gauc", "logloss", "n")}})
+            logger.log({"event": "eval", **{k: report[k] for k in ("auc", "gauc", "logloss", "n")}},
+                       step=progress["global_step"])
             logger.close()
         else:
             atomic_write_bytes(out / "eval.json", json.dumps(_evaluated(config, report, evaluated), indent=2).encode())
@@ -715,9 +724,11 @@ def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx,
             checkpoints.save(model, optimizer, progress)
     step.detach()
     bar.close()
-    if steps:
+    # Not again where the loop's last step saved, nor where nothing trained: DCP would rewrite the
+    # newest checkpoint in place, and a kill during that would leave none whole at this step.
+    if steps and progress["global_step"] % config.checkpoint_every:
         _require_finite(parts, progress["global_step"], checkpoints)
-    checkpoints.save(model, optimizer, progress)
+        checkpoints.save(model, optimizer, progress)
 
 
 def _require_finite(parts, step: int, checkpoints) -> None:

@@ -10,7 +10,7 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -55,10 +55,12 @@ class JsonlLogger:
                 if isinstance(value, (int, float)) and key not in ("time", "step"):
                     self._tb.add_scalar(key, value, step)
 
-    def forget_after(self, step: int) -> None:
+    def forget_after(self, step: int, redone: Sequence[str] = ()) -> None:
         """Drop the records of steps after ``step``, where a run resumes: the steps a killed run
         logged past its last checkpoint are trained and logged again, and would otherwise be
-        in the log twice. A line cut short by the kill goes too; records without a step stay."""
+        in the log twice. A line cut short by the kill goes too; records without a step stay.
+        ``redone``: events this run logs again from ``step`` on (an evaluation of the resumed
+        model, say); their records at ``step`` or without a step go as well."""
         self._fh.close()
         kept = []
         for line in self.path.read_text().splitlines(keepends=True):
@@ -66,7 +68,10 @@ class JsonlLogger:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("step", step) <= step:
+            at = record.get("step")
+            if record.get("event") in redone and (at is None or at >= step):
+                continue
+            if at is None or at <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
         atomic_write_bytes(self.path, "".join(kept).encode())
         self._fh = self.path.open("a", buffering=1)
