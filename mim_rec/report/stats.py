@@ -38,6 +38,16 @@ class Stat:
     def std(self) -> Optional[float]:
         return statistics.stdev(self.values) if self.n > 1 else None
 
+    def p_above_zero(self) -> Optional[float]:
+        """One-sided p-value that the mean is above zero (Student's t over the values; on paired
+        differences, the paired t-test). None for one value: no spread to test against."""
+        if self.n < 2:
+            return None
+        if self.std == 0:  # every value the same: certain either way, where t would divide by zero
+            return 0.0 if self.mean > 0 else 1.0
+        from scipy.stats import ttest_1samp
+        return float(ttest_1samp(self.values, 0.0, alternative="greater").pvalue)
+
 
 def stat(values: Iterable[Optional[float]]) -> Optional[Stat]:
     """A :class:`Stat` of the defined values (None and NaN dropped); None when none is left."""
@@ -65,6 +75,13 @@ def fmt_stat(s: Optional[Stat], signed: bool = False) -> str:
     if s is None:
         return "not run"
     return f"{fmt(s.mean, signed)} ± {fmt(s.std)}"
+
+
+def fmt_p(p: Optional[float]) -> str:
+    """``p=0.012``, ``p<0.001``; ``p n/a`` with one seed."""
+    if p is None:
+        return "p n/a"
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
 def _unique(values: Iterable[Any]) -> List[Any]:
