@@ -478,10 +478,15 @@ def test_bad_grid_files_are_refused(tmp_path, text, message):
     ("loader.seed=-5", r"loader.seed=-5: must not be negative"),
     ("model.ubm=twin model.ubm_options={num_heads: 0}", r"num_heads=0: must be a positive divisor"),
     ("model.ubm=bst model.ubm_options={max_positions: 0}", r"max_positions=0: must be at least 1"),
+    ("out=", r"out='': a run folder is required"),
+    ("out={tmp_path}/a_file", r"a_file': a run folder is required, not a file"),
 ])
 def test_settings_that_cannot_train_are_refused_by_key(tmp_path, override, message):
     """Before any data is read: a zero batch size or interval used to surface as a
-    ZeroDivisionError mid-run, zero epochs as a silently untrained model."""
+    ZeroDivisionError mid-run, zero epochs as a silently untrained model, out= a file as a
+    FileExistsError traceback."""
+    (tmp_path / "a_file").write_text("")
+    override = override.replace("{tmp_path}", str(tmp_path))
     with pytest.raises(ConfigError, match=message):
         ciubm.load_train_config(None, [f"data.world={tmp_path}", *override.split(" ", 1)])
 

@@ -60,6 +60,8 @@ def test_the_grid_file_name_follows_its_content(tmp_path):
     second = next(s for s in experiment.stages(_plan(tmp_path, ubms="din,sim")) if s.name == "ctr_grid")
     grid = lambda stage: stage.argv[stage.argv.index("--grid") + 1]  # noqa: E731
     assert grid(first) != grid(second)
+    assert not (tmp_path / "exp").exists()  # naming the stages (a dry run) writes nothing
+    experiment.write_grid(_plan(tmp_path, ubms="din,sim"))
     assert [r["name"] for r in json.loads(open(grid(second)).read())][:4] == \
         ["base_din_s0", "mim_din_s0", "base_sim_s0", "mim_sim_s0"]
 
@@ -88,8 +90,14 @@ def test_report_only_runs_nothing_and_reports_what_finished(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("tables", "2,7", "--tables"), ("ubms", "din,gru4rec", "--ubms"), ("seeds", "1,x", "--seeds"),
-    ("tables", "", "--tables")])
+    ("tables", "", "--tables"), ("seeds", "0,1,0", r"--seeds: 0 given more than once"),
+    ("ubms", "din,din", "--ubms: din given more than once"), ("nproc", 0, "--nproc 0"),
+    ("out", "a_file", "is a file, not a run folder")])
 def test_bad_arguments_are_refused(tmp_path, field, value, message):
+    """Repeated seeds used to get as far as the CTR grid, after every stage before it had run."""
+    if field == "out":
+        value = tmp_path / value
+        value.write_text("")
     with pytest.raises(ConfigError, match=message):
         _plan(tmp_path, **{field: value})
 

@@ -85,6 +85,8 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     config = load_config(TrainConfig, path, overrides)
     if not config.data.world:
         raise ConfigError("data.world: the world folder (items.parquet, events_*.parquet) is required")
+    if not config.out or Path(config.out).is_file():
+        raise ConfigError(f"out={config.out!r}: a run folder is required, not a file or nothing")
     require_positive(config, POSITIVE_SETTINGS)
     require_not_negative(config, NOT_NEGATIVE_SETTINGS)
     for key in ("item_dim", "category_dim", "user_dim", "query_dim"):

@@ -143,11 +143,20 @@ def _parse_list(text: Optional[str], kind, allowed: Optional[Sequence] = None, w
     unknown = [v for v in values if allowed is not None and v not in allowed]
     if unknown or not values:
         raise ConfigError(f"{what}: expected a comma-separated list of {list(allowed or [])}, got {text!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:  # a repeated seed would be two runs of one name, and a second sample in the report's std
+        raise ConfigError(f"{what}: {', '.join(map(str, repeated))} given more than once in {text!r}")
     return values
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
+    from mim_rec.config import ConfigError
+
     preset = PRESETS[args.preset]
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a run folder")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the C-SFT and CiUBM jobs need at least one rank")
     return Plan(out=Path(args.out).resolve(), preset_name=args.preset, preset=preset, world_arg=args.world,
                 tables=_parse_list(args.tables, int, ALL_TABLES, "--tables"),
                 ubms=_parse_list(args.ubms, str, ALL_UBMS, "--ubms") or preset.ubms,
@@ -189,14 +198,21 @@ def has_truth(plan: Plan) -> bool:
     return plan.world_arg is None or (plan.world / "truth" / "items.npz").is_file()
 
 
-def _grid_file(out: Path, runs: List[Dict[str, Any]]) -> Path:
-    """The grid written under a name that hashes its content, so another grid is another command."""
+def _grid(out: Path, runs: List[Dict[str, Any]]) -> Tuple[Path, str]:
+    """The grid's JSON and its file, named by a hash of the content, so another grid is another
+    command. :func:`stages` only names the file (a dry run writes nothing); :func:`write_grid`
+    writes it before the stages run."""
     text = json.dumps(runs, indent=1)
-    path = out / f"grid-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file():
-        path.write_text(text)
-    return path
+    return out / f"grid-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json", text
+
+
+def write_grid(plan: Plan) -> None:
+    runs = ctr_runs(plan)
+    if runs:
+        path, text = _grid(plan.out, runs)
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
 
 
 def stages(plan: Plan) -> List[Stage]:
@@ -217,7 +233,7 @@ def stages(plan: Plan) -> List[Stage]:
                             out / "mm_table_truth" / "manifest.json", BUILD))
     runs = ctr_runs(plan)
     if runs:
-        grid = _grid_file(out, runs)
+        grid, _ = _grid(out, runs)
         result.append(Stage("ctr_grid", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, "--",
                                                   "--grid", str(grid), f"data.world={world}", *preset["train"],
                                                   *plan.ctr_overrides],
@@ -273,6 +289,8 @@ def run_experiment(plan: Plan, report_only: bool = False) -> Dict[str, Any]:
     ``report_only``, run nothing and collect what has finished: stages that did not finish are
     left out of the stage table, and CTR runs without a ``metrics.json`` read as not run."""
     plan.out.mkdir(parents=True, exist_ok=True)
+    if not report_only:
+        write_grid(plan)
     todo = stages(plan)
     walls = []
     started = time.time()
