@@ -235,8 +235,17 @@ def test_summary_edges_are_the_evaluations_and_an_empty_split_is_summarised(worl
     ages = (events["ts"].to_numpy() - created_s[events["target_item_id"].to_numpy()]) / 86_400
     expected = [round(x, 2) for x in age_bucket_edges(torch.from_numpy(ages))]
     assert summarize_world(world)["events_test"]["item_age_decile_edges_days"] == expected
+    assert summarize_world(world)["events_test"]["events_before_item_created"] == 0
     copy = tmp_path / "copy"
     shutil.copytree(world, copy)
+    early = pq.read_table(copy / "events_test.parquet")  # 3 events a year before their item existed
+    ts = early["ts"].to_numpy().copy()
+    ts[:3] = created_s[early["target_item_id"].to_numpy()[:3]] - 365 * 86_400
+    pq.write_table(early.set_column(early.schema.get_field_index("ts"), "ts", pa.array(ts)), copy / "events_test.parquet")
+    summary = summarize_world(copy)["events_test"]
+    assert summary["events_before_item_created"] == 3 and summary["item_age_days"]["p10"] >= 0  # taken at age 0
+    assert mim(["data", "summary", str(copy)]) == 0
+    assert "3 events precede their target item's created_at" in capsys.readouterr().out
     pq.write_table(pq.read_table(copy / "events_test.parquet").slice(0, 0), copy / "events_test.parquet")
     assert mim(["data", "summary", str(copy)]) == 0
     assert "events_test: 0 rows" in capsys.readouterr().out

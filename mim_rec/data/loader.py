@@ -170,7 +170,7 @@ def make_batch(rows: pa.RecordBatch, items: ItemInfo, config: LoaderConfig,
         values=torch.from_numpy(np.concatenate([user, query_ids]).astype(np.int64)),
         lengths=torch.from_numpy(np.concatenate([np.ones(n, np.int64), query_len])), stride=n)
 
-    age_days = np.maximum(column["ts"].to_numpy() - items.created_s[target], 0) / 86_400
+    age_days = item_age_days(column["ts"].to_numpy(), items.created_s[target])
     dense = np.stack([np.log1p(age_days), np.log1p(hist_len)], axis=1).astype(np.float32)
     weight = np.ones(n, np.float32) if weight is None else weight
     return CtrBatch(
@@ -180,6 +180,12 @@ def make_batch(rows: pa.RecordBatch, items: ItemInfo, config: LoaderConfig,
               "target_category": torch.from_numpy(items.category[target]),
               "item_age_days": torch.from_numpy(age_days.astype(np.float32)),
               "weight": torch.from_numpy(weight)})
+
+
+def item_age_days(ts: np.ndarray, created_s: np.ndarray) -> np.ndarray:
+    """An item's age at each event, in days. An event before its item was created (a clock or
+    catalogue error; ``mim data summary`` counts them) is taken at age 0: the newest bucket."""
+    return np.maximum(ts - created_s, 0) / 86_400
 
 
 class CtrEventsLoader:

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from mim_rec.data.io import read_parquet_columns
+from mim_rec.data.loader import item_age_days
 from mim_rec.data.manifest import world_age_caveat
 
 PERCENTILES = (10, 50, 90, 99)
@@ -40,7 +41,8 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
         label = table["label"].to_numpy().astype(np.float64)
         target = table["target_item_id"].to_numpy()
         hist_len = pc.list_value_length(table["hist_item_ids"]).to_numpy(zero_copy_only=False)
-        age_days = (table["ts"].to_numpy() - created[target]) / 86_400
+        ts = table["ts"].to_numpy()
+        age_days = item_age_days(ts, created[target])  # as the training and evaluation take it
         cats = category_of[target]
         per_cat = {int(c): round(float(label[cats == c].mean()), 4) for c in np.unique(cats)}
         summary[f"events_{split}"] = {
@@ -50,6 +52,7 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
             "click_rate_per_category": per_cat,
             "history_length": _percentiles(hist_len),
             "item_age_days": _percentiles(age_days),
+            "events_before_item_created": int((ts < created[target]).sum()),
             # the evaluation's method (lower-value quantiles: mim_rec.metrics age_bucket_edges), so
             # these edges are the ones metrics.json reports for the same split
             "item_age_decile_edges_days": [round(float(x), 2) for x in np.percentile(
@@ -85,6 +88,9 @@ def format_summary(summary: Dict) -> str:
             lines.append(f"  click rate per category: min {min(rates):.4f} / max {max(rates):.4f}")
             lines.append("  history length: " + _fmt(ev["history_length"]))
             lines.append("  item age at event (days): " + _fmt(ev["item_age_days"]))
+            if ev["events_before_item_created"]:
+                lines.append(f"  warning: {ev['events_before_item_created']:,} events precede their target "
+                             "item's created_at; they count as age 0 (the newest bucket, S1)")
             lines.append("  item-age decile edges (days): "
                          + ", ".join(f"{x:g}" for x in ev["item_age_decile_edges_days"]))
             if summary.get("item_age_caveat"):
