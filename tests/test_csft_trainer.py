@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
-from mim_rec.config import to_dict
+from mim_rec.config import ConfigError, to_dict
 from mim_rec.csft import CsftConfig, load_csft_model
 from mim_rec.csft.config import (CsftDataConfig, FusionConfig, LossConfig, ModelConfig,
                                  NegativesConfig, QueryConfig)
@@ -80,12 +83,6 @@ def test_training_lowers_the_loss_and_evaluates_both_rows(inputs, tmp_path, caps
         str((inputs[0] / name).resolve()): fingerprint_file(inputs[0] / name)
         for name in ("items.parquet", "pairs_test.parquet", "events_test.parquet")}}
     assert saved == report
-    # evaluated again on other data (here the validation period): the report says so, and so
-    # does the command, instead of silently replacing the test numbers
-    again = evaluate_run(dataclasses.replace(config, data=dataclasses.replace(config.data, validation=0.25)))
-    assert "held an evaluation of other inputs" in capsys.readouterr().err
-    saved = json.loads((out / "eval.json").read_text())
-    assert saved.pop("inputs")["split"] == "validation" and saved == again
 
 
 def _trainable_state(out: Path):
@@ -93,9 +90,26 @@ def _trainable_state(out: Path):
     return {k: v for k, v in model.state_dict().items()}
 
 
+def _lonely_world(inputs, folder: Path):
+    """``inputs`` with every fourth item alone in its category: the hard-negative sampler falls
+    back to any other item for those (and counts it)."""
+    folder.mkdir()
+    for path in inputs[0].iterdir():
+        if path.name != "items.parquet":
+            (folder / path.name).symlink_to(path)
+    items = pq.read_table(inputs[0] / "items.parquet")
+    ids = items.column("item_id").to_numpy()
+    field = items.schema.field("category_id")
+    categories = np.where(ids % 4 == 0, 6 + ids, items.column("category_id").to_numpy())
+    pq.write_table(items.set_column(items.column_names.index("category_id"), field,
+                                    [pa.array(categories, type=field.type)]), folder / "items.parquet")
+    return folder, inputs[1], folder / "features"
+
+
 def test_resume_from_a_checkpoint_gives_the_same_weights(inputs, tmp_path, monkeypatch):
     from train.common import CheckpointManager
 
+    inputs = _lonely_world(inputs, tmp_path / "world")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_csft(_config(inputs, straight))
     assert [p.name for p in (straight / "checkpoints").iterdir()] == ["step-000000006.pt"]  # finished
@@ -112,6 +126,39 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(inputs, tmp_path, monke
     want, got = _trainable_state(straight), _trainable_state(resumed)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    # the sampler's count too: it used to restart from 0 at the resume, logging fewer
+    done = [next(m for m in _metrics(out) if m.get("event") == "done") for out in (straight, resumed)]
+    assert done[0]["hard_negative_fallbacks"] > 0
+    assert done[1]["hard_negative_fallbacks"] == done[0]["hard_negative_fallbacks"]
+
+
+def test_a_diverged_run_stops_before_checkpointing_nan_weights(inputs, tmp_path, capsys):
+    """It saved NaN weights as mm_encoder/ and exited 0; csft-eval then printed recall 1.0."""
+    out = tmp_path / "diverged"
+    config_file = _write_config(_config(inputs, out, lr=1e8, steps=20, checkpoint_every=1), tmp_path / "c.yaml")
+    assert cli.main(["csft", "--config", str(config_file)]) == 1
+    assert "the C-SFT loss" in capsys.readouterr().err
+    assert not (out / "mm_encoder" / "manifest.json").exists()
+    saved = sorted((out / "checkpoints").iterdir())
+    for path in saved:  # the steps before the divergence, none after
+        weights = torch.load(path, weights_only=False)["model"]
+        assert all(torch.isfinite(w).all() for w in weights.values()), path.name
+    last = int(saved[-1].stem.split("-")[1]) if saved else 0
+    assert last < 20 and any(not math.isfinite(m["loss"]) for m in _metrics(out) if m["step"] == last + 1
+                             and "loss" in m)
+
+
+def test_evaluation_refuses_nan_embeddings(inputs):
+    """NaN scores lose every comparison, so each query ranked its own item first: recall 1.0."""
+    from mim_rec.csft.evaluate import Embedded, evaluate_embeddings
+    from mim_rec.data.errors import DataError
+    world = _world_inputs(inputs)
+    held_out = world.held_out(0.0)
+    items = torch.nn.functional.normalize(torch.randn(world.item_count, 8), dim=-1)
+    items[3, 0] = float("nan")
+    embedded = Embedded(torch.nn.functional.normalize(torch.randn(len(held_out.pairs), 8), dim=-1), items)
+    with pytest.raises(DataError, match="runs/x/mm_encoder: 1 of 240 item embeddings are NaN or infinite"):
+        evaluate_embeddings(embedded, world, [10], held_out, source="runs/x/mm_encoder")
 
 
 @pytest.mark.parametrize("changes", [
@@ -329,7 +376,7 @@ def test_a_cut_that_leaves_nothing_to_train_on_is_named():
         time_cut(np.full(10, 7), 0.2, "pairs_train.parquet")
 
 
-def test_a_validation_run_trains_without_the_held_out_pairs_and_scores_them(inputs, tmp_path):
+def test_a_validation_run_trains_without_the_held_out_pairs_and_scores_them(inputs, tmp_path, capsys):
     out = tmp_path / "valid"
     config = _config(inputs, out, steps=2, checkpoint_every=2)
     config = replace(config, data=replace(config.data, validation=0.25))
@@ -345,6 +392,12 @@ def test_a_validation_run_trains_without_the_held_out_pairs_and_scores_them(inpu
     in_period = [len(h) for t, h in zip(events.column("ts").to_pylist(),
                                         events.column("hist_item_ids").to_pylist()) if t >= held_out.since]
     assert report["stage1"]["scored_impressions"] + report["stage1"]["no_history_impressions"] == len(in_period)
+    # evaluated again on other data (here the test files): the report says so, and so does the
+    # command, instead of silently replacing the validation numbers
+    again = evaluate_run(replace(config, data=replace(config.data, validation=0.0)))
+    assert "held an evaluation of other inputs" in capsys.readouterr().err
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved.pop("inputs")["split"] == "test" and saved == again
 
 
 def test_balanced_score_is_the_weaker_relative_gain():
@@ -356,6 +409,19 @@ def test_balanced_score_is_the_weaker_relative_gain():
     from mim_rec.config import ConfigError
     with pytest.raises(ConfigError, match="--select 'auc'"):
         score({"recall@10": 0.01, "pair_auc": 0.62}, stage1, "auc")
+
+
+@pytest.mark.parametrize("stage1", [{"recall@10": 0.0, "pair_auc": 0.45}, {"recall@10": 0.004, "pair_auc": 0.5},
+                                    {"recall@10": 0.02, "pair_auc": 0.58}])
+def test_balanced_score_is_neutral_at_stage1_and_bounded_near_chance(stage1):
+    """A stage 1 at or below chance made the AUC side's ratio blow up (-1.2e11 for an
+    untrained run, which equals stage 1) or flip sign; no recall hit divided by 1e-12."""
+    from train.csft_tune import score
+    assert score(stage1, stage1, "balanced") == pytest.approx(1.0)
+    better = {"recall@10": stage1["recall@10"] + 0.01, "pair_auc": stage1["pair_auc"] + 0.01}
+    worse = {"recall@10": stage1["recall@10"], "pair_auc": stage1["pair_auc"] - 0.01}
+    assert 1.0 < score(better, stage1, "balanced") <= 2.0
+    assert score(worse, stage1, "balanced") < 1.0
 
 
 def test_grid_values_keep_bracketed_lists_whole():
@@ -388,6 +454,21 @@ def test_tune_chooses_on_validation_and_reports_the_choice_on_test(inputs, tmp_p
     table = (out / "TUNE.md").read_text()
     assert f"**{report['chosen'][0]}**" in table and "### Test" in table
     assert run_tune(str(config_file), [], grid, validation=0.25, final=True) == report  # reused, not retrained
+
+
+def test_eval_refuses_a_validation_period_the_run_trained_on(inputs, tmp_path, capsys):
+    """csft-eval data.validation=0.3 of a run trained on every pair scored it on its own training pairs."""
+    out = tmp_path / "run"
+    config = _config(inputs, out, steps=2)
+    run_csft(config)
+    config_file = _write_config(config, tmp_path / "c.yaml")
+    assert cli.main(["csft-eval", "--config", str(config_file), "data.validation=0.3"]) == 2
+    assert ("data.validation=0.3: the run in" in capsys.readouterr().err and not (out / "eval.json").exists())
+    trained = replace(config, data=replace(config.data, validation=0.25), out=str(tmp_path / "valid"))
+    run_csft(trained)
+    with pytest.raises(ConfigError, match="data.validation=0.3: .*trained with data.validation=0.25"):
+        evaluate_run(replace(trained, data=replace(trained.data, validation=0.3)))
+    assert evaluate_run(replace(trained, data=replace(trained.data, validation=0.2)))["csft"]["held_out"] == "validation"
 
 
 def test_eval_without_the_test_pairs_is_refused_before_training(inputs, tmp_path, capsys):

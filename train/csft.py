@@ -16,9 +16,12 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 from train.stage_cli import StageCommands, register_stage
+
+if TYPE_CHECKING:
+    from mim_rec.csft.config import CsftConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,23 +35,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from mim_rec.config import ConfigError, load_config, require_fraction, require_not_negative, require_positive
+    from mim_rec.config import load_config
     from mim_rec.csft.config import CsftConfig
-    config = load_config(CsftConfig, args.config, args.overrides)
-    require_positive(config, ("steps", "lr", "head_lr", "backbone_lr", "checkpoint_every", "log_every",
-                              "data.batch_size", "eval.batch_size", "loss.temperature", "model.fusion.hidden",
-                              "model.fusion.rank"))
-    require_not_negative(config, ("loss.alpha", "loss.beta", "negatives.queue_batches", "weight_decay"))
-    if config.data.validation:
-        require_fraction(config, ("data.validation",))
-    if not config.eval.ks or min(config.eval.ks) <= 0:
-        raise ConfigError(f"eval.ks={config.eval.ks}: recall cut-offs must be positive")
+    config = check_config(load_config(CsftConfig, args.config, args.overrides))
     if (getattr(args, "eval", False) or getattr(args, "eval_only", False)) and not config.data.validation:
         from mim_rec.data.errors import DataError
         for name in ("pairs_test.parquet", "events_test.parquet"):  # found missing only after training, before
             if not (Path(config.data.world) / name).is_file():
                 raise DataError(str(Path(config.data.world) / name), "no such file; the evaluation reads it "
                                 "(or set data.validation to evaluate on the latest training pairs)")
+    return config
+
+
+def check_config(config: CsftConfig) -> CsftConfig:
+    """Refuse settings that would fail deep inside training or evaluation (a division by zero,
+    a traceback from numpy) or silently train nothing; returns ``config``. Every command that
+    trains C-SFT runs (``csft``, ``csft-ablations``, ``csft-tune``) calls it on each run's
+    config before any of them trains."""
+    from mim_rec.config import ConfigError, require_fraction, require_not_negative, require_positive
+    require_positive(config, ("steps", "lr", "head_lr", "backbone_lr", "checkpoint_every", "log_every",
+                              "data.batch_size", "eval.batch_size", "loss.temperature", "model.fusion.hidden",
+                              "model.fusion.rank"))
+    require_not_negative(config, ("loss.alpha", "loss.beta", "negatives.queue_batches", "weight_decay", "seed"))
+    if config.data.validation:
+        require_fraction(config, ("data.validation",))
+    if not config.eval.ks or min(config.eval.ks) <= 0:
+        raise ConfigError(f"eval.ks={config.eval.ks}: recall cut-offs must be positive")
+    if config.negatives.queue_batches and config.model.train_backbones:
+        raise ConfigError("model.train_backbones=true needs negatives.queue_batches=0: a refreshed "
+                          "queue re-embeds queued items from cached backbone features, which moving "
+                          "backbones invalidate, and a stored (stale) queue made C-SFT diverge "
+                          "(docs/csft.md, 'No queue while the backbones train')")
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise ConfigError(f"out={config.out}: a file, not a run folder")
     return config
 
 
@@ -79,12 +98,7 @@ def _run_csft(config) -> Path:
     from train.common import CheckpointManager
     from train.pretrain import _batch_index, _local_batch
 
-    if config.negatives.queue_batches and config.model.train_backbones:  # refused before any work
-        from mim_rec.config import ConfigError
-        raise ConfigError("model.train_backbones=true needs negatives.queue_batches=0: a refreshed "
-                          "queue re-embeds queued items from cached backbone features, which moving "
-                          "backbones invalidate, and a stored (stale) queue made C-SFT diverge "
-                          "(docs/csft.md, 'No queue while the backbones train')")
+    check_config(config)  # refused before any work, whoever calls
     ctx = init_distributed(config.device)
     out = Path(config.out)
     seed_everything(config.seed)  # identical initial weights on every rank
@@ -119,6 +133,8 @@ def _run_csft(config) -> Path:
     if resumed:
         objective.negatives.queue.load_state_dict(_to_device(resumed.extra["queues"][ctx.rank],
                                                              ctx.device))
+        if sampler is not None:  # absent from checkpoints written before it was saved
+            sampler.fallbacks = resumed.extra.get("hard_negative_fallbacks", 0)
     logger = None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -129,32 +145,34 @@ def _run_csft(config) -> Path:
                     "train_pairs": len(pairs), "signals": config.data.signals,
                     "backbone_features_cached": inputs.features,
                     "trainable": describe_trainable(objective)}, step=step)
-    progress = tqdm(total=config.steps, initial=step, desc="csft", disable=not ctx.is_main)
     started = time.time()
     objective.train()
-    for step in range(step, config.steps):
-        index = _batch_index(step, len(pairs), config.data.batch_size, config.seed)
-        mine = slice(ctx.rank * local_batch, (ctx.rank + 1) * local_batch)
-        item_ids = pairs.item_ids[index][mine]
-        if sampler is not None:  # drawn for the global batch: the same on any world size
-            negatives = sampler(pairs.item_ids[index], np.random.default_rng([config.seed, step]))
-            item_ids = np.concatenate([item_ids, negatives[mine]])
-        batch = inputs.batch(index[mine], item_ids, world.item_categories[item_ids], ctx.device)
-        losses = step_module(batch, step)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        progress.update(1)
-        done = step + 1
-        if logger is not None and (done % config.log_every == 0 or done == config.steps):
-            record = {k: v.item() for k, v in losses.items()}
-            record.update(_queue_drift(objective, inputs, ctx.device, done))
-            logger.log(record, step=done)
-            progress.set_postfix(loss=f"{record['loss']:.3f}")
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            checkpoints.save(done, objective, optimizer,
-                             extra={"queues": _all_queue_states(objective.negatives.queue)})
-    progress.close()
+    # closed (its line ended) before an error is printed, e.g. a diverged loss's
+    with tqdm(total=config.steps, initial=step, desc="csft", disable=not ctx.is_main) as progress:
+        for step in range(step, config.steps):
+            index = _batch_index(step, len(pairs), config.data.batch_size, config.seed)
+            mine = slice(ctx.rank * local_batch, (ctx.rank + 1) * local_batch)
+            item_ids = pairs.item_ids[index][mine]
+            if sampler is not None:  # drawn for the global batch: the same on any world size
+                negatives = sampler(pairs.item_ids[index], np.random.default_rng([config.seed, step]))
+                item_ids = np.concatenate([item_ids, negatives[mine]])
+            batch = inputs.batch(index[mine], item_ids, world.item_categories[item_ids], ctx.device)
+            losses = step_module(batch, step)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            progress.update(1)
+            done = step + 1
+            if logger is not None and (done % config.log_every == 0 or done == config.steps):
+                record = {k: v.item() for k, v in losses.items()}
+                record.update(_queue_drift(objective, inputs, ctx.device, done))
+                logger.log(record, step=done)
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                _require_finite(losses["loss"], objective, done, checkpoints)
+                checkpoints.save(done, objective, optimizer,
+                                 extra={"queues": _all_queue_states(objective.negatives.queue),
+                                        "hard_negative_fallbacks": sampler.fallbacks if sampler else 0})
     checkpoints.finish()
     final = out / "mm_encoder"
     if ctx.is_main:
@@ -168,6 +186,29 @@ def _run_csft(config) -> Path:
         logger.close()
     barrier()
     return final
+
+
+def _require_finite(loss, objective, step: int, checkpoints) -> None:
+    """Stop, on every rank alike, before checkpointing a step whose loss or trainable weights
+    are NaN or infinite: every resume would load them, and the final step's checkpoint is
+    followed by ``mm_encoder/``, whose NaN scores ``csft-eval`` would rank as perfect. Checked
+    at checkpoint time only (the step's last one included), so the loss stays on the device
+    between logs."""
+    import torch
+    import torch.distributed as dist
+
+    from mim_rec.utils.run import TrainingDiverged
+
+    weights = [p for p in objective.parameters() if p.requires_grad]
+    finite = torch.stack([torch.isfinite(loss).all(), *(torch.isfinite(p).all() for p in weights)])
+    flag = finite.all().to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item() < 1:
+        kept = [p.name for p in checkpoints.checkpoints()]
+        raise TrainingDiverged(f"step {step}: the C-SFT loss ({loss.item()} on this rank) or weights are not "
+                               f"finite; no checkpoint was written for it (the newest is "
+                               f"{kept[-1] if kept else 'none'}). Lower lr (or head_lr, backbone_lr)")
 
 
 def _feature_cache(config, cache_type):
@@ -251,26 +292,44 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
     out = Path(config.out)
     if not (out / "mm_encoder" / "manifest.json").exists():
         raise ConfigError(f"out={out} holds no C-SFT model (mm_encoder/); point out= at a finished C-SFT run")
-    trained_from = read_manifest(out / "mm_encoder").inputs.get("encoders")
+    manifest = read_manifest(out / "mm_encoder")
+    trained_from = manifest.inputs.get("encoders")
     if trained_from is not None and trained_from != fingerprint_tree(config.encoders):
         raise ConfigError(f"encoders={config.encoders}: not the stage-1 encoders {out / 'mm_encoder'} was trained "
                           "from, so its stage-1 row would compare other towers")
+    _require_held_out(config.data.validation, manifest.extra.get("validation", 0.0), out)
     world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
                         batch_size=config.eval.batch_size)
     held_out = world.held_out(config.data.validation)
     report: Dict[str, Dict[str, float]] = {}
-    for row, embed in (("stage1", lambda: stage1_embeddings(load_encoders(config.encoders), world, held_out)),
-                       ("csft", lambda: csft_embeddings(load_csft_model(out / "mm_encoder"), world, held_out))):
+    for row, source, embed in (
+            ("stage1", config.encoders, lambda: stage1_embeddings(load_encoders(config.encoders), world, held_out)),
+            ("csft", out / "mm_encoder", lambda: csft_embeddings(load_csft_model(out / "mm_encoder"), world,
+                                                                 held_out))):
         started = time.time()
-        report[row] = evaluate_embeddings(embed(), world, config.eval.ks, held_out)
+        report[row] = evaluate_embeddings(embed(), world, config.eval.ks, held_out, source=str(source))
         report[row]["seconds"] = round(time.time() - started, 1)
     write_eval_report(out, report, [world.items_path, held_out.pairs.path, held_out.events_path],
                       split=held_out.name, validation=config.data.validation)
     return report
 
 
+def _require_held_out(validation: float, trained: float, out: Path) -> None:
+    """Refuse an evaluation period the run trained on: ``data.validation = v`` scores the latest
+    share ``v`` of the training pairs, and a run trained with ``data.validation = t`` trained on
+    all but the latest ``t`` (written before the setting existed: on all, ``t = 0``). The test
+    files (``v = 0``) were never trained on."""
+    from mim_rec.config import ConfigError
+    if validation and validation > trained:
+        raise ConfigError(f"data.validation={validation}: the run in {out} was trained with data.validation="
+                          f"{trained}, so that period holds pairs it trained on; evaluate with "
+                          + (f"0 < data.validation <= {trained} or " if trained else "")
+                          + "data.validation=0 (the test files)")
+
+
 def format_table(report: Dict[str, Dict[str, float]]) -> str:
-    columns = [c for c in next(iter(report.values())) if c.startswith("recall@")] + ["pair_auc", "gauc"]
+    from train.csft_runs import metric_columns
+    columns = metric_columns(next(iter(report.values())))
     lines = ["| embeddings | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row, metrics in report.items():
         lines.append(f"| {row} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")

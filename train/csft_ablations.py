@@ -40,7 +40,6 @@ LABELS = {"stage1": "w/o C-SFT (stage-1 embeddings)", "full": "C-SFT (purchase, 
           "no_multi_level": "w/o multi-level InfoNCE (q2item only)",
           "category_ce": "category CE (interest-irrelevant)", "click_ce": "click pairs, CE",
           "purchase_ce": "purchase pairs, CE", "click_infonce": "click pairs, InfoNCE"}
-METRICS = ("recall@10", "recall@100", "pair_auc", "gauc")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,18 +80,22 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     from mim_rec.csft.data import FeatureCache, WorldInputs
     from mim_rec.utils.dist import current_rank
     from mim_rec.utils.run import atomic_write_bytes
+    from train.csft import check_config
     from train.csft_runs import csft_fingerprint, csft_result, saved_result, stage1_result
 
-    base = load_config(CsftConfig, config_path, overrides)
+    base = check_config(load_config(CsftConfig, config_path, overrides))
     out = Path(base.out)
-    out.mkdir(parents=True, exist_ok=True)
     cache = base.data.feature_cache or str(out / "features")
+    # every variant's settings are checked before any variant trains
+    configs = {name: check_config(load_config(CsftConfig, config_path, [*overrides, *variant, f"out={out / name}",
+                                                                        f"data.feature_cache={cache}"]))
+               for name, _, variant in VARIANTS}
+    out.mkdir(parents=True, exist_ok=True)
     world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
     held_out = world.held_out(base.data.validation)
     report: Dict[str, Dict] = {"stage1": stage1_result(base, world, held_out, out / "stage1")}
     for name, _, variant in VARIANTS:
-        config = load_config(CsftConfig, config_path, [*overrides, *variant, f"out={out / name}",
-                                                        f"data.feature_cache={cache}"])
+        config = configs[name]
         result = csft_result(config, world, held_out) if name in variants else \
             saved_result(out / name, csft_fingerprint(config))
         if result is not None:
@@ -105,16 +108,18 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
 
 def format_ablations(report: Dict[str, Dict]) -> str:
     """Markdown: Table 5 (ablations) and Table 4 (signals/objectives), each with stage 1."""
+    from train.csft_runs import metric_columns
+    columns = metric_columns(report["stage1"])
     sections: List[str] = []
     for title, tables in (("Ablations (paper Table 5)", ("both", "ablation")),
                           ("Signals and objectives (paper Table 4)", ("both", "signals"))):
         rows = ["stage1"] + [n for n, table, _ in VARIANTS if table in tables and n in report]
-        lines = [f"### {title}", "", "| variant | overrides | " + " | ".join(METRICS) + " |",
-                 "|---|---|" + "---|" * len(METRICS)]
+        lines = [f"### {title}", "", "| variant | overrides | " + " | ".join(columns) + " |",
+                 "|---|---|" + "---|" * len(columns)]
         for name in rows:
             metrics = report[name]
             overrides = " ".join(metrics.get("overrides", [])) or "-"
             lines.append(f"| {LABELS[name]} | `{overrides}` | "
-                         + " | ".join(f"{metrics[m]:.4f}" for m in METRICS) + " |")
+                         + " | ".join(f"{metrics[m]:.4f}" for m in columns) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)

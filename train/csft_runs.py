@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mim_rec.csft.data import HeldOut, WorldInputs
 
@@ -82,7 +82,7 @@ def stage1_result(config, world: WorldInputs, held_out: HeldOut, folder: Path) -
                                         "validation": config.data.validation})
     return cached_result(folder, fingerprint, lambda: evaluate_embeddings(
         stage1_embeddings(load_encoders(config.encoders), world, held_out), world,
-        config.eval.ks, held_out))
+        config.eval.ks, held_out, source=config.encoders))
 
 
 def csft_result(config, world: WorldInputs, held_out: HeldOut) -> Dict:
@@ -93,9 +93,9 @@ def csft_result(config, world: WorldInputs, held_out: HeldOut) -> Dict:
     from train.csft import run_csft
 
     def train_and_evaluate() -> Dict:
-        model = load_csft_model(run_csft(config))
-        return evaluate_embeddings(csft_embeddings(model, world, held_out), world,
-                                   config.eval.ks, held_out)
+        folder = run_csft(config)
+        return evaluate_embeddings(csft_embeddings(load_csft_model(folder), world, held_out), world,
+                                   config.eval.ks, held_out, source=str(folder))
 
     return cached_result(Path(config.out), csft_fingerprint(config), train_and_evaluate)
 
@@ -103,3 +103,14 @@ def csft_result(config, world: WorldInputs, held_out: HeldOut) -> Dict:
 def csft_fingerprint(config) -> str:
     """What :func:`csft_result` keys the run ``config``'s result by."""
     return _fingerprint(config, asdict(config))
+
+
+def recall_columns(metrics: Dict) -> List[str]:
+    """The ``recall@k`` names of one evaluation's metrics, by increasing ``k``: the cut-offs of
+    its ``eval.ks``, which every row of one table shares (results are keyed by the config)."""
+    return sorted((name for name in metrics if name.startswith("recall@")), key=lambda name: int(name[7:]))
+
+
+def metric_columns(metrics: Dict) -> List[str]:
+    """The columns a table of evaluations shows: :func:`recall_columns`, then the AUCs."""
+    return [*recall_columns(metrics), "pair_auc", "gauc"]

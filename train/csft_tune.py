@@ -7,11 +7,16 @@ the content-interest AUC. The stage-1 embeddings are scored on the same data. Th
 combination is the one with the highest score (``--select``); ``--final`` then trains it on
 every training pair and reports it on the test files, next to stage 1.
 
-The default score, ``balanced``, is the smaller of the two relative gains over stage 1,
-``min(recall@10 / stage1 recall@10, (pair_auc - 0.5) / (stage1 pair_auc - 0.5))``: the
-issue's goal is an embedding better on *both* measures, so the combination whose weaker
-side is strongest wins. Any metric name (``pair_auc``, ``recall@100``, ...) selects on it
-alone. Writes ``OUT/tune.json`` and ``OUT/TUNE.md``; re-running skips finished runs.
+The default score, ``balanced``, is the smaller of the two relative gains over stage 1: of
+recall@k (``k`` the smallest of ``eval.ks``, 10 by default) and of the AUC's lift over chance,
+``pair_auc - 0.5``. The issue's goal is an embedding better on *both* measures, so the
+combination whose weaker side is strongest wins. A gain is ``1 + (trial - stage1) / d`` with
+``d = max(|stage1|, 0.01)``: ``trial / stage1`` while stage 1 is at least one point (of recall,
+or of AUC above chance); below that the ratio would be undefined or huge, and of the wrong
+sign under a stage 1 worse than chance, so the difference is measured in points instead. A
+trial equal to stage 1 thus scores exactly 1 on either side, better more, worse less. Any
+metric name (``pair_auc``, ``recall@100``, ...) selects on it alone. Writes ``OUT/tune.json``
+and ``OUT/TUNE.md``; re-running skips finished runs.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-METRICS = ("recall@10", "recall@100", "pair_auc", "gauc")
+# The smallest stage-1 value a gain is relative to (module docstring): one point.
+GAIN_FLOOR = 0.01
+# Settings csft-tune gives every run itself (a grid value would be overridden): key -> where
+# the user sets it instead.
+SET_BY_TUNE = {"data.validation": "--validation", "out": "a base override out=DIR (the trials run in "
+               "OUT/trials/)", "data.feature_cache": "a base override (every trial shares one cache)"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,6 +86,9 @@ def parse_grid(specs: Sequence[str]) -> List[Tuple[str, List[str]]]:
         parts.append(current)
         if any(not p.strip() for p in parts):
             raise ConfigError(f"--grid {spec!r}: empty value")
+        if key.strip() in SET_BY_TUNE:
+            raise ConfigError(f"--grid {spec!r}: csft-tune sets {key.strip()} for every run itself; "
+                              f"give it as {SET_BY_TUNE[key.strip()]}")
         grid.append((key.strip(), [p.strip() for p in parts]))
     keys = [k for k, _ in grid]
     if len(set(keys)) != len(keys):
@@ -91,39 +104,51 @@ def score(metrics: Dict[str, float], stage1: Dict[str, float], select: str) -> f
             raise ConfigError(f"--select {select!r}: not a metric; expected balanced or one of "
                               f"{sorted(k for k, v in metrics.items() if isinstance(v, float))}")
         return float(metrics[select])
-    tiny = 1e-12
-    recall = metrics["recall@10"] / max(stage1["recall@10"], tiny)
-    auc = (metrics["pair_auc"] - 0.5) / max(stage1["pair_auc"] - 0.5, tiny)
-    return float(min(recall, auc))
+    from train.csft_runs import recall_columns
+    recall = recall_columns(stage1)[0]
+    return float(min(_gain(metrics[recall], stage1[recall]),
+                     _gain(metrics["pair_auc"] - 0.5, stage1["pair_auc"] - 0.5)))
+
+
+def _gain(value: float, baseline: float) -> float:
+    """``value`` relative to ``baseline``, 1 when equal (see the module docstring)."""
+    return 1.0 + (value - baseline) / max(abs(baseline), GAIN_FLOOR)
 
 
 def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[str]]],
              validation: float, select: str = "balanced", final: bool = False) -> Dict:
     """Train and score every grid combination on the validation split (and the chosen one on
     the test files with ``final``); returns what ``OUT/tune.json`` holds."""
-    from mim_rec.config import load_config
+    from mim_rec.config import ConfigError, load_config
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
+    from train.csft import check_config
     from train.csft_runs import csft_result, stage1_result
 
-    base = load_config(CsftConfig, config_path, overrides)
+    if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
+        raise ConfigError(f"--validation {validation}: must lie strictly between 0 and 1 (the share of "
+                          "the training pairs to choose on; csft-tune never chooses on the test files)")
+    base = check_config(load_config(CsftConfig, config_path, overrides))
     out = Path(base.out)
     cache = base.data.feature_cache or str(out / "features")
-    world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
     shared = [*overrides, f"data.feature_cache={cache}"]
 
     def config_of(settings: Sequence[str], folder: Path, held_out_share: float):
-        return load_config(CsftConfig, config_path, [*shared, *settings, f"out={folder}",
-                                                     f"data.validation={held_out_share}"])
+        return check_config(load_config(CsftConfig, config_path, [*shared, *settings, f"out={folder}",
+                                                                  f"data.validation={held_out_share}"]))
 
+    runs = []  # every combination's settings refused before any run trains
+    for values in itertools.product(*(v for _, v in grid)):
+        settings = [f"{key}={value}" for (key, _), value in zip(grid, values)]
+        name = "_".join(f"{key.rsplit('.', 1)[-1]}-{value}" for (key, _), value in zip(grid, values))
+        runs.append((name, settings, config_of(settings, out / "trials" / _safe(name), validation)))
+    world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
     valid = world.held_out(validation)
     stage1 = stage1_result(config_of([], out, validation), world, valid, out / "stage1_validation")
     score(stage1, stage1, select)  # an unknown --select fails here, before any training
     trials = []
-    for values in itertools.product(*(v for _, v in grid)):
-        settings = [f"{key}={value}" for (key, _), value in zip(grid, values)]
-        name = "_".join(f"{key.rsplit('.', 1)[-1]}-{value}" for (key, _), value in zip(grid, values))
-        metrics = csft_result(config_of(settings, out / "trials" / _safe(name), validation), world, valid)
+    for name, settings, config in runs:
+        metrics = csft_result(config, world, valid)
         trials.append({"name": name, "settings": settings, "metrics": metrics,
                        "score": score(metrics, stage1, select)})
     best = max(trials, key=lambda t: t["score"])
@@ -147,12 +172,15 @@ def _safe(name: str) -> str:
 
 def format_tune(report: Dict) -> str:
     """Markdown: the validation table (chosen row in bold) and, with --final, the test table."""
+    from train.csft_runs import metric_columns
+    columns = metric_columns(report["stage1"])
+
     def row(label: str, metrics: Dict, *extra: str) -> str:
-        return "| " + " | ".join([label, *(f"{metrics[m]:.4f}" for m in METRICS), *extra]) + " |"
+        return "| " + " | ".join([label, *(f"{metrics[m]:.4f}" for m in columns), *extra]) + " |"
 
     def header(first: str, *extra: str) -> List[str]:
-        columns = [first, *METRICS, *extra]
-        return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+        names = [first, *columns, *extra]
+        return ["| " + " | ".join(names) + " |", "|---" * len(names) + "|"]
 
     lines = [f"### Validation (latest {report['validation']:.0%} of the training pairs, "
              f"{report['validation_pairs']} pairs; select by {report['select']})", "",

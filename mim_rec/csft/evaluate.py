@@ -121,8 +121,20 @@ def _batched(fn, count: int, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(slice(s, s + batch_size)).float().cpu() for s in range(0, count, batch_size)])
 
 
+def require_finite(embedded: Embedded, source: str) -> None:
+    """Refuse NaN or infinite embeddings (a diverged model's): every comparison with NaN is
+    false, so no item would outrank a query's own and recall@k would read 1.0."""
+    for name, rows in (("query", embedded.queries), ("item", embedded.items)):
+        bad = int((~torch.isfinite(rows).all(dim=1)).sum())
+        if bad:
+            raise DataError(source, f"{bad} of {len(rows)} {name} embeddings are NaN or infinite (diverged "
+                            "weights?); nothing to evaluate")
+
+
 def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int],
-                        held_out: HeldOut) -> Dict[str, float]:
+                        held_out: HeldOut, source: str) -> Dict[str, float]:
+    """Both measures of ``embedded``, computed by the model in ``source`` (named in errors)."""
+    require_finite(embedded, source)
     recall = recall_at_k(embedded.queries, embedded.items, torch.from_numpy(held_out.pairs.item_ids), ks)
     events_path = held_out.events_path
     if not events_path.is_file():
