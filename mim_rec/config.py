@@ -127,9 +127,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        if not isinstance(value, str):
-            return str(value)
-        return value
+        # A number may stand for text (a name like 2024); null or a list may not: out=null
+        # used to become a folder named "None".
+        if value is None or isinstance(value, (list, dict)):
+            raise ConfigError(f"{key}: expected text, got {'null' if value is None else repr(value)}")
+        return value if isinstance(value, str) else str(value)
     return value
 
 

@@ -53,3 +53,13 @@ def test_a_config_file_with_an_impossible_date_is_named(tmp_path):
     with pytest.raises(ConfigError, match="c.yaml: not valid YAML"):
         load_config(Cfg, path, [])
     assert load_config(Cfg, None, ["out=2026-02-30"]).out == "2026-02-30"  # the override keeps the text
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.name=null", "optim.name: expected text, got null"),  # became the text "None" (out=null: a folder "None")
+    ("optim.name=[a, b]", "optim.name: expected text, got \\['a', 'b'\\]"),
+])
+def test_null_or_a_list_is_not_text(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(Cfg, None, [override])
+    assert load_config(Cfg, None, ["out=null", "optim.name=2024"]) == Cfg(out=None, optim=Optim(name="2024"))

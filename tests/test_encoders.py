@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -9,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.encoders import (EncoderPair, VisionConfig, build_text_encoder,
                               build_vision_encoder, load_encoders, save_encoders)
+from mim_rec.encoders.config import check_normalisation
 from mim_rec.encoders.preprocess import decode_image
-from tests.encoder_fixtures import png_bytes, tiny_encoders, tiny_text, tiny_vision
+from tests.encoder_fixtures import TINY_TEXT, png_bytes, tiny_encoders, tiny_text, tiny_vision
 
 torch.set_num_threads(1)
 
@@ -127,10 +130,51 @@ def test_load_refuses_other_artifacts(tmp_path):
 
 
 def test_unknown_names_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown text model"):
+    with pytest.raises(ConfigError, match="encoders.text.name=no-such-model: unknown text model"):
         build_text_encoder(tiny_text(name="no-such-model"))
-    with pytest.raises(ValueError, match="no bundled weights"):
+    with pytest.raises(ConfigError, match="encoders.vision.weights=bundled: no bundled weights"):
         build_vision_encoder(VisionConfig(name="convnext_atto", weights="bundled"))
+
+
+def _not_a_state_dict(tmp_path):
+    (tmp_path / "junk.pt").write_text("hello")
+    return str(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("changes, message", [  # each was a traceback from torch, timm or transformers
+    (lambda tmp: dict(weights=str(tmp / "none.pt")), r"encoders.vision.weights=.*none.pt: no such file"),
+    (lambda tmp: dict(weights=_not_a_state_dict(tmp)), r"encoders.vision.weights=.*junk.pt: not a torch state dict"),
+    (lambda tmp: dict(name="nonexistent_arch"), "encoders.vision.name=nonexistent_arch: not a timm architecture"),
+    (lambda tmp: dict(model_kwargs={"dimz": 3}), "encoders.vision.model_kwargs=.*unexpected keyword argument 'dimz'"),
+    (lambda tmp: dict(image_size=16), "encoders.vision.image_size=16: ConvNeXt cannot take 16x16 images"),
+], ids=["missing-weights", "junk-weights", "arch", "model_kwargs", "image_size"])
+def test_bad_vision_settings_name_the_field(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        build_vision_encoder(dataclasses.replace(tiny_vision(), **changes(tmp_path)))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (lambda tmp: dict(name=str(tmp / "none")), "encoders.text.name=.*none: unknown text model"),
+    (lambda tmp: dict(tokenizer=str(tmp / "none")), "encoders.text.tokenizer=.*none: no such folder"),
+    (lambda tmp: dict(tokenizer=str(tmp)), "encoders.text.tokenizer=.*: not a tokenizer folder"),
+    # transformers kept the misspelled key as an inert extra: the preset's 12 layers were built
+    (lambda tmp: dict(overrides={**TINY_TEXT, "num_hidden_layer": 1}), "BertConfig has no setting num_hidden_layer"),
+], ids=["name", "missing-tokenizer", "empty-tokenizer", "override-key"])
+def test_bad_text_settings_name_the_field(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        build_text_encoder(tiny_text(**changes(tmp_path)))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(std=[0.0, 0.0, 0.0]), "encoders.vision.std=.*must be positive"),  # every pixel inf: the run diverged
+    (dict(std=[0.2, -0.1, 0.2]), "encoders.vision.std=.*must be positive"),
+    (dict(std=[0.2, float("nan"), 0.2]), "encoders.vision.std=.*finite"),
+    (dict(mean=[1.0, 2.0]), r"encoders.vision.mean=\[1.0, 2.0\]: need 3 values"),
+])
+def test_bad_normalisation_is_refused(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        check_normalisation(tiny_vision(**changes))
+    check_normalisation(tiny_vision(mean=[0.5] * 3, std=[0.25] * 3))
 
 
 def test_bf16_autocast_forward_is_finite():
@@ -158,7 +202,7 @@ def test_style_stages_append_each_stages_channel_mean_and_std():
     assert torch.allclose(features[:, plain.feature_dim:], expected)
 
 
-@pytest.mark.parametrize("stages", [[2, 0], [1, 1], [4], [-1]])
+@pytest.mark.parametrize("stages", [[2, 0], [1, 1], [4], [9], [-1]])
 def test_bad_style_stages_are_refused(stages):
-    with pytest.raises(ValueError, match="style_stages"):
+    with pytest.raises(ConfigError, match="encoders.vision.style_stages"):
         build_vision_encoder(tiny_vision(style_stages=stages))

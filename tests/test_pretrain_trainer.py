@@ -206,3 +206,43 @@ def test_an_out_that_is_a_file_is_refused(world, tmp_path, capsys):
     config_file = _write_config(_config(world, tmp_path / "afile"), tmp_path / "c.yaml")
     assert cli.main(["pretrain", "--config", str(config_file)]) == 2  # FileExistsError traceback before
     assert "a file, not a run folder" in capsys.readouterr().err
+
+
+def test_a_diverged_run_stops_before_it_saves_nan_weights(world, tmp_path):
+    """A zero std turns every pixel into inf: the loss went NaN, and the run used to save NaN
+    encoders (and checkpoints every resume loads) and exit 0."""
+    from mim_rec.utils.run import TrainingDiverged
+
+    out = tmp_path / "nan"
+    config = _config(world, out, encoders=tiny_encoders(std=[0.0, 0.0, 0.0]), checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match=r"step 1: training diverged .*the newest is none"):
+        run_pretrain(config)
+    assert not list(out.glob("checkpoints/*.pt")) and not (out / "dda").exists() and not (out / "encoders").exists()
+
+
+def test_evaluation_refuses_nan_encoders(world, tmp_path, capsys):
+    """A NaN score never outranks the own item's: NaN encoders scored recall 1.000."""
+    from mim_rec.encoders import EncoderPair, save_encoders
+
+    run = tmp_path / "run"
+    config = _config(world, run, eval=EvalConfig(probe_steps=2))
+    pair = EncoderPair(config.encoders)
+    with torch.no_grad():
+        pair.vision_head.net[1].weight.fill_(float("nan"))
+    save_encoders(run / "dda", pair, extra={"steps": 4})
+    (run / "config.json").write_text(json.dumps(to_dict(config)))
+    assert cli.main(["pretrain-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
+    assert f"{run / 'dda'}: the own heads embed the images of" in capsys.readouterr().err
+    assert not (run / "eval.json").exists()
+
+
+def test_evaluation_refuses_another_stages_run(world, tmp_path, capsys):
+    """pretrain-eval pointed at a C-SFT run found a config.json there and overwrote its eval.json."""
+    run = tmp_path / "csft"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"encoders": "runs/p/encoders", "steps": 300, "data": {}}))
+    (run / "eval.json").write_text("{}")
+    config_file = _write_config(_config(world, run), tmp_path / "c.yaml")
+    assert cli.main(["pretrain-eval", "--config", str(config_file)]) == 2
+    assert "config.json is not the config of a `mim pretrain` run" in capsys.readouterr().err
+    assert (run / "eval.json").read_text() == "{}"

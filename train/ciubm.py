@@ -734,22 +734,14 @@ def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx,
 
 
 def _require_finite(parts, step: int, checkpoints) -> None:
-    """Stop, on every rank alike, before checkpointing a step whose loss is NaN or infinite:
-    the weights it updated are too, and every resume would load them. One flag all-reduced,
-    at checkpoint time only (the loss stays on the device between logs)."""
-    import torch
-    import torch.distributed as dist
+    """The step's loss parts must be finite before it is checkpointed (the weights it updated
+    would not be)."""
+    from mim_rec.utils.run import require_finite
 
-    from mim_rec.utils.run import TrainingDiverged
-
-    finite = torch.isfinite(parts).all().to(torch.float32).reshape(1)
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() < 1:
-        newest = checkpoints.newest()
-        kept = newest.name if newest is not None else "none"
-        raise TrainingDiverged(f"step {step}: the training loss is not finite (total, BCE, auxiliary: "
-                               f"{parts.tolist()} on this rank); no checkpoint was written for it (the "
-                               f"newest is {kept}). Lower lr or id_lr, or check the inputs")
+    newest = checkpoints.newest()
+    require_finite([parts], step, newest.name if newest is not None else None,
+                   lambda: f"the training loss is not finite (total, BCE, auxiliary: {parts.tolist()} on this rank)",
+                   "Lower lr or id_lr, or check the inputs")
 
 
 def evaluate(config: TrainConfig, model, items, ctx) -> Dict[str, Any]:

@@ -189,26 +189,16 @@ def _run_csft(config) -> Path:
 
 
 def _require_finite(loss, objective, step: int, checkpoints) -> None:
-    """Stop, on every rank alike, before checkpointing a step whose loss or trainable weights
-    are NaN or infinite: every resume would load them, and the final step's checkpoint is
-    followed by ``mm_encoder/``, whose NaN scores ``csft-eval`` would rank as perfect. Checked
-    at checkpoint time only (the step's last one included), so the loss stays on the device
-    between logs."""
-    import torch
-    import torch.distributed as dist
+    """The loss and the trainable weights must be finite before a step is checkpointed; the
+    final step's checkpoint is followed by ``mm_encoder/``, whose NaN scores ``csft-eval``
+    would rank as perfect."""
+    from mim_rec.utils.run import require_finite
 
-    from mim_rec.utils.run import TrainingDiverged
-
-    weights = [p for p in objective.parameters() if p.requires_grad]
-    finite = torch.stack([torch.isfinite(loss).all(), *(torch.isfinite(p).all() for p in weights)])
-    flag = finite.all().to(torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if flag.item() < 1:
-        kept = [p.name for p in checkpoints.checkpoints()]
-        raise TrainingDiverged(f"step {step}: the C-SFT loss ({loss.item()} on this rank) or weights are not "
-                               f"finite; no checkpoint was written for it (the newest is "
-                               f"{kept[-1] if kept else 'none'}). Lower lr (or head_lr, backbone_lr)")
+    kept = checkpoints.checkpoints()
+    require_finite([loss, *(p for p in objective.parameters() if p.requires_grad)], step,
+                   kept[-1].name if kept else None,
+                   lambda: f"the C-SFT loss ({loss.item()} on this rank) or weights are not finite",
+                   "Lower lr (or head_lr, backbone_lr)")
 
 
 def _feature_cache(config, cache_type):

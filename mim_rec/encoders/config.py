@@ -9,8 +9,11 @@ tests and smoke runs stay fast).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from mim_rec.config import ConfigError
 
 PRECOMPUTED = "precomputed"
 BUNDLED = "bundled"
@@ -68,3 +71,18 @@ class EncodersConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     shared_dim: int = 256               # projection heads map both towers here
+
+
+def check_normalisation(vision: VisionConfig, prefix: str = "encoders.vision.") -> None:
+    """Refuse a ``mean``/``std`` that is not three numbers, or a ``std`` that is not positive.
+
+    The normaliser divides each channel by its std: a 0 turned every pixel into inf/NaN, the
+    run diverged and saved NaN weights, and a wrong length failed deep inside torch.
+    """
+    for key, values in (("mean", vision.mean), ("std", vision.std)):
+        if values is not None and len(values) != 3:
+            raise ConfigError(f"{prefix}{key}={values}: need 3 values, one per RGB channel")
+        if values is not None and not all(math.isfinite(value) for value in values):
+            raise ConfigError(f"{prefix}{key}={values}: every value must be a finite number")
+    if vision.std is not None and not all(value > 0 for value in vision.std):
+        raise ConfigError(f"{prefix}std={vision.std}: every value must be positive (pixels are divided by it)")

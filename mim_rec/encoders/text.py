@@ -8,14 +8,18 @@ need token-level states (masked language modelling) use :meth:`tokenize` and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from mim_rec.config import ConfigError
 from mim_rec.encoders.bundled import BUNDLED_TEXT_MODEL, bundled_text_folder
 from mim_rec.encoders.config import TextConfig
 from mim_rec.encoders.freeze import PartlyFrozen
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 # Random-init architecture presets (BERT family); tokenised with the bundled WordPiece vocab.
 PRESETS: Dict[str, Dict[str, int]] = {
@@ -29,32 +33,23 @@ PRESETS: Dict[str, Dict[str, int]] = {
 class HFTextEncoder(PartlyFrozen):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer, BertConfig
+        from transformers import AutoModel
 
         folder = _model_folder(config.name)
+        model_config = _model_config(config, folder)
         if folder is not None and config.pretrained:
-            self.model = AutoModel.from_pretrained(str(folder), **config.overrides)
-        elif folder is not None:
-            from transformers import AutoConfig
-            model_config = AutoConfig.from_pretrained(str(folder), **config.overrides)
-            self.model = AutoModel.from_config(model_config)
-        elif config.name in PRESETS:
-            if config.pretrained:
-                raise ValueError(f"text preset '{config.name}' has no weights; set "
-                                 "text.pretrained=false or give a model folder as text.name")
-            self.model = AutoModel.from_config(
-                BertConfig(**{**PRESETS[config.name], **config.overrides}))
+            try:
+                self.model = AutoModel.from_pretrained(str(folder), config=model_config)
+            except OSError as exc:  # a config.json without weights beside it
+                raise ConfigError(f"encoders.text.name={config.name}: no weights to load ({exc}); set "
+                                  "encoders.text.pretrained=false for random ones") from exc
         else:
-            raise ValueError(f"unknown text model '{config.name}': expected "
-                             f"'{BUNDLED_TEXT_MODEL}', a local model folder, or one of "
-                             f"{sorted(PRESETS)}")
-        tokenizer_folder = config.tokenizer or (
-            folder if folder is not None and (folder / "tokenizer_config.json").exists()
-            else bundled_text_folder())
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+            self.model = AutoModel.from_config(model_config)
+        self.tokenizer = _tokenizer(config, folder)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
-            raise ValueError(f"tokenizer at {tokenizer_folder} has {self.tokenizer.vocab_size} "
-                             f"tokens but the model's vocabulary is {self.model.config.vocab_size}")
+            raise ConfigError(f"encoders.text.tokenizer: the tokenizer at {self.tokenizer.name_or_path} has "
+                              f"{self.tokenizer.vocab_size} tokens but the model's vocabulary is "
+                              f"{self.model.config.vocab_size}")
         self.max_length = config.max_length
         self.feature_dim: int = self.model.config.hidden_size
         if getattr(self.model, "pooler", None) is not None:
@@ -86,18 +81,61 @@ class HFTextEncoder(PartlyFrozen):
         return self.encode(**self.tokenize(texts))
 
 
-def _model_folder(name: str):
+def _model_folder(name: str) -> Optional[Path]:
     if name == BUNDLED_TEXT_MODEL:
         return bundled_text_folder()
     path = Path(name)
     return path if (path / "config.json").exists() else None
 
 
+def _model_config(config: TextConfig, folder: Optional[Path]) -> "PretrainedConfig":
+    """The transformers config of ``config.name`` with ``config.overrides`` set on it.
+
+    Each override must name an attribute the config has: transformers keeps any other key
+    as an inert extra, so a misspelled ``num_hidden_layer=1`` silently built the full model.
+    """
+    from transformers import AutoConfig, BertConfig
+
+    if folder is not None:
+        model_config = AutoConfig.from_pretrained(str(folder))
+    elif config.name in PRESETS:
+        if config.pretrained:
+            raise ConfigError(f"encoders.text.name={config.name}: the preset has no weights; set "
+                              "encoders.text.pretrained=false or give a model folder")
+        model_config = BertConfig(**PRESETS[config.name])
+    else:
+        raise ConfigError(f"encoders.text.name={config.name}: unknown text model: expected "
+                          f"'{BUNDLED_TEXT_MODEL}', a local model folder (with a config.json), or one of "
+                          f"{sorted(PRESETS)}")
+    unknown = sorted(key for key in config.overrides if not hasattr(model_config, key))
+    if unknown:
+        raise ConfigError(f"encoders.text.overrides: {type(model_config).__name__} has no setting "
+                          f"{', '.join(unknown)} (e.g. num_hidden_layers, hidden_size)")
+    model_config.update(config.overrides)
+    return model_config
+
+
+def _tokenizer(config: TextConfig, folder: Optional[Path]) -> "PreTrainedTokenizerBase":
+    """``config.tokenizer``, else the model folder's own tokenizer, else the bundled one."""
+    from transformers import AutoTokenizer
+
+    if config.tokenizer is not None and not Path(config.tokenizer).is_dir():
+        raise ConfigError(f"encoders.text.tokenizer={config.tokenizer}: no such folder")
+    tokenizer_folder = config.tokenizer or (
+        folder if folder is not None and (folder / "tokenizer_config.json").exists()
+        else bundled_text_folder())
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    except (OSError, ValueError) as exc:  # what transformers raises for a folder without a tokenizer
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"encoders.text.tokenizer={tokenizer_folder}: not a tokenizer folder ({reason})") from exc
+
+
 def _leading_modules(model: nn.Module, trainable_layers: int) -> List[nn.Module]:
     """Embeddings plus all but the last ``trainable_layers`` transformer layers."""
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if layers is None:
-        raise ValueError(f"text.trainable_layers needs a BERT-style model (encoder.layer); "
+        raise ConfigError(f"encoders.text.trainable_layers needs a BERT-style model (encoder.layer); "
                          f"{type(model).__name__} has none")
     keep_from = max(len(layers) - trainable_layers, 0)
     return [model.embeddings, *layers[:keep_from]]

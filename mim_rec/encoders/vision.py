@@ -6,6 +6,7 @@ Both expose ``feature_dim``, ``preprocess(images) -> model input`` and ``forward
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
 from mim_rec.encoders.bundled import bundled_vision_weights
 from mim_rec.encoders.config import BUNDLED, PRECOMPUTED, VisionConfig
@@ -28,7 +30,13 @@ def load_timm_model(config: VisionConfig) -> nn.Module:
     """
     import timm
 
-    model = timm.create_model(config.name, pretrained=False, **config.model_kwargs)
+    if not timm.is_model(config.name):
+        raise ConfigError(f"encoders.vision.name={config.name}: not a timm architecture (see "
+                          f"timm.list_models()), nor '{PRECOMPUTED}' for items with image_feature vectors")
+    try:
+        model = timm.create_model(config.name, pretrained=False, **config.model_kwargs)
+    except TypeError as exc:  # the architecture's constructor does not take an argument
+        raise ConfigError(f"encoders.vision.model_kwargs={config.model_kwargs}: {exc}") from exc
     if config.weights == BUNDLED:
         load_state_dict_by_order(model, bundled_vision_weights(config.name).state_dict_path)
     elif config.weights is not None:
@@ -43,21 +51,28 @@ def load_state_dict_by_order(model: nn.Module, path: Path) -> None:
     ``_conv_stem``/``_bn0``... names) hold the same tensors in the same order; they are mapped
     by position only when every shape agrees, and anything else is an error.
     """
-    if not path.exists():
-        raise FileNotFoundError(f"vision weights not found: {path}")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.is_file():
+        raise ConfigError(f"encoders.vision.weights={path}: no such file (give a state dict file, "
+                          "'bundled', or null for random weights)")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as exc:  # torch.load on other files
+        raise ConfigError(f"encoders.vision.weights={path}: not a torch state dict file "
+                          f"({type(exc).__name__}: {exc})") from exc
     if isinstance(loaded, dict) and "state_dict" in loaded:
         loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"encoders.vision.weights={path}: holds a {type(loaded).__name__}, not a state dict")
     target = model.state_dict()
     if set(loaded) != set(target):
         if len(loaded) != len(target):
-            raise ValueError(f"{path}: {len(loaded)} tensors, but {type(model).__name__} has "
-                             f"{len(target)}; not the same architecture")
+            raise ConfigError(f"encoders.vision.weights={path}: {len(loaded)} tensors, but "
+                              f"{type(model).__name__} has {len(target)}; not the same architecture")
         renamed = {}
         for (src, tensor), (dst, want) in zip(loaded.items(), target.items()):
             if tensor.shape != want.shape:
-                raise ValueError(f"{path}: tensor '{src}' {tuple(tensor.shape)} does not match "
-                                 f"'{dst}' {tuple(want.shape)}; not the same architecture")
+                raise ConfigError(f"encoders.vision.weights={path}: tensor '{src}' {tuple(tensor.shape)} does "
+                                  f"not match '{dst}' {tuple(want.shape)}; not the same architecture")
             renamed[dst] = tensor
         loaded = renamed
     model.load_state_dict(loaded, strict=True)
@@ -83,6 +98,7 @@ class TimmVisionEncoder(PartlyFrozen):
             mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
         self.image_processor = ImagePreprocessor(config.image_size or default_size,
                                                  config.mean or mean, config.std or std)
+        _check_input_size(model, self.image_processor.size)
         if config.trainable_groups is not None:
             self.freeze(_leading_groups(model, config.trainable_groups))
         if config.batchnorm_eval:
@@ -102,17 +118,33 @@ class TimmVisionEncoder(PartlyFrozen):
         return torch.cat([self.backbone.forward_head(final, pre_logits=True), *statistics], dim=1)
 
 
+def _check_input_size(model: nn.Module, size: int) -> None:
+    """Pass one blank ``size`` x ``size`` image through ``model`` (in eval mode, so no
+    statistics move): an input smaller than its downsampling needs, or not a ViT's fixed
+    size, otherwise failed at the first training step as a torch error far from the setting."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.forward_features(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError) as exc:  # torch's conv/shape errors; timm asserts a ViT's size
+        raise ConfigError(f"encoders.vision.image_size={size}: {type(model).__name__} cannot take "
+                          f"{size}x{size} images ({exc})") from exc
+    finally:
+        model.train(training)
+
+
 def _style_stages(model: nn.Module, stages: Sequence[int]) -> List[int]:
     """``stages`` checked against the feature stages ``model`` reports (timm's ``feature_info``)."""
     if not stages:
         return []
     info = getattr(model, "feature_info", None)
     if not info or not hasattr(model, "forward_intermediates"):
-        raise ValueError(f"vision.style_stages: {type(model).__name__} reports no feature stages "
-                         "(timm feature_info / forward_intermediates); set vision.style_stages=[]")
+        raise ConfigError(f"encoders.vision.style_stages: {type(model).__name__} reports no feature stages "
+                          "(timm feature_info / forward_intermediates); set encoders.vision.style_stages=[]")
     if sorted(set(stages)) != list(stages) or not all(0 <= s < len(info) for s in stages):
-        raise ValueError(f"vision.style_stages={list(stages)}: need distinct increasing indices "
-                         f"into the backbone's {len(info)} feature stages (0..{len(info) - 1})")
+        raise ConfigError(f"encoders.vision.style_stages={list(stages)}: need distinct increasing indices "
+                          f"into the backbone's {len(info)} feature stages (0..{len(info) - 1})")
     return list(stages)
 
 

@@ -61,20 +61,23 @@ def vision_for_items(vision: VisionConfig, world_or_file: Union[str, Path]) -> V
     precomputed tower with the vectors' length is returned, so that every stage configured for
     pixels runs unchanged on them. Items with pixels, and a precomputed config, are returned
     as given (a missing or unreadable file is left to :func:`load_corpus` to report)."""
+    from mim_rec.data.io import open_parquet
+
     path = items_path(world_or_file)
     if vision.name == PRECOMPUTED or not path.is_file():
         return vision
-    names = set(pq.read_schema(path).names)
+    items = open_parquet(path)  # not Parquet (a manifest.json given as data.world): a DataError naming it
+    names = set(items.schema_arrow.names)
     if names & {"image", "image_path"} or "image_feature" not in names:
         return vision
-    dim = _first_vector_length(path, "image_feature")
+    dim = _first_vector_length(items, "image_feature")
     return vision if dim is None else dataclasses.replace(vision, name=PRECOMPUTED, feature_dim=dim)
 
 
-def _first_vector_length(path: Path, column: str) -> Optional[int]:
+def _first_vector_length(items: pq.ParquetFile, column: str) -> Optional[int]:
     """The length of the first non-null vector of ``column`` (None when the file has none);
     :class:`PrecomputedVisionEncoder` checks that every other row has the same."""
-    for batch in pq.ParquetFile(path).iter_batches(columns=[column]):
+    for batch in items.iter_batches(columns=[column]):
         lengths = pc.drop_null(pc.list_value_length(batch.column(0)))
         if len(lengths):
             return int(lengths[0].as_py())

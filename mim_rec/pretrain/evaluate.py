@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mim_rec.data.errors import DataError
 from mim_rec.encoders.heads import ProjectionHead
 from mim_rec.encoders.pair import EncoderPair
 from mim_rec.encoders.vision import PrecomputedVisionEncoder
@@ -71,7 +72,15 @@ def recall_at(queries: torch.Tensor, candidates: torch.Tensor, ks: Tuple[int, ..
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
-def retrieval(images: torch.Tensor, titles: torch.Tensor) -> Dict[str, float]:
+def retrieval(images: torch.Tensor, titles: torch.Tensor, source: str, heads: str) -> Dict[str, float]:
+    """Recall both ways between the held-out items' image and title embeddings. A NaN/inf
+    embedding is refused (naming ``source`` and which ``heads``): a NaN score never outranks
+    the own item's, so NaN encoders used to score a perfect recall."""
+    for kind, embeddings in (("image", images), ("title", titles)):
+        broken = int((~torch.isfinite(embeddings).all(dim=1)).sum())
+        if broken:
+            raise DataError(source, f"the {heads} heads embed the {kind}s of {broken} of {len(embeddings)} "
+                            "held-out items as NaN/inf; the encoders diverged, retrain them")
     i2t, t2i = recall_at(images, titles), recall_at(titles, images)
     return {"i2t_r1": i2t[1], "i2t_r10": i2t[10], "t2i_r1": t2i[1], "t2i_r10": t2i[10]}
 
@@ -142,13 +151,15 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 
 
 def evaluate_pair(pair: EncoderPair, train_items: ItemCorpus, heldout_items: ItemCorpus,
-                  config: EvalConfig) -> Dict[str, float]:
+                  config: EvalConfig, source: str) -> Dict[str, float]:
+    """The row of one encoder pair; ``source`` (its folder) is named in errors."""
     train, heldout = (embed(pair, c, config.batch_size) for c in (train_items, heldout_items))
-    results = {f"own_{k}": v for k, v in retrieval(heldout.image_embeddings,
-                                                   heldout.title_embeddings).items()}
+    results = {f"own_{k}": v for k, v in retrieval(heldout.image_embeddings, heldout.title_embeddings,
+                                                   source, "own").items()}
     image_head, title_head = train_probe_heads(train, pair.shared_dim, config)
     with torch.no_grad():
-        probe = retrieval(image_head(heldout.image_features), title_head(heldout.title_features))
+        probe = retrieval(image_head(heldout.image_features), title_head(heldout.title_features),
+                          source, "probe")
     results.update({f"probe_{k}": v for k, v in probe.items()})
     train_y = torch.as_tensor(train_items.categories, dtype=torch.long)
     test_y = torch.as_tensor(heldout_items.categories, dtype=torch.long)

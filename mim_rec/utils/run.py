@@ -10,7 +10,7 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,23 @@ import torch
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite: the run stops before it checkpoints NaN weights that
     every resume would load."""
+
+
+def require_finite(tensors: Sequence[torch.Tensor], step: int, newest: Optional[str],
+                   describe: Callable[[], str], remedy: str) -> None:
+    """Raise :class:`TrainingDiverged`, on every rank alike, unless every value of ``tensors``
+    on every rank is finite. Trainers call it just before they save a step: a NaN checkpoint
+    would be loaded by every resume, and NaN embeddings rank as perfect (no NaN score outranks
+    the own item's). One flag, all-reduced, at save time only (no device sync per step).
+    ``describe()`` says which values failed on this rank; ``newest``: the checkpoint kept."""
+    import torch.distributed as dist
+
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1:
+        raise TrainingDiverged(f"step {step}: {describe()}; no checkpoint was written for it (the newest is "
+                               f"{newest or 'none'}). {remedy}")
 
 
 def seed_everything(seed: int) -> None:

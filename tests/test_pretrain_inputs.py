@@ -1,0 +1,69 @@
+"""`mim pretrain` / `pretrain-eval` / `csft` refuse a user's mistake in one line, naming the
+setting, before anything is written (each case below used to end in a traceback, or to write
+into the wrong place)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mim_rec.config import to_dict
+from mim_rec.pretrain.evaluate import EvalConfig
+from tests.encoder_fixtures import write_items
+from tests.test_pretrain_trainer import _config, _write_config
+from train import cli
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return write_items(tmp_path_factory.mktemp("world") / "items.parquet", count=24).parent
+
+
+@pytest.mark.parametrize("override, message", [
+    ("encoders.vision.std=[0,0,0]", "encoders.vision.std=[0.0, 0.0, 0.0]: every value must be positive"),
+    ("encoders.vision.mean=[1,2]", "encoders.vision.mean=[1.0, 2.0]: need 3 values"),
+    ("encoders.vision.image_size=16", "encoders.vision.image_size=16: ConvNeXt cannot take 16x16 images"),
+    ("encoders.text.overrides.num_hidden_layer=1", "BertConfig has no setting num_hidden_layer"),
+    ("data.heldout_fraction=0.99", "only 0 training items; data.heldout_fraction=0.99 of the 24 items is held out "
+                                   "for evaluation; lower data.batch_size or data.heldout_fraction"),
+    ("out=null", "out: expected text, got null"),  # trained into a folder named "None"
+])
+def test_a_bad_setting_is_one_line_and_writes_nothing(world, tmp_path, capsys, override, message):
+    config_file = _write_config(_config(world, tmp_path / "out"), tmp_path / "c.yaml")
+    assert cli.main(["pretrain", "--config", str(config_file), override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_a_world_that_is_not_parquet_names_the_file(world, tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("{}")  # data.world=world/manifest.json: ArrowInvalid before
+    config_file = _write_config(_config(tmp_path / "manifest.json", tmp_path / "out"), tmp_path / "c.yaml")
+    assert cli.main(["pretrain", "--config", str(config_file)]) == 2
+    assert "manifest.json: not a readable Parquet file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "pretrain-eval", "csft", "csft-eval"])
+def test_an_empty_out_is_refused(world, tmp_path, capsys, monkeypatch, command):
+    """`out=` wrote the run (config.json, checkpoints/...) into the current directory."""
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"data.world={world}", "out="] + (["encoders=enc"] if command.startswith("csft") else [])
+    assert cli.main([command, *overrides]) == 2
+    assert "out: empty; give the run folder" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_evaluation_on_a_few_held_out_items_says_recall_is_trivial(tmp_path, capsys):
+    small = write_items(tmp_path / "small" / "items.parquet", count=12).parent  # 3 items held out
+    run = tmp_path / "run"
+    run.mkdir()
+    config = _config(small, run, eval=EvalConfig(probe_steps=2))
+    (run / "config.json").write_text(json.dumps(to_dict(config)))
+    assert cli.main(["pretrain-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 0
+    assert "note: only 3 held-out items" in capsys.readouterr().err
