@@ -60,13 +60,17 @@ def test_tune_refuses_a_grid_over_what_it_sets_itself(key):
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_out_a_file_is_refused(inputs, tmp_path, capsys, command):  # noqa: F811
-    """csft-ablations raised FileExistsError, csft-tune NotADirectoryError."""
+def test_out_a_file_or_nothing_is_refused(inputs, tmp_path, capsys, command):  # noqa: F811
+    """csft-ablations raised FileExistsError, csft-tune NotADirectoryError; an empty out= wrote
+    the runs into the current directory."""
     out = tmp_path / "out"
     out.write_text("not a folder")
     config_file = _write_config(_config(inputs, out), tmp_path / "c.yaml")
     assert cli.main([*COMMANDS[command], "--config", str(config_file)]) == 2
     assert f"out={out}: a file, not a run folder" in capsys.readouterr().err
+    empty = _write_config(_config(inputs, ""), tmp_path / "empty.yaml")  # it wrote into the current directory
+    assert cli.main([*COMMANDS[command], "--config", str(empty)]) == 2
+    assert "out: empty; give the run folder" in capsys.readouterr().err
 
 
 def _metrics(recall: float, pair_auc: float, ks=(5, 20)):

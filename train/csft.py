@@ -66,6 +66,8 @@ def check_config(config: CsftConfig) -> CsftConfig:
                           "queue re-embeds queued items from cached backbone features, which moving "
                           "backbones invalidate, and a stored (stale) queue made C-SFT diverge "
                           "(docs/csft.md, 'No queue while the backbones train')")
+    if not config.out.strip():  # the run would be written into the current directory
+        raise ConfigError("out: empty; give the run folder, e.g. out=runs/csft")
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise ConfigError(f"out={config.out}: a file, not a run folder")
     return config
