@@ -120,10 +120,11 @@ def test_mean_and_sample_std_over_seeds(tmp_path):
     results = make_results({"din": 0.03})
     results["ctr"]["mim_din_s1"]["auc"] = 0.62 + 0.04  # Δ per seed: 0.03, 0.04
     text = section(write_report(results, tmp_path), "## Table 2")
-    base, mim, delta, delta_gauc, _ = table_row(text, "din")
+    base, mim, delta, p, delta_gauc, _ = table_row(text, "din")
     assert base == "0.6100 ± 0.0141"  # AUCs 0.60, 0.62
     assert mim == "0.6450 ± 0.0212"   # 0.63, 0.66
     assert delta == "+0.0350 ± 0.0071"
+    assert p == "p=0.045"  # t = 0.035 / (0.0071 / sqrt 2) = 7 on 1 degree of freedom: 1/2 - atan(7) / pi
     assert delta_gauc == "+0.0300 ± 0.0000"  # GAUC of the edited run was not changed
 
 
