@@ -216,6 +216,28 @@ def test_whitening_statistics_give_unit_covariance_in_any_chunking():
         MMWhitening(6, 7)
 
 
+def test_items_without_a_vector_stay_without_content_after_whitening():
+    """Under mm_missing=default an item the table lacks reads a zero row; whitening centred it
+    into one shared vector, so every two such items had cosine 1, and the zero rows skewed
+    the fitted mean and directions."""
+    from mim_rec.ciubm.whitening import MMWhitening, whitening_statistics
+
+    generator = torch.Generator().manual_seed(2)
+    rows = torch.randn(400, 6, generator=generator) + 2.0
+    with_missing = torch.cat([rows[:200], torch.zeros(100, 6), rows[200:]])
+    fitted = whitening_statistics(lambda a, b: with_missing[a:b], 500, components=4, chunk=64)
+    expected = whitening_statistics(lambda a, b: rows[a:b], 400, components=4)
+    torch.testing.assert_close(fitted[0], expected[0])
+    torch.testing.assert_close(fitted[1].abs(), expected[1].abs(), rtol=1e-4, atol=1e-5)
+    layer = MMWhitening(6, 4)
+    layer.mean.copy_(fitted[0])
+    layer.projection.copy_(fitted[1])
+    white = layer(torch.cat([torch.zeros(2, 6), rows[:3]]))
+    assert torch.equal(white[:2], torch.zeros(2, 4)) and bool(white[2:].ne(0).any(dim=1).all())
+    with pytest.raises(ConfigError, match="no non-zero row"):
+        whitening_statistics(lambda a, b: torch.zeros(b - a, 6), 10, components=4)
+
+
 def test_whitening_zeroes_directions_the_table_does_not_span():
     from mim_rec.ciubm.whitening import whitening_statistics
 

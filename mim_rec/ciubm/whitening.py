@@ -22,7 +22,12 @@ from torch import nn
 
 
 class MMWhitening(nn.Module):
-    """``[..., dim] -> [..., components]``: ``(x - mean) @ projection`` (buffers, not parameters)."""
+    """``[..., dim] -> [..., components]``: ``(x - mean) @ projection`` (buffers, not parameters).
+
+    An all-zero row (an item the table lacks, read as the default vector under
+    ``mm_missing=default``) stays zero: centred, every such row would become the same vector
+    ``-mean @ projection``, and missing items would have cosine 1 with each other in the
+    content interest instead of 0."""
 
     def __init__(self, dim: int, components: int, device: Optional[torch.device] = None) -> None:
         super().__init__()
@@ -32,7 +37,8 @@ class MMWhitening(nn.Module):
         self.register_buffer("projection", torch.zeros(dim, components, device=device))
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        return (vectors - self.mean) @ self.projection
+        whitened = (vectors - self.mean) @ self.projection
+        return whitened * vectors.ne(0).any(dim=-1, keepdim=True)
 
 
 def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int, components: int,
@@ -46,6 +52,8 @@ def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int
     ``1/sqrt(eigenvalue)``. A direction whose variance is below 1e-6 of the largest (a table
     with fewer distinct rows than ``k``, or a constant column) gets a zero column rather than
     a huge scale: whitening must not turn rounding noise into the loudest part of a cosine.
+    All-zero rows (items without a vector) are left out of the statistics, as
+    :class:`MMWhitening` leaves them out of the transform.
     """
     import torch.distributed as dist
 
@@ -55,21 +63,26 @@ def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = collective_device() if distributed else torch.device("cpu")
     start, stop = count * rank // world, count * (rank + 1) // world
-    total: Optional[torch.Tensor] = None
-    gram: Optional[torch.Tensor] = None
+    dim = rows_of(0, 1).shape[1]
+    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    present = torch.zeros(1, dtype=torch.float64, device=device)
     for first in range(start, stop, chunk):
         rows = rows_of(first, min(first + chunk, stop)).to(device=device, dtype=torch.float64)
-        total = rows.sum(0) if total is None else total + rows.sum(0)
-        gram = rows.T @ rows if gram is None else gram + rows.T @ rows
-    if total is None:  # this rank had no rows; learn the width from one row
-        dim = rows_of(0, 1).shape[1]
-        total = torch.zeros(dim, dtype=torch.float64, device=device)
-        gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        rows = rows[rows.ne(0).any(dim=1)]
+        total += rows.sum(0)
+        gram += rows.T @ rows
+        present += len(rows)
     if distributed:
         dist.all_reduce(total)
         dist.all_reduce(gram)
-    mean = total / count
-    covariance = gram / count - torch.outer(mean, mean)
+        dist.all_reduce(present)
+    if present.item() == 0:
+        from mim_rec.config import ConfigError
+        raise ConfigError("model.mm_whiten: the MM table holds no non-zero row to fit the whitening on; "
+                          "set model.mm_whiten=0")
+    mean = total / present
+    covariance = gram / present - torch.outer(mean, mean)
     values, vectors = torch.linalg.eigh(covariance)  # ascending
     values, vectors = values.flip(0)[:components], vectors.flip(1)[:, :components]
     informative = values > float(values[0]) * 1e-6

@@ -55,4 +55,5 @@ class TWIN(InterestModule):
         values = values.view(batch, k, heads, head_dim).transpose(1, 2).reshape(batch * heads, k, head_dim)
         kept_per_head = kept.repeat_interleave(heads, dim=0)
         pooled = weighted_sum(weights.reshape(batch * heads, k), values, kept_per_head)   # [B*H, d]
-        return self.output(pooled.view(batch, self.dim))
+        # an empty history is no interest (zero, as in the other UBMs), not the output's bias
+        return self.output(pooled.view(batch, self.dim)) * kept.any(dim=1, keepdim=True)
