@@ -86,6 +86,34 @@ def test_a_finished_stage_is_recorded_and_then_reused(tmp_path):
     assert run_stage(stage, tmp_path, 1, 1)[1] is False
 
 
+def test_a_stage_after_one_that_ran_again_is_not_reused(tmp_path):
+    """A new --synth seed re-ran synth and reused every later stage, made from the old world."""
+    from train.pipeline import run_chain
+
+    def stage(name: str, text: str) -> Stage:
+        marker = tmp_path / f"{name}.txt"
+        return Stage(name, [sys.executable, "-c", f"open({str(marker)!r}, 'a').write({text!r})"], marker)
+
+    chain = [stage("first", "a"), stage("second", "b")]
+    run_chain(chain, tmp_path)
+    run_chain(chain, tmp_path)  # nothing changed: both reused
+    assert (tmp_path / "second.txt").read_text() == "b"
+    run_chain([stage("first", "c"), chain[1]], tmp_path)  # the first stage's command changed
+    assert (tmp_path / "first.txt").read_text() == "ac" and (tmp_path / "second.txt").read_text() == "bb"
+
+
+@pytest.mark.parametrize("flag, value, message", [("--out", "a_file", "is a file, not a run folder"),
+                                                  ("--nproc", "0", "--nproc 0")])
+def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys, flag, value, message):
+    from train.cli import main
+
+    (tmp_path / "a_file").write_text("")
+    argv = ["pipeline", "--out", str(tmp_path / ("a_file" if flag == "--out" else "run"))]
+    assert main(argv + (["--nproc", value] if flag == "--nproc" else [])) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_report_says_when_a_worlds_age_buckets_are_not_ages(tmp_path):
     from mim_rec.data.manifest import Manifest, write_manifest
     from train.pipeline import report

@@ -183,10 +183,11 @@ def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
     return None
 
 
-def run_stage(stage: Stage, out: Path, index: int, total: int) -> Tuple[float, bool]:
-    """Run ``stage`` unless its artifact is there from the same command; return ``(its wall
-    time, whether it was reused)`` (a reused stage reports the wall time of the run that made it)."""
-    record = stage_record(stage, out)
+def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = True) -> Tuple[float, bool]:
+    """Run ``stage`` unless its artifact is there from the same command (and ``reuse``); return
+    ``(its wall time, whether it was reused)`` (a reused stage reports the wall time of the run
+    that made it)."""
+    record = stage_record(stage, out) if reuse else None
     if record is not None:
         print(f"[{index}/{total}] {stage.name}: reused ({record['wall_s']:.0f} s when it ran)", flush=True)
         return record["wall_s"], True
@@ -258,10 +259,29 @@ def report(out: Path, ubm: str, walls: Dict[str, float], world: Path) -> str:
     return text
 
 
+def run_chain(plan: List[Stage], out: Path) -> Dict[str, float]:
+    """Run the stages in order, each reading what the ones before it made: once a stage runs
+    (again), no later stage is reused, as its inputs may have changed (a new ``--synth seed``
+    used to leave every later stage's artifact, made from the old world, in place). A later
+    stage whose folder holds checkpoints of the old inputs is then refused by its own trainer."""
+    walls: Dict[str, float] = {}
+    upstream_ran = False
+    for index, stage in enumerate(plan, 1):
+        walls[stage.name], reused = run_stage(stage, out, index, len(plan), reuse=not upstream_ran)
+        upstream_ran = upstream_ran or not reused
+    return walls
+
+
 def run(args: argparse.Namespace) -> int:
+    from mim_rec.config import ConfigError
+
     out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a run folder")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the C-SFT and CiUBM jobs need at least one rank")
     out.mkdir(parents=True, exist_ok=True)
     plan = stages(args)
-    walls = {stage.name: run_stage(stage, out, i + 1, len(plan))[0] for i, stage in enumerate(plan)}
+    walls = run_chain(plan, out)
     print(report(out, args.ubm, walls, world_folder(out, args.world)))
     return 0
