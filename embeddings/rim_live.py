@@ -74,5 +74,6 @@ def _write_rows(shards, ids: torch.Tensor, vectors: torch.Tensor) -> None:
         for row_offset, col_offset, tensor in shards:
             rows, cols = tensor.shape
             local = (ids >= row_offset) & (ids < row_offset + rows)
-            if local.any():
-                tensor[ids[local] - row_offset] = shard_columns(vectors[local], col_offset, cols).to(tensor.dtype)
+            if local.any():  # the rows arrive on the CPU; a fused shard lives on the GPU
+                tensor[(ids[local] - row_offset).to(tensor.device)] = shard_columns(
+                    vectors[local], col_offset, cols).to(device=tensor.device, dtype=tensor.dtype)

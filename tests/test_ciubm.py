@@ -657,6 +657,17 @@ def test_eval_only_leaves_the_run_records_and_starts_from_the_run_config(world, 
     assert ciubm._finished(config)  # still the run training finished, on its own world
 
 
+def test_eval_only_without_out_reads_the_default_run_folder(tmp_path, monkeypatch):
+    """`mim train --eval-only` (and TorchX's evaluate with no args) asked for data.world although
+    the default run folder held the run's config.json."""
+    monkeypatch.chdir(tmp_path)
+    assert ciubm._run_config([]) is None
+    (tmp_path / ciubm.TrainConfig.out).mkdir(parents=True)
+    (tmp_path / ciubm.TrainConfig.out / "config.json").write_text("{}")
+    assert ciubm._run_config([]) == str(Path(ciubm.TrainConfig.out) / "config.json")
+    assert ciubm._run_config([f"out={tmp_path / 'elsewhere'}"]) is None
+
+
 def test_a_metrics_file_of_fewer_steps_than_the_checkpoint_is_not_finished(world, tmp_path):
     config = _config(world, tmp_path / "run", "max_steps=2", "model.ubm=avg")
     ciubm.run(config)

@@ -179,11 +179,12 @@ def _cli(args: argparse.Namespace) -> int:
 
 
 def _run_config(overrides: List[str]) -> Optional[str]:
-    """The ``config.json`` a trained run folder (``out=``) holds, if any: what ``--eval-only``
-    starts from, so evaluating a run needs its folder, not its whole command again."""
+    """The ``config.json`` a trained run folder (``out=``, else the default ``out``) holds, if
+    any: what ``--eval-only`` starts from, so evaluating a run needs its folder, not its whole
+    command again."""
     outs = [value.split("=", 1)[1] for value in overrides if value.startswith("out=")]
-    saved = Path(outs[-1]) / "config.json" if outs else None
-    return str(saved) if saved is not None and saved.is_file() else None
+    saved = Path(outs[-1] if outs else TrainConfig.out) / "config.json"
+    return str(saved) if saved.is_file() else None
 
 
 def load_grid(path: str) -> List[Dict[str, Any]]:
