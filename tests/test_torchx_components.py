@@ -119,6 +119,14 @@ def test_a_job_shape_without_processes_is_refused(j):
         materialize_appdef(mim.train_ciubm, ["-j", j, "--", "out=x"])
 
 
+def test_more_ranks_per_node_than_gpus_is_refused():
+    """Ranks past the node's GPUs would fail at torch.cuda.set_device once scheduled."""
+    with pytest.raises(ValueError, match=r"-j 1x4 --gpu 2: each rank takes a GPU"):
+        materialize_appdef(mim.train_ciubm, ["-j", "1x4", "--gpu", "2", "--", "out=x"])
+    materialize_appdef(mim.train_ciubm, ["-j", "1x2", "--gpu", "2", "--", "out=x"])
+    materialize_appdef(mim.train_ciubm, ["-j", "1x4", "--", "out=x"])  # CPU ranks
+
+
 def test_torchx_dryrun_cli_parses_csft(tmp_path):
     (REPO / "runs").mkdir(exist_ok=True)
     config = Path("runs") / f"{tmp_path.name}_csft.yaml"  # relative to the checkout, as users write it

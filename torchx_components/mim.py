@@ -13,8 +13,10 @@ are config keys, so they travel in ``args`` like any other setting::
 
 Distributed stages (pretrain, csft, build_table, train_ciubm, evaluate) run under ``torchrun``
 with ``j = {nnodes}x{nproc_per_node}`` exactly as :py:func:`torchx.components.dist.ddp` does;
-the entry point chooses nccl on GPU hosts and gloo on CPU. ``serve_rim`` and ``bench_sharding``
-are single-process roles (the bench spawns its own measuring ranks).
+the entry point chooses nccl on GPU hosts and gloo on CPU, except ``build_table``, whose ranks
+encode their share of the items on the CPU under gloo (the encoder runs once per item; C-SFT's
+feature cache makes it seconds). ``serve_rim`` and ``bench_sharding`` are single-process roles
+(the bench spawns its own measuring ranks).
 """
 
 # No `from __future__ import annotations`: TorchX reads the real annotations to build the CLI.
@@ -49,6 +51,9 @@ def _check_resources(cpu: int, gpu: int, memMB: int, h: Optional[str], j: Option
                              f"(and min nodes <= max nodes)")
     if h is None and (cpu < 1 or gpu < 0 or memMB < 1):
         raise ValueError(f"--cpu {cpu} --gpu {gpu} --memMB {memMB}: need cpu >= 1, gpu >= 0, memMB >= 1")
+    if j is not None and h is None and gpu > 0 and dist.parse_nnodes(j)[2] > gpu:  # one GPU per rank
+        raise ValueError(f"-j {j} --gpu {gpu}: each rank takes a GPU of its node; give --gpu of at least "
+                         f"{dist.parse_nnodes(j)[2]} (the processes per node)")
 
 
 def _distributed(
@@ -132,7 +137,7 @@ def pretrain(
     Args:
         args: ``key=value`` overrides and flags for ``mim pretrain`` (e.g. ``data.world=DIR out=DIR``)
         config: YAML/JSON PretrainConfig file
-        image: image (docker) or, for local_cwd, the working directory that holds the code
+        image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name, ``{experiment}/{run}``; default ``mim/pretrain``
         j: {nnodes}x{nproc_per_node}; on GPU hosts nproc_per_node must not exceed the GPUs
         cpu: CPUs per node
@@ -174,7 +179,7 @@ def csft(
     Args:
         args: ``key=value`` overrides and flags for ``mim csft`` (inputs, ``out=DIR``)
         config: YAML/JSON C-SFT config file
-        image: image (docker) or, for local_cwd, the working directory that holds the code
+        image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name, ``{experiment}/{run}``; default ``mim/csft``
         j: {nnodes}x{nproc_per_node}; all-gathered negatives span every rank
         cpu: CPUs per node
@@ -215,7 +220,7 @@ def build_table(
     Args:
         args: ``key=value`` overrides and flags for ``mim embeddings build`` (encoder, items, ``out``)
         config: YAML/JSON table-build config file
-        image: image (docker) or, for local_cwd, the working directory that holds the code
+        image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name, ``{experiment}/{run}``; default ``mim/build_table``
         j: {nnodes}x{nproc_per_node}; more ranks encode more items at once
         cpu: CPUs per node
@@ -254,7 +259,7 @@ def serve_rim(
     Args:
         args: ``key=value`` overrides and flags for ``mim embeddings serve``
         config: YAML/JSON RIM service config file
-        image: image (docker) or, for local_cwd, the working directory that holds the code
+        image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name; default ``rim``
         cpu: CPUs
         gpu: GPUs
@@ -300,7 +305,7 @@ def train_ciubm(
     Args:
         args: ``key=value`` overrides and flags for ``mim train`` (events, ``mm_table``, ``out``)
         config: YAML/JSON CiUBM config file
-        image: image (docker) or, for local_cwd, the working directory that holds the code
+        image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name, ``{experiment}/{run}``; default ``mim/train_ciubm``
         j: {nnodes}x{nproc_per_node}; the world size the planner shards over
         cpu: CPUs per node
@@ -343,7 +348,7 @@ def evaluate(
         args: ``key=value`` overrides for ``mim train``: ``out=RUN``, plus e.g. ``data.world=DIR``
             to score another world's test events
         config: YAML/JSON CiUBM config file; default: the run's own ``out/config.json``
-        image: image (docker) or, for local_cwd, the working directory that holds the code
+        image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name, ``{experiment}/{run}``; default ``mim/evaluate``
         j: {nnodes}x{nproc_per_node}
         cpu: CPUs per node
@@ -385,7 +390,7 @@ def bench_sharding(
         config: YAML/JSON ShardingBenchConfig file
         measure: run real steps on each plan (needs world_size local devices or CPU ranks);
             TorchX takes only ``True`` (any case) as true
-        image: image (docker) or, for local_cwd, the working directory that holds the code
+        image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name; default ``bench_sharding``
         cpu: CPUs (at least the measured world size)
         gpu: GPUs (the measured world size on cuda)
