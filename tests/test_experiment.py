@@ -55,6 +55,19 @@ def test_the_true_style_table_runs_only_where_the_world_has_truth(tmp_path):
     assert "truthtable_din_s0" not in {run["name"] for run in experiment.ctr_runs(plan)}
 
 
+def test_each_stage_names_earlier_stages_as_its_inputs(tmp_path):
+    """A stage runs again after one it reads has run again (pipeline.run_chain): its ``after``
+    must name stages that come before it (synth is absent with --world)."""
+    plan = experiment.stages(_plan(tmp_path, seeds="0"))
+    seen = {"synth"}
+    for stage in plan:
+        assert set(stage.after) <= seen, (stage.name, stage.after)
+        seen.add(stage.name)
+    after = {stage.name: set(stage.after) for stage in plan}
+    assert {"mfm", "mfm_stage1"} <= after["ctr_grid"] and "csft" in after["mfm"]
+    assert "csft" not in after["pretrain_eval"] and "ctr_grid" not in after["csft_tables"]
+
+
 def test_the_grid_file_name_follows_its_content(tmp_path):
     first = next(s for s in experiment.stages(_plan(tmp_path, ubms="din")) if s.name == "ctr_grid")
     second = next(s for s in experiment.stages(_plan(tmp_path, ubms="din,sim")) if s.name == "ctr_grid")

@@ -90,16 +90,20 @@ def test_a_stage_after_one_that_ran_again_is_not_reused(tmp_path):
     """A new --synth seed re-ran synth and reused every later stage, made from the old world."""
     from train.pipeline import run_chain
 
-    def stage(name: str, text: str) -> Stage:
+    def stage(name: str, text: str, after=()) -> Stage:
         marker = tmp_path / f"{name}.txt"
-        return Stage(name, [sys.executable, "-c", f"open({str(marker)!r}, 'a').write({text!r})"], marker)
+        return Stage(name, [sys.executable, "-c", f"open({str(marker)!r}, 'a').write({text!r})"], marker,
+                     after=after)
 
-    chain = [stage("first", "a"), stage("second", "b")]
+    chain = [stage("first", "a"), stage("second", "b", after=("first",)), stage("third", "c", after=("second",)),
+             stage("apart", "d")]
     run_chain(chain, tmp_path)
-    run_chain(chain, tmp_path)  # nothing changed: both reused
-    assert (tmp_path / "second.txt").read_text() == "b"
-    run_chain([stage("first", "c"), chain[1]], tmp_path)  # the first stage's command changed
-    assert (tmp_path / "first.txt").read_text() == "ac" and (tmp_path / "second.txt").read_text() == "bb"
+    assert all(reused for _, reused in run_chain(chain, tmp_path).values())  # nothing changed
+    done = run_chain([stage("first", "A"), *chain[1:]], tmp_path)  # the first stage's command changed
+    assert {name: reused for name, (_, reused) in done.items()} == {
+        "first": False, "second": False, "third": False, "apart": True}  # along the chain; not what reads none of it
+    assert [(tmp_path / f"{n}.txt").read_text() for n in ("first", "second", "third", "apart")] == \
+        ["aA", "bb", "cc", "d"]
 
 
 @pytest.mark.parametrize("flag, value, message", [("--out", "a_file", "is a file, not a run folder"),

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESETS, PRETRAIN, Stage, code_version, \
-    csft_feature_cache, mim_command, representation_chain, run_stage, stage_record, torchx_command, world_folder
+    csft_feature_cache, mim_command, representation_chain, run_chain, stage_record, torchx_command, world_folder
 
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
 ALL_TABLES = (2, 3, 4, 5, 6)
@@ -226,35 +226,38 @@ def stages(plan: Plan) -> List[Stage]:
         result.append(Stage("mfm_stage1", mim + ["embeddings", "build", f"world={world}", f"encoders={encoders}",
                                                  f"out={out / 'mm_table_stage1'}",
                                                  f"feature_cache={csft_feature_cache(out)}"],
-                            out / "mm_table_stage1" / "manifest.json", BUILD))
+                            out / "mm_table_stage1" / "manifest.json", BUILD, after=("synth", "pretrain")))
     if 3 in tables and has_truth(plan):
         result.append(Stage("mfm_truth", mim + ["embeddings", "build", f"world={world}",
                                                 f"encoders={world / 'truth'}", f"out={out / 'mm_table_truth'}"],
-                            out / "mm_table_truth" / "manifest.json", BUILD))
+                            out / "mm_table_truth" / "manifest.json", BUILD, after=("synth",)))
     runs = ctr_runs(plan)
     if runs:
         grid, _ = _grid(out, runs)
         result.append(Stage("ctr_grid", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, "--",
                                                   "--grid", str(grid), f"data.world={world}", *preset["train"],
                                                   *plan.ctr_overrides],
-                            plan.ctr_dir / runs[-1]["name"] / "metrics.json", CIUBM))
+                            plan.ctr_dir / runs[-1]["name"] / "metrics.json", CIUBM,
+                            after=("synth", "mfm", "mfm_stage1", "mfm_truth")))
     if 6 in tables:
         result.append(Stage("bench_train", mim + ["bench", "train", "--json", str(out / "bench_train.json"),
                                                   f"world={world}", *plan.preset.bench_train],
-                            out / "bench_train.json", "train.bench_train:TrainBenchConfig"))
+                            out / "bench_train.json", "train.bench_train:TrainBenchConfig", after=("synth",)))
         result.append(Stage("bench_lookup", mim + [
             "bench", "lookup", "--json", str(out / "bench_lookup.json"), f"items={world / 'items.parquet'}",
             f"encoder={out / 'csft' / 'mm_encoder'}", f"mm_table={out / 'mm_table'}", *plan.preset.bench_lookup],
-                            out / "bench_lookup.json", "train.bench_lookup:LookupBenchConfig"))
+                            out / "bench_lookup.json", "train.bench_lookup:LookupBenchConfig",
+                            after=("synth", "csft", "mfm")))
     if 3 in tables:
         result.append(Stage("pretrain_eval", mim + ["pretrain-eval", f"data.world={world}", f"out={out / 'pretrain'}",
-                                                    *preset["pretrain"]], out / "pretrain" / "eval.json", PRETRAIN))
+                                                    *preset["pretrain"]], out / "pretrain" / "eval.json", PRETRAIN,
+                                    after=("synth", "pretrain")))
     if tables & {3, 4, 5}:
         ablations = out / "csft_tables"
         result.append(Stage("csft_tables", mim + [
             "csft-ablations", f"data.world={world}", f"encoders={encoders}", f"out={ablations}",
             f"data.feature_cache={out / 'csft' / 'features'}", *preset["csft"]], ablations / "ablations.json",
-            CSFT))
+            CSFT, after=("synth", "pretrain")))
     return result
 
 
@@ -294,16 +297,16 @@ def run_experiment(plan: Plan, report_only: bool = False) -> Dict[str, Any]:
     todo = stages(plan)
     walls = []
     started = time.time()
+    done = {} if report_only else run_chain(todo, plan.out)
     for index, stage in enumerate(todo, 1):
+        record = stage_record(stage, plan.out)
         if report_only:
-            record = stage_record(stage, plan.out)
             print(f"[{index}/{len(todo)}] {stage.name}: {'finished' if record else 'not finished'}", flush=True)
             if record is None:
                 continue
             wall, reused = record["wall_s"], True
         else:
-            wall, reused = run_stage(stage, plan.out, index, len(todo))
-            record = stage_record(stage, plan.out)
+            wall, reused = done[stage.name]
         walls.append({"name": stage.name, "wall_s": round(wall, 1), "reused": reused, "argv": stage.argv,
                       "code": (record or {}).get("code")})  # None: recorded before stages kept it
     results = collect_results(plan, walls)

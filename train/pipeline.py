@@ -44,6 +44,9 @@ class Stage:
     # "module:Class" of the config the command resolves its settings from: its defaults decide
     # the artifact as much as the command line does (see :func:`defaults_fingerprint`).
     settings: Optional[str] = None
+    # the stages whose artifacts this one reads: once one of them runs again, this one may not
+    # be reused (see :func:`run_chain`)
+    after: Tuple[str, ...] = ()
 
     @property
     def command(self) -> List[str]:
@@ -117,19 +120,20 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     if not world_arg:
         plan.append(Stage("synth", mim + ["data", "synth", "--out", str(world), *preset["synth"]],
                           world / "manifest.json", SYNTH))
-    plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok"))
+    plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok",
+                      after=("synth",)))
     plan.append(Stage("pretrain", mim + ["pretrain", f"data.world={world}", f"out={out / 'pretrain'}",
                                          *preset["pretrain"]], out / "pretrain" / "encoders" / "manifest.json",
-                      PRETRAIN))
+                      PRETRAIN, after=("synth",)))
     torchx, distributed = torchx_command(nproc)
     plan.append(Stage("csft", torchx + ["torchx_components/mim.py:csft", *distributed,
                                         f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}",
                                         f"out={out / 'csft'}", *preset["csft"]],
-                      out / "csft" / "mm_encoder" / "manifest.json", CSFT))
+                      out / "csft" / "mm_encoder" / "manifest.json", CSFT, after=("synth", "pretrain")))
     plan.append(Stage("mfm", mim + ["embeddings", "build", f"world={world}",
                                     f"encoders={out / 'csft' / 'mm_encoder'}", f"out={out / 'mm_table'}",
                                     f"feature_cache={csft_feature_cache(out)}"],
-                      out / "mm_table" / "manifest.json", BUILD))
+                      out / "mm_table" / "manifest.json", BUILD, after=("synth", "csft")))
     return world, plan
 
 
@@ -146,7 +150,7 @@ def stages(args: argparse.Namespace) -> List[Stage]:
         plan.append(Stage(f"train_{model}", torchx + [
             "torchx_components/mim.py:train_ciubm", *distributed, f"data.world={world}",
             f"mm_table={out / 'mm_table'}", f"out={run_dir}", f"model.ubm={args.ubm}",
-            *preset["train"], *switches], run_dir / "metrics.json", CIUBM))
+            *preset["train"], *switches], run_dir / "metrics.json", CIUBM, after=("synth", "mfm")))
     return plan
 
 
@@ -259,17 +263,17 @@ def report(out: Path, ubm: str, walls: Dict[str, float], world: Path) -> str:
     return text
 
 
-def run_chain(plan: List[Stage], out: Path) -> Dict[str, float]:
-    """Run the stages in order, each reading what the ones before it made: once a stage runs
-    (again), no later stage is reused, as its inputs may have changed (a new ``--synth seed``
-    used to leave every later stage's artifact, made from the old world, in place). A later
-    stage whose folder holds checkpoints of the old inputs is then refused by its own trainer."""
-    walls: Dict[str, float] = {}
-    upstream_ran = False
+def run_chain(plan: List[Stage], out: Path) -> Dict[str, Tuple[float, bool]]:
+    """Run the stages in order: ``{name: (wall time, reused)}``. A stage one of whose
+    :attr:`Stage.after` ran in this call runs too, as its inputs may have changed (a new
+    ``--synth seed`` used to re-run synth and reuse every later stage, made from the old
+    world); that holds along the chain. A stage whose folder holds checkpoints of the old
+    inputs is then refused by its own trainer, which asks for a fresh folder."""
+    done: Dict[str, Tuple[float, bool]] = {}
     for index, stage in enumerate(plan, 1):
-        walls[stage.name], reused = run_stage(stage, out, index, len(plan), reuse=not upstream_ran)
-        upstream_ran = upstream_ran or not reused
-    return walls
+        reuse = not any(name in done and not done[name][1] for name in stage.after)
+        done[stage.name] = run_stage(stage, out, index, len(plan), reuse=reuse)
+    return done
 
 
 def run(args: argparse.Namespace) -> int:
@@ -282,6 +286,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc {args.nproc}: the C-SFT and CiUBM jobs need at least one rank")
     out.mkdir(parents=True, exist_ok=True)
     plan = stages(args)
-    walls = run_chain(plan, out)
+    walls = {name: wall for name, (wall, _) in run_chain(plan, out).items()}
     print(report(out, args.ubm, walls, world_folder(out, args.world)))
     return 0
