@@ -53,7 +53,7 @@ def _paired(s: Optional[Stat]) -> str:
     """``+0.0100 ± 0.0020 (p=0.012, 3 seeds)``."""
     if s is None:
         return "not run"
-    return f"{fmt_stat(s, signed=True)} ({fmt_p(s.p_above_zero())}, {s.n} seed{'s' * (s.n != 1)})"
+    return f"{fmt_stat(s, signed=True)} ({fmt_p(s)}, {s.n} seed{'s' * (s.n != 1)})"
 
 
 def _mim_beats_base(ctr: CtrRuns) -> Claim:

@@ -115,17 +115,13 @@ def table2_bars(ctr: CtrRuns) -> plots.Bars:
     return bars
 
 
-def _p_above_zero(s: Optional[Stat]) -> Optional[float]:
-    return None if s is None else s.p_above_zero()
-
-
 def _table2(ctr: CtrRuns, written: Dict[str, bool]) -> List[str]:
     lines = ["## Table 2: Base vs Base+MIM per user behaviour model", ""]
     if not ctr.ubms:
         return lines + [NOT_RUN]
     rows = [[ubm, fmt_stat(ctr.metric("base", ubm)), fmt_stat(ctr.metric("mim", ubm)),
              fmt_stat(ctr.delta("mim", "base", ubm), signed=True),
-             fmt_p(_p_above_zero(ctr.delta("mim", "base", ubm))),
+             fmt_p(ctr.delta("mim", "base", ubm)),
              fmt_stat(ctr.delta("mim", "base", ubm, lambda m: m.get("gauc")), signed=True),
              str(seeds_of(ctr.delta("mim", "base", ubm)))] for ubm in ctr.ubms]
     lines += md_table(["UBM", "Base AUC", "Base+MIM AUC", "Δ AUC", "p (Δ AUC > 0)", "Δ GAUC", "seeds"], rows)

@@ -77,8 +77,10 @@ def fmt_stat(s: Optional[Stat], signed: bool = False) -> str:
     return f"{fmt(s.mean, signed)} ± {fmt(s.std)}"
 
 
-def fmt_p(p: Optional[float]) -> str:
-    """``p=0.012``, ``p<0.001``; ``p n/a`` with one seed."""
+def fmt_p(s: Optional[Stat]) -> str:
+    """The :meth:`Stat.p_above_zero` of ``s``: ``p=0.012``, ``p<0.001``; ``p n/a`` with one
+    seed or none."""
+    p = None if s is None else s.p_above_zero()
     if p is None:
         return "p n/a"
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
