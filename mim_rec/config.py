@@ -154,6 +154,15 @@ def require_not_negative(config: Any, keys: Iterable[str], prefix: str = "") -> 
             raise ConfigError(f"{prefix}{key}={value}: must not be negative")
 
 
+def require_run_folder(out: str, example: str) -> None:
+    """``out`` must name a run folder: an empty ``out=`` wrote the run into the current
+    directory, and a file failed deep in training. ``example``: a folder to suggest."""
+    if not out.strip():
+        raise ConfigError(f"out: empty; give the run folder, e.g. out={example}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"out={out}: a file, not a run folder")
+
+
 def require_fraction(config: Any, keys: Iterable[str]) -> None:
     """Refuse a share or probability outside ``0 < value < 1`` (``None`` passes)."""
     for key in keys:

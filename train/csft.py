@@ -52,7 +52,8 @@ def check_config(config: CsftConfig) -> CsftConfig:
     a traceback from numpy) or silently train nothing; returns ``config``. Every command that
     trains C-SFT runs (``csft``, ``csft-ablations``, ``csft-tune``) calls it on each run's
     config before any of them trains."""
-    from mim_rec.config import ConfigError, require_fraction, require_not_negative, require_positive
+    from mim_rec.config import (ConfigError, require_fraction, require_not_negative, require_positive,
+                                require_run_folder)
     require_positive(config, ("steps", "lr", "head_lr", "backbone_lr", "checkpoint_every", "log_every",
                               "data.batch_size", "eval.batch_size", "loss.temperature", "model.fusion.hidden",
                               "model.fusion.rank"))
@@ -66,10 +67,7 @@ def check_config(config: CsftConfig) -> CsftConfig:
                           "queue re-embeds queued items from cached backbone features, which moving "
                           "backbones invalidate, and a stored (stale) queue made C-SFT diverge "
                           "(docs/csft.md, 'No queue while the backbones train')")
-    if not config.out.strip():  # the run would be written into the current directory
-        raise ConfigError("out: empty; give the run folder, e.g. out=runs/csft")
-    if Path(config.out).exists() and not Path(config.out).is_dir():
-        raise ConfigError(f"out={config.out}: a file, not a run folder")
+    require_run_folder(config.out, "runs/csft")  # csft-ablations and csft-tune bypass stage_cli
     return config
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 
@@ -44,15 +43,11 @@ def _common_args(parser: argparse.ArgumentParser, stage: StageCommands) -> None:
 
 
 def _load(stage: StageCommands, args: argparse.Namespace) -> Any:
-    """The stage's config, with ``out`` a run folder: an empty ``out=`` wrote the run into the
-    current directory, and a file failed deep in training."""
-    from mim_rec.config import ConfigError
+    """The stage's config, with ``out`` a run folder."""
+    from mim_rec.config import require_run_folder
 
     config = stage.load(args)
-    if not config.out.strip():
-        raise ConfigError("out: empty; give the run folder, e.g. out=runs/" + stage.name)
-    if Path(config.out).exists() and not Path(config.out).is_dir():
-        raise ConfigError(f"out={config.out}: a file, not a run folder")
+    require_run_folder(config.out, f"runs/{stage.name}")
     return config
 
 
