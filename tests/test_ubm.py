@@ -189,10 +189,10 @@ def reference_dien_aux_loss(dien: DIEN, behaviours: torch.Tensor, mask: torch.Te
         states, _ = gru(behaviours[b:b + 1, :n])
         negative_row = (b - 1) % behaviours.shape[0]
         for t in range(n - 1):
-            if not mask[negative_row, t + 1]:
+            positive, negative = behaviours[b, t + 1], behaviours[negative_row, t + 1]
+            if not mask[negative_row, t + 1] or torch.equal(positive, negative):
                 continue
             h = states[0, t]
-            positive, negative = behaviours[b, t + 1], behaviours[negative_row, t + 1]
             total += -math.log(torch.sigmoid(h @ positive).item()) - math.log(1 - torch.sigmoid(h @ negative).item())
             count += 1
     return total / count
@@ -204,6 +204,21 @@ def test_dien_auxiliary_loss_matches_the_paper_formula():
     assert dien.auxiliary_loss() is None
     dien(target, behaviours, mask, target_category, behaviour_categories)
     assert dien.auxiliary_loss().item() == pytest.approx(reference_dien_aux_loss(dien, behaviours, mask), rel=1e-5)
+
+
+def test_dien_auxiliary_loss_skips_steps_whose_negative_is_the_positive():
+    """The in-batch negative is the previous row's behaviour: where that is the positive item
+    itself, the step is left out rather than scored as both a hit and a miss."""
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    mask = torch.ones_like(mask)
+    dien: DIEN = build("dien")
+    dien(target[:1], behaviours[:1], mask[:1], target_category[:1], behaviour_categories[:1])
+    assert dien.auxiliary_loss().item() == 0.0  # a batch of one: every negative is the positive
+
+    shared = behaviours.clone()
+    shared[1, 3] = shared[0, 3]  # row 1's negative at step 3 is row 0's behaviour there: the same item
+    dien(target, shared, mask, target_category, behaviour_categories)
+    assert dien.auxiliary_loss().item() == pytest.approx(reference_dien_aux_loss(dien, shared, mask), rel=1e-5)
 
 
 def test_dien_auxiliary_loss_decreases_when_the_next_behaviour_is_predictable():

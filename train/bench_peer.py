@@ -24,7 +24,7 @@ log loss, AUC on the newest-item decile (S1), and training samples/s.
 What is left to each library is its own design: initialisation, DeepCTR-Torch's extra L2 term
 (set to 0 here), and DIEN's auxiliary loss. Ours scores a state against the next behaviour by
 an inner product (the paper's Eq. 2) with an in-batch negative, the previous row's behaviour at
-the same step. DeepCTR-Torch scores the pair with an MLP and takes the negative sequence from
+the same step (left out where it is the positive item). DeepCTR-Torch scores the pair with an MLP and takes the negative sequence from
 the caller: uniform random items here, as in its own example. Its DIEN also feeds its MLP no
 variable-length feature but the histories, so it never sees the query words.
 """

@@ -26,12 +26,14 @@ def next_behaviour_loss(states: torch.Tensor, behaviours: torch.Tensor, mask: to
     ``-mean_t [log sigmoid(<h_t, e_{t+1}>) + log(1 - sigmoid(<h_t, e~_{t+1}>))]`` over steps
     where ``t``, ``t+1`` and the negative are all real. The negative ``e~_{t+1}`` is the
     behaviour at the same step of the previous row in the batch (an in-batch sample, so no
-    extra embedding lookups); with a batch of one it is the positive itself, so train DIEN
-    with batches larger than one. Returns 0 when no step qualifies.
+    extra embedding lookups). A step whose negative is the positive item itself (the same
+    embedding: two rows sharing a behaviour, or a batch of one) would push the same score up
+    and down at once, so it is left out. Returns 0 when no step qualifies.
     """
     negatives, negative_mask = behaviours.roll(1, dims=0), mask.roll(1, dims=0)
     h, positive, negative = states[:, :-1], behaviours[:, 1:], negatives[:, 1:]
-    valid = mask[:, :-1] & mask[:, 1:] & negative_mask[:, 1:]
+    distinct = (positive != negative).any(-1)
+    valid = mask[:, :-1] & mask[:, 1:] & negative_mask[:, 1:] & distinct
     positive_logit = (h * positive).sum(-1)
     negative_logit = (h * negative).sum(-1)
     per_step = F.softplus(-positive_logit) + F.softplus(negative_logit)  # -log s(p) - log(1 - s(n))
