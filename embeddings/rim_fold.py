@@ -21,7 +21,7 @@ from mim_rec.data.io import link_or_copy, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, require, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP
 
-from embeddings.rim_log import check_fingerprint, read_messages
+from embeddings.rim_log import check_message, check_new_ids, read_messages
 from embeddings.table import table_item_ids, table_parts
 
 
@@ -84,20 +84,15 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     start = end = folded_offset(table_dir, log_path)
     ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, base.dim), np.float32)]
     for end, message in read_messages(log_path, start):
-        check_fingerprint(message, fingerprint, log_path)
-        if message.dim != base.dim:
-            raise ManifestMismatch(f"{log_path}: vectors of dim {message.dim}, table {table_dir} of dim {base.dim}")
-        broken = ~np.isfinite(message.vectors).all(axis=1)
-        if broken.any():
-            raise DataError(str(log_path), f"the record ending at byte {end} holds a NaN or infinite vector "
-                            f"(item {message.item_ids[broken][0]})", field="vector")
+        check_message(message, fingerprint, base.dim, log_path, end, f"the table {table_dir}")
         ids.append(message.item_ids)
         vectors.append(message.vectors)
     ids, vectors = np.concatenate(ids), np.concatenate(vectors)
     # An incomplete last record (being appended, or torn by a crash) is not folded; the next
     # fold starts at ``end`` and takes it if it has been completed by then. Said, not hidden.
     unfolded = log_path.stat().st_size - end
-    _check_new_ids(ids, table_item_ids(table_dir), num_items, log_path, table_dir)
+    check_new_ids(ids, table_item_ids(table_dir), num_items, log_path, str(table_dir),
+                  "; pass num_items=<catalogue size>")
 
     # Written beside ``out`` and renamed into place: a fold that fails leaves no half-table.
     staging = out.parent / f".{out.name}.folding"
@@ -130,18 +125,3 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
         shutil.rmtree(staging, ignore_errors=True)
     return out
 
-
-def _check_new_ids(ids: np.ndarray, table_ids: np.ndarray, num_items: int, log_path: Path,
-                   table_dir: Path) -> None:
-    outside = ids[(ids < 0) | (ids >= num_items)]
-    if len(outside):
-        raise DataError(str(log_path), f"{len(outside)} item(s) outside the id range [0, {num_items}) of "
-                        f"{table_dir} (first: {outside[0]}); pass num_items=<catalogue size>", field="item_id")
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise DataError(str(log_path), f"item {unique[counts > 1][0]} appears in more than one record",
-                        field="item_id")
-    known = ids[np.isin(ids, table_ids)]
-    if len(known):
-        raise DataError(str(log_path), f"item {known[0]} is already in {table_dir}; a table row is never "
-                        "replaced by a fold", field="item_id")

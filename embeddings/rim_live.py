@@ -13,14 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from mim_rec.ciubm.sparse import shard_columns
-from mim_rec.data.errors import DataError
 from mim_rec.data.manifest import require
 
-from embeddings.rim_log import check_fingerprint, complete_end, read_messages
 from embeddings.rim_fold import folded_offset
+from embeddings.rim_log import check_message, check_new_ids, complete_end, read_messages
+from embeddings.table import table_item_ids
 
 
 class LiveMMTable:
@@ -28,13 +29,18 @@ class LiveMMTable:
 
     Starts after the records the table already holds (a folded table names its log offset), so
     nothing is applied twice; ``offset`` is how far it has applied, ``applied`` how many items.
+    Each record passes the fold's checks before any row of it is written (same encoder and
+    width, finite vectors, ids in range that neither the table nor an earlier record holds), so
+    a live model never trains on a row the next table version would refuse.
     """
 
     def __init__(self, log_path: Union[str, Path], table_dir: Union[str, Path], num_items: int,
                  offset: Optional[int] = None) -> None:
-        self.log_path, self.num_items = Path(log_path), num_items
-        self.fingerprint = require(table_dir, kind="mm_table").extra["encoder_fingerprint"]
+        self.log_path, self.num_items, self.table_dir = Path(log_path), num_items, str(table_dir)
+        manifest = require(table_dir, kind="mm_table")
+        self.fingerprint, self.dim = manifest.extra["encoder_fingerprint"], manifest.dim
         self.offset = folded_offset(table_dir, log_path) if offset is None else offset
+        self.held = table_item_ids(table_dir)  # sorted: the table's ids, then every id applied
         self.applied = 0
 
     def apply(self, model) -> int:
@@ -46,12 +52,12 @@ class LiveMMTable:
         shards = local_mm_shards(model)
         count = 0
         for end, message in read_messages(self.log_path, self.offset, stop):
-            check_fingerprint(message, self.fingerprint, self.log_path)
-            outside = message.item_ids[(message.item_ids < 0) | (message.item_ids >= self.num_items)]
-            if len(outside):
-                raise DataError(str(self.log_path), f"record ending at byte {end}: item {outside[0]} is outside "
-                                f"the model's MM table of {self.num_items} rows", field="item_id")
+            check_message(message, self.fingerprint, self.dim, self.log_path, end, f"the table {self.table_dir}")
+            check_new_ids(message.item_ids, self.held, self.num_items, self.log_path,
+                          f"the table {self.table_dir} or an earlier record of this log",
+                          f" of the model's MM table")
             _write_rows(shards, torch.from_numpy(message.item_ids), torch.from_numpy(message.vectors))
+            self.held = np.union1d(self.held, message.item_ids)
             self.offset, count = end, count + len(message.item_ids)
         self.applied += count
         return count

@@ -11,11 +11,12 @@ model) remembers how far it has read and resumes there.
 
 Durability: :meth:`RimLog.append` writes one record and ``fsync``s it before returning, and the
 service acknowledges an item only after that, so an acknowledged item survives a crash. A
-crash can only tear the record being written, i.e. the last one: on open, a damaged record
-(incomplete, wrong magic, failed CRC, a zero-filled tail) with no intact record after it is a
-torn tail and is truncated (the dropped byte count is reported). A damaged record with an
-intact one after it cannot come from a crash; that is corruption and is refused with its
-offset, never skipped, because the records after it were acknowledged.
+crash can only tear the record being written, i.e. the last one: on open, a damaged last
+record is a torn tail and is truncated (the dropped byte count is reported) when it looks like
+what a cut-short write leaves -- a prefix of a frame (its magic, or a prefix of it, and no more
+bytes than its declared length) or zeros. Anything else was never written by a log writer: a
+damaged record with an intact one after it, or bytes that do not start a frame (another file
+given as the log), is refused with its offset, never truncated or skipped.
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def _intact_end(data: memoryview, offset: int) -> Optional[int]:
 
 def _frame_end(data: memoryview, offset: int, path: Path) -> int:
     """End offset of the intact record at ``offset``. A damaged record is a torn tail
-    (:class:`_TornTail`) when no intact record follows it, else corruption (:class:`DataError`)."""
+    (:class:`_TornTail`) when no intact record follows it and it looks cut short
+    (:func:`_looks_torn`), else corruption (:class:`DataError`)."""
     end = _intact_end(data, offset)
     if end is not None:
         return end
@@ -116,7 +118,24 @@ def _frame_end(data: memoryview, offset: int, path: Path) -> int:
             raise DataError(str(path), f"damaged record at byte {offset} with an intact one at byte {at} "
                             "after it; the log is corrupt, not torn")
         at = raw.find(MAGIC, at + 1)
+    if not _looks_torn(raw[offset:]):
+        raise DataError(str(path), f"the bytes from byte {offset} do not start a RIM record (they begin "
+                        f"{raw[offset:offset + 8]!r}): not a RIM window-message log, or one that was overwritten")
     raise _TornTail
+
+
+def _looks_torn(tail: bytes) -> bool:
+    """Whether ``tail`` is what a write cut short by a crash leaves: zeros (blocks allocated,
+    never written) or the start of one frame -- its magic or a prefix of it, and no more bytes
+    than that frame declares."""
+    if not tail.strip(b"\0"):
+        return True
+    if not (tail[:len(MAGIC)] == MAGIC or MAGIC.startswith(tail)):
+        return False
+    if len(tail) < _FRAME.size:
+        return True
+    _, length, _ = _FRAME.unpack_from(tail)
+    return len(tail) <= _FRAME.size + length
 
 
 def _records(path: Path, offset: int, stop: Optional[int]) -> Iterator[Tuple[int, memoryview]]:
@@ -170,6 +189,42 @@ def check_fingerprint(message: WindowMessage, expected: str, source: Union[str, 
                                f"{expected!r}; vectors from two encoders cannot share a table")
 
 
+def check_message(message: WindowMessage, fingerprint: str, dim: int, source: Union[str, Path], end: int,
+                  expected_of: str = "the table") -> None:
+    """Refuse a record whose rows no table or model may take: vectors from another encoder
+    than ``expected_of``'s, of another width, or not finite. Every consumer (the writer
+    reopening its log, the fold, the live apply) checks each record with this before using it;
+    the CRC only proves the bytes are the ones written, not that the writer wrote good rows."""
+    check_fingerprint(message, fingerprint, source, expected_of)
+    if message.dim != dim:
+        raise ManifestMismatch(f"{source}: the record ending at byte {end} holds vectors of dim {message.dim}, "
+                               f"{expected_of} has dim {dim}")
+    broken = ~np.isfinite(message.vectors).all(axis=1)
+    if broken.any():
+        raise DataError(str(source), f"the record ending at byte {end} holds a NaN or infinite vector "
+                        f"(item {message.item_ids[broken][0]})", field="vector")
+
+
+def check_new_ids(ids: np.ndarray, known_ids: np.ndarray, num_items: int, source: Union[str, Path],
+                  known_as: str, range_hint: str = "") -> None:
+    """Refuse log rows that would not each fill one empty row of an id space of ``num_items``:
+    an id outside it (``range_hint`` says what to do), an id twice, or an id in the sorted
+    ``known_ids`` (``known_as`` names where those rows already are). A table row is never
+    replaced from a log."""
+    outside = ids[(ids < 0) | (ids >= num_items)]
+    if len(outside):
+        raise DataError(str(source), f"{len(outside)} item(s) outside the id range [0, {num_items}) "
+                        f"(first: {outside[0]}){range_hint}", field="item_id")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(str(source), f"item {unique[counts > 1][0]} appears in more than one record",
+                        field="item_id")
+    known = ids[np.isin(ids, known_ids)]
+    if len(known):
+        raise DataError(str(source), f"item {known[0]} is already in {known_as}; a table row is never "
+                        "replaced from a log", field="item_id")
+
+
 class RimLog:
     """The single writer of a window-message log (an exclusive lock refuses a second one).
 
@@ -202,10 +257,13 @@ class RimLog:
     def _recover(self) -> int:
         """Check every record, truncate a torn tail; returns the bytes truncated."""
         for self.end, message in read_messages(self.path):
-            check_fingerprint(message, self.fingerprint, self.path, "this writer's encoder")
-            if message.dim != self.dim:
-                raise ManifestMismatch(f"{self.path}: records of dim {message.dim}, encoder dim {self.dim}")
-            self.item_ids.update(int(i) for i in message.item_ids)
+            check_message(message, self.fingerprint, self.dim, self.path, self.end, "this writer's encoder")
+            ids = {int(i) for i in message.item_ids}
+            again = (ids & self.item_ids) or (len(ids) < len(message.item_ids))
+            if again:
+                raise DataError(str(self.path), f"the record ending at byte {self.end} repeats an item of this "
+                                "log; a writer never logs an item twice", field="item_id")
+            self.item_ids.update(ids)
             self.records += 1
         torn = os.fstat(self._fd).st_size - self.end
         if torn:
@@ -215,9 +273,7 @@ class RimLog:
 
     def append(self, message: WindowMessage) -> int:
         """Write one record and make it durable; returns the offset after it."""
-        check_fingerprint(message, self.fingerprint, self.path, "this writer's encoder")
-        if message.dim != self.dim:
-            raise ValueError(f"vectors of dim {message.dim}, log of dim {self.dim}")
+        check_message(message, self.fingerprint, self.dim, self.path, self.end, "this writer's encoder")
         data = message.encode()
         written = os.pwrite(self._fd, data, self.end)
         if written != len(data):

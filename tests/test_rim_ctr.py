@@ -207,10 +207,16 @@ def test_fold_refuses_ids_outside_the_id_space_known_ids_and_other_encoders(cata
 
 
 def _log_of(path, ids, vectors=None):
+    """A log of one record per id. Given ``vectors``, the records are written raw, as a buggy
+    writer would leave them (RimLog itself refuses a non-finite row)."""
+    messages = [WindowMessage(np.array([item]), vectors_of([item]).numpy() if vectors is None else vectors,
+                              IdEncoder.fingerprint, np.zeros(1), 0.0) for item in ids]
+    if vectors is not None:
+        path.write_bytes(b"".join(message.encode() for message in messages))
+        return path
     with RimLog(path, IdEncoder.fingerprint, DIM) as writer:
-        for item in ids:
-            writer.append(WindowMessage(np.array([item]), vectors_of([item]).numpy() if vectors is None else vectors,
-                                        IdEncoder.fingerprint, np.zeros(1), 0.0))
+        for message in messages:
+            writer.append(message)
     return path
 
 
@@ -228,6 +234,34 @@ def test_a_log_rotated_at_the_folded_path_is_refused_not_read_from_the_old_offse
     with pytest.raises(ManifestMismatch, match="not the log"):
         LiveMMTable(path, folded, items.num_rows)
     assert not (tmp_path / "v3").exists()
+
+
+@pytest.mark.parametrize("case", ["nan", "in_table", "twice", "wider"])
+def test_the_live_apply_refuses_what_the_fold_refuses_before_writing_a_row(world, catalogue, base_table,
+                                                                           tmp_path, case):
+    """The live apply used to write these rows into the running model: a NaN vector, a new
+    vector over an item the table holds, an item twice (the last won), a row of another width
+    (cut or zero-padded to the table's)."""
+    items, cut = catalogue
+    path = tmp_path / "bad.log"
+    good = WindowMessage(np.array([cut]), vectors_of([cut]).numpy(), IdEncoder.fingerprint, np.zeros(1), 0.0)
+    bad_ids, bad_vectors = {"nan": ([cut + 1], np.full((1, DIM), np.nan, np.float32)),
+                            "in_table": ([3], vectors_of([cut + 1]).numpy()),
+                            "twice": ([cut], vectors_of([cut + 1]).numpy()),
+                            "wider": ([cut + 1], np.ones((1, DIM + 2), np.float32))}[case]
+    bad = WindowMessage(np.array(bad_ids), bad_vectors, IdEncoder.fingerprint, np.zeros(1), 0.0)
+    path.write_bytes(good.encode() + bad.encode())
+    reason = {"nan": "NaN or infinite vector", "in_table": "item 3 is already in .*table",
+              "twice": f"item {cut} (is already in .* an earlier record|appears in more than one record)",
+              "wider": f"dim {DIM + 2}, .* has dim {DIM}"}
+    model, *_ = _model(world, base_table, tmp_path / "run")
+    before = _mm_rows(model, np.arange(items.num_rows))
+    with pytest.raises((DataError, ManifestMismatch), match=reason[case]):
+        LiveMMTable(path, base_table, items.num_rows).apply(model)
+    changed = torch.nonzero((_mm_rows(model, np.arange(items.num_rows)) != before).any(1)).flatten().tolist()
+    assert changed == [cut]  # the good record before it, nothing of the bad one
+    with pytest.raises((DataError, ManifestMismatch), match=reason[case]):
+        fold_log(base_table, path, tmp_path / "next", num_items=items.num_rows)
 
 
 def test_a_fold_that_fails_leaves_no_folder_and_names_what_failed(catalogue, base_table, tmp_path):

@@ -56,7 +56,8 @@ def test_a_torn_last_record_is_never_read_and_is_truncated_on_open(tmp_path):
     assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2, 3], [4]]
 
 
-@pytest.mark.parametrize("tail", [b"\0" * 37, b"garbage after the last record"])
+@pytest.mark.parametrize("tail", [b"\0" * 37, b"RI", message([4]).encode()[:30],
+                                  message([4]).encode()[:30] + b"\0" * 10])
 def test_a_damaged_tail_is_torn_but_a_bad_record_before_good_ones_is_corruption(tmp_path, tail):
     path = tmp_path / "rim.log"
     ends = write_log(path, [[1], [2], [3]])
@@ -71,6 +72,38 @@ def test_a_damaged_tail_is_torn_but_a_bad_record_before_good_ones_is_corruption(
         RimLog(path, "enc:a", DIM)
     with pytest.raises(DataError, match="corrupt, not torn"):
         list(read_messages(path))
+
+
+@pytest.mark.parametrize("content, at", [
+    (b"PAR1" + bytes(range(200)), 0),      # another file given as log=: never truncated
+    (None, None),                          # text after the last record: not what a crash leaves
+])
+def test_bytes_no_writer_leaves_are_refused_and_never_truncated(tmp_path, content, at):
+    path = tmp_path / "rim.log"
+    if content is None:
+        at = write_log(path, [[1], [2]])[-1]
+        content = path.read_bytes() + b"garbage after the last record"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"bytes from byte {at} do not start a RIM record.*not a RIM"):
+        RimLog(path, "enc:a", DIM)
+    with pytest.raises(DataError, match=f"bytes from byte {at} do not start a RIM record"):
+        list(read_messages(path))
+    assert path.read_bytes() == content
+
+
+def test_a_reopened_log_refuses_rows_no_consumer_may_take(tmp_path):
+    """The writer's own checks, met again on open: a non-finite vector, an item logged twice."""
+    path = tmp_path / "rim.log"
+    with RimLog(path, "enc:a", DIM) as log:
+        bad = message([1])
+        bad.vectors[0, 2] = np.nan
+        with pytest.raises(DataError, match="NaN or infinite vector \\(item 1\\)"):
+            log.append(bad)
+        assert log.end == 0
+    with open(path, "ab") as raw:
+        raw.write(message([1]).encode() + message([1]).encode())
+    with pytest.raises(DataError, match="repeats an item of this log"):
+        RimLog(path, "enc:a", DIM)
 
 
 def test_another_encoder_is_refused(tmp_path):
