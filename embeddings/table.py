@@ -89,7 +89,13 @@ def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: 
             catalogue_fingerprint(items_path, built_for["rows"]) != built_for["fingerprint"]:
         raise ManifestMismatch(f"{table_dir}: built for other items than {items_path} (the raw ids and titles of "
                                f"its {built_for['rows']} items differ); build the table from this world's items")
-    held = sum(open_parquet(part).metadata.num_rows for part in table_parts(table_dir, manifest))
+    parts = table_parts(table_dir, manifest)
+    for part in parts:  # an id past the range would be read as no row at all, and not counted missing
+        low, top = _id_bounds(part)
+        if low < 0 or top >= high:
+            raise DataError(str(part), f"item ids {low}..{top} reach outside the table's id range [0, {high})",
+                            field="item_id")
+    held = sum(open_parquet(part).metadata.num_rows for part in parts)
     if held != manifest.row_count:
         raise DataError(str(table_dir), f"its parts hold {held} rows, its manifest says {manifest.row_count}: "
                                         "a part is missing or was added; rebuild the table")
@@ -161,10 +167,13 @@ def _check_policy(missing: str) -> None:
 
 
 def _id_bounds(part: Path) -> tuple:
-    """``(min, max)`` item id of a part from its row-group statistics (no data read)."""
+    """``(min, max)`` item id of a part: from its row-group statistics where every row group
+    has them (no data read), else from its ``item_id`` column."""
     meta = open_parquet(part).metadata
     column = meta.schema.to_arrow_schema().get_field_index("item_id")
     stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
-    if not stats or any(s is None or not s.has_min_max for s in stats):
-        return -np.inf, np.inf
-    return min(s.min for s in stats), max(s.max for s in stats)
+    if stats and all(s is not None and s.has_min_max for s in stats):
+        return min(s.min for s in stats), max(s.max for s in stats)
+    ids = pq.read_table(part, columns=["item_id"])["item_id"]
+    bounds = pc.min_max(ids)
+    return (bounds["min"].as_py(), bounds["max"].as_py()) if len(ids) else (np.inf, -np.inf)

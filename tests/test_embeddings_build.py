@@ -126,6 +126,22 @@ def test_reader_refuses_wrong_dim_and_missing_items(world, tmp_path):
         read_mm_rows(out, 0, 310, 8)  # a catalogue grown past the table
 
 
+@pytest.mark.parametrize("shift", [10**12, -1000])
+def test_a_part_with_ids_outside_the_id_range_is_refused_even_under_missing_default(world, tmp_path, shift):
+    """Those rows used to be skipped by every range read: their items trained on zero vectors
+    while the table reported none missing."""
+    from embeddings.table import check_table
+    from mim_rec.data.errors import DataError
+
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    part = pq.read_table(out / "part-00001.parquet")
+    moved = part.set_column(0, "item_id", pa.array(part["item_id"].to_numpy() + shift, pa.int64()))
+    pq.write_table(moved, out / "part-00001.parquet")
+    with pytest.raises(DataError, match=r"item ids .* reach outside the table's id range \[0, 300\)") as info:
+        check_table(out, 300, 8, missing="default")
+    assert info.value.file.endswith("part-00001.parquet")
+
+
 def test_a_table_missing_a_part_or_holding_a_stray_one_is_refused(world, tmp_path):
     """A missing part used to read as zero vectors even under missing=default, counted nowhere;
     a stray part's rows silently replaced the table's; a cut part was Arrow's traceback."""
