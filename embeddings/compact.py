@@ -10,18 +10,18 @@ exactly, whatever precision the trainer then stores them in.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Tuple, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, read_manifest, write_manifest
 from mim_rec.data.schemas import MM_TABLE_INT8
 
-from embeddings.table import read_mm_rows, table_parts
+from embeddings.table import read_part_rows, table_parts
 
 # Bytes one stored row takes, by precision: fbgemm's INT8 row carries an fp32 scale and bias.
 INT8_ROW_OVERHEAD = 8
@@ -65,8 +65,10 @@ def dequantise_rows(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> n
 def quantise_table(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
     """Write an ``MM_TABLE_INT8`` copy of the fp table folder ``source`` into ``out_dir``.
 
-    Part for part (same item ranges), so a rank loading one shard still reads one part; the
-    manifest keeps the source's lineage and records the worst per-row quantisation step.
+    Part for part (same item ids), so a rank loading one shard still reads one part, and a
+    folded table (whose RIM part holds scattered new ids) quantises like a built one. The copy
+    is written beside ``out_dir`` and renamed into place when whole; ``out_dir`` must be new or
+    empty. The manifest keeps the source's lineage and records the worst per-row step.
     """
     from mim_rec.data.io import write_table
 
@@ -74,23 +76,31 @@ def quantise_table(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
     manifest = read_manifest(source)
     if manifest.kind != "mm_table" or manifest.dtype not in ("float32", "float16"):
         raise ValueError(f"{source}: not an fp MM table (kind {manifest.kind!r}, dtype {manifest.dtype!r})")
-    out.mkdir(parents=True, exist_ok=True)
-    dim, worst_step = int(manifest.dim), 0.0
-    for part in tqdm(table_parts(source), desc="int8 quantise", unit="part"):
-        ids = pq.read_table(part, columns=["item_id"])["item_id"].to_numpy()
-        start, stop = int(ids.min()), int(ids.max()) + 1
-        if stop - start != len(ids):
-            raise ValueError(f"{part}: item ids are not one contiguous range; cannot quantise part-wise")
-        codes, scale, bias = quantise_rows(read_mm_rows(source, start, stop, dim).numpy())
-        worst_step = max(worst_step, float(scale.max()))
-        table = pa.table({"item_id": pa.array(np.arange(start, stop), pa.int64()),
-                          "vector": pa.array(list(codes), pa.list_(pa.int8())),
-                          "scale": scale, "bias": bias})
-        write_table(table, out / part.name, MM_TABLE_INT8, item_count=manifest.row_count,
-                    vector_dims={"vector": dim})
-    write_manifest(out, Manifest(
-        kind="mm_table", stage="quantise", config={"scheme": "row-wise int8, value = q * scale + bias"},
-        row_count=manifest.row_count, dim=dim, dtype="int8",
-        inputs={"mm_table": fingerprint_file(manifest_path(source))},
-        extra={**manifest.extra, "source": str(source), "max_scale": worst_step}))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: not a new or empty folder; quantise into a new one")
+    staging = out.parent / f".{out.name}.quantising"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        dim, worst_step = int(manifest.dim), 0.0
+        id_space = int(manifest.extra.get("id_range", [0, manifest.row_count])[1])
+        for part in tqdm(table_parts(source, manifest), desc="int8 quantise", unit="part"):
+            ids, rows = read_part_rows(part, dim)
+            order = np.argsort(ids)
+            ids, (codes, scale, bias) = ids[order], quantise_rows(rows[order])
+            worst_step = max(worst_step, float(scale.max(initial=0.0)))
+            table = pa.table({"item_id": pa.array(ids, pa.int64()), "vector": pa.array(list(codes), pa.list_(pa.int8())),
+                              "scale": scale, "bias": bias})
+            write_table(table, staging / part.name, MM_TABLE_INT8, item_count=id_space,
+                        vector_dims={"vector": dim})
+        write_manifest(staging, Manifest(
+            kind="mm_table", stage="quantise", config={"scheme": "row-wise int8, value = q * scale + bias"},
+            row_count=manifest.row_count, dim=dim, dtype="int8",
+            inputs={"mm_table": fingerprint_file(manifest_path(source))},
+            extra={**manifest.extra, "source": str(source), "max_scale": worst_step}))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -19,8 +19,9 @@ import pyarrow as pa
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import link_or_copy, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, require, write_manifest
-from mim_rec.data.schemas import MM_TABLE_FP
+from mim_rec.data.schemas import MM_TABLE_FP, MM_TABLE_INT8
 
+from embeddings.compact import quantise_rows
 from embeddings.rim_log import check_message, check_new_ids, read_messages
 from embeddings.table import table_item_ids, table_parts
 
@@ -105,9 +106,9 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
             link_or_copy(part, staging / name)
         if len(ids):
             order = np.argsort(ids)
-            write_table(pa.table({"item_id": pa.array(ids[order], pa.int64()),
-                                  "vector": pa.array(list(vectors[order]), pa.list_(pa.float32()))}),
-                        staging / names[-1], MM_TABLE_FP, item_count=num_items, vector_dims={"vector": base.dim})
+            write_table(_new_part(ids[order], vectors[order], base.dtype), staging / names[-1],
+                        MM_TABLE_INT8 if base.dtype == "int8" else MM_TABLE_FP, item_count=num_items,
+                        vector_dims={"vector": base.dim})
         write_manifest(staging, Manifest(
             kind="mm_table", stage="rim_fold", config={"num_items": num_items},
             row_count=base.row_count + len(ids), dim=base.dim, dtype=base.dtype,
@@ -125,3 +126,13 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
         shutil.rmtree(staging, ignore_errors=True)
     return out
 
+
+def _new_part(ids: np.ndarray, vectors: np.ndarray, dtype: str) -> pa.Table:
+    """The log rows in the base table's own contract, so every part of the next version reads
+    alike: fp32 rows, or row-wise int8 codes with a scale and bias where the base is int8."""
+    if dtype != "int8":
+        return pa.table({"item_id": pa.array(ids, pa.int64()),
+                         "vector": pa.array(list(vectors), pa.list_(pa.float32()))})
+    codes, scale, bias = quantise_rows(vectors)
+    return pa.table({"item_id": pa.array(ids, pa.int64()), "vector": pa.array(list(codes), pa.list_(pa.int8())),
+                     "scale": scale, "bias": bias})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -122,24 +122,11 @@ def read_mm_rows(table_dir: Union[str, Path], start: int, stop: int, dim: int,
         low, high = _id_bounds(part)
         if high < start or low >= stop:
             continue
-        try:
-            table = pq.read_table(part, filters=[("item_id", ">=", start), ("item_id", "<", stop)])
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(str(part), f"unreadable Parquet data ({exc})") from exc
-        ids = table["item_id"].to_numpy()
-        repeated = seen[ids - start] | repeated_entries(ids)
-        if repeated.any():
-            raise DataError(str(part), f"item {ids[repeated][0]} has a second row (in this or an earlier "
+        ids, vectors = read_part_rows(part, dim, start, stop)
+        again = seen[ids - start]
+        if again.any():
+            raise DataError(str(part), f"item {ids[again][0]} has a second row (in this or an earlier "
                                        "part); rebuild the table", field="item_id")
-        flat = pc.list_flatten(table["vector"]).to_numpy(zero_copy_only=False).astype(np.float32)
-        if flat.size != len(ids) * dim:
-            raise DataError(str(part), f"vectors are not all {dim} long", field="vector")
-        vectors = flat.reshape(len(ids), dim)
-        if "scale" in table.column_names:
-            vectors = vectors * table["scale"].to_numpy()[:, None] + table["bias"].to_numpy()[:, None]
-        nonfinite = np.flatnonzero(~np.isfinite(vectors).all(1))
-        if len(nonfinite):
-            raise DataError(str(part), f"non-finite vector of item {ids[nonfinite[0]]}", field="vector")
         out[torch.from_numpy(ids - start)] = torch.from_numpy(vectors)
         seen[ids - start] = True
     if not seen.all() and missing == "error":
@@ -147,6 +134,33 @@ def read_mm_rows(table_dir: Union[str, Path], start: int, stop: int, dim: int,
                         f"have no vector (first: item {start + int(np.flatnonzero(~seen)[0])}); "
                         "rebuild the table for this catalogue")
     return out
+
+
+def read_part_rows(part: Path, dim: int, start: Optional[int] = None,
+                   stop: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """``(ids, vectors [n, dim] float32)`` of one part (those in ``start..stop-1`` if given),
+    int8 rows dequantised. A repeated id, a row of another length and a non-finite value are
+    errors naming the part."""
+    filters = None if start is None else [("item_id", ">=", start), ("item_id", "<", stop)]
+    try:
+        table = pq.read_table(part, filters=filters)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(str(part), f"unreadable Parquet data ({exc})") from exc
+    ids = table["item_id"].to_numpy()
+    repeated = repeated_entries(ids)
+    if repeated.any():
+        raise DataError(str(part), f"item {ids[repeated][0]} has a second row (in this or an earlier "
+                                   "part); rebuild the table", field="item_id")
+    flat = pc.list_flatten(table["vector"]).to_numpy(zero_copy_only=False).astype(np.float32)
+    if flat.size != len(ids) * dim:
+        raise DataError(str(part), f"vectors are not all {dim} long", field="vector")
+    vectors = flat.reshape(len(ids), dim)
+    if "scale" in table.column_names:
+        vectors = vectors * table["scale"].to_numpy()[:, None] + table["bias"].to_numpy()[:, None]
+    nonfinite = np.flatnonzero(~np.isfinite(vectors).all(1))
+    if len(nonfinite):
+        raise DataError(str(part), f"non-finite vector of item {ids[nonfinite[0]]}", field="vector")
+    return ids, vectors
 
 
 def read_mm_table(table_dir: Union[str, Path], num_items: int, dim: int) -> torch.Tensor:

@@ -156,6 +156,34 @@ def test_fold_writes_the_next_table_version(catalogue, base_table, log, tmp_path
         fold_log(base_table, log, out, num_items=items.num_rows)
 
 
+def test_int8_tables_fold_and_folded_tables_quantise(catalogue, base_table, tmp_path):
+    """A fold into an int8 base wrote an fp32 part under an int8 manifest, which validation then
+    refused; quantising a folded table failed on its RIM part's scattered ids, half-written."""
+    from embeddings.compact import quantise_table
+    from mim_rec.data.io import validate_mm_table
+
+    items, cut = catalogue
+    log = _log_of(tmp_path / "rim.log", [cut, cut + 5])
+
+    folded_int8 = fold_log(quantise_table(base_table, tmp_path / "base_int8"), log, tmp_path / "v2_int8",
+                           num_items=items.num_rows)
+    quantised_fold = quantise_table(fold_log(base_table, log, tmp_path / "v2", num_items=items.num_rows),
+                                    tmp_path / "v2_q")
+    for table in (folded_int8, quantised_fold):
+        assert read_manifest(table).dtype == "int8"
+        validate_mm_table(table, items.num_rows, echo=lambda line: None)
+        ids = np.r_[np.arange(cut), cut, cut + 5]
+        rows, want = read_mm_rows(table, 0, items.num_rows, DIM, missing="default")[ids], vectors_of(ids)
+        half_step = (want.max(1).values - want.min(1).values) / 510  # row-wise int8's worst error
+        assert ((rows - want).abs().max(1).values <= half_step + 1e-6).all()
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    with pytest.raises(ValueError, match="taken: not a new or empty folder"):
+        quantise_table(base_table, tmp_path / "taken")
+    assert not list(tmp_path.glob(".*quantising"))
+
+
 def test_fold_refuses_a_file_as_out_a_folder_inside_the_base_table_and_a_folder_as_log(catalogue, base_table, log,
                                                                                        tmp_path):
     """Each was a traceback (out a file), a misleading 'no such log file' (log a folder), or a new
