@@ -32,3 +32,11 @@ def test_rim_bench_config_accepts_the_defaults_and_a_full_window():
     RimBenchConfig(encoders="x", items_per_request=64, max_batch=64).validate()
     with pytest.raises(ConfigError, match="items_per_request=65 exceeds max_batch=64"):
         RimBenchConfig(encoders="x", items_per_request=65).validate()
+
+
+def test_a_service_that_refuses_its_encoders_is_one_line_not_a_traceback(tmp_path, capsys):
+    """The child's own refusal came back as a RuntimeError traceback of 20 lines."""
+    assert main(["bench", "rim", f"encoders={tmp_path / 'none'}", "seconds=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mim bench: error: the RIM service did not start: ") and len(err.splitlines()) == 1
+    assert str(tmp_path / "none") in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,7 @@ from mim_rec.data.schemas import ITEMS, MM_TABLE_FP
 from train.cli import main
 
 ITEMS_COUNT, DIM = 40, 8
+TABLE_ENCODER = SimpleNamespace(dim=16, fingerprint="stage1:table")  # what _table_rows reads of an encoder
 
 
 def _png(seed: int) -> bytes:
@@ -43,7 +45,8 @@ def catalogue(tmp_path_factory):
                 folder / "table" / "part-00000.parquet", MM_TABLE_FP, item_count=ITEMS_COUNT,
                 vector_dims={"vector": DIM})
     write_manifest(folder / "table", Manifest(kind="mm_table", stage="mfm", row_count=ITEMS_COUNT,
-                                              dim=DIM, dtype="float32"))
+                                              dim=DIM, dtype="float32",
+                                              extra={"encoder_fingerprint": TABLE_ENCODER.fingerprint}))
     return folder
 
 
@@ -69,7 +72,7 @@ def test_the_timed_table_holds_the_given_vectors(catalogue):
     from torchrec import KeyedJaggedTensor
 
     config = LookupBenchConfig(items=str(catalogue / "items.parquet"), mm_table=str(catalogue / "table"))
-    rows_of, dim = _table_rows(config, ITEMS_COUNT, encoder_dim=16)
+    rows_of, dim = _table_rows(config, ITEMS_COUNT, TABLE_ENCODER)
     assert dim == DIM  # the table's own dim, not the encoder's
     ids = torch.tensor([5, 0, 39, 5])
     with _process_group():
@@ -78,6 +81,18 @@ def test_the_timed_table_holds_the_given_vectors(catalogue):
             looked_up = table.module.mm(KeyedJaggedTensor(
                 keys=["mm_item_seq"], values=ids, lengths=torch.ones(4, dtype=torch.long))).to_dict()["mm_item_seq"]
     assert torch.equal(looked_up, rows_of(0, ITEMS_COUNT)[ids])
+
+
+def test_a_table_of_another_encoder_is_refused(catalogue):
+    """It was timed against the encoder as if it held that encoder's vectors."""
+    from mim_rec.data.errors import ManifestMismatch
+    from train.bench_lookup import LookupBenchConfig, _table_rows
+
+    config = LookupBenchConfig(items=str(catalogue / "items.parquet"), mm_table=str(catalogue / "table"))
+    other = SimpleNamespace(dim=16, fingerprint="csft:other")
+    with pytest.raises(ManifestMismatch, match="built by encoder 'stage1:table', encoder= is 'csft:other'"):
+        _table_rows(config, ITEMS_COUNT, other)
+    assert _table_rows(config, ITEMS_COUNT, other, quick=True)[1] == DIM  # --quick's throwaway encoder
 
 
 def test_missing_encoder_is_a_clear_error(catalogue, capsys):

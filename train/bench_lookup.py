@@ -107,18 +107,26 @@ def _tiny_encoder_folder(folder: Path) -> Path:
     return save_encoders(folder, EncoderPair(config), stage="bench-quick")
 
 
-def _table_rows(config: LookupBenchConfig, num_items: int, encoder_dim: int):
+def _table_rows(config: LookupBenchConfig, num_items: int, encoder, quick: bool = False):
     """``(rows_of(start, stop), dim)``: the table folder read range by range, or random
-    vectors of the encoder's dim (a lookup's cost does not depend on the values)."""
+    vectors of the encoder's dim (a lookup's cost does not depend on the values). A table
+    folder must be the encoder's own, since the ratio compares two ways to one item's vector;
+    ``quick``'s throwaway encoder has no table, so there any table is timed as given."""
     import torch
 
     if config.mm_table is None:
-        vectors = torch.randn(num_items, encoder_dim, generator=torch.Generator().manual_seed(config.seed))
-        return (lambda start, stop: vectors[start:stop]), encoder_dim
+        vectors = torch.randn(num_items, encoder.dim, generator=torch.Generator().manual_seed(config.seed))
+        return (lambda start, stop: vectors[start:stop]), encoder.dim
     from embeddings.table import check_table, read_mm_rows
+    from mim_rec.data.errors import ManifestMismatch
     from mim_rec.data.manifest import require
 
-    dim = int(require(config.mm_table, kind="mm_table").dim)
+    manifest = require(config.mm_table, kind="mm_table")
+    built_by = manifest.extra.get("encoder_fingerprint")
+    if built_by != encoder.fingerprint and not quick:
+        raise ManifestMismatch(f"mm_table={config.mm_table}: built by encoder {built_by!r}, encoder= is "
+                               f"{encoder.fingerprint!r}; the lookup must serve the vectors the encoder computes")
+    dim = int(manifest.dim)
     check_table(config.mm_table, num_items, dim)
     return (lambda start, stop: read_mm_rows(config.mm_table, start, stop, dim)), dim
 
@@ -140,7 +148,7 @@ def run_bench(config: LookupBenchConfig, quick: bool = False) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         encoder_dir = _tiny_encoder_folder(Path(scratch) / "encoders") if quick else Path(config.encoder)
         encoder = load_item_encoder(encoder_dir, config.encoder_batch_size)
-    rows_of, dim = _table_rows(config, items.num_rows, encoder.dim)
+    rows_of, dim = _table_rows(config, items.num_rows, encoder, quick)
     slots = config.batch_size * (1 + config.hist_len)
     ids = np.random.default_rng(config.seed).integers(0, items.num_rows, slots)
     kjt = KeyedJaggedTensor(keys=["mm_item_seq"], values=torch.from_numpy(ids),

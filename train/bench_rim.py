@@ -137,7 +137,13 @@ def _start_service(config: RimBenchConfig, log: Path):
     match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
     if not match:
         process.kill()
-        raise RuntimeError(f"the RIM service did not start: {line}{process.stdout.read()}")
+        output = line + process.stdout.read()
+        refusal = re.search(r"^mim embeddings: error: (.*)$", output, re.MULTILINE)
+        if refusal:  # the service refused its settings (say, encoders=): the user's error, one line
+            from mim_rec.config import ConfigError
+
+            raise ConfigError(f"the RIM service did not start: {refusal.group(1)}")
+        raise RuntimeError(f"the RIM service did not start: {output}")
     return process, int(match.group(1))
 
 
