@@ -187,7 +187,7 @@ def test_an_import_replaces_its_output_whole_and_a_failed_one_changes_nothing(tm
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("someone's files")
-    with pytest.raises(DataError, match="not empty and holds no manifest.json"):
+    with pytest.raises(DataError, match="not empty and holds no readable manifest.json"):
         import_taobao_mm(write_taobao(tmp_path / "src2")[0], mine, TaobaoOptions())
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 

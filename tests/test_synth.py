@@ -321,9 +321,21 @@ def test_a_synth_replaces_a_world_whole_and_refuses_a_folder_of_other_files(worl
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("not a world")
-    with pytest.raises(DataError, match="not empty and holds no manifest.json"):
+    with pytest.raises(DataError, match="not empty and holds no readable manifest.json"):
         generate_world(tiny(SynthConfig(seed=8)), mine)
     assert [path.name for path in mine.iterdir()] == ["notes.txt"]
+
+    # Another mim_rec output (an MM table, trained encoders) was replaced whole: its manifest
+    # was taken as leave to delete it.
+    from mim_rec.data.manifest import Manifest, write_manifest
+
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "part-00000.parquet").write_bytes(b"a trained table")
+    write_manifest(table, Manifest(kind="mm_table", stage="mfm", row_count=1, dim=4, dtype="float32"))
+    with pytest.raises(DataError, match="holds a 'mm_table' output, not a 'world' one"):
+        generate_world(tiny(SynthConfig(seed=8)), table)
+    assert sorted(path.name for path in table.iterdir()) == ["manifest.json", "part-00000.parquet"]
 
 
 def test_a_synth_into_the_working_directory_keeps_the_folder(world, tmp_path, monkeypatch):

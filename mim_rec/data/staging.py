@@ -16,31 +16,34 @@ from __future__ import annotations
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
-from mim_rec.data.errors import DataError
-from mim_rec.data.manifest import MANIFEST_NAME
+from mim_rec.data.errors import DataError, ManifestMismatch
+from mim_rec.data.manifest import MANIFEST_NAME, read_manifest
 
 STAGING, REPLACED = ".mim_staging", ".mim_replaced"
 
 
 @contextmanager
-def staged_folder(out: Path, purpose: str) -> Iterator[Path]:
+def staged_folder(out: Path, purpose: str, kind: str = "world") -> Iterator[Path]:
     """Yield an empty staging folder; when the block ends without an error, ``out`` holds
     exactly what was written there, its manifest moved in last.
 
-    ``out`` may be new, empty, or a folder this project wrote (it holds a ``manifest.json``),
-    whose contents are replaced whole. Any other non-empty folder is refused before anything
-    is written, so a mistyped ``--out`` cannot delete a user's files. On an error ``out`` is
-    left as it was (and removed if this call created it).
+    ``out`` may be new, empty, or an earlier output of the same ``kind`` (its
+    ``manifest.json`` says so), whose contents are replaced whole. Any other non-empty folder
+    is refused before anything is written -- a user's files, and mim_rec's other outputs (an
+    MM table, trained encoders) -- so a mistyped ``--out`` cannot delete them. On an error
+    ``out`` is left as it was (and removed if this call created it).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(str(out), f"is a file; {purpose} writes a folder")
     created = not out.exists()
-    if not created and not _ours(out):
-        raise DataError(str(out), f"is not empty and holds no {MANIFEST_NAME}, so it is not an "
-                                  f"output of mim_rec; {purpose} replaces its output folder whole "
+    if not created and not _replaceable(out, kind):
+        found = _manifest_kind(out)
+        held = (f"holds a {found!r} output, not a {kind!r} one" if found else
+                f"holds no readable {MANIFEST_NAME}, so it is not an output of mim_rec")
+        raise DataError(str(out), f"is not empty and {held}; {purpose} replaces its output folder whole "
                                   f"and will not delete these files: pass a new or empty folder")
     staging, replaced = out / STAGING, out / REPLACED
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,14 @@ def _contents(folder: Path) -> list:
     return [entry for entry in folder.iterdir() if entry.name not in (STAGING, REPLACED)]
 
 
-def _ours(folder: Path) -> bool:
-    """Empty, a mim_rec output (its manifest), or one whose replacement was killed part-way."""
-    return (not _contents(folder) or (folder / MANIFEST_NAME).is_file()
-            or (folder / REPLACED).is_dir())
+def _replaceable(folder: Path, kind: str) -> bool:
+    """Empty, an output of ``kind`` (its manifest), or one whose replacement was killed part-way."""
+    return not _contents(folder) or _manifest_kind(folder) == kind or (folder / REPLACED).is_dir()
+
+
+def _manifest_kind(folder: Path) -> Optional[str]:
+    """The ``kind`` the folder's manifest names; None without a readable one."""
+    try:
+        return read_manifest(folder).kind
+    except ManifestMismatch:
+        return None
