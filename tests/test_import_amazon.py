@@ -253,3 +253,43 @@ def test_a_missing_folder_an_unnamed_set_and_an_empty_file_say_so(tmp_path):
     with pytest.raises(DataError, match="is empty \\(expected the header") as info:
         import_amazon(src, tmp_path / "out", options())
     assert info.value.file.endswith("Tiny.text")
+
+
+def test_a_missing_train_row_is_counted_not_silently_dropped(tmp_path):
+    """Its interaction became history only, neither a train positive nor a pair, and the import
+    said nothing (the valid and test files had this check; the train file did not)."""
+    src = write_amazon(tmp_path / "src")
+    _edit_inter(src, "train", lambda lines: lines[:2] + lines[3:])  # user 0's position-1 row
+    with pytest.raises(DataError, match="interactions that are no train row's target: 1") as info:
+        import_amazon(src, tmp_path / "out", options())
+    assert info.value.file.endswith("Tiny.train.inter")
+    report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    assert report.missing == {"interactions that are no train row's target": 1}
+
+
+def test_a_short_valid_file_is_named_and_can_be_accepted(tmp_path):
+    """The test file took the blame (its row 'adds an item no earlier row has'), even with
+    --allow-missing, so the counted default it offers could never be had."""
+    src = write_amazon(tmp_path / "src")
+    _edit_inter(src, "valid", lambda lines: lines[:-1])  # the last user's valid row
+    with pytest.raises(DataError, match="users without a valid row: 1") as info:
+        import_amazon(src, tmp_path / "out", options())
+    assert info.value.file.endswith("Tiny.valid.inter")
+    report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    assert report.missing == {"users without a valid row": 1}
+    last_user, seq = max(SEQUENCES.items())
+    test = read_events(tmp_path / "out" / "events_test.parquet", N_ITEMS).to_pylist()
+    assert [(r["target_item_id"], r["hist_item_ids"]) for r in test if r["user_id"] == last_user and r["label"]] \
+        == [(seq[-1], seq[:-1])]
+
+
+def test_several_negatives_of_one_positive_are_distinct(tmp_path):
+    """Drawn independently, one non-click could be drawn twice and count twice in training and AUC."""
+    from mim_rec.data.importers.common import sample_negatives
+
+    users = np.zeros(2000, np.int64)
+    negatives = sample_negatives(users, 4, 7, {0: np.array([0, 1])}, "uniform", None,
+                                 np.random.default_rng(0), "test")
+    assert negatives.shape == (2000, 4)
+    assert all(len(set(row)) == 4 for row in negatives.tolist())
+    assert not np.isin(negatives, [0, 1]).any()

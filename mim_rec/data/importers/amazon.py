@@ -84,23 +84,31 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
 
     texts, missing_text = _read_texts(path["text"], asins)
     image_features = read_feature_file(path["feat3CLS"], n_items, options.feature_dim)
-    sequences = _Sequences(len(users), n_items)
-    rows = {s: sequences.read(path[f"{s}.inter"]) for s in SPLITS}
-    for split in ("train", "test"):  # a split without rows would only be refused downstream
-        if not rows[split]:
-            raise DataError(str(path[f"{split}.inter"]), f"holds no rows (header only): the world's "
-                                                         f"{split} split would be empty")
     missing = {"items without text": len(missing_text)}
     refuse_missing(str(path["text"]), missing, options.allow_missing,
                    "Every item of item2index needs a text line.")
-    # UniSRec splits leave-one-out: every user has one valid and one test row, so a user without
-    # one means a file cut short (at a line boundary, which no row check can see).
-    for split in ("valid", "test"):
+    sequences = _Sequences(len(users), n_items, allow_gaps=options.allow_missing)
+    rows = {}
+    for split in SPLITS:
+        rows[split] = sequences.read(path[f"{split}.inter"])
+        if not rows[split] and split != "valid":  # a split without rows would only be refused downstream
+            raise DataError(str(path[f"{split}.inter"]), f"holds no rows (header only): the world's "
+                                                         f"{split} split would be empty")
+        if split == "train":
+            continue
+        # UniSRec splits leave-one-out: every user has one valid and one test row, so a user
+        # without one means a file cut short (at a line boundary, which no row check can see).
+        # Checked as each file is read, so a short valid file is not blamed on the test file.
         gap = {f"users without a {split} row": len(users) - len({r.user for r in rows[split]})}
         refuse_missing(str(path[f"{split}.inter"]), gap, options.allow_missing,
                        "The format splits leave-one-out, one row per user of user2index: "
                        "is the file truncated?")
         missing.update(gap)
+    gap = {"interactions that are no train row's target": sequences.untrained_positions(rows)}
+    refuse_missing(str(path["train.inter"]), gap, options.allow_missing,
+                   "The train file lists every prefix of a user's sequence before its valid row, "
+                   "each interaction the target of one row: is the file truncated or missing rows?")
+    missing.update(gap)
     for index in missing_text:  # counted default: the ASIN is the only text there is
         texts[index] = asins[index]
     report.missing = {k: v for k, v in missing.items() if v}
@@ -295,8 +303,9 @@ class _Sequences:
     target would already sit in the training histories).
     """
 
-    def __init__(self, users: int, items: int):
-        self.users, self.items = users, items
+    def __init__(self, users: int, items: int, allow_gaps: bool = False):
+        self.users, self.items, self.allow_gaps = users, items, allow_gaps
+        self.has_row = np.zeros((len(SPLITS), users), bool)  # [split, user]
         self.seq: List[List[int]] = [[] for _ in range(users)]
         self.clock: List[List[int]] = [[] for _ in range(users)]
         self.first_seen = np.full(items, -1, np.int64)
@@ -325,6 +334,7 @@ class _Sequences:
             self._refuse_repeat(path, row, user, len(items) - 1, known)
             for item in items[known:]:
                 self._reveal(user, item)
+            self.has_row[self._split, user] = True
             rows.append(_InterRow(self._split, user, len(items) - 1))
         return rows
 
@@ -337,6 +347,9 @@ class _Sequences:
                                            f"{position} is the target of both (duplicated row)",
                                 row=row, field=INTER_HEADER[2])
             return
+        valid_missing = self._split == SPLITS.index("test") and not self.has_row[SPLITS.index("valid"), user]
+        if self.allow_gaps and valid_missing and position == known + 1:
+            return  # counted as a user without a valid row; that item stays history only
         if known and position != known:
             split = SPLITS[self._split]
             if position < known:
@@ -364,6 +377,25 @@ class _Sequences:
             self.first_seen[item] = self.interactions
             self.first_split[item] = self._split
         self.interactions += 1
+
+    def untrained_positions(self, rows: Dict[str, List[_InterRow]]) -> int:
+        """Interactions before a user's valid row that no train row has as its target.
+
+        The train file lists every prefix of a user's sequence up to the valid row (positions
+        1..v-1 as targets; position 0 is only ever history), so a row missing from it -- or a
+        file cut short -- leaves interactions that are history only, neither a train positive
+        nor a C-SFT pair, which nothing else would count. Where the valid row is missing too,
+        the test row's position stands in for it (one past the valid slot)."""
+        first_later = np.full(self.users, -1, np.int64)  # the valid row's position per user
+        for row in rows["test"]:
+            first_later[row.user] = row.position - 1
+        for row in rows["valid"]:
+            first_later[row.user] = row.position
+        trained = np.zeros(self.users, np.int64)  # train targets are distinct positions (see read)
+        for row in rows["train"]:
+            trained[row.user] += row.position > 0
+        known = first_later >= 0
+        return int((np.maximum(first_later - 1, 0) - trained)[known].sum())
 
     def train_counts(self, train_rows: List[_InterRow]) -> np.ndarray:
         """Interactions per item in the training split (targets and the first items)."""

@@ -51,7 +51,8 @@ def sample_negatives(users: np.ndarray, count: int, item_count: int,
 
     ``uniform`` draws every item with equal probability; ``popularity`` draws in proportion
     to ``popularity + 1`` (training interaction counts, add-one smoothed so items first seen
-    in test can still be drawn). Draws hitting a positive are redrawn until none is left.
+    in test can still be drawn). Draws hitting a positive, or an item already drawn for the
+    same row (it would count one non-click twice), are redrawn until none is left.
     Returns ``[len(users), count]`` item ids.
     """
     if method not in ("uniform", "popularity"):
@@ -68,13 +69,26 @@ def sample_negatives(users: np.ndarray, count: int, item_count: int,
     draws = rng.choice(item_count, size=len(rows), p=p)
     todo = np.arange(len(rows))
     for _ in range(1000):
-        hit = _contains(keys, rows[todo] * item_count + draws[todo])
-        todo = todo[hit]
+        hit = np.zeros(len(rows), bool)  # only a redrawn item can be a new positive; any can repeat
+        hit[todo] = _contains(keys, rows[todo] * item_count + draws[todo])
+        todo = np.flatnonzero(hit | _drawn_before(draws, count))
         if len(todo) == 0:
             return draws.reshape(len(users), count)
         draws[todo] = rng.choice(item_count, size=len(todo), p=p)
     raise DataError(source, f"{len(todo)} rows could not draw a non-positive item (users who "
                             f"interacted with nearly every item?); lower --negatives", field="negatives")
+
+
+def _drawn_before(draws: np.ndarray, count: int) -> np.ndarray:
+    """Flat mask of the draws that repeat an earlier draw of the same row (rows of ``count``)."""
+    per_row = draws.reshape(-1, count)
+    order = np.argsort(per_row, axis=1, kind="stable")  # equal items keep their draw order
+    ranked = np.take_along_axis(per_row, order, axis=1)
+    again = np.zeros(per_row.shape, bool)
+    again[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+    repeated = np.zeros(per_row.shape, bool)
+    np.put_along_axis(repeated, order, again, axis=1)
+    return repeated.reshape(-1)
 
 
 def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
