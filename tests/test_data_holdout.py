@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -111,3 +112,32 @@ def test_a_worlds_own_mm_table_is_carried(world, tmp_path):
 
     holdout_world(world, val, 0.25)  # a world without one leaves none behind
     assert not (val / "mm_table").exists()
+
+
+def test_pairs_that_all_fall_on_one_side_of_the_cut_are_left_out(world, tmp_path, capsys):
+    """An empty pairs_test.parquet was written (exit 0), which `mim data validate` then refused."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("items.parquet", "events_train.parquet", "events_test.parquet", "manifest.json"):
+        (source / name).symlink_to(world / name)
+    pairs = pq.read_table(world / "pairs_train.parquet")
+    early = pairs.filter(pa.array(pairs["ts"].to_numpy() <= np.quantile(_ts(world / "events_train.parquet"), 0.5)))
+    pq.write_table(early, source / "pairs_train.parquet")
+    counts = holdout_world(source, tmp_path / "val", 0.1)
+    assert "pairs_train" not in counts and not list((tmp_path / "val").glob("pairs_*"))
+    assert f"the {early.num_rows:,} pairs of {source / 'pairs_train.parquet'} all fall before the cut" \
+        in capsys.readouterr().err
+    validate_world(tmp_path / "val", echo=lambda line: None)
+
+
+def test_an_out_holding_another_output_is_refused_and_left_alone(world, tmp_path):
+    """The split was written into any folder, after deleting its manifest.json."""
+    from mim_rec.data.manifest import Manifest, write_manifest
+
+    table = tmp_path / "table"
+    table.mkdir()
+    write_manifest(table, Manifest(kind="mm_table", stage="mfm", row_count=1, dim=4, dtype="float32"))
+    before = (table / "manifest.json").read_bytes()
+    with pytest.raises(DataError, match="holds a 'mm_table' output, not a 'world' one"):
+        holdout_world(world, table, 0.1)
+    assert [p.name for p in table.iterdir()] == ["manifest.json"] and (table / "manifest.json").read_bytes() == before

@@ -44,6 +44,17 @@ def test_same_seed_same_world_other_seed_other_world(world, tmp_path):
     assert not pq.read_table(world / "events_train.parquet").equals(pq.read_table(other / "events_train.parquet"))
 
 
+def test_searches_ranked_in_blocks_give_the_same_world(world, tmp_path, monkeypatch):
+    """A category's searches are ranked in row blocks so memory stays flat (one category of a
+    full-size world needed three items x items float64 arrays); the world must not change."""
+    from mim_rec.data.synth import world as synth_world
+
+    monkeypatch.setattr(synth_world, "SEARCH_BLOCK_CELLS", 50)  # a few rows per block
+    blocked = generate_world(tiny(SynthConfig(seed=7)), tmp_path / "blocked")
+    for name in FILES:
+        assert pq.read_table(world / f"{name}.parquet").equals(pq.read_table(blocked / f"{name}.parquet")), name
+
+
 def test_world_passes_the_contract_validators(world):
     rows = {r.path.name: r.rows for r in validate_world(world, echo=lambda _: None)}
     assert rows["items.parquet"] == 600 and rows["events_train.parquet"] > 1000
@@ -193,6 +204,8 @@ def test_fewer_pairs_than_asked_for_are_said(tmp_path, capsys):
     ({"brands": 2941}, "brands=2941: the title generator spells at most 2940"),  # drew names forever
     ({"t0": "notadate"}, "t0='notadate': not an ISO date"),
     ({"click": ClickModel(noise_std=-1.0)}, "click.noise_std=-1.0: a spread"),
+    ({"image_size": 1_000_000}, "image_size=1000000: at most 1024"),  # a 3.6 TiB numpy traceback
+    ({"t0": "2026-01-01T23:00:00+05:00"}, "not an ISO date"),           # its offset was dropped unseen
 ])
 def test_a_world_the_generator_cannot_draw_is_refused_by_field(override, named):
     from dataclasses import replace
@@ -249,6 +262,15 @@ def test_summary_edges_are_the_evaluations_and_an_empty_split_is_summarised(worl
     pq.write_table(pq.read_table(copy / "events_test.parquet").slice(0, 0), copy / "events_test.parquet")
     assert mim(["data", "summary", str(copy)]) == 0
     assert "events_test: 0 rows" in capsys.readouterr().out
+
+    # created_at in microseconds (which validation accepts) was read as seconds: every age 0
+    micro = tmp_path / "micro"
+    shutil.copytree(world, micro)
+    items = pq.read_table(micro / "items.parquet")
+    at = items.schema.get_field_index("created_at")
+    pq.write_table(items.set_column(at, "created_at", items["created_at"].cast(pa.timestamp("us"))),
+                   micro / "items.parquet")
+    assert summarize_world(micro)["events_test"]["item_age_decile_edges_days"] == expected
 
 
 def test_summary_and_the_train_report_say_when_item_ages_are_not_ages(world, tmp_path, capsys):

@@ -101,8 +101,7 @@ class ItemInfo:
     @classmethod
     def from_items(cls, path: Union[str, Path]) -> "ItemInfo":
         items = read_items(path)
-        created = items["created_at"].cast(pa.timestamp("s")).cast(pa.int64()).to_numpy()
-        return cls(items["category_id"].to_numpy().astype(np.int64), created)
+        return cls(items["category_id"].to_numpy().astype(np.int64), created_seconds(items["created_at"], path))
 
     @property
     def count(self) -> int:
@@ -180,6 +179,15 @@ def make_batch(rows: pa.RecordBatch, items: ItemInfo, config: LoaderConfig,
               "target_category": torch.from_numpy(items.category[target]),
               "item_age_days": torch.from_numpy(age_days.astype(np.float32)),
               "weight": torch.from_numpy(weight)})
+
+
+def created_seconds(created_at: Union[pa.Array, pa.ChunkedArray], source: Union[str, Path]) -> np.ndarray:
+    """``created_at`` (a timestamp of any unit, as the items contract accepts) as int64 Unix
+    seconds. Sub-second values are refused, as validation refuses them: ages are whole seconds."""
+    try:
+        return created_at.cast(pa.timestamp("s")).cast(pa.int64()).to_numpy()
+    except pa.ArrowInvalid as exc:
+        raise DataError(str(source), f"cannot be read as whole seconds ({exc})", field="created_at") from None
 
 
 def item_age_days(ts: np.ndarray, created_s: np.ndarray) -> np.ndarray:

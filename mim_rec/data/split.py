@@ -12,7 +12,7 @@ held-out period), so every command that takes a world (``mim train``, ``mim expe
 
 from __future__ import annotations
 
-import shutil
+import sys
 from pathlib import Path
 from typing import Dict, Union
 
@@ -26,6 +26,7 @@ from mim_rec.data.io import link_or_copy, read_events, read_pairs, validate_file
 from mim_rec.data.manifest import (Manifest, fingerprint_file, fingerprint_tree, read_manifest,
                                    write_manifest)
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS, Contract
+from mim_rec.data.staging import staged_folder
 
 PathLike = Union[str, Path]
 HOLDOUT_STAGE = "holdout"
@@ -80,28 +81,30 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
     cut = time_cut(ts, fraction, events_path, option="--fraction")
     validating = ts >= cut
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # a half-written split is never "done"
-    link_or_copy(items_path, out / "items.parquet")
-    counts = {"items": item_count, **_write_split(events, validating, out, "events", EVENTS, item_count)}
-    inputs = {"items": fingerprint_file(items_path), "events_train": fingerprint_file(events_path)}
-
-    pairs_path = source / "pairs_train.parquet"
-    for stale in ("pairs_train.parquet", "pairs_test.parquet"):
-        (out / stale).unlink(missing_ok=True)
-    if pairs_path.is_file():
-        pairs = read_pairs(pairs_path, item_count)
-        later = pairs.column("ts").to_numpy() >= cut
-        counts.update(_write_split(pairs, later, out, "pairs", PAIRS, item_count))
-        inputs["pairs_train"] = fingerprint_file(pairs_path)
-    _split_truth(source / "truth", out / "truth", validating)
-    if _carry_mm_table(source / "mm_table", out / "mm_table"):
-        inputs["mm_table"] = fingerprint_tree(source / "mm_table")
-
-    write_manifest(out, Manifest(
-        kind="world", stage=HOLDOUT_STAGE, row_count=item_count, inputs=inputs,
-        config={"source": str(source.resolve()), "fraction": fraction, "cut_ts": cut},
-        extra={"counts": counts, "source_config": _source_config(source)}))
+    # Written aside and swapped in whole (as synth and import write): a failed split leaves
+    # ``out`` as it was, and a folder that is not a world is refused, not written into.
+    with staged_folder(out, "mim data holdout") as staging:
+        link_or_copy(items_path, staging / "items.parquet")
+        counts = {"items": item_count, **_write_split(events, validating, staging, "events", EVENTS, item_count)}
+        inputs = {"items": fingerprint_file(items_path), "events_train": fingerprint_file(events_path)}
+        pairs_path = source / "pairs_train.parquet"
+        if pairs_path.is_file():
+            pairs = read_pairs(pairs_path, item_count)
+            later = pairs.column("ts").to_numpy() >= cut
+            inputs["pairs_train"] = fingerprint_file(pairs_path)
+            if later.all() or not later.any():  # a world file must hold rows: leave the pairs out
+                print(f"mim data holdout: warning: the {len(pairs):,} pairs of {pairs_path} all fall "
+                      f"{'after' if later.all() else 'before'} the cut at --fraction {fraction}, so the "
+                      "validation world has no pairs (C-SFT cannot run on it; CTR can)", file=sys.stderr)
+            else:
+                counts.update(_write_split(pairs, later, staging, "pairs", PAIRS, item_count))
+        _split_truth(source / "truth", staging / "truth", validating)
+        if _carry_mm_table(source / "mm_table", staging / "mm_table"):
+            inputs["mm_table"] = fingerprint_tree(source / "mm_table")
+        write_manifest(staging, Manifest(
+            kind="world", stage=HOLDOUT_STAGE, row_count=item_count, inputs=inputs,
+            config={"source": str(source.resolve()), "fraction": fraction, "cut_ts": cut},
+            extra={"counts": counts, "source_config": _source_config(source)}))
     return counts
 
 
@@ -109,7 +112,6 @@ def _carry_mm_table(source: Path, out: Path) -> bool:
     """The world's own MM table (an import's, e.g. TAOBAO-MM's release embeddings), linked file
     by file with its manifest: it is keyed by item id and the items are the source's, so it is
     valid for the split world unchanged (``mm_table=DIR_VAL/mm_table``). Whether one was there."""
-    shutil.rmtree(out, ignore_errors=True)
     if not source.is_dir():
         return False
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
@@ -121,7 +123,6 @@ def _carry_mm_table(source: Path, out: Path) -> bool:
 
 def _split_truth(source: Path, out: Path, validating: np.ndarray) -> None:
     """The synthetic ground truth, kept row-aligned with the split events files."""
-    shutil.rmtree(out, ignore_errors=True)
     if not source.is_dir():
         return
     out.mkdir(parents=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from mim_rec.data.io import read_parquet_columns
-from mim_rec.data.loader import item_age_days
+from mim_rec.data.loader import created_seconds, item_age_days
 from mim_rec.data.manifest import world_age_caveat
 
 PERCENTILES = (10, 50, 90, 99)
@@ -23,9 +23,7 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
     """A JSON-serialisable summary of a world folder."""
     directory = Path(directory)
     items = read_parquet_columns(directory / "items.parquet", ["item_id", "category_id", "created_at"])
-    created = items["created_at"].cast("int64").to_numpy()
-    if items.schema.field("created_at").type.unit == "ms":
-        created = created // 1000
+    created = created_seconds(items["created_at"], directory / "items.parquet")
     category_of = items["category_id"].to_numpy()[np.argsort(items["item_id"].to_numpy())]
     created = created[np.argsort(items["item_id"].to_numpy())]
     summary: Dict = {"items": items.num_rows, "categories": int(len(np.unique(category_of))),

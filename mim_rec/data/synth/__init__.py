@@ -27,14 +27,18 @@ from mim_rec.data.synth.config import ClickModel, SynthConfig, tiny
 
 __all__ = ["ClickModel", "SynthConfig", "generate_world", "tiny"]
 
-RENDER_CHUNK = 2048
+# Items rendered per numpy call: 2048 up to 128-pixel images, fewer above, so a chunk's
+# float arrays stay near 800 MB whatever image_size is (the chunk sets the draw order, so the
+# images of sizes up to 128 are the ones earlier releases drew).
+RENDER_CHUNK, RENDER_CHUNK_PIXELS = 2048, 2048 * 128 * 128
 
 
 def _images(styles: np.ndarray, categories: np.ndarray, rng: np.random.Generator, size: int,
             jitter: float, desc: str) -> list:
     out: list = []
-    for start in tqdm(range(0, len(styles), RENDER_CHUNK), desc=desc, unit="chunk", leave=False):
-        stop = start + RENDER_CHUNK
+    chunk = max(1, min(RENDER_CHUNK, RENDER_CHUNK_PIXELS // (size * size)))
+    for start in tqdm(range(0, len(styles), chunk), desc=desc, unit="chunk", leave=False):
+        stop = start + chunk
         out += render.encode_png(render.render(styles[start:stop], categories[start:stop], rng, size, jitter))
     return out
 

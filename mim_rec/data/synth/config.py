@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import date
 
 from mim_rec.config import ConfigError
 from mim_rec.data.synth.text import BRAND_NAME_LIMIT
@@ -12,6 +12,7 @@ from mim_rec.data.synth.text import BRAND_NAME_LIMIT
 # The renderer draws eight style coordinates (hue from s0/s1, brightness, size, stripe frequency
 # and angle, stripe colour, backdrop: docs/synth.md), so a world needs at least that many.
 RENDERED_STYLE_DIMS = 8
+MAX_IMAGE_SIZE = 1024             # pixels; the encoders resize to 224
 
 
 @dataclass
@@ -72,6 +73,9 @@ class SynthConfig:
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least {low}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size={self.image_size}: at most {MAX_IMAGE_SIZE} (the vision towers read "
+                              "224-pixel inputs; a larger render only costs memory and disk)")
         if self.brands > BRAND_NAME_LIMIT:  # the name draw would loop forever
             raise ConfigError(f"brands={self.brands}: the title generator spells at most {BRAND_NAME_LIMIT} "
                               "distinct brand names")
@@ -101,7 +105,7 @@ class SynthConfig:
             if floats[name] < 0:
                 raise ConfigError(f"{name}={floats[name]}: a spread, must not be negative")
         try:
-            datetime.fromisoformat(self.t0)
+            date.fromisoformat(self.t0)  # a date: a time or a UTC offset would be dropped unseen
         except (TypeError, ValueError):
             raise ConfigError(f"t0={self.t0!r}: not an ISO date (YYYY-MM-DD)") from None
 

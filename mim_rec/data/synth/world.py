@@ -255,6 +255,33 @@ def history_slices(hist: Histories, users: np.ndarray, ts: np.ndarray) -> Tuple[
     return offsets, index
 
 
+# Rows of one category's searches are ranked in blocks of at most this many (search, item)
+# cells, so memory stays flat however many items a category holds (one category of 20,000
+# items at full size took three 20,000 x 20,000 float64 arrays). The uniform draws fill the
+# same cells in the same order as one whole-category draw, so a world is the same either way.
+SEARCH_BLOCK_CELLS = 1 << 22
+
+
+def _search(config: SynthConfig, rng: np.random.Generator, wanted: np.ndarray, styles: np.ndarray,
+            available: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank one category's ``styles`` for each search's ``wanted`` style (Gumbel-perturbed
+    match; items created after the search, ``>= available``, excluded) and keep the top
+    ``search_results``: ``(shown positions, their match, whether each existed)``, ``[n, k]``."""
+    n, k = len(wanted), config.search_results
+    shown = np.empty((n, k), np.int64)
+    shown_match, shown_exists = np.empty((n, k)), np.empty((n, k), bool)
+    step = max(1, SEARCH_BLOCK_CELLS // max(len(styles), 1))
+    for start in range(0, n, step):
+        block = slice(start, start + step)
+        match = wanted[block] @ styles.T                                      # [b, pool]
+        relevance = config.search_sharpness * match + _gumbel(rng, match.shape)
+        relevance[np.arange(len(styles))[None, :] >= available[block, None]] = -np.inf  # not yet created
+        shown[block] = np.argpartition(-relevance, k - 1, axis=1)[:, :k]
+        shown_match[block] = np.take_along_axis(match, shown[block], 1)
+        shown_exists[block] = np.isfinite(np.take_along_axis(relevance, shown[block], 1))
+    return shown, shown_match, shown_exists
+
+
 def sample_pairs(config: SynthConfig, lat: Latents, sessions: Sessions, rng: np.random.Generator,
                  count: int, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[str]]:
     """``count`` visual searches, one per distinct session among the impression ``rows``:
@@ -273,14 +300,11 @@ def sample_pairs(config: SynthConfig, lat: Latents, sessions: Sessions, rng: np.
             raise ConfigError(f"search_results={config.search_results}: category {c} has only {len(pool)} items; "
                               "lower search_results or raise items")
         available = np.searchsorted(lat.item_created[pool], ts[rows_c], side="right")
-        match = wanted[rows_c] @ lat.item_style[pool].T                    # [n, pool]
-        relevance = config.search_sharpness * match + _gumbel(rng, match.shape)
-        relevance[np.arange(len(pool))[None, :] >= available[:, None]] = -np.inf  # not yet created
-        shown = np.argpartition(-relevance, config.search_results - 1, axis=1)[:, :config.search_results]
-        taste = (config.click.content * np.take_along_axis(match, shown, 1)
+        shown, shown_match, shown_exists = _search(config, rng, wanted[rows_c], lat.item_style[pool], available)
+        taste = (config.click.content * shown_match
                  + lat.item_effect[pool[shown]] + lat.collaborative(users[rows_c, None], pool[shown])
                  + _gumbel(rng, shown.shape))
-        taste[~np.isfinite(np.take_along_axis(relevance, shown, 1))] = -np.inf
+        taste[~shown_exists] = -np.inf
         item[rows_c] = pool[np.take_along_axis(shown, taste.argmax(1)[:, None], 1)[:, 0]]
     match = np.einsum("pd,pd->p", wanted, lat.item_style[item])
     purchase = rng.random(len(item)) < 1 / (1 + np.exp(-(4 * match - 2)))
