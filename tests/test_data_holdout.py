@@ -141,3 +141,22 @@ def test_an_out_holding_another_output_is_refused_and_left_alone(world, tmp_path
     with pytest.raises(DataError, match="holds a 'mm_table' output, not a 'world' one"):
         holdout_world(world, table, 0.1)
     assert [p.name for p in table.iterdir()] == ["manifest.json"] and (table / "manifest.json").read_bytes() == before
+
+
+def test_a_source_the_world_check_refuses_is_refused_before_anything_is_written(world, tmp_path):
+    """A behaviour category that is not its item's passed the holdout, which wrote a finished
+    validation world that `mim data validate` and `mim train` then refused."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("items.parquet", "pairs_train.parquet", "events_test.parquet", "manifest.json"):
+        (source / name).symlink_to(world / name)
+    events = pq.read_table(world / "events_train.parquet")
+    categories = events["hist_category_ids"].to_pylist()
+    row = next(i for i, c in enumerate(categories) if c)
+    categories[row][-1] = (categories[row][-1] + 1) % 6  # another real category, not the item's
+    pq.write_table(events.set_column(events.schema.get_field_index("hist_category_ids"), "hist_category_ids",
+                                     pa.array(categories, pa.list_(pa.int32()))), source / "events_train.parquet")
+    with pytest.raises(DataError, match="behaviour category differs from its item's") as info:
+        holdout_world(source, tmp_path / "val", 0.1)
+    assert (info.value.row, info.value.field) == (row, "hist_category_ids")
+    assert not (tmp_path / "val").exists()

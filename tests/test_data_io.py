@@ -317,6 +317,36 @@ def test_a_behaviour_category_that_is_not_its_items_is_refused(tmp_path):
     validate_file(events, EVENTS, item_count=N_ITEMS)  # without the items' categories it is not checked
 
 
+def test_one_file_validated_beside_its_items_gets_the_world_rules(tmp_path, capsys):
+    """`mim data validate events_*.parquet` read the items beside it yet printed OK for a
+    behaviour category that the world check, and mim train, refuse."""
+    write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)
+    events = write_raw(tmp_path, "events_test.parquet", EVENTS, edit(events_rows(), "hist_category_ids", 3, [0, 0, 0]))
+    assert mim(["data", "validate", str(events)]) == 2
+    assert "row 3, field 'hist_category_ids': behaviour category differs" in capsys.readouterr().err
+
+
+def test_a_ragged_row_does_not_hide_or_invent_category_mismatches(tmp_path):
+    """The check compared the flattened lists: one ragged row switched it off for its whole
+    batch (a later ragged row was named first; a clean-out kept the mismatching row), and two
+    that cancelled out paired elements across rows, throwing away valid rows as mismatches."""
+    write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)  # item i has category i % 2
+    rows = edit(events_rows(), "hist_category_ids", 0, [1, 1])         # row 0: a wrong category
+    rows = edit(rows, "hist_category_ids", 3, [0, 1])                  # row 3: one short
+    events = write_raw(tmp_path, "events_test.parquet", EVENTS, rows)
+    _complete_world(tmp_path)
+    with pytest.raises(DataError, match="behaviour category differs") as info:
+        validate_world(tmp_path)
+    assert (info.value.row, info.value.field) == (0, "hist_category_ids")
+
+    rows = edit(events_rows(), "hist_category_ids", 0, [1, 0, 1])      # one long ...
+    rows = edit(rows, "hist_category_ids", 3, [0, 1])                  # ... one short: totals match
+    write_raw(tmp_path, "events_test.parquet", EVENTS, rows)
+    result = [r for r in validate_world(tmp_path, drop_invalid=True, echo=lambda line: None)
+              if r.path == events][0]
+    assert result.rejected == 2  # rows 0 and 3; rows 1 and 2 are valid and kept
+
+
 def test_category_ids_past_the_items_categories_are_refused(tmp_path):
     """An unknown category id would be looked up in rows the category table does not have."""
     write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)  # categories 0 and 1

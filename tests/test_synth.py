@@ -251,14 +251,17 @@ def test_summary_edges_are_the_evaluations_and_an_empty_split_is_summarised(worl
     assert summarize_world(world)["events_test"]["events_before_item_created"] == 0
     copy = tmp_path / "copy"
     shutil.copytree(world, copy)
-    early = pq.read_table(copy / "events_test.parquet")  # 3 events a year before their item existed
-    ts = early["ts"].to_numpy().copy()
-    ts[:3] = created_s[early["target_item_id"].to_numpy()[:3]] - 365 * 86_400
-    pq.write_table(early.set_column(early.schema.get_field_index("ts"), "ts", pa.array(ts)), copy / "events_test.parquet")
+    items = pq.read_table(copy / "items.parquet")  # one item dated after every event that shows it
+    item = int(events["target_item_id"][0].as_py())
+    moved = items["created_at"].cast(pa.timestamp("s")).cast(pa.int64()).to_numpy().copy()
+    moved[items["item_id"].to_numpy() == item] = int(events["ts"].to_numpy().max()) + 365 * 86_400
+    pq.write_table(items.set_column(items.schema.get_field_index("created_at"), "created_at",
+                                    pa.array(moved).cast(pa.timestamp("s"))), copy / "items.parquet")
+    early = int((events["target_item_id"].to_numpy() == item).sum())
     summary = summarize_world(copy)["events_test"]
-    assert summary["events_before_item_created"] == 3 and summary["item_age_days"]["p10"] >= 0  # taken at age 0
+    assert summary["events_before_item_created"] == early and summary["item_age_days"]["p10"] >= 0  # taken at age 0
     assert mim(["data", "summary", str(copy)]) == 0
-    assert "3 events precede their target item's created_at" in capsys.readouterr().out
+    assert f"{early} events precede their target item's created_at" in capsys.readouterr().out
     pq.write_table(pq.read_table(copy / "events_test.parquet").slice(0, 0), copy / "events_test.parquet")
     assert mim(["data", "summary", str(copy)]) == 0
     assert "events_test: 0 rows" in capsys.readouterr().out
@@ -271,6 +274,19 @@ def test_summary_edges_are_the_evaluations_and_an_empty_split_is_summarised(worl
     pq.write_table(items.set_column(at, "created_at", items["created_at"].cast(pa.timestamp("us"))),
                    micro / "items.parquet")
     assert summarize_world(micro)["events_test"]["item_age_decile_edges_days"] == expected
+
+    # An id outside the items table was an IndexError traceback (-1 silently read item N-1's age)
+    from mim_rec.data.errors import DataError
+
+    events = pq.read_table(micro / "events_test.parquet")
+    for bad in (-1, created_s.size):
+        target = events["target_item_id"].to_numpy().copy()
+        target[5] = bad
+        pq.write_table(events.set_column(events.schema.get_field_index("target_item_id"), "target_item_id",
+                                         pa.array(target)), micro / "events_test.parquet")
+        with pytest.raises(DataError, match="outside the item table") as info:
+            summarize_world(micro)
+        assert (info.value.row, info.value.field) == (5, "target_item_id")
 
 
 def test_summary_and_the_train_report_say_when_item_ages_are_not_ages(world, tmp_path, capsys):

@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mim_rec.data.errors import DataError
-    from mim_rec.data.io import (CONTRACT_BY_PREFIX, category_count, ok_line, require_rows, validate_file,
-                                 validate_world)
+    from mim_rec.data.io import (CONTRACT_BY_PREFIX, category_count, ok_line, read_item_categories,
+                                 require_rows, validate_file, validate_world)
     from mim_rec.data.schemas import ITEMS
 
     path = Path(args.path)
@@ -49,14 +49,15 @@ def run(args: argparse.Namespace) -> int:
     if contract is None:
         raise DataError(str(path), "cannot tell the contract from the file name "
                                    "(expected items*.parquet, pairs_*.parquet or events_*.parquet)")
-    item_count, categories = args.item_count, None
+    item_count, categories, item_category = args.item_count, None, None
     items = path.parent / "items.parquet"
     if contract is not ITEMS and item_count is None:
         if not items.is_file():
             raise DataError(str(path), "needs --item-count or items.parquet beside it to check ids")
         item_count = validate_file(items, ITEMS, keep=False).rows
         categories = category_count(items)
+        item_category = read_item_categories(items)  # the world's cross-file rules, as in a world check
     result = require_rows(validate_file(path, contract, item_count=item_count, category_count=categories,
-                                        drop_invalid=args.drop_invalid, keep=False))
+                                        item_category=item_category, drop_invalid=args.drop_invalid, keep=False))
     print(ok_line(result))
     return 0

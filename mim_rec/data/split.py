@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import link_or_copy, read_events, read_pairs, validate_file, write_table
+from mim_rec.data.io import category_count, link_or_copy, read_item_categories, validate_file, write_table
 from mim_rec.data.manifest import (Manifest, fingerprint_file, fingerprint_tree, read_manifest,
                                    write_manifest)
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS, Contract
@@ -76,7 +76,10 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
     if out.exists() and not out.is_dir():
         raise DataError(str(out), "a file, not a folder to write the validation world to")
     item_count = validate_file(items_path, ITEMS, keep=False).rows
-    events = read_events(events_path, item_count)
+    # the cross-file rules a world check applies, so the split is a world validate accepts
+    categories, item_category = category_count(items_path), read_item_categories(items_path)
+    events = validate_file(events_path, EVENTS, item_count=item_count, category_count=categories,
+                           item_category=item_category).table
     ts = events.column("ts").to_numpy()
     cut = time_cut(ts, fraction, events_path, option="--fraction")
     validating = ts >= cut
@@ -89,7 +92,7 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
         inputs = {"items": fingerprint_file(items_path), "events_train": fingerprint_file(events_path)}
         pairs_path = source / "pairs_train.parquet"
         if pairs_path.is_file():
-            pairs = read_pairs(pairs_path, item_count)
+            pairs = validate_file(pairs_path, PAIRS, item_count=item_count, category_count=categories).table
             later = pairs.column("ts").to_numpy() >= cut
             inputs["pairs_train"] = fingerprint_file(pairs_path)
             if later.all() or not later.any():  # a world file must hold rows: leave the pairs out

@@ -12,8 +12,8 @@ from typing import Dict, List, Union
 import numpy as np
 import pyarrow.compute as pc
 
-from mim_rec.data.io import read_parquet_columns
-from mim_rec.data.loader import created_seconds, item_age_days
+from mim_rec.data.io import open_parquet, read_events, read_parquet_columns
+from mim_rec.data.loader import ItemInfo, item_age_days
 from mim_rec.data.manifest import world_age_caveat
 
 PERCENTILES = (10, 50, 90, 99)
@@ -22,20 +22,20 @@ PERCENTILES = (10, 50, 90, 99)
 def summarize_world(directory: Union[str, Path]) -> Dict:
     """A JSON-serialisable summary of a world folder."""
     directory = Path(directory)
-    items = read_parquet_columns(directory / "items.parquet", ["item_id", "category_id", "created_at"])
-    created = created_seconds(items["created_at"], directory / "items.parquet")
-    category_of = items["category_id"].to_numpy()[np.argsort(items["item_id"].to_numpy())]
-    created = created[np.argsort(items["item_id"].to_numpy())]
-    summary: Dict = {"items": items.num_rows, "categories": int(len(np.unique(category_of))),
+    items = ItemInfo.from_items(directory / "items.parquet")  # validated: dense ids, whole-second times
+    category_of, created = items.category, items.created_s
+    summary: Dict = {"items": items.count, "categories": int(len(np.unique(category_of))),
                      "item_age_caveat": world_age_caveat(directory)}
     for split in ("train", "test"):
         path = directory / f"events_{split}.parquet"
         if not path.is_file():
             continue
-        table = read_parquet_columns(path, ["user_id", "target_item_id", "label", "ts", "hist_item_ids"])
-        if table.num_rows == 0:  # summarised as such (validate refuses it, naming the file)
+        if open_parquet(path).metadata.num_rows == 0:  # summarised as such (validate refuses it, naming the file)
             summary[f"events_{split}"] = {"rows": 0}
             continue
+        # Read through the contract, so an id outside the items table, a label other than 0/1 or
+        # a null is refused with its row and field instead of indexing the wrong item's age.
+        table = read_events(path, items.count, columns=["user_id", "target_item_id", "label", "ts", "hist_item_ids"])
         label = table["label"].to_numpy().astype(np.float64)
         target = table["target_item_id"].to_numpy()
         hist_len = pc.list_value_length(table["hist_item_ids"]).to_numpy(zero_copy_only=False)

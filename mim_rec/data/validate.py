@@ -322,12 +322,18 @@ def _behaviour_categories_match_items(ctx: CheckContext) -> RowCheck:
     """The loader embeds a behaviour with the category the events list: one that is not its
     item's would give it another category's embedding and mislead SIM's category search."""
     def flags(batch: pa.RecordBatch) -> np.ndarray:
-        rows, ids = _list_elements(batch.column("hist_item_ids"))
-        _, categories = _list_elements(batch.column("hist_category_ids"))
-        if len(ids) != len(categories):  # ragged: the unequal-length rule names those rows
-            return np.zeros(batch.num_rows, dtype=bool)
+        # Only rows whose two lists pair up are compared (a ragged or null row is named by its
+        # own rule); comparing the flattened lists would pair elements across row boundaries.
+        aligned = np.flatnonzero(_mask(pc.equal(pc.list_value_length(batch.column("hist_item_ids")),
+                                                pc.list_value_length(batch.column("hist_category_ids")))))
+        paired = batch.take(pa.array(aligned))
+        rows, ids = _list_elements(paired.column("hist_item_ids"))
+        _, categories = _list_elements(paired.column("hist_category_ids"))
         known = (ids >= 0) & (ids < len(ctx.item_category))
-        return _rows_where(rows, known & (ctx.item_category[np.where(known, ids, 0)] != categories), batch.num_rows)
+        differs = _rows_where(rows, known & (ctx.item_category[np.where(known, ids, 0)] != categories), len(aligned))
+        flagged = np.zeros(batch.num_rows, dtype=bool)
+        flagged[aligned[differs]] = True
+        return flagged
     return RowCheck("hist_category_ids", "behaviour category differs from its item's in the items table", flags)
 
 
