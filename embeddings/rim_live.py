@@ -55,7 +55,7 @@ class LiveMMTable:
             check_message(message, self.fingerprint, self.dim, self.log_path, end, f"the table {self.table_dir}")
             check_new_ids(message.item_ids, self.held, self.num_items, self.log_path,
                           f"the table {self.table_dir} or an earlier record of this log",
-                          f" of the model's MM table")
+                          " of the model's MM table")
             _write_rows(shards, torch.from_numpy(message.item_ids), torch.from_numpy(message.vectors))
             self.held = np.union1d(self.held, message.item_ids)
             self.offset, count = end, count + len(message.item_ids)
