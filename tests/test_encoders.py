@@ -124,6 +124,55 @@ def test_save_and_load_round_trip(tmp_path):
     assert before_img.norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
+def test_damaged_weights_are_one_line_errors_naming_the_file(tmp_path):
+    """A weights.pt cut short, or one of another model, was torch's traceback in every stage
+    that loads an encoders folder (C-SFT, the MM table build)."""
+    save_encoders(tmp_path / "enc", EncoderPair(tiny_encoders(shared_dim=8)))
+    weights = tmp_path / "enc" / "weights.pt"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match="unreadable weights") as info:
+        load_encoders(tmp_path / "enc")
+    assert info.value.file == str(weights) and "\n" not in str(info.value)
+    torch.save({"other": torch.zeros(2)}, weights)
+    with pytest.raises(ManifestMismatch, match="its tensors are not the encoders its manifest describes") as caught:
+        load_encoders(tmp_path / "enc")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_foreign_vision_weights_file_is_one_line_without_torchs_advice(tmp_path):
+    """Random bytes gave torch's six-line message, which advises turning off weights_only."""
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a torch state dict file") as info:
+        build_vision_encoder(dataclasses.replace(tiny_vision(), weights=str(tmp_path / "noise.pth")))
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+    assert str(info.value).endswith("(UnpicklingError: Unsupported operand 0)")
+
+
+def test_a_text_model_with_damaged_weights_is_a_one_line_error(tmp_path):
+    """A model.safetensors cut short was a SafetensorError traceback."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    with pytest.raises(ConfigError, match="encoders.text.name=.*bert: its weights cannot be read") as info:
+        build_text_encoder(tiny_text(name=str(folder), overrides={}, pretrained=True))
+    assert "\n" not in str(info.value)
+
+
+def test_the_bundled_vision_file_by_its_path_keeps_its_own_preprocessing():
+    """Given by path instead of as 'bundled', the same file got timm's ImageNet statistics."""
+    from mim_rec.encoders.bundled import bundled_vision_weights
+
+    bundled = bundled_vision_weights("efficientnet_lite0")
+    encoder = build_vision_encoder(VisionConfig(weights=str(bundled.state_dict_path), image_size=32))
+    mean, std = encoder.image_processor.stats
+    assert mean == pytest.approx(bundled.mean) and std == pytest.approx(bundled.std)
+
+
 def test_load_refuses_other_artifacts(tmp_path):
     with pytest.raises(ManifestMismatch):
         load_encoders(tmp_path)

@@ -40,7 +40,7 @@ from mim_rec.data.errors import ManifestMismatch
 from mim_rec.data.manifest import Manifest, read_manifest, require, write_manifest
 from mim_rec.encoders.freeze import PartlyFrozen
 from mim_rec.encoders.heads import ProjectionHead
-from mim_rec.encoders.pair import EncoderPair, load_encoders, save_encoders
+from mim_rec.encoders.pair import EncoderPair, load_encoders, read_artifact_weights, save_encoders
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
 from mim_rec.utils.run import atomic_write_bytes
 
@@ -220,7 +220,7 @@ def load_csft_model(directory: Union[str, Path], map_location: str = "cpu") -> C
     config = from_dict(ModelConfig, manifest.config)
     pair = load_encoders(directory / ENCODERS_DIR, map_location=map_location)
     model = CsftModel(pair, config)
-    state = torch.load(directory / WEIGHTS_NAME, map_location=map_location, weights_only=True)
+    state = read_artifact_weights(directory / WEIGHTS_NAME, map_location)
     expected = {"fusion", "query_head"} | (set() if config.query.share_vision else {"query_vision"})
     if set(state) != expected:
         raise ManifestMismatch(f"{directory / WEIGHTS_NAME}: holds {sorted(state)}, the manifest's "

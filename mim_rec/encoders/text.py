@@ -7,10 +7,12 @@ need token-level states (masked language modelling) use :meth:`tokenize` and
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from mim_rec.config import ConfigError
@@ -43,6 +45,10 @@ class HFTextEncoder(PartlyFrozen):
             except OSError as exc:  # a config.json without weights beside it
                 raise ConfigError(f"encoders.text.name={config.name}: no weights to load ({exc}); set "
                                   "encoders.text.pretrained=false for random ones") from exc
+            except (SafetensorError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+                first_line = (str(exc).strip().splitlines() or [""])[0]  # a weights file cut short or foreign
+                raise ConfigError(f"encoders.text.name={config.name}: its weights cannot be read "
+                                  f"({type(exc).__name__}: {first_line})") from None
         else:
             self.model = AutoModel.from_config(model_config)
         self.tokenizer = _tokenizer(config, folder)

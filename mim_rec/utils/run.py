@@ -104,6 +104,24 @@ class JsonlLogger:
 DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
 
 
+class WeightsUnreadable(ValueError):
+    """A weights file ``torch.load`` cannot read; the message is torch's first line (its own
+    runs on for paragraphs, and advises turning off ``weights_only``)."""
+
+
+def load_weights(path: Union[str, Path], map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a damaged or foreign file raises
+    :class:`WeightsUnreadable`, which callers turn into a one-line error naming their setting."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (*DAMAGED_FILE_ERRORS, KeyError, ValueError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+        # the cause, not torch's preamble about weights_only and where to file an issue
+        cause = next((line for line in lines if "weights_only" not in line
+                      and not line.startswith(("Please file", "Check the documentation"))), lines[0])
+        raise WeightsUnreadable(f"{type(exc).__name__}: {cause}") from None
+
+
 def read_json_or_none(path: Union[str, Path]) -> Any:
     """A JSON file's value, or None when it is missing or not whole JSON (cut short by a kill
     or a full disk): readers that decide "is this finished?" must not trust a torn file."""
