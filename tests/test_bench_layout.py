@@ -86,3 +86,16 @@ def test_row_wise_blocks_are_torchrecs():
         for ranks in range(1, 9):
             sizes, _ = _calculate_rw_shard_sizes_and_offsets(rows, ranks, 4)
             assert bench_layout.row_wise_blocks(rows, ranks) == [size[0] for size in sizes], (rows, ranks)
+
+
+def test_json_to_a_folder_is_refused_before_measuring_and_dash_is_stdout(tmp_path, capsys, monkeypatch):
+    """A folder was refused only after the whole measurement (IsADirectoryError, the result
+    lost); '-' wrote a file literally named '-'."""
+    assert main(["bench", "layout", "--quick", "--json", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "a folder; give a file path" in captured.err and "wall time" not in captured.out
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "layout", "--quick", "--json", "-", "hist_len=4"]) == 0
+    out = capsys.readouterr().out
+    assert not (tmp_path / "-").exists()
+    assert json.loads(out[out.index("\n{") + 1:])["wall_s"] > 0

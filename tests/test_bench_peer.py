@@ -65,6 +65,18 @@ def test_peer_input_holds_each_event_as_deepctr_reads_it(world, ubm):
     assert torch.equal(matrix[:, model.feature_index["log1p_item_age_days"][0]], batch.dense_features[:, 0])
 
 
+def test_a_query_len_below_the_longest_query_is_refused_before_training(world, capsys):
+    """It was a ValueError traceback from the peer's first batch, after mim_rec had trained."""
+    import pyarrow.parquet as pq
+
+    longest = max(len(q.split()) for split in ("train", "test")
+                  for q in pq.read_table(world / f"events_{split}.parquet", columns=["query"])["query"].to_pylist())
+    assert main(["bench", "peer", f"world={world}", f"query_len={longest - 1}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"query_len={longest - 1}: the longest query of {world} has {longest} words" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_a_query_longer_than_the_input_is_refused(world):
     config = PeerBenchConfig(world=str(world), query_len=1, loader=LoaderConfig(batch_size=64, shuffle=False))
     items = ItemInfo.from_items(world / "items.parquet")
@@ -100,6 +112,9 @@ def test_both_libraries_train_on_the_same_steps_and_beat_chance(world, tmp_path,
     ("max_steps=0", "max_steps=0: must be positive"),
     ("loader.batch_size=-2", "loader.batch_size=-2: must be positive"),
     ("world=", "needs world=DIR"),
+    ("ubms=[din,din]", "ubms=['din', 'din']: each may appear once"),  # printed a spread "over seeds"
+    ("seeds=[0,0]", "seeds=[0, 0]: each may appear once"),
+    ("model.user_dim=6", "model.user_dim=6: FBGEMM's embedding kernels need a multiple of 4"),
 ])
 def test_a_setting_that_cannot_run_is_refused_before_training(world, capsys, setting, message):
     """These used to end in a traceback, or (seeds=[]) in an empty table."""

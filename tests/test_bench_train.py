@@ -51,9 +51,12 @@ def test_quick_mode_prints_ratios_side_by_side(tmp_path, capsys):
         mim["torchrec"]["infer_samples_per_s"] / base["torchrec"]["infer_samples_per_s"])
 
 
-@pytest.mark.parametrize("ubm", ["din", "dien", "sim"])
-def test_reference_computes_the_torchrec_models_logits(ubm):
+@pytest.mark.parametrize("ubm, mm_dim", [("din", None), ("dien", None), ("sim", None), ("din", 6)])
+def test_reference_computes_the_torchrec_models_logits(ubm, mm_dim):
+    """mm_dim=6: TorchRec stores the table 8 wide (FBGEMM's alignment); the copy into the
+    6-wide reference was a size-mismatch traceback."""
     config = TrainBenchConfig.quick()
+    config = replace(config, mm_dim=mm_dim or config.mm_dim)
     sizes = {"items": config.items, "users": config.users, "categories": config.categories}
     batch = synthetic_batches(replace(config, distinct_batches=1))[0]
     model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, **VARIANTS["Base+MIM"])
@@ -92,9 +95,15 @@ def test_world_folder_sets_the_table_sizes(tmp_path, capsys):
     assert f"sizes: {items.num_rows:,} items, {users:,} users, {categories} categories;" in out
 
 
-@pytest.mark.parametrize("override, message", [("ubms=[]", r"ubms=[]: choose one or more of"),
-                                               ("ubms=[dinn]", r"ubms=['dinn']: choose one or more of"),
-                                               ("hist_len=0", "hist_len=0: must be positive")])
+@pytest.mark.parametrize("override, message", [
+    ("ubms=[]", r"ubms=[]: choose one or more of"),
+    ("ubms=[dinn]", r"ubms=['dinn']: choose one or more of"),
+    ("hist_len=0", "hist_len=0: must be positive"),
+    # the second din's Base overwrote the first's in the MIM/Base ratios
+    ("ubms=[din,avg,din]", "ubms=['din', 'avg', 'din']: each may appear once"),
+    # TorchRec's multi-line AssertionError from the sharder, as mim train refuses it in one line
+    ("model.user_dim=6", "model.user_dim=6: FBGEMM's embedding kernels need a multiple of 4"),
+])
 def test_settings_that_cannot_run_are_refused_in_one_line(capsys, override, message):
     """ubms=[] used to end in an IndexError, hist_len=0 in numpy's 'low >= high'."""
     assert main(["bench", "train", "--quick", override]) == 2

@@ -57,10 +57,15 @@ def preset_cli(config_cls: type, run: Callable[[Any], Dict[str, Any]],
 
 
 def check_json_path(json_path: Optional[str]) -> None:
-    """Refuse a ``--json`` path whose folder does not exist before measuring, not after."""
+    """Refuse a ``--json`` path that cannot be written (its folder missing, or a folder itself)
+    before measuring, not after. ``-`` means standard output."""
     from mim_rec.config import ConfigError
 
-    if json_path and json_path != "-" and not Path(json_path).parent.is_dir():
+    if not json_path or json_path == "-":
+        return
+    if Path(json_path).is_dir():
+        raise ConfigError(f"--json {json_path}: a folder; give a file path")
+    if not Path(json_path).parent.is_dir():
         raise ConfigError(f"--json {json_path}: no folder {Path(json_path).parent}")
 
 
@@ -73,7 +78,9 @@ def run_and_report(measure: Callable[[], Dict[str, Any]], render: Callable[[Dict
     result["wall_s"] = time.perf_counter() - started
     print(render(result))
     print(f"wall time {result['wall_s']:.1f} s")
-    if json_path:
+    if json_path == "-":
+        print(json.dumps(result, indent=2))
+    elif json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
@@ -244,11 +245,16 @@ def _summary(report: Dict[str, Any]) -> Dict[str, Any]:
 def check_config(config: PeerBenchConfig) -> None:
     """Refuse, before any training, a setting that would fail late or print an empty table."""
     from mim_rec.config import ConfigError, require_positive
+    from train.ciubm import check_model
 
     if not config.world:
         raise ConfigError("mim bench peer needs world=DIR (a folder with items.parquet and events_*.parquet)")
     if not config.ubms or not config.seeds:
         raise ConfigError(f"ubms={config.ubms} seeds={config.seeds}: give at least one of each")
+    for name in ("ubms", "seeds"):  # a repeat's spread would be printed as a spread over seeds
+        values = getattr(config, name)
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{name}={values}: each may appear once")
     unknown = sorted(set(config.ubms) - set(PEER_UBMS))
     if unknown:
         raise ConfigError(f"ubms: DeepCTR-Torch has no {unknown}; choose from {list(PEER_UBMS)}")
@@ -256,6 +262,23 @@ def check_config(config: PeerBenchConfig) -> None:
         raise ConfigError("model.sequence_layout: the peer's input is read from the slot (ebc) layout")
     require_positive(config, ("epochs", "max_steps", "lr", "peer_lr", "id_lr", "query_len", "threads",
                               "loader.batch_size", "loader.max_hist_len"))
+    for ubm in config.ubms:
+        check_model(replace(config.model, ubm=ubm))
+
+
+def check_query_len(config: PeerBenchConfig) -> None:
+    """Refuse a ``query_len`` shorter than the world's longest query before either library
+    trains: DeepCTR-Torch's fixed-width input would drop words mim_rec sees."""
+    from mim_rec.config import ConfigError
+    from mim_rec.data.io import read_parquet_columns
+
+    longest = 0
+    for split in ("train", "test"):
+        queries = read_parquet_columns(Path(config.world) / f"events_{split}.parquet", ["query"])["query"]
+        longest = max([longest, *(len(text.split()) for text in pc.unique(queries).to_pylist() if text)])
+    if longest > config.query_len:
+        raise ConfigError(f"query_len={config.query_len}: the longest query of {config.world} has {longest} "
+                          "words; raise query_len so DeepCTR-Torch sees every word mim_rec sees")
 
 
 def run_bench(config: PeerBenchConfig) -> Dict[str, Any]:
@@ -265,6 +288,7 @@ def run_bench(config: PeerBenchConfig) -> Dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     items = ItemInfo.from_items(Path(config.world) / "items.parquet")
+    check_query_len(config)
     sizes = table_sizes(config.world, items)
     if max(sizes.values()) + 1 >= FLOAT_EXACT_IDS or config.loader.query_buckets + 1 >= FLOAT_EXACT_IDS:
         raise ValueError(f"tables of {sizes} do not fit DeepCTR-Torch's float32 input exactly (ids < 2**24)")

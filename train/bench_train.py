@@ -203,6 +203,8 @@ def reference_model(config: ModelConfig, sizes: Dict[str, int], weights: Dict[st
     model = CiUBM(config, sizes["items"], sizes["users"], sizes["categories"], device=meta)
     model.sparse_arch = PlainSparseArch(config, sizes["items"], sizes["users"], sizes["categories"], meta)
     model = model.to_empty(device=device)
+    if "sparse_arch.mm" in weights:  # TorchRec stores the MM table padded to FBGEMM's column alignment
+        weights = {**weights, "sparse_arch.mm": weights["sparse_arch.mm"][:, :config.mm_dim]}
     model.load_state_dict(weights, strict=True)
     return model
 
@@ -444,15 +446,20 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     from tqdm import tqdm
 
     from mim_rec.config import ConfigError, require_positive
+    from train.ciubm import check_model
 
     unknown = sorted(set(config.ubms) - set(ALL_UBMS))
     if unknown or not config.ubms:
         raise ConfigError(f"ubms={config.ubms}: choose one or more of {ALL_UBMS}")
+    if len(set(config.ubms)) != len(config.ubms):  # each MIM/Base ratio pairs the rows of one UBM's rounds
+        raise ConfigError(f"ubms={config.ubms}: each may appear once")
     require_positive(config, ("steps", "rounds", "warmup", "distinct_batches", "batch_size", "hist_len", "mm_dim",
                               "lr", "id_lr", "threads"))  # threads: None (torch's default) passes
     if config.model.sequence_layout != "ebc":
         raise ConfigError("model.sequence_layout: the plain-torch reference reads the slot (ebc) layout; "
                           "compare the layouts with mim bench layout")
+    for variant in VARIANTS.values():
+        check_model(replace(config.model, ubm=config.ubms[0], mm_dim=config.mm_dim, **variant))
     if config.threads:
         torch.set_num_threads(config.threads)
     sizes = bench_sizes(config)

@@ -78,9 +78,7 @@ NOT_NEGATIVE_SETTINGS = ("model.dien_aux_weight", "model.mm_whiten", "seed", "lo
 
 def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     """A validated TrainConfig from a file and ``key=value`` overrides."""
-    from mim_rec.ciubm.sparse import FBGEMM_COLUMN_ALIGNMENT
     from mim_rec.config import ConfigError, load_config, require_not_negative, require_positive
-    from mim_rec.ubm import available_ubms
 
     config = load_config(TrainConfig, path, overrides)
     if not config.data.world:
@@ -89,24 +87,35 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
         raise ConfigError(f"out={config.out!r}: a run folder is required, not a file or nothing")
     require_positive(config, POSITIVE_SETTINGS)
     require_not_negative(config, NOT_NEGATIVE_SETTINGS)
-    for key in ("item_dim", "category_dim", "user_dim", "query_dim"):
-        if getattr(config.model, key) % FBGEMM_COLUMN_ALIGNMENT:
-            raise ConfigError(f"model.{key}={getattr(config.model, key)}: FBGEMM's embedding kernels need a "
-                              f"multiple of {FBGEMM_COLUMN_ALIGNMENT}")
-    if config.model.ubm not in available_ubms():
-        raise ConfigError(f"model.ubm={config.model.ubm!r}: choose one of {', '.join(available_ubms())}")
-    _check_model_shape(config.model)
+    check_model(config.model)
     config.loader.query_buckets = config.model.query_buckets
     config.loader.sequence_layout = config.model.sequence_layout
-    if config.model.uses_mm:
-        from mim_rec.ciubm.sparse import mm_data_type
-        mm_data_type(config.model.mm_dtype)  # an unsupported storage precision fails here, with its reason
     if config.model.mm_dim is None:
         config.model.mm_dim = _table_dim(config.mm_table)
     if config.rim_log and not (config.mm_table and config.model.uses_mm):
         raise ConfigError("rim_log: RIM rows are applied to the MM table, so they need mm_table=DIR "
                           "(the table they extend) and a model that uses it")
     return config
+
+
+def check_model(model: ModelConfig) -> None:
+    """Refuse, by key, a CiUBM that TorchRec, FBGEMM or the UBM would refuse later (after the
+    process group is up, with a traceback). Every command that builds one calls this first:
+    ``mim train`` and the benches that time or compare it."""
+    from mim_rec.ciubm.sparse import FBGEMM_COLUMN_ALIGNMENT
+    from mim_rec.config import ConfigError
+    from mim_rec.ubm import available_ubms
+
+    for key in ("item_dim", "category_dim", "user_dim", "query_dim"):
+        if getattr(model, key) % FBGEMM_COLUMN_ALIGNMENT:
+            raise ConfigError(f"model.{key}={getattr(model, key)}: FBGEMM's embedding kernels need a "
+                              f"multiple of {FBGEMM_COLUMN_ALIGNMENT}")
+    if model.ubm not in available_ubms():
+        raise ConfigError(f"model.ubm={model.ubm!r}: choose one of {', '.join(available_ubms())}")
+    _check_model_shape(model)
+    if model.uses_mm:
+        from mim_rec.ciubm.sparse import mm_data_type
+        mm_data_type(model.mm_dtype)  # an unsupported storage precision fails here, with its reason
 
 
 def _check_model_shape(model: ModelConfig) -> None:
