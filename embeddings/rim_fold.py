@@ -92,7 +92,7 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     # An incomplete last record (being appended, or torn by a crash) is not folded; the next
     # fold starts at ``end`` and takes it if it has been completed by then. Said, not hidden.
     unfolded = log_path.stat().st_size - end
-    check_new_ids(ids, table_item_ids(table_dir), num_items, log_path, str(table_dir),
+    check_new_ids(ids, [table_item_ids(table_dir)], num_items, log_path, str(table_dir),
                   "; pass num_items=<catalogue size>")
 
     # Written beside ``out`` and renamed into place: a fold that fails leaves no half-table.

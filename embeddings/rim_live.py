@@ -40,7 +40,8 @@ class LiveMMTable:
         manifest = require(table_dir, kind="mm_table")
         self.fingerprint, self.dim = manifest.extra["encoder_fingerprint"], manifest.dim
         self.offset = folded_offset(table_dir, log_path) if offset is None else offset
-        self.held = table_item_ids(table_dir)  # sorted: the table's ids, then every id applied
+        self.table_ids = table_item_ids(table_dir)           # sorted, fixed
+        self.applied_ids = np.zeros(0, dtype=np.int64)       # sorted: ids this applier wrote
         self.applied = 0
 
     def apply(self, model) -> int:
@@ -53,11 +54,11 @@ class LiveMMTable:
         count = 0
         for end, message in read_messages(self.log_path, self.offset, stop):
             check_message(message, self.fingerprint, self.dim, self.log_path, end, f"the table {self.table_dir}")
-            check_new_ids(message.item_ids, self.held, self.num_items, self.log_path,
+            check_new_ids(message.item_ids, [self.table_ids, self.applied_ids], self.num_items, self.log_path,
                           f"the table {self.table_dir} or an earlier record of this log",
                           " of the model's MM table")
             _write_rows(shards, torch.from_numpy(message.item_ids), torch.from_numpy(message.vectors))
-            self.held = np.union1d(self.held, message.item_ids)
+            self.applied_ids = np.union1d(self.applied_ids, message.item_ids)
             self.offset, count = end, count + len(message.item_ids)
         self.applied += count
         return count

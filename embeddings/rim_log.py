@@ -28,7 +28,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Set, Tuple, Union
+from typing import Iterator, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -205,12 +205,13 @@ def check_message(message: WindowMessage, fingerprint: str, dim: int, source: Un
                         f"(item {message.item_ids[broken][0]})", field="vector")
 
 
-def check_new_ids(ids: np.ndarray, known_ids: np.ndarray, num_items: int, source: Union[str, Path],
+def check_new_ids(ids: np.ndarray, known_ids: Sequence[np.ndarray], num_items: int, source: Union[str, Path],
                   known_as: str, range_hint: str = "") -> None:
     """Refuse log rows that would not each fill one empty row of an id space of ``num_items``:
-    an id outside it (``range_hint`` says what to do), an id twice, or an id in the sorted
-    ``known_ids`` (``known_as`` names where those rows already are). A table row is never
-    replaced from a log."""
+    an id outside it (``range_hint`` says what to do), an id twice, or an id in one of the
+    sorted arrays ``known_ids`` (``known_as`` names where those rows already are). A table row
+    is never replaced from a log. Looked up by binary search, so a record costs O(n log N)
+    against a table of N ids, not a sort of the table."""
     outside = ids[(ids < 0) | (ids >= num_items)]
     if len(outside):
         raise DataError(str(source), f"{len(outside)} item(s) outside the id range [0, {num_items}) "
@@ -219,10 +220,18 @@ def check_new_ids(ids: np.ndarray, known_ids: np.ndarray, num_items: int, source
     if (counts > 1).any():
         raise DataError(str(source), f"item {unique[counts > 1][0]} appears in more than one record",
                         field="item_id")
-    known = ids[np.isin(ids, known_ids)]
+    known = ids[np.any([_holds(sorted_ids, ids) for sorted_ids in known_ids], axis=0)] if len(ids) else ids
     if len(known):
         raise DataError(str(source), f"item {known[0]} is already in {known_as}; a table row is never "
                         "replaced from a log", field="item_id")
+
+
+def _holds(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` the sorted array holds."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), bool)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[at] == ids
 
 
 class RimLog:
@@ -273,8 +282,12 @@ class RimLog:
 
     def append(self, message: WindowMessage) -> int:
         """Write one record and make it durable; returns the offset after it."""
-        check_message(message, self.fingerprint, self.dim, self.path, self.end, "this writer's encoder")
         data = message.encode()
+        check_message(message, self.fingerprint, self.dim, self.path, self.end + len(data), "this writer's encoder")
+        ids = [int(i) for i in message.item_ids]
+        if len(set(ids)) < len(ids) or self.item_ids.intersection(ids):
+            raise DataError(str(self.path), f"the record that would end at byte {self.end + len(data)} repeats "
+                            "an item of this log; a writer never logs an item twice", field="item_id")
         written = os.pwrite(self._fd, data, self.end)
         if written != len(data):
             os.ftruncate(self._fd, self.end)

@@ -216,10 +216,14 @@ def test_repeated_or_stale_rows_are_refused(tmp_path, case):
         stale = f"0\t{' '.join(map(str, user0[:1]))}\t{user0[1]}"
         _edit_inter(src, "valid", lambda lines: [lines[0], stale] + lines[2:])
         file, row, match = "Tiny.valid.inter", 0, "position 1 of user 0's sequence, is already"
-    else:  # user 0's valid row holds its test row: two items beyond the train rows
+    else:  # user 0's valid row holds its test row: two items beyond the train rows, which
+        # --allow-missing takes as a gap; the test row then repeats that interaction
         test_row = f"0\t{' '.join(map(str, user0[:-1]))}\t{user0[-1]}"
         _edit_inter(src, "valid", lambda lines: [lines[0], test_row] + lines[2:])
-        file, row, match = "Tiny.valid.inter", 0, "adds 1 item\\(s\\) that no earlier row has"
+        file, row, match = "Tiny.test.inter", 0, "is already in the earlier rows"
+        with pytest.raises(DataError, match="adds 1 item\\(s\\) that no earlier row has") as strict:
+            import_amazon(src, tmp_path / "out", options())
+        assert (strict.value.file.endswith("Tiny.valid.inter"), strict.value.row) == (True, 0)
     with pytest.raises(DataError, match=match) as info:
         import_amazon(src, tmp_path / "out", options(allow_missing=True))
     assert info.value.file.endswith(file)
@@ -260,11 +264,20 @@ def test_a_missing_train_row_is_counted_not_silently_dropped(tmp_path):
     said nothing (the valid and test files had this check; the train file did not)."""
     src = write_amazon(tmp_path / "src")
     _edit_inter(src, "train", lambda lines: lines[:2] + lines[3:])  # user 0's position-1 row
-    with pytest.raises(DataError, match="interactions that are no train row's target: 1") as info:
+    with pytest.raises(DataError, match="interactions that are no row's target: 1") as info:
         import_amazon(src, tmp_path / "out", options())
     assert info.value.file.endswith("Tiny.train.inter")
     report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
-    assert report.missing == {"interactions that are no train row's target": 1}
+    assert report.missing == {"interactions that are no row's target": 1}
+
+    # the longest train row, the one right before the valid row: the valid row then adds two
+    # items, and that was refused (blamed on the valid file) even with --allow-missing
+    src = write_amazon(tmp_path / "src2")
+    _edit_inter(src, "train", lambda lines: lines[:1] + lines[2:])  # user 0's position-2 row
+    with pytest.raises(DataError, match="an earlier file lacks rows") as info:
+        import_amazon(src, tmp_path / "out", options())
+    report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    assert report.missing == {"interactions that are no row's target": 1}
 
 
 def test_a_short_valid_file_is_named_and_can_be_accepted(tmp_path):

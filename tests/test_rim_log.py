@@ -100,8 +100,11 @@ def test_a_reopened_log_refuses_rows_no_consumer_may_take(tmp_path):
         with pytest.raises(DataError, match="NaN or infinite vector \\(item 1\\)"):
             log.append(bad)
         assert log.end == 0
+        log.append(message([1]))
+        with pytest.raises(DataError, match="would end at byte .* repeats an item of this log"):
+            log.append(message([1]))  # a log its own writer could not reopen
     with open(path, "ab") as raw:
-        raw.write(message([1]).encode() + message([1]).encode())
+        raw.write(message([1]).encode())
     with pytest.raises(DataError, match="repeats an item of this log"):
         RimLog(path, "enc:a", DIM)
 

@@ -374,6 +374,9 @@ def test_a_synth_replaces_a_world_whole_and_refuses_a_folder_of_other_files(worl
     with pytest.raises(DataError, match="holds a 'mm_table' output, not a 'world' one"):
         generate_world(tiny(SynthConfig(seed=8)), table)
     assert sorted(path.name for path in table.iterdir()) == ["manifest.json", "part-00000.parquet"]
+    (table / "manifest.json").write_bytes(b"\xff\xfe not utf-8")  # was a UnicodeDecodeError traceback
+    with pytest.raises(DataError, match="holds no readable manifest.json"):
+        generate_world(tiny(SynthConfig(seed=8)), table)
 
 
 def test_a_synth_into_the_working_directory_keeps_the_folder(world, tmp_path, monkeypatch):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import os
 import statistics
 import threading
@@ -441,6 +442,11 @@ def _warm_process(config: TrainBenchConfig, sizes: Dict[str, int], batches: List
         warm_up(model, step, batches[:1], replace(config, warmup=1))
 
 
+def variant_config(config: TrainBenchConfig, ubm: str, variant: str) -> ModelConfig:
+    """The CiUBM the bench times for ``ubm`` as ``variant`` (Base or Base+MIM)."""
+    return replace(config.model, ubm=ubm, mm_dim=config.mm_dim, id_interest=True, **VARIANTS[variant])
+
+
 def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     """Every UBM x variant x implementation; the result dict :func:`format_table` prints."""
     from tqdm import tqdm
@@ -458,8 +464,8 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     if config.model.sequence_layout != "ebc":
         raise ConfigError("model.sequence_layout: the plain-torch reference reads the slot (ebc) layout; "
                           "compare the layouts with mim bench layout")
-    for variant in VARIANTS.values():
-        check_model(replace(config.model, ubm=config.ubms[0], mm_dim=config.mm_dim, **variant))
+    for ubm, variant in itertools.product(config.ubms, VARIANTS):  # every model the rounds will build
+        check_model(variant_config(config, ubm, variant))
     if config.threads:
         torch.set_num_threads(config.threads)
     sizes = bench_sizes(config)
@@ -476,8 +482,7 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
             models: Dict[Tuple[str, str], Tuple[Any, Callable[[], None]]] = {}
             ubm_rows: Dict[str, Dict[str, Any]] = {}
             for variant in VARIANTS:
-                model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, id_interest=True,
-                                       **VARIANTS[variant])
+                model_config = variant_config(config, ubm, variant)
                 row: Dict[str, Any] = {"ubm": ubm, "variant": variant}
                 with memory.measure():  # above the level of the models built before it
                     torchrec = build_torchrec(config, model_config, sizes, ctx)

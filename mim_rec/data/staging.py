@@ -81,5 +81,5 @@ def _manifest_kind(folder: Path) -> Optional[str]:
     """The ``kind`` the folder's manifest names; None without a readable one."""
     try:
         return read_manifest(folder).kind
-    except ManifestMismatch:
+    except (ManifestMismatch, OSError, ValueError):  # not JSON, not UTF-8, a folder named manifest.json
         return None

@@ -99,9 +99,10 @@ def load_encoders(directory: Union[str, Path], map_location: str = "cpu") -> Enc
     state = read_artifact_weights(directory / WEIGHTS_NAME, map_location)
     try:
         pair.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # torch lists every missing and unexpected key, over many lines
+    except RuntimeError as exc:  # torch lists every missing, unexpected and mis-shaped key, a line each
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
         raise ManifestMismatch(f"{directory / WEIGHTS_NAME}: its tensors are not the encoders its manifest "
-                               f"describes ({(str(exc).splitlines() or [''])[0]})") from None
+                               f"describes ({lines[min(1, len(lines) - 1)][:300]})") from None
     return pair
 
 

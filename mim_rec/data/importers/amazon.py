@@ -104,10 +104,10 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
                        "The format splits leave-one-out, one row per user of user2index: "
                        "is the file truncated?")
         missing.update(gap)
-    gap = {"interactions that are no train row's target": sequences.untrained_positions(rows)}
+    gap = {"interactions that are no row's target": sequences.untargeted_positions(rows)}
     refuse_missing(str(path["train.inter"]), gap, options.allow_missing,
                    "The train file lists every prefix of a user's sequence before its valid row, "
-                   "each interaction the target of one row: is the file truncated or missing rows?")
+                   "each interaction the target of one row: is a file truncated or missing rows?")
     missing.update(gap)
     for index in missing_text:  # counted default: the ASIN is the only text there is
         texts[index] = asins[index]
@@ -347,9 +347,8 @@ class _Sequences:
                                            f"{position} is the target of both (duplicated row)",
                                 row=row, field=INTER_HEADER[2])
             return
-        valid_missing = self._split == SPLITS.index("test") and not self.has_row[SPLITS.index("valid"), user]
-        if self.allow_gaps and valid_missing and position == known + 1:
-            return  # counted as a user without a valid row; that item stays history only
+        if self.allow_gaps and position > known:
+            return  # rows missing before it (counted: untrained_positions, users without a row)
         if known and position != known:
             split = SPLITS[self._split]
             if position < known:
@@ -359,7 +358,8 @@ class _Sequences:
             else:
                 why = (f"its history adds {position - known} item(s) that no earlier row has, but a "
                        f"{split} row extends user {user}'s sequence by exactly one item (position "
-                       f"{known}, after the earlier rows)")
+                       f"{known}, after the earlier rows): an earlier file lacks rows (cut short?), or "
+                       f"this row is not the next interaction; --allow-missing counts such gaps")
             raise DataError(str(path), why, row=row, field=INTER_HEADER[2])
 
     def _agree(self, path: Path, row: int, field: str, user: int, position: int, item: int) -> None:
@@ -378,24 +378,29 @@ class _Sequences:
             self.first_split[item] = self._split
         self.interactions += 1
 
-    def untrained_positions(self, rows: Dict[str, List[_InterRow]]) -> int:
-        """Interactions before a user's valid row that no train row has as its target.
+    def untargeted_positions(self, rows: Dict[str, List[_InterRow]]) -> int:
+        """Interactions that no row has as its target, below a user's last row.
 
         The train file lists every prefix of a user's sequence up to the valid row (positions
-        1..v-1 as targets; position 0 is only ever history), so a row missing from it -- or a
-        file cut short -- leaves interactions that are history only, neither a train positive
-        nor a C-SFT pair, which nothing else would count. Where the valid row is missing too,
-        the test row's position stands in for it (one past the valid slot)."""
-        first_later = np.full(self.users, -1, np.int64)  # the valid row's position per user
+        1..v-1 as targets; position 0 is only ever history), and the test row follows the valid
+        row, so a row missing from a file -- or a file cut short -- leaves interactions that are
+        history only, neither a positive nor a C-SFT pair, which nothing else would count. A
+        missing valid row is counted apart (users without a valid row): where it is missing,
+        the slot before the test row is its."""
+        valid = np.full(self.users, -1, np.int64)  # the valid row's position (or slot) per user
+        test = np.full(self.users, -1, np.int64)
         for row in rows["test"]:
-            first_later[row.user] = row.position - 1
+            test[row.user] = row.position
+        valid[test >= 0] = test[test >= 0] - 1
         for row in rows["valid"]:
-            first_later[row.user] = row.position
+            valid[row.user] = row.position
         trained = np.zeros(self.users, np.int64)  # train targets are distinct positions (see read)
         for row in rows["train"]:
             trained[row.user] += row.position > 0
-        known = first_later >= 0
-        return int((np.maximum(first_later - 1, 0) - trained)[known].sum())
+        known = valid >= 0
+        before_valid = (np.maximum(valid - 1, 0) - trained)[known].sum()
+        after_valid = np.where(test >= 0, test - valid - 1, 0)[known].sum()
+        return int(before_valid + after_valid)
 
     def train_counts(self, train_rows: List[_InterRow]) -> np.ndarray:
         """Interactions per item in the training split (targets and the first items)."""
