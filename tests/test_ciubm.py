@@ -322,8 +322,11 @@ def test_a_rerun_logs_one_record_per_trained_state_and_no_shorter_run_reuses_the
     three_epochs = ciubm.run(_config(world, tmp_path, "loader.batch_size=1024", "epochs=3"))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     events = [(r["event"], r["step"]) for r in records if "event" in r]
-    assert events == [("mm_table", 0), ("mm_table", two_epochs["steps"]), ("eval", three_epochs["steps"])]
-    assert next(r for r in records if r.get("event") == "eval")["auc"] == three_epochs["auc"]
+    # the 2-epoch state's evaluation stays its record when the run trains on from it (it was
+    # dropped, so the state was never evaluated in the log); the re-run's repeat of it is not added
+    assert events == [("mm_table", 0), ("eval", two_epochs["steps"]), ("mm_table", two_epochs["steps"]),
+                      ("eval", three_epochs["steps"])]
+    assert [r["auc"] for r in records if r.get("event") == "eval"] == [two_epochs["auc"], three_epochs["auc"]]
 
 
 def _step_records(out) -> list:
@@ -369,6 +372,28 @@ def test_a_world_changed_under_the_same_path_does_not_resume(world, tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoints trained on other data: .*world/events_train.parquet changed"):
         ciubm.run(_config(changing, tmp_path / "run", "max_steps=6"))
     assert ciubm.run(_config(changing, tmp_path / "run", "max_steps=3"), train=False)["steps"] == 3  # evaluates
+
+
+def test_eval_only_scores_the_checkpoints_table_and_needs_no_table_folder(world, tmp_path):
+    """--eval-only read mm_table= only to have the checkpoint's copy restored over it: a table
+    moved since training could not be evaluated at all, and one rebuilt under the same path was
+    required yet not what was scored (eval.json named it all the same)."""
+    import shutil
+    from dataclasses import replace
+
+    from embeddings.build import build_table
+    from tests.test_rim_ctr import IdEncoder
+
+    table = build_table(IdEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=256)
+    config = _config(world, tmp_path / "run", "max_steps=2", "model.ubm=avg", f"mm_table={table}",
+                     f"model.mm_dim={IdEncoder.dim}")
+    trained = ciubm.run(config)
+    shutil.rmtree(table)
+    evaluated = ciubm.run(config, train=False)
+    assert evaluated["auc"] == trained["auc"]
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["mm_table"] == "the checkpoint's copy (step-000000002)"
+    moved = replace(config, mm_table=str(tmp_path / "moved_table"))  # another path: not refused
+    assert ciubm.run(moved, train=False)["auc"] == trained["auc"]
 
 
 def test_runs_written_before_newer_settings_existed_resume_and_stay_finished(world, tmp_path):

@@ -258,6 +258,8 @@ RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_e
 # Events of metrics.jsonl every run logs again after restoring its checkpoint: a resumed or
 # re-run folder keeps one record of each per trained state, not one per start.
 LOGGED_AFTER_RESTORE = ("mm_table", "rim_apply", "eval")
+# Of those, the ones logged again at the restored step even when the run trains on from it.
+REDONE_ON_RESTORE = ("mm_table",)
 # Settings that name files: compared as absolute paths.
 PATH_SETTINGS = ("data.world", "mm_table", "rim_log")
 
@@ -299,8 +301,10 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
         return
     from train.common import changed_settings
 
-    # --eval-only may score the checkpoint on other events (another world); training may not
-    changed = changed_settings(config, RESUMABLE_CHANGES | ({"data"} if inputs is None else set()), PATH_SETTINGS)
+    # --eval-only may score the checkpoint on other events (another world), and reads no MM
+    # table folder (the checkpoint holds its table); training may do neither
+    changed = changed_settings(config, RESUMABLE_CHANGES | ({"data", "mm_table"} if inputs is None else set()),
+                               PATH_SETTINGS)
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
@@ -499,8 +503,9 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     inputs = _training_inputs(config) if train else None
     loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader, ctx.rank,
                              ctx.world_size) if train else None
+    total_steps = _total_steps(config, loader) if train else None
     # before build: the planner's collectives order it before any write
-    _refuse_foreign_checkpoints(config, inputs, _total_steps(config, loader) if train else None)
+    _refuse_foreign_checkpoints(config, inputs, total_steps)
     checkpoints = DcpCheckpoints(out / "checkpoints", keep=config.checkpoint_keep)
     if not train:
         evaluated = checkpoints.newest()
@@ -508,7 +513,11 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
             from mim_rec.config import ConfigError
             raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
         sizes = _evaluation_sizes(config, sizes, evaluated)
-    if config.model.uses_mm:  # the table is checked before anything is built or written
+    # Training fills the frozen table from mm_table=. --eval-only scores the checkpoint's own
+    # copy (restored below), so it neither needs nor reads the folder: one moved or rebuilt
+    # since training would otherwise be required, and then silently not be what was scored.
+    fills_table = config.model.uses_mm and train
+    if fills_table:  # the table is checked before anything is built or written
         rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
         if config.mm_table is None and ctx.is_main:
             print("note: no mm_table= given: the content and fusion modules read a seeded random "
@@ -517,7 +526,7 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     # --eval-only leaves the run's own records alone: its config.json and metrics.json describe
     # what training did (a grid or the pipeline reuses a run by them), whatever is evaluated later
     logger = JsonlLogger(out / "metrics.jsonl") if ctx.is_main and train else None
-    if config.model.uses_mm:
+    if fills_table:
         load_mm_table(model, rows_of, items.count)
         mm_bytes = [None] * ctx.world_size
         dist.all_gather_object(mm_bytes, mm_table_bytes(model))
@@ -531,7 +540,11 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     progress = checkpoints.restore(model, optimizer, with_optimizer=train) \
         or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if logger:
-        logger.forget_after(progress["global_step"], redone=LOGGED_AFTER_RESTORE)
+        # the state restored is evaluated again only when nothing is left to train; a run that
+        # trains on keeps that state's evaluation (and the RIM apply it saw) as its record
+        trains_on = total_steps > progress["global_step"]
+        logger.forget_after(progress["global_step"],
+                            redone=REDONE_ON_RESTORE if trains_on else LOGGED_AFTER_RESTORE)
         if config.model.uses_mm:
             logger.log({"event": "mm_table", "source": source, "dtype": config.model.mm_dtype,
                         "bytes_per_rank": mm_bytes}, step=progress["global_step"])
@@ -599,7 +612,8 @@ def _evaluated(config: TrainConfig, report: Dict[str, Any], checkpoint: Path) ->
 
     events = Path(config.data.world) / "events_test.parquet"
     return {"checkpoint": checkpoint.name, "events_test": str(events.resolve()),
-            "events_test_fingerprint": fingerprint_file(events), "mm_table": config.mm_table, **report}
+            "events_test_fingerprint": fingerprint_file(events),
+            "mm_table": f"the checkpoint's copy ({checkpoint.name})" if config.model.uses_mm else None, **report}
 
 
 def _apply_rim(live, model, logger, step: int) -> None:
