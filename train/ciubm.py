@@ -255,10 +255,10 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
 EXECUTION_ONLY = frozenset({"train_pipeline", "out", "checkpoint_keep"})
 # Settings a resumed run may change: how long it trains, how often it logs and saves.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
-# Events of metrics.jsonl every run logs again after restoring its checkpoint: a resumed or
-# re-run folder keeps one record of each per trained state, not one per start.
+# Events of metrics.jsonl a run logs again at the step it restores when it trains no further (a
+# re-run of a finished run): a folder keeps one record of each per trained state, not one per start.
 LOGGED_AFTER_RESTORE = ("mm_table", "rim_apply", "eval")
-# Of those, the ones logged again at the restored step even when the run trains on from it.
+# Of those, the ones logged again at the restored step when the run trains on from it.
 REDONE_ON_RESTORE = ("mm_table",)
 # Settings that name files: compared as absolute paths.
 PATH_SETTINGS = ("data.world", "mm_table", "rim_log")
