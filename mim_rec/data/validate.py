@@ -326,7 +326,7 @@ def _behaviour_categories_match_items(ctx: CheckContext) -> RowCheck:
         # own rule); comparing the flattened lists would pair elements across row boundaries.
         aligned = np.flatnonzero(_mask(pc.equal(pc.list_value_length(batch.column("hist_item_ids")),
                                                 pc.list_value_length(batch.column("hist_category_ids")))))
-        paired = batch.take(pa.array(aligned))
+        paired = batch if len(aligned) == batch.num_rows else batch.take(pa.array(aligned))  # usually all
         rows, ids = _list_elements(paired.column("hist_item_ids"))
         _, categories = _list_elements(paired.column("hist_category_ids"))
         known = (ids >= 0) & (ids < len(ctx.item_category))
