@@ -10,16 +10,17 @@ exactly, whatever precision the trainer then stores them in.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Tuple, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, read_manifest, write_manifest
 from mim_rec.data.schemas import MM_TABLE_INT8
+from mim_rec.data.staging import written_beside
 
 from embeddings.table import read_part_rows, table_parts
 
@@ -58,6 +59,13 @@ def quantise_rows(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarr
     return codes, scale, bias
 
 
+def int8_rows_table(ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
+    """``vectors`` of items ``ids`` as ``MM_TABLE_INT8`` rows: codes, scale, bias."""
+    codes, scale, bias = quantise_rows(vectors)
+    return pa.table({"item_id": pa.array(ids, pa.int64()), "vector": pa.array(list(codes), pa.list_(pa.int8())),
+                     "scale": scale, "bias": bias})
+
+
 def dequantise_rows(codes: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return codes.astype(np.float32) * scale[:, None] + bias[:, None]
 
@@ -78,19 +86,14 @@ def quantise_table(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
         raise ValueError(f"{source}: not an fp MM table (kind {manifest.kind!r}, dtype {manifest.dtype!r})")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: not a new or empty folder; quantise into a new one")
-    staging = out.parent / f".{out.name}.quantising"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with written_beside(out, "quantising") as staging:
         dim, worst_step = int(manifest.dim), 0.0
         id_space = int(manifest.extra.get("id_range", [0, manifest.row_count])[1])
         for part in tqdm(table_parts(source, manifest), desc="int8 quantise", unit="part"):
             ids, rows = read_part_rows(part, dim)
             order = np.argsort(ids)
-            ids, (codes, scale, bias) = ids[order], quantise_rows(rows[order])
-            worst_step = max(worst_step, float(scale.max(initial=0.0)))
-            table = pa.table({"item_id": pa.array(ids, pa.int64()), "vector": pa.array(list(codes), pa.list_(pa.int8())),
-                              "scale": scale, "bias": bias})
+            table = int8_rows_table(ids[order], rows[order])
+            worst_step = max(worst_step, float(pc.max(table["scale"]).as_py() or 0.0))
             write_table(table, staging / part.name, MM_TABLE_INT8, item_count=id_space,
                         vector_dims={"vector": dim})
         write_manifest(staging, Manifest(
@@ -98,9 +101,4 @@ def quantise_table(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
             row_count=manifest.row_count, dim=dim, dtype="int8",
             inputs={"mm_table": fingerprint_file(manifest_path(source))},
             extra={**manifest.extra, "source": str(source), "max_scale": worst_step}))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -9,7 +9,6 @@ offset, so each version adds exactly the items that arrived since the last one.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -20,8 +19,9 @@ from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import link_or_copy, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, require, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP, MM_TABLE_INT8
+from mim_rec.data.staging import written_beside
 
-from embeddings.compact import quantise_rows
+from embeddings.compact import int8_rows_table
 from embeddings.rim_log import check_message, check_new_ids, read_messages
 from embeddings.table import table_item_ids, table_parts
 
@@ -96,10 +96,7 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
                   "; pass num_items=<catalogue size>")
 
     # Written beside ``out`` and renamed into place: a fold that fails leaves no half-table.
-    staging = out.parent / f".{out.name}.folding"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with written_beside(out, "folding") as staging:
         parts = table_parts(table_dir)
         names = [f"part-{k:05d}.parquet" for k in range(len(parts) + (len(ids) > 0))]
         for part, name in zip(parts, names):
@@ -119,11 +116,6 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
                    "rim": {"log": str(log_path.resolve()), "from_offset": start, "offset": end,
                            "head": log_head_digest(log_path, end), "items": int(len(ids)),
                            "unfolded_bytes": unfolded}}))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -133,6 +125,4 @@ def _new_part(ids: np.ndarray, vectors: np.ndarray, dtype: str) -> pa.Table:
     if dtype != "int8":
         return pa.table({"item_id": pa.array(ids, pa.int64()),
                          "vector": pa.array(list(vectors), pa.list_(pa.float32()))})
-    codes, scale, bias = quantise_rows(vectors)
-    return pa.table({"item_id": pa.array(ids, pa.int64()), "vector": pa.array(list(codes), pa.list_(pa.int8())),
-                     "scale": scale, "bias": bias})
+    return int8_rows_table(ids, vectors)

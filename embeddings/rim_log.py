@@ -267,12 +267,7 @@ class RimLog:
         """Check every record, truncate a torn tail; returns the bytes truncated."""
         for self.end, message in read_messages(self.path):
             check_message(message, self.fingerprint, self.dim, self.path, self.end, "this writer's encoder")
-            ids = {int(i) for i in message.item_ids}
-            again = (ids & self.item_ids) or (len(ids) < len(message.item_ids))
-            if again:
-                raise DataError(str(self.path), f"the record ending at byte {self.end} repeats an item of this "
-                                "log; a writer never logs an item twice", field="item_id")
-            self.item_ids.update(ids)
+            self.item_ids.update(self._new_ids(message, f"the record ending at byte {self.end}"))
             self.records += 1
         torn = os.fstat(self._fd).st_size - self.end
         if torn:
@@ -284,10 +279,7 @@ class RimLog:
         """Write one record and make it durable; returns the offset after it."""
         data = message.encode()
         check_message(message, self.fingerprint, self.dim, self.path, self.end + len(data), "this writer's encoder")
-        ids = [int(i) for i in message.item_ids]
-        if len(set(ids)) < len(ids) or self.item_ids.intersection(ids):
-            raise DataError(str(self.path), f"the record that would end at byte {self.end + len(data)} repeats "
-                            "an item of this log; a writer never logs an item twice", field="item_id")
+        ids = self._new_ids(message, f"the record that would end at byte {self.end + len(data)}")
         written = os.pwrite(self._fd, data, self.end)
         if written != len(data):
             os.ftruncate(self._fd, self.end)
@@ -295,8 +287,16 @@ class RimLog:
         os.fsync(self._fd)
         self.end += len(data)
         self.records += 1
-        self.item_ids.update(int(i) for i in message.item_ids)
+        self.item_ids.update(ids)
         return self.end
+
+    def _new_ids(self, message: WindowMessage, record: str) -> Set[int]:
+        """The message's ids, refused if one repeats within it or is already in this log."""
+        ids = {int(i) for i in message.item_ids}
+        if len(ids) < len(message.item_ids) or ids & self.item_ids:
+            raise DataError(str(self.path), f"{record} repeats an item of this log; a writer never logs an "
+                            "item twice", field="item_id")
+        return ids
 
     def close(self) -> None:
         if self._fd >= 0:

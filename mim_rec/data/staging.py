@@ -83,3 +83,21 @@ def _manifest_kind(folder: Path) -> Optional[str]:
         return read_manifest(folder).kind
     except (ManifestMismatch, OSError, ValueError):  # not JSON, not UTF-8, a folder named manifest.json
         return None
+
+
+@contextmanager
+def written_beside(out: Path, purpose: str) -> Iterator[Path]:
+    """Yield an empty folder beside ``out`` (new or empty; the caller checks) that is renamed
+    to ``out`` when the block ends without an error and removed otherwise: a write that fails
+    leaves no half-written table. ``purpose`` names the hidden folder (``.OUT.purpose``)."""
+    out = Path(out)
+    staging = out.parent / f".{out.name}.{purpose}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()  # empty (the caller checked)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
