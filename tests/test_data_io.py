@@ -305,6 +305,22 @@ def test_a_world_file_without_rows_is_refused(tmp_path, capsys, drop_invalid):
     assert f"{events}: holds no rows" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("file, field", [("events_test.parquet", "user_id"), ("items.parquet", "category_id")])
+def test_ids_too_sparse_for_a_table_are_refused_as_mim_train_refuses_them(tmp_path, capsys, file, field):
+    """Raw user ids passed `mim data validate` and were refused only by mim train ("ids must be dense")."""
+    items = edit(items_rows(), "category_id", 4, 10 ** 9) if field == "category_id" else items_rows()
+    write_raw(tmp_path, "items.parquet", ITEMS, items)
+    if field == "user_id":
+        write_raw(tmp_path, file, EVENTS, edit(events_rows(), "user_id", 2, 10 ** 11))
+    _complete_world(tmp_path)
+    with pytest.raises(DataError, match="ids must be dense") as info:
+        validate_world(tmp_path)
+    assert (info.value.file, info.value.row, info.value.field) == (str(tmp_path / file), 2 if field == "user_id" else 4,
+                                                                   field)
+    assert mim(["data", "validate", str(tmp_path / file)]) == 2  # the one-file form too
+    assert "would size a 1" in capsys.readouterr().err
+
+
 def test_a_behaviour_category_that_is_not_its_items_is_refused(tmp_path):
     """The loader embeds the category the events list; one that disagrees with the items table
     gave a behaviour another category's embedding and misled SIM's category search."""

@@ -412,44 +412,23 @@ def mm_rows(config: TrainConfig, num_items: int, dim: int):
 
 # ---------------------------------------------------------------- train / evaluate
 
-# An ID table is sized by its largest id. Ids this far past the number of distinct ones (and past
-# a table size that could be meant) are unmapped raw keys, which would allocate rows for nothing.
-SPARSE_ID_ROWS, SPARSE_ID_RATIO = 1_000_000, 100
-
-
 def table_sizes(world: str, items) -> Dict[str, int]:
     """Rows of the ID tables for a world folder: items, users (over both event splits), categories."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from mim_rec.data.io import dense_id_rows
 
     world = Path(world)
     users = 0
     for split in ("train", "test"):
         path = world / f"events_{split}.parquet"
         if path.is_file():
-            users = max(users, _dense_rows(pq.read_table(path, columns=["user_id"])["user_id"], path,
-                                           "user_id", "users"))
-    categories = _dense_rows(pa.chunked_array([items.category]), world / "items.parquet", "category_id",
-                             "categories")
+            users = max(users, dense_id_rows(pq.read_table(path, columns=["user_id"])["user_id"], path,
+                                             "user_id", "users"))
+    categories = dense_id_rows(pa.chunked_array([items.category]), world / "items.parquet", "category_id",
+                               "categories")
     return {"items": items.count, "users": users, "categories": categories}
-
-
-def _dense_rows(ids, path: Path, field: str, what: str) -> int:
-    """``max(ids) + 1`` (0 for no ids: the loader names an empty file), refused by file, row and
-    field when the ids are too sparse to be table rows (see ``SPARSE_ID_ROWS``)."""
-    import pyarrow.compute as pc
-
-    from mim_rec.data.errors import DataError
-
-    top = pc.max(ids).as_py()
-    if top is None:
-        return 0
-    distinct = pc.count_distinct(ids).as_py()
-    if top + 1 > SPARSE_ID_ROWS and top + 1 > SPARSE_ID_RATIO * distinct:
-        raise DataError(str(path), f"{field} {top} would size a {top + 1:,}-row table for {distinct:,} "
-                                   f"distinct {what}; ids must be dense (remap them to 0..{distinct - 1})",
-                        row=pc.index(ids, top).as_py(), field=field)
-    return int(top) + 1
 
 
 def _validate_events(config: TrainConfig, items) -> None:

@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mim_rec.data.errors import DataError
-    from mim_rec.data.io import (CONTRACT_BY_PREFIX, category_count, ok_line, read_item_categories,
-                                 require_rows, validate_file, validate_world)
+    from mim_rec.data.io import (CONTRACT_BY_PREFIX, category_count, check_dense_ids, ok_line,
+                                 read_item_categories, require_rows, validate_file, validate_world)
     from mim_rec.data.schemas import ITEMS
 
     path = Path(args.path)
@@ -59,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
         item_category = read_item_categories(items)  # the world's cross-file rules, as in a world check
     result = require_rows(validate_file(path, contract, item_count=item_count, category_count=categories,
                                         item_category=item_category, drop_invalid=args.drop_invalid, keep=False))
+    check_dense_ids(path, contract)
     print(ok_line(result))
     return 0

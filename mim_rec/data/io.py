@@ -437,6 +437,7 @@ def _check_world_files(directory: Path, drop_invalid: bool, echo, clean: Optiona
         require_rows(result)
         if contract is ITEMS:
             item_count, categories, item_category = result.rows, category_count(path), read_item_categories(path)
+        check_dense_ids(path, contract)
         results.append(result)
         echo(ok_line(result))
         if contract is EVENTS and (label := single_label(path)) is not None:
@@ -473,6 +474,37 @@ def require_rows(result: ValidationResult) -> ValidationResult:
         quarantined = f" ({result.rejected} quarantined -> {result.rejected_path})" if result.rejected else ""
         raise DataError(str(result.path), f"holds no rows{quarantined}; a world file must hold data")
     return result
+
+
+# An ID table is sized by its largest id. Ids this far past the number of distinct ones (and past
+# a table size that could be meant) are unmapped raw keys, which would allocate rows for nothing.
+SPARSE_ID_ROWS, SPARSE_ID_RATIO = 1_000_000, 100
+
+
+def dense_id_rows(ids: Union[pa.Array, pa.ChunkedArray], path: PathLike, field: str, what: str) -> int:
+    """Rows of the ID table ``ids`` index: ``max(ids) + 1`` (0 for no ids), refused by file, row and
+    field when the ids are too sparse to be table rows (see ``SPARSE_ID_ROWS``)."""
+    top = pc.max(ids).as_py()
+    if top is None:
+        return 0
+    distinct = pc.count_distinct(ids).as_py()
+    if top + 1 > SPARSE_ID_ROWS and top + 1 > SPARSE_ID_RATIO * distinct:
+        raise DataError(str(path), f"{field} {top} would size a {top + 1:,}-row table for {distinct:,} "
+                                   f"distinct {what}; ids must be dense (remap them to 0..{distinct - 1})",
+                        row=pc.index(ids, top).as_py(), field=field)
+    return int(top) + 1
+
+
+def check_dense_ids(path: PathLike, contract: Contract) -> None:
+    """Refuse a checked items or events file whose category or user ids are too sparse to size a
+    CTR model's ID table (a file-wide rule no row check sees; mim train applies it too)."""
+    if contract is ITEMS:
+        field, what = "category_id", "categories"
+    elif contract is EVENTS:
+        field, what = "user_id", "users"
+    else:
+        return
+    dense_id_rows(pq.read_table(path, columns=[field])[field], path, field, what)
 
 
 def single_label(events_path: PathLike) -> Optional[int]:
