@@ -210,6 +210,10 @@ def test_two_rank_gloo_run(inputs, tmp_path):
     assert negatives[0] <= 31 and max(negatives) <= 2 * 8 * 2 * (3 + 1) - 1
     assert max(negatives) > 31  # the queue did add candidates
     assert (out / "mm_encoder" / "manifest.json").exists()
+    # the logged loss is the global batch's (it was rank 0's share): one process on the same batch agrees
+    run_csft(_config(inputs, tmp_path / "one", steps=4))
+    one = [m["loss"] for m in _metrics(tmp_path / "one") if "loss" in m]
+    assert [m["loss"] for m in records if "loss" in m] == pytest.approx(one, rel=1e-4)
 
 
 @pytest.mark.parametrize("command", [["csft-eval"], ["csft", "--eval-only"]])

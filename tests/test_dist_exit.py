@@ -42,3 +42,15 @@ def test_spawned_ranks_return_every_rank_result_in_rank_order():
     results = run_on_spawned_ranks(_rank_and_square, 2, "cpu", 3, rows)
     assert [(rank, square) for rank, square, _ in results] == [(0, 9.0), (1, 16.0)]
     assert [values.tolist() == [rank] * rows for rank, _, values in results] == [True, True]
+
+
+def _rank_mean(rank, device):
+    from mim_rec.utils.dist import mean_over_ranks
+    return mean_over_ranks(torch.tensor([1.0 + rank, 10.0 * rank]))
+
+
+def test_logged_losses_are_the_mean_over_ranks():
+    """The trainers logged rank 0's share of the loss: a 2-rank run's metrics.jsonl disagreed
+    with one process on the same global batch (and an MLM step where rank 0 masked no token read 0)."""
+    assert [values.tolist() for values in run_on_spawned_ranks(_rank_mean, 2, "cpu")] == [[1.5, 5.0]] * 2
+    assert run_on_spawned_ranks(_rank_mean, 1, "cpu")[0].tolist() == [1.0, 0.0]

@@ -700,6 +700,8 @@ def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx,
     import torch
     from tqdm import tqdm
 
+    from mim_rec.utils.dist import mean_over_ranks
+
     if progress["step_in_epoch"] >= loader.batches_per_epoch:  # saved at an epoch's last step
         progress.update(epoch=progress["epoch"] + 1, step_in_epoch=0)
     total = _total_steps(config, loader)
@@ -715,13 +717,15 @@ def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx,
         parts = step.progress(batches)
         _advance(progress, loader.batches_per_epoch)
         bar.update()
-        if logger and progress["global_step"] % config.log_every == 0:
-            loss, bce, aux = parts.tolist()  # the one device sync, every log_every steps
-            samples = done * config.loader.batch_size * ctx.world_size
-            logger.log({"loss": loss, "bce": bce, "aux_loss": aux,
-                        "samples_per_s": samples / max(time.time() - started, 1e-9)},
-                       step=progress["global_step"])
-            bar.set_postfix(loss=f"{loss:.4f}")
+        if progress["global_step"] % config.log_every == 0:
+            # the one device sync, every log_every steps; every rank joins the mean
+            loss, bce, aux = mean_over_ranks(parts).tolist()
+            if logger:
+                samples = done * config.loader.batch_size * ctx.world_size
+                logger.log({"loss": loss, "bce": bce, "aux_loss": aux,
+                            "samples_per_s": samples / max(time.time() - started, 1e-9)},
+                           step=progress["global_step"])
+                bar.set_postfix(loss=f"{loss:.4f}")
         if live is not None and progress["global_step"] % config.rim_apply_every == 0:
             _apply_rim(live, model, logger, progress["global_step"])
         if progress["global_step"] % config.checkpoint_every == 0:

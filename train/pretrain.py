@@ -80,7 +80,7 @@ def _run_pretrain(config) -> Path:
     from mim_rec.encoders.freeze import describe_trainable
     from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
     from mim_rec.pretrain.objective import PretrainObjective
-    from mim_rec.utils.dist import barrier, init_distributed
+    from mim_rec.utils.dist import barrier, init_distributed, mean_over_ranks
     from mim_rec.utils.run import JsonlLogger, seed_everything
     from train.common import CheckpointManager
 
@@ -141,9 +141,12 @@ def _run_pretrain(config) -> Path:
         optimizer.step()
         progress.update(1)
         done = step + 1
-        if logger is not None and (done % config.log_every == 0 or done == total):
-            logger.log({"phase": phase, **{k: v.item() for k, v in losses.items()}}, step=done)
-            progress.set_postfix(phase=phase, loss=f"{losses['loss'].item():.3f}")
+        if done % config.log_every == 0 or done == total:
+            logged = dict(zip(losses, mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()]))
+                              .tolist()))
+            if logger is not None:
+                logger.log({"phase": phase, **logged}, step=done)
+                progress.set_postfix(phase=phase, loss=f"{logged['loss']:.3f}")
         if done == config.dda_steps or done % config.checkpoint_every == 0 or done == total:
             _require_finite(objective, done, checkpoints)  # before the writes below
         if done == config.dda_steps and ctx.is_main:

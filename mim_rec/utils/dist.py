@@ -89,6 +89,16 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the ranks (a collective: every rank calls it). Logged losses go
+    through it, so a multi-rank run logs the loss of its global batch, not rank 0's share."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values.detach()
+    total = values.detach().to(collective_device(), torch.float32, copy=True)
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
