@@ -304,3 +304,14 @@ def test_bench_rim_loads_more_clients_than_the_default_connection_cap(encoder_di
                             window_ms=5, max_batch=64)
     result = run(config, tmp_path / "bench.log")
     assert result["items"] >= config.clients and result["non_200"] == {} and result["unserved"] == 0
+
+
+def test_bench_rim_writes_its_result_as_json_like_every_bench(encoder_dir, tmp_path, capsys):
+    """docs/bench_train.md says every `mim bench` takes --json; `bench rim` refused it."""
+    from train.cli import main as mim
+
+    path = tmp_path / "rim.json"
+    assert mim(["bench", "rim", "--json", str(path), f"encoders={encoder_dir}", "clients=1", "seconds=0.5"]) == 0
+    result = json.loads(path.read_text())
+    assert result["items"] >= 1 and result["non_200"] == {} and result["wall_s"] > 0
+    assert "RIM load: 1 clients" in capsys.readouterr().out

@@ -66,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("rim", help="load-test the RIM service: items/s, p50/p99 arrival->served",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML/JSON file of RimBenchConfig fields")
+    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': print it)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="encoders=DIR [world=DIR clients=8 seconds=30 items_per_request=1 "
                              "window_ms=20 max_batch=64 out=DIR]")
@@ -74,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     from mim_rec.config import ConfigError, load_config
+    from train.bench_cmd import run_and_report
 
     config = load_config(RimBenchConfig, args.config, args.overrides)
     if not config.encoders:
@@ -81,7 +83,7 @@ def _cli(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="rim-bench-") as scratch:
         out = Path(config.out or scratch)
         out.mkdir(parents=True, exist_ok=True)
-        print(format_report(run(config, out / f"rim-{int(time.time())}.log")))
+        run_and_report(lambda: run(config, out / f"rim-{int(time.time())}.log"), format_report, args.json)
     return 0
 
 

@@ -646,5 +646,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also run real steps on world_size local ranks")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-': stdout)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. world_size=100 mm_dtype=int8")
+                        help="config overrides, e.g. world_size=100 mm_dtype=fp16")
     parser.set_defaults(func=run)
