@@ -65,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("experiment", help="the paper's Tables 2-6 and Figures 5-6 in one report",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="run folder (artifacts, logs, report/)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                        help="stage sizes: quick (CI-sized, the default) or full (the paper-scale run)")
     parser.add_argument("--world", default=None, help="use this world/dataset folder instead of generating one")
     parser.add_argument("--tables", default=",".join(map(str, ALL_TABLES)),
                         help="comma-separated paper tables to produce (default: all of 2,3,4,5,6)")
