@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
+from embeddings.compact import row_bytes
 from mim_rec.config import ConfigError, load_config, require_not_negative, require_positive
 from mim_rec.utils.dist import run_on_spawned_ranks
 from train.bench_cmd import check_json_path
@@ -43,7 +44,6 @@ from train.bench_cmd import check_json_path
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise", "data_parallel")
 PLANNER_CHOICE = "planner"
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
 GB = 1e9
 
 
@@ -260,7 +260,7 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
         plan = planner.plan(model, _sharders())
     except PlannerError as exc:
         mm = config.mm_table
-        mm_gb = mm.rows * mm.dim * DTYPE_BYTES[config.mm_dtype] / GB
+        mm_gb = mm.rows * row_bytes(config.mm_dtype, mm.dim) / GB
         return PlanRow(name, "planner", fits=False,
                        note=f"{_first_line(str(exc))} (mm_table {mm_gb:.4g} GB, "
                             f"{_capacity_gb(config):g} GB per rank)")
@@ -537,13 +537,13 @@ def describe(config: ShardingBenchConfig) -> str:
     lines = []
     for t in _all_tables(config):
         dtype = config.mm_dtype if t.name == "mm_table" else "fp32"
-        size = t.rows * t.dim * DTYPE_BYTES[dtype]
+        size = t.rows * row_bytes(dtype, t.dim)
         lines.append(f"  {t.name:<12} {t.rows:>14,} x {t.dim:<4} {dtype:<5} "
                      f"{size / GB:>10.3f} GB  pooling {t.pooling}")
-    mm_fp = {d: config.mm_rows * config.mm_dim * b / GB for d, b in DTYPE_BYTES.items()}
+    mm_fp = {d: config.mm_rows * row_bytes(d, config.mm_dim) / GB for d in ("fp32", "fp16", "int8")}
     cap = _capacity_gb(config)
     lines.append(f"  mm_table in fp32 / fp16 / int8: {mm_fp['fp32']:.4g} / {mm_fp['fp16']:.4g} / "
-                 f"{mm_fp['int8']:.4g} GB (int8 rows also carry a 2x fp16 scale/bias)")
+                 f"{mm_fp['int8']:.4g} GB (int8: codes plus an fp32 scale and bias a row, fbgemm's layout)")
     lines.append(f"topology: {config.world_size} ranks ({config.world_size // config.ranks_per_host}"
                  f" hosts x {config.ranks_per_host}), {config.compute_device}, "
                  f"{cap:g} GB per rank ({cap * config.world_size:g} GB in all); "
