@@ -252,6 +252,16 @@ def test_style_stages_append_each_stages_channel_mean_and_std():
     assert torch.allclose(features[:, plain.feature_dim:], expected)
 
 
+def test_a_style_stage_with_a_one_position_map_is_refused():
+    """ConvNeXt's stage 3 (stride 32) is 1x1 at 32 px: its std over one position was NaN, and
+    the run stopped as a divergence blamed on the learning rate. At 64 px it is 2x2."""
+    with pytest.raises(ConfigError, match=r"style_stages=\[2, 3\]: stage 3 \(stride 32\) has a 1x1 map at "
+                                          r"encoders.vision.image_size=32"):
+        build_vision_encoder(tiny_vision(style_stages=[2, 3]))
+    encoder = build_vision_encoder(tiny_vision(style_stages=[2, 3], image_size=64)).eval()
+    assert torch.isfinite(encoder(encoder.preprocess([png_bytes(0, 0)]))).all()
+
+
 @pytest.mark.parametrize("stages", [[2, 0], [1, 1], [4], [9], [-1]])
 def test_bad_style_stages_are_refused(stages):
     with pytest.raises(ConfigError, match="encoders.vision.style_stages"):

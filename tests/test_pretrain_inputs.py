@@ -32,6 +32,10 @@ def world(tmp_path_factory) -> Path:
     ("data.heldout_fraction=0.99", "only 0 training items; data.heldout_fraction=0.99 of the 24 items is held out "
                                    "for evaluation; lower data.batch_size or data.heldout_fraction"),
     ("out=null", "out: expected text, got null"),  # trained into a folder named "None"
+    # a batch of one has no negative: every InfoNCE was identically 0 and nothing trained
+    ("data.batch_size=1", "data.batch_size=1: a contrastive batch needs at least 2 items"),
+    ("head_warmup_batch_size=1", "head_warmup_batch_size=1: a contrastive batch needs at least 2 items"),
+    ("eval.probe_batch_size=1", "eval.probe_batch_size=1: a contrastive batch needs at least 2 items"),
 ])
 def test_a_bad_setting_is_one_line_and_writes_nothing(world, tmp_path, capsys, override, message):
     config_file = _write_config(_config(world, tmp_path / "out"), tmp_path / "c.yaml")

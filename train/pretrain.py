@@ -16,9 +16,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from train.stage_cli import StageCommands, register_stage
+
+if TYPE_CHECKING:
+    from mim_rec.encoders.config import EncodersConfig
+    from mim_rec.pretrain.config import PretrainConfig
+    from mim_rec.pretrain.corpus import ItemCorpus
 
 DEFAULT_EVAL_ROWS = ("plain", "dda", "dda+dma")
 
@@ -49,6 +54,7 @@ def _load(args: argparse.Namespace):
                                   "seed", "eval.seed", "encoders.vision.trainable_groups",
                                   "encoders.text.trainable_layers"))
     require_fraction(config, ("mlm_probability", "data.heldout_fraction"))
+    _require_contrastive_batches(config)
     if config.dda_steps + config.dma_steps == 0:
         raise ConfigError("dda_steps=0 dma_steps=0: nothing to train")
     check_normalisation(config.encoders.vision)
@@ -61,14 +67,73 @@ def _load(args: argparse.Namespace):
     return config
 
 
+# Batch sizes whose batches an InfoNCE reads (DDA's image views, DMA, the head warm-up, the
+# evaluation probe): the batch's other items are its only negatives.
+CONTRASTIVE_BATCHES = ("data.batch_size", "head_warmup_batch_size", "eval.probe_batch_size")
+
+
+def _require_contrastive_batches(config: PretrainConfig) -> None:
+    """Refuse a batch of one item where an InfoNCE reads it: with no negative its loss is
+    identically 0, and the contrastive objectives trained nothing without a word.
+    ``data.batch_size`` is the global batch (ranks gather each other's rows as negatives)."""
+    from operator import attrgetter
+
+    from mim_rec.config import ConfigError
+
+    for key in CONTRASTIVE_BATCHES:
+        value = attrgetter(key)(config)
+        if value < 2:
+            raise ConfigError(f"{key}={value}: a contrastive batch needs at least 2 items (the other items are "
+                              "its only negatives; with 1 the loss is 0 and nothing trains)")
+
+
 # ----------------------------------------------------------------------------- training
 
 def run_pretrain(config) -> Path:
     """Train (or resume) a run in ``config.out``; returns the final encoders folder."""
     from mim_rec.utils.run import run_folder_lock
 
+    _check_run_folder(config)  # before the lock, which would leave its file in a foreign folder
     with run_folder_lock(config.out):
         return _run_pretrain(config)
+
+
+# What a `mim pretrain` run writes into its folder. Dot files (the run lock, the temporaries of
+# atomic writes a kill left behind) are the machinery's own.
+RUN_FILES = frozenset({"config.json", "checkpoints", "metrics.jsonl", "tb", "dda", "encoders", "eval.json"})
+# What a run leaves that a fresh start must not inherit.
+EARLIER_ARTIFACTS = ("dda", "encoders", "eval.json")
+
+
+def _check_run_folder(config: PretrainConfig) -> None:
+    """Refuse to train into a folder that holds anything but a `mim pretrain` run, before
+    anything is written: training rewrites config.json and trims metrics.jsonl, which wiped a
+    C-SFT run's metrics, replaced a folder's own config.json and wrote into a world folder.
+    Another pretrain run's folder passes: checkpoints of another config are refused on resume,
+    and a fresh start clears the earlier run's artifacts (:func:`_clear_earlier_artifacts`)."""
+    from mim_rec.config import ConfigError
+
+    out = Path(config.out)
+    _saved_config(config, "use an empty or new out=")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in RUN_FILES and not p.name.startswith(".")) if out.is_dir() else []
+    if foreign:
+        raise ConfigError(f"out={config.out}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                          "which is not a `mim pretrain` run's; use an empty or new out=")
+
+
+def _clear_earlier_artifacts(out: Path) -> None:
+    """On a fresh start (no checkpoint resumed), remove what an earlier run in the folder left:
+    ``dda/`` is written only when DDA completes, so a run killed before then (or one with
+    ``dda_steps=0``) kept the earlier run's, and evaluation reported it as this run's +DDA."""
+    import shutil
+
+    for name in EARLIER_ARTIFACTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _run_pretrain(config) -> Path:
@@ -109,6 +174,8 @@ def _run_pretrain(config) -> Path:
     step = resumed.step if resumed else 0
     logger = None
     if ctx.is_main:
+        if resumed is None:
+            _clear_earlier_artifacts(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         logger = JsonlLogger(out / "metrics.jsonl", tensorboard_dir=out / "tb")
@@ -283,16 +350,16 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     held-out items; writes ``OUT/eval.json``."""
     from mim_rec.data.manifest import read_manifest
     from mim_rec.encoders import EncoderPair, load_encoders
-    from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
+    from mim_rec.pretrain.corpus import items_path
     from mim_rec.pretrain.evaluate import evaluate_pair
     from mim_rec.utils.run import seed_everything
     from train.common import write_eval_report
 
     out = Path(config.out)
-    _check_evaluated_run(config)
+    encoders = _plain_encoders(config, _check_evaluated_run(config))
     sources = {"plain": None, "dda": out / "dda", "dda+dma": out / "encoders"}
     report: Dict[str, Dict[str, float]] = {}
-    corpus = None
+    splits: Dict[Optional[int], Tuple[ItemCorpus, ItemCorpus]] = {}
     for row in rows or DEFAULT_EVAL_ROWS:
         source = sources[row]
         if source is not None and not (source / "manifest.json").exists():
@@ -300,12 +367,8 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
             continue
         started = time.time()
         seed_everything(config.seed)  # the plain row's (random) heads are seeded
-        pair = EncoderPair(config.encoders) if source is None else load_encoders(source)
-        if corpus is None:
-            corpus = load_corpus(config.data.world, pair.vision)
-            heldout = heldout_mask(corpus.item_ids, config.data.heldout_fraction)
-            train_items, heldout_items = corpus.subset(~heldout), corpus.subset(heldout)
-            _check_heldout_size(len(heldout_items), len(corpus), config.data.heldout_fraction)
+        pair = EncoderPair(encoders) if source is None else load_encoders(source)
+        train_items, heldout_items = _split_items(config, pair.vision, splits)
         report[row] = evaluate_pair(pair, train_items, heldout_items, config.eval,
                                     source=f"the {row} encoders" if source is None else str(source))
         report[row]["seconds"] = round(time.time() - started, 1)
@@ -314,6 +377,37 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     write_eval_report(out, report, [items_path(config.data.world)],
                       heldout_fraction=config.data.heldout_fraction)
     return report
+
+
+def _plain_encoders(config: PretrainConfig, run: PretrainConfig) -> EncodersConfig:
+    """The plain row's encoder settings: those of ``run`` (the config.json of the run in
+    ``config.out``), which its artifacts were trained from. The command line's used to be taken,
+    so ``pretrain-eval data.world=W out=R`` scored the real EfficientNet + MiniLM as the plain
+    row of a tiny run; encoder settings given there now are said to be unused."""
+    from train.common import config_dict
+
+    if config_dict(config.encoders) != config_dict(run.encoders):
+        print(f"note: the plain row uses the encoders.* settings of {Path(config.out) / 'config.json'} "
+              "(the run's), not the command line's", file=sys.stderr)
+    return run.encoders
+
+
+def _split_items(config: PretrainConfig, vision, splits: Dict[Optional[int], Tuple[ItemCorpus, ItemCorpus]]
+                 ) -> Tuple[ItemCorpus, ItemCorpus]:
+    """The (training, held-out) items with images decoded for ``vision``'s input size: each
+    artifact's rows at its own size (the first row's size was used for all three). ``splits``
+    keeps each size's decoding (None: feature vectors), so rows of one size decode once."""
+    from mim_rec.encoders.vision import PrecomputedVisionEncoder
+    from mim_rec.pretrain.corpus import heldout_mask, load_corpus
+
+    size = None if isinstance(vision, PrecomputedVisionEncoder) else vision.image_processor.size
+    if size not in splits:
+        corpus = load_corpus(config.data.world, vision)
+        heldout = heldout_mask(corpus.item_ids, config.data.heldout_fraction)
+        if not splits:  # the same split at every size: said once
+            _check_heldout_size(int(heldout.sum()), len(corpus), config.data.heldout_fraction)
+        splits[size] = (corpus.subset(~heldout), corpus.subset(heldout))
+    return splits[size]
 
 
 def _check_heldout_size(heldout: int, items: int, fraction: float) -> None:
@@ -329,24 +423,38 @@ def _check_heldout_size(heldout: int, items: int, fraction: float) -> None:
               "recall@10 is 1 by construction and recall@1 near it; use a larger world", file=sys.stderr)
 
 
-def _check_evaluated_run(config) -> None:
-    """Refuse to evaluate anything but a pretrain run, or with more items held out than it held
-    out: the extra ones were trained on, and their retrieval scores would pass as held-out."""
+def _saved_config(config: PretrainConfig, remedy: str) -> Optional[PretrainConfig]:
+    """The PretrainConfig of the run in ``config.out``, None when it holds no config.json.
+    Another stage's config.json (a C-SFT run's has other keys), or any other, is refused
+    (``remedy`` ends the error): that folder's files are not ours to rewrite."""
     from mim_rec.config import ConfigError, from_dict
     from mim_rec.pretrain.config import PretrainConfig
 
     saved = Path(config.out) / "config.json"
     if not saved.is_file():
-        raise ConfigError(f"out={config.out}: no `mim pretrain` run here (no config.json); "
-                          "point out= at a pretrain run folder")
-    try:  # another stage's run (a C-SFT folder) has other keys: its eval.json is not ours to rewrite
-        trained = from_dict(PretrainConfig, json.loads(saved.read_text())).data.heldout_fraction
-    except (json.JSONDecodeError, ConfigError) as exc:
+        return None
+    try:
+        return from_dict(PretrainConfig, json.loads(saved.read_text()))
+    except ValueError as exc:  # not JSON, or a ConfigError: keys or types of another config
         raise ConfigError(f"out={config.out}: {saved} is not the config of a `mim pretrain` run ({exc}); "
-                          "point out= at a pretrain run folder") from exc
+                          f"{remedy}") from exc
+
+
+def _check_evaluated_run(config: PretrainConfig) -> PretrainConfig:
+    """The config of the pretrain run ``config.out`` holds. Refused: anything but a pretrain
+    run, and more items held out than it held out (the extra ones were trained on, and their
+    retrieval scores would pass as held-out)."""
+    from mim_rec.config import ConfigError
+
+    remedy = "point out= at a pretrain run folder"
+    run = _saved_config(config, remedy)
+    if run is None:
+        raise ConfigError(f"out={config.out}: no `mim pretrain` run here (no config.json); {remedy}")
+    trained = run.data.heldout_fraction
     if config.data.heldout_fraction > trained:
         raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction}: the run in {config.out} held "
                           f"out {trained}, so the items past that were trained on; evaluate with at most {trained}")
+    return run
 
 
 def format_table(report: Dict[str, Dict[str, float]]) -> str:

@@ -108,7 +108,7 @@ class TimmVisionEncoder(PartlyFrozen):
             mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
         self.image_processor = ImagePreprocessor(config.image_size or default_size,
                                                  config.mean or mean, config.std or std)
-        _check_input_size(model, self.image_processor.size)
+        _check_input_size(model, self.image_processor.size, self.style_stages)
         if config.trainable_groups is not None:
             self.freeze(_leading_groups(model, config.trainable_groups))
         if config.batchnorm_eval:
@@ -128,20 +128,47 @@ class TimmVisionEncoder(PartlyFrozen):
         return torch.cat([self.backbone.forward_head(final, pre_logits=True), *statistics], dim=1)
 
 
-def _check_input_size(model: nn.Module, size: int) -> None:
+def _check_input_size(model: nn.Module, size: int, style_stages: Sequence[int] = ()) -> None:
     """Pass one blank ``size`` x ``size`` image through ``model`` (in eval mode, so no
     statistics move): an input smaller than its downsampling needs, or not a ViT's fixed
-    size, otherwise failed at the first training step as a torch error far from the setting."""
+    size, otherwise failed at the first training step as a torch error far from the setting.
+    The pass is the one :meth:`TimmVisionEncoder.forward` makes, so the ``style_stages``
+    maps it returns are the sizes training will see."""
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model.forward_features(torch.zeros(1, 3, size, size))
+            maps = _blank_pass(model, torch.zeros(1, 3, size, size), style_stages)
     except (RuntimeError, AssertionError) as exc:  # torch's conv/shape errors; timm asserts a ViT's size
         raise ConfigError(f"encoders.vision.image_size={size}: {type(model).__name__} cannot take "
                           f"{size}x{size} images ({exc})") from exc
     finally:
         model.train(training)
+    _check_style_maps(model, size, style_stages, maps)
+
+
+def _blank_pass(model: nn.Module, pixels: torch.Tensor, style_stages: Sequence[int]) -> List[torch.Tensor]:
+    """The trunk's pass over ``pixels``; returns the ``style_stages`` maps (none without)."""
+    if not style_stages:
+        model.forward_features(pixels)
+        return []
+    return model.forward_intermediates(pixels, indices=list(style_stages))[1]
+
+
+def _check_style_maps(model: nn.Module, size: int, style_stages: Sequence[int],
+                      maps: Sequence[torch.Tensor]) -> None:
+    """Refuse a style stage whose map has a single position at this input size: the standard
+    deviation over positions (unbiased) of one value is NaN, and the run then stopped as a
+    divergence blamed on the learning rate. The map is measured, not derived from the
+    stage's reduction: padded convolutions round up (EfficientNet: 48 px / 32 = 2x2) and
+    unpadded ones down (ConvNeXt: 48 px / 32 = 1x1)."""
+    for stage, feature_map in zip(style_stages, maps):
+        height, width = feature_map.shape[-2:]
+        if height * width < 2:
+            reduction = model.feature_info[stage]["reduction"]
+            raise ConfigError(f"encoders.vision.style_stages={list(style_stages)}: stage {stage} (stride "
+                              f"{reduction}) has a {height}x{width} map at encoders.vision.image_size={size}, and a "
+                              f"standard deviation over one position is NaN; drop the stage or raise image_size")
 
 
 def _style_stages(model: nn.Module, stages: Sequence[int]) -> List[int]:
