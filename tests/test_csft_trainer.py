@@ -161,6 +161,17 @@ def test_evaluation_refuses_nan_embeddings(inputs):
         evaluate_embeddings(embedded, world, [10], held_out, source="runs/x/mm_encoder")
 
 
+def test_a_collapsed_item_tower_scores_chance_not_a_perfect_recall(inputs):
+    """Every item the same vector ties every score; ties counted for the target read recall 1.0."""
+    from mim_rec.csft.evaluate import Embedded, evaluate_embeddings
+    world = _world_inputs(inputs)
+    held_out = world.held_out(0.0)
+    items = torch.nn.functional.normalize(torch.ones(world.item_count, 8), dim=-1)
+    embedded = Embedded(torch.nn.functional.normalize(torch.randn(len(held_out.pairs), 8), dim=-1), items)
+    metrics = evaluate_embeddings(embedded, world, [10, 100], held_out, source="runs/x/mm_encoder")
+    assert metrics["recall@10"] == metrics["recall@100"] == 0.0 and metrics["pair_auc"] == 0.5
+
+
 @pytest.mark.parametrize("changes", [
     dict(loss=LossConfig(kind="pairwise_ce")),
     dict(loss=LossConfig(kind="category_ce")),
@@ -309,10 +320,67 @@ def test_a_world_changed_under_the_same_path_is_refused_not_resumed(inputs, tmp_
     run_ablations(str(config_file), [], ["full"])
     pairs = pq.read_table(world / "pairs_train.parquet")
     pq.write_table(pairs.slice(0, pairs.num_rows - 8), world / "pairs_train.parquet")
-    with pytest.raises(ConfigError, match="trained on other data: pairs_train changed"):
+    with pytest.raises(ConfigError, match="trained on other data: pairs_selected, pairs_train changed"):
         run_ablations(str(config_file), [], ["full"])
-    with pytest.raises(ConfigError, match="trained on other data: pairs_train changed"):
+    with pytest.raises(ConfigError, match="trained on other data: pairs_selected, pairs_train changed"):
         run_csft(_config(moved, out / "full"))
+
+
+def test_a_checkpoint_of_other_selected_pairs_is_refused(inputs, tmp_path, monkeypatch):
+    """signals=[click] came to select the purchases too: a checkpoint trained on the old
+    selection, under the same settings and files, was resumed (or re-evaluated) as this run's."""
+    from mim_rec.config import ConfigError
+    from mim_rec.csft import data
+
+    out = tmp_path / "clicks"
+    run_csft(_config(inputs, out, steps=2, checkpoint_every=2, data=dataclasses.replace(
+        _config(inputs, out).data, signals=["click"])))
+    monkeypatch.setitem(data.SELECTED_BY, "click", ("click",))  # the old reading: clicks not bought
+    with pytest.raises(ConfigError, match="trained on other data: pairs_selected changed"):
+        run_csft(_config(inputs, out, steps=2, checkpoint_every=2, data=dataclasses.replace(
+            _config(inputs, out).data, signals=["click"])))
+
+
+def _flip_labels(events: Path) -> None:
+    """Rewrite an events file with every click a non-click and every non-click a click."""
+    table = pq.read_table(events)
+    flipped = pa.array(1 - table.column("label").to_numpy(), pa.int8())
+    pq.write_table(table.set_column(table.column_names.index("label"), "label", flipped), events)
+
+
+def test_ablations_answer_from_the_events_file_as_it_is_now(inputs, tmp_path):
+    """result.json was keyed without the events file its AUCs come from: flipping every label
+    of events_test printed the identical table, stage 1 and every variant."""
+    import shutil
+
+    from train.csft_ablations import run_ablations
+
+    world = tmp_path / "world"
+    shutil.copytree(inputs[0], world)
+    config_file = _write_config(_config((world, *inputs[1:]), tmp_path / "ablations"), tmp_path / "c.yaml")
+    before = run_ablations(str(config_file), [], ["full"])
+    _flip_labels(world / "events_test.parquet")
+    assert set(run_ablations(str(config_file), [], [])) == {"stage1"}  # full's stale result is not shown
+    after = run_ablations(str(config_file), [], ["full"])
+    for row in ("stage1", "full"):
+        assert after[row]["pair_auc"] == pytest.approx(1 - before[row]["pair_auc"])
+
+
+def test_a_validation_result_is_keyed_by_the_training_events(inputs, tmp_path):
+    """csft-tune scores its validation split on events_train, so a result must follow that file."""
+    import shutil
+
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from train.csft_runs import csft_fingerprint
+
+    world = tmp_path / "world"
+    shutil.copytree(inputs[0], world)
+    config = _config((world, *inputs[1:]), tmp_path / "run")
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, validation=0.25))
+    held_out = WorldInputs(world, FeatureCache(inputs[2])).held_out(0.25)
+    before = csft_fingerprint(config, held_out)
+    _flip_labels(world / "events_train.parquet")
+    assert csft_fingerprint(config, held_out) != before
 
 
 def test_the_same_folders_given_relative_and_absolute_resume(inputs, tmp_path, monkeypatch):
@@ -345,6 +413,19 @@ def test_head_lr_puts_the_stage1_heads_in_their_own_group(inputs, tmp_path):
 def _world_inputs(inputs):
     from mim_rec.csft.data import FeatureCache, WorldInputs
     return WorldInputs(inputs[0], FeatureCache(inputs[2]))
+
+
+def test_click_pairs_are_every_pair_and_purchases_their_subset(inputs):
+    """A purchase is also a click (paper Table 4): data.signals=[click] kept only the pairs
+    clicked and not bought, so the "click pairs" variants trained on the purchases' complement."""
+    world = _world_inputs(inputs)
+    every = world.pairs("train")
+    clicks, purchases = world.pairs("train", ["click"]), world.pairs("train", ["purchase"])
+    assert set(every.signals) == {"click", "purchase"}
+    assert np.array_equal(clicks.rows, every.rows) and clicks.signals == every.signals
+    assert set(purchases.signals) == {"purchase"} and 0 < len(purchases) < len(clicks)
+    assert np.array_equal(world.training_pairs(["click"], validation=0.25).rows,
+                          world.training_pairs(["purchase", "click"], validation=0.25).rows)
 
 
 def test_validation_holds_out_the_latest_pairs_and_their_period(inputs):

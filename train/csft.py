@@ -126,7 +126,7 @@ def _run_csft(config) -> Path:
             find_unused_parameters=config.loss.kind == "category_ce")
 
     inputs_fp = {"encoders": fingerprint_tree(config.encoders), "items": fingerprint_file(world.items_path),
-                 "pairs_train": fingerprint_file(pairs.path)}
+                 "pairs_train": fingerprint_file(pairs.path), "pairs_selected": _rows_fingerprint(pairs.rows)}
     checkpoints = CheckpointManager.for_run(config, inputs_fp)
     resumed = checkpoints.resume(objective, optimizer)
     step = resumed.step if resumed else 0
@@ -223,6 +223,16 @@ def _optimizer(objective, config):
     if backbone:
         groups.append({"params": backbone, "lr": config.backbone_lr})
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
+
+
+def _rows_fingerprint(rows) -> str:
+    """Which rows of the pairs file train: the signal selection can change under the same
+    settings (``signals=[click]`` once meant the clicks not bought), and a checkpoint of
+    other rows must not be resumed or re-evaluated as this run's."""
+    import hashlib
+
+    import numpy as np
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def _queue_drift(objective, inputs, device, step: int) -> Dict[str, float]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 # (name, table, overrides). "full" is the default configuration: purchase pairs, TFN,
-# multi-level InfoNCE, ST-NSG.
+# multi-level InfoNCE, ST-NSG. The click pairs are every pair, the purchased ones included.
 VARIANTS: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
     ("full", "both", ()),
     ("no_tfn", "ablation", ("model.fusion.kind=concat",)),
@@ -97,7 +97,7 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     for name, _, variant in VARIANTS:
         config = configs[name]
         result = csft_result(config, world, held_out) if name in variants else \
-            saved_result(out / name, csft_fingerprint(config))
+            saved_result(out / name, csft_fingerprint(config, held_out))
         if result is not None:
             report[name] = {**result, "overrides": list(variant)}
     if current_rank() == 0:

@@ -3,10 +3,11 @@
 
 Every run is its own folder holding ``result.json``: its metrics next to the fingerprint of
 the configuration that produced them and of the data it read (the encoders, the world's items
-and pairs, by content). A re-run with the same configuration on the same data reads the result
-instead of training again (and an interrupted run resumes from its checkpoints); a changed
-configuration trains anew, and a world regenerated under the same path is refused by the
-run's checkpoints rather than answered from a stale result.
+and pairs, and the impressions its AUCs score, by content). A re-run with the same
+configuration on the same data reads the result instead of training again (and an
+interrupted run resumes from its checkpoints); a changed configuration trains anew, and a
+world regenerated under the same path is refused by the run's checkpoints rather than
+answered from a stale result.
 """
 
 from __future__ import annotations
@@ -47,14 +48,17 @@ def cached_result(folder: Path, fingerprint: str, compute: Callable[[], Dict]) -
     return metrics
 
 
-def _fingerprint(config, settings: Dict[str, Any]) -> str:
-    """``settings`` (with path settings made absolute) and the content of what the runs read."""
+def _fingerprint(config, settings: Dict[str, Any], held_out: HeldOut) -> str:
+    """``settings`` (with path settings made absolute) and the content of what the runs read:
+    the world's items and pairs, and the impressions ``held_out`` scores (``events_test``, or
+    ``events_train`` on a validation split), which the AUCs of every result come from."""
     from mim_rec.data.manifest import fingerprint_config, fingerprint_file, fingerprint_tree
     from train.common import STAGE_PATH_SETTINGS, absolute_paths
 
     world = Path(config.data.world)
-    data = {name: _content(world / name, fingerprint_file) for name in
-            ("items.parquet", "pairs_train.parquet", "pairs_test.parquet") if (world / name).is_file()}
+    read = [world / name for name in ("items.parquet", "pairs_train.parquet", "pairs_test.parquet")]
+    data = {path.name: _content(path, fingerprint_file) for path in [*read, held_out.events_path]
+            if path.is_file()}
     return fingerprint_config({"settings": absolute_paths(json.loads(json.dumps(settings, default=str)),
                                                           STAGE_PATH_SETTINGS),
                                "encoders": fingerprint_tree(config.encoders), "data": data})
@@ -79,7 +83,7 @@ def stage1_result(config, world: WorldInputs, held_out: HeldOut, folder: Path) -
     from mim_rec.encoders import load_encoders
 
     fingerprint = _fingerprint(config, {"eval": asdict(config.eval), "held_out": held_out.name,
-                                        "validation": config.data.validation})
+                                        "validation": config.data.validation}, held_out)
     return cached_result(folder, fingerprint, lambda: evaluate_embeddings(
         stage1_embeddings(load_encoders(config.encoders), world, held_out), world,
         config.eval.ks, held_out, source=config.encoders))
@@ -97,12 +101,12 @@ def csft_result(config, world: WorldInputs, held_out: HeldOut) -> Dict:
         return evaluate_embeddings(csft_embeddings(load_csft_model(folder), world, held_out), world,
                                    config.eval.ks, held_out, source=str(folder))
 
-    return cached_result(Path(config.out), csft_fingerprint(config), train_and_evaluate)
+    return cached_result(Path(config.out), csft_fingerprint(config, held_out), train_and_evaluate)
 
 
-def csft_fingerprint(config) -> str:
-    """What :func:`csft_result` keys the run ``config``'s result by."""
-    return _fingerprint(config, asdict(config))
+def csft_fingerprint(config, held_out: HeldOut) -> str:
+    """What :func:`csft_result` keys the run ``config``'s result on ``held_out`` by."""
+    return _fingerprint(config, asdict(config), held_out)
 
 
 def recall_columns(metrics: Dict) -> List[str]:

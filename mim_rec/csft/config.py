@@ -47,8 +47,9 @@ class ModelConfig:
 @dataclass
 class CsftDataConfig:
     world: str = "data/world"      # folder with items.parquet, pairs_*.parquet, events_test.parquet
-    # Which training pairs to learn from (paper Table 4): ["purchase"], or ["click"], or both.
-    # In the synthetic world every pair is a click and "purchase" marks those also bought.
+    # Which training pairs to learn from (paper Table 4): ["purchase"], or ["click"]. A purchase
+    # is also a click: a pairs file labels each pair with its strongest signal, and ["click"]
+    # selects every pair, "click" and "purchase" alike (mim_rec.csft.data.SELECTED_BY).
     signals: List[str] = field(default_factory=lambda: ["purchase"])
     batch_size: int = 128          # pairs per step, over all ranks (N = batch_size / P)
     # Hold out the latest share of pairs_train (by time) and the events_train impressions of

@@ -16,7 +16,7 @@ import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,12 @@ from mim_rec.pretrain.corpus import ItemCorpus, corpus_from_table, encoded_image
 from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
 
 PathLike = Union[str, Path]
+
+# The stored signals a requested one selects. A pairs file labels each pair with its strongest
+# signal, and a purchase was clicked first, so the click pairs are every pair (paper Table 4
+# trains on clicks or on their purchased subset). The synthetic world marks a picked pair
+# "purchase" or else "click"; the Amazon importer writes "purchase" only; Taobao has no pairs.
+SELECTED_BY: Dict[str, Tuple[str, ...]] = {"click": ("click", "purchase"), "purchase": ("purchase",)}
 
 
 @dataclass
@@ -78,8 +84,10 @@ def read_pair_file(path: PathLike, item_count: int, signals: Optional[Sequence[s
 
 
 def with_signals(pairs: Pairs, signals: Sequence[str]) -> Pairs:
-    """The pairs whose ``signal`` is in ``signals``; none is an error naming the file."""
-    keep = np.isin(np.asarray(pairs.signals, dtype=object), list(signals))
+    """The pairs carrying any of ``signals`` (``click`` selects the purchases too:
+    :data:`SELECTED_BY`); none is an error naming the file."""
+    stored = {kept for signal in signals for kept in SELECTED_BY.get(signal, (signal,))}
+    keep = np.isin(np.asarray(pairs.signals, dtype=object), sorted(stored))
     if not keep.any():
         raise DataError(str(pairs.path), f"no pairs with signal in {list(signals)}", field="signal")
     return pairs.where(keep)

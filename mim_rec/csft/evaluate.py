@@ -4,7 +4,8 @@ Two measures, each computed for the stage-1 embeddings and for the C-SFT towers:
 
 * **query -> item retrieval** on the held-out pairs (``pairs_test``, every signal): each
   query image is embedded, every item of the catalogue is scored by cosine, and recall@k is
-  the share of queries whose paired item ranks in the top k (ties counted in its favour).
+  the share of queries whose paired item ranks in the top k (a tie counts against it:
+  :func:`mim_rec.pretrain.evaluate.target_ranks`).
 * **content-interest AUC** on the held-out impressions (``events_test``): an impression's
   score is its target's mean cosine to the user's behaviour history, ``mean_i cos(h_t, h_i)``
   (the content-interest weights CiUBM uses); ``pair_auc`` is the share of (click,
@@ -36,25 +37,13 @@ from mim_rec.data.errors import DataError
 from mim_rec.data.io import read_events
 from mim_rec.encoders.pair import EncoderPair
 from mim_rec.metrics import gauc, grouped_auc
+from mim_rec.pretrain.evaluate import recall_at
 
 
 @dataclass
 class Embedded:
     queries: torch.Tensor   # [n_held_out_pairs, d] unit
     items: torch.Tensor     # [n_items, d] unit, row i = item i
-
-
-def recall_at_k(queries: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
-                ks: Sequence[int], batch_size: int = 1024) -> Dict[int, float]:
-    """Share of queries whose target item is among the top ``k`` of the whole catalogue."""
-    ranks = []
-    for start in range(0, len(queries), batch_size):
-        scores = queries[start:start + batch_size] @ items.T
-        target = targets[start:start + batch_size]
-        own = scores.gather(1, target.unsqueeze(1))
-        ranks.append((scores > own).sum(1))
-    rank = torch.cat(ranks)
-    return {k: (rank < k).float().mean().item() for k in ks}
 
 
 def history_scores(items: torch.Tensor, events: pa.Table) -> Dict[str, torch.Tensor]:
@@ -135,7 +124,7 @@ def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int
                         held_out: HeldOut, source: str) -> Dict[str, float]:
     """Both measures of ``embedded``, computed by the model in ``source`` (named in errors)."""
     require_finite(embedded, source)
-    recall = recall_at_k(embedded.queries, embedded.items, torch.from_numpy(held_out.pairs.item_ids), ks)
+    recall = recall_at(embedded.queries, embedded.items, ks, torch.from_numpy(held_out.pairs.item_ids))
     events_path = held_out.events_path
     if not events_path.is_file():
         raise DataError(str(events_path), "held-out events not found (the content-interest "

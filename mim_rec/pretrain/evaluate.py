@@ -16,7 +16,7 @@ A hit is the query's own item (index match) among the top k candidates.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,12 +64,33 @@ def embed(pair: EncoderPair, corpus: ItemCorpus, batch_size: int) -> Embedded:
     return Embedded(*(torch.cat(column).cpu() for column in zip(*parts)))
 
 
-def recall_at(queries: torch.Tensor, candidates: torch.Tensor, ks: Tuple[int, ...] = (1, 10)) -> Dict[int, float]:
-    """Share of queries whose own row (same index) ranks in the top k candidates."""
-    scores = queries @ candidates.T
-    own = scores.diagonal().unsqueeze(1)
-    rank = (scores > own).sum(dim=1)  # ties counted in the query's favour
+def recall_at(queries: torch.Tensor, candidates: torch.Tensor, ks: Sequence[int] = (1, 10),
+              targets: Optional[torch.Tensor] = None, batch_size: int = 1024) -> Dict[int, float]:
+    """Share of queries whose target candidate ranks in the top k: row ``targets[i]`` of
+    ``candidates`` for query ``i`` (by default its own row, the same index). The one recall
+    of both stages (stage 1 here, C-SFT's query -> item retrieval); see :func:`target_ranks`
+    for how ties rank."""
+    targets = torch.arange(len(queries), device=queries.device) if targets is None else targets
+    rank = torch.cat([target_ranks(queries[start:start + batch_size] @ candidates.T,
+                                   targets[start:start + batch_size])
+                      for start in range(0, len(queries), batch_size)])
     return {k: (rank < k).float().mean().item() for k in ks}
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row of ``scores`` ``[n, candidates]``: how many *other* candidates are not scored
+    strictly below the row's target ``targets[i]`` (0 = first).
+
+    Pessimistic: a tie counts against the target. Counting it in the target's favour gave a
+    collapsed tower (every item the same vector) recall 1.0; pessimistic ranks give it 0 for
+    any k below the catalogue size, at or below chance, and need no fractional hits (as the
+    mean rank of a tie would). For continuous embeddings ties have measure zero, so nothing
+    else changes. A NaN score is not below anything, so it too counts against the target (a
+    NaN target ranks last), never for it."""
+    own = scores.gather(1, targets.unsqueeze(1))
+    ahead = ~(scores < own)
+    ahead.scatter_(1, targets.unsqueeze(1), False)  # the target itself is not ahead of it
+    return ahead.sum(dim=1)
 
 
 def retrieval(images: torch.Tensor, titles: torch.Tensor, source: str, heads: str) -> Dict[str, float]:
