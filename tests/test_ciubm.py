@@ -109,6 +109,57 @@ def test_right_aligned_slots_put_the_target_first_and_the_behaviours_last():
     assert index.tolist() == [0, 4 + 0, 4 + 2, 4 + 3, 8 + 0, 8 + 3]
     assert present.int().tolist() == [[1, 0, 0, 0], [1, 0, 1, 1], [1, 0, 0, 1]]
 
+def _dien_model_and_batch(world, **options):
+    """A small DIEN CiUBM with every interest module on, and its first training batch."""
+    items = ItemInfo.from_items(world / "items.parquet")
+    sizes = ciubm.table_sizes(str(world), items)
+    torch.manual_seed(0)
+    model = CiUBM(ModelConfig(ubm="dien", mm_dim=16, over_arch=[8], **options), num_items=sizes["items"],
+                  num_users=sizes["users"], num_categories=sizes["categories"]).eval()
+    config = LoaderConfig(batch_size=32, max_hist_len=6, shuffle=False)
+    return model, next(iter(CtrEventsLoader(world / "events_train.parquet", items, config)))
+
+
+def test_non_finite_padding_slots_reach_no_logit_and_no_gradient(world, monkeypatch):
+    """NaN or inf in a padded slot's ID or MM row used to reach the logits (cos * mask, the
+    einsum over padded rows) and the gradients (scorers run on padded behaviours): the behaviours
+    enter the interest modules with padding zeroed, so the result is that of zero padding."""
+    model, batch = _dien_model_and_batch(world, content_metric=True)
+    lookup = model.sparse_arch.forward
+    results = []
+    for fill in (None, float("nan"), float("inf")):
+        def poisoned(*args, fill=fill):
+            pooled, ids, mm, present, categories = lookup(*args)
+            if fill is not None:
+                ids, mm = (values.masked_fill(~present.unsqueeze(-1), fill) for values in (ids, mm))
+            return pooled, ids, mm, present, categories
+
+        monkeypatch.setattr(model.sparse_arch, "forward", poisoned)
+        model.zero_grad(set_to_none=True)
+        logits, aux = model(batch)
+        (logits.sum() + aux).backward()
+        results.append([logits, aux] + [p.grad for p in model.parameters() if p.grad is not None])
+    clean, *poisoned_runs = results
+    assert (~lookup(batch.pooled, batch.sequence, 32, batch.slots)[3]).any()  # the batch has padded slots
+    assert all(torch.isfinite(t).all() for t in clean)
+    for other in poisoned_runs:
+        assert len(other) == len(clean) and all(torch.equal(a, b) for a, b in zip(clean, other))
+
+
+def test_the_auxiliary_loss_counts_only_rows_of_weight_above_zero(world):
+    """DIEN's auxiliary loss used to train on the weight-0 rows a loader pads a batch with, so a
+    rank's all-padding filler batch still moved the extractor."""
+    model, batch = _dien_model_and_batch(world)
+    logits, aux = model(batch)
+    assert aux > 0 and torch.equal(aux, model.id_interest.auxiliary_loss())  # every weight 1: unchanged
+    batch.meta["weight"] = torch.zeros_like(batch.meta["weight"])
+    logits, aux = model(batch)
+    loss, parts = ciubm.ctr_loss(logits, aux, batch, aux_weight=1.0)
+    loss.backward()
+    assert parts.tolist() == [0.0, 0.0, 0.0]
+    assert all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("ubm", ["avg", "din", "dien", "bst", "sim", "twin"])
 def test_ec_and_ebc_layouts_compute_the_same_logits(world, ubm):
     """The loader's per-sample sequences and the EmbeddingCollections place every row in the slot
@@ -523,8 +574,8 @@ def test_bad_grid_files_are_refused(tmp_path, text, message):
     ("model.dien_aux_weight=-5", r"model.dien_aux_weight=-5.0: must not be negative"),
     ("model.mm_whiten=-1", r"model.mm_whiten=-1: must not be negative"),
     ("loader.seed=-5", r"loader.seed=-5: must not be negative"),
-    ("model.ubm=twin model.ubm_options={num_heads: 0}", r"num_heads=0: must be a positive divisor"),
-    ("model.ubm=bst model.ubm_options={max_positions: 0}", r"max_positions=0: must be at least 1"),
+    ("model.ubm=twin model.ubm_options={num_heads: 0}", r"num_heads=0: must be a positive integer"),
+    ("model.ubm=bst model.ubm_options={max_positions: 0}", r"max_positions=0: must be a positive integer"),
     ("out=", r"out='': a run folder is required"),
     ("out={tmp_path}/a_file", r"a_file': a run folder is required, not a file"),
 ])

@@ -63,12 +63,61 @@ def test_stage_commands_refuse_non_positive_settings(tmp_path, capsys, command, 
                                                       r"choose from column_wise, .*row_wise"),
     ("model.constraints.item.compute_kernels=[turbo]", r"model.constraints.item.compute_kernels=\['turbo'\]"),
     ("lr=nan", r"lr=nan: must be positive"),
+    ("model.id_interest=false model.content_interest=false model.fusion_interest=false",
+     r"model.id_interest, model.content_interest and model.fusion_interest are all false"),
+    ("model.ubm=sim model.ubm_options.top_k=2.5", r"for sim: top_k=2.5: must be a positive integer"),
+    ("model.ubm=twin model.ubm_options.top_k=2.5", r"for twin: top_k=2.5: must be a positive integer"),
+    ("model.ubm=bst model.ubm_options.num_layers=0", r"for bst: num_layers=0: must be a positive integer"),
+    ("model.ubm_options.normalize='no'", r"for din: normalize='no': must be true or false"),
+    ("model.ubm_options.attention_hidden=[0]", r"for din: attention_hidden=\[0\]: must be a list of positive"),
+    ("model.ubm_options.attention_hidden=[-3]", r"for din: attention_hidden=\[-3\]: must be a list of positive"),
+    ("model.ubm=bst model.ubm_options.ffn_dim=-4", r"for bst: ffn_dim=-4: must be a positive integer"),
+    ("device=cpu model.constraints.mm_item.sharding_types=[row_wise]",
+     r"model.constraints.mm_item.sharding_types=\['row_wise'\]: .* on cpu; row-wise sharding needs CUDA"),
+    ("device=cpu model.constraints.item.sharding_types=[table_row_wise]",
+     r"model.constraints.item.sharding_types=\['table_row_wise'\]: .* on cpu; row-wise sharding needs CUDA"),
 ])
 def test_model_shapes_that_would_fail_inside_torch_are_refused_by_key(tmp_path, override, message):
-    """These used to fail after the process group was up (a UBM's constructor, TorchRec's
-    enumerator, torch's optimizer) or, for a zero-width over-arch, train a constant."""
+    """These used to fail after the process group was up (a UBM's constructor or first step,
+    CiUBM's constructor, TorchRec's enumerator or planner, torch's optimizer), escape as a raw
+    RuntimeError (a negative layer width), or train a constant or another model (a zero-width
+    over-arch or scorer, a truthy string for a bool)."""
     with pytest.raises(ConfigError, match=message):
         load_train_config(None, [f"data.world={tmp_path}", *override.split()])
+
+
+def test_no_interest_module_is_one_line_from_mim_train(tmp_path, capsys):
+    """It used to pass the config checks and crash with a traceback after the process group was up."""
+    assert mim(["train", f"data.world={tmp_path / 'absent'}", f"out={tmp_path / 'out'}", "model.id_interest=false",
+                "model.content_interest=false", "model.fusion_interest=false"]) == 2
+    assert "mim train: error: model.id_interest, model.content_interest and model.fusion_interest are all false" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout, table, sharding, device, refused", [
+    ("ebc", "mm_item", "row_wise", "cpu", True),
+    ("ebc", "item", "grid_shard", "cpu", True),
+    ("ec", "user", "row_wise", "cpu", True),          # the pooled tables are an EmbeddingBagCollection in either layout
+    ("ec", "item", "row_wise", "cpu", False),         # an EmbeddingCollection shards row-wise on CPU too
+    ("ebc", "mm_item", "row_wise", "cuda", False),
+    ("ebc", "item", "table_row_wise", "cuda", False),
+])
+def test_sharding_types_the_planner_does_not_offer_on_the_device_are_refused(layout, table, sharding, device, refused):
+    """What TorchRec's planner would refuse with a traceback, by table, layout and device."""
+    from mim_rec.ciubm.config import ModelConfig, TableConstraint
+    from mim_rec.ciubm.placement import check_offered
+    from mim_rec.ciubm.sparse import SparseArch, sharders
+
+    arch = SparseArch(ModelConfig(mm_dim=8, sequence_layout=layout), num_items=10, num_users=4, num_categories=3,
+                      device=torch.device("meta"))
+    constraints = {table: TableConstraint(sharding_types=[sharding])}
+    if not refused:
+        check_offered(arch, constraints, sharders(0.1, device == "cuda"), device)
+        return
+    with pytest.raises(ConfigError, match=rf"model.constraints.{table}.sharding_types=\['{sharding}'\]: "
+                                          rf"TorchRec's planner offers this table .* on cpu; row-wise sharding needs CUDA"):
+        check_offered(arch, constraints, sharders(0.1, False), device)
 
 
 def test_the_table_names_constraints_accept_are_the_tables_the_model_builds():

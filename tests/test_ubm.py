@@ -95,6 +95,46 @@ def test_gradients_are_finite_with_empty_rows(name):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_non_finite_padding_reaches_no_gradient(name):
+    """NaN and inf in padded slots used to come back as NaN parameter gradients (DIN, DIEN, SIM
+    and TWIN scored the padded behaviours before masking the scores); the gradients must be those
+    of zero padding."""
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    grads = []
+    for fill in (0.0, float("nan"), float("inf")):
+        ubm = build(name)
+        padded = behaviours.masked_fill(~mask.unsqueeze(-1), fill).requires_grad_(True)
+        out = ubm(target, padded, mask, target_category, behaviour_categories)
+        (out.square().sum() + (ubm.auxiliary_loss() if ubm.auxiliary_loss() is not None else 0)).backward()
+        grads.append([padded.grad] + [p.grad for p in ubm.parameters() if p.grad is not None])
+    clean, *poisoned = grads
+    assert all(torch.isfinite(g).all() for g in clean)
+    for other in poisoned:
+        assert all(torch.equal(a, b) for a, b in zip(clean, other))
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("sim", {"top_k": 2.5}, r"top_k=2.5: must be a positive integer"),
+    ("twin", {"top_k": 2.5}, r"top_k=2.5: must be a positive integer"),
+    ("twin", {"num_heads": 1.0}, r"num_heads=1.0: must be a positive integer"),
+    ("bst", {"num_layers": 0}, r"num_layers=0: must be a positive integer"),
+    ("bst", {"ffn_dim": -4}, r"ffn_dim=-4: must be a positive integer"),
+    ("bst", {"max_positions": 0}, r"max_positions=0: must be a positive integer"),
+    ("din", {"normalize": "no"}, r"normalize='no': must be true or false"),
+    ("din", {"attention_hidden": [0]}, r"attention_hidden=\[0\]: must be a list of positive integers"),
+    ("din", {"attention_hidden": [-3]}, r"attention_hidden=\[-3\]: must be a list of positive integers"),
+    ("dien", {"attention_hidden": [8.5]}, r"attention_hidden=\[8.5\]: must be a list of positive integers"),
+    ("sim", {"attention_hidden": 16}, r"attention_hidden=16: must be a list of positive integers"),
+])
+def test_options_the_model_cannot_run_are_refused_by_name(name, options, message):
+    """Each used to construct, then fail at the first step (TypeError in topk, IndexError in
+    BST's pooling), fail in torch's Linear with a RuntimeError, or run silently as another model
+    (a truthy string, a zero-width scorer giving constant scores)."""
+    with pytest.raises(ValueError, match=message):
+        build_ubm(name, D, **options)
+
+
 def test_masked_softmax_sums_to_one_and_zero_for_empty_rows():
     scores = torch.tensor([[1.0, 2.0, float("nan")], [0.5, -3.0, 4.0], [7.0, 7.0, 7.0]])
     mask = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
@@ -177,14 +217,15 @@ def test_long_history(name):
     assert out.shape == (B, D) and torch.isfinite(out).all()
 
 
-def reference_dien_aux_loss(dien: DIEN, behaviours: torch.Tensor, mask: torch.Tensor) -> float:
-    """The paper's Eq. 2 written out step by step, with torch.nn.GRU as the extractor."""
+def reference_dien_aux_loss(dien: DIEN, behaviours: torch.Tensor, mask: torch.Tensor, rows=None) -> float:
+    """The paper's Eq. 2 written out step by step, with torch.nn.GRU as the extractor, over
+    ``rows`` (every row if None); the negatives still come from every row."""
     gru = torch.nn.GRU(D, D, batch_first=True)
     gru.load_state_dict({f"{k}_l0": v for k, v in dien.extractor.state_dict().items()})
     total, count = 0.0, 0
     for b in range(behaviours.shape[0]):
         n = int(mask[b].sum())  # real behaviours come first in this fixture
-        if n == 0:
+        if n == 0 or (rows is not None and b not in rows):
             continue
         states, _ = gru(behaviours[b:b + 1, :n])
         negative_row = (b - 1) % behaviours.shape[0]
@@ -219,6 +260,21 @@ def test_dien_auxiliary_loss_skips_steps_whose_negative_is_the_positive():
     shared[1, 3] = shared[0, 3]  # row 1's negative at step 3 is row 0's behaviour there: the same item
     dien(target, shared, mask, target_category, behaviour_categories)
     assert dien.auxiliary_loss().item() == pytest.approx(reference_dien_aux_loss(dien, shared, mask), rel=1e-5)
+
+
+def test_dien_auxiliary_loss_counts_only_the_rows_asked_for():
+    """A batch's weight-0 padding rows used to train the auxiliary loss as if they were real."""
+    dien: DIEN = build("dien")
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    mask = torch.ones_like(mask)
+    dien(target, behaviours, mask, target_category, behaviour_categories)
+    assert torch.equal(dien.auxiliary_loss(torch.ones(B, dtype=torch.bool)), dien.auxiliary_loss())
+    kept = torch.tensor([True, False, True, False, False])
+    assert dien.auxiliary_loss(kept).item() == pytest.approx(
+        reference_dien_aux_loss(dien, behaviours, mask, rows=[0, 2]), rel=1e-5)
+    none = dien.auxiliary_loss(torch.zeros(B, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in dien.parameters())
 
 
 def test_dien_auxiliary_loss_decreases_when_the_next_behaviour_is_predictable():

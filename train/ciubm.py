@@ -92,6 +92,7 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     config.loader.sequence_layout = config.model.sequence_layout
     if config.model.mm_dim is None:
         config.model.mm_dim = _table_dim(config.mm_table)
+    check_sharding_device(config.model, config.device)
     if config.rim_log and not (config.mm_table and config.model.uses_mm):
         raise ConfigError("rim_log: RIM rows are applied to the MM table, so they need mm_table=DIR "
                           "(the table they extend) and a model that uses it")
@@ -112,6 +113,9 @@ def check_model(model: ModelConfig) -> None:
                               f"multiple of {FBGEMM_COLUMN_ALIGNMENT}")
     if model.ubm not in available_ubms():
         raise ConfigError(f"model.ubm={model.ubm!r}: choose one of {', '.join(available_ubms())}")
+    if not (model.id_interest or model.uses_mm):
+        raise ConfigError("model.id_interest, model.content_interest and model.fusion_interest are all false: "
+                          "CiUBM needs at least one interest module")
     _check_model_shape(model)
     if model.uses_mm:
         from mim_rec.ciubm.sparse import mm_data_type
@@ -129,7 +133,7 @@ def _check_model_shape(model: ModelConfig) -> None:
 
     try:  # a throw-away instance: the UBM's own constructor is what knows its options
         build_ubm(model.ubm, model.behaviour_dim, **model.ubm_options)
-    except (TypeError, ValueError, AssertionError) as err:
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:  # RuntimeError: torch's own layers
         raise ConfigError(f"model.ubm_options={model.ubm_options} for {model.ubm}: {err}") from err
     if not all(width > 0 for width in model.over_arch):
         raise ConfigError(f"model.over_arch={model.over_arch}: layer widths must be positive")
@@ -142,6 +146,24 @@ def _check_model_shape(model: ModelConfig) -> None:
             unknown = [v for v in getattr(constraint, key) or () if v not in allowed]
             if unknown:
                 raise ConfigError(f"model.constraints.{table}.{key}={unknown}: choose from {', '.join(allowed)}")
+
+
+def check_sharding_device(model: ModelConfig, device: str) -> None:
+    """Refuse, by table, sharding types TorchRec's planner does not offer that table on the
+    run's device (``device``: auto | cpu | cuda), instead of the planner's traceback after the
+    process group is up. What is offered depends on the device and on the collection holding
+    the table (``sequence_layout``): on CPU an EmbeddingBagCollection gets no row-wise kind."""
+    import torch
+
+    from mim_rec.ciubm.placement import check_offered
+    from mim_rec.ciubm.sparse import SparseArch, sharders
+    from mim_rec.utils.dist import resolve_device
+
+    if not model.constraints:
+        return
+    device_type = resolve_device(device).type
+    arch = SparseArch(model, num_items=1, num_users=1, num_categories=1, device=torch.device("meta"))
+    check_offered(arch, model.constraints, sharders(1.0, device_type == "cuda"), device_type)
 
 
 def _table_dim(mm_table: Optional[str]) -> int:
@@ -609,7 +631,8 @@ def ctr_loss(logits: torch.Tensor, aux: Optional[torch.Tensor], batch: CtrBatch,
 
     BCE weighted by ``meta["weight"]`` (padding rows count 0), normalised by the weight sum,
     plus the UBM's auxiliary loss (DIEN) times ``aux_weight``; the auxiliary part is 0 for a
-    UBM without one."""
+    UBM without one. ``aux`` comes from the model's forward over the rows of weight > 0 only
+    (:class:`~mim_rec.ciubm.model.CiUBM`), so padding rows count 0 in it too."""
     import torch
     import torch.nn.functional as F
 

@@ -20,10 +20,17 @@ from mim_rec.ciubm.sparse import SparseArch
 from mim_rec.ciubm.whitening import MMWhitening
 from mim_rec.data.loader import DENSE_FEATURES, CtrBatch
 from mim_rec.ubm import build_ubm
+from mim_rec.ubm.layers import zero_padding
 
 
 class CiUBM(nn.Module):
-    """The CTR model. ``forward(batch) -> (logits [B], auxiliary loss or None)``."""
+    """The CTR model. ``forward(batch) -> (logits [B], auxiliary loss or None)``.
+
+    The behaviours' ID and MM rows enter the interest modules with their padded slots zeroed
+    (after whitening, which would move a zero row off zero), so whatever a lookup leaves there
+    reaches no interest and no gradient. The auxiliary loss counts only the rows of weight > 0:
+    the rows a loader pads a batch with train nothing, as in the CTR loss.
+    """
 
     def __init__(self, config: ModelConfig, num_items: int, num_users: int, num_categories: int,
                  device: Optional[torch.device] = None) -> None:
@@ -57,16 +64,16 @@ class CiUBM(nn.Module):
         pooled, ids, mm, slot_present, categories = self.sparse_arch(batch.pooled, batch.sequence, size,
                                                                      batch.slots)
         mask = slot_present[:, 1:]
-        target_ids, behaviour_ids = ids[:, 0], ids[:, 1:]
+        target_ids, behaviour_ids = ids[:, 0], zero_padding(ids[:, 1:], mask)
         parts = [target_ids, pooled["user_id"], pooled["query_tokens"], batch.dense_features]
         aux = None
         if self.id_interest is not None:
             parts.append(self.id_interest(target_ids, behaviour_ids, mask, categories[:, 0], categories[:, 1:]))
-            aux = self.id_interest.auxiliary_loss()
+            aux = self.id_interest.auxiliary_loss(rows=batch.meta["weight"] > 0)
         if mm is not None:
             if self.mm_whitening is not None:
                 mm = self.mm_whitening(mm)
-            target_mm, behaviour_mm = mm[:, 0], mm[:, 1:]
+            target_mm, behaviour_mm = mm[:, 0], zero_padding(mm[:, 1:], mask)
             weights = content_weights(target_mm, behaviour_mm, mask) if self.content_metric is None \
                 else self.content_metric(target_mm, behaviour_mm, mask)
             if self.config.target_mm:

@@ -36,6 +36,30 @@ def check_pinned(name: str, constraint: TableConstraint, world_size: int) -> str
     return types[0]
 
 
+def check_offered(model: nn.Module, constraints: Dict[str, TableConstraint], sharders: Iterable,
+                  device_type: str) -> None:
+    """Refuse a table whose ``sharding_types`` name none its sharder offers on ``device_type``.
+
+    The planner keeps the constrained types the table's sharder offers and fails with a traceback
+    when none is left. On CPU, TorchRec's EmbeddingBagCollection sharders (every table of the
+    ``ebc`` layout, the pooled tables of ``ec``) offer no row-wise kind: row_wise,
+    table_row_wise and grid_shard need CUDA.
+    """
+    sharders = list(sharders)
+    for module in model.modules():
+        sharder = next((s for s in sharders if type(module) is s.module_type), None)
+        if sharder is None:
+            continue
+        offered = sharder.sharding_types(device_type)
+        for name in sharder.shardable_parameters(module):
+            wanted = constraints[name].sharding_types if name in constraints else None
+            if wanted and not set(wanted) & set(offered):
+                cuda = device_type != "cuda" and set(wanted) <= set(sharder.sharding_types("cuda"))
+                raise ConfigError(f"model.constraints.{name}.sharding_types={wanted}: TorchRec's planner offers "
+                                  f"this table {', '.join(offered)} on {device_type}"
+                                  + ("; row-wise sharding needs CUDA" if cuda else ""))
+
+
 def pin_tables(model: nn.Module, plan, constraints: Dict[str, TableConstraint], sharders: Iterable,
                world_size: int, local_size: int, device_type: str):
     """``plan`` with every table whose constraint names ``ranks`` re-placed on those ranks."""

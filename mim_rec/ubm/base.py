@@ -12,6 +12,8 @@ from typing import Callable, Dict, Optional, Type
 import torch
 from torch import nn
 
+from mim_rec.ubm.layers import zero_padding
+
 
 class InterestModule(nn.Module):
     """Base class: validates the seam, then delegates to :meth:`interest`.
@@ -21,6 +23,10 @@ class InterestModule(nn.Module):
 
     Subclasses set ``output_dim`` and implement :meth:`interest`; a model with a training-only
     loss of its own (DIEN) overrides :meth:`auxiliary_loss`.
+
+    :meth:`interest` receives the behaviours with their padded positions zeroed: a scorer, a
+    recurrence or a projection then runs on zeros there, never on whatever the caller left in a
+    padded slot, so a NaN or inf in padding reaches neither the output nor any gradient.
     """
 
     output_dim: int
@@ -40,14 +46,18 @@ class InterestModule(nn.Module):
         torch._assert(mask.dtype == torch.bool, "mask must be bool (True = real behaviour)")
         torch._assert(target_category.shape == (batch,), "target_category must be [B]")
         torch._assert(behaviour_categories.shape == (batch, length), "behaviour_categories must be [B, L]")
-        return self.interest(target, behaviours, mask, target_category, behaviour_categories)
+        return self.interest(target, zero_padding(behaviours, mask), mask, target_category, behaviour_categories)
 
     def interest(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor,
                  target_category: torch.Tensor, behaviour_categories: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def auxiliary_loss(self) -> Optional[torch.Tensor]:
-        """A loss term to add to the CTR loss, from the last forward; ``None`` if the model has none."""
+    def auxiliary_loss(self, rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """A loss term to add to the CTR loss, from the last forward; ``None`` if the model has none.
+
+        ``rows`` (bool ``[B]``): the rows of that forward's batch that count, so the weight-0 rows
+        a loader pads a batch with train nothing here either; ``None``: every row.
+        """
         return None
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from mim_rec.ubm.base import InterestModule, register_ubm
-from mim_rec.ubm.layers import PositionalEmbedding, masked_mean, recency_positions
+from mim_rec.ubm.layers import PositionalEmbedding, masked_mean, recency_positions, zero_padding
+from mim_rec.ubm.options import positive_int
 
 
 @register_ubm("bst")
@@ -36,10 +37,12 @@ class BST(InterestModule):
             raise ValueError(f"pooling must be 'target' or 'mean', got {pooling!r}")
         self.pooling = pooling
         self.positions = PositionalEmbedding(max_positions, dim)
-        layer = nn.TransformerEncoderLayer(dim, num_heads, dim_feedforward=ffn_dim or 4 * dim,
+        feedforward = 4 * dim if ffn_dim is None else positive_int("ffn_dim", ffn_dim)
+        layer = nn.TransformerEncoderLayer(dim, positive_int("num_heads", num_heads), dim_feedforward=feedforward,
                                            dropout=dropout, activation="gelu", batch_first=True,
                                            norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, positive_int("num_layers", num_layers),
+                                             enable_nested_tensor=False)
 
     def interest(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor,
                  target_category: torch.Tensor, behaviour_categories: torch.Tensor) -> torch.Tensor:
@@ -47,7 +50,7 @@ class BST(InterestModule):
         real = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
         positions = torch.cat([mask.new_zeros(mask.shape[0], 1, dtype=torch.long),
                                recency_positions(mask) + 1], dim=1)
-        tokens = torch.where(real.unsqueeze(-1), tokens + self.positions(positions), torch.zeros_like(tokens))
+        tokens = zero_padding(tokens + self.positions(positions), real)
         encoded = self.encoder(tokens, src_key_padding_mask=~real)
         if self.pooling == "target":
             return encoded[:, 0]

@@ -10,7 +10,7 @@ target attention.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +20,17 @@ from mim_rec.ubm.base import InterestModule, register_ubm
 from mim_rec.ubm.layers import ActivationUnit, AUGRUCell, masked_softmax
 
 
-def next_behaviour_loss(states: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """DIEN's auxiliary loss: state ``h_t`` should score ``e_{t+1}`` high and a negative low.
+def next_behaviour_steps(states: torch.Tensor, behaviours: torch.Tensor,
+                         mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DIEN's auxiliary loss per step: state ``h_t`` should score ``e_{t+1}`` high and a negative low.
 
-    ``-mean_t [log sigmoid(<h_t, e_{t+1}>) + log(1 - sigmoid(<h_t, e~_{t+1}>))]`` over steps
-    where ``t``, ``t+1`` and the negative are all real. The negative ``e~_{t+1}`` is the
+    ``-[log sigmoid(<h_t, e_{t+1}>) + log(1 - sigmoid(<h_t, e~_{t+1}>))]`` for every step where
+    ``t``, ``t+1`` and the negative are all real. The negative ``e~_{t+1}`` is the
     behaviour at the same step of the previous row in the batch (an in-batch sample, so no
     extra embedding lookups). A step whose negative is the positive item itself (the same
     embedding: two rows sharing a behaviour, or a batch of one) would push the same score up
-    and down at once, so it is left out. Returns 0 when no step qualifies.
+    and down at once, so it is left out. Returns ``(per_step [B, L-1], valid [B, L-1])``, the
+    loss 0 wherever ``valid`` is False; :func:`next_behaviour_loss` averages it.
     """
     negatives, negative_mask = behaviours.roll(1, dims=0), mask.roll(1, dims=0)
     h, positive, negative = states[:, :-1], behaviours[:, 1:], negatives[:, 1:]
@@ -37,7 +39,17 @@ def next_behaviour_loss(states: torch.Tensor, behaviours: torch.Tensor, mask: to
     positive_logit = (h * positive).sum(-1)
     negative_logit = (h * negative).sum(-1)
     per_step = F.softplus(-positive_logit) + F.softplus(negative_logit)  # -log s(p) - log(1 - s(n))
-    per_step = torch.where(valid, per_step, torch.zeros_like(per_step))
+    return torch.where(valid, per_step, torch.zeros_like(per_step)), valid
+
+
+def next_behaviour_loss(per_step: torch.Tensor, valid: torch.Tensor,
+                        rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The mean of :func:`next_behaviour_steps`' losses over the valid steps of ``rows`` (bool
+    ``[B]``; ``None``: every row), 0 when no step qualifies. A row left out still serves as the
+    next row's in-batch negative: it is a real item, only its own steps are not scored."""
+    if rows is not None:
+        valid = valid & rows.unsqueeze(1)
+        per_step = torch.where(valid, per_step, torch.zeros_like(per_step))
     return per_step.sum() / valid.sum().clamp(min=1).to(per_step.dtype)
 
 
@@ -50,7 +62,8 @@ class DIEN(InterestModule):
     the DIN activation unit between the target and each interest state, softmax-normalised over
     the real steps (Eq. 5 uses a bilinear form; the activation unit is the shared, richer
     scorer). :meth:`auxiliary_loss` returns the extractor's next-behaviour loss of the last
-    forward; add it (times a weight, 1.0 in the paper) to the CTR loss while training.
+    forward over the rows asked for; add it (times a weight, 1.0 in the paper) to the CTR loss
+    while training.
     """
 
     def __init__(self, dim: int, attention_hidden: Sequence[int] = (64, 32),
@@ -59,7 +72,7 @@ class DIEN(InterestModule):
         self.extractor = nn.GRUCell(dim, dim)
         self.scorer = ActivationUnit(dim, attention_hidden, activation, dropout)
         self.evolution = AUGRUCell(dim, dim)
-        self._auxiliary_loss: Optional[torch.Tensor] = None
+        self._auxiliary_steps: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def extract(self, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Interest states ``[B, L, dim]``: the GRU state after each real behaviour."""
@@ -82,9 +95,11 @@ class DIEN(InterestModule):
     def interest(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor,
                  target_category: torch.Tensor, behaviour_categories: torch.Tensor) -> torch.Tensor:
         states = self.extract(behaviours, mask)
-        self._auxiliary_loss = next_behaviour_loss(states, behaviours, mask)
+        self._auxiliary_steps = next_behaviour_steps(states, behaviours, mask)
         attention = masked_softmax(self.scorer(target, states), mask)
         return self.evolve(states, attention, mask)
 
-    def auxiliary_loss(self) -> Optional[torch.Tensor]:
-        return self._auxiliary_loss
+    def auxiliary_loss(self, rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        if self._auxiliary_steps is None:
+            return None
+        return next_behaviour_loss(*self._auxiliary_steps, rows)

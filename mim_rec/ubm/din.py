@@ -13,6 +13,7 @@ import torch
 
 from mim_rec.ubm.base import InterestModule, register_ubm
 from mim_rec.ubm.layers import ActivationUnit, masked_softmax, weighted_sum
+from mim_rec.ubm.options import flag
 
 
 @register_ubm("din")
@@ -29,7 +30,7 @@ class DIN(InterestModule):
                  activation: str = "prelu", dropout: float = 0.0, normalize: bool = True) -> None:
         super().__init__(dim)
         self.scorer = ActivationUnit(dim, attention_hidden, activation, dropout)
-        self.normalize = normalize
+        self.normalize = flag("normalize", normalize)
 
     def attention_weights(self, target: torch.Tensor, behaviours: torch.Tensor,
                           mask: torch.Tensor) -> torch.Tensor:

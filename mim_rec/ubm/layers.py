@@ -18,6 +18,8 @@ from typing import Sequence, Tuple
 import torch
 from torch import nn
 
+from mim_rec.ubm.options import positive_int, positive_ints
+
 _ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 
@@ -53,16 +55,22 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> t
     return torch.where(mask, weights, torch.zeros_like(weights))
 
 
+def zero_padding(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values [B, L, D]`` with every padded position replaced by zeros (``torch.where``, so a
+    NaN or inf there reaches neither a result nor, through backward, a gradient)."""
+    return torch.where(mask.unsqueeze(-1), values, torch.zeros_like(values))
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values [B, L, D]`` over real positions -> ``[B, D]``; zero for empty rows."""
-    kept = torch.where(mask.unsqueeze(-1), values, torch.zeros_like(values))
+    kept = zero_padding(values, mask)
     count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(values.dtype)
     return kept.sum(dim=1) / count
 
 
 def weighted_sum(weights: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``sum_l weights[b, l] * values[b, l]`` over real positions: ``[B, L] x [B, L, D] -> [B, D]``."""
-    kept = torch.where(mask.unsqueeze(-1), values, torch.zeros_like(values))
+    kept = zero_padding(values, mask)
     return torch.bmm(weights.unsqueeze(1), kept).squeeze(1)
 
 
@@ -77,12 +85,16 @@ class ActivationUnit(nn.Module):
 
         unit = ActivationUnit(dim=8)
         scores = unit(torch.randn(4, 8), torch.randn(4, 10, 8))  # [4, 10]
+
+    ``attention_hidden`` is the option of that name of every UBM that scores with this unit, so
+    its check names it.
     """
 
-    def __init__(self, dim: int, hidden_dims: Sequence[int] = (64, 32),
+    def __init__(self, dim: int, attention_hidden: Sequence[int] = (64, 32),
                  activation: str = "prelu", dropout: float = 0.0) -> None:
         super().__init__()
-        self.net = mlp(4 * dim, hidden_dims, out_dim=1, activation=activation, dropout=dropout)
+        hidden = positive_ints("attention_hidden", attention_hidden)
+        self.net = mlp(4 * dim, hidden, out_dim=1, activation=activation, dropout=dropout)
 
     def forward(self, target: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         query = target.unsqueeze(1).expand_as(keys)
@@ -101,7 +113,7 @@ class ProjectedDotScorer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 1) -> None:
         super().__init__()
-        if num_heads < 1 or dim % num_heads:
+        if dim % positive_int("num_heads", num_heads):
             raise ValueError(f"num_heads={num_heads}: must be a positive divisor of dim {dim}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.query = nn.Linear(dim, dim, bias=False)
@@ -153,9 +165,7 @@ class PositionalEmbedding(nn.Module):
 
     def __init__(self, max_positions: int, dim: int) -> None:
         super().__init__()
-        if max_positions < 1:
-            raise ValueError(f"max_positions={max_positions}: must be at least 1")
-        self.max_positions = max_positions
+        self.max_positions = positive_int("max_positions", max_positions)
         self.table = nn.Embedding(max_positions, dim)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from mim_rec.ubm.base import InterestModule, register_ubm
 from mim_rec.ubm.layers import ActivationUnit, gather_positions, masked_softmax, top_k_positions, weighted_sum
+from mim_rec.ubm.options import positive_int
 
 
 def category_search(mask: torch.Tensor, target_category: torch.Tensor, behaviour_categories: torch.Tensor,
@@ -42,9 +43,7 @@ class SIM(InterestModule):
     def __init__(self, dim: int, top_k: int = 50, attention_hidden: Sequence[int] = (64, 32),
                  activation: str = "prelu", dropout: float = 0.0) -> None:
         super().__init__(dim)
-        if top_k <= 0:
-            raise ValueError(f"top_k must be positive, got {top_k}")
-        self.top_k = top_k
+        self.top_k = positive_int("top_k", top_k)
         self.scorer = ActivationUnit(dim, attention_hidden, activation, dropout)
 
     def interest(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor,

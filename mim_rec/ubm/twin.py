@@ -16,6 +16,7 @@ from torch import nn
 
 from mim_rec.ubm.base import InterestModule, register_ubm
 from mim_rec.ubm.layers import ProjectedDotScorer, gather_positions, masked_softmax, top_k_positions, weighted_sum
+from mim_rec.ubm.options import positive_int
 
 
 @register_ubm("twin")
@@ -30,10 +31,8 @@ class TWIN(InterestModule):
 
     def __init__(self, dim: int, top_k: int = 50, num_heads: int = 2) -> None:
         super().__init__(dim)
-        if top_k <= 0:
-            raise ValueError(f"top_k must be positive, got {top_k}")
-        self.top_k, self.num_heads = top_k, num_heads
         self.scorer = ProjectedDotScorer(dim, num_heads)
+        self.top_k, self.num_heads = positive_int("top_k", top_k), num_heads
         self.value = nn.Linear(dim, dim, bias=False)
         self.output = nn.Linear(dim, dim)
 
