@@ -115,6 +115,8 @@ def test_both_libraries_train_on_the_same_steps_and_beat_chance(world, tmp_path,
     ("ubms=[din,din]", "ubms=['din', 'din']: each may appear once"),  # printed a spread "over seeds"
     ("seeds=[0,0]", "seeds=[0, 0]: each may appear once"),
     ("model.user_dim=6", "model.user_dim=6: FBGEMM's embedding kernels need a multiple of 4"),
+    pytest.param("model.constraints.item.sharding_types=[row_wise]", "row-wise sharding needs CUDA",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="row-wise is offered on CUDA")),
 ])
 def test_a_setting_that_cannot_run_is_refused_before_training(world, capsys, setting, message):
     """These used to end in a traceback, or (seeds=[]) in an empty table."""

@@ -105,6 +105,9 @@ def test_world_folder_sets_the_table_sizes(tmp_path, capsys):
     ("model.user_dim=6", "model.user_dim=6: FBGEMM's embedding kernels need a multiple of 4"),
     # only the first UBM was checked: bst refused din's options after din's rounds had run
     ("ubms=[din,bst]", "for bst: "),
+    # the planner's traceback after the process group was up, as mim train refuses it in one line
+    pytest.param("model.constraints.item.sharding_types=[row_wise]", "row-wise sharding needs CUDA",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="row-wise is offered on CUDA")),
 ])
 def test_settings_that_cannot_run_are_refused_in_one_line(capsys, override, message):
     """ubms=[] used to end in an IndexError, hist_len=0 in numpy's 'low >= high'."""

@@ -219,6 +219,11 @@ def run_peer(ubm: str, seed: int, config: PeerBenchConfig, items: ItemInfo, size
 
 # ------------------------------------------------------------------------------ mim_rec side
 
+def base_model(config: PeerBenchConfig, ubm: str) -> ModelConfig:
+    """The CiUBM the peer is compared with: Base ``ubm`` (the ID interest module only)."""
+    return replace(config.model, ubm=ubm, content_interest=False, fusion_interest=False)
+
+
 def run_ours(ubm: str, seed: int, config: PeerBenchConfig) -> Dict[str, Any]:
     """``mim train`` of Base ``ubm`` in this process, in a throw-away run folder."""
     from train.ciubm import DataPaths, TrainConfig, run
@@ -227,8 +232,7 @@ def run_ours(ubm: str, seed: int, config: PeerBenchConfig) -> Dict[str, Any]:
         train_config = TrainConfig(
             data=DataPaths(world=config.world), out=out, seed=seed, epochs=config.epochs,
             max_steps=config.max_steps, lr=config.lr, id_lr=config.id_lr, loader=config.loader,
-            model=replace(config.model, ubm=ubm, content_interest=False, fusion_interest=False),
-            log_every=1, checkpoint_every=10 ** 9)
+            model=base_model(config, ubm), log_every=1, checkpoint_every=10 ** 9)
         report = run(train_config)
         logged = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in logged if "samples_per_s" in r]
@@ -245,7 +249,7 @@ def _summary(report: Dict[str, Any]) -> Dict[str, Any]:
 def check_config(config: PeerBenchConfig) -> None:
     """Refuse, before any training, a setting that would fail late or print an empty table."""
     from mim_rec.config import ConfigError, require_positive
-    from train.ciubm import check_model
+    from train.ciubm import check_model, check_sharding_device
 
     if not config.world:
         raise ConfigError("mim bench peer needs world=DIR (a folder with items.parquet and events_*.parquet)")
@@ -263,7 +267,8 @@ def check_config(config: PeerBenchConfig) -> None:
     require_positive(config, ("epochs", "max_steps", "lr", "peer_lr", "id_lr", "query_len", "threads",
                               "loader.batch_size", "loader.max_hist_len"))
     for ubm in config.ubms:
-        check_model(replace(config.model, ubm=ubm))
+        check_model(base_model(config, ubm))
+        check_sharding_device(base_model(config, ubm), "auto")  # the device run_ours trains on
 
 
 def check_query_len(config: PeerBenchConfig) -> None:

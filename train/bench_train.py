@@ -452,7 +452,7 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     from tqdm import tqdm
 
     from mim_rec.config import ConfigError, require_positive
-    from train.ciubm import check_model
+    from train.ciubm import check_model, check_sharding_device
 
     unknown = sorted(set(config.ubms) - set(ALL_UBMS))
     if unknown or not config.ubms:
@@ -466,6 +466,7 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
                           "compare the layouts with mim bench layout")
     for ubm, variant in itertools.product(config.ubms, VARIANTS):  # every model the rounds will build
         check_model(variant_config(config, ubm, variant))
+        check_sharding_device(variant_config(config, ubm, variant), config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     sizes = bench_sizes(config)
