@@ -101,6 +101,38 @@ def test_report_only_runs_nothing_and_reports_what_finished(tmp_path):
     assert json.loads((plan.out / "results.json").read_text())["ctr"]["base_avg_s0"]["auc"] == 0.61
 
 
+def test_the_din_ablations_get_din_runs_to_compare_with_whatever_ubms_table_2_has(tmp_path):
+    """--tables 2,3,5 --ubms sim trained the DIN ablations and reported each against a DIN
+    Base+MIM nobody ran."""
+    names = [run["name"] for run in experiment.ctr_runs(_plan(tmp_path, tables="2,3,5", ubms="sim", seeds="0"))]
+    assert {"base_sim_s0", "mim_sim_s0", "base_din_s0", "mim_din_s0", "nocontent_din_s0"} <= set(names)
+    assert len(names) == len(set(names))
+
+
+def test_report_only_counts_a_run_with_other_settings_as_not_run(tmp_path, capsys):
+    """CTR runs were read by name: --report-only with another preset (or none) published the
+    numbers of runs trained with other settings under this invocation's header."""
+    from train.ciubm import load_train_config
+    from train.common import config_dict
+
+    plan = _plan(tmp_path, tables="2", ubms="avg", seeds="0")
+    metrics = {"auc": 0.61, "gauc": 0.6, "logloss": 0.4, "n": 10, "per_category": {}, "age_edges": [],
+               "age_deciles": [], "steps": 3}
+    for run in experiment.ctr_runs(plan):
+        config = load_train_config(None, [f"data.world={plan.world}", "model.mm_dim=16",
+                                          *experiment.PIPELINE_PRESETS[plan.preset.pipeline]["train"],
+                                          *run["overrides"]])
+        folder = plan.ctr_dir / run["name"]
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        if run["name"].startswith("mim_"):
+            config.epochs += 1  # trained under another preset
+        (folder / "config.json").write_text(json.dumps(config_dict(config)))
+    results = experiment.run_experiment(plan, report_only=True)
+    assert results["ctr"] == {"base_avg_s0": metrics, "mim_avg_s0": None}
+    assert "mim_avg_s0 ran with other settings than this plan's (differs in: epochs)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("tables", "2,7", "--tables"), ("ubms", "din,gru4rec", "--ubms"), ("seeds", "1,x", "--seeds"),
     ("tables", "", "--tables"), ("seeds", "0,1,0", r"--seeds: 0 given more than once"),

@@ -272,3 +272,46 @@ def test_table3_shows_the_true_style_ceiling_and_its_gain_by_item_age(tmp_path):
     assert table_row(section(table3, "Δ AUC vs Base by item age"), "C-SFT MM table")[0] == "+0.0500"
     without = section(write_report(make_results(), tmp_path / "none"), "## Table 3")
     assert table_row(without, ceiling)[0] == "not run"
+
+
+def _without_s1(results: Dict, ubms: Sequence[str]) -> Dict:
+    """``results`` with S1's AUC undefined (one class) in every run of ``ubms``."""
+    for name, metrics in results["ctr"].items():
+        if name.split("_")[1] in ubms and metrics:
+            metrics["age_deciles"][0]["auc"] = None
+    return results
+
+
+def test_age_buckets_stay_in_age_order_and_an_undefined_one_shows_as_na(tmp_path):
+    """Buckets came in first-seen order (S2..S10, S1 when the first UBM had no S1 AUC), and a
+    bucket undefined in every pair vanished from Figure 6."""
+    figure6 = section(write_report(_without_s1(make_results(), ["avg"]), tmp_path), "## Figure 6")
+    header = next(line for line in figure6.splitlines() if line.startswith("| UBM"))
+    assert header == "| UBM | " + " | ".join(f"S{i}" for i in range(1, 11)) + " | pairs |"
+    assert table_row(figure6, "avg")[0] == "n/a" and table_row(figure6, "din")[0] == "+0.0500"
+    figure6 = section(write_report(_without_s1(make_results(), UBMS), tmp_path / "none"), "## Figure 6")
+    assert table_row(figure6, "all UBMs")[0] == "n/a"
+
+
+def test_claim_2_compares_s1_with_the_other_buckets_on_the_same_pairs():
+    """With S1 defined for din only, S1 was averaged over din's pairs and every other bucket
+    over all pairs."""
+    results = _without_s1(make_results(), ["avg"])
+    for seed in SEEDS:  # avg's other buckets gain far more than din's S1
+        for bucket in results["ctr"][f"mim_avg_s{seed}"]["age_deciles"][1:]:
+            bucket["auc"] += 0.2
+    claim = claims_by_id(results)["2"]
+    assert claim["holds"] is True and claim["value"].startswith("S1 +0.0500; S2 +0.0100")
+    claim = claims_by_id(_without_s1(make_results(), UBMS))["2"]
+    assert claim["holds"] is None and claim["value"] == "S1 AUC undefined (one class) in every pair"
+
+
+def test_a_measured_claim_without_a_verdict_is_not_labelled_not_run(tmp_path):
+    """One seed, or buckets that are not item ages, read "not run" though every run existed."""
+    results = make_results()
+    results["ctr"]["mim_din_s1"] = None
+    results["item_age_caveat"] = "created_at is the first appearance"
+    claims = section(write_report(results, tmp_path), "## Paper claims")
+    assert table_row(claims, "1")[-1] == "no verdict" and table_row(claims, "2")[-1] == "no verdict"
+    results["csft"] = None
+    assert table_row(section(write_report(results, tmp_path), "## Paper claims"), "4")[-1] == "not run"

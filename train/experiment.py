@@ -177,7 +177,9 @@ def ctr_runs(plan: Plan) -> List[Dict[str, Any]]:
         runs.append({"name": name, "overrides": [f"out={plan.ctr_dir / name}", f"model.ubm={ubm}", f"seed={seed}",
                                                  f"mm_table={table}", *overrides]})
 
-    ubms = plan.ubms if 2 in tables else (ABLATION_UBM,) if tables & {3, 5} else ()
+    ubms = plan.ubms if 2 in tables else ()
+    if tables & {3, 5} and ABLATION_UBM not in ubms:  # the DIN ablations compare with DIN's Base+MIM
+        ubms = (*ubms, ABLATION_UBM)
     for seed in plan.seeds:  # Table 2 first: a run stopped part-way has its seeds complete
         for ubm in ubms:
             add(f"base_{ubm}_s{seed}", ubm, seed, *MODELS["base"])
@@ -274,6 +276,35 @@ def _read_json(path: Path) -> Optional[Any]:
     return value
 
 
+def _ctr_metrics(plan: Plan, run: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """A CTR run's ``metrics.json`` when the run in its folder has the settings this plan gives
+    it (as the grid's skip check compares them); otherwise None, said. Runs are read by name,
+    so ``--report-only`` with another preset published another preset's numbers."""
+    from mim_rec.config import ConfigError
+    from mim_rec.data.errors import DataError
+    from train.ciubm import EXECUTION_ONLY, PATH_SETTINGS, load_train_config
+    from train.common import changed_settings
+
+    path = plan.ctr_dir / run["name"] / "metrics.json"
+    metrics, saved = _read_json(path), _read_json(path.parent / "config.json")
+    if metrics is None or saved is None:  # not run, or no settings recorded to compare
+        return metrics
+    # the table's width is read from the table, not planned: the run's own, unless the plan sets one
+    table_dim = (saved.get("model") or {}).get("mm_dim")
+    try:
+        config = load_train_config(None, [f"data.world={plan.world}", *([f"model.mm_dim={table_dim}"] if table_dim else []),
+                                          *PIPELINE_PRESETS[plan.preset.pipeline]["train"], *plan.ctr_overrides,
+                                          *run["overrides"]])
+        changed = changed_settings(config, EXECUTION_ONLY, PATH_SETTINGS)
+    except (ConfigError, DataError) as err:
+        changed = [f"unreadable here ({err})"]
+    if changed:
+        print(f"warning: {path.parent} ran with other settings than this plan's (differs in: {', '.join(changed)}); "
+              "its run counts as not run", file=sys.stderr)
+        return None
+    return metrics
+
+
 def collect_results(plan: Plan, stage_walls: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Every number the report shows, read back from the stages' artifacts."""
     from mim_rec.data.manifest import world_age_caveat
@@ -281,7 +312,7 @@ def collect_results(plan: Plan, stage_walls: List[Dict[str, Any]]) -> Dict[str, 
     out = plan.out
     return {"preset": plan.preset_name, "config": plan.settings(), "code": code_version(),
             "world": str(plan.world), "item_age_caveat": world_age_caveat(plan.world), "seeds": list(plan.seeds), "ubms": list(plan.ubms), "stages": stage_walls,
-            "ctr": {run["name"]: _read_json(plan.ctr_dir / run["name"] / "metrics.json") for run in ctr_runs(plan)},
+            "ctr": {run["name"]: _ctr_metrics(plan, run) for run in ctr_runs(plan)},
             "pretrain_eval": _read_json(out / "pretrain" / "eval.json") if 3 in plan.tables else None,
             "csft": _read_json(out / "csft_tables" / "ablations.json") if set(plan.tables) & {3, 4, 5} else None,
             "bench_train": _read_json(out / "bench_train.json") if 6 in plan.tables else None,

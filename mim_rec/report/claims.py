@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional
 
-from mim_rec.report.stats import CtrRuns, Stat, fmt, fmt_p, fmt_stat, nested, pooled_age_gains
+from mim_rec.report.stats import CtrRuns, Stat, age_pairs, fmt, fmt_p, fmt_stat, nested, pooled_age_gains
 
 Claim = Dict[str, Any]
 ABLATED = {"tfn": ("no_tfn", "TFN"), "st_nsg": ("no_st_nsg", "ST-NSG"),
@@ -66,9 +66,11 @@ def _mim_beats_base(ctr: CtrRuns) -> Claim:
 
 
 def _newest_gain_largest(ctr: CtrRuns, age_caveat: Optional[str]) -> Claim:
-    """Not measured (``holds`` None) on a world whose age buckets are not item ages."""
-    gains = pooled_age_gains(ctr)
-    value = "; ".join(f"{b} {fmt(s.mean, signed=True)}" for b, s in gains.items()) or "not run"
+    """Not measured (``holds`` None) on a world whose age buckets are not item ages. Pooled
+    over the pairs with an S1 gain, so S1 and the others are averaged over the same pairs."""
+    gains = pooled_age_gains(ctr, defined="S1")
+    value = "; ".join(f"{b} {fmt(s.mean, signed=True)}" for b, s in gains.items()) or \
+        ("S1 AUC undefined (one class) in every pair" if age_pairs(ctr) else "not run")
     newest = gains.get("S1")
     holds = None if newest is None or len(gains) < 2 or age_caveat else newest.mean > 0 and all(
         newest.mean > s.mean for b, s in gains.items() if b != "S1")  # the least loss is no gain

@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mim_rec.report import plots
 from mim_rec.report.claims import paper_claims
-from mim_rec.report.stats import (CtrRuns, Stat, age_gains, by_bucket, fmt, fmt_p, fmt_stat, mean_of, nested,
-                                  pooled_age_gains, seeds_of)
+from mim_rec.report.stats import (CtrRuns, Stat, age_gains, age_pairs, by_bucket, fmt, fmt_p, fmt_stat, mean_of,
+                                  nested, pooled_age_gains, seeds_of, seen_buckets)
 
 NOT_RUN = "_not run_"
 FIGURES = {"table2": "table2_auc.png", "fig5": "fig5_encoders.png", "fig6": "fig6_age_gain.png"}
@@ -159,7 +159,7 @@ def _table_age_gains(ctr: CtrRuns, ubm: str, rows: Sequence[Tuple[str, str]]) ->
     gains = {label: row for label, row in gains.items() if row}
     if not gains:
         return []
-    buckets = list(dict.fromkeys(b for row in gains.values() for b in row))
+    buckets = seen_buckets(g for kind, _ in rows for g in ctr.age_gain_seeds(ubm, kind))
     return ["", f"Δ AUC vs Base by item age ({ubm.upper()}, mean over seeds; S1 newest):", "",
             *md_table(["MM table", *buckets],
                       [[label, *(fmt(row[b].mean, signed=True) if b in row else "n/a" for b in buckets)]
@@ -263,7 +263,7 @@ def _figure6(ctr: CtrRuns, written: Dict[str, bool], caveat: Optional[str]) -> L
     table, pooled = age_gains(ctr), pooled_age_gains(ctr)
     if not table:
         return lines + [NOT_RUN]
-    buckets = list(dict.fromkeys(b for gains in table.values() for b in gains))
+    buckets = seen_buckets(age_pairs(ctr))
     rows = [_age_row(ubm, gains, buckets) for ubm, gains in table.items()]
     rows.append(_age_row("all UBMs", pooled, buckets))
     lines += md_table(["UBM", *buckets, "pairs"], rows)
@@ -274,10 +274,17 @@ def _figure6(ctr: CtrRuns, written: Dict[str, bool], caveat: Optional[str]) -> L
     return lines + _figure("fig6", written, "Figure 6: gain by item age")
 
 
+def _verdict(claim: Dict[str, Any]) -> str:
+    """yes / no; without one, "not run" where a measure is missing, else "no verdict" (one
+    seed, an undefined bucket, or buckets that are not item ages: measured, not decided)."""
+    if claim["holds"] is not None:
+        return "yes" if claim["holds"] else "**no**"
+    return "not run" if "not run" in claim["value"] else "no verdict"
+
+
 def _claims(claims: List[Dict[str, Any]]) -> List[str]:
-    verdict: Dict[Optional[bool], str] = {True: "yes", False: "**no**", None: "not run"}
     return ["## Paper claims", "", *md_table(["#", "claim", "measure", "value", "holds"], [
-        [c["id"], c["claim"], c["measure"], c["value"], verdict[c["holds"]]] for c in claims])]
+        [c["id"], c["claim"], c["measure"], c["value"], _verdict(c)] for c in claims])]
 
 
 # ------------------------------------------------------------------------------- entry point

@@ -145,10 +145,18 @@ class CtrRuns:
         return gains
 
 
+def seen_buckets(seed_gains: Iterable[Dict[str, Optional[float]]]) -> List[str]:
+    """Every bucket the per-seed gains name, undefined ones included, in age order (S1 newest
+    ... S10 oldest; by number, not by first appearance, which put S1 last when the first UBM
+    had no S1 AUC)."""
+    names = _unique(b for gains in seed_gains for b in gains)
+    return sorted(names, key=lambda b: (0, int(b[1:])) if b[:1] == "S" and b[1:].isdigit() else (1, names.index(b)))
+
+
 def by_bucket(seed_gains: List[Dict[str, Optional[float]]]) -> Dict[str, Stat]:
-    """Bucket -> :class:`Stat` over the given per-seed gains (buckets in first-seen order)."""
-    buckets = _unique(b for gains in seed_gains for b in gains)
-    stats = {b: stat(gains.get(b) for gains in seed_gains) for b in buckets}
+    """Bucket -> :class:`Stat` over the given per-seed gains, in age order; a bucket with no
+    defined gain (one class in every pair) is left out here, and shown as n/a by the tables."""
+    stats = {b: stat(gains.get(b) for gains in seed_gains) for b in seen_buckets(seed_gains)}
     return {b: s for b, s in stats.items() if s is not None}
 
 
@@ -158,9 +166,16 @@ def age_gains(ctr: CtrRuns) -> Dict[str, Dict[str, Stat]]:
     return {ubm: row for ubm, row in table.items() if row}
 
 
-def pooled_age_gains(ctr: CtrRuns) -> Dict[str, Stat]:
-    """Bucket -> Δ AUC over every (UBM, seed) pair: the gain by item age across the whole table."""
-    return by_bucket([gains for ubm in ctr.ubms for gains in ctr.age_gain_seeds(ubm)])
+def age_pairs(ctr: CtrRuns) -> List[Dict[str, Optional[float]]]:
+    """Every (UBM, seed) pair's bucket -> Δ AUC."""
+    return [gains for ubm in ctr.ubms for gains in ctr.age_gain_seeds(ubm)]
+
+
+def pooled_age_gains(ctr: CtrRuns, defined: Optional[str] = None) -> Dict[str, Stat]:
+    """Bucket -> Δ AUC over every (UBM, seed) pair: the gain by item age across the whole table.
+    With ``defined``, over the pairs where that bucket's gain is defined only, so the buckets
+    are compared on the same pairs."""
+    return by_bucket([gains for gains in age_pairs(ctr) if defined is None or gains.get(defined) is not None])
 
 
 def nested(data: Optional[Dict[str, Any]], *keys: str) -> Optional[Any]:
