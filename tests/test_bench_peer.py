@@ -124,6 +124,17 @@ def test_a_setting_that_cannot_run_is_refused_before_training(world, capsys, set
     assert message in capsys.readouterr().err
 
 
+def test_both_libraries_hash_queries_into_the_models_table(world):
+    """run_ours built its TrainConfig past mim train's loader sync: with model.query_buckets=64
+    the loader still hashed into 20,000 ids, and fbgemm zeroed every id past row 63."""
+    from mim_rec.config import load_config
+    from train.bench_peer import check_config
+
+    config = load_config(PeerBenchConfig, None, [f"world={world}", "model.query_buckets=64"])
+    check_config(config)
+    assert config.loader.query_buckets == 64
+
+
 def test_one_seed_is_printed_without_a_spread():
     from train.bench_peer import format_table, summarise
 

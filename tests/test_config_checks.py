@@ -74,6 +74,9 @@ def test_stage_commands_refuse_non_positive_settings(tmp_path, capsys, command, 
     ("model.ubm=bst model.ubm_options.ffn_dim=-4", r"for bst: ffn_dim=-4: must be a positive integer"),
     ("device=cpu model.constraints.mm_item.sharding_types=[row_wise]",
      r"model.constraints.mm_item.sharding_types=\['row_wise'\]: .* on cpu; row-wise sharding needs CUDA"),
+    # the loader's hash range was dropped for the model's without a word
+    ("loader.query_buckets=50000", r"loader.query_buckets=50000: .* set model.query_buckets \(now 20000\) instead"),
+    ("loader.query_buckets=0", r"loader.query_buckets=0: "),
     ("device=cpu model.constraints.item.sharding_types=[table_row_wise]",
      r"model.constraints.item.sharding_types=\['table_row_wise'\]: .* on cpu; row-wise sharding needs CUDA"),
 ])
@@ -84,6 +87,11 @@ def test_model_shapes_that_would_fail_inside_torch_are_refused_by_key(tmp_path, 
     over-arch or scorer, a truthy string for a bool)."""
     with pytest.raises(ConfigError, match=message):
         load_train_config(None, [f"data.world={tmp_path}", *override.split()])
+
+
+def test_the_loader_hashes_queries_into_the_models_query_table(tmp_path):
+    config = load_train_config(None, [f"data.world={tmp_path}", "model.query_buckets=64", "model.sequence_layout=ec"])
+    assert (config.loader.query_buckets, config.loader.sequence_layout) == (64, "ec")
 
 
 def test_no_interest_module_is_one_line_from_mim_train(tmp_path, capsys):

@@ -249,7 +249,7 @@ def _summary(report: Dict[str, Any]) -> Dict[str, Any]:
 def check_config(config: PeerBenchConfig) -> None:
     """Refuse, before any training, a setting that would fail late or print an empty table."""
     from mim_rec.config import ConfigError, require_positive
-    from train.ciubm import check_model, check_sharding_device
+    from train.ciubm import check_model, check_sharding_device, match_loader_to_model
 
     if not config.world:
         raise ConfigError("mim bench peer needs world=DIR (a folder with items.parquet and events_*.parquet)")
@@ -266,6 +266,7 @@ def check_config(config: PeerBenchConfig) -> None:
         raise ConfigError("model.sequence_layout: the peer's input is read from the slot (ebc) layout")
     require_positive(config, ("epochs", "max_steps", "lr", "peer_lr", "id_lr", "query_len", "threads",
                               "loader.batch_size", "loader.max_hist_len"))
+    match_loader_to_model(config.loader, config.model)  # both libraries hash queries into the model's table size
     for ubm in config.ubms:
         check_model(base_model(config, ubm))
         check_sharding_device(base_model(config, ubm), "auto")  # the device run_ours trains on

@@ -69,7 +69,7 @@ class TrainConfig:
 # Sizes, step intervals and learning rates: 0 or less is a mistake, never a way to switch off.
 POSITIVE_SETTINGS = ("epochs", "max_steps", "lr", "id_lr", "checkpoint_every", "checkpoint_keep", "log_every",
                      "rim_apply_every",
-                     "loader.batch_size", "loader.max_hist_len", "loader.query_buckets",
+                     "loader.batch_size", "loader.max_hist_len",
                      "loader.shuffle_row_groups", "model.item_dim", "model.category_dim", "model.user_dim",
                      "model.query_dim", "model.mm_dim", "model.query_buckets", "model.mm_projection")
 # ... and these may be 0 (a weight or the whitening switched off, seed 0), never negative or NaN.
@@ -88,8 +88,7 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     require_positive(config, POSITIVE_SETTINGS)
     require_not_negative(config, NOT_NEGATIVE_SETTINGS)
     check_model(config.model)
-    config.loader.query_buckets = config.model.query_buckets
-    config.loader.sequence_layout = config.model.sequence_layout
+    match_loader_to_model(config.loader, config.model)
     if config.model.mm_dim is None:
         config.model.mm_dim = _table_dim(config.mm_table)
     check_sharding_device(config.model, config.device)
@@ -97,6 +96,20 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
         raise ConfigError("rim_log: RIM rows are applied to the MM table, so they need mm_table=DIR "
                           "(the table they extend) and a model that uses it")
     return config
+
+
+def match_loader_to_model(loader, model: ModelConfig) -> None:
+    """Give the loader the model's query hash range and behaviour layout, in place: the loader
+    hashes query words into ``query_buckets`` ids that index the model's query table, and lays
+    out behaviours as the model's collections read them. A ``loader.query_buckets`` set to
+    another value is refused (it was dropped without a word); ``model.query_buckets`` sets both."""
+    from mim_rec.config import ConfigError
+    from mim_rec.data.loader import LoaderConfig
+
+    if loader.query_buckets not in (model.query_buckets, LoaderConfig.query_buckets):
+        raise ConfigError(f"loader.query_buckets={loader.query_buckets}: the loader hashes query words into the "
+                          f"model's query table; set model.query_buckets (now {model.query_buckets}) instead")
+    loader.query_buckets, loader.sequence_layout = model.query_buckets, model.sequence_layout
 
 
 def check_model(model: ModelConfig) -> None:
