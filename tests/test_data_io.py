@@ -321,6 +321,22 @@ def test_ids_too_sparse_for_a_table_are_refused_as_mim_train_refuses_them(tmp_pa
     assert "would size a 1" in capsys.readouterr().err
 
 
+def test_a_quarantined_rows_id_does_not_count_against_the_kept_rows(tmp_path, capsys):
+    """--clean-out drops a bad row, yet its raw user id refused the whole world."""
+    write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)
+    write_raw(tmp_path, "events_train.parquet", EVENTS,
+              edit(edit(events_rows(), "label", 2, 5), "user_id", 2, 10 ** 11))
+    _complete_world(tmp_path)
+    assert mim(["data", "validate", str(tmp_path), "--clean-out", str(tmp_path / "clean")]) == 0
+    assert [r.rows for r in validate_world(tmp_path / "clean")] == [N_ITEMS, 4, 4, 3, 4]
+    # a kept row's raw id is still refused, at its row in the file
+    write_raw(tmp_path, "events_train.parquet", EVENTS,
+              edit(edit(events_rows(), "label", 1, 5), "user_id", 3, 10 ** 11))
+    with pytest.raises(DataError, match="ids must be dense") as info:
+        validate_world(tmp_path, drop_invalid=True)
+    assert info.value.row == 3
+
+
 def test_a_behaviour_category_that_is_not_its_items_is_refused(tmp_path):
     """The loader embeds the category the events list; one that disagrees with the items table
     gave a behaviour another category's embedding and misled SIM's category search."""

@@ -109,6 +109,25 @@ def test_the_din_ablations_get_din_runs_to_compare_with_whatever_ubms_table_2_ha
     assert len(names) == len(set(names))
 
 
+def test_report_only_reads_runs_a_gpu_trained_with_row_wise_pins(tmp_path, capsys):
+    """Comparing a run's settings ran the training device check: on a host without CUDA a
+    row-wise pin (CUDA only) made every GPU-trained run count as not run."""
+    from train.ciubm import load_train_config
+    from train.common import config_dict
+
+    plan = _plan(tmp_path, tables="2", ubms="avg", seeds="0", ctr=["model.constraints.mm_item.sharding_types=[row_wise]"])
+    for run in experiment.ctr_runs(plan):
+        config = load_train_config(None, [f"data.world={plan.world}", "model.mm_dim=16",
+                                          *experiment.PIPELINE_PRESETS[plan.preset.pipeline]["train"],
+                                          *plan.ctr_overrides, *run["overrides"]], check_device=False)
+        folder = plan.ctr_dir / run["name"]
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"auc": 0.6}))
+        (folder / "config.json").write_text(json.dumps(config_dict(config)))
+    results = experiment.run_experiment(plan, report_only=True)
+    assert results["ctr"] == {"base_avg_s0": {"auc": 0.6}, "mim_avg_s0": {"auc": 0.6}}, capsys.readouterr().err
+
+
 def test_report_only_counts_a_run_with_other_settings_as_not_run(tmp_path, capsys):
     """CTR runs were read by name: --report-only with another preset (or none) published the
     numbers of runs trained with other settings under this invocation's header."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mim_rec.config import to_dict
+from mim_rec.pretrain.config import PretrainConfig
 from mim_rec.pretrain.evaluate import EvalConfig
 from tests.encoder_fixtures import write_items
 from tests.test_pretrain_trainer import _config, _write_config
@@ -43,6 +44,19 @@ def test_a_bad_setting_is_one_line_and_writes_nothing(world, tmp_path, capsys, o
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_a_batch_of_one_is_refused_only_where_an_info_nce_reads_it():
+    """The head warm-up's batch size was refused with the warm-up off, and the training batch
+    of an MLM-only run (precomputed image features, no DMA)."""
+    from train.pretrain import _contrastive_batches
+
+    config = PretrainConfig()
+    assert _contrastive_batches(config) == ["data.batch_size", "head_warmup_batch_size", "eval.probe_batch_size"]
+    config.head_warmup_steps = 0
+    assert "head_warmup_batch_size" not in _contrastive_batches(config)
+    config.dma_steps, config.encoders.vision.name = 0, "precomputed"
+    assert _contrastive_batches(config) == ["eval.probe_batch_size"]
 
 
 def test_a_world_that_is_not_parquet_names_the_file(world, tmp_path, capsys):

@@ -76,8 +76,10 @@ POSITIVE_SETTINGS = ("epochs", "max_steps", "lr", "id_lr", "checkpoint_every", "
 NOT_NEGATIVE_SETTINGS = ("model.dien_aux_weight", "model.mm_whiten", "seed", "loader.seed")
 
 
-def load_train_config(path: Optional[str], overrides) -> TrainConfig:
-    """A validated TrainConfig from a file and ``key=value`` overrides."""
+def load_train_config(path: Optional[str], overrides, check_device: bool = True) -> TrainConfig:
+    """A validated TrainConfig from a file and ``key=value`` overrides. ``check_device=False``
+    reads settings to compare with a recorded run (a report on another host), not to train:
+    what this host's device offers does not apply."""
     from mim_rec.config import ConfigError, load_config, require_not_negative, require_positive
 
     config = load_config(TrainConfig, path, overrides)
@@ -91,7 +93,8 @@ def load_train_config(path: Optional[str], overrides) -> TrainConfig:
     match_loader_to_model(config.loader, config.model)
     if config.model.mm_dim is None:
         config.model.mm_dim = _table_dim(config.mm_table)
-    check_sharding_device(config.model, config.device)
+    if check_device:
+        check_sharding_device(config.model, config.device)
     if config.rim_log and not (config.mm_table and config.model.uses_mm):
         raise ConfigError("rim_log: RIM rows are applied to the MM table, so they need mm_table=DIR "
                           "(the table they extend) and a model that uses it")

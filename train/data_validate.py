@@ -59,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
         item_category = read_item_categories(items)  # the world's cross-file rules, as in a world check
     result = require_rows(validate_file(path, contract, item_count=item_count, category_count=categories,
                                         item_category=item_category, drop_invalid=args.drop_invalid, keep=False))
-    check_dense_ids(path, contract)
+    check_dense_ids(result, contract)
     print(ok_line(result))
     return 0

@@ -294,7 +294,7 @@ def _ctr_metrics(plan: Plan, run: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     try:
         config = load_train_config(None, [f"data.world={plan.world}", *([f"model.mm_dim={table_dim}"] if table_dim else []),
                                           *PIPELINE_PRESETS[plan.preset.pipeline]["train"], *plan.ctr_overrides,
-                                          *run["overrides"]])
+                                          *run["overrides"]], check_device=False)
         changed = changed_settings(config, EXECUTION_ONLY, PATH_SETTINGS)
     except (ConfigError, DataError) as err:
         changed = [f"unreadable here ({err})"]

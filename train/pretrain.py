@@ -67,9 +67,15 @@ def _load(args: argparse.Namespace):
     return config
 
 
-# Batch sizes whose batches an InfoNCE reads (DDA's image views, DMA, the head warm-up, the
-# evaluation probe): the batch's other items are its only negatives.
-CONTRASTIVE_BATCHES = ("data.batch_size", "head_warmup_batch_size", "eval.probe_batch_size")
+def _contrastive_batches(config: PretrainConfig) -> List[str]:
+    """The batch-size settings whose batches an InfoNCE reads in this run: the training batch
+    (DDA's two image views, when the tower reads pixels; DMA), the head warm-up's (run before
+    DMA) and the evaluation probe's. A batch's other items are its only negatives."""
+    image_ssl = config.dda_steps > 0 and config.image_ssl_weight > 0 and config.encoders.vision.name != "precomputed"
+    keys = ["data.batch_size"] if image_ssl or config.dma_steps > 0 else []
+    if config.head_warmup_steps > 0 and config.dma_steps > 0:
+        keys.append("head_warmup_batch_size")
+    return keys + ["eval.probe_batch_size"]
 
 
 def _require_contrastive_batches(config: PretrainConfig) -> None:
@@ -80,7 +86,7 @@ def _require_contrastive_batches(config: PretrainConfig) -> None:
 
     from mim_rec.config import ConfigError
 
-    for key in CONTRASTIVE_BATCHES:
+    for key in _contrastive_batches(config):
         value = attrgetter(key)(config)
         if value < 2:
             raise ConfigError(f"{key}={value}: a contrastive batch needs at least 2 items (the other items are "

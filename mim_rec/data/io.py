@@ -437,7 +437,7 @@ def _check_world_files(directory: Path, drop_invalid: bool, echo, clean: Optiona
         require_rows(result)
         if contract is ITEMS:
             item_count, categories, item_category = result.rows, category_count(path), read_item_categories(path)
-        check_dense_ids(path, contract)
+        check_dense_ids(result, contract)
         results.append(result)
         echo(ok_line(result))
         if contract is EVENTS and (label := single_label(path)) is not None:
@@ -481,30 +481,41 @@ def require_rows(result: ValidationResult) -> ValidationResult:
 SPARSE_ID_ROWS, SPARSE_ID_RATIO = 1_000_000, 100
 
 
-def dense_id_rows(ids: Union[pa.Array, pa.ChunkedArray], path: PathLike, field: str, what: str) -> int:
+def dense_id_rows(ids: Union[pa.Array, pa.ChunkedArray], path: PathLike, field: str, what: str,
+                  file_rows: Optional[np.ndarray] = None) -> int:
     """Rows of the ID table ``ids`` index: ``max(ids) + 1`` (0 for no ids), refused by file, row and
-    field when the ids are too sparse to be table rows (see ``SPARSE_ID_ROWS``)."""
+    field when the ids are too sparse to be table rows (see ``SPARSE_ID_ROWS``). ``file_rows``:
+    the file's row of each id, where ``ids`` are a subset of the file's."""
     top = pc.max(ids).as_py()
     if top is None:
         return 0
     distinct = pc.count_distinct(ids).as_py()
     if top + 1 > SPARSE_ID_ROWS and top + 1 > SPARSE_ID_RATIO * distinct:
+        row = pc.index(ids, top).as_py()
         raise DataError(str(path), f"{field} {top} would size a {top + 1:,}-row table for {distinct:,} "
                                    f"distinct {what}; ids must be dense (remap them to 0..{distinct - 1})",
-                        row=pc.index(ids, top).as_py(), field=field)
+                        row=row if file_rows is None else int(file_rows[row]), field=field)
     return int(top) + 1
 
 
-def check_dense_ids(path: PathLike, contract: Contract) -> None:
+def check_dense_ids(result: ValidationResult, contract: Contract) -> None:
     """Refuse a checked items or events file whose category or user ids are too sparse to size a
-    CTR model's ID table (a file-wide rule no row check sees; mim train applies it too)."""
+    CTR model's ID table (a file-wide rule no row check sees; mim train applies it too). Only
+    the rows the check kept count: a quarantined row's id is not the table's."""
     if contract is ITEMS:
         field, what = "category_id", "categories"
     elif contract is EVENTS:
         field, what = "user_id", "users"
     else:
         return
-    dense_id_rows(pq.read_table(path, columns=[field])[field], path, field, what)
+    ids = pq.read_table(result.path, columns=[field])[field]
+    kept = None
+    if result.rejected:
+        left_out = pq.read_table(result.rejected_path, columns=["source_row"])["source_row"].to_numpy()
+        keep = np.ones(len(ids), dtype=bool)
+        keep[left_out] = False
+        ids, kept = ids.filter(pa.array(keep)), np.flatnonzero(keep)
+    dense_id_rows(ids, result.path, field, what, file_rows=kept)
 
 
 def single_label(events_path: PathLike) -> Optional[int]:
