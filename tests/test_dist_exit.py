@@ -45,12 +45,15 @@ def test_spawned_ranks_return_every_rank_result_in_rank_order():
 
 
 def _rank_mean(rank, device):
-    from mim_rec.utils.dist import mean_over_ranks
-    return mean_over_ranks(torch.tensor([1.0 + rank, 10.0 * rank]))
+    from mim_rec.utils.dist import losses_over_ranks, mean_over_ranks
+    losses = {"loss": torch.tensor(1.0 + rank), "aux": torch.tensor(10.0 * rank)}
+    return mean_over_ranks(torch.tensor([1.0 + rank, 10.0 * rank])), losses_over_ranks(losses)
 
 
 def test_logged_losses_are_the_mean_over_ranks():
     """The trainers logged rank 0's share of the loss: a 2-rank run's metrics.jsonl disagreed
     with one process on the same global batch (and an MLM step where rank 0 masked no token read 0)."""
-    assert [values.tolist() for values in run_on_spawned_ranks(_rank_mean, 2, "cpu")] == [[1.5, 5.0]] * 2
-    assert run_on_spawned_ranks(_rank_mean, 1, "cpu")[0].tolist() == [1.0, 0.0]
+    assert [(values.tolist(), named) for values, named in run_on_spawned_ranks(_rank_mean, 2, "cpu")] == \
+        [([1.5, 5.0], {"loss": 1.5, "aux": 5.0})] * 2
+    values, named = run_on_spawned_ranks(_rank_mean, 1, "cpu")[0]
+    assert (values.tolist(), named) == ([1.0, 0.0], {"loss": 1.0, "aux": 0.0})

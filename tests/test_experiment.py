@@ -117,9 +117,8 @@ def test_report_only_reads_runs_a_gpu_trained_with_row_wise_pins(tmp_path, capsy
 
     plan = _plan(tmp_path, tables="2", ubms="avg", seeds="0", ctr=["model.constraints.mm_item.sharding_types=[row_wise]"])
     for run in experiment.ctr_runs(plan):
-        config = load_train_config(None, [f"data.world={plan.world}", "model.mm_dim=16",
-                                          *experiment.PIPELINE_PRESETS[plan.preset.pipeline]["train"],
-                                          *plan.ctr_overrides, *run["overrides"]], check_device=False)
+        config = load_train_config(None, ["model.mm_dim=16", *experiment.grid_overrides(plan), *run["overrides"]],
+                                   check_device=False)
         folder = plan.ctr_dir / run["name"]
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps({"auc": 0.6}))
@@ -138,9 +137,7 @@ def test_report_only_counts_a_run_with_other_settings_as_not_run(tmp_path, capsy
     metrics = {"auc": 0.61, "gauc": 0.6, "logloss": 0.4, "n": 10, "per_category": {}, "age_edges": [],
                "age_deciles": [], "steps": 3}
     for run in experiment.ctr_runs(plan):
-        config = load_train_config(None, [f"data.world={plan.world}", "model.mm_dim=16",
-                                          *experiment.PIPELINE_PRESETS[plan.preset.pipeline]["train"],
-                                          *run["overrides"]])
+        config = load_train_config(None, ["model.mm_dim=16", *experiment.grid_overrides(plan), *run["overrides"]])
         folder = plan.ctr_dir / run["name"]
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps(metrics))

@@ -268,8 +268,9 @@ def check_config(config: PeerBenchConfig) -> None:
                               "loader.batch_size", "loader.max_hist_len"))
     match_loader_to_model(config.loader, config.model)  # both libraries hash queries into the model's table size
     for ubm in config.ubms:
-        check_model(base_model(config, ubm))
-        check_sharding_device(base_model(config, ubm), "auto")  # the device run_ours trains on
+        model = base_model(config, ubm)
+        check_model(model)
+        check_sharding_device(model, "auto")  # the device run_ours trains on
 
 
 def check_query_len(config: PeerBenchConfig) -> None:

@@ -465,8 +465,9 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
         raise ConfigError("model.sequence_layout: the plain-torch reference reads the slot (ebc) layout; "
                           "compare the layouts with mim bench layout")
     for ubm, variant in itertools.product(config.ubms, VARIANTS):  # every model the rounds will build
-        check_model(variant_config(config, ubm, variant))
-        check_sharding_device(variant_config(config, ubm, variant), config.device)
+        model = variant_config(config, ubm, variant)
+        check_model(model)
+        check_sharding_device(model, config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     sizes = bench_sizes(config)

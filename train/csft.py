@@ -93,7 +93,7 @@ def _run_csft(config) -> Path:
     from mim_rec.data.manifest import fingerprint_file, fingerprint_tree
     from mim_rec.encoders import load_encoders
     from mim_rec.encoders.freeze import describe_trainable
-    from mim_rec.utils.dist import barrier, init_distributed, mean_over_ranks
+    from mim_rec.utils.dist import barrier, init_distributed, losses_over_ranks
     from mim_rec.utils.run import JsonlLogger, seed_everything
     from train.common import CheckpointManager
     from train.pretrain import _batch_index, _local_batch
@@ -164,8 +164,7 @@ def _run_csft(config) -> Path:
             progress.update(1)
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:  # every rank joins the mean
-                record = dict(zip(losses, mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()]))
-                                  .tolist()))
+                record = losses_over_ranks(losses)
                 if logger is not None:
                     record.update(_queue_drift(objective, inputs, ctx.device, done))
                     logger.log(record, step=done)

@@ -209,6 +209,12 @@ def _grid(out: Path, runs: List[Dict[str, Any]]) -> Tuple[Path, str]:
     return out / f"grid-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json", text
 
 
+def grid_overrides(plan: Plan) -> List[str]:
+    """The settings every CTR run of the grid gets, before its own: the world, the preset's,
+    then ``--ctr``'s (which win)."""
+    return [f"data.world={plan.world}", *PIPELINE_PRESETS[plan.preset.pipeline]["train"], *plan.ctr_overrides]
+
+
 def write_grid(plan: Plan) -> None:
     runs = ctr_runs(plan)
     if runs:
@@ -238,8 +244,7 @@ def stages(plan: Plan) -> List[Stage]:
     if runs:
         grid, _ = _grid(out, runs)
         result.append(Stage("ctr_grid", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, "--",
-                                                  "--grid", str(grid), f"data.world={world}", *preset["train"],
-                                                  *plan.ctr_overrides],
+                                                  "--grid", str(grid), *grid_overrides(plan)],
                             plan.ctr_dir / runs[-1]["name"] / "metrics.json", CIUBM,
                             after=("synth", "mfm", "mfm_stage1", "mfm_truth")))
     if 6 in tables:
@@ -292,9 +297,8 @@ def _ctr_metrics(plan: Plan, run: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     # the table's width is read from the table, not planned: the run's own, unless the plan sets one
     table_dim = (saved.get("model") or {}).get("mm_dim")
     try:
-        config = load_train_config(None, [f"data.world={plan.world}", *([f"model.mm_dim={table_dim}"] if table_dim else []),
-                                          *PIPELINE_PRESETS[plan.preset.pipeline]["train"], *plan.ctr_overrides,
-                                          *run["overrides"]], check_device=False)
+        config = load_train_config(None, [*([f"model.mm_dim={table_dim}"] if table_dim else []),
+                                          *grid_overrides(plan), *run["overrides"]], check_device=False)
         changed = changed_settings(config, EXECUTION_ONLY, PATH_SETTINGS)
     except (ConfigError, DataError) as err:
         changed = [f"unreadable here ({err})"]

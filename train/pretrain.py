@@ -151,7 +151,7 @@ def _run_pretrain(config) -> Path:
     from mim_rec.encoders.freeze import describe_trainable
     from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
     from mim_rec.pretrain.objective import PretrainObjective
-    from mim_rec.utils.dist import barrier, init_distributed, mean_over_ranks
+    from mim_rec.utils.dist import barrier, init_distributed, losses_over_ranks
     from mim_rec.utils.run import JsonlLogger, seed_everything
     from train.common import CheckpointManager
 
@@ -215,8 +215,7 @@ def _run_pretrain(config) -> Path:
         progress.update(1)
         done = step + 1
         if done % config.log_every == 0 or done == total:
-            logged = dict(zip(losses, mean_over_ranks(torch.stack([v.detach().float() for v in losses.values()]))
-                              .tolist()))
+            logged = losses_over_ranks(losses)
             if logger is not None:
                 logger.log({"phase": phase, **logged}, step=done)
                 progress.set_postfix(phase=phase, loss=f"{logged['loss']:.3f}")

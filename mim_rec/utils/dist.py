@@ -12,7 +12,7 @@ import pickle
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, List, NoReturn
+from typing import Any, Callable, Dict, List, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -97,6 +97,13 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     total = values.detach().to(collective_device(), torch.float32, copy=True)
     dist.all_reduce(total)
     return total / dist.get_world_size()
+
+
+def losses_over_ranks(losses: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """A step's named scalar losses, each averaged over the ranks (:func:`mean_over_ranks`,
+    one collective for all of them), as the floats a log records."""
+    means = mean_over_ranks(torch.stack([value.detach().float() for value in losses.values()]))
+    return dict(zip(losses, means.tolist()))
 
 
 def barrier() -> None:
