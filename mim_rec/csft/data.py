@@ -77,9 +77,10 @@ def read_pair_file(path: PathLike, item_count: int, signals: Optional[Sequence[s
         row = int(np.flatnonzero(~np.isin(signal, SIGNALS))[0])
         raise DataError(str(path), f"unknown signal {unknown[0]!r}; expected one of {SIGNALS}",
                         row=row, field="signal")
-    every = Pairs(path, np.arange(len(signal)), table.column("item_id").to_numpy(),
-                  table.column("category_id").to_numpy(), [str(s) for s in signal],
-                  table.column("ts").to_numpy())
+    # Arrow hands out read-only views; the pairs own writable copies (torch wraps them in place).
+    every = Pairs(path, np.arange(len(signal)), table.column("item_id").to_numpy().astype(np.int64),
+                  table.column("category_id").to_numpy().astype(np.int32), [str(s) for s in signal],
+                  table.column("ts").to_numpy().astype(np.int64))
     return every if signals is None else with_signals(every, signals)
 
 
