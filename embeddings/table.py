@@ -151,9 +151,13 @@ def read_part_rows(part: Path, dim: int, start: Optional[int] = None,
     if repeated.any():
         raise DataError(str(part), f"item {ids[repeated][0]} has a second row (in this or an earlier "
                                    "part); rebuild the table", field="item_id")
+    # Each row's own length: rows of 7 and 9 add up to two of 8 and would reshape into neighbours.
+    lengths = pc.list_value_length(table["vector"]).to_numpy(zero_copy_only=False)
+    wrong = np.flatnonzero(lengths != dim)
+    if len(wrong):
+        raise DataError(str(part), f"item {ids[wrong[0]]}'s vector is {lengths[wrong[0]]} long, not {dim} "
+                                   f"({len(wrong)} such rows)", field="vector")
     flat = pc.list_flatten(table["vector"]).to_numpy(zero_copy_only=False).astype(np.float32)
-    if flat.size != len(ids) * dim:
-        raise DataError(str(part), f"vectors are not all {dim} long", field="vector")
     vectors = flat.reshape(len(ids), dim)
     if "scale" in table.column_names:
         vectors = vectors * table["scale"].to_numpy()[:, None] + table["bias"].to_numpy()[:, None]

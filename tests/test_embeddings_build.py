@@ -29,7 +29,7 @@ class FakeEncoder:
         if self.calls == self.fail_after:
             raise KeyboardInterrupt("killed mid-build")
         self.calls += 1
-        ids = torch.from_numpy(items["item_id"].to_numpy()).float()
+        ids = torch.from_numpy(items["item_id"].to_numpy().astype(np.float32))
         return torch.stack([torch.sin(ids * (k + 1) + self.salt) for k in range(self.dim)], dim=1)
 
 
@@ -124,6 +124,23 @@ def test_reader_refuses_wrong_dim_and_missing_items(world, tmp_path):
     from mim_rec.data.errors import DataError
     with pytest.raises(DataError, match="10 of 310 items in 0..309 have no vector"):
         read_mm_rows(out, 0, 310, 8)  # a catalogue grown past the table
+
+
+def test_rows_whose_lengths_only_add_up_are_refused_not_shifted_into_their_neighbours(world, tmp_path):
+    """A 7-long and a 9-long row pass a check of the total length; reshaped, item 1's vector
+    was item 0's last value followed by 7 of its own."""
+    from mim_rec.data.errors import DataError
+
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    part = pq.read_table(out / "part-00000.parquet")
+    rows = part["vector"].to_pylist()
+    rows[0], rows[1] = rows[0][:7], rows[0][7:] + rows[1]
+    pq.write_table(part.set_column(part.column_names.index("vector"), "vector",
+                                   pa.array(rows, part.schema.field("vector").type)),
+                   out / "part-00000.parquet")
+    with pytest.raises(DataError, match="item 0's vector is 7 long, not 8") as info:
+        read_mm_rows(out, 0, 300, 8)
+    assert info.value.file.endswith("part-00000.parquet") and info.value.field == "vector"
 
 
 @pytest.mark.parametrize("shift", [10**12, -1000])
