@@ -170,3 +170,29 @@ def test_a_header_that_is_not_json_is_refused(tmp_path):
     path.write_bytes(_FRAME.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
     with pytest.raises(DataError, match="header is not a window header"):
         list(read_messages(path))
+
+
+def test_a_failed_fsync_leaves_no_bytes_and_stops_the_writer(tmp_path, monkeypatch):
+    """The record's bytes used to stay after a failed fsync while the end did not move: a
+    shorter next record left the tail of the failed one after it, and every reader and the
+    restarted writer refused the log from there on."""
+    import embeddings.rim_log as rim_log
+
+    path = tmp_path / "rim.log"
+    log = RimLog(path, "enc:a", DIM)
+    first = log.append(message([1]))
+
+    def failing_fsync(fd):
+        raise OSError(5, "EIO (simulated)")
+
+    monkeypatch.setattr(rim_log.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="EIO"):
+        log.append(message([2, 3, 4, 5]))
+    monkeypatch.undo()
+    assert path.stat().st_size == first == log.end
+    with pytest.raises(OSError, match="an earlier write to this log failed"):
+        log.append(message([6]))  # what reached the disk is unknown: only a reopen decides
+    log.close()
+    with RimLog(path, "enc:a", DIM) as reopened:
+        reopened.append(message([2]))
+    assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2]]
