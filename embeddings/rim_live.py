@@ -10,6 +10,7 @@ training never writes it; only this applier does, under ``no_grad``, between ste
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Union
 
@@ -17,11 +18,15 @@ import numpy as np
 import torch
 
 from mim_rec.ciubm.sparse import shard_columns
+from mim_rec.data.errors import DataError
 from mim_rec.data.manifest import require
 
 from embeddings.rim_fold import folded_offset
 from embeddings.rim_log import check_message, check_new_ids, complete_end, read_messages
 from embeddings.table import table_item_ids
+
+# How long a rank waits for the log bytes rank 0 saw to become visible to it.
+VIEW_LAG_PATIENCE_S = 30.0
 
 
 class LiveMMTable:
@@ -49,19 +54,36 @@ class LiveMMTable:
         of items applied (the same on every rank)."""
         from mim_rec.ciubm.mm_shards import local_mm_shards
 
-        stop = _agreed(complete_end(self.log_path, self.offset))
+        start, stop = self.offset, _agreed(complete_end(self.log_path, self.offset))
         shards = local_mm_shards(model)
-        count = 0
-        for end, message in read_messages(self.log_path, self.offset, stop):
-            check_message(message, self.fingerprint, self.dim, self.log_path, end, f"the table {self.table_dir}")
-            check_new_ids(message.item_ids, [self.table_ids, self.applied_ids], self.num_items, self.log_path,
-                          f"the table {self.table_dir} or an earlier record of this log",
-                          " of the model's MM table")
-            _write_rows(shards, torch.from_numpy(message.item_ids), torch.from_numpy(message.vectors))
-            self.applied_ids = np.union1d(self.applied_ids, message.item_ids)
-            self.offset, count = end, count + len(message.item_ids)
+        count, deadline = 0, time.monotonic() + VIEW_LAG_PATIENCE_S
+        while True:
+            for end, message in read_messages(self.log_path, self.offset, stop):
+                check_message(message, self.fingerprint, self.dim, self.log_path, end,
+                              f"the table {self.table_dir}")
+                check_new_ids(message.item_ids, [self.table_ids, self.applied_ids], self.num_items,
+                              self.log_path, f"the table {self.table_dir} or an earlier record of this log",
+                              " of the model's MM table")
+                _write_rows(shards, torch.from_numpy(message.item_ids), torch.from_numpy(message.vectors))
+                self.applied_ids = np.union1d(self.applied_ids, message.item_ids)
+                self.offset, count = end, count + len(message.item_ids)
+            if self.offset >= stop:
+                break
+            # This rank's view of the file ends before rank 0's (a shared file system's lag):
+            # stopping here would leave its rows behind the other ranks'.
+            if time.monotonic() > deadline:
+                raise DataError(str(self.log_path), f"rank {_rank()} reads the log complete to byte "
+                                f"{self.offset} of the {stop} rank 0 read (applying from {start}) after "
+                                f"{VIEW_LAG_PATIENCE_S:g} s; every rank must see the same log")
+            time.sleep(0.05)
         self.applied += count
         return count
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _agreed(offset: int) -> int:

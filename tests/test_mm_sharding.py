@@ -30,7 +30,7 @@ class IdEncoder:
         self.dim = dim
 
     def embed_items(self, items: pa.Table, source) -> torch.Tensor:
-        ids = torch.from_numpy(items["item_id"].to_numpy()).float()
+        ids = torch.from_numpy(items["item_id"].to_numpy().astype(np.float32))
         return torch.stack([ids * 100 + k for k in range(self.dim)], dim=1)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from embeddings.build import build_table
 from embeddings.rim_live import LiveMMTable
-from embeddings.rim_log import RimLog, WindowMessage
+from embeddings.rim_log import RimLog, WindowMessage, read_messages
 from embeddings.table import read_mm_rows
 from mim_rec.data.io import write_table
 from mim_rec.data.schemas import ITEMS
@@ -87,3 +87,43 @@ def test_each_rank_applies_the_same_records_to_its_own_shards(table_and_log):
         assert changed == sorted(row for row in own_rows if row >= OLD)  # its new rows, no other
     row_wise = [changed for sharding, _, _, changed, _, _ in results if sharding == "row_wise"]
     assert [min(c) for c in row_wise] == [OLD, ITEMS_COUNT // 2]  # the new rows split by row range
+
+
+def _behind_rank_zero(table_and_log, tmp_path, monkeypatch):
+    """A rank whose copy of the log holds only the first record, while rank 0 read it all."""
+    import embeddings.rim_live as rim_live
+    from mim_rec.ciubm import mm_shards
+
+    table, log = table_and_log
+    whole = log.read_bytes()
+    first_end = next(read_messages(log))[0]
+    lagging = tmp_path / "rim.log"
+    lagging.write_bytes(whole[:first_end])
+    monkeypatch.setattr(rim_live, "_agreed", lambda offset: len(whole))
+    rows = torch.zeros(ITEMS_COUNT, DIM)
+    monkeypatch.setattr(mm_shards, "local_mm_shards", lambda model: [(0, 0, rows)])
+    return lagging, whole, rows
+
+
+def test_a_rank_whose_view_of_the_log_lags_waits_for_the_bytes_rank_zero_read(table_and_log, tmp_path,
+                                                                             monkeypatch):
+    """It used to stop quietly at the end it saw: fewer rows than the other ranks, no error."""
+    import embeddings.rim_live as rim_live
+
+    lagging, whole, rows = _behind_rank_zero(table_and_log, tmp_path, monkeypatch)
+    monkeypatch.setattr(rim_live.time, "sleep", lambda s: lagging.write_bytes(whole))  # the bytes arrive
+    live = LiveMMTable(lagging, table_and_log[0], ITEMS_COUNT)
+    assert live.apply(None) == ITEMS_COUNT - OLD and live.offset == len(whole)
+    assert rows[OLD:].any(1).all() and not rows[:OLD].any()
+
+
+def test_a_rank_that_never_sees_rank_zeros_bytes_is_refused(table_and_log, tmp_path, monkeypatch):
+    import embeddings.rim_live as rim_live
+    from mim_rec.data.errors import DataError
+
+    lagging, whole, _ = _behind_rank_zero(table_and_log, tmp_path, monkeypatch)
+    monkeypatch.setattr(rim_live, "VIEW_LAG_PATIENCE_S", 0.2)
+    with pytest.raises(DataError, match=rf"rank 0 reads the log complete to byte \d+ of the {len(whole)} "
+                                        "rank 0 read") as info:
+        LiveMMTable(lagging, table_and_log[0], ITEMS_COUNT).apply(None)
+    assert info.value.file == str(lagging)
