@@ -67,6 +67,14 @@ def test_a_cut_that_leaves_nothing_to_train_on_is_named():
         time_cut(np.arange(10), 1.0, "events_train.parquet", option="--fraction")
 
 
+@pytest.mark.parametrize("rows, fraction, held", [(10, 0.9, 9), (100, 0.9, 90), (1000, 0.9, 900),
+                                                   (1000, 0.3, 300), (25, 0.1, 3), (7, 0.5, 4)])
+def test_the_cut_holds_out_the_share_asked_for_rounded_up(rows, fraction, held):
+    """``1 - 0.9`` is 0.0999...: floored, 100 rows held 91 out, and 10 rows all 10 (refused)."""
+    ts = np.arange(rows)
+    assert int((ts >= time_cut(ts, fraction, "events_train.parquet")).sum()) == held
+
+
 @pytest.mark.parametrize("fraction", ["0", "1.5", "nan"])
 def test_cli_refuses_a_fraction_outside_zero_and_one_in_one_line(world, tmp_path, fraction):
     done = run_mim("data", "holdout", str(world), "--out", str(tmp_path / "val"), "--fraction", fraction)

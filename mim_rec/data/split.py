@@ -12,6 +12,7 @@ held-out period), so every command that takes a world (``mim train``, ``mim expe
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Dict, Union
@@ -40,9 +41,12 @@ def time_cut(ts: np.ndarray, fraction: float, path: PathLike, option: str = "dat
     if len(ts) == 0:
         raise DataError(str(path), f"{option}={fraction}: there are no rows to split", field="ts")
     ordered = np.sort(ts)
-    cut = int(ordered[min(len(ordered) - 1, int(np.floor(len(ordered) * (1.0 - fraction))))])
+    # The held-out count rounds up, computed from ``fraction`` itself: ``1 - 0.9`` is 0.0999...
+    # (the epsilon keeps 100 * 0.9 = 90.00000000000001 from rounding up to 91).
+    train_rows = len(ordered) - math.ceil(len(ordered) * fraction - 1e-9)
+    cut = int(ordered[min(len(ordered) - 1, train_rows)])
     if not (ordered < cut).any():
-        why = ("every row shares the cut's timestamp" if int(np.floor(len(ordered) * (1.0 - fraction))) > 0
+        why = ("every row shares the cut's timestamp" if train_rows > 0
                else f"it holds out all {len(ordered)} rows")
         raise DataError(str(path), f"{option}={fraction} leaves no rows to train on ({why})", field="ts")
     return cut
