@@ -168,3 +168,22 @@ def test_a_source_the_world_check_refuses_is_refused_before_anything_is_written(
         holdout_world(source, tmp_path / "val", 0.1)
     assert (info.value.row, info.value.field) == (row, "hist_category_ids")
     assert not (tmp_path / "val").exists()
+
+
+def test_an_imports_item_age_caveat_survives_holdout_and_clean_out(world, tmp_path):
+    """Both wrote a fresh manifest without it: S1..S10 of an Amazon or Taobao import's split
+    or clean copy read as real ages, and the report scored the cold-start claim on them."""
+    import shutil
+    from dataclasses import replace
+    from mim_rec.data.manifest import read_manifest, world_age_caveat, write_manifest
+
+    imported = tmp_path / "imported"
+    shutil.copytree(world, imported)
+    manifest = read_manifest(imported)
+    write_manifest(imported, replace(manifest, extra={**manifest.extra, "item_age": "first appearance"}))
+    holdout_world(imported, tmp_path / "val", 0.2)
+    validate_world(imported, drop_invalid=True, echo=lambda line: None, clean_out=tmp_path / "clean")
+    assert world_age_caveat(tmp_path / "val") == world_age_caveat(tmp_path / "clean") == "first appearance"
+    assert world_age_caveat(world) is None  # a synthetic world has real ages
+    holdout_world(world, tmp_path / "synth_val", 0.2)
+    assert world_age_caveat(tmp_path / "synth_val") is None

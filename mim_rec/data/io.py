@@ -457,14 +457,15 @@ def _clean_world_folder(source: Path, clean_out: PathLike) -> Path:
 
 
 def _write_clean_manifest(clean: Path, source: Path, results: List[ValidationResult]) -> None:
-    from mim_rec.data.manifest import fingerprint_file
+    from mim_rec.data.manifest import carried_age_caveat, fingerprint_file
 
     write_manifest(clean, Manifest(
         kind="world", stage="validate --drop-invalid", row_count=results[0].rows,
         inputs={r.path.name: fingerprint_file(r.path) for r in results},
         extra={"counts": {r.path.name.replace(".parquet", ""): r.rows for r in results},
                "source": str(source.resolve()),
-               "rejected": {r.path.name: r.rejected for r in results if r.rejected}}))
+               "rejected": {r.path.name: r.rejected for r in results if r.rejected},
+               **carried_age_caveat(source)}))
 
 
 def require_rows(result: ValidationResult) -> ValidationResult:

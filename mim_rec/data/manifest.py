@@ -127,6 +127,13 @@ def world_age_caveat(world: Union[str, Path]) -> Optional[str]:
         return None
 
 
+def carried_age_caveat(source: Union[str, Path]) -> Dict[str, str]:
+    """The ``extra`` entry that keeps ``source``'s item-age caveat on a world derived from it
+    (a holdout split, a clean copy): empty when it has none."""
+    caveat = world_age_caveat(source)
+    return {"item_age": caveat} if caveat else {}
+
+
 def read_manifest(artifact: Union[str, Path]) -> Manifest:
     path = manifest_path(artifact)
     if not path.exists():

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
 from mim_rec.data.io import category_count, link_or_copy, read_item_categories, validate_file, write_table
-from mim_rec.data.manifest import (Manifest, fingerprint_file, fingerprint_tree, read_manifest,
-                                   write_manifest)
+from mim_rec.data.manifest import (Manifest, carried_age_caveat, fingerprint_file, fingerprint_tree,
+                                   read_manifest, write_manifest)
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS, Contract
 from mim_rec.data.staging import staged_folder
 
@@ -111,7 +111,7 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
         write_manifest(staging, Manifest(
             kind="world", stage=HOLDOUT_STAGE, row_count=item_count, inputs=inputs,
             config={"source": str(source.resolve()), "fraction": fraction, "cut_ts": cut},
-            extra={"counts": counts, "source_config": _source_config(source)}))
+            extra={"counts": counts, "source_config": _source_config(source), **carried_age_caveat(source)}))
     return counts
 
 
