@@ -121,7 +121,7 @@ def test_negatives_per_positive_must_fit_the_catalogue(tmp_path, capsys, negativ
 
 @pytest.mark.parametrize("case", ["missing column", "item out of range", "inconsistent history",
                                   "truncated features", "wrong vector size", "missing text",
-                                  "truncated test", "not utf-8"])
+                                  "truncated test", "test cut mid-row", "not utf-8"])
 def test_bad_sources_are_refused(tmp_path, case):
     src = tmp_path / "src"
     feats = np.zeros((N_ITEMS, DIM), "<f4")
@@ -153,6 +153,10 @@ def test_bad_sources_are_refused(tmp_path, case):
         lines = (src / "Tiny.test.inter").read_text().splitlines(keepends=True)
         (src / "Tiny.test.inter").write_text("".join(lines[:-1]))
         file, match = "Tiny.test.inter", "users without a test row: 1"
+    elif case == "test cut mid-row":  # "142" cut to "14" was still an item: a wrong positive, no error
+        write_amazon(src)
+        (src / "Tiny.test.inter").write_bytes((src / "Tiny.test.inter").read_bytes()[:-1])
+        file, row, match = "Tiny.test.inter", N_USERS - 1, "no line end: the file looks cut short"
     else:  # used to be a UnicodeDecodeError traceback
         write_amazon(src)
         lines = (src / "Tiny.text").read_bytes().splitlines(keepends=True)
@@ -181,6 +185,22 @@ def test_category_phrase():
     assert category_phrase(path) == "Industrial & Scientific"
     assert category_phrase(path, 1) == "Tapes, Adhesives & Sealants"
     assert category_phrase("Industrial & Scientific Additive Manufacturing", 1) == "Additive"
+
+
+def test_a_brand_holding_a_full_stop_keeps_its_items_category_and_brand(tmp_path):
+    """Split from the right, "K.S. Choi Corp." made 'K.S' the category path and 'Choi Corp' the
+    brand: four real items had made-up one-item categories."""
+    texts = {i: f"Item {i}. Title, v2. {CATEGORIES[i % 2]}. {'Acme' if i % 3 else ''}." for i in range(N_ITEMS)}
+    texts[2] = f"Item 2. Title. {CATEGORIES[0]}. K.S. Choi Corp."
+    texts[4] = f"Item 4. {CATEGORIES[0]}. Norton Abrasives - St. Gobain."  # a category path alone too
+    src = write_amazon(tmp_path / "src", texts=texts)
+    report = import_amazon(src, tmp_path / "out", options())
+    items = read_items(tmp_path / "out" / "items.parquet")
+    cats = items.column("category_id").to_pylist()
+    assert cats[2] == cats[4] == cats[0] != cats[1] and report.counts["categories"] == 2
+    brand_id = items.column("brand_id").to_pylist()  # Acme, K.S. Choi Corp, Norton Abrasives - St. Gobain
+    named = {brand_id[1], brand_id[2], brand_id[4]}
+    assert report.counts["brands"] == 3 and len(named) == 3 and 0 not in named
 
 
 def test_feat1cls_is_neither_needed_nor_fingerprinted(tmp_path):

@@ -36,6 +36,7 @@ Mapping onto the contracts (each choice is forced by what the format lacks):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -115,7 +116,7 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
 
     root = _root_phrase(texts)
     category_names, category_id = _dense_names([_below_root(t, root) for t in texts])
-    brand_names, brand_id = _dense_names([_segments(t)[2] for t in texts], reserve_empty=True)
+    brand_names, brand_id = _dense_names([_segments(t, root)[2] for t in texts], reserve_empty=True)
 
     unseen = sequences.first_seen < 0  # in item2index but in no interaction: newest of all
     created = np.where(unseen, sequences.interactions, sequences.first_seen)
@@ -197,6 +198,11 @@ def _tsv(path: Path, header: Optional[Tuple[str, ...]], columns: int) -> Iterato
             if got != header:
                 raise DataError(str(path), f"header {list(got)} is not {list(header)}")
         for row, line in enumerate(lines):
+            if line and not line.endswith("\n"):
+                # Every file of the format ends its rows with a newline: a last row without one
+                # was cut short, and a cut number ("142" -> "14") can still be a valid id.
+                raise DataError(str(path), "the last row has no line end: the file looks cut short "
+                                           "(if it is whole, end it with a newline)", row=row)
             line = line.rstrip("\n")
             if not line:
                 continue
@@ -471,10 +477,21 @@ def _dense_names(names: List[str], reserve_empty: bool = False) -> Tuple[List[st
 
 # ---------------------------------------------------------------- categories from text
 
-def _segments(text: str) -> Tuple[str, str, str]:
-    """UniSRec's ``"title. categories. brand."`` -> (title, categories, brand); the title may
-    itself contain '. ', so the last two segments are taken from the right."""
-    parts = text.strip().rstrip(".").split(". ")
+def _segments(text: str, root: str = "") -> Tuple[str, str, str]:
+    """UniSRec's ``"title. categories. brand."`` -> (title, categories, brand).
+
+    Title and brand may both contain '. ' ("K.S. Choi Corp."). Given the data set's ``root``
+    category, the category segment is the last one that starts with it, and the brand is all
+    that follows; without a root (or in a text that lacks it) the last two segments are taken
+    from the right, which splits such a brand.
+    """
+    body = text.strip().rstrip(".")
+    starts = list(re.finditer(r"\. " + re.escape(root) + r"(?=\. | |$)", body)) if root else []
+    if starts:
+        title, rest = body[:starts[-1].start()], body[starts[-1].start() + 2:]
+        categories, _, brand = rest.partition(". ")
+        return title, categories.strip(), brand.strip().rstrip(".")
+    parts = body.split(". ")
     if len(parts) < 3:
         return text, "", ""
     return ". ".join(parts[:-2]), parts[-2].strip(), parts[-1].strip().rstrip(".")
@@ -510,7 +527,7 @@ def _root_phrase(texts: List[str]) -> str:
 
 
 def _below_root(text: str, root: str) -> str:
-    categories = _segments(text)[1]
+    categories = _segments(text, root)[1]
     first = category_phrase(categories)
     if not first:
         return NO_CATEGORY
