@@ -10,8 +10,8 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from train.bench_train import (VARIANTS, TrainBenchConfig, _process_group, build_torchrec, reference_model,
-                               synthetic_batches, torchrec_weights)
+from train.bench_train import (VARIANTS, TrainBenchConfig, _process_group, build_torchrec, mm_vectors,
+                               reference_model, synthetic_batches, torchrec_weights)
 from train.cli import main
 
 
@@ -51,6 +51,27 @@ def test_quick_mode_prints_ratios_side_by_side(tmp_path, capsys):
         mim["torchrec"]["infer_samples_per_s"] / base["torchrec"]["infer_samples_per_s"])
 
 
+def test_building_a_bench_model_allocates_its_mm_table_once():
+    """The fill source was a full fp32 copy of the table made inside TorchRec's memory window
+    (the reference's came from outside its own), and the fill padded the whole shard at once:
+    Base+MIM's peak counted the table three times. The profiler sees each allocation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = replace(TrainBenchConfig.quick(), items=200_000, mm_dim=32)
+    sizes = {"items": config.items, "users": config.users, "categories": config.categories}
+    vectors = mm_vectors(config, sizes)
+    model_config = replace(config.model, ubm="avg", mm_dim=config.mm_dim, **VARIANTS["Base+MIM"])
+    with _process_group("cpu") as ctx:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model, _ = build_torchrec(config, model_config, sizes, ctx, vectors)
+        table = next(t for name, t in model.state_dict().items() if name.endswith("mm_item.weight"))
+        assert torch.equal(table.local_shards()[0].tensor if hasattr(table, "local_shards") else table, vectors)
+    allocations = [event.cpu_memory_usage for event in prof.events()
+                   if event.name in ("aten::empty", "aten::empty_strided")
+                   and event.cpu_memory_usage >= vectors.nbytes]
+    assert allocations == [vectors.nbytes]  # the table's own storage, nothing more
+
+
 @pytest.mark.parametrize("ubm, mm_dim", [("din", None), ("dien", None), ("sim", None), ("din", 6)])
 def test_reference_computes_the_torchrec_models_logits(ubm, mm_dim):
     """mm_dim=6: TorchRec stores the table 8 wide (FBGEMM's alignment); the copy into the
@@ -61,7 +82,7 @@ def test_reference_computes_the_torchrec_models_logits(ubm, mm_dim):
     batch = synthetic_batches(replace(config, distinct_batches=1))[0]
     model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, **VARIANTS["Base+MIM"])
     with _process_group("cpu") as ctx:
-        model, _ = build_torchrec(config, model_config, sizes, ctx)
+        model, _ = build_torchrec(config, model_config, sizes, ctx, mm_vectors(config, sizes))
         reference = reference_model(model_config, sizes, torchrec_weights(model), ctx.device)
         model.eval()
         reference.eval()

@@ -413,8 +413,16 @@ def bench_sizes(config: TrainBenchConfig) -> Dict[str, int]:
     return table_sizes(config.world, ItemInfo.from_items(Path(config.world) / "items.parquet"))
 
 
-def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: Dict[str, int], ctx):
-    """``(DMP CiUBM, optimizer step)`` exactly as ``mim train`` builds them, MM table filled."""
+def mm_vectors(config: TrainBenchConfig, sizes: Dict[str, int]) -> torch.Tensor:
+    """The MM table's rows the bench fills every model with (seeded). Made once, before any
+    memory window: a copy made inside one would be charged to that model's peak."""
+    return torch.randn(sizes["items"], config.mm_dim, generator=torch.Generator().manual_seed(config.seed))
+
+
+def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: Dict[str, int], ctx,
+                   vectors: torch.Tensor):
+    """``(DMP CiUBM, optimizer step)`` exactly as ``mim train`` builds them, the MM table
+    filled from ``vectors`` (:func:`mm_vectors`) where the model reads one."""
     from mim_rec.ciubm.mm_shards import load_mm_table
     from train.ciubm import TrainConfig, build_sharded_model
 
@@ -422,7 +430,6 @@ def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: D
                                lr=config.lr, id_lr=config.id_lr, seed=config.seed)
     model, optimizer, _ = build_sharded_model(train_config, sizes, ctx)
     if model_config.uses_mm:
-        vectors = torch.randn(sizes["items"], model_config.mm_dim, generator=torch.Generator().manual_seed(config.seed))
         load_mm_table(model, lambda start, stop: vectors[start:stop], sizes["items"])
 
     def step() -> None:
@@ -432,11 +439,12 @@ def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: D
     return model, step
 
 
-def _warm_process(config: TrainBenchConfig, sizes: Dict[str, int], batches: List[CtrBatch], ctx) -> None:
+def _warm_process(config: TrainBenchConfig, sizes: Dict[str, int], batches: List[CtrBatch], ctx,
+                  vectors: torch.Tensor) -> None:
     """One untimed, unmeasured step of both implementations, so that the process's one-time
     costs (kernel libraries, thread pools, allocator arenas) are not charged to the first row."""
     model_config = replace(config.model, ubm=config.ubms[0], mm_dim=config.mm_dim, **VARIANTS["Base+MIM"])
-    torchrec = build_torchrec(config, model_config, sizes, ctx)
+    torchrec = build_torchrec(config, model_config, sizes, ctx, vectors)
     reference = reference_model(model_config, sizes, torchrec_weights(torchrec[0]), ctx.device)
     for model, step in (torchrec, (reference, reference_optimizer(reference, config.lr, config.id_lr))):
         warm_up(model, step, batches[:1], replace(config, warmup=1))
@@ -477,7 +485,8 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     with _process_group(config.device) as ctx:
         batches = [b.to(ctx.device) for b in batches]
         memory = PeakMemory(ctx.device)
-        _warm_process(config, sizes, batches, ctx)
+        vectors = mm_vectors(config, sizes)
+        _warm_process(config, sizes, batches, ctx, vectors)
         for ubm in tqdm(config.ubms, desc="bench train", unit="ubm"):
             # Both variants in both implementations, built first and then timed interleaved, so
             # that MIM/Base compares rounds taken side by side, not minutes apart.
@@ -487,7 +496,7 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
                 model_config = variant_config(config, ubm, variant)
                 row: Dict[str, Any] = {"ubm": ubm, "variant": variant}
                 with memory.measure():  # above the level of the models built before it
-                    torchrec = build_torchrec(config, model_config, sizes, ctx)
+                    torchrec = build_torchrec(config, model_config, sizes, ctx, vectors)
                     warm_up(*torchrec, batches, config)
                 row["torchrec"] = {"peak_memory_bytes": memory.peak_bytes}
                 weights = torchrec_weights(torchrec[0])  # outside both windows: neither model's memory

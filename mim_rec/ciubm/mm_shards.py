@@ -44,13 +44,16 @@ def mm_table_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for _, _, t in local_mm_shards(model))
 
 
-def fill_mm_table(model: torch.nn.Module, rows_of: RowsOf) -> None:
+def fill_mm_table(model: torch.nn.Module, rows_of: RowsOf, chunk: int = 65_536) -> None:
     """Fill this rank's shards of the frozen MM table: ``rows_of(start, stop)`` returns the
-    ``[stop - start, dim]`` vectors of items ``start..stop-1``; only local rows are asked for."""
+    ``[stop - start, dim]`` vectors of items ``start..stop-1``; only local rows are asked for,
+    ``chunk`` at a time, so the fill's own memory is a chunk's, not a second copy of the shard."""
     with torch.no_grad():
         for r, c, tensor in local_mm_shards(model):
             rows, cols = tensor.shape
-            tensor.copy_(shard_columns(rows_of(r, r + rows), c, cols))
+            for first in range(0, rows, chunk):
+                last = min(first + chunk, rows)
+                tensor[first:last].copy_(shard_columns(rows_of(r + first, r + last), c, cols))
 
 
 def load_mm_table(model: torch.nn.Module, rows_of: RowsOf, count: int) -> None:

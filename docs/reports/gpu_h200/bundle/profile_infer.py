@@ -8,7 +8,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from train.bench_train import (TrainBenchConfig, VARIANTS, _process_group, bench_sizes, build_torchrec,
-                               reference_model, synthetic_batches, torchrec_weights)
+                               mm_vectors, reference_model, synthetic_batches, torchrec_weights)
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 ubm = sys.argv[2] if len(sys.argv) > 2 else "avg"
@@ -18,7 +18,7 @@ with _process_group(device) as ctx:
     batches = [b.to(ctx.device) for b in synthetic_batches(config)]
     for variant in ("Base", "Base+MIM"):
         model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, **VARIANTS[variant])
-        model, _ = build_torchrec(config, model_config, sizes, ctx)
+        model, _ = build_torchrec(config, model_config, sizes, ctx, mm_vectors(config, sizes))
         ref = reference_model(model_config, sizes, torchrec_weights(model), ctx.device)
         for name, m in (("torchrec", model), ("reference", ref)):
             m.eval()

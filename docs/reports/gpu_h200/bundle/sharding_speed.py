@@ -8,7 +8,7 @@ import torch
 from mim_rec.ciubm.config import TableConstraint
 from mim_rec.ciubm.sparse import TABLE_NAMES
 from train.bench_train import (TrainBenchConfig, VARIANTS, _process_group, _seconds, _work, bench_sizes,
-                               build_torchrec, synthetic_batches, warm_up)
+                               build_torchrec, mm_vectors, synthetic_batches, warm_up)
 
 device = sys.argv[1]
 ubms = sys.argv[2:] or ["avg"]
@@ -22,7 +22,7 @@ with _process_group(device) as ctx:
             for plan in ("planner", "table_wise"):
                 constraints = {} if plan == "planner" else {t: TableConstraint(sharding_types=["table_wise"]) for t in TABLE_NAMES}
                 model_config = replace(config.model, ubm=ubm, mm_dim=config.mm_dim, constraints=constraints, **VARIANTS[variant])
-                model, step = build_torchrec(config, model_config, sizes, ctx)
+                model, step = build_torchrec(config, model_config, sizes, ctx, mm_vectors(config, sizes))
                 kinds = sorted({f"{n}:{p.sharding_type}" for m in model.plan.plan.values() for n, p in m.items()})
                 warm_up(model, step, batches, config)
                 out = {}
