@@ -40,3 +40,20 @@ def test_a_service_that_refuses_its_encoders_is_one_line_not_a_traceback(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith("mim bench: error: the RIM service did not start: ") and len(err.splitlines()) == 1
     assert str(tmp_path / "none") in err
+
+
+def test_a_bench_result_without_a_figure_is_written_as_strict_json(tmp_path, capsys):
+    """A RIM run too short to acknowledge an item wrote its latencies as bare NaN, which
+    strict JSON readers refuse; they are null now, and the table prints '-'."""
+    import json
+
+    from train.bench_cmd import run_and_report
+    from train.bench_rim import format_report
+
+    empty = {"clients": 1, "seconds": 0.0, "items": 0, "items_per_s": 0.0, "p50_ms": None, "p99_ms": None,
+             "mean_window_items": 0.0, "non_200": {}, "unserved": 0}
+    assert "p50 -, p99 -;" in format_report(empty)
+    path = tmp_path / "bench.json"
+    run_and_report(lambda: {"ratio": float("nan"), "rows": [{"x": float("inf"), "y": 1.5}]}, str, str(path))
+    result = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
+    assert result["ratio"] is None and result["rows"] == [{"x": None, "y": 1.5}]

@@ -70,13 +70,27 @@ def test_measured_two_ranks_hold_exactly_the_tables():
     config = _tiny(plans=["table_wise", "row_wise"])
     rows = make_plans(config)
     measure(config, rows)
-    total_mb = (64 * 8 + 96 * 8 + 128 * 16) * 4 / 2**20
+    total_mb = (64 * 8 + 96 * 8 + 128 * 16) * 4 / 1e6  # decimal MB, as the estimates' GB
     for row in rows:
         assert row.step_ms > 0 and row.samples_per_s > 0, row.plan
-        assert len(row.shard_mb) == 2 and len(row.peak_rss_mb) == 2
+        assert len(row.shard_mb) == 2 and len(row.peak_mem_mb) == 2
         assert sum(row.shard_mb) == pytest.approx(total_mb), row.plan
     row_wise = rows[1]
     assert row_wise.shard_mb[0] == pytest.approx(row_wise.shard_mb[1])
+
+
+@pytest.mark.slow
+def test_a_ranks_peak_memory_is_its_own_not_its_callers():
+    """ru_maxrss survives fork and exec: every plan's ranks reported the caller's peak when
+    that was larger (a test run, a notebook), whatever the plan held."""
+    import numpy as np
+
+    held = np.ones(1_500_000_000 // 8)  # 1.5 GB touched, then freed: the caller's high-water mark
+    del held
+    config = _tiny(plans=["table_wise"])
+    rows = make_plans(config)
+    measure(config, rows)
+    assert all(0 < mb < 1_200 for mb in rows[0].peak_mem_mb), rows[0].peak_mem_mb
 
 
 def test_column_wise_says_when_no_table_is_split_and_splits_when_asked():

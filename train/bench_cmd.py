@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -78,11 +79,24 @@ def run_and_report(measure: Callable[[], Dict[str, Any]], render: Callable[[Dict
     result["wall_s"] = time.perf_counter() - started
     print(render(result))
     print(f"wall time {result['wall_s']:.1f} s")
+    text = json.dumps(_finite_or_null(result), indent=2, allow_nan=False)
     if json_path == "-":
-        print(json.dumps(result, indent=2))
+        print(text)
     elif json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        Path(json_path).write_text(text + "\n")
     return result
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinity as None: Python writes them as bare ``NaN``, which
+    strict JSON readers (jq, JavaScript, most other languages) refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def median_seconds(work: Callable[[], Any], repeats: int, warmup: int = 1,

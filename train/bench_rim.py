@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -114,8 +114,8 @@ def run(config: RimBenchConfig, log: Path) -> Dict[str, float]:
     windows = [len(m.item_ids) for _, m in read_messages(log)][1:]  # without the warm-up
     return {"clients": config.clients, "seconds": round(elapsed, 1), "items": len(latencies),
             "items_per_s": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
-            "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
+            "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else None,  # none acknowledged
+            "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else None,
             "mean_window_items": float(np.mean(windows)) if windows else 0.0,
             "non_200": {str(k): v for k, v in statuses.items() if k != 200},
             "unserved": sum(s.unserved for s in stats)}
@@ -123,9 +123,13 @@ def run(config: RimBenchConfig, log: Path) -> Dict[str, float]:
 
 def format_report(result: Dict[str, float]) -> str:
     return (f"RIM load: {result['clients']} clients x {result['seconds']} s: {result['items']} items acknowledged, "
-            f"{result['items_per_s']:.1f} items/s; arrival->served p50 {result['p50_ms']:.1f} ms, "
-            f"p99 {result['p99_ms']:.1f} ms; mean window {result['mean_window_items']:.1f} items; "
+            f"{result['items_per_s']:.1f} items/s; arrival->served p50 {_ms(result['p50_ms'])}, "
+            f"p99 {_ms(result['p99_ms'])}; mean window {result['mean_window_items']:.1f} items; "
             f"non-200 answers {result['non_200'] or 'none'}; acknowledged but not served: {result['unserved']}")
+
+
+def _ms(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
 
 
 def _start_service(config: RimBenchConfig, log: Path):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ from train.bench_cmd import check_json_path
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise", "data_parallel")
 PLANNER_CHOICE = "planner"
-GB = 1e9
+GB, MB = 1e9, 1e6  # decimal, as TorchRec's topology capacities and the paper's sizes
 
 
 @dataclass
@@ -145,7 +144,7 @@ class PlanRow:
     step_ms: Optional[float] = None
     samples_per_s: Optional[float] = None
     shard_mb: List[float] = field(default_factory=list)         # per rank
-    peak_rss_mb: List[float] = field(default_factory=list)      # per rank
+    peak_mem_mb: List[float] = field(default_factory=list)      # per rank
     sharding_plan: Any = None                                   # ShardingPlan, not printed
 
 
@@ -474,7 +473,7 @@ def _local_bytes(tensor) -> int:
 
 def _measure_plan(rank: int, device, config: ShardingBenchConfig, plan) -> Tuple[float, float, float]:
     """Run warm-up + timed steps under ``plan`` on this rank (one torch thread); return
-    (median step s, shard MB, peak RSS MB)."""
+    (median step s, shard MB, peak memory MB)."""
     import torch
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -508,10 +507,18 @@ def _measure_plan(rank: int, device, config: ShardingBenchConfig, plan) -> Tuple
     step_s = statistics.median(step_times)
     shard_bytes = sum(_local_bytes(v) for k, v in model.state_dict().items()
                       if "embedding_bags" in k)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        peak_rss_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    return step_s, shard_bytes / 2**20, peak_rss_mb
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_resident_bytes()
+    return step_s, shard_bytes / MB, peak / MB
+
+
+def _peak_resident_bytes() -> int:
+    """This process's peak resident set (``VmHWM``). Not ``ru_maxrss``: Linux carries that
+    across fork and exec, so a spawned rank reported its caller's peak whenever it was larger."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM line: peak memory is measured on Linux only")
 
 
 def measure(config: ShardingBenchConfig, rows: List[PlanRow]) -> None:
@@ -527,7 +534,7 @@ def measure(config: ShardingBenchConfig, rows: List[PlanRow]) -> None:
         row.step_ms = max(step for step, _, _ in per_rank) * 1e3
         row.samples_per_s = config.batch_size * config.world_size / (row.step_ms / 1e3)
         row.shard_mb = [mb for _, mb, _ in per_rank]
-        row.peak_rss_mb = [rss for _, _, rss in per_rank]
+        row.peak_mem_mb = [peak for _, _, peak in per_rank]
 
 
 # ------------------------------------------------------------------------------- printing
@@ -572,7 +579,7 @@ def format_table(rows: List[PlanRow], measured: bool) -> str:
     headers = ["plan", "source", "tables", "fits", "est mem/rank GB", "est comms ms",
                "est step ms"]
     if measured:
-        headers += ["median step ms", "samples/s", "shard MB/rank", "peak RSS MB/rank"]
+        headers += ["median step ms", "samples/s", "shard MB/rank", "peak mem MB/rank"]
     body = []
     for r in rows:
         cells = [r.plan, r.source, _types(r) if r.table_types else "-",
@@ -582,7 +589,7 @@ def format_table(rows: List[PlanRow], measured: bool) -> str:
         if measured:
             cells += ["-" if r.step_ms is None else f"{r.step_ms:.1f}",
                       "-" if r.samples_per_s is None else f"{r.samples_per_s:,.0f}",
-                      _span(r.shard_mb, ".3g"), _span(r.peak_rss_mb, ".0f")]
+                      _span(r.shard_mb, ".3g"), _span(r.peak_mem_mb, ".0f")]
         body.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)),
@@ -592,6 +599,9 @@ def format_table(rows: List[PlanRow], measured: bool) -> str:
     legend = [f"est mem/rank: TorchRec's storage estimate of the table shards each rank holds (weights, "
               f"optimizer state, the batch's lookup inputs/outputs); fits: every rank's estimate is within its "
               f"memory less the planner's reservation ({RESERVED_FRACTION:.0%} + dense part + input copies)"]
+    if measured:
+        legend.append("shard MB: bytes of the table shards a rank holds; peak mem: a rank's peak resident set "
+                      "(VmHWM) on the CPU, its peak CUDA allocation on a GPU; GB and MB are 10^9 and 10^6 bytes")
     return "\n".join(lines + legend + (["notes:"] + notes if notes else []))
 
 
