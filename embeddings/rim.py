@@ -77,6 +77,9 @@ class RimConfig:
         require_not_negative(self, ("num_items",))
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port={self.port}: must lie in 0..65535 (0: any free port)")
+        for key, seconds in (("window_ms", self.window_ms / 1000), ("ack_timeout_s", self.ack_timeout_s)):
+            if seconds > threading.TIMEOUT_MAX:  # a longer wait overflows the thread's timeout
+                raise ConfigError(f"{key}={getattr(self, key)}: at most {threading.TIMEOUT_MAX:.3g} s")
         if self.max_request_items > self.max_batch:
             raise ConfigError(f"max_request_items={self.max_request_items} exceeds max_batch={self.max_batch}: "
                               "a request is embedded within one window")
@@ -167,6 +170,10 @@ def _parse_item(raw: object, row: int, config: RimConfig, arrived_at: float) -> 
     raw_item_id = raw.get("raw_item_id", str(item_id))
     if not isinstance(raw_item_id, str):
         raise bad("raw_item_id must be a string", "raw_item_id")
+    try:  # written to the items table the encoder reads, which cannot hold a lone surrogate
+        raw_item_id.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(f"raw_item_id is not valid Unicode ({exc.reason})", "raw_item_id") from None
     return NewItem(item_id, title, _decode_image(raw.get("image"), config, bad), category_id,
                    raw_item_id, arrived_at)
 
@@ -175,7 +182,7 @@ def _decode_image(value: object, config: RimConfig, bad) -> bytes:
     """The image's bytes, once they are known to decode as a PNG/JPEG of sane size."""
     from PIL import Image, UnidentifiedImageError
 
-    from mim_rec.encoders.preprocess import decode_image
+    from mim_rec.encoders.preprocess import IMAGE_DECODE_ERRORS, decode_image
 
     if not isinstance(value, str) or not value:
         raise bad("image must be a base64 string of PNG/JPEG bytes", "image")
@@ -188,7 +195,7 @@ def _decode_image(value: object, config: RimConfig, bad) -> bytes:
             kind, (width, height) = image.format, image.size
     except UnidentifiedImageError:  # its message names only an in-memory buffer
         raise bad("not a decodable PNG/JPEG (no image format recognised)", "image") from None
-    except (OSError, Image.DecompressionBombError) as exc:
+    except (*IMAGE_DECODE_ERRORS, Image.DecompressionBombError) as exc:
         raise bad(f"not a decodable PNG/JPEG ({exc})", "image") from None
     if kind not in ("PNG", "JPEG"):
         raise bad(f"image is {kind}, not PNG/JPEG", "image")
@@ -346,12 +353,12 @@ class RimService:
         items = [item for submission in window for item in submission.items]
         try:
             vectors = self._embed(items)
-        except DataError as exc:
-            if len(window) > 1:  # isolate the request the encoder refused; the others still land
-                return [outcome for submission in window for outcome in self._embed_and_log([submission])]
-            return [(window[0], RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)))]
         except Exception as exc:  # the service must stay up; the client learns why
-            return [(s, RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"embedding failed: {exc!r}")) for s in window]
+            if len(window) > 1:  # isolate the request that failed; the others still land
+                return [outcome for submission in window for outcome in self._embed_and_log([submission])]
+            if isinstance(exc, DataError):  # the encoder refused this request's items
+                return [(window[0], RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)))]
+            return [(window[0], RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"embedding failed: {exc!r}"))]
         message = WindowMessage(np.array([i.item_id for i in items], np.int64), vectors,
                                 self.encoder.fingerprint, np.array([i.arrived_at for i in items]), time.time())
         try:
@@ -389,8 +396,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         arrived_at = time.time()
-        if self.path != "/items":
-            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: POST {self.path}"})
+        if self.path != "/items":  # its body is left unread, so the connection cannot be reused
+            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: POST {self.path}"}, close=True)
         length = self.headers.get("Content-Length")
         if length is None or not re.fullmatch(r"[0-9]+", length):  # str.isdigit() also takes "²"
             return self._reply(HTTPStatus.LENGTH_REQUIRED,
@@ -406,13 +413,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(exc.status, {"error": exc.reason})
 
     def do_GET(self) -> None:
+        # A GET's body is never read: the next request on this connection would start inside it.
+        close = self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers
         if self.path == "/healthz":
-            return self._reply(HTTPStatus.OK, self.service.health())
+            return self._reply(HTTPStatus.OK, self.service.health(), close=close)
         match = re.fullmatch(r"/items/([0-9]{1,19})", self.path)  # an int64 id; longer ones are not served
         row = self.service.served_row(int(match.group(1))) if match else None
         if row is None:
-            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"nothing served at {self.path}"})
-        self._reply(HTTPStatus.OK, row)
+            return self._reply(HTTPStatus.NOT_FOUND, {"error": f"nothing served at {self.path}"}, close=close)
+        self._reply(HTTPStatus.OK, row, close=close)
 
     def _reply(self, status: HTTPStatus, payload: dict, close: bool = False) -> None:
         body = json.dumps(payload).encode()

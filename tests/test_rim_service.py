@@ -49,9 +49,9 @@ def table(encoder_dir, tmp_path_factory):
 @contextlib.contextmanager
 def service_in_thread(encoder_dir, table, log: Path, **overrides):
     """A service on a free port, serving from a thread: yields (service, port)."""
-    config = RimConfig(encoders=str(encoder_dir), log=str(log), table=str(table),
-                       num_items=100, port=0, window_ms=10, max_batch=8, max_request_items=4,
-                       max_body_bytes=100_000, **overrides)
+    config = RimConfig(encoders=str(encoder_dir), log=str(log), table=str(table), **{
+        "num_items": 100, "port": 0, "window_ms": 10, "max_batch": 8, "max_request_items": 4,
+        "max_body_bytes": 100_000, **overrides})
     service = RimService(config, load_item_encoder(encoder_dir))
     server = make_server(service)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -91,6 +91,16 @@ def gif_bytes() -> bytes:
     return buffer.getvalue()
 
 
+def _red_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# PIL raises ValueError (Image.open) and SyntaxError (load) for these: the request got no answer.
+PNG_SHORT_HEADER = _red_png()[:8] + (5).to_bytes(4, "big") + _red_png()[12:]
+PNG_BROKEN_CHUNK = _red_png()[:51] + _red_png()[52:]
+
 BAD_REQUESTS = [
     (b"{not json", 400, "body is not JSON"),
     (b"[" * 40_000 + b"]" * 40_000, 400, "nests too deeply"),  # a RecursionError dropped the connection
@@ -102,6 +112,11 @@ BAD_REQUESTS = [
      "row 0, field 'image': not a decodable PNG/JPEG (no image format recognised)"),
     ({"items": [{**item(10), "image": "!!not base64!!"}]}, 400, "field 'image': image is not valid base64"),
     ({"items": [item(10, image=gif_bytes())]}, 400, "image is GIF, not PNG/JPEG"),
+    ({"items": [item(10, image=PNG_SHORT_HEADER)]}, 400, "field 'image': not a decodable PNG/JPEG (Truncated IHDR"),
+    ({"items": [item(10, image=PNG_BROKEN_CHUNK)]}, 400, "field 'image': not a decodable PNG/JPEG (broken PNG"),
+    # checked like the title: it failed in the encoder's window, taking other clients' items with it
+    (b'{"items": [{"item_id": 10, "title": "t", "raw_item_id": "\\udc00", "image": "x"}]}', 400,
+     "field 'raw_item_id': raw_item_id is not valid Unicode"),
     ({"items": [item(10, title="   ")]}, 400, "field 'title': empty title"),
     ({"items": [item(10, title=123)]}, 400, "field 'title': title must be a string, got 123"),
     ({"items": [item(10), item(-1)]}, 400, "row 1, field 'item_id': item_id must be a non-negative integer"),
@@ -136,6 +151,46 @@ def test_bad_input_gets_a_4xx_with_its_reason_and_the_service_stays_up(service):
     assert status == 409 and "row 1, field 'item_id': item 11 was already embedded" in payload["error"]
     assert request(port, "GET", "/healthz")[1]["items"] == 2
     assert [m.item_ids.tolist() for _, m in read_messages(service.log.path)] == [[10, 11]]
+
+
+def test_a_refused_request_leaves_no_body_behind_on_a_kept_alive_connection(service):
+    """The 404 of an unknown path (and any GET) left its body unread: the connection's next
+    request began with those bytes and got an HTML 400."""
+    _, port = service
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for method, path, expected in [("POST", "/item", 404), ("GET", "/healthz", 200), ("GET", "/items/99", 404)]:
+        connection.request(method, path, body=json.dumps({"items": [item(10)]}).encode())
+        response = connection.getresponse()
+        assert (response.status, "error" in json.loads(response.read()) or method == "GET") == (expected, True)
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["items"] == 0
+    connection.close()
+
+
+def test_an_encoder_failure_fails_only_the_request_it_came_from(encoder_dir, table, tmp_path, monkeypatch):
+    """Any error but the encoder's DataError failed every request of the window with 500,
+    other clients' valid items included."""
+    with service_in_thread(encoder_dir, table, tmp_path / "rim.log", window_ms=500) as (service, port):
+        embed = service.encoder.embed_items
+
+        def failing_on_13(items, source):
+            if 13 in items.column("item_id").to_pylist():
+                raise RuntimeError("the encoder broke on item 13")
+            return embed(items, source)
+
+        monkeypatch.setattr(service.encoder, "embed_items", failing_on_13)
+        answers = {}
+        threads = [threading.Thread(target=lambda i=i: answers.update({i: request(port, "POST", "/items",
+                                                                                  {"items": [item(i)]})}))
+                   for i in (12, 13)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert answers[12][0] == 200 and answers[13][0] == 500, answers
+        assert "the encoder broke on item 13" in answers[13][1]["error"]
+        assert [m.item_ids.tolist() for _, m in read_messages(service.log.path)] == [[12]]
 
 
 def test_a_served_row_is_the_encoders_vector_of_the_item(service, encoder_dir):
@@ -235,7 +290,11 @@ def test_sigkill_under_load_loses_no_acknowledged_item_and_leaves_no_torn_record
 
 @pytest.mark.parametrize("override, message", [("max_batch=0", "max_batch=0: must be positive"),
                                                ("port=99999", "port=99999: must lie in 0..65535"),
-                                               ("max_request_items=100", "max_request_items=100 exceeds max_batch=64")])
+                                               ("max_request_items=100", "max_request_items=100 exceeds max_batch=64"),
+                                               # overflowed a thread's wait: a dead batcher, or no answer
+                                               ("window_ms=.inf", "window_ms=inf: must be finite"),
+                                               ("ack_timeout_s=1e10", "ack_timeout_s=10000000000.0: at most"),
+                                               ("window_ms=1e13", "window_ms=10000000000000.0: at most")])
 def test_serve_refuses_settings_under_which_no_request_succeeds_before_opening_the_log(tmp_path, capsys, override,
                                                                                        message):
     from train.cli import main

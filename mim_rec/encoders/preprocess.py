@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+import struct
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mim_rec.data.errors import DataError
+
+# What PIL raises for damaged bytes: OSError (UnidentifiedImageError, truncated data), but also
+# ValueError (a short IHDR), SyntaxError (a broken PNG chunk), EOFError and struct.error.
+IMAGE_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 ImageLike = Union[bytes, np.ndarray]
 
@@ -22,7 +27,7 @@ def decode_image(data: ImageLike) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(bytes(data)))
             image.load()
-        except (UnidentifiedImageError, OSError) as exc:
+        except IMAGE_DECODE_ERRORS as exc:
             raise ValueError(f"not a decodable PNG/JPEG ({exc})") from exc
         return _sixteen_to_eight_bit(image).convert("RGB")
     array = np.asarray(data)
