@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Type, TypeVar, Union
@@ -21,6 +22,32 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value has the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Typed:
+    """A value read as YAML together with the text it was read from: a text setting takes the
+    text itself (YAML turns ``2024_01`` into 202401, ``no`` into False and ``0x1F`` into 31)."""
+
+    value: Any
+    text: str
+
+
+def _typed(text: str) -> _Typed:
+    try:
+        return _Typed(yaml.safe_load(text) if text != "" else "", text)
+    except ValueError:  # YAML reads 2026-13-01 as a date and fails building it: keep the text
+        return _Typed(text, text)  # for the field's own check to name
+
+
+def _plain(value: Any, wants_text: bool = False) -> Any:
+    """``value`` without its :class:`_Typed` wrapper: the typed text where the field wants text
+    and YAML made something else of a scalar (its quotes, if any, are YAML's to remove)."""
+    if not isinstance(value, _Typed):
+        return value
+    if wants_text and not isinstance(value.value, (str, list, dict, type(None))):
+        return value.text
+    return value.value
 
 
 def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
@@ -44,24 +71,23 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
         if not sep:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _typed(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({err.__class__.__name__})") from err
-        except ValueError:  # YAML reads 2026-13-01 as a date and fails building it: keep the text
-            value = raw       # for the field's own check to name
         _set_dotted(data, key.strip(), value)
     return from_dict(cls, data)
 
 
 def from_dict(cls: Type[T], data: Dict[str, Any], prefix: str = "") -> T:
     """Recursively build a dataclass, checking keys and (simple) types."""
+    data = _plain(data)
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; "
+        raise ConfigError(f"unknown config key(s) {sorted(f'{prefix}{k}' for k in unknown)}; "
                           f"valid keys under '{prefix or '.'}': {sorted(names)}")
     kwargs = {}
     for name, value in data.items():
@@ -76,6 +102,7 @@ def to_dict(config: Any) -> Dict[str, Any]:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    value = _plain(value, wants_text=tp is str or (origin is Union and set(args) == {str, type(None)}))
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key + ".")
     if origin is Union:
@@ -95,8 +122,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # the comma form, "din,sim" or "0,1,2": each piece read as YAML
+            value = [_typed(v.strip()) for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)):  # a lone value: seeds=0
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         inner = args[0] if args else Any
@@ -144,6 +173,7 @@ def require_positive(config: Any, keys: Iterable[str], prefix: str = "") -> None
         value = _dotted(config, key)
         if value is not None and not value > 0:  # written so that NaN is refused too
             raise ConfigError(f"{prefix}{key}={value}: must be positive")
+        _require_finite(value, prefix + key)
 
 
 def require_not_negative(config: Any, keys: Iterable[str], prefix: str = "") -> None:
@@ -152,6 +182,14 @@ def require_not_negative(config: Any, keys: Iterable[str], prefix: str = "") -> 
         value = _dotted(config, key)
         if value is not None and not value >= 0:
             raise ConfigError(f"{prefix}{key}={value}: must not be negative")
+        _require_finite(value, prefix + key)
+
+
+def _require_finite(value: Any, key: str) -> None:
+    """An infinite size, rate or timeout passes a sign check and then overflows far away (a
+    thread's timeout, a step count's range)."""
+    if value is not None and value == math.inf:
+        raise ConfigError(f"{key}={value}: must be finite")
 
 
 def require_run_folder(out: str, example: str) -> None:

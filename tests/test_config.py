@@ -63,3 +63,41 @@ def test_null_or_a_list_is_not_text(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(Cfg, None, [override])
     assert load_config(Cfg, None, ["out=null", "optim.name=2024"]) == Cfg(out=None, optim=Optim(name="2024"))
+
+
+@pytest.mark.parametrize("text", ["2024_01", "no", "on", "010", "0x1F", "1.10", "1:30", "2026-01-02", "~x"])
+def test_text_settings_keep_the_text_typed(text):
+    """Read as YAML first, 'out=2024_01' became '202401', 'no' 'False' and '0x1F' '31'."""
+    cfg = load_config(Cfg, None, [f"out={text}", f"optim.name={text}"])
+    assert (cfg.out, cfg.optim.name) == (text, text)
+    assert load_config(Cfg, None, ["optim.name='quoted'"]).optim.name == "quoted"  # YAML's quotes still work
+
+
+def test_a_config_file_key_that_is_not_text_is_named(tmp_path):
+    """YAML reads '1:', 'yes:' and '~:' as an int, a bool and null: a TypeError traceback."""
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\n1: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['1'\]"):
+        load_config(Cfg, path, [])
+
+
+@pytest.mark.parametrize("override, layers", [("layers=3,2,1", [3, 2, 1]), ("layers=5", [5]), ("layers=[7]", [7])])
+def test_a_list_of_numbers_takes_the_comma_form_and_a_lone_value(override, layers):
+    """Only text lists split on commas ('3' stayed text: 'expected an integer'), and one value
+    was 'expected a list'."""
+    assert load_config(Cfg, None, [override]).layers == layers
+
+
+@pytest.mark.parametrize("value, positive, not_negative", [
+    (".inf", "must be finite", "must be finite"), ("1e400", "must be finite", "must be finite"),
+    ("-.inf", "must be positive", "must not be negative"), (".nan", "must be positive", "must not be negative")])
+def test_an_infinite_or_nan_setting_is_refused(value, positive, not_negative):
+    """An infinite window or timeout passed and then overflowed a thread's wait: the RIM
+    batcher died and every later request waited out its timeout."""
+    from mim_rec.config import require_not_negative, require_positive
+
+    cfg = load_config(Cfg, None, [f"optim.lr={value}"])
+    with pytest.raises(ConfigError, match=f"optim.lr=.*: {positive}"):
+        require_positive(cfg, ["optim.lr"])
+    with pytest.raises(ConfigError, match=f"optim.lr=.*: {not_negative}"):
+        require_not_negative(cfg, ["optim.lr"])
