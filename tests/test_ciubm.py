@@ -4,9 +4,11 @@ one-process tests train on the GPU (nccl, FBGEMM's CUDA kernels, fused Adam for 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -618,6 +620,30 @@ def test_two_gloo_ranks_train_and_evaluate(world, tmp_path):
     report, _ = run_on_spawned_ranks(_two_rank_work, 2, "cpu", str(world), str(tmp_path / "two"))
     assert report["steps"] == 8 and report["n"] == pq.read_metadata(world / "events_test.parquet").num_rows
     assert (tmp_path / "two" / "checkpoints" / "latest").is_file()
+
+
+def _one_category_ec_work(rank: int, device, world: str, out: str, *extra: str):
+    torch.set_num_threads(1)
+    try:
+        return ciubm.run(ciubm.load_train_config(None, [f"data.world={world}", f"out={out}", *FAST, "max_steps=2",
+                                                        "model.ubm=din", "model.sequence_layout=ec", "device=cpu",
+                                                        *extra]))
+    except ConfigError as exc:
+        return str(exc)
+
+
+@pytest.mark.slow
+def test_a_table_too_small_for_a_row_block_on_every_rank_is_planned_table_wise(tmp_path, capsys):
+    """The planner split the ec layout's 1-row category table into row blocks 1 and 0, and the
+    rank with none died in fbgemm's lookup ("weights[0] must be a GPU or MTIA tensor")."""
+    world = generate_world(dataclasses.replace(tiny(SynthConfig(seed=4)), categories=1), tmp_path / "world")
+    report, _ = run_on_spawned_ranks(_one_category_ec_work, 2, "cpu", str(world), str(tmp_path / "run"))
+    assert report["steps"] == 2
+    assert re.search(r"^category\s*\|\s*table_wise\s*\|", (tmp_path / "run" / "plan.txt").read_text(), re.M)
+    refusal, _ = run_on_spawned_ranks(_one_category_ec_work, 2, "cpu", str(world), str(tmp_path / "pinned"),
+                                      "model.constraints.category.sharding_types=[row_wise]")
+    assert "model.constraints.category.sharding_types=['row_wise']: row-wise over 2 ranks splits the table " \
+           "into row blocks [1, 0]" in refusal
 
 
 @pytest.mark.slow

@@ -398,16 +398,36 @@ def _plan(model, config, ctx, sharders):
     import torch.distributed as dist
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 
-    from mim_rec.ciubm.placement import pin_tables
+    from mim_rec.ciubm.placement import empty_row_shards, pin_tables
+    from mim_rec.config import ConfigError
 
     constraints = {name: ParameterConstraints(sharding_types=c.sharding_types, compute_kernels=c.compute_kernels)
                    for name, c in config.model.constraints.items()}
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
-        batch_size=config.loader.batch_size, constraints=constraints)
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    return pin_tables(model, plan, config.model.constraints, sharders, ctx.world_size,
-                      int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)), ctx.device.type)
+
+    def planned():
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
+            batch_size=config.loader.batch_size, constraints=constraints)
+        plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+        return pin_tables(model, plan, config.model.constraints, sharders, ctx.world_size,
+                          int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)), ctx.device.type)
+
+    plan = planned()
+    empty = empty_row_shards(plan)
+    if not empty:
+        return plan
+    for name, rows in empty.items():  # a table too small to give every rank a row block
+        chosen = config.model.constraints.get(name)
+        if chosen is not None and chosen.sharding_types:
+            raise ConfigError(f"model.constraints.{name}.sharding_types={chosen.sharding_types}: row-wise over "
+                              f"{ctx.world_size} ranks splits the table into row blocks {rows}, and fbgemm's "
+                              "kernel cannot run a rank with no row; choose table_wise or fewer ranks")
+        constraints[name] = ParameterConstraints(
+            sharding_types=["table_wise"], compute_kernels=chosen.compute_kernels if chosen else None)
+        if ctx.rank == 0:
+            print(f"mim train: note: the planner split table {name} by rows into blocks {rows}, leaving a rank "
+                  "none (fbgemm's kernel cannot run it); planned it table_wise", file=sys.stderr)
+    return planned()
 
 
 def build_sharded_model(config: TrainConfig, sizes: Dict[str, int], ctx):

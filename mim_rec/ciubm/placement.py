@@ -80,3 +80,22 @@ def pin_tables(model: nn.Module, plan, constraints: Dict[str, TableConstraint], 
     if pinned:
         raise ConfigError(f"model.constraints: no sharded table named {sorted(pinned)}")
     return plan
+
+
+ROW_SPLIT_TYPES = ("row_wise", "table_row_wise")
+
+
+def empty_row_shards(plan) -> Dict[str, List[int]]:
+    """Tables that ``plan`` splits by rows so that a rank gets none: name -> rows per shard.
+
+    TorchRec cuts row blocks of ``ceil(rows / ranks)`` (1 category over 2 ranks: 1 and 0; 4
+    over 3: 2, 2, 0), and fbgemm's kernel fails on the rank whose shard has no row."""
+    empty = {}
+    for module_plan in plan.plan.values():
+        for name, sharding in module_plan.items():
+            if sharding.sharding_type not in ROW_SPLIT_TYPES or sharding.sharding_spec is None:
+                continue
+            rows = [shard.shard_sizes[0] for shard in sharding.sharding_spec.shards]
+            if 0 in rows:
+                empty[name] = rows
+    return empty
