@@ -706,6 +706,19 @@ def test_two_gloo_ranks_resume_exactly(world, tmp_path, layout):
     assert (tmp_path / "a" / "metrics.json").is_file()  # refused before the run folder was touched
 
 
+def test_a_run_scored_on_other_test_events_is_not_finished(world, tmp_path):
+    """Only the training inputs were compared: a grid kept the old metrics of a world whose
+    events_test had changed, and mim experiment reported them."""
+    copy = _world_with_events(world, tmp_path / "world", lambda events: events)
+    config = _config(copy, tmp_path / "run", "max_steps=2", "model.ubm=avg")
+    ciubm.run(config)
+    assert ciubm._finished(config)
+    test = pq.read_table(copy / "events_test.parquet")
+    pq.write_table(test.slice(0, test.num_rows // 2), copy / "events_test.parquet")
+    assert not ciubm._finished(config)
+    assert ciubm.run(config)["n"] == test.num_rows // 2 and ciubm._finished(config)
+
+
 def test_a_torn_metrics_json_is_not_a_finished_run(world, tmp_path):
     """A grid skipped a run whose metrics.json a kill had cut short, as finished."""
     config = _config(world, tmp_path / "run", "max_steps=2", "model.ubm=avg")

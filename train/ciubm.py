@@ -389,7 +389,16 @@ def _finished(config: TrainConfig) -> bool:
     return report is not None and checkpoint is not None \
         and f"step-{report.get('steps', -1):09d}" == checkpoint.name \
         and changed_settings(config, EXECUTION_ONLY, PATH_SETTINGS) == [] \
-        and _changed_inputs(out, _training_inputs(config)) == []
+        and _changed_inputs(out, _training_inputs(config)) == [] \
+        and report.get("events_test_fingerprint") in (None, _test_events_fingerprint(config))
+
+
+def _test_events_fingerprint(config: TrainConfig) -> str:
+    """Content fingerprint of the events a run is scored on (a report without one predates it);
+    empty when the file is gone, which no run was scored on."""
+    from mim_rec.data.manifest import fingerprint_file
+    events = Path(config.data.world) / "events_test.parquet"
+    return fingerprint_file(events) if events.is_file() else ""
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -597,8 +606,9 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     report["steps"] = progress["global_step"]
     if ctx.is_main:
         from mim_rec.utils.run import atomic_write_bytes
-        if train:
-            atomic_write_bytes(out / "metrics.json", json.dumps(report, indent=2).encode())
+        if train:  # with what it scored, so that a grid re-scores a run whose test events changed
+            scored = {**report, "events_test_fingerprint": _test_events_fingerprint(config)}
+            atomic_write_bytes(out / "metrics.json", json.dumps(scored, indent=2).encode())
             logger.log({"event": "eval", **{k: report[k] for k in ("auc", "gauc", "logloss", "n")}},
                        step=progress["global_step"])
             logger.close()
@@ -645,11 +655,9 @@ def _evaluation_sizes(config: TrainConfig, needed: Dict[str, int], checkpoint: P
 def _evaluated(config: TrainConfig, report: Dict[str, Any], checkpoint: Path) -> Dict[str, Any]:
     """An ``--eval-only`` report with what it measured: the checkpoint and the test events (path
     and content fingerprint), which may be another world's than the run trained on."""
-    from mim_rec.data.manifest import fingerprint_file
-
     events = Path(config.data.world) / "events_test.parquet"
     return {"checkpoint": checkpoint.name, "events_test": str(events.resolve()),
-            "events_test_fingerprint": fingerprint_file(events),
+            "events_test_fingerprint": _test_events_fingerprint(config),
             "mm_table": f"the checkpoint's copy ({checkpoint.name})" if config.model.uses_mm else None, **report}
 
 
