@@ -543,6 +543,11 @@ def test_grid_runs_equal_single_runs_and_skip_finished_ones(world, tmp_path, cap
     changed = [{"name": "avg", "overrides": [f"out={tmp_path / 'g_avg'}", "model.ubm=avg", "seed=5"]}]
     with pytest.raises(ConfigError, match=r"another config \(differs in: seed\)"):
         ciubm.run_grid(None, base, changed)  # never resumed from the seed-0 run's checkpoints
+    # --eval-only --grid starts each run from its own config.json, as a single --eval-only does
+    # (it rebuilt them from the defaults and refused the runs as "another config")
+    by_folder = [{"name": e["name"], "overrides": e["overrides"][:1]} for e in grid]
+    ciubm.run_grid(None, [f"data.world={world}"], by_folder, train=False)
+    assert json.loads((tmp_path / "g_din" / "eval.json").read_text())["auc"] == pytest.approx(gridded["auc"], abs=1e-9)
     shared = [{"name": "a", "overrides": ["model.ubm=avg"]}, {"name": "b", "overrides": ["model.ubm=din"]}]
     with pytest.raises(ConfigError, match=r"--grid: runs 'a' and 'b' both write out=.*shared; give each its own"):
         ciubm.run_grid(None, [*base, f"out={tmp_path / 'shared'}"], shared)  # refused before run a trained

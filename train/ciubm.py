@@ -201,7 +201,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--grid", default=None, metavar="FILE",
                         help="JSON list of {\"name\", \"overrides\"}: train every run in turn in one "
                              "process group (one launch for a seeds x models study); each run adds its "
-                             "overrides to the command's, a finished run is skipped")
+                             "overrides to the command's, a finished run is skipped; with --eval-only each "
+                             "run starts from its own out/config.json")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="e.g. data.world=DIR mm_table=DIR out=DIR model.ubm=sim "
                              "model.content_interest=false loader.max_hist_len=200")
@@ -269,8 +270,12 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
 
     from mim_rec.config import ConfigError
 
-    configs = [(entry["name"], load_train_config(config_path, [*overrides, *entry["overrides"]]))
-               for entry in runs]
+    def config_of(entry: Dict[str, Any]) -> TrainConfig:  # --eval-only: each run's own config.json, as alone
+        run_overrides = [*overrides, *entry["overrides"]]
+        path = config_path if config_path is not None or train else _run_config(run_overrides)
+        return load_train_config(path, run_overrides)
+
+    configs = [(entry["name"], config_of(entry)) for entry in runs]
     writers: Dict[Path, str] = {}
     for name, config in configs:  # two runs in one folder: the second would be refused after the first trained
         folder = Path(config.out).resolve()
