@@ -106,6 +106,9 @@ BAD_CASES = {
     "label": ("events", lambda r: edit(r, "label", 3, 2), 3, "label", "label not in"),
     "behaviour after its event": ("events", lambda r: edit(r, "hist_ts", 2, [9]), 2, "hist_ts",
                                   r"behaviour after its event \(hist_ts > ts\)"),
+    # accepted before: item ages became 2e7 days, and S1..S10 followed the event time
+    "milliseconds": ("events", lambda r: edit(r, "ts", 3, 1_700_000_000_000), 3, "ts",
+                     r"ts past 10\^11 Unix seconds \(the year 5138\): milliseconds\?"),
     "history newest first": ("events", lambda r: edit(r, "hist_ts", 3, [1, 0, 0]), 3, "hist_ts",
                              "history not oldest first"),
     "empty title": ("items", lambda r: edit(r, "title", 0, "  "), 0, "title", "empty title"),

@@ -353,6 +353,12 @@ def _behaviours_oldest_first(batch: pa.RecordBatch) -> np.ndarray:
     return _rows_where(rows, earlier, batch.num_rows)
 
 
+# Times are Unix seconds; milliseconds since March 1973 are past this. Item ages are ``ts``
+# minus ``created_at`` in days, so a millisecond world passed every other rule and trained on
+# ages of 2e7 days.
+MAX_UNIX_SECONDS = 10**11
+
+
 def _events_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
     checks = [_not_null(f) for f in EVENTS.required_names]
     checks += [
@@ -370,6 +376,8 @@ def _events_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
                                    pc.list_value_length(b.column(other))))))
     checks += [_id_in_range("hist_item_ids", ctx.item_count, "behaviour item id"),
                _category_in_range("hist_category_ids", ctx, "behaviour category id"),
+               RowCheck("ts", "ts past 10^11 Unix seconds (the year 5138): milliseconds? times are seconds",
+                        lambda b: _mask(pc.greater_equal(pc.fill_null(b.column("ts"), 0), MAX_UNIX_SECONDS))),
                RowCheck("hist_ts", "behaviour after its event (hist_ts > ts)", _behaviours_before_the_event),
                RowCheck("hist_ts", "history not oldest first (hist_ts decreases)", _behaviours_oldest_first)]
     if ctx.item_category is not None:
