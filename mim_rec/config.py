@@ -33,11 +33,18 @@ class _Typed:
     text: str
 
 
-def _typed(text: str) -> _Typed:
+def _typed(text: str, piece: bool = False) -> _Typed:
+    """``text`` read as YAML. A ``piece`` of a comma-separated list is a scalar: where YAML
+    reads it as something else ("a: b", "[b") or fails on it ("*b"), the piece is its text."""
     try:
-        return _Typed(yaml.safe_load(text) if text != "" else "", text)
+        value = yaml.safe_load(text) if text != "" else ""
     except ValueError:  # YAML reads 2026-13-01 as a date and fails building it: keep the text
         return _Typed(text, text)  # for the field's own check to name
+    except yaml.YAMLError:
+        if not piece:
+            raise
+        return _Typed(text, text)
+    return _Typed(text if piece and isinstance(value, (list, dict)) else value, text)
 
 
 def _plain(value: Any, wants_text: bool = False) -> Any:
@@ -48,6 +55,16 @@ def _plain(value: Any, wants_text: bool = False) -> Any:
     if wants_text and not isinstance(value.value, (str, list, dict, type(None))):
         return value.text
     return value.value
+
+
+def _plain_deep(value: Any) -> Any:
+    """``value`` with every :class:`_Typed` inside it unwrapped (an untyped field's dicts)."""
+    value = _plain(value)
+    if isinstance(value, dict):
+        return {k: _plain_deep(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_deep(v) for v in value]
+    return value
 
 
 def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
@@ -71,10 +88,11 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
         if not sep:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         try:
-            value = _typed(raw)
+            typed = _typed(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({err.__class__.__name__})") from err
-        _set_dotted(data, key.strip(), value)
+        # only a scalar's text matters; a mapping stays one, so a later override can set a key in it
+        _set_dotted(data, key.strip(), typed.value if isinstance(typed.value, (dict, list)) else typed)
     return from_dict(cls, data)
 
 
@@ -102,11 +120,8 @@ def to_dict(config: Any) -> Dict[str, Any]:
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    value = _plain(value, wants_text=tp is str or (origin is Union and set(args) == {str, type(None)}))
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key + ".")
-    if origin is Union:
-        if value is None and type(None) in args:
+    if origin is Union:  # each member reads the value as it would alone (text, list or number)
+        if _plain(value) is None and type(None) in args:
             return None
         errors = []
         for arg in args:
@@ -117,13 +132,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError("; ".join(errors))
+    # a list takes the typed text too: names=2024_01 is one name, which YAML makes 202401
+    value = _plain(value, wants_text=tp is str or origin in (list, tuple))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):  # the comma form, "din,sim" or "0,1,2": each piece read as YAML
-            value = [_typed(v.strip()) for v in value.split(",") if v.strip()]
+            value = [_typed(v.strip(), piece=True) for v in value.split(",") if v.strip()]
         elif isinstance(value, (int, float)):  # a lone value: seeds=0
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -137,7 +156,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         inner = args[1] if len(args) == 2 else Any
         return {k: _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
     if tp is Any or tp is object:
-        return value
+        return _plain_deep(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -161,7 +180,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value is None or isinstance(value, (list, dict)):
             raise ConfigError(f"{key}: expected text, got {'null' if value is None else repr(value)}")
         return value if isinstance(value, str) else str(value)
-    return value
+    return _plain_deep(value)  # a type this reader does not check (a bare dict, a class)
 
 
 def require_positive(config: Any, keys: Iterable[str], prefix: str = "") -> None:

@@ -101,3 +101,22 @@ def test_an_infinite_or_nan_setting_is_refused(value, positive, not_negative):
         require_positive(cfg, ["optim.lr"])
     with pytest.raises(ConfigError, match=f"optim.lr=.*: {not_negative}"):
         require_not_negative(cfg, ["optim.lr"])
+
+
+@dataclass
+class Open:
+    names: List[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    nested: Optional[List[str]] = None
+
+
+def test_typed_text_stays_out_of_untyped_settings_and_sections():
+    """Review of the typed-text change: a wrapper reached an untyped dict (and config.json),
+    a section set whole could no longer take a key, list pieces YAML cannot read were a
+    traceback, and one name for a list of names lost its text."""
+    cfg = load_config(Open, None, ["options.a.b=1", "options.c=no"])
+    assert cfg.options == {"a": {"b": 1}, "c": False}
+    assert load_config(Open, None, ["options={a: 1}", "options.b=2"]).options == {"a": 1, "b": 2}
+    assert load_config(Open, None, ["names=a,*b,[c"]).names == ["a", "*b", "[c"]
+    assert load_config(Open, None, ["names=2024_01", "nested=0x1F"]) == Open(names=["2024_01"], nested=["0x1F"])
+    assert load_config(Open, None, ["nested=null"]).nested is None
