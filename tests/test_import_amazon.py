@@ -187,6 +187,15 @@ def test_category_phrase():
     assert category_phrase("Industrial & Scientific Additive Manufacturing", 1) == "Additive"
 
 
+def test_segments_read_a_brand_that_starts_with_the_root_from_the_right():
+    from mim_rec.data.importers.amazon import _segments
+
+    assert _segments("Serum. Beauty Skin Care Face. Beauty Without Cruelty.", "Beauty") == \
+        ("Serum", "Beauty Skin Care Face", "Beauty Without Cruelty")
+    assert _segments("Tape. Industrial & Scientific Tapes. K.S. Choi Corp.", "Industrial & Scientific") == \
+        ("Tape", "Industrial & Scientific Tapes", "K.S. Choi Corp")
+
+
 def test_a_brand_holding_a_full_stop_keeps_its_items_category_and_brand(tmp_path):
     """Split from the right, "K.S. Choi Corp." made 'K.S' the category path and 'Choi Corp' the
     brand: four real items had made-up one-item categories."""

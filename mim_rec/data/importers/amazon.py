@@ -480,18 +480,21 @@ def _dense_names(names: List[str], reserve_empty: bool = False) -> Tuple[List[st
 def _segments(text: str, root: str = "") -> Tuple[str, str, str]:
     """UniSRec's ``"title. categories. brand."`` -> (title, categories, brand).
 
-    Title and brand may both contain '. ' ("K.S. Choi Corp."). Given the data set's ``root``
-    category, the category segment is the last one that starts with it, and the brand is all
-    that follows; without a root (or in a text that lacks it) the last two segments are taken
-    from the right, which splits such a brand.
+    The title may contain '. ', so the last two segments are taken from the right. A brand
+    may contain it too ("K.S. Choi Corp."): given the data set's ``root`` category, a text
+    whose second-last segment does not start with it takes the last segment that does as its
+    categories and all after it as the brand (a brand starting with the root, "Beauty Without
+    Cruelty", is still read from the right).
     """
     body = text.strip().rstrip(".")
-    starts = list(re.finditer(r"\. " + re.escape(root) + r"(?=\. | |$)", body)) if root else []
-    if starts:
-        title, rest = body[:starts[-1].start()], body[starts[-1].start() + 2:]
-        categories, _, brand = rest.partition(". ")
-        return title, categories.strip(), brand.strip().rstrip(".")
     parts = body.split(". ")
+    at_root = re.compile(re.escape(root) + r"(?= |$)") if root else None
+    if at_root is not None and not (len(parts) >= 3 and at_root.match(parts[-2].strip())):
+        starts = [m for m in re.finditer(r"\. " + at_root.pattern, body)]
+        if starts:
+            title, rest = body[:starts[-1].start()], body[starts[-1].start() + 2:]
+            categories, _, brand = rest.partition(". ")
+            return title, categories.strip(), brand.strip().rstrip(".")
     if len(parts) < 3:
         return text, "", ""
     return ". ".join(parts[:-2]), parts[-2].strip(), parts[-1].strip().rstrip(".")
