@@ -108,32 +108,46 @@ def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: 
 
 def read_mm_rows(table_dir: Union[str, Path], start: int, stop: int, dim: int,
                  missing: str = "error") -> torch.Tensor:
-    """Vectors of items ``start..stop-1`` as ``[stop - start, dim]`` float32.
+    """Vectors of items ``start..stop-1`` as ``[stop - start, dim]`` float32 (one range of
+    :class:`MMTableRows`; a reader of many ranges should keep one of those)."""
+    return MMTableRows(table_dir, dim, missing)(start, stop)
 
-    Reads only the parts (and, inside them, the row groups) whose ``item_id`` statistics
-    overlap the range, so a rank holding one shard of a sharded table never reads the rest.
+
+class MMTableRows:
+    """An MM table read range by range: ``rows(start, stop)`` is items ``start..stop-1`` as
+    ``[stop - start, dim]`` float32.
+
+    The parts and their id bounds are listed once, here: a fill reads a table chunk by chunk,
+    and listing the folder and every part's footer for each chunk grew as parts x chunks.
+    A range reads only the parts (and, inside them, the row groups) whose ``item_id``
+    statistics overlap it, so a rank holding one shard of a sharded table never reads the rest.
     Rows of the wrong length and non-finite values are errors; ids the table lacks are an
     error too, or with ``missing="default"`` zero vectors (the default, never garbage).
     """
-    _check_policy(missing)
-    out = torch.zeros(stop - start, dim)
-    seen = np.zeros(stop - start, dtype=bool)
-    for part in table_parts(table_dir):
-        low, high = _id_bounds(part)
-        if high < start or low >= stop:
-            continue
-        ids, vectors = read_part_rows(part, dim, start, stop)
-        again = seen[ids - start]
-        if again.any():
-            raise DataError(str(part), f"item {ids[again][0]} has a second row (in this or an earlier "
-                                       "part); rebuild the table", field="item_id")
-        out[torch.from_numpy(ids - start)] = torch.from_numpy(vectors)
-        seen[ids - start] = True
-    if not seen.all() and missing == "error":
-        raise DataError(str(table_dir), f"{int((~seen).sum())} of {stop - start} items in {start}..{stop - 1} "
-                        f"have no vector (first: item {start + int(np.flatnonzero(~seen)[0])}); "
-                        "rebuild the table for this catalogue")
-    return out
+
+    def __init__(self, table_dir: Union[str, Path], dim: int, missing: str = "error") -> None:
+        _check_policy(missing)
+        self.table_dir, self.dim, self.missing = str(table_dir), dim, missing
+        self.parts = [(part, *_id_bounds(part)) for part in table_parts(table_dir)]
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        out = torch.zeros(stop - start, self.dim)
+        seen = np.zeros(stop - start, dtype=bool)
+        for part, low, high in self.parts:
+            if high < start or low >= stop:
+                continue
+            ids, vectors = read_part_rows(part, self.dim, start, stop)
+            again = seen[ids - start]
+            if again.any():
+                raise DataError(str(part), f"item {ids[again][0]} has a second row (in this or an earlier "
+                                           "part); rebuild the table", field="item_id")
+            out[torch.from_numpy(ids - start)] = torch.from_numpy(vectors)
+            seen[ids - start] = True
+        if not seen.all() and self.missing == "error":
+            raise DataError(self.table_dir, f"{int((~seen).sum())} of {stop - start} items in {start}..{stop - 1} "
+                            f"have no vector (first: item {start + int(np.flatnonzero(~seen)[0])}); "
+                            "rebuild the table for this catalogue")
+        return out
 
 
 def read_part_rows(part: Path, dim: int, start: Optional[int] = None,

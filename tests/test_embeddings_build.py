@@ -59,6 +59,20 @@ def test_a_row_range_reads_only_the_parts_that_hold_it(world, tmp_path, monkeypa
     assert opened == ["part-00001.parquet", "part-00002.parquet"]
 
 
+def test_a_range_reader_reads_each_parts_footer_once(world, tmp_path, monkeypatch):
+    """The fill reads the table chunk by chunk; each chunk listed the folder and read every
+    part's footer again (parts x chunks footers for a 10M-row table: 374k)."""
+    import embeddings.table as table
+
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    bounds, read = [], table._id_bounds
+    monkeypatch.setattr(table, "_id_bounds", lambda part: bounds.append(part) or read(part))
+    rows = table.MMTableRows(out, 8)
+    chunked = torch.cat([rows(first, min(first + 16, 300)) for first in range(0, 300, 16)])
+    assert len(bounds) == len(table.table_parts(out)) == 5
+    assert torch.equal(chunked, read_mm_table(out, 300, 8))
+
+
 def test_killed_build_resumes_from_whole_shards(world, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build_table(FakeEncoder(fail_after=2), world / "items.parquet", tmp_path / "t", shard_rows=64)

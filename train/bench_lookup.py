@@ -117,7 +117,7 @@ def _table_rows(config: LookupBenchConfig, num_items: int, encoder, quick: bool 
     if config.mm_table is None:
         vectors = torch.randn(num_items, encoder.dim, generator=torch.Generator().manual_seed(config.seed))
         return (lambda start, stop: vectors[start:stop]), encoder.dim
-    from embeddings.table import check_table, read_mm_rows
+    from embeddings.table import MMTableRows, check_table
     from mim_rec.data.errors import ManifestMismatch
     from mim_rec.data.manifest import require
 
@@ -128,7 +128,7 @@ def _table_rows(config: LookupBenchConfig, num_items: int, encoder, quick: bool 
                                f"{encoder.fingerprint!r}; the lookup must serve the vectors the encoder computes")
     dim = int(manifest.dim)
     check_table(config.mm_table, num_items, dim)
-    return (lambda start, stop: read_mm_rows(config.mm_table, start, stop, dim)), dim
+    return MMTableRows(config.mm_table, dim), dim
 
 
 def run_bench(config: LookupBenchConfig, quick: bool = False) -> Dict[str, Any]:

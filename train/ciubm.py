@@ -474,12 +474,12 @@ def mm_rows(config: TrainConfig, num_items: int, dim: int):
         generator = torch.Generator().manual_seed(config.seed + 7919)
         vectors = torch.randn(num_items, dim, generator=generator)
         return (lambda start, stop: vectors[start:stop]), "random stand-in (no mm_table given)"
-    from embeddings.table import check_table, read_mm_rows
+    from embeddings.table import MMTableRows, check_table
     lacking = check_table(config.mm_table, num_items, dim, config.mm_missing,
                           items_path=Path(config.data.world) / "items.parquet")
     source = f"table {config.mm_table}" + (f" ({lacking} of {num_items} items missing: zero vectors)"
                                            if lacking else "")
-    return (lambda start, stop: read_mm_rows(config.mm_table, start, stop, dim, config.mm_missing)), source
+    return MMTableRows(config.mm_table, dim, config.mm_missing), source
 
 
 # ---------------------------------------------------------------- train / evaluate
