@@ -308,7 +308,10 @@ class RimService:
                 "embedded_at": embedded_at}
 
     def health(self) -> dict:
-        return {"status": "ok", "encoder": self.encoder.fingerprint, "dim": self.encoder.dim,
+        """Counts, and ``status``: "ok", or why no request can succeed (the log writer stopped
+        after a failed write: restart the service, whose reopen checks the log)."""
+        status = f"log writer stopped: {self.log.failed}; restart the service" if self.log.failed else "ok"
+        return {"status": status, "encoder": self.encoder.fingerprint, "dim": self.encoder.dim,
                 "items": len(self._served), "records": self.log.records, "log_bytes": self.log.end,
                 "recovered_bytes": self.log.recovered_bytes, "pending": self._pending_items}
 
@@ -415,8 +418,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         # A GET's body is never read: the next request on this connection would start inside it.
         close = self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers
-        if self.path == "/healthz":
-            return self._reply(HTTPStatus.OK, self.service.health(), close=close)
+        if self.path == "/healthz":  # 503 once no request can succeed, so an orchestrator restarts it
+            health = self.service.health()
+            status = HTTPStatus.OK if health["status"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
+            return self._reply(status, health, close=close)
         match = re.fullmatch(r"/items/([0-9]{1,19})", self.path)  # an int64 id; longer ones are not served
         row = self.service.served_row(int(match.group(1))) if match else None
         if row is None:

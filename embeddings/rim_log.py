@@ -257,7 +257,7 @@ class RimLog:
             _fsync_dir(self.path.parent)
         self.item_ids: Set[int] = set()
         self.records = self.end = 0
-        self._failed = ""  # the error of a failed append; the writer refuses appends after one
+        self.failed = ""  # the error of a failed append; the writer refuses appends after one
         try:
             self.recovered_bytes = self._recover()
         except BaseException:
@@ -281,8 +281,8 @@ class RimLog:
         data = message.encode()
         check_message(message, self.fingerprint, self.dim, self.path, self.end + len(data), "this writer's encoder")
         ids = self._new_ids(message, f"the record that would end at byte {self.end + len(data)}")
-        if self._failed:
-            raise OSError(f"{self.path}: an earlier write to this log failed ({self._failed}); what reached "
+        if self.failed:
+            raise OSError(f"{self.path}: an earlier write to this log failed ({self.failed}); what reached "
                           "the disk is unknown, so this writer takes no more records: reopen the log "
                           "(restart the service), which checks every record and truncates a torn tail")
         try:
@@ -293,7 +293,7 @@ class RimLog:
         except BaseException as exc:
             # The record is not durable: cut its bytes so no reader folds what the client was
             # told failed, and stop, since after a failed fsync the page cache is no proof.
-            self._failed = repr(exc)
+            self.failed = repr(exc)
             os.ftruncate(self._fd, self.end)
             raise
         self.end += len(data)

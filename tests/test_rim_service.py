@@ -171,11 +171,12 @@ def test_a_refused_request_leaves_no_body_behind_on_a_kept_alive_connection(serv
 def test_an_encoder_failure_fails_only_the_request_it_came_from(encoder_dir, table, tmp_path, monkeypatch):
     """Any error but the encoder's DataError failed every request of the window with 500,
     other clients' valid items included."""
-    with service_in_thread(encoder_dir, table, tmp_path / "rim.log", window_ms=500) as (service, port):
-        embed = service.encoder.embed_items
+    with service_in_thread(encoder_dir, table, tmp_path / "rim.log", window_ms=3000) as (service, port):
+        embed, calls = service.encoder.embed_items, []
 
         def failing_on_13(items, source):
-            if 13 in items.column("item_id").to_pylist():
+            calls.append(sorted(items.column("item_id").to_pylist()))
+            if 13 in calls[-1]:
                 raise RuntimeError("the encoder broke on item 13")
             return embed(items, source)
 
@@ -188,9 +189,28 @@ def test_an_encoder_failure_fails_only_the_request_it_came_from(encoder_dir, tab
             thread.start()
         for thread in threads:
             thread.join()
+        assert calls[0] == [12, 13], calls  # one window held both, as the old code failed them
         assert answers[12][0] == 200 and answers[13][0] == 500, answers
         assert "the encoder broke on item 13" in answers[13][1]["error"]
         assert [m.item_ids.tolist() for _, m in read_messages(service.log.path)] == [[12]]
+
+
+def test_health_says_so_once_the_log_writer_has_stopped(service, monkeypatch):
+    """After a failed write every POST is a 500, but /healthz kept answering ok: nothing told
+    an orchestrator to restart the service, as the error asks."""
+    import embeddings.rim_log as rim_log
+
+    service, port = service
+    assert request(port, "GET", "/healthz")[1]["status"] == "ok"
+
+    def failing_fsync(fd):
+        raise OSError(5, "EIO (simulated)")
+
+    monkeypatch.setattr(rim_log.os, "fsync", failing_fsync)
+    assert request(port, "POST", "/items", {"items": [item(10)]})[0] == 500
+    monkeypatch.undo()
+    status, health = request(port, "GET", "/healthz")
+    assert status == 503 and health["status"].startswith("log writer stopped: OSError(5, 'EIO (simulated)')")
 
 
 def test_a_served_row_is_the_encoders_vector_of_the_item(service, encoder_dir):
