@@ -649,6 +649,9 @@ def test_a_table_too_small_for_a_row_block_on_every_rank_is_planned_table_wise(t
                                       "model.constraints.category.sharding_types=[row_wise]")
     assert "model.constraints.category.sharding_types=['row_wise']: row-wise over 2 ranks splits the table " \
            "into row blocks [1, 0]" in refusal
+    narrowed, _ = run_on_spawned_ranks(_one_category_ec_work, 2, "cpu", str(world), str(tmp_path / "either"),
+                                       "model.constraints.category.sharding_types=[row_wise,table_wise]")
+    assert narrowed["steps"] == 2  # a constraint that allows table_wise is narrowed to it
 
 
 @pytest.mark.slow

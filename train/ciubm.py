@@ -427,21 +427,22 @@ def _plan(model, config, ctx, sharders):
                           int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)), ctx.device.type)
 
     plan = planned()
-    empty = empty_row_shards(plan)
-    if not empty:
-        return plan
-    for name, rows in empty.items():  # a table too small to give every rank a row block
-        chosen = config.model.constraints.get(name)
-        if chosen is not None and chosen.sharding_types:
-            raise ConfigError(f"model.constraints.{name}.sharding_types={chosen.sharding_types}: row-wise over "
-                              f"{ctx.world_size} ranks splits the table into row blocks {rows}, and fbgemm's "
-                              "kernel cannot run a rank with no row; choose table_wise or fewer ranks")
-        constraints[name] = ParameterConstraints(
-            sharding_types=["table_wise"], compute_kernels=chosen.compute_kernels if chosen else None)
-        if ctx.rank == 0:
-            print(f"mim train: note: the planner split table {name} by rows into blocks {rows}, leaving a rank "
-                  "none (fbgemm's kernel cannot run it); planned it table_wise", file=sys.stderr)
-    return planned()
+    while empty := empty_row_shards(plan):  # a table too small to give every rank a row block
+        for name, rows in empty.items():
+            chosen = config.model.constraints.get(name)
+            allowed = (chosen.sharding_types if chosen is not None else None) or ["table_wise"]
+            if "table_wise" not in allowed or constraints.get(name) is not None \
+                    and constraints[name].sharding_types == ["table_wise"]:
+                raise ConfigError(f"model.constraints.{name}.sharding_types={allowed}: row-wise over "
+                                  f"{ctx.world_size} ranks splits the table into row blocks {rows}, and fbgemm's "
+                                  "kernel cannot run a rank with no row; allow table_wise or use fewer ranks")
+            constraints[name] = ParameterConstraints(
+                sharding_types=["table_wise"], compute_kernels=chosen.compute_kernels if chosen else None)
+            if ctx.rank == 0:
+                print(f"mim train: note: the planner split table {name} by rows into blocks {rows}, leaving a "
+                      "rank none (fbgemm's kernel cannot run it); planned it table_wise", file=sys.stderr)
+        plan = planned()
+    return plan
 
 
 def build_sharded_model(config: TrainConfig, sizes: Dict[str, int], ctx):

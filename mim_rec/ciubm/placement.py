@@ -82,7 +82,7 @@ def pin_tables(model: nn.Module, plan, constraints: Dict[str, TableConstraint], 
     return plan
 
 
-ROW_SPLIT_TYPES = ("row_wise", "table_row_wise")
+ROW_SPLIT_TYPES = ("row_wise", "table_row_wise", "grid_shard")
 
 
 def empty_row_shards(plan) -> Dict[str, List[int]]:
