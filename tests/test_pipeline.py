@@ -106,6 +106,28 @@ def test_a_stage_after_one_that_ran_again_is_not_reused(tmp_path):
         ["aA", "bb", "cc", "d"]
 
 
+def test_a_given_world_changed_under_the_same_path_runs_its_reader_again(tmp_path):
+    """Stages were reused by their command alone: `mim experiment --world W` after W's files
+    changed reported the CTR metrics of the old world."""
+    from train.pipeline import run_chain
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "events_test.parquet").write_bytes(b"old")
+
+    def stage(name: str, after=(), reads=None) -> Stage:
+        marker = tmp_path / f"{name}.txt"
+        return Stage(name, [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('x')"], marker,
+                     after=after, reads=reads)
+
+    chain = [stage("validate", reads=world), stage("train", after=("validate",))]
+    run_chain(chain, tmp_path)
+    assert all(reused for _, reused in run_chain(chain, tmp_path).values())
+    (world / "events_test.parquet").write_bytes(b"new")
+    assert not any(reused for _, reused in run_chain(chain, tmp_path).values())
+    assert all(reused for _, reused in run_chain(chain, tmp_path).values())  # current again
+
+
 @pytest.mark.parametrize("flag, value, message", [("--out", "a_file", "is a file, not a run folder"),
                                                   ("--nproc", "0", "--nproc 0")])
 def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys, flag, value, message):

@@ -235,37 +235,37 @@ def stages(plan: Plan) -> List[Stage]:
         result.append(Stage("mfm_stage1", mim + ["embeddings", "build", f"world={world}", f"encoders={encoders}",
                                                  f"out={out / 'mm_table_stage1'}",
                                                  f"feature_cache={csft_feature_cache(out)}"],
-                            out / "mm_table_stage1" / "manifest.json", BUILD, after=("synth", "pretrain")))
+                            out / "mm_table_stage1" / "manifest.json", BUILD, after=("synth", "validate", "pretrain")))
     if 3 in tables and has_truth(plan):
         result.append(Stage("mfm_truth", mim + ["embeddings", "build", f"world={world}",
                                                 f"encoders={world / 'truth'}", f"out={out / 'mm_table_truth'}"],
-                            out / "mm_table_truth" / "manifest.json", BUILD, after=("synth",)))
+                            out / "mm_table_truth" / "manifest.json", BUILD, after=("synth", "validate")))
     runs = ctr_runs(plan)
     if runs:
         grid, _ = _grid(out, runs)
         result.append(Stage("ctr_grid", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, "--",
                                                   "--grid", str(grid), *grid_overrides(plan)],
                             plan.ctr_dir / runs[-1]["name"] / "metrics.json", CIUBM,
-                            after=("synth", "mfm", "mfm_stage1", "mfm_truth")))
+                            after=("synth", "validate", "mfm", "mfm_stage1", "mfm_truth")))
     if 6 in tables:
         result.append(Stage("bench_train", mim + ["bench", "train", "--json", str(out / "bench_train.json"),
                                                   f"world={world}", *plan.preset.bench_train],
-                            out / "bench_train.json", "train.bench_train:TrainBenchConfig", after=("synth",)))
+                            out / "bench_train.json", "train.bench_train:TrainBenchConfig", after=("synth", "validate")))
         result.append(Stage("bench_lookup", mim + [
             "bench", "lookup", "--json", str(out / "bench_lookup.json"), f"items={world / 'items.parquet'}",
             f"encoder={out / 'csft' / 'mm_encoder'}", f"mm_table={out / 'mm_table'}", *plan.preset.bench_lookup],
                             out / "bench_lookup.json", "train.bench_lookup:LookupBenchConfig",
-                            after=("synth", "csft", "mfm")))
+                            after=("synth", "validate", "csft", "mfm")))
     if 3 in tables:
         result.append(Stage("pretrain_eval", mim + ["pretrain-eval", f"data.world={world}", f"out={out / 'pretrain'}",
                                                     *preset["pretrain"]], out / "pretrain" / "eval.json", PRETRAIN,
-                                    after=("synth", "pretrain")))
+                                    after=("synth", "validate", "pretrain")))
     if tables & {3, 4, 5}:
         ablations = out / "csft_tables"
         result.append(Stage("csft_tables", mim + [
             "csft-ablations", f"data.world={world}", f"encoders={encoders}", f"out={ablations}",
             f"data.feature_cache={out / 'csft' / 'features'}", *preset["csft"]], ablations / "ablations.json",
-            CSFT, after=("synth", "pretrain")))
+            CSFT, after=("synth", "validate", "pretrain")))
     return result
 
 

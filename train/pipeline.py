@@ -47,6 +47,9 @@ class Stage:
     # the stages whose artifacts this one reads: once one of them runs again, this one may not
     # be reused (see :func:`run_chain`)
     after: Tuple[str, ...] = ()
+    # a folder this stage reads that no stage of the chain writes (a world given with --world):
+    # its content decides the reuse too, as a stage's artifact can be stale under the same command
+    reads: Optional[Path] = None
 
     @property
     def command(self) -> List[str]:
@@ -120,20 +123,22 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     if not world_arg:
         plan.append(Stage("synth", mim + ["data", "synth", "--out", str(world), *preset["synth"]],
                           world / "manifest.json", SYNTH))
+    # The world's gate: a given world whose files changed under the same path runs it again, and
+    # with it every stage after it (each reads the world)
     plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok",
-                      after=("synth",)))
+                      after=("synth",), reads=world))
     plan.append(Stage("pretrain", mim + ["pretrain", f"data.world={world}", f"out={out / 'pretrain'}",
                                          *preset["pretrain"]], out / "pretrain" / "encoders" / "manifest.json",
-                      PRETRAIN, after=("synth",)))
+                      PRETRAIN, after=("synth", "validate")))
     torchx, distributed = torchx_command(nproc)
     plan.append(Stage("csft", torchx + ["torchx_components/mim.py:csft", *distributed,
                                         f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}",
                                         f"out={out / 'csft'}", *preset["csft"]],
-                      out / "csft" / "mm_encoder" / "manifest.json", CSFT, after=("synth", "pretrain")))
+                      out / "csft" / "mm_encoder" / "manifest.json", CSFT, after=("synth", "validate", "pretrain")))
     plan.append(Stage("mfm", mim + ["embeddings", "build", f"world={world}",
                                     f"encoders={out / 'csft' / 'mm_encoder'}", f"out={out / 'mm_table'}",
                                     f"feature_cache={csft_feature_cache(out)}"],
-                      out / "mm_table" / "manifest.json", BUILD, after=("synth", "csft")))
+                      out / "mm_table" / "manifest.json", BUILD, after=("synth", "validate", "csft")))
     return world, plan
 
 
@@ -150,7 +155,7 @@ def stages(args: argparse.Namespace) -> List[Stage]:
         plan.append(Stage(f"train_{model}", torchx + [
             "torchx_components/mim.py:train_ciubm", *distributed, f"data.world={world}",
             f"mm_table={out / 'mm_table'}", f"out={run_dir}", f"model.ubm={args.ubm}",
-            *preset["train"], *switches], run_dir / "metrics.json", CIUBM, after=("synth", "mfm")))
+            *preset["train"], *switches], run_dir / "metrics.json", CIUBM, after=("synth", "validate", "mfm")))
     return plan
 
 
@@ -182,9 +187,15 @@ def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
     record_path = record_file(stage, out)
     record = read_json_or_none(record_path) if stage.done_marker.exists() else None
     if record is not None:
-        if record["argv"][1:] == stage.command and record.get("defaults") == defaults_fingerprint(stage.settings):
+        if record["argv"][1:] == stage.command and record.get("defaults") == defaults_fingerprint(stage.settings) \
+                and record.get("reads") in (None, _reads_fingerprint(stage)):  # None: a record from before
             return record
     return None
+
+
+def _reads_fingerprint(stage: Stage) -> Optional[str]:
+    from mim_rec.data.manifest import fingerprint_tree
+    return fingerprint_tree(stage.reads) if stage.reads is not None and stage.reads.exists() else None
 
 
 def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = True) -> Tuple[float, bool]:
@@ -215,7 +226,8 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
     from mim_rec.utils.run import atomic_write_bytes
 
     atomic_write_bytes(record_path, json.dumps({"argv": stage.argv, "wall_s": wall, "code": version,
-                                                "defaults": defaults_fingerprint(stage.settings)}).encode())
+                                                "defaults": defaults_fingerprint(stage.settings),
+                                                "reads": _reads_fingerprint(stage)}).encode())
     print(f"[{index}/{total}] {stage.name}: done in {wall:.0f} s", flush=True)
     return wall, False
 
