@@ -20,6 +20,7 @@ import torch
 from mim_rec.ciubm.sparse import shard_columns
 from mim_rec.data.errors import DataError
 from mim_rec.data.manifest import require
+from mim_rec.utils.dist import current_rank
 
 from embeddings.rim_fold import folded_offset
 from embeddings.rim_log import check_message, check_new_ids, complete_end, read_messages
@@ -72,18 +73,12 @@ class LiveMMTable:
             # This rank's view of the file ends before rank 0's (a shared file system's lag):
             # stopping here would leave its rows behind the other ranks'.
             if time.monotonic() > deadline:
-                raise DataError(str(self.log_path), f"rank {_rank()} reads the log complete to byte "
+                raise DataError(str(self.log_path), f"rank {current_rank()} reads the log complete to byte "
                                 f"{self.offset} of the {stop} rank 0 read (applying from {start}) after "
                                 f"{VIEW_LAG_PATIENCE_S:g} s; every rank must see the same log")
             time.sleep(0.05)
         self.applied += count
         return count
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _agreed(offset: int) -> int:

@@ -427,12 +427,14 @@ def _plan(model, config, ctx, sharders):
                           int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)), ctx.device.type)
 
     plan = planned()
-    while empty := empty_row_shards(plan):  # a table too small to give every rank a row block
+    # A table too small to give every rank a row block is narrowed to table_wise and all is
+    # planned again (which may move other tables); a table_wise table is never split by rows,
+    # so each pass narrows new tables and the loop ends.
+    while empty := empty_row_shards(plan):
         for name, rows in empty.items():
             chosen = config.model.constraints.get(name)
             allowed = (chosen.sharding_types if chosen is not None else None) or ["table_wise"]
-            if "table_wise" not in allowed or constraints.get(name) is not None \
-                    and constraints[name].sharding_types == ["table_wise"]:
+            if "table_wise" not in allowed:
                 raise ConfigError(f"model.constraints.{name}.sharding_types={allowed}: row-wise over "
                                   f"{ctx.world_size} ranks splits the table into row blocks {rows}, and fbgemm's "
                                   "kernel cannot run a rank with no row; allow table_wise or use fewer ranks")

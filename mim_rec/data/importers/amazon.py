@@ -490,7 +490,7 @@ def _segments(text: str, root: str = "") -> Tuple[str, str, str]:
     parts = body.split(". ")
     at_root = re.compile(re.escape(root) + r"(?= |$)") if root else None
     if at_root is not None and not (len(parts) >= 3 and at_root.match(parts[-2].strip())):
-        starts = [m for m in re.finditer(r"\. " + at_root.pattern, body)]
+        starts = list(re.finditer(r"\. " + at_root.pattern, body))
         if starts:
             title, rest = body[:starts[-1].start()], body[starts[-1].start() + 2:]
             categories, _, brand = rest.partition(". ")
