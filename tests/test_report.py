@@ -315,3 +315,16 @@ def test_a_measured_claim_without_a_verdict_is_not_labelled_not_run(tmp_path):
     assert table_row(claims, "1")[-1] == "no verdict" and table_row(claims, "2")[-1] == "no verdict"
     results["csft"] = None
     assert table_row(section(write_report(results, tmp_path), "## Paper claims"), "4")[-1] == "not run"
+
+
+def test_figure_6_draws_the_buckets_in_age_order(monkeypatch, tmp_path):
+    """The figure's x axis took buckets in first-seen order, drawing S1 right of S10 when the
+    first UBM had no S1 gain."""
+    from mim_rec.report import plots
+
+    drawn: List[List[str]] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(
+        [tick.get_text() for tick in fig.axes[0].get_xticklabels()]) or True)
+    gains = {"avg": {f"S{i}": 0.01 for i in range(2, 11)}, "din": {f"S{i}": 0.01 for i in range(1, 11)}}
+    assert plots.plot_age_gain(tmp_path / "fig6.png", gains)
+    assert drawn == [[f"S{i}" for i in range(1, 11)]]

@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from mim_rec.report.stats import seen_buckets  # noqa: E402
+
 # group -> bar label -> (height, error bar or None)
 Bars = Dict[str, Dict[str, Tuple[float, Optional[float]]]]
 
@@ -77,7 +79,7 @@ def plot_age_gain(path: Path, lines: Dict[str, Dict[str, float]]) -> bool:
     """Δ AUC by item-age bucket, one line per UBM (x = S1 newest ... S10 oldest)."""
     if not lines:
         return False
-    buckets: List[str] = list(dict.fromkeys(b for gains in lines.values() for b in gains))
+    buckets = seen_buckets(lines.values())
     fig, ax = plt.subplots(figsize=(6.0, 3.5))
     for ubm, gains in lines.items():
         xs = [i for i, b in enumerate(buckets) if b in gains]
