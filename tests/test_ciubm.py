@@ -304,6 +304,18 @@ def test_whitening_zeroes_directions_the_table_does_not_span():
                                atol=1e-3, rtol=0)
 
 
+def test_whitening_refuses_a_table_without_variance():
+    """Identical non-zero rows have rounding noise for variance; measured only against the
+    largest eigenvalue (noise too) every direction passed and was scaled by about 1e7, so an
+    item RIM wrote later came out of the whitening with a norm of thousands."""
+    from mim_rec.ciubm.whitening import whitening_statistics
+
+    row = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    rows = torch.cat([row.repeat(1000, 1), torch.zeros(5, 16)])
+    with pytest.raises(ConfigError, match="no variance"):
+        whitening_statistics(lambda a, b: rows[a:b], len(rows), components=4)
+
+
 @pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true"),
                                      ("model.mm_whiten=0", "model.content_pool=sum"),  # the paper's CiUBM
                                      ("model.target_mm=false",), ("model.content_metric=true",),

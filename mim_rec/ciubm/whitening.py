@@ -57,6 +57,7 @@ def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int
     """
     import torch.distributed as dist
 
+    from mim_rec.config import ConfigError
     from mim_rec.utils.dist import collective_device
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -78,13 +79,18 @@ def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int
         dist.all_reduce(gram)
         dist.all_reduce(present)
     if present.item() == 0:
-        from mim_rec.config import ConfigError
         raise ConfigError("model.mm_whiten: the MM table holds no non-zero row to fit the whitening on; "
                           "set model.mm_whiten=0")
     mean = total / present
     covariance = gram / present - torch.outer(mean, mean)
     values, vectors = torch.linalg.eigh(covariance)  # ascending
     values, vectors = values.flip(0)[:components], vectors.flip(1)[:, :components]
-    informative = values > float(values[0]) * 1e-6
+    # A direction counts if its variance is not rounding noise: relative to the largest one and
+    # to the rows' own scale (identical rows make even the largest eigenvalue noise).
+    noise_floor = 1e-10 * float(gram.trace() / present)
+    informative = values > max(float(values[0]) * 1e-6, noise_floor)
+    if not bool(informative.any()):
+        raise ConfigError(f"model.mm_whiten: the MM table's {int(present.item())} non-zero rows have no variance "
+                          "to whiten (they are one vector: is the encoder collapsed?); set model.mm_whiten=0")
     scale = torch.where(informative, values.clamp(min=1e-300).rsqrt(), torch.zeros_like(values))
     return mean.float().cpu(), (vectors * scale).float().cpu()
