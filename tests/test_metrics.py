@@ -64,6 +64,13 @@ def test_age_bucket_edges_are_deciles():
     assert age_bucket_edges(ages) == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0]
 
 
+@pytest.mark.parametrize("count", [91, 101, 2001])
+def test_age_bucket_edges_are_exact_lower_quantiles(count):
+    """The edge index was floored from a float product: 0.7 x 90 = 62.999..., one row low."""
+    edges = age_bucket_edges(torch.arange(count).double())
+    assert edges == [float(k * (count - 1) // 10) for k in range(1, 10)]
+
+
 def test_report_is_json_and_buckets_single_class_as_none():
     metrics = CtrMetrics()
     ages = torch.arange(1, 101).double()

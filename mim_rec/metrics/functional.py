@@ -107,8 +107,8 @@ def age_bucket_edges(ages: torch.Tensor, num_buckets: int = 10) -> List[float]:
     if ages.numel() == 0:
         raise ValueError("cannot compute age buckets from an empty evaluation set")
     ordered = ages.double().sort().values
-    quantiles = torch.arange(1, num_buckets, dtype=torch.float64) / num_buckets
-    index = (quantiles * (ordered.numel() - 1)).floor().long().to(ordered.device)
+    # floor(k / B * (n - 1)) in integers: the float product rounds 0.7 x 90 down to 62.999...
+    index = (torch.arange(1, num_buckets) * (ordered.numel() - 1) // num_buckets).to(ordered.device)
     return ordered[index].tolist()
 
 
