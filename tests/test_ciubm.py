@@ -25,6 +25,7 @@ from mim_rec.ciubm.config import ModelConfig
 from mim_rec.ciubm.interest import content_match
 from mim_rec.ciubm import mm_shards
 from mim_rec.ciubm.model import CiUBM
+from mim_rec.ciubm.sparse import FrozenSequenceSharder, FrozenSharder, sharders
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
 from mim_rec.utils.dist import ensure_process_group, free_port, run_on_spawned_ranks
@@ -348,6 +349,45 @@ def test_mm_table_is_bit_identical_after_training_steps(world, tmp_path, options
     if config.model.content_metric:  # the learned metric is a dense parameter and trains
         metric = [w for n, w in model.named_parameters() if n.endswith("content_metric.map.weight")]
         assert len(metric) == 1 and not torch.equal(metric[0].detach().cpu(), torch.eye(16))
+
+
+def test_a_data_parallel_id_table_trains_with_the_id_tables_optimizer(world, tmp_path):
+    """A table the planner makes data-parallel (the small category table on one CPU rank) is a
+    dense parameter to TorchRec: it was trained by the dense Adam at ``lr``, so ``id_lr`` did
+    nothing to it and the same model trained differently on one rank and on two. (The ``ec``
+    layout's collections are never data-parallel: TorchRec 1.9 fails on them.)"""
+    from train.ciubm import PlainStep
+
+    with pytest.raises(ConfigError, match=r"model.constraints.category.sharding_types=\['data_parallel'\]"):
+        _config(world, tmp_path / "ec", "model.sequence_layout=ec", "model.constraints.category.sharding_types=[data_parallel]")
+    ctx = ensure_process_group()
+    items = ItemInfo.from_items(world / "items.parquet")
+    moved = {}
+    for id_lr in (0.05, 0.5):
+        config = _config(world, tmp_path / f"dp{id_lr}", "model.ubm=avg", f"id_lr={id_lr}", "lr=0.001",
+                         "model.constraints.category.sharding_types=[data_parallel]")
+        model, optimizer, plan = ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items), ctx)
+        assert [t["category"].sharding_type for t in plan.plan.values() if "category" in t] == ["data_parallel"]
+        weight = next(p for n, p in model.named_parameters() if n.endswith(".category.weight"))
+        before = weight.detach().clone()
+        PlainStep(model, optimizer, ctx.device, 0.0).progress(iter(CtrEventsLoader(
+            world / "events_train.parquet", items, config.loader)))
+        moved[id_lr] = (weight.detach() - before).abs().max().item()
+    assert moved[0.5] == pytest.approx(10 * moved[0.05], rel=1e-3) and moved[0.05] > 0.01
+
+
+def test_the_frozen_mm_table_is_never_data_parallel(world, tmp_path):
+    """A data-parallel MM table was a dense parameter: the dense Adam took it in, and a resumed
+    run then failed on Adam state the checkpoint never held."""
+    with pytest.raises(ConfigError, match="mm_item.sharding_types=.*never data-parallel"):
+        _config(world, tmp_path / "mmdp", "model.constraints.mm_item.sharding_types=[data_parallel]")
+    config = _config(world, tmp_path / "mm", "model.ubm=avg")
+    items = ItemInfo.from_items(world / "items.parquet")
+    _, _, plan = ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items),
+                                           ensure_process_group())
+    assert plan.plan["sparse_arch.mm"]["mm_item"].sharding_type != "data_parallel"
+    assert all("data_parallel" not in s.sharding_types("cpu") + s.sharding_types("cuda")
+               for s in sharders(0.1, False) if isinstance(s, (FrozenSharder, FrozenSequenceSharder)))
 
 
 def test_resumed_run_equals_uninterrupted_run(world, tmp_path):

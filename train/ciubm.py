@@ -455,16 +455,30 @@ def build_sharded_model(config: TrainConfig, sizes: Dict[str, int], ctx):
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from mim_rec.ciubm.model import CiUBM
-    from mim_rec.ciubm.sparse import sharders as make_sharders
+    from mim_rec.ciubm.sparse import data_parallel_id_optimizer, sharders as make_sharders
 
     torch.manual_seed(config.seed)
+    use_cuda = ctx.device.type == "cuda"
     model = CiUBM(config.model, sizes["items"], sizes["users"], sizes["categories"], device=torch.device("meta"))
-    sharders = make_sharders(config.id_lr, ctx.device.type == "cuda")
+    sharders = make_sharders(config.id_lr, use_cuda)
     plan = _plan(model, config, ctx, sharders)
     dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda params: torch.optim.Adam(params, lr=config.lr))
-    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
+    unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    replicated_tables = _data_parallel_weights(plan, unfused)
+    optimizers = [dmp.fused_optimizer, KeyedOptimizerWrapper(
+        {name: p for name, p in unfused.items() if name not in replicated_tables},
+        lambda params: torch.optim.Adam(params, lr=config.lr))]
+    if replicated_tables:
+        optimizers.append(KeyedOptimizerWrapper(replicated_tables, data_parallel_id_optimizer(config.id_lr, use_cuda)))
+    return dmp, CombinedOptimizer(optimizers), plan
+
+
+def _data_parallel_weights(plan, parameters: Dict[str, "torch.nn.Parameter"]) -> Dict[str, "torch.nn.Parameter"]:
+    """The weights, among ``parameters``, of the tables ``plan`` makes data-parallel."""
+    suffixes = [(f"{path}.", f".{table}.weight") for path, tables in plan.plan.items()
+                for table, sharding in tables.items() if sharding.sharding_type == "data_parallel"]
+    return {name: p for name, p in parameters.items()
+            if any(name.startswith(path) and name.endswith(table) for path, table in suffixes)}
 
 
 def mm_rows(config: TrainConfig, num_items: int, dim: int):

@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List
 from torch import nn
 
 from mim_rec.ciubm.config import TableConstraint
+from mim_rec.ciubm.sparse import NeverDataParallel
 from mim_rec.config import ConfigError
 
 PINNABLE = ("table_wise", "column_wise")
@@ -55,9 +56,12 @@ def check_offered(model: nn.Module, constraints: Dict[str, TableConstraint], sha
             wanted = constraints[name].sharding_types if name in constraints else None
             if wanted and not set(wanted) & set(offered):
                 cuda = device_type != "cuda" and set(wanted) <= set(sharder.sharding_types("cuda"))
+                never_replicated = "data_parallel" in wanted and isinstance(sharder, NeverDataParallel)
                 raise ConfigError(f"model.constraints.{name}.sharding_types={wanted}: TorchRec's planner offers "
                                   f"this table {', '.join(offered)} on {device_type}"
-                                  + ("; row-wise sharding needs CUDA" if cuda else ""))
+                                  + ("; row-wise sharding needs CUDA" if cuda else "")
+                                  + ("; the frozen MM table and EmbeddingCollections are never data-parallel "
+                                     "(NeverDataParallel, mim_rec/ciubm/sparse.py)" if never_replicated else ""))
 
 
 def pin_tables(model: nn.Module, plan, constraints: Dict[str, TableConstraint], sharders: Iterable,

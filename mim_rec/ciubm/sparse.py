@@ -24,6 +24,7 @@ from torchrec import (EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingColle
                      KeyedJaggedTensor, PoolingType)
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import DataType
 
 from mim_rec.ciubm.config import ModelConfig
@@ -36,6 +37,8 @@ TABLE_NAMES = ("user", "query_word", "item", "category", MM_TABLE)
 # table's width to be a multiple of this.
 FBGEMM_COLUMN_ALIGNMENT = 4
 MM_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+# FBGEMM's default epsilon, named so a data-parallel ID table's dense optimizer uses it too.
+ID_OPTIMIZER_EPS = 1e-8
 
 # Why int8 is refused rather than silently widened: fbgemm's training TBE does run INT8 rows
 # on CPU (codes + an fp32 scale and bias per row, ``dim + 8`` bytes), but TorchRec 1.9's
@@ -66,7 +69,20 @@ def _frozen_params() -> dict:
     return {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
 
 
-class FrozenSharder(EmbeddingBagCollectionSharder):
+class NeverDataParallel:
+    """Sharder mixin: every sharding type of the base sharder but ``data_parallel``.
+
+    Used for the frozen table, because TorchRec makes a data-parallel table a dense parameter,
+    which DDP and the dense optimizer take in (Adam state for a table that must not move, and
+    a checkpoint that did not resume). And for every ``EmbeddingCollection``, because TorchRec
+    1.9's data-parallel EC fails in its output ("split_with_sizes expects split_sizes to sum
+    exactly to <batch>"; a one-table EC in one process is enough)."""
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return [t for t in super().sharding_types(compute_device_type) if t != ShardingType.DATA_PARALLEL.value]
+
+
+class FrozenSharder(NeverDataParallel, EmbeddingBagCollectionSharder):
     """Shards :class:`FrozenEmbeddingBagCollection` with a stateless, zero-step optimizer."""
 
     def __init__(self) -> None:
@@ -77,7 +93,7 @@ class FrozenSharder(EmbeddingBagCollectionSharder):
         return FrozenEmbeddingBagCollection
 
 
-class FrozenSequenceSharder(EmbeddingCollectionSharder):
+class FrozenSequenceSharder(NeverDataParallel, EmbeddingCollectionSharder):
     """Shards :class:`FrozenEmbeddingCollection` with a stateless, zero-step optimizer."""
 
     def __init__(self) -> None:
@@ -86,6 +102,10 @@ class FrozenSequenceSharder(EmbeddingCollectionSharder):
     @property
     def module_type(self):
         return FrozenEmbeddingCollection
+
+
+class SequenceSharder(NeverDataParallel, EmbeddingCollectionSharder):
+    """Shards the ID tables' :class:`EmbeddingCollection`\ s (the ``ec`` layout)."""
 
 
 def mm_data_type(name: str) -> DataType:
@@ -236,6 +256,17 @@ def sharders(id_learning_rate: float, use_cuda: bool) -> list:
     sharders for the MM table in either layout."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     optimizer = EmbOptimType.ADAM if use_cuda else EmbOptimType.EXACT_ROWWISE_ADAGRAD
-    fused = {"optimizer": optimizer, "learning_rate": id_learning_rate}
-    return [EmbeddingBagCollectionSharder(fused_params=fused), EmbeddingCollectionSharder(fused_params=fused),
+    fused = {"optimizer": optimizer, "learning_rate": id_learning_rate, "eps": ID_OPTIMIZER_EPS}
+    return [EmbeddingBagCollectionSharder(fused_params=fused), SequenceSharder(fused_params=fused),
             FrozenSharder(), FrozenSequenceSharder()]
+
+
+def data_parallel_id_optimizer(id_learning_rate: float, use_cuda: bool):
+    """``params -> optimizer`` for ID tables the planner made data-parallel (a small table is
+    cheaper replicated): TorchRec hands those to the dense optimizer, so they get the fused
+    tables' update as a dense optimizer (Adam on CUDA, row-wise Adagrad on CPU, at ``id_lr``),
+    and a model trains the same whichever tables the planner replicates."""
+    if use_cuda:
+        return lambda params: torch.optim.Adam(params, lr=id_learning_rate, eps=ID_OPTIMIZER_EPS)
+    from torchrec.optim import RowWiseAdagrad
+    return lambda params: RowWiseAdagrad(params, lr=id_learning_rate, eps=ID_OPTIMIZER_EPS)
