@@ -78,6 +78,22 @@ def test_clip_loss_prefers_matched_pairs_and_caps_temperature():
     assert loss.temperature().item() == pytest.approx(100.0)
 
 
+def test_a_capped_temperature_can_come_back_down():
+    """Clamped inside the forward, a log scale past the cap had a zero gradient: once momentum
+    carried it over, pairs that wanted a smaller scale could never lower it."""
+    loss = ClipLoss(gather=False)
+    with torch.no_grad():
+        loss.temperature.log_scale.fill_(loss.temperature.max_log_scale + 0.5)  # where momentum left it
+    optimizer = torch.optim.SGD(loss.parameters(), lr=1e-3)
+    anchors = F.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    for _ in range(5):  # mismatched pairs: a smaller scale lowers the loss
+        optimizer.zero_grad()
+        loss(anchors, anchors.roll(1, dims=0)).backward()
+        assert loss.temperature.log_scale.grad.item() > 0
+        optimizer.step()
+    assert loss.temperature().item() < 100.0 * 0.99
+
+
 def test_info_nce_under_bf16_autocast_is_the_fp32_loss():
     """Under precision=bf16 the logits were bf16: at logit scale 100 the loss moved by ~1e-2."""
     from mim_rec.pretrain.contrastive import symmetric_info_nce

@@ -12,7 +12,11 @@ from mim_rec.pretrain.contrastive import symmetric_info_nce
 
 
 class LearnableTemperature(nn.Module):
-    """CLIP's learnable logit scale: starts at 1/0.07 and is capped at 100 for stability."""
+    """CLIP's learnable logit scale: starts at 1/0.07 and is capped at 100 for stability.
+
+    The cap is applied to the parameter itself before each use (as CLIP clamps it after each
+    step), not inside the graph: a clamp in the graph has zero gradient past the cap, so a
+    scale that momentum carried over it could never come back down."""
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
         super().__init__()
@@ -20,7 +24,9 @@ class LearnableTemperature(nn.Module):
         self.max_log_scale = math.log(max_scale)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=self.max_log_scale).exp()
+        with torch.no_grad():
+            self.log_scale.clamp_(max=self.max_log_scale)
+        return self.log_scale.exp()
 
 
 class ClipLoss(nn.Module):
