@@ -182,6 +182,35 @@ def test_device_cuda_on_a_host_without_one_is_a_config_error():
         resolve_device("cuda")
 
 
+def test_each_local_rank_gets_a_gpu_of_its_own_or_all_run_on_the_cpu(monkeypatch):
+    """Two ranks on a host showing one GPU were sent to cuda:0 and cuda:1 (invalid ordinal)."""
+    from mim_rec.utils.dist import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto", local_rank=1, local_world_size=2) == torch.device("cpu")
+    assert resolve_device("auto", local_rank=0, local_world_size=2) == torch.device("cpu")  # the same backend
+    assert resolve_device("auto", local_rank=0, local_world_size=1) == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match="device=cuda: local rank 1 has no GPU of its own \\(1 visible"):
+        resolve_device("cuda", local_rank=1, local_world_size=2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's, read when not given
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_collectives_wait_as_long_under_nccl_as_under_gloo(monkeypatch):
+    """nccl's default timeout (10 min) aborted ranks waiting for rank 0's feature-cache fill."""
+    from datetime import timedelta
+
+    from mim_rec.utils.dist import process_group_timeout
+    assert process_group_timeout() == timedelta(minutes=60)
+    monkeypatch.setenv("MIM_DIST_TIMEOUT_MIN", "90")
+    assert process_group_timeout() == timedelta(minutes=90)
+    for bad in ("0", "soon", "inf"):
+        monkeypatch.setenv("MIM_DIST_TIMEOUT_MIN", bad)
+        with pytest.raises(ConfigError, match="MIM_DIST_TIMEOUT_MIN"):
+            process_group_timeout()
+
+
 def test_an_unknown_device_is_a_config_error():
     """device=tpu used to run on the CPU without a word."""
     from mim_rec.utils.dist import resolve_device

@@ -12,7 +12,8 @@ import pickle
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NoReturn
+from datetime import timedelta
+from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,34 +37,69 @@ def current_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``device`` -- "auto" (cuda when available), "cpu" or "cuda" -- as a ``torch.device``;
-    cuda asked for where none is visible is an error, and so is any other name."""
+def resolve_device(device: str = "auto", local_rank: Optional[int] = None,
+                   local_world_size: Optional[int] = None) -> torch.device:
+    """``device`` -- "auto", "cpu" or "cuda" -- as a ``torch.device`` for local rank
+    ``local_rank`` of ``local_world_size`` (by default this process's, as torchrun sets
+    LOCAL_RANK and LOCAL_WORLD_SIZE; 0 of 1 in a plain process).
+
+    "auto" picks CUDA only where every local rank has a GPU of its own: each rank decides alone,
+    and all must pick the same backend (two ranks on one visible GPU would otherwise ask for
+    ``cuda:1``). "cuda" asked for where none is visible, or fewer than the local ranks, is an
+    error, and so is any other name."""
+    from mim_rec.config import ConfigError
+
     if device not in ("auto", "cpu", "cuda"):
-        from mim_rec.config import ConfigError
         raise ConfigError(f"device={device!r}: choose auto, cpu or cuda")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        from mim_rec.config import ConfigError
+    if device == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_world_size is None else local_world_size
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        return torch.device("cuda", local_rank) if gpus >= local_world_size else torch.device("cpu")
+    if gpus == 0:
         raise ConfigError("device=cuda: no CUDA device is visible on this host (device=auto picks the CPU)")
-    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if local_rank >= gpus:
+        raise ConfigError(f"device=cuda: local rank {local_rank} has no GPU of its own ({gpus} visible on this "
+                          "host): launch at most one rank per GPU (--nproc-per-node, TorchX -j 1xN), or device=cpu")
+    return torch.device("cuda", local_rank)
+
+
+def process_group_timeout() -> timedelta:
+    """How long a collective may wait: ``MIM_DIST_TIMEOUT_MIN`` minutes (60 by default), for
+    gloo and nccl alike. nccl's own default is 10 minutes, and ranks wait that long for rank 0
+    at a barrier while it alone fills a large feature cache (C-SFT)."""
+    minutes = os.environ.get("MIM_DIST_TIMEOUT_MIN", "60")
+    try:
+        value = float(minutes)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        from mim_rec.config import ConfigError
+        raise ConfigError(f"MIM_DIST_TIMEOUT_MIN={minutes!r}: a positive number of minutes")
+    return timedelta(minutes=value)
 
 
 def init_distributed(device: str = "auto") -> DistContext:
     """Initialise the default process group if launched with several processes.
 
-    ``device``: "auto" (cuda when available), "cpu" or "cuda".
+    ``device``: "auto" (cuda when every local rank has a GPU), "cpu" or "cuda".
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     use_cuda = dev.type == "cuda"
+    if device == "auto" and not use_cuda and torch.cuda.is_available() and rank == 0:
+        print(f"note: device=auto: {torch.cuda.device_count()} GPU(s) visible for "
+              f"{os.environ.get('LOCAL_WORLD_SIZE', '1')} local ranks, so every rank runs on the CPU (gloo); "
+              "launch one rank per GPU to train on them", file=sys.stderr)
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=process_group_timeout())
     return DistContext(rank, world_size, local_rank, dev, backend)
 
 
@@ -77,7 +113,8 @@ def ensure_process_group(device: str = "auto") -> DistContext:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     ctx = init_distributed(device)
     if not dist.is_initialized():
-        dist.init_process_group(ctx.backend, rank=ctx.rank, world_size=ctx.world_size)
+        dist.init_process_group(ctx.backend, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=process_group_timeout())
     return ctx
 
 
@@ -170,7 +207,8 @@ def _spawned_rank(rank: int, work: Callable[..., Any], ranks: int, device_type: 
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=ranks)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=ranks,
+                            timeout=process_group_timeout())
     try:
         gathered: List[Any] = [None] * ranks
         dist.all_gather_object(gathered, work(rank, device, *args))
