@@ -230,3 +230,16 @@ def test_a_folder_where_a_file_belongs_and_the_reverse_are_named(tmp_path):
     (tmp_path / "cache_file").write_text("")
     with pytest.raises(DataError, match="cache_file: feature_cache: a file, not a folder"):
         load_item_encoder(tmp_path / "absent", feature_cache=tmp_path / "cache_file")
+
+
+def test_the_planner_knows_how_many_ranks_share_a_host(monkeypatch):
+    """Without local_world_size TorchRec took 16 ranks on 2 hosts for one host of 16."""
+    from mim_rec.utils.dist import DistContext
+    from train.ciubm import planner_topology
+
+    ctx = DistContext(rank=0, world_size=16, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    topology = planner_topology(ctx)
+    assert (topology.world_size, topology.local_world_size) == (16, 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert planner_topology(ctx).local_world_size == 16  # a plain process: one host

@@ -408,9 +408,20 @@ def _test_events_fingerprint(config: TrainConfig) -> str:
 
 # ---------------------------------------------------------------- distributed set-up
 
+def planner_topology(ctx):
+    """The planner's view of the job: its ranks, and how many share a host (LOCAL_WORLD_SIZE,
+    as torchrun sets it). Left out, TorchRec takes every rank for one host, and on several
+    hosts plans table-row-wise blocks that its own sharding, reading the host size at run
+    time, then cuts differently."""
+    from torchrec.distributed.planner import Topology
+
+    return Topology(world_size=ctx.world_size, compute_device=ctx.device.type,
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
+
+
 def _plan(model, config, ctx, sharders):
     import torch.distributed as dist
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 
     from mim_rec.ciubm.placement import empty_row_shards, pin_tables
     from mim_rec.config import ConfigError
@@ -418,13 +429,14 @@ def _plan(model, config, ctx, sharders):
     constraints = {name: ParameterConstraints(sharding_types=c.sharding_types, compute_kernels=c.compute_kernels)
                    for name, c in config.model.constraints.items()}
 
+    topology = planner_topology(ctx)
+
     def planned():
-        planner = EmbeddingShardingPlanner(
-            topology=Topology(world_size=ctx.world_size, compute_device=ctx.device.type),
-            batch_size=config.loader.batch_size, constraints=constraints)
+        planner = EmbeddingShardingPlanner(topology=topology, batch_size=config.loader.batch_size,
+                                           constraints=constraints)
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
         return pin_tables(model, plan, config.model.constraints, sharders, ctx.world_size,
-                          int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)), ctx.device.type)
+                          topology.local_world_size, ctx.device.type)
 
     plan = planned()
     # A table too small to give every rank a row block is narrowed to table_wise and all is
