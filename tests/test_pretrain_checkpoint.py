@@ -173,3 +173,27 @@ def test_a_checkpoint_of_other_data_is_refused_and_one_without_a_record_resumes(
         CheckpointManager(tmp_path, "abc", inputs={"items": "1111", "pairs": "3333"}).resume(model, optimizer)
     CheckpointManager(tmp_path / "old", "abc").save(1, model, optimizer)  # records no inputs
     assert CheckpointManager(tmp_path / "old", "abc", inputs={"items": "1111"}).resume(model, optimizer)
+
+
+def test_a_rank_keeps_and_restores_only_its_own_gpus_rng(monkeypatch):
+    """Every visible GPU's state was saved and restored by index: a checkpoint written where 8
+    GPUs were visible failed to resume where fewer are."""
+    import torch
+
+    from train.common import capture_rng, restore_rng
+
+    own, restored = torch.tensor([7], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": own)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [own] * 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend([-1] * len(states)))
+    state = capture_rng()
+    assert state["cuda"] is own
+    restore_rng(state)
+    older = {**state, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}  # the old format
+    restore_rng(older)
+    restore_rng({**older, "cuda": older["cuda"][:1]})  # fewer GPUs than this rank's index: left alone
+    assert restored == [7, 2]

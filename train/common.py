@@ -38,10 +38,12 @@ _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
 def capture_rng() -> Dict[str, Any]:
+    """This process's RNG states; of the GPUs, only its own (the current device): a state of
+    every visible GPU could not be restored where fewer are visible."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -49,8 +51,15 @@ def restore_rng(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):  # written before 2026-12-06: one state per visible GPU
+        device = torch.cuda.current_device()
+        if device >= len(cuda):
+            return
+        cuda = cuda[device]
+    torch.cuda.set_rng_state(cuda)
 
 
 def _all_ranks_rng() -> List[Dict[str, Any]]:
