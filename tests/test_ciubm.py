@@ -766,6 +766,21 @@ def test_two_gloo_ranks_resume_exactly(world, tmp_path, layout):
     assert (tmp_path / "a" / "metrics.json").is_file()  # refused before the run folder was touched
 
 
+def test_a_run_trained_on_gpus_is_not_trained_on_on_the_cpu(world, tmp_path, monkeypatch):
+    """The ID tables' optimizer differs by device (fused Adam on CUDA, row-wise Adagrad on the
+    CPU), and device=auto is recorded unresolved: a GPU run resumed on a CPU host failed deep
+    in DCP's load, naming no device."""
+    from train import dcp_checkpoints
+
+    ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=avg", "device=cpu"))
+    checkpoint = dcp_checkpoints.DcpCheckpoints(tmp_path / "checkpoints").newest()
+    assert dcp_checkpoints.checkpoint_on_cuda(checkpoint) is False  # recorded
+    monkeypatch.setattr(dcp_checkpoints, "checkpoint_on_cuda", lambda path: True)  # as a GPU run writes it
+    with pytest.raises(ConfigError, match="was trained on GPUs .* and this run is on the CPU"):
+        ciubm.run(_config(world, tmp_path, "max_steps=4", "model.ubm=avg", "device=cpu"))
+    assert ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=avg", "device=cpu"), train=False)["steps"] == 2
+
+
 def test_a_run_scored_on_other_test_events_is_not_finished(world, tmp_path):
     """Only the training inputs were compared: a grid kept the old metrics of a world whose
     events_test had changed, and mim experiment reported them."""

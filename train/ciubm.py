@@ -359,13 +359,19 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
     if inputs is not None:  # the planner shards by the number of ranks, and the fused optimizers' state follows the shards
         import torch.distributed as dist
 
-        from train.dcp_checkpoints import checkpoint_world_size
+        from train.dcp_checkpoints import checkpoint_on_cuda, checkpoint_world_size
 
         written_by = checkpoint_world_size(checkpoint)
         if written_by not in (None, dist.get_world_size()):
             raise ConfigError(f"{checkpoint} was written by {written_by} rank(s) and this run has "
                               f"{dist.get_world_size()}: resume it on {written_by} (torchrun "
                               f"--nproc-per-node {written_by}); --eval-only evaluates it on any number")
+        on_cuda, here = checkpoint_on_cuda(checkpoint), dist.get_backend() == "nccl"
+        if on_cuda not in (None, here):
+            kinds = {True: "GPUs (fused Adam for the ID tables)", False: "the CPU (row-wise Adagrad for the ID tables)"}
+            raise ConfigError(f"{checkpoint} was trained on {kinds[on_cuda]} and this run is on {kinds[here]}: "
+                              "its optimizer state cannot carry over; resume it on the kind of host that wrote it "
+                              "(device=cuda or device=cpu); --eval-only evaluates it on either")
     if inputs is not None:
         differ = _changed_inputs(out, inputs)
         if differ:

@@ -51,7 +51,8 @@ class DcpCheckpoints:
         optimizer_state, _ = _without_stateless(optimizer.state_dict())
         state = {"model": model.state_dict(), "optimizer": optimizer_state,
                  "progress": {k: torch.tensor(v) for k, v in progress.items()},
-                 "world_size": torch.tensor(dist.get_world_size())}
+                 "world_size": torch.tensor(dist.get_world_size()),
+                 "on_cuda": torch.tensor(int(dist.get_backend() == "nccl"))}
         dcp.save(state, checkpoint_id=str(self.directory / name))
         dist.barrier()
         if dist.get_rank() == 0:
@@ -93,12 +94,24 @@ class DcpCheckpoints:
 def checkpoint_world_size(checkpoint: Path) -> Optional[int]:
     """How many ranks wrote a DCP checkpoint; None for one written before that was recorded (or
     not readable at all: its load then names the problem)."""
+    return _recorded(checkpoint, "world_size")
+
+
+def checkpoint_on_cuda(checkpoint: Path) -> Optional[bool]:
+    """Whether a DCP checkpoint was written on GPUs (nccl), whose ID tables train with fused Adam
+    (two moments), not the CPU's row-wise Adagrad; None for one written before that was recorded."""
+    on_cuda = _recorded(checkpoint, "on_cuda")
+    return None if on_cuda is None else bool(on_cuda)
+
+
+def _recorded(checkpoint: Path, key: str) -> Optional[int]:
+    """The integer a DCP checkpoint holds under ``key``, None where it holds none."""
     if not (checkpoint / ".metadata").is_file() or \
-            "world_size" not in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata:
+            key not in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata:
         return None
-    state = {"world_size": torch.tensor(0)}
+    state = {key: torch.tensor(0)}
     dcp.load(state, checkpoint_id=str(checkpoint))
-    return int(state["world_size"])
+    return int(state[key])
 
 
 _TABLE_WEIGHT = re.compile(r"model\.sparse_arch\.\w+\.(?:embedding_bags|embeddings)\.(\w+)\.weight")
