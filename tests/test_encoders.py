@@ -124,6 +124,19 @@ def test_save_and_load_round_trip(tmp_path):
     assert before_img.norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
+def test_saving_the_same_weights_writes_the_same_folder(tmp_path):
+    """The tokenizer's file kept the padding and truncation of its last call: a finished
+    ``mim pretrain`` run again (nothing tokenized) wrote other bytes, so the encoders'
+    fingerprint changed and every MM table built from them was refused."""
+    pair = EncoderPair(tiny_encoders(shared_dim=8)).eval()
+    save_encoders(tmp_path / "before", pair)
+    pair.embed_titles(["green dot", "a much longer red square title"])
+    save_encoders(tmp_path / "after", pair)
+    from mim_rec.data.manifest import fingerprint_tree
+
+    assert fingerprint_tree(tmp_path / "before") == fingerprint_tree(tmp_path / "after")
+
+
 def test_damaged_weights_are_one_line_errors_naming_the_file(tmp_path):
     """A weights.pt cut short, or one of another model, was torch's traceback in every stage
     that loads an encoders folder (C-SFT, the MM table build)."""

@@ -74,6 +74,13 @@ def save_encoders(directory: Union[str, Path], pair: EncoderPair, stage: str = "
     torch.save(pair.state_dict(), buffer)
     atomic_write_bytes(directory / WEIGHTS_NAME, buffer.getvalue())
     pair.text.model.config.save_pretrained(str(directory / TEXT_MODEL_DIR))
+    # The fast tokenizer's file keeps the padding and truncation of its last call; cleared, the
+    # same weights write the same folder (its fingerprint names the encoders). Every call to
+    # TextEncoder.tokenize sets both again.
+    backend = getattr(pair.text.tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
     pair.text.tokenizer.save_pretrained(str(directory / TEXT_MODEL_DIR))
     config = pair.resolved_config()
     write_manifest(directory, Manifest(
