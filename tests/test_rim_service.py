@@ -325,6 +325,24 @@ def test_serve_refuses_settings_under_which_no_request_succeeds_before_opening_t
     assert not log.exists()
 
 
+def test_a_port_in_use_or_an_unknown_host_is_a_one_line_error(encoder_dir, tmp_path, capsys):
+    """Both were OSError tracebacks with status 1."""
+    from train.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["embeddings", "serve", f"encoders={encoder_dir}", f"log={tmp_path / 'a.log'}",
+                     "host=127.0.0.1", f"port={port}"]) == 2
+        err = capsys.readouterr().err
+        assert f"host=127.0.0.1 port={port}: cannot listen there" in err and "Traceback" not in err
+    assert main(["embeddings", "serve", f"encoders={encoder_dir}", f"log={tmp_path / 'b.log'}",
+                 "host=nonexistent.invalid", "port=0"]) == 2
+    err = capsys.readouterr().err
+    assert "host=nonexistent.invalid port=0: cannot listen there" in err and "Traceback" not in err
+
+
 def test_a_client_hanging_up_before_its_reply_prints_no_traceback(service, capsys):
     """Every hung-up producer used to print a BrokenPipeError traceback into the service log."""
     _, port = service

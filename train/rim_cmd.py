@@ -70,9 +70,11 @@ def _serve(args: argparse.Namespace) -> int:
     service = RimService(config, load_item_encoder(config.encoders, config.batch_size))
     try:
         server = make_server(service)
-    except OSError:
+    except OSError as err:  # the port is taken, or the host is not this machine's
         service.close()
-        raise
+        from mim_rec.config import ConfigError
+        raise ConfigError(f"host={config.host} port={config.port}: cannot listen there "
+                          f"({err.strerror or err}); pick another port=, or port=0 for a free one") from err
     host, port = server.server_address[:2]
     health = service.health()
     print(f"RIM serving http://{host}:{port} (encoder {health['encoder']}, log {config.log}: "
