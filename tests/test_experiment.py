@@ -163,6 +163,17 @@ def test_bad_arguments_are_refused(tmp_path, field, value, message):
         _plan(tmp_path, **{field: value})
 
 
+@pytest.mark.parametrize("ctr, message", [("bogus=1", "bogus"), ("model.over_arch=[0]", "model.over_arch")])
+def test_bad_ctr_settings_are_refused_before_any_stage(tmp_path, capsys, ctr, message):
+    """--ctr was read only by the CTR grid, after pre-training and C-SFT (a dry run said nothing)."""
+    from train.cli import main
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "--out", str(out), "--preset", "quick", "--tables", "2", "--ctr", ctr, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_quick_experiment_reuses_the_pipeline_and_reports_every_table(tiny_pipeline):
     out, done = tiny_pipeline  # the experiment's own stages and runs never touch the pipeline's

@@ -128,14 +128,18 @@ def test_a_given_world_changed_under_the_same_path_runs_its_reader_again(tmp_pat
     assert all(reused for _, reused in run_chain(chain, tmp_path).values())  # current again
 
 
-@pytest.mark.parametrize("flag, value, message", [("--out", "a_file", "is a file, not a run folder"),
-                                                  ("--nproc", "0", "--nproc 0")])
+@pytest.mark.parametrize("flag, value, message", [
+    ("--out", "a_file", "is a file, not a run folder"), ("--nproc", "0", "--nproc 0"),
+    # settings of later stages were read only when the chain reached them (mim train: after
+    # pre-training and C-SFT)
+    ("--ubm", "foo", "model.ubm"), ("--train", "bogus=1", "bogus"), ("--train", "lr=-1", "lr"),
+    ("--csft", "steps=0", "steps=0"), ("--pretrain", "dda_steps=-1", "dda_steps")])
 def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys, flag, value, message):
     from train.cli import main
 
     (tmp_path / "a_file").write_text("")
     argv = ["pipeline", "--out", str(tmp_path / ("a_file" if flag == "--out" else "run"))]
-    assert main(argv + (["--nproc", value] if flag == "--nproc" else [])) == 2
+    assert main(argv + ([flag, value] if flag != "--out" else [])) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESETS, PRETRAIN, Stage, code_version, \
-    csft_feature_cache, mim_command, representation_chain, run_chain, stage_record, torchx_command, world_folder
+from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESETS, PRETRAIN, Stage, \
+    check_ctr_settings, code_version, csft_feature_cache, mim_command, representation_chain, run_chain, stage_record, \
+    torchx_command, world_folder
 
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
 ALL_TABLES = (2, 3, 4, 5, 6)
@@ -119,6 +120,9 @@ class Plan:
 
 def _cli(args: argparse.Namespace) -> int:
     plan = make_plan(args)
+    if not args.report_only:  # a report may read runs trained on another host's device
+        for run in ctr_runs(plan):
+            check_ctr_settings([*grid_overrides(plan), *run["overrides"]])
     if args.dry_run:
         for stage in stages(plan):
             state = "reuse" if stage_record(stage, plan.out) else "run"

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 PRESETS: Dict[str, Dict[str, List[str]]] = {
     # ~15 min on 2 CPU cores: the default world, short pre-training, 150 CTR steps per model.
@@ -119,6 +119,7 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     both commands without training anything twice."""
     mim = mim_command()
     world = world_folder(out, world_arg)
+    check_encoder_settings(world, out, preset)
     plan = []
     if not world_arg:
         plan.append(Stage("synth", mim + ["data", "synth", "--out", str(world), *preset["synth"]],
@@ -152,11 +153,35 @@ def stages(args: argparse.Namespace) -> List[Stage]:
     torchx, distributed = torchx_command(args.nproc)
     for model, switches in MODELS.items():
         run_dir = out / f"{model}_{args.ubm}"
-        plan.append(Stage(f"train_{model}", torchx + [
-            "torchx_components/mim.py:train_ciubm", *distributed, f"data.world={world}",
-            f"mm_table={out / 'mm_table'}", f"out={run_dir}", f"model.ubm={args.ubm}",
-            *preset["train"], *switches], run_dir / "metrics.json", CIUBM, after=("synth", "validate", "mfm")))
+        overrides = [f"data.world={world}", f"mm_table={out / 'mm_table'}", f"out={run_dir}", f"model.ubm={args.ubm}",
+                     *preset["train"], *switches]
+        check_ctr_settings(overrides)
+        plan.append(Stage(f"train_{model}", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, *overrides],
+                          run_dir / "metrics.json", CIUBM, after=("synth", "validate", "mfm")))
     return plan
+
+
+def check_ctr_settings(overrides: Sequence[str]) -> None:
+    """Load one CiUBM run's settings as ``mim train`` will, before the chain starts: a bad key
+    or value of the last stage was found only there, after pre-training and C-SFT. The MM
+    table is built later in the chain, so a width stands in for the one read from it."""
+    from train.ciubm import load_train_config
+
+    load_train_config(None, ["model.mm_dim=64", *overrides])
+
+
+def check_encoder_settings(world: Path, out: Path, preset: Dict[str, List[str]]) -> None:
+    """Load the pretrain and C-SFT stages' settings before the chain starts (the world they
+    read may not exist yet: only the settings are checked)."""
+    from mim_rec.config import load_config
+    from mim_rec.csft.config import CsftConfig
+    from mim_rec.pretrain.config import PretrainConfig
+    from train import csft, pretrain
+
+    pretrain.check_config(load_config(PretrainConfig, None, [f"data.world={world}", f"out={out / 'pretrain'}",
+                                                             *preset["pretrain"]]))
+    csft.check_config(load_config(CsftConfig, None, [f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}",
+                                                     f"out={out / 'csft'}", *preset["csft"]]))
 
 
 def record_file(stage: Stage, out: Path) -> Path:
@@ -296,8 +321,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out} is a file, not a run folder")
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the C-SFT and CiUBM jobs need at least one rank")
+    plan = stages(args)  # every stage's settings are checked here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    plan = stages(args)
     walls = {name: wall for name, (wall, _) in run_chain(plan, out).items()}
     print(report(out, args.ubm, walls, world_folder(out, args.world)))
     return 0

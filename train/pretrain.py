@@ -40,12 +40,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace):
     """The config, with the vision tower the world's items can feed (pixels or features)."""
-    from mim_rec.config import ConfigError, load_config, require_fraction, require_not_negative, require_positive
-    from mim_rec.encoders.config import check_normalisation
+    from mim_rec.config import load_config
     from mim_rec.pretrain.config import PretrainConfig
     from mim_rec.pretrain.corpus import vision_for_items
 
-    config = load_config(PretrainConfig, args.config, args.overrides)
+    config = check_config(load_config(PretrainConfig, args.config, args.overrides))
+    vision = vision_for_items(config.encoders.vision, config.data.world)
+    if vision != config.encoders.vision:
+        print(f"mim pretrain: the items carry image_feature vectors and no pixels: vision tower "
+              f"'{vision.name}' ({vision.feature_dim}-d) instead of '{config.encoders.vision.name}'",
+              file=sys.stderr)
+        config.encoders.vision = vision
+    return config
+
+
+def check_config(config: PretrainConfig) -> PretrainConfig:
+    """Refuse settings that would fail inside training or train nothing, without reading the
+    world (``mim pipeline`` checks them before the world is made); returns ``config``."""
+    from mim_rec.config import ConfigError, require_fraction, require_not_negative, require_positive
+    from mim_rec.encoders.config import check_normalisation
+
     require_positive(config, ("data.batch_size", "head_warmup_batch_size", "lr", "backbone_lr", "head_warmup_lr",
                               "checkpoint_every", "log_every", "encoders.shared_dim", "encoders.vision.image_size",
                               "encoders.vision.feature_dim", "encoders.text.max_length", "eval.batch_size",
@@ -58,12 +72,6 @@ def _load(args: argparse.Namespace):
     if config.dda_steps + config.dma_steps == 0:
         raise ConfigError("dda_steps=0 dma_steps=0: nothing to train")
     check_normalisation(config.encoders.vision)
-    vision = vision_for_items(config.encoders.vision, config.data.world)
-    if vision != config.encoders.vision:
-        print(f"mim pretrain: the items carry image_feature vectors and no pixels: vision tower "
-              f"'{vision.name}' ({vision.feature_dim}-d) instead of '{config.encoders.vision.name}'",
-              file=sys.stderr)
-        config.encoders.vision = vision
     return config
 
 
