@@ -496,6 +496,18 @@ def test_balanced_score_is_the_weaker_relative_gain():
         score({"recall@10": 0.01, "pair_auc": 0.62}, stage1, "auc")
 
 
+def test_an_unknown_select_is_refused_before_any_data_is_read(tmp_path):
+    """It was found after the stage-1 pass over the validation split (every feature extracted)."""
+    from mim_rec.config import ConfigError
+    from train.csft_tune import run_tune
+
+    overrides = [f"data.world={tmp_path / 'no_world'}", f"encoders={tmp_path / 'no_encoders'}", f"out={tmp_path / 'tune'}",
+                 "eval.ks=[10,100]"]
+    with pytest.raises(ConfigError, match=r"--select 'recall@5': not a metric; expected one of \['balanced', "
+                                          r"'recall@10', 'recall@100', 'pair_auc', 'gauc'\]"):
+        run_tune(None, overrides, [("loss.temperature", ["0.1"])], validation=0.2, select="recall@5")
+
+
 @pytest.mark.parametrize("stage1", [{"recall@10": 0.0, "pair_auc": 0.45}, {"recall@10": 0.004, "pair_auc": 0.5},
                                     {"recall@10": 0.02, "pair_auc": 0.58}])
 def test_balanced_score_is_neutral_at_stage1_and_bounded_near_chance(stage1):

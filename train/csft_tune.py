@@ -123,12 +123,16 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
     from train.csft import check_config
-    from train.csft_runs import csft_result, stage1_result
+    from train.csft_runs import csft_result, metric_columns, stage1_result
 
     if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
         raise ConfigError(f"--validation {validation}: must lie strictly between 0 and 1 (the share of "
                           "the training pairs to choose on; csft-tune never chooses on the test files)")
     base = check_config(load_config(CsftConfig, config_path, overrides))
+    # the metrics evaluation reports, named before the stage-1 pass extracts every feature
+    selectable = ["balanced", *metric_columns({f"recall@{k}": None for k in base.eval.ks})]
+    if select not in selectable:
+        raise ConfigError(f"--select {select!r}: not a metric; expected one of {selectable}")
     out = Path(base.out)
     cache = base.data.feature_cache or str(out / "features")
     shared = [*overrides, f"data.feature_cache={cache}"]
@@ -145,7 +149,6 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
     valid = world.held_out(validation)
     stage1 = stage1_result(config_of([], out, validation), world, valid, out / "stage1_validation")
-    score(stage1, stage1, select)  # an unknown --select fails here, before any training
     trials = []
     for name, settings, config in runs:
         metrics = csft_result(config, world, valid)
