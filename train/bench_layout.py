@@ -193,14 +193,9 @@ def _result(config: LayoutBenchConfig, device: str, samples: Dict[str, Dict[str,
 def measure_sharded(config: LayoutBenchConfig) -> Dict[str, Any]:
     """Time both sharded collections on ``config.ranks`` spawned processes, and keep the
     slowest rank's medians (a step with collectives ends when its slowest rank does)."""
-    import torch
-
     from mim_rec.utils.dist import resolve_device, run_on_spawned_ranks
 
-    device = resolve_device(config.device).type
-    if device == "cuda" and torch.cuda.device_count() < config.ranks:
-        from mim_rec.config import ConfigError
-        raise ConfigError(f"ranks={config.ranks}: only {torch.cuda.device_count()} GPUs are visible")
+    device = resolve_device(config.device, local_rank=0, local_world_size=config.ranks).type  # the ranks' device
     per_rank = run_on_spawned_ranks(_measure_on_rank, config.ranks, device, config)
     samples = {name: {kind: [max(rank[name][kind][r] for rank, _ in per_rank) for r in range(config.rounds)]
                       for kind in ("train", "inference")}

@@ -164,10 +164,11 @@ def stages(args: argparse.Namespace) -> List[Stage]:
 def check_ctr_settings(overrides: Sequence[str]) -> None:
     """Load one CiUBM run's settings as ``mim train`` will, before the chain starts: a bad key
     or value of the last stage was found only there, after pre-training and C-SFT. The MM
-    table is built later in the chain, so a width stands in for the one read from it."""
+    table is built later in the chain, so a width stands in for the one read from it; what the
+    device offers is checked by the ranks, whose device depends on how many share a host."""
     from train.ciubm import load_train_config
 
-    load_train_config(None, ["model.mm_dim=64", *overrides])
+    load_train_config(None, ["model.mm_dim=64", *overrides], check_device=False)
 
 
 def check_encoder_settings(world: Path, out: Path, preset: Dict[str, List[str]]) -> None:

@@ -264,8 +264,10 @@ def sharders(id_learning_rate: float, use_cuda: bool) -> list:
 def data_parallel_id_optimizer(id_learning_rate: float, use_cuda: bool):
     """``params -> optimizer`` for ID tables the planner made data-parallel (a small table is
     cheaper replicated): TorchRec hands those to the dense optimizer, so they get the fused
-    tables' update as a dense optimizer (Adam on CUDA, row-wise Adagrad on CPU, at ``id_lr``),
-    and a model trains the same whichever tables the planner replicates."""
+    tables' optimizer family as a dense optimizer (Adam on CUDA, row-wise Adagrad on CPU, at
+    ``id_lr``), not the dense parameters' Adam at ``lr``. On the CPU row-wise Adagrad moves only
+    the rows a batch touches either way; on CUDA the dense Adam also moves untouched rows on
+    their momentum, where fbgemm's fused Adam leaves them."""
     if use_cuda:
         return lambda params: torch.optim.Adam(params, lr=id_learning_rate, eps=ID_OPTIMIZER_EPS)
     from torchrec.optim import RowWiseAdagrad

@@ -49,11 +49,12 @@ def whitening_statistics(rows_of: Callable[[int, int], torch.Tensor], count: int
     are all-reduced (on the process group's device: the GPU under nccl), so every rank ends
     with the same transform for ``1/W`` of the reading.
     Sums are float64; the top ``k`` eigenvectors of the covariance are scaled by
-    ``1/sqrt(eigenvalue)``. A direction whose variance is below 1e-6 of the largest (a table
-    with fewer distinct rows than ``k``, or a constant column) gets a zero column rather than
-    a huge scale: whitening must not turn rounding noise into the loudest part of a cosine.
-    All-zero rows (items without a vector) are left out of the statistics, as
-    :class:`MMWhitening` leaves them out of the transform.
+    ``1/sqrt(eigenvalue)``. A direction whose variance is below 1e-6 of the largest, or below
+    1e-10 of the rows' mean squared norm (a table with fewer distinct rows than ``k``, or a
+    constant column), gets a zero column rather than a huge scale: whitening must not turn
+    rounding noise into the loudest part of a cosine. A table with no direction left (every
+    row the same vector) is refused. All-zero rows (items without a vector) are left out of
+    the statistics, as :class:`MMWhitening` leaves them out of the transform.
     """
     import torch.distributed as dist
 

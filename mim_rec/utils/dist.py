@@ -45,8 +45,8 @@ def resolve_device(device: str = "auto", local_rank: Optional[int] = None,
 
     "auto" picks CUDA only where every local rank has a GPU of its own: each rank decides alone,
     and all must pick the same backend (two ranks on one visible GPU would otherwise ask for
-    ``cuda:1``). "cuda" asked for where none is visible, or fewer than the local ranks, is an
-    error, and so is any other name."""
+    ``cuda:1``). "cuda" where fewer GPUs are visible than there are local ranks is an error on
+    every rank, and so is any other name."""
     from mim_rec.config import ConfigError
 
     if device not in ("auto", "cpu", "cuda"):
@@ -60,9 +60,9 @@ def resolve_device(device: str = "auto", local_rank: Optional[int] = None,
         return torch.device("cuda", local_rank) if gpus >= local_world_size else torch.device("cpu")
     if gpus == 0:
         raise ConfigError("device=cuda: no CUDA device is visible on this host (device=auto picks the CPU)")
-    if local_rank >= gpus:
-        raise ConfigError(f"device=cuda: local rank {local_rank} has no GPU of its own ({gpus} visible on this "
-                          "host): launch at most one rank per GPU (--nproc-per-node, TorchX -j 1xN), or device=cpu")
+    if gpus < local_world_size:  # refused on every rank, not only on those past the last GPU
+        raise ConfigError(f"device=cuda: {local_world_size} local ranks and {gpus} GPU(s) visible on this host: "
+                          "launch at most one rank per GPU (--nproc-per-node, TorchX -j 1xN), or device=cpu")
     return torch.device("cuda", local_rank)
 
 
@@ -203,7 +203,7 @@ def _spawned_rank(rank: int, work: Callable[..., Any], ranks: int, device_type: 
                   results: str) -> None:
     # RANK and friends too, for code that reads them as torchrun sets them (init_distributed)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(ranks))
+                      WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks))
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
