@@ -14,11 +14,12 @@ echo "$*" >> "$LOG"
 if [[ "$*" == *"pip show"* ]]; then
   [[ -n "$INSTALLED" && "$*" == *" $INSTALLED" ]] && exit 0 || exit 1
 fi
+[[ -n "$FAIL" && "$*" == *"$FAIL"* ]] && exit 1
 exit 0
 """
 
 
-def _install(tmp_path: Path, *args: str, stamp: str = "", installed: str = "") -> List[str]:
+def _install(tmp_path: Path, *args: str, stamp: str = "", installed: str = "", fail: str = "") -> List[str]:
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True, exist_ok=True)
     python = venv / "bin" / "python"
@@ -28,8 +29,9 @@ def _install(tmp_path: Path, *args: str, stamp: str = "", installed: str = "") -
         (venv / f".mim-install-{stamp}").write_text("an older install\n")
     log = tmp_path / "calls.log"
     log.unlink(missing_ok=True)
-    env = {**os.environ, "VENV": str(venv), "LOG": str(log), "INSTALLED": installed}
-    subprocess.run(["bash", "scripts/install.sh", *args], cwd=ROOT, env=env, check=True, capture_output=True)
+    env = {**os.environ, "VENV": str(venv), "LOG": str(log), "INSTALLED": installed, "FAIL": fail}
+    done = subprocess.run(["bash", "scripts/install.sh", *args], cwd=ROOT, env=env, capture_output=True)
+    assert (done.returncode != 0) == bool(fail), done.stderr
     return log.read_text().splitlines()
 
 
@@ -41,10 +43,18 @@ def _requirements(calls: List[str]) -> List[str]:
 def test_a_plain_install_keeps_the_gpu_stack_a_venv_has(tmp_path):
     """`make test` after `make install-gpu` put the CPU fbgemm over the CUDA one."""
     assert _requirements(_install(tmp_path, stamp="gpu")) == ["requirements/gpu.txt"]
-    assert _requirements(_install(tmp_path)) == []  # up to date: the gpu stack is checked, not replaced
+    assert _requirements(_install(tmp_path, installed="fbgemm-gpu")) == []  # up to date: checked, not replaced
     assert _requirements(_install(tmp_path, "--cpu")) == ["requirements/cpu.txt"]
     assert sorted(p.name for p in (tmp_path / "venv").glob(".mim-install-*")) == [".mim-install-cpu"]
     assert _requirements(_install(tmp_path, stamp="cpu")) == ["requirements/cpu.txt"]
+
+
+def test_a_failed_gpu_install_is_retried_as_gpu_and_a_wrong_fbgemm_is_repaired(tmp_path):
+    """A failed --gpu refresh left no stamp, and the next plain run installed the CPU stack; a
+    venv holding the wrong fbgemm build with a current stamp was reported up to date."""
+    _install(tmp_path, "--gpu", fail="requirements/gpu.txt")
+    assert _requirements(_install(tmp_path)) == ["requirements/gpu.txt"]
+    assert _requirements(_install(tmp_path, installed="fbgemm-gpu-cpu")) == ["requirements/gpu.txt"]
 
 
 def test_switching_builds_removes_both_fbgemm_packages_first(tmp_path):
