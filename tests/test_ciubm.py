@@ -781,6 +781,23 @@ def test_a_run_trained_on_gpus_is_not_trained_on_on_the_cpu(world, tmp_path, mon
     assert ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=avg", "device=cpu"), train=False)["steps"] == 2
 
 
+def test_a_run_whose_data_parallel_table_trained_with_the_dense_adam_is_refused_by_name(world, tmp_path, monkeypatch):
+    """Such a run (one CPU rank, before 2026-12-06) failed in DCP's load, on a missing key."""
+    from train import dcp_checkpoints
+
+    saved = tmp_path / "dcp"
+    dcp_checkpoints.dcp.save({"optimizer": {"state": {"sparse_arch.sequence.embedding_bags.category.weight": {
+        "exp_avg": torch.zeros(2), "step": torch.tensor(1.0)}}}}, checkpoint_id=str(saved))
+    assert dcp_checkpoints.checkpoint_adam_tables(saved) == ["category"]
+    ciubm.run(_config(world, tmp_path / "run", "max_steps=2", "model.ubm=avg", "device=cpu"))
+    assert dcp_checkpoints.checkpoint_adam_tables(  # today's CPU checkpoints hold none
+        dcp_checkpoints.DcpCheckpoints(tmp_path / "run" / "checkpoints").newest()) == []
+    monkeypatch.setattr(dcp_checkpoints, "checkpoint_on_cuda", lambda path: None)  # as written before
+    monkeypatch.setattr(dcp_checkpoints, "checkpoint_adam_tables", lambda path: ["category"])
+    with pytest.raises(ConfigError, match=r"data-parallel ID table \(category\) trained with the dense Adam"):
+        ciubm.run(_config(world, tmp_path / "run", "max_steps=4", "model.ubm=avg", "device=cpu"))
+
+
 def test_a_run_scored_on_other_test_events_is_not_finished(world, tmp_path):
     """Only the training inputs were compared: a grid kept the old metrics of a world whose
     events_test had changed, and mim experiment reported them."""

@@ -359,7 +359,7 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
     if inputs is not None:  # the planner shards by the number of ranks, and the fused optimizers' state follows the shards
         import torch.distributed as dist
 
-        from train.dcp_checkpoints import checkpoint_on_cuda, checkpoint_world_size
+        from train.dcp_checkpoints import checkpoint_adam_tables, checkpoint_on_cuda, checkpoint_world_size
 
         written_by = checkpoint_world_size(checkpoint)
         if written_by not in (None, dist.get_world_size()):
@@ -372,6 +372,11 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
             raise ConfigError(f"{checkpoint} was trained on {kinds[on_cuda]} and this run is on {kinds[here]}: "
                               "its optimizer state cannot carry over; resume it on the kind of host that wrote it "
                               "(device=cuda or device=cpu); --eval-only evaluates it on either")
+        if on_cuda is None and not here and (replicated := checkpoint_adam_tables(checkpoint)):
+            raise ConfigError(f"{checkpoint} was written before 2026-12-06, when a data-parallel ID table "
+                              f"({', '.join(replicated)}) trained with the dense Adam at lr; it now trains with "
+                              "row-wise Adagrad at id_lr (docs/ciubm.md), so its optimizer state cannot carry "
+                              "over: train again in a new out=; --eval-only evaluates the checkpoint")
     if inputs is not None:
         differ = _changed_inputs(out, inputs)
         if differ:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -102,6 +102,18 @@ def checkpoint_on_cuda(checkpoint: Path) -> Optional[bool]:
     (two moments), not the CPU's row-wise Adagrad; None for one written before that was recorded."""
     on_cuda = _recorded(checkpoint, "on_cuda")
     return None if on_cuda is None else bool(on_cuda)
+
+
+_ADAM_TABLE_STATE = re.compile(r"optimizer\.state\.sparse_arch\.\w+\.(?:embedding_bags|embeddings)\.(\w+)\.weight\.exp_avg$")
+
+
+def checkpoint_adam_tables(checkpoint: Path) -> List[str]:
+    """The embedding tables a DCP checkpoint holds Adam state for, from its metadata. On the CPU
+    only a data-parallel table written before 2026-12-06 has any: the dense Adam trained it."""
+    if not (checkpoint / ".metadata").is_file():
+        return []
+    keys = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    return sorted({m.group(1) for m in map(_ADAM_TABLE_STATE.match, keys) if m})
 
 
 def _recorded(checkpoint: Path, key: str) -> Optional[int]:
