@@ -498,10 +498,10 @@ def build_sharded_model(config: TrainConfig, sizes: Dict[str, int], ctx):
 
 def _data_parallel_weights(plan, parameters: Dict[str, "torch.nn.Parameter"]) -> Dict[str, "torch.nn.Parameter"]:
     """The weights, among ``parameters``, of the tables ``plan`` makes data-parallel."""
-    suffixes = [(f"{path}.", f".{table}.weight") for path, tables in plan.plan.items()
-                for table, sharding in tables.items() if sharding.sharding_type == "data_parallel"]
+    affixes = [(f"{path}.", f".{table}.weight") for path, tables in plan.plan.items()
+               for table, sharding in tables.items() if sharding.sharding_type == "data_parallel"]
     return {name: p for name, p in parameters.items()
-            if any(name.startswith(path) and name.endswith(table) for path, table in suffixes)}
+            if any(name.startswith(prefix) and name.endswith(suffix) for prefix, suffix in affixes)}
 
 
 def mm_rows(config: TrainConfig, num_items: int, dim: int):
