@@ -119,7 +119,10 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     both commands without training anything twice."""
     mim = mim_command()
     world = world_folder(out, world_arg)
-    check_encoder_settings(world, out, preset)
+    pretrain_settings = [f"data.world={world}", f"out={out / 'pretrain'}", *preset["pretrain"]]
+    csft_settings = [f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}", f"out={out / 'csft'}",
+                     *preset["csft"]]
+    check_encoder_settings(pretrain_settings, csft_settings)
     plan = []
     if not world_arg:
         plan.append(Stage("synth", mim + ["data", "synth", "--out", str(world), *preset["synth"]],
@@ -128,13 +131,10 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     # with it every stage after it (each reads the world)
     plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok",
                       after=("synth",), reads=world))
-    plan.append(Stage("pretrain", mim + ["pretrain", f"data.world={world}", f"out={out / 'pretrain'}",
-                                         *preset["pretrain"]], out / "pretrain" / "encoders" / "manifest.json",
+    plan.append(Stage("pretrain", mim + ["pretrain", *pretrain_settings], out / "pretrain" / "encoders" / "manifest.json",
                       PRETRAIN, after=("synth", "validate")))
     torchx, distributed = torchx_command(nproc)
-    plan.append(Stage("csft", torchx + ["torchx_components/mim.py:csft", *distributed,
-                                        f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}",
-                                        f"out={out / 'csft'}", *preset["csft"]],
+    plan.append(Stage("csft", torchx + ["torchx_components/mim.py:csft", *distributed, *csft_settings],
                       out / "csft" / "mm_encoder" / "manifest.json", CSFT, after=("synth", "validate", "pretrain")))
     plan.append(Stage("mfm", mim + ["embeddings", "build", f"world={world}",
                                     f"encoders={out / 'csft' / 'mm_encoder'}", f"out={out / 'mm_table'}",
@@ -171,7 +171,7 @@ def check_ctr_settings(overrides: Sequence[str]) -> None:
     load_train_config(None, ["model.mm_dim=64", *overrides], check_device=False)
 
 
-def check_encoder_settings(world: Path, out: Path, preset: Dict[str, List[str]]) -> None:
+def check_encoder_settings(pretrain_settings: Sequence[str], csft_settings: Sequence[str]) -> None:
     """Load the pretrain and C-SFT stages' settings before the chain starts (the world they
     read may not exist yet: only the settings are checked)."""
     from mim_rec.config import load_config
@@ -179,10 +179,8 @@ def check_encoder_settings(world: Path, out: Path, preset: Dict[str, List[str]])
     from mim_rec.pretrain.config import PretrainConfig
     from train import csft, pretrain
 
-    pretrain.check_config(load_config(PretrainConfig, None, [f"data.world={world}", f"out={out / 'pretrain'}",
-                                                             *preset["pretrain"]]))
-    csft.check_config(load_config(CsftConfig, None, [f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}",
-                                                     f"out={out / 'csft'}", *preset["csft"]]))
+    pretrain.check_config(load_config(PretrainConfig, None, pretrain_settings))
+    csft.check_config(load_config(CsftConfig, None, csft_settings))
 
 
 def record_file(stage: Stage, out: Path) -> Path:
