@@ -104,7 +104,15 @@ def checkpoint_on_cuda(checkpoint: Path) -> Optional[bool]:
     return None if on_cuda is None else bool(on_cuda)
 
 
-_ADAM_TABLE_STATE = re.compile(r"optimizer\.state\.sparse_arch\.\w+\.(?:embedding_bags|embeddings)\.(\w+)\.weight\.exp_avg$")
+# An embedding table's weight in the model, by table name (group 1)
+_TABLE = r"sparse_arch\.\w+\.(?:embedding_bags|embeddings)\.(\w+)\.weight"
+_TABLE_WEIGHT = re.compile(rf"model\.{_TABLE}")
+_ADAM_TABLE_STATE = re.compile(rf"optimizer\.state\.{_TABLE}\.exp_avg")
+
+
+def _metadata(checkpoint: Path) -> Dict[str, Any]:
+    """A DCP checkpoint's entries by key, from its metadata (nothing is loaded)."""
+    return dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
 
 
 def checkpoint_adam_tables(checkpoint: Path) -> List[str]:
@@ -112,26 +120,20 @@ def checkpoint_adam_tables(checkpoint: Path) -> List[str]:
     only a data-parallel table written before 2026-12-06 has any: the dense Adam trained it."""
     if not (checkpoint / ".metadata").is_file():
         return []
-    keys = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    return sorted({m.group(1) for m in map(_ADAM_TABLE_STATE.match, keys) if m})
+    return sorted({m.group(1) for m in map(_ADAM_TABLE_STATE.fullmatch, _metadata(checkpoint)) if m})
 
 
 def _recorded(checkpoint: Path, key: str) -> Optional[int]:
     """The integer a DCP checkpoint holds under ``key``, None where it holds none."""
-    if not (checkpoint / ".metadata").is_file() or \
-            key not in dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata:
+    if not (checkpoint / ".metadata").is_file() or key not in _metadata(checkpoint):
         return None
     state = {key: torch.tensor(0)}
     dcp.load(state, checkpoint_id=str(checkpoint))
     return int(state[key])
 
 
-_TABLE_WEIGHT = re.compile(r"model\.sparse_arch\.\w+\.(?:embedding_bags|embeddings)\.(\w+)\.weight")
-
-
 def checkpoint_table_rows(checkpoint: Path) -> Dict[str, int]:
     """Rows of each embedding table a DCP checkpoint holds, by table name, from its metadata
     (nothing is loaded)."""
-    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    return {match.group(1): int(entry.size[0]) for key, entry in metadata.items()
+    return {match.group(1): int(entry.size[0]) for key, entry in _metadata(checkpoint).items()
             if (match := _TABLE_WEIGHT.fullmatch(key))}

@@ -74,7 +74,7 @@ def process_group_timeout() -> timedelta:
     try:
         value = float(minutes)
     except ValueError:
-        value = float("nan")
+        value = 0.0  # not a number: refused below, as NaN and infinity are
     if not 0 < value < float("inf"):
         from mim_rec.config import ConfigError
         raise ConfigError(f"MIM_DIST_TIMEOUT_MIN={minutes!r}: a positive number of minutes")
