@@ -108,6 +108,16 @@ def test_cli_import(tmp_path, capsys):
     assert "events_train" in capsys.readouterr().out
 
 
+def test_a_negative_seed_is_refused_by_the_parser(tmp_path, capsys):
+    """It reached NumPy after every source was read and ended in a traceback."""
+    src = write_amazon(tmp_path / "src")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "import", "--format", "amazon", str(src), "--out", str(tmp_path / "w"),
+              "--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert "--seed: must be >= 0, got -1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("negatives", [0, N_ITEMS, 100_000])
 def test_negatives_per_positive_must_fit_the_catalogue(tmp_path, capsys, negatives):
     """0 wrote an all-positive CTR world; 100,000 ran the importer out of memory."""
@@ -307,6 +317,22 @@ def test_a_missing_train_row_is_counted_not_silently_dropped(tmp_path):
         import_amazon(src, tmp_path / "out", options())
     report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
     assert report.missing == {"interactions that are no row's target": 1}
+
+
+def test_a_train_row_in_a_missing_valid_slot_does_not_hide_another_users_gap(tmp_path):
+    """Gaps were summed over users unclamped: a user whose train file reaches the missing valid
+    row's slot counted -1 and cancelled another user's untargeted interaction, which then went
+    unreported under --allow-missing."""
+    src = write_amazon(tmp_path / "src")
+    seq0, seq2 = SEQUENCES[0], SEQUENCES[2]
+    slot = len(seq0) - 2  # user 0's valid position, now a train row's target
+    moved = f"0\t{' '.join(map(str, seq0[:slot]))}\t{seq0[slot]}"
+    _edit_inter(src, "valid", lambda lines: [l for l in lines if not l.startswith("0\t")])
+    _edit_inter(src, "train", lambda lines: lines[:1] + [moved] + [
+        l for l in lines[1:] if not (l.startswith("2\t") and len(l.split("\t")[1].split()) == 1)])
+    report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    assert report.missing == {"users without a valid row": 1,
+                              "interactions that are no row's target": 1}
 
 
 def test_a_short_valid_file_is_named_and_can_be_accepted(tmp_path):

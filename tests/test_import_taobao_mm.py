@@ -92,6 +92,9 @@ def test_import_maps_ids_histories_labels_and_the_int8_table(tmp_path):
         assert (row["scale"], row["bias"]) == (1.0, 0.0)
     assert read_manifest(out).extra["counts"]["users"] == 2
     assert "not item ages" in read_manifest(out).extra["item_age"]
+    # every source part's fingerprint, under its path: the two splits' part-0 used to collide
+    assert sorted(read_manifest(out).inputs) == sorted(
+        p.relative_to(src).as_posix() for p in src.rglob("*.parquet"))
 
 
 def test_files_that_do_not_join_are_refused_or_counted(tmp_path):

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="amazon: sampled non-clicks per positive (default 1)")
     parser.add_argument("--negative-sampling", choices=("uniform", "popularity"),
                         default=None, help="amazon: how negatives are drawn (default popularity)")
-    parser.add_argument("--seed", type=int, default=None, help="amazon: negative sampling seed (default 0)")
+    parser.add_argument("--seed", type=_non_negative, default=None, help="amazon: negative sampling seed (default 0)")
     parser.add_argument("--name", default=None,
                         help="amazon: data set name (file prefix); default: the only one in SRC")
     parser.set_defaults(func=run)

@@ -400,9 +400,11 @@ class _Sequences:
         valid[test >= 0] = test[test >= 0] - 1
         for row in rows["valid"]:
             valid[row.user] = row.position
-        trained = np.zeros(self.users, np.int64)  # train targets are distinct positions (see read)
+        # Train targets are distinct positions (see read); one at or past the valid slot (a
+        # user without a valid row whose train file reaches it) fills no gap below the slot.
+        trained = np.zeros(self.users, np.int64)
         for row in rows["train"]:
-            trained[row.user] += row.position > 0
+            trained[row.user] += 0 < row.position < valid[row.user]
         known = valid >= 0
         before_valid = (np.maximum(valid - 1, 0) - trained)[known].sum()
         after_valid = np.where(test >= 0, test - valid - 1, 0)[known].sum()

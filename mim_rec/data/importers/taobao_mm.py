@@ -89,6 +89,7 @@ class _Source:
 
     def __init__(self, src: Path, name: str, kind: str, batch_rows: int):
         single = src / f"{name}.parquet"
+        self.src = src
         self.parts = [single] if single.is_file() else sorted((src / name).glob("*.parquet"))
         if not self.parts:
             raise DataError(str(single), f"no such file (nor a folder {src / name} of parts)")
@@ -102,6 +103,11 @@ class _Source:
                 if not type_accepted(schema.field(column).type, want):
                     raise DataError(str(part), f"has type {schema.field(column).type}, expected {want}",
                                     field=column)
+
+    def fingerprints(self) -> Dict[str, str]:
+        """Each part's fingerprint under its path below the source root: parts of different
+        sources share names (train_samples/part-0 and test_samples/part-0)."""
+        return {part.relative_to(self.src).as_posix(): fingerprint_file(part) for part in self.parts}
 
     def batches(self, columns: Sequence[str]) -> Iterator[Tuple[str, int, pa.RecordBatch]]:
         for part in self.parts:
@@ -241,7 +247,7 @@ def _write_world(sources: Dict[str, _Source], ids: _Ids, out: Path, src: Path,
     manifest = Manifest(
         kind="world", stage="import",
         config={"format": "taobao-mm", "src": str(src), "allow_missing": options.allow_missing},
-        inputs={Path(p).name: fingerprint_file(p) for s in sources.values() for p in s.parts},
+        inputs={name: fp for s in sources.values() for name, fp in s.fingerprints().items()},
         row_count=len(ids.items),
         extra={"format": "taobao-mm", "counts": report.counts, "missing": report.missing,
                "notes": report.notes, "item_age": report.item_age})
@@ -457,7 +463,7 @@ def _write_mm_table(source: _Source, ids: _Ids, table_dir: Path, src: Path) -> n
     write_manifest(table_dir, Manifest(
         kind="mm_table", stage="import", dim=EMBEDDING_DIM, dtype="int8",
         row_count=len(ids.items),
-        inputs={p.name: fingerprint_file(p) for p in source.parts},
+        inputs=source.fingerprints(),
         config={"format": "taobao-mm", "src": str(src)},
         extra={"encoder_fingerprint": ENCODER_FINGERPRINT, "id_range": [0, len(ids.items)],
                "missing_rows_zero": int(len(missing)),
