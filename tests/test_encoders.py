@@ -124,6 +124,20 @@ def test_save_and_load_round_trip(tmp_path):
     assert before_img.norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
+def test_a_tower_on_the_bundled_weights_reloads_in_the_same_architecture(tmp_path):
+    """The bundled weights need TF padding, which only ``weights=bundled`` selects; a reload
+    starts from random weights, so it must be told, or it computes other features."""
+    config = tiny_encoders(shared_dim=8, name="efficientnet_lite0", weights="bundled")
+    pair = EncoderPair(config).eval()
+    pixels = pair.vision.preprocess([png_bytes(1, 2)])
+    with torch.no_grad():
+        before = pair.embed_images(pixels)
+    save_encoders(tmp_path / "enc", pair)
+    loaded = load_encoders(tmp_path / "enc").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.embed_images(loaded.vision.preprocess([png_bytes(1, 2)])), before)
+
+
 def test_saving_the_same_weights_writes_the_same_folder(tmp_path):
     """The tokenizer's file kept the padding and truncation of its last call: a finished
     ``mim pretrain`` run again (nothing tokenized) wrote other bytes, so the encoders'

@@ -23,7 +23,8 @@ from mim_rec.data.manifest import Manifest, require, write_manifest
 from mim_rec.encoders.config import EncodersConfig, PRECOMPUTED
 from mim_rec.encoders.heads import ProjectionHead
 from mim_rec.encoders.text import HFTextEncoder, build_text_encoder
-from mim_rec.encoders.vision import TimmVisionEncoder, VisionEncoder, build_vision_encoder
+from mim_rec.encoders.vision import (TimmVisionEncoder, VisionEncoder, architecture_kwargs,
+                                     build_vision_encoder)
 from mim_rec.utils.run import WeightsUnreadable, atomic_write_bytes, load_weights
 
 WEIGHTS_NAME = "weights.pt"
@@ -52,14 +53,16 @@ class EncoderPair(nn.Module):
         return self.text_head(self.text(titles))
 
     def resolved_config(self) -> EncodersConfig:
-        """The config with the image size and normalisation actually in use written out,
-        so a reload (which starts from random weights) preprocesses exactly the same way."""
+        """The config with the image size, normalisation and architecture arguments actually in
+        use written out, so a reload (which starts from random weights) builds the same tower
+        and preprocesses exactly the same way."""
         config = copy.deepcopy(self.config)
         if isinstance(self.vision, TimmVisionEncoder):
             processor = self.vision.image_processor
             mean, std = processor.stats
             config.vision = dataclasses.replace(config.vision, image_size=processor.size,
-                                                mean=list(mean), std=list(std))
+                                                mean=list(mean), std=list(std),
+                                                model_kwargs=architecture_kwargs(config.vision))
         return config
 
 

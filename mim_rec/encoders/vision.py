@@ -7,7 +7,7 @@ Both expose ``feature_dim``, ``preprocess(images) -> model input`` and ``forward
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,15 +33,23 @@ def load_timm_model(config: VisionConfig) -> nn.Module:
     if not timm.is_model(config.name):
         raise ConfigError(f"encoders.vision.name={config.name}: not a timm architecture (see "
                           f"timm.list_models()), nor '{PRECOMPUTED}' for items with image_feature vectors")
-    bundled = bundled_vision_weights(config.name) if _is_bundled(config) else None
-    model_kwargs = {**(bundled.model_kwargs if bundled else {}), **config.model_kwargs}
     try:
-        model = timm.create_model(config.name, pretrained=False, **model_kwargs)
+        model = timm.create_model(config.name, pretrained=False, **architecture_kwargs(config))
     except TypeError as exc:  # the architecture's constructor does not take an argument
         raise ConfigError(f"encoders.vision.model_kwargs={config.model_kwargs}: {exc}") from exc
-    if config.weights is not None:
-        load_state_dict_by_order(model, bundled.state_dict_path if bundled else Path(config.weights))
+    if config.weights == BUNDLED:
+        load_state_dict_by_order(model, bundled_vision_weights(config.name).state_dict_path)
+    elif config.weights is not None:
+        load_state_dict_by_order(model, Path(config.weights))
     return model
+
+
+def architecture_kwargs(config: VisionConfig) -> Dict[str, Any]:
+    """``timm.create_model`` arguments: the bundled weights' own (their padding and batch-norm
+    eps) under the configured ``model_kwargs``. A saved stage records these, so its reload,
+    which starts from random weights, builds the architecture it was trained in."""
+    bundled = bundled_vision_weights(config.name).model_kwargs if _is_bundled(config) else {}
+    return {**bundled, **config.model_kwargs}
 
 
 def load_state_dict_by_order(model: nn.Module, path: Path) -> None:
