@@ -33,6 +33,22 @@ def test_a_layout_that_returns_other_rows_voids_the_bench(monkeypatch):
         bench_layout.measure(bench_layout.quick())
 
 
+def test_a_sharded_batch_holds_the_drawn_behaviours_and_the_target():
+    """Slot 0 (the target) was counted among the behaviours: a sample drawn with b got b + 1,
+    so min_hist_len=1 meant 2 and a draw of L - 1 came out full."""
+    import torch
+
+    config = bench_layout.LayoutBenchConfig(sharded=True, items=50, batch_size=64, hist_len=5, min_hist_len=1)
+    _, sequence_kjt, filled = bench_layout._rank_batch(config, 0, torch.device("cpu"))
+    filled = filled.view(config.batch_size, 1 + config.hist_len)
+    generator = torch.Generator().manual_seed(config.seed * 1_000)
+    drawn = torch.randint(config.min_hist_len, config.hist_len + 1, (config.batch_size,), generator=generator)
+    assert torch.equal(filled[:, 1:].sum(1), drawn) and filled[:, 0].all()
+    assert torch.equal(sequence_kjt.lengths(), drawn + 1)
+    # right-aligned: the behaviours fill the last slots
+    assert all(row[1 + config.hist_len - b:].all() for row, b in zip(filled, drawn.tolist()))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
 def test_sharded_run_times_both_collections_through_dmp_on_two_ranks(tmp_path, capsys, sharding):

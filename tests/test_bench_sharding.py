@@ -123,6 +123,15 @@ def test_cli_prints_the_comparison_table(capsys):
                out.splitlines()) == 3
 
 
+def test_measuring_a_plan_made_for_several_hosts_is_refused(capsys):
+    """The measured ranks all run on this host: TorchRec cut a table-row-wise plan made for
+    one rank per host by the runtime's host size and failed with an IndexError."""
+    assert main(["bench", "sharding", "--measure", "mm_rows=64", "mm_dim=8", "local_world_size=1",
+                 "plans=[table_row_wise]"]) == 2
+    err = capsys.readouterr().err
+    assert "--measure runs all 2 ranks on this host: set local_world_size=2" in err
+
+
 def test_an_empty_plan_list_is_refused_by_name(capsys):
     """plans=[] used to end in a TypeError inside format_table."""
     with pytest.raises(ConfigError, match="plans: empty"):

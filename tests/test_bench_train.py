@@ -120,6 +120,9 @@ def test_world_folder_sets_the_table_sizes(tmp_path, capsys):
     ("ubms=[]", r"ubms=[]: choose one or more of"),
     ("ubms=[dinn]", r"ubms=['dinn']: choose one or more of"),
     ("hist_len=0", "hist_len=0: must be positive"),
+    # numpy's 'high <= 0' from the synthetic tables, naming no setting
+    ("items=0", "items=0: must be positive"), ("users=-1", "users=-1: must be positive"),
+    ("categories=0", "categories=0: must be positive"),
     # the second din's Base overwrote the first's in the MIM/Base ratios
     ("ubms=[din,avg,din]", "ubms=['din', 'avg', 'din']: each may appear once"),
     # TorchRec's multi-line AssertionError from the sharder, as mim train refuses it in one line

@@ -261,7 +261,7 @@ def _rank_batch(config: LayoutBenchConfig, rank: int, device):
     generator = torch.Generator().manual_seed(config.seed * 1_000 + rank)
     slots = 1 + config.hist_len
     behaviours = torch.randint(config.min_hist_len, config.hist_len + 1, (config.batch_size,), generator=generator)
-    filled = torch.arange(slots)[None, :] >= (config.hist_len - behaviours)[:, None]  # [B, 1+L]
+    filled = torch.arange(slots)[None, :] > (config.hist_len - behaviours)[:, None]  # [B, 1+L]
     filled[:, 0] = True                                                                 # the target
     ids = torch.randint(0, config.items, (int(filled.sum()),), generator=generator)
     slot_kjt = KeyedJaggedTensor(keys=["slot"], values=ids, lengths=filled.flatten().long())

@@ -200,6 +200,8 @@ def run_peer(ubm: str, seed: int, config: PeerBenchConfig, items: ItemInfo, size
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    if device.type == "cuda":  # DeepCTR-Torch's forward never waits on the GPU: count its queue
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
 
     test_loader = CtrEventsLoader(world / "events_test.parquet", items, replace(config.loader, shuffle=False),

@@ -623,6 +623,11 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(ShardingBenchConfig, args.config, args.overrides)
     config.validate()
     check_json_path(args.json)
+    if args.measure and config.ranks_per_host != config.world_size:
+        # TorchRec reads the host size from LOCAL_WORLD_SIZE; the measured ranks all run here
+        raise ConfigError(f"--measure runs all {config.world_size} ranks on this host: set "
+                          f"local_world_size={config.world_size} (or leave it unset), not "
+                          f"{config.ranks_per_host}, or drop --measure to plan only")
     if args.measure and config.compute_device == "cuda":
         import torch
         if torch.cuda.device_count() < config.world_size:

@@ -468,7 +468,8 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     if len(set(config.ubms)) != len(config.ubms):  # each MIM/Base ratio pairs the rows of one UBM's rounds
         raise ConfigError(f"ubms={config.ubms}: each may appear once")
     require_positive(config, ("steps", "rounds", "warmup", "distinct_batches", "batch_size", "hist_len", "mm_dim",
-                              "lr", "id_lr", "threads"))  # threads: None (torch's default) passes
+                              "lr", "id_lr", "threads", "items", "users", "categories"))
+    # threads: None (torch's default) passes
     if config.model.sequence_layout != "ebc":
         raise ConfigError("model.sequence_layout: the plain-torch reference reads the slot (ebc) layout; "
                           "compare the layouts with mim bench layout")
