@@ -79,6 +79,11 @@ def test_stage_commands_refuse_non_positive_settings(tmp_path, capsys, command, 
     ("loader.query_buckets=0", r"loader.query_buckets=0: "),
     ("device=cpu model.constraints.item.sharding_types=[table_row_wise]",
      r"model.constraints.item.sharding_types=\['table_row_wise'\]: .* on cpu; row-wise sharding needs CUDA"),
+    # TorchRec's generator put the whole 12-wide MM table on rank 0 (or raised, 256 over 3 ranks)
+    ("model.mm_dim=10 model.constraints.mm_item.sharding_types=[column_wise] model.constraints.mm_item.ranks=[0,1]",
+     r"model.constraints.mm_item.ranks=\[0, 1\]: column_wise .* 12 stored columns, .* over 2 ranks; pin it over 3 ranks"),
+    ("model.mm_dim=256 model.constraints.mm_item.sharding_types=[column_wise] model.constraints.mm_item.ranks=[0,1,2]",
+     r"model.constraints.mm_item.ranks=\[0, 1, 2\]: column_wise .* 256 stored columns, .* over 3 ranks"),
 ])
 def test_model_shapes_that_would_fail_inside_torch_are_refused_by_key(tmp_path, override, message):
     """These used to fail after the process group was up (a UBM's constructor or first step,

@@ -8,6 +8,7 @@ ids, and a hook on each rank's embedding kernel records the ids it actually serv
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -92,3 +93,51 @@ def test_impossible_pins_are_refused():
         check_pinned("mm_item", TableConstraint(ranks=[0, 1], sharding_types=["table_wise"]), world_size=2)
     with pytest.raises(ConfigError, match="row_wise"):
         check_pinned("mm_item", TableConstraint(ranks=[0], sharding_types=["row_wise"]), world_size=2)
+
+
+def _pin(mm_dim: int, ranks: list):
+    """``pin_tables`` on a stand-in plan (the planner's choice for the MM table, replaced by the pin)
+    for a meta CiUBM with an ``mm_dim``-wide MM table; the ranks its shards were placed on."""
+    from types import SimpleNamespace
+
+    from mim_rec.ciubm.placement import pin_tables
+    from mim_rec.ciubm.sparse import SparseArch, sharders
+
+    arch = SparseArch(ModelConfig(mm_dim=mm_dim), num_items=10, num_users=4, num_categories=3,
+                      device=torch.device("meta"))
+    plan = SimpleNamespace(plan={"mm": {"mm_item": None}})
+    world = max(ranks) + 1
+    pin_tables(arch, plan, {"mm_item": TableConstraint(ranks=ranks, sharding_types=["column_wise"])},
+               sharders(0.1, False), world, world, "cpu")
+    return sorted(int(shard.placement.rank()) for shard in plan.plan["mm"]["mm_item"].sharding_spec.shards)
+
+
+@pytest.mark.parametrize("mm_dim, ranks", [(8, [0, 1]), (24, [0, 1, 2]), (16, [1, 3])])
+def test_a_column_wise_pin_puts_a_block_on_every_rank(mm_dim, ranks):
+    assert _pin(mm_dim, ranks) == ranks
+
+
+@pytest.mark.parametrize("mm_dim, ranks, counts", [
+    (10, [0, 1], "3"),       # stored 12 wide
+    (20, [0, 1], "5"),
+    (24, [0, 1, 2, 3], "2, 3 or 6"),
+    (256, [0, 1, 2], "2, 4, 8, 16, 32 or 64"),
+])
+def test_a_column_wise_pin_whose_width_does_not_split_into_one_block_per_rank_is_refused(mm_dim, ranks, counts):
+    """TorchRec's column_wise generator falls back to fewer, wider blocks and zips them with the
+    ranks: a 12- or 20-wide table pinned to [0, 1] went to rank 0 alone, 24 columns over 4 ranks
+    to 3 of them, and 256 over 3 ranks was TorchRec's ValueError after the process group was up."""
+    with pytest.raises(ConfigError, match=re.escape(f"model.constraints.mm_item.ranks={ranks}: column_wise")
+                       + rf" .* pin it over {counts} ranks, or table_wise on one"):
+        _pin(mm_dim, ranks)
+
+
+def test_a_pin_torchrec_places_on_other_ranks_is_refused(monkeypatch):
+    """Should TorchRec's generator cut the table otherwise, a rank left without a shard is named
+    instead of the pin quietly holding on fewer ranks."""
+    from torchrec.distributed import sharding_plan
+
+    column_wise = sharding_plan.column_wise
+    monkeypatch.setattr(sharding_plan, "column_wise", lambda ranks, **kw: column_wise(ranks=ranks[:1], **kw))
+    with pytest.raises(ConfigError, match=r"model.constraints.mm_item.ranks=\[0, 1\]: .* on ranks \[0\], none on \[1\]"):
+        _pin(8, [0, 1])

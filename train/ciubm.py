@@ -166,12 +166,14 @@ def _check_model_shape(model: ModelConfig) -> None:
 
 def check_sharding_device(model: ModelConfig, device: str) -> None:
     """Refuse, by table, sharding types TorchRec's planner does not offer that table on the
-    run's device (``device``: auto | cpu | cuda), instead of the planner's traceback after the
-    process group is up. What is offered depends on the device and on the collection holding
-    the table (``sequence_layout``): on CPU an EmbeddingBagCollection gets no row-wise kind."""
+    run's device (``device``: auto | cpu | cuda), and column-wise pins whose table width does
+    not cut into one block per rank, instead of a traceback (or a pin quietly held on fewer
+    ranks) after the process group is up. What is offered depends on the device and on the
+    collection holding the table (``sequence_layout``): on CPU an EmbeddingBagCollection gets
+    no row-wise kind."""
     import torch
 
-    from mim_rec.ciubm.placement import check_offered
+    from mim_rec.ciubm.placement import check_offered, check_pin_widths
     from mim_rec.ciubm.sparse import SparseArch, sharders
     from mim_rec.utils.dist import resolve_device
 
@@ -179,7 +181,9 @@ def check_sharding_device(model: ModelConfig, device: str) -> None:
         return
     device_type = resolve_device(device).type
     arch = SparseArch(model, num_items=1, num_users=1, num_categories=1, device=torch.device("meta"))
-    check_offered(arch, model.constraints, sharders(1.0, device_type == "cuda"), device_type)
+    table_sharders = sharders(1.0, device_type == "cuda")
+    check_offered(arch, model.constraints, table_sharders, device_type)
+    check_pin_widths(arch, model.constraints, table_sharders)
 
 
 def _table_dim(mm_table: Optional[str]) -> int:
