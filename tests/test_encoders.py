@@ -191,6 +191,23 @@ def test_a_text_model_with_damaged_weights_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def _tiny_bert(vocab_size: int = 30522):
+    """A tiny random BERT, to save as a local Hugging Face model folder."""
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(vocab_size=vocab_size, **TINY_TEXT))
+
+
+def test_a_half_precision_text_folder_loads_as_float32(tmp_path):
+    """transformers loads a folder in the dtype it was saved in: an fp16 checkpoint gave an
+    fp16 text tower, and the fp32 projection head failed at the first title on a dtype clash."""
+    _tiny_bert().half().save_pretrained(tmp_path / "bert")
+    text = tiny_text(name=str(tmp_path / "bert"), overrides={}, pretrained=True)
+    pair = EncoderPair(dataclasses.replace(tiny_encoders(shared_dim=8), text=text)).eval()
+    assert {p.dtype for p in pair.text.parameters()} == {torch.float32}
+    assert pair.embed_titles(["red shirt"]).dtype == torch.float32
+
+
 def test_the_bundled_vision_file_by_its_path_keeps_its_own_preprocessing():
     """Given by path instead of as 'bundled', the same file got timm's ImageNet statistics."""
     from mim_rec.encoders.bundled import bundled_vision_weights

@@ -40,8 +40,8 @@ class HFTextEncoder(PartlyFrozen):
         folder = _model_folder(config.name)
         model_config = _model_config(config, folder)
         if folder is not None and config.pretrained:
-            try:
-                self.model = AutoModel.from_pretrained(str(folder), config=model_config)
+            try:  # fp32 whatever the folder was saved in: the heads are fp32, autocast does the rest
+                self.model = AutoModel.from_pretrained(str(folder), config=model_config, dtype=torch.float32)
             except OSError as exc:  # a config.json without weights beside it
                 raise ConfigError(f"encoders.text.name={config.name}: no weights to load ({exc}); set "
                                   "encoders.text.pretrained=false for random ones") from exc
