@@ -208,6 +208,36 @@ def test_a_half_precision_text_folder_loads_as_float32(tmp_path):
     assert pair.embed_titles(["red shirt"]).dtype == torch.float32
 
 
+@pytest.mark.parametrize("layout", ["vocab.txt", "tokenizer.json"])
+def test_a_model_folder_without_tokenizer_config_keeps_its_own_tokenizer(tmp_path, layout):
+    """Only a tokenizer_config.json counted as the folder's tokenizer: a folder with just a
+    vocab.txt (original BERT checkpoints) or tokenizer.json was tokenised with the bundled
+    MiniLM vocabulary, whose ids mean other tokens to the model."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "bert"
+    _tiny_bert(vocab_size=7).save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "red", "shirt"]))
+    if layout == "tokenizer.json":
+        AutoTokenizer.from_pretrained(str(folder)).save_pretrained(folder)
+        (folder / "vocab.txt").unlink()
+        (folder / "tokenizer_config.json").unlink()
+    encoder = build_text_encoder(tiny_text(name=str(folder), overrides={}, pretrained=True))
+    assert encoder.tokenize(["red shirt"])["input_ids"].tolist() == [[2, 5, 6, 3]]
+    (folder / layout).unlink()  # a folder with no tokenizer at all is tokenised with the bundled one
+    bundled = build_text_encoder(tiny_text(name=str(folder), overrides={"vocab_size": 30522}))
+    assert bundled.tokenizer.vocab_size == 30522
+
+
+def test_a_model_folders_unreadable_tokenizer_names_the_model_setting(tmp_path):
+    """Without a tokenizer_config.json beside it, a damaged tokenizer.json was passed over and
+    the bundled vocabulary used in its place."""
+    _tiny_bert(vocab_size=7).save_pretrained(tmp_path / "bert")
+    (tmp_path / "bert" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="encoders.text.name=.*bert: not a tokenizer folder"):
+        build_text_encoder(tiny_text(name=str(tmp_path / "bert"), overrides={}, pretrained=True))
+
+
 def test_the_bundled_vision_file_by_its_path_keeps_its_own_preprocessing():
     """Given by path instead of as 'bundled', the same file got timm's ImageNet statistics."""
     from mim_rec.encoders.bundled import bundled_vision_weights

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -30,6 +30,10 @@ PRESETS: Dict[str, Dict[str, int]] = {
     "bge-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=1536),
 }
+
+# The files transformers saves a tokenizer as (WordPiece, BPE, SentencePiece, or the fast one).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
 
 
 class HFTextEncoder(PartlyFrozen):
@@ -125,16 +129,28 @@ def _tokenizer(config: TextConfig, folder: Optional[Path]) -> "PreTrainedTokeniz
     """``config.tokenizer``, else the model folder's own tokenizer, else the bundled one."""
     from transformers import AutoTokenizer
 
-    if config.tokenizer is not None and not Path(config.tokenizer).is_dir():
-        raise ConfigError(f"encoders.text.tokenizer={config.tokenizer}: no such folder")
-    tokenizer_folder = config.tokenizer or (
-        folder if folder is not None and (folder / "tokenizer_config.json").exists()
-        else bundled_text_folder())
+    setting, tokenizer_folder = _tokenizer_source(config, folder)
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_folder))
     except (OSError, ValueError) as exc:  # what transformers raises for a folder without a tokenizer
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"encoders.text.tokenizer={tokenizer_folder}: not a tokenizer folder ({reason})") from exc
+        raise ConfigError(f"{setting}={tokenizer_folder}: not a tokenizer folder ({reason})") from exc
+
+
+def _tokenizer_source(config: TextConfig, folder: Optional[Path]) -> Tuple[str, Path]:
+    """The setting that names the tokenizer, and its folder.
+
+    A model folder's own tokenizer is any tokenizer file in it: original BERT checkpoints ship
+    a vocab.txt without a tokenizer_config.json, and the bundled vocabulary's ids would mean other
+    tokens to their model. The bundled one serves the presets and folders that hold only a model.
+    """
+    if config.tokenizer is not None:
+        if not Path(config.tokenizer).is_dir():
+            raise ConfigError(f"encoders.text.tokenizer={config.tokenizer}: no such folder")
+        return "encoders.text.tokenizer", Path(config.tokenizer)
+    if folder is not None and any((folder / name).exists() for name in TOKENIZER_FILES):
+        return "encoders.text.name", folder
+    return "encoders.text.tokenizer", bundled_text_folder()
 
 
 def _leading_modules(model: nn.Module, trainable_layers: int) -> List[nn.Module]:
