@@ -289,6 +289,15 @@ def test_bad_text_settings_name_the_field(tmp_path, changes, message):
         build_text_encoder(tiny_text(**changes(tmp_path)))
 
 
+def test_a_max_length_beyond_the_models_positions_is_refused():
+    """A max_length longer than the model's position table was accepted; the first title that
+    long failed inside BERT's embeddings on a tensor size clash."""
+    with pytest.raises(ConfigError, match=r"encoders.text.max_length=65: .* 64 positions"):
+        build_text_encoder(tiny_text(max_length=65))
+    encoder = build_text_encoder(tiny_text(max_length=64)).eval()
+    assert encoder(["a long product title " * 20]).shape == (1, TINY_TEXT["hidden_size"])
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(std=[0.0, 0.0, 0.0]), "encoders.vision.std=.*must be positive"),  # every pixel inf: the run diverged
     (dict(std=[0.2, -0.1, 0.2]), "encoders.vision.std=.*must be positive"),

@@ -43,6 +43,7 @@ class HFTextEncoder(PartlyFrozen):
 
         folder = _model_folder(config.name)
         model_config = _model_config(config, folder)
+        self.max_length = _max_length(config, model_config)
         if folder is not None and config.pretrained:
             try:  # fp32 whatever the folder was saved in: the heads are fp32, autocast does the rest
                 self.model = AutoModel.from_pretrained(str(folder), config=model_config, dtype=torch.float32)
@@ -60,7 +61,6 @@ class HFTextEncoder(PartlyFrozen):
             raise ConfigError(f"encoders.text.tokenizer: the tokenizer at {self.tokenizer.name_or_path} has "
                               f"{self.tokenizer.vocab_size} tokens but the model's vocabulary is "
                               f"{self.model.config.vocab_size}")
-        self.max_length = config.max_length
         self.feature_dim: int = self.model.config.hidden_size
         if getattr(self.model, "pooler", None) is not None:
             self.freeze([self.model.pooler])  # the [CLS] pooler is unused by mean pooling
@@ -123,6 +123,16 @@ def _model_config(config: TextConfig, folder: Optional[Path]) -> "PretrainedConf
                           f"{', '.join(unknown)} (e.g. num_hidden_layers, hidden_size)")
     model_config.update(config.overrides)
     return model_config
+
+
+def _max_length(config: TextConfig, model_config: "PretrainedConfig") -> int:
+    """``config.max_length``, refused when the model has fewer positions: it was accepted, and
+    the first title that long failed inside the model's embeddings."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is not None and config.max_length > positions:
+        raise ConfigError(f"encoders.text.max_length={config.max_length}: the model "
+                          f"({config.name}) has {positions} positions (max_position_embeddings)")
+    return config.max_length
 
 
 def _tokenizer(config: TextConfig, folder: Optional[Path]) -> "PreTrainedTokenizerBase":
