@@ -41,6 +41,9 @@ import pyarrow.parquet as pq
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from mim_rec.data.loader import created_seconds, item_age_days
+from mim_rec.metrics.functional import age_bucket_edges
+
 COMPONENTS = ("content", "item_effect", "collaborative", "category", "position", "logit")
 STYLE_NAMES = ("hue x", "hue y", "brightness", "size", "stripe freq", "stripe angle", "stripe hue", "backdrop")
 # The item ID table's state-dict key under each model.sequence_layout (an EBC's or an EC's)
@@ -49,12 +52,15 @@ ITEM_TABLE_KEYS = ("sparse_arch.sequence.embedding_bags.item.weight",
 
 
 def age_buckets(world: Path) -> np.ndarray:
-    """Decile (0 = S1, newest) of each test event's item age at impression."""
+    """Decile (0 = S1, newest) of each test event's item age at impression, cut as ``mim train``
+    cuts them (its age reading and its edges: a timestamp cast straight to int64 keeps its
+    unit, milliseconds here, and aged items by creation date instead)."""
     events = pq.read_table(world / "events_test.parquet", columns=["target_item_id", "ts"])
-    created = pq.read_table(world / "items.parquet", columns=["created_at"])["created_at"].cast("int64").to_numpy()
-    age = events["ts"].cast("int64").to_numpy() - created[events["target_item_id"].to_numpy()]
-    edges = np.quantile(age, np.linspace(0, 1, 11)[1:-1])
-    return np.searchsorted(edges, age, side="right")
+    items = world / "items.parquet"
+    created = created_seconds(pq.read_table(items, columns=["created_at"])["created_at"], items)
+    age = item_age_days(events["ts"].cast("int64").to_numpy(), created[events["target_item_id"].to_numpy()])
+    edges = age_bucket_edges(torch.from_numpy(age))
+    return np.searchsorted(edges, age, side="left")
 
 
 def component_table(world: Path) -> None:

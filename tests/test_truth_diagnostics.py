@@ -86,6 +86,18 @@ def test_checkpoint_readouts_read_a_train_checkpoint(world, tmp_path, capsys):
     ciubm.run(config)
     (checkpoint,) = sorted((out / "checkpoints").glob("step-*"))
     diagnostics = _diagnostics()
+    # its S1..S10 are mim train's: created_at cast straight to int64 stayed in milliseconds, and
+    # the buckets sorted items by creation date
+    import json
+    deciles = json.loads((out / "metrics.json").read_text())["age_deciles"]
+    buckets = diagnostics.age_buckets(world)
+    assert np.bincount(buckets, minlength=10).tolist() == [d["n"] for d in deciles]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    events = pq.read_table(world / "events_test.parquet")
+    created = pq.read_table(world / "items.parquet")["created_at"].cast(pa.timestamp("s")).cast(pa.int64())
+    age_days = (events["ts"].to_numpy() - created.to_numpy()[events["target_item_id"].to_numpy()]) / 86_400
+    assert [age_days[buckets == b].max() for b in range(10)] == pytest.approx([d["age_days_max"] for d in deciles])
     diagnostics.id_embeddings(world, [checkpoint])
     diagnostics.learned_views(world, [checkpoint], pairs=20_000)
     rows = _rows(capsys.readouterr().out, checkpoint)
