@@ -143,7 +143,8 @@ def test_images_show_the_category_and_the_colour(world, truth):
     category_accuracy = _ridge_accuracy(x, truth["category"], 450)
     print(f"colour probe {colour_accuracy:.2f}, category probe {category_accuracy:.2f}")
     assert colour_accuracy > 4 / len(COLOURS)
-    assert category_accuracy > 2.5 / 6
+    # twice chance: categories c and c + 5 share a silhouette, and seeds 0 to 11 give 0.40-0.48
+    assert category_accuracy > 2 / 6
 
 
 def test_titles_name_category_and_colour(world, truth):
@@ -206,6 +207,10 @@ def test_fewer_pairs_than_asked_for_are_said(tmp_path, capsys):
     ({"click": ClickModel(noise_std=-1.0)}, "click.noise_std=-1.0: a spread"),
     ({"image_size": 1_000_000}, "image_size=1000000: at most 1024"),  # a 3.6 TiB numpy traceback
     ({"t0": "2026-01-01T23:00:00+05:00"}, "not an ISO date"),           # its offset was dropped unseen
+    # a user's (user, time) search keys overlapped the next user's: numpy's 'negative repeats'
+    ({"days": 60_000, "event_days": 60_000}, "days=60000: the timeline must lie within 1970-01-01"),
+    ({"t0": "1970-06-01"}, "days_before=365, days=180: the timeline must lie within"),
+    ({"page_size": 33_000, "events": 70_000}, "page_size=33000: at most 32767"),  # negative positions
 ])
 def test_a_world_the_generator_cannot_draw_is_refused_by_field(override, named):
     from dataclasses import replace

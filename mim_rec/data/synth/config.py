@@ -13,6 +13,7 @@ from mim_rec.data.synth.text import BRAND_NAME_LIMIT
 # and angle, stripe colour, backdrop: docs/synth.md), so a world needs at least that many.
 RENDERED_STYLE_DIMS = 8
 MAX_IMAGE_SIZE = 1024             # pixels; the encoders resize to 224
+MAX_PAGE_SIZE = 2 ** 15 - 1       # the events contract's int16 position
 
 
 @dataclass
@@ -81,6 +82,9 @@ class SynthConfig:
                               "distinct brand names")
         if self.categories > self.items:
             raise ConfigError(f"categories={self.categories} exceeds items={self.items}: a category needs an item")
+        if self.page_size > MAX_PAGE_SIZE:
+            raise ConfigError(f"page_size={self.page_size}: at most {MAX_PAGE_SIZE} (an event's position is "
+                              "an int16)")
         if self.events < 2 * self.page_size:
             raise ConfigError(f"events={self.events}: need at least two pages of page_size={self.page_size} "
                               "(one for the train split, one for the test split)")
@@ -105,9 +109,14 @@ class SynthConfig:
             if floats[name] < 0:
                 raise ConfigError(f"{name}={floats[name]}: a spread, must not be negative")
         try:
-            date.fromisoformat(self.t0)  # a date: a time or a UTC offset would be dropped unseen
+            start = date.fromisoformat(self.t0)  # a date: a time or a UTC offset would be dropped unseen
         except (TypeError, ValueError):
             raise ConfigError(f"t0={self.t0!r}: not an ISO date (YYYY-MM-DD)") from None
+        # The generator packs (user, time) into one int64 search key, 32 bits of Unix seconds.
+        first_day = (start - date(1970, 1, 1)).days - self.days_before
+        if first_day < 0 or (first_day + self.days_before + self.days) * 86_400 >= 2 ** 32:
+            raise ConfigError(f"t0={self.t0}, days_before={self.days_before}, days={self.days}: the timeline "
+                              "must lie within 1970-01-01 and 2106-02-07 (Unix seconds below 2^32)")
 
 
 def tiny(config: SynthConfig) -> SynthConfig:

@@ -206,7 +206,8 @@ def sample_sessions(config: SynthConfig, lat: Latents, hist: Histories,
 
 
 def _dedupe_top(candidates: np.ndarray, score: np.ndarray, take: int) -> np.ndarray:
-    """Per row, the ``take`` best-scoring candidates, duplicates scored out."""
+    """Per row, the ``take`` best-scoring candidates, repeats ranked last: a row with fewer than
+    ``take`` distinct candidates keeps a repeat (one item shown twice on a page)."""
     order = np.argsort(candidates, axis=1)
     sorted_c = np.take_along_axis(candidates, order, 1)
     dup = np.zeros_like(sorted_c, dtype=bool)
