@@ -781,6 +781,29 @@ def test_a_run_trained_on_gpus_is_not_trained_on_on_the_cpu(world, tmp_path, mon
     assert ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=avg", "device=cpu"), train=False)["steps"] == 2
 
 
+def test_a_run_of_other_ranks_is_refused_for_its_ranks_before_its_step_count(world, tmp_path, monkeypatch):
+    """The steps a config trains follow the ranks (batches per epoch): a finished 1-rank run
+    restarted on 2 was refused for its step count, and raising epochs only led to the real
+    refusal."""
+    from train import dcp_checkpoints
+
+    ciubm.run(_config(world, tmp_path, "max_steps=4", "model.ubm=avg", "device=cpu"))
+    monkeypatch.setattr(dcp_checkpoints, "checkpoint_world_size", lambda path: 2)  # as 2 ranks write it
+    with pytest.raises(ConfigError, match=r"written by 2 rank\(s\) and this run has 1: resume it on 2"):
+        ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=avg", "device=cpu"))
+
+
+@pytest.mark.parametrize("record", ["config.json", "inputs.json"])
+def test_a_torn_run_record_is_a_one_line_error(world, tmp_path, record):
+    """Written in place, a kill or a full disk could cut them short; the next run died in a
+    JSONDecodeError traceback."""
+    ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=avg", "device=cpu"))
+    path = tmp_path / record
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(ConfigError, match=rf"{record}: not a whole JSON object \(a write cut short\?\)"):
+        ciubm.run(_config(world, tmp_path, "max_steps=4", "model.ubm=avg", "device=cpu"))
+
+
 def test_a_run_whose_data_parallel_table_trained_with_the_dense_adam_is_refused_by_name(world, tmp_path, monkeypatch):
     """Such a run (one CPU rank, before 2026-12-06) failed in DCP's load, on a missing key."""
     from train import dcp_checkpoints

@@ -355,11 +355,6 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
                           f"{', '.join(changed)}); use a new out= or delete {out / 'checkpoints'}")
-    trained = int(checkpoint.name.rsplit("-", 1)[-1])
-    if total_steps is not None and trained > total_steps:  # it used to report the longer run as this one
-        raise ConfigError(f"out={out} holds a run trained {trained} steps, more than the {total_steps} this config "
-                          f"trains (epochs={config.epochs}, max_steps={config.max_steps}): use a new out= "
-                          f"(or epochs / max_steps that train {trained} or more)")
     if inputs is not None:  # the planner shards by the number of ranks, and the fused optimizers' state follows the shards
         import torch.distributed as dist
 
@@ -381,6 +376,12 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
                               f"({', '.join(replicated)}) trained with the dense Adam at lr; it now trains with "
                               "row-wise Adagrad at id_lr (docs/ciubm.md), so its optimizer state cannot carry "
                               "over: train again in a new out=; --eval-only evaluates the checkpoint")
+    # after the rank check: batches per epoch, and so the steps this config trains, follow the ranks
+    trained = int(checkpoint.name.rsplit("-", 1)[-1])
+    if total_steps is not None and trained > total_steps:  # it used to report the longer run as this one
+        raise ConfigError(f"out={out} holds a run trained {trained} steps, more than the {total_steps} this config "
+                          f"trains (epochs={config.epochs}, max_steps={config.max_steps}): use a new out= "
+                          f"(or epochs / max_steps that train {trained} or more)")
     if inputs is not None:
         differ = _changed_inputs(out, inputs)
         if differ:
@@ -392,10 +393,17 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
 def _changed_inputs(out: Path, inputs: Dict[str, str]) -> List[str]:
     """The inputs whose fingerprints differ from those ``out/inputs.json`` recorded (none
     when it recorded nothing: a run written before inputs were recorded)."""
+    from mim_rec.config import ConfigError
+    from mim_rec.utils.run import read_json_or_none
+
     recorded = out / "inputs.json"
     if not recorded.is_file():
         return []
-    return [name for name, fingerprint in json.loads(recorded.read_text()).items() if inputs.get(name) != fingerprint]
+    fingerprints = read_json_or_none(recorded)
+    if not isinstance(fingerprints, dict):
+        raise ConfigError(f"{recorded}: not a whole JSON object (a write cut short?), so what the checkpoints "
+                          "were trained on is unknown; use a new out=")
+    return [name for name, fingerprint in fingerprints.items() if inputs.get(name) != fingerprint]
 
 
 def _finished(config: TrainConfig) -> bool:
@@ -586,7 +594,7 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     from mim_rec.ciubm.mm_shards import load_mm_table, mm_table_bytes
     from mim_rec.data.loader import CtrEventsLoader, ItemInfo
     from mim_rec.utils.dist import ensure_process_group
-    from mim_rec.utils.run import JsonlLogger
+    from mim_rec.utils.run import JsonlLogger, atomic_write_bytes
     from train.dcp_checkpoints import DcpCheckpoints
 
     ctx = ensure_process_group(config.device)
@@ -628,8 +636,8 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     if ctx.is_main and train:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # it always describes the config.json beside it
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-        (out / "inputs.json").write_text(json.dumps(inputs, indent=2))
+        atomic_write_bytes(out / "config.json", json.dumps(asdict(config), indent=2, default=str).encode())
+        atomic_write_bytes(out / "inputs.json", json.dumps(inputs, indent=2).encode())
         (out / "plan.txt").write_text(str(plan))
 
     progress = checkpoints.restore(model, optimizer, with_optimizer=train) \
@@ -654,7 +662,6 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     report = evaluate(config, model, items, ctx)
     report["steps"] = progress["global_step"]
     if ctx.is_main:
-        from mim_rec.utils.run import atomic_write_bytes
         if train:  # with what it scored, so that a grid re-scores a run whose test events changed
             scored = {**report, "events_test_fingerprint": _test_events_fingerprint(config)}
             atomic_write_bytes(out / "metrics.json", json.dumps(scored, indent=2).encode())

@@ -32,7 +32,7 @@ from torch import nn
 from mim_rec.config import ConfigError, load_config
 from mim_rec.utils.dist import current_rank
 from mim_rec.data.errors import DataError
-from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
+from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes, read_json_or_none
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
@@ -123,8 +123,11 @@ def changed_settings(config: Any, ignored: Iterable[str], paths: Iterable[str] =
         return None
     try:  # a setting added after the run was written reads as its default (the old behaviour)
         before = config_dict(load_config(type(config), saved))
-    except ConfigError:  # written with settings this version no longer has
-        before = json.loads(saved.read_text())
+    except ConfigError:  # written with settings this version no longer has, or torn
+        before = read_json_or_none(saved)
+        if not isinstance(before, dict):
+            raise ConfigError(f"{saved}: not a whole JSON object (a write cut short?), so the run's settings are "
+                              "unknown; use a new out=") from None
     now = config_dict(config)
     for settings in (before, now):
         absolute_paths(settings, paths)

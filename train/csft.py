@@ -94,7 +94,7 @@ def _run_csft(config) -> Path:
     from mim_rec.encoders import load_encoders
     from mim_rec.encoders.freeze import describe_trainable
     from mim_rec.utils.dist import barrier, init_distributed, losses_over_ranks
-    from mim_rec.utils.run import JsonlLogger, seed_everything
+    from mim_rec.utils.run import JsonlLogger, atomic_write_bytes, seed_everything
     from train.common import CheckpointManager
     from train.pretrain import _batch_index, _local_batch
 
@@ -138,7 +138,7 @@ def _run_csft(config) -> Path:
     logger = None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        atomic_write_bytes(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2).encode())
         logger = JsonlLogger(out / "metrics.jsonl", tensorboard_dir=out / "tb")
         logger.forget_after(step)
         logger.log({"event": "resume" if resumed else "start", "world_size": ctx.world_size,

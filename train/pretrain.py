@@ -160,7 +160,7 @@ def _run_pretrain(config) -> Path:
     from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
     from mim_rec.pretrain.objective import PretrainObjective
     from mim_rec.utils.dist import barrier, init_distributed, losses_over_ranks
-    from mim_rec.utils.run import JsonlLogger, seed_everything
+    from mim_rec.utils.run import JsonlLogger, atomic_write_bytes, seed_everything
     from train.common import CheckpointManager
 
     ctx = init_distributed(config.device)
@@ -191,7 +191,7 @@ def _run_pretrain(config) -> Path:
         if resumed is None:
             _clear_earlier_artifacts(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        atomic_write_bytes(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2).encode())
         logger = JsonlLogger(out / "metrics.jsonl", tensorboard_dir=out / "tb")
         logger.forget_after(step)
         logger.log({"event": "resume" if resumed else "start", "world_size": ctx.world_size,
