@@ -48,12 +48,20 @@ def folded_offset(table_dir: Union[str, Path], log_path: Union[str, Path]) -> in
     if rim.get("log") != str(log_path.resolve()):
         return 0
     offset = int(rim["offset"])
-    size = log_path.stat().st_size if log_path.is_file() else 0
-    if offset > size or ("head" in rim and log_head_digest(log_path, offset) != rim["head"]):
-        raise ManifestMismatch(f"{log_path}: not the log {table_dir} was folded from ({offset} bytes of it "
-                               f"are in the table; this file has {size} bytes"
-                               f"{'' if offset > size else ' and another head'}); give a rotated log a new name")
+    require_same_log(log_path, offset, rim.get("head"), f"{table_dir} was folded from", "the table")
     return offset
+
+
+def require_same_log(log_path: Path, offset: int, head: Optional[str], read_as: str, holder: str) -> None:
+    """Refuse the file at ``log_path`` unless it is the log whose first ``offset`` bytes
+    ``holder`` holds (``head``: their :func:`log_head_digest`, None where not recorded). A log
+    rotated at the same path is shorter than the offset or starts with other bytes; reading it
+    from the old offset would skip its first records for good."""
+    size = log_path.stat().st_size if log_path.is_file() else 0
+    if offset > size or (head is not None and offset and log_head_digest(log_path, offset) != head):
+        raise ManifestMismatch(f"{log_path}: not the log {read_as} ({offset} bytes of it are in {holder}; "
+                               f"this file has {size} bytes{'' if offset > size else ' and another head'}); "
+                               "give a rotated log a new name")
 
 
 def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: Union[str, Path],

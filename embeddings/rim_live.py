@@ -22,7 +22,7 @@ from mim_rec.data.errors import DataError
 from mim_rec.data.manifest import require
 from mim_rec.utils.dist import current_rank
 
-from embeddings.rim_fold import folded_offset
+from embeddings.rim_fold import folded_offset, log_head_digest, require_same_log
 from embeddings.rim_log import check_message, check_new_ids, complete_end, read_messages
 from embeddings.table import table_item_ids
 
@@ -35,6 +35,9 @@ class LiveMMTable:
 
     Starts after the records the table already holds (a folded table names its log offset), so
     nothing is applied twice; ``offset`` is how far it has applied, ``applied`` how many items.
+    Every apply first checks that the file at ``log_path`` is still the log it read (as long
+    as ``offset``, with the same head): a log rotated at that path is refused, since reading
+    it from ``offset`` would skip its first records.
     Each record passes the fold's checks before any row of it is written (same encoder and
     width, finite vectors, ids in range that neither the table nor an earlier record holds), so
     a live model never trains on a row the next table version would refuse.
@@ -46,6 +49,7 @@ class LiveMMTable:
         manifest = require(table_dir, kind="mm_table")
         self.fingerprint, self.dim = manifest.extra["encoder_fingerprint"], manifest.dim
         self.offset = folded_offset(table_dir, log_path) if offset is None else offset
+        self.head = self._head()                            # of the bytes read so far
         self.table_ids = table_item_ids(table_dir)           # sorted, fixed
         self.applied_ids = np.zeros(0, dtype=np.int64)       # sorted: ids this applier wrote
         self.applied = 0
@@ -55,6 +59,8 @@ class LiveMMTable:
         of items applied (the same on every rank)."""
         from mim_rec.ciubm.mm_shards import local_mm_shards
 
+        require_same_log(self.log_path, self.offset, self.head, "this model's MM table was applied from",
+                         f"the model filled from {self.table_dir}")
         start, stop = self.offset, _agreed(complete_end(self.log_path, self.offset))
         shards = local_mm_shards(model)
         count, deadline = 0, time.monotonic() + VIEW_LAG_PATIENCE_S
@@ -78,7 +84,12 @@ class LiveMMTable:
                                 f"{VIEW_LAG_PATIENCE_S:g} s; every rank must see the same log")
             time.sleep(0.05)
         self.applied += count
+        self.head = self._head()
         return count
+
+    def _head(self) -> Optional[str]:
+        """The digest that identifies the log file read up to ``offset`` (None before any byte)."""
+        return log_head_digest(self.log_path, self.offset) if self.offset else None
 
 
 def _agreed(offset: int) -> int:

@@ -127,3 +127,32 @@ def test_a_rank_that_never_sees_rank_zeros_bytes_is_refused(table_and_log, tmp_p
                                         "rank 0 read") as info:
         LiveMMTable(lagging, table_and_log[0], ITEMS_COUNT).apply(None)
     assert info.value.file == str(lagging)
+
+
+def _log_of(path, windows) -> None:
+    with RimLog(path, IdEncoder.fingerprint, DIM) as log:
+        for window in windows:
+            vectors = IdEncoder(DIM).embed_items(pa.table({"item_id": window}), None).numpy()
+            log.append(WindowMessage(window, vectors, IdEncoder.fingerprint, np.zeros(len(window)), 0.0))
+
+
+@pytest.mark.parametrize("rotated_to", ["shorter", "longer"])
+def test_a_log_rotated_while_a_model_tails_it_is_refused_not_read_from_the_old_offset(
+        table_and_log, tmp_path, monkeypatch, rotated_to):
+    """The rotation check ran only when the applier was made: a log rotated at the same path
+    later was read from the old offset, its first records skipped for good without a word."""
+    from mim_rec.ciubm import mm_shards
+    from mim_rec.data.errors import ManifestMismatch
+
+    rows = torch.zeros(ITEMS_COUNT, DIM)
+    monkeypatch.setattr(mm_shards, "local_mm_shards", lambda model: [(0, 0, rows)])
+    path = tmp_path / "rim.log"
+    _log_of(path, [np.arange(OLD, OLD + 10), np.arange(OLD + 10, OLD + 20)])
+    live = LiveMMTable(path, table_and_log[0], ITEMS_COUNT)
+    assert live.apply(None) == 20
+    path.rename(tmp_path / "rim.log.1")
+    _log_of(path, [np.arange(OLD + 20, OLD + 25)] if rotated_to == "shorter" else
+            [np.arange(start, start + 10) for start in range(OLD + 20, ITEMS_COUNT - 10, 10)])
+    with pytest.raises(ManifestMismatch, match=r"rim.log: not the log .*give a rotated log a new name"):
+        live.apply(None)
+    assert not rows[OLD + 20:].any()
