@@ -104,10 +104,11 @@ def _intact_end(data: memoryview, offset: int) -> Optional[int]:
     return end
 
 
-def _frame_end(data: memoryview, offset: int, path: Path) -> int:
+def _frame_end(data: memoryview, offset: int, path: Path, base: int) -> int:
     """End offset of the intact record at ``offset``. A damaged record is a torn tail
     (:class:`_TornTail`) when no intact record follows it and it looks cut short
-    (:func:`_looks_torn`), else corruption (:class:`DataError`)."""
+    (:func:`_looks_torn`), else corruption (:class:`DataError`). ``data`` starts at byte
+    ``base`` of the file: errors name the file's offsets, which a reader can look up."""
     end = _intact_end(data, offset)
     if end is not None:
         return end
@@ -115,11 +116,11 @@ def _frame_end(data: memoryview, offset: int, path: Path) -> int:
     at = raw.find(MAGIC, offset + 1)
     while at >= 0:
         if _intact_end(data, at) is not None:
-            raise DataError(str(path), f"damaged record at byte {offset} with an intact one at byte {at} "
+            raise DataError(str(path), f"damaged record at byte {base + offset} with an intact one at byte {base + at} "
                             "after it; the log is corrupt, not torn")
         at = raw.find(MAGIC, at + 1)
     if not _looks_torn(raw[offset:]):
-        raise DataError(str(path), f"the bytes from byte {offset} do not start a RIM record (they begin "
+        raise DataError(str(path), f"the bytes from byte {base + offset} do not start a RIM record (they begin "
                         f"{raw[offset:offset + 8]!r}): not a RIM window-message log, or one that was overwritten")
     raise _TornTail
 
@@ -148,7 +149,7 @@ def _records(path: Path, offset: int, stop: Optional[int]) -> Iterator[Tuple[int
     position = 0
     while position < len(data):
         try:
-            end = _frame_end(data, position, path)
+            end = _frame_end(data, position, path, offset)
         except _TornTail:
             return
         yield offset + end, data[position + _FRAME.size:end]

@@ -91,6 +91,21 @@ def test_bytes_no_writer_leaves_are_refused_and_never_truncated(tmp_path, conten
     assert path.read_bytes() == content
 
 
+
+def test_errors_of_a_read_from_mid_file_name_the_files_byte_offsets(tmp_path):
+    """A read from a non-zero offset named bytes counted from that offset: the damaged third
+    record read from the second was "at byte 121", and from the third "at byte 0"."""
+    path = tmp_path / "rim.log"
+    ends = write_log(path, [[1], [2], [3], [4]])
+    data = bytearray(path.read_bytes())
+    data[ends[1] + 20] ^= 0xFF  # inside record 3's payload; record 4 is intact
+    path.write_bytes(bytes(data) + b"garbage after the last record")
+    for start in (0, ends[0], ends[1]):
+        with pytest.raises(DataError, match=f"damaged record at byte {ends[1]} with an intact one at byte {ends[2]}"):
+            list(read_messages(path, start))
+    with pytest.raises(DataError, match=f"bytes from byte {ends[3]} do not start a RIM record"):
+        list(read_messages(path, ends[2]))
+
 def test_a_reopened_log_refuses_rows_no_consumer_may_take(tmp_path):
     """The writer's own checks, met again on open: a non-finite vector, an item logged twice."""
     path = tmp_path / "rim.log"
