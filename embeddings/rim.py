@@ -83,6 +83,9 @@ class RimConfig:
         if self.max_request_items > self.max_batch:
             raise ConfigError(f"max_request_items={self.max_request_items} exceeds max_batch={self.max_batch}: "
                               "a request is embedded within one window")
+        if self.max_request_items > self.max_pending:
+            raise ConfigError(f"max_request_items={self.max_request_items} exceeds max_pending={self.max_pending}: "
+                              "a request is queued whole, so a larger one would get 503 (retry later) forever")
 
 
 class RequestError(Exception):

@@ -311,6 +311,8 @@ def test_sigkill_under_load_loses_no_acknowledged_item_and_leaves_no_torn_record
 @pytest.mark.parametrize("override, message", [("max_batch=0", "max_batch=0: must be positive"),
                                                ("port=99999", "port=99999: must lie in 0..65535"),
                                                ("max_request_items=100", "max_request_items=100 exceeds max_batch=64"),
+                                               # was taken; every larger request then got 503 "retry later" forever
+                                               ("max_pending=10", "max_request_items=64 exceeds max_pending=10"),
                                                # overflowed a thread's wait: a dead batcher, or no answer
                                                ("window_ms=.inf", "window_ms=inf: must be finite"),
                                                ("ack_timeout_s=1e10", "ack_timeout_s=10000000000.0: at most"),
