@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from embeddings.table import table_item_ids
 
 # How long a rank waits for the log bytes rank 0 saw to become visible to it.
 VIEW_LAG_PATIENCE_S = 30.0
+# The entries of a checkpoint's progress that say where the applier stood (:meth:`LiveMMTable.position`).
+OFFSET_KEY, HEAD_KEY = "rim_log_offset", "rim_log_head"
 
 
 class LiveMMTable:
@@ -44,15 +46,39 @@ class LiveMMTable:
     """
 
     def __init__(self, log_path: Union[str, Path], table_dir: Union[str, Path], num_items: int,
-                 offset: Optional[int] = None) -> None:
+                 resume: Optional[Mapping[str, int]] = None) -> None:
         self.log_path, self.num_items, self.table_dir = Path(log_path), num_items, str(table_dir)
         manifest = require(table_dir, kind="mm_table")
         self.fingerprint, self.dim = manifest.extra["encoder_fingerprint"], manifest.dim
-        self.offset = folded_offset(table_dir, log_path) if offset is None else offset
+        self.offset = folded_offset(table_dir, log_path)
         self.head = self._head()                            # of the bytes read so far
         self.table_ids = table_item_ids(table_dir)           # sorted, fixed
         self.applied_ids = np.zeros(0, dtype=np.int64)       # sorted: ids this applier wrote
         self.applied = 0
+        if resume is not None and OFFSET_KEY in resume:
+            self._skip_applied(int(resume[OFFSET_KEY]), int(resume[HEAD_KEY]))
+
+    def position(self) -> Dict[str, int]:
+        """How far this applier has read, as integers for a checkpoint's progress: the log
+        offset and the head digest of the file (as a signed 64-bit integer)."""
+        head = int.from_bytes(bytes.fromhex(self.head), "big", signed=True) if self.head else 0
+        return {OFFSET_KEY: self.offset, HEAD_KEY: head}
+
+    def _skip_applied(self, offset: int, head: int) -> None:
+        """Stand where the applier of a checkpointed model stood (:meth:`position`): the model's
+        state holds the rows up to ``offset``, so they are neither applied nor logged again. The
+        file must still be that log; the ids of the skipped records are read, so a later record
+        that repeats one is refused as it would have been without the restart."""
+        digest = head.to_bytes(8, "big", signed=True).hex() if offset else None
+        require_same_log(self.log_path, offset, digest, "this run's checkpoint was applied from",
+                         "the checkpoint's MM table")
+        end = self.offset
+        for end, message in read_messages(self.log_path, self.offset, offset) if offset > self.offset else ():
+            self.applied_ids = np.union1d(self.applied_ids, message.item_ids)
+        if end != offset:
+            raise DataError(str(self.log_path), f"the checkpoint applied this log to byte {offset}, not a record "
+                            f"end from byte {self.offset} on, where the table's rows end (records read to byte {end})")
+        self.offset, self.head = offset, digest
 
     def apply(self, model) -> int:
         """Write every new complete record into ``model``'s local MM shards; returns the number

@@ -331,6 +331,34 @@ def test_mim_train_applies_the_rim_log_between_steps(world, catalogue, base_tabl
         ciubm.load_train_config(None, common)
 
 
+
+def test_a_resumed_run_applies_and_logs_only_the_rim_items_its_checkpoint_does_not_hold(
+        world, catalogue, base_table, tmp_path):
+    """A restored applier started again at the table's offset: the resumed run re-applied every
+    item its checkpoint already held and logged them as new rim_apply events, and every re-run
+    of a finished run did so again."""
+    items, cut = catalogue
+    half = (cut + items.num_rows) // 2
+    log = _log_of(tmp_path / "rim.log", range(cut, half))
+    run = tmp_path / "run"
+
+    def train(steps: int) -> list:
+        ciubm.run(ciubm.load_train_config(None, [
+            f"data.world={world}", f"out={run}", "loader.batch_size=128", "loader.max_hist_len=10",
+            "model.over_arch=[16]", "model.ubm=avg", f"rim_log={log}", f"mm_table={base_table}",
+            "mm_missing=default", "rim_apply_every=2", f"max_steps={steps}"]))
+        events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(e["step"], e["items"]) for e in events if e.get("event") == "rim_apply"]
+
+    assert train(3) == [(2, half - cut)]
+    _log_of(log, range(half, items.num_rows))  # arrives after the checkpoint of step 3
+    # re-runs of the finished run: the evaluation applies what the checkpoint lacks, once on record
+    assert train(3) == train(3) == [(2, half - cut), (3, items.num_rows - half)]
+    assert train(6) == [(2, half - cut), (4, items.num_rows - half)]  # trained on: applied at step 4
+    scored = json.loads((run / "metrics.json").read_text())["auc"]
+    assert train(6) == [(2, half - cut), (4, items.num_rows - half)]
+    assert json.loads((run / "metrics.json").read_text())["auc"] == scored  # the checkpoint holds every row
+
 def test_a_table_rebuilt_under_the_same_path_does_not_resume(world, catalogue, tmp_path):
     """Steps 1-3 on one table and 4-6 on another used to finish as one run: the checkpoint's
     copy of the frozen table replaced the rebuilt one without a word."""

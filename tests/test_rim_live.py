@@ -156,3 +156,34 @@ def test_a_log_rotated_while_a_model_tails_it_is_refused_not_read_from_the_old_o
     with pytest.raises(ManifestMismatch, match=r"rim.log: not the log .*give a rotated log a new name"):
         live.apply(None)
     assert not rows[OLD + 20:].any()
+
+
+def test_an_applier_resumed_from_a_position_skips_what_it_applied_and_still_knows_its_ids(
+        table_and_log, tmp_path, monkeypatch):
+    """A restored applier started at the table's offset and applied (and logged) the
+    checkpoint's records again; resumed past them, it must still refuse a later record that
+    repeats one of their ids, and refuse a log rotated since the checkpoint."""
+    from mim_rec.ciubm import mm_shards
+    from mim_rec.data.errors import DataError, ManifestMismatch
+
+    rows = torch.zeros(ITEMS_COUNT, DIM)
+    monkeypatch.setattr(mm_shards, "local_mm_shards", lambda model: [(0, 0, rows)])
+    path = tmp_path / "rim.log"
+    _log_of(path, [np.arange(OLD, OLD + 10)])
+    first = LiveMMTable(path, table_and_log[0], ITEMS_COUNT)
+    assert first.apply(None) == 10
+    position = first.position()
+    rows.zero_()
+    with path.open("ab") as fh:  # a record no writer would append: it repeats an applied item
+        window = np.array([OLD + 3])
+        fh.write(WindowMessage(window, IdEncoder(DIM).embed_items(pa.table({"item_id": window}), None).numpy(),
+                               IdEncoder.fingerprint, np.zeros(1), 0.0).encode())
+    resumed = LiveMMTable(path, table_and_log[0], ITEMS_COUNT, resume=position)
+    assert resumed.offset == first.offset
+    with pytest.raises(DataError, match=f"item {OLD + 3} is already in .*an earlier record"):
+        resumed.apply(None)
+    assert not rows.any()  # nothing of the checkpoint's records written again
+    path.rename(tmp_path / "rim.log.1")
+    _log_of(path, [np.arange(OLD + 20, OLD + 40)])
+    with pytest.raises(ManifestMismatch, match="rim.log: not the log this run's checkpoint was applied from"):
+        LiveMMTable(path, table_and_log[0], ITEMS_COUNT, resume=position)

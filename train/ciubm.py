@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.data.loader import LoaderConfig
@@ -304,7 +304,7 @@ EXECUTION_ONLY = frozenset({"train_pipeline", "out", "checkpoint_keep"})
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
 # Events of metrics.jsonl a run logs again at the step it restores when it trains no further (a
 # re-run of a finished run): a folder keeps one record of each per trained state, not one per start.
-LOGGED_AFTER_RESTORE = ("mm_table", "rim_apply", "eval")
+LOGGED_AFTER_RESTORE = ("mm_table", "eval")
 # Of those, the ones logged again at the restored step when the run trains on from it.
 REDONE_ON_RESTORE = ("mm_table",)
 # Settings that name files: compared as absolute paths.
@@ -642,23 +642,26 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
 
     progress = checkpoints.restore(model, optimizer, with_optimizer=train) \
         or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    live = None
+    if config.rim_log:  # a training run's applier goes on where its checkpoint's stood
+        from embeddings.rim_live import LiveMMTable
+        live = LiveMMTable(config.rim_log, config.mm_table, items.count, resume=progress if train else None)
+        progress.update(live.position())
     if logger:
         # the state restored is evaluated again only when nothing is left to train; a run that
-        # trains on keeps that state's evaluation (and the RIM apply it saw) as its record
+        # trains on keeps that state's evaluation as its record. RIM applies the checkpoint
+        # does not hold (the one before its evaluation, say) are done and logged again.
         trains_on = total_steps > progress["global_step"]
         logger.forget_after(progress["global_step"],
-                            redone=REDONE_ON_RESTORE if trains_on else LOGGED_AFTER_RESTORE)
+                            redone=REDONE_ON_RESTORE if trains_on else LOGGED_AFTER_RESTORE,
+                            unheld=_unheld_rim_apply(live))
         if config.model.uses_mm:
             logger.log({"event": "mm_table", "source": source, "dtype": config.model.mm_dtype,
                         "bytes_per_rank": mm_bytes}, step=progress["global_step"])
-    live = None
-    if config.rim_log:
-        from embeddings.rim_live import LiveMMTable
-        live = LiveMMTable(config.rim_log, config.mm_table, items.count)
     if train:
         _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx, live)
     if live is not None:
-        _apply_rim(live, model, logger, progress["global_step"])
+        _apply_rim(live, model, logger, progress)
     report = evaluate(config, model, items, ctx)
     report["steps"] = progress["global_step"]
     if ctx.is_main:
@@ -717,12 +720,22 @@ def _evaluated(config: TrainConfig, report: Dict[str, Any], checkpoint: Path) ->
             "mm_table": f"the checkpoint's copy ({checkpoint.name})" if config.model.uses_mm else None, **report}
 
 
-def _apply_rim(live, model, logger, step: int) -> None:
+def _apply_rim(live, model, logger, progress: Dict[str, int]) -> None:
     """Write the RIM rows that arrived since the last call into the MM table (every rank,
-    between steps; the table stays frozen to training)."""
+    between steps; the table stays frozen to training). ``progress`` takes the log position,
+    so the next checkpoint holds how far the rows it saves reach."""
     applied = live.apply(model)
+    progress.update(live.position())
     if logger and applied:
-        logger.log({"event": "rim_apply", "items": applied, "log_offset": live.offset}, step=step)
+        logger.log({"event": "rim_apply", "items": applied, "log_offset": live.offset}, step=progress["global_step"])
+
+
+def _unheld_rim_apply(live) -> Optional[Callable[[Dict[str, Any]], bool]]:
+    """Whether a ``metrics.jsonl`` record is a RIM apply past the restored log position: its
+    rows are not in the checkpoint, so the run applies them again and logs that apply anew."""
+    if live is None:
+        return None
+    return lambda record: record.get("event") == "rim_apply" and record.get("log_offset", 0) > live.offset
 
 
 def ctr_loss(logits: torch.Tensor, aux: Optional[torch.Tensor], batch: CtrBatch,
@@ -850,7 +863,7 @@ def _train(config, model, optimizer, loader, progress, checkpoints, logger, ctx,
                            step=progress["global_step"])
                 bar.set_postfix(loss=f"{loss:.4f}")
         if live is not None and progress["global_step"] % config.rim_apply_every == 0:
-            _apply_rim(live, model, logger, progress["global_step"])
+            _apply_rim(live, model, logger, progress)
         if progress["global_step"] % config.checkpoint_every == 0:
             _require_finite(parts, progress["global_step"], checkpoints)
             checkpoints.save(model, optimizer, progress)

@@ -64,7 +64,8 @@ class DcpCheckpoints:
                 shutil.rmtree(old)
 
     def restore(self, model, optimizer, with_optimizer: bool = True) -> Optional[Dict[str, int]]:
-        """Load the newest checkpoint into ``model`` (and ``optimizer``); its progress, or None.
+        """Load the newest checkpoint into ``model`` (and ``optimizer``); its progress (every
+        integer :meth:`save` was given), or None.
 
         The model's weights load on any number of ranks (DCP reshards them), so a run trained
         on many can be evaluated on one (``with_optimizer=False``). Training on needs the ranks
@@ -72,8 +73,7 @@ class DcpCheckpoints:
         checkpoint = self.newest()
         if checkpoint is None:
             return None
-        state = {"model": model.state_dict(),
-                 "progress": {k: torch.tensor(0) for k in ("epoch", "step_in_epoch", "global_step")}}
+        state = {"model": model.state_dict(), "progress": {k: torch.tensor(0) for k in _progress_keys(checkpoint)}}
         if with_optimizer:
             optimizer.init_state()  # Adam's state is lazy; DCP loads in place, so it must exist
             optimizer_state, stateless = _without_stateless(optimizer.state_dict())
@@ -89,6 +89,12 @@ class DcpCheckpoints:
             # ID-table steps: its losses left the straight run's from the second step on.
             optimizer.set_optimizer_step(progress["global_step"])
         return progress
+
+
+def _progress_keys(checkpoint: Path) -> List[str]:
+    """The progress entries a checkpoint holds: the step counters, and what else the run
+    counted (a RIM applier's log position); a checkpoint written before an entry existed lacks it."""
+    return [key.split(".", 1)[1] for key in _metadata(checkpoint) if key.startswith("progress.")]
 
 
 def checkpoint_world_size(checkpoint: Path) -> Optional[int]:

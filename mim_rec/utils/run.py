@@ -72,12 +72,15 @@ class JsonlLogger:
                 if isinstance(value, (int, float)) and key not in ("time", "step"):
                     self._tb.add_scalar(key, value, step)
 
-    def forget_after(self, step: int, redone: Sequence[str] = ()) -> None:
+    def forget_after(self, step: int, redone: Sequence[str] = (),
+                     unheld: Optional[Callable[[Dict[str, Any]], bool]] = None) -> None:
         """Drop the records of steps after ``step``, where a run resumes: the steps a killed run
         logged past its last checkpoint are trained and logged again, and would otherwise be
         in the log twice. A line cut short by the kill goes too; records without a step stay.
         ``redone``: events this run logs again from ``step`` on (an evaluation of the resumed
-        model, say); their records at ``step`` or without a step go as well."""
+        model, say); their records at ``step`` or without a step go as well. ``unheld``: the
+        records of work the restored state lacks whatever their step (done after the
+        checkpoint was saved, within its step): the run does that work again and logs it."""
         self._fh.close()
         kept = []
         for line in self.path.read_text().splitlines(keepends=True):
@@ -86,7 +89,7 @@ class JsonlLogger:
             except json.JSONDecodeError:
                 continue
             at = record.get("step")
-            if record.get("event") in redone and (at is None or at >= step):
+            if record.get("event") in redone and (at is None or at >= step) or unheld and unheld(record):
                 continue
             if at is None or at <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
