@@ -359,6 +359,32 @@ def test_a_resumed_run_applies_and_logs_only_the_rim_items_its_checkpoint_does_n
     assert train(6) == [(2, half - cut), (4, items.num_rows - half)]
     assert json.loads((run / "metrics.json").read_text())["auc"] == scored  # the checkpoint holds every row
 
+
+def test_rim_log_with_an_mm_table_kernel_that_caches_rows_is_refused_before_training(
+        world, base_table, log, tmp_path, monkeypatch):
+    """A fused_uvm_caching MM table looks rows up in fbgemm's GPU cache, which the live apply's
+    write to the storage misses, and its next state_dict() flushes that cache back over the
+    new rows: the run was taken and served stale rows. Refused whether the setting names the
+    kernel or the planner picks it (a mocked plan: no GPU here)."""
+    from types import SimpleNamespace
+
+    from mim_rec.config import ConfigError
+
+    common = [f"data.world={world}", f"out={tmp_path / 'run'}", f"mm_table={base_table}", "mm_missing=default",
+              "loader.batch_size=128", "loader.max_hist_len=10", "model.over_arch=[16]", "model.ubm=avg"]
+    with pytest.raises(ConfigError, match=r"rim_log=.*rim.log with model.constraints.mm_item.compute_kernels="
+                                          r"\['fused_uvm_caching'\]: .*GPU cache"):
+        ciubm.load_train_config(None, [*common, f"rim_log={log}", "model.constraints.mm_item.compute_kernels="
+                                                                   "[fused_uvm_caching]"])
+    cached = SimpleNamespace(plan={"sparse_arch.mm": {"mm_item": SimpleNamespace(compute_kernel="fused_uvm_caching")}})
+    monkeypatch.setattr(ciubm, "_plan", lambda *args: cached)
+    config = ciubm.load_train_config(None, [*common, f"rim_log={log}"])
+    ctx = ensure_process_group("cpu")
+    items = ItemInfo.from_items(world / "items.parquet")
+    with pytest.raises(ConfigError, match=r"rim_log=.*rim.log with the planner's fused_uvm_caching kernel for "
+                                          r"the MM table mm_item: .*compute_kernels=\[fused\]"):
+        ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items), ctx)
+
 def test_a_table_rebuilt_under_the_same_path_does_not_resume(world, catalogue, tmp_path):
     """Steps 1-3 on one table and 4-6 on another used to finish as one run: the checkpoint's
     copy of the frozen table replaced the rebuilt one without a word."""

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.data.loader import LoaderConfig
@@ -98,7 +98,33 @@ def load_train_config(path: Optional[str], overrides, check_device: bool = True)
     if config.rim_log and not (config.mm_table and config.model.uses_mm):
         raise ConfigError("rim_log: RIM rows are applied to the MM table, so they need mm_table=DIR "
                           "(the table they extend) and a model that uses it")
+    from mim_rec.ciubm.sparse import MM_TABLE
+    chosen = config.model.constraints.get(MM_TABLE)
+    if chosen is not None and chosen.compute_kernels:
+        require_rim_writable(config, chosen.compute_kernels,
+                             f"model.constraints.{MM_TABLE}.compute_kernels={chosen.compute_kernels}")
     return config
+
+
+# MM-table kernels whose state-dict tensor is the storage every lookup reads, so a RIM row
+# written there is what the model looks up. A caching kernel (fused_uvm_caching, the key-value
+# and virtual tables) looks rows up in a GPU cache that the write misses, and its next
+# state_dict() flushes that cache back over the new rows (TorchRec's pre-state-dict hook).
+RIM_WRITABLE_KERNELS = ("dense", "fused", "fused_uvm")
+
+
+def require_rim_writable(config: TrainConfig, kernels: Sequence[str], named_by: str) -> None:
+    """Refuse ``rim_log`` with an MM-table kernel (``kernels``, set by ``named_by``) whose
+    rows the live apply cannot write (:data:`RIM_WRITABLE_KERNELS`)."""
+    from mim_rec.ciubm.sparse import MM_TABLE
+    from mim_rec.config import ConfigError
+
+    cached = [kernel for kernel in kernels if kernel not in RIM_WRITABLE_KERNELS]
+    if config.rim_log and cached:
+        raise ConfigError(f"rim_log={config.rim_log} with {named_by}: the live apply writes the MM table's "
+                          f"storage, and a {cached[0]} table looks rows up in a GPU cache that the write misses "
+                          "(its next checkpoint flushes the cache back over them); set "
+                          f"model.constraints.{MM_TABLE}.compute_kernels=[fused] (or [fused_uvm])")
 
 
 def match_loader_to_model(loader, model: ModelConfig) -> None:
@@ -490,13 +516,17 @@ def build_sharded_model(config: TrainConfig, sizes: Dict[str, int], ctx):
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from mim_rec.ciubm.model import CiUBM
-    from mim_rec.ciubm.sparse import data_parallel_id_optimizer, sharders as make_sharders
+    from mim_rec.ciubm.sparse import MM_TABLE, data_parallel_id_optimizer, sharders as make_sharders
 
     torch.manual_seed(config.seed)
     use_cuda = ctx.device.type == "cuda"
     model = CiUBM(config.model, sizes["items"], sizes["users"], sizes["categories"], device=torch.device("meta"))
     sharders = make_sharders(config.id_lr, use_cuda)
     plan = _plan(model, config, ctx, sharders)
+    for tables in plan.plan.values():  # the planner may pick a caching kernel on its own
+        if MM_TABLE in tables:
+            kernel = tables[MM_TABLE].compute_kernel
+            require_rim_writable(config, [kernel], f"the planner's {kernel} kernel for the MM table {MM_TABLE}")
     dmp = DistributedModelParallel(model, device=ctx.device, plan=plan, sharders=sharders)
     unfused = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     replicated_tables = _data_parallel_weights(plan, unfused)
