@@ -10,7 +10,9 @@ Offsets are byte offsets of record boundaries, so a consumer (the table fold, a 
 model) remembers how far it has read and resumes there.
 
 Durability: :meth:`RimLog.append` writes one record and ``fsync``s it before returning, and the
-service acknowledges an item only after that, so an acknowledged item survives a crash. A
+service acknowledges an item only after that, so an acknowledged item survives a crash. After
+each ``fsync`` the writer publishes the durable end in ``<log>.durable``, and readers stop
+there: a whole record whose ``fsync`` is still running (or fails, and is cut) is never read. A
 crash can only tear the record being written, i.e. the last one: on open, a damaged last
 record is a torn tail and is truncated (the dropped byte count is reported) when it looks like
 what a cut-short write leaves -- a prefix of a frame (its magic, or a prefix of it, and no more
@@ -139,13 +141,33 @@ def _looks_torn(tail: bytes) -> bool:
     return len(tail) <= _FRAME.size + length
 
 
+def durable_end_path(path: Union[str, Path]) -> Path:
+    """Where a log's writer publishes how far the log is durable: ``<log>.durable``."""
+    path = Path(path)
+    return path.with_name(path.name + ".durable")
+
+
+def _durable_stop(path: Path, stop: Optional[int]) -> Optional[int]:
+    """``stop`` lowered to the end the log's writer last made durable; ``stop`` itself for a
+    log no writer published one for (written by hand, or before the writer did)."""
+    published = durable_end_path(path)
+    try:
+        durable = int(published.read_text())
+    except FileNotFoundError:
+        return stop
+    except ValueError:  # e.g. emptied by a crash (it is not fsynced): the writer's reopen rewrites it
+        raise DataError(str(published), "not a byte offset (the durable end of the log beside it); reopen the "
+                        "log with its writer (restart `mim embeddings serve`) to publish it again") from None
+    return durable if stop is None else min(stop, durable)
+
+
 def _records(path: Path, offset: int, stop: Optional[int]) -> Iterator[Tuple[int, memoryview]]:
     """``(end offset, payload)`` of every intact record from ``offset`` (to ``stop``)."""
     if not path.is_file():
         return
     with path.open("rb") as fh:
         fh.seek(offset)
-        data = memoryview(fh.read(-1 if stop is None else stop - offset))
+        data = memoryview(fh.read(-1 if stop is None else max(stop - offset, 0)))
     position = 0
     while position < len(data):
         try:
@@ -156,15 +178,17 @@ def _records(path: Path, offset: int, stop: Optional[int]) -> Iterator[Tuple[int
         position = end
 
 
-def read_messages(path: Union[str, Path], offset: int = 0,
-                  stop: Optional[int] = None) -> Iterator[Tuple[int, WindowMessage]]:
+def read_messages(path: Union[str, Path], offset: int = 0, stop: Optional[int] = None,
+                  durable_only: bool = True) -> Iterator[Tuple[int, WindowMessage]]:
     """Yield ``(end offset, message)`` for every complete record from byte ``offset`` (up to
-    byte ``stop``, a record boundary).
+    byte ``stop``, a record boundary, and the durable end the writer published; the writer's
+    own recovery reads past it, ``durable_only=False``).
 
     Stops quietly at an incomplete last record -- the writer may be in the middle of appending
     it -- so a consumer can call again later from the last offset it got (tailing the log).
     """
-    for end, payload in _records(Path(path), offset, stop):
+    path = Path(path)
+    for end, payload in _records(path, offset, _durable_stop(path, stop) if durable_only else stop):
         try:
             message = WindowMessage.decode(bytes(payload))
         except (ValueError, TypeError, struct.error) as exc:
@@ -174,9 +198,9 @@ def read_messages(path: Union[str, Path], offset: int = 0,
 
 
 def complete_end(path: Union[str, Path], offset: int = 0) -> int:
-    """The offset after the last complete record (frames and CRCs checked, nothing decoded)."""
+    """The offset after the last complete durable record (frames and CRCs checked, nothing decoded)."""
     end = offset
-    for end, _ in _records(Path(path), offset, None):
+    for end, _ in _records(Path(path), offset, _durable_stop(Path(path), None)):
         pass
     return end
 
@@ -261,13 +285,16 @@ class RimLog:
         self.failed = ""  # the error of a failed append; the writer refuses appends after one
         try:
             self.recovered_bytes = self._recover()
+            self._publish_durable_end()
         except BaseException:
             self.close()
             raise
 
     def _recover(self) -> int:
-        """Check every record, truncate a torn tail; returns the bytes truncated."""
-        for self.end, message in read_messages(self.path):
+        """Check every record, truncate a torn tail; returns the bytes truncated. Records past
+        the published durable end count too: a crash may have come between a record's fsync and
+        its publication, and the record was acknowledged."""
+        for self.end, message in read_messages(self.path, durable_only=False):
             check_message(message, self.fingerprint, self.dim, self.path, self.end, "this writer's encoder")
             self.item_ids.update(self._new_ids(message, f"the record ending at byte {self.end}"))
             self.records += 1
@@ -300,7 +327,17 @@ class RimLog:
         self.end += len(data)
         self.records += 1
         self.item_ids.update(ids)
+        self._publish_durable_end()
         return self.end
+
+    def _publish_durable_end(self) -> None:
+        """Tell readers the log is durable up to ``end`` (:func:`read_messages` stops there).
+        Renamed into place, not fsynced: a crash may lose the last value, which only holds
+        readers back until the writer reopens the log and publishes again."""
+        published = durable_end_path(self.path)
+        staged = published.with_name(f".{published.name}.tmp")
+        staged.write_text(str(self.end))
+        os.replace(staged, published)
 
     def _new_ids(self, message: WindowMessage, record: str) -> Set[int]:
         """The message's ids, refused if one repeats within it or is already in this log."""

@@ -12,7 +12,7 @@ import torch
 
 from embeddings.build import build_table
 from embeddings.rim_live import LiveMMTable
-from embeddings.rim_log import RimLog, WindowMessage, read_messages
+from embeddings.rim_log import RimLog, WindowMessage, durable_end_path, read_messages
 from embeddings.table import read_mm_rows
 from mim_rec.data.io import write_table
 from mim_rec.data.schemas import ITEMS
@@ -178,6 +178,7 @@ def test_an_applier_resumed_from_a_position_skips_what_it_applied_and_still_know
         window = np.array([OLD + 3])
         fh.write(WindowMessage(window, IdEncoder(DIM).embed_items(pa.table({"item_id": window}), None).numpy(),
                                IdEncoder.fingerprint, np.zeros(1), 0.0).encode())
+    durable_end_path(path).write_text(str(path.stat().st_size))  # as a writer would publish it
     resumed = LiveMMTable(path, table_and_log[0], ITEMS_COUNT, resume=position)
     assert resumed.offset == first.offset
     with pytest.raises(DataError, match=f"item {OLD + 3} is already in .*an earlier record"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embeddings.rim_log import RimLog, WindowMessage, complete_end, read_messages
+from embeddings.rim_log import RimLog, WindowMessage, complete_end, durable_end_path, read_messages
 from mim_rec.data.errors import DataError, ManifestMismatch
 
 DIM = 4
@@ -17,6 +17,12 @@ def message(ids, fingerprint="enc:a", dim=DIM) -> WindowMessage:
     vectors = np.stack([np.arange(dim, dtype=np.float32) + 10 * i for i in ids]) if len(ids) else \
         np.zeros((0, dim), np.float32)
     return WindowMessage(ids, vectors, fingerprint, ids * 0.5 + 1000.0, 2000.0)
+
+
+def published(path):
+    """Every byte of the log published as durable, as a writer that wrote them would have:
+    readers stop at the published end, so bytes a test adds past it are read only then."""
+    durable_end_path(path).write_text(str(path.stat().st_size))
 
 
 def write_log(path, windows):
@@ -86,6 +92,7 @@ def test_bytes_no_writer_leaves_are_refused_and_never_truncated(tmp_path, conten
     path.write_bytes(content)
     with pytest.raises(DataError, match=f"bytes from byte {at} do not start a RIM record.*not a RIM"):
         RimLog(path, "enc:a", DIM)
+    published(path)
     with pytest.raises(DataError, match=f"bytes from byte {at} do not start a RIM record"):
         list(read_messages(path))
     assert path.read_bytes() == content
@@ -100,6 +107,7 @@ def test_errors_of_a_read_from_mid_file_name_the_files_byte_offsets(tmp_path):
     data = bytearray(path.read_bytes())
     data[ends[1] + 20] ^= 0xFF  # inside record 3's payload; record 4 is intact
     path.write_bytes(bytes(data) + b"garbage after the last record")
+    published(path)
     for start in (0, ends[0], ends[1]):
         with pytest.raises(DataError, match=f"damaged record at byte {ends[1]} with an intact one at byte {ends[2]}"):
             list(read_messages(path, start))
@@ -170,6 +178,7 @@ def test_a_record_with_a_valid_crc_but_a_malformed_body_is_refused_naming_file_a
     record = framed(header, floats)
     with open(path, "ab") as log:
         log.write(record)
+    published(path)
     with pytest.raises(DataError, match=f"the record ending at byte {end + len(record)} .*malformed") as caught:
         list(read_messages(path))
     assert str(path) in str(caught.value) and reason in str(caught.value)
@@ -211,3 +220,30 @@ def test_a_failed_fsync_leaves_no_bytes_and_stops_the_writer(tmp_path, monkeypat
     with RimLog(path, "enc:a", DIM) as reopened:
         reopened.append(message([2]))
     assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2]]
+
+
+def test_readers_take_only_records_the_writer_made_durable(tmp_path, monkeypatch):
+    """Readers took a whole, CRC-good record the writer had written but not yet fsynced: when
+    the fsync failed the writer cut it and answered 500, but a fold or live apply running
+    meanwhile had already taken its items."""
+    import embeddings.rim_log as rim_log
+
+    path = tmp_path / "rim.log"
+    log = RimLog(path, "enc:a", DIM)
+    first = log.append(message([1]))
+    seen = []
+
+    def failing_fsync(fd):  # a reader runs while the record is written, not yet durable
+        seen.append((path.stat().st_size > first, [m.item_ids.tolist() for _, m in read_messages(path)],
+                     complete_end(path)))
+        raise OSError(5, "EIO (simulated)")
+
+    monkeypatch.setattr(rim_log.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="EIO"):
+        log.append(message([2]))
+    monkeypatch.undo()
+    log.close()
+    assert seen == [(True, [[1]], first)]
+    with RimLog(path, "enc:a", DIM) as reopened:  # what a reopen keeps is durable: readers take it all
+        second = reopened.append(message([2]))
+    assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2]] and complete_end(path) == second
