@@ -428,3 +428,19 @@ def test_corrupt_parquet_is_a_data_error_naming_the_file(tmp_path, capsys):
     items.write_bytes(items.read_bytes()[:-30])
     assert mim(["data", "summary", str(tmp_path)]) == 2
     assert f"{items}: not a readable Parquet file" in capsys.readouterr().err
+
+
+def test_a_duplicate_item_row_does_not_shift_the_items_categories(tmp_path):
+    """The behaviour-category check read the item->category map from the raw items file,
+    quarantined rows included: one extra row for item 0 shifted every later item's category,
+    so --clean-out dropped good events and kept the one whose category is wrong."""
+    items = items_rows()
+    items = {name: values + values[:1] for name, values in items.items()}  # item 0 listed twice
+    write_raw(tmp_path, "items.parquet", ITEMS, items)
+    events = write_raw(tmp_path, "events_train.parquet", EVENTS,
+                       edit(events_rows(), "hist_category_ids", 2, [0]))  # item 3 has category 1
+    _complete_world(tmp_path)
+    results = validate_world(tmp_path, drop_invalid=True, echo=lambda line: None, clean_out=tmp_path / "clean")
+    assert [r.rejected for r in results] == [1, 0, 0, 1, 0]
+    assert pq.read_table(rejected_path_for(events)).column("source_row").to_pylist() == [2]
+    assert [r.rows for r in validate_world(tmp_path / "clean", echo=lambda line: None)] == [N_ITEMS, 4, 4, 3, 4]

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mim_rec.data.errors import DataError
     from mim_rec.data.io import (CONTRACT_BY_PREFIX, category_count, check_dense_ids, ok_line,
-                                 read_item_categories, require_rows, validate_file, validate_world)
+                                 require_rows, validate_file, validate_world)
     from mim_rec.data.schemas import ITEMS
 
     path = Path(args.path)
@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if contract is not ITEMS and item_count is None:
         if not items.is_file():
             raise DataError(str(path), "needs --item-count or items.parquet beside it to check ids")
-        item_count = validate_file(items, ITEMS, keep=False).rows
-        categories = category_count(items)
-        item_category = read_item_categories(items)  # the world's cross-file rules, as in a world check
+        checked = validate_file(items, ITEMS, keep=False)
+        item_count, item_category = checked.rows, checked.item_category  # the world's cross-file rules
+        categories = category_count(item_category)
     result = require_rows(validate_file(path, contract, item_count=item_count, category_count=categories,
                                         item_category=item_category, drop_invalid=args.drop_invalid, keep=False))
     check_dense_ids(result, contract)

@@ -58,6 +58,8 @@ class ValidationResult:
     rejected: int
     table: Optional[pa.Table] = None
     rejected_path: Optional[Path] = None
+    # Items only: each kept item's category_id (row i: item i), for the events' category rule
+    item_category: Optional[np.ndarray] = None
 
 
 def rejected_path_for(path: PathLike) -> Path:
@@ -97,8 +99,9 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     ``keep=False`` streams without holding the table (for ``mim data validate`` on files larger
     than memory). ``columns`` reads a subset (contract columns are always all read, since the
     checks need them). ``vector_dims`` fixes the expected length of vector columns; without it
-    the first row's length is the column's dimension. ``item_category`` (:func:`read_item_categories`)
-    lets events be checked against their items: each behaviour's category must be its item's.
+    the first row's length is the column's dimension. ``item_category`` (an items result's
+    :attr:`ValidationResult.item_category`) lets events be checked against their items: each
+    behaviour's category must be its item's.
     ``copy_to`` streams the rows kept (cast to the contract's types) into a new Parquet file,
     which appears only once the whole file passed.
     """
@@ -126,6 +129,7 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     copy = _AtomicParquet(Path(copy_to)) if copy_to is not None else None
     kept: List[pa.RecordBatch] = []
     rows = 0
+    kept_categories = None  # items: each kept item's category_id
     try:
         for batch in _scan((cast_batch(b, schema, file) for b in batches), checks, file, quarantine):
             rows += batch.num_rows
@@ -140,6 +144,7 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
         table = pa.Table.from_batches(kept, schema=schema) if keep_table else None
         if contract is ITEMS:
             table = _dense_items(table, file, rejected)
+            kept_categories = table.column("category_id").to_numpy().astype(np.int64)
         if copy is not None:
             if table is not None:
                 copy.write(table)
@@ -151,7 +156,7 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     if not keep:
         table = None
     return ValidationResult(path, contract.name, rows, rejected, table,
-                            quarantine.path if rejected else None)
+                            quarantine.path if rejected else None, kept_categories)
 
 
 def open_parquet(path: PathLike) -> pq.ParquetFile:
@@ -436,7 +441,8 @@ def _check_world_files(directory: Path, drop_invalid: bool, echo, clean: Optiona
                                copy_to=None if clean is None else clean / name)
         require_rows(result)
         if contract is ITEMS:
-            item_count, categories, item_category = result.rows, category_count(path), read_item_categories(path)
+            item_count, item_category = result.rows, result.item_category
+            categories = category_count(item_category)
         check_dense_ids(result, contract)
         results.append(result)
         echo(ok_line(result))
@@ -527,19 +533,11 @@ def single_label(events_path: PathLike) -> Optional[int]:
     return int(present[0]) if len(present) == 1 else None
 
 
-def read_item_categories(items_path: PathLike) -> np.ndarray:
-    """Each item's category_id (row i: item i) from an already checked items table, read
-    without the images."""
-    table = pq.read_table(items_path, columns=["item_id", "category_id"])
-    return table["category_id"].to_numpy().astype(np.int64)[np.argsort(table["item_id"].to_numpy())]
-
-
-def category_count(items_path: PathLike) -> int:
-    """How many categories an (already checked) items table spans: ``max(category_id) + 1``;
-    pair and event category ids must lie below it."""
-    column = pq.read_table(items_path, columns=["category_id"])["category_id"]
-    top = pc.max(column).as_py()
-    return 0 if top is None else int(top) + 1
+def category_count(item_category: np.ndarray) -> int:
+    """How many categories the items span (``item_category``: an items result's
+    :attr:`ValidationResult.item_category`): ``max(category_id) + 1``; pair and event category
+    ids must lie below it."""
+    return int(item_category.max()) + 1 if len(item_category) else 0
 
 
 def validate_mm_table(table_dir: PathLike, item_count: Optional[int] = None,

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import category_count, link_or_copy, read_item_categories, validate_file, write_table
+from mim_rec.data.io import category_count, link_or_copy, validate_file, write_table
 from mim_rec.data.manifest import (Manifest, carried_age_caveat, fingerprint_file, fingerprint_tree,
                                    read_manifest, write_manifest)
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS, Contract
@@ -79,9 +79,10 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
             raise DataError(str(path), "a world to hold out from needs this file")
     if out.exists() and not out.is_dir():
         raise DataError(str(out), "a file, not a folder to write the validation world to")
-    item_count = validate_file(items_path, ITEMS, keep=False).rows
+    items = validate_file(items_path, ITEMS, keep=False)
+    item_count, item_category = items.rows, items.item_category
     # the cross-file rules a world check applies, so the split is a world validate accepts
-    categories, item_category = category_count(items_path), read_item_categories(items_path)
+    categories = category_count(item_category)
     events = validate_file(events_path, EVENTS, item_count=item_count, category_count=categories,
                            item_category=item_category).table
     ts = events.column("ts").to_numpy()
