@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import (read_events, read_items, read_pairs, rejected_path_for,
+from mim_rec.data.io import (ContractWriter, read_events, read_items, read_pairs, rejected_path_for,
                              validate_file, validate_world, write_table)
 from mim_rec.data.manifest import Manifest, read_manifest
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
@@ -444,3 +444,26 @@ def test_a_duplicate_item_row_does_not_shift_the_items_categories(tmp_path):
     assert [r.rejected for r in results] == [1, 0, 0, 1, 0]
     assert pq.read_table(rejected_path_for(events)).column("source_row").to_pylist() == [2]
     assert [r.rows for r in validate_world(tmp_path / "clean", echo=lambda line: None)] == [N_ITEMS, 4, 4, 3, 4]
+
+
+def test_a_vector_columns_dimension_is_its_most_common_length_not_its_first_rows(tmp_path):
+    """The first row's length was the column's dimension: one wrong first row flagged every
+    right row, and --clean-out kept the wrong row and quarantined all the others."""
+    rows = edit(pairs_rows(), "query_feature", 0, [1.0, 0.0, 0.0])  # rows 1..3 have length 2
+    path = write_raw(tmp_path, "pairs_train.parquet", PAIRS, rows)
+    with pytest.raises(DataError, match="vector length differs from the column's dimension 2") as info:
+        read_pairs(path, N_ITEMS)
+    assert (info.value.row, info.value.field) == (0, "query_feature")
+    result = validate_file(path, PAIRS, item_count=N_ITEMS, drop_invalid=True)
+    assert result.rejected == 1 and result.table.column("query_feature").to_pylist() == [[1.0, 0.0]] * 3
+    with pytest.raises(DataError, match="dimension 2") as info:  # the writer refuses the same row
+        write_table(table(PAIRS, rows), tmp_path / "out.parquet", PAIRS, item_count=N_ITEMS)
+    assert info.value.row == 0
+    # as many rows of each length: which are wrong cannot be told, so the file is refused whole
+    rows = edit(rows, "query_feature", 1, [1.0, 0.0, 0.0])
+    path = write_raw(tmp_path, "pairs_train.parquet", PAIRS, rows)
+    with pytest.raises(DataError, match="2 rows each have vectors of length 2 and 3") as info:
+        validate_file(path, PAIRS, item_count=N_ITEMS, drop_invalid=True)
+    assert (info.value.file, info.value.row, info.value.field) == (str(path), None, "query_feature")
+    with pytest.raises(ValueError, match="needs their vector_dims"):  # a stream's rows are not all seen
+        ContractWriter(tmp_path / "stream.parquet", PAIRS, table(PAIRS, pairs_rows()).schema)

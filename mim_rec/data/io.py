@@ -34,7 +34,7 @@ from mim_rec.data.manifest import Manifest, read_manifest, write_manifest
 from mim_rec.data.schemas import (EVENTS, ITEMS, MM_TABLE_FP, MM_TABLE_INT8, PAIRS,
                                   Contract)
 from mim_rec.data.validate import (CheckContext, RowCheck, cast_batch, conform_schema,
-                                   item_id_checks, row_checks)
+                                   item_id_checks, row_checks, vector_columns, vector_dimensions)
 
 PathLike = Union[str, Path]
 BATCH_ROWS = 16384
@@ -98,10 +98,11 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
 
     ``keep=False`` streams without holding the table (for ``mim data validate`` on files larger
     than memory). ``columns`` reads a subset (contract columns are always all read, since the
-    checks need them). ``vector_dims`` fixes the expected length of vector columns; without it
-    the first row's length is the column's dimension. ``item_category`` (an items result's
-    :attr:`ValidationResult.item_category`) lets events be checked against their items: each
-    behaviour's category must be its item's.
+    checks need them). ``vector_dims`` fixes the expected length of vector columns (a
+    manifest's ``dim``); without it a column's dimension is the length most of its rows have
+    (:func:`~mim_rec.data.validate.vector_dimensions`: a first pass over that column).
+    ``item_category`` (an items result's :attr:`ValidationResult.item_category`) lets events be
+    checked against their items: each behaviour's category must be its item's.
     ``copy_to`` streams the rows kept (cast to the contract's types) into a new Parquet file,
     which appears only once the whole file passed.
     """
@@ -109,12 +110,14 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     file = str(path)
     parquet = open_parquet(path)
     schema = conform_schema(parquet.schema_arrow, contract, file)
-    ctx = CheckContext(file, item_count=item_count, category_count=category_count, base_dir=path.parent,
-                       vector_dims=vector_dims, item_category=item_category)
     read_columns = None
     if columns is not None:
         read_columns = [n for n in schema.names if n in contract.fields or n in columns]
         schema = pa.schema([schema.field(n) for n in read_columns])
+    vector_dims = vector_dimensions(schema.names, lambda names: read_batches(parquet, file, batch_rows, names),
+                                    file, vector_dims)
+    ctx = CheckContext(file, item_count=item_count, category_count=category_count, base_dir=path.parent,
+                       vector_dims=vector_dims, item_category=item_category)
     checks = row_checks(contract, schema.names, ctx)
 
     if contract is ITEMS:  # duplicate/density rules need every id at once
@@ -315,7 +318,8 @@ class ContractWriter:
 
     For outputs larger than memory (an importer writing events row group by row group).
     The file appears under its final name only on a clean ``close()``; an exception inside
-    the ``with`` block leaves no file behind.
+    the ``with`` block leaves no file behind. A schema with vector columns needs
+    ``vector_dims``: rows not yet written cannot tell a column's dimension.
     """
 
     def __init__(self, path: PathLike, contract: Contract, schema: pa.Schema,
@@ -325,6 +329,8 @@ class ContractWriter:
         self.rows = 0
         self._file = str(self.path)
         self._schema = conform_schema(schema, contract, self._file)
+        if vector_dims is None and vector_columns(self._schema.names):
+            raise ValueError(f"{self._file}: streaming vector columns needs their vector_dims")
         self._checks = row_checks(contract, self._schema.names,
                                   CheckContext(self._file, item_count=item_count,
                                                base_dir=self.path.parent, vector_dims=vector_dims))
@@ -375,11 +381,14 @@ def write_table(table: pa.Table, path: PathLike, contract: Contract,
                 vector_dims: Optional[Dict[str, int]] = None) -> Path:
     """Check ``table`` against ``contract`` (raising on the first bad row), cast it to the
     contract's types and write it atomically; write ``manifest`` beside it (row_count filled).
+    A vector column not in ``vector_dims`` has the length most of its rows have.
     """
     path = Path(path)
     if contract is ITEMS:  # duplicate/density rules need the whole id column in one batch
         table = table.combine_chunks()
     whole_file = item_id_checks(table.num_rows) if contract is ITEMS else ()
+    vector_dims = vector_dimensions(table.schema.names, lambda names: table.select(names).to_batches(),
+                                    str(path), vector_dims)
     with ContractWriter(path, contract, table.schema, item_count, vector_dims) as writer:
         if contract is ITEMS:
             for batch in table.to_batches():

@@ -18,9 +18,10 @@ A file is checked in two passes of very different cost:
 from __future__ import annotations
 
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -118,12 +119,12 @@ class CheckContext:
     item_count: Optional[int] = None   # ids must lie in 0..item_count-1 (None: unchecked)
     category_count: Optional[int] = None  # category ids in 0..category_count-1 (None: only >= 0)
     base_dir: Optional[Path] = None    # image paths are relative to the file's folder
-    vector_dims: Optional[Dict[str, int]] = None  # expected length per vector column
+    # Expected length per vector column (:func:`vector_dimensions`); one without is not checked
+    vector_dims: Optional[Dict[str, int]] = None
     # Per item (row i: item i), from the items table: behaviours must agree (None: unchecked)
     item_category: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
-        # Vector columns without a given dim take the first row's length; all rows must match.
         self.vector_dims = dict(self.vector_dims or {})
 
 
@@ -213,16 +214,53 @@ def _finite(name: str) -> RowCheck:
     return RowCheck(name, "NaN or infinite value", _per_row(name, _non_finite))
 
 
-def _vector_length(name: str, ctx: CheckContext) -> RowCheck:
+def _vector_length(name: str, ctx: CheckContext) -> List[RowCheck]:
+    """Rows must have the column's dimension; a column without one holds no vector to check."""
+    dim = ctx.vector_dims.get(name)
+    if dim is None:
+        return []
+
     def flags(batch: pa.RecordBatch) -> np.ndarray:
         lengths = pc.list_value_length(batch.column(name)).to_numpy(zero_copy_only=False)
-        valid = ~np.isnan(lengths.astype(float))
-        if name not in ctx.vector_dims and valid.any():
-            ctx.vector_dims[name] = int(lengths[valid][0])
-        return valid & (lengths != ctx.vector_dims.get(name, -1))
-    dim = ctx.vector_dims.get(name)
-    return RowCheck(name, f"vector length differs from the column's dimension"
-                          f"{f' {dim}' if dim is not None else ''}", flags)
+        return ~np.isnan(lengths.astype(float)) & (lengths != dim)
+    return [RowCheck(name, f"vector length differs from the column's dimension {dim}", flags)]
+
+
+VECTOR_COLUMNS = ("image_feature", "query_feature", "vector")
+
+
+def vector_columns(names: Sequence[str]) -> List[str]:
+    """The vector columns among ``names`` (their rows must all have one length)."""
+    return [name for name in VECTOR_COLUMNS if name in names]
+
+
+def vector_dimensions(names: Sequence[str], read: Callable[[List[str]], Iterable[pa.RecordBatch]],
+                      file: str, declared: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """The dimension of each vector column among ``names``: the ``declared`` one (a manifest's
+    ``dim``), else the length most of its rows have over the whole file (``read(columns)``
+    yields the file's batches of those columns). The first row's length was taken, so one
+    wrong first row flagged every right row and --clean-out kept only the wrong one. Two
+    lengths equally common are refused, since which rows are wrong cannot be told; a column
+    with no vector in any row gets no dimension (it has no length to check)."""
+    dims = dict(declared or {})
+    undeclared = [name for name in vector_columns(names) if name not in dims]
+    if not undeclared:
+        return dims
+    counts = {name: Counter() for name in undeclared}
+    for batch in read(undeclared):
+        for name in undeclared:
+            lengths, seen = np.unique(pc.list_value_length(batch.column(name)).drop_null().to_numpy(),
+                                      return_counts=True)
+            counts[name].update(dict(zip(lengths.tolist(), seen.tolist())))
+    for name, by_length in counts.items():
+        ranked = sorted(by_length.items(), key=lambda entry: (-entry[1], entry[0]))
+        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+            raise DataError(file, f"{ranked[0][1]} rows each have vectors of length {ranked[0][0]} and "
+                                  f"{ranked[1][0]}: the column's dimension cannot be told; fix the file",
+                            field=name)
+        if ranked:
+            dims[name] = ranked[0][0]
+    return dims
 
 
 def _one_of_present(group: List[str]) -> RowCheck:
@@ -262,7 +300,7 @@ def _image_checks(names: List[str], ctx: CheckContext, binary: str, path: str,
     if path in names:
         checks.append(_decodes(path, ctx, is_path=True))
     if feature in names:
-        checks += [_no_null_elements(feature), _finite(feature), _vector_length(feature, ctx)]
+        checks += [_no_null_elements(feature), _finite(feature), *_vector_length(feature, ctx)]
     return checks
 
 
@@ -388,7 +426,7 @@ def _events_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
 def _mm_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
     checks = [_not_null(n) for n in names if n in ("item_id", "vector", "scale", "bias")]
     checks += [_id_in_range("item_id", ctx.item_count, "item id"),
-               _no_null_elements("vector"), _vector_length("vector", ctx)]
+               _no_null_elements("vector"), *_vector_length("vector", ctx)]
     checks += [_finite(n) for n in ("vector", "scale", "bias")
                if n in names and not (n == "vector" and "scale" in names)]
     return checks
