@@ -13,7 +13,7 @@ from PIL import Image
 from mim_rec.data.errors import DataError
 from mim_rec.data.io import (ContractWriter, read_events, read_items, read_pairs, rejected_path_for,
                              validate_file, validate_world, write_table)
-from mim_rec.data.manifest import Manifest, read_manifest
+from mim_rec.data.manifest import Manifest, read_manifest, write_manifest
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
 from train.cli import main as mim
 
@@ -467,3 +467,21 @@ def test_a_vector_columns_dimension_is_its_most_common_length_not_its_first_rows
     assert (info.value.file, info.value.row, info.value.field) == (str(path), None, "query_feature")
     with pytest.raises(ValueError, match="needs their vector_dims"):  # a stream's rows are not all seen
         ContractWriter(tmp_path / "stream.parquet", PAIRS, table(PAIRS, pairs_rows()).schema)
+
+
+def test_a_failed_mm_table_check_leaves_no_clean_world(tmp_path):
+    """The mm_table/ folder was checked after the clean world was written, outside the clean-up:
+    its failure left DIR behind, manifest and all, though a failed check must leave none."""
+    write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)
+    _complete_world(tmp_path)
+    (tmp_path / "mm_table").mkdir()
+    vectors = [[0.5, 0.5]] * (N_ITEMS - 1) + [[math.nan, 0.0]]
+    pq.write_table(pa.table({"item_id": pa.array(range(N_ITEMS), pa.int64()),
+                             "vector": pa.array(vectors, pa.list_(pa.float32()))}),
+                   tmp_path / "mm_table" / "part-00000.parquet")
+    write_manifest(tmp_path / "mm_table", Manifest(kind="mm_table", stage="test", dtype="float32", dim=2,
+                                                   row_count=N_ITEMS))
+    with pytest.raises(DataError, match="NaN") as info:
+        validate_world(tmp_path, drop_invalid=True, echo=lambda line: None, clean_out=tmp_path / "clean")
+    assert info.value.file == str(tmp_path / "mm_table" / "part-00000.parquet")
+    assert not (tmp_path / "clean").exists()

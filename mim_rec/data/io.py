@@ -415,8 +415,8 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
 
     ``clean_out`` (with ``drop_invalid``) writes a new world folder there: each file's valid
     rows and a world manifest naming the source files. An ``mm_table/`` and a synthetic
-    world's ``truth/`` (row-aligned with the events) are not copied. A check that fails
-    leaves no clean folder."""
+    world's ``truth/`` (row-aligned with the events) are not copied. A check that fails, the
+    ``mm_table/``'s included, leaves no clean folder."""
     directory = Path(directory)
     missing = [name for name in REQUIRED_WORLD_FILES if not (directory / name).is_file()]
     if missing:
@@ -426,16 +426,16 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
     try:
         results = _check_world_files(directory, drop_invalid, echo, clean)
         _check_world_manifest(directory, results[0].rows)
-        if clean is not None:
+        mm_table = directory / "mm_table"
+        mm_results = validate_mm_table(mm_table, results[0].rows, echo=echo) if mm_table.is_dir() else []
+        if clean is not None:  # of the world files only: an mm_table/ is not copied
             _write_clean_manifest(clean, directory, results)
             echo(f"clean world -> {clean} ({sum(r.rejected for r in results)} row(s) left out)")
     except BaseException:
         if clean is not None:
             shutil.rmtree(clean, ignore_errors=True)
         raise
-    if (directory / "mm_table").is_dir():
-        results += validate_mm_table(directory / "mm_table", results[0].rows, echo=echo)
-    return results
+    return results + mm_results
 
 
 def _check_world_files(directory: Path, drop_invalid: bool, echo, clean: Optional[Path]) -> List[ValidationResult]:
