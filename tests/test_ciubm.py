@@ -569,6 +569,18 @@ def test_an_empty_events_file_is_named_before_training(world, tmp_path, split):
     assert not (tmp_path / "never").exists()
 
 
+def test_an_empty_items_file_is_named_before_training(world, tmp_path):
+    """An items.parquet without rows ended mim train in a bare numpy ValueError (the largest
+    category of no items), naming no file."""
+    empty = _world_with_events(world, tmp_path / "empty", lambda events: events)
+    path = empty / "items.parquet"
+    pq.write_table(pq.read_table(path).slice(0, 0), path)
+    with pytest.raises(DataError, match=r"items.parquet: holds no rows") as info:
+        ciubm.run(_config(empty, tmp_path / "never"))
+    assert info.value.file == str(path)
+    assert not (tmp_path / "never").exists()
+
+
 def test_a_world_without_its_test_split_is_refused_before_training(world, tmp_path):
     """It used to train every step, then fail at the evaluation with a raw FileNotFoundError."""
     partial = _world_with_events(world, tmp_path / "partial", lambda events: events)

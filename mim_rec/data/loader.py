@@ -37,9 +37,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import read_items
+from mim_rec.data.io import require_rows, validate_file
 from mim_rec.data.validate import conform_schema
-from mim_rec.data.schemas import EVENTS
+from mim_rec.data.schemas import EVENTS, ITEMS
 
 POOLED_KEYS = ("user_id", "query_tokens")
 SEQUENCE_KEYS = ("item_seq", "category_seq", "mm_item_seq")
@@ -100,7 +100,9 @@ class ItemInfo:
 
     @classmethod
     def from_items(cls, path: Union[str, Path]) -> "ItemInfo":
-        items = read_items(path)
+        """The checked items table's facts; one without rows is refused by name (a model of no
+        items cannot train, and sizing its category table failed with a bare numpy error)."""
+        items = require_rows(validate_file(path, ITEMS)).table
         return cls(items["category_id"].to_numpy().astype(np.int64), created_seconds(items["created_at"], path))
 
     @property
