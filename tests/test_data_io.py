@@ -109,6 +109,9 @@ BAD_CASES = {
     # accepted before: item ages became 2e7 days, and S1..S10 followed the event time
     "milliseconds": ("events", lambda r: edit(r, "ts", 3, 1_700_000_000_000), 3, "ts",
                      r"ts past 10\^11 Unix seconds \(the year 5138\): milliseconds\?"),
+    # accepted before: mim train clamped every item age to 0 (created "after" every event)
+    "created_at in milliseconds": ("items", lambda r: edit(r, "created_at", 3, 1_700_000_000_000), 3, "created_at",
+                                   r"created_at past 10\^11 Unix seconds \(the year 5138\): milliseconds\?"),
     "history newest first": ("events", lambda r: edit(r, "hist_ts", 3, [1, 0, 0]), 3, "hist_ts",
                              "history not oldest first"),
     "empty title": ("items", lambda r: edit(r, "title", 0, "  "), 0, "title", "empty title"),

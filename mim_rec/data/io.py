@@ -241,8 +241,14 @@ def _show(batch: pa.RecordBatch, row: int, field: str, limit: int = 120) -> str:
     names = [n for n in field.split("|") if n in batch.schema.names]
     if field.startswith("hist_") and field != "hist_item_ids":  # unequal lengths: show both
         names = ["hist_item_ids", field]
-    shown = ", ".join(_short(batch.column(n)[row].as_py(), limit) for n in names)
+    shown = ", ".join(_short(_plain(batch.column(n))[row].as_py(), limit) for n in names)
     return shown
+
+
+def _plain(column: pa.Array) -> pa.Array:
+    """A timestamp column as its int64 seconds: a millisecond value read as seconds lies past
+    the year 9999, which Python's datetime cannot show."""
+    return column.cast(pa.int64()) if pa.types.is_timestamp(column.type) else column
 
 
 def _short(value, limit: int) -> str:

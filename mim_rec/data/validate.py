@@ -214,6 +214,21 @@ def _finite(name: str) -> RowCheck:
     return RowCheck(name, "NaN or infinite value", _per_row(name, _non_finite))
 
 
+# Times are Unix seconds; milliseconds since March 1973 are past this. Item ages are ``ts``
+# minus ``created_at`` in days, so a millisecond ``ts`` passed every other rule and trained on
+# ages of 2e7 days, and a millisecond ``created_at`` had every item created after every event
+# (mim train took each age as 0).
+MAX_UNIX_SECONDS = 10**11
+
+
+def _in_seconds(name: str) -> RowCheck:
+    """A time column (int64 or timestamp[s]) must hold Unix seconds, not milliseconds."""
+    def flags(batch: pa.RecordBatch) -> np.ndarray:
+        seconds = pc.fill_null(batch.column(name).cast(pa.int64()), 0)
+        return _mask(pc.greater_equal(seconds, MAX_UNIX_SECONDS))
+    return RowCheck(name, f"{name} past 10^11 Unix seconds (the year 5138): milliseconds? times are seconds", flags)
+
+
 def _vector_length(name: str, ctx: CheckContext) -> List[RowCheck]:
     """Rows must have the column's dimension; a column without one holds no vector to check."""
     dim = ctx.vector_dims.get(name)
@@ -312,6 +327,7 @@ def _items_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
         _id_in_range("category_id", None, "category id"),
         RowCheck("title", "empty title",
                  lambda b: _mask(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(b.column("title"), "x")), ""))),
+        _in_seconds("created_at"),
     ]
     checks += _image_checks(names, ctx, "image", "image_path", "image_feature", ITEMS.one_of[0])
     if "price" in names:
@@ -391,12 +407,6 @@ def _behaviours_oldest_first(batch: pa.RecordBatch) -> np.ndarray:
     return _rows_where(rows, earlier, batch.num_rows)
 
 
-# Times are Unix seconds; milliseconds since March 1973 are past this. Item ages are ``ts``
-# minus ``created_at`` in days, so a millisecond world passed every other rule and trained on
-# ages of 2e7 days.
-MAX_UNIX_SECONDS = 10**11
-
-
 def _events_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
     checks = [_not_null(f) for f in EVENTS.required_names]
     checks += [
@@ -414,8 +424,7 @@ def _events_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
                                    pc.list_value_length(b.column(other))))))
     checks += [_id_in_range("hist_item_ids", ctx.item_count, "behaviour item id"),
                _category_in_range("hist_category_ids", ctx, "behaviour category id"),
-               RowCheck("ts", "ts past 10^11 Unix seconds (the year 5138): milliseconds? times are seconds",
-                        lambda b: _mask(pc.greater_equal(pc.fill_null(b.column("ts"), 0), MAX_UNIX_SECONDS))),
+               _in_seconds("ts"),
                RowCheck("hist_ts", "behaviour after its event (hist_ts > ts)", _behaviours_before_the_event),
                RowCheck("hist_ts", "history not oldest first (hist_ts decreases)", _behaviours_oldest_first)]
     if ctx.item_category is not None:
