@@ -187,3 +187,25 @@ def test_an_imports_item_age_caveat_survives_holdout_and_clean_out(world, tmp_pa
     assert world_age_caveat(world) is None  # a synthetic world has real ages
     holdout_world(world, tmp_path / "synth_val", 0.2)
     assert world_age_caveat(tmp_path / "synth_val") is None
+
+
+def test_relative_image_paths_still_name_the_images_in_the_validation_world(world, tmp_path):
+    """The items were hard-linked and the pairs rewritten with their relative image paths
+    unchanged, in a folder that has no images: the pairs split failed ("image path missing"),
+    and the items named files that are not there."""
+    source = tmp_path / "src"
+    (source / "img").mkdir(parents=True)
+    for name in ("events_train.parquet", "events_test.parquet", "manifest.json"):
+        (source / name).symlink_to(world / name)
+    for name, column in (("items", "image"), ("pairs_train", "query_image")):
+        table = pq.read_table(world / f"{name}.parquet")
+        paths = []
+        for row, blob in enumerate(table[column].to_pylist()):
+            (source / "img" / f"{name}{row}.png").write_bytes(blob)
+            paths.append(f"img/{name}{row}.png")
+        pq.write_table(table.drop([column]).append_column(f"{column}_path", pa.array(paths)),
+                       source / f"{name}.parquet")
+    holdout_world(source, tmp_path / "val", 0.2)
+    validate_world(tmp_path / "val", echo=lambda line: None)
+    items = pq.read_table(tmp_path / "val" / "items.parquet")
+    assert items["image_path"][0].as_py() == str(source.resolve() / "img" / "items0.png")

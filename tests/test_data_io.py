@@ -488,3 +488,21 @@ def test_a_failed_mm_table_check_leaves_no_clean_world(tmp_path):
         validate_world(tmp_path, drop_invalid=True, echo=lambda line: None, clean_out=tmp_path / "clean")
     assert info.value.file == str(tmp_path / "mm_table" / "part-00000.parquet")
     assert not (tmp_path / "clean").exists()
+
+
+def test_clean_out_keeps_relative_image_paths_naming_the_images(tmp_path):
+    """The clean world got the image paths verbatim, relative to a folder that has no images:
+    the world it reported as clean was refused ("image path missing")."""
+    world = tmp_path / "world"
+    (world / "img").mkdir(parents=True)
+    items = items_rows()
+    for i, blob in enumerate(items.pop("image")):
+        (world / "img" / f"{i}.png").write_bytes(blob)
+    items["image_path"] = [f"img/{i}.png" for i in range(N_ITEMS)]
+    write_raw(world, "items.parquet", ITEMS, items)
+    write_raw(world, "events_train.parquet", EVENTS, edit(events_rows(), "label", 2, 5))
+    _complete_world(world)
+    validate_world(world, drop_invalid=True, echo=lambda line: None, clean_out=tmp_path / "clean")
+    assert [r.rows for r in validate_world(tmp_path / "clean", echo=lambda line: None)] == [N_ITEMS, 4, 4, 3, 4]
+    paths = pq.read_table(tmp_path / "clean" / "items.parquet").column("image_path").to_pylist()
+    assert paths == [str(world.resolve() / "img" / f"{i}.png") for i in range(N_ITEMS)]

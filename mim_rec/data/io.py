@@ -103,8 +103,8 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     (:func:`~mim_rec.data.validate.vector_dimensions`: a first pass over that column).
     ``item_category`` (an items result's :attr:`ValidationResult.item_category`) lets events be
     checked against their items: each behaviour's category must be its item's.
-    ``copy_to`` streams the rows kept (cast to the contract's types) into a new Parquet file,
-    which appears only once the whole file passed.
+    ``copy_to`` streams the rows kept (cast to the contract's types, relative image paths made
+    absolute) into a new Parquet file, which appears only once the whole file passed.
     """
     path = Path(path)
     file = str(path)
@@ -139,7 +139,7 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
             if keep_table:
                 kept.append(batch)
             elif copy is not None:
-                copy.write(pa.Table.from_batches([batch], schema=schema))
+                copy.write(absolute_image_paths(pa.Table.from_batches([batch], schema=schema), path.parent))
         rejected = quarantine.close() if quarantine else 0
         if rejected:
             print(f"{file}: quarantined {rejected} invalid row(s) -> {quarantine.path}")
@@ -150,7 +150,7 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
             kept_categories = table.column("category_id").to_numpy().astype(np.int64)
         if copy is not None:
             if table is not None:
-                copy.write(table)
+                copy.write(absolute_image_paths(table, path.parent))
             copy.close(schema)
     except BaseException:
         if copy is not None:
@@ -370,6 +370,23 @@ class ContractWriter:
             self.close()
         else:
             self.abort()
+
+
+IMAGE_PATH_COLUMNS = ("image_path", "query_image_path")
+
+
+def absolute_image_paths(table: pa.Table, folder: PathLike) -> pa.Table:
+    """``table`` (read from a file in ``folder``) with its relative image paths made absolute,
+    for writing it into another folder: a path relative to the source file's folder, copied
+    unchanged, named an image the new folder does not have."""
+    prefix = str(Path(folder).resolve()) + os.sep
+    for name in IMAGE_PATH_COLUMNS:
+        if name in table.column_names:
+            paths = table.column(name)
+            absolute = pc.if_else(pc.starts_with(paths, os.sep), paths,
+                                  pc.binary_join_element_wise(prefix, paths, ""))
+            table = table.set_column(table.column_names.index(name), name, absolute)
+    return table
 
 
 def link_or_copy(source: PathLike, target: PathLike) -> None:

@@ -61,7 +61,7 @@ ITEMS = Contract(
     ),
     optional=(
         pa.field("image", pa.binary()),           # encoded PNG/JPEG bytes
-        pa.field("image_path", pa.string()),      # or a path, relative to the file's folder
+        pa.field("image_path", pa.string()),      # or a path, relative to the file's folder (or absolute)
         pa.field("image_feature", FLOAT_VECTOR),  # or a precomputed image feature (no pixels)
         pa.field("brand_id", pa.int32()),
         pa.field("price", pa.float32()),

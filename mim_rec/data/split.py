@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import category_count, link_or_copy, validate_file, write_table
+from mim_rec.data.io import absolute_image_paths, category_count, link_or_copy, validate_file, write_table
 from mim_rec.data.manifest import (Manifest, carried_age_caveat, fingerprint_file, fingerprint_tree,
                                    read_manifest, write_manifest)
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS, Contract
@@ -67,7 +67,8 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
     ``events_train`` and from the cut on as ``events_test``; ``pairs_train`` split at the same
     time into ``pairs_train`` / ``pairs_test`` (so C-SFT on ``out`` never trains on the
     held-out period either); the synthetic ground truth split alike where present; the world's
-    own ``mm_table/`` (an import's) linked as it is. The
+    own ``mm_table/`` (an import's) linked as it is. Relative image paths are written absolute,
+    so they name the source world's images. The
     source's test files are not read. Returns the row counts; the manifest, written last,
     records the source files' fingerprints, the fraction and the cut."""
     source, out = Path(source), Path(out)
@@ -79,7 +80,7 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
             raise DataError(str(path), "a world to hold out from needs this file")
     if out.exists() and not out.is_dir():
         raise DataError(str(out), "a file, not a folder to write the validation world to")
-    items = validate_file(items_path, ITEMS, keep=False)
+    items = validate_file(items_path, ITEMS)
     item_count, item_category = items.rows, items.item_category
     # the cross-file rules a world check applies, so the split is a world validate accepts
     categories = category_count(item_category)
@@ -92,12 +93,13 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
     # Written aside and swapped in whole (as synth and import write): a failed split leaves
     # ``out`` as it was, and a folder that is not a world is refused, not written into.
     with staged_folder(out, "mim data holdout") as staging:
-        link_or_copy(items_path, staging / "items.parquet")
+        _carry_items(items.table, items_path, staging / "items.parquet")
         counts = {"items": item_count, **_write_split(events, validating, staging, "events", EVENTS, item_count)}
         inputs = {"items": fingerprint_file(items_path), "events_train": fingerprint_file(events_path)}
         pairs_path = source / "pairs_train.parquet"
         if pairs_path.is_file():
-            pairs = validate_file(pairs_path, PAIRS, item_count=item_count, category_count=categories).table
+            pairs = absolute_image_paths(validate_file(pairs_path, PAIRS, item_count=item_count,
+                                                       category_count=categories).table, source)
             later = pairs.column("ts").to_numpy() >= cut
             inputs["pairs_train"] = fingerprint_file(pairs_path)
             if later.all() or not later.any():  # a world file must hold rows: leave the pairs out
@@ -114,6 +116,16 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
             config={"source": str(source.resolve()), "fraction": fraction, "cut_ts": cut},
             extra={"counts": counts, "source_config": _source_config(source), **carried_age_caveat(source)}))
     return counts
+
+
+def _carry_items(items: pa.Table, source: Path, out: Path) -> None:
+    """The source's items (``items``: as checked), hard-linked; written anew with absolute image
+    paths where they name image files relative to the source world, which ``out``'s folder
+    does not have."""
+    if "image_path" in items.column_names:
+        pq.write_table(absolute_image_paths(items, source.parent), out)
+    else:
+        link_or_copy(source, out)
 
 
 def _carry_mm_table(source: Path, out: Path) -> bool:
