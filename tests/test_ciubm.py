@@ -920,13 +920,16 @@ def test_a_metrics_file_of_fewer_steps_than_the_checkpoint_is_not_finished(world
 
 def test_only_the_newest_checkpoints_are_kept(world, tmp_path):
     """Every DCP checkpoint holds the frozen MM table's shards: a run kept them all."""
-    config = _config(world, tmp_path / "run", "max_steps=4", "checkpoint_every=1", "checkpoint_keep=2",
+    config = _config(world, tmp_path / "run", "max_steps=4", "checkpoint_every=2", "checkpoint_keep=2",
                      "model.ubm=avg")
-    cut_short = tmp_path / "run" / "checkpoints" / "step-000000009"  # a later save a kill cut short
-    cut_short.mkdir(parents=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for cut_short in ("step-000000003", "step-000000009"):  # saves a kill cut short (no .metadata)
+        (checkpoints / cut_short).mkdir(parents=True)
+    # one before this run's saves (a resume with another checkpoint_every) was counted as kept,
+    # and a complete checkpoint went in its place
     ciubm.run(config)
-    folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
-    assert folders == ["step-000000003", "step-000000004", "step-000000009"]
+    folders = sorted(p.name for p in checkpoints.glob("step-*"))
+    assert folders == ["step-000000002", "step-000000004", "step-000000009"]
     assert ciubm.run(config, train=False)["steps"] == 4
 
 

@@ -57,10 +57,13 @@ class DcpCheckpoints:
         dist.barrier()
         if dist.get_rank() == 0:
             atomic_write_bytes(self.directory / "latest", name.encode())
-            # Zero-padded names sort by step. A folder past this step is a save a kill cut short
-            # (it may sort last after a resume with another checkpoint_every): never counted as kept.
-            done = [p for p in sorted(self.directory.glob("step-*")) if p.name <= name]
-            for old in done[:-self.keep]:
+            # Zero-padded names sort by step. A save a kill cut short has no .metadata (DCP writes
+            # it last); after a resume with another checkpoint_every it may sit before or past this
+            # step. It is never counted as kept: one before this step goes, one past it stays
+            # until this run's saves pass it.
+            earlier = [p for p in sorted(self.directory.glob("step-*")) if p.name <= name]
+            complete = [p for p in earlier if (p / ".metadata").is_file()]
+            for old in [p for p in earlier if p not in complete] + complete[:-self.keep]:
                 shutil.rmtree(old)
 
     def restore(self, model, optimizer, with_optimizer: bool = True) -> Optional[Dict[str, int]]:
