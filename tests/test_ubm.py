@@ -126,6 +126,10 @@ def test_non_finite_padding_reaches_no_gradient(name):
     ("din", {"attention_hidden": [-3]}, r"attention_hidden=\[-3\]: must be a list of positive integers"),
     ("dien", {"attention_hidden": [8.5]}, r"attention_hidden=\[8.5\]: must be a list of positive integers"),
     ("sim", {"attention_hidden": 16}, r"attention_hidden=16: must be a list of positive integers"),
+    # a negative rate trained without dropout; NaN failed in BST's first attention step
+    ("din", {"dropout": -0.5}, r"dropout=-0.5: must be a number in \[0, 1\)"),
+    ("dien", {"dropout": 1.0}, r"dropout=1.0: must be a number in \[0, 1\)"),
+    ("bst", {"dropout": float("nan")}, r"dropout=nan: must be a number in \[0, 1\)"),
 ])
 def test_options_the_model_cannot_run_are_refused_by_name(name, options, message):
     """Each used to construct, then fail at the first step (TypeError in topk, IndexError in

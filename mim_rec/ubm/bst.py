@@ -13,7 +13,7 @@ from torch import nn
 
 from mim_rec.ubm.base import InterestModule, register_ubm
 from mim_rec.ubm.layers import PositionalEmbedding, masked_mean, recency_positions, zero_padding
-from mim_rec.ubm.options import positive_int
+from mim_rec.ubm.options import positive_int, probability
 
 
 @register_ubm("bst")
@@ -39,8 +39,8 @@ class BST(InterestModule):
         self.positions = PositionalEmbedding(max_positions, dim)
         feedforward = 4 * dim if ffn_dim is None else positive_int("ffn_dim", ffn_dim)
         layer = nn.TransformerEncoderLayer(dim, positive_int("num_heads", num_heads), dim_feedforward=feedforward,
-                                           dropout=dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
+                                           dropout=probability("dropout", dropout), activation="gelu",
+                                           batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, positive_int("num_layers", num_layers),
                                              enable_nested_tensor=False)
 

@@ -18,7 +18,7 @@ from typing import Sequence, Tuple
 import torch
 from torch import nn
 
-from mim_rec.ubm.options import positive_int, positive_ints
+from mim_rec.ubm.options import positive_int, positive_ints, probability
 
 _ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
@@ -31,6 +31,7 @@ def mlp(in_dim: int, hidden_dims: Sequence[int], out_dim: int | None = None,
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose from {sorted(_ACTIVATIONS)}")
+    dropout = probability("dropout", dropout)
     layers: list[nn.Module] = []
     width = in_dim
     for hidden in hidden_dims:

@@ -28,6 +28,14 @@ def positive_ints(name: str, values: object) -> Tuple[int, ...]:
     return tuple(values)
 
 
+def probability(name: str, value: object) -> float:
+    """``value`` if it is a number in [0, 1): a dropout rate (a negative one meant none, NaN
+    failed in the first attention step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name}={value!r}: must be a number in [0, 1)")
+    return float(value)
+
+
 def flag(name: str, value: object) -> bool:
     """``value`` if it is a bool: a string such as ``'no'`` would otherwise count as true."""
     if not isinstance(value, bool):
