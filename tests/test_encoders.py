@@ -289,13 +289,20 @@ def test_bad_text_settings_name_the_field(tmp_path, changes, message):
         build_text_encoder(tiny_text(**changes(tmp_path)))
 
 
-def test_a_max_length_beyond_the_models_positions_is_refused():
+def test_a_max_length_beyond_the_models_positions_is_refused(tmp_path):
     """A max_length longer than the model's position table was accepted; the first title that
     long failed inside BERT's embeddings on a tensor size clash."""
-    with pytest.raises(ConfigError, match=r"encoders.text.max_length=65: .* 64 positions"):
+    with pytest.raises(ConfigError, match=r"encoders.text.max_length=65: .* 64 usable positions"):
         build_text_encoder(tiny_text(max_length=65))
     encoder = build_text_encoder(tiny_text(max_length=64)).eval()
     assert encoder(["a long product title " * 20]).shape == (1, TINY_TEXT["hidden_size"])
+    # RoBERTa numbers positions after its padding id (1): 64 of them leave 62
+    from transformers import RobertaConfig
+    RobertaConfig(**TINY_TEXT).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"encoders.text.max_length=64: .* 62 usable positions"):
+        build_text_encoder(tiny_text(name=str(tmp_path), overrides={}, max_length=64))
+    roberta = build_text_encoder(tiny_text(name=str(tmp_path), overrides={}, max_length=62)).eval()
+    assert roberta(["a long product title " * 20]).shape == (1, TINY_TEXT["hidden_size"])
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -43,7 +43,6 @@ class HFTextEncoder(PartlyFrozen):
 
         folder = _model_folder(config.name)
         model_config = _model_config(config, folder)
-        self.max_length = _max_length(config, model_config)
         if folder is not None and config.pretrained:
             try:  # fp32 whatever the folder was saved in: the heads are fp32, autocast does the rest
                 self.model = AutoModel.from_pretrained(str(folder), config=model_config, dtype=torch.float32)
@@ -56,6 +55,7 @@ class HFTextEncoder(PartlyFrozen):
                                   f"({type(exc).__name__}: {first_line})") from None
         else:
             self.model = AutoModel.from_config(model_config)
+        self.max_length = _max_length(config, self.model)
         self.tokenizer = _tokenizer(config, folder)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise ConfigError(f"encoders.text.tokenizer: the tokenizer at {self.tokenizer.name_or_path} has "
@@ -125,13 +125,18 @@ def _model_config(config: TextConfig, folder: Optional[Path]) -> "PretrainedConf
     return model_config
 
 
-def _max_length(config: TextConfig, model_config: "PretrainedConfig") -> int:
-    """``config.max_length``, refused when the model has fewer positions: it was accepted, and
-    the first title that long failed inside the model's embeddings."""
-    positions = getattr(model_config, "max_position_embeddings", None)
-    if positions is not None and config.max_length > positions:
-        raise ConfigError(f"encoders.text.max_length={config.max_length}: the model "
-                          f"({config.name}) has {positions} positions (max_position_embeddings)")
+def _max_length(config: TextConfig, model: nn.Module) -> int:
+    """``config.max_length``, refused when the model has fewer usable positions: it was
+    accepted, and the first title that long failed inside the model's embeddings. RoBERTa-style
+    embeddings (those with a ``padding_idx``) number positions from ``padding_idx + 1``."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None:
+        return config.max_length
+    padding_idx = getattr(getattr(model, "embeddings", None), "padding_idx", None)
+    usable = positions - (padding_idx + 1 if padding_idx is not None else 0)
+    if config.max_length > usable:
+        raise ConfigError(f"encoders.text.max_length={config.max_length}: the model ({config.name}) has "
+                          f"{usable} usable positions (max_position_embeddings={positions})")
     return config.max_length
 
 
