@@ -187,6 +187,24 @@ def test_feature_cache_keys_follow_the_style_stages(tmp_path):
     assert world.item_image_features(plain).shape == (6, plain.feature_dim)
 
 
+def test_feature_cache_keys_follow_the_towers_architecture(tmp_path):
+    """Padding and batch-norm eps are not weights: an encoders folder saved before the bundled
+    weights got TF padding reloads symmetric-padded with the same weights, and was served the
+    other tower's cached features."""
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.encoders import build_vision_encoder
+    from tests.encoder_fixtures import tiny_vision, write_items
+
+    items_path = write_items(tmp_path / "world" / "items.parquet", count=6)
+    tf_padded = build_vision_encoder(tiny_vision("efficientnet_lite0", weights="bundled")).eval()
+    symmetric = build_vision_encoder(tiny_vision("efficientnet_lite0")).eval()
+    symmetric.load_state_dict(tf_padded.state_dict())
+    symmetric.image_processor = tf_padded.image_processor  # the same inputs: only the padding differs
+    world = WorldInputs(items_path.parent, FeatureCache(tmp_path / "features"), batch_size=4)
+    first = world.item_image_features(tf_padded)
+    assert not torch.allclose(world.item_image_features(symmetric), first)
+
+
 def test_a_damaged_feature_cache_entry_is_computed_again(tmp_path, capsys):
     """A cut cache file used to fail every later run with torch's zip-archive error."""
     from mim_rec.csft.data import FeatureCache

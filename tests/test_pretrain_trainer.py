@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from mim_rec.config import to_dict
+from mim_rec.config import ConfigError, to_dict
 from mim_rec.pretrain.config import PretrainConfig, PretrainDataConfig
 from mim_rec.pretrain.evaluate import EvalConfig
 from tests.encoder_fixtures import tiny_encoders, write_items
@@ -246,3 +246,19 @@ def test_evaluation_refuses_another_stages_run(world, tmp_path, capsys):
     assert cli.main(["pretrain-eval", "--config", str(config_file)]) == 2
     assert "config.json is not the config of a `mim pretrain` run" in capsys.readouterr().err
     assert (run / "eval.json").read_text() == "{}"
+
+
+def test_a_checkpoint_of_the_tower_before_tf_padding_is_not_trained_on(world, tmp_path):
+    """The bundled EfficientNet-Lite0 weights run with TF SAME padding since 2026-12-07: not
+    weights, so a run begun before resumed silently and trained on in another architecture."""
+    config = _config(world, tmp_path / "run", dda_steps=1, dma_steps=2, checkpoint_every=1,
+                     encoders=tiny_encoders(name="efficientnet_lite0", weights="bundled"))
+    run_pretrain(config)
+    (checkpoint,) = sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"))
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["extra"]["vision_architecture"] == {"pad_type": "same", "bn_eps": 1e-3}
+    del state["extra"]["vision_architecture"]  # as a checkpoint written before it was recorded
+    torch.save(state, checkpoint)
+    with pytest.raises(ConfigError, match=r"trained with the vision tower built with \{\} and this code builds it "
+                                          r"with \{'pad_type': 'same', 'bn_eps': 0.001\}"):
+        run_pretrain(config)  # a re-run resumes from its last checkpoint

@@ -16,11 +16,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from train.stage_cli import StageCommands, register_stage
 
 if TYPE_CHECKING:
+    from mim_rec.encoders import EncoderPair
     from mim_rec.encoders.config import EncodersConfig
     from mim_rec.pretrain.config import PretrainConfig
     from mim_rec.pretrain.corpus import ItemCorpus
@@ -136,6 +137,26 @@ def _check_run_folder(config: PretrainConfig) -> None:
                           "which is not a `mim pretrain` run's; use an empty or new out=")
 
 
+def _architecture(pair: "EncoderPair") -> Dict[str, Any]:
+    """What a checkpoint records of how the vision tower was built beyond its weights."""
+    return {"vision_architecture": getattr(pair.vision, "architecture", {})}
+
+
+def _require_same_vision_architecture(extra: Dict[str, Any], pair: "EncoderPair", config: PretrainConfig) -> None:
+    """Refuse to train on a checkpoint whose vision tower was built otherwise (padding, eps:
+    not weights, so neither the config's fingerprint nor the weights' tell). A checkpoint
+    written before this was recorded had only the configured ``model_kwargs``; since
+    2026-12-07 the bundled EfficientNet-Lite0 weights add TF SAME padding and eps 1e-3."""
+    from mim_rec.config import ConfigError
+
+    before = extra.get("vision_architecture", config.encoders.vision.model_kwargs)
+    now = _architecture(pair)["vision_architecture"]
+    if before != now:
+        raise ConfigError(f"{config.out}/checkpoints: trained with the vision tower built with {before} and this "
+                          f"code builds it with {now} (the bundled EfficientNet-Lite0 weights run with TF SAME "
+                          "padding since 2026-12-07); use a fresh output folder")
+
+
 def _clear_earlier_artifacts(out: Path) -> None:
     """On a fresh start (no checkpoint resumed), remove what an earlier run in the folder left:
     ``dda/`` is written only when DDA completes, so a run killed before then (or one with
@@ -185,6 +206,8 @@ def _run_pretrain(config) -> Path:
     checkpoints = CheckpointManager.for_run(config, inputs)
     seed_everything(config.seed + 1000 * ctx.rank)  # each rank draws its own masks and views
     resumed = checkpoints.resume(objective, optimizer)
+    if resumed is not None:
+        _require_same_vision_architecture(resumed.extra, pair, config)
     step = resumed.step if resumed else 0
     logger = None
     if ctx.is_main:
@@ -235,7 +258,7 @@ def _run_pretrain(config) -> Path:
         if warmup and done == config.dda_steps:
             _warm_up_heads(objective, optimizer, checkpoints, train_items, config, ctx, logger, done)
         elif done % config.checkpoint_every == 0 or done == total:
-            checkpoints.save(done, objective, optimizer, extra={"phase": phase})
+            checkpoints.save(done, objective, optimizer, extra={"phase": phase, **_architecture(pair)})
     progress.close()
     checkpoints.finish()
     final = out / "encoders"
@@ -275,7 +298,7 @@ def _warm_up_heads(objective, optimizer, checkpoints, train_items, config, ctx, 
                     "seconds": round(time.time() - started, 1)}, step=step)
     objective.train()  # embedding switched the pair to eval mode
     _require_finite(objective, step, checkpoints)
-    checkpoints.save(step, objective, optimizer, extra={"phase": "head_warmup"})
+    checkpoints.save(step, objective, optimizer, extra={"phase": "head_warmup", **_architecture(pair)})
 
 
 def _require_finite(objective, step: int, checkpoints) -> None:

@@ -265,6 +265,8 @@ def _preprocessing(backbone: nn.Module) -> object:
     prepared = {"size": processor.size, "mean": mean, "std": std}
     if getattr(backbone, "style_stages", None):  # only when set: older caches keep their keys
         prepared["style_stages"] = backbone.style_stages
+    if getattr(backbone, "architecture", None):  # the same weights padded otherwise compute other features
+        prepared["architecture"] = backbone.architecture
     return prepared
 
 

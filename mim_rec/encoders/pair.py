@@ -23,8 +23,7 @@ from mim_rec.data.manifest import Manifest, require, write_manifest
 from mim_rec.encoders.config import EncodersConfig, PRECOMPUTED
 from mim_rec.encoders.heads import ProjectionHead
 from mim_rec.encoders.text import HFTextEncoder, build_text_encoder
-from mim_rec.encoders.vision import (TimmVisionEncoder, VisionEncoder, architecture_kwargs,
-                                     build_vision_encoder)
+from mim_rec.encoders.vision import TimmVisionEncoder, VisionEncoder, build_vision_encoder
 from mim_rec.utils.run import WeightsUnreadable, atomic_write_bytes, load_weights
 
 WEIGHTS_NAME = "weights.pt"
@@ -62,7 +61,7 @@ class EncoderPair(nn.Module):
             mean, std = processor.stats
             config.vision = dataclasses.replace(config.vision, image_size=processor.size,
                                                 mean=list(mean), std=list(std),
-                                                model_kwargs=architecture_kwargs(config.vision))
+                                                model_kwargs=self.vision.architecture)
         return config
 
 

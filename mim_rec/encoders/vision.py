@@ -105,6 +105,8 @@ class TimmVisionEncoder(PartlyFrozen):
         model = load_timm_model(config)
         model.reset_classifier(0)
         self.backbone = model
+        # what timm built it with beyond the weights (padding, eps): caches and reloads key on it
+        self.architecture: Dict[str, Any] = architecture_kwargs(config)
         self.style_stages = _style_stages(model, config.style_stages)
         self.feature_dim: int = model.num_features + sum(
             2 * model.feature_info[stage]["num_chs"] for stage in self.style_stages)
