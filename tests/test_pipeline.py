@@ -187,3 +187,38 @@ def test_stage_settings_go_after_the_presets(tmp_path):
     assert all("max_steps=5" in plan[name] for name in ("train_base", "train_mim"))
     with pytest.raises(ConfigError, match="--synth"):
         stages(argparse.Namespace(**{**vars(args), "world": str(tmp_path)}))
+
+
+@pytest.mark.parametrize("ending", ["fails", "is killed"])
+def test_a_stage_rerun_for_its_upstream_is_not_reused_after_that_rerun_fails(tmp_path, monkeypatch, ending):
+    """Running again because an upstream stage ran held for one invocation only: when that run
+    failed or was killed, the next invocation reused the stage's old record (same command) and
+    its artifact, made from the upstream stage's old output."""
+    import subprocess
+
+    from train import pipeline
+
+    def stage(name: str, text: str, after=()) -> Stage:
+        marker = tmp_path / f"{name}.txt"
+        return Stage(name, [sys.executable, "-c", f"open({str(marker)!r}, 'a').write({text!r})"], marker,
+                     after=after)
+
+    second = stage("second", "b", after=("first",))
+    pipeline.run_chain([stage("first", "a"), second], tmp_path)
+    real_run = subprocess.run
+
+    def broken(argv, **kwargs):
+        if argv != second.argv:
+            return real_run(argv, **kwargs)
+        if ending == "fails":
+            return subprocess.CompletedProcess(argv, 137)
+        raise KeyboardInterrupt  # the whole invocation stops inside the stage
+
+    monkeypatch.setattr(pipeline.subprocess, "run", broken)
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        pipeline.run_chain([stage("first", "A"), second], tmp_path)  # first runs again; second does not finish
+    monkeypatch.setattr(pipeline.subprocess, "run", real_run)
+    assert stage_record(second, tmp_path) is None
+    done = pipeline.run_chain([stage("first", "A"), second], tmp_path)
+    assert {name: reused for name, (_, reused) in done.items()} == {"first": True, "second": False}
+    assert (tmp_path / "second.txt").read_text() == "bb"

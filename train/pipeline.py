@@ -45,7 +45,7 @@ class Stage:
     # the artifact as much as the command line does (see :func:`defaults_fingerprint`).
     settings: Optional[str] = None
     # the stages whose artifacts this one reads: once one of them runs again, this one may not
-    # be reused (see :func:`run_chain`)
+    # be reused (see :func:`run_chain` and :func:`upstream_fingerprint`)
     after: Tuple[str, ...] = ()
     # a folder this stage reads that no stage of the chain writes (a world given with --world):
     # its content decides the reuse too, as a stage's artifact can be stale under the same command
@@ -188,6 +188,19 @@ def record_file(stage: Stage, out: Path) -> Path:
     return out / "stages" / f"{stage.name}.json"
 
 
+def upstream_fingerprint(stage: Stage, out: Path) -> Dict[str, Optional[str]]:
+    """A digest of the record of each stage ``stage`` reads (:attr:`Stage.after`; None for one
+    without a record), kept in ``stage``'s own record: every run rewrites its record, so a
+    stage whose upstream ran since it did no longer matches. Without it, running again because
+    an upstream stage ran held for one invocation only: a failed or killed re-run left the old
+    record, which the next invocation reused with an artifact made from the old inputs."""
+    import hashlib
+
+    records = {name: out / "stages" / f"{name}.json" for name in stage.after}
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            for name, path in records.items()}
+
+
 def code_version() -> Dict[str, object]:
     """The commit the code runs from, and whether the tracked files differ from it."""
     root = Path(__file__).resolve().parents[1]
@@ -204,15 +217,18 @@ def code_version() -> Dict[str, object]:
 
 
 def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
-    """The record of the finished run that made ``stage``'s artifact with the same command and
-    the same defaults, or None."""
+    """The record of the finished run that made ``stage``'s artifact with the same command, the
+    same defaults and the upstream stages' current records, or None."""
     from mim_rec.utils.run import read_json_or_none
 
     record_path = record_file(stage, out)
     record = read_json_or_none(record_path) if stage.done_marker.exists() else None
     if record is not None:
+        # a record from before these fields has no "reads" (accepted) and no "upstream" (accepted
+        # only for a stage that reads no other stage: its inputs cannot be checked)
         if record["argv"][1:] == stage.command and record.get("defaults") == defaults_fingerprint(stage.settings) \
-                and record.get("reads") in (None, _reads_fingerprint(stage)):  # None: a record from before
+                and record.get("reads") in (None, _reads_fingerprint(stage)) \
+                and record.get("upstream", {}) == upstream_fingerprint(stage, out):
             return record
     return None
 
@@ -235,6 +251,7 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
     print(f"[{index}/{total}] {stage.name}: running (log: {log})", flush=True)
     started = time.time()
     version = code_version()  # of the code the stage starts with
+    upstream = upstream_fingerprint(stage, out)  # the inputs it starts with
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                PYTHONUNBUFFERED="1")
     with log.open("w") as fh:
@@ -251,7 +268,7 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
 
     atomic_write_bytes(record_path, json.dumps({"argv": stage.argv, "wall_s": wall, "code": version,
                                                 "defaults": defaults_fingerprint(stage.settings),
-                                                "reads": _reads_fingerprint(stage)}).encode())
+                                                "reads": _reads_fingerprint(stage), "upstream": upstream}).encode())
     print(f"[{index}/{total}] {stage.name}: done in {wall:.0f} s", flush=True)
     return wall, False
 
@@ -303,8 +320,10 @@ def run_chain(plan: List[Stage], out: Path) -> Dict[str, Tuple[float, bool]]:
     """Run the stages in order: ``{name: (wall time, reused)}``. A stage one of whose
     :attr:`Stage.after` ran in this call runs too, as its inputs may have changed (a new
     ``--synth seed`` used to re-run synth and reuse every later stage, made from the old
-    world); that holds along the chain. A stage whose folder holds checkpoints of the old
-    inputs is then refused by its own trainer, which asks for a fresh folder."""
+    world); that holds along the chain, and in later calls too: until it succeeds, its record
+    names the upstream records it was made from (:func:`upstream_fingerprint`). A stage whose
+    folder holds checkpoints of the old inputs is then refused by its own trainer, which asks
+    for a fresh folder."""
     done: Dict[str, Tuple[float, bool]] = {}
     for index, stage in enumerate(plan, 1):
         reuse = not any(name in done and not done[name][1] for name in stage.after)
