@@ -149,6 +149,27 @@ def test_report_only_counts_a_run_with_other_settings_as_not_run(tmp_path, capsy
     assert "mim_avg_s0 ran with other settings than this plan's (differs in: epochs)" in capsys.readouterr().err
 
 
+def test_report_only_reads_a_stage_artifact_only_under_a_current_record(tmp_path, capsys):
+    """--report-only read eval.json, ablations.json and the bench files whatever their stage's
+    record said: a benchmark run with other settings was reported under this plan's header."""
+    from train.pipeline import defaults_fingerprint, record_file, upstream_fingerprint
+
+    plan = _plan(tmp_path, tables="6")
+    todo = {stage.name: stage for stage in experiment.stages(plan)}
+    for name, argv in (("bench_train", todo["bench_train"].argv + ["steps=99"]),  # another preset's run
+                       ("bench_lookup", todo["bench_lookup"].argv)):
+        stage = todo[name]
+        stage.done_marker.parent.mkdir(parents=True, exist_ok=True)
+        stage.done_marker.write_text(json.dumps({"from": name}))
+        record_file(stage, plan.out).parent.mkdir(parents=True, exist_ok=True)
+        record_file(stage, plan.out).write_text(json.dumps({
+            "argv": argv, "wall_s": 1.0, "defaults": defaults_fingerprint(stage.settings),
+            "upstream": upstream_fingerprint(stage, plan.out)}))
+    results = experiment.run_experiment(plan, report_only=True)
+    assert results["bench_train"] is None and results["bench_lookup"] == {"from": "bench_lookup"}
+    assert "bench_train.json is not from this plan's bench_train stage" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("tables", "2,7", "--tables"), ("ubms", "din,gru4rec", "--ubms"), ("seeds", "1,x", "--seeds"),
     ("tables", "", "--tables"), ("seeds", "0,1,0", r"--seeds: 0 given more than once"),

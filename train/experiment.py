@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESETS, PRETRAIN, Stage, \
     check_ctr_settings, code_version, csft_feature_cache, mim_command, representation_chain, run_chain, stage_record, \
@@ -313,18 +313,35 @@ def _ctr_metrics(plan: Plan, run: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return metrics
 
 
-def collect_results(plan: Plan, stage_walls: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Every number the report shows, read back from the stages' artifacts."""
+def _stage_result(todo: Dict[str, Stage], current: Set[str], name: str) -> Optional[Any]:
+    """Stage ``name``'s artifact when its record is current (``current``: this plan's command
+    line, defaults and inputs); otherwise None, said where an artifact is there. A stage the
+    plan leaves out reads as None too. The artifact alone may be another preset's or another
+    world's, which --report-only published under this plan's header."""
+    stage = todo.get(name)
+    if stage is None:
+        return None
+    if name not in current:
+        if stage.done_marker.is_file():
+            print(f"warning: {stage.done_marker} is not from this plan's {name} stage (other settings or inputs, "
+                  "or a run that did not finish); it counts as not run", file=sys.stderr)
+        return None
+    return _read_json(stage.done_marker)
+
+
+def collect_results(plan: Plan, todo: List[Stage], stage_walls: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Every number the report shows, read back from the artifacts of ``todo``'s stages whose
+    records are current (those in ``stage_walls``)."""
     from mim_rec.data.manifest import world_age_caveat
 
-    out = plan.out
+    by_name, current = {stage.name: stage for stage in todo}, {wall["name"] for wall in stage_walls}
     return {"preset": plan.preset_name, "config": plan.settings(), "code": code_version(),
             "world": str(plan.world), "item_age_caveat": world_age_caveat(plan.world), "seeds": list(plan.seeds), "ubms": list(plan.ubms), "stages": stage_walls,
             "ctr": {run["name"]: _ctr_metrics(plan, run) for run in ctr_runs(plan)},
-            "pretrain_eval": _read_json(out / "pretrain" / "eval.json") if 3 in plan.tables else None,
-            "csft": _read_json(out / "csft_tables" / "ablations.json") if set(plan.tables) & {3, 4, 5} else None,
-            "bench_train": _read_json(out / "bench_train.json") if 6 in plan.tables else None,
-            "bench_lookup": _read_json(out / "bench_lookup.json") if 6 in plan.tables else None}
+            "pretrain_eval": _stage_result(by_name, current, "pretrain_eval"),
+            "csft": _stage_result(by_name, current, "csft_tables"),
+            "bench_train": _stage_result(by_name, current, "bench_train"),
+            "bench_lookup": _stage_result(by_name, current, "bench_lookup")}
 
 
 def run_experiment(plan: Plan, report_only: bool = False) -> Dict[str, Any]:
@@ -349,7 +366,7 @@ def run_experiment(plan: Plan, report_only: bool = False) -> Dict[str, Any]:
             wall, reused = done[stage.name]
         walls.append({"name": stage.name, "wall_s": round(wall, 1), "reused": reused, "argv": stage.argv,
                       "code": (record or {}).get("code")})  # None: recorded before stages kept it
-    results = collect_results(plan, walls)
+    results = collect_results(plan, todo, walls)
     results["wall_s_this_invocation"] = round(time.time() - started, 1)
     (plan.out / "results.json").write_text(json.dumps(results, indent=2))
     return results
