@@ -149,25 +149,47 @@ def test_report_only_counts_a_run_with_other_settings_as_not_run(tmp_path, capsy
     assert "mim_avg_s0 ran with other settings than this plan's (differs in: epochs)" in capsys.readouterr().err
 
 
+def _finished(stage, out, argv=None) -> None:
+    """Leave ``stage`` as a successful run of ``argv`` (its own by default) would: its artifact
+    and a record made after its upstream stages' current records."""
+    from train.pipeline import defaults_fingerprint, record_file, upstream_fingerprint
+
+    stage.done_marker.parent.mkdir(parents=True, exist_ok=True)
+    stage.done_marker.write_text(json.dumps({"from": stage.name}))
+    record_file(stage, out).parent.mkdir(parents=True, exist_ok=True)
+    record_file(stage, out).write_text(json.dumps({
+        "argv": argv or stage.argv, "wall_s": 1.0, "defaults": defaults_fingerprint(stage.settings),
+        "upstream": upstream_fingerprint(stage, out)}))
+
+
 def test_report_only_reads_a_stage_artifact_only_under_a_current_record(tmp_path, capsys):
     """--report-only read eval.json, ablations.json and the bench files whatever their stage's
     record said: a benchmark run with other settings was reported under this plan's header."""
-    from train.pipeline import defaults_fingerprint, record_file, upstream_fingerprint
-
     plan = _plan(tmp_path, tables="6")
     todo = {stage.name: stage for stage in experiment.stages(plan)}
-    for name, argv in (("bench_train", todo["bench_train"].argv + ["steps=99"]),  # another preset's run
-                       ("bench_lookup", todo["bench_lookup"].argv)):
-        stage = todo[name]
-        stage.done_marker.parent.mkdir(parents=True, exist_ok=True)
-        stage.done_marker.write_text(json.dumps({"from": name}))
-        record_file(stage, plan.out).parent.mkdir(parents=True, exist_ok=True)
-        record_file(stage, plan.out).write_text(json.dumps({
-            "argv": argv, "wall_s": 1.0, "defaults": defaults_fingerprint(stage.settings),
-            "upstream": upstream_fingerprint(stage, plan.out)}))
+    _finished(todo["bench_train"], plan.out, todo["bench_train"].argv + ["steps=99"])  # another preset's run
+    _finished(todo["bench_lookup"], plan.out)
     results = experiment.run_experiment(plan, report_only=True)
     assert results["bench_train"] is None and results["bench_lookup"] == {"from": "bench_lookup"}
     assert "bench_train.json is not from this plan's bench_train stage" in capsys.readouterr().err
+
+
+def test_dry_run_says_run_for_a_stage_after_one_that_runs(tmp_path, capsys):
+    """--dry-run said "reuse" for every stage with a current record, though one after a stage
+    that runs runs too (pipeline.run_chain)."""
+    from train.cli import main
+
+    plan = _plan(tmp_path, tables="6")
+    todo = experiment.stages(plan)
+    for stage in todo:
+        _finished(stage, plan.out)
+    argv = ["experiment", "--out", str(plan.out), "--tables", "6", "--dry-run"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count(" [reuse]: ") == len(todo)
+    (plan.world / "manifest.json").unlink()  # synth runs again; every stage reads its world
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert shown.count(" [run]: ") == len(todo) and "bench_lookup [run]: " in shown
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESETS, PRETRAIN, Stage, \
-    check_ctr_settings, code_version, csft_feature_cache, mim_command, representation_chain, run_chain, stage_record, \
-    torchx_command, world_folder
+    check_ctr_settings, code_version, csft_feature_cache, mim_command, plan_stage, representation_chain, run_chain, \
+    stage_record, torchx_command, world_folder
 
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
 ALL_TABLES = (2, 3, 4, 5, 6)
@@ -124,9 +124,10 @@ def _cli(args: argparse.Namespace) -> int:
         for run in ctr_runs(plan):
             check_ctr_settings([*grid_overrides(plan), *run["overrides"]])
     if args.dry_run:
-        for stage in stages(plan):
-            state = "reuse" if stage_record(stage, plan.out) else "run"
-            print(f"{stage.name} [{state}]: {' '.join(stage.argv)}")
+        todo = stages(plan)
+        planned = run_chain(todo, plan.out, step=plan_stage)  # a stage after one that runs runs too
+        for stage in todo:
+            print(f"{stage.name} [{'reuse' if planned[stage.name][1] else 'run'}]: {' '.join(stage.argv)}")
         return 0
     results = run_experiment(plan, report_only=args.report_only)
     from mim_rec.report import write_report

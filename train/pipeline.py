@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 PRESETS: Dict[str, Dict[str, List[str]]] = {
     # ~15 min on 2 CPU cores: the default world, short pre-training, 150 CTR steps per model.
@@ -273,6 +273,14 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
     return wall, False
 
 
+def plan_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = True) -> Tuple[float, bool]:
+    """What :func:`run_stage` would do, running nothing: ``(the recorded wall time, True)`` for a
+    stage it would reuse, ``(0.0, False)`` for one it would run. :func:`run_chain` with it
+    decides as a real run does (``mim experiment --dry-run``)."""
+    record = stage_record(stage, out) if reuse else None
+    return (record["wall_s"], True) if record is not None else (0.0, False)
+
+
 def failure_lines(log: str, tail: int = 15) -> str:
     """What to show of a failed stage's log: the ``mim ...: error:`` lines the commands print
     (under TorchX they sit above torchrun's own failure report, which names no cause), then the
@@ -316,8 +324,11 @@ def report(out: Path, ubm: str, walls: Dict[str, float], world: Path) -> str:
     return text
 
 
-def run_chain(plan: List[Stage], out: Path) -> Dict[str, Tuple[float, bool]]:
-    """Run the stages in order: ``{name: (wall time, reused)}``. A stage one of whose
+def run_chain(plan: List[Stage], out: Path,
+              step: Callable[[Stage, Path, int, int, bool], Tuple[float, bool]] = run_stage
+              ) -> Dict[str, Tuple[float, bool]]:
+    """Run the stages in order with ``step`` (:func:`plan_stage` for a dry run):
+    ``{name: (wall time, reused)}``. A stage one of whose
     :attr:`Stage.after` ran in this call runs too, as its inputs may have changed (a new
     ``--synth seed`` used to re-run synth and reuse every later stage, made from the old
     world); that holds along the chain, and in later calls too: until it succeeds, its record
@@ -327,7 +338,7 @@ def run_chain(plan: List[Stage], out: Path) -> Dict[str, Tuple[float, bool]]:
     done: Dict[str, Tuple[float, bool]] = {}
     for index, stage in enumerate(plan, 1):
         reuse = not any(name in done and not done[name][1] for name in stage.after)
-        done[stage.name] = run_stage(stage, out, index, len(plan), reuse=reuse)
+        done[stage.name] = step(stage, out, index, len(plan), reuse)
     return done
 
 
