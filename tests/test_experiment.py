@@ -206,6 +206,17 @@ def test_bad_arguments_are_refused(tmp_path, field, value, message):
         _plan(tmp_path, **{field: value})
 
 
+def test_a_rank_count_that_does_not_split_the_csft_batch_is_refused_before_any_stage(tmp_path, capsys):
+    """--nproc 3 with the quick preset's C-SFT batch of 32 was refused by the C-SFT stage, after
+    synth and pre-training had run."""
+    from train.cli import main
+
+    out = tmp_path / "exp"
+    assert main(["experiment", "--out", str(out), "--tables", "6", "--nproc", "3"]) == 2
+    assert "--nproc 3: the C-SFT stage's data.batch_size=32" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("ctr, message", [("bogus=1", "bogus"), ("model.over_arch=[0]", "model.over_arch")])
 def test_bad_ctr_settings_are_refused_before_any_stage(tmp_path, capsys, ctr, message):
     """--ctr was read only by the CTR grid, after pre-training and C-SFT (a dry run said nothing)."""

@@ -130,6 +130,7 @@ def test_a_given_world_changed_under_the_same_path_runs_its_reader_again(tmp_pat
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--out", "a_file", "is a file, not a run folder"), ("--nproc", "0", "--nproc 0"),
+    ("--nproc", "3", "--nproc 3: the C-SFT stage's data.batch_size=128 is not divisible by the 3 ranks"),
     # settings of later stages were read only when the chain reached them (mim train: after
     # pre-training and C-SFT)
     ("--ubm", "foo", "model.ubm"), ("--train", "bogus=1", "bogus"), ("--train", "lr=-1", "lr"),
@@ -222,3 +223,18 @@ def test_a_stage_rerun_for_its_upstream_is_not_reused_after_that_rerun_fails(tmp
     done = pipeline.run_chain([stage("first", "A"), second], tmp_path)
     assert {name: reused for name, (_, reused) in done.items()} == {"first": True, "second": False}
     assert (tmp_path / "second.txt").read_text() == "bb"
+
+
+def test_a_rank_count_that_does_not_split_the_csft_batch_is_refused_up_front(tmp_path):
+    """--nproc sets C-SFT's ranks too: --nproc 3 with the tiny preset's C-SFT batch of 32 was
+    refused only by the C-SFT stage, after synth and pre-training had run."""
+    import argparse
+
+    from mim_rec.config import ConfigError
+    from train.pipeline import stages
+
+    args = argparse.Namespace(out=str(tmp_path), preset="tiny", world=None, ubm="din", nproc=3, synth=[],
+                              pretrain=[], csft=[], train=[])
+    with pytest.raises(ConfigError, match=r"--nproc 3: .*data\.batch_size=32 .*3 ranks"):
+        stages(args)
+    assert stages(argparse.Namespace(**{**vars(args), "csft": ["data.batch_size=30"]}))  # a multiple of 3

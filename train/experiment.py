@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ctr", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra `mim train` overrides for every CTR run (e.g. epochs=5 "
                              "loader.batch_size=256 for a small dataset); their runs go to their own folder")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd)")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd); must divide C-SFT's data.batch_size")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's command line and whether "
                                                                "it would be reused; run nothing")
     parser.add_argument("--report-only", action="store_true",
@@ -349,10 +349,10 @@ def run_experiment(plan: Plan, report_only: bool = False) -> Dict[str, Any]:
     """Run (or reuse) every stage of ``plan``; write and return ``OUT/results.json``. With
     ``report_only``, run nothing and collect what has finished: stages that did not finish are
     left out of the stage table, and CTR runs without a ``metrics.json`` read as not run."""
+    todo = stages(plan)  # checks the stages' settings (C-SFT's batch against --nproc) before anything is written
     plan.out.mkdir(parents=True, exist_ok=True)
     if not report_only:
         write_grid(plan)
-    todo = stages(plan)
     walls = []
     started = time.time()
     done = {} if report_only else run_chain(todo, plan.out)

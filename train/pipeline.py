@@ -1,7 +1,7 @@
 """``mim pipeline``: the whole MIM chain on one world, as separate stages that exchange only
-artifacts on disk -- synth -> validate -> pretrain -> C-SFT (2 ranks through the TorchX
-``csft`` component) -> MFM table from the C-SFT item tower -> CiUBM Base and Base+MIM (2 ranks
-through the TorchX ``train_ciubm`` component) -> report.
+artifacts on disk -- synth -> validate -> pretrain -> C-SFT (``--nproc`` ranks, 2 by default,
+through the TorchX ``csft`` component) -> MFM table from the C-SFT item tower -> CiUBM Base and
+Base+MIM (as many ranks, through the TorchX ``train_ciubm`` component) -> report.
 
 Each stage is a ``mim`` command run as its own process, logged to ``RUNDIR/logs/<stage>.log``.
 A stage whose artifact exists and whose command line is unchanged since it last succeeded is
@@ -83,7 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--world", default=None, help="use this world folder instead of generating one")
     parser.add_argument("--ubm", default="din", help="user behaviour model for Base and Base+MIM")
-    parser.add_argument("--nproc", type=int, default=2, help="CiUBM ranks (TorchX local_cwd)")
+    parser.add_argument("--nproc", type=int, default=2,
+                        help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd); must divide C-SFT's "
+                             "data.batch_size")
     for stage, command in STAGE_OVERRIDES.items():
         parser.add_argument(f"--{stage}", nargs="+", default=[], metavar="KEY=VALUE",
                             help=f"overrides for the {stage} stage ({command}), after the preset's")
@@ -122,7 +124,7 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     pretrain_settings = [f"data.world={world}", f"out={out / 'pretrain'}", *preset["pretrain"]]
     csft_settings = [f"data.world={world}", f"encoders={out / 'pretrain' / 'encoders'}", f"out={out / 'csft'}",
                      *preset["csft"]]
-    check_encoder_settings(pretrain_settings, csft_settings)
+    check_encoder_settings(pretrain_settings, csft_settings, nproc)
     plan = []
     if not world_arg:
         plan.append(Stage("synth", mim + ["data", "synth", "--out", str(world), *preset["synth"]],
@@ -171,16 +173,22 @@ def check_ctr_settings(overrides: Sequence[str]) -> None:
     load_train_config(None, ["model.mm_dim=64", *overrides], check_device=False)
 
 
-def check_encoder_settings(pretrain_settings: Sequence[str], csft_settings: Sequence[str]) -> None:
+def check_encoder_settings(pretrain_settings: Sequence[str], csft_settings: Sequence[str], nproc: int) -> None:
     """Load the pretrain and C-SFT stages' settings before the chain starts (the world they
-    read may not exist yet: only the settings are checked)."""
-    from mim_rec.config import load_config
+    read may not exist yet: only the settings are checked), and C-SFT's batch against its
+    ``nproc`` ranks, which C-SFT refused only after synth and pre-training had run."""
+    from mim_rec.config import ConfigError, load_config
     from mim_rec.csft.config import CsftConfig
     from mim_rec.pretrain.config import PretrainConfig
     from train import csft, pretrain
 
     pretrain.check_config(load_config(PretrainConfig, None, pretrain_settings))
-    csft.check_config(load_config(CsftConfig, None, csft_settings))
+    csft_config = csft.check_config(load_config(CsftConfig, None, csft_settings))
+    try:
+        pretrain.check_batch_split(csft_config.data.batch_size, nproc)
+    except ConfigError as err:
+        raise ConfigError(f"--nproc {nproc}: the C-SFT stage's {err}; give --nproc a divisor of it, or "
+                          f"C-SFT a multiple of {nproc} (--csft data.batch_size=...)") from err
 
 
 def record_file(stage: Stage, out: Path) -> Path:

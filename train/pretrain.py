@@ -342,14 +342,22 @@ def _embed_items(pair, items, batch_size: int, ctx):
                       for f in dataclasses.fields(Embedded)))
 
 
+def check_batch_split(global_batch: int, world_size: int) -> None:
+    """Refuse a global batch the ranks cannot share evenly (each takes ``global_batch //
+    world_size``); ``mim pipeline`` checks its ``--nproc`` with it before any stage runs."""
+    from mim_rec.config import ConfigError
+
+    if global_batch % world_size:
+        raise ConfigError(f"data.batch_size={global_batch} is not divisible by the {world_size} ranks")
+
+
 def _local_batch(global_batch: int, world_size: int, train_items: int,
                  remedy: str = "lower the batch size") -> int:
     """Each rank's share of the global batch; ``remedy`` ends the error for too few items
     (pre-training names the held-out share, which can leave too few)."""
     from mim_rec.config import ConfigError
 
-    if global_batch % world_size:
-        raise ConfigError(f"data.batch_size={global_batch} is not divisible by the {world_size} ranks")
+    check_batch_split(global_batch, world_size)
     if train_items < global_batch:
         raise ConfigError(f"data.batch_size={global_batch}: only {train_items} training items; {remedy}")
     return global_batch // world_size
