@@ -68,6 +68,17 @@ def test_each_stage_names_earlier_stages_as_its_inputs(tmp_path):
     assert "csft" not in after["pretrain_eval"] and "ctr_grid" not in after["csft_tables"]
 
 
+def test_the_training_cost_bench_measures_the_plans_ubms(tmp_path):
+    """--ubms never reached bench_train: Table 6 measured the bench preset's UBMs whatever the
+    plan ran."""
+    from mim_rec.config import load_config
+    from train.bench_train import TrainBenchConfig
+
+    bench = next(s for s in experiment.stages(_plan(tmp_path, tables="6", ubms="din,sim")) if s.name == "bench_train")
+    overrides = [arg for arg in bench.argv if "=" in arg]
+    assert load_config(TrainBenchConfig, None, overrides, preset=TrainBenchConfig.quick()).ubms == ["din", "sim"]
+
+
 def test_the_grid_file_name_follows_its_content(tmp_path):
     first = next(s for s in experiment.stages(_plan(tmp_path, ubms="din")) if s.name == "ctr_grid")
     second = next(s for s in experiment.stages(_plan(tmp_path, ubms="din,sim")) if s.name == "ctr_grid")
