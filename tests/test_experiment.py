@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -226,6 +227,16 @@ def test_a_rank_count_that_does_not_split_the_csft_batch_is_refused_before_any_s
     assert main(["experiment", "--out", str(out), "--tables", "6", "--nproc", "3"]) == 2
     assert "--nproc 3: the C-SFT stage's data.batch_size=32" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("ctr, flag", [
+    ("seed=7", "--seeds"), ("model.ubm=sim", "--ubms"), ("out=runs/x", "--out"), ("mm_table=runs/t", "mfm"),
+    ("data.world=runs/w", "--world"), ("model.content_interest=false", "Base+MIM")])
+def test_ctr_settings_the_experiment_sets_per_run_are_refused(tmp_path, ctr, flag):
+    """--ctr seed=7 model.ubm=sim was accepted and then overridden by every run's own seed and
+    UBM without a word (data.world and the interest switches silently changed what each run was)."""
+    with pytest.raises(ConfigError, match=f"--ctr {re.escape(ctr)}: .*{re.escape(flag)}"):
+        _plan(tmp_path, tables="2", ubms="din", ctr=["epochs=5", ctr])
 
 
 @pytest.mark.parametrize("ctr, message", [("bogus=1", "bogus"), ("model.over_arch=[0]", "model.over_arch")])

@@ -39,6 +39,13 @@ from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESE
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
 ALL_TABLES = (2, 3, 4, 5, 6)
 ABLATION_UBM = "din"  # the UBM of the module ablations and of the encoder-stage CTR rows
+# The `mim train` settings the experiment gives its CTR runs itself, and what sets each: in
+# --ctr, one was overridden by every run's own value without a word, or changed what a run is.
+PLAN_SETTINGS = {"seed": "--seeds", "model.ubm": "--ubms", "out": "--out (each run has its folder under it)",
+                 "mm_table": "the mfm stages, which build each run's MM table",
+                 "data.world": "--world",
+                 "model.content_interest": "the runs themselves (Base, Base+MIM and the module ablations)",
+                 "model.fusion_interest": "the runs themselves (Base, Base+MIM and the module ablations)"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--ctr", nargs="+", default=[], metavar="KEY=VALUE",
                         help="extra `mim train` overrides for every CTR run (e.g. epochs=5 "
-                             "loader.batch_size=256 for a small dataset); their runs go to their own folder")
+                             "loader.batch_size=256 for a small dataset); their runs go to their own folder. "
+                             "Not what the experiment sets per run (seed, model.ubm, out, mm_table, data.world, "
+                             "the interest switches)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd); must divide C-SFT's data.batch_size")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's command line and whether "
                                                                "it would be reused; run nothing")
@@ -163,11 +172,24 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"--out {args.out} is a file, not a run folder")
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the C-SFT and CiUBM jobs need at least one rank")
+    check_ctr_overrides(args.ctr)
     return Plan(out=Path(args.out).resolve(), preset_name=args.preset, preset=preset, world_arg=args.world,
                 tables=_parse_list(args.tables, int, ALL_TABLES, "--tables"),
                 ubms=_parse_list(args.ubms, str, ALL_UBMS, "--ubms") or preset.ubms,
                 seeds=_parse_list(args.seeds, int, None, "--seeds") or preset.seeds, nproc=args.nproc,
                 ctr_overrides=tuple(args.ctr))
+
+
+def check_ctr_overrides(overrides: Sequence[str]) -> None:
+    """Refuse a ``--ctr`` setting the experiment sets per run (:data:`PLAN_SETTINGS`), naming
+    what sets it instead."""
+    from mim_rec.config import ConfigError
+
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in PLAN_SETTINGS:
+            raise ConfigError(f"--ctr {override}: the experiment sets {key} for each CTR run; "
+                              f"it is set by {PLAN_SETTINGS[key]}")
 
 
 # ------------------------------------------------------------------------------- the runs
