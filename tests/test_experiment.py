@@ -75,9 +75,11 @@ def test_the_training_cost_bench_measures_the_plans_ubms(tmp_path):
     from mim_rec.config import load_config
     from train.bench_train import TrainBenchConfig
 
+    from train.cli import build_parser
+
     bench = next(s for s in experiment.stages(_plan(tmp_path, tables="6", ubms="din,sim")) if s.name == "bench_train")
-    overrides = [arg for arg in bench.argv if "=" in arg]
-    assert load_config(TrainBenchConfig, None, overrides, preset=TrainBenchConfig.quick()).ubms == ["din", "sim"]
+    args = build_parser().parse_args(bench.argv[bench.argv.index("bench"):])  # as the stage's command line parses
+    assert load_config(TrainBenchConfig, None, args.overrides, preset=TrainBenchConfig.quick()).ubms == ["din", "sim"]
 
 
 def test_the_grid_file_name_follows_its_content(tmp_path):

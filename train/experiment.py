@@ -276,8 +276,8 @@ def stages(plan: Plan) -> List[Stage]:
                             after=("synth", "validate", "mfm", "mfm_stage1", "mfm_truth")))
     if 6 in tables:
         result.append(Stage("bench_train", mim + ["bench", "train", "--json", str(out / "bench_train.json"),
-                                                  f"world={world}", *plan.preset.bench_train,
-                                                  f"ubms=[{','.join(plan.ubms)}]"],  # Table 6 has the plan's UBMs
+                                                  f"world={world}", f"ubms=[{','.join(plan.ubms)}]",  # Table 6's
+                                                  *plan.preset.bench_train],  # after the overrides: it holds flags
                             out / "bench_train.json", "train.bench_train:TrainBenchConfig", after=("synth", "validate")))
         result.append(Stage("bench_lookup", mim + [
             "bench", "lookup", "--json", str(out / "bench_lookup.json"), f"items={world / 'items.parquet'}",
