@@ -671,6 +671,53 @@ def test_a_diverged_run_stops_before_checkpointing_nan_weights(world, tmp_path, 
     assert "the training loss is not finite" in capsys.readouterr().err
     assert not (out / "checkpoints" / "latest").is_file() and not (out / "metrics.json").exists()
 
+def _csft_run(folder):
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "step-000000003.pt").write_bytes(b"a C-SFT checkpoint")
+    (folder / "config.json").write_text(json.dumps({"encoders": "runs/p/encoders", "steps": 300, "negatives": {},
+                                                    "loss": {}, "data": {}}))
+    (folder / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+    return "holds checkpoints/step-000000003.pt, which is not a `mim train` run's"
+
+
+def _csft_config_only(folder):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"encoders": "e", "steps": 300, "negatives": {}, "loss": {},
+                                                    "data": {}}))
+    return "its config.json is a `mim csft` run's, not a `mim train` run's (settings encoders, loss, negatives, steps)"
+
+
+def _pretrain_run(folder):
+    (folder / "encoders").mkdir(parents=True)
+    return "holds encoders, which is not a `mim train` run's"
+
+
+@pytest.mark.parametrize("fill", [_csft_run, _csft_config_only, _pretrain_run])
+def test_training_refuses_a_folder_that_is_not_a_train_runs(world, tmp_path, fill):
+    """mim train looked only for its own (DCP) checkpoints: it rewrote another stage's
+    config.json and trimmed its metrics.jsonl, leaving that run unusable."""
+    out = tmp_path / "out"
+    message = fill(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ciubm.run(_config(world, out, "max_steps=1", "model.ubm=avg"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_training_refuses_the_world_folder(world, tmp_path):
+    with pytest.raises(ConfigError, match=r"holds events_test.parquet, events_train.parquet, items.parquet"):
+        ciubm.run(_config(world, world, "max_steps=1", "model.ubm=avg"))
+    assert not (world / "checkpoints").exists()
+
+
+def test_eval_only_runs_on_another_kind_of_host(world, tmp_path):
+    """docs/ciubm.md says --eval-only scores a GPU-trained run on a CPU host and the reverse;
+    the changed device= was refused as another config."""
+    trained = ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=avg", "device=cpu"))
+    evaluated = ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=avg", "device=auto"), train=False)
+    assert evaluated["auc"] == pytest.approx(trained["auc"], abs=1e-9)
+
+
 def test_eval_only_without_a_checkpoint_is_refused(world, tmp_path):
     """It used to evaluate an untrained model and write its AUC into metrics.json."""
     with pytest.raises(ConfigError, match=r"--eval-only: out=.*empty holds no checkpoint"):

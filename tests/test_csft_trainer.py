@@ -578,3 +578,18 @@ def test_eval_without_the_test_pairs_is_refused_before_training(inputs, tmp_path
     assert cli.main(["csft", "--config", str(config_file), "--eval"]) == 2
     assert "pairs_test.parquet: no such file; the evaluation reads it" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_training_refuses_a_train_runs_folder(inputs, tmp_path):
+    """mim csft looked only for its own checkpoint files: it rewrote a CiUBM run's config.json
+    and trimmed its metrics.jsonl, and the run no longer evaluated."""
+    out = tmp_path / "ctr"
+    (out / "checkpoints" / "step-000000004").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"model": {}, "loader": {}, "epochs": 1, "data": {}, "id_lr": 0.1}))
+    with pytest.raises(ConfigError, match=r"holds checkpoints/step-000000004, which is not a `mim csft` run's"):
+        run_csft(_config(inputs, out))
+    (out / "checkpoints" / "step-000000004").rmdir()
+    with pytest.raises(ConfigError, match=r"its config.json is a `mim train` run's, not a `mim csft` run's "
+                                          r"\(settings epochs, id_lr, loader\)"):
+        run_csft(_config(inputs, out))
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "config.json"]  # nothing written

@@ -328,6 +328,9 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
 EXECUTION_ONLY = frozenset({"train_pipeline", "out", "checkpoint_keep"})
 # Settings a resumed run may change: how long it trains, how often it logs and saves.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
+# Settings --eval-only may change beyond those: the events it scores, the host it runs on, and
+# the MM table folder, which it does not read (the checkpoint holds the table)
+EVAL_ONLY_CHANGES = frozenset({"data", "mm_table", "device"})
 # Events of metrics.jsonl a run logs again at the step it restores when it trains no further (a
 # re-run of a finished run): a folder keeps one record of each per trained state, not one per start.
 LOGGED_AFTER_RESTORE = ("mm_table", "eval")
@@ -374,9 +377,10 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
         return
     from train.common import changed_settings
 
-    # --eval-only may score the checkpoint on other events (another world), and reads no MM
-    # table folder (the checkpoint holds its table); training may do neither
-    changed = changed_settings(config, RESUMABLE_CHANGES | ({"data", "mm_table"} if inputs is None else set()),
+    # --eval-only may score the checkpoint on other events (another world) and on another kind
+    # of host, and reads no MM table folder (the checkpoint holds its table); training may do
+    # none of these
+    changed = changed_settings(config, RESUMABLE_CHANGES | (EVAL_ONLY_CHANGES if inputs is None else set()),
                                PATH_SETTINGS)
     if changed:
         raise ConfigError(f"out={out} holds checkpoints of a run with another config (differs in: "
@@ -607,13 +611,21 @@ def _validate_events(config: TrainConfig, items) -> None:
                                        f"in both splits (the AUC is undefined on one class)", field="label")
 
 
+# What a `mim train` run writes into its folder; "*.pt" checkpoints are pretrain's or C-SFT's.
+RUN_FILES = frozenset({"config.json", "inputs.json", "checkpoints", "metrics.jsonl", "metrics.json", "eval.json",
+                       "plan.txt"})
+
+
 def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     """Train (resuming from ``out/checkpoints`` if present), then evaluate; the report on rank 0.
     A training run holds ``out`` (:func:`~mim_rec.utils.run.run_folder_lock`)."""
     from contextlib import nullcontext
 
     from mim_rec.utils.run import run_folder_lock
+    from train.common import require_own_run_folder
 
+    if train:  # before the lock, which would leave its file in a foreign folder
+        require_own_run_folder(config, "mim train", RUN_FILES, "*.pt")
     with run_folder_lock(config.out) if train else nullcontext():
         return _run(config, train)
 

@@ -134,6 +134,42 @@ def changed_settings(config: Any, ignored: Iterable[str], paths: Iterable[str] =
     return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
 
 
+def require_own_run_folder(config: Any, command: str, run_files: Iterable[str], foreign_checkpoints: str) -> None:
+    """Refuse to train into ``config.out`` when it holds anything but a ``command`` run: training
+    rewrites config.json and trims metrics.jsonl, and each stage looks only for its own kind of
+    checkpoint, so another stage's run (or a world) was overwritten and left unusable.
+
+    Foreign are: files outside ``run_files`` (dot files are the machinery's own), checkpoints
+    matching ``foreign_checkpoints`` (a glob in ``checkpoints/``: the other checkpoint format),
+    and a config.json whose keys another stage's config fits better than this one's (so a run
+    of an older version, with a setting since removed, is still this stage's)."""
+    from dataclasses import fields
+
+    from mim_rec.csft import CsftConfig
+    from mim_rec.pretrain.config import PretrainConfig
+    from train.ciubm import TrainConfig
+
+    out = Path(config.out)
+    if not out.is_dir():
+        return
+    remedy = "use an empty or new out="
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in run_files and not p.name.startswith("."))
+    foreign += sorted(f"checkpoints/{p.name}" for p in (out / "checkpoints").glob(foreign_checkpoints))
+    if foreign:
+        raise ConfigError(f"out={out}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                          f"which is not a `{command}` run's; {remedy}")
+    saved = read_json_or_none(out / "config.json") if (out / "config.json").is_file() else {}
+    if not isinstance(saved, dict):
+        raise ConfigError(f"out={out}: its config.json is not a whole JSON object; {remedy}")
+    stages = {"mim pretrain": PretrainConfig, "mim csft": CsftConfig, "mim train": TrainConfig}
+    unknown = {name: set(saved) - {f.name for f in fields(kind)} for name, kind in stages.items()}
+    fits = min(unknown, key=lambda name: len(unknown[name]))
+    if len(unknown[fits]) < len(unknown[command]):
+        raise ConfigError(f"out={out}: its config.json is a `{fits}` run's, not a `{command}` run's (settings "
+                          f"{', '.join(sorted(unknown[command])[:4])}{', ...' if len(unknown[command]) > 4 else ''}); "
+                          f"{remedy}")
+
+
 def absolute_paths(settings: Dict[str, Any], paths: Iterable[str]) -> Dict[str, Any]:
     """``settings`` (a config as a dict) with the dotted ``paths`` made absolute, in place."""
     for key in paths:

@@ -71,12 +71,21 @@ def check_config(config: CsftConfig) -> CsftConfig:
     return config
 
 
+# What a `mim csft` run writes into its folder (see the module docstring), and the result.json
+# csft-ablations and csft-tune keep in each of their runs' folders.
+RUN_FILES = frozenset({"config.json", "checkpoints", "metrics.jsonl", "tb", "features", "mm_encoder", "eval.json",
+                       "result.json"})
+
+
 # ----------------------------------------------------------------------------- training
 
 def run_csft(config) -> Path:
     """Train (or resume) a run in ``config.out``; returns the MM encoder folder."""
     from mim_rec.utils.run import run_folder_lock
+    from train.common import require_own_run_folder
+    from train.pretrain import DCP_CHECKPOINTS
 
+    require_own_run_folder(config, "mim csft", RUN_FILES, DCP_CHECKPOINTS)  # before the lock's file
     with run_folder_lock(config.out):
         return _run_csft(config)
 

@@ -116,6 +116,8 @@ def run_pretrain(config) -> Path:
 # What a `mim pretrain` run writes into its folder. Dot files (the run lock, the temporaries of
 # atomic writes a kill left behind) are the machinery's own.
 RUN_FILES = frozenset({"config.json", "checkpoints", "metrics.jsonl", "tb", "dda", "encoders", "eval.json"})
+# A `mim train` run's checkpoints (DCP folders), where pretrain and C-SFT keep step-N.pt files.
+DCP_CHECKPOINTS = "step-[0-9]*[0-9]"
 # What a run leaves that a fresh start must not inherit.
 EARLIER_ARTIFACTS = ("dda", "encoders", "eval.json")
 
@@ -126,20 +128,16 @@ def _check_run_folder(config: PretrainConfig) -> None:
     C-SFT run's metrics, replaced a folder's own config.json and wrote into a world folder.
     Another pretrain run's folder passes: checkpoints of another config are refused on resume,
     and a fresh start clears the earlier run's artifacts (:func:`_clear_earlier_artifacts`)."""
-    from mim_rec.config import ConfigError
+    from train.common import require_own_run_folder
 
-    out = Path(config.out)
     _saved_config(config, "use an empty or new out=")
-    foreign = sorted(p.name for p in out.iterdir()
-                     if p.name not in RUN_FILES and not p.name.startswith(".")) if out.is_dir() else []
-    if foreign:
-        raise ConfigError(f"out={config.out}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
-                          "which is not a `mim pretrain` run's; use an empty or new out=")
+    require_own_run_folder(config, "mim pretrain", RUN_FILES, DCP_CHECKPOINTS)
 
 
 def _architecture(pair: "EncoderPair") -> Dict[str, Any]:
-    """What a checkpoint records of how the vision tower was built beyond its weights."""
-    return {"vision_architecture": getattr(pair.vision, "architecture", {})}
+    """What a checkpoint records of how the vision tower was built beyond its weights, as its
+    config file reads back (a YAML list and the same tuple in Python are one setting)."""
+    return {"vision_architecture": json.loads(json.dumps(getattr(pair.vision, "architecture", {})))}
 
 
 def _require_same_vision_architecture(extra: Dict[str, Any], pair: "EncoderPair", config: PretrainConfig) -> None:
@@ -149,7 +147,7 @@ def _require_same_vision_architecture(extra: Dict[str, Any], pair: "EncoderPair"
     2026-12-07 the bundled EfficientNet-Lite0 weights add TF SAME padding and eps 1e-3."""
     from mim_rec.config import ConfigError
 
-    before = extra.get("vision_architecture", config.encoders.vision.model_kwargs)
+    before = extra.get("vision_architecture", json.loads(json.dumps(config.encoders.vision.model_kwargs)))
     now = _architecture(pair)["vision_architecture"]
     if before != now:
         raise ConfigError(f"{config.out}/checkpoints: trained with the vision tower built with {before} and this "
