@@ -160,7 +160,8 @@ def require_own_run_folder(config: Any, command: str, run_files: Iterable[str], 
                           f"which is not a `{command}` run's; {remedy}")
     saved = read_json_or_none(out / "config.json") if (out / "config.json").is_file() else {}
     if not isinstance(saved, dict):
-        raise ConfigError(f"out={out}: its config.json is not a whole JSON object; {remedy}")
+        raise ConfigError(f"{out / 'config.json'}: not a whole JSON object (a write cut short?), so the run's "
+                          f"settings are unknown; {remedy}")
     stages = {"mim pretrain": PretrainConfig, "mim csft": CsftConfig, "mim train": TrainConfig}
     unknown = {name: set(saved) - {f.name for f in fields(kind)} for name, kind in stages.items()}
     fits = min(unknown, key=lambda name: len(unknown[name]))
