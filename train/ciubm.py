@@ -611,7 +611,8 @@ def _validate_events(config: TrainConfig, items) -> None:
                                        f"in both splits (the AUC is undefined on one class)", field="label")
 
 
-# What a `mim train` run writes into its folder; "*.pt" checkpoints are pretrain's or C-SFT's.
+# What a `mim train` run writes into its folder (its checkpoints are DCP folders, not the step
+# files of pretrain and C-SFT).
 RUN_FILES = frozenset({"config.json", "inputs.json", "checkpoints", "metrics.jsonl", "metrics.json", "eval.json",
                        "plan.txt"})
 
@@ -622,10 +623,10 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     from contextlib import nullcontext
 
     from mim_rec.utils.run import run_folder_lock
-    from train.common import require_own_run_folder
+    from train.common import STEP_FILE_GLOB, require_own_run_folder
 
     if train:  # before the lock, which would leave its file in a foreign folder
-        require_own_run_folder(config, "mim train", RUN_FILES, "*.pt")
+        require_own_run_folder(config, "mim train", RUN_FILES, STEP_FILE_GLOB)
     with run_folder_lock(config.out) if train else nullcontext():
         return _run(config, train)
 

@@ -35,6 +35,7 @@ from mim_rec.data.errors import DataError
 from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes, read_json_or_none
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
+STEP_FILE_GLOB = "step-*.pt"  # the same files as a glob, for another stage's folder check
 
 
 def capture_rng() -> Dict[str, Any]:

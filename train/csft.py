@@ -83,9 +83,9 @@ def run_csft(config) -> Path:
     """Train (or resume) a run in ``config.out``; returns the MM encoder folder."""
     from mim_rec.utils.run import run_folder_lock
     from train.common import require_own_run_folder
-    from train.pretrain import DCP_CHECKPOINTS
+    from train.dcp_checkpoints import DCP_STEP_GLOB
 
-    require_own_run_folder(config, "mim csft", RUN_FILES, DCP_CHECKPOINTS)  # before the lock's file
+    require_own_run_folder(config, "mim csft", RUN_FILES, DCP_STEP_GLOB)  # before the lock's file
     with run_folder_lock(config.out):
         return _run_csft(config)
 

@@ -15,6 +15,10 @@ import torch.distributed.checkpoint as dcp
 
 from mim_rec.utils.run import atomic_write_bytes
 
+# The checkpoint folders DcpCheckpoints writes (step-000000040), as a glob: another stage's
+# folder check finds them by it (pretrain and C-SFT keep step-N.pt files).
+DCP_STEP_GLOB = "step-[0-9]*[0-9]"
+
 
 def _without_stateless(optimizer_state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``(the optimizer's state dict less its empty per-parameter entries, those entries)``.

@@ -116,8 +116,6 @@ def run_pretrain(config) -> Path:
 # What a `mim pretrain` run writes into its folder. Dot files (the run lock, the temporaries of
 # atomic writes a kill left behind) are the machinery's own.
 RUN_FILES = frozenset({"config.json", "checkpoints", "metrics.jsonl", "tb", "dda", "encoders", "eval.json"})
-# A `mim train` run's checkpoints (DCP folders), where pretrain and C-SFT keep step-N.pt files.
-DCP_CHECKPOINTS = "step-[0-9]*[0-9]"
 # What a run leaves that a fresh start must not inherit.
 EARLIER_ARTIFACTS = ("dda", "encoders", "eval.json")
 
@@ -129,9 +127,10 @@ def _check_run_folder(config: PretrainConfig) -> None:
     Another pretrain run's folder passes: checkpoints of another config are refused on resume,
     and a fresh start clears the earlier run's artifacts (:func:`_clear_earlier_artifacts`)."""
     from train.common import require_own_run_folder
+    from train.dcp_checkpoints import DCP_STEP_GLOB
 
     _saved_config(config, "use an empty or new out=")
-    require_own_run_folder(config, "mim pretrain", RUN_FILES, DCP_CHECKPOINTS)
+    require_own_run_folder(config, "mim pretrain", RUN_FILES, DCP_STEP_GLOB)
 
 
 def _architecture(pair: "EncoderPair") -> Dict[str, Any]:
