@@ -85,7 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "loader.batch_size=256 for a small dataset); their runs go to their own folder. "
                              "Not what the experiment sets per run (seed, model.ubm, out, mm_table, data.world, "
                              "the interest switches)")
-    parser.add_argument("--nproc", type=int, default=2, help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd); must divide C-SFT's data.batch_size")
+    parser.add_argument("--nproc", type=int, default=2,
+                        help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd); must divide C-SFT's "
+                             "data.batch_size")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's command line and whether "
                                                                "it would be reused; run nothing")
     parser.add_argument("--report-only", action="store_true",
