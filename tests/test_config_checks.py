@@ -163,6 +163,10 @@ def test_table_build_refuses_non_positive_sizes_before_writing(tmp_path, capsys,
     ("csft", "negatives.queue_batches=-1", "negatives.queue_batches=-1: must not be negative"),
     ("csft", "data.validation=1.5", "data.validation=1.5: must lie strictly between 0 and 1"),
     ("csft", "eval.ks=[0]", r"eval.ks=[0]: recall cut-offs must be positive"),
+    # A misspelt signal beside a real one selected nothing and trained on the real one's pairs.
+    ("csft", "data.signals=[purchase,clikc]", "data.signals=['purchase', 'clikc']: 'clikc' is not a signal; "
+     "choose from ['click', 'purchase']"),
+    ("csft", "data.signals=[]", "data.signals=[]: name at least one signal"),
 ])
 def test_stage_commands_refuse_settings_that_train_nothing_or_nonsense(tmp_path, capsys, command, override, message):
     """Each of these used to exit 0 with an untrained or meaningless artifact, or a traceback."""

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict
+from typing import TYPE_CHECKING, Dict, List
 
 from train.stage_cli import StageCommands, register_stage
 
@@ -60,6 +60,7 @@ def check_config(config: CsftConfig) -> CsftConfig:
     require_not_negative(config, ("loss.alpha", "loss.beta", "negatives.queue_batches", "weight_decay", "seed"))
     if config.data.validation:
         require_fraction(config, ("data.validation",))
+    _check_signals(config.data.signals)
     if not config.eval.ks or min(config.eval.ks) <= 0:
         raise ConfigError(f"eval.ks={config.eval.ks}: recall cut-offs must be positive")
     if config.negatives.queue_batches and config.model.train_backbones:
@@ -69,6 +70,18 @@ def check_config(config: CsftConfig) -> CsftConfig:
                           "(docs/csft.md, 'No queue while the backbones train')")
     require_run_folder(config.out, "runs/csft")  # csft-ablations and csft-tune bypass stage_cli
     return config
+
+
+def _check_signals(signals: List[str]) -> None:
+    """Each of ``data.signals`` must select pairs: a misspelt one beside a real one used to
+    select nothing, and the run trained on the real one's pairs under the misspelt name."""
+    from mim_rec.config import ConfigError
+    from mim_rec.csft.data import SELECTED_BY
+    if not signals:
+        raise ConfigError(f"data.signals={signals}: name at least one signal")
+    for signal in signals:
+        if signal not in SELECTED_BY:
+            raise ConfigError(f"data.signals={signals}: {signal!r} is not a signal; choose from {sorted(SELECTED_BY)}")
 
 
 # What a `mim csft` run writes into its folder (see the module docstring), and the result.json
