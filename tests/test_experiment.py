@@ -163,6 +163,38 @@ def test_report_only_counts_a_run_with_other_settings_as_not_run(tmp_path, capsy
     assert "mim_avg_s0 ran with other settings than this plan's (differs in: epochs)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("changed", ["events_test.parquet", "items.parquet", "mm_table"])
+def test_report_only_counts_a_run_scored_on_other_data_as_not_run(tmp_path, capsys, changed):
+    """Only the settings were compared: after the world or the MM table was rebuilt in place,
+    --report-only published the old runs' numbers under the new stages (the grid re-scores them)."""
+    from train.ciubm import _test_events_fingerprint, _training_inputs, load_train_config
+    from train.common import config_dict
+
+    plan = _plan(tmp_path, tables="2", ubms="avg", seeds="0")
+    plan.world.mkdir(parents=True)
+    for name in ("items.parquet", "events_train.parquet", "events_test.parquet"):
+        (plan.world / name).write_bytes(b"rows of " + name.encode())
+    metrics = {"auc": 0.61, "steps": 3}
+    for run in experiment.ctr_runs(plan):
+        config = load_train_config(None, ["model.mm_dim=16", *experiment.grid_overrides(plan), *run["overrides"]])
+        if config.mm_table:
+            (plan.out / "mm_table").mkdir(parents=True, exist_ok=True)
+            (plan.out / "mm_table" / "part-0.parquet").write_bytes(b"a table")
+        folder = plan.ctr_dir / run["name"]
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "events_test_fingerprint":
+                                                          _test_events_fingerprint(config)}))
+        (folder / "config.json").write_text(json.dumps(config_dict(config)))
+        (folder / "inputs.json").write_text(json.dumps(_training_inputs(config)))
+    assert experiment.run_experiment(plan, report_only=True)["ctr"]["mim_avg_s0"] is not None
+    target = plan.out / "mm_table" / "part-0.parquet" if changed == "mm_table" else plan.world / changed
+    target.write_bytes(b"rebuilt in place")
+    results = experiment.run_experiment(plan, report_only=True)
+    assert results["ctr"]["mim_avg_s0"] is None
+    assert (results["ctr"]["base_avg_s0"] is None) == (changed != "mm_table")  # Base reads no MM table
+    assert f"mim_avg_s0 was trained or scored on other data ({changed} changed since)" in capsys.readouterr().err
+
+
 def _finished(stage, out, argv=None) -> None:
     """Leave ``stage`` as a successful run of ``argv`` (its own by default) would: its artifact
     and a record made after its upstream stages' current records."""

@@ -447,8 +447,19 @@ def _finished(config: TrainConfig) -> bool:
     return report is not None and checkpoint is not None \
         and f"step-{report.get('steps', -1):09d}" == checkpoint.name \
         and changed_settings(config, EXECUTION_ONLY, PATH_SETTINGS) == [] \
-        and _changed_inputs(out, _training_inputs(config)) == [] \
-        and report.get("events_test_fingerprint") in (None, _test_events_fingerprint(config))
+        and changed_data(config, report) == []
+
+
+def changed_data(config: TrainConfig, report: Dict[str, Any]) -> List[str]:
+    """What the run in ``config.out``, whose evaluation is ``report``, read that differs now:
+    the training inputs it recorded (world files, MM table) and the test events it was scored
+    on. A run's numbers stand for the data it saw, so the grid re-runs such a run and
+    ``mim experiment --report-only`` does not report it."""
+    changed = _changed_inputs(Path(config.out), _training_inputs(config)) \
+        if (Path(config.out) / "inputs.json").is_file() else []
+    if report.get("events_test_fingerprint") not in (None, _test_events_fingerprint(config)):
+        changed.append("events_test.parquet")
+    return changed
 
 
 def _test_events_fingerprint(config: TrainConfig) -> str:

@@ -313,11 +313,12 @@ def _read_json(path: Path) -> Optional[Any]:
 
 def _ctr_metrics(plan: Plan, run: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """A CTR run's ``metrics.json`` when the run in its folder has the settings this plan gives
-    it (as the grid's skip check compares them); otherwise None, said. Runs are read by name,
-    so ``--report-only`` with another preset published another preset's numbers."""
+    it and read the data there now (as the grid's skip check compares them); otherwise None,
+    said. Runs are read by name, so ``--report-only`` with another preset published another
+    preset's numbers, and after a world or MM table rebuilt in place, the old data's."""
     from mim_rec.config import ConfigError
     from mim_rec.data.errors import DataError
-    from train.ciubm import EXECUTION_ONLY, PATH_SETTINGS, load_train_config
+    from train.ciubm import EXECUTION_ONLY, PATH_SETTINGS, changed_data, load_train_config
     from train.common import changed_settings
 
     path = plan.ctr_dir / run["name"] / "metrics.json"
@@ -334,6 +335,14 @@ def _ctr_metrics(plan: Plan, run: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         changed = [f"unreadable here ({err})"]
     if changed:
         print(f"warning: {path.parent} ran with other settings than this plan's (differs in: {', '.join(changed)}); "
+              "its run counts as not run", file=sys.stderr)
+        return None
+    try:
+        stale = changed_data(config, metrics)
+    except OSError as err:  # an input gone since: what the run saw cannot be checked
+        stale = [f"unreadable here ({err})"]
+    if stale:
+        print(f"warning: {path.parent} was trained or scored on other data ({', '.join(stale)} changed since); "
               "its run counts as not run", file=sys.stderr)
         return None
     return metrics
