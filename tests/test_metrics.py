@@ -34,6 +34,10 @@ def test_auc_and_log_loss_by_hand():
 def test_single_class_auc_is_none():
     assert binary_auc(torch.tensor([0.2, 0.9]), torch.tensor([1.0, 1.0])) is None
     assert binary_auc(torch.zeros(0), torch.zeros(0)) is None
+    # float32 labels summed in float32 stop counting at 2**24: this set read as 2**24 positives
+    # of 2**24 + 1 rows, so an AUC of 0.0 was made up for a set with no negative.
+    many = torch.ones(2**24 + 1)
+    assert binary_auc(torch.rand(many.numel()), many) is None
 
 
 def test_grouped_auc_matches_torchmetrics_per_group_with_ties():

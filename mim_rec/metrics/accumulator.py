@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from mim_rec.metrics.functional import (age_bucket_edges, binary_auc, check_edges, gauc, grouped_auc,
-                                        log_loss)
+from mim_rec.metrics.functional import (age_bucket_edges, binary_auc, check_edges, count_positives, gauc,
+                                        grouped_auc, log_loss)
 from mim_rec.utils.dist import collective_device
 
 _FIELDS = ("preds", "labels", "user_id", "category", "item_age_days")
@@ -110,7 +110,7 @@ class CtrMetrics:
             rows["item_age_days"], self.num_age_buckets)
         return {
             "n": preds.numel(),
-            "positives": int(labels.sum()),
+            "positives": count_positives(labels),
             "auc": binary_auc(preds, labels),
             "logloss": log_loss(preds, labels),
             "gauc": gauc(per_user),

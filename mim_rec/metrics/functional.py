@@ -20,9 +20,14 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 
+def count_positives(labels: torch.Tensor) -> int:
+    """How many of the 0/1 ``labels`` are 1, exactly (a float32 sum stops counting at 2**24)."""
+    return int(torch.count_nonzero(labels))
+
+
 def binary_auc(preds: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
     """ROC AUC of ``preds`` (probabilities) against 0/1 ``labels``; ``None`` if one class only."""
-    positives = int(labels.sum())
+    positives = count_positives(labels)
     if positives == 0 or positives == labels.numel():
         return None
     return float(binary_auroc(preds, labels.long(), thresholds=None, validate_args=False))
