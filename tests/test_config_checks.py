@@ -253,3 +253,17 @@ def test_the_planner_knows_how_many_ranks_share_a_host(monkeypatch):
     assert (topology.world_size, topology.local_world_size) == (16, 8)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert planner_topology(ctx).local_world_size == 16  # a plain process: one host
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "out=OUT", "--eval"], "--eval"),  # pretrain's and csft's flag; argparse read it as --eval-only
+    (["experiment", "--out", "OUT", "--report"], "--report"),
+    (["pipeline", "--out", "OUT", "--pres", "tiny"], "--pres"),
+])
+def test_a_flag_is_taken_only_as_spelled_in_full(tmp_path, capsys, argv, flag):
+    """argparse takes any unambiguous prefix of a flag by default: `mim train --eval` on a
+    half-trained run scored its old checkpoint, trained nothing and exited 0."""
+    with pytest.raises(SystemExit) as exit:
+        mim([arg.replace("OUT", str(tmp_path / "out")) for arg in argv])
+    assert exit.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err

@@ -37,8 +37,19 @@ def add_command_group(subparsers: argparse._SubParsersAction, name: str, help: s
         importlib.import_module(module).register(sub)
 
 
+class ExactFlagParser(argparse.ArgumentParser):
+    """An argument parser that takes a flag only as spelled in full. argparse's default takes
+    any unambiguous prefix, so ``mim train --eval`` (a flag of pretrain and csft) ran as
+    ``--eval-only``: it scored an old checkpoint and trained nothing. Sub-parsers are built
+    with their parent's class, so every ``mim`` command inherits this."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ExactFlagParser(
         prog="mim",
         description="MIM on TorchRec: pre-train, C-SFT, representation center, CiUBM CTR.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
