@@ -75,10 +75,13 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"--config {path}: no such file")
-        text = Path(path).read_text()
         try:
+            text = Path(path).read_text(encoding="utf-8")
             loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError, ValueError) as err:  # ValueError: a date like 2026-13-01
+        except OSError as err:
+            raise ConfigError(f"--config {path}: cannot be read ({err.strerror or err})") from err
+        # ValueError: a date like 2026-13-01, or text that is not UTF-8 (UnicodeDecodeError)
+        except (json.JSONDecodeError, yaml.YAMLError, ValueError) as err:
             raise ConfigError(f"{path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {err}") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping, got {type(loaded).__name__}")
@@ -209,6 +212,19 @@ def _require_finite(value: Any, key: str) -> None:
     thread's timeout, a step count's range)."""
     if value is not None and value == math.inf:
         raise ConfigError(f"{key}={value}: must be finite")
+
+
+def refuse_settings_set_elsewhere(flag: str, overrides: Iterable[str], set_by: Dict[str, str], command: str) -> None:
+    """Refuse an override (given with ``flag``) of a setting ``command`` sets itself;
+    ``set_by`` maps each such setting to what sets it. Appended after the command's own
+    values, such an override used to win and mislabel the run (``--train model.ubm=sim`` in
+    folders named for DIN), or to lose without a word. A key naming a whole section
+    (``model=...``) covers the settings in it."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        for setting, source in set_by.items():
+            if setting == key or setting.startswith(key + "."):
+                raise ConfigError(f"{flag} {item}: {command} sets {setting}; it is set by {source}")
 
 
 def require_run_folder(out: str, example: str) -> None:

@@ -134,7 +134,15 @@ def test_a_given_world_changed_under_the_same_path_runs_its_reader_again(tmp_pat
     # settings of later stages were read only when the chain reached them (mim train: after
     # pre-training and C-SFT)
     ("--ubm", "foo", "model.ubm"), ("--train", "bogus=1", "bogus"), ("--train", "lr=-1", "lr"),
-    ("--csft", "steps=0", "steps=0"), ("--pretrain", "dda_steps=-1", "dda_steps")])
+    ("--csft", "steps=0", "steps=0"), ("--pretrain", "dda_steps=-1", "dda_steps"),
+    # settings the chain gives a stage itself: they won, and trained SIM in folders named din,
+    # Base+MIM without the content interest, or both runs into one folder
+    ("--train", "model.ubm=sim", "--train model.ubm=sim: the chain sets model.ubm; it is set by --ubm"),
+    ("--train", "model.content_interest=false", "the chain sets model.content_interest"),
+    ("--train", "out=/tmp/shared", "the chain sets out; it is set by --out"),
+    ("--train", "model={ubm: sim}", "--train model={ubm: sim}: the chain sets model.ubm"),
+    ("--pretrain", "out=/tmp/enc", "--pretrain out=/tmp/enc: the chain sets out"),
+    ("--csft", "encoders=/tmp/enc", "the chain sets encoders; it is set by the pretrain stage")])
 def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys, flag, value, message):
     from train.cli import main
 

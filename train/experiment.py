@@ -185,13 +185,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def check_ctr_overrides(overrides: Sequence[str]) -> None:
     """Refuse a ``--ctr`` setting the experiment sets per run (:data:`PLAN_SETTINGS`), naming
     what sets it instead."""
-    from mim_rec.config import ConfigError
+    from mim_rec.config import refuse_settings_set_elsewhere
 
-    for override in overrides:
-        key = override.split("=", 1)[0].strip()
-        if key in PLAN_SETTINGS:
-            raise ConfigError(f"--ctr {override}: the experiment sets {key} for each CTR run; "
-                              f"it is set by {PLAN_SETTINGS[key]}")
+    refuse_settings_set_elsewhere("--ctr", overrides, PLAN_SETTINGS, "the experiment, for each CTR run,")
 
 
 # ------------------------------------------------------------------------------- the runs

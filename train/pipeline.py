@@ -34,6 +34,18 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
 STAGE_OVERRIDES = {"synth": "mim data synth", "pretrain": "mim pretrain", "csft": "mim csft",
                    "train": "mim train, both CiUBM runs"}
 MODELS = {"base": ["model.content_interest=false", "model.fusion_interest=false"], "mim": []}
+# The settings the chain gives each stage itself, by the flag whose settings may not override
+# them (config.refuse_settings_set_elsewhere), and what sets each.
+_WORLD = "--world (or the synth stage)"
+CHAIN_SETTINGS: Dict[str, Dict[str, str]] = {
+    "pretrain": {"data.world": _WORLD, "out": "--out (the encoders go to OUT/pretrain)"},
+    "csft": {"data.world": _WORLD, "encoders": "the pretrain stage", "out": "--out (C-SFT goes to OUT/csft)",
+             "data.feature_cache": "the chain: the MM table build reads OUT/csft/features"},
+    "train": {"data.world": _WORLD, "mm_table": "the mfm stage, which builds it",
+              "out": "--out (the runs go to OUT/base_<ubm> and OUT/mim_<ubm>)", "model.ubm": "--ubm",
+              "model.content_interest": "the runs themselves (Base turns it off, Base+MIM keeps it)",
+              "model.fusion_interest": "the runs themselves (Base turns it off, Base+MIM keeps it)"},
+}
 
 
 @dataclass
@@ -119,6 +131,10 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     pretrain, C-SFT (TorchX, ``nproc`` ranks) and MFM from the C-SFT item tower. ``mim
     experiment`` runs the same stages with the same command lines, so one run folder serves
     both commands without training anything twice."""
+    from mim_rec.config import refuse_settings_set_elsewhere
+
+    for stage in ("pretrain", "csft"):
+        refuse_settings_set_elsewhere(f"--{stage}", preset[stage], CHAIN_SETTINGS[stage], "the chain")
     mim = mim_command()
     world = world_folder(out, world_arg)
     pretrain_settings = [f"data.world={world}", f"out={out / 'pretrain'}", *preset["pretrain"]]
@@ -146,11 +162,13 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
 
 
 def stages(args: argparse.Namespace) -> List[Stage]:
+    from mim_rec.config import ConfigError, refuse_settings_set_elsewhere
+
     out = Path(args.out).resolve()
     preset = {stage: [*argv, *getattr(args, stage)] for stage, argv in PRESETS[args.preset].items()}
     if args.world and args.synth:
-        from mim_rec.config import ConfigError
         raise ConfigError("--synth: settings of the synth stage, which --world skips")
+    refuse_settings_set_elsewhere("--train", preset["train"], CHAIN_SETTINGS["train"], "the chain")
     world, plan = representation_chain(out, args.world, preset, args.nproc)
     torchx, distributed = torchx_command(args.nproc)
     for model, switches in MODELS.items():
