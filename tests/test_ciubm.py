@@ -624,10 +624,11 @@ def test_grid_runs_equal_single_runs_and_skip_finished_ones(world, tmp_path, cap
     ('[{"name": "a", "overrides": []}, {"name": "a", "overrides": []}]', "run 1: duplicate name 'a'"),
     ("[{", "grid.json"),
     ("[]", "the list of runs is empty"),  # exited 0 having trained nothing
+    ('[{"name": "caf\xe9"}]', "'utf-8' codec can't decode"),  # written in Latin-1: was a traceback
 ])
 def test_bad_grid_files_are_refused(tmp_path, text, message):
     path = tmp_path / "grid.json"
-    path.write_text(text)
+    path.write_text(text, encoding="latin-1")
     with pytest.raises(ConfigError, match=message):
         ciubm.load_grid(str(path))
 

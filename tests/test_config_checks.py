@@ -180,6 +180,10 @@ def test_a_config_file_or_override_that_does_not_parse_is_named(tmp_path, capsys
     broken.write_text("lr: [0.1\nseed: 1\n")
     assert mim(["train", "--config", str(broken), f"data.world={tmp_path}"]) == 2
     assert f"{broken}: not valid YAML" in capsys.readouterr().err
+    latin1 = tmp_path / "latin1.yaml"  # was a UnicodeDecodeError traceback
+    latin1.write_bytes(b"# caf\xe9\nlr: 0.1\n")
+    assert mim(["train", "--config", str(latin1), f"data.world={tmp_path}"]) == 2
+    assert f"{latin1}: not valid YAML: 'utf-8' codec can't decode" in capsys.readouterr().err
     assert mim(["train", f"data.world={tmp_path}", "model.over_arch=[1,"]) == 2
     assert "override 'model.over_arch=[1,': the value is not valid YAML" in capsys.readouterr().err
 

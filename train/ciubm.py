@@ -270,8 +270,8 @@ def load_grid(path: str) -> List[Dict[str, Any]]:
     from mim_rec.config import ConfigError
 
     try:
-        runs = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        runs = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
         raise ConfigError(f"--grid {path}: {exc}") from exc
     if not isinstance(runs, list):
         raise ConfigError(f"--grid {path}: expected a JSON list of runs, got {type(runs).__name__}")
