@@ -77,6 +77,7 @@ def test_stage_commands_refuse_non_positive_settings(tmp_path, capsys, command, 
     # the loader's hash range was dropped for the model's without a word
     ("loader.query_buckets=50000", r"loader.query_buckets=50000: .* set model.query_buckets \(now 20000\) instead"),
     ("loader.query_buckets=0", r"loader.query_buckets=0: "),
+    ("loader.sequence_layout=ec", r"loader.sequence_layout=ec: .* set model.sequence_layout \(now ebc\) instead"),
     ("device=cpu model.constraints.item.sharding_types=[table_row_wise]",
      r"model.constraints.item.sharding_types=\['table_row_wise'\]: .* on cpu; row-wise sharding needs CUDA"),
     # TorchRec's generator put the whole 12-wide MM table on rank 0 (or raised, 256 over 3 ranks)

@@ -130,14 +130,18 @@ def require_rim_writable(config: TrainConfig, kernels: Sequence[str], named_by: 
 def match_loader_to_model(loader, model: ModelConfig) -> None:
     """Give the loader the model's query hash range and behaviour layout, in place: the loader
     hashes query words into ``query_buckets`` ids that index the model's query table, and lays
-    out behaviours as the model's collections read them. A ``loader.query_buckets`` set to
-    another value is refused (it was dropped without a word); ``model.query_buckets`` sets both."""
+    out behaviours as the model's collections read them. A ``loader.query_buckets`` or
+    ``loader.sequence_layout`` set to another value is refused (it was dropped without a word);
+    ``model.query_buckets`` and ``model.sequence_layout`` set both."""
     from mim_rec.config import ConfigError
     from mim_rec.data.loader import LoaderConfig
 
     if loader.query_buckets not in (model.query_buckets, LoaderConfig.query_buckets):
         raise ConfigError(f"loader.query_buckets={loader.query_buckets}: the loader hashes query words into the "
                           f"model's query table; set model.query_buckets (now {model.query_buckets}) instead")
+    if loader.sequence_layout not in (model.sequence_layout, LoaderConfig.sequence_layout):
+        raise ConfigError(f"loader.sequence_layout={loader.sequence_layout}: the loader lays out behaviours as the "
+                          f"model's tables read them; set model.sequence_layout (now {model.sequence_layout}) instead")
     loader.query_buckets, loader.sequence_layout = model.query_buckets, model.sequence_layout
 
 
