@@ -101,3 +101,21 @@ def test_evaluation_takes_the_runs_encoders_and_each_rows_input_size(world, tmp_
     evaluate_run(dataclasses.replace(trained, encoders=tiny_encoders(shared_dim=8, image_size=40)))
     assert seen == {"the plain encoders": (32, 16, 32, 32), str(run / "dda"): (48, 16, 48, 48)}
     assert "note: the plain row uses the encoders.* settings of" in capsys.readouterr().err
+
+
+def test_evaluation_refuses_a_world_other_than_the_runs(world, tmp_path):
+    """The held-out split hashes item ids, so on another world (a re-import that numbers the
+    same items otherwise) items the run trained on were scored as held out, without a word."""
+    from mim_rec.config import ConfigError
+    from mim_rec.data.manifest import fingerprint_file
+
+    run = tmp_path / "run"
+    trained = _config(world, run)
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(to_dict(trained)))
+    save_encoders(run / "encoders", EncoderPair(trained.encoders), extra={"steps": 4},
+                  inputs={"items": fingerprint_file(world / "items.parquet")})
+    other = write_items(tmp_path / "other" / "items.parquet", count=24, seed=5).parent
+    with pytest.raises(ConfigError, match=rf"data.world={other}: the run in {run} trained on another items.parquet"):
+        evaluate_run(dataclasses.replace(trained, data=dataclasses.replace(trained.data, world=str(other))))
+    assert not (run / "eval.json").exists()

@@ -399,6 +399,7 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     out = Path(config.out)
     encoders = _plain_encoders(config, _check_evaluated_run(config))
     sources = {"plain": None, "dda": out / "dda", "dda+dma": out / "encoders"}
+    _check_evaluated_world(config, [source for source in sources.values() if source is not None])
     report: Dict[str, Dict[str, float]] = {}
     splits: Dict[Optional[int], Tuple[ItemCorpus, ItemCorpus]] = {}
     for row in rows or DEFAULT_EVAL_ROWS:
@@ -496,6 +497,27 @@ def _check_evaluated_run(config: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction}: the run in {config.out} held "
                           f"out {trained}, so the items past that were trained on; evaluate with at most {trained}")
     return run
+
+
+def _check_evaluated_world(config: PretrainConfig, artifacts: List[Path]) -> None:
+    """Refuse ``data.world`` when the run's artifacts were trained on other items: the held-out
+    split hashes item ids, so on another world (a re-import that numbers the same items
+    otherwise) items the run trained on would be scored as held out. Artifacts saved before
+    their inputs were recorded are not checked."""
+    from mim_rec.config import ConfigError
+    from mim_rec.data.manifest import fingerprint_file, read_manifest
+    from mim_rec.pretrain.corpus import items_path
+
+    items = items_path(config.data.world)
+    current = fingerprint_file(items) if items.is_file() else None
+    for artifact in artifacts:
+        if not (artifact / "manifest.json").exists():
+            continue
+        trained = read_manifest(artifact).inputs.get("items")
+        if trained is not None and trained != current:
+            raise ConfigError(f"data.world={config.data.world}: the run in {config.out} trained on another "
+                              f"items.parquet (its {artifact.name}/ records {trained}, this world's is {current}); "
+                              "its held-out items are those of the world it trained on: evaluate there")
 
 
 def format_table(report: Dict[str, Dict[str, float]]) -> str:
