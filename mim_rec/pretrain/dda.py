@@ -3,8 +3,9 @@
 * Titles: masked language modelling (BERT's 15 % rule: of the chosen tokens 80 % become
   [MASK], 10 % a random token, 10 % stay), predicted by a head tied to the input embeddings.
 * Images: augmentation-contrastive learning (SimCLR-style): two random views of the same
-  item image must be nearer to each other than to every other view in the (global) batch.
-  Chosen over masked-image modelling because it works the same for CNNs (the default
+  item image must be nearer to each other than to the other items' views of the opposite
+  side in the (global) batch -- DMA's symmetric CLIP-form InfoNCE with the views as the two
+  sides, so N - 1 negatives per direction, not NT-Xent's 2N - 2. Chosen over masked-image modelling because it works the same for CNNs (the default
   EfficientNet) and ViTs, needs no pixel decoder, and reuses the DMA InfoNCE.
 """
 

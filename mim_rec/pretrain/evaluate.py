@@ -84,8 +84,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     Pessimistic: a tie counts against the target. Counting it in the target's favour gave a
     collapsed tower (every item the same vector) recall 1.0; pessimistic ranks give it 0 for
     any k below the catalogue size, at or below chance, and need no fractional hits (as the
-    mean rank of a tie would). For continuous embeddings ties have measure zero, so nothing
-    else changes. A NaN score is not below anything, so it too counts against the target (a
+    mean rank of a tie would). Distinct inputs almost never tie; a catalogue that repeats an
+    input under two ids does, and there the twin counts ahead (docs/pretrain.md). A NaN score is not below anything, so it too counts against the target (a
     NaN target ranks last), never for it."""
     own = scores.gather(1, targets.unsqueeze(1))
     ahead = ~(scores < own)
