@@ -134,6 +134,36 @@ def test_sharding_types_the_planner_does_not_offer_on_the_device_are_refused(lay
         check_offered(arch, constraints, sharders(0.1, False), device)
 
 
+@pytest.mark.parametrize("table, constraint, device, offered", [
+    ("item", dict(compute_kernels=["fused_uvm"]), "cpu", "table_wise: fused"),
+    ("mm_item", dict(compute_kernels=["dense"]), "cpu", "table_wise: fused"),  # dense: data-parallel only
+    ("item", dict(compute_kernels=["dense"], ranks=[0]), "cpu", "table_wise: fused"),
+    ("item", dict(compute_kernels=["fused_uvm"]), "cuda", None),
+    ("item", dict(compute_kernels=["dense", "fused"], ranks=[0]), "cpu", None),
+])
+def test_kernels_the_tables_sharder_does_not_offer_are_refused(table, constraint, device, offered):
+    """Only sharding types were checked: a kernel TorchRec offers no sharding of the table on
+    the device was its planner's traceback after the process group was up."""
+    from mim_rec.ciubm.config import ModelConfig, TableConstraint
+    from mim_rec.ciubm.placement import check_offered
+    from mim_rec.ciubm.sparse import SparseArch, sharders
+
+    arch = SparseArch(ModelConfig(mm_dim=8), num_items=10, num_users=4, num_categories=3, device=torch.device("meta"))
+    constraints = {table: TableConstraint(**constraint)}
+    if offered is None:
+        check_offered(arch, constraints, sharders(0.1, device == "cuda"), device)
+        return
+    with pytest.raises(ConfigError, match=rf"model.constraints.{table}.compute_kernels=.*: TorchRec offers this "
+                                          rf"table .*{offered}.* on {device}"):
+        check_offered(arch, constraints, sharders(0.1, False), device)
+
+
+def test_an_empty_pin_is_refused(tmp_path):
+    """ranks=[] read as no pin, without a word."""
+    with pytest.raises(ConfigError, match=r"model.constraints.mm_item.ranks=\[\]: name the ranks"):
+        load_train_config(None, [f"data.world={tmp_path}", "model.constraints.mm_item.ranks=[]"])
+
+
 def test_the_table_names_constraints_accept_are_the_tables_the_model_builds():
     from mim_rec.ciubm.config import ModelConfig
     from mim_rec.ciubm.sparse import TABLE_NAMES, SparseArch
@@ -258,6 +288,18 @@ def test_the_planner_knows_how_many_ranks_share_a_host(monkeypatch):
     assert (topology.world_size, topology.local_world_size) == (16, 8)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert planner_topology(ctx).local_world_size == 16  # a plain process: one host
+
+
+def test_the_planner_knows_the_gpus_memory(monkeypatch):
+    """TorchRec's default is a 32 GiB GPU: an 80 GB card's MM table went to a UVM cache."""
+    from types import SimpleNamespace
+
+    from mim_rec.utils.dist import DistContext
+    from train.ciubm import planner_topology
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    ctx = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cuda", 0), backend="nccl")
+    assert {device.storage.hbm for device in planner_topology(ctx).devices} == {80 * 2**30}
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -112,6 +112,22 @@ def _pin(mm_dim: int, ranks: list):
     return sorted(int(shard.placement.rank()) for shard in plan.plan["mm"]["mm_item"].sharding_spec.shards)
 
 
+@pytest.mark.parametrize("kernels", [["dense", "fused"], None])
+def test_a_pinned_table_keeps_a_kernel_its_sharding_offers(kernels):
+    """The pin took the first constrained kernel: [dense, fused] gave a table-wise table the
+    dense kernel (offered only data-parallel), which put it in the dense Adam at lr."""
+    from types import SimpleNamespace
+
+    from mim_rec.ciubm.placement import pin_tables
+    from mim_rec.ciubm.sparse import SparseArch, sharders
+
+    arch = SparseArch(ModelConfig(mm_dim=8), num_items=10, num_users=4, num_categories=3, device=torch.device("meta"))
+    plan = SimpleNamespace(plan={"mm": {"mm_item": SimpleNamespace(compute_kernel="fused")}})
+    pin_tables(arch, plan, {"mm_item": TableConstraint(ranks=[0], compute_kernels=kernels)},
+               sharders(0.1, False), 2, 2, "cpu")
+    assert plan.plan["mm"]["mm_item"].compute_kernel == "fused"
+
+
 @pytest.mark.parametrize("mm_dim, ranks", [(8, [0, 1]), (24, [0, 1, 2]), (16, [1, 3])])
 def test_a_column_wise_pin_puts_a_block_on_every_rank(mm_dim, ranks):
     assert _pin(mm_dim, ranks) == ranks

@@ -188,6 +188,9 @@ def _check_model_shape(model: ModelConfig) -> None:
     for table, constraint in model.constraints.items():
         if table not in TABLE_NAMES:
             raise ConfigError(f"model.constraints.{table}: no such table; the tables are {', '.join(TABLE_NAMES)}")
+        if constraint.ranks is not None and not constraint.ranks:  # read as no pin, without a word
+            raise ConfigError(f"model.constraints.{table}.ranks=[]: name the ranks to pin the table to, "
+                              "or leave ranks out")
         for key, allowed in choices.items():
             unknown = [v for v in getattr(constraint, key) or () if v not in allowed]
             if unknown:
@@ -480,10 +483,13 @@ def planner_topology(ctx):
     """The planner's view of the job: its ranks, and how many share a host (LOCAL_WORLD_SIZE,
     as torchrun sets it). Left out, TorchRec takes every rank for one host, and on several
     hosts plans table-row-wise blocks that its own sharding, reading the host size at run
-    time, then cuts differently."""
+    time, then cuts differently. On a GPU it also knows the card's memory: TorchRec's default
+    is 32 GiB, which sent an 80 GB card's MM table to a UVM cache and over-commits a smaller card."""
+    import torch
     from torchrec.distributed.planner import Topology
 
-    return Topology(world_size=ctx.world_size, compute_device=ctx.device.type,
+    hbm = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.device.type == "cuda" else None
+    return Topology(world_size=ctx.world_size, compute_device=ctx.device.type, hbm_cap=hbm,
                     local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
 
 

@@ -75,17 +75,21 @@ def _one_of(values: List[int]) -> str:
 
 def check_offered(model: nn.Module, constraints: Dict[str, TableConstraint], sharders: Iterable,
                   device_type: str) -> None:
-    """Refuse a table whose ``sharding_types`` name none its sharder offers on ``device_type``.
+    """Refuse a table whose ``sharding_types``, or ``compute_kernels``, name none its sharder
+    offers on ``device_type``.
 
     The planner keeps the constrained types the table's sharder offers and fails with a traceback
     when none is left. On CPU, TorchRec's EmbeddingBagCollection sharders (every table of the
     ``ebc`` layout, the pooled tables of ``ec``) offer no row-wise kind: row_wise,
-    table_row_wise and grid_shard need CUDA.
+    table_row_wise and grid_shard need CUDA. Kernels are offered per sharding type: on CPU only
+    ``fused``, and ``dense`` only data-parallel.
     """
     for sharder, module in _sharded_modules(model, sharders):
         offered = sharder.sharding_types(device_type)
         for name in sharder.shardable_parameters(module):
-            wanted = constraints[name].sharding_types if name in constraints else None
+            if name not in constraints:
+                continue
+            wanted = constraints[name].sharding_types
             if wanted and not set(wanted) & set(offered):
                 cuda = device_type != "cuda" and set(wanted) <= set(sharder.sharding_types("cuda"))
                 never_replicated = "data_parallel" in wanted and isinstance(sharder, NeverDataParallel)
@@ -94,6 +98,38 @@ def check_offered(model: nn.Module, constraints: Dict[str, TableConstraint], sha
                                   + ("; row-wise sharding needs CUDA" if cuda else "")
                                   + ("; the frozen MM table and EmbeddingCollections are never data-parallel "
                                      "(NeverDataParallel, mim_rec/ciubm/sparse.py)" if never_replicated else ""))
+            _check_kernels_offered(name, constraints[name], sharder, offered, device_type)
+
+
+def _check_kernels_offered(name: str, constraint: TableConstraint, sharder, offered: List[str],
+                           device_type: str) -> None:
+    """Refuse ``compute_kernels`` that no sharding type the table may take (its pin's, or the
+    constrained ones the sharder offers) runs with on ``device_type``."""
+    kernels = constraint.compute_kernels
+    if not kernels:
+        return
+    types = [pinned_type(name, constraint)] if constraint.ranks else \
+        [t for t in offered if not constraint.sharding_types or t in constraint.sharding_types]
+    by_type = {t: sharder.compute_kernels(t, device_type) for t in types}
+    if not any(set(kernels) & set(runs) for runs in by_type.values()):
+        listing = "; ".join(f"{t}: {', '.join(runs)}" for t, runs in by_type.items())
+        raise ConfigError(f"model.constraints.{name}.compute_kernels={kernels}: TorchRec offers this table "
+                          f"(sharding type: kernels) {listing} on {device_type}")
+
+
+def _pinned_kernel(name: str, constraint: TableConstraint, sharding_type: str, planned, sharder,
+                   device_type: str) -> str:
+    """The kernel a pinned table keeps: the planner's choice where the pin's sharding type runs
+    it and the constraint allows it, else the first allowed kernel that type runs. The first
+    constrained kernel used to be taken as is: [dense, fused] gave a table-wise table the dense
+    kernel, which only data-parallel runs, and put the table in the dense optimizer."""
+    runs = sharder.compute_kernels(sharding_type, device_type)
+    allowed = [kernel for kernel in (constraint.compute_kernels or runs) if kernel in runs]
+    if not allowed:
+        raise ConfigError(f"model.constraints.{name}.compute_kernels={constraint.compute_kernels}: a "
+                          f"{sharding_type} pin runs {', '.join(runs)} on {device_type}")
+    chosen = getattr(planned, "compute_kernel", None)
+    return chosen if chosen in allowed else allowed[0]
 
 
 def check_pin_widths(model: nn.Module, constraints: Dict[str, TableConstraint], sharders: Iterable) -> None:
@@ -128,7 +164,7 @@ def pin_tables(model: nn.Module, plan, constraints: Dict[str, TableConstraint], 
             constraint = pinned.pop(name)
             sharding = check_pinned(name, constraint, world_size)
             check_column_blocks(name, constraint, parameters[name].shape[1])
-            kernel = (constraint.compute_kernels or ["fused"])[0]
+            kernel = _pinned_kernel(name, constraint, sharding, module_plan[name], sharder, device_type)
             generator = sp.table_wise(rank=constraint.ranks[0], compute_kernel=kernel) \
                 if sharding == "table_wise" else sp.column_wise(ranks=list(constraint.ranks), compute_kernel=kernel)
             module_plan[name] = generator(parameters[name], local_size, world_size, device_type, sharder)
