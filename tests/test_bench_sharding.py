@@ -9,10 +9,12 @@ from train.cli import main
 
 
 def _tiny(**overrides) -> ShardingBenchConfig:
-    fields = dict(id_tables=[TableSpec("user_id", 64, 8, 1), TableSpec("query_token", 96, 8, 3)],
-                  mm_rows=128, mm_dim=16, mm_pooling=4, batch_size=8, world_size=2,
-                  warmup_steps=1, steps=2)
+    """Two pooled ID tables, one behaviour table (item_id: 1 + L bags) and the MM table (L = 4)."""
+    fields = dict(mm_rows=128, mm_dim=16, mm_pooling=4, batch_size=8, world_size=2, warmup_steps=1, steps=2)
     fields.update(overrides)
+    if "id_tables" not in fields:
+        fields["id_tables"] = [TableSpec("user_id", 64, 8, 1), TableSpec("query_token", 96, 8, 3),
+                               TableSpec("item_id", 80, 8, 1, bags=5)]
     return ShardingBenchConfig(**fields)
 
 
@@ -38,8 +40,11 @@ def test_paper_scale_fits_only_when_the_mm_table_is_split_across_ranks():
     rows = {r.plan: r for r in make_plans(ShardingBenchConfig.paper_scale())}
     assert rows["table_wise"].fits is False and rows["data_parallel"].fits is False
     assert rows["row_wise"].fits is True
-    # 1.4e9 x 128 fp16 = 358.4 GB over 64 ranks = 5.6 GB each (+ the planner's buffers)
-    assert all(5.6 <= gb < 6.5 for gb in rows["row_wise"].est_mem_gb)
+    # 1.4e9 x 128 fp16 = 358.4 GB over 64 ranks = 5.6 GB each, + the lookup buffers: a row-wise
+    # shard's output is every rank's B (1 + L) rows (2048 x 64 x 51 x 128 x 2 B = 1.71 GB for
+    # the MM table), + the inputs and the category table's outputs
+    mm_outputs_gb = 2048 * 64 * 51 * 128 * 2 / 1e9
+    assert all(5.6 + mm_outputs_gb <= gb < 5.6 + mm_outputs_gb + 1 for gb in rows["row_wise"].est_mem_gb)
     assert rows["planner"].fits is True
 
 
@@ -57,11 +62,74 @@ def test_bad_config_is_refused():
                          ({"batch_size": 0}, "batch_size=0: must be positive"),
                          ({"world_size": 0}, "world_size=0: must be positive"),
                          ({"steps": 0}, "steps=0: must be positive"),
-                         ({"id_tables": [TableSpec("a", 0, 4)]}, r"id_tables\[0\].rows=0: must be positive")):
+                         ({"id_tables": [TableSpec("a", 0, 4)]}, r"id_tables\[0\].rows=0: must be positive"),
+                         ({"id_tables": [TableSpec("a", 5, 4, bags=0)]}, r"id_tables\[0\].bags=0: must be positive"),
+                         ({"id_tables": [TableSpec("a", 5, 4, bags=3)]},
+                          r"id_tables\[0\].bags=3: must be 1 .* or 1 \+ mm_pooling = 5")):
         with pytest.raises(ConfigError, match=message):
             _tiny(**bad).validate()
     config = load_config(ShardingBenchConfig, None, ["id_tables=[{name: a, rows: 5, dim: 4}]"])
     assert config.id_tables == [TableSpec("a", 5, 4, 1)]
+
+
+def test_the_mm_and_behaviour_tables_are_looked_up_once_a_slot_as_in_ciubm():
+    """CiUBM's ebc layout looks the MM, item and category tables up in 1 + L single-id bags a
+    sample (target + L behaviours), B (1 + L) rows; the bench summed L ids into one bag a
+    sample, so its steps moved B rows of the MM table, (1 + L) times too few."""
+    import torch
+
+    from train.bench_sharding import _random_batch, describe
+    mm_only = _random_batch(_tiny(id_tables=[]), torch.Generator().manual_seed(0))  # batch 8, L = 4
+    mm = mm_only[-2]
+    assert mm.keys() == ["mm_table"] and mm.stride() == 8 * 5
+    assert mm.lengths().tolist() == [1] * 40
+    config = _tiny()
+    batch = _random_batch(config, torch.Generator().manual_seed(0))
+    pooled, sequence, mm = batch[0], batch[1], batch[2]
+    assert pooled.keys() == ["user_id", "query_token"] and pooled.stride() == 8
+    assert sequence.keys() == ["item_id"] and sequence.stride() == 8 * 5
+    model = build_model(config, device="cpu")
+    assert model.mm_table(mm).values().shape == (40, 16)
+    assert torch.isfinite(model(*batch))  # each sample's 5 rows averaged before the over arch
+    assert "pooling 1 x 5 bags" in describe(config) and "pooling 3 x 1 bag\n" in describe(config)
+
+
+def _torchrec_mm_estimate(config: ShardingBenchConfig, **load) -> tuple:
+    """TorchRec's own (comms ms, storage GB) for the MM table alone, table-wise, fused kernel."""
+    import torch
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed.planner import ParameterConstraints
+    from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+    from torchrec.distributed.planner.shard_estimators import (EmbeddingPerfEstimator,
+                                                               EmbeddingStorageEstimator)
+
+    from train.bench_sharding import _sharders, _topology
+    topology = _topology(config)
+    constraints = {"mm_table": ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"],
+                                                    **load)}
+    model = torch.nn.Module()
+    model.mm_table = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        name="mm_table", embedding_dim=config.mm_dim, num_embeddings=config.mm_rows,
+        feature_names=["mm_table"])], device=torch.device("meta"))
+    estimators = [EmbeddingPerfEstimator(topology=topology, constraints=constraints),
+                  EmbeddingStorageEstimator(topology=topology, constraints=constraints)]
+    enumerator = EmbeddingEnumerator(topology=topology, batch_size=config.batch_size, constraints=constraints,
+                                     estimator=estimators)
+    [option] = enumerator.enumerate(model, _sharders())
+    [shard] = option.shards
+    return (shard.perf.fwd_comms + shard.perf.bwd_comms + shard.perf.input_dist_comms,
+            (shard.storage.hbm + shard.storage.ddr) / 1e9)
+
+
+def test_the_planner_is_told_the_mm_tables_bags_per_sample():
+    """The planner priced the MM table as one bag of L ids a sample (B output rows); CiUBM's
+    lookup is 1 + L single-id bags (B (1 + L) rows): ParameterConstraints.num_poolings."""
+    config = _tiny(id_tables=[], compute_device="cuda", plans=["table_wise"], batch_size=512)
+    row = make_plans(config)[0]
+    per_slot = _torchrec_mm_estimate(config, pooling_factors=[1.0], num_poolings=[5.0])
+    one_bag = _torchrec_mm_estimate(config, pooling_factors=[4.0])
+    assert (sum(row.est_comms_ms), sum(row.est_mem_gb)) == pytest.approx(per_slot)
+    assert per_slot[0] > 2 * one_bag[0]  # 5 output rows a sample instead of 1
 
 
 @pytest.mark.slow
@@ -70,7 +138,7 @@ def test_measured_two_ranks_hold_exactly_the_tables():
     config = _tiny(plans=["table_wise", "row_wise"])
     rows = make_plans(config)
     measure(config, rows)
-    total_mb = (64 * 8 + 96 * 8 + 128 * 16) * 4 / 1e6  # decimal MB, as the estimates' GB
+    total_mb = (64 * 8 + 96 * 8 + 80 * 8 + 128 * 16) * 4 / 1e6  # decimal MB, as the estimates' GB
     for row in rows:
         assert row.step_ms > 0 and row.samples_per_s > 0, row.plan
         assert len(row.shard_mb) == 2 and len(row.peak_mem_mb) == 2
@@ -151,7 +219,7 @@ def test_a_manual_plan_gets_the_planners_storage_estimate():
         assert manual.source == "manual" and manual.fits is True
         assert manual.est_mem_gb == pytest.approx(plan_with_planner(config, model, sharding_type).est_mem_gb)
     cpu = {r.plan: r for r in make_plans(_tiny(plans=["row_wise", "table_row_wise"]))}
-    tables_gb = (64 * 8 + 96 * 8 + 128 * 16) * 4 / 1e9
+    tables_gb = (64 * 8 + 96 * 8 + 80 * 8 + 128 * 16) * 4 / 1e9
     for row in cpu.values():
         assert row.fits is True and len(row.est_mem_gb) == 2
         assert sum(row.est_mem_gb) >= tables_gb  # every row once, plus the batch's buffers

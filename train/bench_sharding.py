@@ -4,8 +4,9 @@ For one set of tables and one topology, every candidate plan (table-wise, row-wi
 column-wise, table-row-wise, table-column-wise, data-parallel, and the planner's own choice)
 is shown with TorchRec's planner estimates (per-rank memory, communication, step time, does it
 fit). With ``--measure`` the same plans are then run for real: ``world_size`` gloo/nccl ranks
-wrap a two-collection model (trainable ID tables, frozen MM table looked up under no_grad, as
-CiUBM does) in ``DistributedModelParallel`` and time forward/backward steps on random KJTs.
+wrap a model of embedding collections (trainable ID tables, frozen MM table looked up under
+no_grad, as CiUBM does) in ``DistributedModelParallel`` and time forward/backward steps on
+random KJTs.
 
 Where an estimate comes from matters, so every row says it:
   * ``planner``: TorchRec's ``EmbeddingShardingPlanner`` with the sharding type forced through
@@ -17,10 +18,16 @@ Where an estimate comes from matters, so every row says it:
     the planner's rows (capacity less the same reservation); it has no comms or step estimate.
     A plan of either source that does not fit is never measured.
 
-The MM table is an ``EmbeddingBagCollection`` whose bags hold one behaviour each, summed per
-sample here (pooling = behaviour-sequence length): storage, lookups and communication per id
-are those of the CiUBM lookup, whose layout ``mim bench layout sharded=true`` compares with an
-``EmbeddingCollection``.
+The batches have CiUBM's ``ebc`` layout (mim_rec/ciubm/sparse.py, docs/ciubm.md "Batches"): the
+MM table and the behaviour ID tables (``bags = 1 + mm_pooling``: item and category by default)
+are looked up in ``1 + L`` single-id bags per sample, the target and ``L = mm_pooling``
+behaviours (KJTs of stride ``B (1 + L)``, ``B (1 + L)`` output rows); the other ID tables
+(``bags = 1``: user, query words) in one bag per sample (a KJT of stride ``B``). The planner is
+told both (``pooling_factors`` = ids per bag, ``num_poolings`` = bags per sample), so the
+storage, lookups and communication per id and per output row are those of the CiUBM lookup,
+whose layout ``mim bench layout sharded=true`` compares with an ``EmbeddingCollection``. The
+model averages each sample's ``1 + L`` rows before its linear over arch, which is not
+CiUBM's (attention over the slots) and moves no embedding bytes.
 """
 
 from __future__ import annotations
@@ -48,28 +55,39 @@ GB, MB = 1e9, 1e6  # decimal, as TorchRec's topology capacities and the paper's 
 
 @dataclass
 class TableSpec:
-    """One embedding table: ``pooling`` ids per sample feed it (one feature per table)."""
+    """One embedding table (one feature): ``bags`` bags per sample, each of ``pooling`` ids.
+
+    ``bags`` is what sets the table's output rows, ``B x bags``, and so the planner's output
+    and communication estimates (TorchRec's ``num_poolings``): CiUBM looks its MM, item and
+    category tables up once per slot, the target and each of ``L`` behaviours, i.e. ``1 + L``
+    single-id bags (``pooling=1, bags=1+L``), not one bag of ``L`` ids summed to one row.
+    """
 
     name: str
     rows: int
     dim: int
     pooling: int = 1
+    bags: int = 1
 
 
 @dataclass
 class ShardingBenchConfig:
     """Tables, topology and run length. Defaults are a CPU-sized run for 2 gloo ranks."""
 
+    # bags=1: one bag a sample (stride B, CiUBM's ``pooled`` KJT); bags=1+mm_pooling: one
+    # single-id bag a slot, target and behaviours (stride B (1+L), CiUBM's ``sequence`` KJT).
     id_tables: List[TableSpec] = field(default_factory=lambda: [
         TableSpec("user_id", 20_000, 32, 1),
-        TableSpec("item_id", 50_000, 32, 1),
-        TableSpec("category_id", 1_000, 16, 1),
+        TableSpec("item_id", 50_000, 32, 1, bags=21),
+        TableSpec("category_id", 1_000, 16, 1, bags=21),
         TableSpec("query_token", 30_000, 32, 8),
     ])
     mm_rows: int = 50_000
     mm_dim: int = 128
     mm_dtype: str = "fp32"          # fp32 | fp16
-    mm_pooling: int = 20            # behaviour-sequence length looked up in the MM table
+    # The behaviour-sequence length L (the name is kept for old configs): the MM table is looked
+    # up in 1 + L single-id bags a sample (target + behaviours), as CiUBM's ebc layout does.
+    mm_pooling: int = 20
     batch_size: int = 512           # per rank
     world_size: int = 2
     local_world_size: Optional[int] = None   # ranks per host; default: all on one host
@@ -88,7 +106,7 @@ class ShardingBenchConfig:
     @classmethod
     def paper_scale(cls) -> "ShardingBenchConfig":
         """The paper's MM table: 1.4 B items x 128-d (fp16), 8 hosts x 8 GPUs of 80 GB HBM."""
-        return cls(id_tables=[TableSpec("category_id", 10_000, 16, 1)],
+        return cls(id_tables=[TableSpec("category_id", 10_000, 16, 1, bags=51)],
                    mm_rows=1_400_000_000, mm_dim=128, mm_dtype="fp16", mm_pooling=50,
                    batch_size=2048, world_size=64, local_world_size=8, compute_device="cuda",
                    hbm_gb_per_device=80.0, ddr_gb_per_device=0.0,
@@ -99,7 +117,13 @@ class ShardingBenchConfig:
                                 "steps", "column_wise_min_dim"))
         require_not_negative(self, ("warmup_steps", "hbm_gb_per_device", "ddr_gb_per_device"))
         for index, table in enumerate(self.id_tables):
-            require_positive(table, ("rows", "dim", "pooling"), prefix=f"id_tables[{index}].")
+            require_positive(table, ("rows", "dim", "pooling", "bags"), prefix=f"id_tables[{index}].")
+            if table.bags not in (1, self.mm_pooling + 1):
+                # a KJT has one stride: the bench, like CiUBM, has a pooled one and a per-slot one
+                raise ConfigError(f"id_tables[{index}].bags={table.bags}: must be 1 (one bag a sample, as "
+                                  f"user and query words) or 1 + mm_pooling = {self.mm_pooling + 1} (one "
+                                  "bag a slot, target and behaviours, as item and category in CiUBM); a new "
+                                  "mm_pooling needs id_tables with the bags it implies")
         if self.mm_dtype not in ("fp32", "fp16"):
             # TorchRec's training EmbeddingBagCollection silently stores an INT8 table as fp16,
             # so the planner would estimate fp16 bytes under an int8 label.
@@ -126,7 +150,17 @@ class ShardingBenchConfig:
 
     @property
     def mm_table(self) -> TableSpec:
-        return TableSpec("mm_table", self.mm_rows, self.mm_dim, self.mm_pooling)
+        return TableSpec("mm_table", self.mm_rows, self.mm_dim, pooling=1, bags=self.mm_pooling + 1)
+
+    @property
+    def pooled_tables(self) -> List[TableSpec]:
+        """ID tables with one bag a sample (a KJT of stride ``batch_size``)."""
+        return [t for t in self.id_tables if t.bags == 1]
+
+    @property
+    def sequence_tables(self) -> List[TableSpec]:
+        """ID tables with one single-id bag a slot (a KJT of stride ``batch_size * (1 + L)``)."""
+        return [t for t in self.id_tables if t.bags != 1]
 
 
 @dataclass
@@ -156,7 +190,9 @@ def _dtype(name: str):
 
 
 def build_model(config: ShardingBenchConfig, device: str = "meta"):
-    """The bench model: trainable ID tables, a frozen MM table, a linear over arch."""
+    """The bench model: trainable ID tables (``pooled_ids``: one bag a sample; ``sequence_ids``:
+    one bag a slot), a frozen MM table (one bag a slot), a linear over arch. Each sample's slot
+    rows are averaged to one, so the over arch's width is the tables' dims whatever ``bags``."""
     import torch
     import torch.nn.functional as F
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
@@ -168,19 +204,28 @@ def build_model(config: ShardingBenchConfig, device: str = "meta"):
                     for t in specs],
             device=torch.device(device))
 
+    def per_sample(rows, bags: int):
+        """``[B * bags, D]`` rows (a sample's bags consecutive, as in a KJT) -> ``[B, D]``."""
+        return rows.view(-1, bags, rows.shape[1]).mean(dim=1) if bags > 1 else rows
+
+    slots = config.mm_pooling + 1
+
     class ShardingBenchModel(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.id_tables = ebc(config.id_tables, "fp32") if config.id_tables else None
+            self.pooled_ids = ebc(config.pooled_tables, "fp32") if config.pooled_tables else None
+            self.sequence_ids = ebc(config.sequence_tables, "fp32") if config.sequence_tables else None
             self.mm_table = ebc([config.mm_table], config.mm_dtype)
             width = config.mm_dim + sum(t.dim for t in config.id_tables)
             self.over = torch.nn.Linear(width, 1, device=None if device == "meta" else device)
 
-        def forward(self, id_features, mm_features, labels):
+        def forward(self, pooled_features, sequence_features, mm_features, labels):
             with torch.no_grad():  # frozen: no gradient, no optimizer state
-                parts = [self.mm_table(mm_features).values().float()]
-            if self.id_tables is not None:
-                parts.append(self.id_tables(id_features).values())
+                parts = [per_sample(self.mm_table(mm_features).values().float(), slots)]
+            if self.pooled_ids is not None:
+                parts.append(self.pooled_ids(pooled_features).values())
+            if self.sequence_ids is not None:
+                parts.append(per_sample(self.sequence_ids(sequence_features).values(), slots))
             logits = self.over(torch.cat(parts, dim=1)).squeeze(1)
             return F.binary_cross_entropy_with_logits(logits, labels)
 
@@ -216,9 +261,26 @@ def _all_tables(config: ShardingBenchConfig) -> List[TableSpec]:
 RESERVED_FRACTION = 0.15
 
 
-def _storage_reservation():
+def _load(table: TableSpec) -> Dict[str, List[float]]:
+    """The ``ParameterConstraints`` fields giving the planner a table's lookups: ``pooling``
+    ids a bag, ``bags`` bags (output rows) a sample."""
+    return {"pooling_factors": [float(table.pooling)], "num_poolings": [float(table.bags)]}
+
+
+def _storage_reservation(config: ShardingBenchConfig):
+    from torchrec.distributed.planner import ParameterConstraints
     from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-    return HeuristicalStorageReservation(percentage=RESERVED_FRACTION)
+
+    class IdsPerSample(HeuristicalStorageReservation):
+        """TorchRec's reservation for the batch's input copies reads ``pooling_factors`` as a
+        table's ids a sample (it ignores ``num_poolings``): give it ``pooling x bags``."""
+
+        def reserve(self, topology, batch_size, module, sharders, constraints=None):
+            ids = {t.name: ParameterConstraints(pooling_factors=[float(t.pooling * t.bags)])
+                   for t in _all_tables(config)}
+            return super().reserve(topology, batch_size, module, sharders, ids)
+
+    return IdsPerSample(percentage=RESERVED_FRACTION)
 
 
 def planner_offers(compute_device: str) -> List[str]:
@@ -247,13 +309,12 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
     kernels = {"data_parallel": ["dense"], None: ["fused", "dense"]}.get(sharding_type, ["fused"])
     constraints = {t.name: ParameterConstraints(
         sharding_types=[sharding_type] if sharding_type else None,
-        compute_kernels=kernels, pooling_factors=[float(t.pooling)],
-        min_partition=config.column_wise_min_dim)
+        compute_kernels=kernels, min_partition=config.column_wise_min_dim, **_load(t))
         for t in _all_tables(config)}
     stats = KeepBestPlan()
     planner = EmbeddingShardingPlanner(
         topology=_topology(config), batch_size=config.batch_size, constraints=constraints,
-        storage_reservation=_storage_reservation(), stats=stats, debug=False)
+        storage_reservation=_storage_reservation(config), stats=stats, debug=False)
     name = sharding_type or PLANNER_CHOICE
     try:
         plan = planner.plan(model, _sharders())
@@ -313,7 +374,7 @@ def plan_manually(config: ShardingBenchConfig, model, sharding_type: str) -> Pla
     modules: Dict[str, Any] = {}
     row = PlanRow(sharding_type, "manual")
     index = 0
-    for path in ("id_tables", "mm_table"):
+    for path in ("pooled_ids", "sequence_ids", "mm_table"):
         module = getattr(model, path)
         if module is None:
             continue
@@ -393,7 +454,7 @@ def estimate_manual_storage(config: ShardingBenchConfig, model, row: PlanRow) ->
 
     sharder = EstimateOnlySharder(fused_params=_sharders()[0].fused_params)
     constraints = {t.name: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[compute_kernel],
-                                                pooling_factors=[float(t.pooling)])
+                                                **_load(t))
                    for t in _all_tables(config)}
     topology = _topology(config)
     per_rank = _manual_shard_storage(config, model, row, topology, constraints, sharder)
@@ -402,7 +463,8 @@ def estimate_manual_storage(config: ShardingBenchConfig, model, row: PlanRow) ->
                 f"for this plan's shards; comms/step estimates n/a on {config.compute_device}")
     try:
         free = [(d.storage.hbm, d.storage.ddr) for d in
-                _storage_reservation().reserve(topology, config.batch_size, model, [sharder], constraints).devices]
+                _storage_reservation(config).reserve(topology, config.batch_size, model, [sharder],
+                                                     constraints).devices]
     except PlannerError as exc:  # the reservation alone exceeds a rank's memory
         row.fits = False
         row.note += f"; does not fit: {_first_line(str(exc))}; not run"
@@ -446,20 +508,23 @@ def _first_line(text: str) -> str:
 # ------------------------------------------------------------------------------ measuring
 
 def _random_batch(config: ShardingBenchConfig, generator):
+    """``(pooled KJT, sequence KJT, MM KJT, labels)``: each KJT holds ``batch_size * bags``
+    bags of ``pooling`` random ids per table (``None`` for no tables), CiUBM's ``ebc`` layout."""
     import torch
     from torchrec import KeyedJaggedTensor
 
     def kjt(tables: List[TableSpec]) -> Optional[KeyedJaggedTensor]:
         if not tables:
             return None
-        lengths = torch.cat([torch.full((config.batch_size,), t.pooling, dtype=torch.int32)
-                             for t in tables])
-        values = torch.cat([torch.randint(0, t.rows, (config.batch_size * t.pooling,),
-                                          generator=generator) for t in tables])
-        return KeyedJaggedTensor(keys=[t.name for t in tables], values=values, lengths=lengths)
+        bags = config.batch_size * tables[0].bags  # one stride a KJT: its tables share bags
+        lengths = torch.cat([torch.full((bags,), t.pooling, dtype=torch.int32) for t in tables])
+        values = torch.cat([torch.randint(0, t.rows, (bags * t.pooling,), generator=generator)
+                            for t in tables])
+        return KeyedJaggedTensor(keys=[t.name for t in tables], values=values, lengths=lengths,
+                                 stride=bags)
 
     labels = torch.randint(0, 2, (config.batch_size,), generator=generator).float()
-    return kjt(config.id_tables), kjt([config.mm_table]), labels
+    return kjt(config.pooled_tables), kjt(config.sequence_tables), kjt([config.mm_table]), labels
 
 
 def _local_bytes(tensor) -> int:
@@ -546,7 +611,7 @@ def describe(config: ShardingBenchConfig) -> str:
         dtype = config.mm_dtype if t.name == "mm_table" else "fp32"
         size = t.rows * row_bytes(dtype, t.dim)
         lines.append(f"  {t.name:<12} {t.rows:>14,} x {t.dim:<4} {dtype:<5} "
-                     f"{size / GB:>10.3f} GB  pooling {t.pooling}")
+                     f"{size / GB:>10.3f} GB  pooling {t.pooling} x {t.bags} bag{'s' if t.bags > 1 else ''}")
     mm_fp = {d: config.mm_rows * row_bytes(d, config.mm_dim) / GB for d in ("fp32", "fp16", "int8")}
     cap = _capacity_gb(config)
     lines.append(f"  mm_table in fp32 / fp16 / int8: {mm_fp['fp32']:.4g} / {mm_fp['fp16']:.4g} / "
