@@ -14,7 +14,7 @@ def _tiny(**overrides) -> ShardingBenchConfig:
     fields.update(overrides)
     if "id_tables" not in fields:
         fields["id_tables"] = [TableSpec("user_id", 64, 8, 1), TableSpec("query_token", 96, 8, 3),
-                               TableSpec("item_id", 80, 8, 1, bags=5)]
+                               TableSpec("item_id", 80, 8, 1, per_slot=True)]
     return ShardingBenchConfig(**fields)
 
 
@@ -63,9 +63,8 @@ def test_bad_config_is_refused():
                          ({"world_size": 0}, "world_size=0: must be positive"),
                          ({"steps": 0}, "steps=0: must be positive"),
                          ({"id_tables": [TableSpec("a", 0, 4)]}, r"id_tables\[0\].rows=0: must be positive"),
-                         ({"id_tables": [TableSpec("a", 5, 4, bags=0)]}, r"id_tables\[0\].bags=0: must be positive"),
-                         ({"id_tables": [TableSpec("a", 5, 4, bags=3)]},
-                          r"id_tables\[0\].bags=3: must be 1 .* or 1 \+ mm_pooling = 5")):
+                         ({"id_tables": [TableSpec("a", 5, 4, pooling=0)]},
+                          r"id_tables\[0\].pooling=0: must be positive")):
         with pytest.raises(ConfigError, match=message):
             _tiny(**bad).validate()
     config = load_config(ShardingBenchConfig, None, ["id_tables=[{name: a, rows: 5, dim: 4}]"])

@@ -19,10 +19,10 @@ Where an estimate comes from matters, so every row says it:
     A plan of either source that does not fit is never measured.
 
 The batches have CiUBM's ``ebc`` layout (mim_rec/ciubm/sparse.py, docs/ciubm.md "Batches"): the
-MM table and the behaviour ID tables (``bags = 1 + mm_pooling``: item and category by default)
+MM table and the behaviour ID tables (``per_slot``: item and category by default)
 are looked up in ``1 + L`` single-id bags per sample, the target and ``L = mm_pooling``
 behaviours (KJTs of stride ``B (1 + L)``, ``B (1 + L)`` output rows); the other ID tables
-(``bags = 1``: user, query words) in one bag per sample (a KJT of stride ``B``). The planner is
+(user, query words) in one bag per sample (a KJT of stride ``B``). The planner is
 told both (``pooling_factors`` = ids per bag, ``num_poolings`` = bags per sample), so the
 storage, lookups and communication per id and per output row are those of the CiUBM lookup,
 whose layout ``mim bench layout sharded=true`` compares with an ``EmbeddingCollection``. The
@@ -55,31 +55,33 @@ GB, MB = 1e9, 1e6  # decimal, as TorchRec's topology capacities and the paper's 
 
 @dataclass
 class TableSpec:
-    """One embedding table (one feature): ``bags`` bags per sample, each of ``pooling`` ids.
+    """One embedding table (one feature), looked up in bags of ``pooling`` ids: one bag per
+    sample, or with ``per_slot`` one per behaviour slot, ``1 + L`` a sample (the target and
+    ``L = mm_pooling`` behaviours; :meth:`ShardingBenchConfig.bags`).
 
-    ``bags`` is what sets the table's output rows, ``B x bags``, and so the planner's output
-    and communication estimates (TorchRec's ``num_poolings``): CiUBM looks its MM, item and
-    category tables up once per slot, the target and each of ``L`` behaviours, i.e. ``1 + L``
-    single-id bags (``pooling=1, bags=1+L``), not one bag of ``L`` ids summed to one row.
+    The bags set the table's output rows, ``B x bags``, and so the planner's output and
+    communication estimates (TorchRec's ``num_poolings``): CiUBM looks its MM, item and
+    category tables up once per slot, ``1 + L`` single-id bags, not one bag of ``L`` ids
+    summed to one row.
     """
 
     name: str
     rows: int
     dim: int
     pooling: int = 1
-    bags: int = 1
+    per_slot: bool = False
 
 
 @dataclass
 class ShardingBenchConfig:
     """Tables, topology and run length. Defaults are a CPU-sized run for 2 gloo ranks."""
 
-    # bags=1: one bag a sample (stride B, CiUBM's ``pooled`` KJT); bags=1+mm_pooling: one
-    # single-id bag a slot, target and behaviours (stride B (1+L), CiUBM's ``sequence`` KJT).
+    # One bag a sample (stride B, CiUBM's ``pooled`` KJT), or per_slot: one single-id bag a slot,
+    # target and behaviours (stride B (1 + L), CiUBM's ``sequence`` KJT).
     id_tables: List[TableSpec] = field(default_factory=lambda: [
         TableSpec("user_id", 20_000, 32, 1),
-        TableSpec("item_id", 50_000, 32, 1, bags=21),
-        TableSpec("category_id", 1_000, 16, 1, bags=21),
+        TableSpec("item_id", 50_000, 32, 1, per_slot=True),
+        TableSpec("category_id", 1_000, 16, 1, per_slot=True),
         TableSpec("query_token", 30_000, 32, 8),
     ])
     mm_rows: int = 50_000
@@ -106,7 +108,7 @@ class ShardingBenchConfig:
     @classmethod
     def paper_scale(cls) -> "ShardingBenchConfig":
         """The paper's MM table: 1.4 B items x 128-d (fp16), 8 hosts x 8 GPUs of 80 GB HBM."""
-        return cls(id_tables=[TableSpec("category_id", 10_000, 16, 1, bags=51)],
+        return cls(id_tables=[TableSpec("category_id", 10_000, 16, 1, per_slot=True)],
                    mm_rows=1_400_000_000, mm_dim=128, mm_dtype="fp16", mm_pooling=50,
                    batch_size=2048, world_size=64, local_world_size=8, compute_device="cuda",
                    hbm_gb_per_device=80.0, ddr_gb_per_device=0.0,
@@ -117,13 +119,7 @@ class ShardingBenchConfig:
                                 "steps", "column_wise_min_dim"))
         require_not_negative(self, ("warmup_steps", "hbm_gb_per_device", "ddr_gb_per_device"))
         for index, table in enumerate(self.id_tables):
-            require_positive(table, ("rows", "dim", "pooling", "bags"), prefix=f"id_tables[{index}].")
-            if table.bags not in (1, self.mm_pooling + 1):
-                # a KJT has one stride: the bench, like CiUBM, has a pooled one and a per-slot one
-                raise ConfigError(f"id_tables[{index}].bags={table.bags}: must be 1 (one bag a sample, as "
-                                  f"user and query words) or 1 + mm_pooling = {self.mm_pooling + 1} (one "
-                                  "bag a slot, target and behaviours, as item and category in CiUBM); a new "
-                                  "mm_pooling needs id_tables with the bags it implies")
+            require_positive(table, ("rows", "dim", "pooling"), prefix=f"id_tables[{index}].")
         if self.mm_dtype not in ("fp32", "fp16"):
             # TorchRec's training EmbeddingBagCollection silently stores an INT8 table as fp16,
             # so the planner would estimate fp16 bytes under an int8 label.
@@ -150,17 +146,21 @@ class ShardingBenchConfig:
 
     @property
     def mm_table(self) -> TableSpec:
-        return TableSpec("mm_table", self.mm_rows, self.mm_dim, pooling=1, bags=self.mm_pooling + 1)
+        return TableSpec("mm_table", self.mm_rows, self.mm_dim, pooling=1, per_slot=True)
 
     @property
     def pooled_tables(self) -> List[TableSpec]:
         """ID tables with one bag a sample (a KJT of stride ``batch_size``)."""
-        return [t for t in self.id_tables if t.bags == 1]
+        return [t for t in self.id_tables if not t.per_slot]
 
     @property
     def sequence_tables(self) -> List[TableSpec]:
-        """ID tables with one single-id bag a slot (a KJT of stride ``batch_size * (1 + L)``)."""
-        return [t for t in self.id_tables if t.bags != 1]
+        """ID tables with one bag a slot (a KJT of stride ``batch_size * (1 + L)``)."""
+        return [t for t in self.id_tables if t.per_slot]
+
+    def bags(self, table: TableSpec) -> int:
+        """Bags a sample of ``table``: ``1 + mm_pooling`` per slot (target and behaviours), else 1."""
+        return self.mm_pooling + 1 if table.per_slot else 1
 
 
 @dataclass
@@ -261,10 +261,10 @@ def _all_tables(config: ShardingBenchConfig) -> List[TableSpec]:
 RESERVED_FRACTION = 0.15
 
 
-def _load(table: TableSpec) -> Dict[str, List[float]]:
+def _load(config: ShardingBenchConfig, table: TableSpec) -> Dict[str, List[float]]:
     """The ``ParameterConstraints`` fields giving the planner a table's lookups: ``pooling``
-    ids a bag, ``bags`` bags (output rows) a sample."""
-    return {"pooling_factors": [float(table.pooling)], "num_poolings": [float(table.bags)]}
+    ids a bag, :meth:`~ShardingBenchConfig.bags` bags (output rows) a sample."""
+    return {"pooling_factors": [float(table.pooling)], "num_poolings": [float(config.bags(table))]}
 
 
 def _storage_reservation(config: ShardingBenchConfig):
@@ -276,7 +276,7 @@ def _storage_reservation(config: ShardingBenchConfig):
         table's ids a sample (it ignores ``num_poolings``): give it ``pooling x bags``."""
 
         def reserve(self, topology, batch_size, module, sharders, constraints=None):
-            ids = {t.name: ParameterConstraints(pooling_factors=[float(t.pooling * t.bags)])
+            ids = {t.name: ParameterConstraints(pooling_factors=[float(t.pooling * config.bags(t))])
                    for t in _all_tables(config)}
             return super().reserve(topology, batch_size, module, sharders, ids)
 
@@ -309,7 +309,7 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
     kernels = {"data_parallel": ["dense"], None: ["fused", "dense"]}.get(sharding_type, ["fused"])
     constraints = {t.name: ParameterConstraints(
         sharding_types=[sharding_type] if sharding_type else None,
-        compute_kernels=kernels, min_partition=config.column_wise_min_dim, **_load(t))
+        compute_kernels=kernels, min_partition=config.column_wise_min_dim, **_load(config, t))
         for t in _all_tables(config)}
     stats = KeepBestPlan()
     planner = EmbeddingShardingPlanner(
@@ -454,7 +454,7 @@ def estimate_manual_storage(config: ShardingBenchConfig, model, row: PlanRow) ->
 
     sharder = EstimateOnlySharder(fused_params=_sharders()[0].fused_params)
     constraints = {t.name: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[compute_kernel],
-                                                **_load(t))
+                                                **_load(config, t))
                    for t in _all_tables(config)}
     topology = _topology(config)
     per_rank = _manual_shard_storage(config, model, row, topology, constraints, sharder)
@@ -516,7 +516,7 @@ def _random_batch(config: ShardingBenchConfig, generator):
     def kjt(tables: List[TableSpec]) -> Optional[KeyedJaggedTensor]:
         if not tables:
             return None
-        bags = config.batch_size * tables[0].bags  # one stride a KJT: its tables share bags
+        bags = config.batch_size * config.bags(tables[0])  # one stride a KJT: its tables share bags
         lengths = torch.cat([torch.full((bags,), t.pooling, dtype=torch.int32) for t in tables])
         values = torch.cat([torch.randint(0, t.rows, (bags * t.pooling,), generator=generator)
                             for t in tables])
@@ -611,7 +611,7 @@ def describe(config: ShardingBenchConfig) -> str:
         dtype = config.mm_dtype if t.name == "mm_table" else "fp32"
         size = t.rows * row_bytes(dtype, t.dim)
         lines.append(f"  {t.name:<12} {t.rows:>14,} x {t.dim:<4} {dtype:<5} "
-                     f"{size / GB:>10.3f} GB  pooling {t.pooling} x {t.bags} bag{'s' if t.bags > 1 else ''}")
+                     f"{size / GB:>10.3f} GB  pooling {t.pooling} x {config.bags(t)} bag{'s' if t.per_slot else ''}")
     mm_fp = {d: config.mm_rows * row_bytes(d, config.mm_dim) / GB for d in ("fp32", "fp16", "int8")}
     cap = _capacity_gb(config)
     lines.append(f"  mm_table in fp32 / fp16 / int8: {mm_fp['fp32']:.4g} / {mm_fp['fp16']:.4g} / "
