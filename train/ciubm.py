@@ -93,16 +93,16 @@ def load_train_config(path: Optional[str], overrides, check_device: bool = True)
     match_loader_to_model(config.loader, config.model)
     if config.model.mm_dim is None:
         config.model.mm_dim = _table_dim(config.mm_table)
-    if check_device:
-        check_sharding_device(config.model, config.device)
     if config.rim_log and not (config.mm_table and config.model.uses_mm):
         raise ConfigError("rim_log: RIM rows are applied to the MM table, so they need mm_table=DIR "
                           "(the table they extend) and a model that uses it")
     from mim_rec.ciubm.sparse import MM_TABLE
     chosen = config.model.constraints.get(MM_TABLE)
-    if chosen is not None and chosen.compute_kernels:
+    if chosen is not None and chosen.compute_kernels:  # on any device, so before what this one offers
         require_rim_writable(config, chosen.compute_kernels,
                              f"model.constraints.{MM_TABLE}.compute_kernels={chosen.compute_kernels}")
+    if check_device:
+        check_sharding_device(config.model, config.device)
     return config
 
 
