@@ -272,10 +272,19 @@ def test_unknown_signal_in_the_pairs_file_is_named(inputs, tmp_path, capsys):
 
 
 def test_no_pairs_of_the_chosen_signal_is_an_error(inputs, tmp_path, capsys):
+    """A signal that is not one is refused with the settings; one no pair carries, by file."""
+
+    from mim_rec.csft.data import Pairs, with_signals
+    from mim_rec.data.errors import DataError
+
     config = _config(inputs, tmp_path / "out")
     config_file = _write_config(config, tmp_path / "c.yaml")
     assert cli.main(["csft", "--config", str(config_file), "data.signals=[refund]"]) == 2
-    assert "no pairs with signal in ['refund']" in capsys.readouterr().err
+    assert "data.signals=['refund']: 'refund' is not a signal" in capsys.readouterr().err
+    clicks = Pairs("pairs_train.parquet", np.arange(2), np.arange(2), np.zeros(2, np.int32), ["click", "click"],
+                   np.zeros(2, np.int64))
+    with pytest.raises(DataError, match=r"pairs_train.parquet.*no pairs with signal in \['purchase'\]"):
+        with_signals(clicks, ["purchase"])
 
 
 @pytest.mark.parametrize("refresh", ["true", "false"])
