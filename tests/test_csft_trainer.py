@@ -273,9 +273,9 @@ def test_unknown_signal_in_the_pairs_file_is_named(inputs, tmp_path, capsys):
 
 def test_no_pairs_of_the_chosen_signal_is_an_error(inputs, tmp_path, capsys):
     """A signal that is not one is refused with the settings; one no pair carries, by file."""
-
     from mim_rec.csft.data import Pairs, with_signals
     from mim_rec.data.errors import DataError
+
 
     config = _config(inputs, tmp_path / "out")
     config_file = _write_config(config, tmp_path / "c.yaml")
