@@ -82,6 +82,44 @@ def test_padding_position_does_not_matter(name):
     torch.testing.assert_close(left, ubm(target, behaviours, mask, target_category, behaviour_categories))
 
 
+def left_padded_inputs(lengths: list[int], length: int = L, seed: int = 3):
+    """The loader's layout: behaviours right-aligned (most recent last), padding on the left."""
+    target, behaviours, _, target_category, behaviour_categories = make_inputs(seed, len(lengths), length,
+                                                                               categories=2)
+    mask = torch.arange(length).unsqueeze(0) >= (length - torch.tensor(lengths)).unsqueeze(1)
+    return target, behaviours, mask, target_category, behaviour_categories
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_row_alone_without_its_padding_gives_the_same_interest(name):
+    """Padding slots, and the other rows, change nothing: a row scored alone (a batch of one),
+    cut to its real behaviours, gets the interest it gets in the padded batch. For the
+    recurrences this means the final state is the one after the last real behaviour."""
+    ubm = build(name, **({"top_k": 2} if name in ("sim", "twin") else {}))
+    lengths = [L, 1, 3, 0]
+    target, behaviours, mask, target_category, behaviour_categories = left_padded_inputs(lengths)
+    batch = ubm(target, behaviours, mask, target_category, behaviour_categories)
+    for row, n in enumerate(lengths):
+        real = slice(L - n, L)
+        alone = ubm(target[row:row + 1], behaviours[row:row + 1, real], mask[row:row + 1, real],
+                    target_category[row:row + 1], behaviour_categories[row:row + 1, real])
+        torch.testing.assert_close(alone, batch[row:row + 1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_batch_without_behaviour_slots_is_a_batch_of_empty_histories(name):
+    """``L = 0`` (a caller that trims padding to the batch's longest history, when every history
+    is empty) gives what all-padding slots give; DIEN used to fail on it in ``torch.stack``."""
+    ubm = build(name)
+    target, behaviours, _, target_category, behaviour_categories = make_inputs(batch=2, length=3)
+    padded = ubm(target, behaviours, torch.zeros(2, 3, dtype=torch.bool), target_category, behaviour_categories)
+    padded_aux = ubm.auxiliary_loss()
+    none = ubm(target, behaviours[:, :0], torch.zeros(2, 0, dtype=torch.bool), target_category,
+               behaviour_categories[:, :0])
+    torch.testing.assert_close(none, padded)
+    assert (padded_aux is None and ubm.auxiliary_loss() is None) or torch.equal(ubm.auxiliary_loss(), padded_aux)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_are_finite_with_empty_rows(name):
     ubm = build_ubm(name, D).train()

@@ -75,14 +75,15 @@ class DIEN(InterestModule):
         self._auxiliary_steps: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def extract(self, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Interest states ``[B, L, dim]``: the GRU state after each real behaviour."""
+        """Interest states ``[B, L, dim]``: the GRU state after each real behaviour (``[B, 0, dim]``
+        for a batch without behaviour slots, which ``torch.stack`` of no states would refuse)."""
         hidden = behaviours.new_zeros(behaviours.shape[0], self.dim)
         states = []
         for t in range(behaviours.shape[1]):
             step = self.extractor(behaviours[:, t], hidden)
             hidden = torch.where(mask[:, t, None], step, hidden)
             states.append(hidden)
-        return torch.stack(states, dim=1)
+        return torch.stack(states, dim=1) if states else behaviours.new_zeros(behaviours.shape[0], 0, self.dim)
 
     def evolve(self, states: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the AUGRU over the interest states; returns the final state ``[B, dim]``."""
