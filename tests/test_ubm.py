@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mim_rec.ubm import available_ubms, build_ubm
 from mim_rec.ubm.dien import DIEN
 from mim_rec.ubm.din import DIN
-from mim_rec.ubm.layers import masked_softmax, recency_positions
+from mim_rec.ubm.layers import AUGRUCell, masked_softmax, recency_positions
 from mim_rec.ubm.sim import category_search
 from mim_rec.ubm.twin import TWIN
 
@@ -202,13 +202,18 @@ def test_recency_positions_count_from_the_most_recent_real_behaviour():
 
 
 def test_sim_search_keeps_the_most_recent_top_k_of_the_target_category():
-    categories = torch.tensor([[1, 2, 1, 1, 3, 1, 2, 1], [2, 2, 1, 3, 3, 3, 3, 3]])
-    mask = torch.tensor([[True] * 7 + [False], [True] * 8])
-    target_category = torch.tensor([1, 1])
+    categories = torch.tensor([[1, 2, 1, 1, 3, 1, 2, 1], [2, 2, 1, 3, 3, 3, 3, 3], [2, 3, 2, 3, 1, 1, 1, 1]])
+    mask = torch.tensor([[True] * 7 + [False], [True] * 8, [True] * 4 + [False] * 4])
+    target_category = torch.tensor([1, 1, 1])
     indices, kept = category_search(mask, target_category, categories, top_k=3)
     # Row 0: category 1 at 0, 2, 3, 5 (7 is padding) -> the three latest. Row 1: only position 2.
+    # Row 2: category 1 only in padding -> nothing.
     assert sorted(indices[0][kept[0]].tolist()) == [2, 3, 5]
     assert indices[1][kept[1]].tolist() == [2]
+    assert not kept[2].any()
+    sim = build("sim", top_k=3)
+    out = sim(torch.randn(3, D), torch.randn(3, 8, D), mask, target_category, categories)
+    assert torch.equal(out[2], torch.zeros(D)) and out[:2].abs().sum(1).gt(0).all()
 
 
 def test_sim_equals_din_attention_over_the_searched_behaviours():
@@ -259,6 +264,26 @@ def test_long_history(name):
     assert out.shape == (B, D) and torch.isfinite(out).all()
 
 
+def test_augru_scales_the_update_gate_by_the_attention():
+    """DIEN's Eq. 6-7: ``u' = a u`` makes the AUGRU step ``(1 - a) h + a GRU(x, h)`` with the GRU of
+    Eq. 1 (``h' = (1 - u) h + u h~``, the reset gate inside ``h~``): attention 0 keeps the state,
+    1 is a plain GRU step. Checked against torch's GRUCell, whose update gate is ``z = 1 - u``."""
+    torch.manual_seed(0)
+    augru = AUGRUCell(D, D)
+    gru = torch.nn.GRUCell(D, D)
+    (reset_w, update_w), (reset_b, update_b) = augru.gates.weight.chunk(2), augru.gates.bias.chunk(2)
+    with torch.no_grad():
+        gru.weight_ih.copy_(torch.cat([reset_w[:, :D], -update_w[:, :D], augru.candidate_input.weight]))
+        gru.weight_hh.copy_(torch.cat([reset_w[:, D:], -update_w[:, D:], augru.candidate_hidden.weight]))
+        gru.bias_ih.copy_(torch.cat([reset_b, -update_b, augru.candidate_input.bias]))
+        gru.bias_hh.copy_(torch.cat([torch.zeros(2 * D), augru.candidate_hidden.bias]))
+    x, hidden = torch.randn(B, D), torch.randn(B, D)
+    attention = torch.tensor([0.0, 1.0, 0.3, 0.7, 0.05])
+    expected = (1 - attention[:, None]) * hidden + attention[:, None] * gru(x, hidden)
+    torch.testing.assert_close(augru(x, hidden, attention), expected)
+    assert torch.equal(augru(x, hidden, torch.zeros(B)), hidden)
+
+
 def reference_dien_aux_loss(dien: DIEN, behaviours: torch.Tensor, mask: torch.Tensor, rows=None) -> float:
     """The paper's Eq. 2 written out step by step, with torch.nn.GRU as the extractor, over
     ``rows`` (every row if None); the negatives still come from every row."""
@@ -266,14 +291,15 @@ def reference_dien_aux_loss(dien: DIEN, behaviours: torch.Tensor, mask: torch.Te
     gru.load_state_dict({f"{k}_l0": v for k, v in dien.extractor.state_dict().items()})
     total, count = 0.0, 0
     for b in range(behaviours.shape[0]):
-        n = int(mask[b].sum())  # real behaviours come first in this fixture
-        if n == 0 or (rows is not None and b not in rows):
+        real = mask[b].nonzero().squeeze(1)  # one contiguous run, on the left or on the right
+        if len(real) == 0 or (rows is not None and b not in rows):
             continue
-        states, _ = gru(behaviours[b:b + 1, :n])
+        states, _ = gru(behaviours[b:b + 1, real])
         negative_row = (b - 1) % behaviours.shape[0]
-        for t in range(n - 1):
-            positive, negative = behaviours[b, t + 1], behaviours[negative_row, t + 1]
-            if not mask[negative_row, t + 1] or torch.equal(positive, negative):
+        for t in range(len(real) - 1):
+            slot = real[t + 1]  # the negative is the previous row's behaviour in the same slot
+            positive, negative = behaviours[b, slot], behaviours[negative_row, slot]
+            if not mask[negative_row, slot] or torch.equal(positive, negative):
                 continue
             h = states[0, t]
             total += -math.log(torch.sigmoid(h @ positive).item()) - math.log(1 - torch.sigmoid(h @ negative).item())
@@ -281,9 +307,13 @@ def reference_dien_aux_loss(dien: DIEN, behaviours: torch.Tensor, mask: torch.Te
     return total / count
 
 
-def test_dien_auxiliary_loss_matches_the_paper_formula():
+@pytest.mark.parametrize("layout", ["real first", "loader"])
+def test_dien_auxiliary_loss_matches_the_paper_formula(layout):
+    """``h_t`` scores ``e_{t+1}``, never ``e_t``, and no step reaches past either end of a history,
+    whether the padding follows the history or (the loader's layout) precedes it."""
     dien: DIEN = build("dien")
-    target, behaviours, mask, target_category, behaviour_categories = make_inputs()
+    target, behaviours, mask, target_category, behaviour_categories = make_inputs() if layout == "real first" \
+        else left_padded_inputs([L, 1, 3, 0, 6, L - 1])
     assert dien.auxiliary_loss() is None
     dien(target, behaviours, mask, target_category, behaviour_categories)
     assert dien.auxiliary_loss().item() == pytest.approx(reference_dien_aux_loss(dien, behaviours, mask), rel=1e-5)
