@@ -199,6 +199,28 @@ def test_content_match_is_the_mean_and_max_weight_over_real_behaviours():
     assert torch.allclose(content_match(weights, mask), expected)
 
 
+def test_content_weights_are_the_cosines_of_the_real_behaviours_and_zero_elsewhere():
+    """``a_ti = cos(h_t, h_i)`` on real behaviours, 0 for an item without a vector and on padding,
+    whatever the padded slot holds: ``cos * mask`` gave NaN there for a NaN or inf, and a NaN
+    gradient to the target (CiUBM itself zeroes padding before calling it)."""
+    from mim_rec.ciubm.interest import content_weights
+
+    generator = torch.Generator().manual_seed(4)
+    target, behaviours = torch.randn(2, 5, generator=generator), torch.randn(2, 3, 5, generator=generator)
+    behaviours[0, 1] = 0.0  # a real behaviour without an MM vector
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    expected = torch.where(mask, torch.nn.functional.cosine_similarity(target[:, None], behaviours, dim=-1), 0.0)
+    torch.testing.assert_close(content_weights(target, behaviours, mask), expected)
+    gradients = []
+    for fill in (0.0, float("nan"), float("inf")):
+        weighted_target = target.clone().requires_grad_(True)
+        weights = content_weights(weighted_target, behaviours.masked_fill(~mask.unsqueeze(-1), fill), mask)
+        weights.sum().backward()
+        assert torch.equal(weights, content_weights(target, behaviours.masked_fill(~mask.unsqueeze(-1), 0.0), mask))
+        gradients.append(weighted_target.grad)
+    assert torch.isfinite(gradients[0]).all() and all(torch.equal(g, gradients[0]) for g in gradients)
+
+
 def test_mean_content_pool_divides_the_weighted_sum_by_the_real_behaviours():
     from mim_rec.ciubm.interest import ContentInterestArch
 

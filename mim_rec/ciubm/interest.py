@@ -13,11 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mim_rec.ubm.layers import zero_padding
+
 
 def content_weights(target_mm: torch.Tensor, behaviour_mm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``a [B, L] = cos(target_mm [B, D], behaviour_mm [B, L, D])``, 0 where ``mask`` is False."""
-    cos = torch.einsum("bd,bld->bl", F.normalize(target_mm, dim=-1), F.normalize(behaviour_mm, dim=-1))
-    return cos * mask
+    """``a [B, L] = cos(target_mm [B, D], behaviour_mm [B, L, D])``, 0 where ``mask`` is False.
+
+    Padded slots are zeroed before the cosine (a zero vector has cosine 0), not multiplied by the
+    mask after it: a NaN or inf left there would survive ``* 0`` and, through the einsum's
+    backward, reach the target's gradient."""
+    behaviour_mm = zero_padding(behaviour_mm, mask)
+    return torch.einsum("bd,bld->bl", F.normalize(target_mm, dim=-1), F.normalize(behaviour_mm, dim=-1))
 
 
 def content_match(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
