@@ -25,6 +25,10 @@ class BST(InterestModule):
     same role. Padding is a key-padding mask, so it is never attended to; the target token is
     always real, so an empty history is well defined (the target attends to itself).
 
+    The layer is torch's pre-LN encoder layer with a GELU feed-forward and the position embedding
+    is added to each token; the paper's layer is post-LN (``LayerNorm(S + Dropout(MH(S)))``) with
+    a LeakyReLU feed-forward, and it concatenates the position embedding to the item's.
+
     ``pooling``: ``"target"`` (default) returns the target token's output, i.e. what the
     target read from the history; ``"mean"`` averages the behaviour tokens' outputs (the paper
     concatenates all of them, which needs a fixed length; the mean is its length-free form).
