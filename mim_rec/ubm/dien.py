@@ -58,7 +58,9 @@ class DIEN(InterestModule):
     """GRU interest extractor + AUGRU interest evolution -> final evolved interest ``[B, dim]``.
 
     Both recurrences skip padded steps (the state is carried over unchanged), so padding can sit
-    anywhere in the row and an empty history yields the zero state. The AUGRU's attention is
+    anywhere in the row and an empty history yields the zero state. The auxiliary loss pairs
+    neighbouring slots only, so it scores every real step of a contiguous (the loader's
+    left-padded) row but skips a pair that a gap inside the row separates. The AUGRU's attention is
     the DIN activation unit between the target and each interest state, softmax-normalised over
     the real steps (Eq. 5 uses a bilinear form; the activation unit is the shared, richer
     scorer). :meth:`auxiliary_loss` returns the extractor's next-behaviour loss of the last

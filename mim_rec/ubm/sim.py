@@ -35,9 +35,10 @@ class SIM(InterestModule):
     """GSU = category hard search (``top_k`` most recent same-category behaviours);
     ESU = DIN-style target attention over them -> ``[B, dim]``.
 
-    The paper's ESU is multi-head attention plus time-gap embeddings; the seam carries no
-    timestamps, and the DIN activation unit is the ESU its ablation also reports. A target whose
-    category never occurs in the history yields the zero vector.
+    The paper's ESU is multi-head attention plus time-gap embeddings. Here it is the DIN
+    activation unit the other target-attention UBMs share, and there are no time-gap embeddings
+    (the seam carries no timestamps). A target whose category never occurs in the history yields
+    the zero vector.
     """
 
     def __init__(self, dim: int, top_k: int = 50, attention_hidden: Sequence[int] = (64, 32),
