@@ -112,6 +112,9 @@ BAD_CASES = {
     # accepted before: mim train clamped every item age to 0 (created "after" every event)
     "created_at in milliseconds": ("items", lambda r: edit(r, "created_at", 3, 1_700_000_000_000), 3, "created_at",
                                    r"created_at past 10\^11 Unix seconds \(the year 5138\): milliseconds\?"),
+    # accepted before: mim data holdout then put every pair after the (seconds) cut
+    "pair ts in milliseconds": ("pairs", lambda r: edit(r, "ts", 2, 1_700_000_000_000), 2, "ts",
+                                r"ts past 10\^11 Unix seconds \(the year 5138\): milliseconds\?"),
     "history newest first": ("events", lambda r: edit(r, "hist_ts", 3, [1, 0, 0]), 3, "hist_ts",
                              "history not oldest first"),
     "empty title": ("items", lambda r: edit(r, "title", 0, "  "), 0, "title", "empty title"),

@@ -364,6 +364,7 @@ def _pairs_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
         RowCheck("signal", f"unknown signal (expected one of {list(SIGNALS)})",
                  lambda b: ~_mask(pc.is_in(pc.fill_null(b.column("signal"), SIGNALS[0]),
                                            value_set=pa.array(SIGNALS)))),
+        _in_seconds("ts"),  # holdout splits pairs at an events time
     ]
     checks += _image_checks(names, ctx, "query_image", "query_image_path", "query_feature",
                             PAIRS.one_of[0])
