@@ -106,6 +106,11 @@ BAD_CASES = {
     "label": ("events", lambda r: edit(r, "label", 3, 2), 3, "label", "label not in"),
     "behaviour after its event": ("events", lambda r: edit(r, "hist_ts", 2, [9]), 2, "hist_ts",
                                   r"behaviour after its event \(hist_ts > ts\)"),
+    # accepted before (hist_ts == ts is not after the event): an importer that listed each
+    # event's own interaction in its history passed validation
+    "event in its own history": ("events", lambda r: edit(edit(edit(r, "hist_item_ids", 2, [0, 2]),
+                                                               "hist_category_ids", 2, [0, 0]), "hist_ts", 2, [1, 3]),
+                                 2, "hist_ts", r"the event itself in its history"),
     # accepted before: item ages became 2e7 days, and S1..S10 followed the event time
     "milliseconds": ("events", lambda r: edit(r, "ts", 3, 1_700_000_000_000), 3, "ts",
                      r"ts past 10\^11 Unix seconds \(the year 5138\): milliseconds\?"),

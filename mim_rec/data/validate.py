@@ -373,23 +373,30 @@ def _pairs_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
     return checks
 
 
+def _where_lists_pair(batch: pa.RecordBatch, first: str, second: str,
+                      flags: Callable[[pa.RecordBatch], np.ndarray]) -> np.ndarray:
+    """``flags`` applied to the rows whose lists ``first`` and ``second`` have equal length
+    (a ragged or null row is named by its own rule; comparing the flattened lists would pair
+    elements across row boundaries), mapped back to ``batch``'s rows."""
+    aligned = np.flatnonzero(_mask(pc.equal(pc.list_value_length(batch.column(first)),
+                                            pc.list_value_length(batch.column(second)))))
+    paired = batch if len(aligned) == batch.num_rows else batch.take(pa.array(aligned))  # usually all
+    flagged = np.zeros(batch.num_rows, dtype=bool)
+    flagged[aligned[flags(paired)]] = True
+    return flagged
+
+
 def _behaviour_categories_match_items(ctx: CheckContext) -> RowCheck:
     """The loader embeds a behaviour with the category the events list: one that is not its
     item's would give it another category's embedding and mislead SIM's category search."""
-    def flags(batch: pa.RecordBatch) -> np.ndarray:
-        # Only rows whose two lists pair up are compared (a ragged or null row is named by its
-        # own rule); comparing the flattened lists would pair elements across row boundaries.
-        aligned = np.flatnonzero(_mask(pc.equal(pc.list_value_length(batch.column("hist_item_ids")),
-                                                pc.list_value_length(batch.column("hist_category_ids")))))
-        paired = batch if len(aligned) == batch.num_rows else batch.take(pa.array(aligned))  # usually all
+    def differs(paired: pa.RecordBatch) -> np.ndarray:
         rows, ids = _list_elements(paired.column("hist_item_ids"))
         _, categories = _list_elements(paired.column("hist_category_ids"))
         known = (ids >= 0) & (ids < len(ctx.item_category))
-        differs = _rows_where(rows, known & (ctx.item_category[np.where(known, ids, 0)] != categories), len(aligned))
-        flagged = np.zeros(batch.num_rows, dtype=bool)
-        flagged[aligned[differs]] = True
-        return flagged
-    return RowCheck("hist_category_ids", "behaviour category differs from its item's in the items table", flags)
+        return _rows_where(rows, known & (ctx.item_category[np.where(known, ids, 0)] != categories),
+                           paired.num_rows)
+    return RowCheck("hist_category_ids", "behaviour category differs from its item's in the items table",
+                    lambda b: _where_lists_pair(b, "hist_item_ids", "hist_category_ids", differs))
 
 
 def _behaviours_before_the_event(batch: pa.RecordBatch) -> np.ndarray:
@@ -397,6 +404,17 @@ def _behaviours_before_the_event(batch: pa.RecordBatch) -> np.ndarray:
     rows, times = _list_elements(batch.column("hist_ts"))
     ts = pc.fill_null(batch.column("ts"), 0).to_numpy(zero_copy_only=False)
     return _rows_where(rows, times > ts[rows], batch.num_rows)
+
+
+def _event_in_its_history(paired: pa.RecordBatch) -> np.ndarray:
+    """A behaviour on the target item at the event's own time is the event itself: an importer
+    off by one (a history up to and including the event) leaks the label, and ``hist_ts > ts``
+    does not see it."""
+    rows, items = _list_elements(paired.column("hist_item_ids"))
+    _, times = _list_elements(paired.column("hist_ts"))
+    ts = pc.fill_null(paired.column("ts"), 0).to_numpy(zero_copy_only=False)
+    target = pc.fill_null(paired.column("target_item_id"), -1).to_numpy(zero_copy_only=False)
+    return _rows_where(rows, (times == ts[rows]) & (items == target[rows]), paired.num_rows)
 
 
 def _behaviours_oldest_first(batch: pa.RecordBatch) -> np.ndarray:
@@ -427,6 +445,9 @@ def _events_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
                _category_in_range("hist_category_ids", ctx, "behaviour category id"),
                _in_seconds("ts"),
                RowCheck("hist_ts", "behaviour after its event (hist_ts > ts)", _behaviours_before_the_event),
+               RowCheck("hist_ts", "the event itself in its history (a behaviour on the target item at the "
+                        "event's ts: label leakage)",
+                        lambda b: _where_lists_pair(b, "hist_item_ids", "hist_ts", _event_in_its_history)),
                RowCheck("hist_ts", "history not oldest first (hist_ts decreases)", _behaviours_oldest_first)]
     if ctx.item_category is not None:
         checks.append(_behaviour_categories_match_items(ctx))
