@@ -361,3 +361,28 @@ def test_several_negatives_of_one_positive_are_distinct(tmp_path):
     assert negatives.shape == (2000, 4)
     assert all(len(set(row)) == 4 for row in negatives.tolist())
     assert not np.isin(negatives, [0, 1]).any()
+
+
+def test_popularity_counts_every_training_interaction(tmp_path, monkeypatch):
+    """The valid rows are training events too: their targets were left out of the popularity
+    that draws the negatives, so an item clicked mostly in valid rows drew few non-clicks and
+    its training click rate rose with its share of valid clicks."""
+    from mim_rec.data.importers import amazon
+
+    drawn_with = []
+
+    def recording(users, count, item_count, positives, method, popularity, *rest):
+        drawn_with.append(popularity.copy())
+        return real(users, count, item_count, positives, method, popularity, *rest)
+
+    real = amazon.sample_negatives
+    monkeypatch.setattr(amazon, "sample_negatives", recording)
+    out = tmp_path / "world"
+    import_amazon(write_amazon(tmp_path / "src"), out, options())
+    train = read_events(out / "events_train.parquet", N_ITEMS)
+    clicked = np.array(train.filter(train.column("label").to_numpy() == 1).column("target_item_id"))
+    firsts = [seq[0] for seq in SEQUENCES.values()]  # history only, never a target
+    expected = np.bincount(np.concatenate([clicked, firsts]), minlength=N_ITEMS)
+    assert expected[3] == 1  # item 3 is only ever a valid row's target
+    assert len(drawn_with) == 2  # events_train, events_test
+    assert all(np.array_equal(p, expected) for p in drawn_with)

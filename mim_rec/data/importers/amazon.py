@@ -132,7 +132,7 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     })
 
     rng = np.random.default_rng(options.seed)
-    popularity = sequences.train_counts(rows["train"])
+    popularity = sequences.train_counts(rows["train"] + rows["valid"])  # events_train's rows
     positives = sequences.user_items()
     raw_users = np.array(users, dtype=object)
     events, pairs = {}, {}
@@ -411,7 +411,8 @@ class _Sequences:
         return int(before_valid + after_valid)
 
     def train_counts(self, train_rows: List[_InterRow]) -> np.ndarray:
-        """Interactions per item in the training split (targets and the first items)."""
+        """Interactions per item in the training split (``train_rows``: the train and valid
+        rows, whose targets are all events_train positives; and each user's first item)."""
         counts = np.zeros(self.items, np.int64)
         for r in train_rows:
             counts[self.seq[r.user][r.position]] += 1
