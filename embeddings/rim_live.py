@@ -130,7 +130,12 @@ def _agreed(offset: int) -> int:
 
 
 def _write_rows(shards, ids: torch.Tensor, vectors: torch.Tensor) -> None:
-    """Each local shard takes the rows (and its columns) of the ids inside its row range."""
+    """Each local shard takes the rows (and its columns) of the ids inside its row range; a
+    record the shards' storage cannot hold is refused before any of its rows is written."""
+    from mim_rec.ciubm.mm_shards import check_storable
+
+    if shards:
+        check_storable(vectors, ids, shards[0][2].dtype)
     with torch.no_grad():
         for row_offset, col_offset, tensor in shards:
             rows, cols = tensor.shape

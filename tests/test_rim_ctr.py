@@ -90,10 +90,10 @@ def log(catalogue, base_table, tmp_path_factory):
     return path
 
 
-def _model(world, base_table, tmp_path):
+def _model(world, base_table, tmp_path, *overrides: str):
     config = ciubm.load_train_config(None, [
         f"data.world={world}", f"mm_table={base_table}", "mm_missing=default", f"out={tmp_path}",
-        "loader.batch_size=128", "loader.max_hist_len=10", "model.over_arch=[16]", "model.ubm=avg"])
+        "loader.batch_size=128", "loader.max_hist_len=10", "model.over_arch=[16]", "model.ubm=avg", *overrides])
     ctx = ensure_process_group("cpu")
     items = ItemInfo.from_items(world / "items.parquet")
     model, _, _ = ciubm.build_sharded_model(config, ciubm.table_sizes(config.data.world, items), ctx)
@@ -290,6 +290,24 @@ def test_the_live_apply_refuses_what_the_fold_refuses_before_writing_a_row(world
     assert changed == [cut]  # the good record before it, nothing of the bad one
     with pytest.raises((DataError, ManifestMismatch), match=reason[case]):
         fold_log(base_table, path, tmp_path / "next", num_items=items.num_rows)
+
+
+def test_a_value_fp16_storage_cannot_hold_is_refused_by_the_fill_and_the_live_apply(world, catalogue, base_table,
+                                                                                  tmp_path):
+    """A finite value past fp16's range (65504) used to be stored as inf under
+    ``model.mm_dtype=fp16``: every score looking that row up was NaN, and ``mim train`` stopped
+    at its first step with a non-finite loss that suggested lowering the learning rate."""
+    from mim_rec.config import ConfigError
+
+    items, cut = catalogue
+    model, *_ = _model(world, base_table, tmp_path / "run", "model.mm_dtype=fp16")
+    before = _mm_rows(model, np.arange(items.num_rows))
+    big = np.full((1, DIM), 1e5, np.float32)
+    with pytest.raises(ConfigError, match=rf"item {cut}'s MM vector holds 100000, .*model.mm_dtype=fp32"):
+        LiveMMTable(_log_of(tmp_path / "big.log", [cut], vectors=big), base_table, items.num_rows).apply(model)
+    assert torch.equal(_mm_rows(model, np.arange(items.num_rows)), before)  # not a row written
+    with pytest.raises(ConfigError, match=r"item 0's MM vector holds 100000, .*model.mm_dtype=fp32"):
+        mm_shards.fill_mm_table(model, lambda start, stop: torch.full((stop - start, DIM), 1e5))
 
 
 def test_a_fold_that_fails_leaves_no_folder_and_names_what_failed(catalogue, base_table, tmp_path):

@@ -14,6 +14,7 @@ import torch
 
 from mim_rec.ciubm.sparse import MM_TABLE, shard_columns
 from mim_rec.ciubm.whitening import whitening_statistics
+from mim_rec.config import ConfigError
 
 RowsOf = Callable[[int, int], torch.Tensor]
 
@@ -44,6 +45,19 @@ def mm_table_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for _, _, t in local_mm_shards(model))
 
 
+def check_storable(vectors: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse rows the table's storage ``dtype`` cannot hold. A finite value past fp16's range
+    (65504) is stored as inf, every score that looks the row up is then NaN, and training
+    stopped with a non-finite loss that pointed at the learning rate, not at the table."""
+    largest = torch.finfo(dtype).max
+    beyond = (vectors.abs() > largest).any(dim=1)
+    if beyond.any():
+        row = int(beyond.nonzero()[0])
+        raise ConfigError(f"item {int(ids[row])}'s MM vector holds {vectors[row].abs().max().item():g}, beyond "
+                          f"the {largest:g} that {dtype} storage holds (model.mm_dtype): it would be stored as inf "
+                          "and score NaN; use model.mm_dtype=fp32, or a table of smaller values")
+
+
 def fill_mm_table(model: torch.nn.Module, rows_of: RowsOf, chunk: int = 65_536) -> None:
     """Fill this rank's shards of the frozen MM table: ``rows_of(start, stop)`` returns the
     ``[stop - start, dim]`` vectors of items ``start..stop-1``; only local rows are asked for,
@@ -53,7 +67,9 @@ def fill_mm_table(model: torch.nn.Module, rows_of: RowsOf, chunk: int = 65_536) 
             rows, cols = tensor.shape
             for first in range(0, rows, chunk):
                 last = min(first + chunk, rows)
-                tensor[first:last].copy_(shard_columns(rows_of(r + first, r + last), c, cols))
+                vectors = rows_of(r + first, r + last)
+                check_storable(vectors, torch.arange(r + first, r + last), tensor.dtype)
+                tensor[first:last].copy_(shard_columns(vectors, c, cols))
 
 
 def load_mm_table(model: torch.nn.Module, rows_of: RowsOf, count: int) -> None:
