@@ -64,6 +64,16 @@ def require_same_log(log_path: Path, offset: int, head: Optional[str], read_as: 
                                "give a rotated log a new name")
 
 
+def table_encoder(table_dir: Union[str, Path], manifest: Manifest) -> str:
+    """The encoder fingerprint the table's ``manifest`` names: every log record is checked
+    against it, so a table naming none is refused rather than taking any encoder's vectors."""
+    fingerprint = manifest.extra.get("encoder_fingerprint")
+    if fingerprint is None:
+        raise ManifestMismatch(f"{table_dir}: its manifest names no encoder (extra.encoder_fingerprint), so "
+                               "no log's vectors can be checked against it")
+    return fingerprint
+
+
 def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: Union[str, Path],
              num_items: Optional[int] = None) -> Path:
     """Write ``out_dir``: the table ``table_dir`` plus every log row it does not hold yet.
@@ -82,10 +92,7 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     if out.resolve().is_relative_to(table_dir.resolve()):
         raise ManifestMismatch(f"out={out} lies inside the base table {table_dir}, whose parts it shares: "
                                "removing the old version would remove the new one's; fold into a folder beside it")
-    fingerprint = base.extra.get("encoder_fingerprint")
-    if fingerprint is None:
-        raise ManifestMismatch(f"{table_dir}: its manifest names no encoder (extra.encoder_fingerprint), so "
-                               "no log's vectors can be checked against it")
+    fingerprint = table_encoder(table_dir, base)
     table_ids = int(base.extra.get("id_range", [0, base.row_count])[1])
     num_items = num_items or table_ids
     if num_items < table_ids:

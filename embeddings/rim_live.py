@@ -22,7 +22,7 @@ from mim_rec.data.errors import DataError
 from mim_rec.data.manifest import require
 from mim_rec.utils.dist import current_rank
 
-from embeddings.rim_fold import folded_offset, log_head_digest, require_same_log
+from embeddings.rim_fold import folded_offset, log_head_digest, require_same_log, table_encoder
 from embeddings.rim_log import check_message, check_new_ids, complete_end, read_messages
 from embeddings.table import table_item_ids
 
@@ -49,7 +49,7 @@ class LiveMMTable:
                  resume: Optional[Mapping[str, int]] = None) -> None:
         self.log_path, self.num_items, self.table_dir = Path(log_path), num_items, str(table_dir)
         manifest = require(table_dir, kind="mm_table")
-        self.fingerprint, self.dim = manifest.extra["encoder_fingerprint"], manifest.dim
+        self.fingerprint, self.dim = table_encoder(table_dir, manifest), manifest.dim
         self.offset = folded_offset(table_dir, log_path)
         self.head = self._head()                            # of the bytes read so far
         self.table_ids = table_item_ids(table_dir)           # sorted, fixed

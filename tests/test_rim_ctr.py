@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -26,7 +27,7 @@ from mim_rec.ciubm import mm_shards
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import read_items, write_table
 from mim_rec.data.loader import CtrEventsLoader, ItemInfo
-from mim_rec.data.manifest import read_manifest
+from mim_rec.data.manifest import read_manifest, write_manifest
 from mim_rec.data.schemas import ITEMS
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 from mim_rec.utils.dist import ensure_process_group
@@ -246,6 +247,22 @@ def _log_of(path, ids, vectors=None):
         for message in messages:
             writer.append(message)
     return path
+
+
+def test_a_table_that_names_no_encoder_is_refused_by_the_fold_and_the_live_apply(catalogue, base_table, log,
+                                                                                tmp_path):
+    """The live apply (``mim train rim_log=...``) died on a bare ``KeyError: 'encoder_fingerprint'``
+    after the model was built and filled; the fold already refused such a table in a sentence."""
+    items, _ = catalogue
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(base_table, unnamed)
+    manifest = read_manifest(unnamed)
+    del manifest.extra["encoder_fingerprint"]
+    write_manifest(unnamed, manifest)
+    for consume in (lambda: fold_log(unnamed, log, tmp_path / "next", num_items=items.num_rows),
+                    lambda: LiveMMTable(log, unnamed, items.num_rows)):
+        with pytest.raises(ManifestMismatch, match="unnamed: its manifest names no encoder"):
+            consume()
 
 
 @pytest.mark.parametrize("rotated_to", ["shorter", "longer"])
