@@ -82,6 +82,8 @@ class WindowMessage:
             raise ValueError(f"header is not a window header ({type(exc).__name__}: {exc})") from None
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise ValueError("item_ids are not all integers")
+        if not all(-2 ** 63 <= i < 2 ** 63 for i in ids):  # numpy would raise a bare OverflowError
+            raise ValueError("item_ids do not all fit int64")
         if type(dim) is not int or dim <= 0:
             raise ValueError(f"dim {dim!r} is not a positive integer")
         vectors = np.frombuffer(payload, dtype="<f4", offset=_HEADER_LEN.size + header_len)

@@ -169,6 +169,7 @@ GOOD_HEADER = {"fingerprint": "enc:a", "dim": DIM, "embedded_at": 1.0, "item_ids
     ({**GOOD_HEADER, "arrived_at": [0.5, 0.6]}, DIM, "2 arrival times"),
     ({**GOOD_HEADER, "arrived_at": ["soon"]}, DIM, "malformed"),
     ({**GOOD_HEADER, "item_ids": [5.7]}, DIM, "item_ids are not all integers"),  # was folded as item 5
+    ({**GOOD_HEADER, "item_ids": [2 ** 63]}, DIM, "item_ids do not all fit int64"),  # was an OverflowError
     ({**GOOD_HEADER, "dim": 0}, 0, "dim 0 is not a positive integer"),
 ])
 def test_a_record_with_a_valid_crc_but_a_malformed_body_is_refused_naming_file_and_byte(tmp_path, header,
