@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from mim_rec.data.errors import ManifestMismatch
+from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import read_items, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP
@@ -72,6 +72,8 @@ def build_table(encoder: ItemEncoder, items_path: Union[str, Path], out_dir: Uni
     if out.exists() and not out.is_dir():
         raise ManifestMismatch(f"out={out}: a file, not a table folder")
     items = read_items(items_path)  # before making out/: a missing world leaves no empty folder behind
+    if not items.num_rows:  # a manifest of no parts would pass for a table that no reader can open
+        raise DataError(str(items_path), "no items, so no MM table to build")
     out.mkdir(parents=True, exist_ok=True)
     count = items.num_rows
     state = {"encoder_fingerprint": encoder.fingerprint, "items": fingerprint_file(items_path),

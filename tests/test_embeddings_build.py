@@ -240,3 +240,15 @@ def test_a_build_refused_before_it_starts_leaves_no_folder_behind(tmp_path):
     (tmp_path / "afile").touch()
     with pytest.raises(ManifestMismatch, match="a file, not a table folder"):
         build_table(FakeEncoder(), tmp_path / "no_world" / "items.parquet", tmp_path / "afile")
+
+
+def test_an_empty_catalogue_is_refused_before_anything_is_written(world, tmp_path):
+    """It used to be 'built': a manifest of 0 rows and no part, reported as an MM table, which
+    every reader then refused as 'no part-*.parquet files: not an MM table folder'."""
+    from mim_rec.data.errors import DataError
+
+    empty = tmp_path / "items.parquet"
+    pq.write_table(pq.read_table(world / "items.parquet").slice(0, 0), empty)
+    with pytest.raises(DataError, match=r"items.parquet: no items, so no MM table to build"):
+        build_table(FakeEncoder(), empty, tmp_path / "table")
+    assert not (tmp_path / "table").exists()
