@@ -98,6 +98,7 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     if num_items < table_ids:
         raise ManifestMismatch(f"num_items={num_items}: {table_dir} already spans ids 0..{table_ids - 1}")
     start = end = folded_offset(table_dir, log_path)
+    size = log_path.stat().st_size  # before reading: what the service appends meanwhile is not torn
     ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, base.dim), np.float32)]
     for end, message in read_messages(log_path, start):
         check_message(message, fingerprint, base.dim, log_path, end, f"the table {table_dir}")
@@ -106,7 +107,7 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     ids, vectors = np.concatenate(ids), np.concatenate(vectors)
     # An incomplete last record (being appended, or torn by a crash) is not folded; the next
     # fold starts at ``end`` and takes it if it has been completed by then. Said, not hidden.
-    unfolded = log_path.stat().st_size - end
+    unfolded = max(size - end, 0)
     check_new_ids(ids, [table_item_ids(table_dir)], num_items, log_path, str(table_dir),
                   "; pass num_items=<catalogue size>")
 

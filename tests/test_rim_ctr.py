@@ -216,6 +216,32 @@ def test_fold_says_how_many_bytes_of_an_incomplete_last_record_it_left(catalogue
     assert f"the {len(torn)} bytes after byte {whole} are not a complete record" in capsys.readouterr().err
 
 
+def test_records_appended_while_a_fold_reads_are_not_reported_as_an_incomplete_record(catalogue, base_table,
+                                                                                     tmp_path, monkeypatch, capsys):
+    """Folding while the service runs is the normal use. The fold measured the log's size after
+    reading it, so a record the service appended meanwhile was counted in ``unfolded_bytes`` and
+    the command warned that those bytes were 'not a complete record (... torn by a crash)'."""
+    import embeddings.rim_fold as rim_fold
+
+    items, cut = catalogue
+    path = _log_of(tmp_path / "rim.log", [cut])
+    whole = path.stat().st_size
+    reader = rim_fold.read_messages
+
+    def read_then_service_appends(*args, **kwargs):
+        yield from reader(*args, **kwargs)
+        with RimLog(path, IdEncoder.fingerprint, DIM) as writer:
+            writer.append(WindowMessage(np.array([cut + 1]), vectors_of([cut + 1]).numpy(), IdEncoder.fingerprint,
+                                        np.zeros(1), 0.0))
+
+    monkeypatch.setattr(rim_fold, "read_messages", read_then_service_appends)
+    assert cli.main(["embeddings", "fold", f"table={base_table}", f"log={path}", f"out={tmp_path / 'v2'}",
+                     f"num_items={items.num_rows}"]) == 0
+    rim = read_manifest(tmp_path / "v2").extra["rim"]
+    assert (rim["items"], rim["offset"], rim["unfolded_bytes"]) == (1, whole, 0)
+    assert "not a complete record" not in capsys.readouterr().err
+
+
 def test_fold_refuses_ids_outside_the_id_space_known_ids_and_other_encoders(catalogue, base_table, log, tmp_path):
     items, cut = catalogue
     with pytest.raises(DataError, match=rf"outside the id range \[0, {cut}\).*num_items="):
