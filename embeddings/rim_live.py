@@ -90,27 +90,31 @@ class LiveMMTable:
         start, stop = self.offset, _agreed(complete_end(self.log_path, self.offset))
         shards = local_mm_shards(model)
         count, deadline = 0, time.monotonic() + VIEW_LAG_PATIENCE_S
-        while True:
-            for end, message in read_messages(self.log_path, self.offset, stop):
-                check_message(message, self.fingerprint, self.dim, self.log_path, end,
-                              f"the table {self.table_dir}")
-                check_new_ids(message.item_ids, [self.table_ids, self.applied_ids], self.num_items,
-                              self.log_path, f"the table {self.table_dir} or an earlier record of this log",
-                              " of the model's MM table")
-                _write_rows(shards, torch.from_numpy(message.item_ids), torch.from_numpy(message.vectors))
-                self.applied_ids = np.union1d(self.applied_ids, message.item_ids)
-                self.offset, count = end, count + len(message.item_ids)
-            if self.offset >= stop:
-                break
-            # This rank's view of the file ends before rank 0's (a shared file system's lag):
-            # stopping here would leave its rows behind the other ranks'.
-            if time.monotonic() > deadline:
-                raise DataError(str(self.log_path), f"rank {current_rank()} reads the log complete to byte "
-                                f"{self.offset} of the {stop} rank 0 read (applying from {start}) after "
-                                f"{VIEW_LAG_PATIENCE_S:g} s; every rank must see the same log")
-            time.sleep(0.05)
-        self.applied += count
-        self.head = self._head()
+        try:
+            while True:
+                for end, message in read_messages(self.log_path, self.offset, stop):
+                    check_message(message, self.fingerprint, self.dim, self.log_path, end,
+                                  f"the table {self.table_dir}")
+                    check_new_ids(message.item_ids, [self.table_ids, self.applied_ids], self.num_items,
+                                  self.log_path, f"the table {self.table_dir} or an earlier record of this log",
+                                  " of the model's MM table")
+                    _write_rows(shards, torch.from_numpy(message.item_ids), torch.from_numpy(message.vectors))
+                    self.applied_ids = np.union1d(self.applied_ids, message.item_ids)
+                    self.offset, count = end, count + len(message.item_ids)
+                if self.offset >= stop:
+                    break
+                # This rank's view of the file ends before rank 0's (a shared file system's lag):
+                # stopping here would leave its rows behind the other ranks'.
+                if time.monotonic() > deadline:
+                    raise DataError(str(self.log_path), f"rank {current_rank()} reads the log complete to byte "
+                                    f"{self.offset} of the {stop} rank 0 read (applying from {start}) after "
+                                    f"{VIEW_LAG_PATIENCE_S:g} s; every rank must see the same log")
+                time.sleep(0.05)
+        finally:
+            # Also when a record is refused part-way: the records written before it are applied,
+            # and the head must follow the offset, or the next apply reads the log as rotated.
+            self.applied += count
+            self.head = self._head()
         return count
 
     def _head(self) -> Optional[str]:

@@ -353,6 +353,30 @@ def test_a_value_fp16_storage_cannot_hold_is_refused_by_the_fill_and_the_live_ap
         mm_shards.fill_mm_table(model, lambda start, stop: torch.full((stop - start, DIM), 1e5))
 
 
+def test_an_apply_that_failed_part_way_is_refused_again_for_its_own_reason(world, catalogue, base_table, tmp_path):
+    """An apply that wrote a record and then refused the next one moved the applier's offset but
+    left its head digest at the previous apply's: applied again (a serving loop that retries),
+    the log was refused as rotated, and the applied count missed the record it had written."""
+    items, cut = catalogue
+
+    def record(item, vectors=None):
+        return WindowMessage(np.array([item]), vectors_of([item]).numpy() if vectors is None else vectors,
+                             IdEncoder.fingerprint, np.zeros(1), 0.0).encode()
+
+    path = tmp_path / "rim.log"  # written raw, as a writer with a bug would leave it: no durable end
+    path.write_bytes(record(cut))
+    model, *_ = _model(world, base_table, tmp_path / "run")
+    live = LiveMMTable(path, base_table, items.num_rows)
+    assert live.apply(model) == 1
+    with path.open("ab") as log_file:
+        log_file.write(record(cut + 1) + record(cut + 2, np.full((1, DIM), np.nan, np.float32)))
+    for _ in range(2):
+        with pytest.raises(DataError, match=f"NaN or infinite vector .*item {cut + 2}"):
+            live.apply(model)
+    assert live.applied == 2
+    torch.testing.assert_close(_mm_rows(model, [cut, cut + 1]), vectors_of([cut, cut + 1]))
+
+
 def test_a_fold_that_fails_leaves_no_folder_and_names_what_failed(catalogue, base_table, tmp_path):
     items, cut = catalogue
     broken = np.full((1, DIM), np.nan, np.float32)
