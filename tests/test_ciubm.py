@@ -565,6 +565,18 @@ def _world_with_events(world, folder, edit_train):
     return folder
 
 
+def test_an_mm_table_manifest_without_a_dim_is_refused_in_a_sentence(world, tmp_path):
+    """The table's width is read from its manifest when model.mm_dim is not given; a manifest
+    without one (written by hand) stopped ``mim train`` with a bare ``TypeError`` from ``int(None)``."""
+    from mim_rec.data.errors import ManifestMismatch
+    from mim_rec.data.manifest import Manifest, write_manifest
+
+    write_manifest(tmp_path / "table", Manifest(kind="mm_table", stage="mfm", row_count=10))
+    with pytest.raises(ManifestMismatch, match=r"table: its manifest gives no dim"):
+        ciubm.load_train_config(None, [f"data.world={world}", f"out={tmp_path / 'run'}",
+                                       f"mm_table={tmp_path / 'table'}"])
+
+
 def test_raw_unmapped_user_ids_are_refused_before_sizing_a_table(world, tmp_path):
     """A user id of 1e11 used to reach the planner as an 800 GB table."""
     def raw_user(events):

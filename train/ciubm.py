@@ -223,8 +223,13 @@ def _table_dim(mm_table: Optional[str]) -> int:
     """The MM table's dimension from its manifest (64 for the random stand-in)."""
     if mm_table is None:
         return 64
+    from mim_rec.data.errors import ManifestMismatch
     from mim_rec.data.manifest import require
-    return int(require(mm_table, kind="mm_table").dim)
+    dim = require(mm_table, kind="mm_table").dim
+    if dim is None:
+        raise ManifestMismatch(f"{mm_table}: its manifest gives no dim (the length of its vectors); "
+                               "an MM table's manifest must (docs/interfaces.md)")
+    return int(dim)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
