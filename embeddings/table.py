@@ -90,7 +90,10 @@ def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: 
         raise ManifestMismatch(f"{table_dir}: built for other items than {items_path} (the raw ids and titles of "
                                f"its {built_for['rows']} items differ); build the table from this world's items")
     parts = table_parts(table_dir, manifest)
-    for part in parts:  # an id past the range would be read as no row at all, and not counted missing
+    for part in parts:  # an id past the range (or none) would be read as no row at all, and not counted missing
+        nulls = _null_ids(part)
+        if nulls:
+            raise DataError(str(part), f"{nulls} row(s) without an item id", field="item_id")
         low, top = _id_bounds(part)
         if low < 0 or top >= high:
             raise DataError(str(part), f"item ids {low}..{top} reach outside the table's id range [0, {high})",
@@ -198,12 +201,26 @@ def _check_policy(missing: str) -> None:
         raise ValueError(f"missing={missing!r}: choose one of {MISSING_POLICIES}")
 
 
+def _id_statistics(part: Path) -> list:
+    """The ``item_id`` column statistics of each row group of a part (None where absent)."""
+    meta = open_parquet(part).metadata
+    column = meta.schema.to_arrow_schema().get_field_index("item_id")
+    return [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+
+
+def _null_ids(part: Path) -> int:
+    """How many rows of a part have no item id: from its statistics where every row group has
+    them (no data read), else from its ``item_id`` column."""
+    stats = _id_statistics(part)
+    if all(s is not None and s.has_null_count for s in stats):
+        return sum(s.null_count for s in stats)
+    return pq.read_table(part, columns=["item_id"])["item_id"].null_count
+
+
 def _id_bounds(part: Path) -> tuple:
     """``(min, max)`` item id of a part: from its row-group statistics where every row group
     has them (no data read), else from its ``item_id`` column."""
-    meta = open_parquet(part).metadata
-    column = meta.schema.to_arrow_schema().get_field_index("item_id")
-    stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+    stats = _id_statistics(part)
     if stats and all(s is not None and s.has_min_max for s in stats):
         return min(s.min for s in stats), max(s.max for s in stats)
     ids = pq.read_table(part, columns=["item_id"])["item_id"]

@@ -173,6 +173,22 @@ def test_a_part_with_ids_outside_the_id_range_is_refused_even_under_missing_defa
     assert info.value.file.endswith("part-00001.parquet")
 
 
+def test_a_part_with_a_null_item_id_is_refused_even_under_missing_default(world, tmp_path):
+    """A row without an id passed the row count, and every range read filtered it out: its item
+    trained on a zero vector while the table reported none missing."""
+    from embeddings.table import check_table
+    from mim_rec.data.errors import DataError
+
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    part = pq.read_table(out / "part-00001.parquet")
+    ids = part["item_id"].to_pylist()
+    ids[5] = None
+    pq.write_table(part.set_column(0, "item_id", pa.array(ids, pa.int64())), out / "part-00001.parquet")
+    with pytest.raises(DataError, match=r"1 row\(s\) without an item id") as info:
+        check_table(out, 300, 8, missing="default")
+    assert info.value.file.endswith("part-00001.parquet") and info.value.field == "item_id"
+
+
 def test_a_table_missing_a_part_or_holding_a_stray_one_is_refused(world, tmp_path):
     """A missing part used to read as zero vectors even under missing=default, counted nowhere;
     a stray part's rows silently replaced the table's; a cut part was Arrow's traceback."""
