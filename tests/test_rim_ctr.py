@@ -416,6 +416,17 @@ def test_mim_train_applies_the_rim_log_between_steps(world, catalogue, base_tabl
         ciubm.load_train_config(None, common)
 
 
+def test_a_rim_log_path_that_does_not_exist_is_named_on_stderr(world, base_table, tmp_path, capsys):
+    """A mistyped rim_log= read as an empty log: the run trained the new items on their
+    missing-row vectors and said nothing."""
+    missing = tmp_path / "no_such.log"
+    ciubm.run(ciubm.load_train_config(None, [
+        f"data.world={world}", f"out={tmp_path / 'run'}", "loader.batch_size=128", "loader.max_hist_len=10",
+        "model.over_arch=[16]", "model.ubm=avg", f"rim_log={missing}", f"mm_table={base_table}",
+        "mm_missing=default", "max_steps=1"]))
+    assert f"rim_log={missing} does not exist" in capsys.readouterr().err
+
+
 
 def test_a_resumed_run_applies_and_logs_only_the_rim_items_its_checkpoint_does_not_hold(
         world, catalogue, base_table, tmp_path):

@@ -714,6 +714,11 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     live = None
     if config.rim_log:  # a training run's applier goes on where its checkpoint's stood
         from embeddings.rim_live import LiveMMTable
+        if ctx.is_main and not Path(config.rim_log).exists():
+            # the service may create it later, but a mistyped path would otherwise train the
+            # new items on their missing-row vectors without a word
+            print(f"note: rim_log={config.rim_log} does not exist (yet): new items keep their missing-row "
+                  "vectors until a RIM service writes it there", file=sys.stderr)
         live = LiveMMTable(config.rim_log, config.mm_table, items.count, resume=progress if train else None)
         progress.update(live.position())
     if logger:
