@@ -219,13 +219,17 @@ def check_fingerprint(message: WindowMessage, expected: str, source: Union[str, 
 def check_message(message: WindowMessage, fingerprint: str, dim: int, source: Union[str, Path], end: int,
                   expected_of: str = "the table") -> None:
     """Refuse a record whose rows no table or model may take: vectors from another encoder
-    than ``expected_of``'s, of another width, or not finite. Every consumer (the writer
+    than ``expected_of``'s, of another width, or not finite, or a negative item id. Every consumer (the writer
     reopening its log, the fold, the live apply) checks each record with this before using it;
     the CRC only proves the bytes are the ones written, not that the writer wrote good rows."""
     check_fingerprint(message, fingerprint, source, expected_of)
     if message.dim != dim:
         raise ManifestMismatch(f"{source}: the record ending at byte {end} holds vectors of dim {message.dim}, "
                                f"{expected_of} has dim {dim}")
+    negative = message.item_ids[message.item_ids < 0]
+    if len(negative):  # dense ids start at 0: every later fold and apply would refuse the log
+        raise DataError(str(source), f"the record ending at byte {end} holds a negative item id "
+                        f"({negative[0]})", field="item_id")
     broken = ~np.isfinite(message.vectors).all(axis=1)
     if broken.any():
         raise DataError(str(source), f"the record ending at byte {end} holds a NaN or infinite vector "

@@ -115,13 +115,17 @@ def test_errors_of_a_read_from_mid_file_name_the_files_byte_offsets(tmp_path):
         list(read_messages(path, ends[2]))
 
 def test_a_reopened_log_refuses_rows_no_consumer_may_take(tmp_path):
-    """The writer's own checks, met again on open: a non-finite vector, an item logged twice."""
+    """The writer's own checks, met again on open: a non-finite vector, a negative id, an item
+    logged twice."""
     path = tmp_path / "rim.log"
     with RimLog(path, "enc:a", DIM) as log:
         bad = message([1])
         bad.vectors[0, 2] = np.nan
         with pytest.raises(DataError, match="NaN or infinite vector \\(item 1\\)"):
             log.append(bad)
+        assert log.end == 0
+        with pytest.raises(DataError, match="negative item id \\(-5\\)"):
+            log.append(message([-5]))  # every later fold and apply would refuse the log for good
         assert log.end == 0
         log.append(message([1]))
         with pytest.raises(DataError, match="would end at byte .* repeats an item of this log"):
