@@ -9,9 +9,10 @@ training starts, with its file, row and field, and steps never pay for decoding.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,53 @@ def heldout_mask(item_ids: np.ndarray, fraction: float) -> np.ndarray:
     return ((item_ids.astype(np.uint64) * np.uint64(_GOLDEN)) % np.uint64(2**32)) < fraction * 2**32
 
 
+@dataclass(frozen=True)
+class ContentKeys:
+    """The exact content of each item, per modality, as a 128-bit BLAKE2b digest: of the UTF-8
+    title, and of the stored image the vision tower reads (the encoded file's bytes, or the
+    float32 bytes of the ``image_feature`` vector). Evaluation uses it to tell a catalogue's
+    repeats apart from retrieval errors: two ids with the same digest carry the same input, and
+    no tower can rank one above the other. Digests of the stored bytes, not of decoded pixels,
+    so that every encoder row of an evaluation sees the same repeats whatever its input size."""
+
+    titles: np.ndarray   # [N] S16
+    images: np.ndarray   # [N] S16
+
+    def subset(self, index: np.ndarray) -> "ContentKeys":
+        return ContentKeys(self.titles[index], self.images[index])
+
+    def title_groups(self) -> np.ndarray:
+        """[N] int64: equal for items whose titles are identical."""
+        return content_groups(self.titles)
+
+    def image_groups(self) -> np.ndarray:
+        """[N] int64: equal for items whose stored images are identical."""
+        return content_groups(self.images)
+
+    def item_groups(self) -> np.ndarray:
+        """[N] int64: equal for items identical in both title and image."""
+        return content_groups(self.titles, self.images)
+
+
+def content_groups(*keys: np.ndarray) -> np.ndarray:
+    """One int64 group per row, shared by the rows whose ``keys`` are all equal."""
+    columns = np.stack([np.unique(key, return_inverse=True)[1].reshape(-1) for key in keys], axis=1)
+    return np.unique(columns, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def content_keys(titles: Sequence[str],
+                 stored_images: Sequence[Union[bytes, Sequence[float]]]) -> ContentKeys:
+    """Digest each title and each stored image (encoded bytes, or an image feature vector,
+    digested as float32 as the precomputed tower reads it)."""
+    def digest(data: bytes) -> bytes:
+        return hashlib.blake2b(data, digest_size=16).digest()
+
+    image_bytes = (image if isinstance(image, bytes) else np.asarray(image, dtype=np.float32).tobytes()
+                   for image in stored_images)
+    return ContentKeys(np.array([digest(title.encode("utf-8")) for title in titles], dtype="S16"),
+                       np.array([digest(data) for data in image_bytes], dtype="S16"))
+
+
 @dataclass
 class ItemCorpus:
     item_ids: np.ndarray          # [N] int64
@@ -39,6 +87,7 @@ class ItemCorpus:
     images: torch.Tensor          # [N, 3, S, S] uint8, or [N, F] float32 features
     categories: np.ndarray        # [N] int32
     source: str
+    content: ContentKeys          # digests of the titles and stored images (evaluation's repeats)
 
     def __len__(self) -> int:
         return len(self.titles)
@@ -47,7 +96,7 @@ class ItemCorpus:
         index = np.flatnonzero(mask)
         return ItemCorpus(self.item_ids[index], [self.titles[i] for i in index],
                           self.images[torch.from_numpy(index)], self.categories[index],
-                          self.source)
+                          self.source, self.content.subset(index))
 
 
 def items_path(world_or_file: Union[str, Path]) -> Path:
@@ -104,12 +153,21 @@ def corpus_from_table(table: pa.Table, path: Path, vision: VisionEncoder) -> Ite
         if not title or not title.strip():
             raise DataError(str(path), "empty title", row=row, field="title")
     rows = list(range(table.num_rows))
+    stored = stored_images(table, path, vision)
     if isinstance(vision, PrecomputedVisionEncoder):
-        images = vision.preprocess(_column(table, path, "image_feature"), str(path), rows)
+        images = vision.preprocess(stored, str(path), rows)
     else:
-        images = vision.image_processor.to_uint8(encoded_images(table, path), str(path), rows)
+        images = vision.image_processor.to_uint8(stored, str(path), rows)
     return ItemCorpus(table.column("item_id").to_numpy(), titles, images,
-                      table.column("category_id").to_numpy(), str(path))
+                      table.column("category_id").to_numpy(), str(path), content_keys(titles, stored))
+
+
+def stored_images(table: pa.Table, path: Path, vision: VisionEncoder) -> list:
+    """The items' images as stored for ``vision``: the ``image_feature`` vectors for the
+    precomputed tower, the encoded image bytes for a pixel tower (not yet decoded)."""
+    if isinstance(vision, PrecomputedVisionEncoder):
+        return _column(table, path, "image_feature")
+    return encoded_images(table, path)
 
 
 def _column(table: pa.Table, path: Path, name: str) -> list:

@@ -10,7 +10,9 @@ For each encoder pair, on held-out items:
 * linear probe: category accuracy of a logistic regression on frozen image features and on
   frozen title features (fit on training items, scored on held-out items).
 
-A hit is the query's own item (index match) among the top k candidates.
+A hit is the query's own item (index match) among the top k candidates, ranked against every
+other held-out item except its content twins (:class:`Twins`): a catalogue that repeats a
+title or an image under another id no longer counts the repeat as a retrieval error.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +29,7 @@ from mim_rec.data.errors import DataError
 from mim_rec.encoders.heads import ProjectionHead
 from mim_rec.encoders.pair import EncoderPair
 from mim_rec.encoders.vision import PrecomputedVisionEncoder
-from mim_rec.pretrain.corpus import ItemCorpus
+from mim_rec.pretrain.corpus import ContentKeys, ItemCorpus
 from mim_rec.pretrain.contrastive import symmetric_info_nce
 from mim_rec.pretrain.dma import LearnableTemperature
 
@@ -64,37 +67,115 @@ def embed(pair: EncoderPair, corpus: ItemCorpus, batch_size: int) -> Embedded:
     return Embedded(*(torch.cat(column).cpu() for column in zip(*parts)))
 
 
+@dataclass(frozen=True)
+class Twins:
+    """The candidates each query's rank leaves out besides its own target: those whose content
+    is a correct answer to the query's content somewhere in the ranked set. In stage 1 these are
+    the items with the target's title (image->title; its image for title->image), and the
+    titles (images) of items that repeat the query's image (title); in C-SFT, the items
+    identical to the target in both title and image.
+
+    They are masked out of the negatives (the "filtered" ranking of link-prediction
+    evaluation) rather than counted as hits, so each query is still judged on its own target's
+    score alone: a masked candidate neither helps nor hurts it. Identical inputs score alike,
+    so the two rules agree on exact twins; where a repeated query has two different
+    correct answers (one image, two titles), counting either as a hit would credit the best
+    of them to both queries, while masking ranks each query's target against the wrong answers
+    only. A perfect tower then reaches recall 1 on a catalogue with repeats, as on one without.
+
+    Content is compared by group ids (equal ids = identical content, from the digests of
+    :class:`~mim_rec.pretrain.corpus.ContentKeys`). Only the queries whose content has more
+    than one correct candidate (``queries``) and the candidates that answer them (``columns``)
+    are ever looked at, so a mask costs little beyond the score matrix.
+    """
+
+    query_content: torch.Tensor      # [n_queries] int64 content group of each query
+    candidate_content: torch.Tensor  # [n_candidates] int64 content group of each candidate
+    queries: torch.Tensor            # content groups of the queries with a twin to mask
+    columns: torch.Tensor            # candidates whose content answers one of those queries
+    answers: torch.Tensor            # codes query_group * stride + candidate_group
+    stride: int
+
+    @classmethod
+    def of(cls, query_content: np.ndarray, candidate_content: np.ndarray,
+           targets: np.ndarray) -> Optional["Twins"]:
+        """The twins of queries with content groups ``query_content`` whose correct candidate
+        is ``targets[i]``; None when no query has a correct candidate besides its target (no
+        content repeats), so such a catalogue ranks exactly as it did before twins existed."""
+        answers = np.unique(np.stack([query_content, candidate_content[targets]], axis=1), axis=0)
+        candidates_per_content = np.bincount(candidate_content)
+        correct = np.bincount(answers[:, 0], weights=candidates_per_content[answers[:, 1]])
+        queries = np.flatnonzero(correct > 1)
+        if not len(queries):
+            return None
+        answers = answers[np.isin(answers[:, 0], queries)]
+        columns = np.flatnonzero(np.isin(candidate_content, answers[:, 1]))
+        stride = int(candidate_content.max()) + 1
+        return cls(torch.from_numpy(query_content), torch.from_numpy(candidate_content),
+                   torch.from_numpy(queries), torch.from_numpy(columns),
+                   torch.from_numpy(answers[:, 0] * stride + answers[:, 1]), stride)
+
+    def mask(self, rows: slice) -> torch.Tensor:
+        """``[len(rows), n_candidates]`` bool: True where the candidate's content is a correct
+        answer to the content of that row's query (the row's own target may be marked too; it
+        is never ranked against itself)."""
+        query = self.query_content[rows]
+        out = torch.zeros(len(query), len(self.candidate_content), dtype=torch.bool)
+        twinned = torch.isin(query, self.queries).nonzero().squeeze(1)
+        codes = (query[twinned].unsqueeze(1) * self.stride
+                 + self.candidate_content[self.columns].unsqueeze(0))
+        out[twinned.unsqueeze(1), self.columns.unsqueeze(0)] = torch.isin(codes, self.answers)
+        return out
+
+
 def recall_at(queries: torch.Tensor, candidates: torch.Tensor, ks: Sequence[int] = (1, 10),
-              targets: Optional[torch.Tensor] = None, batch_size: int = 1024) -> Dict[int, float]:
+              targets: Optional[torch.Tensor] = None, batch_size: int = 1024,
+              twins: Optional[Twins] = None) -> Dict[int, float]:
     """Share of queries whose target candidate ranks in the top k: row ``targets[i]`` of
-    ``candidates`` for query ``i`` (by default its own row, the same index). The one recall
-    of both stages (stage 1 here, C-SFT's query -> item retrieval); see :func:`target_ranks`
-    for how ties rank."""
+    ``candidates`` for query ``i`` (by default its own row, the same index), ranked against
+    every candidate but ``twins`` (None: against all). The one recall of both stages (stage 1
+    here, C-SFT's query -> item retrieval); see :func:`target_ranks` for how ties rank."""
     targets = torch.arange(len(queries), device=queries.device) if targets is None else targets
     rank = torch.cat([target_ranks(queries[start:start + batch_size] @ candidates.T,
-                                   targets[start:start + batch_size])
+                                   targets[start:start + batch_size],
+                                   None if twins is None else twins.mask(slice(start, start + batch_size)))
                       for start in range(0, len(queries), batch_size)])
     return {k: (rank < k).float().mean().item() for k in ks}
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor,
+                 masked: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per row of ``scores`` ``[n, candidates]``: how many *other* candidates are not scored
-    strictly below the row's target ``targets[i]`` (0 = first).
+    strictly below the row's target ``targets[i]`` (0 = first), leaving out those ``masked``
+    (``[n, candidates]`` bool, the :class:`Twins` of the row's query).
 
     Pessimistic: a tie counts against the target. Counting it in the target's favour gave a
     collapsed tower (every item the same vector) recall 1.0; pessimistic ranks give it 0 for
     any k below the catalogue size, at or below chance, and need no fractional hits (as the
-    mean rank of a tie would). Distinct inputs almost never tie; a catalogue that repeats an
-    input under two ids does, and there the twin counts ahead (docs/pretrain.md). A NaN score is not below anything, so it too counts against the target (a
-    NaN target ranks last), never for it."""
+    mean rank of a tie would). Distinct inputs almost never tie; identical ones always do,
+    which is why a catalogue's repeats of the target are masked rather than ranked. A NaN
+    score is not below anything, so it too counts against the target (a NaN target ranks
+    last), never for it."""
     own = scores.gather(1, targets.unsqueeze(1))
     ahead = ~(scores < own)
     ahead.scatter_(1, targets.unsqueeze(1), False)  # the target itself is not ahead of it
+    if masked is not None:
+        ahead &= ~masked.to(ahead.device)
     return ahead.sum(dim=1)
 
 
-def retrieval(images: torch.Tensor, titles: torch.Tensor, source: str, heads: str) -> Dict[str, float]:
-    """Recall both ways between the held-out items' image and title embeddings. A NaN/inf
+def cross_modal_twins(content: ContentKeys) -> Tuple[Optional[Twins], Optional[Twins]]:
+    """The (image -> title, title -> image) :class:`Twins` of items with ``content``, each
+    item's own title (image) its target."""
+    images, titles = content.image_groups(), content.title_groups()
+    own = np.arange(len(images))
+    return Twins.of(images, titles, own), Twins.of(titles, images, own)
+
+
+def retrieval(images: torch.Tensor, titles: torch.Tensor, source: str, heads: str,
+              twins: Tuple[Optional[Twins], Optional[Twins]] = (None, None)) -> Dict[str, float]:
+    """Recall both ways between the held-out items' image and title embeddings, each way
+    leaving out its ``twins`` (:func:`cross_modal_twins`; none by default). A NaN/inf
     embedding is refused (naming ``source`` and which ``heads``): a NaN score never outranks
     the own item's, so NaN encoders used to score a perfect recall."""
     for kind, embeddings in (("image", images), ("title", titles)):
@@ -102,7 +183,7 @@ def retrieval(images: torch.Tensor, titles: torch.Tensor, source: str, heads: st
         if broken:
             raise DataError(source, f"the {heads} heads embed the {kind}s of {broken} of {len(embeddings)} "
                             "held-out items as NaN/inf; the encoders diverged, retrain them")
-    i2t, t2i = recall_at(images, titles), recall_at(titles, images)
+    i2t, t2i = recall_at(images, titles, twins=twins[0]), recall_at(titles, images, twins=twins[1])
     return {"i2t_r1": i2t[1], "i2t_r10": i2t[10], "t2i_r1": t2i[1], "t2i_r10": t2i[10]}
 
 
@@ -175,12 +256,13 @@ def evaluate_pair(pair: EncoderPair, train_items: ItemCorpus, heldout_items: Ite
                   config: EvalConfig, source: str) -> Dict[str, float]:
     """The row of one encoder pair; ``source`` (its folder) is named in errors."""
     train, heldout = (embed(pair, c, config.batch_size) for c in (train_items, heldout_items))
+    twins = cross_modal_twins(heldout_items.content)
     results = {f"own_{k}": v for k, v in retrieval(heldout.image_embeddings, heldout.title_embeddings,
-                                                   source, "own").items()}
+                                                   source, "own", twins).items()}
     image_head, title_head = train_probe_heads(train, pair.shared_dim, config)
     with torch.no_grad():
         probe = retrieval(image_head(heldout.image_features), title_head(heldout.title_features),
-                          source, "probe")
+                          source, "probe", twins)
     results.update({f"probe_{k}": v for k, v in probe.items()})
     train_y = torch.as_tensor(train_items.categories, dtype=torch.long)
     test_y = torch.as_tensor(heldout_items.categories, dtype=torch.long)
