@@ -156,7 +156,8 @@ def test_evaluation_refuses_nan_embeddings(inputs):
     held_out = world.held_out(0.0)
     items = torch.nn.functional.normalize(torch.randn(world.item_count, 8), dim=-1)
     items[3, 0] = float("nan")
-    embedded = Embedded(torch.nn.functional.normalize(torch.randn(len(held_out.pairs), 8), dim=-1), items)
+    embedded = Embedded(torch.nn.functional.normalize(torch.randn(len(held_out.pairs), 8), dim=-1), items,
+                        np.arange(world.item_count))
     with pytest.raises(DataError, match="runs/x/mm_encoder: 1 of 240 item embeddings are NaN or infinite"):
         evaluate_embeddings(embedded, world, [10], held_out, source="runs/x/mm_encoder")
 
@@ -167,9 +168,44 @@ def test_a_collapsed_item_tower_scores_chance_not_a_perfect_recall(inputs):
     world = _world_inputs(inputs)
     held_out = world.held_out(0.0)
     items = torch.nn.functional.normalize(torch.ones(world.item_count, 8), dim=-1)
-    embedded = Embedded(torch.nn.functional.normalize(torch.randn(len(held_out.pairs), 8), dim=-1), items)
+    embedded = Embedded(torch.nn.functional.normalize(torch.randn(len(held_out.pairs), 8), dim=-1), items,
+                        np.arange(world.item_count))
     metrics = evaluate_embeddings(embedded, world, [10, 100], held_out, source="runs/x/mm_encoder")
     assert metrics["recall@10"] == metrics["recall@100"] == 0.0 and metrics["pair_auc"] == 0.5
+
+
+def test_an_item_repeated_under_another_id_is_not_a_negative_of_its_twin(inputs):
+    """Queries embedded exactly as their paired items: item ``twin`` repeats the first target's
+    title and image and ties with it, which read as a miss; ``decoy`` only scores like the second
+    target (its content differs), so it still counts ahead of it."""
+    from mim_rec.csft.evaluate import Embedded, evaluate_embeddings
+    world = _world_inputs(inputs)
+    held_out = world.held_out(0.0)
+    targets = held_out.pairs.item_ids
+    first, second = targets[0], next(t for t in targets if t != targets[0])
+    twin, decoy = np.setdiff1d(np.arange(world.item_count), targets)[:2]
+    items = torch.nn.functional.normalize(
+        torch.randn(world.item_count, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    items[twin], items[decoy] = items[first], items[second]
+    content = np.arange(world.item_count)
+    content[twin] = content[first]
+    embedded = Embedded(items[torch.from_numpy(targets)], items, content)
+    recall = evaluate_embeddings(embedded, world, [1], held_out, source="runs/x/mm_encoder")["recall@1"]
+    assert recall == pytest.approx(1 - np.mean(targets == second))
+
+
+def test_item_content_groups_items_identical_in_title_and_image(inputs, tmp_path):
+    """The item tower reads both: a repeated title under another image is a different item."""
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    items = pq.read_table(inputs[0] / "items.parquet").to_pylist()
+    items[1].update(title=items[0]["title"], image=items[0]["image"])
+    items[2]["title"] = items[0]["title"]
+    (tmp_path / "world").mkdir()
+    pq.write_table(pa.Table.from_pylist(items, schema=pq.read_schema(inputs[0] / "items.parquet")),
+                   tmp_path / "world" / "items.parquet")
+    world = WorldInputs(tmp_path / "world", FeatureCache(tmp_path / "features"))
+    groups = world.item_content(load_encoders(inputs[1]).vision).item_groups()
+    assert groups[0] == groups[1] and len(set(groups.tolist())) == world.item_count - 1
 
 
 @pytest.mark.parametrize("changes", [

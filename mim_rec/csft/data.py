@@ -33,7 +33,8 @@ from mim_rec.data.schemas import SIGNALS
 from mim_rec.data.split import time_cut
 from mim_rec.encoders.text import HFTextEncoder
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
-from mim_rec.pretrain.corpus import ItemCorpus, corpus_from_table, encoded_images
+from mim_rec.pretrain.corpus import (ContentKeys, ItemCorpus, content_keys, corpus_from_table,
+                                     encoded_images, stored_images)
 from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
 
 PathLike = Union[str, Path]
@@ -194,6 +195,7 @@ class WorldInputs:
         self.cache = cache
         self.batch_size = batch_size
         self._corpus: Optional[ItemCorpus] = None
+        self._content: Optional[ContentKeys] = None
 
     @property
     def item_count(self) -> int:
@@ -232,6 +234,15 @@ class WorldInputs:
         if self._corpus is None:
             self._corpus = corpus_from_table(self.items, self.items_path, vision)
         return self._corpus
+
+    def item_content(self, vision: VisionEncoder) -> ContentKeys:
+        """Digests of the items' titles and of their images as stored for ``vision``, computed
+        once and without decoding (evaluation tells the catalogue's repeats by them). Like
+        :meth:`corpus`, the first call's ``vision`` decides (stage 1 and C-SFT share it)."""
+        if self._content is None:
+            self._content = content_keys(self.items.column("title").to_pylist(),
+                                         stored_images(self.items, self.items_path, vision))
+        return self._content
 
     def item_image_features(self, vision: VisionEncoder) -> torch.Tensor:
         return self.cache.get("items-image", self._key(self.items_path, vision),

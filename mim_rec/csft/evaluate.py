@@ -5,7 +5,12 @@ Two measures, each computed for the stage-1 embeddings and for the C-SFT towers:
 * **query -> item retrieval** on the held-out pairs (``pairs_test``, every signal): each
   query image is embedded, every item of the catalogue is scored by cosine, and recall@k is
   the share of queries whose paired item ranks in the top k (a tie counts against it:
-  :func:`mim_rec.pretrain.evaluate.target_ranks`).
+  :func:`mim_rec.pretrain.evaluate.target_ranks`). Items identical to the paired one in
+  both title and stored image (a catalogue's repeats under other ids) are masked out of its
+  negatives (:class:`~mim_rec.pretrain.evaluate.Twins`): the item tower reads both, so an
+  item that differs in either can be told apart and stays a negative. Each held-out pair is
+  its own query: pairs whose query images are the same but whose items differ are separate
+  observed interests, not a repeated item, and each keeps the other's item as a negative.
 * **content-interest AUC** on the held-out impressions (``events_test``): an impression's
   score is its target's mean cosine to the user's behaviour history, ``mean_i cos(h_t, h_i)``
   (the content-interest weights CiUBM uses); ``pair_auc`` is the share of (click,
@@ -37,13 +42,14 @@ from mim_rec.data.errors import DataError
 from mim_rec.data.io import read_events
 from mim_rec.encoders.pair import EncoderPair
 from mim_rec.metrics import gauc, grouped_auc
-from mim_rec.pretrain.evaluate import recall_at
+from mim_rec.pretrain.evaluate import Twins, recall_at
 
 
 @dataclass
 class Embedded:
-    queries: torch.Tensor   # [n_held_out_pairs, d] unit
-    items: torch.Tensor     # [n_items, d] unit, row i = item i
+    queries: torch.Tensor     # [n_held_out_pairs, d] unit
+    items: torch.Tensor       # [n_items, d] unit, row i = item i
+    item_content: np.ndarray  # [n_items] int64, equal for items identical in title and image
 
 
 def history_scores(items: torch.Tensor, events: pa.Table) -> Dict[str, torch.Tensor]:
@@ -85,7 +91,8 @@ def stage1_embeddings(pair: EncoderPair, world: WorldInputs, held_out: HeldOut) 
     size = world.batch_size
     items = _batched(lambda s: F.normalize(pair.vision_head(image[s]) + pair.text_head(title[s]),
                                            dim=-1), len(image), size)
-    return Embedded(_batched(lambda s: pair.vision_head(query[s]), len(query), size), items)
+    return Embedded(_batched(lambda s: pair.vision_head(query[s]), len(query), size), items,
+                    world.item_content(pair.vision).item_groups())
 
 
 @torch.no_grad()
@@ -96,7 +103,8 @@ def csft_embeddings(model: CsftModel, world: WorldInputs, held_out: HeldOut) -> 
     query = _held_out_queries(world, held_out, model.queries.vision)
     size = world.batch_size
     items = _batched(lambda s: model.items.from_features(image[s], title[s]).mm, len(image), size)
-    return Embedded(_batched(lambda s: model.queries.from_features(query[s]), len(query), size), items)
+    return Embedded(_batched(lambda s: model.queries.from_features(query[s]), len(query), size), items,
+                    world.item_content(model.items.pair.vision).item_groups())
 
 
 def _held_out_queries(world: WorldInputs, held_out: HeldOut, vision) -> torch.Tensor:
@@ -124,7 +132,9 @@ def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int
                         held_out: HeldOut, source: str) -> Dict[str, float]:
     """Both measures of ``embedded``, computed by the model in ``source`` (named in errors)."""
     require_finite(embedded, source)
-    recall = recall_at(embedded.queries, embedded.items, ks, torch.from_numpy(held_out.pairs.item_ids))
+    targets = held_out.pairs.item_ids
+    twins = Twins.of(np.arange(len(targets)), embedded.item_content, targets)
+    recall = recall_at(embedded.queries, embedded.items, ks, torch.from_numpy(targets), twins=twins)
     events_path = held_out.events_path
     if not events_path.is_file():
         raise DataError(str(events_path), "held-out events not found (the content-interest "
