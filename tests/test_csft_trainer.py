@@ -428,6 +428,18 @@ def test_a_validation_result_is_keyed_by_the_training_events(inputs, tmp_path):
     assert csft_fingerprint(config, held_out) != before
 
 
+def test_a_result_scored_under_another_ranking_rule_is_not_reused(inputs, tmp_path, monkeypatch):
+    """Results cached before content twins were masked would have mixed into new tables."""
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from train import csft_runs
+
+    config = _config(inputs, tmp_path / "run")
+    held_out = WorldInputs(inputs[0], FeatureCache(inputs[2])).held_out(0.0)
+    before = csft_runs.csft_fingerprint(config, held_out)
+    monkeypatch.setattr(csft_runs, "RANKING_RULE", "another rule")
+    assert csft_runs.csft_fingerprint(config, held_out) != before
+
+
 def test_the_same_folders_given_relative_and_absolute_resume(inputs, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_csft(_config(inputs, out))
