@@ -92,6 +92,7 @@ def test_report_is_json_and_buckets_single_class_as_none():
     assert report["auc"] == pytest.approx(float(binary_auroc(preds, labels.long())))
     assert [b["bucket"] for b in report["age_deciles"]] == [f"S{i}" for i in range(1, 11)]
     assert [b["n"] for b in report["age_deciles"]] == [10] * 10
+    assert [b["positives"] for b in report["age_deciles"]] == [int(labels[k:k + 10].sum()) for k in range(0, 100, 10)]
     assert report["age_deciles"][0]["auc"] is None and report["age_deciles"][0]["age_days_max"] == 10.0
     assert report["age_deciles"][9]["age_days_max"] == 100.0
     s5 = slice(40, 50)

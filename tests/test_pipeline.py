@@ -153,6 +153,24 @@ def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys, flag, valu
     assert not (tmp_path / "run").exists()
 
 
+def test_the_report_gives_each_age_bucket_its_rows_and_clicks(tmp_path):
+    """A bucket's n/a said nothing of why: on a world with a small test split, an empty bucket, a
+    one-class bucket and an AUC over a handful of rows looked alike apart from the AUC."""
+    from train.pipeline import report
+
+    buckets = [{"bucket": "S1", "age_days_max": 1.0, "auc": 0.6, "n": 1200, "positives": 130},
+               {"bucket": "S2", "age_days_max": 2.0, "auc": None, "n": 0, "positives": 0},
+               {"bucket": "S3", "age_days_max": 3.0, "auc": None, "n": 5, "positives": 0}]
+    for model in ("base_din", "mim_din"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "metrics.json").write_text(json.dumps(
+            {"auc": 0.6, "gauc": 0.6, "logloss": 0.3, "n": 1205, "age_edges": [1.0, 2.0], "age_deciles": buckets}))
+    text = report(tmp_path, "din", {}, tmp_path)
+    assert "| S1 | 1,200 (130) | 0.6000 | 0.6000 | 0.0000 |" in text
+    assert "| S2 | 0 (0) | n/a | n/a | n/a |" in text
+    assert "| S3 | 5 (0) | n/a | n/a | n/a |" in text
+
+
 def test_the_report_says_when_a_worlds_age_buckets_are_not_ages(tmp_path):
     from mim_rec.data.manifest import Manifest, write_manifest
     from train.pipeline import report

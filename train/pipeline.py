@@ -331,14 +331,17 @@ def report(out: Path, ubm: str, walls: Dict[str, float], world: Path) -> str:
              "| model | AUC | GAUC | logloss | test rows |", "|---|---|---|---|---|"]
     for name, m in (("Base", base), ("Base+MIM", mim)):
         lines.append(f"| {name} | {cell(m['auc'])} | {cell(m['gauc'])} | {cell(m['logloss'])} | {m['n']:,} |")
-    lines += ["", "AUC by item age at impression (S1 newest ... S10 oldest); buckets from Base's edges:", "",
-              "| bucket | Base | Base+MIM | Δ |", "|---|---|---|---|"]
+    lines += ["", "AUC by item age at impression (S1 newest ... S10 oldest); buckets from Base's edges. "
+              "n/a: the bucket's test rows are all clicks or all non-clicks, or there are none:", "",
+              "| bucket | test rows (clicks) | Base | Base+MIM | Δ |", "|---|---|---|---|---|"]
     try:
         gains = relative_auc_gain(base, mim)
         for g in gains:
-            lines.append(f"| {g['bucket']} | {cell(g['base_auc'])} | {cell(g['auc'])} | {cell(g['auc_gain'])} |")
+            clicks = "?" if g["positives"] is None else f"{g['positives']:,}"
+            lines.append(f"| {g['bucket']} | {g['n']:,} ({clicks}) | {cell(g['base_auc'])} | {cell(g['auc'])} "
+                         f"| {cell(g['auc_gain'])} |")
     except ValueError as exc:  # the two runs bucketed differently
-        lines.append(f"| (not comparable: {exc}) | | | |")
+        lines.append(f"| (not comparable: {exc}) | | | | |")
     from mim_rec.data.manifest import world_age_caveat
     caveat = world_age_caveat(world)
     if caveat:

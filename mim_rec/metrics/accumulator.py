@@ -136,5 +136,6 @@ class CtrMetrics:
             inside = bucket == i
             upper = edges[i] if i < len(edges) else (float(ages.max()) if inside.any() else None)
             report.append({"bucket": f"S{i + 1}", "age_days_max": upper,
-                           "auc": binary_auc(preds[inside], labels[inside]), "n": int(inside.sum())})
+                           "auc": binary_auc(preds[inside], labels[inside]), "n": int(inside.sum()),
+                           "positives": count_positives(labels[inside])})
         return report

@@ -12,7 +12,8 @@ def relative_auc_gain(base: Dict[str, Any], other: Dict[str, Any]) -> List[Dict[
     Both reports must use the same bucket edges (build the second run's ``CtrMetrics`` with the
     first report's ``age_edges``), or the buckets would hold different items and the gain would
     mix model quality with bucket membership. Buckets where either AUC is undefined get ``None``
-    gains, and a base AUC of 0 no relative gain.
+    gains, and a base AUC of 0 no relative gain. ``n`` and ``positives`` are the bucket's rows and
+    clicks in ``other`` (``positives`` None for a report written before buckets counted them).
     """
     base_edges, other_edges = base["age_edges"], other["age_edges"]
     if len(base_edges) != len(other_edges) or not all(
@@ -28,5 +29,5 @@ def relative_auc_gain(base: Dict[str, Any], other: Dict[str, Any]) -> List[Dict[
                      "auc_gain": auc - base_auc if defined else None,
                      # a bucket of a few rows can rank every pair wrong (AUC 0): no ratio to it
                      "relative_gain": (auc - base_auc) / base_auc if defined and base_auc > 0 else None,
-                     "n": after["n"]})
+                     "n": after["n"], "positives": after.get("positives")})
     return rows
