@@ -223,6 +223,21 @@ def test_encoder_module_and_cost_claims_follow_their_numbers():
     assert claims_by_id(results)["10-lookup"]["holds"] is False
 
 
+def test_claim_8_gives_no_verdict_where_recall_at_10_is_1_by_construction(tmp_path):
+    """On a world of 40 items (9 held out) every row's R@10 is 1.000, and the claim was judged
+    **no** on 1.000 vs 1.000: ten or fewer candidates all rank in the top 10."""
+    results = make_results()
+    for row in results["pretrain_eval"].values():
+        row.update(probe_i2t_r10=1.0, heldout_items=9)
+    claim = claims_by_id(results)["8"]
+    assert claim["holds"] is None and "1 by construction: 9 held-out items" in claim["value"]
+    row, = [line for line in write_report(results, tmp_path).splitlines() if line.startswith("| 8 |")]
+    assert row.endswith("| no verdict |")
+    for row in results["pretrain_eval"].values():
+        row["heldout_items"] = 11
+    assert claims_by_id(results)["8"]["holds"] is False  # 11 candidates: a miss is possible
+
+
 def test_missing_parts_render_not_run_and_give_no_verdict(tmp_path):
     results = {key: None for key in ("config", "code", "stages", "ctr", "pretrain_eval", "csft",
                                      "bench_train", "bench_lookup")}
