@@ -321,6 +321,22 @@ def test_claim_2_compares_s1_with_the_other_buckets_on_the_same_pairs():
     assert claim["holds"] is None and claim["value"] == "S1 AUC undefined (one class) in every pair"
 
 
+def test_claim_2_gives_no_verdict_while_a_bucket_is_undefined_in_every_pair():
+    """On a small test split most buckets hold one class: S1 was judged above "every other" bucket
+    on the two defined ones, and the value left the others out without a word."""
+    results = make_results()
+    for metrics in results["ctr"].values():
+        for bucket in metrics["age_deciles"][1:9]:  # S2..S9 one class in every run
+            bucket["auc"] = None
+    claim = claims_by_id(results)["2"]
+    assert claim["holds"] is None
+    assert claim["value"] == "S1 +0.0500; S10 +0.0100; no Δ (one class in every pair): S2, S3, S4, S5, S6, S7, S8, S9"
+    for name, metrics in results["ctr"].items():  # a measured part that fails still decides
+        if name.startswith("mim_"):
+            metrics["age_deciles"][9]["auc"] += 0.1
+    assert claims_by_id(results)["2"]["holds"] is False
+
+
 def test_a_measured_claim_without_a_verdict_is_not_labelled_not_run(tmp_path):
     """One seed, or buckets that are not item ages, read "not run" though every run existed."""
     results = make_results()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional
 
-from mim_rec.report.stats import CtrRuns, Stat, age_pairs, fmt, fmt_p, fmt_stat, nested, pooled_age_gains
+from mim_rec.report.stats import CtrRuns, Stat, age_pairs, fmt, fmt_p, fmt_stat, nested, pooled_age_gains, \
+    seen_buckets
 
 Claim = Dict[str, Any]
 ABLATED = {"tfn": ("no_tfn", "TFN"), "st_nsg": ("no_st_nsg", "ST-NSG"),
@@ -68,13 +69,19 @@ def _mim_beats_base(ctr: CtrRuns) -> Claim:
 
 def _newest_gain_largest(ctr: CtrRuns, age_caveat: Optional[str]) -> Claim:
     """Not measured (``holds`` None) on a world whose age buckets are not item ages. Pooled
-    over the pairs with an S1 gain, so S1 and the others are averaged over the same pairs."""
+    over the pairs with an S1 gain, so S1 and the others are averaged over the same pairs. A
+    bucket with no defined gain in those pairs (one class: a small test split) is a part not
+    measured, named in the value: no verdict unless a measured bucket already fails it."""
     gains = pooled_age_gains(ctr, defined="S1")
     value = "; ".join(f"{b} {fmt(s.mean, signed=True)}" for b, s in gains.items()) or \
         ("S1 AUC undefined (one class) in every pair" if age_pairs(ctr) else "not run")
+    undefined = [b for b in seen_buckets(g for g in age_pairs(ctr) if g.get("S1") is not None) if b not in gains]
+    if gains and undefined:
+        value += "; no Δ (one class in every pair): " + ", ".join(undefined)
     newest = gains.get("S1")
-    holds = None if newest is None or len(gains) < 2 or age_caveat else newest.mean > 0 and all(
-        newest.mean > s.mean for b, s in gains.items() if b != "S1")  # the least loss is no gain
+    holds = None if newest is None or len(gains) < 2 or age_caveat else all_of(
+        [newest.mean > 0,  # the least loss is no gain
+         *(newest.mean > s.mean for b, s in gains.items() if b != "S1"), *(None for _ in undefined)])
     if age_caveat and gains:
         value += " (not item ages on this world: Figure 6)"
     return _claim("2", "The MIM gain is largest on the newest items.",
