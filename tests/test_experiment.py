@@ -17,7 +17,7 @@ from train import experiment
 
 def _plan(tmp_path, **kwargs) -> experiment.Plan:
     args = dict(out=str(tmp_path / "exp"), preset="quick", world=None, tables="2,3,4,5,6", ubms=None,
-                seeds=None, nproc=2, ctr=[])
+                seeds=None, nproc=2, ctr=[], pretrain=[], csft=[])
     args.update(kwargs)
     return experiment.make_plan(argparse.Namespace(**args))
 
@@ -100,6 +100,18 @@ def test_ctr_overrides_reach_every_run_in_a_folder_of_their_own(tmp_path):
     assert grid.argv[-2:] == ["epochs=5", "loader.batch_size=256"]  # after the preset's, so they win
     assert small.ctr_dir != default.ctr_dir and small.ctr_dir.parent == default.ctr_dir.parent
     assert all(run["overrides"][0].startswith(f"out={small.ctr_dir}/") for run in experiment.ctr_runs(small))
+
+
+def test_encoder_stage_settings_reach_their_stages_and_the_report(tmp_path):
+    """On a world of 40 items C-SFT refused the quick preset's batch of 32 ("only 22 training
+    items; lower the batch size") and the experiment had no way to lower it, as mim pipeline has."""
+    plan = _plan(tmp_path, world=str(tmp_path), pretrain=["data.batch_size=8"], csft=["data.batch_size=8"])
+    argv = {stage.name: stage.argv for stage in experiment.stages(plan)}
+    for name in ("pretrain", "pretrain_eval", "csft", "csft_tables"):
+        assert argv[name][-1] == "data.batch_size=8", name  # after the preset's, so they win
+    assert plan.settings()["csft_overrides"] == plan.settings()["pretrain_overrides"] == ["data.batch_size=8"]
+    with pytest.raises(ConfigError, match="--csft data.world"):  # the chain sets it, as in mim pipeline
+        experiment.stages(_plan(tmp_path, csft=["data.world=elsewhere"]))
 
 
 def test_report_only_runs_nothing_and_reports_what_finished(tmp_path):

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESETS, PRETRAIN, Stage, \
-    check_ctr_settings, code_version, csft_feature_cache, mim_command, plan_stage, representation_chain, run_chain, \
-    stage_record, torchx_command, world_folder
+from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESETS, PRETRAIN, STAGE_OVERRIDES, \
+    Stage, check_ctr_settings, code_version, csft_feature_cache, mim_command, plan_stage, representation_chain, \
+    run_chain, stage_record, torchx_command, world_folder
 
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
 ALL_TABLES = (2, 3, 4, 5, 6)
@@ -85,6 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "loader.batch_size=256 for a small dataset); their runs go to their own folder. "
                              "Not what the experiment sets per run (seed, model.ubm, out, mm_table, data.world, "
                              "the interest switches)")
+    for stage in ("pretrain", "csft"):
+        parser.add_argument(f"--{stage}", nargs="+", default=[], metavar="KEY=VALUE",
+                            help=f"overrides for the {stage} stage ({STAGE_OVERRIDES[stage]}) and its tables' "
+                                 "evaluation, after the preset's (e.g. --csft data.batch_size=8 on a small world)")
     parser.add_argument("--nproc", type=int, default=2,
                         help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd); must divide C-SFT's "
                              "data.batch_size")
@@ -108,6 +112,8 @@ class Plan:
     seeds: Tuple[int, ...]
     nproc: int
     ctr_overrides: Tuple[str, ...] = ()
+    pretrain_overrides: Tuple[str, ...] = ()
+    csft_overrides: Tuple[str, ...] = ()
 
     @property
     def world(self) -> Path:
@@ -121,11 +127,20 @@ class Plan:
             return self.out / "ctr"
         return self.out / f"ctr-{hashlib.sha256(chr(0).join(self.ctr_overrides).encode()).hexdigest()[:8]}"
 
+    @property
+    def chain_preset(self) -> Dict[str, List[str]]:
+        """The pipeline preset's stage settings with ``--pretrain`` and ``--csft``'s after them, so
+        they win (a world with fewer C-SFT training items than the preset's batch needs a smaller one)."""
+        preset = PIPELINE_PRESETS[self.preset.pipeline]
+        return {**preset, "pretrain": [*preset["pretrain"], *self.pretrain_overrides],
+                "csft": [*preset["csft"], *self.csft_overrides]}
+
     def settings(self) -> Dict[str, Any]:
         """Everything that decides the numbers, for the report."""
         return {"preset": self.preset_name, **asdict(self.preset), "ubms": list(self.ubms),
                 "seeds": list(self.seeds), "tables": list(self.tables), "nproc": self.nproc,
-                "ctr_overrides": list(self.ctr_overrides),
+                "ctr_overrides": list(self.ctr_overrides), "pretrain_overrides": list(self.pretrain_overrides),
+                "csft_overrides": list(self.csft_overrides),
                 "pipeline_preset": PIPELINE_PRESETS[self.preset.pipeline]}
 
 
@@ -179,7 +194,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 tables=_parse_list(args.tables, int, ALL_TABLES, "--tables"),
                 ubms=_parse_list(args.ubms, str, ALL_UBMS, "--ubms") or preset.ubms,
                 seeds=_parse_list(args.seeds, int, None, "--seeds") or preset.seeds, nproc=args.nproc,
-                ctr_overrides=tuple(args.ctr))
+                ctr_overrides=tuple(args.ctr), pretrain_overrides=tuple(args.pretrain),
+                csft_overrides=tuple(args.csft))
 
 
 def check_ctr_overrides(overrides: Sequence[str]) -> None:
@@ -250,7 +266,7 @@ def write_grid(plan: Plan) -> None:
 
 
 def stages(plan: Plan) -> List[Stage]:
-    out, preset, tables = plan.out, PIPELINE_PRESETS[plan.preset.pipeline], set(plan.tables)
+    out, preset, tables = plan.out, plan.chain_preset, set(plan.tables)
     world, chain = representation_chain(out, plan.world_arg, preset, plan.nproc)  # world == plan.world
     mim = mim_command()
     torchx, distributed = torchx_command(plan.nproc)
