@@ -31,6 +31,16 @@ def test_every_training_command_checks_the_settings_before_any_work(inputs, tmp_
     assert not out.exists()
 
 
+def test_a_batch_larger_than_the_training_pairs_names_the_pairs(inputs, tmp_path, capsys):  # noqa: F811
+    """C-SFT counted its training pairs and called them items: on a world of 40 items with 22
+    purchase pairs it said "only 22 training items", a count the world has nowhere."""
+    config_file = _write_config(_config(inputs, tmp_path / "out"), tmp_path / "c.yaml")
+    assert cli.main(["csft", "--config", str(config_file), "data.batch_size=100000"]) == 2
+    err = capsys.readouterr().err
+    assert "data.batch_size=100000: only " in err
+    assert "training pairs of data.signals=['purchase', 'click']; lower the batch size" in err
+
+
 @pytest.mark.parametrize("grid, named", [("loss.temperature=0.1,-1", "loss.temperature=-1.0: must be positive"),
                                          ("steps=2,0", "steps=0: must be positive")])
 def test_tune_checks_every_combination_before_the_first_trains(inputs, tmp_path, capsys, grid, named):  # noqa: F811

@@ -133,7 +133,8 @@ def _run_csft(config) -> Path:
     inputs = TrainingInputs(world, pairs, model, features=not config.model.train_backbones)
     if ctx.is_main:
         barrier()
-    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(pairs))
+    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(pairs),
+                               what=f"training pairs of data.signals={config.data.signals}")
     sampler = SameCategorySampler(world.item_categories) if config.negatives.hard else None
     objective = CsftObjective(model, config.loss, config.negatives,
                               num_categories=int(world.item_categories.max()) + 1).to(ctx.device)

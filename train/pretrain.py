@@ -349,14 +349,15 @@ def check_batch_split(global_batch: int, world_size: int) -> None:
 
 
 def _local_batch(global_batch: int, world_size: int, train_items: int,
-                 remedy: str = "lower the batch size") -> int:
+                 remedy: str = "lower the batch size", what: str = "training items") -> int:
     """Each rank's share of the global batch; ``remedy`` ends the error for too few items
-    (pre-training names the held-out share, which can leave too few)."""
+    (pre-training names the held-out share, which can leave too few), and ``what`` names what
+    ``train_items`` counts (C-SFT's are pairs, fewer than the world's items or more)."""
     from mim_rec.config import ConfigError
 
     check_batch_split(global_batch, world_size)
     if train_items < global_batch:
-        raise ConfigError(f"data.batch_size={global_batch}: only {train_items} training items; {remedy}")
+        raise ConfigError(f"data.batch_size={global_batch}: only {train_items} {what}; {remedy}")
     return global_batch // world_size
 
 
