@@ -81,6 +81,9 @@ def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: 
         raise ManifestMismatch(f"{table_dir}: manifest kind is {manifest.kind!r}, not 'mm_table'")
     if manifest.dim != dim:
         raise ManifestMismatch(f"{table_dir}: table dim {manifest.dim} != model.mm_dim {dim}")
+    if manifest.row_count is None:  # written by hand: every size check below reads it
+        raise ManifestMismatch(f"{table_dir}: its manifest gives no row_count; an MM table's manifest must "
+                               "(docs/interfaces.md)")
     _, high = manifest.extra.get("id_range", [0, manifest.row_count])
     if high > num_items:
         raise ManifestMismatch(f"{table_dir}: table ids reach {high - 1}, the catalogue has {num_items} items")

@@ -189,6 +189,23 @@ def test_a_part_with_a_null_item_id_is_refused_even_under_missing_default(world,
     assert info.value.file.endswith("part-00001.parquet") and info.value.field == "item_id"
 
 
+def test_a_manifest_without_a_row_count_is_refused_in_a_sentence(world, tmp_path):
+    """A hand-written manifest without row_count (and id_range) stopped the check on a bare
+    ``TypeError`` comparing None with the catalogue's size."""
+    import json
+
+    from embeddings.table import check_table
+    from mim_rec.data.errors import ManifestMismatch
+
+    out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("row_count")
+    manifest.get("extra", {}).pop("id_range", None)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestMismatch, match="its manifest gives no row_count"):
+        check_table(out, 300, 8)
+
+
 def test_a_table_missing_a_part_or_holding_a_stray_one_is_refused(world, tmp_path):
     """A missing part used to read as zero vectors even under missing=default, counted nowhere;
     a stray part's rows silently replaced the table's; a cut part was Arrow's traceback."""
