@@ -249,7 +249,7 @@ def check_new_ids(ids: np.ndarray, known_ids: Sequence[np.ndarray], num_items: i
                         f"(first: {outside[0]}){range_hint}", field="item_id")
     unique, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
-        raise DataError(str(source), f"item {unique[counts > 1][0]} appears in more than one record",
+        raise DataError(str(source), f"item {unique[counts > 1][0]} appears twice in the log",
                         field="item_id")
     known = ids[np.any([_holds(sorted_ids, ids) for sorted_ids in known_ids], axis=0)] if len(ids) else ids
     if len(known):

@@ -323,7 +323,7 @@ def test_the_live_apply_refuses_what_the_fold_refuses_before_writing_a_row(world
     bad = WindowMessage(np.array(bad_ids), bad_vectors, IdEncoder.fingerprint, np.zeros(1), 0.0)
     path.write_bytes(good.encode() + bad.encode())
     reason = {"nan": "NaN or infinite vector", "in_table": "item 3 is already in .*table",
-              "twice": f"item {cut} (is already in .* an earlier record|appears in more than one record)",
+              "twice": f"item {cut} (is already in .* an earlier record|appears twice in the log)",
               "wider": f"dim {DIM + 2}, .* has dim {DIM}"}
     model, *_ = _model(world, base_table, tmp_path / "run")
     before = _mm_rows(model, np.arange(items.num_rows))
