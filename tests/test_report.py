@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 
 import pytest
 from typing import Dict, List, Optional, Sequence
@@ -268,7 +269,7 @@ def test_runs_bucketed_differently_are_left_out_of_figure_6(tmp_path):
     for seed in SEEDS:
         results["ctr"][f"mim_avg_s{seed}"]["age_edges"] = [e + 1 for e in EDGES]
     text = section(write_report(results, tmp_path), "## Figure 6")
-    assert table_row(text, "din")[-1] == "2"
+    assert table_row(text, "din")[-3] == "2"  # pairs, before S1 − rest and its p
     assert "| avg |" not in text
 
 
@@ -302,10 +303,27 @@ def test_age_buckets_stay_in_age_order_and_an_undefined_one_shows_as_na(tmp_path
     bucket undefined in every pair vanished from Figure 6."""
     figure6 = section(write_report(_without_s1(make_results(), ["avg"]), tmp_path), "## Figure 6")
     header = next(line for line in figure6.splitlines() if line.startswith("| UBM"))
-    assert header == "| UBM | " + " | ".join(f"S{i}" for i in range(1, 11)) + " | pairs |"
+    buckets = " | ".join(f"S{i}" for i in range(1, 11))
+    assert header == f"| UBM | {buckets} | pairs | S1 − rest | p (S1 − rest > 0) |"
     assert table_row(figure6, "avg")[0] == "n/a" and table_row(figure6, "din")[0] == "+0.0500"
     figure6 = section(write_report(_without_s1(make_results(), UBMS), tmp_path / "none"), "## Figure 6")
     assert table_row(figure6, "all UBMs")[0] == "n/a"
+
+
+def test_figure_6_tests_s1_against_the_rest_of_each_run(tmp_path):
+    """S1 − rest is taken per (UBM, seed) pair, S1's gain minus its other buckets' mean: here
+    din's S1 gains 0.04 + 0.01 × seed more than the rest, avg's 0.04 on every seed."""
+    results = make_results()
+    for seed in SEEDS:
+        results["ctr"][f"mim_din_s{seed}"]["age_deciles"][0]["auc"] += 0.01 * seed
+    figure6 = section(write_report(results, tmp_path), "## Figure 6")
+    header = next(line for line in figure6.splitlines() if line.startswith("| UBM"))
+    assert header.endswith("| pairs | S1 − rest | p (S1 − rest > 0) |")
+    excess = [0.04 + 0.01 * seed for seed in SEEDS]
+    assert table_row(figure6, "din")[-2] == f"+{statistics.fmean(excess):.4f} ± {statistics.stdev(excess):.4f}"
+    assert table_row(figure6, "avg")[-2:] == ["+0.0400 ± 0.0000", "p<0.001"]
+    figure6 = section(write_report(_without_s1(make_results(), ["avg"]), tmp_path / "none"), "## Figure 6")
+    assert table_row(figure6, "avg")[-2:] == ["n/a", "p n/a"]
 
 
 def test_claim_2_compares_s1_with_the_other_buckets_on_the_same_pairs():

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from mim_rec.report import plots
 from mim_rec.report.claims import paper_claims
 from mim_rec.report.stats import (CtrRuns, Stat, age_gains, age_pairs, by_bucket, fmt, fmt_p, fmt_stat, mean_of,
-                                  nested, pooled_age_gains, seeds_of, seen_buckets)
+                                  nested, newest_excess, pooled_age_gains, seeds_of, seen_buckets)
 
 NOT_RUN = "_not run_"
 FIGURES = {"table2": "table2_auc.png", "fig5": "fig5_encoders.png", "fig6": "fig6_age_gain.png"}
@@ -253,9 +253,12 @@ def _table6(results: Dict[str, Any]) -> List[str]:
             *_bench_lookup(results.get("bench_lookup"))]
 
 
-def _age_row(label: str, gains: Dict[str, Stat], buckets: List[str]) -> List[str]:
+def _age_row(label: str, gains: Dict[str, Stat], buckets: List[str],
+             pairs: List[Dict[str, Optional[float]]]) -> List[str]:
     seeds = max((s.n for s in gains.values()), default=0)
-    return [label, *(fmt(mean_of(gains.get(b)), signed=True) for b in buckets), str(seeds)]
+    excess = newest_excess(pairs)
+    return [label, *(fmt(mean_of(gains.get(b)), signed=True) for b in buckets), str(seeds),
+            "n/a" if excess is None else fmt_stat(excess, signed=True), fmt_p(excess)]
 
 
 def _figure6(ctr: CtrRuns, written: Dict[str, bool], caveat: Optional[str]) -> List[str]:
@@ -264,11 +267,13 @@ def _figure6(ctr: CtrRuns, written: Dict[str, bool], caveat: Optional[str]) -> L
     if not table:
         return lines + [NOT_RUN]
     buckets = seen_buckets(age_pairs(ctr))
-    rows = [_age_row(ubm, gains, buckets) for ubm, gains in table.items()]
-    rows.append(_age_row("all UBMs", pooled, buckets))
-    lines += md_table(["UBM", *buckets, "pairs"], rows)
+    rows = [_age_row(ubm, gains, buckets, ctr.age_gain_seeds(ubm)) for ubm, gains in table.items()]
+    rows.append(_age_row("all UBMs", pooled, buckets, age_pairs(ctr)))
+    lines += md_table(["UBM", *buckets, "pairs", "S1 − rest", "p (S1 − rest > 0)"], rows)
     lines += ["", "Δ = Base+MIM − Base AUC in the bucket (both runs bucketed by the same age edges), "
-                  "mean over seeds; \"all UBMs\" pools every (UBM, seed) pair."]
+                  "mean over seeds; \"all UBMs\" pools every (UBM, seed) pair. S1 − rest: per pair, S1's Δ "
+                  "minus the mean Δ of the other buckets, mean ± std over the pairs, with its one-sided "
+                  "t-test: whether the newest items gain more than the rest within a run."]
     if caveat:
         lines += ["", f"**These buckets are not item ages on this world:** {caveat}."]
     return lines + _figure("fig6", written, "Figure 6: gain by item age")

@@ -178,6 +178,19 @@ def pooled_age_gains(ctr: CtrRuns, defined: Optional[str] = None) -> Dict[str, S
     return by_bucket([gains for gains in age_pairs(ctr) if defined is None or gains.get(defined) is not None])
 
 
+def newest_excess(seed_gains: Iterable[Dict[str, Optional[float]]]) -> Optional[Stat]:
+    """Per pair, S1's gain minus the mean gain of its other defined buckets, over the pairs where
+    S1 and another bucket are defined. Taken within each run, it is free of the run-to-run
+    spread that each bucket's own mean carries, so its p-value says whether the newest items
+    gain more than the rest, not whether S1 tops nine noisy means."""
+    excess = []
+    for gains in seed_gains:
+        others = [g for b, g in gains.items() if b != "S1" and g is not None]
+        if gains.get("S1") is not None and others:
+            excess.append(gains["S1"] - statistics.fmean(others))
+    return stat(excess)
+
+
 def nested(data: Optional[Dict[str, Any]], *keys: str) -> Optional[Any]:
     """``data[k1][k2]...`` or None where any level is missing (a stage that did not run)."""
     for key in keys:
