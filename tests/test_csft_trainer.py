@@ -174,6 +174,24 @@ def test_a_collapsed_item_tower_scores_chance_not_a_perfect_recall(inputs):
     assert metrics["recall@10"] == metrics["recall@100"] == 0.0 and metrics["pair_auc"] == 0.5
 
 
+def test_evaluation_counts_its_candidates_and_notes_a_recall_that_is_1_by_construction(inputs, capsys):
+    """A catalogue of k or fewer items ranks every paired item in the top k: the report reads
+    ``candidate_items`` to withhold a verdict, and the evaluation says so on stderr."""
+    from mim_rec.csft.evaluate import Embedded, evaluate_embeddings
+    from train.csft import note_catalogue_size
+    world = _world_inputs(inputs)
+    held_out = world.held_out(0.0)
+    items = torch.nn.functional.normalize(torch.randn(world.item_count, 8), dim=-1)
+    embedded = Embedded(items[torch.from_numpy(held_out.pairs.item_ids)], items, np.arange(world.item_count))
+    metrics = evaluate_embeddings(embedded, world, [10], held_out, source="runs/x/mm_encoder")
+    assert metrics["candidate_items"] == 240 and metrics["held_out_pairs"] == len(held_out.pairs)
+    note_catalogue_size(world, [10, 100])
+    assert capsys.readouterr().err == ""
+    note_catalogue_size(world, [10, 240, 500])
+    assert capsys.readouterr().err == (f"note: only 240 items in the catalogue of data.world={inputs[0]}: "
+                                       "recall@240, recall@500 are 1 by construction; use a larger world\n")
+
+
 def test_an_item_repeated_under_another_id_is_not_a_negative_of_its_twin(inputs):
     """Queries embedded exactly as their paired items: item ``twin`` repeats the first target's
     title and image and ties with it, which read as a miss; ``decoy`` only scores like the second

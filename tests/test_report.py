@@ -239,6 +239,27 @@ def test_claim_8_gives_no_verdict_where_recall_at_10_is_1_by_construction(tmp_pa
     assert claims_by_id(results)["8"]["holds"] is False  # 11 candidates: a miss is possible
 
 
+def test_csft_recall_claims_give_no_verdict_where_recall_at_10_is_1_by_construction(tmp_path):
+    """A catalogue of 10 or fewer items ranks every paired item in the top 10: claims 4, 6-* and
+    7 were judged **no** on 1.000 vs 1.000. Claim 5 (pair AUC) still has its verdict."""
+    results = make_results()
+    for row in results["csft"].values():
+        row.update({"recall@10": 1.0, "candidate_items": 8})
+    claims = claims_by_id(results)
+    recall_claims = ["4", "6-tfn", "6-st_nsg", "6-multi_level", "7"]
+    for claim_id in recall_claims:
+        assert claims[claim_id]["holds"] is None
+        assert claims[claim_id]["value"].endswith(" (1 by construction: 8 candidate items)")
+    assert claims["5"]["holds"] is True
+    report = write_report(results, tmp_path).splitlines()
+    for claim_id in recall_claims:
+        row, = [line for line in report if line.startswith(f"| {claim_id} |")]
+        assert row.endswith("| no verdict |")
+    for row in results["csft"].values():
+        row["candidate_items"] = 11
+    assert claims_by_id(results)["4"]["holds"] is False  # 11 candidates: a miss is possible
+
+
 def test_missing_parts_render_not_run_and_give_no_verdict(tmp_path):
     results = {key: None for key in ("config", "code", "stages", "ctr", "pretrain_eval", "csft",
                                      "bench_train", "bench_lookup")}

@@ -184,6 +184,16 @@ def absolute_paths(settings: Dict[str, Any], paths: Iterable[str]) -> Dict[str, 
     return settings
 
 
+def note_trivial_recall(candidates: int, ks: Iterable[int], what: str) -> None:
+    """Say on stderr which recall@k are 1 by construction, lest they read as a result: a target
+    ranks behind at most ``candidates - 1`` others, so it is in the top k whenever
+    ``k >= candidates`` (``what`` names the candidates and where their number comes from)."""
+    trivial = [f"recall@{k}" for k in ks if k >= candidates]
+    if trivial:
+        print(f"note: only {what}: {', '.join(trivial)} {'is' if len(trivial) == 1 else 'are'} 1 by "
+              "construction; use a larger world", file=sys.stderr)
+
+
 def write_eval_report(out: Path, rows: Dict[str, Dict[str, float]], files: Iterable[Path],
                       **settings: Any) -> None:
     """Write ``OUT/eval.json``: the evaluation's rows and what they were measured on (each file

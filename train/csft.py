@@ -325,6 +325,7 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
     world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
                         batch_size=config.eval.batch_size)
     held_out = world.held_out(config.data.validation)
+    note_catalogue_size(world, config.eval.ks)
     report: Dict[str, Dict[str, float]] = {}
     for row, source, embed in (
             ("stage1", config.encoders, lambda: stage1_embeddings(load_encoders(config.encoders), world, held_out)),
@@ -336,6 +337,12 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
     write_eval_report(out, report, [world.items_path, held_out.pairs.path, held_out.events_path],
                       split=held_out.name, validation=config.data.validation)
     return report
+
+
+def note_catalogue_size(world, ks) -> None:
+    """Say when a recall@k ranks a catalogue of k or fewer items (1 by construction)."""
+    from train.common import note_trivial_recall
+    note_trivial_recall(world.item_count, ks, f"{world.item_count} items in the catalogue of data.world={world.world}")
 
 
 def _require_held_out(validation: float, trained: float, out: Path) -> None:

@@ -80,7 +80,7 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     from mim_rec.csft.data import FeatureCache, WorldInputs
     from mim_rec.utils.dist import current_rank
     from mim_rec.utils.run import atomic_write_bytes
-    from train.csft import check_config
+    from train.csft import check_config, note_catalogue_size
     from train.csft_runs import csft_fingerprint, csft_result, saved_result, stage1_result
 
     base = check_config(load_config(CsftConfig, config_path, overrides))
@@ -93,6 +93,7 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     out.mkdir(parents=True, exist_ok=True)
     world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
     held_out = world.held_out(base.data.validation)
+    note_catalogue_size(world, base.eval.ks)
     report: Dict[str, Dict] = {"stage1": stage1_result(base, world, held_out, out / "stage1")}
     for name, _, variant in VARIANTS:
         config = configs[name]

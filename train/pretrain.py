@@ -457,13 +457,12 @@ def _check_heldout_size(heldout: int, items: int, fraction: float) -> None:
     """Refuse an empty held-out set, and say so when recall@10 is 1 by construction (every
     candidate of 10 or fewer ranks in the top 10), lest it read as a result."""
     from mim_rec.config import ConfigError
+    from train.common import note_trivial_recall
 
     if heldout == 0:
         raise ConfigError(f"data.heldout_fraction={fraction}: none of the {items} items is held out; "
                           "nothing to evaluate on (use a larger world)")
-    if heldout <= 10:
-        print(f"note: only {heldout} held-out items (data.heldout_fraction={fraction} of {items}): "
-              "recall@10 is 1 by construction and recall@1 near it; use a larger world", file=sys.stderr)
+    note_trivial_recall(heldout, (10,), f"{heldout} held-out items (data.heldout_fraction={fraction} of {items})")
 
 
 def _saved_config(config: PretrainConfig, remedy: str) -> Optional[PretrainConfig]:

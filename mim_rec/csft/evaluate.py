@@ -133,7 +133,9 @@ def require_finite(embedded: Embedded, source: str) -> None:
 
 def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int],
                         held_out: HeldOut, source: str) -> Dict[str, float]:
-    """Both measures of ``embedded``, computed by the model in ``source`` (named in errors)."""
+    """Both measures of ``embedded``, computed by the model in ``source`` (named in errors), with
+    the number of held-out pairs and of candidate items (a recall@k with ``k`` at or above the
+    latter is 1 by construction, which the report's claims check)."""
     require_finite(embedded, source)
     targets = held_out.pairs.item_ids
     twins = Twins.of(np.arange(len(targets)), embedded.item_content, targets)
@@ -151,4 +153,4 @@ def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int
                             "the validation period", field="ts")
     return {**{f"recall@{k}": v for k, v in recall.items()},
             **content_interest_auc(embedded.items, events), "held_out": held_out.name,
-            "held_out_pairs": len(held_out.pairs)}
+            "held_out_pairs": len(held_out.pairs), "candidate_items": len(embedded.items)}

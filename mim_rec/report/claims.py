@@ -96,43 +96,55 @@ def _paired_din(ctr: CtrRuns, claim_id: str, claim: str, measure: str, kind: str
                   _significant_gain(delta))
 
 
-def _csft_pair(csft: Optional[Dict], claim_id: str, claim: str, better: str, worse: str, metric: str) -> Claim:
+def _recall_claim(claim_id: str, claim: str, measure: str, value: str, holds: Optional[bool],
+                  candidates: Optional[int], what: str) -> Claim:
+    """A claim read from recalls at :data:`RECALL_K`, ranked among ``candidates`` (``what``
+    names them). No verdict where they are :data:`RECALL_K` or fewer: every candidate then ranks
+    in the top 10, so the recall is 1 for any embeddings and 1 vs 1 would read as no gain."""
+    if candidates is not None and candidates <= RECALL_K:
+        return _claim(claim_id, claim, measure, f"{value} (1 by construction: {candidates} {what})", None)
+    return _claim(claim_id, claim, measure, value, holds)
+
+
+def _csft_pair(csft: Optional[Dict], claim_id: str, claim: str, better: str, worse: str, metric: str,
+               candidates: Optional[int] = None) -> Claim:
+    """``better`` above ``worse`` in ``metric``; ``candidates``: the items a recall ranks (None
+    for a measure that is no recall)."""
     a, b = nested(csft, better, metric), nested(csft, worse, metric)
-    return _claim(claim_id, claim, f"{metric}: {better} vs {worse}",
-                  f"{fmt(a, missing='not run')} vs {fmt(b, missing='not run')}", _greater(a, b))
+    return _recall_claim(claim_id, claim, f"{metric}: {better} vs {worse}",
+                         f"{fmt(a, missing='not run')} vs {fmt(b, missing='not run')}", _greater(a, b),
+                         candidates, "candidate items")
 
 
 def _csft_claims(csft: Optional[Dict]) -> List[Claim]:
+    recall = f"recall@{RECALL_K}"
+    candidates = nested(csft, "full", "candidate_items")  # one catalogue: every row's
     claims = [
         _csft_pair(csft, "4", "C-SFT embeddings beat the stage-1 embeddings on query→item retrieval.",
-                   "full", "stage1", "recall@10"),
+                   "full", "stage1", recall, candidates),
         _csft_pair(csft, "5", "C-SFT embeddings beat the stage-1 embeddings on content-interest AUC.",
                    "full", "stage1", "pair_auc"),
     ]
     for key, (variant, module) in ABLATED.items():
-        claims.append(_csft_pair(csft, f"6-{key}", f"{module} helps C-SFT retrieval (removing it lowers recall@10).",
-                                 "full", variant, "recall@10"))
-    best = nested(csft, "full", "recall@10")
-    others = {v: nested(csft, v, "recall@10") for v in TABLE4_OTHERS}
-    claims.append(_claim("7", "Purchase pairs with InfoNCE are the best C-SFT signal and objective.",
-                         "recall@10: full (purchase InfoNCE) vs each other Table-4 variant",
-                         f"full {fmt(best, missing='not run')}; "
-                         + "; ".join(f"{v} {fmt(x, missing='not run')}" for v, x in others.items()),
-                         all_of(_greater(best, x) for x in others.values())))
+        claims.append(_csft_pair(csft, f"6-{key}", f"{module} helps C-SFT retrieval (removing it lowers {recall}).",
+                                 "full", variant, recall, candidates))
+    best = nested(csft, "full", recall)
+    others = {v: nested(csft, v, recall) for v in TABLE4_OTHERS}
+    claims.append(_recall_claim("7", "Purchase pairs with InfoNCE are the best C-SFT signal and objective.",
+                                f"{recall}: full (purchase InfoNCE) vs each other Table-4 variant",
+                                f"full {fmt(best, missing='not run')}; "
+                                + "; ".join(f"{v} {fmt(x, missing='not run')}" for v, x in others.items()),
+                                all_of(_greater(best, x) for x in others.values()), candidates, "candidate items"))
     return claims
 
 
 def _dda_dma_claim(pretrain_eval: Optional[Dict]) -> Claim:
-    """No verdict where the held-out items are :data:`RECALL_K` or fewer: every candidate then
-    ranks in the top 10, so R@10 is 1 for any encoder and 1 vs 1 would read as no improvement."""
     aligned, plain = nested(pretrain_eval, "dda+dma", "probe_i2t_r10"), nested(pretrain_eval, "plain", "probe_i2t_r10")
-    value = f"{fmt(aligned, missing='not run')} vs {fmt(plain, missing='not run')}"
-    heldout = nested(pretrain_eval, "dda+dma", "heldout_items")
-    trivial = heldout is not None and heldout <= RECALL_K
-    if trivial:
-        value += f" (1 by construction: {heldout} held-out items)"
-    return _claim("8", "Stage-1 pre-training (DDA + DMA) improves the encoders over the plain towers.",
-                  "probe image→text R@10: dda+dma vs plain", value, None if trivial else _greater(aligned, plain))
+    return _recall_claim("8", "Stage-1 pre-training (DDA + DMA) improves the encoders over the plain towers.",
+                         "probe image→text R@10: dda+dma vs plain",
+                         f"{fmt(aligned, missing='not run')} vs {fmt(plain, missing='not run')}",
+                         _greater(aligned, plain), nested(pretrain_eval, "dda+dma", "heldout_items"),
+                         "held-out items")
 
 
 def _lookup_claim(bench_lookup: Optional[Dict]) -> Claim:
