@@ -85,3 +85,17 @@ def test_evaluation_on_a_few_held_out_items_says_recall_is_trivial(tmp_path, cap
     (run / "config.json").write_text(json.dumps(to_dict(config)))
     assert cli.main(["pretrain-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 0
     assert "note: only 3 held-out items" in capsys.readouterr().err
+
+
+def test_the_linear_probe_over_one_category_is_not_a_perfect_accuracy():
+    """Every item in one category: any probe predicts it, and the table read 1.000."""
+    from mim_rec.pretrain.evaluate import linear_probe_accuracy
+    from train.pretrain import format_table
+    features = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    one, two = torch.zeros(12, dtype=torch.long), torch.arange(12) % 2
+    assert linear_probe_accuracy(features[:8], one[:8], features[8:], one[8:], steps=2) is None
+    assert linear_probe_accuracy(features[:8], two[:8], features[8:], two[8:], steps=2) is not None
+    row = dict.fromkeys(["own_i2t_r1", "own_i2t_r10", "own_t2i_r1", "own_t2i_r10", "probe_i2t_r1", "probe_i2t_r10",
+                         "probe_t2i_r1", "probe_t2i_r10"], 0.5) | {"image_linear_probe_acc": None,
+                                                                    "title_linear_probe_acc": None}
+    assert format_table({"plain": row}).splitlines()[-1].endswith("| n/a (one category) | n/a (one category) |")

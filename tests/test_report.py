@@ -260,6 +260,17 @@ def test_csft_recall_claims_give_no_verdict_where_recall_at_10_is_1_by_construct
     assert claims_by_id(results)["4"]["holds"] is False  # 11 candidates: a miss is possible
 
 
+def test_a_linear_probe_undefined_on_one_category_renders_n_a_not_not_run(tmp_path):
+    """pretrain-eval leaves the probe accuracy None where every item is in one category (1 by
+    construction); the stage ran, so the cell is n/a, not "not run"."""
+    results = make_results()
+    results["pretrain_eval"]["plain"]["image_linear_probe_acc"] = None
+    del results["pretrain_eval"]["dda"]
+    rows = {line.split(" | ")[0]: line for line in write_report(results, tmp_path).splitlines()
+            if line.startswith(("| plain towers |", "| +DDA |"))}
+    assert rows["| plain towers"].endswith("| 0.0500 | n/a |") and rows["| +DDA"].endswith("| not run |")
+
+
 def test_missing_parts_render_not_run_and_give_no_verdict(tmp_path):
     results = {key: None for key in ("config", "code", "stages", "ctr", "pretrain_eval", "csft",
                                      "bench_train", "bench_lookup")}

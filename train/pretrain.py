@@ -528,5 +528,10 @@ def format_table(report: Dict[str, Dict[str, float]]) -> str:
              "|---" * (len(columns) + 1) + "|"]
     for row, metrics in report.items():
         lines.append(f"| {row} | {metrics.get('steps', '?')} | "
-                     + " | ".join(f"{metrics[c]:.3f}" for c in columns[1:]) + " |")
+                     + " | ".join(_cell(metrics[c]) for c in columns[1:]) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: Optional[float]) -> str:
+    """3 decimals; None is a linear probe on a world of one category (accuracy 1 by construction)."""
+    return "n/a (one category)" if value is None else f"{value:.3f}"

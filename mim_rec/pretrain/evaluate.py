@@ -234,8 +234,11 @@ def train_probe_heads(train: Embedded, dim: int, config: EvalConfig) -> Tuple[Pr
 
 
 def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                          test_y: torch.Tensor, steps: int = 300, lr: float = 0.05) -> float:
-    """Multinomial logistic regression (full batch, standardised features)."""
+                          test_y: torch.Tensor, steps: int = 300, lr: float = 0.05) -> Optional[float]:
+    """Multinomial logistic regression (full batch, standardised features). None where every
+    item is in one category: any probe then predicts it, and 1.0 would read as a result."""
+    if len(torch.unique(torch.cat([train_y, test_y]))) < 2:
+        return None
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     classes = int(max(train_y.max(), test_y.max())) + 1

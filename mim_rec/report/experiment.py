@@ -52,11 +52,13 @@ def _figure(name: str, written: Dict[str, bool], caption: str) -> List[str]:
 
 def _metric_table(source: Optional[Dict], rows: Sequence[Tuple[str, str]],
                   metrics: Sequence[Tuple[str, str]], first: str) -> List[str]:
-    """Rows of a ``{row: {metric: value}}`` evaluation (pretrain-eval, csft-ablations)."""
+    """Rows of a ``{row: {metric: value}}`` evaluation (pretrain-eval, csft-ablations); a metric
+    None in a row that ran is ``n/a`` (undefined there: a linear probe over one category)."""
     if source is None:
         return [NOT_RUN]
     return md_table([first, *(label for _, label in metrics)],
-                    [[label, *(fmt(nested(source, key, m), missing="not run") for m, _ in metrics)]
+                    [[label, *(fmt(nested(source, key, m), missing="not run" if nested(source, key) is None else "n/a")
+                               for m, _ in metrics)]
                      for key, label in rows])
 
 
