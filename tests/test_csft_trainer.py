@@ -668,3 +668,23 @@ def test_training_refuses_a_train_runs_folder(inputs, tmp_path):
                                           r"\(settings epochs, id_lr, loader\)"):
         run_csft(_config(inputs, out))
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "config.json"]  # nothing written
+
+
+def test_category_ce_on_one_category_is_refused_and_left_out_of_the_ablations(inputs, tmp_path, capsys):
+    """A softmax over one category is a loss of 0: category_ce "trained" nothing and its Table-4
+    row was the initial towers, scored as a variant."""
+    from train.csft_ablations import run_ablations
+    world = generate_world(replace(tiny(SynthConfig(seed=3)), items=40, categories=1, users=5, events=400,
+                                   pairs_train=50, pairs_test=10, image_size=32), tmp_path / "world")
+    one_category = (world, *inputs[1:])
+    config = replace(_config(one_category, tmp_path / "run", steps=2, checkpoint_every=2),
+                     loss=LossConfig(kind="category_ce"))
+    with pytest.raises(ConfigError, match=f"loss.kind=category_ce: every item of data.world={world} is in one "
+                                          "category, so the category loss is 0 and nothing trains"):
+        run_csft(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    capsys.readouterr()
+    report = run_ablations(_write_config(_config(one_category, tmp_path / "abl"), tmp_path / "c.yaml"), [],
+                           ["category_ce"])
+    assert "category_ce" not in report and "stage1" in report
+    assert "note: variant category_ce not run: loss.kind=category_ce: every item" in capsys.readouterr().err

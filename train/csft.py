@@ -16,11 +16,13 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from train.stage_cli import StageCommands, register_stage
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from mim_rec.csft.config import CsftConfig
 
 
@@ -108,6 +110,7 @@ def _run_csft(config) -> Path:
     import torch
     from tqdm import tqdm
 
+    from mim_rec.config import ConfigError
     from mim_rec.csft.data import FeatureCache, TrainingInputs, WorldInputs
     from mim_rec.csft.model import CsftModel, save_mm_encoder
     from mim_rec.csft.negatives import SameCategorySampler
@@ -127,6 +130,9 @@ def _run_csft(config) -> Path:
     model = CsftModel(load_encoders(config.encoders), config.model).to(ctx.device)
     world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
                         batch_size=config.eval.batch_size)
+    reason = untrainable(config, world.item_categories)
+    if reason:
+        raise ConfigError(reason)
     pairs = world.training_pairs(config.data.signals, config.data.validation)
     if not ctx.is_main:
         barrier()  # rank 0 computes and caches the backbone features first
@@ -210,6 +216,18 @@ def _run_csft(config) -> Path:
         logger.close()
     barrier()
     return final
+
+
+def untrainable(config: CsftConfig, item_categories: np.ndarray) -> Optional[str]:
+    """Why ``config`` would train nothing on a world whose items are in ``item_categories``, else
+    None: ``category_ce`` over one category is a softmax over one class, a loss of 0 for any
+    weights, so its "trained" towers would be the initial ones."""
+    import numpy as np
+
+    if config.loss.kind == "category_ce" and len(np.unique(item_categories)) < 2:
+        return (f"loss.kind=category_ce: every item of data.world={config.data.world} is in one category, so the "
+                "category loss is 0 and nothing trains; use a world of 2 or more categories")
+    return None
 
 
 def _require_finite(loss, objective, step: int, checkpoints) -> None:

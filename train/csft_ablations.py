@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -80,7 +81,7 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     from mim_rec.csft.data import FeatureCache, WorldInputs
     from mim_rec.utils.dist import current_rank
     from mim_rec.utils.run import atomic_write_bytes
-    from train.csft import check_config, note_catalogue_size
+    from train.csft import check_config, note_catalogue_size, untrainable
     from train.csft_runs import csft_fingerprint, csft_result, saved_result, stage1_result
 
     base = check_config(load_config(CsftConfig, config_path, overrides))
@@ -97,6 +98,10 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     report: Dict[str, Dict] = {"stage1": stage1_result(base, world, held_out, out / "stage1")}
     for name, _, variant in VARIANTS:
         config = configs[name]
+        reason = untrainable(config, world.item_categories)
+        if reason:
+            print(f"note: variant {name} not run: {reason}", file=sys.stderr)
+            continue
         result = csft_result(config, world, held_out) if name in variants else \
             saved_result(out / name, csft_fingerprint(config, held_out))
         if result is not None:
