@@ -446,7 +446,7 @@ def test_a_validation_result_is_keyed_by_the_training_events(inputs, tmp_path):
     assert csft_fingerprint(config, held_out) != before
 
 
-def test_a_result_scored_under_another_ranking_rule_is_not_reused(inputs, tmp_path, monkeypatch):
+def test_a_result_scored_under_other_evaluation_rules_is_not_reused(inputs, tmp_path, monkeypatch):
     """Results cached before content twins were masked would have mixed into new tables."""
     from mim_rec.csft.data import FeatureCache, WorldInputs
     from train import csft_runs
@@ -454,7 +454,7 @@ def test_a_result_scored_under_another_ranking_rule_is_not_reused(inputs, tmp_pa
     config = _config(inputs, tmp_path / "run")
     held_out = WorldInputs(inputs[0], FeatureCache(inputs[2])).held_out(0.0)
     before = csft_runs.csft_fingerprint(config, held_out)
-    monkeypatch.setattr(csft_runs, "RANKING_RULE", "another rule")
+    monkeypatch.setattr(csft_runs, "EVALUATION_RULES", "other rules")
     assert csft_runs.csft_fingerprint(config, held_out) != before
 
 

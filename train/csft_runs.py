@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mim_rec.csft.data import HeldOut, WorldInputs
-from mim_rec.csft.evaluate import RANKING_RULE
+from mim_rec.csft.evaluate import EVALUATION_RULES
 
 
 def saved_result(folder: Path, fingerprint: str) -> Optional[Dict]:
@@ -53,7 +53,7 @@ def _fingerprint(config, settings: Dict[str, Any], held_out: HeldOut) -> str:
     """``settings`` (with path settings made absolute) and the content of what the runs read:
     the world's items and pairs, and the impressions ``held_out`` scores (``events_test``, or
     ``events_train`` on a validation split), which the AUCs of every result come from; and the
-    evaluation's ranking rule, so results scored under an older rule are computed again."""
+    evaluation's rules, so results scored under older ones are computed again."""
     from mim_rec.data.manifest import fingerprint_config, fingerprint_file, fingerprint_tree
     from train.common import STAGE_PATH_SETTINGS, absolute_paths
 
@@ -64,7 +64,7 @@ def _fingerprint(config, settings: Dict[str, Any], held_out: HeldOut) -> str:
     return fingerprint_config({"settings": absolute_paths(json.loads(json.dumps(settings, default=str)),
                                                           STAGE_PATH_SETTINGS),
                                "encoders": fingerprint_tree(config.encoders), "data": data,
-                               "ranking": RANKING_RULE})
+                               "evaluation": EVALUATION_RULES})
 
 
 _CONTENT: Dict[Tuple[str, int, int], str] = {}

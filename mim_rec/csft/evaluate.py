@@ -45,9 +45,12 @@ from mim_rec.metrics import gauc, grouped_auc
 from mim_rec.pretrain.evaluate import Twins, recall_at
 
 
-# Names how a result's recall is ranked; a cached result (``train/csft_runs.py``) is keyed by it, so
-# a table never mixes results scored before and after the rule changed (2026-12-07: repeats masked).
-RANKING_RULE = "content twins masked"
+# Names what an evaluation computes beyond its inputs; a cached result (``train/csft_runs.py``) is
+# keyed by it, so a table never mixes results scored before and after a change (2026-12-07:
+# content twins masked, and the candidate count that tells a recall of 1 by construction).
+EVALUATION_RULES = "content twins masked; candidate items counted"
+
+
 @dataclass
 class Embedded:
     queries: torch.Tensor     # [n_held_out_pairs, d] unit
