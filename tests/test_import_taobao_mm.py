@@ -219,6 +219,23 @@ def test_a_behaviour_category_that_is_not_its_items_is_replaced_and_counted(tmp_
     assert first["hist_category_ids"][2] == items.column("category_id")[raw.index(17)].as_py()
 
 
+def test_parts_are_read_in_number_order_not_text_order(tmp_path):
+    """``part-10`` sorted before ``part-2``, so sample ordinals (``ts``), and with them the
+    holdout's "latest" share, followed the names' text order."""
+    src, _ = write_taobao(tmp_path / "src", samples_as_parts=True)
+    for split in ("train", "test"):
+        parts = src / f"{split}_samples"
+        (parts / "part-0.parquet").rename(parts / "part-2.parquet")    # rows 0-1
+        (parts / "part-1.parquet").rename(parts / "part-10.parquet")   # rows 2-3
+    out = tmp_path / "world"
+    import_taobao_mm(src, out, TaobaoOptions())
+    raw = read_items(out / "items.parquet").column("raw_item_id").to_pylist()
+    events = read_events(out / "events_train.parquet", len(ITEMS))
+    ts_of = {int(raw[t]): ts for t, ts in zip(events.column("target_item_id").to_pylist(),
+                                              events.column("ts").to_pylist())}
+    assert ts_of[4_000_000_000_123] < ts_of[17] < ts_of[88] < ts_of[901]
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 @pytest.mark.parametrize("as_parts", [False, True])
 def test_an_empty_split_is_refused(tmp_path, split, as_parts):

@@ -43,10 +43,11 @@ Everything streams by row groups except the user-feature join: the split's user 
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -83,6 +84,12 @@ class TaobaoOptions:
     batch_rows: int = 8192
 
 
+def _part_order(path: Path) -> Tuple[Any, ...]:
+    """Sort key reading the runs of digits in a part's name as numbers: ``part-2`` before
+    ``part-10`` (text order puts it after), since the parts' order is the samples' order."""
+    return tuple(int(run) if run.isdigit() else run for run in re.split(r"([0-9]+)", path.name))
+
+
 class _Source:
     """One logical source file: ``<name>.parquet`` or the parts of ``<name>/``, streamed by
     record batches with each row's 0-based index within its part; columns checked up front."""
@@ -90,7 +97,7 @@ class _Source:
     def __init__(self, src: Path, name: str, kind: str, batch_rows: int):
         single = src / f"{name}.parquet"
         self.src = src
-        self.parts = [single] if single.is_file() else sorted((src / name).glob("*.parquet"))
+        self.parts = [single] if single.is_file() else sorted((src / name).glob("*.parquet"), key=_part_order)
         if not self.parts:
             raise DataError(str(single), f"no such file (nor a folder {src / name} of parts)")
         self.columns = SOURCES[kind]
