@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from mim_rec.data.errors import DataError
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, read_manifest, write_manifest
 from mim_rec.data.schemas import MM_TABLE_INT8
 from mim_rec.data.staging import written_beside
@@ -59,9 +60,15 @@ def quantise_rows(vectors: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarr
     return codes, scale, bias
 
 
-def int8_rows_table(ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
-    """``vectors`` of items ``ids`` as ``MM_TABLE_INT8`` rows: codes, scale, bias."""
+def int8_rows_table(ids: np.ndarray, vectors: np.ndarray, source: Union[str, Path]) -> pa.Table:
+    """``vectors`` of items ``ids`` (read from ``source``, named in errors) as ``MM_TABLE_INT8``
+    rows: codes, scale, bias. A row whose values span more than float32 holds gets an infinite
+    scale; it is refused here, not written into a table that every reader would refuse."""
     codes, scale, bias = quantise_rows(vectors)
+    broken = ~(np.isfinite(scale) & np.isfinite(bias))
+    if broken.any():
+        raise DataError(str(source), f"item {ids[broken][0]}: its values span more than float32 holds, so no "
+                        "int8 scale can store the row", field="vector")
     return pa.table({"item_id": pa.array(ids, pa.int64()), "vector": pa.array(list(codes), pa.list_(pa.int8())),
                      "scale": scale, "bias": bias})
 
@@ -92,7 +99,7 @@ def quantise_table(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
         for part in tqdm(table_parts(source, manifest), desc="int8 quantise", unit="part"):
             ids, rows = read_part_rows(part, dim)
             order = np.argsort(ids)
-            table = int8_rows_table(ids[order], rows[order])
+            table = int8_rows_table(ids[order], rows[order], part)
             worst_step = max(worst_step, float(pc.max(table["scale"]).as_py() or 0.0))
             write_table(table, staging / part.name, MM_TABLE_INT8, item_count=id_space,
                         vector_dims={"vector": dim})

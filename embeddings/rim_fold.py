@@ -119,7 +119,7 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
             link_or_copy(part, staging / name)
         if len(ids):
             order = np.argsort(ids)
-            write_table(_new_part(ids[order], vectors[order], base.dtype), staging / names[-1],
+            write_table(_new_part(ids[order], vectors[order], base.dtype, log_path), staging / names[-1],
                         MM_TABLE_INT8 if base.dtype == "int8" else MM_TABLE_FP, item_count=num_items,
                         vector_dims={"vector": base.dim})
         write_manifest(staging, Manifest(
@@ -135,10 +135,11 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     return out
 
 
-def _new_part(ids: np.ndarray, vectors: np.ndarray, dtype: str) -> pa.Table:
-    """The log rows in the base table's own contract, so every part of the next version reads
-    alike: fp32 rows, or row-wise int8 codes with a scale and bias where the base is int8."""
+def _new_part(ids: np.ndarray, vectors: np.ndarray, dtype: str, source: Path) -> pa.Table:
+    """The log rows (of ``source``, named in errors) in the base table's own contract, so every
+    part of the next version reads alike: fp32 rows, or row-wise int8 codes with a scale and
+    bias where the base is int8."""
     if dtype != "int8":
         return pa.table({"item_id": pa.array(ids, pa.int64()),
                          "vector": pa.array(list(vectors), pa.list_(pa.float32()))})
-    return int8_rows_table(ids, vectors)
+    return int8_rows_table(ids, vectors, source)

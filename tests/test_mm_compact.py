@@ -132,6 +132,24 @@ def test_quantise_rows_error_is_at_most_half_a_step():
     assert np.allclose(dequantise_rows(*constant), 0.5)
 
 
+def test_a_row_int8_cannot_scale_is_refused_before_a_table_is_written(tmp_path):
+    """Values spanning past float32's range gave an infinite scale and bias: the quantised table
+    was written, and refused only when read ("non-finite vector")."""
+    from mim_rec.data.errors import DataError
+
+    vectors = _vectors()
+    vectors[3, :2] = [-3e38, 3e38]
+    write_table(pa.table({"item_id": pa.array(np.arange(len(vectors)), pa.int64()),
+                          "vector": pa.array(list(vectors), pa.list_(pa.float32()))}),
+                tmp_path / "fp" / "part-00000.parquet", MM_TABLE_FP, item_count=len(vectors),
+                vector_dims={"vector": DIM})
+    write_manifest(tmp_path / "fp", Manifest(kind="mm_table", stage="mfm", row_count=len(vectors),
+                                             dim=DIM, dtype="float32"))
+    with pytest.raises(DataError, match="item 3: its values span more than float32 holds") as info:
+        quantise_table(tmp_path / "fp", tmp_path / "int8")
+    assert info.value.file.endswith("part-00000.parquet") and not (tmp_path / "int8").exists()
+
+
 def test_int8_storage_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="metadata.shard_lengths"):
         mm_data_type("int8")
