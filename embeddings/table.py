@@ -92,16 +92,16 @@ def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: 
             catalogue_fingerprint(items_path, built_for["rows"]) != built_for["fingerprint"]:
         raise ManifestMismatch(f"{table_dir}: built for other items than {items_path} (the raw ids and titles of "
                                f"its {built_for['rows']} items differ); build the table from this world's items")
-    parts = table_parts(table_dir, manifest)
-    for part in parts:  # an id past the range (or none) would be read as no row at all, and not counted missing
-        nulls = _null_ids(part)
+    # An id past the range (or none) would be read as no row at all, and not counted missing.
+    held = 0
+    for part in table_parts(table_dir, manifest):
+        rows, nulls, low, top = _id_summary(part)
         if nulls:
             raise DataError(str(part), f"{nulls} row(s) without an item id", field="item_id")
-        low, top = _id_bounds(part)
         if low < 0 or top >= high:
             raise DataError(str(part), f"item ids {low}..{top} reach outside the table's id range [0, {high})",
                             field="item_id")
-    held = sum(open_parquet(part).metadata.num_rows for part in parts)
+        held += rows
     if held != manifest.row_count:
         raise DataError(str(table_dir), f"its parts hold {held} rows, its manifest says {manifest.row_count}: "
                                         "a part is missing or was added; rebuild the table")
@@ -134,7 +134,7 @@ class MMTableRows:
     def __init__(self, table_dir: Union[str, Path], dim: int, missing: str = "error") -> None:
         _check_policy(missing)
         self.table_dir, self.dim, self.missing = str(table_dir), dim, missing
-        self.parts = [(part, *_id_bounds(part)) for part in table_parts(table_dir)]
+        self.parts = [(part, *_id_summary(part)[2:]) for part in table_parts(table_dir)]
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
         out = torch.zeros(stop - start, self.dim)
@@ -204,28 +204,16 @@ def _check_policy(missing: str) -> None:
         raise ValueError(f"missing={missing!r}: choose one of {MISSING_POLICIES}")
 
 
-def _id_statistics(part: Path) -> list:
-    """The ``item_id`` column statistics of each row group of a part (None where absent)."""
+def _id_summary(part: Path) -> tuple:
+    """``(rows, rows without an item id, min id, max id)`` of a part, from one read of its
+    footer: its row-group statistics where every row group has them (no data read), else its
+    ``item_id`` column."""
     meta = open_parquet(part).metadata
     column = meta.schema.to_arrow_schema().get_field_index("item_id")
-    return [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
-
-
-def _null_ids(part: Path) -> int:
-    """How many rows of a part have no item id: from its statistics where every row group has
-    them (no data read), else from its ``item_id`` column."""
-    stats = _id_statistics(part)
-    if all(s is not None and s.has_null_count for s in stats):
-        return sum(s.null_count for s in stats)
-    return pq.read_table(part, columns=["item_id"])["item_id"].null_count
-
-
-def _id_bounds(part: Path) -> tuple:
-    """``(min, max)`` item id of a part: from its row-group statistics where every row group
-    has them (no data read), else from its ``item_id`` column."""
-    stats = _id_statistics(part)
-    if stats and all(s is not None and s.has_min_max for s in stats):
-        return min(s.min for s in stats), max(s.max for s in stats)
+    stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+    if stats and all(s is not None and s.has_min_max and s.has_null_count for s in stats):
+        return meta.num_rows, sum(s.null_count for s in stats), min(s.min for s in stats), max(s.max for s in stats)
     ids = pq.read_table(part, columns=["item_id"])["item_id"]
     bounds = pc.min_max(ids)
-    return (bounds["min"].as_py(), bounds["max"].as_py()) if len(ids) else (np.inf, -np.inf)
+    low, high = (bounds["min"].as_py(), bounds["max"].as_py()) if len(ids) else (np.inf, -np.inf)
+    return meta.num_rows, ids.null_count, low, high

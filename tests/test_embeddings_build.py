@@ -65,8 +65,8 @@ def test_a_range_reader_reads_each_parts_footer_once(world, tmp_path, monkeypatc
     import embeddings.table as table
 
     out = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "table", shard_rows=64)
-    bounds, read = [], table._id_bounds
-    monkeypatch.setattr(table, "_id_bounds", lambda part: bounds.append(part) or read(part))
+    bounds, read = [], table._id_summary
+    monkeypatch.setattr(table, "_id_summary", lambda part: bounds.append(part) or read(part))
     rows = table.MMTableRows(out, 8)
     chunked = torch.cat([rows(first, min(first + 16, 300)) for first in range(0, 300, 16)])
     assert len(bounds) == len(table.table_parts(out)) == 5
