@@ -670,13 +670,19 @@ def test_training_refuses_a_train_runs_folder(inputs, tmp_path):
     assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "config.json"]  # nothing written
 
 
+def _one_category_inputs(inputs, folder: Path):
+    """``inputs`` with a world whose items are all in one category."""
+    world = generate_world(replace(tiny(SynthConfig(seed=3)), items=40, categories=1, users=5, events=400,
+                                   pairs_train=50, pairs_test=10, image_size=32), folder)
+    return (world, *inputs[1:])
+
+
 def test_category_ce_on_one_category_is_refused_and_left_out_of_the_ablations(inputs, tmp_path, capsys):
     """A softmax over one category is a loss of 0: category_ce "trained" nothing and its Table-4
     row was the initial towers, scored as a variant."""
     from train.csft_ablations import run_ablations
-    world = generate_world(replace(tiny(SynthConfig(seed=3)), items=40, categories=1, users=5, events=400,
-                                   pairs_train=50, pairs_test=10, image_size=32), tmp_path / "world")
-    one_category = (world, *inputs[1:])
+    one_category = _one_category_inputs(inputs, tmp_path / "world")
+    world = one_category[0]
     config = replace(_config(one_category, tmp_path / "run", steps=2, checkpoint_every=2),
                      loss=LossConfig(kind="category_ce"))
     with pytest.raises(ConfigError, match=f"loss.kind=category_ce: every item of data.world={world} is in one "
@@ -688,3 +694,15 @@ def test_category_ce_on_one_category_is_refused_and_left_out_of_the_ablations(in
                            ["category_ce"])
     assert "category_ce" not in report and "stage1" in report
     assert "note: variant category_ce not run: loss.kind=category_ce: every item" in capsys.readouterr().err
+
+
+def test_tune_refuses_category_ce_on_one_category_before_any_run_trains(inputs, tmp_path):
+    """The grid point was refused only when its run started, after the points before it had trained."""
+    from train.csft_tune import run_tune
+    one_category = _one_category_inputs(inputs, tmp_path / "world")
+    out = tmp_path / "tune"
+    config_file = _write_config(_config(one_category, out, steps=2, checkpoint_every=2), tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"--grid point loss.kind=category_ce: loss.kind=category_ce: every item "
+                                          r"of data.world=.* is in one category"):
+        run_tune(str(config_file), [], [("loss.kind", ["infonce", "category_ce"])], validation=0.25)
+    assert not out.exists()  # neither the stage-1 pass nor the infonce run

@@ -122,7 +122,7 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     from mim_rec.config import ConfigError, load_config
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
-    from train.csft import check_config
+    from train.csft import check_config, untrainable
     from train.csft_runs import csft_result, metric_columns, stage1_result
 
     if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
@@ -147,6 +147,10 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
         name = "_".join(f"{key.rsplit('.', 1)[-1]}-{value}" for (key, _), value in zip(grid, values))
         runs.append((name, settings, config_of(settings, out / "trials" / _safe(name), validation)))
     world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
+    for _, settings, config in runs:  # before any run trains: mid-grid, earlier runs had trained
+        reason = untrainable(config, world.item_categories)
+        if reason:
+            raise ConfigError(f"--grid point {' '.join(settings)}: {reason}")
     valid = world.held_out(validation)
     stage1 = stage1_result(config_of([], out, validation), world, valid, out / "stage1_validation")
     trials = []
