@@ -226,6 +226,19 @@ def test_item_content_groups_items_identical_in_title_and_image(inputs, tmp_path
     assert groups[0] == groups[1] and len(set(groups.tolist())) == world.item_count - 1
 
 
+def test_item_content_is_the_decoded_corpus_digests_when_it_is_decoded(inputs, tmp_path, monkeypatch):
+    """Evaluation read and digested every stored image again after training had decoded them."""
+    from mim_rec.csft import data
+    vision = load_encoders(inputs[1]).vision
+    digested = data.WorldInputs(inputs[0], data.FeatureCache(tmp_path)).item_content(vision)
+    world = data.WorldInputs(inputs[0], data.FeatureCache(tmp_path))
+    decoded = world.corpus(vision)
+    monkeypatch.setattr(data, "stored_images", lambda *args: pytest.fail("the stored images were read again"))
+    content = world.item_content(vision)
+    assert content is decoded.content
+    assert np.array_equal(content.titles, digested.titles) and np.array_equal(content.images, digested.images)
+
+
 @pytest.mark.parametrize("changes", [
     dict(loss=LossConfig(kind="pairwise_ce")),
     dict(loss=LossConfig(kind="category_ce")),

@@ -237,11 +237,13 @@ class WorldInputs:
 
     def item_content(self, vision: VisionEncoder) -> ContentKeys:
         """Digests of the items' titles and of their images as stored for ``vision``, computed
-        once and without decoding (evaluation tells the catalogue's repeats by them). Like
-        :meth:`corpus`, the first call's ``vision`` decides (stage 1 and C-SFT share it)."""
+        once and without decoding (evaluation tells the catalogue's repeats by them), or the
+        decoded corpus's own when :meth:`corpus` ran first (the same digests; computing them
+        again reads every stored image again). Like :meth:`corpus`, the first call's ``vision``
+        decides (stage 1 and C-SFT share it)."""
         if self._content is None:
-            self._content = content_keys(self.items.column("title").to_pylist(),
-                                         stored_images(self.items, self.items_path, vision))
+            self._content = self._corpus.content if self._corpus is not None else \
+                content_keys(self.items.column("title").to_pylist(), stored_images(self.items, self.items_path, vision))
         return self._content
 
     def item_image_features(self, vision: VisionEncoder) -> torch.Tensor:
