@@ -353,6 +353,20 @@ def test_a_value_fp16_storage_cannot_hold_is_refused_by_the_fill_and_the_live_ap
         mm_shards.fill_mm_table(model, lambda start, stop: torch.full((stop - start, DIM), 1e5))
 
 
+def test_only_a_storage_narrower_than_the_vectors_is_checked_for_overflow():
+    """fp32 storage of float32 rows is not scanned (it holds them all), a narrower one still is."""
+    from mim_rec.config import ConfigError
+
+    ids = torch.arange(2)
+    mm_shards.check_storable(torch.full((2, DIM), torch.finfo(torch.float32).max), ids, torch.float32)
+    wide = torch.tensor([[1.0] * DIM, [1e39] * DIM], dtype=torch.float64)
+    with pytest.raises(ConfigError, match=r"item 1's MM vector holds 1e\+39, beyond the 3.40282e\+38 that "
+                                          r"torch.float32"):
+        mm_shards.check_storable(wide, ids, torch.float32)
+    with pytest.raises(ConfigError, match=r"item 1's MM vector holds 1e\+39, beyond the 65504 that torch.float16"):
+        mm_shards.check_storable(wide, ids, torch.float16)
+
+
 def test_an_apply_that_failed_part_way_is_refused_again_for_its_own_reason(world, catalogue, base_table, tmp_path):
     """An apply that wrote a record and then refused the next one moved the applier's offset but
     left its head digest at the previous apply's: applied again (a serving loop that retries),

@@ -48,8 +48,13 @@ def mm_table_bytes(model: torch.nn.Module) -> int:
 def check_storable(vectors: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> None:
     """Refuse rows the table's storage ``dtype`` cannot hold. A finite value past fp16's range
     (65504) is stored as inf, every score that looks the row up is then NaN, and training
-    stopped with a non-finite loss that pointed at the learning rate, not at the table."""
+    stopped with a non-finite loss that pointed at the learning rate, not at the table. Only a
+    storage narrower than the vectors' dtype is scanned: fp32 holds every finite float32 (the rows
+    every reader returns), and non-finite rows are refused where they are read (the table's
+    parts, the RIM log)."""
     largest = torch.finfo(dtype).max
+    if largest >= torch.finfo(vectors.dtype).max:
+        return
     beyond = (vectors.abs() > largest).any(dim=1)
     if beyond.any():
         row = int(beyond.nonzero()[0])
