@@ -13,12 +13,14 @@ Durability: :meth:`RimLog.append` writes one record and ``fsync``s it before ret
 service acknowledges an item only after that, so an acknowledged item survives a crash. After
 each ``fsync`` the writer publishes the durable end in ``<log>.durable``, and readers stop
 there: a whole record whose ``fsync`` is still running (or fails, and is cut) is never read. A
-crash can only tear the record being written, i.e. the last one: on open, a damaged last
-record is a torn tail and is truncated (the dropped byte count is reported) when it looks like
-what a cut-short write leaves -- a prefix of a frame (its magic, or a prefix of it, and no more
-bytes than its declared length) or zeros. Anything else was never written by a log writer: a
+crash can only tear the record being written, i.e. the last one, which lies past the durable
+end: on open, a damaged last record there is a torn tail and is truncated (the dropped byte
+count is reported) when it looks like what a cut-short write leaves -- a prefix of a frame (its
+magic, or a prefix of it, and no more bytes than its declared length) or zeros. Anything else
+was never left by a crash, and is refused with its offset, never truncated or skipped: a damaged
+record before the published durable end (acknowledged data), a log that ends before it, a
 damaged record with an intact one after it, or bytes that do not start a frame (another file
-given as the log), is refused with its offset, never truncated or skipped.
+given as the log).
 """
 
 from __future__ import annotations
@@ -94,7 +96,13 @@ class WindowMessage:
 
 
 class _TornTail(Exception):
-    """The record at this offset was cut short by a crash (only possible for the last one)."""
+    """The record at this offset looks cut short by a crash (only possible for the last one).
+    ``cut_short``: the bytes end inside its frame, as they also do where a reader's view of the
+    file lags the writer's; else they are zeros, or a whole frame whose CRC fails."""
+
+    def __init__(self, cut_short: bool) -> None:
+        super().__init__(cut_short)
+        self.cut_short = cut_short
 
 
 def _intact_end(data: memoryview, offset: int) -> Optional[int]:
@@ -126,7 +134,7 @@ def _frame_end(data: memoryview, offset: int, path: Path, base: int) -> int:
     if not _looks_torn(raw[offset:]):
         raise DataError(str(path), f"the bytes from byte {base + offset} do not start a RIM record (they begin "
                         f"{raw[offset:offset + 8]!r}): not a RIM window-message log, or one that was overwritten")
-    raise _TornTail
+    raise _TornTail(_cut_short(raw[offset:]))
 
 
 def _looks_torn(tail: bytes) -> bool:
@@ -143,54 +151,76 @@ def _looks_torn(tail: bytes) -> bool:
     return len(tail) <= _FRAME.size + length
 
 
+def _cut_short(tail: bytes) -> bool:
+    """Whether ``tail``, which looks torn, ends inside its frame (fewer bytes than the frame
+    header, or than the frame declares), rather than being zeros or a whole frame."""
+    if not tail.strip(b"\0"):
+        return False
+    return len(tail) < _FRAME.size or len(tail) < _FRAME.size + _FRAME.unpack_from(tail)[1]
+
+
 def durable_end_path(path: Union[str, Path]) -> Path:
     """Where a log's writer publishes how far the log is durable: ``<log>.durable``."""
     path = Path(path)
     return path.with_name(path.name + ".durable")
 
 
-def _durable_stop(path: Path, stop: Optional[int]) -> Optional[int]:
-    """``stop`` lowered to the end the log's writer last made durable; ``stop`` itself for a
-    log no writer published one for (written by hand, or before the writer did)."""
+def _published_end(path: Path, writer: bool = False) -> Optional[int]:
+    """The durable end the log's writer last published; None for a log no writer published one
+    for (written by hand, or before the writer did). It is not fsynced, so a crash can empty
+    it: readers refuse that, while the ``writer`` reopening the log takes it as unpublished (it
+    protects nothing this once) and publishes again."""
     published = durable_end_path(path)
     try:
-        durable = int(published.read_text())
+        return int(published.read_text())
     except FileNotFoundError:
-        return stop
-    except ValueError:  # e.g. emptied by a crash (it is not fsynced): the writer's reopen rewrites it
+        return None
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        if writer:
+            return None
         raise DataError(str(published), "not a byte offset (the durable end of the log beside it); reopen the "
                         "log with its writer (restart `mim embeddings serve`) to publish it again") from None
-    return durable if stop is None else min(stop, durable)
 
 
-def _records(path: Path, offset: int, stop: Optional[int]) -> Iterator[Tuple[int, memoryview]]:
-    """``(end offset, payload)`` of every intact record from ``offset`` (to ``stop``)."""
+def _records(path: Path, offset: int, stop: Optional[int], durable: Optional[int],
+             view_may_lag: bool = True) -> Iterator[Tuple[int, memoryview]]:
+    """``(end offset, payload)`` of every intact record from ``offset`` (to ``stop``).
+
+    Bytes before ``durable``, the end the writer published after their ``fsync``, were
+    acknowledged: a damaged record there is refused with its offset, never taken for a torn
+    tail. Only the end of a reader's view of the file (``view_may_lag``) may fall before it:
+    on a shared file system that view can lag the writer's, so the reader stops at a record
+    the view's end cuts short, as at one being appended (the live apply waits for the rest).
+    The writer's view is the file: for it a log that ends early lost acknowledged records."""
     if not path.is_file():
         return
     with path.open("rb") as fh:
         fh.seek(offset)
         data = memoryview(fh.read(-1 if stop is None else max(stop - offset, 0)))
+    view_end = offset + len(data)
+    ends_early = stop is not None and view_end < stop  # the file, as seen, ends before the range does
     position = 0
     while position < len(data):
         try:
             end = _frame_end(data, position, path, offset)
-        except _TornTail:
+        except _TornTail as torn:
+            if durable is not None and offset + position < durable and \
+                    not (view_may_lag and ends_early and torn.cut_short):
+                raise DataError(str(path), f"damaged record at byte {offset + position}, before the durable end "
+                                f"{durable} its writer published: acknowledged records are corrupt (never "
+                                "truncated; restore the log from a copy)") from None
             return
         yield offset + end, data[position + _FRAME.size:end]
         position = end
+    if durable is not None and view_end < durable and not view_may_lag:
+        raise DataError(str(path), f"the log ends at byte {view_end}, before the durable end {durable} its writer "
+                        f"published: acknowledged records are missing (if this file replaced the log on purpose, "
+                        f"remove {durable_end_path(path).name})")
 
 
-def read_messages(path: Union[str, Path], offset: int = 0, stop: Optional[int] = None,
-                  durable_only: bool = True) -> Iterator[Tuple[int, WindowMessage]]:
-    """Yield ``(end offset, message)`` for every complete record from byte ``offset`` (up to
-    byte ``stop``, a record boundary, and the durable end the writer published; the writer's
-    own recovery reads past it, ``durable_only=False``).
-
-    Stops quietly at an incomplete last record -- the writer may be in the middle of appending
-    it -- so a consumer can call again later from the last offset it got (tailing the log).
-    """
-    path = Path(path)
-    for end, payload in _records(path, offset, _durable_stop(path, stop) if durable_only else stop):
+def _messages(path: Path, records: Iterator[Tuple[int, memoryview]]) -> Iterator[Tuple[int, WindowMessage]]:
+    """The decoded ``records`` of the log at ``path``."""
+    for end, payload in records:
         try:
             message = WindowMessage.decode(bytes(payload))
         except (ValueError, TypeError, struct.error) as exc:
@@ -199,12 +229,33 @@ def read_messages(path: Union[str, Path], offset: int = 0, stop: Optional[int] =
         yield end, message
 
 
+def read_messages(path: Union[str, Path], offset: int = 0,
+                  stop: Optional[int] = None) -> Iterator[Tuple[int, WindowMessage]]:
+    """Yield ``(end offset, message)`` for every complete record from byte ``offset`` (up to
+    byte ``stop``, a record boundary, and the durable end the writer published).
+
+    Stops quietly at an incomplete last record -- the writer may be in the middle of appending
+    it -- so a consumer can call again later from the last offset it got (tailing the log). A
+    damaged record before the durable end is refused (:func:`_records`).
+    """
+    path = Path(path)
+    durable = _published_end(path)
+    yield from _messages(path, _records(path, offset, _lowered(stop, durable), durable))
+
+
 def complete_end(path: Union[str, Path], offset: int = 0) -> int:
-    """The offset after the last complete durable record (frames and CRCs checked, nothing decoded)."""
-    end = offset
-    for end, _ in _records(Path(path), offset, _durable_stop(Path(path), None)):
+    """The offset after the last complete durable record (frames and CRCs checked, nothing decoded;
+    a damaged record before the durable end refused, as by :func:`read_messages`)."""
+    path, end = Path(path), offset
+    durable = _published_end(path)
+    for end, _ in _records(path, offset, _lowered(None, durable), durable):
         pass
     return end
+
+
+def _lowered(stop: Optional[int], durable: Optional[int]) -> Optional[int]:
+    """``stop`` lowered to the published durable end (``stop`` itself where none is published)."""
+    return stop if durable is None else durable if stop is None else min(stop, durable)
 
 
 def check_fingerprint(message: WindowMessage, expected: str, source: Union[str, Path],
@@ -268,8 +319,9 @@ def _holds(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 class RimLog:
     """The single writer of a window-message log (an exclusive lock refuses a second one).
 
-    Opening recovers the file: a torn tail is truncated (``recovered_bytes`` says how much) and
-    every record already there must come from ``fingerprint`` with vectors of ``dim``.
+    Opening recovers the file: a torn tail past the published durable end is truncated
+    (``recovered_bytes`` says how much), damage before it is refused, and every record already
+    there must come from ``fingerprint`` with vectors of ``dim``.
     """
 
     def __init__(self, path: Union[str, Path], fingerprint: str, dim: int) -> None:
@@ -290,17 +342,20 @@ class RimLog:
         self.records = self.end = 0
         self.failed = ""  # the error of a failed append; the writer refuses appends after one
         try:
-            self.recovered_bytes = self._recover()
+            self.recovered_bytes = self._recover(created)
             self._publish_durable_end()
         except BaseException:
             self.close()
             raise
 
-    def _recover(self) -> int:
+    def _recover(self, created: bool) -> int:
         """Check every record, truncate a torn tail; returns the bytes truncated. Records past
-        the published durable end count too: a crash may have come between a record's fsync and
-        its publication, and the record was acknowledged."""
-        for self.end, message in read_messages(self.path, durable_only=False):
+        the published durable end are kept too: a crash may have come between a record's fsync
+        and its publication. Damage before that end (acknowledged records) is refused, never
+        truncated; a ``<log>.durable`` beside a log this writer created was a removed log's."""
+        durable = None if created else _published_end(self.path, writer=True)
+        records = _records(self.path, 0, None, durable, view_may_lag=False)
+        for self.end, message in _messages(self.path, records):
             check_message(message, self.fingerprint, self.dim, self.path, self.end, "this writer's encoder")
             self.item_ids.update(self._new_ids(message, f"the record ending at byte {self.end}"))
             self.records += 1

@@ -90,7 +90,9 @@ def test_each_rank_applies_the_same_records_to_its_own_shards(table_and_log):
 
 
 def _behind_rank_zero(table_and_log, tmp_path, monkeypatch):
-    """A rank whose copy of the log holds only the first record, while rank 0 read it all."""
+    """A rank whose copy of the log holds the first record and part of the second, while rank 0
+    read it all. Its copy of ``<log>.durable`` is already the newest: the part record lies
+    before the durable end, and is still only the end of a lagging view, not damage."""
     import embeddings.rim_live as rim_live
     from mim_rec.ciubm import mm_shards
 
@@ -98,7 +100,8 @@ def _behind_rank_zero(table_and_log, tmp_path, monkeypatch):
     whole = log.read_bytes()
     first_end = next(read_messages(log))[0]
     lagging = tmp_path / "rim.log"
-    lagging.write_bytes(whole[:first_end])
+    lagging.write_bytes(whole[:first_end + 20])
+    durable_end_path(lagging).write_text(str(len(whole)))
     monkeypatch.setattr(rim_live, "_agreed", lambda offset: len(whole))
     rows = torch.zeros(ITEMS_COUNT, DIM)
     monkeypatch.setattr(mm_shards, "local_mm_shards", lambda model: [(0, 0, rows)])

@@ -51,6 +51,7 @@ def test_a_torn_last_record_is_never_read_and_is_truncated_on_open(tmp_path):
     whole = path.read_bytes()
     for cut in range(ends[1] + 1, ends[2]):  # every prefix of the last record
         path.write_bytes(whole[:cut])
+        durable_end_path(path).write_text(str(ends[1]))  # a crash while the last record was written
         assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2, 3]]
         with RimLog(path, "enc:a", DIM) as log:
             assert (log.recovered_bytes, log.end, log.records) == (cut - ends[1], ends[1], 2)
@@ -97,6 +98,68 @@ def test_bytes_no_writer_leaves_are_refused_and_never_truncated(tmp_path, conten
         list(read_messages(path))
     assert path.read_bytes() == content
 
+
+
+def damaged(data: bytes, start: int, how: str) -> bytes:
+    """``data`` with the record at byte ``start`` (its last) damaged ``how``."""
+    body = bytearray(data)
+    if how == "crc":
+        body[start + 20] ^= 0xFF
+    elif how == "zeros":
+        body[start:] = bytes(len(body) - start)
+    elif how == "length":  # a frame that now declares more bytes than the file holds
+        body[start + 4:start + 8] = (2 ** 31).to_bytes(4, "little")
+    elif how == "cut":
+        del body[-5:]
+    elif how == "missing":
+        del body[start:]
+    return bytes(body)
+
+
+@pytest.mark.parametrize("how", ["crc", "zeros", "length", "cut", "missing"])
+def test_damage_before_the_durable_end_is_refused_not_truncated(tmp_path, how):
+    """Such a last record looked like a torn tail and was truncated on open: an acknowledged
+    record, fsynced and published, silently dropped. Only a record past the published end can
+    be torn by a crash."""
+    path = tmp_path / "rim.log"
+    ends = write_log(path, [[1], [2], [3]])
+    content = damaged(path.read_bytes(), ends[1], how)
+    path.write_bytes(content)
+    refusal = (f"the log ends at byte {ends[1]}, before the durable end {ends[2]}" if how == "missing" else
+               f"damaged record at byte {ends[1]}, before the durable end {ends[2]} its writer published")
+    with pytest.raises(DataError, match=refusal):
+        RimLog(path, "enc:a", DIM)
+    assert path.read_bytes() == content and durable_end_path(path).read_text() == str(ends[2])
+    if how in ("crc", "zeros", "length"):  # readers refused too, where they used to stop quietly
+        for read in (lambda: list(read_messages(path)), lambda: complete_end(path, ends[0])):
+            with pytest.raises(DataError, match=f"damaged record at byte {ends[1]}, before the durable end"):
+                read()
+    else:  # to a reader, a file that ends early may be its view lagging the writer's: it stops
+        assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2]]
+        assert complete_end(path) == ends[1]
+    durable_end_path(path).write_text(str(ends[1]))  # the same damage past the durable end is a torn tail
+    with RimLog(path, "enc:a", DIM) as log:
+        assert (log.end, log.recovered_bytes) == (ends[1], len(content) - ends[1])
+    assert durable_end_path(path).read_text() == str(ends[1]) == str(path.stat().st_size)
+
+
+def test_a_writer_that_creates_its_log_ignores_a_removed_logs_durable_end(tmp_path):
+    path = tmp_path / "rim.log"
+    write_log(path, [[1], [2]])
+    path.unlink()  # rotated away; its <log>.durable stays
+    assert write_log(path, [[7]]) == [complete_end(path)]
+    assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[7]]
+
+
+def test_a_durable_end_a_crash_emptied_is_refused_by_readers_and_republished_by_the_writer(tmp_path):
+    path = tmp_path / "rim.log"
+    end = write_log(path, [[1]])[-1]
+    durable_end_path(path).write_text("")  # renamed into place, its bytes never written
+    with pytest.raises(DataError, match="rim.log.durable: not a byte offset"):
+        complete_end(path)
+    with RimLog(path, "enc:a", DIM) as log:
+        assert (log.end, log.recovered_bytes) == (end, 0)
+    assert complete_end(path) == end
 
 
 def test_errors_of_a_read_from_mid_file_name_the_files_byte_offsets(tmp_path):
