@@ -362,7 +362,10 @@ class RimLog:
         torn = os.fstat(self._fd).st_size - self.end
         if torn:
             os.ftruncate(self._fd, self.end)
-            os.fsync(self._fd)
+        # Then published as durable: a record a killed writer wrote but never fsynced is only in
+        # the page cache, and a power loss after publishing it would leave a log that ends, or
+        # breaks, before its durable end, which the next open refuses.
+        os.fsync(self._fd)
         return torn
 
     def append(self, message: WindowMessage) -> int:

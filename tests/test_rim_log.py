@@ -162,6 +162,25 @@ def test_a_durable_end_a_crash_emptied_is_refused_by_readers_and_republished_by_
     assert complete_end(path) == end
 
 
+def test_recovery_makes_the_records_it_keeps_durable_before_publishing_them(tmp_path, monkeypatch):
+    """A record a killed writer had written but not fsynced sits in the page cache: the reopen
+    published it as durable without an fsync, so a power loss then left a log that ends before
+    its published durable end (refused on open) and readers had taken a record that is gone."""
+    import embeddings.rim_log as rim_log
+
+    path = tmp_path / "rim.log"
+    first = write_log(path, [[1]])[-1]
+    with path.open("ab") as fh:  # the writer was killed after its pwrite, before its fsync
+        fh.write(message([2]).encode())
+    events = []
+    monkeypatch.setattr(rim_log.os, "fsync", lambda fd: events.append("fsync"))
+    replace = rim_log.os.replace
+    monkeypatch.setattr(rim_log.os, "replace", lambda *a: (events.append("publish"), replace(*a)))
+    with RimLog(path, "enc:a", DIM) as log:
+        assert (log.recovered_bytes, log.records) == (0, 2) and log.end > first
+    assert events == ["fsync", "publish"]
+
+
 def test_errors_of_a_read_from_mid_file_name_the_files_byte_offsets(tmp_path):
     """A read from a non-zero offset named bytes counted from that offset: the damaged third
     record read from the second was "at byte 121", and from the third "at byte 0"."""
