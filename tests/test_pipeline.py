@@ -199,6 +199,18 @@ def test_a_stage_failing_under_torchx_shows_the_commands_own_error(tmp_path):
     assert failure_lines("a\nb") == "a\nb"  # nothing above the tail: the tail only
 
 
+def test_a_failing_stage_whose_log_is_not_utf8_is_still_named(tmp_path):
+    """A log cut inside a multi-byte character (a progress bar's block, when a stage killed
+    with its pipeline kept writing the log a re-run had truncated) ended the failure report in
+    a UnicodeDecodeError traceback that hid the stage's own error line."""
+    code = ("import sys; sys.stdout.buffer.write(b'bar \\x96\\x88\\nmim csft: error: another run is writing "
+            "this folder\\n'); sys.exit(1)")
+    stage = Stage("csft", [sys.executable, "-c", code], tmp_path / "never.txt")
+    with pytest.raises(SystemExit, match="stage 'csft' failed") as failed:
+        run_stage(stage, tmp_path, 1, 1)
+    assert "mim csft: error: another run is writing this folder" in str(failed.value)
+
+
 def test_stage_settings_go_after_the_presets(tmp_path):
     """A world too small for a preset's batch size could not be run through the pipeline at all."""
     import argparse

@@ -284,9 +284,9 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
         code = subprocess.run(stage.argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
                               cwd=Path(__file__).resolve().parents[1]).returncode
     wall = time.time() - started
-    if code != 0:
+    if code != 0:  # the log may be cut inside a character (a killed writer): replace, never fail here
         raise SystemExit(f"mim pipeline: stage '{stage.name}' failed (exit {code}) after {wall:.0f} s; "
-                         f"log: {log}\n" + failure_lines(log.read_text()))
+                         f"log: {log}\n" + failure_lines(log.read_text(errors="replace")))
     if stage.name == "validate":
         stage.done_marker.write_text("ok\n")
     record_path = record_file(stage, out)
