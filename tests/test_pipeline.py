@@ -5,12 +5,16 @@ its stage."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import signal
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
 import pytest
 
-from conftest import run_mim
+from conftest import REPO, run_mim
 from train.pipeline import Stage, run_stage, stage_record
 
 
@@ -211,6 +215,39 @@ def test_a_failing_stage_whose_log_is_not_utf8_is_still_named(tmp_path):
     assert "mim csft: error: another run is writing this folder" in str(failed.value)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_pipeline_stopped_with_sigterm_stops_its_stage(tmp_path):
+    """`kill PID` of the pipeline ended it at once and left its stage running: a TorchX stage's
+    ranks, in process groups of their own, kept training in the run folder, and a re-run of
+    the same command started a second job beside them."""
+    started = tmp_path / "stage.pid"
+    stage_code = f"import os, time; open({str(started)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    pipeline_code = ("import sys; from pathlib import Path; from train.pipeline import Stage, run_stage; "
+                     f"run_stage(Stage('csft', [sys.executable, '-c', {stage_code!r}], Path({str(tmp_path)!r}) / "
+                     f"'never.txt'), Path({str(tmp_path)!r}), 1, 1)")
+    pipeline = subprocess.Popen([sys.executable, "-c", pipeline_code], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (started.is_file() and started.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    stage_pid = int(started.read_text())
+    try:
+        pipeline.send_signal(signal.SIGTERM)
+        _, err = pipeline.communicate(timeout=60)
+        assert not _alive(stage_pid)  # ended, and reaped by the pipeline
+        assert "stage 'csft' stopped by SIGTERM" in err and "logs/csft.log" in err
+    finally:
+        if _alive(stage_pid):
+            os.kill(stage_pid, signal.SIGKILL)
+
+
 def test_stage_settings_go_after_the_presets(tmp_path):
     """A world too small for a preset's batch size could not be run through the pipeline at all."""
     import argparse
@@ -233,8 +270,6 @@ def test_a_stage_rerun_for_its_upstream_is_not_reused_after_that_rerun_fails(tmp
     """Running again because an upstream stage ran held for one invocation only: when that run
     failed or was killed, the next invocation reused the stage's old record (same command) and
     its artifact, made from the upstream stage's old output."""
-    import subprocess
-
     from train import pipeline
 
     def stage(name: str, text: str, after=()) -> Stage:
@@ -244,19 +279,19 @@ def test_a_stage_rerun_for_its_upstream_is_not_reused_after_that_rerun_fails(tmp
 
     second = stage("second", "b", after=("first",))
     pipeline.run_chain([stage("first", "a"), second], tmp_path)
-    real_run = subprocess.run
+    real_run = pipeline.run_logged
 
-    def broken(argv, **kwargs):
+    def broken(argv, log):
         if argv != second.argv:
-            return real_run(argv, **kwargs)
+            return real_run(argv, log)
         if ending == "fails":
-            return subprocess.CompletedProcess(argv, 137)
+            return 137, False
         raise KeyboardInterrupt  # the whole invocation stops inside the stage
 
-    monkeypatch.setattr(pipeline.subprocess, "run", broken)
+    monkeypatch.setattr(pipeline, "run_logged", broken)
     with pytest.raises((SystemExit, KeyboardInterrupt)):
         pipeline.run_chain([stage("first", "A"), second], tmp_path)  # first runs again; second does not finish
-    monkeypatch.setattr(pipeline.subprocess, "run", real_run)
+    monkeypatch.setattr(pipeline, "run_logged", real_run)
     assert stage_record(second, tmp_path) is None
     done = pipeline.run_chain([stage("first", "A"), second], tmp_path)
     assert {name: reused for name, (_, reused) in done.items()} == {"first": True, "second": False}

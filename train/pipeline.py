@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -278,12 +279,11 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
     started = time.time()
     version = code_version()  # of the code the stage starts with
     upstream = upstream_fingerprint(stage, out)  # the inputs it starts with
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONUNBUFFERED="1")
-    with log.open("w") as fh:
-        code = subprocess.run(stage.argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                              cwd=Path(__file__).resolve().parents[1]).returncode
+    code, stopped = run_logged(stage.argv, log)
     wall = time.time() - started
+    if stopped:
+        raise SystemExit(f"mim pipeline: stage '{stage.name}' stopped by SIGTERM (passed on to it, exit {code}) "
+                         f"after {wall:.0f} s; log: {log}; run the same command to go on")
     if code != 0:  # the log may be cut inside a character (a killed writer): replace, never fail here
         raise SystemExit(f"mim pipeline: stage '{stage.name}' failed (exit {code}) after {wall:.0f} s; "
                          f"log: {log}\n" + failure_lines(log.read_text(errors="replace")))
@@ -297,6 +297,29 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
                                                 "reads": _reads_fingerprint(stage), "upstream": upstream}).encode())
     print(f"[{index}/{total}] {stage.name}: done in {wall:.0f} s", flush=True)
     return wall, False
+
+
+def run_logged(argv: Sequence[str], log: Path) -> Tuple[int, bool]:
+    """Run ``argv`` from the repository root with its output in ``log``: ``(its exit status,
+    whether a SIGTERM stopped it)``. A SIGTERM to the pipeline (``kill PID``, a batch scheduler)
+    is passed on to the stage, and the pipeline waits for it to end: it used to end the pipeline
+    at once and leave the stage running, and a TorchX stage's ranks, in process groups of their
+    own, kept writing the run folder beside the ranks of a re-run. (A Ctrl-C reaches the stage
+    without help: it is in the terminal's process group.)"""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONUNBUFFERED="1")
+    stopped: List[int] = []
+    with log.open("w") as fh, subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                               cwd=Path(__file__).resolve().parents[1]) as process:
+        def forward(signum: int, _frame: object) -> None:
+            stopped.append(signum)
+            process.send_signal(signum)
+
+        previous = signal.signal(signal.SIGTERM, forward)
+        try:
+            return process.wait(), bool(stopped)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def plan_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = True) -> Tuple[float, bool]:
