@@ -311,3 +311,60 @@ def test_a_rank_count_that_does_not_split_the_csft_batch_is_refused_up_front(tmp
     with pytest.raises(ConfigError, match=r"--nproc 3: .*data\.batch_size=32 .*3 ranks"):
         stages(args)
     assert stages(argparse.Namespace(**{**vars(args), "csft": ["data.batch_size=30"]}))  # a multiple of 3
+
+
+def test_a_stage_run_again_under_other_settings_moves_its_old_folder_aside(tmp_path, monkeypatch):
+    """A changed setting in a run folder failed further down: the stages before it ran again,
+    then its trainer refused a folder holding the old configuration's checkpoints. The old
+    folder is moved aside (never deleted), with its record; a re-run killed in turn is not moved
+    again, so it resumes in its own folder."""
+    from train import pipeline
+
+    folder = tmp_path / "stage_out"
+
+    def stage(text: str) -> Stage:  # like a trainer: refuses a folder another configuration wrote
+        code = (f"import pathlib, sys; f = pathlib.Path({str(folder)!r}); f.mkdir(exist_ok=True); "
+                f"c = f / 'config.txt'; sys.exit('other configuration') if c.exists() and c.read_text() != {text!r} "
+                f"else c.write_text({text!r}); (f / 'done').write_text('x')")
+        return Stage("train", [sys.executable, "-c", code], folder / "done", folder=folder)
+
+    run_stage(stage("a"), tmp_path, 1, 1)
+    assert run_stage(stage("a"), tmp_path, 1, 1)[1] is True  # same settings: reused, nothing moved
+    real_run = pipeline.run_logged
+    monkeypatch.setattr(pipeline, "run_logged", lambda argv, log: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # settings changed; the re-run is killed before it ends
+        run_stage(stage("b"), tmp_path, 1, 1)
+    [moved] = (tmp_path / "replaced").iterdir()
+    assert (moved / "config.txt").read_text() == "a" and (moved / "stage_record.json").is_file()
+    assert not (tmp_path / "stages" / "train.json").exists()
+    folder.mkdir()
+    (folder / "config.txt").write_text("b")  # what the killed re-run had written
+    monkeypatch.setattr(pipeline, "run_logged", real_run)
+    assert run_stage(stage("b"), tmp_path, 1, 1)[1] is False  # resumed where it was, not moved again
+    assert len(list((tmp_path / "replaced").iterdir())) == 1 and stage_record(stage("b"), tmp_path) is not None
+
+
+def test_a_stale_folder_that_a_run_still_writes_is_not_moved(tmp_path):
+    """The move takes the trainers' folder lock: an orphaned run still writing the folder (its
+    pipeline killed) is named, and its folder stays where that run writes."""
+    from mim_rec.config import ConfigError
+
+    folder = tmp_path / "stage_out"
+
+    def stage(text: str) -> Stage:
+        write = f"import pathlib; pathlib.Path({str(folder / 'done')!r}).write_text({text!r})"
+        return Stage("train", [sys.executable, "-c", write], folder / "done", folder=folder)
+
+    folder.mkdir()
+    run_stage(stage("a"), tmp_path, 1, 1)
+    hold = ("import sys, time; sys.path.insert(0, sys.argv[1]); from mim_rec.utils.run import run_folder_lock; "
+            "lock = run_folder_lock(sys.argv[2]); lock.__enter__(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(REPO), str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="another run is writing this folder"):
+            run_stage(stage("b"), tmp_path, 1, 1)
+        assert (folder / "done").read_text() == "a" and not list((tmp_path / "replaced").iterdir())
+    finally:
+        holder.kill()
+        holder.wait()

@@ -276,11 +276,13 @@ def stages(plan: Plan) -> List[Stage]:
         result.append(Stage("mfm_stage1", mim + ["embeddings", "build", f"world={world}", f"encoders={encoders}",
                                                  f"out={out / 'mm_table_stage1'}",
                                                  f"feature_cache={csft_feature_cache(out)}"],
-                            out / "mm_table_stage1" / "manifest.json", BUILD, after=("synth", "validate", "pretrain")))
+                            out / "mm_table_stage1" / "manifest.json", BUILD, after=("synth", "validate", "pretrain"),
+                            folder=out / "mm_table_stage1"))
     if 3 in tables and has_truth(plan):
         result.append(Stage("mfm_truth", mim + ["embeddings", "build", f"world={world}",
                                                 f"encoders={world / 'truth'}", f"out={out / 'mm_table_truth'}"],
-                            out / "mm_table_truth" / "manifest.json", BUILD, after=("synth", "validate")))
+                            out / "mm_table_truth" / "manifest.json", BUILD, after=("synth", "validate"),
+                            folder=out / "mm_table_truth"))
     runs = ctr_runs(plan)
     if runs:
         grid, _ = _grid(out, runs)
@@ -307,7 +309,7 @@ def stages(plan: Plan) -> List[Stage]:
         result.append(Stage("csft_tables", mim + [
             "csft-ablations", f"data.world={world}", f"encoders={encoders}", f"out={ablations}",
             f"data.feature_cache={out / 'csft' / 'features'}", *preset["csft"]], ablations / "ablations.json",
-            CSFT, after=("synth", "validate", "pretrain")))
+            CSFT, after=("synth", "validate", "pretrain"), folder=ablations))
     return result
 
 

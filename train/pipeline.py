@@ -63,6 +63,9 @@ class Stage:
     # a folder this stage reads that no stage of the chain writes (a world given with --world):
     # its content decides the reuse too, as a stage's artifact can be stale under the same command
     reads: Optional[Path] = None
+    # the folder this stage alone writes: moved aside when the stage runs again under other
+    # settings or inputs than its last finished run (see :func:`retire_stale_folder`)
+    folder: Optional[Path] = None
 
     @property
     def command(self) -> List[str]:
@@ -145,20 +148,22 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     plan = []
     if not world_arg:
         plan.append(Stage("synth", mim + ["data", "synth", "--out", str(world), *preset["synth"]],
-                          world / "manifest.json", SYNTH))
+                          world / "manifest.json", SYNTH, folder=world))
     # The world's gate: a given world whose files changed under the same path runs it again, and
     # with it every stage after it (each reads the world)
     plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok",
                       after=("synth",), reads=world))
     plan.append(Stage("pretrain", mim + ["pretrain", *pretrain_settings], out / "pretrain" / "encoders" / "manifest.json",
-                      PRETRAIN, after=("synth", "validate")))
+                      PRETRAIN, after=("synth", "validate"), folder=out / "pretrain"))
     torchx, distributed = torchx_command(nproc)
     plan.append(Stage("csft", torchx + ["torchx_components/mim.py:csft", *distributed, *csft_settings],
-                      out / "csft" / "mm_encoder" / "manifest.json", CSFT, after=("synth", "validate", "pretrain")))
+                      out / "csft" / "mm_encoder" / "manifest.json", CSFT, after=("synth", "validate", "pretrain"),
+                      folder=out / "csft"))
     plan.append(Stage("mfm", mim + ["embeddings", "build", f"world={world}",
                                     f"encoders={out / 'csft' / 'mm_encoder'}", f"out={out / 'mm_table'}",
                                     f"feature_cache={csft_feature_cache(out)}"],
-                      out / "mm_table" / "manifest.json", BUILD, after=("synth", "validate", "csft")))
+                      out / "mm_table" / "manifest.json", BUILD, after=("synth", "validate", "csft"),
+                      folder=out / "mm_table"))
     return world, plan
 
 
@@ -178,7 +183,7 @@ def stages(args: argparse.Namespace) -> List[Stage]:
                      *preset["train"], *switches]
         check_ctr_settings(overrides)
         plan.append(Stage(f"train_{model}", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, *overrides],
-                          run_dir / "metrics.json", CIUBM, after=("synth", "validate", "mfm")))
+                          run_dir / "metrics.json", CIUBM, after=("synth", "validate", "mfm"), folder=run_dir))
     return plan
 
 
@@ -248,16 +253,41 @@ def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
     same defaults and the upstream stages' current records, or None."""
     from mim_rec.utils.run import read_json_or_none
 
+    record = read_json_or_none(record_file(stage, out)) if stage.done_marker.exists() else None
+    return record if record is not None and _describes(record, stage, out) else None
+
+
+def _describes(record: Dict[str, object], stage: Stage, out: Path) -> bool:
+    """Whether ``record`` was made by ``stage``'s command, under its defaults, from its inputs
+    as they are now. A record from before these fields has no "reads" (accepted) and no
+    "upstream" (accepted only for a stage that reads no other stage: its inputs cannot be
+    checked)."""
+    return record["argv"][1:] == stage.command and record.get("defaults") == defaults_fingerprint(stage.settings) \
+        and record.get("reads") in (None, _reads_fingerprint(stage)) \
+        and record.get("upstream", {}) == upstream_fingerprint(stage, out)
+
+
+def retire_stale_folder(stage: Stage, out: Path) -> Optional[Path]:
+    """Move ``stage``'s folder to ``OUT/replaced/<stage>-<time>`` when its last finished run had
+    other settings or inputs; return where it went (None when nothing was moved).
+
+    Its trainer refuses a folder holding another configuration's checkpoints, so a changed
+    setting in a run folder used to fail that stage after the stages before it had run again.
+    The folder is moved, never deleted (it may hold hours of training), under the folder lock
+    the trainers take, so a run still writing it is refused rather than moved from under it.
+    The stale record goes too: a re-run killed in turn then resumes in the new folder."""
+    from mim_rec.utils.run import read_json_or_none, run_folder_lock
+
     record_path = record_file(stage, out)
-    record = read_json_or_none(record_path) if stage.done_marker.exists() else None
-    if record is not None:
-        # a record from before these fields has no "reads" (accepted) and no "upstream" (accepted
-        # only for a stage that reads no other stage: its inputs cannot be checked)
-        if record["argv"][1:] == stage.command and record.get("defaults") == defaults_fingerprint(stage.settings) \
-                and record.get("reads") in (None, _reads_fingerprint(stage)) \
-                and record.get("upstream", {}) == upstream_fingerprint(stage, out):
-            return record
-    return None
+    record = read_json_or_none(record_path)
+    if stage.folder is None or not stage.folder.is_dir() or record is None or _describes(record, stage, out):
+        return None
+    target = out / "replaced" / f"{stage.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(stage.folder):
+        stage.folder.rename(target)
+    record_path.replace(target / "stage_record.json")
+    return target
 
 
 def _reads_fingerprint(stage: Stage) -> Optional[str]:
@@ -273,6 +303,10 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
     if record is not None:
         print(f"[{index}/{total}] {stage.name}: reused ({record['wall_s']:.0f} s when it ran)", flush=True)
         return record["wall_s"], True
+    retired = retire_stale_folder(stage, out)
+    if retired is not None:
+        print(f"[{index}/{total}] {stage.name}: its last run had other settings or inputs; its folder was "
+              f"moved to {retired}", flush=True)
     log = out / "logs" / f"{stage.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{index}/{total}] {stage.name}: running (log: {log})", flush=True)
