@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import read_items, write_table
-from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, write_manifest
+from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP
 from mim_rec.utils.run import atomic_write_bytes
 
@@ -33,7 +33,7 @@ STATE_NAME = ".build.json"
 
 
 def _check_state(out: Path, state: dict) -> None:
-    """Resume only a build of exactly ``state``; start one only in a folder holding no table."""
+    """Resume only a build of exactly ``state``; start one only in a new or empty folder."""
     path = out / STATE_NAME
     if path.is_file():
         old = json.loads(path.read_text())
@@ -43,12 +43,13 @@ def _check_state(out: Path, state: dict) -> None:
                                    "use a new folder (or delete it) instead of mixing tables")
     else:
         # A fold's or quantiser's output (or any table) has no build state: its parts would be
-        # taken for this build's finished shards, whatever encoder made them.
-        present = sorted(p.name for p in out.glob("part-*.parquet")) + \
-            (["manifest.json"] if manifest_path(out).exists() else [])
+        # taken for this build's finished shards, whatever encoder made them. Any other folder
+        # (a run's, a world) would have a table's parts and manifest.json mixed into it, which
+        # that folder's own stage then refuses. Dot files are the machinery's own.
+        present = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
         if present:
-            raise ManifestMismatch(f"{out}: holds a table this build did not start ({', '.join(present[:3])}"
-                                   f"{', ...' if len(present) > 3 else ''}); build into a new or empty folder")
+            raise ManifestMismatch(f"{out}: holds {', '.join(present[:3])}{', ...' if len(present) > 3 else ''}, "
+                                   "and no build of a table started there; build into a new or empty folder")
         atomic_write_bytes(path, json.dumps(state, indent=2).encode())
 
 

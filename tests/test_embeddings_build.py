@@ -111,9 +111,21 @@ def test_a_folder_holding_a_table_this_build_did_not_start_is_refused(world, tmp
 
     built = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "t", shard_rows=64)
     shutil.copytree(built, tmp_path / "copy", ignore=shutil.ignore_patterns(".build.json"))
-    with pytest.raises(ManifestMismatch, match=r"copy: holds a table this build did not start \(part-00000"):
+    with pytest.raises(ManifestMismatch, match=r"copy: holds manifest.json, part-00000.parquet, part-00001"):
         build_table(FakeEncoder(salt=1), world / "items.parquet", tmp_path / "copy", shard_rows=64)
     assert read_manifest(tmp_path / "copy").extra["encoder_fingerprint"] == "fake:0"  # left as it was
+
+
+def test_a_folder_holding_anything_else_is_refused_and_left_as_it_was(world, tmp_path):
+    """A run's folder given as out= (``mim embeddings build out=RUN/pretrain``) had the table's
+    parts and manifest.json written among its files, and `mim pretrain` then refused its own run."""
+    run = tmp_path / "pretrain"
+    (run / "encoders").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    with pytest.raises(ManifestMismatch, match=r"pretrain: holds config.json, encoders, and no build of a table "
+                                               r"started there; build into a new or empty folder"):
+        build_table(FakeEncoder(), world / "items.parquet", run, shard_rows=64)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "encoders"]
 
 
 def test_a_table_built_for_other_items_of_the_same_count_is_refused(world, tmp_path):
