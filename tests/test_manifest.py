@@ -21,6 +21,25 @@ def test_missing_manifest_is_refused(tmp_path):
         read_manifest(tmp_path)
 
 
+def test_a_path_that_does_not_exist_is_named_as_such(tmp_path):
+    """It read "no manifest at ABSENT/manifest.json; was it produced by mim_rec?", which sent a
+    user with a typo in encoders= to wonder how the folder had been made."""
+    with pytest.raises(ManifestMismatch, match=r"absent: no such file or folder$"):
+        read_manifest(tmp_path / "absent")
+
+
+def test_a_run_folder_given_for_its_artifact_names_the_artifacts_inside(tmp_path):
+    """``encoders=RUN/pretrain`` for ``RUN/pretrain/encoders``: the refusal says which folder to give."""
+    for name, kind in (("encoders", "encoders"), ("dda", "encoders")):
+        write_manifest(tmp_path / "run" / name, Manifest(kind=kind, stage="pretrain"))
+    (tmp_path / "run" / "checkpoints").mkdir()
+    with pytest.raises(ManifestMismatch) as refused:
+        require(tmp_path / "run", kind="encoders")
+    assert str(refused.value).endswith(
+        f"It holds the artifact(s) {tmp_path / 'run' / 'dda'} (kind 'encoders'), "
+        f"{tmp_path / 'run' / 'encoders'} (kind 'encoders'): give the one meant.")
+
+
 def test_fingerprint_changes_with_content(tmp_path):
     f = tmp_path / "a.bin"
     f.write_bytes(b"abc")

@@ -136,13 +136,30 @@ def carried_age_caveat(source: Union[str, Path]) -> Dict[str, str]:
 
 def read_manifest(artifact: Union[str, Path]) -> Manifest:
     path = manifest_path(artifact)
+    if not Path(artifact).exists():
+        raise ManifestMismatch(f"{artifact}: no such file or folder")
     if not path.exists():
-        raise ManifestMismatch(f"{artifact}: no manifest at {path}; was it produced by mim_rec?")
+        raise ManifestMismatch(f"{artifact}: no manifest at {path}; was it produced by mim_rec?"
+                               f"{_artifacts_inside(Path(artifact))}")
     try:
         data = json.loads(path.read_text())
         return Manifest(**data)
     except (json.JSONDecodeError, TypeError) as exc:
         raise ManifestMismatch(f"{path}: unreadable manifest ({exc})") from exc
+
+
+def _artifacts_inside(folder: Path) -> str:
+    """A hint naming the artifacts directly inside ``folder``: a run folder given where its
+    artifact is meant (``encoders=RUN/pretrain`` for ``RUN/pretrain/encoders``) is the usual
+    mistake, and the folder to give instead is then one of these."""
+    inside = sorted(p for p in folder.glob(f"*/{MANIFEST_NAME}")) if folder.is_dir() else []
+    kinds = []
+    for path in inside:
+        try:
+            kinds.append(f"{path.parent} (kind {json.loads(path.read_text())['kind']!r})")
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return f" It holds the artifact(s) {', '.join(kinds)}: give the one meant." if kinds else ""
 
 
 def require(artifact: Union[str, Path], **expected: Any) -> Manifest:
