@@ -64,6 +64,18 @@ def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path, monkeypatch):
         pass
 
 
+def test_a_run_refused_under_the_lock_leaves_no_folder_nor_parent_behind(tmp_path):
+    """The default out=runs/pretrain, refused for a missing world, left an empty runs/."""
+    from mim_rec.config import ConfigError
+    from mim_rec.utils.run import run_folder_lock
+
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "runs" / "pretrain", tmp_path / "kept" / "a" / "b"):
+        with pytest.raises(ConfigError), run_folder_lock(out):
+            raise ConfigError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
 def test_a_killed_holder_leaves_no_lock(tmp_path):
     import signal
     import subprocess

@@ -167,15 +167,25 @@ def run_folder_lock(out: Union[str, Path]) -> Iterator[None]:
         yield
         return
     path = Path(out) / LOCK_NAME
-    created = not path.parent.exists()
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _held(path, out):
             yield
-    finally:  # a run refused before it wrote anything leaves no folder behind
+    finally:  # a run refused before it wrote anything leaves no folder behind, nor its parents
         if created and [p.name for p in path.parent.iterdir()] == [LOCK_NAME]:
             path.unlink()
-            path.parent.rmdir()
+            _remove_empty(created)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: the default ``out=runs/pretrain``
+    made ``runs/`` too, which a refused run left behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something else was written there meanwhile
+            return
 
 
 @contextmanager
