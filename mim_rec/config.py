@@ -236,6 +236,16 @@ def require_run_folder(out: str, example: str) -> None:
         raise ConfigError(f"out={out}: a file, not a run folder")
 
 
+def require_existing(config: Any, keys: Iterable[str]) -> None:
+    """Refuse a setting naming a file or folder that does not exist, by its dotted key: found
+    later, deep in a stage, the error named only the path (for a setting left at its default,
+    ``data/world``, one the user never typed) and came after the models had loaded."""
+    for key in keys:
+        value = _dotted(config, key)
+        if value and not Path(value).exists():
+            raise ConfigError(f"{key}={value}: no such file or folder")
+
+
 def require_fraction(config: Any, keys: Iterable[str]) -> None:
     """Refuse a share or probability outside ``0 < value < 1`` (``None`` passes)."""
     for key in keys:

@@ -206,6 +206,22 @@ def test_stage_commands_refuse_settings_that_train_nothing_or_nonsense(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain"], "mim pretrain: error: data.world=data/world: no such file or folder"),
+    (["pretrain-eval"], "mim pretrain-eval: error: data.world=data/world: no such file or folder"),
+    (["csft", "--eval"], "mim csft: error: data.world=data/world: no such file or folder"),
+    (["csft-eval", "data.world=."], "mim csft-eval: error: encoders=runs/pretrain/encoders: no such file or folder"),
+])
+def test_a_stage_input_that_does_not_exist_is_named_by_its_key(tmp_path, monkeypatch, capsys, argv, message):
+    """A setting left at its default read "data/world: items file not found", a path the user
+    never typed (or, with --eval, named pairs_test.parquet inside it), and only once the models
+    had loaded; the refused run also left an empty runs/ behind."""
+    monkeypatch.chdir(tmp_path)
+    assert mim(argv) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_config_file_or_override_that_does_not_parse_is_named(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("lr: [0.1\nseed: 1\n")

@@ -113,7 +113,7 @@ def test_empty_corpus_is_an_error(tmp_path, capsys):
 def test_missing_world_is_an_error(tmp_path, capsys):
     config_file = _write_config(_config(tmp_path / "nowhere", tmp_path / "out"), tmp_path / "c.yaml")
     assert cli.main(["pretrain", "--config", str(config_file)]) == 2
-    assert "items file not found" in capsys.readouterr().err
+    assert f"data.world={tmp_path / 'nowhere'}: no such file or folder" in capsys.readouterr().err
 
 
 def _rewrite(path: Path, column: str, row: int, value) -> None:

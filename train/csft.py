@@ -37,9 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from mim_rec.config import load_config
+    from mim_rec.config import load_config, require_existing
     from mim_rec.csft.config import CsftConfig
     config = check_config(load_config(CsftConfig, args.config, args.overrides))
+    require_existing(config, ("data.world", "encoders"))
     if (getattr(args, "eval", False) or getattr(args, "eval_only", False)) and not config.data.validation:
         from mim_rec.data.errors import DataError
         for name in ("pairs_test.parquet", "events_test.parquet"):  # found missing only after training, before

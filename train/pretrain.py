@@ -41,11 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace):
     """The config, with the vision tower the world's items can feed (pixels or features)."""
-    from mim_rec.config import load_config
+    from mim_rec.config import load_config, require_existing
     from mim_rec.pretrain.config import PretrainConfig
     from mim_rec.pretrain.corpus import vision_for_items
 
     config = check_config(load_config(PretrainConfig, args.config, args.overrides))
+    require_existing(config, ("data.world",))
     vision = vision_for_items(config.encoders.vision, config.data.world)
     if vision != config.encoders.vision:
         print(f"mim pretrain: the items carry image_feature vectors and no pixels: vision tower "
