@@ -142,9 +142,23 @@ def test_torchx_dryrun_cli_parses_csft(tmp_path):
     assert "--nproc_per_node 2" in request
     assert f"-m train.cli csft --config {config} out=runs/csft" in request
 
-    missing = _torchx("run", "--dryrun", "-s", "local_cwd", "torchx_components/mim.py:csft",
-                      "--config", "no_such.yaml", "--", "out=runs/csft", timeout=120)
-    assert missing.returncode != 0 and "--config no_such.yaml: no such file here" in missing.stderr
+
+
+@pytest.mark.parametrize("launch, message", [
+    (["--config", "no_such.yaml"], "--config no_such.yaml: no such file here"),
+    (["-j", "1x0"], "-j 1x0: nodes and processes per node must be at least 1"),
+    (["-j", "abc"], "Invalid format for -j, usage example: 1:2x4 or 1x4 or 4. Given: abc"),
+    (["-h", "nosuch"], "-h nosuch: No named resource found for `nosuch`."),
+    (["--mounts", "type=bind,src=/a"], "--mounts type=bind,src=/a: dst (the form is type=bind,src=/host/path,"),
+])
+def test_torchx_run_refuses_a_launch_argument_in_one_error_line(launch, message):
+    """Each came out of `torchx run` as a Python traceback ending in the message (TorchX prints
+    only its ComponentValidationException as an error line); the last three were raised by
+    TorchX's own parsers, so not even the message was this project's."""
+    done = _torchx("run", "--dryrun", "-s", "local_cwd", "torchx_components/mim.py:csft", *launch,
+                   "--", "out=runs/csft", timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "Failed to run component `torchx_components/mim.py:csft` got errors: \n " + message in done.stderr
 
 
 @pytest.mark.slow

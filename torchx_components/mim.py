@@ -26,8 +26,15 @@ from typing import Dict, List, Optional
 import torchx
 import torchx.specs as specs
 from torchx.components import dist
+from torchx.specs.finder import ComponentValidationException
 
 ENTRY_MODULE = "train.cli"
+
+
+class LaunchError(ComponentValidationException, ValueError):
+    """A launch argument no job could use. ``torchx run`` prints this kind of exception as one
+    error line and exits 1; a plain ValueError from a component came out as a Python traceback
+    ending in the message."""
 
 
 def _stage_argv(command: List[str], config: Optional[str], args: tuple) -> List[str]:
@@ -36,24 +43,47 @@ def _stage_argv(command: List[str], config: Optional[str], args: tuple) -> List[
         if not os.path.isabs(config) and not os.path.isfile(config):
             # Checked here so that the mistake costs a dry run, not a queued job. An absolute
             # path is the job's own (inside the image or a mount) and cannot be checked here.
-            raise ValueError(f"--config {config}: no such file here; give a path relative to this "
-                             f"folder, or an absolute one as the job sees it (image or mount)")
+            raise LaunchError(f"--config {config}: no such file here; give a path relative to this "
+                              f"folder, or an absolute one as the job sees it (image or mount)")
         argv += ["--config", config]
     return argv + list(args)
 
 
-def _check_resources(cpu: int, gpu: int, memMB: int, h: Optional[str], j: Optional[str] = None) -> None:
-    """Refuse launch arguments no scheduler can meet (TorchX passes them on unchecked)."""
-    if j is not None:
-        min_nodes, max_nodes, nproc_per_node, _ = dist.parse_nnodes(j)
-        if min(min_nodes, max_nodes, nproc_per_node) < 1 or min_nodes > max_nodes:
-            raise ValueError(f"-j {j}: nodes and processes per node must be at least 1 "
-                             f"(and min nodes <= max nodes)")
+def _check_resources(cpu: int, gpu: int, memMB: int, h: Optional[str], mounts: Optional[List[str]],
+                     j: Optional[str] = None) -> None:
+    """Refuse launch arguments no scheduler can meet (TorchX passes them on unchecked), and
+    those TorchX's own parsers refuse, as a :class:`LaunchError` (theirs raise a plain
+    ValueError or KeyError, which ``torchx run`` printed as a traceback)."""
+    nproc_per_node = _parse_launch(h, mounts, j)
     if h is None and (cpu < 1 or gpu < 0 or memMB < 1):
-        raise ValueError(f"--cpu {cpu} --gpu {gpu} --memMB {memMB}: need cpu >= 1, gpu >= 0, memMB >= 1")
-    if j is not None and h is None and gpu > 0 and dist.parse_nnodes(j)[2] > gpu:  # one GPU per rank
-        raise ValueError(f"-j {j} --gpu {gpu}: each rank takes a GPU of its node; give --gpu of at least "
-                         f"{dist.parse_nnodes(j)[2]} (the processes per node)")
+        raise LaunchError(f"--cpu {cpu} --gpu {gpu} --memMB {memMB}: need cpu >= 1, gpu >= 0, memMB >= 1")
+    if h is None and gpu > 0 and nproc_per_node > gpu:  # one GPU per rank
+        raise LaunchError(f"-j {j} --gpu {gpu}: each rank takes a GPU of its node; give --gpu of at least "
+                          f"{nproc_per_node} (the processes per node)")
+
+
+def _parse_launch(h: Optional[str], mounts: Optional[List[str]], j: Optional[str]) -> int:
+    """The processes per node ``j`` asks for (0 without ``j``), once ``h``, ``mounts`` and ``j``
+    parse as TorchX parses them when it builds the job."""
+    try:
+        specs.resource(h=h)
+    except KeyError as err:  # its text names the registered resources
+        raise LaunchError(f"-h {h}: {err.args[0]}") from None
+    try:
+        specs.parse_mounts(mounts or [])
+    except (KeyError, ValueError) as err:  # a KeyError's text is the missing option: 'dst'
+        raise LaunchError(f"--mounts {','.join(mounts or [])}: {err.args[0]} (the form is "
+                          "type=bind,src=/host/path,dst=/job/path[,readonly])") from None
+    if j is None:
+        return 0
+    try:
+        min_nodes, max_nodes, nproc_per_node, _ = dist.parse_nnodes(j)
+    except ValueError as err:
+        raise LaunchError(str(err)) from None
+    if min(min_nodes, max_nodes, nproc_per_node) < 1 or min_nodes > max_nodes:
+        raise LaunchError(f"-j {j}: nodes and processes per node must be at least 1 "
+                          f"(and min nodes <= max nodes)")
+    return nproc_per_node
 
 
 def _distributed(
@@ -75,10 +105,10 @@ def _distributed(
     rdzv_port: int,
 ) -> specs.AppDef:
     """``mim <command>`` under torchrun on ``j`` = nnodes x nproc_per_node, via dist.ddp."""
-    _check_resources(cpu, gpu, memMB, h, j)
+    _check_resources(cpu, gpu, memMB, h, mounts, j)
     if max_retries < 0 or not 1 <= rdzv_port <= 65535:
-        raise ValueError(f"--max_retries {max_retries} --rdzv_port {rdzv_port}: need max_retries >= 0 "
-                         f"and a TCP port 1..65535")
+        raise LaunchError(f"--max_retries {max_retries} --rdzv_port {rdzv_port}: need max_retries >= 0 "
+                          f"and a TCP port 1..65535")
     app = dist.ddp(
         *_stage_argv(command, config, args), m=ENTRY_MODULE, image=image,
         name=name or f"mim/{role}", cpu=cpu, gpu=gpu, memMB=memMB, h=h, j=j,
@@ -104,7 +134,7 @@ def _single(
     port_map: Optional[Dict[str, int]] = None,
 ) -> specs.AppDef:
     """``python -m train.cli <command>`` as one plain process (no torchrun)."""
-    _check_resources(cpu, gpu, memMB, h)
+    _check_resources(cpu, gpu, memMB, h, mounts)
     return specs.AppDef(
         name=name or role,
         roles=[specs.Role(
@@ -132,7 +162,8 @@ def pretrain(
 ) -> specs.AppDef:
     """Stage 1: DDA + DMA pre-training of the image and title encoders (``mim pretrain``).
 
-    Reads the world's items; writes the aligned encoders checkpoint to ``out``.
+    Reads the world's items; writes the run folder ``out``, whose ``out/encoders`` is the
+    aligned encoders artifact (``csft`` and ``build_table`` take it as ``encoders=``).
 
     Args:
         args: ``key=value`` overrides and flags for ``mim pretrain`` (e.g. ``data.world=DIR out=DIR``)
@@ -172,12 +203,12 @@ def csft(
 ) -> specs.AppDef:
     """Stage 2: content-based supervised fine-tuning of the MM item encoder (``mim csft``).
 
-    Reads the pre-trained encoders and the (query image, item) pairs; writes the MM encoder
-    checkpoint. Runs apart from the CiUBM trainer: only the MM table built from its encoder
-    crosses over.
+    Reads the pre-trained encoders and the (query image, item) pairs; writes the run folder
+    ``out``, whose ``out/mm_encoder`` is the MM item encoder artifact. Runs apart from the
+    CiUBM trainer: only the MM table built from its encoder crosses over.
 
     Args:
-        args: ``key=value`` overrides and flags for ``mim csft`` (inputs, ``out=DIR``)
+        args: ``key=value`` overrides and flags for ``mim csft`` (``data.world=DIR encoders=DIR out=DIR``)
         config: YAML/JSON C-SFT config file
         image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name, ``{experiment}/{run}``; default ``mim/csft``
@@ -218,7 +249,7 @@ def build_table(
     manifest names the encoder that produced it, so CiUBM refuses a stale table.
 
     Args:
-        args: ``key=value`` overrides and flags for ``mim embeddings build`` (encoder, items, ``out``)
+        args: ``key=value`` overrides for ``mim embeddings build`` (``world=DIR encoders=DIR out=DIR``)
         config: YAML/JSON table-build config file
         image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name, ``{experiment}/{run}``; default ``mim/build_table``
@@ -272,7 +303,7 @@ def serve_rim(
             ``port``/``host`` settings (default 127.0.0.1:8470), nothing exposed
     """
     if not 0 <= port <= 65535:
-        raise ValueError(f"--port {port}: a TCP port is 1..65535 (0: none exposed)")
+        raise LaunchError(f"--port {port}: a TCP port is 1..65535 (0: none exposed)")
     listen = []
     if port:  # the service must listen where the scheduler routes
         listen = [f"port={port}"] + ([] if any(a.startswith("host=") for a in args) else ["host=0.0.0.0"])
@@ -303,7 +334,7 @@ def train_ciubm(
     metrics. Tables are sharded by TorchRec's planner across all ``j`` ranks.
 
     Args:
-        args: ``key=value`` overrides and flags for ``mim train`` (events, ``mm_table``, ``out``)
+        args: ``key=value`` overrides and flags for ``mim train`` (``data.world=DIR mm_table=DIR out=DIR``)
         config: YAML/JSON CiUBM config file
         image: container image (docker, Kubernetes); local_cwd ignores it and runs in the current directory
         name: job name, ``{experiment}/{run}``; default ``mim/train_ciubm``
