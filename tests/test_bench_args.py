@@ -24,7 +24,7 @@ def test_bench_rim_refuses_a_setting_by_name_before_serving(tmp_path, capsys, se
     # would have failed instead, with a traceback
     assert main(["bench", "rim", f"encoders={tmp_path / 'none'}", setting]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("mim bench: error: ") and message in err and len(err.splitlines()) == 1
+    assert err.startswith("mim bench rim: error: ") and message in err and len(err.splitlines()) == 1
 
 
 def test_rim_bench_config_accepts_the_defaults_and_a_full_window():
@@ -38,7 +38,7 @@ def test_a_service_that_refuses_its_encoders_is_one_line_not_a_traceback(tmp_pat
     """The child's own refusal came back as a RuntimeError traceback of 20 lines."""
     assert main(["bench", "rim", f"encoders={tmp_path / 'none'}", "seconds=1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("mim bench: error: the RIM service did not start: ") and len(err.splitlines()) == 1
+    assert err.startswith("mim bench rim: error: the RIM service did not start: ") and len(err.splitlines()) == 1
     assert str(tmp_path / "none") in err
 
 

@@ -115,5 +115,5 @@ def test_mm_dtype_is_refused_by_its_own_name_before_loading(tmp_path, capsys, dt
     missing = tmp_path / "no" / "items.parquet"  # loading it first would fail differently
     assert main(["bench", "lookup", "--quick", f"items={missing}", f"mm_dtype={dtype}"]) == 2
     err = capsys.readouterr().err
-    assert f"mim bench: error: mm_dtype='{dtype}': choose one of ['fp16', 'fp32']" in err
+    assert f"mim bench lookup: error: mm_dtype='{dtype}': choose one of ['fp16', 'fp32']" in err
     assert "model.mm_dtype" not in err and len(err.strip().splitlines()) == 1

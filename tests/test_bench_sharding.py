@@ -205,7 +205,7 @@ def test_an_empty_plan_list_is_refused_by_name(capsys):
         _tiny(plans=[]).validate()
     assert main(["bench", "sharding", "plans=[]"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mim bench: error: plans: empty") and len(err.strip().splitlines()) == 1
+    assert err.startswith("mim bench sharding: error: plans: empty") and len(err.strip().splitlines()) == 1
 
 
 def test_a_manual_plan_gets_the_planners_storage_estimate():

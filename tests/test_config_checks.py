@@ -222,6 +222,18 @@ def test_a_stage_input_that_does_not_exist_is_named_by_its_key(tmp_path, monkeyp
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv, prog", [
+    (["data", "holdout", "absent", "--out", "held"], "mim data holdout"),
+    (["embeddings", "build", "world=absent", "encoders=absent", "out=table"], "mim embeddings build"),
+    (["pretrain", "data.world=absent"], "mim pretrain"),
+])
+def test_an_error_names_the_command_as_argparse_does(tmp_path, monkeypatch, capsys, argv, prog):
+    """A command of a group was named by the group alone (``mim data: error: ...``)."""
+    monkeypatch.chdir(tmp_path)
+    assert mim(argv) == 2
+    assert capsys.readouterr().err.startswith(f"{prog}: error: ")
+
+
 def test_a_config_file_or_override_that_does_not_parse_is_named(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("lr: [0.1\nseed: 1\n")

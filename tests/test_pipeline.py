@@ -201,6 +201,8 @@ def test_a_stage_failing_under_torchx_shows_the_commands_own_error(tmp_path):
     assert shown[0].endswith("mim csft: error: data.batch_size=32: only 8 training items")
     assert shown[-1] == "csft/0 torchrun report line 19" and len(shown) == 1 + 1 + 15
     assert failure_lines("a\nb") == "a\nb"  # nothing above the tail: the tail only
+    grouped = failure_lines("\n".join(["mfm/0 [0]:mim embeddings build: error: out=T: holds x", *log[2:]]))
+    assert grouped.splitlines()[0] == "mfm/0 [0]:mim embeddings build: error: out=T: holds x"
 
 
 def test_a_failing_stage_whose_log_is_not_utf8_is_still_named(tmp_path):

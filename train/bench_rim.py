@@ -144,7 +144,7 @@ def _start_service(config: RimBenchConfig, log: Path):
     if not match:
         process.kill()
         output = line + process.stdout.read()
-        refusal = re.search(r"^mim embeddings: error: (.*)$", output, re.MULTILINE)
+        refusal = re.search(r"^mim embeddings serve: error: (.*)$", output, re.MULTILINE)
         if refusal:  # the service refused its settings (say, encoders=): the user's error, one line
             from mim_rec.config import ConfigError
 

@@ -66,12 +66,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = args.func(args)
     except (DataError, ManifestMismatch, ConfigError) as exc:
-        print(f"mim {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command_prog(args)}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:
-        print(f"mim {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command_prog(args)}: error: {exc}", file=sys.stderr)
         return 1
     return int(result or 0)
+
+
+def command_prog(args: argparse.Namespace) -> str:
+    """``mim data holdout``, as argparse names the command in its own errors: the group's name
+    alone (``mim data``) did not say which of its commands refused."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"mim {args.command} {sub}" if sub else f"mim {args.command}"
 
 
 def run() -> NoReturn:

@@ -369,7 +369,7 @@ def failure_lines(log: str, tail: int = 15) -> str:
     (under TorchX they sit above torchrun's own failure report, which names no cause), then the
     log's last lines."""
     lines = log.splitlines()
-    errors = [line for line in lines[:-tail] if re.search(r"\bmim [\w-]+: error: ", line)]
+    errors = [line for line in lines[:-tail] if re.search(r"\bmim [\w-]+(?: [\w-]+)?: error: ", line)]
     return "\n".join([*errors, *(["..."] if errors else []), *lines[-tail:]])
 
 
