@@ -88,10 +88,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for stage in ("pretrain", "csft"):
         parser.add_argument(f"--{stage}", nargs="+", default=[], metavar="KEY=VALUE",
                             help=f"overrides for the {stage} stage ({STAGE_OVERRIDES[stage]}) and its tables' "
-                                 "evaluation, after the preset's (e.g. --csft data.batch_size=8 on a small world)")
+                                 f"evaluation, after the preset's (e.g. --{stage} data.batch_size=8 on a small world)")
     parser.add_argument("--nproc", type=int, default=2,
-                        help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd); must divide C-SFT's "
-                             "data.batch_size")
+                        help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd; default 2); must divide "
+                             "C-SFT's data.batch_size")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's command line and whether "
                                                                "it would be reused; run nothing")
     parser.add_argument("--report-only", action="store_true",

@@ -96,12 +96,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pipeline", help="run the whole MIM chain on one world",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="run folder (artifacts, logs, REPORT.md)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="stage sizes: default (the default world, ~15 min on 2 CPU cores; the default) "
+                             "or tiny (the tiny world, ~3 min, for tests)")
     parser.add_argument("--world", default=None, help="use this world folder instead of generating one")
-    parser.add_argument("--ubm", default="din", help="user behaviour model for Base and Base+MIM")
+    parser.add_argument("--ubm", default="din", help="user behaviour model for Base and Base+MIM (default: din)")
     parser.add_argument("--nproc", type=int, default=2,
-                        help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd); must divide C-SFT's "
-                             "data.batch_size")
+                        help="ranks of the C-SFT and CiUBM jobs (TorchX local_cwd; default 2); must divide "
+                             "C-SFT's data.batch_size")
     for stage, command in STAGE_OVERRIDES.items():
         parser.add_argument(f"--{stage}", nargs="+", default=[], metavar="KEY=VALUE",
                             help=f"overrides for the {stage} stage ({command}), after the preset's")
