@@ -254,12 +254,18 @@ def test_dry_run_says_run_for_a_stage_after_one_that_runs(tmp_path, capsys):
     ("tables", "2,7", "--tables"), ("ubms", "din,gru4rec", "--ubms"), ("seeds", "1,x", "--seeds"),
     ("tables", "", "--tables"), ("seeds", "0,1,0", r"--seeds: 0 given more than once"),
     ("ubms", "din,din", "--ubms: din given more than once"), ("nproc", 0, "--nproc 0"),
-    ("out", "a_file", "is a file, not a run folder")])
+    ("out", "a_file", "is a file, not a run folder"),
+    ("out", "a_world", "holds items.parquet and no chain's logs/ or stages/")])
 def test_bad_arguments_are_refused(tmp_path, field, value, message):
-    """Repeated seeds used to get as far as the CTR grid, after every stage before it had run."""
+    """Repeated seeds used to get as far as the CTR grid, after every stage before it had run;
+    a world folder given as --out had the experiment's stages written into it."""
     if field == "out":
         value = tmp_path / value
-        value.write_text("")
+        if value.name == "a_file":
+            value.write_text("")
+        else:
+            value.mkdir()
+            (value / "items.parquet").write_text("")
     with pytest.raises(ConfigError, match=message):
         _plan(tmp_path, **{field: value})
 

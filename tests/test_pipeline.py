@@ -157,6 +157,27 @@ def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys, flag, valu
     assert not (tmp_path / "run").exists()
 
 
+def test_an_out_holding_another_run_is_refused_before_any_stage(tmp_path, capsys):
+    """--out RUN/pretrain (a pretrain run's folder) ran the whole chain there: the stages' folders
+    went among the run's files, and mim pretrain then refused its own folder."""
+    from train.cli import main
+    from train.pipeline import require_chain_folder
+
+    run = tmp_path / "pretrain"
+    (run / "encoders").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    assert main(["pipeline", "--out", str(run), "--preset", "tiny"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mim pipeline: error: --out {run}: holds config.json, encoders and no chain's logs/ or stages/, so it is "
+        "not a run folder of mim pipeline or mim experiment; use a new or empty folder")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "encoders"]
+    (tmp_path / "failed_first" / "logs").mkdir(parents=True)  # a chain whose first stage failed
+    for accepted in ("new", "failed_first"):
+        require_chain_folder(str(tmp_path / accepted), None)
+    (tmp_path / "exp" / "world").mkdir(parents=True)  # the world the chain reads may lie in its folder
+    require_chain_folder(str(tmp_path / "exp"), str(tmp_path / "exp" / "world"))
+
+
 def test_the_report_gives_each_age_bucket_its_rows_and_clicks(tmp_path):
     """A bucket's n/a said nothing of why: on a world with a small test split, an empty bucket, a
     one-class bucket and an AUC over a handful of rows looked alike apart from the AUC."""

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from train.pipeline import BUILD, CIUBM, CSFT, MODELS, PRESETS as PIPELINE_PRESETS, PRETRAIN, STAGE_OVERRIDES, \
     Stage, check_ctr_settings, code_version, csft_feature_cache, mim_command, plan_stage, representation_chain, \
-    run_chain, stage_record, torchx_command, world_folder
+    require_chain_folder, run_chain, stage_record, torchx_command, world_folder
 
 ALL_UBMS = ("avg", "din", "dien", "bst", "sim", "twin")
 ALL_TABLES = (2, 3, 4, 5, 6)
@@ -185,8 +185,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     from mim_rec.config import ConfigError
 
     preset = PRESETS[args.preset]
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out} is a file, not a run folder")
+    require_chain_folder(args.out, args.world)
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the C-SFT and CiUBM jobs need at least one rank")
     check_ctr_overrides(args.ctr)

@@ -430,12 +430,34 @@ def run_chain(plan: List[Stage], out: Path,
     return done
 
 
+# What a chain (mim pipeline, mim experiment) writes into its run folder from its first stage on.
+CHAIN_MARKERS = ("logs", "stages")
+
+
+def require_chain_folder(out: str, world: Optional[str]) -> None:
+    """Refuse an ``--out`` that is a file, or a folder holding files but no chain's
+    :data:`CHAIN_MARKERS` (dot files aside, and the ``--world`` the chain reads, which may lie
+    there): the chain wrote its stages' folders among another run's files (``--out`` a pretrain
+    run), and that run's own stage then refused its folder."""
+    from mim_rec.config import ConfigError
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a run folder")
+    read = {Path(world).resolve()} if world else set()
+    held = sorted(p.name for p in folder.iterdir()
+                  if not p.name.startswith(".") and p.resolve() not in read) if folder.is_dir() else []
+    if held and not set(held) & set(CHAIN_MARKERS):
+        raise ConfigError(f"--out {out}: holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} and no "
+                          f"chain's {' or '.join(f'{m}/' for m in CHAIN_MARKERS)}, so it is not a run folder of "
+                          "mim pipeline or mim experiment; use a new or empty folder")
+
+
 def run(args: argparse.Namespace) -> int:
     from mim_rec.config import ConfigError
 
     out = Path(args.out).resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {args.out} is a file, not a run folder")
+    require_chain_folder(args.out, args.world)
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: the C-SFT and CiUBM jobs need at least one rank")
     plan = stages(args)  # every stage's settings are checked here, before anything is written
