@@ -83,6 +83,21 @@ def test_out_a_file_or_nothing_is_refused(inputs, tmp_path, capsys, command):  #
     assert "out: empty; give the run folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_out_holding_another_run_is_refused_and_left_as_it_was(inputs, tmp_path, capsys, command):  # noqa: F811
+    """csft-ablations and csft-tune wrote their runs, reports and feature cache among a pretrain
+    run's files (out=RUN/pretrain), and mim pretrain then refused its own folder."""
+    out = tmp_path / "pretrain"
+    for name in ("dda", "encoders"):
+        (out / name).mkdir(parents=True)
+    config_file = _write_config(_config(inputs, out), tmp_path / "c.yaml")
+    assert cli.main([*COMMANDS[command], "--config", str(config_file)]) == 2
+    prog = {"csft": "mim csft", "ablations": "mim csft-ablations", "tune": "mim csft-tune"}[command]
+    assert f"out={out}: holds dda, encoders, which is not a `{prog}` run's; use an empty or new out=" \
+        in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["dda", "encoders"]
+
+
 def _metrics(recall: float, pair_auc: float, ks=(5, 20)):
     return {**{f"recall@{k}": recall for k in ks}, "pair_auc": pair_auc, "gauc": pair_auc}
 

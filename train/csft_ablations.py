@@ -36,6 +36,8 @@ VARIANTS: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
     ("purchase_ce", "signals", ("loss.kind=pairwise_ce",)),
     ("click_infonce", "signals", ("data.signals=[click]",)),
 )
+# What a `mim csft-ablations` run writes into its folder: a folder per variant and the stage-1 row's.
+RUN_FILES = frozenset({"features", "stage1", "ablations.json", "ABLATIONS.md", *(v[0] for v in VARIANTS)})
 LABELS = {"stage1": "w/o C-SFT (stage-1 embeddings)", "full": "C-SFT (purchase, InfoNCE, TFN, ST-NSG)",
           "no_tfn": "w/o TFN (concat fusion)", "no_st_nsg": "w/o ST-NSG (in-batch negatives only)",
           "no_multi_level": "w/o multi-level InfoNCE (q2item only)",
@@ -82,10 +84,11 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     from mim_rec.utils.dist import current_rank
     from mim_rec.utils.run import atomic_write_bytes
     from train.csft import check_config, note_catalogue_size, untrainable
-    from train.csft_runs import csft_fingerprint, csft_result, saved_result, stage1_result
+    from train.csft_runs import csft_fingerprint, csft_result, require_runs_folder, saved_result, stage1_result
 
     base = check_config(load_config(CsftConfig, config_path, overrides))
     out = Path(base.out)
+    require_runs_folder(out, "mim csft-ablations", RUN_FILES)
     cache = base.data.feature_cache or str(out / "features")
     # every variant's settings are checked before any variant trains
     configs = {name: check_config(load_config(CsftConfig, config_path, [*overrides, *variant, f"out={out / name}",

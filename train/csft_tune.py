@@ -33,6 +33,8 @@ GAIN_FLOOR = 0.01
 # the user sets it instead.
 SET_BY_TUNE = {"data.validation": "--validation", "out": "a base override out=DIR (the trials run in "
                "OUT/trials/)", "data.feature_cache": "a base override (every trial shares one cache)"}
+# What a `mim csft-tune` run writes into its folder.
+RUN_FILES = frozenset({"features", "trials", "stage1_validation", "stage1_test", "final", "tune.json", "TUNE.md"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -123,7 +125,7 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
     from train.csft import check_config, untrainable
-    from train.csft_runs import csft_result, metric_columns, stage1_result
+    from train.csft_runs import csft_result, metric_columns, require_runs_folder, stage1_result
 
     if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
         raise ConfigError(f"--validation {validation}: must lie strictly between 0 and 1 (the share of "
@@ -134,6 +136,7 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     if select not in selectable:
         raise ConfigError(f"--select {select!r}: not a metric; expected one of {selectable}")
     out = Path(base.out)
+    require_runs_folder(out, "mim csft-tune", RUN_FILES)
     cache = base.data.feature_cache or str(out / "features")
     shared = [*overrides, f"data.feature_cache={cache}"]
 
