@@ -418,6 +418,13 @@ def test_validate_names_a_missing_path_and_a_bad_item_count(tmp_path, capsys):
     assert "--item-count=-1: must be positive" in capsys.readouterr().err
 
 
+def test_a_folder_given_for_a_parquet_file_is_named_as_a_folder(tmp_path, capsys):
+    """``mim bench lookup items=WORLD`` (the world folder for its items file) said
+    "WORLD: no such file" of a folder that was there."""
+    assert mim(["bench", "lookup", "--quick", f"items={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == f"mim bench lookup: error: {tmp_path}: a folder, not a Parquet file"
+
+
 def test_corrupt_parquet_is_a_data_error_naming_the_file(tmp_path, capsys):
     """A corrupt data page (validate) and a broken footer (summary) used to end in Arrow's
     OSError traceback, which names no file."""

@@ -163,8 +163,11 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
 
 
 def open_parquet(path: PathLike) -> pq.ParquetFile:
-    """Open a Parquet file; a missing file or a broken footer is a :class:`DataError`."""
+    """Open a Parquet file; a missing file, a folder (a world given for its items file, which
+    read as "no such file" of a folder that was there) or a broken footer is a :class:`DataError`."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(str(path), "a folder, not a Parquet file")
     if not path.is_file():
         raise DataError(str(path), "no such file")
     try:
