@@ -73,6 +73,8 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
     JSON), then ``overrides``."""
     data: Dict[str, Any] = dataclasses.asdict(preset) if preset is not None else {}
     if path is not None:
+        if Path(path).is_dir():  # a run folder given for its config.json read as "no such file"
+            raise ConfigError(f"--config {path}: a folder, not a config file")
         if not Path(path).is_file():
             raise ConfigError(f"--config {path}: no such file")
         try:

@@ -235,6 +235,8 @@ def test_an_error_names_the_command_as_argparse_does(tmp_path, monkeypatch, caps
 
 
 def test_a_config_file_or_override_that_does_not_parse_is_named(tmp_path, capsys):
+    assert mim(["train", "--config", str(tmp_path), f"data.world={tmp_path}"]) == 2  # was "no such file"
+    assert f"--config {tmp_path}: a folder, not a config file" in capsys.readouterr().err
     broken = tmp_path / "broken.yaml"
     broken.write_text("lr: [0.1\nseed: 1\n")
     assert mim(["train", "--config", str(broken), f"data.world={tmp_path}"]) == 2
