@@ -222,6 +222,21 @@ def test_a_stage_input_that_does_not_exist_is_named_by_its_key(tmp_path, monkeyp
     assert not any(tmp_path.iterdir())
 
 
+def test_the_stage_help_states_the_configs_own_path_defaults(capsys):
+    """The help of mim pretrain and mim csft did not say that an omitted data.world reads data/world."""
+    from mim_rec.csft.config import CsftConfig
+    from mim_rec.pretrain.config import PretrainConfig
+
+    pretrain, csft = PretrainConfig(), CsftConfig()
+    for command, defaults in (("pretrain", {"data.world": pretrain.data.world, "out": pretrain.out}),
+                              ("csft", {"data.world": csft.data.world, "encoders": csft.encoders, "out": csft.out})):
+        with pytest.raises(SystemExit):
+            mim([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        for key, value in defaults.items():
+            assert f"{key}=DIR (default {value})" in shown
+
+
 @pytest.mark.parametrize("argv, prog", [
     (["data", "holdout", "absent", "--out", "held"], "mim data holdout"),
     (["embeddings", "build", "world=absent", "encoders=absent", "out=table"], "mim embeddings build"),

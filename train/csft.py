@@ -31,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         name="csft",
         help="stage 2: C-SFT of the item (TFN) and query towers on <query image, item> pairs",
         eval_help="query->item recall@k and content-interest AUC: stage 1 vs C-SFT",
-        config_type="CsftConfig",
-        example="data.world=DIR encoders=DIR out=runs/csft steps=300",
+        config_type="CsftConfig (mim_rec/csft/config.py)",
+        example="data.world=DIR (default data/world) encoders=DIR (default runs/pretrain/encoders) "
+                "out=DIR (default runs/csft) steps=300",
         load=_load, train=run_csft, report=lambda config: format_table(evaluate_run(config))))
 
 

@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                        "the MM table (Parquet shards + manifest). Re-running resumes.")
     build.add_argument("--config", default=None, help="YAML/JSON file of BuildConfig fields")
     build.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="world=DIR encoders=DIR out=DIR [shard_rows=N batch_size=N feature_cache=DIR]")
+                       help=f"world=DIR encoders=DIR out=DIR [shard_rows={BuildConfig.shard_rows} "
+                            f"batch_size={BuildConfig.batch_size} feature_cache=DIR]")
     build.set_defaults(func=_build)
     from train import rim_cmd  # serve (RIM) and fold
     rim_cmd.register(sub)

@@ -34,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         name="pretrain",
         help="stage 1: DDA + DMA pre-training of the image and title encoders",
         eval_help="recall@1/@10 and category linear probe for plain, +DDA, +DDA+DMA",
-        config_type="PretrainConfig",
-        example="data.world=DIR dma_steps=200 out=runs/p",
+        config_type="PretrainConfig (mim_rec/pretrain/config.py)",
+        example="data.world=DIR (default data/world) out=DIR (default runs/pretrain) dma_steps=200",
         load=_load, train=run_pretrain, report=lambda config: format_table(evaluate_run(config))))
 
 

@@ -17,7 +17,7 @@ class StageCommands:
     name: str                                        # ``mim NAME`` and ``mim NAME-eval``
     help: str                                        # of the training command
     eval_help: str                                   # of the evaluation command
-    config_type: str                                 # named in --config's help
+    config_type: str                                 # named in --config's help, with where it is defined
     example: str                                     # example overrides, in the overrides' help
     load: Callable[[argparse.Namespace], Any]        # args -> checked config
     train: Callable[[Any], Any]                      # config -> trains or resumes ``config.out``
@@ -39,7 +39,8 @@ def register_stage(subparsers: argparse._SubParsersAction, stage: StageCommands)
 
 def _common_args(parser: argparse.ArgumentParser, stage: StageCommands) -> None:
     parser.add_argument("--config", default=None, help=f"YAML/JSON file of {stage.config_type}")
-    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {stage.example}")
+    parser.add_argument("overrides", nargs="*",
+                        help=f"key=value overrides of the {stage.config_type} defaults, e.g. {stage.example}")
 
 
 def _load(stage: StageCommands, args: argparse.Namespace) -> Any:
