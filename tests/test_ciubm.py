@@ -985,11 +985,26 @@ def test_eval_only_without_out_reads_the_default_run_folder(tmp_path, monkeypatc
     """`mim train --eval-only` (and TorchX's evaluate with no args) asked for data.world although
     the default run folder held the run's config.json."""
     monkeypatch.chdir(tmp_path)
-    assert ciubm._run_config([]) is None
     (tmp_path / ciubm.TrainConfig.out).mkdir(parents=True)
+    assert ciubm._run_config([]) is None
     (tmp_path / ciubm.TrainConfig.out / "config.json").write_text("{}")
     assert ciubm._run_config([]) == str(Path(ciubm.TrainConfig.out) / "config.json")
-    assert ciubm._run_config([f"out={tmp_path / 'elsewhere'}"]) is None
+
+
+def test_eval_only_refuses_a_folder_that_is_no_ciubm_run(tmp_path, capsys):
+    """A missing folder read as "data.world: the world folder ... is required", and a pretrain
+    run's folder as its config.json's dozen unknown keys."""
+    from train import cli
+
+    assert cli.main(["train", "--eval-only", f"out={tmp_path / 'absent'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"mim train: error: --eval-only: out={tmp_path / 'absent'}: no such "
+                                               "folder; point out= at a trained `mim train` run's folder")
+    pretrain = tmp_path / "pretrain"
+    (pretrain / "encoders").mkdir(parents=True)
+    (pretrain / "config.json").write_text(json.dumps({"dda_steps": 20, "dma_steps": 100}))
+    assert cli.main(["train", "--eval-only", f"out={pretrain}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"mim train: error: out={pretrain}: holds encoders, which is not a "
+                                               "`mim train` run's; point out= at a trained `mim train` run's folder")
 
 
 def test_a_metrics_file_of_fewer_steps_than_the_checkpoint_is_not_finished(world, tmp_path):

@@ -271,9 +271,18 @@ def _cli(args: argparse.Namespace) -> int:
 def _run_config(overrides: List[str]) -> Optional[str]:
     """The ``config.json`` a trained run folder (``out=``, else the default ``out``) holds, if
     any: what ``--eval-only`` starts from, so evaluating a run needs its folder, not its whole
-    command again."""
+    command again. A folder that is no ``mim train`` run is refused: a missing one read as
+    "data.world: ... is required", another stage's as that config.json's unknown keys."""
+    from mim_rec.config import ConfigError
+    from train.common import STEP_FILE_GLOB, require_own_run_folder
+
     outs = [value.split("=", 1)[1] for value in overrides if value.startswith("out=")]
-    saved = Path(outs[-1] if outs else TrainConfig.out) / "config.json"
+    out = Path(outs[-1] if outs else TrainConfig.out)
+    remedy = "point out= at a trained `mim train` run's folder"
+    if not out.is_dir():
+        raise ConfigError(f"--eval-only: out={out}: no such folder; {remedy}")
+    require_own_run_folder(str(out), "mim train", RUN_FILES, STEP_FILE_GLOB, remedy)
+    saved = out / "config.json"
     return str(saved) if saved.is_file() else None
 
 
@@ -652,7 +661,7 @@ def run(config: TrainConfig, train: bool = True) -> Optional[Dict[str, Any]]:
     from train.common import STEP_FILE_GLOB, require_own_run_folder
 
     if train:  # before the lock, which would leave its file in a foreign folder
-        require_own_run_folder(config, "mim train", RUN_FILES, STEP_FILE_GLOB)
+        require_own_run_folder(config.out, "mim train", RUN_FILES, STEP_FILE_GLOB)
     with run_folder_lock(config.out) if train else nullcontext():
         return _run(config, train)
 

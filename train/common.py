@@ -135,10 +135,13 @@ def changed_settings(config: Any, ignored: Iterable[str], paths: Iterable[str] =
     return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
 
 
-def require_own_run_folder(config: Any, command: str, run_files: Iterable[str], foreign_checkpoints: str) -> None:
-    """Refuse to train into ``config.out`` when it holds anything but a ``command`` run: training
+def require_own_run_folder(out: str, command: str, run_files: Iterable[str], foreign_checkpoints: str,
+                           remedy: str = "use an empty or new out=") -> None:
+    """Refuse to train into ``out`` when it holds anything but a ``command`` run: training
     rewrites config.json and trims metrics.jsonl, and each stage looks only for its own kind of
-    checkpoint, so another stage's run (or a world) was overwritten and left unusable.
+    checkpoint, so another stage's run (or a world) was overwritten and left unusable. (An
+    evaluation of ``out`` refuses it too, with its own ``remedy``: it read another stage's
+    config.json as the run's settings.)
 
     Foreign are: files outside ``run_files`` (dot files are the machinery's own), checkpoints
     matching ``foreign_checkpoints`` (a glob in ``checkpoints/``: the other checkpoint format),
@@ -150,10 +153,9 @@ def require_own_run_folder(config: Any, command: str, run_files: Iterable[str], 
     from mim_rec.pretrain.config import PretrainConfig
     from train.ciubm import TrainConfig
 
-    out = Path(config.out)
+    out = Path(out)
     if not out.is_dir():
         return
-    remedy = "use an empty or new out="
     foreign = sorted(p.name for p in out.iterdir() if p.name not in run_files and not p.name.startswith("."))
     foreign += sorted(f"checkpoints/{p.name}" for p in (out / "checkpoints").glob(foreign_checkpoints))
     if foreign:

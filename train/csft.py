@@ -102,7 +102,7 @@ def run_csft(config) -> Path:
     from train.common import require_own_run_folder
     from train.dcp_checkpoints import DCP_STEP_GLOB
 
-    require_own_run_folder(config, "mim csft", RUN_FILES, DCP_STEP_GLOB)  # before the lock's file
+    require_own_run_folder(config.out, "mim csft", RUN_FILES, DCP_STEP_GLOB)  # before the lock's file
     with run_folder_lock(config.out):
         return _run_csft(config)
 

@@ -131,7 +131,7 @@ def _check_run_folder(config: PretrainConfig) -> None:
     from train.dcp_checkpoints import DCP_STEP_GLOB
 
     _saved_config(config, "use an empty or new out=")
-    require_own_run_folder(config, "mim pretrain", RUN_FILES, DCP_STEP_GLOB)
+    require_own_run_folder(config.out, "mim pretrain", RUN_FILES, DCP_STEP_GLOB)
 
 
 def _architecture(pair: "EncoderPair") -> Dict[str, Any]:
