@@ -232,11 +232,15 @@ def test_claim_8_gives_no_verdict_where_recall_at_10_is_1_by_construction(tmp_pa
         row.update(probe_i2t_r10=1.0, heldout_items=9)
     claim = claims_by_id(results)["8"]
     assert claim["holds"] is None and "1 by construction: 9 held-out items" in claim["value"]
-    row, = [line for line in write_report(results, tmp_path).splitlines() if line.startswith("| 8 |")]
+    report = write_report(results, tmp_path)
+    row, = [line for line in report.splitlines() if line.startswith("| 8 |")]
     assert row.endswith("| no verdict |")
+    # Table 3 says why its 1.0000 is no result, not only the claim
+    assert "recall@10: 1 by construction here, for any embeddings (only 9 held-out items are ranked)." in report
     for row in results["pretrain_eval"].values():
         row["heldout_items"] = 11
     assert claims_by_id(results)["8"]["holds"] is False  # 11 candidates: a miss is possible
+    assert "by construction here" not in write_report(results, tmp_path)
 
 
 def test_csft_recall_claims_give_no_verdict_where_recall_at_10_is_1_by_construction(tmp_path):
@@ -251,13 +255,17 @@ def test_csft_recall_claims_give_no_verdict_where_recall_at_10_is_1_by_construct
         assert claims[claim_id]["holds"] is None
         assert claims[claim_id]["value"].endswith(" (1 by construction: 8 candidate items)")
     assert claims["5"]["holds"] is True
-    report = write_report(results, tmp_path).splitlines()
+    report = write_report(results, tmp_path)
     for claim_id in recall_claims:
-        row, = [line for line in report if line.startswith(f"| {claim_id} |")]
+        row, = [line for line in report.splitlines() if line.startswith(f"| {claim_id} |")]
         assert row.endswith("| no verdict |")
+    # under Tables 3, 4 and 5, whose recall columns rank the same 8 items
+    assert report.count("recall@10, recall@100: 1 by construction here, for any embeddings "
+                        "(only 8 candidate items are ranked).") == 3
     for row in results["csft"].values():
         row["candidate_items"] = 11
     assert claims_by_id(results)["4"]["holds"] is False  # 11 candidates: a miss is possible
+    assert "recall@100: 1 by construction here" in write_report(results, tmp_path)  # 11 items: R@100 still is
 
 
 def test_a_linear_probe_undefined_on_one_category_renders_n_a_not_not_run(tmp_path):
