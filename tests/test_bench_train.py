@@ -10,8 +10,8 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from train.bench_train import (VARIANTS, TrainBenchConfig, _process_group, build_torchrec, mm_vectors,
-                               reference_model, synthetic_batches, torchrec_weights)
+from train.bench_reference import reference_model, torchrec_weights
+from train.bench_train import VARIANTS, TrainBenchConfig, _process_group, build_torchrec, mm_vectors, synthetic_batches
 from train.cli import main
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
 import pytest
 import torch
 
+from conftest import REPO
 from mim_rec.config import ConfigError, require_positive
 from train.ciubm import load_train_config
 from train.cli import main as mim
@@ -220,6 +223,17 @@ def test_a_stage_input_that_does_not_exist_is_named_by_its_key(tmp_path, monkeyp
     assert mim(argv) == 2
     assert capsys.readouterr().err.strip() == message
     assert not any(tmp_path.iterdir())
+
+
+def test_registering_every_command_imports_no_torch():
+    """``mim --help`` took 5 s: bench train, bench peer and train imported torch and TorchRec
+    (and bench sharding fbgemm) when their parsers were registered, not when they ran."""
+    script = ("import sys; from train.cli import build_parser; build_parser(); "
+              "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & "
+              "{'torch', 'torchrec', 'fbgemm_gpu', 'tensordict', 'transformers', 'timm', 'torchx', 'pandas'})))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
 
 
 def test_the_stage_help_states_the_configs_own_path_defaults(capsys):

@@ -39,16 +39,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
-
-import pyarrow.compute as pc
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from mim_rec.ciubm.config import ModelConfig
-from mim_rec.ciubm.sparse import slot_ids
-from mim_rec.data.loader import CtrBatch, CtrEventsLoader, ItemInfo, LoaderConfig
+from mim_rec.data.loader_config import LoaderConfig
 from train.bench_cmd import measuring_bench_parser, preset_cli
+
+if TYPE_CHECKING:  # annotations only: the functions import torch and the loader, so `mim --help` stays fast
+    import torch
+
+    from mim_rec.data.loader import CtrBatch, CtrEventsLoader, ItemInfo
 
 COMMAND_HELP = "Base DIN / DIEN of mim_rec against DeepCTR-Torch's, same samples: AUC, GAUC, samples/s"
 
@@ -121,6 +121,8 @@ def peer_model(ubm: str, sizes: Dict[str, int], config: PeerBenchConfig, seed: i
 def _left_aligned(right_aligned: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Move each row's last ``n`` entries to its front (our padding is on the left, DeepCTR-Torch
     masks by length from the right), zeros after them."""
+    import torch
+
     width = right_aligned.shape[1]
     index = (torch.arange(width)[None, :] + (width - lengths)[:, None]).clamp(max=width - 1)
     moved = right_aligned.gather(1, index)
@@ -129,6 +131,8 @@ def _left_aligned(right_aligned: torch.Tensor, lengths: torch.Tensor) -> torch.T
 
 def _query_words(batch: CtrBatch, width: int) -> torch.Tensor:
     """``[B, width]`` hashed query words, shifted by one, zero-padded; refuses longer queries."""
+    import torch
+
     jagged = batch.pooled["query_tokens"]
     lengths = jagged.lengths()
     if lengths.numel() and int(lengths.max()) > width:
@@ -146,6 +150,10 @@ def peer_input(batch: CtrBatch, feature_index: Dict[str, tuple], items: ItemInfo
                negatives: Optional[torch.Generator] = None) -> torch.Tensor:
     """The float matrix DeepCTR-Torch's models read, one row per sample, laid out by its
     ``feature_index``. ``negatives`` (DIEN) draws the uniform negative behaviours."""
+    import torch
+
+    from mim_rec.ciubm.sparse import slot_ids
+
     size = batch.labels.numel()
     item_slots, category_slots = (slot_ids(batch.sequence, key, size, batch.slots, offset=1)
                                   for key in ("item_seq", "category_seq"))
@@ -181,6 +189,10 @@ def _epochs(loader: CtrEventsLoader, epochs: int, max_steps: Optional[int]) -> I
 def run_peer(ubm: str, seed: int, config: PeerBenchConfig, items: ItemInfo, sizes: Dict[str, int],
              device: torch.device) -> Dict[str, Any]:
     """Train and evaluate DeepCTR-Torch's ``ubm`` on the loader's batches."""
+    import torch
+    import torch.nn.functional as F
+
+    from mim_rec.data.loader import CtrEventsLoader
     from mim_rec.metrics import CtrMetrics
 
     model = peer_model(ubm, sizes, config, seed, device)
@@ -278,6 +290,8 @@ def check_config(config: PeerBenchConfig) -> None:
 def check_query_len(config: PeerBenchConfig) -> None:
     """Refuse a ``query_len`` shorter than the world's longest query before either library
     trains: DeepCTR-Torch's fixed-width input would drop words mim_rec sees."""
+    import pyarrow.compute as pc
+
     from mim_rec.config import ConfigError
     from mim_rec.data.io import read_parquet_columns
 
@@ -291,6 +305,9 @@ def check_query_len(config: PeerBenchConfig) -> None:
 
 
 def run_bench(config: PeerBenchConfig) -> Dict[str, Any]:
+    import torch
+
+    from mim_rec.data.loader import ItemInfo
     from train.ciubm import table_sizes
 
     check_config(config)

@@ -42,9 +42,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from embeddings.compact import row_bytes
 from mim_rec.config import ConfigError, load_config, require_not_negative, require_positive
-from mim_rec.utils.dist import run_on_spawned_ranks
 from train.bench_cmd import check_json_path
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
@@ -293,6 +291,8 @@ def plan_with_planner(config: ShardingBenchConfig, model, sharding_type: Optiona
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
     from torchrec.distributed.planner.constants import MIN_CW_DIM
     from torchrec.distributed.planner.types import PlannerError, Stats
+
+    from embeddings.compact import row_bytes
 
     class KeepBestPlan(Stats):
         """Keeps the chosen sharding options (with their per-shard estimates)."""
@@ -591,6 +591,8 @@ def measure(config: ShardingBenchConfig, rows: List[PlanRow]) -> None:
 
     Each plan runs in its own freshly spawned ranks, so peak memory belongs to that plan alone.
     """
+    from mim_rec.utils.dist import run_on_spawned_ranks
+
     for row in tqdm(rows, desc="measuring plans", unit="plan", file=sys.stderr):
         if row.sharding_plan is None or row.fits is False:  # never run a plan that does not fit
             continue
@@ -606,6 +608,8 @@ def measure(config: ShardingBenchConfig, rows: List[PlanRow]) -> None:
 
 def describe(config: ShardingBenchConfig) -> str:
     """The header: tables with their bytes, and the topology's capacity."""
+    from embeddings.compact import row_bytes
+
     lines = []
     for t in _all_tables(config):
         dtype = config.mm_dtype if t.name == "mm_table" else "fp32"

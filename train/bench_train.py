@@ -42,17 +42,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from mim_rec.ciubm.config import ModelConfig
-from mim_rec.ciubm.model import CiUBM
-from mim_rec.data.loader import CtrBatch, ItemInfo, LoaderConfig, make_batch
 from train.bench_cmd import measuring_bench_parser, preset_cli
+
+if TYPE_CHECKING:  # annotations only: the functions import torch and the loader, so `mim --help` stays fast
+    import numpy as np
+    import torch
+
+    from mim_rec.ciubm.model import CiUBM
+    from mim_rec.data.loader import CtrBatch
 
 COMMAND_HELP = "train / inference samples/s and peak memory per UBM: Base vs Base+MIM, TorchRec vs nn.Embedding"
 
@@ -96,6 +96,7 @@ class TrainBenchConfig:
 
 def synthetic_events(config: TrainBenchConfig, category: np.ndarray, rows: int, seed: int):
     """A seeded events record batch (the ``events`` contract) with random ids and histories."""
+    import numpy as np
     import pyarrow as pa
 
     rng = np.random.default_rng(seed)
@@ -118,6 +119,10 @@ def synthetic_events(config: TrainBenchConfig, category: np.ndarray, rows: int, 
 
 def synthetic_batches(config: TrainBenchConfig) -> List[CtrBatch]:
     """``distinct_batches`` CtrBatches built by the training loader's own ``make_batch``."""
+    import numpy as np
+
+    from mim_rec.data.loader import ItemInfo, LoaderConfig, make_batch
+
     rng = np.random.default_rng(config.seed)
     category = rng.integers(0, config.categories, config.items)
     items = ItemInfo(category=category, created_s=rng.integers(0, 86_400 * 30, config.items))
@@ -125,105 +130,6 @@ def synthetic_batches(config: TrainBenchConfig) -> List[CtrBatch]:
                           query_buckets=config.model.query_buckets)
     return [make_batch(synthetic_events(config, category, config.batch_size, config.seed + 1 + i), items, loader)
             for i in range(config.distinct_batches)]
-
-
-# ------------------------------------------------------------------------------- reference model
-
-class PlainSparseArch(nn.Module):
-    """:class:`~mim_rec.ciubm.sparse.SparseArch` written with plain torch tables.
-
-    Same inputs (the batch's KJTs) and outputs; ``tables`` holds the trainable ID tables
-    (``nn.Embedding`` for one-id features, ``nn.EmbeddingBag`` for the query's word bag),
-    ``mm`` the frozen MM table as a buffer read without gradient.
-    """
-
-    def __init__(self, config: ModelConfig, num_items: int, num_users: int, num_categories: int,
-                 device: Optional[torch.device] = None) -> None:
-        super().__init__()
-        self.config = config
-        self.tables = nn.ModuleDict({
-            "user": nn.Embedding(num_users, config.user_dim, sparse=True, device=device),
-            "query_word": nn.EmbeddingBag(config.query_buckets, config.query_dim, mode="sum", sparse=True,
-                                          device=device),
-            "item": nn.Embedding(num_items, config.item_dim, sparse=True, device=device),
-            "category": nn.Embedding(num_categories, config.category_dim, sparse=True, device=device),
-        })
-        dtype = {"fp32": torch.float32, "fp16": torch.float16}[config.mm_dtype]
-        self.register_buffer("mm", torch.zeros(num_items, config.mm_dim, dtype=dtype, device=device)
-                             if config.uses_mm else None)
-
-    def forward(self, pooled, sequence, batch_size: int, slots: int):
-        user, query = pooled["user_id"], pooled["query_tokens"]
-        pooled_out = {"user_id": self.tables["user"](user.values()),
-                      "query_tokens": self.tables["query_word"](query.values(), query.offsets()[:-1])}
-        items, present = self._slot_ids(sequence["item_seq"])
-        categories, _ = self._slot_ids(sequence["category_seq"])
-        ids = torch.cat([self.tables["item"](items), self.tables["category"](categories)], dim=-1) * present
-        mm = None
-        if self.mm is not None:
-            mm = (self.mm[items].float() * present).view(batch_size, slots, self.config.mm_dim)
-        return (pooled_out, ids.view(batch_size, slots, self.config.behaviour_dim), mm,
-                present.view(batch_size, slots) > 0, categories.view(batch_size, slots))
-
-    @staticmethod
-    def _slot_ids(jagged) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(ids [slots], present [slots, 1])``: every slot holds one id or none (then id 0, masked)."""
-        present = jagged.lengths() > 0
-        ids = torch.zeros(present.numel(), dtype=torch.long, device=present.device)
-        ids[present] = jagged.values().long()
-        return ids, present.unsqueeze(1).to(torch.float32)
-
-
-def _full_tensor(weight) -> torch.Tensor:
-    """A (possibly sharded) table of the one-rank TorchRec model as one plain tensor."""
-    from mim_rec.ciubm.mm_shards import local_blocks
-
-    if not hasattr(weight, "local_shards"):
-        return weight.detach()
-    full = torch.empty(weight.size(), dtype=weight.dtype)
-    for row, col, block in local_blocks(weight):
-        full[row:row + block.shape[0], col:col + block.shape[1]] = block.detach().cpu()
-    return full
-
-
-def torchrec_weights(model) -> Dict[str, torch.Tensor]:
-    """The one-rank TorchRec CiUBM's weights under the reference model's state-dict names."""
-    renamed = {}
-    for key, value in model.state_dict().items():
-        if ".embedding_bags." in key:
-            table = key.split(".embedding_bags.")[1].rsplit(".", 1)[0]
-            key = "sparse_arch.mm" if table == "mm_item" else f"sparse_arch.tables.{table}.weight"
-        renamed[key] = _full_tensor(value).clone()
-    return renamed
-
-
-def reference_model(config: ModelConfig, sizes: Dict[str, int], weights: Dict[str, torch.Tensor],
-                    device: torch.device) -> CiUBM:
-    """CiUBM with :class:`PlainSparseArch` tables, loaded with ``weights`` (:func:`torchrec_weights`)."""
-    meta = torch.device("meta")  # allocate once, in to_empty: a build's memory is then the model's own
-    model = CiUBM(config, sizes["items"], sizes["users"], sizes["categories"], device=meta)
-    model.sparse_arch = PlainSparseArch(config, sizes["items"], sizes["users"], sizes["categories"], meta)
-    model = model.to_empty(device=device)
-    if "sparse_arch.mm" in weights:  # TorchRec stores the MM table padded to FBGEMM's column alignment
-        weights = {**weights, "sparse_arch.mm": weights["sparse_arch.mm"][:, :config.mm_dim]}
-    model.load_state_dict(weights, strict=True)
-    return model
-
-
-def reference_optimizer(model: CiUBM, lr: float, id_lr: float) -> Callable[[], None]:
-    """``step()`` of a user's optimizers: sparse ID tables (Adagrad / SparseAdam), dense Adam."""
-    tables = list(model.sparse_arch.tables.parameters())
-    table_ids = {id(p) for p in tables}
-    dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in table_ids], lr=lr)
-    sparse = torch.optim.SparseAdam(tables, lr=id_lr) if tables[0].is_cuda else torch.optim.Adagrad(tables, lr=id_lr)
-
-    def step() -> None:
-        dense.step()
-        sparse.step()
-        dense.zero_grad(set_to_none=True)
-        sparse.zero_grad(set_to_none=True)
-
-    return step
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -247,6 +153,8 @@ class PeakMemory:
 
     @contextmanager
     def measure(self) -> Iterator["PeakMemory"]:
+        import torch
+
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -283,11 +191,15 @@ def _trim_malloc() -> None:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _loss(model, batch: CtrBatch, aux_weight: float) -> torch.Tensor:
+    import torch.nn.functional as F
+
     logits, aux = model(batch)
     loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
     return loss + aux_weight * aux if aux is not None else loss
@@ -295,6 +207,8 @@ def _loss(model, batch: CtrBatch, aux_weight: float) -> torch.Tensor:
 
 def _work(mode: str, model, step: Callable[[], None], aux_weight: float) -> Callable[[CtrBatch], None]:
     """One training step (forward + backward + optimizer) or one inference forward."""
+    import torch
+
     def train(batch: CtrBatch) -> None:
         _loss(model, batch, aux_weight).backward()
         step()
@@ -371,6 +285,7 @@ def dense_flops_per_sample(model: CiUBM, batch: CtrBatch) -> float:
     """FLOPs of one forward per sample, as ``FlopCounterMode`` counts them (matrix products,
     attention; the lookups count zero). Counted in training mode: in eval mode
     ``nn.TransformerEncoderLayer`` (BST) takes a fused fast path that the counter does not see."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
@@ -408,6 +323,7 @@ def bench_sizes(config: TrainBenchConfig) -> Dict[str, int]:
     """Table sizes: the world folder's, or the configured ones."""
     if not config.world:
         return {"items": config.items, "users": config.users, "categories": config.categories}
+    from mim_rec.data.loader import ItemInfo
     from train.ciubm import table_sizes
 
     return table_sizes(config.world, ItemInfo.from_items(Path(config.world) / "items.parquet"))
@@ -416,6 +332,8 @@ def bench_sizes(config: TrainBenchConfig) -> Dict[str, int]:
 def mm_vectors(config: TrainBenchConfig, sizes: Dict[str, int]) -> torch.Tensor:
     """The MM table's rows the bench fills every model with (seeded). Made once, before any
     memory window: a copy made inside one would be charged to that model's peak."""
+    import torch
+
     return torch.randn(sizes["items"], config.mm_dim, generator=torch.Generator().manual_seed(config.seed))
 
 
@@ -424,6 +342,7 @@ def build_torchrec(config: TrainBenchConfig, model_config: ModelConfig, sizes: D
     """``(DMP CiUBM, optimizer step)`` exactly as ``mim train`` builds them, the MM table
     filled from ``vectors`` (:func:`mm_vectors`) where the model reads one."""
     from mim_rec.ciubm.mm_shards import load_mm_table
+    from mim_rec.data.loader_config import LoaderConfig
     from train.ciubm import TrainConfig, build_sharded_model
 
     train_config = TrainConfig(model=model_config, loader=LoaderConfig(batch_size=config.batch_size),
@@ -443,6 +362,8 @@ def _warm_process(config: TrainBenchConfig, sizes: Dict[str, int], batches: List
                   vectors: torch.Tensor) -> None:
     """One untimed, unmeasured step of both implementations, so that the process's one-time
     costs (kernel libraries, thread pools, allocator arenas) are not charged to the first row."""
+    from train.bench_reference import reference_model, reference_optimizer, torchrec_weights
+
     model_config = replace(config.model, ubm=config.ubms[0], mm_dim=config.mm_dim, **VARIANTS["Base+MIM"])
     torchrec = build_torchrec(config, model_config, sizes, ctx, vectors)
     reference = reference_model(model_config, sizes, torchrec_weights(torchrec[0]), ctx.device)
@@ -457,9 +378,11 @@ def variant_config(config: TrainBenchConfig, ubm: str, variant: str) -> ModelCon
 
 def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     """Every UBM x variant x implementation; the result dict :func:`format_table` prints."""
+    import torch
     from tqdm import tqdm
 
     from mim_rec.config import ConfigError, require_positive
+    from train.bench_reference import reference_model, reference_optimizer, torchrec_weights
     from train.ciubm import check_model, check_sharding_device
 
     unknown = sorted(set(config.ubms) - set(ALL_UBMS))

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from mim_rec.ciubm.config import ModelConfig
-from mim_rec.data.loader import LoaderConfig
+from mim_rec.data.loader_config import LoaderConfig
 
 if TYPE_CHECKING:  # annotations only; the functions import what they run, as elsewhere in this module
     import torch
@@ -134,7 +134,6 @@ def match_loader_to_model(loader, model: ModelConfig) -> None:
     ``loader.sequence_layout`` set to another value is refused (it was dropped without a word);
     ``model.query_buckets`` and ``model.sequence_layout`` set both."""
     from mim_rec.config import ConfigError
-    from mim_rec.data.loader import LoaderConfig
 
     if loader.query_buckets not in (model.query_buckets, LoaderConfig.query_buckets):
         raise ConfigError(f"loader.query_buckets={loader.query_buckets}: the loader hashes query words into the "

@@ -26,7 +26,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, Literal, Optional, Union
+from typing import Dict, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +38,7 @@ from torchrec.streamable import Pipelineable
 
 from mim_rec.data.errors import DataError
 from mim_rec.data.io import require_rows, validate_file
+from mim_rec.data.loader_config import LoaderConfig
 from mim_rec.data.validate import conform_schema
 from mim_rec.data.schemas import EVENTS, ITEMS
 
@@ -45,19 +46,6 @@ POOLED_KEYS = ("user_id", "query_tokens")
 SEQUENCE_KEYS = ("item_seq", "category_seq", "mm_item_seq")
 EVENT_COLUMNS = ("user_id", "query", "target_item_id", "label", "ts", "hist_item_ids", "hist_category_ids")
 DENSE_FEATURES = ("log1p_item_age_days", "log1p_history_length")
-
-
-@dataclass
-class LoaderConfig:
-    batch_size: int = 1024
-    max_hist_len: int = 50          # behaviours kept per row (most recent); SIM/TWIN use more
-    query_buckets: int = 20_000     # query words are hashed into this many ids
-    shuffle: bool = True
-    shuffle_row_groups: int = 4     # rows are shuffled within this many row groups
-    seed: int = 0
-    # The sequence KJT's shape: "ebc", a single-id bag per slot (stride B*(1+L)); "ec", one
-    # sequence per sample (stride B). mim train sets it from model.sequence_layout.
-    sequence_layout: Literal["ebc", "ec"] = "ebc"
 
 
 @dataclass
