@@ -251,6 +251,14 @@ def test_the_stage_help_states_the_configs_own_path_defaults(capsys):
             assert f"{key}=DIR (default {value})" in shown
 
 
+def test_the_import_help_says_what_each_format_is(capsys):
+    """``--format`` of mim data import was the one argument shown without a word of help."""
+    with pytest.raises(SystemExit):
+        mim(["data", "import", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "taobao-mm: TAOBAO-MM" in shown and "amazon: Amazon reviews" in shown and "docs/data.md" in shown
+
+
 @pytest.mark.parametrize("argv, prog", [
     (["data", "holdout", "absent", "--out", "held"], "mim data holdout"),
     (["embeddings", "build", "world=absent", "encoders=absent", "out=table"], "mim embeddings build"),

@@ -18,7 +18,10 @@ FORMATS = ("taobao-mm", "amazon")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("import", help="import TAOBAO-MM or Amazon (UniSRec format) "
                                                   "into a world folder")
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="taobao-mm: TAOBAO-MM (alimama-tech/MUSE); amazon: Amazon reviews in the "
+                             "UniSRec/RecBole atomic format. The files each reads, and what it fills in: "
+                             "docs/data.md")
     parser.add_argument("src", type=Path, help="folder of the source files")
     parser.add_argument("--out", required=True, type=Path, help="world folder to write")
     parser.add_argument("--allow-missing", action="store_true",
