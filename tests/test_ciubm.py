@@ -667,6 +667,17 @@ def test_bad_grid_files_are_refused(tmp_path, text, message):
         ciubm.load_grid(str(path))
 
 
+def test_a_missing_grid_file_is_named_as_such(tmp_path, capsys):
+    """A --grid path that did not exist was refused with a raw ``[Errno 2] No such file or directory``."""
+    from train.cli import main
+
+    missing = tmp_path / "absent.json"
+    assert main(["train", "--grid", str(missing), f"out={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip() == f"mim train: error: --grid {missing}: no such file"
+    with pytest.raises(ConfigError, match=r"--grid .*: a folder, not a grid file"):
+        ciubm.load_grid(str(tmp_path))
+
+
 
 @pytest.mark.parametrize("override, message", [
     ("loader.batch_size=0", r"loader.batch_size=0: must be positive"),

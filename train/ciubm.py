@@ -289,9 +289,15 @@ def load_grid(path: str) -> List[Dict[str, Any]]:
     """The runs of a ``--grid`` file: a JSON list of ``{"name": str, "overrides": [key=value, ...]}``."""
     from mim_rec.config import ConfigError
 
+    if Path(path).is_dir():
+        raise ConfigError(f"--grid {path}: a folder, not a grid file")
+    if not Path(path).is_file():  # as --config words it, not as a raw "[Errno 2] No such file ..."
+        raise ConfigError(f"--grid {path}: no such file")
     try:
         runs = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+    except OSError as exc:
+        raise ConfigError(f"--grid {path}: cannot be read ({exc.strerror or exc})") from exc
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise ConfigError(f"--grid {path}: {exc}") from exc
     if not isinstance(runs, list):
         raise ConfigError(f"--grid {path}: expected a JSON list of runs, got {type(runs).__name__}")
