@@ -123,3 +123,15 @@ def test_recall_columns_are_ordered_by_cut_off():
     from train.csft_runs import metric_columns
     assert metric_columns(_metrics(0.1, 0.6, ks=(100, 5, 20))) == ["recall@5", "recall@20", "recall@100",
                                                                    "pair_auc", "gauc"]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_encoders_that_cannot_load_leave_no_out_folder(inputs, tmp_path, capsys, command):  # noqa: F811
+    """csft-ablations made out= before it loaded encoders=, and a folder that holds no encoders
+    left an empty out= behind."""
+    out, not_encoders = tmp_path / "out", tmp_path / "not-encoders"
+    not_encoders.mkdir()
+    config_file = _write_config(_config(inputs, out, encoders=str(not_encoders)), tmp_path / "c.yaml")
+    assert cli.main([*COMMANDS[command], "--config", str(config_file)]) == 2
+    assert str(not_encoders) in capsys.readouterr().err
+    assert not out.exists()

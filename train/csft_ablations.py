@@ -94,7 +94,7 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     configs = {name: check_config(load_config(CsftConfig, config_path, [*overrides, *variant, f"out={out / name}",
                                                                         f"data.feature_cache={cache}"]))
                for name, _, variant in VARIANTS}
-    out.mkdir(parents=True, exist_ok=True)
+    # out= is made by its first write (each write makes its folder): encoders= or a world refused below leave none
     world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
     held_out = world.held_out(base.data.validation)
     note_catalogue_size(world, base.eval.ks)
