@@ -146,7 +146,9 @@ def test_a_given_world_changed_under_the_same_path_runs_its_reader_again(tmp_pat
     ("--train", "out=/tmp/shared", "the chain sets out; it is set by --out"),
     ("--train", "model={ubm: sim}", "--train model={ubm: sim}: the chain sets model.ubm"),
     ("--pretrain", "out=/tmp/enc", "--pretrain out=/tmp/enc: the chain sets out"),
-    ("--csft", "encoders=/tmp/enc", "the chain sets encoders; it is set by the pretrain stage")])
+    ("--csft", "encoders=/tmp/enc", "the chain sets encoders; it is set by the pretrain stage"),
+    # found by the validate stage, after its log was written into --out
+    ("--world", "/nonexistent/world", "--world /nonexistent/world: no such folder")])
 def test_bad_arguments_are_refused_before_any_stage(tmp_path, capsys, flag, value, message):
     from train.cli import main
 

@@ -137,8 +137,10 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     pretrain, C-SFT (TorchX, ``nproc`` ranks) and MFM from the C-SFT item tower. ``mim
     experiment`` runs the same stages with the same command lines, so one run folder serves
     both commands without training anything twice."""
-    from mim_rec.config import refuse_settings_set_elsewhere
+    from mim_rec.config import ConfigError, refuse_settings_set_elsewhere
 
+    if world_arg and not Path(world_arg).is_dir():  # else found by the validate stage, its log written
+        raise ConfigError(f"--world {world_arg}: {'not a folder' if Path(world_arg).exists() else 'no such folder'}")
     for stage in ("pretrain", "csft"):
         refuse_settings_set_elsewhere(f"--{stage}", preset[stage], CHAIN_SETTINGS[stage], "the chain")
     mim = mim_command()
