@@ -156,11 +156,8 @@ def require_own_run_folder(out: str, command: str, run_files: Iterable[str], for
     out = Path(out)
     if not out.is_dir():
         return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in run_files and not p.name.startswith("."))
-    foreign += sorted(f"checkpoints/{p.name}" for p in (out / "checkpoints").glob(foreign_checkpoints))
-    if foreign:
-        raise ConfigError(f"out={out}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
-                          f"which is not a `{command}` run's; {remedy}")
+    refuse_foreign_entries(out, command, run_files, remedy,
+                           sorted(f"checkpoints/{p.name}" for p in (out / "checkpoints").glob(foreign_checkpoints)))
     saved = read_json_or_none(out / "config.json") if (out / "config.json").is_file() else {}
     if not isinstance(saved, dict):
         raise ConfigError(f"{out / 'config.json'}: not a whole JSON object (a write cut short?), so the run's "
@@ -172,6 +169,19 @@ def require_own_run_folder(out: str, command: str, run_files: Iterable[str], for
         raise ConfigError(f"out={out}: its config.json is a `{fits}` run's, not a `{command}` run's (settings "
                           f"{', '.join(sorted(unknown[command])[:4])}{', ...' if len(unknown[command]) > 4 else ''}); "
                           f"{remedy}")
+
+
+def refuse_foreign_entries(out: Path, command: str, own: Iterable[str], remedy: str = "use an empty or new out=",
+                           also_foreign: Iterable[str] = ()) -> None:
+    """Refuse an ``out`` holding entries other than the ``own`` ones a ``command`` run writes
+    there (dot files are the machinery's own), or any of ``also_foreign``: a run written among
+    another run's files left that run's own stage refusing its folder."""
+    own = set(own)
+    foreign = [*sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith(".")),
+               *also_foreign] if out.is_dir() else []
+    if foreign:
+        raise ConfigError(f"out={out}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                          f"which is not a `{command}` run's; {remedy}")
 
 
 def absolute_paths(settings: Dict[str, Any], paths: Iterable[str]) -> Dict[str, Any]:

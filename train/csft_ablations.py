@@ -83,12 +83,13 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     from mim_rec.csft.data import FeatureCache, WorldInputs
     from mim_rec.utils.dist import current_rank
     from mim_rec.utils.run import atomic_write_bytes
+    from train.common import refuse_foreign_entries
     from train.csft import check_config, note_catalogue_size, untrainable
-    from train.csft_runs import csft_fingerprint, csft_result, require_runs_folder, saved_result, stage1_result
+    from train.csft_runs import csft_fingerprint, csft_result, saved_result, stage1_result
 
     base = check_config(load_config(CsftConfig, config_path, overrides))
     out = Path(base.out)
-    require_runs_folder(out, "mim csft-ablations", RUN_FILES)
+    refuse_foreign_entries(out, "mim csft-ablations", RUN_FILES)
     cache = base.data.feature_cache or str(out / "features")
     # every variant's settings are checked before any variant trains
     configs = {name: check_config(load_config(CsftConfig, config_path, [*overrides, *variant, f"out={out / name}",

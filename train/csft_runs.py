@@ -16,23 +16,10 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mim_rec.csft.data import HeldOut, WorldInputs
 from mim_rec.csft.evaluate import EVALUATION_RULES
-
-
-def require_runs_folder(out: Path, command: str, own: Iterable[str]) -> None:
-    """Refuse an ``out`` holding anything but the ``own`` entries ``command`` writes there (dot
-    files aside): its runs' folders, reports and feature cache went among another run's files
-    (``out`` a pretrain run), and that run's own stage then refused its folder."""
-    from mim_rec.config import ConfigError
-
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in set(own) and not p.name.startswith(".")) \
-        if out.is_dir() else []
-    if foreign:
-        raise ConfigError(f"out={out}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
-                          f"which is not a `{command}` run's; use an empty or new out=")
 
 
 def saved_result(folder: Path, fingerprint: str) -> Optional[Dict]:

@@ -124,8 +124,9 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     from mim_rec.config import ConfigError, load_config
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
+    from train.common import refuse_foreign_entries
     from train.csft import check_config, untrainable
-    from train.csft_runs import csft_result, metric_columns, require_runs_folder, stage1_result
+    from train.csft_runs import csft_result, metric_columns, stage1_result
 
     if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
         raise ConfigError(f"--validation {validation}: must lie strictly between 0 and 1 (the share of "
@@ -136,7 +137,7 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     if select not in selectable:
         raise ConfigError(f"--select {select!r}: not a metric; expected one of {selectable}")
     out = Path(base.out)
-    require_runs_folder(out, "mim csft-tune", RUN_FILES)
+    refuse_foreign_entries(out, "mim csft-tune", RUN_FILES)
     cache = base.data.feature_cache or str(out / "features")
     shared = [*overrides, f"data.feature_cache={cache}"]
 
