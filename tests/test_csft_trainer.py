@@ -92,17 +92,22 @@ def _trainable_state(out: Path):
 
 def _lonely_world(inputs, folder: Path):
     """``inputs`` with every fourth item alone in its category: the hard-negative sampler falls
-    back to any other item for those (and counts it)."""
+    back to any other item for those (and counts it). The pairs follow their items' new
+    categories (C-SFT's pair reader refuses a pair whose category is not its item's)."""
     folder.mkdir()
+    rewritten = ("items.parquet", "pairs_train.parquet", "pairs_test.parquet")
     for path in inputs[0].iterdir():
-        if path.name != "items.parquet":
+        if path.name not in rewritten:
             (folder / path.name).symlink_to(path)
     items = pq.read_table(inputs[0] / "items.parquet")
     ids = items.column("item_id").to_numpy()
-    field = items.schema.field("category_id")
     categories = np.where(ids % 4 == 0, 6 + ids, items.column("category_id").to_numpy())
-    pq.write_table(items.set_column(items.column_names.index("category_id"), field,
-                                    [pa.array(categories, type=field.type)]), folder / "items.parquet")
+    for name in rewritten:
+        table = pq.read_table(inputs[0] / name)
+        field = table.schema.field("category_id")
+        own = categories[table.column("item_id").to_numpy()]
+        pq.write_table(table.set_column(table.column_names.index("category_id"), field,
+                                        [pa.array(own, type=field.type)]), folder / name)
     return folder, inputs[1], folder / "features"
 
 

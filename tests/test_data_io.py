@@ -409,6 +409,35 @@ def test_category_ids_past_the_items_categories_are_refused(tmp_path):
     validate_file(pairs, PAIRS, item_count=N_ITEMS)  # without the items' categories, only >= 0 is checked
 
 
+def test_a_pair_whose_category_is_not_its_items_is_refused(tmp_path, capsys):
+    """The pairs' category_id was checked only to be a category of the items table: a pairs file
+    written against another id mapping, each pair on the wrong item, passed the world check,
+    mim data holdout and C-SFT's loader."""
+    from mim_rec.csft.data import read_pair_file
+    from mim_rec.data.split import holdout_world
+
+    write_table(table(ITEMS, items_rows()), tmp_path / "items.parquet", ITEMS)  # item 3: category 1
+    pairs = write_raw(tmp_path, "pairs_train.parquet", PAIRS, edit(pairs_rows(), "category_id", 3, 0))
+    _complete_world(tmp_path)
+    named = "pair category differs from its item's in the items table (value: 0; item 3's category in the items table is 1)"
+    with pytest.raises(DataError) as info:
+        validate_world(tmp_path, echo=lambda line: None)
+    assert (info.value.file, info.value.row, info.value.field) == (str(pairs), 3, "category_id")
+    assert info.value.reason == named
+    assert mim(["data", "validate", str(pairs)]) == 2  # one file: the items beside it give the categories
+    assert f"{pairs}, row 3, field 'category_id': {named}" in capsys.readouterr().err
+    with pytest.raises(DataError, match="pair category differs") as info:
+        read_pair_file(pairs, read_items(tmp_path / "items.parquet").column("category_id").to_numpy())
+    assert (info.value.row, info.value.field) == (3, "category_id")
+    with pytest.raises(DataError, match="pair category differs") as info:  # nor carried into a validation world
+        holdout_world(tmp_path, tmp_path / "validation", 0.5)
+    assert (info.value.file, info.value.row) == (str(pairs), 3)
+    results = validate_world(tmp_path, drop_invalid=True, echo=lambda line: None, clean_out=tmp_path / "clean")
+    assert [r.rejected for r in results] == [0, 1, 0, 0, 0]
+    assert pq.read_table(rejected_path_for(pairs)).column("reason").to_pylist() == [
+        "category_id: pair category differs from its item's in the items table"]
+
+
 def test_validate_names_a_missing_path_and_a_bad_item_count(tmp_path, capsys):
     """A missing path was reported as a file name the command could not read a contract from."""
     assert mim(["data", "validate", str(tmp_path / "absent")]) == 2

@@ -66,12 +66,15 @@ class Pairs:
                      [s for s, k in zip(self.signals, keep) if k], self.ts[keep])
 
 
-def read_pair_file(path: PathLike, item_count: int, signals: Optional[Sequence[str]] = None) -> Pairs:
-    """Validated pairs, keeping rows whose ``signal`` is in ``signals`` (all when None)."""
+def read_pair_file(path: PathLike, item_categories: np.ndarray, signals: Optional[Sequence[str]] = None) -> Pairs:
+    """Validated pairs, keeping rows whose ``signal`` is in ``signals`` (all when None).
+    ``item_categories`` (row i: item i's category) bounds the item ids and must give each
+    pair's ``category_id``, as ``mim data validate`` checks a world."""
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "pairs file not found")
-    table = read_pairs(path, item_count, columns=["item_id", "signal", "category_id", "ts"])
+    table = read_pairs(path, len(item_categories), columns=["item_id", "signal", "category_id", "ts"],
+                       item_category=item_categories)
     signal = np.asarray(table.column("signal").to_pylist(), dtype=object)
     unknown = sorted(set(signal) - set(SIGNALS))
     if unknown:
@@ -205,7 +208,7 @@ class WorldInputs:
         return self.world / f"pairs_{split}.parquet"
 
     def pairs(self, split: str, signals: Optional[Sequence[str]] = None) -> Pairs:
-        return read_pair_file(self.pairs_path(split), self.item_count, signals)
+        return read_pair_file(self.pairs_path(split), self.item_categories, signals)
 
     def training_pairs(self, signals: Sequence[str], validation: float = 0.0) -> Pairs:
         """The pairs C-SFT learns from: ``pairs_train`` with ``signals``, less the held-out

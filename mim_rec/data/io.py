@@ -58,7 +58,7 @@ class ValidationResult:
     rejected: int
     table: Optional[pa.Table] = None
     rejected_path: Optional[Path] = None
-    # Items only: each kept item's category_id (row i: item i), for the events' category rule
+    # Items only: each kept item's category_id (row i: item i), for the events' and pairs' category rules
     item_category: Optional[np.ndarray] = None
 
 
@@ -75,10 +75,12 @@ def read_items(path: PathLike, drop_invalid: bool = False) -> pa.Table:
 
 
 def read_pairs(path: PathLike, item_count: int, drop_invalid: bool = False,
-               columns: Optional[List[str]] = None) -> pa.Table:
-    """C-SFT pairs; ``item_id`` must lie in ``0..item_count-1``."""
+               columns: Optional[List[str]] = None,
+               item_category: Optional[np.ndarray] = None) -> pa.Table:
+    """C-SFT pairs; ``item_id`` must lie in ``0..item_count-1``, and with ``item_category``
+    (row i: item i's category) each pair's ``category_id`` must be its item's."""
     return validate_file(path, PAIRS, item_count=item_count, drop_invalid=drop_invalid,
-                         columns=columns).table
+                         columns=columns, item_category=item_category).table
 
 
 def read_events(path: PathLike, item_count: int, drop_invalid: bool = False,
@@ -101,8 +103,9 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
     checks need them). ``vector_dims`` fixes the expected length of vector columns (a
     manifest's ``dim``); without it a column's dimension is the length most of its rows have
     (:func:`~mim_rec.data.validate.vector_dimensions`: a first pass over that column).
-    ``item_category`` (an items result's :attr:`ValidationResult.item_category`) lets events be
-    checked against their items: each behaviour's category must be its item's.
+    ``item_category`` (an items result's :attr:`ValidationResult.item_category`) lets events and
+    pairs be checked against their items: each behaviour's and each pair's category must be its
+    item's.
     ``copy_to`` streams the rows kept (cast to the contract's types, relative image paths made
     absolute) into a new Parquet file, which appears only once the whole file passed.
     """
@@ -231,7 +234,8 @@ def _scan(batches: Iterable[pa.RecordBatch], checks: List[RowCheck], file: str,
             if quarantine is None:
                 row = int(np.argmax(bad))
                 check = checks[reason[row]]
-                raise DataError(file, f"{check.reason} (value: {_show(batch, row, check.field)})",
+                expected = f"; {check.expected(batch, row)}" if check.expected else ""
+                raise DataError(file, f"{check.reason} (value: {_show(batch, row, check.field)}{expected})",
                                 row=offset + row, field=check.field)
             quarantine.add(batch, offset, bad, [checks[i].field + ": " + checks[i].reason
                                                 for i in reason[bad]])

@@ -99,7 +99,8 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
         pairs_path = source / "pairs_train.parquet"
         if pairs_path.is_file():
             pairs = absolute_image_paths(validate_file(pairs_path, PAIRS, item_count=item_count,
-                                                       category_count=categories).table, source)
+                                                       category_count=categories,
+                                                       item_category=item_category).table, source)
             later = pairs.column("ts").to_numpy() >= cut
             inputs["pairs_train"] = fingerprint_file(pairs_path)
             if later.all() or not later.any():  # a world file must hold rows: leave the pairs out

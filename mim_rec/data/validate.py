@@ -104,11 +104,16 @@ def cast_batch(batch: pa.RecordBatch, schema: pa.Schema, file: str) -> pa.Record
 
 @dataclass(frozen=True)
 class RowCheck:
-    """One rule over rows: ``flags(batch)`` is a bool mask, True where a row breaks it."""
+    """One rule over rows: ``flags(batch)`` is a bool mask, True where a row breaks it.
+
+    ``expected(batch, row)``, when given, says what a flagged row's value was compared with
+    (another table's value): the row's own value alone does not tell the user which side to fix.
+    """
 
     field: str
     reason: str
     flags: Callable[[pa.RecordBatch], np.ndarray]
+    expected: Optional[Callable[[pa.RecordBatch, int], str]] = None
 
 
 @dataclass
@@ -121,7 +126,7 @@ class CheckContext:
     base_dir: Optional[Path] = None    # image paths are relative to the file's folder
     # Expected length per vector column (:func:`vector_dimensions`); one without is not checked
     vector_dims: Optional[Dict[str, int]] = None
-    # Per item (row i: item i), from the items table: behaviours must agree (None: unchecked)
+    # Per item (row i: item i), from the items table: behaviours and pairs must agree (None: unchecked)
     item_category: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
@@ -370,6 +375,8 @@ def _pairs_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
                             PAIRS.one_of[0])
     if "user_id" in names:
         checks.append(_id_in_range("user_id", None, "user id"))
+    if ctx.item_category is not None:
+        checks.append(_pair_category_matches_item(ctx))
     return checks
 
 
@@ -397,6 +404,30 @@ def _behaviour_categories_match_items(ctx: CheckContext) -> RowCheck:
                            paired.num_rows)
     return RowCheck("hist_category_ids", "behaviour category differs from its item's in the items table",
                     lambda b: _where_lists_pair(b, "hist_item_ids", "hist_category_ids", differs))
+
+
+def _pair_category_matches_item(ctx: CheckContext) -> RowCheck:
+    """A pair's ``category_id`` must be its item's in the items table. C-SFT takes categories
+    from the items table (the same-category negatives, the category loss), so a pair that
+    disagrees is a pairs file written against another catalogue or another id mapping (item
+    ids shifted by an importer), whose pairs would train on the wrong items; the world check
+    refuses it, as it refuses a behaviour whose category is not its item's."""
+    def items_of(batch: pa.RecordBatch) -> Tuple[np.ndarray, np.ndarray]:
+        ids = pc.fill_null(batch.column("item_id"), -1).to_numpy(zero_copy_only=False)
+        known = (ids >= 0) & (ids < len(ctx.item_category))  # others: the item id rule names them
+        return ids, known
+
+    def differs(batch: pa.RecordBatch) -> np.ndarray:
+        ids, known = items_of(batch)
+        categories = pc.fill_null(batch.column("category_id"), -1).to_numpy(zero_copy_only=False)
+        return known & (ctx.item_category[np.where(known, ids, 0)] != categories)
+
+    def expected(batch: pa.RecordBatch, row: int) -> str:
+        item = int(items_of(batch)[0][row])
+        return f"item {item}'s category in the items table is {int(ctx.item_category[item])}"
+
+    return RowCheck("category_id", "pair category differs from its item's in the items table",
+                    differs, expected)
 
 
 def _behaviours_before_the_event(batch: pa.RecordBatch) -> np.ndarray:
