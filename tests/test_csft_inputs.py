@@ -31,9 +31,16 @@ def test_every_training_command_checks_the_settings_before_any_work(inputs, tmp_
     assert not out.exists()
 
 
-def test_a_batch_larger_than_the_training_pairs_names_the_pairs(inputs, tmp_path, capsys):  # noqa: F811
+def test_a_batch_larger_than_the_training_pairs_names_the_pairs(inputs, tmp_path, capsys, monkeypatch):  # noqa: F811
     """C-SFT counted its training pairs and called them items: on a world of 40 items with 22
-    purchase pairs it said "only 22 training items", a count the world has nowhere."""
+    purchase pairs it said "only 22 training items", a count the world has nowhere. And it said
+    so only after loading the encoders and extracting every backbone feature (~30 s)."""
+    import mim_rec.encoders
+
+    def refused_too_late(folder):
+        raise AssertionError(f"the encoders at {folder} loaded before the batch size was refused")
+
+    monkeypatch.setattr(mim_rec.encoders, "load_encoders", refused_too_late)
     config_file = _write_config(_config(inputs, tmp_path / "out"), tmp_path / "c.yaml")
     assert cli.main(["csft", "--config", str(config_file), "data.batch_size=100000"]) == 2
     err = capsys.readouterr().err

@@ -128,21 +128,23 @@ def _run_csft(config) -> Path:
     check_config(config)  # refused before any work, whoever calls
     ctx = init_distributed(config.device)
     out = Path(config.out)
-    seed_everything(config.seed)  # identical initial weights on every rank
-    model = CsftModel(load_encoders(config.encoders), config.model).to(ctx.device)
+    # The world and the batch are checked before the encoders load and the backbone features
+    # are extracted: a batch larger than the pairs was refused only after that work (~30 s).
     world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
                         batch_size=config.eval.batch_size)
     reason = untrainable(config, world.item_categories)
     if reason:
         raise ConfigError(reason)
     pairs = world.training_pairs(config.data.signals, config.data.validation)
+    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(pairs),
+                               what=f"training pairs of data.signals={config.data.signals}")
+    seed_everything(config.seed)  # identical initial weights on every rank
+    model = CsftModel(load_encoders(config.encoders), config.model).to(ctx.device)
     if not ctx.is_main:
         barrier()  # rank 0 computes and caches the backbone features first
     inputs = TrainingInputs(world, pairs, model, features=not config.model.train_backbones)
     if ctx.is_main:
         barrier()
-    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(pairs),
-                               what=f"training pairs of data.signals={config.data.signals}")
     sampler = SameCategorySampler(world.item_categories) if config.negatives.hard else None
     objective = CsftObjective(model, config.loss, config.negatives,
                               num_categories=int(world.item_categories.max()) + 1).to(ctx.device)
