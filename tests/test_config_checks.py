@@ -255,8 +255,12 @@ def test_the_import_help_says_what_each_format_is(capsys):
     """``--format`` of mim data import was the one argument shown without a word of help."""
     with pytest.raises(SystemExit):
         mim(["data", "import", "--help"])
-    shown = " ".join(capsys.readouterr().out.split())
+    printed = capsys.readouterr().out
+    shown = " ".join(printed.split())
     assert "taobao-mm: TAOBAO-MM" in shown and "amazon: Amazon reviews" in shown and "docs/data.md" in shown
+    # the kinds of missing rows --allow-missing can name, per format (argparse wraps at hyphens too)
+    assert ("Kinds:taobao-mm:target-embedding,behaviour-embedding,item-features,user-features;"
+            "amazon:text,inter-rows.") in "".join(printed.split())
 
 
 @pytest.mark.parametrize("argv, prog", [

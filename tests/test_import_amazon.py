@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mim_rec.data.errors import DataError
-from mim_rec.data.importers.amazon import AmazonOptions, category_phrase, import_amazon
+from mim_rec.data.importers.amazon import GAP_KIND, AmazonOptions, category_phrase, import_amazon
+from mim_rec.data.importers.missing import MISSING_KINDS
 from mim_rec.data.io import read_events, read_items, read_pairs, validate_world
 from mim_rec.data.manifest import read_manifest
 from train.cli import main
@@ -42,6 +43,9 @@ def write_amazon(root, inter_header="user_id:token\titem_id_list:token_seq\titem
     feats.tofile(root / "Tiny.feat3CLS")
     rng.normal(size=(N_ITEMS, DIM)).astype("<f4").tofile(root / "Tiny.feat1CLS")
     return root
+
+
+EVERY_KIND = tuple(MISSING_KINDS["amazon"])
 
 
 def options(**kw):
@@ -181,13 +185,18 @@ def test_bad_sources_are_refused(tmp_path, case):
     if row is not None:
         assert info.value.row == row
     if case == "missing text":  # accepted with a counted default
-        report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+        report = import_amazon(src, tmp_path / "out", options(allow_missing=("text",)))
         assert report.missing == {"items without text": 1}
         assert read_items(tmp_path / "out" / "items.parquet").column("title")[-1].as_py() == "ASIN7"
     if case == "truncated test":  # accepted, counted, when the user says so
-        report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+        report = import_amazon(src, tmp_path / "out", options(allow_missing=("inter-rows",)))
         assert report.missing == {"users without a test row": 1}
         assert report.counts["inter rows test"] == N_USERS - 1
+
+
+def test_every_missing_count_has_a_kind_to_admit_it():
+    """A count of no --allow-missing kind could never be admitted."""
+    assert tuple(dict.fromkeys(GAP_KIND.values())) == EVERY_KIND
 
 
 def test_category_phrase():
@@ -264,7 +273,7 @@ def test_repeated_or_stale_rows_are_refused(tmp_path, case):
             import_amazon(src, tmp_path / "out", options())
         assert (strict.value.file.endswith("Tiny.valid.inter"), strict.value.row) == (True, 0)
     with pytest.raises(DataError, match=match) as info:
-        import_amazon(src, tmp_path / "out", options(allow_missing=True))
+        import_amazon(src, tmp_path / "out", options(allow_missing=("inter-rows",)))
     assert info.value.file.endswith(file)
     assert (info.value.row, info.value.field) == (row, "item_id:token")
     assert not (tmp_path / "out").exists()
@@ -277,7 +286,7 @@ def test_an_empty_split_is_refused_even_with_allow_missing(tmp_path, split):
     _edit_inter(src, split, lambda lines: lines[:1])
     with pytest.raises(DataError, match=f"holds no rows \\(header only\\): the world's {split} split"
                                         f" would be empty") as info:
-        import_amazon(src, tmp_path / "out", options(allow_missing=True))
+        import_amazon(src, tmp_path / "out", options(allow_missing=EVERY_KIND))
     assert info.value.file.endswith(f"Tiny.{split}.inter")
     assert not (tmp_path / "out").exists()
 
@@ -306,7 +315,7 @@ def test_a_missing_train_row_is_counted_not_silently_dropped(tmp_path):
     with pytest.raises(DataError, match="interactions that are no row's target: 1") as info:
         import_amazon(src, tmp_path / "out", options())
     assert info.value.file.endswith("Tiny.train.inter")
-    report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    report = import_amazon(src, tmp_path / "out", options(allow_missing=("inter-rows",)))
     assert report.missing == {"interactions that are no row's target": 1}
 
     # the longest train row, the one right before the valid row: the valid row then adds two
@@ -315,7 +324,7 @@ def test_a_missing_train_row_is_counted_not_silently_dropped(tmp_path):
     _edit_inter(src, "train", lambda lines: lines[:1] + lines[2:])  # user 0's position-2 row
     with pytest.raises(DataError, match="an earlier file lacks rows") as info:
         import_amazon(src, tmp_path / "out", options())
-    report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    report = import_amazon(src, tmp_path / "out", options(allow_missing=("inter-rows",)))
     assert report.missing == {"interactions that are no row's target": 1}
 
 
@@ -330,7 +339,7 @@ def test_a_train_row_in_a_missing_valid_slot_does_not_hide_another_users_gap(tmp
     _edit_inter(src, "valid", lambda lines: [l for l in lines if not l.startswith("0\t")])
     _edit_inter(src, "train", lambda lines: lines[:1] + [moved] + [
         l for l in lines[1:] if not (l.startswith("2\t") and len(l.split("\t")[1].split()) == 1)])
-    report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    report = import_amazon(src, tmp_path / "out", options(allow_missing=("inter-rows",)))
     assert report.missing == {"users without a valid row": 1,
                               "interactions that are no row's target": 1}
 
@@ -343,7 +352,7 @@ def test_a_short_valid_file_is_named_and_can_be_accepted(tmp_path):
     with pytest.raises(DataError, match="users without a valid row: 1") as info:
         import_amazon(src, tmp_path / "out", options())
     assert info.value.file.endswith("Tiny.valid.inter")
-    report = import_amazon(src, tmp_path / "out", options(allow_missing=True))
+    report = import_amazon(src, tmp_path / "out", options(allow_missing=("inter-rows",)))
     assert report.missing == {"users without a valid row": 1}
     last_user, seq = max(SEQUENCES.items())
     test = read_events(tmp_path / "out" / "events_test.parquet", N_ITEMS).to_pylist()

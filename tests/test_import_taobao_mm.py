@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from mim_rec.data.errors import DataError
-from mim_rec.data.importers.taobao_mm import TaobaoOptions, import_taobao_mm
+from mim_rec.data.importers.missing import MISSING_KINDS
+from mim_rec.data.importers.taobao_mm import GAP_KIND, TaobaoOptions, import_taobao_mm
 from mim_rec.data.io import read_events, read_items, validate_mm_table, validate_world
 from mim_rec.data.manifest import read_manifest, require
 
@@ -16,6 +17,7 @@ HIST = {-77: ([17, -5, 17, 88], [300, 200, 300, 400]),
         1_234_567_890_123: ([901, 88, -9_000_000_000_000, 17], [100, 400, 100, 300])}
 ITEM_CATEGORY = {-9_000_000_000_000: 100, -5: 200, 17: 300, 4_000_000_000_123: 500, 88: 400, 901: 100}
 LIST8 = pa.list_(pa.int8())
+EVERY_KIND = tuple(MISSING_KINDS["taobao-mm"])
 
 
 def mm_rows(table_dir):
@@ -106,7 +108,7 @@ def test_files_that_do_not_join_are_refused_or_counted(tmp_path):
     assert "train sample items without embedding: 3" in message
     assert not (tmp_path / "out").exists()
 
-    report = import_taobao_mm(src, tmp_path / "out", TaobaoOptions(allow_missing=True))
+    report = import_taobao_mm(src, tmp_path / "out", TaobaoOptions(allow_missing=EVERY_KIND))
     assert report.missing["train sample items without embedding"] == 3
     assert report.missing["train sample users without features"] == 1
     events = read_events(tmp_path / "out" / "events_train.parquet", len(ITEMS)).to_pylist()
@@ -115,6 +117,66 @@ def test_files_that_do_not_join_are_refused_or_counted(tmp_path):
     assert sum(r.rows for r in results) == len(ITEMS)
     zero = [r for r in mm_rows(tmp_path / "out" / "mm_table") if not any(r["vector"])]
     assert len(zero) == len(ITEMS) - 3
+
+
+def test_each_kind_of_missing_row_is_admitted_on_its_own(tmp_path):
+    """--allow-missing admitted every kind at once: accepting users without features also
+    accepted sample items without an embedding, whose events then had no content to model."""
+    assert tuple(dict.fromkeys(GAP_KIND.values())) == EVERY_KIND  # every count has a kind, every kind a count
+    src, _ = write_taobao(tmp_path / "src", embedding_items=ITEMS[:3], user_rows=[-77])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="do not join") as info:
+        import_taobao_mm(src, out, TaobaoOptions(allow_missing=("user-features",)))
+    message = str(info.value)
+    assert "train sample items without embedding: 3" in message and "behaviour items without embedding: 1" in message
+    assert "users without features" not in message  # admitted
+    assert message.endswith("Re-run with --allow-missing target-embedding,behaviour-embedding,user-features "
+                            "to fill counted defaults.")
+    assert not out.exists()
+
+    admitted = ("target-embedding", "behaviour-embedding", "user-features")
+    report = import_taobao_mm(src, out, TaobaoOptions(allow_missing=admitted))
+    summary = report.lines()
+    start = summary.index("  missing rows filled with counted defaults (--allow-missing "
+                          "target-embedding,behaviour-embedding,user-features):")
+    assert [" ".join(line.split()) for line in summary[start + 1:start + 9]] == [
+        "target-embedding", "train sample items without embedding 3", "test sample items without embedding 3",
+        "behaviour-embedding", "behaviour items without embedding 1",
+        "user-features", "train sample users without features 1", "test sample users without features 1"]
+    assert summary[start + 9].startswith("  note:")  # item-features, not admitted, has no line
+    assert read_manifest(out).config["allow_missing"] == list(admitted)
+    validate_world(out)
+
+
+def test_cli_allow_missing_takes_named_kinds_or_all(tmp_path, capsys):
+    """A bare --allow-missing still admits every kind; a list admits only its kinds, and a
+    kind no format has, or another format's, is refused naming the kinds there are."""
+    from train.cli import main
+
+    src, _ = write_taobao(tmp_path / "src", embedding_items=ITEMS[:3], user_rows=[-77])
+    out = tmp_path / "w"
+    base = ["data", "import", "--format", "taobao-mm", str(src), "--out", str(out)]
+    assert main(base + ["--allow-missing", "user-features"]) == 2
+    assert "Re-run with --allow-missing target-embedding,behaviour-embedding,user-features" in capsys.readouterr().err
+    assert main(base + ["--allow-missing", "text"]) == 2  # amazon's
+    assert capsys.readouterr().err.strip() == (
+        "mim data import: error: --allow-missing text: 'text' is not a kind of missing row (--format taobao-mm: "
+        "target-embedding, behaviour-embedding, item-features, user-features; give a comma list of them, "
+        "or all for every kind)")
+    with pytest.raises(SystemExit) as exit_:
+        main(base + ["--allow-missing", "user-features,images"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --allow-missing: --allow-missing user-features,images: 'images' is not a kind" in err
+    assert "--format amazon: text, inter-rows" in err and not out.exists()
+    with pytest.raises(SystemExit):  # a bare flag before SRC took SRC as its kinds
+        main(["data", "import", "--format", "taobao-mm", "--out", str(out), "--allow-missing", str(src)])
+    assert f"{src} is a path: a bare --allow-missing written before SRC takes SRC as its kinds" in capsys.readouterr().err
+    assert main(base + ["--allow-missing", "user-features, target-embedding,behaviour-embedding"]) == 0
+    assert main(base + ["--allow-missing"]) == 0
+    printed = capsys.readouterr().out
+    assert "(--allow-missing target-embedding,behaviour-embedding,item-features,user-features):" in printed
+    assert "    item-features: none missing" in printed
 
 
 @pytest.mark.parametrize("case", ["missing column", "unequal lists", "embedding size",
@@ -248,7 +310,7 @@ def test_an_empty_split_is_refused(tmp_path, split, as_parts):
         path = src / f"{split}_samples.parquet"
         pq.write_table(pq.read_table(path).slice(0, 0), path)
     with pytest.raises(DataError, match=f"holds no rows: the world's {split} split would be empty") as info:
-        import_taobao_mm(src, tmp_path / "out", TaobaoOptions(allow_missing=True))
+        import_taobao_mm(src, tmp_path / "out", TaobaoOptions(allow_missing=EVERY_KIND))
     assert info.value.file.endswith(f"{split}_samples" if as_parts else f"{split}_samples.parquet")
     assert not (tmp_path / "out").exists()
 

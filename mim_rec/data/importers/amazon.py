@@ -61,9 +61,17 @@ class AmazonOptions:
     negatives: int = 1
     negative_sampling: str = "popularity"
     seed: int = 0
-    allow_missing: bool = False
+    # The kinds of missing rows filled with counted defaults (MISSING_KINDS["amazon"]); a
+    # missing row of any other kind refuses the import
+    allow_missing: Tuple[str, ...] = ()
     feature_dim: int = 512
     name: Optional[str] = None  # data set name; default: the single *.inter prefix in SRC
+
+
+# Each missing count -> its --allow-missing kind
+GAP_KIND: Dict[str, str] = {"items without text": "text", "users without a valid row": "inter-rows",
+                            "users without a test row": "inter-rows",
+                            "interactions that are no row's target": "inter-rows"}
 
 
 def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
@@ -86,9 +94,9 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     texts, missing_text = _read_texts(path["text"], asins)
     image_features = read_feature_file(path["feat3CLS"], n_items, options.feature_dim)
     missing = {"items without text": len(missing_text)}
-    refuse_missing(str(path["text"]), missing, options.allow_missing,
+    refuse_missing(str(path["text"]), missing, GAP_KIND, options.allow_missing,
                    "Every item of item2index needs a text line.")
-    sequences = _Sequences(len(users), n_items, allow_gaps=options.allow_missing)
+    sequences = _Sequences(len(users), n_items, allow_gaps="inter-rows" in options.allow_missing)
     rows = {}
     for split in SPLITS:
         rows[split] = sequences.read(path[f"{split}.inter"])
@@ -101,18 +109,19 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
         # without one means a file cut short (at a line boundary, which no row check can see).
         # Checked as each file is read, so a short valid file is not blamed on the test file.
         gap = {f"users without a {split} row": len(users) - len({r.user for r in rows[split]})}
-        refuse_missing(str(path[f"{split}.inter"]), gap, options.allow_missing,
+        refuse_missing(str(path[f"{split}.inter"]), gap, GAP_KIND, options.allow_missing,
                        "The format splits leave-one-out, one row per user of user2index: "
                        "is the file truncated?")
         missing.update(gap)
     gap = {"interactions that are no row's target": sequences.untargeted_positions(rows)}
-    refuse_missing(str(path["train.inter"]), gap, options.allow_missing,
+    refuse_missing(str(path["train.inter"]), gap, GAP_KIND, options.allow_missing,
                    "The train file lists every prefix of a user's sequence before its valid row, "
                    "each interaction the target of one row: is a file truncated or missing rows?")
     missing.update(gap)
     for index in missing_text:  # counted default: the ASIN is the only text there is
         texts[index] = asins[index]
     report.missing = {k: v for k, v in missing.items() if v}
+    report.admitted, report.kind_of = options.allow_missing, GAP_KIND
 
     root = _root_phrase(texts)
     category_names, category_id = _dense_names([_below_root(t, root) for t in texts])
@@ -365,7 +374,7 @@ class _Sequences:
                 why = (f"its history adds {position - known} item(s) that no earlier row has, but a "
                        f"{split} row extends user {user}'s sequence by exactly one item (position "
                        f"{known}, after the earlier rows): an earlier file lacks rows (cut short?), or "
-                       f"this row is not the next interaction; --allow-missing counts such gaps")
+                       f"this row is not the next interaction; --allow-missing inter-rows counts such gaps")
             raise DataError(str(path), why, row=row, field=INTER_HEADER[2])
 
     def _agree(self, path: Path, row: int, field: str, user: int, position: int, item: int) -> None:

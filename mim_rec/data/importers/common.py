@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Collection, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -104,7 +104,11 @@ class ImportReport:
 
     format: str
     counts: Dict[str, int] = field(default_factory=dict)
-    missing: Dict[str, int] = field(default_factory=dict)
+    missing: Dict[str, int] = field(default_factory=dict)  # rows filled with counted defaults
+    # The --allow-missing kinds the import was told to admit (mim_rec.data.importers.missing),
+    # and each missing count's kind: the summary names each admitted kind with its counts.
+    admitted: Tuple[str, ...] = ()
+    kind_of: Dict[str, str] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
     # Set when ``created_at`` is no calendar time: why the item-age buckets (S1..S10) of this
     # world measure something else. Reports print it under their age tables (world_age_caveat).
@@ -113,23 +117,31 @@ class ImportReport:
     def lines(self) -> List[str]:
         out = [f"import {self.format}:"]
         out += [f"  {k:<40} {v:>12,}" for k, v in self.counts.items()]
-        if self.missing:
-            out.append("  missing (filled with counted defaults, --allow-missing):")
-            out += [f"    {k:<38} {v:>12,}" for k, v in self.missing.items()]
+        if self.admitted:
+            out.append(f"  missing rows filled with counted defaults (--allow-missing {','.join(self.admitted)}):")
+            for kind in self.admitted:
+                filled = {k: v for k, v in self.missing.items() if self.kind_of[k] == kind}
+                out.append(f"    {kind}" + ("" if filled else ": none missing"))
+                out += [f"      {k:<36} {v:>12,}" for k, v in filled.items()]
         out += [f"  note: {n}" for n in self.notes]
         if self.item_age:
             out.append(f"  item age: {self.item_age}")
         return out
 
 
-def refuse_missing(source: str, missing: Dict[str, int], allow_missing: bool,
-                   explanation: str) -> None:
-    """Stop unless every count is zero or the user accepted defaults (``--allow-missing``)."""
-    gaps = {k: v for k, v in missing.items() if v}
-    if gaps and not allow_missing:
-        listed = "; ".join(f"{k}: {v:,}" for k, v in gaps.items())
+def refuse_missing(source: str, missing: Dict[str, int], kind_of: Mapping[str, str],
+                   admitted: Collection[str], explanation: str) -> None:
+    """Stop unless every nonzero count is of a kind the user admitted (``--allow-missing
+    KINDS``); ``kind_of`` gives each count's kind, in the format's order of kinds. Admitting
+    one kind never admits another: the refusal lists the counts refused and the flag that
+    would admit them too."""
+    refused = {k: v for k, v in missing.items() if v and kind_of[k] not in admitted}
+    if refused:
+        listed = "; ".join(f"{k}: {v:,}" for k, v in refused.items())
+        wanted = {*admitted, *(kind_of[k] for k in refused)}
+        kinds = ",".join(kind for kind in dict.fromkeys(kind_of.values()) if kind in wanted)
         raise DataError(source, f"the source files do not join ({listed}). {explanation} "
-                                f"Re-run with --allow-missing to fill counted defaults.")
+                                f"Re-run with --allow-missing {kinds} to fill counted defaults.")
 
 
 def write_world(out: Path, items: pa.Table, pairs: Dict[str, pa.Table],

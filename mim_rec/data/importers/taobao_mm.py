@@ -80,8 +80,19 @@ SOURCES = {
 
 @dataclass
 class TaobaoOptions:
-    allow_missing: bool = False
+    # The kinds of missing rows filled with counted defaults (MISSING_KINDS["taobao-mm"]);
+    # a missing row of any other kind refuses the import
+    allow_missing: Tuple[str, ...] = ()
     batch_rows: int = 8192
+
+
+# Each count of _join_gaps -> its --allow-missing kind (in MISSING_KINDS' order of kinds)
+GAP_KIND: Dict[str, str] = {
+    **{f"{split} sample items without embedding": "target-embedding" for split in SPLITS},
+    "behaviour items without embedding": "behaviour-embedding",
+    **{f"{split} sample items without features": "item-features" for split in SPLITS},
+    **{f"{split} sample users without features": "user-features" for split in SPLITS},
+}
 
 
 def _part_order(path: Path) -> Tuple[Any, ...]:
@@ -200,12 +211,13 @@ def import_taobao_mm(src: Path, out: Path, options: TaobaoOptions) -> ImportRepo
     report = ImportReport("taobao-mm", item_age=(
         "the release has no timestamps: an item's created_at is its first sample ordinal (0 for "
         "items of any behaviour list), so the S1..S10 buckets are not item ages"))
-    report.missing = _join_gaps(sources, ids)
-    refuse_missing(str(src), report.missing, options.allow_missing,
-                   "Sample items need an SCL embedding and item features, and sample users "
-                   "need user features (behaviour lists); the demo files are independent samples "
-                   "whose ids do not join.")
-    report.missing = {k: v for k, v in report.missing.items() if v}
+    gaps = _join_gaps(sources, ids)
+    refuse_missing(str(src), gaps, GAP_KIND, options.allow_missing,
+                   "Sample items need an SCL embedding and item features, sample users "
+                   "need user features (behaviour lists), and behaviour items need an SCL "
+                   "embedding; the demo files are independent samples whose ids do not join.")
+    report.missing = {k: v for k, v in gaps.items() if v}
+    report.admitted, report.kind_of = options.allow_missing, GAP_KIND
 
     with staged_folder(out, "mim data import") as staging:
         _write_world(sources, ids, staging, src, options, report)

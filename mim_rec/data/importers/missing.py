@@ -1,0 +1,56 @@
+"""The kinds of missing source rows an importer may fill with counted defaults instead of
+refusing the import (``mim data import --allow-missing KINDS``), per format.
+
+Each kind is admitted on its own: a user who accepts items without an embedding in the
+behaviour lists need not also accept sample users without features. The module imports
+nothing heavy, so ``mim data import --help`` lists the kinds without loading an importer.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+ALL = "all"
+"""``--allow-missing all`` (also what a bare ``--allow-missing`` means): every kind of the format."""
+
+# format -> kind -> the default that fills a missing row of that kind (docs/data.md says more)
+MISSING_KINDS: Dict[str, Dict[str, str]] = {
+    "taobao-mm": {
+        "target-embedding": "a sample's item without an SCL embedding row: a zero MM-table row and "
+                            "image_feature",
+        "behaviour-embedding": "a behaviour item without an SCL embedding row: a zero MM-table row "
+                               "and image_feature",
+        "item-features": "a sample's item without an item_features row: its category from the "
+                         "behaviour lists, else 0 (unknown); title '205=<id>'",
+        "user-features": "a sample's user without a user_features row: an empty history",
+    },
+    "amazon": {
+        "text": "an item of item2index without a .text line: its ASIN as its text",
+        "inter-rows": "rows missing from the .inter files (a user without a valid or test row, an "
+                      "interaction no row has as its target): counted, and a later row may extend "
+                      "a sequence by more than one item",
+    },
+}
+
+
+def admitted_kinds(value: Optional[str], fmt: Optional[str] = None) -> Tuple[str, ...]:
+    """The kinds of ``fmt`` (every format's when None: while the command line is parsed, before
+    the format is known) that ``--allow-missing VALUE`` admits, in their order above: none when
+    the flag is absent (``None``), every one for ``all``, else those of the comma list. An
+    empty or unknown name is a :class:`~mim_rec.config.ConfigError` naming it and listing the
+    kinds there are."""
+    from mim_rec.config import ConfigError  # here: the command's help imports this module
+
+    formats = list(MISSING_KINDS) if fmt is None else [fmt]
+    kinds = [kind for each in formats for kind in MISSING_KINDS[each]]
+    if value is None:
+        return ()
+    if value == ALL:
+        return tuple(kinds)
+    named = [name.strip() for name in value.split(",")]
+    for name in named:
+        if name not in kinds:
+            listed = "; ".join(f"--format {each}: {', '.join(MISSING_KINDS[each])}" for each in formats)
+            raise ConfigError(f"--allow-missing {value}: {name!r} is not a kind of missing row ({listed}; "
+                              f"give a comma list of them, or {ALL} for every kind)")
+    return tuple(kind for kind in kinds if kind in named)
