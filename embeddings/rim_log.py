@@ -21,6 +21,13 @@ was never left by a crash, and is refused with its offset, never truncated or sk
 record before the published durable end (acknowledged data), a log that ends before it, a
 damaged record with an intact one after it, or bytes that do not start a frame (another file
 given as the log).
+
+Without a ``<log>.durable`` nothing says the file is a RIM log but its bytes, so only a damaged
+record after an intact one may be taken for a torn tail there: an intact record (magic, CRC, a
+window header) shows the file is a RIM log, while zeros or a frame prefix at byte 0 are just as
+well another program's file, which a truncation would destroy. Such a file is refused. This
+costs no crash recovery: a writer publishes its durable end with an ``fsync`` when it opens the
+log, before any append, so a first record a crash tore always has a ``<log>.durable`` beside it.
 """
 
 from __future__ import annotations
@@ -191,7 +198,9 @@ def _records(path: Path, offset: int, stop: Optional[int], durable: Optional[int
     tail. Only the end of a reader's view of the file (``view_may_lag``) may fall before it:
     on a shared file system that view can lag the writer's, so the reader stops at a record
     the view's end cuts short, as at one being appended (the live apply waits for the rest).
-    The writer's view is the file: for it a log that ends early lost acknowledged records."""
+    The writer's view is the file: for it a log that ends early lost acknowledged records. With
+    no ``durable`` a damaged first record is refused, never a torn tail (see the module's notes),
+    except to a view that may lag, which may not show ``<log>.durable`` yet."""
     if not path.is_file():
         return
     with path.open("rb") as fh:
@@ -204,6 +213,12 @@ def _records(path: Path, offset: int, stop: Optional[int], durable: Optional[int
         try:
             end = _frame_end(data, position, path, offset)
         except _TornTail as torn:
+            if durable is None and offset + position == 0 and not view_may_lag:
+                raise DataError(str(path), f"the bytes from byte 0 do not start a whole RIM record (they begin "
+                                f"{bytes(data[:8])!r}) and no {durable_end_path(path).name} beside it says a "
+                                "writer began this log: not a RIM window-message log, refused, not truncated as "
+                                "a torn write (a RIM log whose first record a crash tore before any writer "
+                                "published its durable end holds no acknowledged item, and may be removed)")
             if durable is not None and offset + position < durable and \
                     not (view_may_lag and ends_early and torn.cut_short):
                 raise DataError(str(path), f"damaged record at byte {offset + position}, before the durable end "
@@ -320,7 +335,8 @@ class RimLog:
     """The single writer of a window-message log (an exclusive lock refuses a second one).
 
     Opening recovers the file: a torn tail past the published durable end is truncated
-    (``recovered_bytes`` says how much), damage before it is refused, and every record already
+    (``recovered_bytes`` says how much), damage before it is refused, as is a damaged first
+    record with no durable end published (another program's file), and every record already
     there must come from ``fingerprint`` with vectors of ``dim``.
     """
 
@@ -343,7 +359,7 @@ class RimLog:
         self.failed = ""  # the error of a failed append; the writer refuses appends after one
         try:
             self.recovered_bytes = self._recover(created)
-            self._publish_durable_end()
+            self._publish_durable_end(sync=True)
         except BaseException:
             self.close()
             raise
@@ -394,14 +410,23 @@ class RimLog:
         self._publish_durable_end()
         return self.end
 
-    def _publish_durable_end(self) -> None:
+    def _publish_durable_end(self, sync: bool = False) -> None:
         """Tell readers the log is durable up to ``end`` (:func:`read_messages` stops there).
-        Renamed into place, not fsynced: a crash may lose the last value, which only holds
-        readers back until the writer reopens the log and publishes again."""
+        Renamed into place; after an append not fsynced: a crash may lose that value, which only
+        holds readers back until the writer reopens the log and publishes again. On open
+        (``sync``) it is fsynced with its folder, before any append: then a crash can never leave
+        a torn first record without a ``<log>.durable``, which is how another program's file,
+        refused as such, is told from a log (see the module's notes)."""
         published = durable_end_path(self.path)
         staged = published.with_name(f".{published.name}.tmp")
-        staged.write_text(str(self.end))
+        with staged.open("w") as fh:
+            fh.write(str(self.end))
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(staged, published)
+        if sync:
+            _fsync_dir(self.path.parent)
 
     def _new_ids(self, message: WindowMessage, record: str) -> Set[int]:
         """The message's ids, refused if one repeats within it or is already in this log."""

@@ -3,10 +3,13 @@ corruption before intact records refused, foreign encoders and second writers re
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from embeddings.rim_log import RimLog, WindowMessage, complete_end, durable_end_path, read_messages
+from embeddings.rim_log import MAGIC, RimLog, WindowMessage, complete_end, durable_end_path, read_messages
 from mim_rec.data.errors import DataError, ManifestMismatch
 
 DIM = 4
@@ -100,6 +103,41 @@ def test_bytes_no_writer_leaves_are_refused_and_never_truncated(tmp_path, conten
 
 
 
+@pytest.mark.parametrize("content", [
+    bytes(4096),                                                   # a zero-filled file (a fresh image, a sparse file)
+    MAGIC + (2 ** 31).to_bytes(4, "little") + bytes(range(200)),   # RIM1 and a length far past the file's end
+    message([4]).encode()[:30],                                    # even a prefix of a record of ours
+], ids=["zeros", "magic and a huge length", "a record's prefix"])
+def test_a_file_without_a_durable_end_whose_first_record_is_damaged_is_refused_not_truncated(tmp_path, content):
+    """Such a file looked like a torn tail and was truncated to nothing on open: another
+    program's file, given as log=, silently destroyed. Without <log>.durable only a damaged
+    record after an intact one can be taken for a torn write."""
+    path = tmp_path / "rim.log"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"bytes from byte 0 do not start a whole RIM record .*no rim.log.durable "
+                                        "beside it.*not a RIM window-message log"):
+        RimLog(path, "enc:a", DIM)
+    assert path.read_bytes() == content and not durable_end_path(path).exists()
+    ends = write_log(path.with_name("ours.log"), [[1], [2]])  # after an intact record: a torn tail
+    durable_end_path(path.with_name("ours.log")).unlink()
+    path.write_bytes(path.with_name("ours.log").read_bytes() + content)
+    with RimLog(path, "enc:a", DIM) as log:
+        assert (log.end, log.recovered_bytes) == (ends[-1], len(content))
+
+
+def test_the_writer_makes_the_durable_end_it_publishes_on_open_durable_before_any_append(tmp_path, monkeypatch):
+    """Else a crash in the first append could leave a torn first record and no <log>.durable,
+    which the next open refuses as another program's file."""
+    path, events = tmp_path / "rim.log", fsyncs_and_publications(monkeypatch)
+    with RimLog(path, "enc:a", DIM) as log:
+        assert events == [f"fsync {tmp_path.name}", "fsync rim.log", "fsync .rim.log.durable.tmp", "publish",
+                          f"fsync {tmp_path.name}"]
+        events.clear()
+        log.append(message([1]))
+    assert events == ["fsync rim.log", "publish"]  # an append's publication stays cheap
+
+
+
 def damaged(data: bytes, start: int, how: str) -> bytes:
     """``data`` with the record at byte ``start`` (its last) damaged ``how``."""
     body = bytearray(data)
@@ -166,19 +204,27 @@ def test_recovery_makes_the_records_it_keeps_durable_before_publishing_them(tmp_
     """A record a killed writer had written but not fsynced sits in the page cache: the reopen
     published it as durable without an fsync, so a power loss then left a log that ends before
     its published durable end (refused on open) and readers had taken a record that is gone."""
-    import embeddings.rim_log as rim_log
-
     path = tmp_path / "rim.log"
     first = write_log(path, [[1]])[-1]
     with path.open("ab") as fh:  # the writer was killed after its pwrite, before its fsync
         fh.write(message([2]).encode())
-    events = []
-    monkeypatch.setattr(rim_log.os, "fsync", lambda fd: events.append("fsync"))
-    replace = rim_log.os.replace
-    monkeypatch.setattr(rim_log.os, "replace", lambda *a: (events.append("publish"), replace(*a)))
+    events = fsyncs_and_publications(monkeypatch)
     with RimLog(path, "enc:a", DIM) as log:
         assert (log.recovered_bytes, log.records) == (0, 2) and log.end > first
-    assert events == ["fsync", "publish"]
+    assert events.index("fsync rim.log") < events.index("publish")
+
+
+def fsyncs_and_publications(monkeypatch) -> list:
+    """The list the log module's fsyncs (``fsync <name of the file or folder>``) and
+    ``<log>.durable`` publications (``publish``) are recorded in, in order."""
+    import embeddings.rim_log as rim_log
+
+    events = []
+    monkeypatch.setattr(rim_log.os, "fsync",
+                        lambda fd: events.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}"))
+    replace = rim_log.os.replace
+    monkeypatch.setattr(rim_log.os, "replace", lambda *a: (events.append("publish"), replace(*a)))
+    return events
 
 
 def test_errors_of_a_read_from_mid_file_name_the_files_byte_offsets(tmp_path):
