@@ -20,7 +20,8 @@ magic, or a prefix of it, and no more bytes than its declared length) or zeros. 
 was never left by a crash, and is refused with its offset, never truncated or skipped: a damaged
 record before the published durable end (acknowledged data), a log that ends before it, a
 damaged record with an intact one after it, or bytes that do not start a frame (another file
-given as the log).
+given as the log). A durable end inside an intact record is refused as ``<log>.durable``'s
+error, not the record's: the writer publishes only record ends.
 
 Without a ``<log>.durable`` nothing says the file is a RIM log but its bytes, so only a damaged
 record after an intact one may be taken for a torn tail there: an intact record (magic, CRC, a
@@ -175,11 +176,15 @@ def durable_end_path(path: Union[str, Path]) -> Path:
 def _published_end(path: Path, writer: bool = False) -> Optional[int]:
     """The durable end the log's writer last published; None for a log no writer published one
     for (written by hand, or before the writer did). It is not fsynced, so a crash can empty
-    it: readers refuse that, while the ``writer`` reopening the log takes it as unpublished (it
-    protects nothing this once) and publishes again."""
+    it: readers refuse that (and a negative offset, which no writer publishes), while the
+    ``writer`` reopening the log takes it as unpublished (it protects nothing this once) and
+    publishes again."""
     published = durable_end_path(path)
     try:
-        return int(published.read_text())
+        end = int(published.read_text())
+        if end < 0:
+            raise ValueError(end)
+        return end
     except FileNotFoundError:
         return None
     except ValueError:  # UnicodeDecodeError is a ValueError too
@@ -200,7 +205,12 @@ def _records(path: Path, offset: int, stop: Optional[int], durable: Optional[int
     the view's end cuts short, as at one being appended (the live apply waits for the rest).
     The writer's view is the file: for it a log that ends early lost acknowledged records. With
     no ``durable`` a damaged first record is refused, never a torn tail (see the module's notes),
-    except to a view that may lag, which may not show ``<log>.durable`` yet."""
+    except to a view that may lag, which may not show ``<log>.durable`` yet.
+
+    The writer publishes only record ends, so a ``durable`` inside an intact record blames the
+    ``<log>.durable``, not the record (:func:`_durable_inside`). A reader's range stops at
+    ``durable`` and cuts that record short, so the bytes after are read for it: only on the
+    way to an error, and only the bytes of that record."""
     if not path.is_file():
         return
     with path.open("rb") as fh:
@@ -210,27 +220,62 @@ def _records(path: Path, offset: int, stop: Optional[int], durable: Optional[int
     ends_early = stop is not None and view_end < stop  # the file, as seen, ends before the range does
     position = 0
     while position < len(data):
+        start = offset + position
         try:
-            end = _frame_end(data, position, path, offset)
+            end = offset + _frame_end(data, position, path, offset)
         except _TornTail as torn:
-            if durable is None and offset + position == 0 and not view_may_lag:
-                raise DataError(str(path), f"the bytes from byte 0 do not start a whole RIM record (they begin "
-                                f"{bytes(data[:8])!r}) and no {durable_end_path(path).name} beside it says a "
-                                "writer began this log: not a RIM window-message log, refused, not truncated as "
-                                "a torn write (a RIM log whose first record a crash tore before any writer "
-                                "published its durable end holds no acknowledged item, and may be removed)")
-            if durable is not None and offset + position < durable and \
-                    not (view_may_lag and ends_early and torn.cut_short):
-                raise DataError(str(path), f"damaged record at byte {offset + position}, before the durable end "
-                                f"{durable} its writer published: acknowledged records are corrupt (never "
-                                "truncated; restore the log from a copy)") from None
+            if durable is None:
+                if start == 0 and not view_may_lag:
+                    raise DataError(str(path), f"the bytes from byte 0 do not start a whole RIM record (they begin "
+                                    f"{bytes(data[:8])!r}) and no {durable_end_path(path).name} beside it says a "
+                                    "writer began this log: not a RIM window-message log, refused, not truncated "
+                                    "as a torn write (a RIM log whose first record a crash tore before any writer "
+                                    "published its durable end holds no acknowledged item, and may be removed)")
+                return
+            if start < durable:
+                whole = _intact_record_end(path, start)
+                if whole is not None and whole > durable:
+                    raise _durable_inside(path, durable, start, whole) from None
+                if not (view_may_lag and ends_early and torn.cut_short):
+                    raise DataError(str(path), f"damaged record at byte {start}, before the durable end {durable} "
+                                    "its writer published: acknowledged records are corrupt (never truncated; "
+                                    "restore the log from a copy)") from None
             return
-        yield offset + end, data[position + _FRAME.size:end]
-        position = end
+        if durable is not None and start < durable < end:
+            raise _durable_inside(path, durable, start, end)
+        yield end, data[position + _FRAME.size:end - offset]
+        position = end - offset
     if durable is not None and view_end < durable and not view_may_lag:
         raise DataError(str(path), f"the log ends at byte {view_end}, before the durable end {durable} its writer "
                         f"published: acknowledged records are missing (if this file replaced the log on purpose, "
                         f"remove {durable_end_path(path).name})")
+
+
+def _intact_record_end(path: Path, start: int) -> Optional[int]:
+    """End offset of the record at byte ``start`` of the file as it is now, if it is whole and
+    passes its CRC, else None (a frame that declares more bytes than the file holds is not read)."""
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:  # removed (rotated) since the reader read it
+        return None
+    with fh:
+        fh.seek(start)
+        frame = fh.read(_FRAME.size)
+        length = _FRAME.unpack(frame)[1] if len(frame) == _FRAME.size else None
+        if length is None or start + _FRAME.size + length > os.fstat(fh.fileno()).st_size:
+            return None
+        end = _intact_end(memoryview(frame + fh.read(length)), 0)
+    return None if end is None else start + end
+
+
+def _durable_inside(path: Path, durable: int, start: int, end: int) -> DataError:
+    """The error for a published durable end inside the intact record from ``start`` to ``end``:
+    the writer only ever publishes record ends, so it is ``<log>.durable`` that is wrong (or
+    was published for another log), not the record."""
+    return DataError(str(durable_end_path(path)), f"durable end {durable} falls inside the record from byte {start} "
+                     f"to byte {end} of {path.name}, where its writer never publishes one: not this log's durable "
+                     f"end (if the log replaced the one it was published for on purpose, remove this file; its "
+                     f"writer publishes it again on open)")
 
 
 def _messages(path: Path, records: Iterator[Tuple[int, memoryview]]) -> Iterator[Tuple[int, WindowMessage]]:

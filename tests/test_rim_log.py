@@ -181,6 +181,37 @@ def test_damage_before_the_durable_end_is_refused_not_truncated(tmp_path, how):
     assert durable_end_path(path).read_text() == str(ends[1]) == str(path.stat().st_size)
 
 
+@pytest.mark.parametrize("record, into", [(0, 3), (1, 20), (2, 50)],
+                         ids=["the first frame", "a record's payload", "the last record"])
+def test_a_durable_end_inside_an_intact_record_is_blamed_on_the_durable_file(tmp_path, record, into):
+    """Readers reported "damaged record at byte ..." for a sound record that a <log>.durable
+    (edited, or published for another log) ends inside, sending the operator to restore a sound
+    log from a copy; the writer took that durable end and published over it without a word."""
+    path = tmp_path / "rim.log"
+    ends = write_log(path, [[1], [2], [3]])
+    start = [0, *ends][record]
+    durable = start + into
+    durable_end_path(path).write_text(str(durable))
+    content = path.read_bytes()
+    refusal = f"durable end {durable} falls inside the record from byte {start} to byte {ends[record]} of rim.log"
+    for read in (lambda: list(read_messages(path)), lambda: list(read_messages(path, start)),
+                 lambda: complete_end(path), lambda: RimLog(path, "enc:a", DIM)):
+        with pytest.raises(DataError, match=refusal) as caught:
+            read()
+        assert caught.value.file == str(durable_end_path(path))
+    assert path.read_bytes() == content and durable_end_path(path).read_text() == str(durable)
+
+
+def test_a_negative_durable_end_is_not_a_byte_offset(tmp_path):
+    """Readers took it as the end of the log: nothing read, complete_end 0, no error."""
+    path = tmp_path / "rim.log"
+    write_log(path, [[1]])
+    durable_end_path(path).write_text("-7")
+    for read in (lambda: list(read_messages(path)), lambda: complete_end(path)):
+        with pytest.raises(DataError, match="rim.log.durable: not a byte offset"):
+            read()
+
+
 def test_a_writer_that_creates_its_log_ignores_a_removed_logs_durable_end(tmp_path):
     path = tmp_path / "rim.log"
     write_log(path, [[1], [2]])
