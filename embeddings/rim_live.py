@@ -40,6 +40,10 @@ class LiveMMTable:
     Every apply first checks that the file at ``log_path`` is still the log it read (as long
     as ``offset``, with the same head): a log rotated at that path is refused, since reading
     it from ``offset`` would skip its first records.
+    The log is read as a view that may lag (``view_may_lag``): ranks on other machines of a
+    shared file system may see ``<log>.durable`` before the bytes it covers, so a log that ends
+    before its durable end is read to the end it shows and waited on (a rank that never sees
+    rank 0's bytes is refused), not refused at once as by the writer and the fold.
     Each record passes the fold's checks before any row of it is written (same encoder and
     width, finite vectors, ids in range that neither the table nor an earlier record holds), so
     a live model never trains on a row the next table version would refuse.
@@ -73,7 +77,8 @@ class LiveMMTable:
         require_same_log(self.log_path, offset, digest, "this run's checkpoint was applied from",
                          "the checkpoint's MM table")
         end = self.offset
-        for end, message in read_messages(self.log_path, self.offset, offset) if offset > self.offset else ():
+        skipped = read_messages(self.log_path, self.offset, offset, view_may_lag=True) if offset > self.offset else ()
+        for end, message in skipped:
             self.applied_ids = np.union1d(self.applied_ids, message.item_ids)
         if end != offset:
             raise DataError(str(self.log_path), f"the checkpoint applied this log to byte {offset}, not a record "
@@ -87,12 +92,12 @@ class LiveMMTable:
 
         require_same_log(self.log_path, self.offset, self.head, "this model's MM table was applied from",
                          f"the model filled from {self.table_dir}")
-        start, stop = self.offset, _agreed(complete_end(self.log_path, self.offset))
+        start, stop = self.offset, _agreed(complete_end(self.log_path, self.offset, view_may_lag=True))
         shards = local_mm_shards(model)
         count, deadline = 0, time.monotonic() + VIEW_LAG_PATIENCE_S
         try:
             while True:
-                for end, message in read_messages(self.log_path, self.offset, stop):
+                for end, message in read_messages(self.log_path, self.offset, stop, view_may_lag=True):
                     check_message(message, self.fingerprint, self.dim, self.log_path, end,
                                   f"the table {self.table_dir}")
                     check_new_ids(message.item_ids, [self.table_ids, self.applied_ids], self.num_items,

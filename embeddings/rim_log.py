@@ -20,8 +20,10 @@ magic, or a prefix of it, and no more bytes than its declared length) or zeros. 
 was never left by a crash, and is refused with its offset, never truncated or skipped: a damaged
 record before the published durable end (acknowledged data), a log that ends before it, a
 damaged record with an intact one after it, or bytes that do not start a frame (another file
-given as the log). A durable end inside an intact record is refused as ``<log>.durable``'s
-error, not the record's: the writer publishes only record ends.
+given as the log). Readers refuse a log that ends before the durable end they read too, unless
+their view of the file may lag the writer's (:func:`_records` says why that order is sound). A
+durable end inside an intact record is refused as ``<log>.durable``'s error, not the
+record's: the writer publishes only record ends.
 
 Without a ``<log>.durable`` nothing says the file is a RIM log but its bytes, so only a damaged
 record after an intact one may be taken for a torn tail there: an intact record (magic, CRC, a
@@ -195,17 +197,28 @@ def _published_end(path: Path, writer: bool = False) -> Optional[int]:
 
 
 def _records(path: Path, offset: int, stop: Optional[int], durable: Optional[int],
-             view_may_lag: bool = True) -> Iterator[Tuple[int, memoryview]]:
+             view_may_lag: bool) -> Iterator[Tuple[int, memoryview]]:
     """``(end offset, payload)`` of every intact record from ``offset`` (to ``stop``).
 
     Bytes before ``durable``, the end the writer published after their ``fsync``, were
     acknowledged: a damaged record there is refused with its offset, never taken for a torn
-    tail. Only the end of a reader's view of the file (``view_may_lag``) may fall before it:
-    on a shared file system that view can lag the writer's, so the reader stops at a record
-    the view's end cuts short, as at one being appended (the live apply waits for the rest).
-    The writer's view is the file: for it a log that ends early lost acknowledged records. With
-    no ``durable`` a damaged first record is refused, never a torn tail (see the module's notes),
-    except to a view that may lag, which may not show ``<log>.durable`` yet.
+    tail, and so is a log that ends before ``durable``, even while its writer appends. The
+    writer publishes an end only once the log holds it, and never cuts the log below an end it
+    published (a failed append is cut back to the last one, recovery to the intact records,
+    which reach it or are refused); so ``durable``, read before the log is opened (as every
+    caller does), is a size the log had then, and a smaller size now means the log was cut --
+    at a record boundary too, where no scan of the records can tell the cut from their end.
+    That needs the view of the log to be as fresh as the view of ``<log>.durable`` read before
+    it (one machine, or a shared file system with close-to-open consistency). A view that may
+    lag (``view_may_lag``: a reader on another machine whose file system caches do not keep
+    that order) may end before ``durable`` without a cut, so it stops at the end it sees, or at
+    a record that end cuts short, as at one being appended (the live apply waits for the rest,
+    for a bounded time). One race is left: a writer that creates a log where a removed log's
+    ``<log>.durable`` remains publishes its own just after creating the file, and a reader
+    in between is refused (reading again succeeds).
+
+    With no ``durable`` a damaged first record is refused, never a torn tail (see the module's
+    notes), except by a view that may lag, which may not show ``<log>.durable`` yet.
 
     The writer publishes only record ends, so a ``durable`` inside an intact record blames the
     ``<log>.durable``, not the record (:func:`_durable_inside`). A reader's range stops at
@@ -214,6 +227,7 @@ def _records(path: Path, offset: int, stop: Optional[int], durable: Optional[int
     if not path.is_file():
         return
     with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
         fh.seek(offset)
         data = memoryview(fh.read(-1 if stop is None else max(stop - offset, 0)))
     view_end = offset + len(data)
@@ -245,8 +259,8 @@ def _records(path: Path, offset: int, stop: Optional[int], durable: Optional[int
             raise _durable_inside(path, durable, start, end)
         yield end, data[position + _FRAME.size:end - offset]
         position = end - offset
-    if durable is not None and view_end < durable and not view_may_lag:
-        raise DataError(str(path), f"the log ends at byte {view_end}, before the durable end {durable} its writer "
+    if durable is not None and size < durable and not view_may_lag:
+        raise DataError(str(path), f"the log ends at byte {size}, before the durable end {durable} its writer "
                         f"published: acknowledged records are missing (if this file replaced the log on purpose, "
                         f"remove {durable_end_path(path).name})")
 
@@ -289,26 +303,31 @@ def _messages(path: Path, records: Iterator[Tuple[int, memoryview]]) -> Iterator
         yield end, message
 
 
-def read_messages(path: Union[str, Path], offset: int = 0,
-                  stop: Optional[int] = None) -> Iterator[Tuple[int, WindowMessage]]:
+def read_messages(path: Union[str, Path], offset: int = 0, stop: Optional[int] = None,
+                  view_may_lag: bool = False) -> Iterator[Tuple[int, WindowMessage]]:
     """Yield ``(end offset, message)`` for every complete record from byte ``offset`` (up to
     byte ``stop``, a record boundary, and the durable end the writer published).
 
-    Stops quietly at an incomplete last record -- the writer may be in the middle of appending
-    it -- so a consumer can call again later from the last offset it got (tailing the log). A
-    damaged record before the durable end is refused (:func:`_records`).
+    Stops at the durable end (and quietly at an incomplete last record of a log no writer
+    published one for), so a consumer can call again later from the last offset it got
+    (tailing the log). A damaged record before the durable end is refused, and so is a log
+    that ends before it, once the records before that end are yielded; ``view_may_lag``: this
+    reader's view of the log may lag its view of ``<log>.durable`` (another machine of a shared
+    file system), so a log that ends early is not refused but read to the end it shows
+    (:func:`_records`).
     """
     path = Path(path)
-    durable = _published_end(path)
-    yield from _messages(path, _records(path, offset, _lowered(stop, durable), durable))
+    durable = _published_end(path)  # before the log is opened: see _records
+    yield from _messages(path, _records(path, offset, _lowered(stop, durable), durable, view_may_lag))
 
 
-def complete_end(path: Union[str, Path], offset: int = 0) -> int:
+def complete_end(path: Union[str, Path], offset: int = 0, view_may_lag: bool = False) -> int:
     """The offset after the last complete durable record (frames and CRCs checked, nothing decoded;
-    a damaged record before the durable end refused, as by :func:`read_messages`)."""
+    a damaged record before the durable end, or a log that ends before it, refused, as by
+    :func:`read_messages`)."""
     path, end = Path(path), offset
-    durable = _published_end(path)
-    for end, _ in _records(path, offset, _lowered(None, durable), durable):
+    durable = _published_end(path)  # before the log is opened: see _records
+    for end, _ in _records(path, offset, _lowered(None, durable), durable, view_may_lag):
         pass
     return end
 

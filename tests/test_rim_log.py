@@ -117,6 +117,9 @@ def test_a_file_without_a_durable_end_whose_first_record_is_damaged_is_refused_n
     with pytest.raises(DataError, match=f"bytes from byte 0 do not start a whole RIM record .*no rim.log.durable "
                                         "beside it.*not a RIM window-message log"):
         RimLog(path, "enc:a", DIM)
+    for read in (lambda: list(read_messages(path)), lambda: complete_end(path)):
+        with pytest.raises(DataError, match="bytes from byte 0 do not start a whole RIM record"):
+            read()
     assert path.read_bytes() == content and not durable_end_path(path).exists()
     ends = write_log(path.with_name("ours.log"), [[1], [2]])  # after an intact record: a torn tail
     durable_end_path(path.with_name("ours.log")).unlink()
@@ -168,13 +171,12 @@ def test_damage_before_the_durable_end_is_refused_not_truncated(tmp_path, how):
     with pytest.raises(DataError, match=refusal):
         RimLog(path, "enc:a", DIM)
     assert path.read_bytes() == content and durable_end_path(path).read_text() == str(ends[2])
-    if how in ("crc", "zeros", "length"):  # readers refused too, where they used to stop quietly
-        for read in (lambda: list(read_messages(path)), lambda: complete_end(path, ends[0])):
-            with pytest.raises(DataError, match=f"damaged record at byte {ends[1]}, before the durable end"):
-                read()
-    else:  # to a reader, a file that ends early may be its view lagging the writer's: it stops
-        assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2]]
-        assert complete_end(path) == ends[1]
+    for read in (lambda: list(read_messages(path)), lambda: complete_end(path, ends[0])):
+        with pytest.raises(DataError, match=refusal):  # readers refused too, where they used to stop quietly
+            read()
+    if how in ("cut", "missing"):  # but a view that may lag the writer's may end early: it stops there
+        assert [m.item_ids.tolist() for _, m in read_messages(path, view_may_lag=True)] == [[1], [2]]
+        assert complete_end(path, view_may_lag=True) == ends[1]
     durable_end_path(path).write_text(str(ends[1]))  # the same damage past the durable end is a torn tail
     with RimLog(path, "enc:a", DIM) as log:
         assert (log.end, log.recovered_bytes) == (ends[1], len(content) - ends[1])
@@ -210,6 +212,40 @@ def test_a_negative_durable_end_is_not_a_byte_offset(tmp_path):
     for read in (lambda: list(read_messages(path)), lambda: complete_end(path)):
         with pytest.raises(DataError, match="rim.log.durable: not a byte offset"):
             read()
+
+
+def test_readers_refuse_a_log_cut_at_a_record_boundary_before_its_durable_end(tmp_path, monkeypatch):
+    """Readers stopped there quietly, as at the end of a lagging view, and a tailing consumer
+    waited for good on records that are gone. They read <log>.durable before opening the log,
+    and the writer publishes an end only once the log holds it and never cuts the log below
+    one, so a log shorter than the durable end they read was cut, even while the writer appends."""
+    import embeddings.rim_log as rim_log
+
+    path = tmp_path / "rim.log"
+    ends = write_log(path, [[1], [2], [3]])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:ends[0]])
+    refusal = f"rim.log: the log ends at byte {ends[0]}, before the durable end {ends[2]} its writer published"
+    for read in (lambda: list(read_messages(path)), lambda: list(read_messages(path, ends[0])),
+                 lambda: list(read_messages(path, 0, ends[0])), lambda: complete_end(path),
+                 lambda: list(read_messages(path, ends[1]))):  # a consumer past the cut is told too
+        with pytest.raises(DataError, match=refusal):
+            read()
+    with pytest.raises(DataError, match=refusal):
+        RimLog(path, "enc:a", DIM)
+    assert path.read_bytes() == whole[:ends[0]]
+
+    def failing_fsync(fd):
+        raise OSError(5, "EIO (simulated)")
+
+    path.write_bytes(whole)  # the writer's own cut, of an append whose fsync failed, keeps its durable end
+    with RimLog(path, "enc:a", DIM) as log:
+        monkeypatch.setattr(rim_log.os, "fsync", failing_fsync)
+        with pytest.raises(OSError, match="EIO"):
+            log.append(message([4]))
+        monkeypatch.undo()
+        assert [m.item_ids.tolist() for _, m in read_messages(path)] == [[1], [2], [3]]
+        assert complete_end(path) == ends[2] == path.stat().st_size
 
 
 def test_a_writer_that_creates_its_log_ignores_a_removed_logs_durable_end(tmp_path):
