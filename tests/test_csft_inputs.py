@@ -58,6 +58,24 @@ def test_tune_checks_every_combination_before_the_first_trains(inputs, tmp_path,
     assert not out.exists()
 
 
+def test_tune_refuses_a_batch_the_pairs_cannot_fill_before_the_first_point_trains(inputs, tmp_path, capsys,  # noqa: F811
+                                                                                   monkeypatch):
+    """A grid point whose data.batch_size exceeds the training pairs was refused only when its
+    run started, after the stage-1 pass and every earlier point had trained."""
+    import train.csft_runs
+
+    def trained(*args, **kwargs):
+        raise AssertionError("a grid point trained before the too-large batch was refused")
+
+    monkeypatch.setattr(train.csft_runs, "stage1_result", trained)
+    monkeypatch.setattr(train.csft_runs, "csft_result", trained)
+    config_file = _write_config(_config(inputs, tmp_path / "out"), tmp_path / "c.yaml")
+    assert cli.main(["csft-tune", "--config", str(config_file), "--grid", "data.batch_size=8,100000"]) == 2
+    err = capsys.readouterr().err
+    assert "--grid point data.batch_size=100000: data.batch_size=100000: only " in err
+    assert "training pairs of data.signals=" in err
+
+
 @pytest.mark.parametrize("validation", ["0", "1", "-0.2", "nan"])
 def test_tune_never_chooses_on_the_test_files(inputs, tmp_path, capsys, validation):  # noqa: F811
     """--validation 0 meant the test split, silently."""

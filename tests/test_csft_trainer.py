@@ -724,3 +724,20 @@ def test_tune_refuses_category_ce_on_one_category_before_any_run_trains(inputs, 
                                           r"of data.world=.* is in one category"):
         run_tune(str(config_file), [], [("loss.kind", ["infonce", "category_ce"])], validation=0.25)
     assert not out.exists()  # neither the stage-1 pass nor the infonce run
+
+
+def test_ablations_refuse_a_base_batch_the_pairs_cannot_fill_before_any_variant_trains(inputs, tmp_path,
+                                                                                      monkeypatch):
+    """Each variant was refused only when its own run started, after the stage-1 pass; a
+    variant whose own data.signals leave too few pairs is left out with a note instead, as
+    category_ce on one category is."""
+    import train.csft_runs
+    from train.csft_ablations import run_ablations
+
+    def trained(*args, **kwargs):
+        raise AssertionError("a variant trained before the too-large batch was refused")
+
+    monkeypatch.setattr(train.csft_runs, "stage1_result", trained)
+    config_file = _write_config(_config(inputs, tmp_path / "abl"), tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"data.batch_size=100000: only \d+ training pairs of data.signals="):
+        run_ablations(str(config_file), ["data.batch_size=100000"], ["full", "no_tfn"])

@@ -123,7 +123,7 @@ def _run_csft(config) -> Path:
     from mim_rec.utils.dist import barrier, init_distributed, losses_over_ranks
     from mim_rec.utils.run import JsonlLogger, atomic_write_bytes, seed_everything
     from train.common import CheckpointManager
-    from train.pretrain import _batch_index, _local_batch
+    from train.pretrain import _batch_index
 
     check_config(config)  # refused before any work, whoever calls
     ctx = init_distributed(config.device)
@@ -132,12 +132,11 @@ def _run_csft(config) -> Path:
     # are extracted: a batch larger than the pairs was refused only after that work (~30 s).
     world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
                         batch_size=config.eval.batch_size)
-    reason = untrainable(config, world.item_categories)
+    reason = untrainable(config, world, ctx.world_size)
     if reason:
         raise ConfigError(reason)
     pairs = world.training_pairs(config.data.signals, config.data.validation)
-    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(pairs),
-                               what=f"training pairs of data.signals={config.data.signals}")
+    local_batch = config.data.batch_size // ctx.world_size
     seed_everything(config.seed)  # identical initial weights on every rank
     model = CsftModel(load_encoders(config.encoders), config.model).to(ctx.device)
     if not ctx.is_main:
@@ -222,15 +221,27 @@ def _run_csft(config) -> Path:
     return final
 
 
-def untrainable(config: CsftConfig, item_categories: np.ndarray) -> Optional[str]:
-    """Why ``config`` would train nothing on a world whose items are in ``item_categories``, else
-    None: ``category_ce`` over one category is a softmax over one class, a loss of 0 for any
-    weights, so its "trained" towers would be the initial ones."""
-    import numpy as np
+def untrainable(config: CsftConfig, world, world_size: int) -> Optional[str]:
+    """Why ``config`` would train nothing on ``world`` (a :class:`~mim_rec.csft.data.WorldInputs`)
+    over ``world_size`` ranks, else None. Asked before any model loads, and by csft-tune and
+    csft-ablations for every run before the first one trains:
 
-    if config.loss.kind == "category_ce" and len(np.unique(item_categories)) < 2:
+    - ``category_ce`` over one category is a softmax over one class, a loss of 0 for any
+      weights, so its "trained" towers would be the initial ones;
+    - a ``data.batch_size`` the training pairs cannot fill, or the ranks cannot split evenly."""
+    import numpy as np
+    from mim_rec.config import ConfigError
+    from train.pretrain import _local_batch
+
+    if config.loss.kind == "category_ce" and len(np.unique(world.item_categories)) < 2:
         return (f"loss.kind=category_ce: every item of data.world={config.data.world} is in one category, so the "
                 "category loss is 0 and nothing trains; use a world of 2 or more categories")
+    pairs = world.training_pairs(config.data.signals, config.data.validation)
+    try:
+        _local_batch(config.data.batch_size, world_size, len(pairs),
+                     what=f"training pairs of data.signals={config.data.signals}")
+    except ConfigError as error:
+        return str(error)
     return None
 
 

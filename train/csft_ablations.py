@@ -78,10 +78,10 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     The tables also show every other variant whose result in ``out`` is of this configuration
     and data (an earlier run, e.g. with another ``--only``), so running the variants a few at a
     time builds the whole table rather than replacing it."""
-    from mim_rec.config import load_config
+    from mim_rec.config import ConfigError, load_config
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
-    from mim_rec.utils.dist import current_rank
+    from mim_rec.utils.dist import current_rank, launched_world_size
     from mim_rec.utils.run import atomic_write_bytes
     from train.common import refuse_foreign_entries
     from train.csft import check_config, note_catalogue_size, untrainable
@@ -99,10 +99,13 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
     held_out = world.held_out(base.data.validation)
     note_catalogue_size(world, base.eval.ks)
+    reason = untrainable(configs["full"], world, launched_world_size())
+    if reason:  # the base settings themselves: no variant's row would mean anything
+        raise ConfigError(reason)
     report: Dict[str, Dict] = {"stage1": stage1_result(base, world, held_out, out / "stage1")}
     for name, _, variant in VARIANTS:
         config = configs[name]
-        reason = untrainable(config, world.item_categories)
+        reason = untrainable(config, world, launched_world_size())
         if reason:
             print(f"note: variant {name} not run: {reason}", file=sys.stderr)
             continue

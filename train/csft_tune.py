@@ -125,6 +125,7 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
     from train.common import refuse_foreign_entries
+    from mim_rec.utils.dist import launched_world_size
     from train.csft import check_config, untrainable
     from train.csft_runs import csft_result, metric_columns, stage1_result
 
@@ -152,7 +153,7 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
         runs.append((name, settings, config_of(settings, out / "trials" / _safe(name), validation)))
     world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
     for _, settings, config in runs:  # before any run trains: mid-grid, earlier runs had trained
-        reason = untrainable(config, world.item_categories)
+        reason = untrainable(config, world, launched_world_size())
         if reason:
             raise ConfigError(f"--grid point {' '.join(settings)}: {reason}")
     valid = world.held_out(validation)

@@ -37,6 +37,15 @@ def current_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def launched_world_size() -> int:
+    """The number of ranks this process runs among: the process group's, else the launcher's
+    WORLD_SIZE (torchrun sets it before any group exists), else 1. Lets a command check a
+    per-rank split before it initialises anything."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(device: str = "auto", local_rank: Optional[int] = None,
                    local_world_size: Optional[int] = None) -> torch.device:
     """``device`` -- "auto", "cpu" or "cuda" -- as a ``torch.device`` for local rank
