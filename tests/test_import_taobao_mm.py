@@ -328,3 +328,22 @@ def test_cli_refuses_amazon_options_with_taobao_mm(tmp_path, capsys):
     for flag in (["--negative-sampling", "uniform"], ["--name", "X"]):
         assert main(base + flag) == 2 and f"{flag[0]}: amazon options" in capsys.readouterr().err
     assert main(base) == 0  # the defaults do not trigger it
+
+
+@pytest.mark.parametrize("kinds, named", [(("user-feature",), "'user-feature'"), (("text",), "'text'"),
+                                          ("user-features", None)])
+def test_the_options_check_their_kinds_through_the_python_api_too(kinds, named):
+    """A misspelt kind admitted nothing: the import was refused with a remedy naming the right
+    spelling, or (for another format's kind) it went unnoticed. A bare string is one kind, not
+    its letters."""
+    from mim_rec.config import ConfigError
+    from mim_rec.data.importers.amazon import AmazonOptions
+
+    if named is None:
+        assert TaobaoOptions(allow_missing=kinds).allow_missing == ("user-features",)
+        with pytest.raises(ConfigError, match="'user-features' is not a kind of missing row .--format amazon: text, "
+                                              "inter-rows; give a tuple of them"):
+            AmazonOptions(allow_missing=kinds)
+        return
+    with pytest.raises(ConfigError, match=f"allow_missing=.*: {named} is not a kind of missing row"):
+        TaobaoOptions(allow_missing=kinds)

@@ -48,6 +48,7 @@ from mim_rec.config import ConfigError
 from mim_rec.data.errors import DataError
 from mim_rec.data.importers.common import (ImportReport, list_column, refuse_missing,
                                            sample_negatives, write_world)
+from mim_rec.data.importers.missing import check_kinds
 from mim_rec.data.schemas import FLOAT_VECTOR
 
 INTER_HEADER = ("user_id:token", "item_id_list:token_seq", "item_id:token")
@@ -66,6 +67,9 @@ class AmazonOptions:
     allow_missing: Tuple[str, ...] = ()
     feature_dim: int = 512
     name: Optional[str] = None  # data set name; default: the single *.inter prefix in SRC
+
+    def __post_init__(self) -> None:
+        self.allow_missing = check_kinds(self.allow_missing, "amazon")
 
 
 # Each missing count -> its --allow-missing kind

@@ -39,8 +39,6 @@ def admitted_kinds(value: Optional[str], fmt: Optional[str] = None) -> Tuple[str
     the flag is absent (``None``), every one for ``all``, else those of the comma list. An
     empty or unknown name is a :class:`~mim_rec.config.ConfigError` naming it and listing the
     kinds there are."""
-    from mim_rec.config import ConfigError  # here: the command's help imports this module
-
     formats = list(MISSING_KINDS) if fmt is None else [fmt]
     kinds = [kind for each in formats for kind in MISSING_KINDS[each]]
     if value is None:
@@ -48,9 +46,26 @@ def admitted_kinds(value: Optional[str], fmt: Optional[str] = None) -> Tuple[str
     if value == ALL:
         return tuple(kinds)
     named = [name.strip() for name in value.split(",")]
+    _refuse_unknown(named, formats, f"--allow-missing {value}", f"give a comma list of them, or {ALL} for every kind")
+    return tuple(kind for kind in kinds if kind in named)
+
+
+def check_kinds(kinds: Sequence[str], fmt: str) -> Tuple[str, ...]:
+    """``kinds`` (an importer's ``allow_missing`` option, given through the Python API rather
+    than the command line) as a tuple, each a kind of ``fmt``; a misspelt kind would otherwise
+    admit nothing and refuse the import with a remedy that names the right spelling."""
+    if isinstance(kinds, str):  # a bare string would be read letter by letter
+        kinds = (kinds,)
+    _refuse_unknown(kinds, [fmt], f"allow_missing={tuple(kinds)}", "give a tuple of them")
+    return tuple(kinds)
+
+
+def _refuse_unknown(named: Sequence[str], formats: Sequence[str], given: str, remedy: str) -> None:
+    """Raise a ConfigError for the first of ``named`` that is no kind of ``formats``."""
+    from mim_rec.config import ConfigError  # here: the command's help imports this module
+
+    kinds = {kind for each in formats for kind in MISSING_KINDS[each]}
     for name in named:
         if name not in kinds:
             listed = "; ".join(f"--format {each}: {', '.join(MISSING_KINDS[each])}" for each in formats)
-            raise ConfigError(f"--allow-missing {value}: {name!r} is not a kind of missing row ({listed}; "
-                              f"give a comma list of them, or {ALL} for every kind)")
-    return tuple(kind for kind in kinds if kind in named)
+            raise ConfigError(f"{given}: {name!r} is not a kind of missing row ({listed}; {remedy})")

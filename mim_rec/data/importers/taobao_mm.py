@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 
 from mim_rec.data.errors import DataError
 from mim_rec.data.importers.common import DenseIds, ImportReport, refuse_missing
+from mim_rec.data.importers.missing import check_kinds
 from mim_rec.data.io import ContractWriter, open_parquet, read_batches, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
 from mim_rec.data.schemas import EVENTS, FLOAT_VECTOR, ITEMS, MM_TABLE_INT8
@@ -84,6 +85,9 @@ class TaobaoOptions:
     # a missing row of any other kind refuses the import
     allow_missing: Tuple[str, ...] = ()
     batch_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        self.allow_missing = check_kinds(self.allow_missing, "taobao-mm")
 
 
 # Each count of _join_gaps -> its --allow-missing kind (in MISSING_KINDS' order of kinds)
