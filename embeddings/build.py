@@ -24,7 +24,7 @@ from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import read_items, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP
-from mim_rec.utils.run import atomic_write_bytes
+from mim_rec.utils.run import atomic_write_bytes, some_names, visible_entries
 
 from embeddings.encoders import ItemEncoder
 from embeddings.table import catalogue_fingerprint
@@ -46,9 +46,9 @@ def _check_state(out: Path, state: dict) -> None:
         # taken for this build's finished shards, whatever encoder made them. Any other folder
         # (a run's, a world) would have a table's parts and manifest.json mixed into it, which
         # that folder's own stage then refuses. Dot files are the machinery's own.
-        present = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        present = [p.name for p in visible_entries(out)]
         if present:
-            raise ManifestMismatch(f"{out}: holds {', '.join(present[:3])}{', ...' if len(present) > 3 else ''}, "
+            raise ManifestMismatch(f"{out}: holds {some_names(present)}, "
                                    "and no build of a table started there; build into a new or empty folder")
         atomic_write_bytes(path, json.dumps(state, indent=2).encode())
 

@@ -32,7 +32,8 @@ from torch import nn
 from mim_rec.config import ConfigError, load_config
 from mim_rec.utils.dist import current_rank
 from mim_rec.data.errors import DataError
-from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes, read_json_or_none
+from mim_rec.utils.run import (DAMAGED_FILE_ERRORS, atomic_write_bytes, read_json_or_none, some_names,
+                               visible_entries)
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 STEP_FILE_GLOB = "step-*.pt"  # the same files as a glob, for another stage's folder check
@@ -167,8 +168,7 @@ def require_own_run_folder(out: str, command: str, run_files: Iterable[str], for
     fits = min(unknown, key=lambda name: len(unknown[name]))
     if len(unknown[fits]) < len(unknown[command]):
         raise ConfigError(f"out={out}: its config.json is a `{fits}` run's, not a `{command}` run's (settings "
-                          f"{', '.join(sorted(unknown[command])[:4])}{', ...' if len(unknown[command]) > 4 else ''}); "
-                          f"{remedy}")
+                          f"{some_names(sorted(unknown[command]), 4)}); {remedy}")
 
 
 def refuse_foreign_entries(out: Path, command: str, own: Iterable[str], remedy: str = "use an empty or new out=",
@@ -177,10 +177,9 @@ def refuse_foreign_entries(out: Path, command: str, own: Iterable[str], remedy: 
     there (dot files are the machinery's own), or any of ``also_foreign``: a run written among
     another run's files left that run's own stage refusing its folder."""
     own = set(own)
-    foreign = [*sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith(".")),
-               *also_foreign] if out.is_dir() else []
+    foreign = [*(p.name for p in visible_entries(out) if p.name not in own), *also_foreign] if out.is_dir() else []
     if foreign:
-        raise ConfigError(f"out={out}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
+        raise ConfigError(f"out={out}: holds {some_names(foreign)}, "
                           f"which is not a `{command}` run's; {remedy}")
 
 

@@ -442,15 +442,15 @@ def require_chain_folder(out: str, world: Optional[str]) -> None:
     there): the chain wrote its stages' folders among another run's files (``--out`` a pretrain
     run), and that run's own stage then refused its folder."""
     from mim_rec.config import ConfigError
+    from mim_rec.utils.run import some_names, visible_entries
 
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {out} is a file, not a run folder")
     read = {Path(world).resolve()} if world else set()
-    held = sorted(p.name for p in folder.iterdir()
-                  if not p.name.startswith(".") and p.resolve() not in read) if folder.is_dir() else []
+    held = [p.name for p in visible_entries(folder) if p.resolve() not in read]
     if held and not set(held) & set(CHAIN_MARKERS):
-        raise ConfigError(f"--out {out}: holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} and no "
+        raise ConfigError(f"--out {out}: holds {some_names(held)} and no "
                           f"chain's {' or '.join(f'{m}/' for m in CHAIN_MARKERS)}, so it is not a run folder of "
                           "mim pipeline or mim experiment; use a new or empty folder")
 

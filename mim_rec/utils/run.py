@@ -10,7 +10,7 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -152,6 +152,21 @@ def _to_builtin(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     return str(obj)
+
+
+def visible_entries(folder: Path) -> List[Path]:
+    """``folder``'s entries by name, dot files left out (they are the machinery's own: the
+    run lock, a table's build state); none when ``folder`` is not a folder. The checks that
+    refuse a folder holding someone else's files each list it so, then apply their own rule."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def some_names(names: Sequence[str], shown: int = 3) -> str:
+    """``a, b, c, ...``: the first ``shown`` of ``names``, enough for a one-line error to say
+    whose folder it is without listing a run's thousands of files."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 LOCK_NAME = ".mim.lock"
