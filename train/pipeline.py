@@ -257,8 +257,14 @@ def stage_record(stage: Stage, out: Path) -> Optional[Dict[str, object]]:
     same defaults and the upstream stages' current records, or None."""
     from mim_rec.utils.run import read_json_or_none
 
-    record = read_json_or_none(record_file(stage, out)) if stage.done_marker.exists() else None
-    return record if record is not None and _describes(record, stage, out) else None
+    record = read_json_or_none(record_file(stage, out))
+    return record if _reusable(record, stage, out) else None
+
+
+def _reusable(record: Optional[Dict[str, object]], stage: Stage, out: Path) -> bool:
+    """Whether ``record`` (``stage``'s as read; None: there is none) shows the stage's artifact
+    finished (its done marker is there) by the run it would be now (:func:`_describes`)."""
+    return record is not None and stage.done_marker.exists() and _describes(record, stage, out)
 
 
 def _describes(record: Dict[str, object], stage: Stage, out: Path) -> bool:
@@ -271,26 +277,25 @@ def _describes(record: Dict[str, object], stage: Stage, out: Path) -> bool:
         and record.get("upstream", {}) == upstream_fingerprint(stage, out)
 
 
-def retire_stale_folder(stage: Stage, out: Path) -> Optional[Path]:
-    """Move ``stage``'s folder to ``OUT/replaced/<stage>-<time>`` when its last finished run had
-    other settings or inputs; return where it went (None when nothing was moved).
+def retire_stale_folder(stage: Stage, out: Path, record: Optional[Dict[str, object]]) -> Optional[Path]:
+    """Move ``stage``'s folder to ``OUT/replaced/<stage>-<time>`` when its last finished run,
+    whose ``record`` (as read; None: none) the caller has read, had other settings or inputs;
+    return where it went (None when nothing was moved).
 
     Its trainer refuses a folder holding another configuration's checkpoints, so a changed
     setting in a run folder used to fail that stage after the stages before it had run again.
     The folder is moved, never deleted (it may hold hours of training), under the folder lock
     the trainers take, so a run still writing it is refused rather than moved from under it.
     The stale record goes too: a re-run killed in turn then resumes in the new folder."""
-    from mim_rec.utils.run import read_json_or_none, run_folder_lock
+    from mim_rec.utils.run import run_folder_lock
 
-    record_path = record_file(stage, out)
-    record = read_json_or_none(record_path)
     if stage.folder is None or not stage.folder.is_dir() or record is None or _describes(record, stage, out):
         return None
     target = out / "replaced" / f"{stage.name}-{time.strftime('%Y%m%dT%H%M%S')}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with run_folder_lock(stage.folder):
         stage.folder.rename(target)
-    record_path.replace(target / "stage_record.json")
+    record_file(stage, out).replace(target / "stage_record.json")
     return target
 
 
@@ -303,11 +308,13 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
     """Run ``stage`` unless its artifact is there from the same command (and ``reuse``); return
     ``(its wall time, whether it was reused)`` (a reused stage reports the wall time of the run
     that made it)."""
-    record = stage_record(stage, out) if reuse else None
-    if record is not None:
+    from mim_rec.utils.run import atomic_write_bytes, read_json_or_none
+
+    record = read_json_or_none(record_file(stage, out))  # read once: both reuse and retirement judge it
+    if reuse and _reusable(record, stage, out):
         print(f"[{index}/{total}] {stage.name}: reused ({record['wall_s']:.0f} s when it ran)", flush=True)
         return record["wall_s"], True
-    retired = retire_stale_folder(stage, out)
+    retired = retire_stale_folder(stage, out, record)
     if retired is not None:
         print(f"[{index}/{total}] {stage.name}: its last run had other settings or inputs; its folder was "
               f"moved to {retired}", flush=True)
@@ -328,8 +335,6 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
     if stage.name == "validate":
         stage.done_marker.write_text("ok\n")
     record_path = record_file(stage, out)
-    from mim_rec.utils.run import atomic_write_bytes
-
     atomic_write_bytes(record_path, json.dumps({"argv": stage.argv, "wall_s": wall, "code": version,
                                                 "defaults": defaults_fingerprint(stage.settings),
                                                 "reads": _reads_fingerprint(stage), "upstream": upstream}).encode())
