@@ -150,6 +150,7 @@ def test_torchx_dryrun_cli_parses_csft(tmp_path):
     (["-j", "abc"], "Invalid format for -j, usage example: 1:2x4 or 1x4 or 4. Given: abc"),
     (["-h", "nosuch"], "-h nosuch: No named resource found for `nosuch`."),
     (["--mounts", "type=bind,src=/a"], "--mounts type=bind,src=/a: dst (the form is type=bind,src=/host/path,"),
+    (["--env", "A"], "--env A: 'A' is not NAME=value (the form is ENV1=v1,ENV2=v2)"),
 ])
 def test_torchx_run_refuses_a_launch_argument_in_one_error_line(launch, message):
     """Each came out of `torchx run` as a Python traceback ending in the message (TorchX prints
@@ -159,6 +160,21 @@ def test_torchx_run_refuses_a_launch_argument_in_one_error_line(launch, message)
                    "--", "out=runs/csft", timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "Failed to run component `torchx_components/mim.py:csft` got errors: \n " + message in done.stderr
+
+
+@pytest.mark.parametrize("env, bad", [("A", "A"), ("A,B=1", "A"), ("=1", "=1"), ("A=1,=2", "=2")])
+def test_an_env_entry_without_a_name_is_refused_naming_it(env, bad):
+    """TorchX's own parser of the argument raised a ValueError on the first; it took the second
+    as one variable named "A,B"."""
+    with pytest.raises(ValueError, match=re.escape(f"--env {env}: {bad!r} is not NAME=value")):
+        materialize_appdef(mim.csft, ["--env", env, "--", "out=x"])
+
+
+def test_env_values_keep_their_commas_as_torchx_parses_them():
+    role = materialize_appdef(mim.csft, ["--env", "CUDA_VISIBLE_DEVICES=0,1,PATHS=a;b;C=3", "--", "out=x"]).roles[0]
+    given = {"CUDA_VISIBLE_DEVICES": "0,1", "PATHS": "a;b", "C": "3"}
+    assert {name: role.env.get(name) for name in given} == given  # dist.ddp adds its own (LOGLEVEL)
+    assert materialize_appdef(mim.serve_rim, ["--env", "", "--", "out=x"]).roles[0].env == {}
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ feature cache makes it seconds). ``serve_rim`` and ``bench_sharding`` are single
 
 # No `from __future__ import annotations`: TorchX reads the real annotations to build the CLI.
 import os
+import re
 from typing import Dict, List, Optional
 
 import torchx
@@ -62,6 +63,32 @@ def _check_resources(cpu: int, gpu: int, memMB: int, h: Optional[str], mounts: O
                           f"{nproc_per_node} (the processes per node)")
 
 
+def _parse_env(env: Optional[str]) -> Dict[str, str]:
+    """``--env`` as the job's environment variables. The components take it as a string and
+    parse it here: declared ``Dict[str, str]``, it was parsed by TorchX before a component ran,
+    and an entry without ``=`` (``--env A``) ended ``torchx run`` in a traceback from TorchX's
+    parser, where a :class:`LaunchError` is one error line. The form is TorchX's:
+    ``NAME=value`` entries split by ``,`` or ``;``, where a piece without ``=`` continues the
+    value before it (``CUDA_VISIBLE_DEVICES=0,1`` keeps its comma), so only a piece with no
+    ``NAME=`` before it, or an empty name, is refused."""
+    if not env:
+        return {}
+    parsed: Dict[str, str] = {}
+    name = ""
+    pieces = re.split(r"([,;])", env)  # piece, delimiter, piece, ...: a continued value keeps its delimiter
+    for at in range(0, len(pieces), 2):
+        piece = pieces[at]
+        if "=" in piece:
+            name, value = piece.split("=", 1)
+            name = name.strip()
+            parsed[name] = value
+        elif name:
+            parsed[name] += pieces[at - 1] + piece
+        if not name:
+            raise LaunchError(f"--env {env}: {piece!r} is not NAME=value (the form is ENV1=v1,ENV2=v2)")
+    return {key: value.strip() for key, value in parsed.items()}
+
+
 def _parse_launch(h: Optional[str], mounts: Optional[List[str]], j: Optional[str]) -> int:
     """The processes per node ``j`` asks for (0 without ``j``), once ``h``, ``mounts`` and ``j``
     parse as TorchX parses them when it builds the job."""
@@ -99,7 +126,7 @@ def _distributed(
     gpu: int,
     memMB: int,
     h: Optional[str],
-    env: Optional[Dict[str, str]],
+    env: Optional[str],
     mounts: Optional[List[str]],
     max_retries: int,
     rdzv_port: int,
@@ -112,7 +139,7 @@ def _distributed(
     app = dist.ddp(
         *_stage_argv(command, config, args), m=ENTRY_MODULE, image=image,
         name=name or f"mim/{role}", cpu=cpu, gpu=gpu, memMB=memMB, h=h, j=j,
-        env=dict(env or {}), max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts)
+        env=_parse_env(env), max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts)
     app.roles[0].name = role
     return app
 
@@ -129,7 +156,7 @@ def _single(
     gpu: int,
     memMB: int,
     h: Optional[str],
-    env: Optional[Dict[str, str]],
+    env: Optional[str],
     mounts: Optional[List[str]],
     port_map: Optional[Dict[str, int]] = None,
 ) -> specs.AppDef:
@@ -141,7 +168,7 @@ def _single(
             name=role, image=image, entrypoint="python",
             args=["-m", ENTRY_MODULE, *_stage_argv(command, config, args)],
             resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB, h=h),
-            env=dict(env or {}), port_map=port_map or {},
+            env=_parse_env(env), port_map=port_map or {},
             mounts=specs.parse_mounts(mounts) if mounts else [])])
 
 
@@ -155,7 +182,7 @@ def pretrain(
     gpu: int = 0,
     memMB: int = 32768,
     h: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
+    env: Optional[str] = None,
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
     rdzv_port: int = 29500,
@@ -196,7 +223,7 @@ def csft(
     gpu: int = 0,
     memMB: int = 32768,
     h: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
+    env: Optional[str] = None,
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
     rdzv_port: int = 29500,
@@ -238,7 +265,7 @@ def build_table(
     gpu: int = 0,
     memMB: int = 32768,
     h: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
+    env: Optional[str] = None,
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
     rdzv_port: int = 29500,
@@ -278,7 +305,7 @@ def serve_rim(
     gpu: int = 0,
     memMB: int = 16384,
     h: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
+    env: Optional[str] = None,
     mounts: Optional[List[str]] = None,
     port: int = 0,
 ) -> specs.AppDef:
@@ -323,7 +350,7 @@ def train_ciubm(
     gpu: int = 0,
     memMB: int = 65536,
     h: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
+    env: Optional[str] = None,
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
     rdzv_port: int = 29500,
@@ -365,7 +392,7 @@ def evaluate(
     gpu: int = 0,
     memMB: int = 65536,
     h: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
+    env: Optional[str] = None,
     mounts: Optional[List[str]] = None,
     max_retries: int = 0,
     rdzv_port: int = 29500,
@@ -407,7 +434,7 @@ def bench_sharding(
     gpu: int = 0,
     memMB: int = 8192,
     h: Optional[str] = None,
-    env: Optional[Dict[str, str]] = None,
+    env: Optional[str] = None,
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
     """Compare sharding plans for the ID and MM tables (``mim bench sharding``).
