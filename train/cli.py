@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, NoReturn, Optional, Sequence
 
@@ -66,12 +67,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = args.func(args)
     except (DataError, ManifestMismatch, ConfigError) as exc:
-        print(f"{command_prog(args)}: error: {exc}", file=sys.stderr)
+        print_error(f"{command_prog(args)}: error: {exc}")
         return 2
     except TrainingDiverged as exc:
-        print(f"{command_prog(args)}: error: {exc}", file=sys.stderr)
+        print_error(f"{command_prog(args)}: error: {exc}")
         return 1
     return int(result or 0)
+
+
+def print_error(message: str) -> None:
+    """Print a command's error line on stderr; under torchrun only once for a line every rank
+    raised alike (:func:`mim_rec.utils.dist.print_error_once`). The ranks still exit non-zero."""
+    if "RANK" in os.environ:  # a launched rank (a plain ``mim`` is spared importing torch here)
+        from mim_rec.utils.dist import print_error_once
+        print_error_once(message)
+    else:
+        print(message, file=sys.stderr)
 
 
 def command_prog(args: argparse.Namespace) -> str:

@@ -181,6 +181,36 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
+def print_error_once(message: str, wait_s: float = 10.0) -> None:
+    """Print ``message``, a command's one-line error, on stderr, unless this is a rank > 0 of a
+    torchrun launch whose rank 0 printed the very same line.
+
+    Why: a user error every rank raises alike (a config key, a missing folder) was printed once
+    per rank, above torchrun's own failure report. Rank 0 prints its line, then posts it on the
+    launcher's store (``TORCHELASTIC_USE_AGENT_STORE``: the agent's, which serves every rank
+    whatever state its process group is in); a rank > 0 waits up to ``wait_s`` seconds for that
+    post and stays silent only when it is the same line. A line of its own -- an error on that
+    rank alone, while rank 0 works on or waits in a collective -- is printed, ``wait_s`` later.
+    Without such a store, or when it cannot be reached, every rank prints as before."""
+    rank = int(os.environ.get("RANK", "0"))
+    key = f"mim/error_line/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restarted rank's own
+    store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timedelta(seconds=wait_s))
+            if rank > 0 and store.get(key).decode(errors="replace") == message:
+                return
+        except RuntimeError:  # torch's DistError: no store reached, or no line from rank 0 in time
+            store = None
+    print(message, file=sys.stderr, flush=True)
+    if store is not None and rank == 0:
+        try:
+            store.set(key, message)
+        except RuntimeError:  # the other ranks print their own line, as they did before
+            pass
+
+
 def free_port() -> int:
     """A TCP port free on localhost right now (for a rendezvous of local ranks)."""
     with socket.socket() as sock:
