@@ -652,6 +652,23 @@ def test_grid_runs_equal_single_runs_and_skip_finished_ones(world, tmp_path, cap
     assert not (tmp_path / "shared").exists()
 
 
+def test_a_changed_setting_is_named_by_its_dotted_key(tmp_path):
+    """A refused resume (and a grid's or report's "other settings") named only the section,
+    "differs in: model", whichever of its settings changed; a section --eval-only may change
+    (``data``) still covers every key inside it."""
+    from train.common import changed_settings
+
+    settings = [f"out={tmp_path}", "model.mm_dim=8"]
+    trained = ciubm.load_train_config(None, ["data.world=w", *settings], check_device=False)
+    (tmp_path / "config.json").write_text(json.dumps(config_dict(trained)))
+    now = ciubm.load_train_config(None, ["data.world=other", *settings, "model.ubm=bst", "loader.batch_size=64",
+                                         "model.constraints.item.sharding_types=[table_wise]"], check_device=False)
+    assert changed_settings(now, ciubm.EXECUTION_ONLY, ciubm.PATH_SETTINGS) == [
+        "data.world", "loader.batch_size", "model.constraints.item.sharding_types", "model.ubm"]
+    assert changed_settings(now, ciubm.EXECUTION_ONLY | ciubm.EVAL_ONLY_CHANGES, ciubm.PATH_SETTINGS) == [
+        "loader.batch_size", "model.constraints.item.sharding_types", "model.ubm"]
+
+
 @pytest.mark.parametrize("text, message", [
     ('{"name": "a"}', "expected a JSON list"),
     ('[{"name": "a", "overrides": "model.ubm=din"}]', "run 0 must be"),

@@ -116,10 +116,25 @@ def config_dict(config: Any) -> Dict[str, Any]:
     return json.loads(json.dumps(asdict(config), default=str))
 
 
+def _dotted(settings: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``settings`` (a config as a dict) flattened to the dotted keys overrides use
+    (``model.ubm``, ``model.constraints.item.sharding_types``); an empty section sets nothing."""
+    flat: Dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def changed_settings(config: Any, ignored: Iterable[str], paths: Iterable[str] = ()) -> Optional[List[str]]:
-    """Top-level settings (outside ``ignored``) in which ``config`` differs from the run whose
-    ``config.json`` is in ``config.out``; None when no run wrote one there. The dotted ``paths``
-    name files or folders, compared as absolute paths (``runs/world`` is ``$PWD/runs/world``)."""
+    """Settings, by dotted key (``model.mm_whiten``), in which ``config`` differs from the run
+    whose ``config.json`` is in ``config.out``; None when no run wrote one there. A key inside a
+    section named in ``ignored`` (``data`` covers ``data.world``) is not compared. Naming the
+    section alone ("differs in: model") left the user to diff two config.json files. The
+    dotted ``paths`` name files or folders, compared as absolute paths (``runs/world`` is
+    ``$PWD/runs/world``)."""
     saved = Path(config.out) / "config.json"
     if not saved.is_file():
         return None
@@ -133,7 +148,9 @@ def changed_settings(config: Any, ignored: Iterable[str], paths: Iterable[str] =
     now = config_dict(config)
     for settings in (before, now):
         absolute_paths(settings, paths)
-    return sorted(k for k in before.keys() | now.keys() if k not in ignored and before.get(k) != now.get(k))
+    before, now, ignored = _dotted(before), _dotted(now), tuple(ignored)
+    return sorted(k for k in before.keys() | now.keys()
+                  if not any(k == i or k.startswith(f"{i}.") for i in ignored) and before.get(k) != now.get(k))
 
 
 def require_own_run_folder(out: str, command: str, run_files: Iterable[str], foreign_checkpoints: str,
