@@ -669,6 +669,22 @@ def test_a_changed_setting_is_named_by_its_dotted_key(tmp_path):
         "loader.batch_size", "model.constraints.item.sharding_types", "model.ubm"]
 
 
+@pytest.mark.parametrize("rank, announced", [("0", True), ("1", False)])
+def test_only_rank_zero_announces_the_grid_runs(tmp_path, monkeypatch, capsys, rank, announced):
+    """Under torchrun every rank printed each "grid [i/n]" line, so each run read as started twice."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # as before a launch's first run
+    trained = []
+    monkeypatch.setattr(ciubm, "run", lambda config, train=True: trained.append(config.out))
+    monkeypatch.setattr(ciubm, "_finished", lambda config: config.out.endswith("done"))
+    grid = [{"name": name, "overrides": [f"out={tmp_path / name}"]} for name in ("done", "todo")]
+    ciubm.run_grid(None, ["data.world=w", "model.mm_dim=8"], grid)
+    assert trained == [str(tmp_path / "todo")]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == (["grid [1/2] done: finished earlier, skipped", f"grid [2/2] todo: {tmp_path / 'todo'}"]
+                     if announced else [])
+
+
 @pytest.mark.parametrize("text, message", [
     ('{"name": "a"}', "expected a JSON list"),
     ('[{"name": "a", "overrides": "model.ubm=din"}]', "run 0 must be"),

@@ -325,6 +325,7 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
     import gc
 
     from mim_rec.config import ConfigError
+    from mim_rec.utils.dist import launched_rank
 
     def config_of(entry: Dict[str, Any]) -> TrainConfig:  # --eval-only: each run's own config.json, as alone
         run_overrides = [*overrides, *entry["overrides"]]
@@ -339,11 +340,15 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
             raise ConfigError(f"--grid: runs {writers[folder]!r} and {name!r} both write out={config.out}; "
                               f"give each its own out=")
         writers[folder] = name
+    # every rank walks the grid; rank 0 announces it (under torchrun each line came once per rank)
+    announce = launched_rank() == 0
     for index, (name, config) in enumerate(configs, 1):
         if train and _finished(config):
-            print(f"grid [{index}/{len(configs)}] {name}: finished earlier, skipped", flush=True)
+            if announce:
+                print(f"grid [{index}/{len(configs)}] {name}: finished earlier, skipped", flush=True)
             continue
-        print(f"grid [{index}/{len(configs)}] {name}: {config.out}", flush=True)
+        if announce:
+            print(f"grid [{index}/{len(configs)}] {name}: {config.out}", flush=True)
         run(config, train=train)
         gc.collect()  # the previous run's sharded model and optimizer before the next one's
 
