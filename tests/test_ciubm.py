@@ -669,6 +669,16 @@ def test_a_changed_setting_is_named_by_its_dotted_key(tmp_path):
         "loader.batch_size", "model.constraints.item.sharding_types", "model.ubm"]
 
 
+def test_the_help_says_which_seed_orders_the_data(capsys):
+    """`mim train --help` said the data order was a function of ``(seed, epoch)``, the run's
+    seed, which orders nothing: a grid over seeds trains on the same batches (docs/ciubm.md)."""
+    from train.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "a pure function of ``(loader.seed, epoch)``" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("rank, announced", [("0", True), ("1", False)])
 def test_only_rank_zero_announces_the_grid_runs(tmp_path, monkeypatch, capsys, rank, announced):
     """Under torchrun every rank printed each "grid [i/n]" line, so each run read as started twice."""

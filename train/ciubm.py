@@ -8,7 +8,8 @@ the config), the ID tables train with a fused optimizer inside the backward pass
 part with Adam, and the MM table never trains. Checkpoints are
 ``torch.distributed.checkpoint`` (DCP) folders; re-running the same command resumes exactly
 where the last one stopped (every step reseeds torch from ``(seed, step, rank)``, and the
-data order is a pure function of ``(seed, epoch)``).
+data order is a pure function of ``(loader.seed, epoch)``: runs of other ``seed`` train on the
+same batches in the same order).
 
 Run as one process, or under ``torchrun``/TorchX (gloo on CPU, nccl on GPU)::
 
