@@ -102,7 +102,8 @@ def test_missing_encoder_is_a_clear_error(catalogue, capsys):
 
 @pytest.mark.parametrize("setting, message", [("batch_size=0", "batch_size=0: must be positive"),
                                               ("hist_len=-1", "hist_len=-1: must not be negative"),
-                                              ("repeats=0", "repeats=0: must be positive")])
+                                              ("repeats=0", "repeats=0: must be positive"),
+                                              ("seed=-1", "seed=-1: must not be negative")])  # numpy's traceback
 def test_a_setting_that_cannot_be_timed_is_refused(catalogue, capsys, setting, message):
     """batch_size=0 and hist_len=-1 ended in a traceback; repeats=0 in a median of nothing."""
     assert main(["bench", "lookup", "--quick", f"items={catalogue / 'items.parquet'}", setting]) == 2

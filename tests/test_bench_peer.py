@@ -115,6 +115,12 @@ def test_both_libraries_train_on_the_same_steps_and_beat_chance(world, tmp_path,
     ("ubms=[din,din]", "ubms=['din', 'din']: each may appear once"),  # printed a spread "over seeds"
     ("seeds=[0,0]", "seeds=[0, 0]: each may appear once"),
     ("model.user_dim=6", "model.user_dim=6: FBGEMM's embedding kernels need a multiple of 4"),
+    # mim train's checks, which the peer's run of it bypassed: TorchRec's planner divided by zero,
+    # the loader's range() and numpy's generator refused these mid-run
+    ("model.item_dim=0", "model.item_dim=0: must be positive"),
+    ("loader.shuffle_row_groups=0", "loader.shuffle_row_groups=0: must be positive"),
+    ("loader.seed=-1", "loader.seed=-1: must not be negative"),
+    ("seeds=[0,-2]", "seeds=[0, -2]: -2 is negative"),
     pytest.param("model.constraints.item.sharding_types=[row_wise]", "row-wise sharding needs CUDA",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="row-wise is offered on CUDA")),
 ])

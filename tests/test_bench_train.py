@@ -129,6 +129,10 @@ def test_world_folder_sets_the_table_sizes(tmp_path, capsys):
     ("model.user_dim=6", "model.user_dim=6: FBGEMM's embedding kernels need a multiple of 4"),
     # only the first UBM was checked: bst refused din's options after din's rounds had run
     ("ubms=[din,bst]", "for bst: "),
+    # a dim of 0 passed the alignment check: TorchRec's planner divided by zero; numpy refused seed=-1
+    ("model.item_dim=0", "model.item_dim=0: must be positive"),
+    ("model.dien_aux_weight=-1", "model.dien_aux_weight=-1.0: must not be negative"),  # mim train refuses it
+    ("seed=-1", "seed=-1: must not be negative"),
     # the planner's traceback after the process group was up, as mim train refuses it in one line
     pytest.param("model.constraints.item.sharding_types=[row_wise]", "row-wise sharding needs CUDA",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="row-wise is offered on CUDA")),

@@ -49,7 +49,7 @@ class LookupBenchConfig:
         from mim_rec.config import ConfigError, require_not_negative, require_positive
 
         require_positive(self, ("batch_size", "repeats", "lookup_repeats", "encoder_batch_size", "threads"))
-        require_not_negative(self, ("hist_len",))
+        require_not_negative(self, ("hist_len", "seed"))  # numpy's generator refuses a negative seed
         if self.mm_dtype not in MM_DTYPES:
             why = (" (TorchRec's sharded EmbeddingBagCollection cannot hold an INT8 table; fp16 halves the memory)"
                    if self.mm_dtype == "int8" else "")

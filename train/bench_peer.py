@@ -262,8 +262,9 @@ def _summary(report: Dict[str, Any]) -> Dict[str, Any]:
 
 def check_config(config: PeerBenchConfig) -> None:
     """Refuse, before any training, a setting that would fail late or print an empty table."""
-    from mim_rec.config import ConfigError, require_positive
-    from train.ciubm import check_model, check_sharding_device, match_loader_to_model
+    from mim_rec.config import ConfigError, require_not_negative, require_positive
+    from train.ciubm import (NOT_NEGATIVE_SETTINGS, POSITIVE_SETTINGS, check_model, check_sharding_device,
+                             match_loader_to_model)
 
     if not config.world:
         raise ConfigError("mim bench peer needs world=DIR (a folder with items.parquet and events_*.parquet)")
@@ -278,8 +279,14 @@ def check_config(config: PeerBenchConfig) -> None:
         raise ConfigError(f"ubms: DeepCTR-Torch has no {unknown}; choose from {list(PEER_UBMS)}")
     if config.model.sequence_layout != "ebc":
         raise ConfigError("model.sequence_layout: the peer's input is read from the slot (ebc) layout")
+    # The loader's settings get mim train's checks: a shuffle_row_groups of 0 or a negative seed
+    # ended in a traceback from inside the loader, in the middle of a run.
     require_positive(config, ("epochs", "max_steps", "lr", "peer_lr", "id_lr", "query_len", "threads",
-                              "loader.batch_size", "loader.max_hist_len"))
+                              *(key for key in POSITIVE_SETTINGS if key.startswith("loader."))))
+    require_not_negative(config, [key for key in NOT_NEGATIVE_SETTINGS if key.startswith("loader.")])
+    negative = [seed for seed in config.seeds if seed < 0]
+    if negative:
+        raise ConfigError(f"seeds={config.seeds}: {negative[0]} is negative; mim train refuses a negative seed")
     match_loader_to_model(config.loader, config.model)  # both libraries hash queries into the model's table size
     for ubm in config.ubms:
         model = base_model(config, ubm)

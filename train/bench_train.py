@@ -381,7 +381,7 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from mim_rec.config import ConfigError, require_positive
+    from mim_rec.config import ConfigError, require_not_negative, require_positive
     from train.bench_reference import reference_model, reference_optimizer, torchrec_weights
     from train.ciubm import check_model, check_sharding_device
 
@@ -393,6 +393,7 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     require_positive(config, ("steps", "rounds", "warmup", "distinct_batches", "batch_size", "hist_len", "mm_dim",
                               "lr", "id_lr", "threads", "items", "users", "categories"))
     # threads: None (torch's default) passes
+    require_not_negative(config, ("seed",))  # numpy's generators refuse a negative seed, with a traceback
     if config.model.sequence_layout != "ebc":
         raise ConfigError("model.sequence_layout: the plain-torch reference reads the slot (ebc) layout; "
                           "compare the layouts with mim bench layout")

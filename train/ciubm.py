@@ -70,11 +70,13 @@ class TrainConfig:
 # Sizes, step intervals and learning rates: 0 or less is a mistake, never a way to switch off.
 POSITIVE_SETTINGS = ("epochs", "max_steps", "lr", "id_lr", "checkpoint_every", "checkpoint_keep", "log_every",
                      "rim_apply_every",
-                     "loader.batch_size", "loader.max_hist_len",
-                     "loader.shuffle_row_groups", "model.item_dim", "model.category_dim", "model.user_dim",
-                     "model.query_dim", "model.mm_dim", "model.query_buckets", "model.mm_projection")
-# ... and these may be 0 (a weight or the whitening switched off, seed 0), never negative or NaN.
-NOT_NEGATIVE_SETTINGS = ("model.dien_aux_weight", "model.mm_whiten", "seed", "loader.seed")
+                     "loader.batch_size", "loader.max_hist_len", "loader.shuffle_row_groups")
+# ... and these may be 0 (seed 0), never negative or NaN.
+NOT_NEGATIVE_SETTINGS = ("seed", "loader.seed")
+# The model's own, checked by check_model, so the benches that build a CiUBM refuse them too.
+MODEL_POSITIVE_SETTINGS = ("item_dim", "category_dim", "user_dim", "query_dim", "mm_dim", "query_buckets",
+                           "mm_projection")
+MODEL_NOT_NEGATIVE_SETTINGS = ("dien_aux_weight", "mm_whiten")  # 0: the weight or the whitening off
 
 
 def load_train_config(path: Optional[str], overrides, check_device: bool = True) -> TrainConfig:
@@ -150,9 +152,12 @@ def check_model(model: ModelConfig) -> None:
     process group is up, with a traceback). Every command that builds one calls this first:
     ``mim train`` and the benches that time or compare it."""
     from mim_rec.ciubm.sparse import FBGEMM_COLUMN_ALIGNMENT
-    from mim_rec.config import ConfigError
+    from mim_rec.config import ConfigError, require_not_negative, require_positive
     from mim_rec.ubm import available_ubms
 
+    # A dim of 0 passed the alignment check below and failed in TorchRec's planner (a division by zero).
+    require_positive(model, MODEL_POSITIVE_SETTINGS, prefix="model.")
+    require_not_negative(model, MODEL_NOT_NEGATIVE_SETTINGS, prefix="model.")
     for key in ("item_dim", "category_dim", "user_dim", "query_dim"):
         if getattr(model, key) % FBGEMM_COLUMN_ALIGNMENT:
             raise ConfigError(f"model.{key}={getattr(model, key)}: FBGEMM's embedding kernels need a "
