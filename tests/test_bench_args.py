@@ -27,6 +27,17 @@ def test_bench_rim_refuses_a_setting_by_name_before_serving(tmp_path, capsys, se
     assert err.startswith("mim bench rim: error: ") and message in err and len(err.splitlines()) == 1
 
 
+def test_bench_rim_refuses_out_before_making_it(tmp_path, capsys):
+    """out= naming a file ended in mkdir's FileExistsError traceback; a refused setting left the
+    new out= folder behind."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["bench", "rim", f"encoders={tmp_path / 'none'}", f"out={afile}"]) == 2
+    assert f"out={afile}: a file, not a folder for the service's log" in capsys.readouterr().err
+    assert main(["bench", "rim", f"encoders={tmp_path / 'none'}", f"out={tmp_path / 'new'}", "clients=0"]) == 2
+    assert not (tmp_path / "new").exists()
+
+
 def test_rim_bench_config_accepts_the_defaults_and_a_full_window():
     RimBenchConfig(encoders="x").validate()
     RimBenchConfig(encoders="x", items_per_request=64, max_batch=64).validate()

@@ -80,6 +80,9 @@ def _cli(args: argparse.Namespace) -> int:
     config = load_config(RimBenchConfig, args.config, args.overrides)
     if not config.encoders:
         raise ConfigError("mim bench rim needs encoders=DIR (the item encoder the service runs)")
+    config.validate()  # before out= is made: a refused setting left a new, empty folder behind
+    if config.out and Path(config.out).exists() and not Path(config.out).is_dir():
+        raise ConfigError(f"out={config.out}: a file, not a folder for the service's log")
     with tempfile.TemporaryDirectory(prefix="rim-bench-") as scratch:
         out = Path(config.out or scratch)
         out.mkdir(parents=True, exist_ok=True)
