@@ -385,3 +385,19 @@ def test_a_flag_is_taken_only_as_spelled_in_full(tmp_path, capsys, argv, flag):
         mim([arg.replace("OUT", str(tmp_path / "out")) for arg in argv])
     assert exit.value.code == 2
     assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "lookup", "items=ITEMS", "--quick", "seed=-1"],
+    ["bench", "train", "rounds=2", "--json", "-", "seed=-1"],
+    ["embeddings", "build", "world=ITEMS", "--config", "CONFIG", "seed=-1"],
+])
+def test_overrides_after_a_flag_are_taken_in_order(tmp_path, capsys, argv):
+    """argparse fills the overrides from the first run of positionals only: the ones after a flag
+    were refused as 'unrecognized arguments' (exit 2 from argparse, before any setting was read)."""
+    (tmp_path / "config.yaml").write_text("{}\n")
+    argv = [arg.replace("ITEMS", str(tmp_path / "absent")).replace("CONFIG", str(tmp_path / "config.yaml"))
+            for arg in argv]
+    assert mim(argv) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" not in err and "seed" in err, err

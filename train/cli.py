@@ -11,7 +11,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import List, NoReturn, Optional, Sequence
+from typing import List, NoReturn, Optional, Sequence, Tuple
 
 # Order is the order shown by `mim --help`.
 COMMAND_MODULES = (
@@ -47,6 +47,17 @@ class ExactFlagParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Optional[Sequence[str]] = None,
+                         namespace: Optional[argparse.Namespace] = None) -> Tuple[argparse.Namespace, List[str]]:
+        """Also take the ``key=value`` overrides given after a flag, in order: argparse fills the
+        ``overrides`` positional (``nargs="*"``) from the first run of positionals only, so
+        ``mim bench lookup items=X --quick batch_size=8`` was refused as an unrecognized argument."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if isinstance(getattr(namespace, "overrides", None), list):
+            namespace.overrides += [arg for arg in extras if not arg.startswith("-")]
+            extras = [arg for arg in extras if arg.startswith("-")]
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
