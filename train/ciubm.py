@@ -331,7 +331,7 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
     import gc
 
     from mim_rec.config import ConfigError
-    from mim_rec.utils.dist import launched_rank
+    from mim_rec.utils.dist import current_rank
 
     def config_of(entry: Dict[str, Any]) -> TrainConfig:  # --eval-only: each run's own config.json, as alone
         run_overrides = [*overrides, *entry["overrides"]]
@@ -347,7 +347,7 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
                               f"give each its own out=")
         writers[folder] = name
     # every rank walks the grid; rank 0 announces it (under torchrun each line came once per rank)
-    announce = launched_rank() == 0
+    announce = current_rank() == 0
     for index, (name, config) in enumerate(configs, 1):
         if train and _finished(config):
             if announce:

@@ -33,14 +33,9 @@ class DistContext:
 
 
 def current_rank() -> int:
-    """This process's rank, 0 without a process group."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def launched_rank() -> int:
     """This process's rank: the process group's, else the launcher's RANK (torchrun sets it
     before any group exists), else 0. Lets every rank of a launch agree on which one speaks
-    before it initialises anything."""
+    or writes before it initialises anything."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
