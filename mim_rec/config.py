@@ -209,6 +209,16 @@ def require_not_negative(config: Any, keys: Iterable[str], prefix: str = "") -> 
         _require_finite(value, prefix + key)
 
 
+def require_distinct(config: Any, keys: Iterable[str]) -> None:
+    """Refuse a list setting at any of ``keys`` that names a value twice: a bench's rows are
+    keyed by it, so a repeat would be run and printed twice and read as two results (or a
+    spread over seeds that is none)."""
+    for key in keys:
+        values = _dotted(config, key)
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{key}={values}: each may appear once")
+
+
 def _require_finite(value: Any, key: str) -> None:
     """An infinite size, rate or timeout passes a sign check and then overflows far away (a
     thread's timeout, a step count's range)."""

@@ -51,6 +51,8 @@ def test_paper_scale_fits_only_when_the_mm_table_is_split_across_ranks():
 def test_bad_config_is_refused():
     with pytest.raises(ConfigError, match="plans"):
         _tiny(plans=["diagonal"]).validate()
+    with pytest.raises(ConfigError, match=r"plans=\['table_wise', 'table_wise'\]: each may appear once"):
+        _tiny(plans=["table_wise", "table_wise"]).validate()  # printed (and measured) the same row twice
     with pytest.raises(ConfigError, match="local_world_size"):
         _tiny(world_size=6, local_world_size=4).validate()
     with pytest.raises(ConfigError, match="int8"):

@@ -262,7 +262,7 @@ def _summary(report: Dict[str, Any]) -> Dict[str, Any]:
 
 def check_config(config: PeerBenchConfig) -> None:
     """Refuse, before any training, a setting that would fail late or print an empty table."""
-    from mim_rec.config import ConfigError, require_not_negative, require_positive
+    from mim_rec.config import ConfigError, require_distinct, require_not_negative, require_positive
     from train.ciubm import (NOT_NEGATIVE_SETTINGS, POSITIVE_SETTINGS, check_model, check_sharding_device,
                              match_loader_to_model)
 
@@ -270,10 +270,7 @@ def check_config(config: PeerBenchConfig) -> None:
         raise ConfigError("mim bench peer needs world=DIR (a folder with items.parquet and events_*.parquet)")
     if not config.ubms or not config.seeds:
         raise ConfigError(f"ubms={config.ubms} seeds={config.seeds}: give at least one of each")
-    for name in ("ubms", "seeds"):  # a repeat's spread would be printed as a spread over seeds
-        values = getattr(config, name)
-        if len(set(values)) != len(values):
-            raise ConfigError(f"{name}={values}: each may appear once")
+    require_distinct(config, ("ubms", "seeds"))
     unknown = sorted(set(config.ubms) - set(PEER_UBMS))
     if unknown:
         raise ConfigError(f"ubms: DeepCTR-Torch has no {unknown}; choose from {list(PEER_UBMS)}")

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from mim_rec.config import ConfigError, load_config, require_not_negative, require_positive
+from mim_rec.config import ConfigError, load_config, require_distinct, require_not_negative, require_positive
 from train.bench_cmd import check_json_path
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
@@ -131,6 +131,7 @@ class ShardingBenchConfig:
         if unknown:
             raise ConfigError(f"plans: unknown {unknown}; choose from "
                               f"{list(SHARDING_TYPES) + [PLANNER_CHOICE]}")
+        require_distinct(self, ("plans",))
         if self.world_size % self.ranks_per_host:
             raise ConfigError(f"world_size={self.world_size} is not a multiple of "
                               f"local_world_size={self.ranks_per_host}")

@@ -381,15 +381,14 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from mim_rec.config import ConfigError, require_not_negative, require_positive
+    from mim_rec.config import ConfigError, require_distinct, require_not_negative, require_positive
     from train.bench_reference import reference_model, reference_optimizer, torchrec_weights
     from train.ciubm import check_model, check_sharding_device
 
     unknown = sorted(set(config.ubms) - set(ALL_UBMS))
     if unknown or not config.ubms:
         raise ConfigError(f"ubms={config.ubms}: choose one or more of {ALL_UBMS}")
-    if len(set(config.ubms)) != len(config.ubms):  # each MIM/Base ratio pairs the rows of one UBM's rounds
-        raise ConfigError(f"ubms={config.ubms}: each may appear once")
+    require_distinct(config, ("ubms",))  # each MIM/Base ratio pairs the rows of one UBM's rounds
     require_positive(config, ("steps", "rounds", "warmup", "distinct_batches", "batch_size", "hist_len", "mm_dim",
                               "lr", "id_lr", "threads", "items", "users", "categories"))
     # threads: None (torch's default) passes
