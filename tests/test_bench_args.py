@@ -68,3 +68,39 @@ def test_a_bench_result_without_a_figure_is_written_as_strict_json(tmp_path, cap
     run_and_report(lambda: {"ratio": float("nan"), "rows": [{"x": float("inf"), "y": 1.5}]}, str, str(path))
     result = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
     assert result["ratio"] is None and result["rows"] == [{"x": None, "y": 1.5}]
+
+
+def test_bench_rim_refuses_a_truth_folder_before_serving(tmp_path, capsys):
+    """A world's truth folder embeds only that world's item ids: every request the bench posts
+    (new ids) was refused, and it printed "0 items acknowledged, 0.0 items/s" with exit code 0."""
+    import numpy as np
+
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    np.savez(truth / "items.npz", style=np.zeros((4, 2)), category=np.zeros(4))
+    assert main(["bench", "rim", f"encoders={truth}", "seconds=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"mim bench rim: error: encoders={truth}: a synthetic world's truth folder embeds only that "
+                   "world's own item ids, and the bench posts new ones; give a stage-1 encoders/ or a C-SFT "
+                   "mm_encoder/ artifact")
+
+
+def test_bench_rim_stops_when_the_service_refuses_the_warm_up(tmp_path, monkeypatch):
+    """A service that refuses every item measured nothing, yet the bench reported 0 items/s as
+    its result."""
+    import train.bench_rim as bench_rim
+
+    class Service:
+        terminated = False
+
+        def terminate(self):
+            Service.terminated = True
+
+        def wait(self, timeout):
+            return 0
+
+    monkeypatch.setattr(bench_rim, "_start_service", lambda config, log: (Service(), 1))
+    monkeypatch.setattr(bench_rim, "_post", lambda connection, payloads, ids: (422, "item 0: unknown id\n"))
+    with pytest.raises(RuntimeError, match=r"the RIM service refused the warm-up item \(422\): item 0: unknown id$"):
+        bench_rim.run(RimBenchConfig(encoders="x", seconds=1), tmp_path / "rim.log")
+    assert Service.terminated

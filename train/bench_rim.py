@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -81,6 +81,11 @@ def _cli(args: argparse.Namespace) -> int:
     if not config.encoders:
         raise ConfigError("mim bench rim needs encoders=DIR (the item encoder the service runs)")
     config.validate()  # before out= is made: a refused setting left a new, empty folder behind
+    from embeddings.encoders import is_truth_folder
+    if is_truth_folder(config.encoders):  # every request would be refused: a 0 items/s "result"
+        raise ConfigError(f"encoders={config.encoders}: a synthetic world's truth folder embeds only that world's "
+                          "own item ids, and the bench posts new ones; give a stage-1 encoders/ or a C-SFT "
+                          "mm_encoder/ artifact")
     if config.out and Path(config.out).exists() and not Path(config.out).is_dir():
         raise ConfigError(f"out={config.out}: a file, not a folder for the service's log")
     with tempfile.TemporaryDirectory(prefix="rim-bench-") as scratch:
@@ -98,7 +103,9 @@ def run(config: RimBenchConfig, log: Path) -> Dict[str, float]:
     payloads = _payloads(config.world)
     service, port = _start_service(config, log)
     try:
-        _post(http.client.HTTPConnection("127.0.0.1", port, timeout=600), payloads, [0])  # warm-up
+        status, answer = _post(http.client.HTTPConnection("127.0.0.1", port, timeout=600), payloads, [0])  # warm-up
+        if status != 200:  # then every client's request would be refused too, and nothing measured
+            raise RuntimeError(f"the RIM service refused the warm-up item ({status}): {answer.strip()[:500]}")
         stats = [ClientStats() for _ in range(config.clients)]
         deadline = time.monotonic() + config.seconds
         started = time.monotonic()
@@ -176,12 +183,12 @@ def _payloads(world: str) -> List[dict]:
     return payloads
 
 
-def _post(connection: http.client.HTTPConnection, payloads: List[dict], ids: List[int]) -> int:
+def _post(connection: http.client.HTTPConnection, payloads: List[dict], ids: List[int]) -> Tuple[int, str]:
+    """POST ``ids`` as new items; the answer's status and text."""
     body = json.dumps({"items": [{"item_id": i, **payloads[i % len(payloads)]} for i in ids]}).encode()
     connection.request("POST", "/items", body=body, headers={"Content-Type": "application/json"})
     response = connection.getresponse()
-    response.read()
-    return response.status
+    return response.status, response.read().decode(errors="replace")
 
 
 def _client(port: int, k: int, config: RimBenchConfig, payloads: List[dict], deadline: float,
@@ -193,7 +200,7 @@ def _client(port: int, k: int, config: RimBenchConfig, payloads: List[dict], dea
         next_id += len(ids)
         try:
             sent = time.perf_counter()
-            status = _post(connection, payloads, ids)
+            status, _ = _post(connection, payloads, ids)
             answered = time.perf_counter()
             stats.statuses[status] += 1
             if status != 200:
