@@ -75,7 +75,7 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
     if path is not None:
         if Path(path).is_dir():  # a run folder given for its config.json read as "no such file"
             raise ConfigError(f"--config {path}: a folder, not a config file")
-        if not Path(path).is_file():
+        if not Path(path).exists():  # a pipe (--config <(...)) or /dev/null is read like a file
             raise ConfigError(f"--config {path}: no such file")
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -85,6 +85,8 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
         # ValueError: a date like 2026-13-01, or text that is not UTF-8 (UnicodeDecodeError)
         except (json.JSONDecodeError, yaml.YAMLError, ValueError) as err:
             raise ConfigError(f"{path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {err}") from err
+        if loaded is None and _only_comments(text):  # an empty YAML file sets nothing, as an empty mapping
+            loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping, got {type(loaded).__name__}")
         _merge(data, loaded)
@@ -186,6 +188,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected text, got {'null' if value is None else repr(value)}")
         return value if isinstance(value, str) else str(value)
     return _plain_deep(value)  # a type this reader does not check (a bare dict, a class)
+
+
+def _only_comments(text: str) -> bool:
+    """Whether ``text`` holds nothing but blank lines and YAML comments (a config file whose
+    settings are all commented out, or /dev/null)."""
+    return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
 
 
 def require_positive(config: Any, keys: Iterable[str], prefix: str = "") -> None:

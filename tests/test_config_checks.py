@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -401,3 +402,25 @@ def test_overrides_after_a_flag_are_taken_in_order(tmp_path, capsys, argv):
     assert mim(argv) == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments" not in err and "seed" in err, err
+
+
+def test_an_empty_config_file_or_a_pipe_sets_nothing(tmp_path):
+    """--config /dev/null (or a pipe, --config <(...)) was "no such file"; an empty YAML file or
+    one whose settings are all commented out was "must hold a mapping, got NoneType"."""
+    from mim_rec.csft.config import CsftConfig
+    from mim_rec.config import ConfigError, load_config
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# steps: 5\n\n")
+    assert load_config(CsftConfig, empty) == CsftConfig()
+    assert load_config(CsftConfig, "/dev/null", ["steps=3"]).steps == 3
+    read, write = os.pipe()
+    os.write(write, b"steps: 7\n")
+    os.close(write)
+    try:
+        assert load_config(CsftConfig, f"/dev/fd/{read}").steps == 7
+    finally:
+        os.close(read)
+    (tmp_path / "null.yaml").write_text("null\n")
+    with pytest.raises(ConfigError, match="must hold a mapping, got NoneType"):
+        load_config(CsftConfig, tmp_path / "null.yaml")

@@ -538,6 +538,6 @@ def _fmt_spread(value: Optional[float]) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     measuring_bench_parser(subparsers, "train", COMMAND_HELP, __doc__.split("\n\n")[0], "TrainBenchConfig",
-                           "tiny sizes, avg + din, one timed step (smoke run)",
+                           "tiny sizes, avg + din, 3 rounds of one timed step (smoke run)",
                            "e.g. batch_size=1024 hist_len=30 mm_dim=256 steps=5 ubms=[din,sim] world=runs/world",
                            preset_cli(TrainBenchConfig, run_bench, format_table))
