@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from train.stage_cli import StageCommands, register_stage
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from mim_rec.encoders import EncoderPair
     from mim_rec.encoders.config import EncodersConfig
     from mim_rec.pretrain.config import PretrainConfig
@@ -189,9 +191,7 @@ def _run_pretrain(config) -> Path:
     objective = PretrainObjective(pair, config.mlm_probability, config.image_ssl_weight).to(ctx.device)
     corpus = load_corpus(config.data.world, pair.vision)
     train_items = corpus.subset(~heldout_mask(corpus.item_ids, config.data.heldout_fraction))
-    local_batch = _local_batch(config.data.batch_size, ctx.world_size, len(train_items),
-                               f"data.heldout_fraction={config.data.heldout_fraction} of the {len(corpus)} items "
-                               "is held out for evaluation; lower data.batch_size or data.heldout_fraction")
+    local_batch = training_batch(config, corpus.item_ids, ctx.world_size)
     optimizer = _optimizer(objective, config)
     model = objective
     if ctx.world_size > 1:
@@ -360,6 +360,18 @@ def _local_batch(global_batch: int, world_size: int, train_items: int,
     if train_items < global_batch:
         raise ConfigError(f"data.batch_size={global_batch}: only {train_items} {what}; {remedy}")
     return global_batch // world_size
+
+
+def training_batch(config: PretrainConfig, item_ids: np.ndarray, world_size: int) -> int:
+    """Each rank's share of ``data.batch_size`` over the world's items (``item_ids``) less the
+    held-out ones, refusing a batch they cannot fill. ``mim pipeline`` and ``mim experiment``
+    ask it with the world's item ids before pre-training runs."""
+    from mim_rec.pretrain.corpus import heldout_mask
+
+    train_items = int((~heldout_mask(item_ids, config.data.heldout_fraction)).sum())
+    return _local_batch(config.data.batch_size, world_size, train_items,
+                        f"data.heldout_fraction={config.data.heldout_fraction} of the {len(item_ids)} items "
+                        "is held out for evaluation; lower data.batch_size or data.heldout_fraction")
 
 
 def _batch_index(step: int, count: int, batch: int, seed: int):

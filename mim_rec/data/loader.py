@@ -186,6 +186,20 @@ def item_age_days(ts: np.ndarray, created_s: np.ndarray) -> np.ndarray:
     return np.maximum(ts - created_s, 0) / 86_400
 
 
+def batches_per_rank(path: Union[str, Path], rows: int, batch_size: int, world_size: int,
+                     drop_last: bool = True) -> int:
+    """Each rank's batches of ``batch_size`` over an epoch of the ``rows`` events in ``path``
+    on ``world_size`` ranks (the last one partial unless ``drop_last``). Refuses rows that give
+    a rank no batch: every rank would step 0 times. ``mim pipeline`` and ``mim experiment`` ask
+    it with the row count of the world's file before pre-training runs."""
+    per_rank = rows / batch_size / world_size
+    batches = int(per_rank) if drop_last else int(np.ceil(per_rank))
+    if batches == 0:
+        raise DataError(str(path), f"{rows} events are fewer than one batch of {batch_size} per rank on "
+                                   f"{world_size} ranks")
+    return batches
+
+
 class CtrEventsLoader:
     """Iterates :class:`CtrBatch`es of one rank over an events file, epoch by epoch.
 
@@ -202,12 +216,7 @@ class CtrEventsLoader:
         self.rows = self._file.metadata.num_rows
         if self.rows == 0:
             raise DataError(str(self.path), "no events to train or evaluate on")
-        global_batches = self.rows / config.batch_size
-        per_rank = global_batches / world_size
-        self.batches_per_epoch = int(per_rank) if drop_last else int(np.ceil(per_rank))
-        if self.batches_per_epoch == 0:
-            raise DataError(str(self.path), f"{self.rows} events are fewer than one batch of "
-                            f"{config.batch_size} per rank on {world_size} ranks")
+        self.batches_per_epoch = batches_per_rank(self.path, self.rows, config.batch_size, world_size, drop_last)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
