@@ -54,3 +54,15 @@ def tiny_pipeline(tmp_path_factory) -> Tuple[Path, subprocess.CompletedProcess]:
     """``(run folder, result)`` of ``mim pipeline --preset tiny``."""
     out = tmp_path_factory.mktemp("pipeline") / "run"
     return out, run_mim("pipeline", "--preset", "tiny", "--out", str(out))
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """The world of ``mim data synth --tiny events=300 test_days=20`` (seconds to make): 600 items,
+    15 purchase pairs for C-SFT and 220 training events, fewer than the tiny preset's CTR batch
+    of 128 per rank on 2 ranks."""
+    from dataclasses import replace
+
+    from mim_rec.data.synth import SynthConfig, generate_world, tiny
+
+    return generate_world(replace(tiny(SynthConfig()), events=300, test_days=20), tmp_path_factory.mktemp("small"))

@@ -281,6 +281,29 @@ def test_a_rank_count_that_does_not_split_the_csft_batch_is_refused_before_any_s
     assert not out.exists()
 
 
+def test_a_world_too_small_for_the_ctr_batch_is_refused_before_pre_training(small_world, tmp_path, capsys,
+                                                                            monkeypatch):
+    """The quick preset's CTR runs take 128 events per rank on 2 ranks: a world of fewer than 256
+    training events was refused by the CTR grid, after pre-training and C-SFT had run."""
+    from train import pipeline
+    from train.cli import main
+
+    ran, real = [], pipeline.run_logged
+
+    def run_logged(argv, log):  # the world's gate runs; a stage after it would only fail
+        ran.append(log.stem)
+        return real(argv, log) if log.stem == "validate" else (1, False)
+
+    monkeypatch.setattr(pipeline, "run_logged", run_logged)
+    out = tmp_path / "exp"
+    assert main(["experiment", "--out", str(out), "--world", str(small_world), "--tables", "2", "--ubms", "din",
+                 "--csft", "data.batch_size=8"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mim experiment: error: stage 'ctr_grid': {small_world}/events_train.parquet: 220 events are fewer than "
+        "one batch of 128 per rank on 2 ranks")
+    assert ran == ["validate"]
+
+
 @pytest.mark.parametrize("ctr, flag", [
     ("seed=7", "--seeds"), ("model.ubm=sim", "--ubms"), ("out=runs/x", "--out"), ("mm_table=runs/t", "mfm"),
     ("data.world=runs/w", "--world"), ("model.content_interest=false", "Base+MIM")])

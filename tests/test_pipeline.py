@@ -338,6 +338,44 @@ def test_a_rank_count_that_does_not_split_the_csft_batch_is_refused_up_front(tmp
     assert stages(argparse.Namespace(**{**vars(args), "csft": ["data.batch_size=30"]}))  # a multiple of 3
 
 
+SMALL_CSFT = ["--csft", "data.batch_size=8"]  # within the small world's 15 pairs, and a multiple of 2 ranks
+
+
+@pytest.mark.parametrize("synth, flags, message", [
+    (False, [], "stage 'csft': data.batch_size=32: only 15 training pairs of data.signals=['purchase']; "
+                "lower the batch size"),
+    (False, SMALL_CSFT, "stage 'train_base': {world}/events_train.parquet: 220 events are fewer than one batch of "
+                        "128 per rank on 2 ranks"),
+    (False, [*SMALL_CSFT, "--pretrain", "data.batch_size=1000"],
+     "stage 'pretrain': data.batch_size=1000: only 480 training items; data.heldout_fraction=0.2 of the 600 items "
+     "is held out for evaluation; lower data.batch_size or data.heldout_fraction"),
+    # a world the chain makes is counted once made, before pre-training
+    (True, ["--synth", "events=300", "test_days=20", *SMALL_CSFT],
+     "stage 'train_base': {world}/events_train.parquet: 220 events are fewer than one batch of 128 per rank on 2 "
+     "ranks")])
+def test_a_world_too_small_for_a_stages_batch_is_refused_before_pre_training(small_world, tmp_path, capsys,
+                                                                            monkeypatch, synth, flags, message):
+    """A world too small for a later stage's batch was refused only when that stage started: the
+    CTR runs' 128 events per rank on 2 ranks after pre-training and C-SFT had run. Each stage's
+    own refusal now comes once the world is made and validated, before pre-training."""
+    from train import pipeline
+    from train.cli import main
+
+    ran, real = [], pipeline.run_logged
+
+    def run_logged(argv, log):  # the world's stages run; a stage after them would only fail
+        ran.append(log.stem)
+        return real(argv, log) if log.stem in ("synth", "validate") else (1, False)
+
+    monkeypatch.setattr(pipeline, "run_logged", run_logged)
+    out = tmp_path / "run"
+    world = out / "world" if synth else small_world
+    assert main(["pipeline", "--preset", "tiny", "--out", str(out), *([] if synth else ["--world", str(small_world)]),
+                 *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"mim pipeline: error: {message.format(world=world)}"
+    assert ran == (["synth", "validate"] if synth else ["validate"])
+
+
 def test_a_stage_run_again_under_other_settings_moves_its_old_folder_aside(tmp_path, monkeypatch):
     """A changed setting in a run folder failed further down: the stages before it ran again,
     then its trainer refused a folder holding the old configuration's checkpoints. The old

@@ -266,7 +266,9 @@ def write_grid(plan: Plan) -> None:
 
 def stages(plan: Plan) -> List[Stage]:
     out, preset, tables = plan.out, plan.chain_preset, set(plan.tables)
-    world, chain = representation_chain(out, plan.world_arg, preset, plan.nproc)  # world == plan.world
+    runs = ctr_runs(plan)
+    ctr = {"ctr_grid": [[*grid_overrides(plan), *run["overrides"]] for run in runs]} if runs else {}
+    world, chain = representation_chain(out, plan.world_arg, preset, plan.nproc, ctr)  # world == plan.world
     mim = mim_command()
     torchx, distributed = torchx_command(plan.nproc)
     encoders = out / "pretrain" / "encoders"
@@ -282,7 +284,6 @@ def stages(plan: Plan) -> List[Stage]:
                                                 f"encoders={world / 'truth'}", f"out={out / 'mm_table_truth'}"],
                             out / "mm_table_truth" / "manifest.json", BUILD, after=("synth", "validate"),
                             folder=out / "mm_table_truth"))
-    runs = ctr_runs(plan)
     if runs:
         grid, _ = _grid(out, runs)
         result.append(Stage("ctr_grid", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, "--",

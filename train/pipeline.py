@@ -19,8 +19,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from train.ciubm import TrainConfig
 
 PRESETS: Dict[str, Dict[str, List[str]]] = {
     # ~15 min on 2 CPU cores: the default world, short pre-training, 150 CTR steps per model.
@@ -66,6 +70,9 @@ class Stage:
     # the folder this stage alone writes: moved aside when the stage runs again under other
     # settings or inputs than its last finished run (see :func:`retire_stale_folder`)
     folder: Optional[Path] = None
+    # what run_stage calls before this stage runs or is reused: the chain's refusal, once the
+    # world is there, of what a later stage would refuse only when it started (check_batches)
+    before: Optional[Callable[[], None]] = None
 
     @property
     def command(self) -> List[str]:
@@ -132,11 +139,13 @@ def csft_feature_cache(out: Path) -> Path:
 
 
 def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, List[str]],
-                         nproc: int) -> Tuple[Path, List[Stage]]:
+                         nproc: int, ctr: Dict[str, List[List[str]]]) -> Tuple[Path, List[Stage]]:
     """``(world, stages)`` up to the MM table: synth (unless a world is given), validate,
     pretrain, C-SFT (TorchX, ``nproc`` ranks) and MFM from the C-SFT item tower. ``mim
     experiment`` runs the same stages with the same command lines, so one run folder serves
-    both commands without training anything twice."""
+    both commands without training anything twice. ``ctr`` holds the settings of each CiUBM
+    run of the caller, by the stage that trains it: the world is checked to fill their batches,
+    and those of pre-training and C-SFT, before pre-training runs (:func:`check_batches`)."""
     from mim_rec.config import ConfigError, refuse_settings_set_elsewhere
 
     if world_arg and not Path(world_arg).is_dir():  # else found by the validate stage, its log written
@@ -158,7 +167,8 @@ def representation_chain(out: Path, world_arg: Optional[str], preset: Dict[str, 
     plan.append(Stage("validate", mim + ["data", "validate", str(world)], out / "logs" / "validate.ok",
                       after=("synth",), reads=world))
     plan.append(Stage("pretrain", mim + ["pretrain", *pretrain_settings], out / "pretrain" / "encoders" / "manifest.json",
-                      PRETRAIN, after=("synth", "validate"), folder=out / "pretrain"))
+                      PRETRAIN, after=("synth", "validate"), folder=out / "pretrain",
+                      before=partial(check_batches, pretrain_settings, csft_settings, nproc, ctr)))
     torchx, distributed = torchx_command(nproc)
     plan.append(Stage("csft", torchx + ["torchx_components/mim.py:csft", *distributed, *csft_settings],
                       out / "csft" / "mm_encoder" / "manifest.json", CSFT, after=("synth", "validate", "pretrain"),
@@ -179,26 +189,69 @@ def stages(args: argparse.Namespace) -> List[Stage]:
     if args.world and args.synth:
         raise ConfigError("--synth: settings of the synth stage, which --world skips")
     refuse_settings_set_elsewhere("--train", preset["train"], CHAIN_SETTINGS["train"], "the chain")
-    world, plan = representation_chain(out, args.world, preset, args.nproc)
+    world = world_folder(out, args.world)
     torchx, distributed = torchx_command(args.nproc)
+    ctr: Dict[str, List[List[str]]] = {}
+    training: List[Stage] = []
     for model, switches in MODELS.items():
         run_dir = out / f"{model}_{args.ubm}"
         overrides = [f"data.world={world}", f"mm_table={out / 'mm_table'}", f"out={run_dir}", f"model.ubm={args.ubm}",
                      *preset["train"], *switches]
         check_ctr_settings(overrides)
-        plan.append(Stage(f"train_{model}", torchx + ["torchx_components/mim.py:train_ciubm", *distributed, *overrides],
-                          run_dir / "metrics.json", CIUBM, after=("synth", "validate", "mfm"), folder=run_dir))
-    return plan
+        ctr[f"train_{model}"] = [overrides]
+        training.append(Stage(f"train_{model}", torchx + ["torchx_components/mim.py:train_ciubm", *distributed,
+                                                          *overrides],
+                              run_dir / "metrics.json", CIUBM, after=("synth", "validate", "mfm"), folder=run_dir))
+    _, plan = representation_chain(out, args.world, preset, args.nproc, ctr)
+    return plan + training
 
 
-def check_ctr_settings(overrides: Sequence[str]) -> None:
+def check_ctr_settings(overrides: Sequence[str]) -> TrainConfig:
     """Load one CiUBM run's settings as ``mim train`` will, before the chain starts: a bad key
     or value of the last stage was found only there, after pre-training and C-SFT. The MM
     table is built later in the chain, so a width stands in for the one read from it; what the
     device offers is checked by the ranks, whose device depends on how many share a host."""
     from train.ciubm import load_train_config
 
-    load_train_config(None, ["model.mm_dim=64", *overrides], check_device=False)
+    return load_train_config(None, ["model.mm_dim=64", *overrides], check_device=False)
+
+
+def check_batches(pretrain_settings: Sequence[str], csft_settings: Sequence[str], nproc: int,
+                  ctr: Dict[str, List[List[str]]]) -> None:
+    """Refuse a stage whose batch the world's data cannot fill (or C-SFT's ranks split), with
+    the stage's own message after its name: each stage refused it only when it started, the
+    CiUBM runs after pre-training and C-SFT had run for minutes. Called once the world is
+    there and validated, before pre-training (a synthesised world's counts are known only
+    then), with each stage's own check on counts read from the world's files; no model loads.
+    ``ctr``: the settings of each CiUBM run, by the stage that trains it on ``nproc`` ranks."""
+    import pyarrow.parquet as pq
+
+    from mim_rec.config import ConfigError, load_config
+    from mim_rec.csft.config import CsftConfig
+    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.data.errors import DataError
+    from mim_rec.data.loader import batches_per_rank
+    from mim_rec.pretrain.config import PretrainConfig
+    from train import csft, pretrain
+
+    config = load_config(PretrainConfig, None, pretrain_settings)
+    items = pq.read_table(Path(config.data.world) / "items.parquet", columns=["item_id"])["item_id"].to_numpy()
+    try:
+        pretrain.training_batch(config, items, 1)  # the stage is one process (mim pretrain)
+    except ConfigError as err:
+        raise ConfigError(f"stage 'pretrain': {err}") from err
+    config = load_config(CsftConfig, None, csft_settings)
+    reason = csft.untrainable(config, WorldInputs(config.data.world, csft._feature_cache(config, FeatureCache)), nproc)
+    if reason:
+        raise ConfigError(f"stage 'csft': {reason}")
+    for stage, runs in ctr.items():
+        for overrides in runs:
+            config = check_ctr_settings(overrides)
+            events = Path(config.data.world) / "events_train.parquet"
+            try:
+                batches_per_rank(events, pq.read_metadata(events).num_rows, config.loader.batch_size, nproc)
+            except DataError as err:
+                raise ConfigError(f"stage '{stage}': {err}") from err
 
 
 def check_encoder_settings(pretrain_settings: Sequence[str], csft_settings: Sequence[str], nproc: int) -> None:
@@ -310,6 +363,8 @@ def run_stage(stage: Stage, out: Path, index: int, total: int, reuse: bool = Tru
     that made it)."""
     from mim_rec.utils.run import atomic_write_bytes, read_json_or_none
 
+    if stage.before is not None:
+        stage.before()
     record = read_json_or_none(record_file(stage, out))  # read once: both reuse and retirement judge it
     if reuse and _reusable(record, stage, out):
         print(f"[{index}/{total}] {stage.name}: reused ({record['wall_s']:.0f} s when it ran)", flush=True)
