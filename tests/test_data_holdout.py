@@ -209,3 +209,19 @@ def test_relative_image_paths_still_name_the_images_in_the_validation_world(worl
     validate_world(tmp_path / "val", echo=lambda line: None)
     items = pq.read_table(tmp_path / "val" / "items.parquet")
     assert items["image_path"][0].as_py() == str(source.resolve() / "img" / "items0.png")
+
+
+def test_an_out_that_holds_the_source_is_refused_before_it_is_replaced(world, tmp_path):
+    """A source world inside --out (held out into OUT/val, then OUT/val held out into OUT) was
+    deleted when OUT's contents were replaced, and OUT's manifest named a source gone."""
+    outer = tmp_path / "outer"
+    holdout_world(world, outer, 0.2)
+    holdout_world(outer, outer / "val", 0.2)  # an out inside the source deletes nothing
+    before = sorted(p.name for p in outer.iterdir())
+    for out in (outer, outer / "val" / ".."):
+        with pytest.raises(DataError, match=r"the source (lies inside|is) --out=.*would be deleted"):
+            holdout_world(outer / "val", out, 0.2)
+    with pytest.raises(DataError, match="the source is --out="):
+        holdout_world(outer, outer, 0.2)
+    assert sorted(p.name for p in outer.iterdir()) == before
+    validate_world(outer / "val", echo=lambda line: None)

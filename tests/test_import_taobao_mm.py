@@ -179,6 +179,22 @@ def test_cli_allow_missing_takes_named_kinds_or_all(tmp_path, capsys):
     assert "    item-features: none missing" in printed
 
 
+def test_an_out_that_holds_the_source_is_refused_before_the_import(tmp_path, capsys):
+    """A release kept inside the world folder it was imported into was deleted by the next
+    import there, which replaces the folder's contents whole."""
+    import shutil
+
+    from train.cli import main
+
+    src, out = write_taobao(tmp_path / "src")[0], tmp_path / "w"
+    import_taobao_mm(src, out, TaobaoOptions())
+    inside = shutil.copytree(src, out / "raw")
+    assert main(["data", "import", "--format", "taobao-mm", str(inside), "--out", str(out)]) == 2
+    assert f"{inside}: the source lies inside --out={out}" in capsys.readouterr().err
+    assert sorted(p.name for p in inside.iterdir()) == sorted(p.name for p in src.iterdir())
+    validate_world(out, echo=lambda line: None)
+
+
 @pytest.mark.parametrize("case", ["missing column", "unequal lists", "embedding size",
                                   "label not one-hot", "duplicate embedding", "duplicate features",
                                   "not parquet"])

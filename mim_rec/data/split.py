@@ -27,7 +27,7 @@ from mim_rec.data.io import absolute_image_paths, category_count, link_or_copy, 
 from mim_rec.data.manifest import (Manifest, carried_age_caveat, fingerprint_file, fingerprint_tree,
                                    read_manifest, write_manifest)
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS, Contract
-from mim_rec.data.staging import staged_folder
+from mim_rec.data.staging import require_outside, staged_folder
 
 PathLike = Union[str, Path]
 HOLDOUT_STAGE = "holdout"
@@ -72,8 +72,7 @@ def holdout_world(source: PathLike, out: PathLike, fraction: float) -> Dict[str,
     source's test files are not read. Returns the row counts; the manifest, written last,
     records the source files' fingerprints, the fraction and the cut."""
     source, out = Path(source), Path(out)
-    if source.resolve() == out.resolve():
-        raise ConfigError(f"--out must differ from the source world {source}")
+    require_outside(out, source)
     items_path, events_path = source / "items.parquet", source / "events_train.parquet"
     for path in (items_path, events_path):
         if not path.is_file():

@@ -68,6 +68,19 @@ def staged_folder(out: Path, purpose: str, kind: str = "world") -> Iterator[Path
     shutil.rmtree(replaced)
 
 
+def require_outside(out: Path, source: Path, option: str = "--out") -> None:
+    """Refuse an ``out`` that is ``source`` or a folder holding it: :func:`staged_folder`
+    replaces ``out``'s contents whole, so the source being read would be deleted with them
+    (a raw data set kept inside the world folder it was imported into, a validation world
+    held out inside its own ``--out``)."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if out == source or out in source.parents:
+        where = "is" if out == source else "lies inside"
+        raise DataError(str(source), f"the source {where} {option}={out}, whose contents the output "
+                                     "replaces whole (the source would be deleted); write to a folder "
+                                     "outside the source")
+
+
 def _contents(folder: Path) -> list:
     return [entry for entry in folder.iterdir() if entry.name not in (STAGING, REPLACED)]
 
