@@ -327,6 +327,28 @@ def test_the_eval_commands_refuse_a_folder_without_a_model_or_other_stage1_encod
     assert "not the stage-1 encoders" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rows", ["empty", "one label"])
+def test_csft_eval_names_test_events_that_no_auc_can_score(inputs, tmp_path, capsys, rows):
+    """An empty events_test, or one of a single label, ended csft-eval (and csft --eval, after
+    training) in a ValueError traceback with exit status 1."""
+    config = _config(inputs, tmp_path / "run", steps=2)
+    run_csft(config)
+    world = tmp_path / "world"
+    world.mkdir()
+    for name in ("items.parquet", "pairs_train.parquet", "pairs_test.parquet"):
+        (world / name).symlink_to(inputs[0] / name)
+    events = pq.read_table(inputs[0] / "events_test.parquet")
+    events = events.slice(0, 0) if rows == "empty" else events.set_column(
+        events.schema.get_field_index("label"), "label", pa.array(np.zeros(len(events), np.int8)))
+    pq.write_table(events, world / "events_test.parquet")
+    config = replace(config, data=replace(config.data, world=str(world)))
+    assert cli.main(["csft-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mim csft-eval: error: {world / 'events_test.parquet'}, field 'label': no user of its "
+        f"{len(events):,} impressions has both a click and a non-click with a history; the "
+        "content-interest AUC is undefined")
+
+
 def test_unknown_signal_in_the_pairs_file_is_named(inputs, tmp_path, capsys):
     world = tmp_path / "world"
     world.mkdir()

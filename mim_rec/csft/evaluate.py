@@ -74,13 +74,16 @@ def history_scores(items: torch.Tensor, events: pa.Table) -> Dict[str, torch.Ten
             "skipped": (~keep).sum()}
 
 
-def content_interest_auc(items: torch.Tensor, events: pa.Table) -> Dict[str, float]:
+def content_interest_auc(items: torch.Tensor, events: pa.Table, path: str) -> Dict[str, float]:
+    """The per-user AUC of :func:`history_scores` over ``events``, read from ``path``. Impressions
+    without a user who has both labels are data that cannot be scored (an empty file, a file of
+    one label), refused by ``path`` rather than as a traceback after training."""
     scored = history_scores(items, events)
     per_user = grouped_auc(scored["score"].double(), scored["label"], scored["user"])
     defined = per_user.defined
     if not defined.any():
-        raise ValueError("no user has both a click and a non-click with a history; the "
-                         "content-interest AUC is undefined")
+        raise DataError(path, f"no user of its {events.num_rows:,} impressions has both a click and a "
+                              "non-click with a history; the content-interest AUC is undefined", field="label")
     pairs = (per_user.positives * (per_user.count - per_user.positives)).double()[defined]
     return {"pair_auc": float((per_user.auc[defined] * pairs).sum() / pairs.sum()),
             "gauc": gauc(per_user), "auc_users": int(defined.sum()),
@@ -155,5 +158,5 @@ def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int
             raise DataError(str(events_path), f"no impressions at or after ts={held_out.since}, "
                             "the validation period", field="ts")
     return {**{f"recall@{k}": v for k, v in recall.items()},
-            **content_interest_auc(embedded.items, events), "held_out": held_out.name,
+            **content_interest_auc(embedded.items, events, str(events_path)), "held_out": held_out.name,
             "held_out_pairs": len(held_out.pairs), "candidate_items": len(embedded.items)}
