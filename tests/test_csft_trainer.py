@@ -349,6 +349,22 @@ def test_csft_eval_names_test_events_that_no_auc_can_score(inputs, tmp_path, cap
         "content-interest AUC is undefined")
 
 
+def test_csft_eval_names_an_empty_pairs_test(inputs, tmp_path, capsys):
+    """An empty pairs_test ended csft-eval in torch.cat's 'expected a non-empty list' traceback."""
+    config = _config(inputs, tmp_path / "run", steps=2)
+    run_csft(config)
+    world = tmp_path / "world"
+    world.mkdir()
+    for name in ("items.parquet", "pairs_train.parquet", "events_test.parquet"):
+        (world / name).symlink_to(inputs[0] / name)
+    pq.write_table(pq.read_table(inputs[0] / "pairs_test.parquet").slice(0, 0), world / "pairs_test.parquet")
+    config = replace(config, data=replace(config.data, world=str(world)))
+    assert cli.main(["csft-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mim csft-eval: error: {world / 'pairs_test.parquet'}: holds no pairs; the query->item recall "
+        "needs held-out pairs")
+
+
 def test_unknown_signal_in_the_pairs_file_is_named(inputs, tmp_path, capsys):
     world = tmp_path / "world"
     world.mkdir()

@@ -226,7 +226,10 @@ class WorldInputs:
         signal) and the ``events_train`` impressions of the same period, which no C-SFT run
         with that setting trains on: the data to choose settings on (``mim csft-tune``)."""
         if not validation:
-            return HeldOut("test", "test", self.pairs("test"), self.world / "events_test.parquet", None)
+            pairs = self.pairs("test")
+            if not len(pairs):  # the recall would average over no query (a torch.cat traceback)
+                raise DataError(str(pairs.path), "holds no pairs; the query->item recall needs held-out pairs")
+            return HeldOut("test", "test", pairs, self.world / "events_test.parquet", None)
         pairs = self.pairs("train")
         cut = time_cut(pairs.ts, validation, pairs.path)
         return HeldOut("validation", "train", pairs.where(pairs.ts >= cut),
