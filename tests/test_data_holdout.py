@@ -225,3 +225,17 @@ def test_an_out_that_holds_the_source_is_refused_before_it_is_replaced(world, tm
         holdout_world(outer, outer, 0.2)
     assert sorted(p.name for p in outer.iterdir()) == before
     validate_world(outer / "val", echo=lambda line: None)
+
+
+@pytest.mark.parametrize("command", ["holdout", "synth"])
+def test_the_out_help_says_the_folder_is_replaced_whole(command, capsys):
+    """holdout's --out help said 'its split files are replaced' and synth's 'files are replaced':
+    both replace the folder's contents whole (an earlier world's mm_table/ and truth/ too) and
+    refuse a non-empty folder that is not a world."""
+    from train.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["data", command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "new, empty, or an earlier world, whose contents are replaced whole" in help_text
+    assert "other non-empty folder is refused" in help_text

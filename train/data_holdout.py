@@ -15,7 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "WORLD's own test files are not read. Tune on it with any command that takes "
                     "a world, then report the chosen setting on WORLD.")
     parser.add_argument("world", help="the world folder to hold out from")
-    parser.add_argument("--out", required=True, help="output folder (its split files are replaced)")
+    parser.add_argument("--out", required=True,
+                        help="output folder: new, empty, or an earlier world, whose contents are "
+                        "replaced whole (items, pairs, truth, mm_table and manifest too); any "
+                        "other non-empty folder is refused")
     parser.add_argument("--fraction", type=float, default=0.1,
                         help="share of events_train, the latest by ts, to hold out (default 0.1)")
     parser.set_defaults(func=run)

@@ -12,7 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description="Generate the seeded synthetic world (items with images and "
                                         "titles, behaviour histories, search-session CTR events, "
                                         "visual-search pairs) and print its summary.")
-    parser.add_argument("--out", required=True, help="output folder (files are replaced)")
+    parser.add_argument("--out", required=True,
+                        help="output folder: new, empty, or an earlier world, whose contents are "
+                        "replaced whole; any other non-empty folder is refused")
     parser.add_argument("--tiny", action="store_true", help="a small world for tests (seconds)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: config's, 0)")
     parser.add_argument("--config", default=None, help="YAML/JSON file of SynthConfig fields")
