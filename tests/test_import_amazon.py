@@ -395,3 +395,13 @@ def test_popularity_counts_every_training_interaction(tmp_path, monkeypatch):
     assert expected[3] == 1  # item 3 is only ever a valid row's target
     assert len(drawn_with) == 2  # events_train, events_test
     assert all(np.array_equal(p, expected) for p in drawn_with)
+
+
+def test_the_python_api_refuses_an_out_that_holds_the_source(tmp_path):
+    """Only the command line refused it: import_amazon(W/raw, W) replaced W's contents whole,
+    the source among them."""
+    (tmp_path / "w").mkdir()
+    src = write_amazon(tmp_path / "w" / "raw")
+    with pytest.raises(DataError, match=r"the source lies inside --out=.*/w, whose contents the output replaces"):
+        import_amazon(src, tmp_path / "w", AmazonOptions())
+    assert (src / "Tiny.item2index").is_file()

@@ -72,11 +72,8 @@ AMAZON_ONLY = {"negatives": "--negatives", "negative_sampling": "--negative-samp
 
 
 def run(args: argparse.Namespace) -> int:
-    from mim_rec.data.staging import require_outside
-
     start = time.perf_counter()
     allow_missing = admitted_kinds(args.allow_missing, args.format)
-    require_outside(args.out, args.src)
     if args.format == "amazon":
         from mim_rec.data.importers.amazon import AmazonOptions, import_amazon
         given = {k: getattr(args, k) for k in AMAZON_ONLY if getattr(args, k) is not None}

@@ -50,6 +50,7 @@ from mim_rec.data.importers.common import (ImportReport, list_column, refuse_mis
                                            sample_negatives, write_world)
 from mim_rec.data.importers.missing import check_kinds
 from mim_rec.data.schemas import FLOAT_VECTOR
+from mim_rec.data.staging import require_outside
 
 INTER_HEADER = ("user_id:token", "item_id_list:token_seq", "item_id:token")
 TEXT_HEADER = ("item_id:token", "text:token_seq")
@@ -80,6 +81,7 @@ GAP_KIND: Dict[str, str] = {"items without text": "text", "users without a valid
 
 def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     src = Path(src)
+    require_outside(out, src)  # before anything is read: the output replaces out's contents whole
     name = options.name or _dataset_name(src)
     path = {kind: src / f"{name}.{kind}" for kind in
             ("item2index", "user2index", "text", "feat3CLS",

@@ -60,7 +60,7 @@ from mim_rec.data.importers.missing import check_kinds
 from mim_rec.data.io import ContractWriter, open_parquet, read_batches, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
 from mim_rec.data.schemas import EVENTS, FLOAT_VECTOR, ITEMS, MM_TABLE_INT8
-from mim_rec.data.staging import staged_folder
+from mim_rec.data.staging import require_outside, staged_folder
 from mim_rec.data.validate import repeated_entries, type_accepted
 
 USER, ITEM, LABEL, EMBEDDING = "129_1", "205", "label_0", "205_c"
@@ -200,6 +200,7 @@ def _refuse_empty(source: _Source, why: str) -> None:
 
 def import_taobao_mm(src: Path, out: Path, options: TaobaoOptions) -> ImportReport:
     src, out = Path(src), Path(out)
+    require_outside(out, src)  # before anything is read: the output replaces out's contents whole
     sources = {
         **{f"{s}_samples": _Source(src, f"{s}_samples", "samples", options.batch_rows) for s in SPLITS},
         **{f"{s}_user_features": _Source(src, f"{s}_user_features", "user_features", options.batch_rows)
