@@ -327,22 +327,30 @@ def test_the_eval_commands_refuse_a_folder_without_a_model_or_other_stage1_encod
     assert "not the stage-1 encoders" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("rows", ["empty", "one label"])
-def test_csft_eval_names_test_events_that_no_auc_can_score(inputs, tmp_path, capsys, rows):
-    """An empty events_test, or one of a single label, ended csft-eval (and csft --eval, after
-    training) in a ValueError traceback with exit status 1."""
+def _evaluated_with(inputs, tmp_path: Path, name: str, table: pa.Table) -> Path:
+    """Train a 2-step run, then run csft-eval on it (expecting exit status 2) over a world that
+    is ``inputs``' with the file ``name`` replaced by ``table``; returns that world."""
     config = _config(inputs, tmp_path / "run", steps=2)
     run_csft(config)
     world = tmp_path / "world"
     world.mkdir()
-    for name in ("items.parquet", "pairs_train.parquet", "pairs_test.parquet"):
-        (world / name).symlink_to(inputs[0] / name)
+    for each in ("items.parquet", "pairs_train.parquet", "pairs_test.parquet", "events_test.parquet"):
+        if each != name:
+            (world / each).symlink_to(inputs[0] / each)
+    pq.write_table(table, world / name)
+    config = replace(config, data=replace(config.data, world=str(world)))
+    assert cli.main(["csft-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
+    return world
+
+
+@pytest.mark.parametrize("rows", ["empty", "one label"])
+def test_csft_eval_names_test_events_that_no_auc_can_score(inputs, tmp_path, capsys, rows):
+    """An empty events_test, or one of a single label, ended csft-eval (and csft --eval, after
+    training) in a ValueError traceback with exit status 1."""
     events = pq.read_table(inputs[0] / "events_test.parquet")
     events = events.slice(0, 0) if rows == "empty" else events.set_column(
         events.schema.get_field_index("label"), "label", pa.array(np.zeros(len(events), np.int8)))
-    pq.write_table(events, world / "events_test.parquet")
-    config = replace(config, data=replace(config.data, world=str(world)))
-    assert cli.main(["csft-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
+    world = _evaluated_with(inputs, tmp_path, "events_test.parquet", events)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"mim csft-eval: error: {world / 'events_test.parquet'}, field 'label': no user of its "
         f"{len(events):,} impressions has both a click and a non-click with a history; the "
@@ -351,15 +359,8 @@ def test_csft_eval_names_test_events_that_no_auc_can_score(inputs, tmp_path, cap
 
 def test_csft_eval_names_an_empty_pairs_test(inputs, tmp_path, capsys):
     """An empty pairs_test ended csft-eval in torch.cat's 'expected a non-empty list' traceback."""
-    config = _config(inputs, tmp_path / "run", steps=2)
-    run_csft(config)
-    world = tmp_path / "world"
-    world.mkdir()
-    for name in ("items.parquet", "pairs_train.parquet", "events_test.parquet"):
-        (world / name).symlink_to(inputs[0] / name)
-    pq.write_table(pq.read_table(inputs[0] / "pairs_test.parquet").slice(0, 0), world / "pairs_test.parquet")
-    config = replace(config, data=replace(config.data, world=str(world)))
-    assert cli.main(["csft-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
+    world = _evaluated_with(inputs, tmp_path, "pairs_test.parquet",
+                            pq.read_table(inputs[0] / "pairs_test.parquet").slice(0, 0))
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"mim csft-eval: error: {world / 'pairs_test.parquet'}: holds no pairs; the query->item recall "
         "needs held-out pairs")
