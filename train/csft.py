@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 from train.stage_cli import StageCommands, register_stage
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from mim_rec.csft.config import CsftConfig
+    from mim_rec.csft.data import WorldInputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -221,10 +220,10 @@ def _run_csft(config) -> Path:
     return final
 
 
-def untrainable(config: CsftConfig, world, world_size: int) -> Optional[str]:
-    """Why ``config`` would train nothing on ``world`` (a :class:`~mim_rec.csft.data.WorldInputs`)
-    over ``world_size`` ranks, else None. Asked before any model loads, and by csft-tune and
-    csft-ablations for every run before the first one trains:
+def untrainable(config: CsftConfig, world: WorldInputs, world_size: int) -> Optional[str]:
+    """Why ``config`` would train nothing on ``world`` over ``world_size`` ranks, else None.
+    Asked before any model loads, and by csft-tune and csft-ablations for every run before the
+    first one trains:
 
     - ``category_ce`` over one category is a softmax over one class, a loss of 0 for any
       weights, so its "trained" towers would be the initial ones;

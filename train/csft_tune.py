@@ -124,8 +124,8 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     from mim_rec.config import ConfigError, load_config
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import FeatureCache, WorldInputs
-    from train.common import refuse_foreign_entries
     from mim_rec.utils.dist import launched_world_size
+    from train.common import refuse_foreign_entries
     from train.csft import check_config, untrainable
     from train.csft_runs import csft_result, metric_columns, stage1_result
 

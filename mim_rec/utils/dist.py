@@ -196,10 +196,10 @@ def print_error_once(message: str, wait_s: float = 10.0) -> None:
     post and stays silent only when it is the same line. A line of its own -- an error on that
     rank alone, while rank 0 works on or waits in a collective -- is printed, ``wait_s`` later.
     Without such a store, or when it cannot be reached, every rank prints as before."""
-    rank = int(os.environ.get("RANK", "0"))
+    rank = current_rank()
     key = f"mim/error_line/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # a restarted rank's own
     store = None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and launched_world_size() > 1:
         try:
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                                   timeout=timedelta(seconds=wait_s))
