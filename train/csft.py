@@ -22,7 +22,7 @@ from train.stage_cli import StageCommands, register_stage
 
 if TYPE_CHECKING:
     from mim_rec.csft.config import CsftConfig
-    from mim_rec.csft.data import WorldInputs
+    from mim_rec.csft.data import FeatureCache, WorldInputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -112,7 +112,7 @@ def _run_csft(config) -> Path:
     from tqdm import tqdm
 
     from mim_rec.config import ConfigError
-    from mim_rec.csft.data import FeatureCache, TrainingInputs, WorldInputs
+    from mim_rec.csft.data import TrainingInputs, WorldInputs
     from mim_rec.csft.model import CsftModel, save_mm_encoder
     from mim_rec.csft.negatives import SameCategorySampler
     from mim_rec.csft.objective import CsftObjective
@@ -129,8 +129,7 @@ def _run_csft(config) -> Path:
     out = Path(config.out)
     # The world and the batch are checked before the encoders load and the backbone features
     # are extracted: a batch larger than the pairs was refused only after that work (~30 s).
-    world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
-                        batch_size=config.eval.batch_size)
+    world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
     reason = untrainable(config, world, ctx.world_size)
     if reason:
         raise ConfigError(reason)
@@ -257,8 +256,12 @@ def _require_finite(loss, objective, step: int, checkpoints) -> None:
                    "Lower lr (or head_lr, backbone_lr)")
 
 
-def _feature_cache(config, cache_type):
-    return cache_type(config.data.feature_cache or Path(config.out) / "features")
+def feature_cache(config: CsftConfig) -> FeatureCache:
+    """Where a run keeps its backbone features: ``data.feature_cache`` (shared by runs on the
+    same encoders), else ``OUT/features``. Public: ``mim pipeline`` opens the world with it
+    to check the stage's batch before the chain starts."""
+    from mim_rec.csft.data import FeatureCache
+    return FeatureCache(config.data.feature_cache or Path(config.out) / "features")
 
 
 def _optimizer(objective, config):
@@ -336,7 +339,7 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
     """Stage-1 embeddings vs the run's ``mm_encoder/`` on the held-out pairs and impressions
     (the test files, or the validation period when ``data.validation > 0``); writes
     ``OUT/eval.json``."""
-    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.csft.data import WorldInputs
     from mim_rec.csft.evaluate import csft_embeddings, evaluate_embeddings, stage1_embeddings
     from mim_rec.csft.model import load_csft_model
     from mim_rec.encoders import load_encoders
@@ -354,8 +357,7 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
         raise ConfigError(f"encoders={config.encoders}: not the stage-1 encoders {out / 'mm_encoder'} was trained "
                           "from, so its stage-1 row would compare other towers")
     _require_held_out(config.data.validation, manifest.extra.get("validation", 0.0), out)
-    world = WorldInputs(config.data.world, _feature_cache(config, FeatureCache),
-                        batch_size=config.eval.batch_size)
+    world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
     held_out = world.held_out(config.data.validation)
     note_catalogue_size(world, config.eval.ks)
     report: Dict[str, Dict[str, float]] = {}

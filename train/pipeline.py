@@ -228,7 +228,7 @@ def check_batches(pretrain_settings: Sequence[str], csft_settings: Sequence[str]
 
     from mim_rec.config import ConfigError, load_config
     from mim_rec.csft.config import CsftConfig
-    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.csft.data import WorldInputs
     from mim_rec.data.errors import DataError
     from mim_rec.data.loader import batches_per_rank
     from mim_rec.pretrain.config import PretrainConfig
@@ -241,7 +241,7 @@ def check_batches(pretrain_settings: Sequence[str], csft_settings: Sequence[str]
     except ConfigError as err:
         raise ConfigError(f"stage 'pretrain': {err}") from err
     config = load_config(CsftConfig, None, csft_settings)
-    reason = csft.untrainable(config, WorldInputs(config.data.world, csft._feature_cache(config, FeatureCache)), nproc)
+    reason = csft.untrainable(config, WorldInputs(config.data.world, csft.feature_cache(config)), nproc)
     if reason:
         raise ConfigError(f"stage 'csft': {reason}")
     for stage, runs in ctr.items():
