@@ -232,12 +232,13 @@ def check_batches(pretrain_settings: Sequence[str], csft_settings: Sequence[str]
     from mim_rec.data.errors import DataError
     from mim_rec.data.loader import batches_per_rank
     from mim_rec.pretrain.config import PretrainConfig
+    from mim_rec.pretrain.corpus import heldout_mask
     from train import csft, pretrain
 
     config = load_config(PretrainConfig, None, pretrain_settings)
     items = pq.read_table(Path(config.data.world) / "items.parquet", columns=["item_id"])["item_id"].to_numpy()
-    try:
-        pretrain.training_batch(config, items, 1)  # the stage is one process (mim pretrain)
+    try:  # the stage is one process (mim pretrain)
+        pretrain.training_batch(config, heldout_mask(items, config.data.heldout_fraction), 1)
     except ConfigError as err:
         raise ConfigError(f"stage 'pretrain': {err}") from err
     config = load_config(CsftConfig, None, csft_settings)

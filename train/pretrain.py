@@ -190,8 +190,9 @@ def _run_pretrain(config) -> Path:
     pair = EncoderPair(config.encoders)
     objective = PretrainObjective(pair, config.mlm_probability, config.image_ssl_weight).to(ctx.device)
     corpus = load_corpus(config.data.world, pair.vision)
-    train_items = corpus.subset(~heldout_mask(corpus.item_ids, config.data.heldout_fraction))
-    local_batch = training_batch(config, corpus.item_ids, ctx.world_size)
+    held_out = heldout_mask(corpus.item_ids, config.data.heldout_fraction)
+    train_items = corpus.subset(~held_out)
+    local_batch = training_batch(config, held_out, ctx.world_size)
     optimizer = _optimizer(objective, config)
     model = objective
     if ctx.world_size > 1:
@@ -362,15 +363,14 @@ def _local_batch(global_batch: int, world_size: int, train_items: int,
     return global_batch // world_size
 
 
-def training_batch(config: PretrainConfig, item_ids: np.ndarray, world_size: int) -> int:
-    """Each rank's share of ``data.batch_size`` over the world's items (``item_ids``) less the
-    held-out ones, refusing a batch they cannot fill. ``mim pipeline`` and ``mim experiment``
-    ask it with the world's item ids before pre-training runs."""
-    from mim_rec.pretrain.corpus import heldout_mask
-
-    train_items = int((~heldout_mask(item_ids, config.data.heldout_fraction)).sum())
+def training_batch(config: PretrainConfig, held_out: np.ndarray, world_size: int) -> int:
+    """Each rank's share of ``data.batch_size`` over the world's items less the held-out ones
+    (``held_out``: :func:`~mim_rec.pretrain.corpus.heldout_mask` of the world's item ids, which
+    pre-training computes once for both), refusing a batch they cannot fill. ``mim pipeline``
+    and ``mim experiment`` ask it with the world's items before pre-training runs."""
+    train_items = int((~held_out).sum())
     return _local_batch(config.data.batch_size, world_size, train_items,
-                        f"data.heldout_fraction={config.data.heldout_fraction} of the {len(item_ids)} items "
+                        f"data.heldout_fraction={config.data.heldout_fraction} of the {len(held_out)} items "
                         "is held out for evaluation; lower data.batch_size or data.heldout_fraction")
 
 
