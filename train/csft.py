@@ -22,7 +22,7 @@ from train.stage_cli import StageCommands, register_stage
 
 if TYPE_CHECKING:
     from mim_rec.csft.config import CsftConfig
-    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.csft.data import FeatureCache, Pairs, WorldInputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -130,10 +130,10 @@ def _run_csft(config) -> Path:
     # The world and the batch are checked before the encoders load and the backbone features
     # are extracted: a batch larger than the pairs was refused only after that work (~30 s).
     world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
-    reason = untrainable(config, world, ctx.world_size)
+    pairs = world.training_pairs(config.data.signals, config.data.validation)
+    reason = untrainable(config, world, ctx.world_size, pairs)
     if reason:
         raise ConfigError(reason)
-    pairs = world.training_pairs(config.data.signals, config.data.validation)
     local_batch = config.data.batch_size // ctx.world_size
     seed_everything(config.seed)  # identical initial weights on every rank
     model = CsftModel(load_encoders(config.encoders), config.model).to(ctx.device)
@@ -219,10 +219,12 @@ def _run_csft(config) -> Path:
     return final
 
 
-def untrainable(config: CsftConfig, world: WorldInputs, world_size: int) -> Optional[str]:
+def untrainable(config: CsftConfig, world: WorldInputs, world_size: int,
+                pairs: Optional[Pairs] = None) -> Optional[str]:
     """Why ``config`` would train nothing on ``world`` over ``world_size`` ranks, else None.
     Asked before any model loads, and by csft-tune and csft-ablations for every run before the
-    first one trains:
+    first one trains. ``pairs``: ``config``'s training pairs of ``world`` when the caller has
+    read them already (``mim csft`` trains on them), else read here:
 
     - ``category_ce`` over one category is a softmax over one class, a loss of 0 for any
       weights, so its "trained" towers would be the initial ones;
@@ -234,7 +236,8 @@ def untrainable(config: CsftConfig, world: WorldInputs, world_size: int) -> Opti
     if config.loss.kind == "category_ce" and len(np.unique(world.item_categories)) < 2:
         return (f"loss.kind=category_ce: every item of data.world={config.data.world} is in one category, so the "
                 "category loss is 0 and nothing trains; use a world of 2 or more categories")
-    pairs = world.training_pairs(config.data.signals, config.data.validation)
+    if pairs is None:
+        pairs = world.training_pairs(config.data.signals, config.data.validation)
     try:
         _local_batch(config.data.batch_size, world_size, len(pairs),
                      what=f"training pairs of data.signals={config.data.signals}")
