@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -327,17 +328,31 @@ def test_the_eval_commands_refuse_a_folder_without_a_model_or_other_stage1_encod
     assert "not the stage-1 encoders" in capsys.readouterr().err
 
 
+def _world_with(inputs, world: Path, name: str, table: Optional[pa.Table]) -> Path:
+    """``world``, made as ``inputs``' world with the file ``name`` replaced by ``table`` (left out
+    when None)."""
+    world.mkdir()
+    for each in ("items.parquet", "pairs_train.parquet", "pairs_test.parquet", "events_train.parquet",
+                 "events_test.parquet"):
+        if each != name:
+            (world / each).symlink_to(inputs[0] / each)
+    if table is not None:
+        pq.write_table(table, world / name)
+    return world
+
+
+def _one_label(events: pa.Table) -> pa.Table:
+    """``events`` with every label 0: no user has both a click and a non-click."""
+    return events.set_column(events.schema.get_field_index("label"), "label",
+                             pa.array(np.zeros(len(events), np.int8)))
+
+
 def _evaluated_with(inputs, tmp_path: Path, name: str, table: pa.Table) -> Path:
     """Train a 2-step run, then run csft-eval on it (expecting exit status 2) over a world that
     is ``inputs``' with the file ``name`` replaced by ``table``; returns that world."""
     config = _config(inputs, tmp_path / "run", steps=2)
     run_csft(config)
-    world = tmp_path / "world"
-    world.mkdir()
-    for each in ("items.parquet", "pairs_train.parquet", "pairs_test.parquet", "events_test.parquet"):
-        if each != name:
-            (world / each).symlink_to(inputs[0] / each)
-    pq.write_table(table, world / name)
+    world = _world_with(inputs, tmp_path / "world", name, table)
     config = replace(config, data=replace(config.data, world=str(world)))
     assert cli.main(["csft-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
     return world
@@ -348,8 +363,7 @@ def test_csft_eval_names_test_events_that_no_auc_can_score(inputs, tmp_path, cap
     """An empty events_test, or one of a single label, ended csft-eval (and csft --eval, after
     training) in a ValueError traceback with exit status 1."""
     events = pq.read_table(inputs[0] / "events_test.parquet")
-    events = events.slice(0, 0) if rows == "empty" else events.set_column(
-        events.schema.get_field_index("label"), "label", pa.array(np.zeros(len(events), np.int8)))
+    events = events.slice(0, 0) if rows == "empty" else _one_label(events)
     world = _evaluated_with(inputs, tmp_path, "events_test.parquet", events)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"mim csft-eval: error: {world / 'events_test.parquet'}, field 'label': no user of its "
@@ -700,15 +714,32 @@ def test_eval_refuses_a_validation_period_the_run_trained_on(inputs, tmp_path, c
     assert evaluate_run(replace(trained, data=replace(trained.data, validation=0.2)))["csft"]["held_out"] == "validation"
 
 
-def test_eval_without_the_test_pairs_is_refused_before_training(inputs, tmp_path, capsys):
-    """It trained every step first and only then failed on the missing file."""
-    world = tmp_path / "world"
-    world.mkdir()
-    for name in ("items.parquet", "pairs_train.parquet", "events_train.parquet", "events_test.parquet"):
-        (world / name).symlink_to(inputs[0] / name)
-    config_file = _write_config(_config((world, inputs[1], inputs[2]), tmp_path / "out"), tmp_path / "c.yaml")
-    assert cli.main(["csft", "--config", str(config_file), "--eval"]) == 2
-    assert "pairs_test.parquet: no such file; the evaluation reads it" in capsys.readouterr().err
+@pytest.mark.parametrize("name, rows, validation, message", [
+    ("pairs_test.parquet", None, 0.0, ": pairs file not found"),
+    ("pairs_test.parquet", "empty", 0.0, ": holds no pairs; the query->item recall needs held-out pairs"),
+    ("events_test.parquet", None, 0.0, ": held-out events not found (the content-interest AUC needs them)"),
+    ("events_test.parquet", "one label", 0.0, ", field 'label': no user of its {count:,} impressions has both a "
+                                              "click and a non-click with a history; the content-interest AUC is "
+                                              "undefined"),
+    ("events_train.parquet", None, 0.25, ": held-out events not found (the content-interest AUC needs them)")])
+def test_eval_on_held_out_data_csft_eval_refuses_is_refused_before_training(inputs, tmp_path, capsys, monkeypatch,
+                                                                           name, rows, validation, message):
+    """csft --eval trained every step first and only then failed on a missing test file, or on
+    an empty or unscorable one; it is refused up front with csft-eval's own message."""
+    import train.csft
+
+    def trained(config):
+        raise AssertionError("trained before the evaluation data was checked")
+
+    monkeypatch.setattr(train.csft, "run_csft", trained)
+    table = None if rows is None else pq.read_table(inputs[0] / name)
+    table = table if table is None else table.slice(0, 0) if rows == "empty" else _one_label(table)
+    world = _world_with(inputs, tmp_path / "world", name, table)
+    config = _config((world, inputs[1], inputs[2]), tmp_path / "out")
+    config = replace(config, data=replace(config.data, validation=validation))
+    assert cli.main(["csft", "--config", str(_write_config(config, tmp_path / "c.yaml")), "--eval"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mim csft: error: {world / name}{message.format(count=0 if table is None else len(table))}")
     assert not (tmp_path / "out").exists()
 
 

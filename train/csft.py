@@ -41,13 +41,20 @@ def _load(args: argparse.Namespace):
     from mim_rec.csft.config import CsftConfig
     config = check_config(load_config(CsftConfig, args.config, args.overrides))
     require_existing(config, ("data.world", "encoders"))
-    if (getattr(args, "eval", False) or getattr(args, "eval_only", False)) and not config.data.validation:
-        from mim_rec.data.errors import DataError
-        for name in ("pairs_test.parquet", "events_test.parquet"):  # found missing only after training, before
-            if not (Path(config.data.world) / name).is_file():
-                raise DataError(str(Path(config.data.world) / name), "no such file; the evaluation reads it "
-                                "(or set data.validation to evaluate on the latest training pairs)")
+    if getattr(args, "eval", False) or getattr(args, "eval_only", False):
+        check_evaluable(config)
     return config
+
+
+def check_evaluable(config: CsftConfig) -> None:
+    """Refuse held-out data that ``csft-eval`` would refuse (a missing or empty test file, one
+    of impressions no AUC can score, an empty validation period), with its messages, before the
+    encoders load: ``mim csft --eval`` found such a file only after training."""
+    from mim_rec.csft.data import WorldInputs
+    from mim_rec.csft.evaluate import require_evaluable
+
+    world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
+    require_evaluable(world, world.held_out(config.data.validation))
 
 
 def check_config(config: CsftConfig) -> CsftConfig:

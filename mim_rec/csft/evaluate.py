@@ -146,6 +146,14 @@ def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int
     targets = held_out.pairs.item_ids
     twins = Twins.of(np.arange(len(targets)), embedded.item_content, targets)
     recall = recall_at(embedded.queries, embedded.items, ks, torch.from_numpy(targets), twins=twins)
+    return {**{f"recall@{k}": v for k, v in recall.items()},
+            **content_interest_auc(embedded.items, held_out_events(world, held_out), str(held_out.events_path)),
+            "held_out": held_out.name, "held_out_pairs": len(held_out.pairs), "candidate_items": len(embedded.items)}
+
+
+def held_out_events(world: WorldInputs, held_out: HeldOut) -> pa.Table:
+    """The impressions the content-interest AUC of ``held_out`` scores: its events file, from
+    ``held_out.since`` on; a missing file or an empty validation period is refused by file."""
     events_path = held_out.events_path
     if not events_path.is_file():
         raise DataError(str(events_path), "held-out events not found (the content-interest "
@@ -157,6 +165,14 @@ def evaluate_embeddings(embedded: Embedded, world: WorldInputs, ks: Sequence[int
         if events.num_rows == 0:
             raise DataError(str(events_path), f"no impressions at or after ts={held_out.since}, "
                             "the validation period", field="ts")
-    return {**{f"recall@{k}": v for k, v in recall.items()},
-            **content_interest_auc(embedded.items, events, str(events_path)), "held_out": held_out.name,
-            "held_out_pairs": len(held_out.pairs), "candidate_items": len(embedded.items)}
+    return events
+
+
+def require_evaluable(world: WorldInputs, held_out: HeldOut) -> None:
+    """Refuse held-out data that :func:`evaluate_embeddings` would refuse, by the same checks and
+    messages, before any model runs: ``mim csft --eval`` found a missing or unscorable file only
+    after training. ``held_out`` itself holds pairs (:meth:`WorldInputs.held_out` refuses none);
+    the impressions are scored with constant embeddings, since whether a user's AUC is defined
+    depends on the labels and histories alone."""
+    content_interest_auc(torch.zeros(world.item_count, 1), held_out_events(world, held_out),
+                         str(held_out.events_path))
