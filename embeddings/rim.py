@@ -183,8 +183,9 @@ def _parse_item(raw: object, row: int, config: RimConfig, arrived_at: float) -> 
 
 def _decode_image(value: object, config: RimConfig, bad) -> bytes:
     """The image's bytes, once they are known to decode as a PNG/JPEG of sane size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
+    from mim_rec.data.images import ImageRefused, open_image
     from mim_rec.encoders.preprocess import IMAGE_DECODE_ERRORS, decode_image
 
     if not isinstance(value, str) or not value:
@@ -194,14 +195,14 @@ def _decode_image(value: object, config: RimConfig, bad) -> bytes:
     except (binascii.Error, ValueError):
         raise bad("image is not valid base64", "image") from None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            kind, (width, height) = image.format, image.size
+        with open_image(io.BytesIO(data)) as image:
+            width, height = image.size
+    except ImageRefused as exc:
+        raise bad(str(exc), "image") from None
     except UnidentifiedImageError:  # its message names only an in-memory buffer
         raise bad("not a decodable PNG/JPEG (no image format recognised)", "image") from None
-    except (*IMAGE_DECODE_ERRORS, Image.DecompressionBombError) as exc:
+    except IMAGE_DECODE_ERRORS as exc:
         raise bad(f"not a decodable PNG/JPEG ({exc})", "image") from None
-    if kind not in ("PNG", "JPEG"):
-        raise bad(f"image is {kind}, not PNG/JPEG", "image")
     if width * height > config.max_image_pixels:
         raise bad(f"image is {width}x{height}, above {config.max_image_pixels} pixels", "image")
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -63,6 +65,23 @@ def png_bytes(colour_index: int, shape_index: int, size: int = 64, seed: int = 0
     image = np.clip(image + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header declares ``width x height`` pixels and that holds none:
+    what a decompression bomb shows PIL before a pixel is decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+def image_in(kind: str, **save) -> bytes:
+    """A small image saved in PIL format ``kind`` (GIF, BMP, WEBP, TIFF, JPEG, MPO...)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format=kind, **save)
     return buffer.getvalue()
 
 

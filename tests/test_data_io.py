@@ -15,6 +15,7 @@ from mim_rec.data.io import (ContractWriter, read_events, read_items, read_pairs
                              validate_file, validate_world, write_table)
 from mim_rec.data.manifest import Manifest, read_manifest, write_manifest
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
+from tests.encoder_fixtures import image_in, png_declaring
 from train.cli import main as mim
 
 N_ITEMS = 6
@@ -100,6 +101,16 @@ BAD_CASES = {
                     "image_feature", "vector length"),
     "undecodable image": ("items", lambda r: edit(r, "image", 1, png(1)[:40]), 1, "image",
                           "not decodable"),
+    # reported as "not decodable" before: a decompression bomb's header is valid, its size is not
+    "image past PIL's error limit": ("items", lambda r: edit(r, "image", 1, png_declaring(100_000, 100_000)), 1,
+                                     "image", rf"image too large .*it declares 10000000000 pixels, over the "
+                                              rf"limit of {Image.MAX_IMAGE_PIXELS} \(PIL's Image.MAX_IMAGE_PIXELS\)"),
+    "image past PIL's warning limit": ("items", lambda r: edit(r, "image", 2, png_declaring(12_000, 12_000)), 2,
+                                       "image", r"image too large .*it declares 12000x12000 = 144000000 pixels"),
+    # accepted before, though the contract is PNG/JPEG
+    **{f"{kind} image": ("items", lambda r, kind=kind: edit(r, "image", 3, image_in(kind)), 3, "image",
+                         rf"image format not PNG/JPEG .*it is {kind}")
+       for kind in ("GIF", "BMP", "WEBP", "TIFF")},
     "duplicate id": ("items", lambda r: edit(r, "item_id", 5, 1), 5, "item_id", "duplicate"),
     "non-dense id": ("items", lambda r: edit(r, "item_id", 5, 7), 5, "item_id", "not dense"),
     "unknown signal": ("pairs", lambda r: edit(r, "signal", 2, "like"), 2, "signal", "unknown signal"),
@@ -186,6 +197,22 @@ def test_image_path_must_exist_and_decode(tmp_path):
     with pytest.raises(DataError, match="image path") as info:
         read_items(path)
     assert (info.value.row, info.value.field) == (3, "image_path")
+
+
+def test_jpeg_images_are_accepted_with_png_and_refused_images_are_quarantined_by_reason(tmp_path):
+    """A JPEG holding several pictures opens in PIL as MPO; it is a JPEG file all the same."""
+    rows = items_rows()
+    rows["image"][1] = image_in("JPEG")
+    rows["image"][2] = image_in("MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    assert read_items(write_raw(tmp_path, "items.parquet", ITEMS, rows)).num_rows == N_ITEMS
+    for row, blob in {3: image_in("GIF"), 4: png_declaring(100_000, 100_000), 5: b"junk"}.items():
+        rows["image"][row] = blob  # the last rows: the ids left are dense
+    path = write_raw(tmp_path, "items.parquet", ITEMS, rows)
+    assert validate_file(path, ITEMS, drop_invalid=True, batch_rows=2).rows == 3  # rules see each batch
+    rejected = pq.read_table(rejected_path_for(path))
+    assert dict(zip(rejected.column("source_row").to_pylist(), rejected.column("reason").to_pylist())) == {
+        3: "image: image format not PNG/JPEG", 4: "image: image too large (a decompression bomb?)",
+        5: "image: image bytes not decodable (PNG/JPEG)"}
 
 
 def test_first_bad_row_across_batches_and_quarantine_counts_all(tmp_path):

@@ -16,7 +16,8 @@ from mim_rec.encoders import (EncoderPair, VisionConfig, build_text_encoder,
                               build_vision_encoder, load_encoders, save_encoders)
 from mim_rec.encoders.config import check_normalisation
 from mim_rec.encoders.preprocess import decode_image
-from tests.encoder_fixtures import TINY_TEXT, png_bytes, tiny_encoders, tiny_text, tiny_vision
+from tests.encoder_fixtures import (TINY_TEXT, image_in, png_bytes, png_declaring, tiny_encoders, tiny_text,
+                                   tiny_vision)
 
 torch.set_num_threads(1)
 
@@ -55,6 +56,17 @@ def test_corrupt_image_is_reported_with_row_and_field():
         encoder.preprocess([png_bytes(0, 0), b"garbage"], source="items.parquet", rows=[3, 7])
     with pytest.raises(DataError, match="empty image"):
         encoder.preprocess([b""])
+
+
+@pytest.mark.parametrize("image, reason", [
+    # PIL's DecompressionBombError escaped, a traceback without the row
+    (png_declaring(100_000, 100_000), r"image too large: it declares 10000000000 pixels, over the limit of"),
+    (image_in("GIF"), r"image is GIF, not PNG/JPEG"),  # decoded before, though the contract is PNG/JPEG
+], ids=["bomb", "gif"])
+def test_an_image_too_large_or_not_png_jpeg_is_refused_with_row_and_field(image, reason):
+    encoder = build_vision_encoder(tiny_vision())
+    with pytest.raises(DataError, match=rf"items.parquet, row 7, field 'image': {reason}"):
+        encoder.preprocess([png_bytes(0, 0), image], source="items.parquet", rows=[3, 7])
 
 
 def test_precomputed_vision_checks_vectors():

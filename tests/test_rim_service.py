@@ -26,7 +26,7 @@ from embeddings.build import build_table
 from embeddings.encoders import load_item_encoder
 from embeddings.rim import RimConfig, RimService, items_table, make_server, NewItem
 from embeddings.rim_log import complete_end, read_messages
-from encoder_fixtures import png_bytes, tiny_encoders, write_items
+from encoder_fixtures import png_bytes, png_declaring, tiny_encoders, write_items
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_ITEMS = 8
@@ -112,6 +112,9 @@ BAD_REQUESTS = [
      "row 0, field 'image': not a decodable PNG/JPEG (no image format recognised)"),
     ({"items": [{**item(10), "image": "!!not base64!!"}]}, 400, "field 'image': image is not valid base64"),
     ({"items": [item(10, image=gif_bytes())]}, 400, "image is GIF, not PNG/JPEG"),
+    # past PIL's own limit it was "not a decodable PNG/JPEG", the wrong reason
+    ({"items": [item(10, image=png_declaring(100_000, 100_000))]}, 400,
+     "field 'image': image too large: it declares 10000000000 pixels, over the limit of"),
     ({"items": [item(10, image=PNG_SHORT_HEADER)]}, 400, "field 'image': not a decodable PNG/JPEG (Truncated IHDR"),
     ({"items": [item(10, image=PNG_BROKEN_CHUNK)]}, 400, "field 'image': not a decodable PNG/JPEG (broken PNG"),
     # checked like the title: it failed in the encoder's window, taking other clients' items with it

@@ -107,7 +107,8 @@ class RowCheck:
     """One rule over rows: ``flags(batch)`` is a bool mask, True where a row breaks it.
 
     ``expected(batch, row)``, when given, says what a flagged row's value was compared with
-    (another table's value): the row's own value alone does not tell the user which side to fix.
+    (another table's value): the row's own value alone does not tell the user which side to fix;
+    or what was found in it (an image's format or declared size), which its first bytes do not show.
     """
 
     field: str
@@ -292,33 +293,60 @@ def _one_of_present(group: List[str]) -> RowCheck:
     return RowCheck("|".join(group), "all of these columns are null", flags)
 
 
-def _decodes(name: str, ctx: CheckContext, is_path: bool) -> RowCheck:
-    """PIL must decode the image (bytes, or the file at a path relative to the data file)."""
-    from PIL import Image
+def _image_outcomes(name: str, ctx: CheckContext,
+                    is_path: bool) -> Callable[[pa.RecordBatch], List[Optional[Exception]]]:
+    """Per row, what opening and decoding its image raised (None: a PNG/JPEG that decodes, or
+    no image). Kept for the last batch: three rules read it, and decoding is the per-row cost."""
+    from mim_rec.data.images import open_image
 
-    def bad(blob) -> bool:
+    def outcome(value) -> Optional[Exception]:
         try:
-            source = (ctx.base_dir / blob) if is_path else io.BytesIO(blob)
-            with Image.open(source) as image:
+            source = (ctx.base_dir / value) if is_path else io.BytesIO(value)
+            with open_image(source) as image:
                 image.load()
-            return False
-        except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...)
-            return True
+            return None
+        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+            return exc
 
-    def flags(batch: pa.RecordBatch) -> np.ndarray:
-        return np.fromiter((v is not None and bad(v) for v in batch.column(name).to_pylist()),
-                           dtype=bool, count=batch.num_rows)
-    return RowCheck(name, "image path missing or not decodable" if is_path
-                    else "image bytes not decodable (PNG/JPEG)", flags)
+    last: Dict[str, object] = {}
+
+    def outcomes(batch: pa.RecordBatch) -> List[Optional[Exception]]:
+        if last.get("batch") is not batch:
+            last.update(batch=batch, outcomes=[None if v is None else outcome(v)
+                                               for v in batch.column(name).to_pylist()])
+        return last["outcomes"]
+    return outcomes
+
+
+def _decodes(name: str, ctx: CheckContext, is_path: bool) -> List[RowCheck]:
+    """PIL must decode the image (bytes, or the file at a path relative to the data file), and
+    its header must declare a PNG/JPEG within PIL's decompression-bomb limit: those two are
+    told apart from damage, with what the header declares (its format, its pixel count)."""
+    from mim_rec.data.images import ImageFormatRefused, ImageRefused, ImageTooLarge
+
+    outcomes = _image_outcomes(name, ctx, is_path)
+
+    def raised(kind: type, other_than: tuple = ()) -> Callable[[pa.RecordBatch], np.ndarray]:
+        return lambda batch: np.fromiter(
+            (isinstance(o, kind) and not isinstance(o, other_than) for o in outcomes(batch)),
+            dtype=bool, count=batch.num_rows)
+
+    def found(batch: pa.RecordBatch, row: int) -> str:
+        return outcomes(batch)[row].found
+    return [RowCheck(name, "image too large (a decompression bomb?)",
+                     raised(ImageTooLarge), found),
+            RowCheck(name, "image format not PNG/JPEG", raised(ImageFormatRefused), found),
+            RowCheck(name, "image path missing or not decodable" if is_path
+                     else "image bytes not decodable (PNG/JPEG)", raised(Exception, ImageRefused))]
 
 
 def _image_checks(names: List[str], ctx: CheckContext, binary: str, path: str,
                   feature: str, group: tuple) -> List[RowCheck]:
     checks = [_one_of_present([n for n in group if n in names])]
     if binary in names:
-        checks.append(_decodes(binary, ctx, is_path=False))
+        checks += _decodes(binary, ctx, is_path=False)
     if path in names:
-        checks.append(_decodes(path, ctx, is_path=True))
+        checks += _decodes(path, ctx, is_path=True)
     if feature in names:
         checks += [_no_null_elements(feature), _finite(feature), *_vector_length(feature, ctx)]
     return checks

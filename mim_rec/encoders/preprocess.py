@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from mim_rec.data.errors import DataError
+from mim_rec.data.images import ImageRefused, open_image
 
 # What PIL raises for damaged bytes: OSError (UnidentifiedImageError, truncated data), but also
 # ValueError (a short IHDR), SyntaxError (a broken PNG chunk), EOFError and struct.error.
@@ -25,8 +26,10 @@ def decode_image(data: ImageLike) -> Image.Image:
         if len(data) == 0:
             raise ValueError("empty image bytes")
         try:
-            image = Image.open(io.BytesIO(bytes(data)))
+            image = open_image(io.BytesIO(bytes(data)))
             image.load()
+        except ImageRefused:  # a ValueError that already says why (too large, not PNG/JPEG)
+            raise
         except IMAGE_DECODE_ERRORS as exc:
             raise ValueError(f"not a decodable PNG/JPEG ({exc})") from exc
         return _sixteen_to_eight_bit(image).convert("RGB")
