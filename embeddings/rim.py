@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.schemas import ITEMS
+from mim_rec.data.validate import MAX_TITLE_CHARS, TITLE_TOO_LONG
 
 from embeddings.encoders import ItemEncoder
 from embeddings.rim_log import RimLog, WindowMessage, read_messages
@@ -163,6 +164,8 @@ def _parse_item(raw: object, row: int, config: RimConfig, arrived_at: float) -> 
         raise bad(f"title must be a string, got {title!r}", "title")
     if not title.strip():
         raise bad("empty title", "title")
+    if len(title) > MAX_TITLE_CHARS:  # the encoder's tokenizer would read it all, holding up the window
+        raise bad(f"{TITLE_TOO_LONG}: it has {len(title):,} characters", "title")
     try:  # JSON may carry a lone surrogate ("\ud800"), which no tokenizer or log can encode
         title.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -15,6 +15,7 @@ from mim_rec.data.io import (ContractWriter, read_events, read_items, read_pairs
                              validate_file, validate_world, write_table)
 from mim_rec.data.manifest import Manifest, read_manifest, write_manifest
 from mim_rec.data.schemas import EVENTS, ITEMS, PAIRS
+from mim_rec.data.validate import MAX_TITLE_CHARS
 from tests.encoder_fixtures import image_in, png_declaring
 from train.cli import main as mim
 
@@ -134,6 +135,10 @@ BAD_CASES = {
     "history newest first": ("events", lambda r: edit(r, "hist_ts", 3, [1, 0, 0]), 3, "hist_ts",
                              "history not oldest first"),
     "empty title": ("items", lambda r: edit(r, "title", 0, "  "), 0, "title", "empty title"),
+    # accepted before: the tokenizer read all of it every batch, and the tower its first tokens
+    "title too long": ("items", lambda r: edit(r, "title", 4, "é" * (MAX_TITLE_CHARS + 1)), 4, "title",
+                       r"title longer than 10,000 characters \(text towers read only its first "
+                       r"encoders.text.max_length tokens\) .*it has 10,001 characters"),
     "no image at all": ("items", lambda r: edit(edit(r, "image", 2, None), "image_feature", 2, None),
                         2, "image|image_feature", "all of these columns are null"),
 }

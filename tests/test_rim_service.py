@@ -122,6 +122,10 @@ BAD_REQUESTS = [
      "field 'raw_item_id': raw_item_id is not valid Unicode"),
     ({"items": [item(10, title="   ")]}, 400, "field 'title': empty title"),
     ({"items": [item(10, title=123)]}, 400, "field 'title': title must be a string, got 123"),
+    # taken before: the encoder's tokenizer read all of it in the window other clients' items wait in
+    ({"items": [item(10, title="x" * 10_001)]}, 400,
+     "field 'title': title longer than 10,000 characters (text towers read only its first "
+     "encoders.text.max_length tokens): it has 10,001 characters"),
     ({"items": [item(10), item(-1)]}, 400, "row 1, field 'item_id': item_id must be a non-negative integer"),
     ({"items": [{**item(10), "item_id": "10"}]}, 400, "item_id must be a non-negative integer"),
     ({"items": [{**item(10), "item_id": True}]}, 400, "item_id must be a non-negative integer"),

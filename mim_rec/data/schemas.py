@@ -56,7 +56,7 @@ ITEMS = Contract(
         pa.field("item_id", pa.int64(), nullable=False),
         pa.field("raw_item_id", pa.string(), nullable=False),
         pa.field("category_id", pa.int32(), nullable=False),
-        pa.field("title", pa.string(), nullable=False),
+        pa.field("title", pa.string(), nullable=False),  # read up to encoders.text.max_length tokens
         pa.field("created_at", pa.timestamp("s"), nullable=False),
     ),
     optional=(

@@ -235,6 +235,25 @@ def _in_seconds(name: str) -> RowCheck:
     return RowCheck(name, f"{name} past 10^11 Unix seconds (the year 5138): milliseconds? times are seconds", flags)
 
 
+# Text towers read a title's first ``encoders.text.max_length`` tokens (32 by default, at most
+# 512 for MiniLM) and drop the rest, as text encoders do; a few thousand characters hold that
+# many tokens. The tokenizer still reads the whole string first, every batch (10 MB: 21 s with
+# the bundled one), so a title past this is refused: a description or a page in the title column.
+MAX_TITLE_CHARS = 10_000
+TITLE_TOO_LONG = (f"title longer than {MAX_TITLE_CHARS:,} characters (text towers read only its first "
+                  "encoders.text.max_length tokens)")
+
+
+def _title_not_too_long() -> RowCheck:
+    """A title of at most :data:`MAX_TITLE_CHARS` characters; the error says how long it is
+    (the value shown is cut to its first characters)."""
+    def lengths(batch: pa.RecordBatch) -> pa.Array:
+        return pc.utf8_length(pc.fill_null(batch.column("title"), ""))
+    return RowCheck("title", TITLE_TOO_LONG,
+                    lambda b: _mask(pc.greater(lengths(b), MAX_TITLE_CHARS)),
+                    lambda b, row: f"it has {lengths(b)[row].as_py():,} characters")
+
+
 def _vector_length(name: str, ctx: CheckContext) -> List[RowCheck]:
     """Rows must have the column's dimension; a column without one holds no vector to check."""
     dim = ctx.vector_dims.get(name)
@@ -360,6 +379,7 @@ def _items_checks(names: List[str], ctx: CheckContext) -> List[RowCheck]:
         _id_in_range("category_id", None, "category id"),
         RowCheck("title", "empty title",
                  lambda b: _mask(pc.equal(pc.utf8_trim_whitespace(pc.fill_null(b.column("title"), "x")), ""))),
+        _title_not_too_long(),
         _in_seconds("created_at"),
     ]
     checks += _image_checks(names, ctx, "image", "image_path", "image_feature", ITEMS.one_of[0])
