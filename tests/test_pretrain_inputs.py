@@ -5,6 +5,7 @@ into the wrong place)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,34 @@ def test_an_empty_out_is_refused(world, tmp_path, capsys, monkeypatch, command):
     assert cli.main([command, *overrides]) == 2
     assert "out: empty; give the run folder" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["pretrain", "csft"])
+def test_a_world_whose_manifest_counts_other_items_is_refused_as_validate_refuses_it(tmp_path, capsys, monkeypatch,
+                                                                                      command):
+    """`mim data validate` refused a world whose manifest counts other items than its items.parquet
+    holds (items replaced after the world was written); pretrain and csft trained on it."""
+    import mim_rec.encoders
+    from mim_rec.data.synth import SynthConfig, generate_world, tiny
+
+    world = generate_world(replace(tiny(SynthConfig()), items=240, users=60, events=1200, pairs_train=160,
+                                   pairs_test=40, image_size=32), tmp_path / "world")
+    manifest = json.loads((world / "manifest.json").read_text())
+    manifest["extra"]["counts"]["items"] += 1
+    (world / "manifest.json").write_text(json.dumps(manifest))
+    assert cli.main(["data", "validate", str(world)]) == 2
+    refusal = capsys.readouterr().err.split("mim data validate: error: ")[1].strip()
+    assert refusal.endswith("manifest counts 241 items, items.parquet has 240")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the encoders loaded before the world was refused")
+
+    monkeypatch.setattr(mim_rec.encoders, "EncoderPair", loaded)
+    monkeypatch.setattr(mim_rec.encoders, "load_encoders", loaded)
+    csft = [f"encoders={world}", "data.batch_size=8"] if command == "csft" else []  # encoders never read
+    assert cli.main([command, f"data.world={world}", f"out={tmp_path / 'out'}", *csft]) == 2
+    assert capsys.readouterr().err.strip() == f"mim {command}: error: {refusal}"
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluation_on_a_few_held_out_items_says_recall_is_trivial(tmp_path, capsys):

@@ -49,6 +49,7 @@ def _load(args: argparse.Namespace):
 
     config = check_config(load_config(PretrainConfig, args.config, args.overrides))
     require_existing(config, ("data.world",))
+    _check_world_manifest(config.data.world)
     vision = vision_for_items(config.encoders.vision, config.data.world)
     if vision != config.encoders.vision:
         print(f"mim pretrain: the items carry image_feature vectors and no pixels: vision tower "
@@ -56,6 +57,19 @@ def _load(args: argparse.Namespace):
               file=sys.stderr)
         config.encoders.vision = vision
     return config
+
+
+def _check_world_manifest(world: str) -> None:
+    """``mim data validate``'s check of a world folder's manifest against its items (the
+    manifest's item count), before the encoders load; the item count is the file's footer's
+    (a bad row is refused when the corpus is read). ``data.world`` may name the items file
+    alone, which has no world manifest; a folder without items.parquet is the corpus's to name."""
+    from mim_rec.data.io import check_world_manifest, open_parquet
+    from mim_rec.pretrain.corpus import items_path
+
+    items = items_path(world)
+    if Path(world).is_dir() and items.is_file():
+        check_world_manifest(world, open_parquet(items).metadata.num_rows)
 
 
 def check_config(config: PretrainConfig) -> PretrainConfig:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from mim_rec.csft.model import CsftModel, content_fingerprint, vision_input
 from mim_rec.csft.objective import CsftBatch
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import read_items, read_pairs
+from mim_rec.data.io import check_world_manifest, read_items, read_pairs
 from mim_rec.data.manifest import fingerprint_file
 from mim_rec.data.schemas import SIGNALS
 from mim_rec.data.split import time_cut
@@ -192,6 +192,7 @@ class WorldInputs:
         if not self.items_path.is_file():
             raise DataError(str(self.items_path), "items file not found (give a world folder)")
         self.items: pa.Table = read_items(self.items_path)
+        check_world_manifest(self.world, self.items.num_rows)  # before any encoder loads
         if self.items.num_rows < 2:
             raise DataError(str(self.items_path), "C-SFT needs a catalogue of at least two items")
         self.item_categories = self.items.column("category_id").to_numpy()

@@ -455,7 +455,7 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
     clean = _clean_world_folder(directory, clean_out) if clean_out is not None else None
     try:
         results = _check_world_files(directory, drop_invalid, echo, clean)
-        _check_world_manifest(directory, results[0].rows)
+        check_world_manifest(directory, results[0].rows)
         mm_table = directory / "mm_table"
         mm_results = validate_mm_table(mm_table, results[0].rows, echo=echo) if mm_table.is_dir() else []
         if clean is not None:  # of the world files only: an mm_table/ is not copied
@@ -602,8 +602,13 @@ def validate_mm_table(table_dir: PathLike, item_count: Optional[int] = None,
     return results
 
 
-def _check_world_manifest(directory: Path, item_rows: int) -> None:
-    path = directory / "manifest.json"
+def check_world_manifest(directory: PathLike, item_rows: int) -> None:
+    """Refuse a world folder whose manifest is not a world's, or counts other items than
+    ``item_rows`` (its items.parquet's rows): the items were replaced or edited after the world
+    was written, so its pairs and events may name other items than the ones they were made
+    for. ``mim data validate`` applies it, and so do ``mim pretrain`` and ``mim csft`` before
+    their encoders load. A folder without a manifest (a world made by hand) is not checked."""
+    path = Path(directory) / "manifest.json"
     if not path.exists():
         return
     manifest = read_manifest(directory)
