@@ -118,3 +118,21 @@ def test_mm_dtype_is_refused_by_its_own_name_before_loading(tmp_path, capsys, dt
     err = capsys.readouterr().err
     assert f"mim bench lookup: error: mm_dtype='{dtype}': choose one of ['fp16', 'fp32']" in err
     assert "model.mm_dtype" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_empty_catalogue_is_refused_before_the_encoder_loads(catalogue, tmp_path, capsys, monkeypatch):
+    """The batches draw their items from the catalogue: an empty one ended in numpy's traceback
+    ('high <= 0'), after the encoder had loaded."""
+    import pyarrow.parquet as pq
+
+    import train.bench_lookup
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the encoder loaded before the empty catalogue was refused")
+
+    monkeypatch.setattr(train.bench_lookup, "_tiny_encoder_folder", loaded)
+    empty = tmp_path / "items.parquet"
+    write_table(pq.read_table(catalogue / "items.parquet").slice(0, 0), empty, ITEMS)
+    assert main(["bench", "lookup", "--quick", f"items={empty}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mim bench lookup: error: {empty}: holds no rows; a world file must hold data"

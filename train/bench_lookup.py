@@ -138,13 +138,14 @@ def run_bench(config: LookupBenchConfig, quick: bool = False) -> Dict[str, Any]:
     from torchrec import KeyedJaggedTensor
 
     from embeddings.encoders import load_item_encoder
-    from mim_rec.data.io import read_items
+    from mim_rec.data.io import require_rows, validate_file
+    from mim_rec.data.schemas import ITEMS
 
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     items_path = Path(config.items)
-    items = read_items(items_path)
+    items = require_rows(validate_file(items_path, ITEMS)).table  # the batches draw their items from it
     with tempfile.TemporaryDirectory() as scratch:
         encoder_dir = _tiny_encoder_folder(Path(scratch) / "encoders") if quick else Path(config.encoder)
         encoder = load_item_encoder(encoder_dir, config.encoder_batch_size)
