@@ -116,6 +116,45 @@ def test_world_folder_sets_the_table_sizes(tmp_path, capsys):
     assert f"sizes: {items.num_rows:,} items, {users:,} users, {categories} categories;" in out
 
 
+def _small_world(folder, items: int, users: int):
+    """A world folder of ``items`` items and one event per user (no events files for none)."""
+    import pyarrow as pa
+
+    from mim_rec.data.io import write_table
+    from mim_rec.data.schemas import EVENTS
+    from tests.encoder_fixtures import write_items
+
+    write_items(folder / "items.parquet", count=items)
+    if users:
+        empty = [[]] * users
+        events = pa.table({"user_id": range(users), "query": [""] * users, "target_item_id": [0] * users,
+                           "label": [u % 2 for u in range(users)], "ts": [100] * users, "hist_item_ids": empty,
+                           "hist_category_ids": empty, "hist_ts": empty}, schema=EVENTS.schema_for([]))
+        for split in ("train", "test"):
+            write_table(events, folder / f"events_{split}.parquet", EVENTS, item_count=items)
+    return folder
+
+
+@pytest.mark.parametrize("items, users, message", [
+    # numpy's 'high <= 0' traceback, drawing the batches' users
+    (3, 0, "its events name no user (events_train/events_test.parquet missing or empty)"),
+    # refused after the first models were built, as whitening 'a collapsed encoder' (of random rows)
+    (1, 2, "holds 1 item: Base+MIM whitens its MM table (model.mm_whiten=16), which needs 2 items or more"),
+])
+def test_a_world_too_small_for_the_models_is_refused_before_any_is_built(tmp_path, capsys, monkeypatch,
+                                                                         items, users, message):
+    import train.bench_train
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the world was refused")
+
+    monkeypatch.setattr(train.bench_train, "_process_group", built)
+    world = _small_world(tmp_path, items, users)
+    assert main(["bench", "train", "--quick", f"world={world}", "ubms=[avg]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mim bench train: error: world={world}") and message in err and "\n" not in err
+
+
 @pytest.mark.parametrize("override, message", [
     ("ubms=[]", r"ubms=[]: choose one or more of"),
     ("ubms=[dinn]", r"ubms=['dinn']: choose one or more of"),

@@ -329,6 +329,23 @@ def bench_sizes(config: TrainBenchConfig) -> Dict[str, int]:
     return table_sizes(config.world, ItemInfo.from_items(Path(config.world) / "items.parquet"))
 
 
+def check_sizes(config: TrainBenchConfig, sizes: Dict[str, int]) -> None:
+    """Refuse sizes (:func:`bench_sizes`) too small for the bench's models, before any is built.
+    The batches draw user ids below ``users``: a world whose events name no user (its events
+    files missing or empty) ended in numpy's traceback. Every UBM's Base+MIM whitens its MM
+    table (``model.mm_whiten``), and one item's row has no variance to whiten: one item was
+    refused only once the first models were built, asking whether the encoder had collapsed."""
+    from mim_rec.config import ConfigError
+
+    if sizes["users"] == 0:  # only a world's count: a configured one is checked positive
+        raise ConfigError(f"world={config.world}: its events name no user (events_train/events_test.parquet "
+                          "missing or empty); the bench's batches draw their users from them")
+    if sizes["items"] < 2 and config.model.mm_whiten:
+        what = f"world={config.world} holds 1 item" if config.world else "items=1"
+        raise ConfigError(f"{what}: Base+MIM whitens its MM table (model.mm_whiten={config.model.mm_whiten}), "
+                          "which needs 2 items or more; use more items or model.mm_whiten=0")
+
+
 def mm_vectors(config: TrainBenchConfig, sizes: Dict[str, int]) -> torch.Tensor:
     """The MM table's rows the bench fills every model with (seeded). Made once, before any
     memory window: a copy made inside one would be charged to that model's peak."""
@@ -403,6 +420,7 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     sizes = bench_sizes(config)
+    check_sizes(config, sizes)
     config = replace(config, **sizes) if config.world else config
     batches = synthetic_batches(config)
     rows = []
