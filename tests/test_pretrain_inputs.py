@@ -116,6 +116,22 @@ def test_evaluation_on_a_few_held_out_items_says_recall_is_trivial(tmp_path, cap
     assert "note: only 3 held-out items" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_evaluation_on_too_few_training_items_for_the_probe_is_refused(tmp_path, capsys, count):
+    """Item 0 is always held out. A plain row on a world of one item embedded no training item
+    (a TypeError traceback); on two, the probe's contrastive batch held one item, whose loss
+    is 0, and its heads trained nothing."""
+    small = write_items(tmp_path / "small" / "items.parquet", count=count).parent
+    run = tmp_path / "run"
+    run.mkdir()
+    config = _config(small, run, eval=EvalConfig(probe_steps=2))
+    (run / "config.json").write_text(json.dumps(to_dict(config)))
+    assert cli.main(["pretrain-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
+    err = capsys.readouterr().err
+    assert (f"data.heldout_fraction=0.2: {count - 1} of the {count} items left to train the probe heads on; their "
+            "contrastive batch needs at least 2") in err and "Traceback" not in err
+
+
 def test_the_linear_probe_over_one_category_is_not_a_perfect_accuracy():
     """Every item in one category: any probe predicts it, and the table read 1.000."""
     from mim_rec.pretrain.evaluate import linear_probe_accuracy

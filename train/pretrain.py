@@ -475,20 +475,29 @@ def _split_items(config: PretrainConfig, vision, splits: Dict[Optional[int], Tup
         corpus = load_corpus(config.data.world, vision)
         heldout = heldout_mask(corpus.item_ids, config.data.heldout_fraction)
         if not splits:  # the same split at every size: said once
-            _check_heldout_size(int(heldout.sum()), len(corpus), config.data.heldout_fraction)
+            _check_split_sizes(int(heldout.sum()), len(corpus), config.data.heldout_fraction)
         splits[size] = (corpus.subset(~heldout), corpus.subset(heldout))
     return splits[size]
 
 
-def _check_heldout_size(heldout: int, items: int, fraction: float) -> None:
-    """Refuse an empty held-out set, and say so when recall@10 is 1 by construction (every
-    candidate of 10 or fewer ranks in the top 10), lest it read as a result."""
+def _check_split_sizes(heldout: int, items: int, fraction: float) -> None:
+    """Refuse an empty held-out set, and training items too few for the probe's contrastive
+    batch (it takes ``min(eval.probe_batch_size, training items)``): with none, embedding them
+    ended in a traceback; with one, the probe's InfoNCE had no negative, its loss was 0 and its
+    heads trained nothing (what ``eval.probe_batch_size=1`` is refused for). A run's own world
+    has enough (its training batch was), so this is a plain row on a smaller world. Say so when
+    recall@10 is 1 by construction (every candidate of 10 or fewer ranks in the top 10), lest
+    it read as a result."""
     from mim_rec.config import ConfigError
     from train.common import note_trivial_recall
 
     if heldout == 0:
         raise ConfigError(f"data.heldout_fraction={fraction}: none of the {items} items is held out; "
                           "nothing to evaluate on (use a larger world)")
+    if items - heldout < 2:
+        raise ConfigError(f"data.heldout_fraction={fraction}: {items - heldout} of the {items} items left to train "
+                          "the probe heads on; their contrastive batch needs at least 2 (the other items are its "
+                          "only negatives): use a larger world or a lower data.heldout_fraction")
     note_trivial_recall(heldout, (10,), f"{heldout} held-out items (data.heldout_fraction={fraction} of {items})")
 
 
