@@ -13,7 +13,7 @@ import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Type, TypeVar, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -200,21 +200,32 @@ def require_positive(config: Any, keys: Iterable[str], prefix: str = "") -> None
     """Refuse a zero or negative value at any of the dotted ``keys`` of ``config`` (``None``
     means "not set" and passes), naming the key (after ``prefix``, for an item of a list): a
     batch size or step interval of 0 would otherwise surface as a division by zero, or as a
-    run that trains nothing, far from its cause."""
-    for key in keys:
-        value = _dotted(config, key)
+    run that trains nothing, far from its cause. A list setting has each item checked."""
+    for name, value in _named_values(config, keys, prefix):
         if value is not None and not value > 0:  # written so that NaN is refused too
-            raise ConfigError(f"{prefix}{key}={value}: must be positive")
-        _require_finite(value, prefix + key)
+            raise ConfigError(f"{name}={value}: must be positive")
+        _require_finite(value, name)
 
 
 def require_not_negative(config: Any, keys: Iterable[str], prefix: str = "") -> None:
-    """Like :func:`require_positive`, for settings where 0 means "off" (a phase's steps, a weight)."""
+    """Like :func:`require_positive`, for settings where 0 means "off" (a phase's steps, a
+    weight, a seed)."""
+    for name, value in _named_values(config, keys, prefix):
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{name}={value}: must not be negative")
+        _require_finite(value, name)
+
+
+def _named_values(config: Any, keys: Iterable[str], prefix: str) -> Iterable[Tuple[str, Any]]:
+    """``(name, value)`` of each dotted key's setting, or of each item of a list setting, named
+    as :func:`load_config` names it (``seeds[1]``): a bench's list of seeds is checked as
+    ``mim train`` checks its one seed."""
     for key in keys:
         value = _dotted(config, key)
-        if value is not None and not value >= 0:
-            raise ConfigError(f"{prefix}{key}={value}: must not be negative")
-        _require_finite(value, prefix + key)
+        if isinstance(value, (list, tuple)):
+            yield from ((f"{prefix}{key}[{i}]", item) for i, item in enumerate(value))
+        else:
+            yield prefix + key, value
 
 
 def require_distinct(config: Any, keys: Iterable[str]) -> None:

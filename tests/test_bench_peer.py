@@ -120,7 +120,7 @@ def test_both_libraries_train_on_the_same_steps_and_beat_chance(world, tmp_path,
     ("model.item_dim=0", "model.item_dim=0: must be positive"),
     ("loader.shuffle_row_groups=0", "loader.shuffle_row_groups=0: must be positive"),
     ("loader.seed=-1", "loader.seed=-1: must not be negative"),
-    ("seeds=[0,-2]", "seeds=[0, -2]: -2 is negative"),
+    ("seeds=[0,-2]", "seeds[1]=-2: must not be negative"),
     pytest.param("model.constraints.item.sharding_types=[row_wise]", "row-wise sharding needs CUDA",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="row-wise is offered on CUDA")),
 ])

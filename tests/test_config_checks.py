@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 import pytest
 import torch
 
 from conftest import REPO
-from mim_rec.config import ConfigError, require_positive
+from mim_rec.config import ConfigError, require_not_negative, require_positive
 from train.ciubm import load_train_config
 from train.cli import main as mim
 
@@ -29,12 +29,26 @@ class _Outer:
     inner: _Inner = field(default_factory=_Inner)
 
 
+@dataclass
+class _Seeds:
+    seeds: List[int] = field(default_factory=list)
+
+
 def test_require_positive_names_the_dotted_key_and_lets_unset_pass():
     require_positive(_Outer(), ("steps", "limit", "inner.size"))  # None = not set
     with pytest.raises(ConfigError, match=r"inner.size=0: must be positive"):
         require_positive(_Outer(inner=_Inner(size=0)), ("steps", "inner.size"))
     with pytest.raises(ConfigError, match=r"limit=-2: must be positive"):
         require_positive(_Outer(limit=-2), ("limit",))
+
+
+def test_a_list_setting_has_each_item_checked_and_named():
+    """bench peer checked its seeds by a loop of its own; the shared checks now read a list."""
+    require_not_negative(_Seeds(seeds=[0, 3]), ("seeds",))
+    with pytest.raises(ConfigError, match=r"^seeds\[1\]=-2: must not be negative$"):
+        require_not_negative(_Seeds(seeds=[0, -2]), ("seeds",))
+    with pytest.raises(ConfigError, match=r"^run.seeds\[0\]=0: must be positive$"):
+        require_positive(_Seeds(seeds=[0]), ("seeds",), prefix="run.")
 
 
 @pytest.mark.parametrize("command, override, key", [

@@ -280,10 +280,8 @@ def check_config(config: PeerBenchConfig) -> None:
     # ended in a traceback from inside the loader, in the middle of a run.
     require_positive(config, ("epochs", "max_steps", "lr", "peer_lr", "id_lr", "query_len", "threads",
                               *(key for key in POSITIVE_SETTINGS if key.startswith("loader."))))
-    require_not_negative(config, [key for key in NOT_NEGATIVE_SETTINGS if key.startswith("loader.")])
-    negative = [seed for seed in config.seeds if seed < 0]
-    if negative:
-        raise ConfigError(f"seeds={config.seeds}: {negative[0]} is negative; mim train refuses a negative seed")
+    # seeds: each is the seed of a mim train run, so it gets that run's check of its one seed
+    require_not_negative(config, ["seeds", *(key for key in NOT_NEGATIVE_SETTINGS if key.startswith("loader."))])
     match_loader_to_model(config.loader, config.model)  # both libraries hash queries into the model's table size
     for ubm in config.ubms:
         model = base_model(config, ubm)
