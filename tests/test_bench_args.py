@@ -36,6 +36,11 @@ def test_bench_rim_refuses_out_before_making_it(tmp_path, capsys):
     assert f"out={afile}: a file, not a folder for the service's log" in capsys.readouterr().err
     assert main(["bench", "rim", f"encoders={tmp_path / 'none'}", f"out={tmp_path / 'new'}", "clients=0"]) == 2
     assert not (tmp_path / "new").exists()
+    # a --json path that cannot be written is refused before out= is made too
+    assert main(["bench", "rim", f"encoders={tmp_path / 'none'}", f"out={tmp_path / 'new'}",
+                 "--json", str(tmp_path / "no" / "rim.json")]) == 2
+    assert f"--json {tmp_path / 'no' / 'rim.json'}: no folder" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_rim_bench_config_accepts_the_defaults_and_a_full_window():

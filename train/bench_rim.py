@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     from mim_rec.config import ConfigError, load_config
-    from train.bench_cmd import run_and_report
+    from train.bench_cmd import check_json_path, run_and_report
 
     config = load_config(RimBenchConfig, args.config, args.overrides)
     if not config.encoders:
@@ -88,6 +88,7 @@ def _cli(args: argparse.Namespace) -> int:
                           "mm_encoder/ artifact")
     if config.out and Path(config.out).exists() and not Path(config.out).is_dir():
         raise ConfigError(f"out={config.out}: a file, not a folder for the service's log")
+    check_json_path(args.json)  # before out= is made, as the settings are
     with tempfile.TemporaryDirectory(prefix="rim-bench-") as scratch:
         out = Path(config.out or scratch)
         out.mkdir(parents=True, exist_ok=True)
