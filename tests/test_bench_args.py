@@ -67,8 +67,9 @@ def test_a_bench_result_without_a_figure_is_written_as_strict_json(tmp_path, cap
     from train.bench_rim import format_report
 
     empty = {"clients": 1, "seconds": 0.0, "items": 0, "items_per_s": 0.0, "p50_ms": None, "p99_ms": None,
-             "mean_window_items": 0.0, "non_200": {}, "unserved": 0}
+             "mean_window_items": 0.0, "non_200": {}, "served_checks": 0, "unserved": 0}
     assert "p50 -, p99 -;" in format_report(empty)
+    assert format_report(empty).endswith("acknowledged but not served: 0 of 0 checked (every 10th answer)")
     path = tmp_path / "bench.json"
     run_and_report(lambda: {"ratio": float("nan"), "rows": [{"x": float("inf"), "y": 1.5}]}, str, str(path))
     result = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
@@ -109,3 +110,32 @@ def test_bench_rim_stops_when_the_service_refuses_the_warm_up(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match=r"the RIM service refused the warm-up item \(422\): item 0: unknown id$"):
         bench_rim.run(RimBenchConfig(encoders="x", seconds=1), tmp_path / "rim.log")
     assert Service.terminated
+
+
+def test_bench_rim_counts_the_answers_it_checked(monkeypatch):
+    """Only every 10th answer is checked with a GET, yet the report said "acknowledged but not
+    served: 0" as if every item had been: a run of fewer than 10 answers a client checked none."""
+    import time
+
+    import train.bench_rim as bench_rim
+
+    class Connection:
+        """Answers every POST 200 and every GET 404 (not served)."""
+
+        def __init__(self, *args, **kwargs):
+            self.method = None
+
+        def request(self, method, path, **kwargs):
+            self.method = method
+
+        def getresponse(self):
+            status = 200 if self.method == "POST" else 404
+            return type("Response", (), {"status": status, "read": lambda self: b"{}"})()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench_rim.http.client, "HTTPConnection", Connection)
+    stats = bench_rim.ClientStats()
+    bench_rim._client(1, 0, RimBenchConfig(encoders="x"), [{}], time.monotonic() + 0.05, stats)
+    assert stats.statuses[200] >= 10 and stats.checked == stats.statuses[200] // 10 == stats.unserved

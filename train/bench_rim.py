@@ -6,8 +6,8 @@ in its own process, so they do not share its interpreter) for ``seconds``, each 
 ``items_per_request`` new items at a time and waiting for the answer. A 200 means the items
 are durable in the log and served by ``GET /items/<id>``, so the latency of one item is from
 sending its request (arrival) to that answer (row served); every 10th answer is checked with a
-GET. Reports items/s, p50/p99 latency, the mean window size and any non-200 answers (connection
-errors by name).
+GET. Reports items/s, p50/p99 latency, the mean window size, any non-200 answers (connection
+errors by name) and how many of the checked items were not served, of how many checked.
 
     mim bench rim encoders=runs/demo/pretrain/encoders world=runs/demo/world clients=8 seconds=30
 """
@@ -59,7 +59,8 @@ class RimBenchConfig:
 class ClientStats:
     latencies: List[float] = field(default_factory=list)   # seconds, one per acknowledged item
     statuses: Counter = field(default_factory=Counter)         # HTTP status, or the connection error's name
-    unserved: int = 0                                       # acknowledged but GET /items/<id> failed
+    checked: int = 0                                        # answers checked by GET /items/<id> (every 10th)
+    unserved: int = 0                                       # of those, acknowledged but the GET failed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -129,14 +130,15 @@ def run(config: RimBenchConfig, log: Path) -> Dict[str, float]:
             "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else None,
             "mean_window_items": float(np.mean(windows)) if windows else 0.0,
             "non_200": {str(k): v for k, v in statuses.items() if k != 200},
-            "unserved": sum(s.unserved for s in stats)}
+            "served_checks": sum(s.checked for s in stats), "unserved": sum(s.unserved for s in stats)}
 
 
 def format_report(result: Dict[str, float]) -> str:
     return (f"RIM load: {result['clients']} clients x {result['seconds']} s: {result['items']} items acknowledged, "
             f"{result['items_per_s']:.1f} items/s; arrival->served p50 {_ms(result['p50_ms'])}, "
             f"p99 {_ms(result['p99_ms'])}; mean window {result['mean_window_items']:.1f} items; "
-            f"non-200 answers {result['non_200'] or 'none'}; acknowledged but not served: {result['unserved']}")
+            f"non-200 answers {result['non_200'] or 'none'}; acknowledged but not served: {result['unserved']} "
+            f"of {result['served_checks']} checked (every 10th answer)")
 
 
 def _ms(value: Optional[float]) -> str:
@@ -212,6 +214,7 @@ def _client(port: int, k: int, config: RimBenchConfig, payloads: List[dict], dea
                 connection.request("GET", f"/items/{ids[-1]}")
                 response = connection.getresponse()
                 response.read()
+                stats.checked += 1
                 stats.unserved += response.status != 200
         except (OSError, http.client.HTTPException) as exc:  # counted: a dead client would go unnoticed
             stats.statuses[type(exc).__name__] += 1
