@@ -258,6 +258,18 @@ def refuse_settings_set_elsewhere(flag: str, overrides: Iterable[str], set_by: D
                 raise ConfigError(f"{flag} {item}: {command} sets {setting}; it is set by {source}")
 
 
+def refuse_changed_settings(config: Any, set_by: Dict[str, str], command: str, prefix: str = "") -> None:
+    """Refuse a setting of ``config`` changed from its default that ``command`` sets itself for
+    every run (``set_by`` maps each such setting to what sets it): the command's value replaced
+    it without a word (``mim bench train model.ubm=sim`` timed avg and din). Read from the
+    config, so a config file's setting is refused as an override's is."""
+    defaults = type(config)()
+    for key, source in set_by.items():
+        value = _dotted(config, key)
+        if value != _dotted(defaults, key):
+            raise ConfigError(f"{prefix}{key}={value}: {command} sets it; it is set by {source}")
+
+
 def require_run_folder(out: str, example: str) -> None:
     """``out`` must name a run folder: an empty ``out=`` wrote the run into the current
     directory, and a file failed deep in training. ``example``: a folder to suggest."""

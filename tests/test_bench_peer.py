@@ -121,6 +121,10 @@ def test_both_libraries_train_on_the_same_steps_and_beat_chance(world, tmp_path,
     ("loader.shuffle_row_groups=0", "loader.shuffle_row_groups=0: must be positive"),
     ("loader.seed=-1", "loader.seed=-1: must not be negative"),
     ("seeds=[0,-2]", "seeds[1]=-2: must not be negative"),
+    # base_model overwrote these without a word
+    ("model.ubm=sim", "model.ubm=sim: mim bench peer sets it; it is set by ubms="),
+    ("model.fusion_interest=false", "model.fusion_interest=False: mim bench peer sets it; it is set by the bench "
+                                    "(Base: the ID interest alone)"),
     pytest.param("model.constraints.item.sharding_types=[row_wise]", "row-wise sharding needs CUDA",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="row-wise is offered on CUDA")),
 ])

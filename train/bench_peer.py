@@ -53,6 +53,9 @@ if TYPE_CHECKING:  # annotations only: the functions import torch and the loader
 COMMAND_HELP = "Base DIN / DIEN of mim_rec against DeepCTR-Torch's, same samples: AUC, GAUC, samples/s"
 
 PEER_UBMS = ("din", "dien")
+# The model settings base_model sets for every run, and what sets each.
+SET_BY_BENCH = {"ubm": "ubms=", "content_interest": "the bench (Base: the ID interest alone)",
+                "fusion_interest": "the bench (Base: the ID interest alone)"}
 FLOAT_EXACT_IDS = 2 ** 24   # DeepCTR-Torch reads ids from a float32 matrix: exact below this
 
 
@@ -262,7 +265,8 @@ def _summary(report: Dict[str, Any]) -> Dict[str, Any]:
 
 def check_config(config: PeerBenchConfig) -> None:
     """Refuse, before any training, a setting that would fail late or print an empty table."""
-    from mim_rec.config import ConfigError, require_distinct, require_not_negative, require_positive
+    from mim_rec.config import (ConfigError, refuse_changed_settings, require_distinct, require_not_negative,
+                                require_positive)
     from train.ciubm import (NOT_NEGATIVE_SETTINGS, POSITIVE_SETTINGS, check_model, check_sharding_device,
                              match_loader_to_model)
 
@@ -276,6 +280,7 @@ def check_config(config: PeerBenchConfig) -> None:
         raise ConfigError(f"ubms: DeepCTR-Torch has no {unknown}; choose from {list(PEER_UBMS)}")
     if config.model.sequence_layout != "ebc":
         raise ConfigError("model.sequence_layout: the peer's input is read from the slot (ebc) layout")
+    refuse_changed_settings(config.model, SET_BY_BENCH, "mim bench peer", prefix="model.")
     # The loader's settings get mim train's checks: a shuffle_row_groups of 0 or a negative seed
     # ended in a traceback from inside the loader, in the middle of a run.
     require_positive(config, ("epochs", "max_steps", "lr", "peer_lr", "id_lr", "query_len", "threads",

@@ -59,6 +59,10 @@ COMMAND_HELP = "train / inference samples/s and peak memory per UBM: Base vs Bas
 ALL_UBMS = ["avg", "din", "dien", "bst", "sim", "twin"]
 VARIANTS = {"Base": dict(content_interest=False, fusion_interest=False),
             "Base+MIM": dict(content_interest=True, fusion_interest=True)}
+# The model settings the bench sets for every model it times (variant_config), and what sets each.
+SET_BY_BENCH = {"ubm": "ubms=", "mm_dim": "mm_dim=", "id_interest": "the variants (on in both)",
+                "content_interest": "the variants (Base: off, Base+MIM: on)",
+                "fusion_interest": "the variants (Base: off, Base+MIM: on)"}
 IMPLEMENTATIONS = ("torchrec", "reference")
 QUERY_WORDS = 500        # distinct words in the synthetic queries (hashed into query_buckets)
 
@@ -398,7 +402,8 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from mim_rec.config import ConfigError, require_distinct, require_not_negative, require_positive
+    from mim_rec.config import (ConfigError, refuse_changed_settings, require_distinct, require_not_negative,
+                                require_positive)
     from train.bench_reference import reference_model, reference_optimizer, torchrec_weights
     from train.ciubm import check_model, check_sharding_device
 
@@ -410,6 +415,7 @@ def run_bench(config: TrainBenchConfig) -> Dict[str, Any]:
                               "lr", "id_lr", "threads", "items", "users", "categories"))
     # threads: None (torch's default) passes
     require_not_negative(config, ("seed",))  # numpy's generators refuse a negative seed, with a traceback
+    refuse_changed_settings(config.model, SET_BY_BENCH, "mim bench train", prefix="model.")
     if config.model.sequence_layout != "ebc":
         raise ConfigError("model.sequence_layout: the plain-torch reference reads the slot (ebc) layout; "
                           "compare the layouts with mim bench layout")
