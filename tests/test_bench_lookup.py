@@ -100,6 +100,13 @@ def test_missing_encoder_is_a_clear_error(catalogue, capsys):
     assert "--quick" in capsys.readouterr().err
 
 
+def test_an_encoder_with_quick_is_refused(catalogue, capsys):
+    """--quick timed its tiny random encoder in place of encoder=, whose path the JSON's config kept."""
+    assert main(["bench", "lookup", "--quick", f"items={catalogue / 'items.parquet'}", "encoder=runs/encoders"]) == 2
+    assert capsys.readouterr().err.strip() == ("mim bench lookup: error: encoder=runs/encoders with --quick: --quick "
+                                               "times a tiny random encoder instead; give one of them")
+
+
 @pytest.mark.parametrize("setting, message", [("batch_size=0", "batch_size=0: must be positive"),
                                               ("hist_len=-1", "hist_len=-1: must not be negative"),
                                               ("repeats=0", "repeats=0: must be positive"),

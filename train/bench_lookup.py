@@ -203,6 +203,9 @@ def _cli(args: argparse.Namespace) -> int:
         raise ConfigError("items: the catalogue's items.parquet (images + titles) is required")
     if not (config.encoder or args.quick):
         raise ConfigError("encoder: give an encoders / mm_encoder folder, or --quick for a tiny random one")
+    if config.encoder and args.quick:  # the tiny encoder was timed, and the result named the given one
+        raise ConfigError(f"encoder={config.encoder} with --quick: --quick times a tiny random encoder instead; "
+                          "give one of them")
     run_and_report(lambda: run_bench(config, quick=args.quick), format_result, args.json)
     return 0
 
