@@ -139,3 +139,11 @@ def test_bench_rim_counts_the_answers_it_checked(monkeypatch):
     stats = bench_rim.ClientStats()
     bench_rim._client(1, 0, RimBenchConfig(encoders="x"), [{}], time.monotonic() + 0.05, stats)
     assert stats.statuses[200] >= 10 and stats.checked == stats.statuses[200] // 10 == stats.unserved
+
+
+@pytest.mark.parametrize("bench", ["sharding", "lookup", "rim", "train", "layout", "peer"])
+def test_every_bench_help_says_json_takes_a_dash(capsys, bench):
+    """`--json -` prints the JSON (docs/bench_train.md), but the help of four benches did not say so."""
+    with pytest.raises(SystemExit):
+        main(["bench", bench, "--help"])
+    assert "('-':" in " ".join(capsys.readouterr().out.split())

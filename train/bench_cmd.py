@@ -37,7 +37,7 @@ def measuring_bench_parser(subparsers: argparse._SubParsersAction, name: str, he
     parser = subparsers.add_parser(name, help=help, description=description)
     parser.add_argument("--config", help=f"YAML/JSON {config_name}")
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': print it after the table)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
     parser.set_defaults(func=func)
     return parser
