@@ -75,6 +75,15 @@ def test_bad_settings_are_refused_by_name(override, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override", ["sharding=row_wise", "ranks=4", "min_hist_len=2"])
+def test_a_sharded_setting_without_sharded_is_refused(override, capsys):
+    """The kernel mode reads none of them: sharding=row_wise timed the bare kernels, exit code 0."""
+    assert main(["bench", "layout", "--quick", override]) == 2
+    assert capsys.readouterr().err.strip() == (f"mim bench layout: error: {override}: a setting of sharded=true; "
+                                               "the kernel mode times full histories on the bare kernels of one "
+                                               "process")
+
+
 @pytest.mark.parametrize("threads", ["0", "-1"])
 def test_threads_must_be_positive(threads, capsys):
     """threads=-1 ended in torch's 'set_num_threads expects a positive integer'; 0 passed silently."""

@@ -15,7 +15,8 @@ two different lookups would mean nothing):
   spawned gloo (nccl on GPUs) processes under one sharding type, every rank with its own batch
   whose history lengths are drawn from ``min_hist_len..L``: input distribution, lookup,
   output distribution, backward and the fused update, as a CiUBM step runs them. The EBC pads each short history
-  with empty bags; the EC's sequences are as long as the history.
+  with empty bags; the EC's sequences are as long as the history. ``ranks``, ``sharding`` and
+  ``min_hist_len`` are this mode's settings, refused in the kernel mode, which would not read them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ LAYOUTS = (("ebc_single_bags", "SUM", "slot", "EmbeddingBagCollection over singl
 
 
 SHARDINGS = ("table_wise", "row_wise", "column_wise")
+SHARDED_ONLY = ("ranks", "sharding", "min_hist_len")   # read by sharded=true alone
 
 
 @dataclass
@@ -83,6 +85,10 @@ class LayoutBenchConfig:
         if self.sharded and self.sharding == "column_wise" and self.dim % (4 * self.ranks):
             raise ConfigError(f"dim={self.dim}: column_wise over ranks={self.ranks} needs a multiple of "
                               f"{4 * self.ranks} (a block of a multiple of 4 columns a rank)")
+        changed = [key for key in SHARDED_ONLY if getattr(self, key) != getattr(LayoutBenchConfig(), key)]
+        if changed and not self.sharded:  # the bare kernels were timed, as if the setting had been read
+            raise ConfigError(f"{changed[0]}={getattr(self, changed[0])}: a setting of sharded=true; the kernel "
+                              "mode times full histories on the bare kernels of one process")
 
 
 def row_wise_blocks(rows: int, ranks: int) -> List[int]:
