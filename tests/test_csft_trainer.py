@@ -715,7 +715,8 @@ def test_eval_refuses_a_validation_period_the_run_trained_on(inputs, tmp_path, c
 
 
 @pytest.mark.parametrize("name, rows, validation, message", [
-    ("pairs_test.parquet", None, 0.0, ": pairs file not found"),
+    ("pairs_test.parquet", None, 0.0, ": pairs file not found; the evaluation reads it (or set "
+                                      "data.validation=f to evaluate on the latest share f of pairs_train)"),
     ("pairs_test.parquet", "empty", 0.0, ": holds no pairs; the query->item recall needs held-out pairs"),
     ("events_test.parquet", None, 0.0, ": held-out events not found (the content-interest AUC needs them)"),
     ("events_test.parquet", "one label", 0.0, ", field 'label': no user of its {count:,} impressions has both a "

@@ -227,6 +227,9 @@ class WorldInputs:
         signal) and the ``events_train`` impressions of the same period, which no C-SFT run
         with that setting trains on: the data to choose settings on (``mim csft-tune``)."""
         if not validation:
+            if not self.pairs_path("test").is_file():
+                raise DataError(str(self.pairs_path("test")), "pairs file not found; the evaluation reads it "
+                                "(or set data.validation=f to evaluate on the latest share f of pairs_train)")
             pairs = self.pairs("test")
             if not len(pairs):  # the recall would average over no query (a torch.cat traceback)
                 raise DataError(str(pairs.path), "holds no pairs; the query->item recall needs held-out pairs")
