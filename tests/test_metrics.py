@@ -97,9 +97,25 @@ def test_report_is_json_and_buckets_single_class_as_none():
     assert report["age_deciles"][9]["age_days_max"] == 100.0
     s5 = slice(40, 50)
     assert report["age_deciles"][4]["auc"] == pytest.approx(float(binary_auroc(preds[s5], labels[s5].long())))
-    assert report["per_category"]["9"] == {"auc": None, "n": 5}
+    assert report["per_category"]["9"] == {"auc": None, "n": 5, "positives": 5}
     assert report["per_category"]["1"]["n"] == 95
     assert report["gauc"] == pytest.approx(gauc(grouped_auc(preds, labels, users)))
+
+
+def test_every_category_and_age_bucket_counts_its_events_and_clicks():
+    """A category's AUC came without its clicks: one over 3 read like one over 3,000."""
+    preds, labels, users, categories, ages = random_eval(500, seed=3)
+    metrics = CtrMetrics()
+    for chunk in range(0, 500, 128):
+        s = slice(chunk, chunk + 128)
+        metrics.update(preds[s], labels[s], users[s], categories[s], ages[s])
+    report = metrics.compute()
+    assert {c: (row["n"], row["positives"]) for c, row in report["per_category"].items()} == {
+        str(c): (int((categories == c).sum()), int(labels[categories == c].sum()))
+        for c in categories.unique().tolist()}
+    bucket = torch.bucketize(ages, torch.tensor(report["age_edges"], dtype=torch.float64))
+    assert [(row["n"], row["positives"]) for row in report["age_deciles"]] == [
+        (int((bucket == i).sum()), int(labels[bucket == i].sum())) for i in range(10)]
 
 
 def test_given_edges_bucket_two_runs_identically_and_gain_is_per_bucket():

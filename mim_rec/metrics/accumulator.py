@@ -122,10 +122,12 @@ class CtrMetrics:
 
     @staticmethod
     def _per_category(preds: torch.Tensor, labels: torch.Tensor, category: torch.Tensor) -> Dict[str, Any]:
+        """Category -> its AUC, events ``n`` and clicks ``positives``: an AUC over 3 clicks and
+        one over 3,000 read alike without the counts."""
         per = grouped_auc(preds, labels, category)
-        defined = per.defined.tolist()
-        return {str(cat): {"auc": float(auc) if ok else None, "n": int(n)}
-                for cat, auc, n, ok in zip(per.groups.tolist(), per.auc.tolist(), per.count.tolist(), defined)}
+        return {str(cat): {"auc": float(auc) if ok else None, "n": int(n), "positives": int(clicks)}
+                for cat, auc, n, clicks, ok in zip(per.groups.tolist(), per.auc.tolist(), per.count.tolist(),
+                                                   per.positives.tolist(), per.defined.tolist())}
 
     @staticmethod
     def _age_buckets(preds: torch.Tensor, labels: torch.Tensor, ages: torch.Tensor,
