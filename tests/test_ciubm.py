@@ -807,6 +807,17 @@ def test_eval_only_runs_on_another_kind_of_host(world, tmp_path):
     assert evaluated["auc"] == pytest.approx(trained["auc"], abs=1e-9)
 
 
+def test_the_written_metrics_count_every_categorys_events_and_clicks(world, tmp_path):
+    """metrics.json gave a category's AUC without its clicks: one over 3 read like one over 3,000."""
+    ciubm.run(_config(world, tmp_path, "max_steps=1", "model.ubm=avg"))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    events = pq.read_table(world / "events_test.parquet", columns=["target_item_id", "label"])
+    category = ItemInfo.from_items(world / "items.parquet").category[events["target_item_id"].to_numpy()]
+    labels = events["label"].to_numpy()
+    assert {c: (row["n"], row["positives"]) for c, row in written["per_category"].items()} == {
+        str(c): (int((category == c).sum()), int(labels[category == c].sum())) for c in np.unique(category)}
+
+
 def test_eval_only_without_a_checkpoint_is_refused(world, tmp_path):
     """It used to evaluate an untrained model and write its AUC into metrics.json."""
     with pytest.raises(ConfigError, match=r"--eval-only: out=.*empty holds no checkpoint"):
