@@ -4,6 +4,7 @@ one-process tests train on the GPU (nccl, FBGEMM's CUDA kernels, fused Adam for 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -655,18 +656,20 @@ def test_grid_runs_equal_single_runs_and_skip_finished_ones(world, tmp_path, cap
 def test_a_changed_setting_is_named_by_its_dotted_key(tmp_path):
     """A refused resume (and a grid's or report's "other settings") named only the section,
     "differs in: model", whichever of its settings changed; a section --eval-only may change
-    (``data``) still covers every key inside it."""
+    (``data``) still covers every key inside it, and a key it may change (``loader.batch_size``)
+    only that key."""
     from train.common import changed_settings
 
     settings = [f"out={tmp_path}", "model.mm_dim=8"]
     trained = ciubm.load_train_config(None, ["data.world=w", *settings], check_device=False)
     (tmp_path / "config.json").write_text(json.dumps(config_dict(trained)))
     now = ciubm.load_train_config(None, ["data.world=other", *settings, "model.ubm=bst", "loader.batch_size=64",
-                                         "model.constraints.item.sharding_types=[table_wise]"], check_device=False)
+                                         "loader.max_hist_len=5", "model.constraints.item.sharding_types=[table_wise]"],
+                                  check_device=False)
     assert changed_settings(now, ciubm.EXECUTION_ONLY, ciubm.PATH_SETTINGS) == [
-        "data.world", "loader.batch_size", "model.constraints.item.sharding_types", "model.ubm"]
+        "data.world", "loader.batch_size", "loader.max_hist_len", "model.constraints.item.sharding_types", "model.ubm"]
     assert changed_settings(now, ciubm.EXECUTION_ONLY | ciubm.EVAL_ONLY_CHANGES, ciubm.PATH_SETTINGS) == [
-        "loader.batch_size", "model.constraints.item.sharding_types", "model.ubm"]
+        "loader.max_hist_len", "model.constraints.item.sharding_types", "model.ubm"]
 
 
 def test_the_help_says_which_seed_orders_the_data(capsys):
@@ -807,6 +810,13 @@ def test_eval_only_runs_on_another_kind_of_host(world, tmp_path):
     assert evaluated["auc"] == pytest.approx(trained["auc"], abs=1e-9)
 
 
+def _counts(report: dict) -> dict:
+    """A report's event and click counts: overall, per category and per item-age bucket."""
+    return {"all": (report["n"], report["positives"]),
+            **{f"category {c}": (row["n"], row["positives"]) for c, row in report["per_category"].items()},
+            **{row["bucket"]: (row["n"], row["positives"]) for row in report["age_deciles"]}}
+
+
 def test_the_written_metrics_count_every_categorys_events_and_clicks(world, tmp_path):
     """metrics.json gave a category's AUC without its clicks: one over 3 read like one over 3,000."""
     ciubm.run(_config(world, tmp_path, "max_steps=1", "model.ubm=avg"))
@@ -816,6 +826,42 @@ def test_the_written_metrics_count_every_categorys_events_and_clicks(world, tmp_
     labels = events["label"].to_numpy()
     assert {c: (row["n"], row["positives"]) for c, row in written["per_category"].items()} == {
         str(c): (int((category == c).sum()), int(labels[category == c].sum())) for c in np.unique(category)}
+
+
+def _evaluated_events(world, batch_size: int, ranks: int) -> collections.Counter:
+    """The rows of weight > 0 that evaluation's loaders give ``ranks`` ranks, as a multiset."""
+    items = ItemInfo.from_items(world / "items.parquet")
+    config = LoaderConfig(batch_size=batch_size, max_hist_len=3, shuffle=False)
+    rows = collections.Counter()
+    for rank in range(ranks):
+        for batch in CtrEventsLoader(world / "events_test.parquet", items, config, rank, ranks, drop_last=False):
+            keep = batch.meta["weight"] > 0
+            rows.update(zip(batch.meta["user_id"][keep].tolist(), batch.meta["item_age_days"][keep].tolist(),
+                            batch.labels[keep].tolist()))
+    return rows
+
+
+def test_evaluation_scores_every_test_event_once_whatever_the_batch_and_ranks(world):
+    """What lets --eval-only take another loader.batch_size: no event is dropped or counted twice."""
+    every = _evaluated_events(world, 100_000, 1)
+    assert sum(every.values()) == pq.read_metadata(world / "events_test.parquet").num_rows
+    for batch_size, ranks in ((100, 1), (100, 3), (256, 2), (100_000, 2)):
+        assert _evaluated_events(world, batch_size, ranks) == every, (batch_size, ranks)
+
+
+def test_eval_only_with_another_batch_size_scores_the_same(world, tmp_path):
+    """Another loader.batch_size was refused as "another config", though evaluation scores
+    every test event once whatever the batch (a short or padding batch's repeated rows weigh 0
+    and are left out) and each event's logit reads its own row only."""
+    trained = ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=din"))
+    for batch_size in (100, 100_000):  # a short last batch; one batch holding every event
+        evaluated = ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=din",
+                                      f"loader.batch_size={batch_size}"), train=False)
+        assert _counts(evaluated) == _counts(trained)
+        assert [evaluated[k] for k in ("auc", "gauc", "logloss")] == pytest.approx(
+            [trained[k] for k in ("auc", "gauc", "logloss")], abs=1e-6)
+        assert {c: row["auc"] for c, row in evaluated["per_category"].items()} == pytest.approx(
+            {c: row["auc"] for c, row in trained["per_category"].items()}, abs=1e-6)
 
 
 def test_eval_only_without_a_checkpoint_is_refused(world, tmp_path):

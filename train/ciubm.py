@@ -243,8 +243,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default=None, help="YAML/JSON file of TrainConfig fields")
     parser.add_argument("--eval-only", action="store_true",
                         help="evaluate the newest checkpoint in out/ without training, with the run's own "
-                             "out/config.json under the overrides; writes out/eval.json and leaves the "
-                             "run's config.json and metrics.json as training wrote them")
+                             "out/config.json under the overrides (another data.world, device or "
+                             "loader.batch_size scores the same checkpoint); writes out/eval.json and leaves "
+                             "the run's config.json and metrics.json as training wrote them")
     parser.add_argument("--grid", default=None, metavar="FILE",
                         help="JSON list of {\"name\", \"overrides\"}: train every run in turn in one "
                              "process group (one launch for a seeds x models study); each run adds its "
@@ -365,9 +366,11 @@ def run_grid(config_path: Optional[str], overrides, runs: List[Dict[str, Any]], 
 EXECUTION_ONLY = frozenset({"train_pipeline", "out", "checkpoint_keep"})
 # Settings a resumed run may change: how long it trains, how often it logs and saves.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
-# Settings --eval-only may change beyond those: the events it scores, the host it runs on, and
-# the MM table folder, which it does not read (the checkpoint holds the table)
-EVAL_ONLY_CHANGES = frozenset({"data", "mm_table", "device"})
+# Settings --eval-only may change beyond those: the events it scores, the host it runs on, the
+# MM table folder, which it does not read (the checkpoint holds the table), and the batch: every
+# test event is scored once whatever the batch (the repeated rows that fill a short or padding
+# batch weigh 0 and are left out), and an event's logit reads only its own row
+EVAL_ONLY_CHANGES = frozenset({"data", "mm_table", "device", "loader.batch_size"})
 # Events of metrics.jsonl a run logs again at the step it restores when it trains no further (a
 # re-run of a finished run): a folder keeps one record of each per trained state, not one per start.
 LOGGED_AFTER_RESTORE = ("mm_table", "eval")
