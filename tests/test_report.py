@@ -25,7 +25,7 @@ def ctr_metrics(auc: float, deciles: Optional[Sequence[float]] = None, categorie
     deciles = [auc] * 10 if deciles is None else deciles
     categories = {"0": auc, "1": auc} if categories is None else categories
     return {"n": 1000, "positives": 100, "auc": auc, "logloss": 0.3, "gauc": auc - 0.01, "gauc_users": 50,
-            "per_category": {c: {"auc": a, "n": 500} for c, a in categories.items()},
+            "per_category": {c: {"auc": a, "n": 500, "positives": 50} for c, a in categories.items()},
             "age_edges": list(edges),
             "age_deciles": [{"bucket": f"S{i + 1}", "age_days_max": 10.0 * (i + 1), "auc": a, "n": 100}
                             for i, a in enumerate(deciles)],
@@ -141,8 +141,22 @@ def test_per_category_delta_is_the_mean_over_seeds(tmp_path):
     for seed, gain in zip(SEEDS, (0.02, 0.04)):
         results["ctr"][f"mim_avg_s{seed}"]["per_category"]["1"]["auc"] += gain - 0.01
     text = section(write_report(results, tmp_path), "### Δ AUC per category")
-    assert table_row(text, "1") == ["+0.0300", "+0.0100"]  # avg, din
-    assert table_row(text, "0") == ["+0.0100", "+0.0100"]
+    assert table_row(text, "1") == ["500", "50", "+0.0300", "+0.0100"]  # test events, clicks, avg, din
+    assert table_row(text, "0") == ["500", "50", "+0.0100", "+0.0100"]
+
+
+def test_per_category_rows_count_the_test_events_and_clicks(tmp_path):
+    """A category's Δ AUC came without its clicks: one over 3 read like one over 3,000."""
+    results = make_results()
+    results["ctr"]["base_avg_s0"]["per_category"]["1"].update(n=1234, positives=3)
+    text = section(write_report(results, tmp_path), "### Δ AUC per category")
+    assert text.count("| category | test events | clicks | avg | din |") == 1
+    assert table_row(text, "1")[:2] == ["1,234", "3"]
+    for metrics in results["ctr"].values():  # written before categories counted their clicks
+        for row in metrics["per_category"].values():
+            del row["positives"]
+    assert table_row(section(write_report(results, tmp_path / "old"), "### Δ AUC per category"), "1")[:2] \
+        == ["n/a", "n/a"]
 
 
 def test_claim_1_fails_when_one_ubm_loses():

@@ -117,11 +117,25 @@ class CtrRuns:
                 diffs.append(value(a) - value(b))
         return stat(diffs)
 
+    def _per_category(self) -> Iterable[Dict[str, Any]]:
+        """The ``per_category`` of every Base and Base+MIM run there is."""
+        return ((self.run(kind, ubm, seed) or {}).get("per_category") or {}
+                for ubm in self.ubms for seed in self.seeds for kind in ("base", "mim"))
+
     def categories(self) -> List[str]:
         """Every category with a per-category AUC in some Base or Base+MIM run, in numeric order."""
-        keys = _unique(c for ubm in self.ubms for seed in self.seeds for kind in ("base", "mim")
-                       for c in ((self.run(kind, ubm, seed) or {}).get("per_category") or {}))
+        keys = _unique(c for per_category in self._per_category() for c in per_category)
         return sorted(keys, key=lambda c: (0, int(c), "") if c.isdigit() else (1, 0, c))
+
+    def category_counts(self, category: str) -> Optional[Tuple[int, int]]:
+        """``(events, clicks)`` of ``category`` in the test events, from the first Base or
+        Base+MIM run that counted both (the runs of an experiment score one test split); None
+        where none did (metrics written before categories counted their clicks)."""
+        for per_category in self._per_category():
+            row = per_category.get(category) or {}
+            if row.get("positives") is not None:
+                return row["n"], row["positives"]
+        return None
 
     def category_delta(self, ubm: str, category: str) -> Optional[Stat]:
         return self.delta("mim", "base", ubm, lambda m: ((m.get("per_category") or {}).get(category) or {}).get("auc"))
