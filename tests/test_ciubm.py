@@ -852,11 +852,13 @@ def test_evaluation_scores_every_test_event_once_whatever_the_batch_and_ranks(wo
 def test_eval_only_with_another_batch_size_scores_the_same(world, tmp_path):
     """Another loader.batch_size was refused as "another config", though evaluation scores
     every test event once whatever the batch (a short or padding batch's repeated rows weigh 0
-    and are left out) and each event's logit reads its own row only."""
+    and are left out) and each event's logit reads its own row only; so were the training
+    order's settings, though the test events are read in file order."""
     trained = ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=din"))
-    for batch_size in (100, 100_000):  # a short last batch; one batch holding every event
-        evaluated = ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=din",
-                                      f"loader.batch_size={batch_size}"), train=False)
+    for changed in (["loader.batch_size=100"],  # a short last batch
+                    ["loader.batch_size=100000"],  # one batch holding every event
+                    ["loader.seed=7", "loader.shuffle_row_groups=1", "loader.shuffle=false"]):  # the training order
+        evaluated = ciubm.run(_config(world, tmp_path, "max_steps=2", "model.ubm=din", *changed), train=False)
         assert _counts(evaluated) == _counts(trained)
         assert [evaluated[k] for k in ("auc", "gauc", "logloss")] == pytest.approx(
             [trained[k] for k in ("auc", "gauc", "logloss")], abs=1e-6)

@@ -367,10 +367,12 @@ EXECUTION_ONLY = frozenset({"train_pipeline", "out", "checkpoint_keep"})
 # Settings a resumed run may change: how long it trains, how often it logs and saves.
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "checkpoint_every", "log_every"}) | EXECUTION_ONLY
 # Settings --eval-only may change beyond those: the events it scores, the host it runs on, the
-# MM table folder, which it does not read (the checkpoint holds the table), and the batch: every
+# MM table folder, which it does not read (the checkpoint holds the table), the batch: every
 # test event is scored once whatever the batch (the repeated rows that fill a short or padding
-# batch weigh 0 and are left out), and an event's logit reads only its own row
-EVAL_ONLY_CHANGES = frozenset({"data", "mm_table", "device", "loader.batch_size"})
+# batch weigh 0 and are left out), and an event's logit reads only its own row; and the training
+# order, since the test events are read in file order (shuffle off, so no seed is drawn)
+EVAL_ONLY_CHANGES = frozenset({"data", "mm_table", "device", "loader.batch_size", "loader.shuffle",
+                               "loader.shuffle_row_groups", "loader.seed"})
 # Events of metrics.jsonl a run logs again at the step it restores when it trains no further (a
 # re-run of a finished run): a folder keeps one record of each per trained state, not one per start.
 LOGGED_AFTER_RESTORE = ("mm_table", "eval")
