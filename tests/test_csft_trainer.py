@@ -27,9 +27,9 @@ from mim_rec.csft.config import (CsftDataConfig, FusionConfig, LossConfig, Model
                                  NegativesConfig, QueryConfig)
 from mim_rec.data.manifest import fingerprint_file
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
-from mim_rec.encoders import EncoderPair, load_encoders, save_encoders
+from mim_rec.encoders import EncoderPair, EncodersConfig, VisionConfig, load_encoders, save_encoders
 from mim_rec.utils.dist import free_port
-from tests.encoder_fixtures import tiny_encoders
+from tests.encoder_fixtures import tiny_encoders, tiny_text
 from train import cli
 from train.csft import evaluate_run, run_csft
 
@@ -347,11 +347,18 @@ def _one_label(events: pa.Table) -> pa.Table:
                              pa.array(np.zeros(len(events), np.int8)))
 
 
-def _evaluated_with(inputs, tmp_path: Path, name: str, table: pa.Table) -> Path:
-    """Train a 2-step run, then run csft-eval on it (expecting exit status 2) over a world that
+def _evaluated_with(inputs, tmp_path: Path, name: str, table: pa.Table, monkeypatch) -> Path:
+    """Train a 2-step run, then run csft-eval on it (expecting exit status 2 before any encoder
+    loads: an unscorable events_test was found after the stage-1 embeddings) over a world that
     is ``inputs``' with the file ``name`` replaced by ``table``; returns that world."""
+    import mim_rec.encoders
+
+    def loaded(directory):
+        raise AssertionError("encoders loaded before the held-out data was checked")
+
     config = _config(inputs, tmp_path / "run", steps=2)
     run_csft(config)
+    monkeypatch.setattr(mim_rec.encoders, "load_encoders", loaded)
     world = _world_with(inputs, tmp_path / "world", name, table)
     config = replace(config, data=replace(config.data, world=str(world)))
     assert cli.main(["csft-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
@@ -359,22 +366,22 @@ def _evaluated_with(inputs, tmp_path: Path, name: str, table: pa.Table) -> Path:
 
 
 @pytest.mark.parametrize("rows", ["empty", "one label"])
-def test_csft_eval_names_test_events_that_no_auc_can_score(inputs, tmp_path, capsys, rows):
+def test_csft_eval_names_test_events_that_no_auc_can_score(inputs, tmp_path, capsys, monkeypatch, rows):
     """An empty events_test, or one of a single label, ended csft-eval (and csft --eval, after
     training) in a ValueError traceback with exit status 1."""
     events = pq.read_table(inputs[0] / "events_test.parquet")
     events = events.slice(0, 0) if rows == "empty" else _one_label(events)
-    world = _evaluated_with(inputs, tmp_path, "events_test.parquet", events)
+    world = _evaluated_with(inputs, tmp_path, "events_test.parquet", events, monkeypatch)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"mim csft-eval: error: {world / 'events_test.parquet'}, field 'label': no user of its "
         f"{len(events):,} impressions has both a click and a non-click with a history; the "
         "content-interest AUC is undefined")
 
 
-def test_csft_eval_names_an_empty_pairs_test(inputs, tmp_path, capsys):
+def test_csft_eval_names_an_empty_pairs_test(inputs, tmp_path, capsys, monkeypatch):
     """An empty pairs_test ended csft-eval in torch.cat's 'expected a non-empty list' traceback."""
     world = _evaluated_with(inputs, tmp_path, "pairs_test.parquet",
-                            pq.read_table(inputs[0] / "pairs_test.parquet").slice(0, 0))
+                            pq.read_table(inputs[0] / "pairs_test.parquet").slice(0, 0), monkeypatch)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"mim csft-eval: error: {world / 'pairs_test.parquet'}: holds no pairs; the query->item recall "
         "needs held-out pairs")
@@ -741,6 +748,52 @@ def test_eval_on_held_out_data_csft_eval_refuses_is_refused_before_training(inpu
     assert cli.main(["csft", "--config", str(_write_config(config, tmp_path / "c.yaml")), "--eval"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"mim csft: error: {world / name}{message.format(count=0 if table is None else len(table))}")
+    assert not (tmp_path / "out").exists()
+
+
+def _features_only(pairs: pa.Table) -> pa.Table:
+    """``pairs`` with a ``query_feature`` vector in place of each query image."""
+    features = pa.array([[0.5] * 4] * len(pairs), pa.list_(pa.float32()))
+    return pairs.drop_columns(["query_image"]).append_column("query_feature", features)
+
+
+def _bad_image(pairs: pa.Table) -> pa.Table:
+    """``pairs`` with row 1's query image bytes that decode to nothing."""
+    images = pairs.column("query_image").to_pylist()
+    images[1] = b"not an image"
+    return pairs.set_column(pairs.column_names.index("query_image"), "query_image", pa.array(images, pa.binary()))
+
+
+@pytest.mark.parametrize("vision, rewrite, message", [
+    ("pixel", _features_only, ", field 'query_image': no 'query_image' or 'query_image_path' column; use "
+                              "vision.name=precomputed for pairs with only query_feature"),
+    ("precomputed", None, ", field 'query_feature': no 'query_feature' column; the vision encoder is 'precomputed'"),
+    ("pixel", _bad_image, ", row 1, field 'query_image': image bytes not decodable (PNG/JPEG) (value: 12 bytes "
+                          "b'not an image')")],
+    ids=["pixel tower, features only", "precomputed tower, images only", "bad image"])
+def test_eval_on_test_pairs_the_query_tower_cannot_read_is_refused_before_training(inputs, tmp_path, capsys,
+                                                                                   monkeypatch, vision, rewrite,
+                                                                                   message):
+    """csft --eval read the test pairs' query images (or precomputed features) only to evaluate,
+    after training: pairs without the column the stage-1 vision tower reads are refused up front
+    with the query reader's message (a bad image was, by the pairs file's validation)."""
+    import train.csft
+
+    def trained(config):
+        raise AssertionError("trained before the evaluation data was checked")
+
+    monkeypatch.setattr(train.csft, "run_csft", trained)
+    stage1 = inputs[1]
+    if vision == "precomputed":
+        stage1 = tmp_path / "stage1"
+        save_encoders(stage1, EncoderPair(EncodersConfig(vision=VisionConfig(name="precomputed", feature_dim=4),
+                                                         text=tiny_text(), shared_dim=8)))
+    pairs = pq.read_table(inputs[0] / "pairs_test.parquet")
+    world = _world_with(inputs, tmp_path / "world", "pairs_test.parquet", rewrite(pairs) if rewrite else pairs)
+    config = _config((world, stage1, inputs[2]), tmp_path / "out")
+    assert cli.main(["csft", "--config", str(_write_config(config, tmp_path / "c.yaml")), "--eval"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mim csft: error: {world / 'pairs_test.parquet'}{message}")
     assert not (tmp_path / "out").exists()
 
 

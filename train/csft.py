@@ -16,13 +16,13 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from train.stage_cli import StageCommands, register_stage
 
 if TYPE_CHECKING:
     from mim_rec.csft.config import CsftConfig
-    from mim_rec.csft.data import FeatureCache, Pairs, WorldInputs
+    from mim_rec.csft.data import FeatureCache, HeldOut, Pairs, WorldInputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,15 +46,21 @@ def _load(args: argparse.Namespace):
     return config
 
 
-def check_evaluable(config: CsftConfig) -> None:
+def check_evaluable(config: CsftConfig) -> Tuple[WorldInputs, HeldOut]:
     """Refuse held-out data that ``csft-eval`` would refuse (a missing or empty test file, one
-    of impressions no AUC can score, an empty validation period), with its messages, before the
-    encoders load: ``mim csft --eval`` found such a file only after training."""
+    of impressions no AUC can score, an empty validation period, pairs without the query column
+    the stage-1 vision tower reads), with its messages, before the encoders load: ``mim csft
+    --eval`` found such a file only after training, and ``csft-eval`` an unscorable one only
+    after the stage-1 embeddings. Returns the world and its held-out data, which ``csft-eval``
+    goes on to score."""
     from mim_rec.csft.data import WorldInputs
     from mim_rec.csft.evaluate import require_evaluable
+    from mim_rec.encoders.pair import saved_config
 
     world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
-    require_evaluable(world, world.held_out(config.data.validation))
+    held_out = world.held_out(config.data.validation)
+    require_evaluable(world, held_out, saved_config(config.encoders).vision)
+    return world, held_out
 
 
 def check_config(config: CsftConfig) -> CsftConfig:
@@ -349,7 +355,6 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
     """Stage-1 embeddings vs the run's ``mm_encoder/`` on the held-out pairs and impressions
     (the test files, or the validation period when ``data.validation > 0``); writes
     ``OUT/eval.json``."""
-    from mim_rec.csft.data import WorldInputs
     from mim_rec.csft.evaluate import csft_embeddings, evaluate_embeddings, stage1_embeddings
     from mim_rec.csft.model import load_csft_model
     from mim_rec.encoders import load_encoders
@@ -367,8 +372,7 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
         raise ConfigError(f"encoders={config.encoders}: not the stage-1 encoders {out / 'mm_encoder'} was trained "
                           "from, so its stage-1 row would compare other towers")
     _require_held_out(config.data.validation, manifest.extra.get("validation", 0.0), out)
-    world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
-    held_out = world.held_out(config.data.validation)
+    world, held_out = check_evaluable(config)
     note_catalogue_size(world, config.eval.ks)
     report: Dict[str, Dict[str, float]] = {}
     for row, source, embed in (

@@ -34,7 +34,7 @@ from mim_rec.data.split import time_cut
 from mim_rec.encoders.text import HFTextEncoder
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
 from mim_rec.pretrain.corpus import (ContentKeys, ItemCorpus, content_keys, corpus_from_table,
-                                     encoded_images, stored_images)
+                                     encoded_images, require_image_columns, stored_images)
 from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
 
 PathLike = Union[str, Path]
@@ -116,13 +116,25 @@ def read_query_inputs(path: PathLike, item_count: int, vision: VisionEncoder) ->
     path = Path(path)
     table = read_pairs(path, item_count)
     rows = list(range(table.num_rows))
-    if isinstance(vision, PrecomputedVisionEncoder):
-        if "query_feature" not in table.column_names:
-            raise DataError(str(path), "no 'query_feature' column; the vision encoder is "
-                            "'precomputed'", field="query_feature")
+    precomputed = isinstance(vision, PrecomputedVisionEncoder)
+    require_query_column(table.column_names, path, precomputed)
+    if precomputed:
         return vision.preprocess(table.column("query_feature").to_pylist(), str(path), rows)
     images = encoded_images(table, path, "query_image", "query_image_path", "pairs", "query_feature")
     return vision.image_processor.to_uint8(images, str(path), rows)
+
+
+def require_query_column(names: Sequence[str], path: PathLike, precomputed: bool) -> None:
+    """Refuse a pairs file whose columns ``names`` hold no query the vision tower reads:
+    ``query_feature`` for a ``precomputed`` tower, ``query_image`` or ``query_image_path`` for
+    a pixel one. The schema alone tells, so the evaluation's up-front check
+    (:func:`mim_rec.csft.evaluate.require_evaluable`) refuses such a file with
+    :func:`read_query_inputs`' message before training rather than after it."""
+    if not precomputed:
+        require_image_columns(names, Path(path), "query_image", "query_image_path", "pairs", "query_feature")
+    elif "query_feature" not in names:
+        raise DataError(str(path), "no 'query_feature' column; the vision encoder is 'precomputed'",
+                        field="query_feature")
 
 
 # ----------------------------------------------------------------------------- features

@@ -97,8 +97,7 @@ def load_encoders(directory: Union[str, Path], map_location: str = "cpu") -> Enc
     """Rebuild the pair from the manifest's config (random init, no wheel or hub needed)
     and load the saved weights strictly."""
     directory = Path(directory)
-    manifest = require(directory, kind="encoders")
-    config = from_dict(EncodersConfig, manifest.config)
+    config = saved_config(directory)
     text_folder = str(directory / TEXT_MODEL_DIR)
     config.text = dataclasses.replace(config.text, name=text_folder, pretrained=False,
                                       tokenizer=text_folder)
@@ -113,6 +112,13 @@ def load_encoders(directory: Union[str, Path], map_location: str = "cpu") -> Enc
         raise ManifestMismatch(f"{directory / WEIGHTS_NAME}: its tensors are not the encoders its manifest "
                                f"describes ({lines[min(1, len(lines) - 1)][:300]})") from None
     return pair
+
+
+def saved_config(directory: Union[str, Path]) -> EncodersConfig:
+    """The configuration an encoders folder was saved with, read from its manifest alone: what
+    :func:`load_encoders` builds, known before any tower is (C-SFT's evaluation checks its
+    held-out pairs for the vision tower's query column with it before training)."""
+    return from_dict(EncodersConfig, require(Path(directory), kind="encoders").config)
 
 
 def read_artifact_weights(path: Path, map_location: str = "cpu") -> Dict[str, Any]:

@@ -177,17 +177,25 @@ def _column(table: pa.Table, path: Path, name: str) -> list:
     return table.column(name).to_pylist()
 
 
+def require_image_columns(names: Sequence[str], path: Path, inline: str = "image", by_path: str = "image_path",
+                          rows_are: str = "items", feature: str = "image_feature") -> None:
+    """Refuse a file whose columns ``names`` hold neither image column :func:`encoded_images`
+    reads. The schema alone tells, so C-SFT's evaluation refuses such a pairs file with it
+    before training (:func:`mim_rec.csft.data.require_query_column`)."""
+    if inline not in names and by_path not in names:
+        raise DataError(str(path), f"no '{inline}' or '{by_path}' column; use vision.name=precomputed "
+                        f"for {rows_are} with only {feature}", field=inline)
+
+
 def encoded_images(table: pa.Table, path: Path, inline: str = "image", by_path: str = "image_path",
                    rows_are: str = "items", feature: str = "image_feature") -> List[bytes]:
     """Each row's encoded image, from the ``inline`` bytes column or the file the ``by_path``
     column names (relative to ``path``'s folder). Items and C-SFT pairs (``query_image``,
     ``query_image_path``) store their pictures the same two ways; a row with neither, or a named
     file that is absent, is a :class:`DataError` with its row and field."""
+    require_image_columns(table.column_names, path, inline, by_path, rows_are, feature)
     inline_values = table.column(inline).to_pylist() if inline in table.column_names else None
     paths = table.column(by_path).to_pylist() if by_path in table.column_names else None
-    if inline_values is None and paths is None:
-        raise DataError(str(path), f"no '{inline}' or '{by_path}' column; use vision.name=precomputed "
-                        f"for {rows_are} with only {feature}", field=inline)
     out = []
     for row in range(table.num_rows):
         if inline_values is not None and inline_values[row] is not None:
