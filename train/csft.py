@@ -274,8 +274,9 @@ def _require_finite(loss, objective, step: int, checkpoints) -> None:
 
 def feature_cache(config: CsftConfig) -> FeatureCache:
     """Where a run keeps its backbone features: ``data.feature_cache`` (shared by runs on the
-    same encoders), else ``OUT/features``. Public: ``mim pipeline`` opens the world with it
-    to check the stage's batch before the chain starts."""
+    same encoders), else ``OUT/features``. Public: ``csft-tune`` and ``csft-ablations`` share
+    it over their runs, and ``mim pipeline`` opens the world with it to check the stage's batch
+    before the chain starts."""
     from mim_rec.csft.data import FeatureCache
     return FeatureCache(config.data.feature_cache or Path(config.out) / "features")
 

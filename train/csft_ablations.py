@@ -80,23 +80,23 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     time builds the whole table rather than replacing it."""
     from mim_rec.config import ConfigError, load_config
     from mim_rec.csft.config import CsftConfig
-    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.csft.data import WorldInputs
     from mim_rec.utils.dist import current_rank, launched_world_size
     from mim_rec.utils.run import atomic_write_bytes
     from train.common import refuse_foreign_entries
-    from train.csft import check_config, note_catalogue_size, untrainable
+    from train.csft import check_config, feature_cache, note_catalogue_size, untrainable
     from train.csft_runs import csft_fingerprint, csft_result, saved_result, stage1_result
 
     base = check_config(load_config(CsftConfig, config_path, overrides))
     out = Path(base.out)
     refuse_foreign_entries(out, "mim csft-ablations", RUN_FILES)
-    cache = base.data.feature_cache or str(out / "features")
+    cache = feature_cache(base)
     # every variant's settings are checked before any variant trains
     configs = {name: check_config(load_config(CsftConfig, config_path, [*overrides, *variant, f"out={out / name}",
-                                                                        f"data.feature_cache={cache}"]))
+                                                                        f"data.feature_cache={cache.folder}"]))
                for name, _, variant in VARIANTS}
     # out= is made by its first write (each write makes its folder): encoders= or a world refused below leave none
-    world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
+    world = WorldInputs(base.data.world, cache, batch_size=base.eval.batch_size)
     held_out = world.held_out(base.data.validation)
     note_catalogue_size(world, base.eval.ks)
     reason = untrainable(configs["full"], world, launched_world_size())

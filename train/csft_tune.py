@@ -123,10 +123,10 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     the test files with ``final``); returns what ``OUT/tune.json`` holds."""
     from mim_rec.config import ConfigError, load_config
     from mim_rec.csft.config import CsftConfig
-    from mim_rec.csft.data import FeatureCache, WorldInputs
+    from mim_rec.csft.data import WorldInputs
     from mim_rec.utils.dist import launched_world_size
     from train.common import refuse_foreign_entries
-    from train.csft import check_config, untrainable
+    from train.csft import check_config, feature_cache, untrainable
     from train.csft_runs import csft_result, metric_columns, stage1_result
 
     if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
@@ -139,8 +139,8 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
         raise ConfigError(f"--select {select!r}: not a metric; expected one of {selectable}")
     out = Path(base.out)
     refuse_foreign_entries(out, "mim csft-tune", RUN_FILES)
-    cache = base.data.feature_cache or str(out / "features")
-    shared = [*overrides, f"data.feature_cache={cache}"]
+    cache = feature_cache(base)
+    shared = [*overrides, f"data.feature_cache={cache.folder}"]
 
     def config_of(settings: Sequence[str], folder: Path, held_out_share: float):
         return check_config(load_config(CsftConfig, config_path, [*shared, *settings, f"out={folder}",
@@ -151,7 +151,7 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
         settings = [f"{key}={value}" for (key, _), value in zip(grid, values)]
         name = "_".join(f"{key.rsplit('.', 1)[-1]}-{value}" for (key, _), value in zip(grid, values))
         runs.append((name, settings, config_of(settings, out / "trials" / _safe(name), validation)))
-    world = WorldInputs(base.data.world, FeatureCache(cache), batch_size=base.eval.batch_size)
+    world = WorldInputs(base.data.world, cache, batch_size=base.eval.batch_size)
     for _, settings, config in runs:  # before any run trains: mid-grid, earlier runs had trained
         reason = untrainable(config, world, launched_world_size())
         if reason:
