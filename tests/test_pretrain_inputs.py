@@ -116,20 +116,56 @@ def test_evaluation_on_a_few_held_out_items_says_recall_is_trivial(tmp_path, cap
     assert "note: only 3 held-out items" in capsys.readouterr().err
 
 
+def _refuse_towers(monkeypatch) -> None:
+    """Make building or loading any encoders an error: what is refused first must not need them."""
+    import mim_rec.encoders
+
+    def built(*args, **kwargs):
+        raise AssertionError("encoders built before the held-out split was checked")
+
+    monkeypatch.setattr(mim_rec.encoders, "EncoderPair", built)
+    monkeypatch.setattr(mim_rec.encoders, "load_encoders", built)
+
+
+def _probe_refusal(count: int) -> str:
+    return (f"data.heldout_fraction=0.2: {count - 1} of the {count} items left to train the probe heads on; their "
+            "contrastive batch needs at least 2")
+
+
 @pytest.mark.parametrize("count", [1, 2])
-def test_evaluation_on_too_few_training_items_for_the_probe_is_refused(tmp_path, capsys, count):
+def test_evaluation_on_too_few_training_items_for_the_probe_is_refused(tmp_path, capsys, monkeypatch, count):
     """Item 0 is always held out. A plain row on a world of one item embedded no training item
     (a TypeError traceback); on two, the probe's contrastive batch held one item, whose loss
-    is 0, and its heads trained nothing."""
+    is 0, and its heads trained nothing. Refused before the plain row's towers are built and
+    the images decoded."""
     small = write_items(tmp_path / "small" / "items.parquet", count=count).parent
     run = tmp_path / "run"
     run.mkdir()
     config = _config(small, run, eval=EvalConfig(probe_steps=2))
     (run / "config.json").write_text(json.dumps(to_dict(config)))
+    _refuse_towers(monkeypatch)
     assert cli.main(["pretrain-eval", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
     err = capsys.readouterr().err
-    assert (f"data.heldout_fraction=0.2: {count - 1} of the {count} items left to train the probe heads on; their "
-            "contrastive batch needs at least 2") in err and "Traceback" not in err
+    assert _probe_refusal(count) in err and "Traceback" not in err
+
+
+def test_pretrain_eval_on_a_split_the_probe_cannot_score_is_refused_before_training(tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A batch of one item (no InfoNCE reads it: DDA's MLM alone) trains on a world of two items,
+    one held out; pretrain --eval refused the split's single training item only after training."""
+    import train.pretrain
+
+    def trained(config):
+        raise AssertionError("trained before the held-out split was checked")
+
+    monkeypatch.setattr(train.pretrain, "run_pretrain", trained)
+    small = write_items(tmp_path / "small" / "items.parquet", count=2).parent
+    config = replace(_config(small, tmp_path / "out", eval=EvalConfig(probe_steps=2)), dma_steps=0,
+                     image_ssl_weight=0.0)
+    config = replace(config, data=replace(config.data, batch_size=1))
+    assert cli.main(["pretrain", "--config", str(_write_config(config, tmp_path / "c.yaml")), "--eval"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"mim pretrain: error: {_probe_refusal(2)}")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_linear_probe_over_one_category_is_not_a_perfect_accuracy():

@@ -56,7 +56,24 @@ def _load(args: argparse.Namespace):
               f"'{vision.name}' ({vision.feature_dim}-d) instead of '{config.encoders.vision.name}'",
               file=sys.stderr)
         config.encoders.vision = vision
+    if getattr(args, "eval", False) or getattr(args, "eval_only", False):
+        check_evaluable(config)
     return config
+
+
+def check_evaluable(config: PretrainConfig) -> None:
+    """Refuse a held-out split ``pretrain-eval`` cannot score (:func:`_check_split_sizes`), from
+    the item ids alone, before any tower is built or image decoded: ``mim pretrain --eval``
+    found one only after training, and ``pretrain-eval`` after building the plain row's towers
+    and decoding every item image. A world without its items file is the corpus's to name."""
+    from mim_rec.data.io import read_parquet_columns
+    from mim_rec.pretrain.corpus import heldout_mask, items_path
+
+    items = items_path(config.data.world)
+    if items.is_file():
+        ids = read_parquet_columns(items, ["item_id"]).column("item_id").to_numpy()
+        _check_split_sizes(int(heldout_mask(ids, config.data.heldout_fraction).sum()), len(ids),
+                           config.data.heldout_fraction)
 
 
 def _check_world_manifest(world: str) -> None:
@@ -428,6 +445,7 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     encoders = _plain_encoders(config, _check_evaluated_run(config))
     sources = {"plain": None, "dda": out / "dda", "dda+dma": out / "encoders"}
     _check_evaluated_world(config, [source for source in sources.values() if source is not None])
+    check_evaluable(config)
     report: Dict[str, Dict[str, float]] = {}
     splits: Dict[Optional[int], Tuple[ItemCorpus, ItemCorpus]] = {}
     for row in rows or DEFAULT_EVAL_ROWS:
@@ -466,16 +484,21 @@ def _split_items(config: PretrainConfig, vision, splits: Dict[Optional[int], Tup
                  ) -> Tuple[ItemCorpus, ItemCorpus]:
     """The (training, held-out) items with images decoded for ``vision``'s input size: each
     artifact's rows at its own size (the first row's size was used for all three). ``splits``
-    keeps each size's decoding (None: feature vectors), so rows of one size decode once."""
+    keeps each size's decoding (None: feature vectors), so rows of one size decode once. Says
+    when recall@10 is 1 by construction (every candidate of 10 or fewer ranks in the top 10),
+    lest it read as a result; :func:`check_evaluable` refused a split too small to score."""
     from mim_rec.encoders.vision import PrecomputedVisionEncoder
     from mim_rec.pretrain.corpus import heldout_mask, load_corpus
+    from train.common import note_trivial_recall
 
     size = None if isinstance(vision, PrecomputedVisionEncoder) else vision.image_processor.size
     if size not in splits:
         corpus = load_corpus(config.data.world, vision)
         heldout = heldout_mask(corpus.item_ids, config.data.heldout_fraction)
         if not splits:  # the same split at every size: said once
-            _check_split_sizes(int(heldout.sum()), len(corpus), config.data.heldout_fraction)
+            count, fraction = int(heldout.sum()), config.data.heldout_fraction
+            note_trivial_recall(count, (10,), f"{count} held-out items (data.heldout_fraction={fraction} of "
+                                              f"{len(corpus)})")
         splits[size] = (corpus.subset(~heldout), corpus.subset(heldout))
     return splits[size]
 
@@ -485,11 +508,9 @@ def _check_split_sizes(heldout: int, items: int, fraction: float) -> None:
     batch (it takes ``min(eval.probe_batch_size, training items)``): with none, embedding them
     ended in a traceback; with one, the probe's InfoNCE had no negative, its loss was 0 and its
     heads trained nothing (what ``eval.probe_batch_size=1`` is refused for). A run's own world
-    has enough (its training batch was), so this is a plain row on a smaller world. Say so when
-    recall@10 is 1 by construction (every candidate of 10 or fewer ranks in the top 10), lest
-    it read as a result."""
+    usually has enough (its training batch did, unless that batch is one item), so this is
+    mostly a plain row on a smaller world."""
     from mim_rec.config import ConfigError
-    from train.common import note_trivial_recall
 
     if heldout == 0:
         raise ConfigError(f"data.heldout_fraction={fraction}: none of the {items} items is held out; "
@@ -498,7 +519,6 @@ def _check_split_sizes(heldout: int, items: int, fraction: float) -> None:
         raise ConfigError(f"data.heldout_fraction={fraction}: {items - heldout} of the {items} items left to train "
                           "the probe heads on; their contrastive batch needs at least 2 (the other items are its "
                           "only negatives): use a larger world or a lower data.heldout_fraction")
-    note_trivial_recall(heldout, (10,), f"{heldout} held-out items (data.heldout_fraction={fraction} of {items})")
 
 
 def _saved_config(config: PretrainConfig, remedy: str) -> Optional[PretrainConfig]:
