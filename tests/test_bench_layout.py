@@ -65,7 +65,9 @@ def test_sharded_run_times_both_collections_through_dmp_on_two_ranks(tmp_path, c
     assert f"2 ranks, {sharding}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("override, needle", [("batch_size=0", "batch_size"), ("warmup=-1", "warmup"),
+@pytest.mark.parametrize("override, needle", [("batch_size=0", "batch_size=0: must be positive"),
+                                              ("warmup=-1", "warmup=-1: must not be negative"),
+                                              ("rounds=0", "rounds=0: must be positive"),
                                               ("device=tpu", "device"), ("min_hist_len=9", "min_hist_len"),
                                               ("sharding=diagonal", "sharding"),
                                               ("dim=3", "dim=3: FBGEMM's embedding kernels need a multiple of 4"),
@@ -89,7 +91,14 @@ def test_threads_must_be_positive(threads, capsys):
     """threads=-1 ended in torch's 'set_num_threads expects a positive integer'; 0 passed silently."""
     assert main(["bench", "layout", "--quick", f"threads={threads}"]) == 2
     err = capsys.readouterr().err
-    assert f"threads must be at least 1, got {threads}" in err and len(err.strip().splitlines()) == 1
+    assert f"threads={threads}: must be positive" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_help_keeps_the_docstrings_list(capsys):
+    """argparse's default formatter ran the two modes' bullet list into one paragraph."""
+    with pytest.raises(SystemExit):
+        main(["bench", "layout", "--help"])
+    assert "\n* kernels (default): " in capsys.readouterr().out
 
 
 def test_row_wise_refuses_a_rank_with_no_row(capsys):

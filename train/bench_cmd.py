@@ -33,8 +33,11 @@ def measuring_bench_parser(subparsers: argparse._SubParsersAction, name: str, he
                            config_name: str, quick_help: str, overrides_help: str,
                            func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     """A bench sub-command with the arguments the measuring benches share: a config file, a
-    ``--quick`` smoke preset, ``--json`` output and ``key=value`` overrides."""
-    parser = subparsers.add_parser(name, help=help, description=description)
+    ``--quick`` smoke preset, ``--json`` output and ``key=value`` overrides. The description
+    keeps its line breaks, as ``mim bench rim``'s does: argparse's default ran a docstring's
+    bullet list into one paragraph."""
+    parser = subparsers.add_parser(name, help=help, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help=f"YAML/JSON {config_name}")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON ('-': print it after the table)")

@@ -14,9 +14,10 @@ two different lookups would mean nothing):
 * ``sharded=true``: both collections sharded by ``DistributedModelParallel`` over ``ranks``
   spawned gloo (nccl on GPUs) processes under one sharding type, every rank with its own batch
   whose history lengths are drawn from ``min_hist_len..L``: input distribution, lookup,
-  output distribution, backward and the fused update, as a CiUBM step runs them. The EBC pads each short history
-  with empty bags; the EC's sequences are as long as the history. ``ranks``, ``sharding`` and
-  ``min_hist_len`` are this mode's settings, refused in the kernel mode, which would not read them.
+  output distribution, backward and the fused update, as a CiUBM step runs them. The EBC pads
+  each short history with empty bags; the EC's sequences are as long as the history. ``ranks``,
+  ``sharding`` and ``min_hist_len`` are this mode's settings, refused in the kernel mode, which
+  would not read them.
 """
 
 from __future__ import annotations
@@ -60,20 +61,14 @@ class LayoutBenchConfig:
     sharding: str = "table_wise"
 
     def validate(self) -> None:
-        from mim_rec.config import ConfigError
-        for name in ("items", "dim", "batch_size", "hist_len", "repeats", "rounds"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ConfigError(f"warmup must be at least 0, got {self.warmup}")
-        if self.threads is not None and self.threads < 1:  # 0 used to pass as "default", -1 crashed torch
-            raise ConfigError(f"threads must be at least 1, got {self.threads} (threads=null: torch's default)")
+        from mim_rec.config import ConfigError, require_not_negative, require_positive
+        # threads: 0 used to pass as "default" (that is threads=null), -1 crashed torch
+        require_positive(self, ("items", "dim", "batch_size", "hist_len", "repeats", "rounds", "threads", "ranks"))
+        require_not_negative(self, ("warmup",))
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 1 <= self.min_hist_len <= self.hist_len:
             raise ConfigError(f"min_hist_len must be in 1..hist_len={self.hist_len}, got {self.min_hist_len}")
-        if self.sharded and self.ranks < 1:
-            raise ConfigError(f"ranks must be at least 1, got {self.ranks}")
         if self.sharding not in SHARDINGS:
             raise ConfigError(f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
         if self.dim % 4:
