@@ -74,7 +74,7 @@ def test_stage_commands_refuse_non_positive_settings(tmp_path, capsys, command, 
     ("model.ubm_options.foo=1", r"model.ubm_options=\{'foo': 1\} for din: .*unexpected keyword argument 'foo'"),
     ("model.ubm=bst model.ubm_options.num_heads=5", r"model.ubm_options=\{'num_heads': 5\} for bst"),
     ("model.ubm=bst model.ubm_options.dropout=1.5", r"model.ubm_options=\{'dropout': 1.5\} for bst"),
-    ("model.over_arch=[0]", r"model.over_arch=\[0\]: layer widths must be positive"),
+    ("model.over_arch=[16,0]", r"model.over_arch\[1\]=0: must be positive"),
     ("model.constraints.nosuch.sharding_types=[row_wise]", r"model.constraints.nosuch: no such table; the tables "
                                                            r"are user, query_word, item, category, mm_item"),
     ("model.constraints.item.sharding_types=[bogus]", r"model.constraints.item.sharding_types=\['bogus'\]: "
@@ -211,7 +211,8 @@ def test_table_build_refuses_non_positive_sizes_before_writing(tmp_path, capsys,
     ("csft", "loss.alpha=-1", "loss.alpha=-1.0: must not be negative"),
     ("csft", "negatives.queue_batches=-1", "negatives.queue_batches=-1: must not be negative"),
     ("csft", "data.validation=1.5", "data.validation=1.5: must lie strictly between 0 and 1"),
-    ("csft", "eval.ks=[0]", r"eval.ks=[0]: recall cut-offs must be positive"),
+    ("csft", "eval.ks=[10,0]", "eval.ks[1]=0: must be positive"),
+    ("csft", "eval.ks=[]", "eval.ks=[]: name at least one recall cut-off"),
     # A misspelt signal beside a real one selected nothing and trained on the real one's pairs.
     ("csft", "data.signals=[purchase,clikc]", "data.signals=['purchase', 'clikc']: 'clikc' is not a signal; "
      "choose from ['click', 'purchase']"),

@@ -177,7 +177,7 @@ def _check_model_shape(model: ModelConfig) -> None:
     """Refuse, by key, what would otherwise fail inside torch or TorchRec after the process group
     is up (or train a constant): the UBM's options, the over-arch's widths, the planner constraints."""
     from mim_rec.ciubm.sparse import TABLE_NAMES
-    from mim_rec.config import ConfigError
+    from mim_rec.config import ConfigError, require_positive
     from mim_rec.ubm import build_ubm
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.types import ShardingType
@@ -186,8 +186,7 @@ def _check_model_shape(model: ModelConfig) -> None:
         build_ubm(model.ubm, model.behaviour_dim, **model.ubm_options)
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:  # RuntimeError: torch's own layers
         raise ConfigError(f"model.ubm_options={model.ubm_options} for {model.ubm}: {err}") from err
-    if not all(width > 0 for width in model.over_arch):
-        raise ConfigError(f"model.over_arch={model.over_arch}: layer widths must be positive")
+    require_positive(model, ("over_arch",), prefix="model.")  # each layer's width
     choices = {"sharding_types": sorted(t.value for t in ShardingType),
                "compute_kernels": sorted(k.value for k in EmbeddingComputeKernel)}
     for table, constraint in model.constraints.items():

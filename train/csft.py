@@ -72,13 +72,13 @@ def check_config(config: CsftConfig) -> CsftConfig:
                                 require_run_folder)
     require_positive(config, ("steps", "lr", "head_lr", "backbone_lr", "checkpoint_every", "log_every",
                               "data.batch_size", "eval.batch_size", "loss.temperature", "model.fusion.hidden",
-                              "model.fusion.rank"))
+                              "model.fusion.rank", "eval.ks"))
     require_not_negative(config, ("loss.alpha", "loss.beta", "negatives.queue_batches", "weight_decay", "seed"))
     if config.data.validation:
         require_fraction(config, ("data.validation",))
     _check_signals(config.data.signals)
-    if not config.eval.ks or min(config.eval.ks) <= 0:
-        raise ConfigError(f"eval.ks={config.eval.ks}: recall cut-offs must be positive")
+    if not config.eval.ks:
+        raise ConfigError(f"eval.ks={config.eval.ks}: name at least one recall cut-off")
     if config.negatives.queue_batches and config.model.train_backbones:
         raise ConfigError("model.train_backbones=true needs negatives.queue_batches=0: a refreshed "
                           "queue re-embeds queued items from cached backbone features, which moving "
