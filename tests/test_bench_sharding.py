@@ -192,6 +192,26 @@ def test_cli_prints_the_comparison_table(capsys):
                out.splitlines()) == 3
 
 
+def test_cli_writes_strict_json_with_the_wall_time(tmp_path, capsys, monkeypatch):
+    """The bench wrote its JSON itself: no wall_s, and a NaN estimate as a bare NaN, which
+    strict JSON readers refuse. It goes the other benches' way now (run_and_report)."""
+    import json
+
+    import train.bench_sharding
+
+    def with_a_nan_estimate(config):
+        rows = make_plans(config)
+        rows[0].est_step_ms = float("nan")
+        return rows
+
+    monkeypatch.setattr(train.bench_sharding, "make_plans", with_a_nan_estimate)
+    path = tmp_path / "rows.json"
+    assert main(["bench", "sharding", "mm_rows=64", "mm_dim=8", "plans=[table_wise]", "--json", str(path)]) == 0
+    result = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"bare {name} in the JSON"))
+    assert result["wall_s"] > 0 and result["rows"][0]["est_step_ms"] is None
+    assert "wall time" in capsys.readouterr().out
+
+
 def test_measuring_a_plan_made_for_several_hosts_is_refused(capsys):
     """The measured ranks all run on this host: TorchRec cut a table-row-wise plan made for
     one rank per host by the runtime's host size and failed with an IndexError."""

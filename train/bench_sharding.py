@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from tqdm import tqdm
 
 from mim_rec.config import ConfigError, load_config, require_distinct, require_not_negative, require_positive
-from train.bench_cmd import check_json_path
+from train.bench_cmd import check_json_path, run_and_report
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise", "data_parallel")
@@ -703,20 +703,17 @@ def run(args: argparse.Namespace) -> int:
         if torch.cuda.device_count() < config.world_size:
             raise ConfigError(f"--measure on cuda needs {config.world_size} visible GPUs, "
                               f"found {torch.cuda.device_count()}; drop --measure to plan only")
-    started = time.perf_counter()
-    rows = make_plans(config)
-    if args.measure:
-        measure(config, rows)
-    print(describe(config))
-    print(format_table(rows, measured=args.measure))
-    print(f"wall time {time.perf_counter() - started:.1f} s")
-    if args.json:
-        text = json.dumps(to_json(config, rows), indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as fh:
-                fh.write(text + "\n")
+    rows: List[PlanRow] = []
+
+    def plan_and_measure() -> Dict[str, Any]:
+        rows.extend(make_plans(config))
+        if args.measure:
+            measure(config, rows)
+        return to_json(config, rows)
+
+    # the shared path, as the other benches: wall_s in the JSON, and NaN or inf written as null
+    run_and_report(plan_and_measure, lambda _: f"{describe(config)}\n{format_table(rows, measured=args.measure)}",
+                   args.json)
     return 0
 
 
