@@ -69,6 +69,7 @@ def test_a_bench_result_without_a_figure_is_written_as_strict_json(tmp_path, cap
     empty = {"clients": 1, "seconds": 0.0, "items": 0, "items_per_s": 0.0, "p50_ms": None, "p99_ms": None,
              "mean_window_items": 0.0, "non_200": {}, "served_checks": 0, "unserved": 0}
     assert "p50 -, p99 -;" in format_report(empty)
+    assert format_report(empty).startswith("RIM load: 1 client x 0.0 s: 0 items acknowledged,")  # not "1 clients"
     assert format_report(empty).endswith("acknowledged but not served: 0 of 0 checked (every 10th answer)")
     path = tmp_path / "bench.json"
     run_and_report(lambda: {"ratio": float("nan"), "rows": [{"x": float("inf"), "y": 1.5}]}, str, str(path))

@@ -24,6 +24,7 @@ def test_quick_run_times_both_layouts_and_writes_the_ratio(tmp_path, capsys):
     assert result["ec_over_ebc_train_time"] == pytest.approx(ec["train_ms"] / ebc["train_ms"])
     printed = capsys.readouterr().out
     assert "EC / EBC time" in printed and "single-behaviour bags" in printed
+    assert "median of 1 round x 2 steps" in printed  # the quick preset's one round read "1 rounds"
 
 
 def test_a_layout_that_returns_other_rows_voids_the_bench(monkeypatch):

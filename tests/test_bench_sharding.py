@@ -187,7 +187,7 @@ def test_cli_prints_the_comparison_table(capsys):
     assert main(["bench", "sharding", "id_tables=[{name: a, rows: 50, dim: 8}]", "mm_rows=64",
                  "mm_dim=8", "plans=table_wise,column_wise,planner"]) == 0
     out = capsys.readouterr().out
-    assert "est mem/rank GB" in out
+    assert "est mem/rank GB" in out and "topology: 2 ranks (1 host x 2)," in out  # not "1 hosts"
     assert sum(line.startswith(("table_wise", "column_wise", "planner")) for line in
                out.splitlines()) == 3
 

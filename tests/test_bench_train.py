@@ -258,6 +258,7 @@ def test_a_row_with_a_wide_spread_is_printed_with_a_warning():
     out = format_table({"config": config, "sizes": {"items": 1, "users": 1, "categories": 1}, "device": "cpu",
                         "threads": 1, "memory_kind": "fake", "rows": rows, "ratios": ratios(rows)})
     lines = out.splitlines()
+    assert "median of 3 interleaved rounds (a UBM's 4 models in turn) of 1 timed step after" in lines[0]
     header = next(line for line in lines if line.startswith("ubm "))
     assert header.rstrip().endswith("| spread")
     base, mim = (next(line for line in lines if line.startswith(f"din   {v} ")) for v in ("Base", "Base+MIM"))

@@ -420,4 +420,4 @@ def test_bench_rim_writes_its_result_as_json_like_every_bench(encoder_dir, tmp_p
     assert mim(["bench", "rim", "--json", str(path), f"encoders={encoder_dir}", "clients=1", "seconds=0.5"]) == 0
     result = json.loads(path.read_text())
     assert result["items"] >= 1 and result["non_200"] == {} and result["wall_s"] > 0
-    assert "RIM load: 1 clients" in capsys.readouterr().out
+    assert "RIM load: 1 client x" in capsys.readouterr().out

@@ -27,7 +27,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from train.bench_cmd import measuring_bench_parser, median_seconds, run_and_report
+from train.bench_cmd import counted, measuring_bench_parser, median_seconds, run_and_report
 
 COMMAND_HELP = "behaviour lookups: single-behaviour bags (EBC) vs sequence (EC) on fbgemm's kernels"
 # (name, fbgemm pooling, what one bag of the KJT holds, label)
@@ -292,15 +292,16 @@ def render(result: Dict[str, Any]) -> str:
     if config["sharded"]:
         rows = sum(result["rows_per_rank"])
         title = (f"Behaviour lookup layouts through DistributedModelParallel ({result['device']}, "
-                 f"{config['ranks']} ranks, {config['sharding']}, {config['threads'] or 'default'} torch threads "
-                 f"per rank): {config['items']:,} x {config['dim']} table, batch {config['batch_size']} per rank "
-                 f"x (1 + {config['min_hist_len']}..{config['hist_len']}) ids = {rows:,} ids over all ranks; "
-                 f"slowest rank's median of {config['rounds']} rounds x {config['repeats']} steps")
+                 f"{counted(config['ranks'], 'rank')}, {config['sharding']}, {config['threads'] or 'default'} "
+                 f"torch threads per rank): {config['items']:,} x {config['dim']} table, batch "
+                 f"{config['batch_size']} per rank x (1 + {config['min_hist_len']}..{config['hist_len']}) ids = "
+                 f"{rows:,} ids over all ranks; slowest rank's median of {counted(config['rounds'], 'round')} x "
+                 f"{counted(config['repeats'], 'step')}")
     else:
         title = (f"Behaviour lookup layouts on fbgemm's kernels ({result['device']}, "
                  f"{config['threads'] or 'default'} torch threads): {config['items']:,} x {config['dim']} table, "
                  f"batch {config['batch_size']} x (1 + {config['hist_len']}) slots = {result['rows_per_step']:,} "
-                 f"rows; median of {config['rounds']} rounds x {config['repeats']} steps")
+                 f"rows; median of {counted(config['rounds'], 'round')} x {counted(config['repeats'], 'step')}")
     lines = [title, "", "| layout | pooling | train ms/step | train samples/s | inference ms | inference samples/s |",
              "|---|---|---|---|---|---|"]
     for row in result["layouts"]:

@@ -134,7 +134,10 @@ def run(config: RimBenchConfig, log: Path) -> Dict[str, float]:
 
 
 def format_report(result: Dict[str, float]) -> str:
-    return (f"RIM load: {result['clients']} clients x {result['seconds']} s: {result['items']} items acknowledged, "
+    from train.bench_cmd import counted
+
+    return (f"RIM load: {counted(result['clients'], 'client')} x {result['seconds']} s: "
+            f"{counted(result['items'], 'item')} acknowledged, "
             f"{result['items_per_s']:.1f} items/s; arrival->served p50 {_ms(result['p50_ms'])}, "
             f"p99 {_ms(result['p99_ms'])}; mean window {result['mean_window_items']:.1f} items; "
             f"non-200 answers {result['non_200'] or 'none'}; acknowledged but not served: {result['unserved']} "

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from tqdm import tqdm
 
 from mim_rec.config import ConfigError, load_config, require_distinct, require_not_negative, require_positive
-from train.bench_cmd import check_json_path, run_and_report
+from train.bench_cmd import check_json_path, counted, run_and_report
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise", "data_parallel")
@@ -621,8 +621,9 @@ def describe(config: ShardingBenchConfig) -> str:
     cap = _capacity_gb(config)
     lines.append(f"  mm_table in fp32 / fp16 / int8: {mm_fp['fp32']:.4g} / {mm_fp['fp16']:.4g} / "
                  f"{mm_fp['int8']:.4g} GB (int8: codes plus an fp32 scale and bias a row, fbgemm's layout)")
-    lines.append(f"topology: {config.world_size} ranks ({config.world_size // config.ranks_per_host}"
-                 f" hosts x {config.ranks_per_host}), {config.compute_device}, "
+    lines.append(f"topology: {counted(config.world_size, 'rank')} "
+                 f"({counted(config.world_size // config.ranks_per_host, 'host')} x {config.ranks_per_host}), "
+                 f"{config.compute_device}, "
                  f"{cap:g} GB per rank ({cap * config.world_size:g} GB in all); "
                  f"batch {config.batch_size} per rank")
     return "tables:\n" + "\n".join(lines)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from mim_rec.ciubm.config import ModelConfig
-from train.bench_cmd import measuring_bench_parser, preset_cli
+from train.bench_cmd import counted, measuring_bench_parser, preset_cli
 
 if TYPE_CHECKING:  # annotations only: the functions import torch and the loader, so `mim --help` stays fast
     import numpy as np
@@ -526,8 +526,9 @@ def format_table(result: Dict[str, Any]) -> str:
     lines = [
         f"sizes: {sizes['items']:,} items, {sizes['users']:,} users, {sizes['categories']} categories; "
         f"batch {config['batch_size']}, hist {config['hist_len']}, mm_dim {config['mm_dim']}; "
-        f"median of {config['rounds']} interleaved rounds (a UBM's 4 models in turn) of {config['steps']} timed "
-        f"steps after {config['warmup']} warm-up; device {result['device']}, torch threads {result['threads']}",
+        f"median of {counted(config['rounds'], 'interleaved round')} (a UBM's 4 models in turn) of "
+        f"{counted(config['steps'], 'timed step')} after {config['warmup']} warm-up; device {result['device']}, "
+        f"torch threads {result['threads']}",
         f"MFLOP/smp: forward FLOPs per sample; memory: {result['memory_kind']}, MB; "
         f"ratios: TR/ref = TorchRec / nn.Embedding reference, MIM/Base = Base+MIM / Base (TorchRec); "
         f"spread: largest (max - min) / median of the rounds' samples/s in the row",
