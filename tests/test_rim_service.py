@@ -403,13 +403,16 @@ def test_max_connections_must_be_positive(tmp_path):
 
 def test_bench_rim_loads_more_clients_than_the_default_connection_cap(encoder_dir, tmp_path):
     """`mim bench rim` sizes the service's connection cap to its clients: with more clients than
-    the default 64 every request is still answered 200 and every sampled item is served."""
+    the default 64 every request is still answered 200 and every sampled item is served. A
+    client checks its every 10th answer: in 1 s each of the 66 got some 7 answers here, so
+    nothing was checked and unserved == 0 said nothing; 3 s give each about 28."""
     from train.bench_rim import RimBenchConfig, run
 
-    config = RimBenchConfig(encoders=str(encoder_dir), clients=RimConfig.max_connections + 2, seconds=1.0,
+    config = RimBenchConfig(encoders=str(encoder_dir), clients=RimConfig.max_connections + 2, seconds=3.0,
                             window_ms=5, max_batch=64)
     result = run(config, tmp_path / "bench.log")
-    assert result["items"] >= config.clients and result["non_200"] == {} and result["unserved"] == 0
+    assert result["items"] >= config.clients and result["non_200"] == {}
+    assert result["served_checks"] > 0 and result["unserved"] == 0, result
 
 
 def test_bench_rim_writes_its_result_as_json_like_every_bench(encoder_dir, tmp_path, capsys):
