@@ -340,6 +340,23 @@ def test_whitening_refuses_a_table_without_variance():
         whitening_statistics(lambda a, b: rows[a:b], len(rows), components=4)
 
 
+def test_a_one_item_world_is_refused_for_whitening_before_the_model_is_built(tmp_path, monkeypatch, capsys):
+    """One item's MM row has no variance to whiten: it was refused only once the model was
+    built and sharded, as whitening 'a collapsed encoder'. mim bench train's check, up front."""
+    from tests.test_bench_train import _small_world
+    from train.cli import main
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the world was refused")
+
+    monkeypatch.setattr(ciubm, "build_sharded_model", built)
+    world = _small_world(tmp_path, items=1, users=2)
+    assert main(["train", f"data.world={world}", f"out={tmp_path / 'run'}", "loader.batch_size=2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mim train: error: data.world={world} holds 1 item: the model whitens its MM table (model.mm_whiten=16), "
+        "which needs 2 items or more; use more items or model.mm_whiten=0")
+
+
 @pytest.mark.parametrize("options", [(), ("model.mm_projection=8", "model.content_match=true"),
                                      ("model.mm_whiten=0", "model.content_pool=sum"),  # the paper's CiUBM
                                      ("model.target_mm=false",), ("model.content_metric=true",),

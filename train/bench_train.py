@@ -340,14 +340,13 @@ def check_sizes(config: TrainBenchConfig, sizes: Dict[str, int]) -> None:
     table (``model.mm_whiten``), and one item's row has no variance to whiten: one item was
     refused only once the first models were built, asking whether the encoder had collapsed."""
     from mim_rec.config import ConfigError
+    from train.ciubm import refuse_whitening_one_item
 
     if sizes["users"] == 0:  # only a world's count: a configured one is checked positive
         raise ConfigError(f"world={config.world}: its events name no user (events_train/events_test.parquet "
                           "missing or empty); the bench's batches draw their users from them")
-    if sizes["items"] < 2 and config.model.mm_whiten:
-        what = f"world={config.world} holds 1 item" if config.world else "items=1"
-        raise ConfigError(f"{what}: Base+MIM whitens its MM table (model.mm_whiten={config.model.mm_whiten}), "
-                          "which needs 2 items or more; use more items or model.mm_whiten=0")
+    world = f"world={config.world} holds 1 item" if config.world else "items=1"
+    refuse_whitening_one_item(config.model.mm_whiten, sizes["items"], world, "Base+MIM")
 
 
 def mm_vectors(config: TrainBenchConfig, sizes: Dict[str, int]) -> torch.Tensor:

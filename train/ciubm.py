@@ -201,6 +201,18 @@ def _check_model_shape(model: ModelConfig) -> None:
                 raise ConfigError(f"model.constraints.{table}.{key}={unknown}: choose from {', '.join(allowed)}")
 
 
+def refuse_whitening_one_item(mm_whiten: Optional[int], items: int, world: str, model: str) -> None:
+    """Refuse a world of one item (``world`` names it: ``data.world=DIR holds 1 item``) for a
+    ``model`` that whitens its MM table (``model.mm_whiten``), before the model is built: one
+    row has no variance to whiten, which was refused only once the model was built and sharded,
+    asking whether the encoder had collapsed."""
+    from mim_rec.config import ConfigError
+
+    if items < 2 and mm_whiten:
+        raise ConfigError(f"{world}: {model} whitens its MM table (model.mm_whiten={mm_whiten}), which needs "
+                          "2 items or more; use more items or model.mm_whiten=0")
+
+
 def check_sharding_device(model: ModelConfig, device: str) -> None:
     """Refuse, by table, sharding types TorchRec's planner does not offer that table on the
     run's device (``device``: auto | cpu | cuda), and column-wise pins whose table width does
@@ -719,6 +731,8 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     # since training would otherwise be required, and then silently not be what was scored.
     fills_table = config.model.uses_mm and train
     if fills_table:  # the table is checked before anything is built or written
+        refuse_whitening_one_item(config.model.mm_whiten, items.count,
+                                  f"data.world={config.data.world} holds 1 item", "the model")
         rows_of, source = mm_rows(config, items.count, config.model.mm_dim)
         if config.mm_table is None and ctx.is_main:
             print("note: no mm_table= given: the content and fusion modules read a seeded random "
