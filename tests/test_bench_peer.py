@@ -125,6 +125,9 @@ def test_both_libraries_train_on_the_same_steps_and_beat_chance(world, tmp_path,
     ("model.ubm=sim", "model.ubm=sim: mim bench peer sets it; it is set by ubms="),
     ("model.fusion_interest=false", "model.fusion_interest=False: mim bench peer sets it; it is set by the bench "
                                     "(Base: the ID interest alone)"),
+    # refused as all three interest modules off, content and fusion named though never set
+    ("model.id_interest=false", "model.id_interest=False: mim bench peer sets it; it is set by the bench "
+                                "(Base: the ID interest alone)"),
     pytest.param("model.constraints.item.sharding_types=[row_wise]", "row-wise sharding needs CUDA",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="row-wise is offered on CUDA")),
 ])

@@ -54,8 +54,8 @@ COMMAND_HELP = "Base DIN / DIEN of mim_rec against DeepCTR-Torch's, same samples
 
 PEER_UBMS = ("din", "dien")
 # The model settings base_model sets for every run, and what sets each.
-SET_BY_BENCH = {"ubm": "ubms=", "content_interest": "the bench (Base: the ID interest alone)",
-                "fusion_interest": "the bench (Base: the ID interest alone)"}
+SET_BY_BENCH = {"ubm": "ubms=", **dict.fromkeys(("id_interest", "content_interest", "fusion_interest"),
+                                                 "the bench (Base: the ID interest alone)")}
 FLOAT_EXACT_IDS = 2 ** 24   # DeepCTR-Torch reads ids from a float32 matrix: exact below this
 
 
@@ -238,7 +238,7 @@ def run_peer(ubm: str, seed: int, config: PeerBenchConfig, items: ItemInfo, size
 
 def base_model(config: PeerBenchConfig, ubm: str) -> ModelConfig:
     """The CiUBM the peer is compared with: Base ``ubm`` (the ID interest module only)."""
-    return replace(config.model, ubm=ubm, content_interest=False, fusion_interest=False)
+    return replace(config.model, ubm=ubm, id_interest=True, content_interest=False, fusion_interest=False)
 
 
 def run_ours(ubm: str, seed: int, config: PeerBenchConfig) -> Dict[str, Any]:
