@@ -721,6 +721,14 @@ def test_eval_refuses_a_validation_period_the_run_trained_on(inputs, tmp_path, c
     assert evaluate_run(replace(trained, data=replace(trained.data, validation=0.2)))["csft"]["held_out"] == "validation"
 
 
+def _held_out_table(inputs, name: str, rows: Optional[str]) -> Optional[pa.Table]:
+    """``inputs``' world file ``name``: left out (None), ``"empty"``, or of ``"one label"``."""
+    if rows is None:
+        return None
+    table = pq.read_table(inputs[0] / name)
+    return table.slice(0, 0) if rows == "empty" else _one_label(table)
+
+
 @pytest.mark.parametrize("name, rows, validation, message", [
     ("pairs_test.parquet", None, 0.0, ": pairs file not found; the evaluation reads it (or set "
                                       "data.validation=f to evaluate on the latest share f of pairs_train)"),
@@ -740,8 +748,7 @@ def test_eval_on_held_out_data_csft_eval_refuses_is_refused_before_training(inpu
         raise AssertionError("trained before the evaluation data was checked")
 
     monkeypatch.setattr(train.csft, "run_csft", trained)
-    table = None if rows is None else pq.read_table(inputs[0] / name)
-    table = table if table is None else table.slice(0, 0) if rows == "empty" else _one_label(table)
+    table = _held_out_table(inputs, name, rows)
     world = _world_with(inputs, tmp_path / "world", name, table)
     config = _config((world, inputs[1], inputs[2]), tmp_path / "out")
     config = replace(config, data=replace(config.data, validation=validation))
@@ -865,3 +872,69 @@ def test_ablations_refuse_a_base_batch_the_pairs_cannot_fill_before_any_variant_
     config_file = _write_config(_config(inputs, tmp_path / "abl"), tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match=r"data.batch_size=100000: only \d+ training pairs of data.signals="):
         run_ablations(str(config_file), ["data.batch_size=100000"], ["full", "no_tfn"])
+
+
+def _no_run_reached(monkeypatch) -> None:
+    """Make csft-tune's and csft-ablations' stage-1 pass and C-SFT runs fail if reached."""
+    import train.csft_runs
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the stage-1 pass or a run started before the held-out data was checked")
+
+    for name in ("stage1_result", "csft_result"):
+        monkeypatch.setattr(train.csft_runs, name, reached)
+
+
+@pytest.mark.parametrize("name, rows, final, message", [
+    ("pairs_test.parquet", None, True, ": pairs file not found; the evaluation reads it (or set data.validation=f "
+                                       "to evaluate on the latest share f of pairs_train)"),
+    ("events_test.parquet", "one label", True, ", field 'label': no user of its {count:,} impressions has both a "
+                                               "click and a non-click with a history; the content-interest AUC is "
+                                               "undefined"),
+    ("events_train.parquet", None, False, ": held-out events not found (the content-interest AUC needs them)")],
+    ids=["final, no pairs_test", "final, events_test of one label", "no events_train"])
+def test_tune_refuses_held_out_data_it_cannot_score_before_any_run(inputs, tmp_path, monkeypatch, name, rows, final,
+                                                                   message):
+    """csft-tune --final read the test files only after every grid point had trained, and an
+    unscorable validation split was found after the stage-1 pass; both are refused up front,
+    with csft-eval's messages. Without --final the test files are not csft-tune's to check."""
+    from mim_rec.data.errors import DataError
+    from train.csft_tune import run_tune
+
+    _no_run_reached(monkeypatch)
+    table = _held_out_table(inputs, name, rows)
+    world = _world_with(inputs, tmp_path / "world", name, table)
+    out = tmp_path / "tune"
+    config_file = _write_config(_config((world, inputs[1], inputs[2]), out), tmp_path / "c.yaml")
+    grid = [("loss.temperature", ["0.05", "0.5"])]
+    with pytest.raises(DataError) as refused:
+        run_tune(str(config_file), [], grid, validation=0.25, final=final)
+    assert str(refused.value) == f"{world / name}{message.format(count=0 if table is None else len(table))}"
+    assert not out.exists()
+    if final:
+        with pytest.raises(AssertionError, match="the stage-1 pass"):
+            run_tune(str(config_file), [], grid, validation=0.25)
+
+
+@pytest.mark.parametrize("name, rewrite, message", [
+    ("events_test.parquet", _one_label, ", field 'label': no user of its {count:,} impressions has both a click and "
+                                        "a non-click with a history; the content-interest AUC is undefined"),
+    ("pairs_test.parquet", _features_only, ", field 'query_image': no 'query_image' or 'query_image_path' column; "
+                                           "use vision.name=precomputed for pairs with only query_feature")],
+    ids=["events_test of one label", "pairs_test without query images"])
+def test_ablations_refuse_held_out_data_they_cannot_score_before_the_stage1_pass(inputs, tmp_path, monkeypatch, name,
+                                                                                rewrite, message):
+    """An unscorable events_test, or test pairs without the query column the stage-1 vision
+    tower reads, was found only in the stage-1 pass (every feature extracted)."""
+    from mim_rec.data.errors import DataError
+    from train.csft_ablations import run_ablations
+
+    _no_run_reached(monkeypatch)
+    table = rewrite(pq.read_table(inputs[0] / name))
+    world = _world_with(inputs, tmp_path / "world", name, table)
+    out = tmp_path / "abl"
+    config_file = _write_config(_config((world, inputs[1], inputs[2]), out), tmp_path / "c.yaml")
+    with pytest.raises(DataError) as refused:
+        run_ablations(str(config_file), [], ["full"])
+    assert str(refused.value) == f"{world / name}{message.format(count=len(table))}"
+    assert not out.exists()

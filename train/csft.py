@@ -54,13 +54,24 @@ def check_evaluable(config: CsftConfig) -> Tuple[WorldInputs, HeldOut]:
     after the stage-1 embeddings. Returns the world and its held-out data, which ``csft-eval``
     goes on to score."""
     from mim_rec.csft.data import WorldInputs
+
+    world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
+    return world, evaluable_held_out(world, config.data.validation, config.encoders)
+
+
+def evaluable_held_out(world: WorldInputs, validation: float, encoders: str) -> HeldOut:
+    """``world.held_out(validation)``, refused where the evaluation of the towers of the stage-1
+    ``encoders`` would refuse it (see :func:`check_evaluable`). Public: ``csft-tune`` checks its
+    validation split (and, with ``--final``, the test files) and ``csft-ablations`` its held-out
+    data with it before any stage-1 pass or run: they found an unscorable events file after
+    the stage-1 pass, and csft-tune a missing test file only after every grid point had
+    trained."""
     from mim_rec.csft.evaluate import require_evaluable
     from mim_rec.encoders.pair import saved_config
 
-    world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
-    held_out = world.held_out(config.data.validation)
-    require_evaluable(world, held_out, saved_config(config.encoders).vision)
-    return world, held_out
+    held_out = world.held_out(validation)
+    require_evaluable(world, held_out, saved_config(encoders).vision)
+    return held_out
 
 
 def check_config(config: CsftConfig) -> CsftConfig:

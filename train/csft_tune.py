@@ -126,7 +126,7 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     from mim_rec.csft.data import WorldInputs
     from mim_rec.utils.dist import launched_world_size
     from train.common import refuse_foreign_entries
-    from train.csft import check_config, feature_cache, untrainable
+    from train.csft import check_config, evaluable_held_out, feature_cache, untrainable
     from train.csft_runs import csft_result, metric_columns, stage1_result
 
     if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
@@ -156,7 +156,10 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
         reason = untrainable(config, world, launched_world_size())
         if reason:
             raise ConfigError(f"--grid point {' '.join(settings)}: {reason}")
-    valid = world.held_out(validation)
+    # the data every run is scored on, before the stage-1 pass and any run: the test files were
+    # read only after every grid point had trained, an unscorable events file after the pass
+    valid = evaluable_held_out(world, validation, base.encoders)
+    test = evaluable_held_out(world, 0.0, base.encoders) if final else None
     stage1 = stage1_result(config_of([], out, validation), world, valid, out / "stage1_validation")
     trials = []
     for name, settings, config in runs:
@@ -167,7 +170,6 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     report = {"validation": validation, "select": select, "validation_pairs": len(valid.pairs),
               "stage1": stage1, "trials": trials, "chosen": best["settings"]}
     if final:
-        test = world.held_out(0.0)
         report["final"] = {"stage1": stage1_result(config_of([], out, 0.0), world, test, out / "stage1_test"),
                            "csft": csft_result(config_of(best["settings"], out / "final", 0.0), world, test)}
     from mim_rec.utils.dist import current_rank
