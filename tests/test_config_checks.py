@@ -230,6 +230,10 @@ def test_stage_commands_refuse_settings_that_train_nothing_or_nonsense(tmp_path,
     (["pretrain-eval"], "mim pretrain-eval: error: data.world=data/world: no such file or folder"),
     (["csft", "--eval"], "mim csft: error: data.world=data/world: no such file or folder"),
     (["csft-eval", "data.world=."], "mim csft-eval: error: encoders=runs/pretrain/encoders: no such file or folder"),
+    (["csft-tune", "--grid", "loss.alpha=0.5,1", "data.world=."],
+     "mim csft-tune: error: encoders=runs/pretrain/encoders: no such file or folder"),
+    (["csft-ablations", "data.world=."],
+     "mim csft-ablations: error: encoders=runs/pretrain/encoders: no such file or folder"),
 ])
 def test_a_stage_input_that_does_not_exist_is_named_by_its_key(tmp_path, monkeypatch, capsys, argv, message):
     """A setting left at its default read "data/world: items file not found", a path the user

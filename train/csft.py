@@ -16,7 +16,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from train.stage_cli import StageCommands, register_stage
 
@@ -37,12 +37,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from mim_rec.config import load_config, require_existing
-    from mim_rec.csft.config import CsftConfig
-    config = check_config(load_config(CsftConfig, args.config, args.overrides))
-    require_existing(config, ("data.world", "encoders"))
+    config = load_checked(args.config, args.overrides)
     if getattr(args, "eval", False) or getattr(args, "eval_only", False):
         check_evaluable(config)
+    return config
+
+
+def load_checked(config_path: Optional[str], overrides: Sequence[str]) -> CsftConfig:
+    """The C-SFT settings of a command line, checked, with ``data.world`` and ``encoders``
+    named if missing (csft-tune and csft-ablations said only "PATH: no such file or folder")."""
+    from mim_rec.config import load_config, require_existing
+    from mim_rec.csft.config import CsftConfig
+
+    config = check_config(load_config(CsftConfig, config_path, overrides))
+    require_existing(config, ("data.world", "encoders"))
     return config
 
 

@@ -84,10 +84,11 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     from mim_rec.utils.dist import current_rank, launched_world_size
     from mim_rec.utils.run import atomic_write_bytes
     from train.common import refuse_foreign_entries
-    from train.csft import check_config, evaluable_held_out, feature_cache, note_catalogue_size, untrainable
+    from train.csft import (check_config, evaluable_held_out, feature_cache, load_checked, note_catalogue_size,
+                            untrainable)
     from train.csft_runs import csft_fingerprint, csft_result, saved_result, stage1_result
 
-    base = check_config(load_config(CsftConfig, config_path, overrides))
+    base = load_checked(config_path, overrides)
     out = Path(base.out)
     refuse_foreign_entries(out, "mim csft-ablations", RUN_FILES)
     cache = feature_cache(base)

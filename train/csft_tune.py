@@ -126,13 +126,13 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     from mim_rec.csft.data import WorldInputs
     from mim_rec.utils.dist import launched_world_size
     from train.common import refuse_foreign_entries
-    from train.csft import check_config, evaluable_held_out, feature_cache, untrainable
+    from train.csft import check_config, evaluable_held_out, feature_cache, load_checked, untrainable
     from train.csft_runs import csft_result, metric_columns, stage1_result
 
     if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
         raise ConfigError(f"--validation {validation}: must lie strictly between 0 and 1 (the share of "
                           "the training pairs to choose on; csft-tune never chooses on the test files)")
-    base = check_config(load_config(CsftConfig, config_path, overrides))
+    base = load_checked(config_path, overrides)
     # the metrics evaluation reports, named before the stage-1 pass extracts every feature
     selectable = ["balanced", *metric_columns({f"recall@{k}": None for k in base.eval.ks})]
     if select not in selectable:
