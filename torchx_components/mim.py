@@ -54,13 +54,19 @@ def _check_resources(cpu: int, gpu: int, memMB: int, h: Optional[str], mounts: O
                      j: Optional[str] = None) -> None:
     """Refuse launch arguments no scheduler can meet (TorchX passes them on unchecked), and
     those TorchX's own parsers refuse, as a :class:`LaunchError` (theirs raise a plain
-    ValueError or KeyError, which ``torchx run`` printed as a traceback)."""
-    nproc_per_node = _parse_launch(h, mounts, j)
-    if h is None and (cpu < 1 or gpu < 0 or memMB < 1):
-        raise LaunchError(f"--cpu {cpu} --gpu {gpu} --memMB {memMB}: need cpu >= 1, gpu >= 0, memMB >= 1")
-    if h is None and gpu > 0 and nproc_per_node > gpu:  # one GPU per rank
-        raise LaunchError(f"-j {j} --gpu {gpu}: each rank takes a GPU of its node; give --gpu of at least "
-                          f"{nproc_per_node} (the processes per node)")
+    ValueError or KeyError, which ``torchx run`` printed as a traceback). A named resource is
+    checked as it resolves: ``-h gpu.small`` is one GPU a node, so ``-j 1x2`` is refused as
+    ``--gpu 1 -j 1x2`` is (its second rank ran on the CPU, or failed with ``device=cuda``)."""
+    nproc_per_node = _parse_launch(mounts, j)
+    resource = _named_resource(h) if h else specs.Resource(cpu=cpu, gpu=gpu, memMB=memMB)
+    asked = f"-h {h} (cpu {resource.cpu}, gpu {resource.gpu}, memMB {resource.memMB})" if h else (
+        f"--cpu {cpu} --gpu {gpu} --memMB {memMB}")
+    if resource.cpu < 1 or resource.gpu < 0 or resource.memMB < 1:
+        raise LaunchError(f"{asked}: need cpu >= 1, gpu >= 0, memMB >= 1")
+    if 0 < resource.gpu < nproc_per_node:  # one GPU per rank
+        gpus = f"-h {h}: {resource.gpu} GPU(s) a node" if h else f"--gpu {gpu}"
+        raise LaunchError(f"-j {j} {gpus}: each rank takes a GPU of its node; give at least "
+                          f"{nproc_per_node} GPUs a node (one a process) or fewer processes per node")
 
 
 def _parse_env(env: Optional[str]) -> Dict[str, str]:
@@ -89,13 +95,17 @@ def _parse_env(env: Optional[str]) -> Dict[str, str]:
     return {key: value.strip() for key, value in parsed.items()}
 
 
-def _parse_launch(h: Optional[str], mounts: Optional[List[str]], j: Optional[str]) -> int:
-    """The processes per node ``j`` asks for (0 without ``j``), once ``h``, ``mounts`` and ``j``
-    parse as TorchX parses them when it builds the job."""
+def _named_resource(h: str) -> specs.Resource:
+    """The registered named resource ``h``, as TorchX resolves it when it builds the job."""
     try:
-        specs.resource(h=h)
+        return specs.resource(h=h)
     except KeyError as err:  # its text names the registered resources
         raise LaunchError(f"-h {h}: {err.args[0]}") from None
+
+
+def _parse_launch(mounts: Optional[List[str]], j: Optional[str]) -> int:
+    """The processes per node ``j`` asks for (0 without ``j``), once ``mounts`` and ``j`` parse
+    as TorchX parses them when it builds the job."""
     try:
         specs.parse_mounts(mounts or [])
     except (KeyError, ValueError) as err:  # a KeyError's text is the missing option: 'dst'
