@@ -173,6 +173,26 @@ def test_torchx_run_refuses_a_launch_argument_in_one_error_line(launch, message)
     assert "Failed to run component `torchx_components/mim.py:csft` got errors: \n " + message in done.stderr
 
 
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("stage_args, message", [
+    (["out=x", "--bogus"], "error: unrecognized arguments: --bogus"),
+    (["out"], "error: override 'out' is not of the form key=value"),
+    (["--config"], "error: argument --config: expected one argument")])
+def test_a_command_line_mim_refuses_is_refused_at_launch(component, stage_args, message):
+    """The dry run took it; the job failed with it on every rank once scheduled."""
+    prog = " ".join(["mim"] + [word for word in COMPONENTS[component][0] if not word.startswith("-")])
+    with pytest.raises(ValueError, match=re.escape(f"{prog}: {message}")):
+        materialize_appdef(getattr(mim, component), ["--", *stage_args])
+
+
+def test_torchx_run_refuses_an_unknown_stage_flag_in_one_error_line():
+    done = _torchx("run", "--dryrun", "-s", "local_cwd", "torchx_components/mim.py:csft",
+                   "--", "out=runs/csft", "--evl", timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "usage:" not in done.stderr
+    assert "got errors: \n mim csft: error: unrecognized arguments: --evl" in done.stderr
+    assert materialize_appdef(mim.csft, ["--", "--help"]).roles[0]  # the job prints the help
+
+
 @pytest.mark.parametrize("env, bad", [("A", "A"), ("A,B=1", "A"), ("=1", "=1"), ("A=1,=2", "=2")])
 def test_an_env_entry_without_a_name_is_refused_naming_it(env, bad):
     """TorchX's own parser of the argument raised a ValueError on the first; it took the second

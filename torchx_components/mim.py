@@ -20,6 +20,8 @@ feature cache makes it seconds). ``serve_rim`` and ``bench_sharding`` are single
 """
 
 # No `from __future__ import annotations`: TorchX reads the real annotations to build the CLI.
+import contextlib
+import io
 import os
 import re
 from typing import Dict, List, Optional
@@ -47,7 +49,35 @@ def _stage_argv(command: List[str], config: Optional[str], args: tuple) -> List[
             raise LaunchError(f"--config {config}: no such file here; give a path relative to this "
                               f"folder, or an absolute one as the job sees it (image or mount)")
         argv += ["--config", config]
-    return argv + list(args)
+    argv += list(args)
+    _check_mim_argv(command, argv)
+    return argv
+
+
+def _check_mim_argv(command: List[str], argv: List[str]) -> None:
+    """Refuse what ``mim`` refuses before it reads anything (an unknown flag, a flag without its
+    value, an override without ``=``), with its own message: the job took it and failed with it
+    on every rank once scheduled. ``mim``'s parser imports no torch, so this costs a dry run
+    well under a second. Where ``torchx`` runs without mim_rec installed (a machine that only
+    submits), the job's parser is the only check."""
+    try:
+        from train.cli import build_parser
+    except ImportError:
+        return
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(messages), contextlib.redirect_stdout(io.StringIO()):
+            parsed, unknown = build_parser().parse_known_args(argv)
+    except SystemExit as done:
+        if done.code:  # argparse printed its usage, then "mim csft: error: ..."
+            raise LaunchError(messages.getvalue().strip().splitlines()[-1]) from None
+        return  # --help: the job prints it
+    prog = " ".join(["mim"] + [word for word in command if not word.startswith("-")])  # as argparse names it
+    if unknown:  # argparse names only "mim" for these
+        raise LaunchError(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}")
+    for item in getattr(parsed, "overrides", None) or []:
+        if "=" not in item:
+            raise LaunchError(f"{prog}: error: override '{item}' is not of the form key=value")
 
 
 def _check_resources(cpu: int, gpu: int, memMB: int, h: Optional[str], mounts: Optional[List[str]],
