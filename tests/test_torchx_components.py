@@ -201,6 +201,15 @@ def test_an_env_entry_without_a_name_is_refused_naming_it(env, bad):
         materialize_appdef(mim.csft, ["--env", env, "--", "out=x"])
 
 
+@pytest.mark.parametrize("env, bad", [("A B=1", "A B=1"), ("OPTS=--a=1,--b=2", "--b=2"), ("1A=2", "1A=2")])
+def test_an_env_name_no_scheduler_takes_is_refused(env, bad):
+    """TorchX's parser, and this one, made variables named "A B", "--b" and "1A"."""
+    with pytest.raises(ValueError, match=re.escape(f"--env {env}: {bad!r} is not NAME=value")):
+        materialize_appdef(mim.csft, ["--env", env, "--", "out=x"])
+    role = materialize_appdef(mim.csft, ["--env", "_A=1,my.var-x=2", "--", "out=x"]).roles[0]
+    assert (role.env["_A"], role.env["my.var-x"]) == ("1", "2")
+
+
 def test_env_values_keep_their_commas_as_torchx_parses_them():
     role = materialize_appdef(mim.csft, ["--env", "CUDA_VISIBLE_DEVICES=0,1,PATHS=a;b;C=3", "--", "out=x"]).roles[0]
     given = {"CUDA_VISIBLE_DEVICES": "0,1", "PATHS": "a;b", "C": "3"}

@@ -32,6 +32,9 @@ from torchx.components import dist
 from torchx.specs.finder import ComponentValidationException
 
 ENTRY_MODULE = "train.cli"
+# An environment variable name that shells, Slurm and Kubernetes all pass on (Kubernetes also
+# takes ``-`` and ``.``); ``A B`` or the ``--b`` of ``OPTS=--a=1,--b=2`` went to the job as a name
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
 
 class LaunchError(ComponentValidationException, ValueError):
@@ -106,7 +109,7 @@ def _parse_env(env: Optional[str]) -> Dict[str, str]:
     parser, where a :class:`LaunchError` is one error line. The form is TorchX's:
     ``NAME=value`` entries split by ``,`` or ``;``, where a piece without ``=`` continues the
     value before it (``CUDA_VISIBLE_DEVICES=0,1`` keeps its comma), so only a piece with no
-    ``NAME=`` before it, or an empty name, is refused."""
+    ``NAME=`` before it, or a name no scheduler takes (:data:`ENV_NAME`), is refused."""
     if not env:
         return {}
     parsed: Dict[str, str] = {}
@@ -120,8 +123,9 @@ def _parse_env(env: Optional[str]) -> Dict[str, str]:
             parsed[name] = value
         elif name:
             parsed[name] += pieces[at - 1] + piece
-        if not name:
-            raise LaunchError(f"--env {env}: {piece!r} is not NAME=value (the form is ENV1=v1,ENV2=v2)")
+        if not ENV_NAME.fullmatch(name):
+            raise LaunchError(f"--env {env}: {piece!r} is not NAME=value (the form is ENV1=v1,ENV2=v2); "
+                              "a NAME is letters, digits, '_', '-' and '.', starting with a letter or '_'")
     return {key: value.strip() for key, value in parsed.items()}
 
 
