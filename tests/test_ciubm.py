@@ -542,8 +542,12 @@ def test_eval_only_scores_the_checkpoints_table_and_needs_no_table_folder(world,
 
 
 def test_runs_written_before_newer_settings_existed_resume_and_stay_finished(world, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
     config = _config(world, tmp_path / "old")
-    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    # a whole (if tiny) checkpoint: a `latest` naming no checkpoint folder is damage, not a run
+    dcp.save({"progress": {"global_step": torch.tensor(3)}},
+             checkpoint_id=str(tmp_path / "old" / "checkpoints" / "step-000000003"))
     (tmp_path / "old" / "checkpoints" / "latest").write_text("step-000000003")
     older = {k: v for k, v in config_dict(config).items() if k != "train_pipeline"}
     for newer_setting in ("mm_projection", "content_match"):  # read back as their defaults
@@ -1158,6 +1162,34 @@ def test_only_the_newest_checkpoints_are_kept(world, tmp_path):
     folders = sorted(p.name for p in checkpoints.glob("step-*"))
     assert folders == ["step-000000002", "step-000000004", "step-000000009"]
     assert ciubm.run(config, train=False)["steps"] == 4
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_kept_before_it(world, tmp_path, capsys):
+    """A checkpoint cut short (a disk that filled, a file cut by hand) ended the run in DCP's
+    unpickler with a bare ``EOFError``. Like pretrain and C-SFT, the run now goes on from the
+    checkpoint kept before it, to the uninterrupted run's result; with none whole it is one line
+    naming the checkpoint."""
+    common = ("model.ubm=avg", "log_every=1", "checkpoint_every=2")
+    straight = ciubm.run(_config(world, tmp_path / "a", "max_steps=6", *common))
+    ciubm.run(_config(world, tmp_path / "b", "max_steps=4", *common))
+    checkpoints = tmp_path / "b" / "checkpoints"
+
+    def cut_short(step: str) -> None:
+        for data in (checkpoints / step).glob("*.distcp"):
+            data.write_bytes(data.read_bytes()[:1000])
+
+    cut_short("step-000000004")
+    resumed = ciubm.run(_config(world, tmp_path / "b", "max_steps=6", *common))
+    assert re.search(r"step-000000004 does not load \(__0_0\.distcp is 1,000 bytes, its metadata reads [\d,]+\); "
+                     r"using step-000000002", capsys.readouterr().err)
+    assert [r["step"] for r in _step_records(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
+    assert _step_losses(tmp_path / "b") == pytest.approx(_step_losses(tmp_path / "a"), abs=1e-6)
+    assert resumed["auc"] == pytest.approx(straight["auc"], abs=1e-9)
+    for step in ("step-000000004", "step-000000006"):
+        cut_short(step)
+    with pytest.raises(DataError, match=r"step-000000006: __0_0\.distcp is 1,000 bytes, its metadata reads [\d,]+, "
+                                        r"and no whole checkpoint was kept before it; use a new out="):
+        ciubm.run(_config(world, tmp_path / "b", "max_steps=6", *common))
 
 
 def test_a_clickless_split_is_refused_before_training(world, tmp_path):

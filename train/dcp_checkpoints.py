@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -13,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from mim_rec.utils.run import atomic_write_bytes
+from mim_rec.data.errors import DataError
+from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
 
 # The checkpoint folders DcpCheckpoints writes (step-000000040), as a glob: another stage's
 # folder check finds them by it (pretrain and C-SFT keep step-N.pt files).
@@ -45,10 +47,25 @@ class DcpCheckpoints:
         self.directory = Path(directory)
         self.keep = keep
 
-    def newest(self) -> Optional[Path]:
-        """The newest complete checkpoint's folder (the one ``latest`` names), or None."""
+    def named(self) -> Optional[Path]:
+        """The folder ``latest`` names (the newest checkpoint every rank finished saving), or None."""
         latest = self.directory / "latest"
         return self.directory / latest.read_text().strip() if latest.is_file() else None
+
+    def newest(self) -> Optional[Path]:
+        """The newest whole checkpoint's folder: the one ``latest`` names or, where that one is
+        damaged (:func:`checkpoint_damage`), the newest whole one kept before it (:meth:`restore`
+        says so); None when there is none. A damaged one ended the run in DCP's unpickler with a
+        bare ``EOFError``; pretrain and C-SFT fall back alike."""
+        named = self.named()
+        if named is None:
+            return None
+        earlier = [p for p in sorted(self.directory.glob(DCP_STEP_GLOB), reverse=True) if p.name < named.name]
+        for checkpoint in [named, *earlier]:
+            if checkpoint_damage(checkpoint) is None:
+                return checkpoint
+        raise DataError(str(named), f"{checkpoint_damage(named)}, and no whole checkpoint was kept before it; "
+                                    "use a new out= (or delete the checkpoints to train from the start)")
 
     def save(self, model, optimizer, progress: Dict[str, int]) -> None:
         name = f"step-{progress['global_step']:09d}"
@@ -80,6 +97,10 @@ class DcpCheckpoints:
         checkpoint = self.newest()
         if checkpoint is None:
             return None
+        named = self.named()
+        if checkpoint != named:
+            print(f"warning: {named} does not load ({checkpoint_damage(named)}); using {checkpoint.name}, "
+                  "the checkpoint kept before it", file=sys.stderr)
         state = {"model": model.state_dict(), "progress": {k: torch.tensor(0) for k in _progress_keys(checkpoint)}}
         if with_optimizer:
             optimizer.init_state()  # Adam's state is lazy; DCP loads in place, so it must exist
@@ -121,6 +142,27 @@ def checkpoint_on_cuda(checkpoint: Path) -> Optional[bool]:
 _TABLE = r"sparse_arch\.\w+\.(?:embedding_bags|embeddings)\.(\w+)\.weight"
 _TABLE_WEIGHT = re.compile(rf"model\.{_TABLE}")
 _ADAM_TABLE_STATE = re.compile(rf"optimizer\.state\.{_TABLE}\.exp_avg")
+
+
+def checkpoint_damage(checkpoint: Path) -> Optional[str]:
+    """Why a DCP checkpoint cannot load, seen without loading it, or None: its folder or
+    metadata missing or unreadable, or a data file the metadata names missing or shorter than
+    the bytes it records there (a disk that filled, a file cut or deleted by hand)."""
+    if not (checkpoint / ".metadata").is_file():
+        return "no such checkpoint" if not checkpoint.is_dir() else "its save did not finish (no .metadata)"
+    try:
+        stored = dcp.FileSystemReader(str(checkpoint)).read_metadata().storage_data
+    except DAMAGED_FILE_ERRORS as exc:
+        return f"its .metadata does not read ({type(exc).__name__})"
+    needed: Dict[str, int] = {}
+    for where in stored.values():
+        needed[where.relative_path] = max(needed.get(where.relative_path, 0), where.offset + where.length)
+    for name, size in sorted(needed.items()):
+        data = checkpoint / name
+        held = data.stat().st_size if data.is_file() else None
+        if held is None or held < size:
+            return f"{name} is {'missing' if held is None else f'{held:,} bytes'}, its metadata reads {size:,}"
+    return None
 
 
 def _metadata(checkpoint: Path) -> Dict[str, Any]:
