@@ -1,8 +1,8 @@
 import pytest
 
 from mim_rec.data.errors import DataError, ManifestMismatch
-from mim_rec.data.manifest import (Manifest, fingerprint_file, read_manifest, require,
-                                   write_manifest)
+from mim_rec.data.manifest import (Manifest, fingerprint_file, fingerprint_tree, read_manifest, require,
+                                   staging_name, write_manifest)
 
 
 def test_roundtrip_and_require(tmp_path):
@@ -51,3 +51,17 @@ def test_fingerprint_changes_with_content(tmp_path):
 def test_data_error_names_location():
     err = DataError("events.parquet", "null id", row=7, field="user_id")
     assert str(err) == "events.parquet, row 7, field 'user_id': null id"
+
+
+def test_a_file_a_killed_writer_left_is_not_part_of_a_folders_fingerprint(tmp_path):
+    """A table build killed while writing a shard or its state left its staged file behind;
+    mim train recorded the table's fingerprint with it, and refused to resume once it was
+    deleted. A manifest was staged under a visible name."""
+    (tmp_path / "part-0.parquet").write_bytes(b"rows")
+    clean = fingerprint_tree(tmp_path)
+    staging_name(tmp_path / "part-1.parquet").write_bytes(b"half a shard")
+    staging_name(tmp_path / ".build.json").write_bytes(b"{")
+    assert fingerprint_tree(tmp_path) == clean
+    (tmp_path / "notes.tmp1").write_bytes(b"a user's file")  # not a staged name: content
+    assert fingerprint_tree(tmp_path) != clean
+    assert staging_name(tmp_path / "manifest.json").name.startswith(".")

@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mim_rec.data.errors import DataError, ManifestMismatch
-from mim_rec.data.manifest import Manifest, read_manifest, write_manifest
+from mim_rec.data.manifest import Manifest, read_manifest, staging_name, write_manifest
 from mim_rec.data.schemas import (EVENTS, ITEMS, MM_TABLE_FP, MM_TABLE_INT8, PAIRS,
                                   Contract)
 from mim_rec.data.validate import (CheckContext, RowCheck, cast_batch, conform_schema,
@@ -275,7 +275,7 @@ class _AtomicParquet:
 
     def __init__(self, path: Path):
         self.path = path
-        self._tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        self._tmp = staging_name(path)
         self._writer: Optional[pq.ParquetWriter] = None
 
     def write(self, table: pa.Table) -> None:
@@ -348,7 +348,7 @@ class ContractWriter:
                                   CheckContext(self._file, item_count=item_count,
                                                base_dir=self.path.parent, vector_dims=vector_dims))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self._tmp = staging_name(self.path)
         self._writer = pq.ParquetWriter(self._tmp, self._schema)
 
     def write(self, table: Union[pa.Table, pa.RecordBatch],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,13 +46,27 @@ def fingerprint_file(path: Union[str, Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def staging_name(path: Union[str, Path]) -> Path:
+    """The hidden name ``path`` is written under before it is renamed into place, unique to
+    this process. A writer killed before the rename leaves it behind; no reader takes it, and
+    :func:`fingerprint_tree` leaves it out."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+_STAGED = re.compile(r"\..+\.tmp\d+")
+
+
 def fingerprint_tree(path: Union[str, Path]) -> str:
-    """Fingerprint of a file, or of a folder's files (names and contents, sorted)."""
+    """Fingerprint of a file, or of a folder's files (names and contents, sorted). A file a
+    killed writer left under its :func:`staging_name` is not content: counting it made a run
+    that recorded a table's fingerprint refuse to resume once the leftover was deleted."""
     path = Path(path)
     if path.is_file():
         return fingerprint_file(path)
     digest = hashlib.sha256()
-    for child in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for child in sorted(p for p in path.rglob("*")
+                        if p.is_file() and p.name != MANIFEST_NAME and not _STAGED.fullmatch(p.name)):
         digest.update(str(child.relative_to(path)).encode())
         digest.update(fingerprint_file(child).encode())
     return digest.hexdigest()[:16]
@@ -111,7 +126,7 @@ def write_manifest(artifact: Union[str, Path], manifest: Manifest) -> Path:
     """Write atomically (temp file + rename): a reader never sees half a manifest."""
     path = manifest_path(artifact)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = staging_name(path)
     tmp.write_text(manifest.to_json())
     os.replace(tmp, path)
     return path

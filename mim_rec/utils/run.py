@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 import torch
 
+from mim_rec.data.manifest import staging_name
+
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite: the run stops before it checkpoints NaN weights that
@@ -138,7 +140,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = staging_name(path)
     with tmp.open("wb") as fh:
         fh.write(data)
         fh.flush()
