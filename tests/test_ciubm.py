@@ -1167,8 +1167,8 @@ def test_only_the_newest_checkpoints_are_kept(world, tmp_path):
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_kept_before_it(world, tmp_path, capsys):
     """A checkpoint cut short (a disk that filled, a file cut by hand) ended the run in DCP's
     unpickler with a bare ``EOFError``. Like pretrain and C-SFT, the run now goes on from the
-    checkpoint kept before it, to the uninterrupted run's result; with none whole it is one line
-    naming the checkpoint."""
+    checkpoint kept before it, to the uninterrupted run's result, and saves the damaged step
+    again into a fresh folder; with none whole it is one line naming the checkpoint."""
     common = ("model.ubm=avg", "log_every=1", "checkpoint_every=2")
     straight = ciubm.run(_config(world, tmp_path / "a", "max_steps=6", *common))
     ciubm.run(_config(world, tmp_path / "b", "max_steps=4", *common))
@@ -1179,7 +1179,10 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_kept_before_it(world,
             data.write_bytes(data.read_bytes()[:1000])
 
     cut_short("step-000000004")
+    (checkpoints / "step-000000004" / "__9_0.distcp").write_bytes(b"a file of the save that failed")
     resumed = ciubm.run(_config(world, tmp_path / "b", "max_steps=6", *common))
+    # step 4 is saved again into a fresh folder, not under the damaged one's .metadata
+    assert not (checkpoints / "step-000000004" / "__9_0.distcp").exists()
     assert re.search(r"step-000000004 does not load \(__0_0\.distcp is 1,000 bytes, its metadata reads [\d,]+\); "
                      r"using step-000000002", capsys.readouterr().err)
     assert [r["step"] for r in _step_records(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]

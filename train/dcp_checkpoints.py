@@ -74,7 +74,15 @@ class DcpCheckpoints:
                  "progress": {k: torch.tensor(v) for k, v in progress.items()},
                  "world_size": torch.tensor(dist.get_world_size()),
                  "on_cuda": torch.tensor(int(dist.get_backend() == "nccl"))}
-        dcp.save(state, checkpoint_id=str(self.directory / name))
+        target = self.directory / name
+        if dist.get_rank() == 0 and target.exists():
+            # A save of this step cut short, or one found damaged and fallen back from: DCP would
+            # write into it under its old .metadata, which a kill mid-save would leave naming a
+            # mix of old and new bytes. Saving into a fresh folder keeps "has .metadata" meaning
+            # "finished" (overwrite=False pins that, whatever DCP's default becomes).
+            shutil.rmtree(target)
+        dist.barrier()
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(target), overwrite=False))
         dist.barrier()
         if dist.get_rank() == 0:
             atomic_write_bytes(self.directory / "latest", name.encode())
