@@ -106,7 +106,7 @@ class DcpCheckpoints:
         if checkpoint is None:
             return None
         named = self.named()
-        if checkpoint != named:
+        if checkpoint != named and dist.get_rank() == 0:  # every rank falls back alike
             print(f"warning: {named} does not load ({checkpoint_damage(named)}); using {checkpoint.name}, "
                   "the checkpoint kept before it", file=sys.stderr)
         state = {"model": model.state_dict(), "progress": {k: torch.tensor(0) for k in _progress_keys(checkpoint)}}
