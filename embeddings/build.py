@@ -3,7 +3,8 @@
 Shard ``k`` holds items ``[k * shard_rows, (k + 1) * shard_rows)`` in ``part-0000k.parquet``.
 A shard is written to a temp file and renamed (whole or absent), so a killed build resumes by
 skipping the shards already there -- but only if ``.build.json`` says they came from the same
-encoder fingerprint, catalogue and shard size; anything else is refused, never mixed. Under
+encoder fingerprint, catalogue and shard size; anything else is refused, never mixed (a state
+left with no shard beside it, by a build refused at its first shard, is replaced). Under
 ``torchrun`` rank ``r`` of ``W`` builds shards ``r, r + W, ...``; rank 0 writes the manifest
 once every shard exists, and the manifest marks the table complete.
 """
@@ -33,24 +34,30 @@ STATE_NAME = ".build.json"
 
 
 def _check_state(out: Path, state: dict) -> None:
-    """Resume only a build of exactly ``state``; start one only in a new or empty folder."""
+    """Resume only a build of exactly ``state``; start one only in a new or empty folder, or
+    in one where a build left its state and no shard."""
     path = out / STATE_NAME
+    # Dot files are the machinery's own; anything else is a shard or someone else's file.
+    present = [p.name for p in visible_entries(out)]
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != state:
+        if old == state:
+            return
+        if present:
             diff = {k: (old.get(k), v) for k, v in state.items() if old.get(k) != v}
             raise ManifestMismatch(f"{out}: shards there were built by another run {diff}; "
                                    "use a new folder (or delete it) instead of mixing tables")
-    else:
+        # A build refused at its first shard (its encoder refused the items: another world's
+        # truth folder) wrote no shard, so there is nothing to mix: the corrected build may
+        # start here, as it was refused "built by another run" until 2026-12-07.
+    elif present:
         # A fold's or quantiser's output (or any table) has no build state: its parts would be
         # taken for this build's finished shards, whatever encoder made them. Any other folder
         # (a run's, a world) would have a table's parts and manifest.json mixed into it, which
-        # that folder's own stage then refuses. Dot files are the machinery's own.
-        present = [p.name for p in visible_entries(out)]
-        if present:
-            raise ManifestMismatch(f"{out}: holds {some_names(present)}, "
-                                   "and no build of a table started there; build into a new or empty folder")
-        atomic_write_bytes(path, json.dumps(state, indent=2).encode())
+        # that folder's own stage then refuses.
+        raise ManifestMismatch(f"{out}: holds {some_names(present)}, "
+                               "and no build of a table started there; build into a new or empty folder")
+    atomic_write_bytes(path, json.dumps(state, indent=2).encode())
 
 
 def _whole_shard(part: Path, rows: int) -> bool:

@@ -13,7 +13,7 @@ from embeddings.build import build_table
 import pyarrow.parquet as pq
 
 from embeddings.table import read_mm_rows, read_mm_table
-from mim_rec.data.errors import ManifestMismatch
+from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.manifest import read_manifest
 from mim_rec.data.synth import SynthConfig, generate_world, tiny
 
@@ -102,6 +102,20 @@ def test_another_encoder_is_refused_instead_of_mixed(world, tmp_path):
         build_table(FakeEncoder(fail_after=1), world / "items.parquet", tmp_path / "t", shard_rows=64)
     with pytest.raises(ManifestMismatch, match="encoder_fingerprint"):
         build_table(FakeEncoder(salt=1), world / "items.parquet", tmp_path / "t", shard_rows=64)
+
+
+def test_a_build_refused_before_its_first_shard_leaves_the_folder_to_the_corrected_build(world, tmp_path):
+    """Another world's truth folder is refused at the first shard; its build state, with no
+    shard beside it, used to refuse the corrected build as 'built by another run'."""
+    class Refusing(FakeEncoder):
+        def embed_items(self, items, source):
+            raise DataError(str(source), "not this world's items")
+
+    with pytest.raises(DataError, match="not this world's items"):
+        build_table(Refusing(salt=1), world / "items.parquet", tmp_path / "t", shard_rows=64)
+    built = build_table(FakeEncoder(), world / "items.parquet", tmp_path / "t", shard_rows=64)
+    assert read_manifest(built).extra["encoder_fingerprint"] == "fake:0"
+    assert torch.equal(read_mm_table(built, 300, 8), FakeEncoder().embed_items(pa.table({"item_id": np.arange(300)}), None))
 
 
 def test_a_folder_holding_a_table_this_build_did_not_start_is_refused(world, tmp_path):
