@@ -245,7 +245,7 @@ class RimService:
         self.encoder = encoder
         self._table_ids = np.zeros(0, dtype=np.int64)
         if config.table:
-            self._table_ids = self._load_table(config.table)
+            self._table_ids = self._load_table(config.table, config.num_items)
         self.config = config
         self.log = RimLog(config.log, encoder.fingerprint, encoder.dim)
         self._served: Dict[int, Tuple[np.ndarray, float, float]] = {}
@@ -259,8 +259,10 @@ class RimService:
         self._batcher = threading.Thread(target=self._batch_loop, name="rim-batcher", daemon=True)
         self._batcher.start()
 
-    def _load_table(self, table: str) -> np.ndarray:
-        """The base table's sorted ids, once its encoder is known to be the service's."""
+    def _load_table(self, table: str, num_items: int) -> np.ndarray:
+        """The base table's sorted ids, once its encoder is known to be the service's and
+        ``num_items`` (0: any) to leave room for new ids, as the fold requires of it."""
+        from embeddings.rim_fold import new_id_space
         from embeddings.table import table_item_ids
         from mim_rec.data.manifest import require
 
@@ -269,6 +271,7 @@ class RimService:
             raise ManifestMismatch(f"{table}: built by encoder {manifest.extra.get('encoder_fingerprint')!r}, "
                                    f"the service runs {self.encoder.fingerprint!r}; new items would land "
                                    "in another vector space")
+        new_id_space(table, manifest, num_items)  # below the table's range every request would fail
         return table_item_ids(table)
 
     # ------------------------------------------------------------------ request path

@@ -74,6 +74,16 @@ def table_encoder(table_dir: Union[str, Path], manifest: Manifest) -> str:
     return fingerprint
 
 
+def new_id_space(table_dir: Union[str, Path], manifest: Manifest, num_items: Optional[int]) -> int:
+    """The id space new items of the table ``table_dir`` (its ``manifest``) must fall in:
+    ``num_items``, or the table's own ``id_range`` where it is not given. One below that
+    range is refused: the table holds ids up to its end, so no id could be new and fit."""
+    table_ids = int(manifest.extra.get("id_range", [0, manifest.row_count])[1])
+    if num_items and num_items < table_ids:
+        raise ManifestMismatch(f"num_items={num_items}: {table_dir} already spans ids 0..{table_ids - 1}")
+    return num_items or table_ids
+
+
 def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: Union[str, Path],
              num_items: Optional[int] = None) -> Path:
     """Write ``out_dir``: the table ``table_dir`` plus every log row it does not hold yet.
@@ -93,10 +103,7 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
         raise ManifestMismatch(f"out={out} lies inside the base table {table_dir}, whose parts it shares: "
                                "removing the old version would remove the new one's; fold into a folder beside it")
     fingerprint = table_encoder(table_dir, base)
-    table_ids = int(base.extra.get("id_range", [0, base.row_count])[1])
-    num_items = num_items or table_ids
-    if num_items < table_ids:
-        raise ManifestMismatch(f"num_items={num_items}: {table_dir} already spans ids 0..{table_ids - 1}")
+    num_items = new_id_space(table_dir, base, num_items)
     start = end = folded_offset(table_dir, log_path)
     size = log_path.stat().st_size  # before reading: what the service appends meanwhile is not torn
     ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, base.dim), np.float32)]

@@ -352,6 +352,18 @@ def test_a_port_in_use_or_an_unknown_host_is_a_one_line_error(encoder_dir, tmp_p
     assert "host=nonexistent.invalid port=0: cannot listen there" in err and "Traceback" not in err
 
 
+def test_serve_refuses_a_num_items_below_the_base_tables_ids_as_the_fold_does(encoder_dir, table, tmp_path):
+    """It served: every id below num_items was in the table (409) and every other one outside
+    the id space (400), so no request could succeed."""
+    from mim_rec.data.errors import ManifestMismatch
+
+    log = tmp_path / "rim.log"
+    config = RimConfig(encoders=str(encoder_dir), log=str(log), table=str(table), num_items=BASE_ITEMS - 3)
+    with pytest.raises(ManifestMismatch, match=f"num_items={BASE_ITEMS - 3}: .* already spans ids 0..{BASE_ITEMS - 1}"):
+        RimService(config, load_item_encoder(encoder_dir)).close()
+    assert not log.exists()
+
+
 def test_a_client_hanging_up_before_its_reply_prints_no_traceback(service, capsys):
     """Every hung-up producer used to print a BrokenPipeError traceback into the service log."""
     _, port = service
