@@ -56,7 +56,9 @@ class CatalogueFeatures:
     feature cache, kept in memory for the shards of one build."""
 
     def __init__(self, folder: Union[str, Path], batch_size: int) -> None:
-        self.folder = Path(folder)
+        from mim_rec.csft.data import FeatureCache
+
+        self.cache = FeatureCache(folder)  # checked here, before a build writes anything
         self.batch_size = batch_size
         self._loaded: Optional[Tuple[Path, torch.Tensor, torch.Tensor]] = None
 
@@ -64,7 +66,7 @@ class CatalogueFeatures:
            text: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(image features, title features)`` of the rows of ``items``, which must come from
         ``source``, a world's ``items.parquet`` (the cache is keyed by that whole file)."""
-        from mim_rec.csft.data import FeatureCache, WorldInputs
+        from mim_rec.csft.data import WorldInputs
         from mim_rec.data.errors import DataError
 
         source = Path(source).resolve()
@@ -72,7 +74,7 @@ class CatalogueFeatures:
             if source.name != "items.parquet":
                 raise DataError(str(source), "feature_cache reads whole-catalogue features keyed by a "
                                              "world's items.parquet; build from that file or drop feature_cache")
-            world = WorldInputs(source.parent, FeatureCache(self.folder), self.batch_size)
+            world = WorldInputs(source.parent, self.cache, self.batch_size)
             self._loaded = (source, world.item_image_features(vision), world.item_title_features(text))
         _, images, titles = self._loaded
         ids = _item_rows(items, len(images), source, "the catalogue the cached features cover")

@@ -170,6 +170,22 @@ def test_table_build_reads_the_frozen_backbones_features_from_the_csft_cache(sta
     assert read_manifest(table).extra["encoder_fingerprint"] == cached.fingerprint
 
 
+def test_a_feature_cache_that_is_another_output_is_refused_before_anything_is_written(stage1, tmp_path):
+    """``feature_cache=`` the encoders folder wrote the cache's files into it, which changed the
+    encoders' fingerprint: the table just built no longer matched its encoder, and serve and the
+    bench refused the pair."""
+    import shutil
+
+    from mim_rec.data.errors import DataError
+    from mim_rec.data.manifest import fingerprint_tree
+
+    encoders = shutil.copytree(stage1[0], tmp_path / "encoders")
+    before = fingerprint_tree(encoders)
+    with pytest.raises(DataError, match=rf"{encoders}: holds a manifest.json, so it is an output of mim_rec"):
+        build_table(load_item_encoder(encoders, feature_cache=encoders), stage1[1], tmp_path / "table")
+    assert fingerprint_tree(encoders) == before and not (tmp_path / "table").exists()
+
+
 def test_feature_cache_keys_follow_the_style_stages(tmp_path):
     """Style statistics change what a backbone computes but not its weights; the cache must
     not serve one setting's features to the other."""

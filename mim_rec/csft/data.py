@@ -28,7 +28,7 @@ from mim_rec.csft.model import CsftModel, content_fingerprint, vision_input
 from mim_rec.csft.objective import CsftBatch
 from mim_rec.data.errors import DataError
 from mim_rec.data.io import check_world_manifest, read_items, read_pairs
-from mim_rec.data.manifest import fingerprint_file
+from mim_rec.data.manifest import MANIFEST_NAME, fingerprint_file
 from mim_rec.data.schemas import SIGNALS
 from mim_rec.data.split import time_cut
 from mim_rec.encoders.text import HFTextEncoder
@@ -175,6 +175,13 @@ class FeatureCache:
 
     def __init__(self, folder: PathLike) -> None:
         self.folder = Path(folder)
+        # Another output of mim_rec given as the cache (a world, an encoders folder) would get
+        # the cache's files among its own: an encoders folder's fingerprint covers every file
+        # in it, so the encoder would no longer match the tables it built.
+        if (self.folder / MANIFEST_NAME).exists():
+            raise DataError(str(self.folder), f"holds a {MANIFEST_NAME}, so it is an output of mim_rec (a world, "
+                                              "encoders, a table), not a feature cache, and cached features would "
+                                              "be written among its files; give mim csft's OUT/features or a new folder")
 
     def get(self, name: str, parts: Sequence[str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
