@@ -71,7 +71,7 @@ class RimConfig:
 
     def validate(self) -> None:
         """Refuse settings under which no request could succeed (before the log is opened)."""
-        from mim_rec.config import ConfigError, require_not_negative, require_positive
+        from mim_rec.config import ConfigError, require_existing, require_not_negative, require_positive
 
         require_positive(self, ("window_ms", "max_batch", "max_request_items", "max_body_bytes", "max_image_pixels",
                                 "max_pending", "ack_timeout_s", "batch_size", "max_connections"))
@@ -87,6 +87,7 @@ class RimConfig:
         if self.max_request_items > self.max_pending:
             raise ConfigError(f"max_request_items={self.max_request_items} exceeds max_pending={self.max_pending}: "
                               "a request is queued whole, so a larger one would get 503 (retry later) forever")
+        require_existing(self, ("encoders", "table"))  # by key, before the encoder loads
 
 
 class RequestError(Exception):

@@ -234,6 +234,9 @@ def test_stage_commands_refuse_settings_that_train_nothing_or_nonsense(tmp_path,
      "mim csft-tune: error: encoders=runs/pretrain/encoders: no such file or folder"),
     (["csft-ablations", "data.world=."],
      "mim csft-ablations: error: encoders=runs/pretrain/encoders: no such file or folder"),
+    (["embeddings", "build", "world=w", "encoders=e", "out=t"],
+     "mim embeddings build: error: world=w: no such file or folder"),
+    (["embeddings", "serve", "encoders=e", "log=l"], "mim embeddings serve: error: encoders=e: no such file or folder"),
 ])
 def test_a_stage_input_that_does_not_exist_is_named_by_its_key(tmp_path, monkeypatch, capsys, argv, message):
     """A setting left at its default read "data/world: items file not found", a path the user

@@ -40,7 +40,7 @@ def _build(args: argparse.Namespace) -> int:
 
     from embeddings.build import build_table
     from embeddings.encoders import load_item_encoder
-    from mim_rec.config import ConfigError, load_config, require_positive
+    from mim_rec.config import ConfigError, load_config, require_existing, require_positive
     from mim_rec.utils.dist import init_distributed
 
     config = load_config(BuildConfig, args.config, args.overrides)
@@ -48,6 +48,7 @@ def _build(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"mim embeddings build needs {', '.join(f'{k}=...' for k in missing)}")
     require_positive(config, ("shard_rows", "batch_size"))
+    require_existing(config, ("world", "encoders"))  # by key, before the encoder loads
     ctx = init_distributed("cpu")
     encoder = load_item_encoder(config.encoders, config.batch_size, config.feature_cache or None)
     out = build_table(encoder, Path(config.world) / "items.parquet", config.out, config.shard_rows,
