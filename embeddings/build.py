@@ -23,20 +23,18 @@ from tqdm.auto import tqdm
 
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import read_items, write_table
-from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
+from mim_rec.data.manifest import BUILD_STATE_NAME, Manifest, fingerprint_file, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP
 from mim_rec.utils.run import atomic_write_bytes, some_names, visible_entries
 
 from embeddings.encoders import ItemEncoder
 from embeddings.table import catalogue_fingerprint
 
-STATE_NAME = ".build.json"
-
 
 def _check_state(out: Path, state: dict) -> None:
     """Resume only a build of exactly ``state``; start one only in a new or empty folder, or
     in one where a build left its state and no shard."""
-    path = out / STATE_NAME
+    path = out / BUILD_STATE_NAME
     # Dot files are the machinery's own; anything else is a shard or someone else's file.
     present = [p.name for p in visible_entries(out)]
     if path.is_file():

@@ -78,6 +78,10 @@ def test_killed_build_resumes_from_whole_shards(world, tmp_path):
         build_table(FakeEncoder(fail_after=2), world / "items.parquet", tmp_path / "t", shard_rows=64)
     assert sorted(p.name for p in (tmp_path / "t").glob("part-*")) == ["part-00000.parquet", "part-00001.parquet"]
     assert not (tmp_path / "t" / "manifest.json").exists()  # incomplete tables have no manifest
+    # read as a table, it is named unfinished (it read "was it produced by mim_rec?")
+    with pytest.raises(ManifestMismatch, match=r"/t: its build has not finished \(no manifest yet, only the "
+                                               r"build's \.build\.json\); rerun the build with the same settings"):
+        read_mm_table(tmp_path / "t", 300, 8)
     resumed = FakeEncoder()
     build_table(resumed, world / "items.parquet", tmp_path / "t", shard_rows=64)
     assert resumed.calls == 3  # only the missing shards were embedded

@@ -21,6 +21,9 @@ from mim_rec import __version__
 from mim_rec.data.errors import ManifestMismatch
 
 MANIFEST_NAME = "manifest.json"
+# The state an artifact built in place part by part keeps beside its parts, so that a rerun
+# resumes it (``mim embeddings build``); its manifest is written last, when every part is there.
+BUILD_STATE_NAME = ".build.json"
 _FULL_HASH_LIMIT = 256 << 20  # files above this are fingerprinted by size + head + tail
 
 
@@ -153,6 +156,9 @@ def read_manifest(artifact: Union[str, Path]) -> Manifest:
     path = manifest_path(artifact)
     if not Path(artifact).exists():
         raise ManifestMismatch(f"{artifact}: no such file or folder")
+    if not path.exists() and (Path(artifact) / BUILD_STATE_NAME).is_file():
+        raise ManifestMismatch(f"{artifact}: its build has not finished (no manifest yet, only the build's "
+                               f"{BUILD_STATE_NAME}); rerun the build with the same settings to finish it")
     if not path.exists():
         raise ManifestMismatch(f"{artifact}: no manifest at {path}; was it produced by mim_rec?"
                                f"{_artifacts_inside(Path(artifact))}")
