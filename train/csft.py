@@ -36,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         load=_load, train=run_csft, report=lambda config: format_table(evaluate_run(config))))
 
 
+# The settings naming a C-SFT command's inputs, refused by name when missing.
+INPUT_SETTINGS = ("data.world", "encoders")
+
+
 def _load(args: argparse.Namespace):
     config = load_checked(args.config, args.overrides)
     if getattr(args, "eval", False) or getattr(args, "eval_only", False):
@@ -45,12 +49,13 @@ def _load(args: argparse.Namespace):
 
 def load_checked(config_path: Optional[str], overrides: Sequence[str]) -> CsftConfig:
     """The C-SFT settings of a command line, checked, with ``data.world`` and ``encoders``
-    named if missing (csft-tune and csft-ablations said only "PATH: no such file or folder")."""
+    named if missing (csft-ablations said only "PATH: no such file or folder"; csft-tune checks
+    them by name too, after its own flags)."""
     from mim_rec.config import load_config, require_existing
     from mim_rec.csft.config import CsftConfig
 
     config = check_config(load_config(CsftConfig, config_path, overrides))
-    require_existing(config, ("data.world", "encoders"))
+    require_existing(config, INPUT_SETTINGS)
     return config
 
 

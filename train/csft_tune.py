@@ -121,22 +121,23 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
              validation: float, select: str = "balanced", final: bool = False) -> Dict:
     """Train and score every grid combination on the validation split (and the chosen one on
     the test files with ``final``); returns what ``OUT/tune.json`` holds."""
-    from mim_rec.config import ConfigError, load_config
+    from mim_rec.config import ConfigError, load_config, require_existing
     from mim_rec.csft.config import CsftConfig
     from mim_rec.csft.data import WorldInputs
     from mim_rec.utils.dist import launched_world_size
     from train.common import refuse_foreign_entries
-    from train.csft import check_config, evaluable_held_out, feature_cache, load_checked, untrainable
+    from train.csft import INPUT_SETTINGS, check_config, evaluable_held_out, feature_cache, untrainable
     from train.csft_runs import csft_result, metric_columns, stage1_result
 
     if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
         raise ConfigError(f"--validation {validation}: must lie strictly between 0 and 1 (the share of "
                           "the training pairs to choose on; csft-tune never chooses on the test files)")
-    base = load_checked(config_path, overrides)
+    base = check_config(load_config(CsftConfig, config_path, overrides))
     # the metrics evaluation reports, named before the stage-1 pass extracts every feature
     selectable = ["balanced", *metric_columns({f"recall@{k}": None for k in base.eval.ks})]
     if select not in selectable:
         raise ConfigError(f"--select {select!r}: not a metric; expected one of {selectable}")
+    require_existing(base, INPUT_SETTINGS)  # the flags' errors first, as for every setting
     out = Path(base.out)
     refuse_foreign_entries(out, "mim csft-tune", RUN_FILES)
     cache = feature_cache(base)
