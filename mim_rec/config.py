@@ -13,7 +13,7 @@ import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -263,11 +263,17 @@ def refuse_changed_settings(config: Any, set_by: Dict[str, str], command: str, p
     every run (``set_by`` maps each such setting to what sets it): the command's value replaced
     it without a word (``mim bench train model.ubm=sim`` timed avg and din). Read from the
     config, so a config file's setting is refused as an override's is."""
+    changed = changed_from_default(config, set_by)
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"{prefix}{key}={_dotted(config, key)}: {command} sets it; it is set by {set_by[key]}")
+
+
+def changed_from_default(config: Any, keys: Iterable[str]) -> List[str]:
+    """The dotted ``keys`` whose setting in ``config`` differs from its class's default, in
+    order: a setting equal to its default cannot be told from one left unset."""
     defaults = type(config)()
-    for key, source in set_by.items():
-        value = _dotted(config, key)
-        if value != _dotted(defaults, key):
-            raise ConfigError(f"{prefix}{key}={value}: {command} sets it; it is set by {source}")
+    return [key for key in keys if _dotted(config, key) != _dotted(defaults, key)]
 
 
 def require_run_folder(out: str, example: str) -> None:

@@ -61,7 +61,7 @@ class LayoutBenchConfig:
     sharding: str = "table_wise"
 
     def validate(self) -> None:
-        from mim_rec.config import ConfigError, require_not_negative, require_positive
+        from mim_rec.config import ConfigError, changed_from_default, require_not_negative, require_positive
         # threads: 0 used to pass as "default" (that is threads=null), -1 crashed torch
         require_positive(self, ("items", "dim", "batch_size", "hist_len", "repeats", "rounds", "threads", "ranks"))
         require_not_negative(self, ("warmup",))
@@ -80,7 +80,7 @@ class LayoutBenchConfig:
         if self.sharded and self.sharding == "column_wise" and self.dim % (4 * self.ranks):
             raise ConfigError(f"dim={self.dim}: column_wise over ranks={self.ranks} needs a multiple of "
                               f"{4 * self.ranks} (a block of a multiple of 4 columns a rank)")
-        changed = [key for key in SHARDED_ONLY if getattr(self, key) != getattr(LayoutBenchConfig(), key)]
+        changed = changed_from_default(self, SHARDED_ONLY)
         if changed and not self.sharded:  # the bare kernels were timed, as if the setting had been read
             raise ConfigError(f"{changed[0]}={getattr(self, changed[0])}: a setting of sharded=true; the kernel "
                               "mode times full histories on the bare kernels of one process")
