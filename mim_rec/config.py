@@ -91,9 +91,7 @@ def load_config(cls: Type[T], path: Optional[Union[str, Path]] = None,
             raise ConfigError(f"{path}: a config file must hold a mapping, got {type(loaded).__name__}")
         _merge(data, loaded)
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = split_override(item)
         try:
             typed = _typed(raw)
         except yaml.YAMLError as err:
@@ -194,6 +192,15 @@ def _only_comments(text: str) -> bool:
     """Whether ``text`` holds nothing but blank lines and YAML comments (a config file whose
     settings are all commented out, or /dev/null)."""
     return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
+
+
+def split_override(item: str) -> Tuple[str, str]:
+    """``(key, raw value)`` of a ``key=value`` override, refusing one without ``=``. The TorchX
+    components apply it at launch, so the job is not scheduled to fail on it."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    return key, raw
 
 
 def require_positive(config: Any, keys: Iterable[str], prefix: str = "") -> None:

@@ -64,6 +64,7 @@ def _check_mim_argv(command: List[str], argv: List[str]) -> None:
     well under a second. Where ``torchx`` runs without mim_rec installed (a machine that only
     submits), the job's parser is the only check."""
     try:
+        from mim_rec.config import ConfigError, split_override
         from train.cli import build_parser
     except ImportError:
         return
@@ -79,8 +80,10 @@ def _check_mim_argv(command: List[str], argv: List[str]) -> None:
     if unknown:  # argparse names only "mim" for these
         raise LaunchError(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}")
     for item in getattr(parsed, "overrides", None) or []:
-        if "=" not in item:
-            raise LaunchError(f"{prog}: error: override '{item}' is not of the form key=value")
+        try:
+            split_override(item)
+        except ConfigError as err:
+            raise LaunchError(f"{prog}: error: {err}") from None
 
 
 def _check_resources(cpu: int, gpu: int, memMB: int, h: Optional[str], mounts: Optional[List[str]],
