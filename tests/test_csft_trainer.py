@@ -771,30 +771,89 @@ def _bad_image(pairs: pa.Table) -> pa.Table:
     return pairs.set_column(pairs.column_names.index("query_image"), "query_image", pa.array(images, pa.binary()))
 
 
+def _with_features(pairs: pa.Table, row: Optional[int] = None, vector: Optional[list] = None,
+                   length: int = 4) -> pa.Table:
+    """``pairs`` with a ``query_feature`` vector of ``length`` beside each query image, and
+    ``vector`` (None: null) in ``row`` when given."""
+    features = [[0.5] * length for _ in range(len(pairs))]
+    if row is not None:
+        features[row] = vector
+    return pairs.append_column("query_feature", pa.array(features, pa.list_(pa.float32())))
+
+
+def _feature_null_beside_image(pairs: pa.Table) -> pa.Table:
+    """``pairs`` with a query_feature in every row but row 1, which keeps its query image only."""
+    return _with_features(pairs, row=1)
+
+
+def _features_longer_than_the_tower(pairs: pa.Table) -> pa.Table:
+    """``pairs`` whose query images are replaced by 8-long query_feature vectors in every row."""
+    return _with_features(pairs, length=8).drop_columns(["query_image"])
+
+
+def _feature_not_finite(pairs: pa.Table) -> pa.Table:
+    """``pairs`` with query_feature vectors only, row 1's holding a NaN."""
+    return _with_features(pairs, row=1, vector=[0.5, float("nan"), 0.5, 0.5]).drop_columns(["query_image"])
+
+
+def _image_null_beside_feature(pairs: pa.Table) -> pa.Table:
+    """``pairs`` with a query_feature in every row and a query_image_path column of nulls, row 1's
+    query image null: the row has no image for a pixel tower."""
+    images = pairs.column("query_image").to_pylist()
+    images[1] = None
+    pairs = pairs.set_column(pairs.column_names.index("query_image"), "query_image", pa.array(images, pa.binary()))
+    return _with_features(pairs).append_column("query_image_path", pa.nulls(len(pairs), pa.string()))
+
+
+def _image_path_to_no_file(pairs: pa.Table) -> pa.Table:
+    """``pairs`` with a query_image_path column naming a file that does not exist in row 1."""
+    paths = [None] * len(pairs)
+    paths[1] = "no-such-image.png"
+    return pairs.append_column("query_image_path", pa.array(paths, pa.string()))
+
+
+def _precomputed_stage1(folder: Path) -> Path:
+    """Stage-1 encoders whose vision tower is 'precomputed' with feature_dim=4."""
+    save_encoders(folder, EncoderPair(EncodersConfig(vision=VisionConfig(name="precomputed", feature_dim=4),
+                                                     text=tiny_text(), shared_dim=8)))
+    return folder
+
+
 @pytest.mark.parametrize("vision, rewrite, message", [
     ("pixel", _features_only, ", field 'query_image': no 'query_image' or 'query_image_path' column; use "
                               "vision.name=precomputed for pairs with only query_feature"),
     ("precomputed", None, ", field 'query_feature': no 'query_feature' column; the vision encoder is 'precomputed'"),
     ("pixel", _bad_image, ", row 1, field 'query_image': image bytes not decodable (PNG/JPEG) (value: 12 bytes "
-                          "b'not an image')")],
-    ids=["pixel tower, features only", "precomputed tower, images only", "bad image"])
+                          "b'not an image')"),
+    ("precomputed", _feature_null_beside_image, ", row 1, field 'query_feature': null: the pair has no query "
+                                                "feature, which the vision encoder 'precomputed' reads"),
+    ("precomputed", _features_longer_than_the_tower, ", row 0, field 'query_feature': a vector of length 8; the "
+                                                     "vision encoder 'precomputed' reads feature_dim=4"),
+    ("precomputed", _feature_not_finite, ", row 1, field 'query_feature': NaN or infinite value (value: "
+                                         "[0.5, nan, 0.5, 0.5])"),
+    ("pixel", _image_null_beside_feature, ", row 1, field 'query_image|query_image_path': null: the pair has no "
+                                          "query image, which the vision encoder 'convnext_atto' reads"),
+    ("pixel", _image_path_to_no_file, ", row 1, field 'query_image_path': image path missing or not decodable "
+                                      "(value: 'no-such-image.png')")],
+    ids=["pixel tower, features only", "precomputed tower, images only", "bad image",
+         "precomputed tower, a null feature beside an image", "precomputed tower, features of another length",
+         "precomputed tower, a NaN feature", "pixel tower, a null image beside a feature",
+         "pixel tower, a path to no file"])
 def test_eval_on_test_pairs_the_query_tower_cannot_read_is_refused_before_training(inputs, tmp_path, capsys,
                                                                                    monkeypatch, vision, rewrite,
                                                                                    message):
     """csft --eval read the test pairs' query images (or precomputed features) only to evaluate,
-    after training: pairs without the column the stage-1 vision tower reads are refused up front
-    with the query reader's message (a bad image was, by the pairs file's validation)."""
+    after training: pairs without the column the stage-1 vision tower reads, or with a row whose
+    query that tower cannot read (null in its column, a feature of another length than its
+    feature_dim), are refused up front, by file, row and field (a bad image, a NaN feature or a
+    path to no file was, by the pairs file's validation)."""
     import train.csft
 
     def trained(config):
         raise AssertionError("trained before the evaluation data was checked")
 
     monkeypatch.setattr(train.csft, "run_csft", trained)
-    stage1 = inputs[1]
-    if vision == "precomputed":
-        stage1 = tmp_path / "stage1"
-        save_encoders(stage1, EncoderPair(EncodersConfig(vision=VisionConfig(name="precomputed", feature_dim=4),
-                                                         text=tiny_text(), shared_dim=8)))
+    stage1 = _precomputed_stage1(tmp_path / "stage1") if vision == "precomputed" else inputs[1]
     pairs = pq.read_table(inputs[0] / "pairs_test.parquet")
     world = _world_with(inputs, tmp_path / "world", "pairs_test.parquet", rewrite(pairs) if rewrite else pairs)
     config = _config((world, stage1, inputs[2]), tmp_path / "out")

@@ -36,11 +36,11 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from mim_rec.csft.data import HeldOut, WorldInputs, require_query_column
+from mim_rec.csft.data import HeldOut, WorldInputs, require_queries
 from mim_rec.csft.model import CsftModel
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import open_parquet, read_events
-from mim_rec.encoders.config import PRECOMPUTED, VisionConfig
+from mim_rec.data.io import read_events
+from mim_rec.encoders.config import VisionConfig
 from mim_rec.encoders.pair import EncoderPair
 from mim_rec.metrics import gauc, grouped_auc
 from mim_rec.pretrain.evaluate import Twins, recall_at
@@ -173,12 +173,11 @@ def require_evaluable(world: WorldInputs, held_out: HeldOut, vision: VisionConfi
     """Refuse held-out data that the evaluation of towers with ``vision`` would refuse, by the
     same checks and messages, before any model runs: ``mim csft --eval`` found a missing or
     unscorable file only after training. ``held_out`` itself holds pairs
-    (:meth:`WorldInputs.held_out` refuses none, and its reader already decoded every query
-    image); their file must have the query column ``vision`` reads, which its schema tells (a
-    row missing its query is left to the reader: finding one means reading every query); the
-    impressions are scored with constant embeddings, since whether a user's AUC is defined
-    depends on the labels and histories alone."""
-    path = held_out.pairs.path
-    require_query_column(open_parquet(path).schema_arrow.names, path, vision.name == PRECOMPUTED)
+    (:meth:`WorldInputs.held_out` refuses none, and its reader already validated every query
+    value); every row of their file must have a query ``vision``'s tower reads
+    (:func:`require_queries`: the evaluation reads the whole file's); the impressions are scored
+    with constant embeddings, since whether a user's AUC is defined depends on the labels and
+    histories alone."""
+    require_queries(held_out.pairs.path, vision)
     content_interest_auc(torch.zeros(world.item_count, 1), held_out_events(world, held_out),
                          str(held_out.events_path))
