@@ -863,6 +863,37 @@ def test_eval_on_test_pairs_the_query_tower_cannot_read_is_refused_before_traini
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("vision, rewrite, message", [
+    ("pixel", _features_only, ", field 'query_image': no 'query_image' or 'query_image_path' column; use "
+                              "vision.name=precomputed for pairs with only query_feature"),
+    ("pixel", _image_null_beside_feature, ", row 1, field 'query_image|query_image_path': null: the pair has no "
+                                          "query image, which the vision encoder 'convnext_atto' reads"),
+    ("precomputed", _features_longer_than_the_tower, ", row 0, field 'query_feature': a vector of length 8; the "
+                                                     "vision encoder 'precomputed' reads feature_dim=4")],
+    ids=["pixel tower, features only", "pixel tower, a null image beside a feature",
+         "precomputed tower, features of another length"])
+def test_training_pairs_the_query_tower_cannot_read_are_refused_before_the_encoders_load(inputs, tmp_path, capsys,
+                                                                                        monkeypatch, vision,
+                                                                                        rewrite, message):
+    """mim csft read the training pairs' queries only after the stage-1 encoders had loaded and
+    every item's backbone features were extracted; pairs the query tower cannot read are refused
+    before, as the evaluation's are."""
+    import mim_rec.encoders
+
+    def loaded(directory):
+        raise AssertionError("encoders loaded before the training pairs were checked")
+
+    monkeypatch.setattr(mim_rec.encoders, "load_encoders", loaded)
+    stage1 = _precomputed_stage1(tmp_path / "stage1") if vision == "precomputed" else inputs[1]
+    world = _world_with(inputs, tmp_path / "world", "pairs_train.parquet",
+                        rewrite(pq.read_table(inputs[0] / "pairs_train.parquet")))
+    config = _config((world, stage1, inputs[2]), tmp_path / "out")
+    assert cli.main(["csft", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mim csft: error: {world / 'pairs_train.parquet'}{message}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_training_refuses_a_train_runs_folder(inputs, tmp_path):
     """mim csft looked only for its own checkpoint files: it rewrote a CiUBM run's config.json
     and trimmed its metrics.jsonl, and the run no longer evaluated."""
@@ -979,12 +1010,16 @@ def test_tune_refuses_held_out_data_it_cannot_score_before_any_run(inputs, tmp_p
     ("events_test.parquet", _one_label, ", field 'label': no user of its {count:,} impressions has both a click and "
                                         "a non-click with a history; the content-interest AUC is undefined"),
     ("pairs_test.parquet", _features_only, ", field 'query_image': no 'query_image' or 'query_image_path' column; "
-                                           "use vision.name=precomputed for pairs with only query_feature")],
-    ids=["events_test of one label", "pairs_test without query images"])
+                                           "use vision.name=precomputed for pairs with only query_feature"),
+    ("pairs_train.parquet", _image_null_beside_feature, ", row 1, field 'query_image|query_image_path': null: the "
+                                                        "pair has no query image, which the vision encoder "
+                                                        "'convnext_atto' reads")],
+    ids=["events_test of one label", "pairs_test without query images", "pairs_train with a null query image"])
 def test_ablations_refuse_held_out_data_they_cannot_score_before_the_stage1_pass(inputs, tmp_path, monkeypatch, name,
                                                                                 rewrite, message):
     """An unscorable events_test, or test pairs without the query column the stage-1 vision
-    tower reads, was found only in the stage-1 pass (every feature extracted)."""
+    tower reads, was found only in the stage-1 pass (every feature extracted); training pairs
+    with a query that tower cannot read, only when the first variant trained, after that pass."""
     from mim_rec.data.errors import DataError
     from train.csft_ablations import run_ablations
 
