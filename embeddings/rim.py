@@ -43,7 +43,8 @@ from mim_rec.data.schemas import ITEMS
 from mim_rec.data.validate import MAX_TITLE_CHARS, TITLE_TOO_LONG
 
 from embeddings.encoders import ItemEncoder
-from embeddings.rim_log import RimLog, WindowMessage, read_messages
+from embeddings.rim_log import RimLog, ServedTable, WindowMessage, read_messages
+from embeddings.table import table_identity
 
 REQUEST_SOURCE = "POST /items"
 _ITEM_FIELDS = {"item_id", "title", "image", "category_id", "raw_item_id"}
@@ -245,8 +246,10 @@ class RimService:
         config.validate()
         self.encoder = encoder
         self._table_ids = np.zeros(0, dtype=np.int64)
+        self._table: Optional[ServedTable] = None  # named in every record: consumers take it only into this table
         if config.table:
             self._table_ids = self._load_table(config.table, config.num_items)
+            self._table = ServedTable(str(Path(config.table).resolve()), table_identity(config.table))
         self.config = config
         self.log = RimLog(config.log, encoder.fingerprint, encoder.dim)
         self._served: Dict[int, Tuple[np.ndarray, float, float]] = {}
@@ -374,7 +377,8 @@ class RimService:
                 return [(window[0], RequestError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)))]
             return [(window[0], RequestError(HTTPStatus.INTERNAL_SERVER_ERROR, f"embedding failed: {exc!r}"))]
         message = WindowMessage(np.array([i.item_id for i in items], np.int64), vectors,
-                                self.encoder.fingerprint, np.array([i.arrived_at for i in items]), time.time())
+                                self.encoder.fingerprint, np.array([i.arrived_at for i in items]), time.time(),
+                                self._table)
         try:
             end = self.log.append(message)
         except OSError as exc:

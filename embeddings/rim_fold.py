@@ -3,27 +3,29 @@
 The next version holds the base table's parts unchanged (hard-linked where the file system
 allows, else copied) plus one new part with the log's rows, and a manifest naming the base
 table and the log offset folded. Folding a folded table again with the same log starts at that
-offset, so each version adds exactly the items that arrived since the last one.
+offset, so each version adds exactly the items that arrived since the last one. Every record
+must have been served against the base table, or against a table the base was folded from with
+this same log (:func:`served_tables`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import link_or_copy, write_table
-from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, require, write_manifest
+from mim_rec.data.manifest import Manifest, fingerprint_file, require, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP, MM_TABLE_INT8
 from mim_rec.data.staging import written_beside
 
 from embeddings.compact import int8_rows_table
-from embeddings.rim_log import check_message, check_new_ids, read_messages
-from embeddings.table import table_item_ids, table_parts
+from embeddings.rim_log import check_message, check_new_ids, check_served_table, read_messages
+from embeddings.table import table_identity, table_item_ids, table_parts
 
 
 # How much of a log's head identifies it: a log rotated to a new file at the same path starts
@@ -50,6 +52,19 @@ def folded_offset(table_dir: Union[str, Path], log_path: Union[str, Path]) -> in
     offset = int(rim["offset"])
     require_same_log(log_path, offset, rim.get("head"), f"{table_dir} was folded from", "the table")
     return offset
+
+
+def served_tables(table_dir: Union[str, Path], manifest: Manifest, log_path: Union[str, Path]) -> List[str]:
+    """The tables (:func:`~embeddings.table.table_identity`) a record of the log at ``log_path``
+    may have been served against to go into the table ``table_dir`` (its ``manifest``): the table
+    itself first, then, where it is a fold of this very log, the tables of that chain of folds
+    (``extra.rim.tables``). A service that went on serving the log against the fold's base
+    checked each later id against the base and every earlier record of the log, which is what
+    the fold holds; the fold of another log is another table, whose rows such a service never
+    saw. A log is "this very log" as for :func:`folded_offset`, which every consumer calls first."""
+    rim = manifest.extra.get("rim") or {}
+    folded_from_it = rim.get("log") == str(Path(log_path).resolve())
+    return [table_identity(table_dir), *(rim.get("tables", []) if folded_from_it else [])]
 
 
 def require_same_log(log_path: Path, offset: int, head: Optional[str], read_as: str, holder: str) -> None:
@@ -89,7 +104,8 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     """Write ``out_dir``: the table ``table_dir`` plus every log row it does not hold yet.
 
     ``num_items`` is the catalogue's id space (default: the base table's ``id_range``); a new
-    id outside it, an id the table already has, or a vector from another encoder is an error.
+    id outside it, an id the table already has, a vector from another encoder, or a record
+    served against another table (:func:`served_tables`) is an error.
     """
     table_dir, log_path, out = Path(table_dir), Path(log_path), Path(out_dir)
     base = require(table_dir, kind="mm_table")
@@ -105,10 +121,12 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
     fingerprint = table_encoder(table_dir, base)
     num_items = new_id_space(table_dir, base, num_items)
     start = end = folded_offset(table_dir, log_path)
+    tables = served_tables(table_dir, base, log_path)
     size = log_path.stat().st_size  # before reading: what the service appends meanwhile is not torn
     ids, vectors = [np.zeros(0, np.int64)], [np.zeros((0, base.dim), np.float32)]
     for end, message in read_messages(log_path, start):
         check_message(message, fingerprint, base.dim, log_path, end, f"the table {table_dir}")
+        check_served_table(message, tables, log_path, end, table_dir)
         ids.append(message.item_ids)
         vectors.append(message.vectors)
     ids, vectors = np.concatenate(ids), np.concatenate(vectors)
@@ -132,13 +150,13 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
         write_manifest(staging, Manifest(
             kind="mm_table", stage="rim_fold", config={"num_items": num_items},
             row_count=base.row_count + len(ids), dim=base.dim, dtype=base.dtype,
-            inputs={"base_table": fingerprint_file(manifest_path(table_dir)), "log": fingerprint_file(log_path)},
+            inputs={"base_table": tables[0], "log": fingerprint_file(log_path)},
             extra={"encoder_fingerprint": fingerprint, "id_range": [0, num_items], "shards": names,
                    **({"catalogue": base.extra["catalogue"]} if "catalogue" in base.extra else {}),
                    "base_table": str(table_dir.resolve()),
                    "rim": {"log": str(log_path.resolve()), "from_offset": start, "offset": end,
                            "head": log_head_digest(log_path, end), "items": int(len(ids)),
-                           "unfolded_bytes": unfolded}}))
+                           "unfolded_bytes": unfolded, "tables": tables}}))
     return out
 
 

@@ -22,8 +22,8 @@ from mim_rec.data.errors import DataError
 from mim_rec.data.manifest import require
 from mim_rec.utils.dist import current_rank
 
-from embeddings.rim_fold import folded_offset, log_head_digest, require_same_log, table_encoder
-from embeddings.rim_log import check_message, check_new_ids, complete_end, read_messages
+from embeddings.rim_fold import folded_offset, log_head_digest, require_same_log, served_tables, table_encoder
+from embeddings.rim_log import check_message, check_new_ids, check_served_table, complete_end, read_messages
 from embeddings.table import table_item_ids
 
 # How long a rank waits for the log bytes rank 0 saw to become visible to it.
@@ -45,7 +45,8 @@ class LiveMMTable:
     before its durable end is read to the end it shows and waited on (a rank that never sees
     rank 0's bytes is refused), not refused at once as by the writer and the fold.
     Each record passes the fold's checks before any row of it is written (same encoder and
-    width, finite vectors, ids in range that neither the table nor an earlier record holds), so
+    width, served against this table or one it was folded from with this log, finite vectors,
+    ids in range that neither the table nor an earlier record holds), so
     a live model never trains on a row the next table version would refuse.
     """
 
@@ -55,6 +56,7 @@ class LiveMMTable:
         manifest = require(table_dir, kind="mm_table")
         self.fingerprint, self.dim = table_encoder(table_dir, manifest), manifest.dim
         self.offset = folded_offset(table_dir, log_path)
+        self.tables = served_tables(table_dir, manifest, log_path)
         self.head = self._head()                            # of the bytes read so far
         self.table_ids = table_item_ids(table_dir)           # sorted, fixed
         self.applied_ids = np.zeros(0, dtype=np.int64)       # sorted: ids this applier wrote
@@ -100,6 +102,7 @@ class LiveMMTable:
                 for end, message in read_messages(self.log_path, self.offset, stop, view_may_lag=True):
                     check_message(message, self.fingerprint, self.dim, self.log_path, end,
                                   f"the table {self.table_dir}")
+                    check_served_table(message, self.tables, self.log_path, end, self.table_dir)
                     check_new_ids(message.item_ids, [self.table_ids, self.applied_ids], self.num_items,
                                   self.log_path, f"the table {self.table_dir} or an earlier record of this log",
                                   " of the model's MM table")

@@ -4,7 +4,11 @@ Each record is one *window message*, the items the RIM service embedded in one b
 
     frame    = magic b"RIM1" | payload length (uint32 LE) | CRC32 of payload (uint32 LE)
     payload  = header length (uint32 LE) | header (UTF-8 JSON) | vectors (float32 LE, n x dim)
-    header   = {"fingerprint", "dim", "embedded_at", "item_ids": [n], "arrived_at": [n]}
+    header   = {"fingerprint", "dim", "embedded_at", "item_ids": [n], "arrived_at": [n],
+                "table": {"path", "fingerprint"} | null}
+
+``table`` is the MM table the service checked the items' ids against (None: it was told none);
+a consumer folds or applies a record only into that table (:func:`check_served_table`).
 
 Offsets are byte offsets of record boundaries, so a consumer (the table fold, a live CTR
 model) remembers how far it has read and resumes there.
@@ -40,7 +44,7 @@ import json
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Set, Tuple, Union
 
@@ -54,6 +58,15 @@ _HEADER_LEN = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
+class ServedTable:
+    """The MM table a service checked new ids against: its folder, to name it in errors, and its
+    :func:`~embeddings.table.table_identity`, to know it (a folder may be replaced or moved)."""
+
+    path: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class WindowMessage:
     """Items embedded in one batch window: ``vectors[i]`` is item ``item_ids[i]``'s vector."""
 
@@ -62,6 +75,7 @@ class WindowMessage:
     fingerprint: str           # the item encoder that produced the vectors
     arrived_at: np.ndarray     # [n] float64, Unix seconds each item reached the service
     embedded_at: float         # Unix seconds the window was embedded
+    table: Optional[ServedTable] = None  # the table the service served against; None: none
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -77,7 +91,8 @@ class WindowMessage:
         header = json.dumps({"fingerprint": self.fingerprint, "dim": self.dim,
                              "embedded_at": self.embedded_at,
                              "item_ids": [int(i) for i in self.item_ids],
-                             "arrived_at": [float(t) for t in self.arrived_at]}).encode()
+                             "arrived_at": [float(t) for t in self.arrived_at],
+                             "table": None if self.table is None else asdict(self.table)}).encode()
         payload = _HEADER_LEN.pack(len(header)) + header + self.vectors.astype("<f4").tobytes()
         return _FRAME.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
@@ -92,6 +107,7 @@ class WindowMessage:
             dim, fingerprint, embedded_at = header["dim"], header["fingerprint"], float(header["embedded_at"])
         except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
             raise ValueError(f"header is not a window header ({type(exc).__name__}: {exc})") from None
+        table = _served_table(header)
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise ValueError("item_ids are not all integers")
         if not all(-2 ** 63 <= i < 2 ** 63 for i in ids):  # numpy would raise a bare OverflowError
@@ -102,7 +118,22 @@ class WindowMessage:
         if vectors.size != len(ids) * dim:
             raise ValueError(f"{vectors.size} floats for {len(ids)} items of dim {dim}")
         return WindowMessage(np.asarray(ids, dtype=np.int64), vectors.reshape(len(ids), dim).astype(np.float32),
-                             str(fingerprint), np.asarray(arrived_at, dtype=np.float64), embedded_at)
+                             str(fingerprint), np.asarray(arrived_at, dtype=np.float64), embedded_at, table)
+
+
+def _served_table(header: dict) -> Optional[ServedTable]:
+    """The header's ``table``. A header without one was written before records named their
+    table: which table its ids were checked against is unknown, so it is refused, not guessed."""
+    if "table" not in header:
+        raise ValueError("its header names no table (written before records named the table they were served "
+                         "against); serve new items into a new log")
+    table = header["table"]
+    if table is None:
+        return None
+    if not (isinstance(table, dict) and set(table) == {"path", "fingerprint"}
+            and all(isinstance(value, str) for value in table.values())):
+        raise ValueError(f"table {table!r} is neither null nor a {{path, fingerprint}} of strings")
+    return ServedTable(**table)
 
 
 class _TornTail(Exception):
@@ -344,6 +375,23 @@ def check_fingerprint(message: WindowMessage, expected: str, source: Union[str, 
         raise ManifestMismatch(f"{source}: window message of items {message.item_ids[:3].tolist()}... "
                                f"was embedded by encoder {message.fingerprint!r}, {expected_of} by "
                                f"{expected!r}; vectors from two encoders cannot share a table")
+
+
+def check_served_table(message: WindowMessage, tables: Sequence[str], source: Union[str, Path], end: int,
+                       table_dir: Union[str, Path]) -> None:
+    """Refuse a record served against another table than ``table_dir``: ``tables`` are the
+    identities a record may name to go into it, its own first (:func:`embeddings.rim_fold.served_tables`).
+    The service checked the record's ids against its table only: in another table (another
+    catalogue, or one that gained rows the service never saw) the same id may name another item
+    or a row already taken. A record served against no table (the service was told none, and
+    warned) was checked against none, and goes into any table whose checks it passes."""
+    served = message.table
+    if served is not None and served.fingerprint not in tables:
+        folds = " or a table it was folded from with this log" if len(tables) > 1 else ""
+        raise ManifestMismatch(f"{source}: the record ending at byte {end} was served against the table "
+                               f"{served.path} (manifest {served.fingerprint}), not {table_dir} (manifest "
+                               f"{tables[0]}){folds}; fold or apply a log only into the table it was served "
+                               "against, or a fold of that table from this log")
 
 
 def check_message(message: WindowMessage, fingerprint: str, dim: int, source: Union[str, Path], end: int,

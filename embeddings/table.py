@@ -18,7 +18,7 @@ import torch
 
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import open_parquet
-from mim_rec.data.manifest import Manifest, manifest_path, read_manifest
+from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, read_manifest
 from mim_rec.data.validate import repeated_entries
 
 
@@ -44,6 +44,13 @@ def table_parts(table_dir: Union[str, Path], manifest: Optional[Manifest] = None
             raise DataError(str(table_dir / stray[0]), "a part the manifest does not list (left by another "
                                                        "build?); remove it or rebuild the table")
     return parts
+
+
+def table_identity(table_dir: Union[str, Path]) -> str:
+    """Which table ``table_dir`` is: the fingerprint of its manifest, which every build, fold and
+    quantise writes anew (its creation time included), so two tables never share one, while a
+    copied folder keeps it. Cheap at any table size: the parts are not read."""
+    return fingerprint_file(manifest_path(table_dir))
 
 
 MISSING_POLICIES = ("error", "default")

@@ -21,8 +21,8 @@ from embeddings.build import build_table
 from embeddings.rim import RimConfig, RimService
 from embeddings.rim_fold import fold_log
 from embeddings.rim_live import LiveMMTable
-from embeddings.rim_log import RimLog, WindowMessage
-from embeddings.table import read_mm_rows, read_mm_table
+from embeddings.rim_log import RimLog, ServedTable, WindowMessage, read_messages
+from embeddings.table import read_mm_rows, read_mm_table, table_identity
 from mim_rec.ciubm import mm_shards
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import read_items, write_table
@@ -261,11 +261,12 @@ def test_fold_refuses_ids_outside_the_id_space_known_ids_and_other_encoders(cata
         RimService(RimConfig(log=str(foreign), table=str(base_table)), IdEncoder())
 
 
-def _log_of(path, ids, vectors=None):
-    """A log of one record per id. Given ``vectors``, the records are written raw, as a buggy
-    writer would leave them (RimLog itself refuses a non-finite row)."""
+def _log_of(path, ids, vectors=None, table=None):
+    """A log of one record per id (appended where ``path`` is a log already), served against
+    ``table`` (a :class:`ServedTable`). Given ``vectors``, the records are written raw, as a
+    buggy writer would leave them (RimLog itself refuses a non-finite row)."""
     messages = [WindowMessage(np.array([item]), vectors_of([item]).numpy() if vectors is None else vectors,
-                              IdEncoder.fingerprint, np.zeros(1), 0.0) for item in ids]
+                              IdEncoder.fingerprint, np.zeros(1), 0.0, table) for item in ids]
     if vectors is not None:
         path.write_bytes(b"".join(message.encode() for message in messages))
         return path
@@ -273,6 +274,54 @@ def _log_of(path, ids, vectors=None):
         for message in messages:
             writer.append(message)
     return path
+
+
+def test_the_fold_and_the_live_apply_refuse_a_log_served_against_another_table(catalogue, base_table, log,
+                                                                              tmp_path, monkeypatch):
+    """A log named only its encoder: folded into another table that encoder built (a rebuild,
+    another catalogue's), its rows landed among ids the service never checked them against."""
+    import re
+
+    items, _ = catalogue
+    assert next(read_messages(log))[1].table == ServedTable(str(base_table.resolve()), table_identity(base_table))
+    other = build_table(IdEncoder(), base_table.parent / "items_old.parquet", tmp_path / "other", shard_rows=64)
+    refusal = (rf"rim.log: the record ending at byte \d+ was served against the table {re.escape(str(base_table))} "
+               rf"\(manifest {table_identity(base_table)}\), not {re.escape(str(other))} \(manifest "
+               rf"{table_identity(other)}\); fold or apply a log only into the table it was served against")
+    with pytest.raises(ManifestMismatch, match=refusal):
+        fold_log(other, log, tmp_path / "v2", num_items=items.num_rows)
+    assert not (tmp_path / "v2").exists()
+    rows = torch.zeros(items.num_rows, DIM)
+    monkeypatch.setattr(mm_shards, "local_mm_shards", lambda model: [(0, 0, rows)])
+    with pytest.raises(ManifestMismatch, match=refusal):
+        LiveMMTable(log, other, items.num_rows).apply(None)
+    assert not rows.any()
+
+
+def test_a_fold_takes_records_served_against_its_base_from_the_log_it_was_folded_from_only(catalogue, base_table,
+                                                                                           tmp_path, monkeypatch):
+    """A service that goes on serving a log against the base after a fold checked each new id
+    against the base and every earlier record of that log, which is what the fold holds; a
+    service serving another log against the base never saw the fold's new rows."""
+    items, cut = catalogue
+    against_base = ServedTable(str(base_table), table_identity(base_table))
+    path = _log_of(tmp_path / "rim.log", [cut], table=against_base)
+    v2 = fold_log(base_table, path, tmp_path / "v2", num_items=items.num_rows)
+    _log_of(path, [cut + 1], table=against_base)  # the service goes on
+    v3 = fold_log(v2, path, tmp_path / "v3")
+    assert read_manifest(v3).extra["rim"]["items"] == 1
+    assert read_manifest(v3).extra["rim"]["tables"] == [table_identity(v2), table_identity(base_table)]
+    _log_of(path, [cut + 2], table=against_base)
+    assert fold_log(v3, path, tmp_path / "v4").exists()  # a chain of folds of one log
+    rows = torch.zeros(items.num_rows, DIM)
+    monkeypatch.setattr(mm_shards, "local_mm_shards", lambda model: [(0, 0, rows)])
+    assert LiveMMTable(path, v2, items.num_rows).apply(None) == 2
+
+    another = _log_of(tmp_path / "another.log", [cut + 3], table=against_base)
+    with pytest.raises(ManifestMismatch, match=rf"another.log: .* not .*v2 \(manifest {table_identity(v2)}\); "):
+        fold_log(v2, another, tmp_path / "v3_another")
+    served_v2 = _log_of(tmp_path / "after_v2.log", [cut + 3], table=ServedTable(str(v2), table_identity(v2)))
+    assert read_manifest(fold_log(v2, served_v2, tmp_path / "v3_after")).extra["rim"]["items"] == 1
 
 
 def test_a_table_that_names_no_encoder_is_refused_by_the_fold_and_the_live_apply(catalogue, base_table, log,

@@ -359,7 +359,8 @@ def framed(header: dict, floats: int) -> bytes:
     return _FRAME.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-GOOD_HEADER = {"fingerprint": "enc:a", "dim": DIM, "embedded_at": 1.0, "item_ids": [5], "arrived_at": [0.5]}
+GOOD_HEADER = {"fingerprint": "enc:a", "dim": DIM, "embedded_at": 1.0, "item_ids": [5], "arrived_at": [0.5],
+               "table": None}
 
 
 @pytest.mark.parametrize("header, floats, reason", [
@@ -370,6 +371,9 @@ GOOD_HEADER = {"fingerprint": "enc:a", "dim": DIM, "embedded_at": 1.0, "item_ids
     ({**GOOD_HEADER, "item_ids": [5.7]}, DIM, "item_ids are not all integers"),  # was folded as item 5
     ({**GOOD_HEADER, "item_ids": [2 ** 63]}, DIM, "item_ids do not all fit int64"),  # was an OverflowError
     ({**GOOD_HEADER, "dim": 0}, 0, "dim 0 is not a positive integer"),
+    # which table the ids were checked against is unknown: folded into any table, they might name other items
+    ({k: v for k, v in GOOD_HEADER.items() if k != "table"}, DIM, "its header names no table"),
+    ({**GOOD_HEADER, "table": "runs/mm_table"}, DIM, "neither null nor a {path, fingerprint}"),
 ])
 def test_a_record_with_a_valid_crc_but_a_malformed_body_is_refused_naming_file_and_byte(tmp_path, header,
                                                                                           floats, reason):
