@@ -22,6 +22,7 @@ from mim_rec.data.errors import DataError
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, read_manifest, write_manifest
 from mim_rec.data.schemas import MM_TABLE_INT8
 from mim_rec.data.staging import written_beside
+from mim_rec.utils.run import sole_writer
 
 from embeddings.table import read_part_rows, table_parts
 
@@ -83,11 +84,18 @@ def quantise_table(source: Union[str, Path], out_dir: Union[str, Path]) -> Path:
     Part for part (same item ids), so a rank loading one shard still reads one part, and a
     folded table (whose RIM part holds scattered new ids) quantises like a built one. The copy
     is written beside ``out_dir`` and renamed into place when whole; ``out_dir`` must be new or
-    empty. The manifest keeps the source's lineage and records the worst per-row step.
+    empty, and a second writer into it (a fold, another quantise) is refused at once while this
+    one runs (:func:`~mim_rec.utils.run.sole_writer`). The manifest keeps the source's lineage
+    and records the worst per-row step.
     """
+    with sole_writer(out_dir):
+        return _quantise_into(Path(source), Path(out_dir))
+
+
+def _quantise_into(source: Path, out: Path) -> Path:
+    """:func:`quantise_table`, once this process is the only writer of ``out``."""
     from mim_rec.data.io import write_table
 
-    source, out = Path(source), Path(out_dir)
     manifest = read_manifest(source)
     if manifest.kind != "mm_table" or manifest.dtype not in ("float32", "float16"):
         raise ValueError(f"{source}: not an fp MM table (kind {manifest.kind!r}, dtype {manifest.dtype!r})")

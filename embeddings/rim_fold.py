@@ -22,6 +22,7 @@ from mim_rec.data.io import link_or_copy, write_table
 from mim_rec.data.manifest import Manifest, fingerprint_file, require, write_manifest
 from mim_rec.data.schemas import MM_TABLE_FP, MM_TABLE_INT8
 from mim_rec.data.staging import written_beside
+from mim_rec.utils.run import sole_writer
 
 from embeddings.compact import int8_rows_table
 from embeddings.rim_log import check_message, check_new_ids, check_served_table, read_messages
@@ -105,9 +106,15 @@ def fold_log(table_dir: Union[str, Path], log_path: Union[str, Path], out_dir: U
 
     ``num_items`` is the catalogue's id space (default: the base table's ``id_range``); a new
     id outside it, an id the table already has, a vector from another encoder, or a record
-    served against another table (:func:`served_tables`) is an error.
+    served against another table (:func:`served_tables`) is an error. A second fold (or
+    quantise) into the same ``out_dir`` while this one runs is refused at once (:func:`sole_writer`).
     """
-    table_dir, log_path, out = Path(table_dir), Path(log_path), Path(out_dir)
+    with sole_writer(out_dir):
+        return _fold_into(Path(table_dir), Path(log_path), Path(out_dir), num_items)
+
+
+def _fold_into(table_dir: Path, log_path: Path, out: Path, num_items: Optional[int]) -> Path:
+    """:func:`fold_log`, once this process is the only writer of ``out``."""
     base = require(table_dir, kind="mm_table")
     if not log_path.is_file():
         raise DataError(str(log_path), "a folder, not a RIM log file" if log_path.is_dir() else "no such log file")

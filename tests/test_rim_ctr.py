@@ -200,6 +200,46 @@ def test_fold_refuses_a_file_as_out_a_folder_inside_the_base_table_and_a_folder_
         fold_log(base_table, tmp_path, tmp_path / "v2", num_items=items.num_rows)
 
 
+def test_a_second_writer_into_the_same_out_is_refused_at_once_and_a_killed_one_blocks_no_later_run(
+        catalogue, base_table, tmp_path):
+    """Two folds (or a fold and a quantise) into one out= deleted each other's staging folders:
+    each began by removing a leftover ``.OUT.folding``, then renamed whichever it found."""
+    import re
+    import subprocess
+    import sys
+
+    from embeddings.compact import quantise_table
+    from mim_rec.config import ConfigError
+    from mim_rec.utils.run import sole_writer
+
+    items, cut = catalogue
+    log, out = _log_of(tmp_path / "rim.log", [cut]), tmp_path / "v2"
+    staging = tmp_path / ".v2.folding"
+    with sole_writer(out):  # a fold half-way through writing its staging folder
+        staging.mkdir()
+        (staging / "part-00000.parquet").write_text("half")
+        for write in (lambda: fold_log(base_table, log, out, num_items=items.num_rows),
+                      lambda: quantise_table(base_table, out)):
+            with pytest.raises(ConfigError, match=rf"out={re.escape(str(out))}: another run is writing this folder "
+                                                  rf"\(pid {os.getpid()}\)"):
+                write()
+        assert (staging / "part-00000.parquet").read_text() == "half" and not out.exists()
+    shutil.rmtree(staging)
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; lock = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(lock, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / ".v2.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError, match="another run is writing this folder"):
+            fold_log(base_table, log, out, num_items=items.num_rows)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fold_log(base_table, log, out, num_items=items.num_rows) == out  # the kill freed the lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rim.log", "rim.log.durable", "v2"]
+
+
 def test_fold_says_how_many_bytes_of_an_incomplete_last_record_it_left(catalogue, base_table, tmp_path, capsys):
     """A torn or half-written last record was left out without a word."""
     items, cut = catalogue

@@ -91,3 +91,21 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
     holder.wait()
     with run_folder_lock(tmp_path):
         pass
+
+
+def test_a_lock_file_its_holder_removed_is_not_taken_and_a_refused_writer_leaves_no_folder(tmp_path):
+    """``sole_writer``'s holder removes ``.OUT.lock`` when done: a writer that opened the file
+    just before took the flock of the removed file, beside a writer after it holding a new one."""
+    from mim_rec.config import ConfigError
+    from mim_rec.utils.run import _locked, sole_writer
+
+    path = tmp_path / ".v2.lock"
+    with sole_writer(tmp_path / "v2"):
+        late = path.open("a+")  # opened while the holder holds it
+    with late:
+        assert not path.exists() and not _locked(late, path)
+        with sole_writer(tmp_path / "v2"):  # a writer after it holds a new file there
+            assert not _locked(late, path)
+    with pytest.raises(ConfigError), sole_writer(tmp_path / "new" / "v2"):
+        raise ConfigError("refused")
+    assert list(tmp_path.iterdir()) == []

@@ -206,6 +206,29 @@ def _remove_empty(folders: Sequence[Path]) -> None:
 
 
 @contextmanager
+def sole_writer(out: Union[str, Path]) -> Iterator[None]:
+    """Hold the folder ``out`` for one writer that builds it beside itself and renames it into
+    place (``mim embeddings fold``, ``quantise_table``): a second writer into the same ``out``
+    is refused at once, where it used to delete the first one's staging folder and race it for
+    the rename. The lock is an flock on ``.OUT.lock`` beside ``out``; the OS frees it when the
+    holder exits, however it exits, so a killed holder blocks no later writer. The holder
+    removes the file while it still holds it (:func:`_held` refuses a removed one), and a folder
+    this call created for it is removed again if nothing else went there."""
+    out = Path(out)
+    path = out.parent / f".{out.name}.lock"
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _held(path, out):
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
+    finally:
+        _remove_empty(created)
+
+
+@contextmanager
 def _held(path: Path, out: Union[str, Path]) -> Iterator[None]:
     """An exclusive flock on ``path`` (holding this process's pid) for the ``with`` block."""
     import fcntl
@@ -213,13 +236,11 @@ def _held(path: Path, out: Union[str, Path]) -> Iterator[None]:
     from mim_rec.config import ConfigError
 
     with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _locked(handle, path):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise ConfigError(f"out={out}: another run is writing this folder (pid {holder}); wait for it, "
-                              f"stop it, or use another out=") from None
+                              f"stop it, or use another out=")
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -228,3 +249,21 @@ def _held(path: Path, out: Union[str, Path]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _locked(handle, path: Path) -> bool:
+    """Take the exclusive flock of the lock file ``path`` through its open ``handle``, without
+    waiting: False when another process holds it, or when the file was removed since ``handle``
+    opened it (by a holder that finished: a writer after it may hold a new file there)."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
