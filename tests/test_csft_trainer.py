@@ -812,6 +812,21 @@ def _image_path_to_no_file(pairs: pa.Table) -> pa.Table:
     return pairs.append_column("query_image_path", pa.array(paths, pa.string()))
 
 
+def test_a_query_feature_the_tower_refuses_is_named_by_its_column(inputs, tmp_path):
+    """The precomputed tower's reader named a pairs file's refused query feature 'image_feature',
+    a column pairs do not have."""
+    from mim_rec.csft.data import read_query_inputs
+    from mim_rec.data.errors import DataError
+    from mim_rec.encoders.vision import PrecomputedVisionEncoder
+
+    path = tmp_path / "pairs_test.parquet"
+    pq.write_table(_feature_null_beside_image(pq.read_table(inputs[0] / "pairs_test.parquet")), path)
+    items = pq.read_metadata(inputs[0] / "items.parquet").num_rows
+    with pytest.raises(DataError) as refused:
+        read_query_inputs(path, items, PrecomputedVisionEncoder(VisionConfig(name="precomputed", feature_dim=4)))
+    assert str(refused.value) == f"{path}, row 1, field 'query_feature': missing feature vector"
+
+
 def _precomputed_stage1(folder: Path) -> Path:
     """Stage-1 encoders whose vision tower is 'precomputed' with feature_dim=4."""
     save_encoders(folder, EncoderPair(EncodersConfig(vision=VisionConfig(name="precomputed", feature_dim=4),

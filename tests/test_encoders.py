@@ -79,6 +79,18 @@ def test_precomputed_vision_checks_vectors():
         encoder.preprocess([[1, 2, float("nan"), 4]])
 
 
+def test_both_towers_name_the_column_their_caller_read():
+    """The precomputed tower named every refused vector 'image_feature', and the pixel tower every
+    refused image 'image', whatever column they came from (a pairs file's query_feature)."""
+    features = build_vision_encoder(VisionConfig(name="precomputed", feature_dim=4))
+    for vectors, reason in (([None], "missing"), ([[1, 2]], "shape"), ([[1, 2, float("nan"), 4]], "NaN")):
+        with pytest.raises(DataError, match=f"pairs.parquet, row 5, field 'query_feature': .*{reason}"):
+            features.preprocess(vectors, source="pairs.parquet", rows=[5], field="query_feature")
+    with pytest.raises(DataError, match=r"pairs.parquet, row 5, field 'query_image': .*decodable"):
+        build_vision_encoder(tiny_vision()).preprocess([b"garbage"], source="pairs.parquet", rows=[5],
+                                                       field="query_image")
+
+
 def test_text_mean_pooling_ignores_padding():
     encoder = build_text_encoder(tiny_text()).eval()
     alone = encoder(["red square"])

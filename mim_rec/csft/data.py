@@ -114,16 +114,18 @@ class HeldOut:
 
 def read_query_inputs(path: PathLike, item_count: int, vision: VisionEncoder) -> torch.Tensor:
     """Every row's query, decoded: uint8 pixels ``[n, 3, S, S]``, or ``query_feature``
-    vectors for a precomputed vision tower. Errors name file, row and field."""
+    vectors for a precomputed vision tower. Errors name file, row and field (the query
+    column(s), not the items' ``image``/``image_feature`` the towers' readers default to)."""
     path = Path(path)
     table = read_pairs(path, item_count)
     rows = list(range(table.num_rows))
     precomputed = isinstance(vision, PrecomputedVisionEncoder)
     require_query_column(table.column_names, path, precomputed)
     if precomputed:
-        return vision.preprocess(table.column("query_feature").to_pylist(), str(path), rows)
+        return vision.preprocess(table.column("query_feature").to_pylist(), str(path), rows, "query_feature")
     images = encoded_images(table, path, "query_image", "query_image_path", "pairs", "query_feature")
-    return vision.image_processor.to_uint8(images, str(path), rows)
+    columns = [name for name in ("query_image", "query_image_path") if name in table.column_names]
+    return vision.image_processor.to_uint8(images, str(path), rows, "|".join(columns))
 
 
 def require_query_column(names: Sequence[str], path: PathLike, precomputed: bool) -> None:

@@ -57,16 +57,17 @@ class ImagePreprocessor:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def to_uint8(self, images: Sequence[ImageLike], source: str = "<images>",
-                 rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+                 rows: Optional[Sequence[int]] = None, field: str = "image") -> torch.Tensor:
         """Decode and resize into a ``[B, 3, size, size]`` uint8 tensor (augmentations run
-        on this before :meth:`normalize`). A bad image raises DataError naming its row."""
+        on this before :meth:`normalize`). A bad image raises DataError naming its row and
+        ``field``, the column(s) the images came from (a pairs file's query images)."""
         out = torch.empty((len(images), 3, self.size, self.size), dtype=torch.uint8)
         for i, data in enumerate(images):
             try:
                 image = decode_image(data)
             except ValueError as exc:
                 raise DataError(source, str(exc), row=rows[i] if rows is not None else i,
-                                field="image") from exc
+                                field=field) from exc
             if image.size != (self.size, self.size):
                 image = image.resize((self.size, self.size), Image.BICUBIC)
             out[i] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
@@ -76,8 +77,8 @@ class ImagePreprocessor:
         return (pixels_uint8.float() / 255.0 - self.mean) / self.std
 
     def __call__(self, images: Sequence[ImageLike], source: str = "<images>",
-                 rows: Optional[Sequence[int]] = None) -> torch.Tensor:
-        return self.normalize(self.to_uint8(images, source, rows))
+                 rows: Optional[Sequence[int]] = None, field: str = "image") -> torch.Tensor:
+        return self.normalize(self.to_uint8(images, source, rows, field))
 
     @property
     def stats(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -127,8 +127,8 @@ class TimmVisionEncoder(PartlyFrozen):
             model.set_grad_checkpointing(True)
 
     def preprocess(self, images: Sequence[ImageLike], source: str = "<images>",
-                   rows: Optional[Sequence[int]] = None) -> torch.Tensor:
-        return self.image_processor(images, source, rows)
+                   rows: Optional[Sequence[int]] = None, field: str = "image") -> torch.Tensor:
+        return self.image_processor(images, source, rows, field)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self.style_stages:
@@ -215,20 +215,22 @@ class PrecomputedVisionEncoder(nn.Module):
         super().__init__()
         self.feature_dim: int = config.feature_dim
 
-    def preprocess(self, features: Sequence[Union[Sequence[float], np.ndarray]],
-                   source: str = "<features>", rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def preprocess(self, features: Sequence[Union[Sequence[float], np.ndarray]], source: str = "<features>",
+                   rows: Optional[Sequence[int]] = None, field: str = "image_feature") -> torch.Tensor:
+        """``[len(features), feature_dim]`` float32; an error names ``source``, the row and
+        ``field``, the column the vectors came from (a pairs file's ``query_feature``, whose
+        errors named ``image_feature``)."""
         out = torch.empty((len(features), self.feature_dim), dtype=torch.float32)
         for i, vector in enumerate(features):
             row = rows[i] if rows is not None else i
             if vector is None:
-                raise DataError(source, "missing image feature", row=row, field="image_feature")
+                raise DataError(source, "missing feature vector", row=row, field=field)
             values = torch.as_tensor(np.asarray(vector, dtype=np.float32))
             if values.shape != (self.feature_dim,):
-                raise DataError(source, f"image feature has shape {tuple(values.shape)}, "
-                                f"expected ({self.feature_dim},)", row=row, field="image_feature")
+                raise DataError(source, f"feature vector has shape {tuple(values.shape)}, "
+                                f"expected ({self.feature_dim},)", row=row, field=field)
             if not torch.isfinite(values).all():
-                raise DataError(source, "image feature holds NaN/inf", row=row,
-                                field="image_feature")
+                raise DataError(source, "feature vector holds NaN/inf", row=row, field=field)
             out[i] = values
         return out
 
