@@ -21,7 +21,7 @@ world this turns a 20-minute table build into seconds of head and fusion passes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Protocol, Tuple, Union
 
 import pyarrow as pa
 import torch
@@ -29,6 +29,9 @@ import torch.nn.functional as F
 
 from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.manifest import fingerprint_tree, read_manifest
+
+if TYPE_CHECKING:
+    from mim_rec.encoders.config import VisionConfig
 
 
 class ItemEncoder(Protocol):
@@ -184,6 +187,22 @@ class LatentStyleEncoder:
 def is_truth_folder(folder: Union[str, Path]) -> bool:
     """A synthetic world's ``truth/`` folder (``mim data synth`` writes ``items.npz`` there)."""
     return (Path(folder) / "items.npz").is_file() and not (Path(folder) / "manifest.json").is_file()
+
+
+def item_encoder_vision(artifact_dir: Union[str, Path]) -> Optional["VisionConfig"]:
+    """The vision tower settings of the item encoder :func:`load_item_encoder` would load from
+    ``artifact_dir``, read from its manifests alone, so that the items can be checked for that
+    tower before it loads. None for a truth folder (it reads no image) and for a folder
+    :func:`load_item_encoder` refuses (its message is the one to give)."""
+    from mim_rec.csft.model import ENCODERS_DIR
+    from mim_rec.encoders.pair import saved_config
+
+    if is_truth_folder(artifact_dir):
+        return None
+    kind = read_manifest(artifact_dir).kind
+    if kind not in ("encoders", "mm_encoder"):
+        return None
+    return saved_config(Path(artifact_dir) / ENCODERS_DIR if kind == "mm_encoder" else artifact_dir).vision
 
 
 def load_item_encoder(artifact_dir: Union[str, Path], batch_size: int = 256,

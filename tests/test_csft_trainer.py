@@ -902,6 +902,12 @@ def test_training_pairs_the_query_tower_cannot_read_are_refused_before_the_encod
     stage1 = _precomputed_stage1(tmp_path / "stage1") if vision == "precomputed" else inputs[1]
     world = _world_with(inputs, tmp_path / "world", "pairs_train.parquet",
                         rewrite(pq.read_table(inputs[0] / "pairs_train.parquet")))
+    if vision == "precomputed":  # items the tower reads (their images are checked first)
+        items = pq.read_table(inputs[0] / "items.parquet")
+        (world / "items.parquet").unlink()
+        pq.write_table(items.append_column("image_feature", pa.array([[0.5] * 4] * len(items),
+                                                                     pa.list_(pa.float32()))),
+                       world / "items.parquet")
     config = _config((world, stage1, inputs[2]), tmp_path / "out")
     assert cli.main(["csft", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

@@ -180,3 +180,87 @@ def test_the_linear_probe_over_one_category_is_not_a_perfect_accuracy():
                          "probe_t2i_r1", "probe_t2i_r10"], 0.5) | {"image_linear_probe_acc": None,
                                                                     "title_linear_probe_acc": None}
     assert format_table({"plain": row}).splitlines()[-1].endswith("| n/a (one category) | n/a (one category) |")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A synthetic world (pixels) and stage-1 encoders of a pixel and a precomputed (4-d) tower."""
+    from mim_rec.data.synth import SynthConfig, generate_world, tiny
+    from mim_rec.encoders import EncoderPair, EncodersConfig, VisionConfig, save_encoders
+    from tests.encoder_fixtures import tiny_encoders, tiny_text
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    world = generate_world(replace(tiny(SynthConfig()), items=120, categories=2, users=10, events=200, pairs_train=30,
+                                   pairs_test=10, image_size=32), folder / "world")
+    save_encoders(folder / "pixel", EncoderPair(tiny_encoders(shared_dim=8)))
+    save_encoders(folder / "precomputed", EncoderPair(EncodersConfig(
+        vision=VisionConfig(name="precomputed", feature_dim=4), text=tiny_text(), shared_dim=8)))
+    return world, folder
+
+
+def _with_image_features(items, row: int = -1, length: int = 4):
+    """``items`` with an image_feature vector of ``length`` beside each image, null in ``row``."""
+    import pyarrow as pa
+
+    features = [None if i == row else [0.5] * length for i in range(len(items))]
+    return items.append_column("image_feature", pa.array(features, pa.list_(pa.float32())))
+
+
+def _null_image_beside_a_feature(items):
+    import pyarrow as pa
+
+    images = items.column("image").to_pylist()
+    images[1] = None
+    return _with_image_features(items.set_column(items.column_names.index("image"), "image",
+                                                 pa.array(images, pa.binary())))
+
+
+@pytest.mark.parametrize("command", ["pretrain", "csft", "embeddings build"])
+@pytest.mark.parametrize("tower, rewrite, message", [
+    ("pixel", _null_image_beside_a_feature, "row 1, field 'image': null: the item has no image, which the vision "
+                                            "encoder 'convnext_atto' reads"),
+    ("precomputed", lambda items: _with_image_features(items, row=1),
+     "row 1, field 'image_feature': null: the item has no image feature, which the vision encoder 'precomputed' "
+     "reads"),
+    ("precomputed", lambda items: _with_image_features(items, length=8).drop_columns(["image"]),
+     "row 0, field 'image_feature': a vector of length 8; the vision encoder 'precomputed' reads feature_dim=4")],
+    ids=["pixel tower, a null image beside a feature", "precomputed tower, a null feature beside an image",
+         "precomputed tower, features of another length"])
+def test_items_the_vision_tower_cannot_read_are_refused_before_any_encoder_loads(synthetic, tmp_path, capsys,
+                                                                                monkeypatch, command, tower,
+                                                                                rewrite, message):
+    """Validation accepts a row whose image column the tower reads is null beside another image
+    column, and compares a vector's length only with the file's other rows: mim pretrain found
+    such items after building its towers, mim csft after loading the encoders, mim embeddings
+    build after loading its encoder (a row past the first shard, after writing the shards before
+    it). Each refuses them first, by file, row and field."""
+    import pyarrow.parquet as pq
+
+    source, folder = synthetic
+    world = tmp_path / "world"
+    world.mkdir()
+    for each in source.iterdir():
+        if each.name != "items.parquet":
+            (world / each.name).symlink_to(each)
+    pq.write_table(rewrite(pq.read_table(source / "items.parquet")), world / "items.parquet")
+    _refuse_towers(monkeypatch)
+    out = tmp_path / "out"
+    if command == "pretrain":
+        config = _config(world, out)
+        if tower == "precomputed":
+            config.encoders.vision = folder_config(folder / tower)
+        args = ["pretrain", "--config", str(_write_config(config, tmp_path / "c.yaml"))]
+    elif command == "csft":
+        args = ["csft", f"data.world={world}", f"encoders={folder / tower}", f"out={out}", "data.batch_size=8"]
+    else:
+        args = ["embeddings", "build", f"world={world}", f"encoders={folder / tower}", f"out={out}"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {world / 'items.parquet'}, {message}")
+    assert not out.exists()
+
+
+def folder_config(encoders: Path):
+    """The vision settings an encoders folder was saved with."""
+    from mim_rec.encoders.pair import saved_config
+
+    return saved_config(encoders).vision

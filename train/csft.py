@@ -87,17 +87,21 @@ def evaluable_held_out(world: WorldInputs, validation: float, encoders: str) -> 
     return held_out
 
 
-def check_training_queries(world: WorldInputs, encoders: str) -> None:
-    """Refuse training pairs whose queries the vision tower of the stage-1 ``encoders`` cannot
-    read (:func:`~mim_rec.csft.data.require_queries`: no column it reads, a row null in it, a
-    feature of another length), from the pairs file and the encoders' manifest, before the
-    encoders load: ``mim csft`` found them only after loading them and extracting every item's
-    features, ``csft-ablations`` only when its first variant trained, after its stage-1 pass.
-    Public: ``csft-ablations`` checks them with it before that pass."""
-    from mim_rec.csft.data import require_queries
+def check_training_inputs(world: WorldInputs, encoders: str) -> None:
+    """Refuse items and training pairs whose pictures the vision tower of the stage-1
+    ``encoders`` cannot read (:func:`~mim_rec.pretrain.corpus.require_stored_images`: no column
+    it reads, a row null in it, a feature of another length), from the files and the encoders'
+    manifest, before the encoders load: ``mim csft`` found them only after loading them (the
+    pairs, after extracting every item's features), ``csft-ablations`` only when its first
+    variant trained, after its stage-1 pass. Public: ``csft-ablations`` checks them with it
+    before that pass."""
+    from mim_rec.data.schemas import PAIRS
     from mim_rec.encoders.pair import saved_config
+    from mim_rec.pretrain.corpus import require_stored_images
 
-    require_queries(world.pairs_path("train"), saved_config(encoders).vision)
+    vision = saved_config(encoders).vision
+    require_stored_images(world.items_path, vision)
+    require_stored_images(world.pairs_path("train"), vision, PAIRS)
 
 
 def check_config(config: CsftConfig) -> CsftConfig:
@@ -177,15 +181,15 @@ def _run_csft(config) -> Path:
     check_config(config)  # refused before any work, whoever calls
     ctx = init_distributed(config.device)
     out = Path(config.out)
-    # The world, the batch and the pairs' queries are checked before the encoders load and the
-    # backbone features are extracted: a batch larger than the pairs was refused only after that
-    # work (~30 s).
+    # The world, the batch, the items' images and the pairs' queries are checked before the
+    # encoders load and the backbone features are extracted: a batch larger than the pairs was
+    # refused only after that work (~30 s).
     world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
     pairs = world.training_pairs(config.data.signals, config.data.validation)
     reason = untrainable(config, world, ctx.world_size, pairs)
     if reason:
         raise ConfigError(reason)
-    check_training_queries(world, config.encoders)
+    check_training_inputs(world, config.encoders)
     local_batch = config.data.batch_size // ctx.world_size
     seed_everything(config.seed)  # identical initial weights on every rank
     model = CsftModel(load_encoders(config.encoders), config.model).to(ctx.device)

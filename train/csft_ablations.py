@@ -84,7 +84,7 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     from mim_rec.utils.dist import current_rank, launched_world_size
     from mim_rec.utils.run import atomic_write_bytes
     from train.common import refuse_foreign_entries
-    from train.csft import (check_config, check_training_queries, evaluable_held_out, feature_cache, load_checked,
+    from train.csft import (check_config, check_training_inputs, evaluable_held_out, feature_cache, load_checked,
                             note_catalogue_size, untrainable)
     from train.csft_runs import csft_fingerprint, csft_result, saved_result, stage1_result
 
@@ -99,7 +99,7 @@ def run_ablations(config_path, overrides: Sequence[str], variants: Sequence[str]
     # out= is made by its first write (each write makes its folder): encoders= or a world refused below leave none
     world = WorldInputs(base.data.world, cache, batch_size=base.eval.batch_size)
     held_out = evaluable_held_out(world, base.data.validation, base.encoders)  # unscorable: refused before stage 1
-    check_training_queries(world, base.encoders)  # so are training queries the stage-1 tower cannot read
+    check_training_inputs(world, base.encoders)  # so are items and training queries the stage-1 tower cannot read
     note_catalogue_size(world, base.eval.ks)
     reason = untrainable(configs["full"], world, launched_world_size())
     if reason:  # the base settings themselves: no variant's row would mean anything

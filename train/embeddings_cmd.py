@@ -39,8 +39,9 @@ def _build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from embeddings.build import build_table
-    from embeddings.encoders import load_item_encoder
+    from embeddings.encoders import item_encoder_vision, load_item_encoder
     from mim_rec.config import ConfigError, load_config, require_existing, require_positive
+    from mim_rec.pretrain.corpus import require_stored_images
     from mim_rec.utils.dist import init_distributed
 
     config = load_config(BuildConfig, args.config, args.overrides)
@@ -49,10 +50,13 @@ def _build(args: argparse.Namespace) -> int:
         raise ConfigError(f"mim embeddings build needs {', '.join(f'{k}=...' for k in missing)}")
     require_positive(config, ("shard_rows", "batch_size"))
     require_existing(config, ("world", "encoders"))  # by key, before the encoder loads
+    items = Path(config.world) / "items.parquet"
+    vision = item_encoder_vision(config.encoders)
+    if vision is not None:  # before the encoder loads: a row it cannot read was found at its shard
+        require_stored_images(items, vision)
     ctx = init_distributed("cpu")
     encoder = load_item_encoder(config.encoders, config.batch_size, config.feature_cache or None)
-    out = build_table(encoder, Path(config.world) / "items.parquet", config.out, config.shard_rows,
-                      ctx.rank, ctx.world_size)
+    out = build_table(encoder, items, config.out, config.shard_rows, ctx.rank, ctx.world_size)
     if ctx.is_main:
         print(f"MM table: {out} ({encoder.dim}-d, encoder {encoder.fingerprint})")
     return 0

@@ -209,7 +209,7 @@ def _run_pretrain(config) -> Path:
     from mim_rec.data.manifest import fingerprint_file
     from mim_rec.encoders import EncoderPair, save_encoders
     from mim_rec.encoders.freeze import describe_trainable
-    from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
+    from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus, require_stored_images
     from mim_rec.pretrain.objective import PretrainObjective
     from mim_rec.utils.dist import barrier, init_distributed, losses_over_ranks
     from mim_rec.utils.run import JsonlLogger, atomic_write_bytes, seed_everything
@@ -217,6 +217,9 @@ def _run_pretrain(config) -> Path:
 
     ctx = init_distributed(config.device)
     out = Path(config.out)
+    if items_path(config.data.world).is_file():  # a missing one is load_corpus's to name
+        # before the towers are built: the corpus refused such a row only after building them
+        require_stored_images(items_path(config.data.world), config.encoders.vision)
     seed_everything(config.seed)  # identical initial weights on every rank
     pair = EncoderPair(config.encoders)
     objective = PretrainObjective(pair, config.mlm_probability, config.image_ssl_weight).to(ctx.device)

@@ -20,7 +20,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -28,15 +27,14 @@ from tqdm.auto import tqdm
 from mim_rec.csft.model import CsftModel, content_fingerprint, vision_input
 from mim_rec.csft.objective import CsftBatch
 from mim_rec.data.errors import DataError
-from mim_rec.data.io import check_world_manifest, open_parquet, read_items, read_pairs, read_parquet_columns
+from mim_rec.data.io import check_world_manifest, read_items, read_pairs
 from mim_rec.data.manifest import MANIFEST_NAME, fingerprint_file
-from mim_rec.data.schemas import SIGNALS
+from mim_rec.data.schemas import PAIRS, SIGNALS
 from mim_rec.data.split import time_cut
-from mim_rec.encoders.config import PRECOMPUTED, VisionConfig
 from mim_rec.encoders.text import HFTextEncoder
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
 from mim_rec.pretrain.corpus import (ContentKeys, ItemCorpus, content_keys, corpus_from_table,
-                                     encoded_images, require_image_columns, stored_images)
+                                     encoded_images, require_stored_column, stored_images)
 from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
 
 PathLike = Union[str, Path]
@@ -120,78 +118,12 @@ def read_query_inputs(path: PathLike, item_count: int, vision: VisionEncoder) ->
     table = read_pairs(path, item_count)
     rows = list(range(table.num_rows))
     precomputed = isinstance(vision, PrecomputedVisionEncoder)
-    require_query_column(table.column_names, path, precomputed)
+    require_stored_column(table.column_names, path, precomputed, PAIRS)
     if precomputed:
         return vision.preprocess(table.column("query_feature").to_pylist(), str(path), rows, "query_feature")
     images = encoded_images(table, path, "query_image", "query_image_path", "pairs", "query_feature")
     columns = [name for name in ("query_image", "query_image_path") if name in table.column_names]
     return vision.image_processor.to_uint8(images, str(path), rows, "|".join(columns))
-
-
-def require_query_column(names: Sequence[str], path: PathLike, precomputed: bool) -> None:
-    """Refuse a pairs file whose columns ``names`` hold no query the vision tower reads:
-    ``query_feature`` for a ``precomputed`` tower, ``query_image`` or ``query_image_path`` for
-    a pixel one. The schema alone tells, so :func:`require_queries` refuses such a file with
-    :func:`read_query_inputs`' message before training rather than after it."""
-    if not precomputed:
-        require_image_columns(names, Path(path), "query_image", "query_image_path", "pairs", "query_feature")
-    elif "query_feature" not in names:
-        raise DataError(str(path), "no 'query_feature' column; the vision encoder is 'precomputed'",
-                        field="query_feature")
-
-
-def require_queries(path: PathLike, vision: VisionConfig) -> None:
-    """Refuse a pairs file whose queries :func:`read_query_inputs` would refuse for the tower
-    ``vision`` configures, by file, row and field, before any encoder loads: C-SFT read them only
-    after the encoders had loaded and every item feature was extracted (its evaluation, after
-    training). Beyond :func:`require_query_column`: a row whose query is null in the columns the
-    tower reads (the file's validation accepts it when another query column has one: a
-    ``query_feature`` beside a null image, or the reverse), and a ``query_feature`` whose length
-    is not the tower's ``feature_dim`` (validation compares a row only with the file's other
-    rows). Call it on a file that passed :func:`read_pair_file`: the query values themselves
-    (NaN/inf, images that do not decode, a path to no file) are that validation's. Columnar:
-    only the query columns are read, and no image is decoded."""
-    path = Path(path)
-    precomputed = vision.name == PRECOMPUTED
-    names = open_parquet(path).schema_arrow.names
-    require_query_column(names, path, precomputed)
-    if precomputed:
-        _require_feature_rows(path, vision.feature_dim)
-    else:
-        _require_image_rows(path, [name for name in ("query_image", "query_image_path") if name in names],
-                            vision.name)
-
-
-def _require_feature_rows(path: Path, feature_dim: int) -> None:
-    """Every row's ``query_feature`` present, of length ``feature_dim``."""
-    features = read_parquet_columns(path, ["query_feature"]).column("query_feature")
-    lengths = pc.list_value_length(features)
-    row = _first_row(pc.fill_null(pc.not_equal(lengths, feature_dim), True))
-    if row is None:
-        return
-    if not features[row].is_valid:
-        raise DataError(str(path), "null: the pair has no query feature, which the vision encoder "
-                                   f"'{PRECOMPUTED}' reads", row=row, field="query_feature")
-    raise DataError(str(path), f"a vector of length {lengths[row].as_py()}; the vision encoder '{PRECOMPUTED}' "
-                               f"reads feature_dim={feature_dim}", row=row, field="query_feature")
-
-
-def _require_image_rows(path: Path, columns: List[str], tower: str) -> None:
-    """Every row with a query image in one of ``columns`` (the bytes, or a path)."""
-    table = read_parquet_columns(path, columns)
-    missing = table.column(columns[0]).is_null()
-    for name in columns[1:]:
-        missing = pc.and_(missing, table.column(name).is_null())
-    row = _first_row(missing)
-    if row is not None:
-        raise DataError(str(path), f"null: the pair has no query image, which the vision encoder '{tower}' reads",
-                        row=row, field="|".join(columns))
-
-
-def _first_row(flags: Union[pa.Array, pa.ChunkedArray]) -> Optional[int]:
-    """The first row ``flags`` marks, or None."""
-    row = pc.index(flags, True).as_py()
-    return None if row < 0 else row
 
 
 # ----------------------------------------------------------------------------- features

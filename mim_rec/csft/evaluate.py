@@ -36,13 +36,15 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from mim_rec.csft.data import HeldOut, WorldInputs, require_queries
+from mim_rec.csft.data import HeldOut, WorldInputs
 from mim_rec.csft.model import CsftModel
 from mim_rec.data.errors import DataError
 from mim_rec.data.io import read_events
+from mim_rec.data.schemas import PAIRS
 from mim_rec.encoders.config import VisionConfig
 from mim_rec.encoders.pair import EncoderPair
 from mim_rec.metrics import gauc, grouped_auc
+from mim_rec.pretrain.corpus import require_stored_images
 from mim_rec.pretrain.evaluate import Twins, recall_at
 
 
@@ -175,9 +177,9 @@ def require_evaluable(world: WorldInputs, held_out: HeldOut, vision: VisionConfi
     unscorable file only after training. ``held_out`` itself holds pairs
     (:meth:`WorldInputs.held_out` refuses none, and its reader already validated every query
     value); every row of their file must have a query ``vision``'s tower reads
-    (:func:`require_queries`: the evaluation reads the whole file's); the impressions are scored
-    with constant embeddings, since whether a user's AUC is defined depends on the labels and
-    histories alone."""
-    require_queries(held_out.pairs.path, vision)
+    (:func:`~mim_rec.pretrain.corpus.require_stored_images`: the evaluation reads the whole
+    file's); the impressions are scored with constant embeddings, since whether a user's AUC
+    is defined depends on the labels and histories alone."""
+    require_stored_images(held_out.pairs.path, vision, PAIRS)
     content_interest_auc(torch.zeros(world.item_count, 1), held_out_events(world, held_out),
                          str(held_out.events_path))

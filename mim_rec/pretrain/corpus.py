@@ -17,10 +17,12 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from mim_rec.data.errors import DataError
+from mim_rec.data.io import BATCH_ROWS, open_parquet, read_batches, read_parquet_columns
+from mim_rec.data.schemas import ITEMS, Contract
+from mim_rec.data.validate import conform_schema, vector_dimensions
 from mim_rec.encoders.config import PRECOMPUTED, VisionConfig
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
 
@@ -110,8 +112,6 @@ def vision_for_items(vision: VisionConfig, world_or_file: Union[str, Path]) -> V
     precomputed tower with the vectors' length is returned, so that every stage configured for
     pixels runs unchanged on them. Items with pixels, and a precomputed config, are returned
     as given (a missing or unreadable file is left to :func:`load_corpus` to report)."""
-    from mim_rec.data.io import open_parquet
-
     path = items_path(world_or_file)
     if vision.name == PRECOMPUTED or not path.is_file():
         return vision
@@ -119,18 +119,11 @@ def vision_for_items(vision: VisionConfig, world_or_file: Union[str, Path]) -> V
     names = set(items.schema_arrow.names)
     if names & {"image", "image_path"} or "image_feature" not in names:
         return vision
-    dim = _first_vector_length(items, "image_feature")
+    # the vectors' one length, as the items' validation tells it (their first row's was taken,
+    # and the other rows' were then checked against it, however many had another)
+    dim = vector_dimensions(["image_feature"], lambda columns: read_batches(items, str(path), BATCH_ROWS, columns),
+                            str(path)).get("image_feature")
     return vision if dim is None else dataclasses.replace(vision, name=PRECOMPUTED, feature_dim=dim)
-
-
-def _first_vector_length(items: pq.ParquetFile, column: str) -> Optional[int]:
-    """The length of the first non-null vector of ``column`` (None when the file has none);
-    :class:`PrecomputedVisionEncoder` checks that every other row has the same."""
-    for batch in items.iter_batches(columns=[column]):
-        lengths = pc.drop_null(pc.list_value_length(batch.column(0)))
-        if len(lengths):
-            return int(lengths[0].as_py())
-    return None
 
 
 def load_corpus(world_or_file: Union[str, Path], vision: VisionEncoder) -> ItemCorpus:
@@ -166,22 +159,84 @@ def stored_images(table: pa.Table, path: Path, vision: VisionEncoder) -> list:
     """The items' images as stored for ``vision``: the ``image_feature`` vectors for the
     precomputed tower, the encoded image bytes for a pixel tower (not yet decoded)."""
     if isinstance(vision, PrecomputedVisionEncoder):
-        return _column(table, path, "image_feature")
+        require_stored_column(table.column_names, path, True)
+        return table.column("image_feature").to_pylist()
     return encoded_images(table, path)
 
 
-def _column(table: pa.Table, path: Path, name: str) -> list:
-    if name not in table.column_names:
-        raise DataError(str(path), f"no '{name}' column; this vision encoder needs it",
-                        field=name)
-    return table.column(name).to_pylist()
+def require_stored_column(names: Sequence[str], path: Path, precomputed: bool, contract: Contract = ITEMS) -> None:
+    """Refuse a file of ``contract`` (items, or C-SFT pairs and their queries) whose columns
+    ``names`` hold no picture the vision tower reads: the feature column (``image_feature``,
+    ``query_feature``) for a ``precomputed`` tower, an image column for a pixel one
+    (:func:`require_image_columns`). The schema alone tells."""
+    inline, by_path, feature = contract.one_of[0]
+    if not precomputed:
+        require_image_columns(names, path, inline, by_path, contract.name, feature)
+    elif feature not in names:
+        raise DataError(str(path), f"no '{feature}' column; the vision encoder is '{PRECOMPUTED}'", field=feature)
+
+
+def require_stored_images(path: Union[str, Path], vision: VisionConfig, contract: Contract = ITEMS) -> None:
+    """Refuse a file of ``contract`` (items, or C-SFT pairs) whose rows the tower ``vision``
+    configures cannot read, by file, row and field, before any encoder loads: the commands
+    that read them found them after loading their encoders (C-SFT, after extracting every item's
+    features; ``mim embeddings build``, at the shard holding the row). Beyond
+    :func:`require_stored_column`: a row null in the column(s) the tower reads (the file's
+    validation accepts it when another image column has a value: an ``image_feature`` beside a
+    null image, or the reverse), and a feature vector whose length is not the tower's
+    ``feature_dim`` (validation compares a row only with the file's other rows). The values
+    themselves (NaN/inf, images that do not decode, a path to no file) are the validation's;
+    the schema is checked as it checks it, so this may run before it. Columnar: only the
+    image columns are read, and no image is decoded."""
+    path = Path(path)
+    names = conform_schema(open_parquet(path).schema_arrow, contract, str(path)).names
+    precomputed = vision.name == PRECOMPUTED
+    require_stored_column(names, path, precomputed, contract)
+    inline, by_path, feature = contract.one_of[0]
+    row_is = contract.name[:-1]  # "item", "pair"
+    if precomputed:
+        _require_feature_rows(path, feature, vision.feature_dim, row_is)
+    else:
+        _require_image_rows(path, [name for name in (inline, by_path) if name in names], vision.name, row_is)
+
+
+def _require_feature_rows(path: Path, feature: str, feature_dim: int, row_is: str) -> None:
+    """Every row's ``feature`` vector present, of length ``feature_dim``."""
+    features = read_parquet_columns(path, [feature]).column(feature)
+    lengths = pc.list_value_length(features)
+    row = _first_row(pc.fill_null(pc.not_equal(lengths, feature_dim), True))
+    if row is None:
+        return
+    if not features[row].is_valid:
+        raise DataError(str(path), f"null: the {row_is} has no {feature.replace('_', ' ')}, which the vision "
+                                   f"encoder '{PRECOMPUTED}' reads", row=row, field=feature)
+    raise DataError(str(path), f"a vector of length {lengths[row].as_py()}; the vision encoder '{PRECOMPUTED}' "
+                               f"reads feature_dim={feature_dim}", row=row, field=feature)
+
+
+def _require_image_rows(path: Path, columns: List[str], tower: str, row_is: str) -> None:
+    """Every row with an image in one of ``columns`` (the bytes, or a path)."""
+    table = read_parquet_columns(path, columns)
+    missing = table.column(columns[0]).is_null()
+    for name in columns[1:]:
+        missing = pc.and_(missing, table.column(name).is_null())
+    row = _first_row(missing)
+    if row is not None:
+        raise DataError(str(path), f"null: the {row_is} has no {columns[0].replace('_', ' ')}, which the vision "
+                                   f"encoder '{tower}' reads", row=row, field="|".join(columns))
+
+
+def _first_row(flags: Union[pa.Array, pa.ChunkedArray]) -> Optional[int]:
+    """The first row ``flags`` marks, or None."""
+    row = pc.index(flags, True).as_py()
+    return None if row < 0 else row
 
 
 def require_image_columns(names: Sequence[str], path: Path, inline: str = "image", by_path: str = "image_path",
                           rows_are: str = "items", feature: str = "image_feature") -> None:
     """Refuse a file whose columns ``names`` hold neither image column :func:`encoded_images`
-    reads. The schema alone tells, so C-SFT's evaluation refuses such a pairs file with it
-    before training (:func:`mim_rec.csft.data.require_query_column`)."""
+    reads. The schema alone tells, so the commands refuse such a file with it before their
+    encoders load (:func:`require_stored_column`)."""
     if inline not in names and by_path not in names:
         raise DataError(str(path), f"no '{inline}' or '{by_path}' column; use vision.name=precomputed "
                         f"for {rows_are} with only {feature}", field=inline)
