@@ -313,6 +313,26 @@ def test_the_eval_commands_print_both_rows_of_a_finished_run(inputs, tmp_path, c
     assert (out / "mm_encoder" / "manifest.json").read_bytes() == trained  # evaluated, not retrained
 
 
+@pytest.mark.parametrize("flag", ["--eval", "--eval-only"])
+def test_eval_opens_the_world_and_reads_the_held_out_pairs_once(inputs, tmp_path, capsys, flag):
+    """mim csft --eval opened the world (reading and validating every item) to check the
+    held-out data before training, again to train and again to evaluate, and read the held-out
+    pairs (validating them decodes every query image) twice; --eval-only did both twice. What
+    the check opened is handed on."""
+    from unittest import mock
+
+    from mim_rec.csft.data import WorldInputs
+
+    config = _config(inputs, tmp_path / "run", steps=2, checkpoint_every=2)
+    if flag == "--eval-only":
+        run_csft(config)
+    with mock.patch.object(WorldInputs, "__init__", autospec=True, side_effect=WorldInputs.__init__) as opened, \
+            mock.patch.object(WorldInputs, "held_out", autospec=True, side_effect=WorldInputs.held_out) as held_out:
+        assert cli.main(["csft", "--config", str(_write_config(config, tmp_path / "c.yaml")), flag]) == 0
+    assert (opened.call_count, held_out.call_count) == (1, 1)
+    assert "| csft |" in capsys.readouterr().out
+
+
 def test_the_eval_commands_refuse_a_folder_without_a_model_or_other_stage1_encoders(inputs, tmp_path, capsys):
     """Both used to exit 0: a stage-1 row alone, or one from towers the C-SFT model never saw."""
     config = _config(inputs, tmp_path / "none")

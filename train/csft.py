@@ -33,18 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         config_type="CsftConfig (mim_rec/csft/config.py)",
         example="data.world=DIR (default data/world) encoders=DIR (default runs/pretrain/encoders) "
                 "out=DIR (default runs/csft) steps=300",
-        load=_load, train=run_csft, report=lambda config: format_table(evaluate_run(config))))
+        load=lambda args: load_checked(args.config, args.overrides), check_eval=check_evaluable, train=_train,
+        report=lambda config, evaluable: format_table(evaluate_run(config, evaluable))))
 
 
 # The settings naming a C-SFT command's inputs, refused by name when missing.
 INPUT_SETTINGS = ("data.world", "encoders")
-
-
-def _load(args: argparse.Namespace):
-    config = load_checked(args.config, args.overrides)
-    if getattr(args, "eval", False) or getattr(args, "eval_only", False):
-        check_evaluable(config)
-    return config
 
 
 def load_checked(config_path: Optional[str], overrides: Sequence[str]) -> CsftConfig:
@@ -64,12 +58,16 @@ def check_evaluable(config: CsftConfig) -> Tuple[WorldInputs, HeldOut]:
     of impressions no AUC can score, an empty validation period, pairs without the query column
     the stage-1 vision tower reads), with its messages, before the encoders load: ``mim csft
     --eval`` found such a file only after training, and ``csft-eval`` an unscorable one only
-    after the stage-1 embeddings. Returns the world and its held-out data, which ``csft-eval``
-    goes on to score."""
-    from mim_rec.csft.data import WorldInputs
-
-    world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
+    after the stage-1 embeddings. Returns the world and its held-out data, which the evaluation
+    goes on to score (and ``mim csft --eval`` to train on: :func:`_train`)."""
+    world = _open_world(config)
     return world, evaluable_held_out(world, config.data.validation, config.encoders)
+
+
+def _open_world(config: CsftConfig) -> WorldInputs:
+    """``data.world``'s items (read and validated) and pairs, with the run's feature cache."""
+    from mim_rec.csft.data import WorldInputs
+    return WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
 
 
 def evaluable_held_out(world: WorldInputs, validation: float, encoders: str) -> HeldOut:
@@ -149,24 +147,31 @@ RUN_FILES = frozenset({"config.json", "checkpoints", "metrics.jsonl", "tb", "fea
 
 # ----------------------------------------------------------------------------- training
 
-def run_csft(config) -> Path:
-    """Train (or resume) a run in ``config.out``; returns the MM encoder folder."""
+def _train(config: CsftConfig, evaluable: Optional[Tuple[WorldInputs, HeldOut]]) -> Path:
+    """:func:`run_csft` on the world :func:`check_evaluable` opened, when it ran (``--eval``):
+    training opened it again, reading and validating the items a second time."""
+    return run_csft(config, evaluable[0] if evaluable else None)
+
+
+def run_csft(config, world: Optional[WorldInputs] = None) -> Path:
+    """Train (or resume) a run in ``config.out``; returns the MM encoder folder. ``world``:
+    ``config``'s world when the caller has opened it already, else opened here."""
     from mim_rec.utils.run import run_folder_lock
     from train.common import require_own_run_folder
     from train.dcp_checkpoints import DCP_STEP_GLOB
 
     require_own_run_folder(config.out, "mim csft", RUN_FILES, DCP_STEP_GLOB)  # before the lock's file
     with run_folder_lock(config.out):
-        return _run_csft(config)
+        return _run_csft(config, world)
 
 
-def _run_csft(config) -> Path:
+def _run_csft(config, world: Optional[WorldInputs]) -> Path:
     import numpy as np
     import torch
     from tqdm import tqdm
 
     from mim_rec.config import ConfigError
-    from mim_rec.csft.data import TrainingInputs, WorldInputs
+    from mim_rec.csft.data import TrainingInputs
     from mim_rec.csft.model import CsftModel, save_mm_encoder
     from mim_rec.csft.negatives import SameCategorySampler
     from mim_rec.csft.objective import CsftObjective
@@ -184,7 +189,8 @@ def _run_csft(config) -> Path:
     # The world, the batch, the items' images and the pairs' queries are checked before the
     # encoders load and the backbone features are extracted: a batch larger than the pairs was
     # refused only after that work (~30 s).
-    world = WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
+    if world is None:
+        world = _open_world(config)
     pairs = world.training_pairs(config.data.signals, config.data.validation)
     reason = untrainable(config, world, ctx.world_size, pairs)
     if reason:
@@ -395,10 +401,11 @@ def _to_device(state, device):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate_run(config) -> Dict[str, Dict[str, float]]:
+def evaluate_run(config, evaluable: Optional[Tuple[WorldInputs, HeldOut]] = None) -> Dict[str, Dict[str, float]]:
     """Stage-1 embeddings vs the run's ``mm_encoder/`` on the held-out pairs and impressions
     (the test files, or the validation period when ``data.validation > 0``); writes
-    ``OUT/eval.json``."""
+    ``OUT/eval.json``. ``evaluable``: what :func:`check_evaluable` returned for ``config`` when
+    it ran already (``mim csft --eval`` checks before training), else checked here."""
     from mim_rec.csft.evaluate import csft_embeddings, evaluate_embeddings, stage1_embeddings
     from mim_rec.csft.model import load_csft_model
     from mim_rec.encoders import load_encoders
@@ -416,7 +423,7 @@ def evaluate_run(config) -> Dict[str, Dict[str, float]]:
         raise ConfigError(f"encoders={config.encoders}: not the stage-1 encoders {out / 'mm_encoder'} was trained "
                           "from, so its stage-1 row would compare other towers")
     _require_held_out(config.data.validation, manifest.extra.get("validation", 0.0), out)
-    world, held_out = check_evaluable(config)
+    world, held_out = evaluable or check_evaluable(config)
     note_catalogue_size(world, config.eval.ks)
     report: Dict[str, Dict[str, float]] = {}
     for row, source, embed in (

@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         eval_help="recall@1/@10 and category linear probe for plain, +DDA, +DDA+DMA",
         config_type="PretrainConfig (mim_rec/pretrain/config.py)",
         example="data.world=DIR (default data/world) out=DIR (default runs/pretrain) dma_steps=200",
-        load=_load, train=run_pretrain, report=lambda config: format_table(evaluate_run(config))))
+        load=_load, check_eval=check_evaluable, train=lambda config, _: run_pretrain(config),
+        report=lambda config, _: format_table(evaluate_run(config))))
 
 
 def _load(args: argparse.Namespace):
@@ -56,8 +57,6 @@ def _load(args: argparse.Namespace):
               f"'{vision.name}' ({vision.feature_dim}-d) instead of '{config.encoders.vision.name}'",
               file=sys.stderr)
         config.encoders.vision = vision
-    if getattr(args, "eval", False) or getattr(args, "eval_only", False):
-        check_evaluable(config)
     return config
 
 

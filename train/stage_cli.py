@@ -1,8 +1,10 @@
 """The command pair of a training stage: ``mim STAGE`` (train or resume, then optionally
 evaluate) and ``mim STAGE-eval`` (evaluate a finished run folder).
 
-Stage 1 and C-SFT share this shape; only how a config is loaded, how a run trains and what
-its evaluation prints differ, so those are the three callables a stage passes in.
+Stage 1 and C-SFT share this shape; only how a config is loaded, how the evaluation's inputs
+are checked, how a run trains and what its evaluation prints differ, so those are the four
+callables a stage passes in. What the check returns is handed to training and to the
+evaluation, which would otherwise read it again (C-SFT: the world and its held-out data).
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ class StageCommands:
     config_type: str                                 # named in --config's help, with where it is defined
     example: str                                     # example overrides, in the overrides' help
     load: Callable[[argparse.Namespace], Any]        # args -> checked config
-    train: Callable[[Any], Any]                      # config -> trains or resumes ``config.out``
-    report: Callable[[Any], str]                     # config -> the evaluation table, as text
+    check_eval: Callable[[Any], Any]                 # config -> the evaluation's inputs, refused up front
+                                                     # where the evaluation would refuse them
+    train: Callable[[Any, Any], Any]                 # (config, check_eval's result or None) -> trains or
+                                                     # resumes ``config.out``
+    report: Callable[[Any, Any], str]                # (config, check_eval's result, or None: the report
+                                                     # checks) -> the evaluation table, as text
 
 
 def register_stage(subparsers: argparse._SubParsersAction, stage: StageCommands) -> None:
@@ -34,7 +40,7 @@ def register_stage(subparsers: argparse._SubParsersAction, stage: StageCommands)
     parser.set_defaults(func=lambda args: _train_cli(stage, args))
     evaluate = subparsers.add_parser(f"{stage.name}-eval", help=stage.eval_help)
     _common_args(evaluate, stage)
-    evaluate.set_defaults(func=lambda args: _eval_cli(stage, _load(stage, args)))
+    evaluate.set_defaults(func=lambda args: _eval_cli(stage, _load(stage, args), None))
 
 
 def _common_args(parser: argparse.ArgumentParser, stage: StageCommands) -> None:
@@ -53,15 +59,19 @@ def _load(stage: StageCommands, args: argparse.Namespace) -> Any:
 
 
 def _train_cli(stage: StageCommands, args: argparse.Namespace) -> int:
+    """With ``--eval`` or ``--eval-only``, the evaluation's inputs are checked before training (an
+    unscorable one was found only after it) and handed on, not read again."""
     config = _load(stage, args)
+    evaluating = args.eval or args.eval_only
+    checked = stage.check_eval(config) if evaluating else None
     if not args.eval_only:
-        stage.train(config)
-    return _eval_cli(stage, config) if args.eval or args.eval_only else 0
+        stage.train(config, checked)
+    return _eval_cli(stage, config, checked) if evaluating else 0
 
 
-def _eval_cli(stage: StageCommands, config: Any) -> int:
+def _eval_cli(stage: StageCommands, config: Any, checked: Any) -> int:
     """Evaluates and prints on the main rank only; other ranks of a torchrun launch exit."""
     from mim_rec.utils.dist import init_distributed
     if init_distributed(config.device).is_main:
-        print(stage.report(config))
+        print(stage.report(config, checked))
     return 0
