@@ -1195,6 +1195,27 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_kept_before_it(world,
         ciubm.run(_config(world, tmp_path / "b", "max_steps=6", *common))
 
 
+def test_a_damaged_checkpoint_is_read_once_when_fallen_back_from(tmp_path, capsys):
+    """restore's warning computed the damage of the checkpoint ``latest`` names a second time
+    (reading its metadata again) after the fallback had found it."""
+    from unittest import mock
+
+    from train import dcp_checkpoints
+
+    ensure_process_group("cpu")
+    model = torch.nn.Linear(2, 1)
+    checkpoints = DcpCheckpoints(tmp_path)
+    for step in (2, 4):
+        checkpoints.save(model, torch.optim.SGD(model.parameters(), lr=0.1), {"global_step": step})
+    for data in (tmp_path / "step-000000004").glob("*.distcp"):
+        data.write_bytes(data.read_bytes()[:10])
+    with mock.patch.object(dcp_checkpoints, "checkpoint_damage", wraps=dcp_checkpoints.checkpoint_damage) as damage:
+        assert checkpoints.restore(model, None, with_optimizer=False) == {"global_step": 2}
+    assert [call.args[0].name for call in damage.call_args_list] == ["step-000000004", "step-000000002"]
+    assert re.search(r"warning: \S+step-000000004 does not load \(__0_0\.distcp is 10 bytes, its metadata reads "
+                     r"[\d,]+\); using step-000000002, the checkpoint kept before it", capsys.readouterr().err)
+
+
 def test_a_clickless_split_is_refused_before_training(world, tmp_path):
     """A world without clicks used to train to a constant and report no AUC."""
     def no_clicks(events):

@@ -57,14 +57,23 @@ class DcpCheckpoints:
         damaged (:func:`checkpoint_damage`), the newest whole one kept before it (:meth:`restore`
         says so); None when there is none. A damaged one ended the run in DCP's unpickler with a
         bare ``EOFError``; pretrain and C-SFT fall back alike."""
+        return self._newest_and_skipped()[0]
+
+    def _newest_and_skipped(self) -> Tuple[Optional[Path], Optional[str]]:
+        """:meth:`newest`, and why the checkpoint ``latest`` names was skipped (None: it was
+        not), for :meth:`restore` to say: the damage is seen by reading the metadata, and
+        restore's warning read it a second time."""
         named = self.named()
         if named is None:
-            return None
+            return None, None
+        damage = checkpoint_damage(named)
+        if damage is None:
+            return named, None
         earlier = [p for p in sorted(self.directory.glob(DCP_STEP_GLOB), reverse=True) if p.name < named.name]
-        for checkpoint in [named, *earlier]:
+        for checkpoint in earlier:
             if checkpoint_damage(checkpoint) is None:
-                return checkpoint
-        raise DataError(str(named), f"{checkpoint_damage(named)}, and no whole checkpoint was kept before it; "
+                return checkpoint, f"{named} does not load ({damage})"
+        raise DataError(str(named), f"{damage}, and no whole checkpoint was kept before it; "
                                     "use a new out= (or delete the checkpoints to train from the start)")
 
     def save(self, model, optimizer, progress: Dict[str, int]) -> None:
@@ -102,13 +111,11 @@ class DcpCheckpoints:
         The model's weights load on any number of ranks (DCP reshards them), so a run trained
         on many can be evaluated on one (``with_optimizer=False``). Training on needs the ranks
         that wrote it (checked before anything is written: :func:`train.ciubm._refuse_foreign_checkpoints`)."""
-        checkpoint = self.newest()
+        checkpoint, skipped = self._newest_and_skipped()
         if checkpoint is None:
             return None
-        named = self.named()
-        if checkpoint != named and dist.get_rank() == 0:  # every rank falls back alike
-            print(f"warning: {named} does not load ({checkpoint_damage(named)}); using {checkpoint.name}, "
-                  "the checkpoint kept before it", file=sys.stderr)
+        if skipped is not None and dist.get_rank() == 0:  # every rank falls back alike
+            print(f"warning: {skipped}; using {checkpoint.name}, the checkpoint kept before it", file=sys.stderr)
         state = {"model": model.state_dict(), "progress": {k: torch.tensor(0) for k in _progress_keys(checkpoint)}}
         if with_optimizer:
             optimizer.init_state()  # Adam's state is lazy; DCP loads in place, so it must exist
