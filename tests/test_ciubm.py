@@ -87,6 +87,15 @@ def test_every_rank_steps_the_same_number_of_times(world):
     assert counts[0] == counts[1] >= 1
 
 
+@pytest.mark.parametrize("ranks, said", [(1, "on 1 rank"), (2, "on 2 ranks")])
+def test_events_too_few_for_a_batch_are_refused_naming_the_ranks(world, ranks, said):
+    """One rank read "per rank on 1 ranks"."""
+    items = ItemInfo.from_items(world / "items.parquet")
+    with pytest.raises(DataError, match=rf"events_test.parquet: \d+ events are fewer than one batch of 1000000 per "
+                                        rf"rank {said}$"):
+        CtrEventsLoader(world / "events_test.parquet", items, LoaderConfig(batch_size=1_000_000), 0, ranks)
+
+
 def _mm_optimizer_state(optimizer) -> list:
     return [v for k, v in optimizer.state_dict()["state"].items() if "mm_item" in k and v]
 

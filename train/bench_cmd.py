@@ -60,12 +60,6 @@ def preset_cli(config_cls: type, run: Callable[[Any], Dict[str, Any]],
     return cli
 
 
-def counted(count: int, noun: str) -> str:
-    """``count`` and ``noun`` for a printed header, the noun plural unless the count is one
-    (headers read "1 hosts" and "1 timed steps")."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def check_json_path(json_path: Optional[str]) -> None:
     """Refuse a ``--json`` path that cannot be written (its folder missing, or a folder itself)
     before measuring, not after. ``-`` means standard output."""

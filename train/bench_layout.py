@@ -27,7 +27,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from train.bench_cmd import counted, measuring_bench_parser, median_seconds, run_and_report
+from mim_rec.utils.text import counted
+from train.bench_cmd import measuring_bench_parser, median_seconds, run_and_report
 
 COMMAND_HELP = "behaviour lookups: single-behaviour bags (EBC) vs sequence (EC) on fbgemm's kernels"
 # (name, fbgemm pooling, what one bag of the KJT holds, label)

@@ -134,7 +134,7 @@ def run(config: RimBenchConfig, log: Path) -> Dict[str, float]:
 
 
 def format_report(result: Dict[str, float]) -> str:
-    from train.bench_cmd import counted
+    from mim_rec.utils.text import counted
 
     return (f"RIM load: {counted(result['clients'], 'client')} x {result['seconds']} s: "
             f"{counted(result['items'], 'item')} acknowledged, "

@@ -43,7 +43,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from tqdm import tqdm
 
 from mim_rec.config import ConfigError, load_config, require_distinct, require_not_negative, require_positive
-from train.bench_cmd import check_json_path, counted, run_and_report
+from mim_rec.utils.text import counted
+from train.bench_cmd import check_json_path, run_and_report
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise",
                   "table_column_wise", "data_parallel")

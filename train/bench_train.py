@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from mim_rec.ciubm.config import ModelConfig
-from train.bench_cmd import counted, measuring_bench_parser, preset_cli
+from mim_rec.utils.text import counted
+from train.bench_cmd import measuring_bench_parser, preset_cli
 
 if TYPE_CHECKING:  # annotations only: the functions import torch and the loader, so `mim --help` stays fast
     import numpy as np

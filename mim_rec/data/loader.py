@@ -41,6 +41,7 @@ from mim_rec.data.io import require_rows, validate_file
 from mim_rec.data.loader_config import LoaderConfig
 from mim_rec.data.validate import conform_schema
 from mim_rec.data.schemas import EVENTS, ITEMS
+from mim_rec.utils.text import counted
 
 POOLED_KEYS = ("user_id", "query_tokens")
 SEQUENCE_KEYS = ("item_seq", "category_seq", "mm_item_seq")
@@ -196,7 +197,7 @@ def batches_per_rank(path: Union[str, Path], rows: int, batch_size: int, world_s
     batches = int(per_rank) if drop_last else int(np.ceil(per_rank))
     if batches == 0:
         raise DataError(str(path), f"{rows} events are fewer than one batch of {batch_size} per rank on "
-                                   f"{world_size} ranks")
+                                   f"{counted(world_size, 'rank')}")
     return batches
 
 

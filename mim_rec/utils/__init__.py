@@ -1,1 +1,1 @@
-"""Small shared helpers: seeding, JSONL metric logs, distributed set-up."""
+"""Small shared helpers: seeding, JSONL metric logs, distributed set-up, wording."""
