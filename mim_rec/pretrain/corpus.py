@@ -119,8 +119,8 @@ def vision_for_items(vision: VisionConfig, world_or_file: Union[str, Path]) -> V
     names = set(items.schema_arrow.names)
     if names & {"image", "image_path"} or "image_feature" not in names:
         return vision
-    # the vectors' one length, as the items' validation tells it (their first row's was taken,
-    # and the other rows' were then checked against it, however many had another)
+    # the vectors' dimension as the items' validation tells it, the length most rows have (the
+    # first row's was taken, and the other rows were then checked against it, however many)
     dim = vector_dimensions(["image_feature"], lambda columns: read_batches(items, str(path), BATCH_ROWS, columns),
                             str(path)).get("image_feature")
     return vision if dim is None else dataclasses.replace(vision, name=PRECOMPUTED, feature_dim=dim)
