@@ -43,13 +43,16 @@ from mim_rec.data.schemas import ITEMS
 from mim_rec.data.validate import MAX_TITLE_CHARS, TITLE_TOO_LONG
 
 from embeddings.encoders import ItemEncoder
-from embeddings.rim_log import RimLog, ServedTable, WindowMessage, read_messages
+from embeddings.rim_log import RimLog, ServedTable, WindowMessage, check_served_table, holds, read_messages
 from embeddings.table import table_identity
 
 REQUEST_SOURCE = "POST /items"
 _ITEM_FIELDS = {"item_id", "title", "image", "category_id", "raw_item_id"}
 _INT64_MAX = 2**63 - 1
 _INT32_MAX = 2**31 - 1
+# How a service restarting on a log whose records its table= would not take can go on instead.
+_RESTART_ON_LOG = ("restart on this log with table= set to the table it was served against or a fold of that table "
+                   "from this log, or serve into a new log")
 
 
 @dataclass
@@ -247,14 +250,22 @@ class RimService:
         self.encoder = encoder
         self._table_ids = np.zeros(0, dtype=np.int64)
         self._table: Optional[ServedTable] = None  # named in every record: consumers take it only into this table
+        self._takes: List[str] = []  # the tables a record of the log may name to go into the table (served_tables)
+        self._holds_to = 0           # the log offset up to which the table holds the log's rows (a fold of it)
         if config.table:
             self._table_ids = self._load_table(config.table, config.num_items)
             self._table = ServedTable(str(Path(config.table).resolve()), table_identity(config.table))
+            self._holds_to, self._takes = self._log_in_table(config.table, config.log)
         self.config = config
         self.log = RimLog(config.log, encoder.fingerprint, encoder.dim)
         self._served: Dict[int, Tuple[np.ndarray, float, float]] = {}
-        for _, message in read_messages(self.log.path):
-            self._serve(message)
+        try:
+            for end, message in read_messages(self.log.path):
+                self._check_logged(message, end)
+                self._serve(message)
+        except BaseException:
+            self.log.close()
+            raise
         self._lock = threading.Lock()
         self._in_flight: Set[int] = set()
         self._pending_items = 0
@@ -277,6 +288,40 @@ class RimService:
                                    "in another vector space")
         new_id_space(table, manifest, num_items)  # below the table's range every request would fail
         return table_item_ids(table)
+
+    @staticmethod
+    def _log_in_table(table: str, log: str) -> Tuple[int, List[str]]:
+        """How far the table holds the log (:func:`~embeddings.rim_fold.folded_offset`: a log
+        rotated at the path a fold of it was made from is refused, as the fold refuses it) and
+        the tables a later record may name to go into it (:func:`~embeddings.rim_fold.served_tables`)."""
+        from embeddings.rim_fold import folded_offset, served_tables
+        from mim_rec.data.manifest import require
+
+        return folded_offset(table, log), served_tables(table, require(table, kind="mm_table"), log)
+
+    def _check_logged(self, message: WindowMessage, end: int) -> None:
+        """Refuse to go on with a log whose records (those past what the table holds) a fold into
+        this service's ``table=`` would not take whole: the fold and the live apply refused such
+        a log only later, after this service had acknowledged more items into it. A record served
+        against a table refuses a service with none (it would check new ids against nothing);
+        one served against none is checked against the table now, as the fold will check it."""
+        if end <= self._holds_to:
+            return
+        if self._table is None:
+            if message.table is not None:
+                raise ManifestMismatch(f"{self.log.path}: the record ending at byte {end} was served against the "
+                                       f"table {message.table.path} (manifest {message.table.fingerprint}), and "
+                                       f"this service has no table=, so it would check new ids against none; "
+                                       f"{_RESTART_ON_LOG}")
+            return
+        check_served_table(message, self._takes, self.log.path, end, f"table={self.config.table}", _RESTART_ON_LOG)
+        if message.table is None:
+            held = message.item_ids[holds(self._table_ids, message.item_ids)]
+            if len(held):
+                raise DataError(str(self.log.path), f"the record ending at byte {end} was served against no table "
+                                f"and holds item {held[0]}, which table={self.config.table} holds: a fold or live "
+                                "apply into it would refuse this log; serve against that table into a new log",
+                                field="item_id")
 
     # ------------------------------------------------------------------ request path
 

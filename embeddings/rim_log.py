@@ -378,20 +378,23 @@ def check_fingerprint(message: WindowMessage, expected: str, source: Union[str, 
 
 
 def check_served_table(message: WindowMessage, tables: Sequence[str], source: Union[str, Path], end: int,
-                       table_dir: Union[str, Path]) -> None:
+                       table_dir: Union[str, Path],
+                       remedy: str = "fold or apply a log only into the table it was served against, or a fold "
+                                     "of that table from this log") -> None:
     """Refuse a record served against another table than ``table_dir``: ``tables`` are the
     identities a record may name to go into it, its own first (:func:`embeddings.rim_fold.served_tables`).
     The service checked the record's ids against its table only: in another table (another
     catalogue, or one that gained rows the service never saw) the same id may name another item
     or a row already taken. A record served against no table (the service was told none, and
-    warned) was checked against none, and goes into any table whose checks it passes."""
+    warned) was checked against none, and goes into any table whose checks it passes.
+    ``remedy`` ends the error: what the caller (a fold, a live apply, a service restarting on
+    the log) can do instead."""
     served = message.table
     if served is not None and served.fingerprint not in tables:
         folds = " or a table it was folded from with this log" if len(tables) > 1 else ""
         raise ManifestMismatch(f"{source}: the record ending at byte {end} was served against the table "
                                f"{served.path} (manifest {served.fingerprint}), not {table_dir} (manifest "
-                               f"{tables[0]}){folds}; fold or apply a log only into the table it was served "
-                               "against, or a fold of that table from this log")
+                               f"{tables[0]}){folds}; {remedy}")
 
 
 def check_message(message: WindowMessage, fingerprint: str, dim: int, source: Union[str, Path], end: int,
@@ -429,14 +432,14 @@ def check_new_ids(ids: np.ndarray, known_ids: Sequence[np.ndarray], num_items: i
     if (counts > 1).any():
         raise DataError(str(source), f"item {unique[counts > 1][0]} appears twice in the log",
                         field="item_id")
-    known = ids[np.any([_holds(sorted_ids, ids) for sorted_ids in known_ids], axis=0)] if len(ids) else ids
+    known = ids[np.any([holds(sorted_ids, ids) for sorted_ids in known_ids], axis=0)] if len(ids) else ids
     if len(known):
         raise DataError(str(source), f"item {known[0]} is already in {known_as}; a table row is never "
                         "replaced from a log", field="item_id")
 
 
-def _holds(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Which of ``ids`` the sorted array holds."""
+def holds(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` the sorted array holds (by binary search: no sort of the array)."""
     if not len(sorted_ids):
         return np.zeros(len(ids), bool)
     at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)

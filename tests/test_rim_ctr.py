@@ -364,6 +364,57 @@ def test_a_fold_takes_records_served_against_its_base_from_the_log_it_was_folded
     assert read_manifest(fold_log(v2, served_v2, tmp_path / "v3_after")).extra["rim"]["items"] == 1
 
 
+def _restart(log, table=None) -> None:
+    """Start (and stop) the service on ``log`` with ``table=`` (None: none)."""
+    RimService(RimConfig(log=str(log), table=table and str(table)), IdEncoder()).close()
+
+
+def test_serve_restarted_on_a_log_refuses_a_table_that_would_not_take_its_records(catalogue, base_table, tmp_path):
+    """Restarted on a log with another table= (or none), the service went on appending to a log
+    that no single table takes whole; the fold and the live apply refused it only later."""
+    import re
+
+    items, cut = catalogue
+    against_base = ServedTable(str(base_table.resolve()), table_identity(base_table))
+    path = _log_of(tmp_path / "rim.log", [cut], table=against_base)
+    size = path.stat().st_size
+    other = build_table(IdEncoder(), base_table.parent / "items_old.parquet", tmp_path / "other", shard_rows=64)
+    served = rf"rim.log: the record ending at byte {size} was served against the table {re.escape(str(base_table))} "
+    with pytest.raises(ManifestMismatch, match=served + rf"\(manifest {table_identity(base_table)}\), not "
+                       rf"table={re.escape(str(other))} \(manifest {table_identity(other)}\); restart on this log "
+                       "with table= set to the table it was served against or a fold of that table from this log"):
+        _restart(path, other)
+    with pytest.raises(ManifestMismatch, match=served + r".*, and this service has no table=, so it would check "
+                       "new ids against none; restart on this log with table="):
+        _restart(path, None)
+    assert path.stat().st_size == size and len(list(read_messages(path))) == 1
+
+    _restart(path, base_table)  # its own table (and the refusals above closed the log: no lock is left)
+    v2 = fold_log(base_table, path, tmp_path / "v2", num_items=items.num_rows)
+    _log_of(path, [cut + 1], table=against_base)  # served on against the base after the fold
+    _restart(path, v2)  # a fold of the base from this log takes both
+    _log_of(path, [cut + 2], table=ServedTable(str(v2), table_identity(v2)))
+    with pytest.raises(ManifestMismatch, match=r"served against the table .*v2 .* not table=.*table \(manifest"):
+        _restart(path, base_table)  # the base lacks v2's rows, which the record's ids were checked against
+    folded_elsewhere = fold_log(base_table, _log_of(tmp_path / "another.log", [cut + 3]), tmp_path / "v2_another",
+                                num_items=items.num_rows)
+    with pytest.raises(ManifestMismatch, match=r"not table=.*v2_another \(manifest"):
+        _restart(path, folded_elsewhere)
+
+    unnamed = _log_of(tmp_path / "unnamed.log", [cut + 4])  # served with no table=: checked now, as a fold checks it
+    _restart(unnamed, base_table)
+    _log_of(unnamed, [3])
+    with pytest.raises(DataError, match=r"unnamed.log, field 'item_id': the record ending at byte \d+ was served "
+                       rf"against no table and holds item 3, which table={re.escape(str(base_table))} holds"):
+        _restart(unnamed, base_table)
+    _restart(unnamed, None)  # served against none, as before
+
+    path.unlink()  # rotated at the path v2 was folded from: a fold of v2 refuses it, and so does serve
+    with pytest.raises(ManifestMismatch, match=r"rim.log: not the log .*v2 was folded from"):
+        _restart(path, v2)
+    assert not path.exists()
+
+
 def test_a_table_that_names_no_encoder_is_refused_by_the_fold_and_the_live_apply(catalogue, base_table, log,
                                                                                 tmp_path):
     """The live apply (``mim train rim_log=...``) died on a bare ``KeyError: 'encoder_fingerprint'``
