@@ -76,6 +76,30 @@ def test_a_run_refused_under_the_lock_leaves_no_folder_nor_parent_behind(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
+def test_a_refused_run_removes_its_lock_file_before_it_frees_the_lock(tmp_path, monkeypatch):
+    """A run refused in a folder it made removed the lock file after freeing its flock: a run
+    that took the flock in between held a file that was then removed (with its folder), beside
+    any run after it. Removed while held, the run in between holds a new file, which stays."""
+    import fcntl
+
+    from mim_rec.config import ConfigError
+    from mim_rec.utils.run import LOCK_NAME, _locked, run_folder_lock
+
+    path, flock, between = tmp_path / "run" / LOCK_NAME, fcntl.flock, []
+
+    def flock_then_another_run(handle, operation) -> None:
+        flock(handle, operation)
+        if operation == fcntl.LOCK_UN and not between:  # another run, as the refused one frees the lock
+            between.append(path.open("a+"))
+            assert _locked(between[0], path)
+
+    monkeypatch.setattr(fcntl, "flock", flock_then_another_run)
+    with pytest.raises(ConfigError, match="refused"), run_folder_lock(path.parent):
+        raise ConfigError("refused")
+    with between[0] as handle:
+        assert path.exists() and os.path.samestat(os.stat(path), os.fstat(handle.fileno()))
+
+
 def test_a_killed_holder_leaves_no_lock(tmp_path):
     import signal
     import subprocess

@@ -179,20 +179,19 @@ def run_folder_lock(out: Union[str, Path]) -> Iterator[None]:
     """Hold ``out`` for one training run: a second run on the same folder (a resume started
     while the first, orphaned by a killed launcher, still writes) is refused instead of racing
     it for the checkpoints. Rank 0 takes the lock (``RANK`` of torchrun, 0 without one); the
-    OS frees it when the holder exits, however it exits, so a kill leaves nothing to clean."""
+    OS frees it when the holder exits, however it exits, so a kill leaves nothing to clean.
+    A run refused before it wrote anything leaves no folder behind, nor its parents: where this
+    call made ``out`` and the lock file is all it holds, the file goes, while still held
+    (:func:`_lock_file`), and then the folders. Elsewhere the file stays in the run's folder:
+    the pipeline moves a folder away under this lock, after which the path may name the lock
+    file of a run in a new folder there, which removing would let a third run take beside it."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
     path = Path(out) / LOCK_NAME
-    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with _held(path, out):
-            yield
-    finally:  # a run refused before it wrote anything leaves no folder behind, nor its parents
-        if created and [p.name for p in path.parent.iterdir()] == [LOCK_NAME]:
-            path.unlink()
-            _remove_empty(created)
+    made = not path.parent.exists()
+    with _lock_file(path, out, remove=lambda: made and [p.name for p in path.parent.iterdir()] == [LOCK_NAME]):
+        yield
 
 
 def _remove_empty(folders: Sequence[Path]) -> None:
@@ -212,10 +211,21 @@ def sole_writer(out: Union[str, Path]) -> Iterator[None]:
     is refused at once, where it used to delete the first one's staging folder and race it for
     the rename. The lock is an flock on ``.OUT.lock`` beside ``out``; the OS frees it when the
     holder exits, however it exits, so a killed holder blocks no later writer. The holder
-    removes the file while it still holds it (:func:`_held` refuses a removed one), and a folder
-    this call created for it is removed again if nothing else went there."""
+    removes the file while it still holds it (:func:`_lock_file`), and a folder this call
+    created for it is removed again if nothing else went there."""
     out = Path(out)
-    path = out.parent / f".{out.name}.lock"
+    with _lock_file(out.parent / f".{out.name}.lock", out, remove=lambda: True):
+        yield
+
+
+@contextmanager
+def _lock_file(path: Path, out: Union[str, Path], remove: Callable[[], bool]) -> Iterator[None]:
+    """Hold the lock file ``path`` for ``out`` (:func:`_held`), making its folder (and parents)
+    first. When the holder is done, the file is removed where ``remove()`` says so, while it is
+    still held: removed once the flock was freed, it could be locked in between by another
+    writer, which would then hold a removed file beside any writer after it (a file removed
+    before it is locked is refused, :func:`_locked`). Then the folders this call made are
+    removed again if nothing else went there."""
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -223,7 +233,8 @@ def sole_writer(out: Union[str, Path]) -> Iterator[None]:
             try:
                 yield
             finally:
-                path.unlink(missing_ok=True)
+                if remove():
+                    path.unlink(missing_ok=True)
     finally:
         _remove_empty(created)
 
