@@ -352,12 +352,17 @@ SMALL_CSFT = ["--csft", "data.batch_size=8"]  # within the small world's 15 pair
     # a world the chain makes is counted once made, before pre-training
     (True, ["--synth", "events=300", "test_days=20", *SMALL_CSFT],
      "stage 'train_base': {world}/events_train.parquet: 220 events are fewer than one batch of 128 per rank on 2 "
-     "ranks")])
+     "ranks"),
+    # a clickless world fills every batch, and gives the CTR runs no AUC
+    (True, ["--synth", "click.bias=-60"],
+     "stage 'train_base': {world}/events_train.parquet, field 'label': every row has label 0: a CTR run needs "
+     "clicks and non-clicks in both splits (the AUC is undefined on one class)")])
 def test_a_world_too_small_for_a_stages_batch_is_refused_before_pre_training(small_world, tmp_path, capsys,
                                                                             monkeypatch, synth, flags, message):
-    """A world too small for a later stage's batch was refused only when that stage started: the
-    CTR runs' 128 events per rank on 2 ranks after pre-training and C-SFT had run. Each stage's
-    own refusal now comes once the world is made and validated, before pre-training."""
+    """A world too small for a later stage's batch (or without clicks) was refused only when that
+    stage started: the CTR runs' 128 events per rank on 2 ranks after pre-training and C-SFT had
+    run. Each stage's own refusal now comes once the world is made and validated, before
+    pre-training."""
     from train import pipeline
     from train.cli import main
 

@@ -660,16 +660,26 @@ def _validate_events(config: TrainConfig, items) -> None:
     """Refuse bad events (unknown ids, ragged histories, NaN...), a missing or empty split and a
     split of one label before any training (a missing events_test.parquet used to surface only at the
     evaluation; a clickless world trained to a constant and reported no AUC)."""
-    import pyarrow.parquet as pq
-
-    from mim_rec.data.errors import DataError
-    from mim_rec.data.io import single_label, validate_file
+    from mim_rec.data.io import validate_file
     from mim_rec.data.schemas import EVENTS
 
     for split in ("train", "test"):
-        path = Path(config.data.world) / f"events_{split}.parquet"
-        validate_file(path, EVENTS, item_count=items.count, category_count=int(items.category.max()) + 1,
-                      item_category=items.category, keep=False)
+        validate_file(Path(config.data.world) / f"events_{split}.parquet", EVENTS, item_count=items.count,
+                      category_count=int(items.category.max()) + 1, item_category=items.category, keep=False)
+    require_both_labels(config.data.world)
+
+
+def require_both_labels(world: str) -> None:
+    """Refuse a world (its events files valid) whose train or test split is empty or of one
+    label. ``mim pipeline`` and ``mim experiment`` ask it before pre-training: a clickless
+    world ran pre-training and C-SFT for minutes before the CTR runs refused it."""
+    import pyarrow.parquet as pq
+
+    from mim_rec.data.errors import DataError
+    from mim_rec.data.io import single_label
+
+    for split in ("train", "test"):
+        path = Path(world) / f"events_{split}.parquet"
         if pq.read_metadata(path).num_rows == 0:  # an empty test split used to surface after training
             raise DataError(str(path), f"holds no events: a CTR run needs {split} events")
         label = single_label(path)

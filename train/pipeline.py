@@ -218,11 +218,12 @@ def check_ctr_settings(overrides: Sequence[str]) -> TrainConfig:
 
 def check_batches(pretrain_settings: Sequence[str], csft_settings: Sequence[str], nproc: int,
                   ctr: Dict[str, List[List[str]]]) -> None:
-    """Refuse a stage whose batch the world's data cannot fill (or C-SFT's ranks split), with
-    the stage's own message after its name: each stage refused it only when it started, the
-    CiUBM runs after pre-training and C-SFT had run for minutes. Called once the world is
-    there and validated, before pre-training (a synthesised world's counts are known only
-    then), with each stage's own check on counts read from the world's files; no model loads.
+    """Refuse a stage whose batch the world's data cannot fill (or C-SFT's ranks split), or a
+    CTR run on events of one label (no AUC), with the stage's own message after its name: each
+    stage refused it only when it started, the CiUBM runs after pre-training and C-SFT had run
+    for minutes. Called once the world is there and validated, before pre-training (a
+    synthesised world's counts are known only then), with each stage's own check on counts
+    (and labels) read from the world's files; no model loads.
     ``ctr``: the settings of each CiUBM run, by the stage that trains it on ``nproc`` ranks."""
     import pyarrow.parquet as pq
 
@@ -234,6 +235,7 @@ def check_batches(pretrain_settings: Sequence[str], csft_settings: Sequence[str]
     from mim_rec.pretrain.config import PretrainConfig
     from mim_rec.pretrain.corpus import heldout_mask
     from train import csft, pretrain
+    from train.ciubm import require_both_labels
 
     config = load_config(PretrainConfig, None, pretrain_settings)
     items = pq.read_table(Path(config.data.world) / "items.parquet", columns=["item_id"])["item_id"].to_numpy()
@@ -251,6 +253,7 @@ def check_batches(pretrain_settings: Sequence[str], csft_settings: Sequence[str]
             events = Path(config.data.world) / "events_train.parquet"
             try:
                 batches_per_rank(events, pq.read_metadata(events).num_rows, config.loader.batch_size, nproc)
+                require_both_labels(config.data.world)
             except DataError as err:
                 raise ConfigError(f"stage '{stage}': {err}") from err
 
