@@ -192,6 +192,8 @@ def test_fewer_pairs_than_asked_for_are_said(tmp_path, capsys):
     ({"style_dim": 4}, "style_dim=4"),          # the renderer reads eight style coordinates
     ({"categories": 0}, "categories=0"),
     ({"items": 3}, "categories=6 exceeds items=3"),
+    ({"cf_groups": 1_000_000}, "cf_groups=1000000 exceeds users=200 or items=600"),  # a 7 TiB numpy traceback
+    ({"users": 3}, "cf_groups=4 exceeds users=3"),
     ({"events": 5}, "events=5"),
     ({"test_days": 60}, "test_days=60"),        # the test split must leave training days
     # these passed: a NaN click weight gave a world without clicks that validated, the others
@@ -199,6 +201,7 @@ def test_fewer_pairs_than_asked_for_are_said(tmp_path, capsys):
     ({"click": ClickModel(content=float("nan"))}, "click.content=nan: must be a finite number"),
     ({"style_spread": float("nan")}, "style_spread=nan"),
     ({"search_sharpness": float("inf")}, "search_sharpness=inf"),
+    ({"search_sharpness": -6.0}, "search_sharpness=-6.0: must not be negative"),
     ({"mean_history": float("nan")}, "mean_history=nan"),
     ({"days_before": 0}, "days_before=0"),
     ({"seed": -1}, "seed=-1"),

@@ -82,6 +82,10 @@ class SynthConfig:
                               "distinct brand names")
         if self.categories > self.items:
             raise ConfigError(f"categories={self.categories} exceeds items={self.items}: a category needs an item")
+        # the affinity matrix is cf_groups x cf_groups: a million groups asked numpy for 7 TiB
+        if self.cf_groups > min(self.users, self.items):
+            raise ConfigError(f"cf_groups={self.cf_groups} exceeds users={self.users} or items={self.items}: a "
+                              "collaborative group needs a user and an item")
         if self.page_size > MAX_PAGE_SIZE:
             raise ConfigError(f"page_size={self.page_size}: at most {MAX_PAGE_SIZE} (an event's position is "
                               "an int16)")
@@ -104,6 +108,9 @@ class SynthConfig:
                 raise ConfigError(f"{name}={value}: must be a finite number")
         if self.mean_history <= 0:
             raise ConfigError(f"mean_history={self.mean_history}: must be positive")
+        if self.search_sharpness < 0:  # the engine would show the pairs' least alike items first
+            raise ConfigError(f"search_sharpness={self.search_sharpness}: must not be negative "
+                              "(0 is a visual search that ranks at random)")
         for name in ("style_spread", "taste_spread", "session_noise", "click.item_effect_std",
                      "click.collaborative_std", "click.noise_std"):
             if floats[name] < 0:
