@@ -4,6 +4,7 @@ clicks depend on content, ID-level effects and position the way the generative m
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -186,6 +187,19 @@ def test_fewer_pairs_than_asked_for_are_said(tmp_path, capsys):
     err = capsys.readouterr().err
     drawn = pq.read_metadata(tmp_path / "w" / "pairs_test.parquet").num_rows
     assert drawn < 150 and f"pairs_test=150 asked for, {drawn} drawn" in err
+
+
+def test_histories_cut_to_their_candidate_items_are_said(tmp_path, capsys):
+    """A user draws its history from its favourite categories' items and 100 random ones: a
+    mean_history above that gave shorter histories than asked for, silently."""
+    from dataclasses import replace
+
+    config = replace(tiny(SynthConfig(seed=3)), users=20, events=1000, mean_history=5000.0, max_history=2000)
+    generate_world(config, tmp_path / "w")
+    assert re.search(r"note: 20 of 20 users drew a history longer than their candidate items .*"
+                     r"\(mean_history=5000.0, max_history=2000\)", capsys.readouterr().err)
+    generate_world(replace(config, mean_history=20.0, max_history=60), tmp_path / "short")
+    assert "candidate items" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, named", [

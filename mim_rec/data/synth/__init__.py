@@ -146,6 +146,10 @@ def _draw_world(config: SynthConfig, out: Path, steps: tqdm) -> None:
     write_table(items, out / "items.parquet", ITEMS)
     steps.update()
     hist = world.sample_histories(config, lat, rng)
+    if hist.cut:  # said as the pairs' shortfall is: the summary's lengths fall short of mean_history
+        tqdm.write(f"note: {hist.cut} of {config.users} users drew a history longer than their candidate items "
+                   f"(their favourite categories' items and 100 random ones) and took them all "
+                   f"(mean_history={config.mean_history}, max_history={config.max_history})", file=sys.stderr)
     steps.update()
     sessions = world.sample_sessions(config, lat, hist, rng)
     queries = text.queries(sessions.wanted, sessions.query_category, rng)

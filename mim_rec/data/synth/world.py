@@ -116,6 +116,7 @@ class Histories:
     ts: np.ndarray
     start: np.ndarray
     length: np.ndarray
+    cut: int  # users whose drawn length exceeded their candidate pool, so drew the whole pool
 
 
 def sample_histories(config: SynthConfig, lat: Latents, rng: np.random.Generator) -> Histories:
@@ -124,7 +125,7 @@ def sample_histories(config: SynthConfig, lat: Latents, rng: np.random.Generator
     by_category = [np.flatnonzero(lat.item_category == c) for c in range(config.categories)]
     lengths = np.clip(np.round(rng.lognormal(np.log(config.mean_history) - 0.32, 0.8, config.users)),
                       3, config.max_history).astype(np.int64)
-    items, times = [], []
+    items, times, cut = [], [], 0
     for user in range(config.users):
         favs, weights = lat.user_favourites[user], lat.user_favourite_weights[user]
         pool = np.concatenate([by_category[c] for c in favs] + [rng.integers(0, config.items, 100)])
@@ -138,6 +139,7 @@ def sample_histories(config: SynthConfig, lat: Latents, rng: np.random.Generator
                  + lat.item_effect[pool] + lat.collaborative(np.full(len(pool), user), pool)
                  + prior + _gumbel(rng, len(pool)))
         take = min(int(lengths[user]), len(pool))
+        cut += int(take < lengths[user])
         chosen = pool[np.argpartition(-score, take - 1)[:take]]
         lengths[user] = take
         earliest = np.maximum(lat.item_created[chosen], t0)
@@ -147,7 +149,7 @@ def sample_histories(config: SynthConfig, lat: Latents, rng: np.random.Generator
     flat_items, flat_ts = np.concatenate(items), np.concatenate(times)
     order = np.lexsort((flat_ts, users))
     start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return Histories(flat_items[order], lat.item_category[flat_items[order]], flat_ts[order], start, lengths)
+    return Histories(flat_items[order], lat.item_category[flat_items[order]], flat_ts[order], start, lengths, cut)
 
 
 @dataclass
