@@ -102,6 +102,18 @@ def test_report_is_json_and_buckets_single_class_as_none():
     assert report["gauc"] == pytest.approx(gauc(grouped_auc(preds, labels, users)))
 
 
+def test_the_printed_report_says_what_its_auc_and_gauc_rest_on():
+    """``mim train`` printed an AUC over one click (a world of click rate 0.1%) and a GAUC over one
+    user as it printed those over thousands."""
+    from mim_rec.metrics.report import format_report
+
+    metrics = CtrMetrics()
+    metrics.update(torch.tensor([0.2, 0.7, 0.4, 0.1]), torch.tensor([0.0, 1.0, 0.0, 0.0]), torch.tensor([0, 0, 1, 1]),
+                   torch.zeros(4, dtype=torch.int64), torch.arange(4).double())
+    headline = format_report(metrics.compute()).splitlines()[0]
+    assert headline == "AUC 1.0000  GAUC 1.0000 (1 user)  logloss 0.2990  n 4 (1 click)"
+
+
 def test_every_category_and_age_bucket_counts_its_events_and_clicks():
     """A category's AUC came without its clicks: one over 3 read like one over 3,000."""
     preds, labels, users, categories, ages = random_eval(500, seed=3)

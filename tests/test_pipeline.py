@@ -191,8 +191,10 @@ def test_the_report_gives_each_age_bucket_its_rows_and_clicks(tmp_path):
     for model in ("base_din", "mim_din"):
         (tmp_path / model).mkdir()
         (tmp_path / model / "metrics.json").write_text(json.dumps(
-            {"auc": 0.6, "gauc": 0.6, "logloss": 0.3, "n": 1205, "age_edges": [1.0, 2.0], "age_deciles": buckets}))
+            {"auc": 0.6, "gauc": 0.6, "logloss": 0.3, "n": 1205, "positives": 130, "age_edges": [1.0, 2.0],
+             "age_deciles": buckets}))
     text = report(tmp_path, "din", {}, tmp_path)
+    assert "| Base | 0.6000 | 0.6000 | 0.3000 | 1,205 (130) |" in text  # the overall AUC's clicks too
     assert "| S1 | 1,200 (130) | 0.6000 | 0.6000 | 0.0000 |" in text
     assert "| S2 | 0 (0) | n/a | n/a | n/a |" in text
     assert "| S3 | 5 (0) | n/a | n/a | n/a |" in text

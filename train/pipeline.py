@@ -453,9 +453,10 @@ def report(out: Path, ubm: str, walls: Dict[str, float], world: Path) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
     lines = [f"# MIM pipeline report ({ubm})", "",
-             "| model | AUC | GAUC | logloss | test rows |", "|---|---|---|---|---|"]
+             "| model | AUC | GAUC | logloss | test rows (clicks) |", "|---|---|---|---|---|"]
     for name, m in (("Base", base), ("Base+MIM", mim)):
-        lines.append(f"| {name} | {cell(m['auc'])} | {cell(m['gauc'])} | {cell(m['logloss'])} | {m['n']:,} |")
+        clicks = "?" if m.get("positives") is None else f"{m['positives']:,}"  # a run from before the count
+        lines.append(f"| {name} | {cell(m['auc'])} | {cell(m['gauc'])} | {cell(m['logloss'])} | {m['n']:,} ({clicks}) |")
     lines += ["", "AUC by item age at impression (S1 newest ... S10 oldest); buckets from Base's edges. "
               "n/a: the bucket's test rows are all clicks or all non-clicks, or there are none:", "",
               "| bucket | test rows (clicks) | Base | Base+MIM | Δ |", "|---|---|---|---|---|"]
