@@ -82,10 +82,11 @@ class SynthConfig:
                               "distinct brand names")
         if self.categories > self.items:
             raise ConfigError(f"categories={self.categories} exceeds items={self.items}: a category needs an item")
-        # the affinity matrix is cf_groups x cf_groups: a million groups asked numpy for 7 TiB
-        if self.cf_groups > min(self.users, self.items):
-            raise ConfigError(f"cf_groups={self.cf_groups} exceeds users={self.users} or items={self.items}: a "
-                              "collaborative group needs a user and an item")
+        # the affinity matrix is cf_groups x cf_groups: a million groups asked numpy for 7 TiB.
+        # More groups than users (or items) only leaves some empty, so a world of 3 users stays.
+        if self.cf_groups > max(self.users, self.items):
+            raise ConfigError(f"cf_groups={self.cf_groups} exceeds both users={self.users} and items={self.items}: "
+                              "most collaborative groups would hold no one")
         if self.page_size > MAX_PAGE_SIZE:
             raise ConfigError(f"page_size={self.page_size}: at most {MAX_PAGE_SIZE} (an event's position is "
                               "an int16)")
