@@ -92,6 +92,21 @@ class RimConfig:
             raise ConfigError(f"max_request_items={self.max_request_items} exceeds max_pending={self.max_pending}: "
                               "a request is queued whole, so a larger one would get 503 (retry later) forever")
         require_existing(self, ("encoders", "table"))  # by key, before the encoder loads
+        self._require_pixel_tower()
+
+    def _require_pixel_tower(self) -> None:
+        """Refuse an item encoder whose vision tower reads ``image_feature`` vectors, from its
+        manifests, before it loads: POST /items carries an image's bytes and no feature vector,
+        so every new item was refused at request time (422, "no 'image_feature' column")."""
+        from embeddings.encoders import item_encoder_vision
+        from mim_rec.config import ConfigError
+        from mim_rec.encoders.config import PRECOMPUTED
+
+        vision = item_encoder_vision(self.encoders) if self.encoders else None
+        if vision is not None and vision.name == PRECOMPUTED:
+            raise ConfigError(f"encoders={self.encoders}: its vision tower is '{PRECOMPUTED}' (it reads image_feature "
+                              "vectors), and POST /items carries an image's bytes, no feature vector, so every new "
+                              "item would be refused; serve an item encoder whose vision tower reads pixels")
 
 
 class RequestError(Exception):

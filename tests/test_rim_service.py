@@ -364,6 +364,32 @@ def test_serve_refuses_a_num_items_below_the_base_tables_ids_as_the_fold_does(en
     assert not log.exists()
 
 
+def test_serve_refuses_an_encoder_whose_vision_tower_reads_feature_vectors_before_it_loads(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """POST /items carries an image's bytes only: a service on a 'precomputed' tower started, and
+    refused every new item at request time (422, "no 'image_feature' column")."""
+    import embeddings.encoders
+    from mim_rec.encoders import EncoderPair, EncodersConfig, VisionConfig, save_encoders
+    from train.cli import main
+    from encoder_fixtures import tiny_text
+
+    encoders = save_encoders(tmp_path / "features", EncoderPair(EncodersConfig(
+        vision=VisionConfig(name="precomputed", feature_dim=4), text=tiny_text(), shared_dim=8)))
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the encoder loaded before its vision tower was checked")
+
+    monkeypatch.setattr(embeddings.encoders, "load_item_encoder", loaded)
+    log = tmp_path / "rim.log"
+    assert main(["embeddings", "serve", f"encoders={encoders}", f"log={log}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].endswith(
+        f"error: encoders={encoders}: its vision tower is 'precomputed' (it reads image_feature vectors), and "
+        "POST /items carries an image's bytes, no feature vector, so every new item would be refused; serve an "
+        "item encoder whose vision tower reads pixels")
+    assert "Traceback" not in err and not log.exists()
+
+
 def test_a_client_hanging_up_before_its_reply_prints_no_traceback(service, capsys):
     """Every hung-up producer used to print a BrokenPipeError traceback into the service log."""
     _, port = service
