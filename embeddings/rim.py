@@ -43,7 +43,8 @@ from mim_rec.data.schemas import ITEMS
 from mim_rec.data.validate import MAX_TITLE_CHARS, TITLE_TOO_LONG
 
 from embeddings.encoders import ItemEncoder
-from embeddings.rim_log import RimLog, ServedTable, WindowMessage, check_served_table, holds, read_messages
+from embeddings.rim_log import (NUM_ITEMS_HINT, RimLog, ServedTable, WindowMessage, check_id_space,
+                                check_served_table, holds, read_messages)
 from embeddings.table import table_identity
 
 REQUEST_SOURCE = "POST /items"
@@ -278,6 +279,7 @@ class RimService:
             for end, message in read_messages(self.log.path):
                 self._check_logged(message, end)
                 self._serve(message)
+            self._check_id_space()
         except BaseException:
             self.log.close()
             raise
@@ -337,6 +339,15 @@ class RimService:
                                 f"and holds item {held[0]}, which table={self.config.table} holds: a fold or live "
                                 "apply into it would refuse this log; serve against that table into a new log",
                                 field="item_id")
+
+    def _check_id_space(self) -> None:
+        """Refuse to go on with a log holding an id outside ``num_items`` (where given; an
+        earlier start's may have been larger), by the fold's rule and with its message: the
+        fold refused the log only later, after this service had acknowledged more items into
+        it. The ids are those the start's one pass over the log served, in log order."""
+        if self.config.num_items:
+            check_id_space(np.fromiter(self._served, np.int64, len(self._served)), self.config.num_items,
+                           self.log.path, NUM_ITEMS_HINT)
 
     # ------------------------------------------------------------------ request path
 

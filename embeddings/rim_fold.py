@@ -25,7 +25,7 @@ from mim_rec.data.staging import written_beside
 from mim_rec.utils.run import sole_writer
 
 from embeddings.compact import int8_rows_table
-from embeddings.rim_log import check_message, check_new_ids, check_served_table, read_messages
+from embeddings.rim_log import NUM_ITEMS_HINT, check_message, check_new_ids, check_served_table, read_messages
 from embeddings.table import table_identity, table_item_ids, table_parts
 
 
@@ -140,8 +140,7 @@ def _fold_into(table_dir: Path, log_path: Path, out: Path, num_items: Optional[i
     # An incomplete last record (being appended, or torn by a crash) is not folded; the next
     # fold starts at ``end`` and takes it if it has been completed by then. Said, not hidden.
     unfolded = max(size - end, 0)
-    check_new_ids(ids, [table_item_ids(table_dir)], num_items, log_path, str(table_dir),
-                  "; pass num_items=<catalogue size>")
+    check_new_ids(ids, [table_item_ids(table_dir)], num_items, log_path, str(table_dir), NUM_ITEMS_HINT)
 
     # Written beside ``out`` and renamed into place: a fold that fails leaves no half-table.
     with written_beside(out, "folding") as staging:

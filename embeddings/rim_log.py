@@ -424,10 +424,7 @@ def check_new_ids(ids: np.ndarray, known_ids: Sequence[np.ndarray], num_items: i
     sorted arrays ``known_ids`` (``known_as`` names where those rows already are). A table row
     is never replaced from a log. Looked up by binary search, so a record costs O(n log N)
     against a table of N ids, not a sort of the table."""
-    outside = ids[(ids < 0) | (ids >= num_items)]
-    if len(outside):
-        raise DataError(str(source), f"{len(outside)} item(s) outside the id range [0, {num_items}) "
-                        f"(first: {outside[0]}){range_hint}", field="item_id")
+    check_id_space(ids, num_items, source, range_hint)
     unique, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         raise DataError(str(source), f"item {unique[counts > 1][0]} appears twice in the log",
@@ -436,6 +433,19 @@ def check_new_ids(ids: np.ndarray, known_ids: Sequence[np.ndarray], num_items: i
     if len(known):
         raise DataError(str(source), f"item {known[0]} is already in {known_as}; a table row is never "
                         "replaced from a log", field="item_id")
+
+
+# How a fold (or a service restarting on its log) refused for an id outside its id space can go on.
+NUM_ITEMS_HINT = "; pass num_items=<catalogue size>"
+
+
+def check_id_space(ids: np.ndarray, num_items: int, source: Union[str, Path], range_hint: str = "") -> None:
+    """Refuse log rows with an id outside an id space of ``num_items`` (``range_hint`` says
+    what to do): the fold's refusal, which the service restarting on its log gives too."""
+    outside = ids[(ids < 0) | (ids >= num_items)]
+    if len(outside):
+        raise DataError(str(source), f"{len(outside)} item(s) outside the id range [0, {num_items}) "
+                        f"(first: {outside[0]}){range_hint}", field="item_id")
 
 
 def holds(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -364,9 +364,9 @@ def test_a_fold_takes_records_served_against_its_base_from_the_log_it_was_folded
     assert read_manifest(fold_log(v2, served_v2, tmp_path / "v3_after")).extra["rim"]["items"] == 1
 
 
-def _restart(log, table=None) -> None:
-    """Start (and stop) the service on ``log`` with ``table=`` (None: none)."""
-    RimService(RimConfig(log=str(log), table=table and str(table)), IdEncoder()).close()
+def _restart(log, table=None, num_items: int = 0) -> None:
+    """Start (and stop) the service on ``log`` with ``table=`` (None: none) and ``num_items``."""
+    RimService(RimConfig(log=str(log), table=table and str(table), num_items=num_items), IdEncoder()).close()
 
 
 def test_serve_restarted_on_a_log_refuses_a_table_that_would_not_take_its_records(catalogue, base_table, tmp_path):
@@ -413,6 +413,26 @@ def test_serve_restarted_on_a_log_refuses_a_table_that_would_not_take_its_record
     with pytest.raises(ManifestMismatch, match=r"rim.log: not the log .*v2 was folded from"):
         _restart(path, v2)
     assert not path.exists()
+
+
+def test_serve_restarted_on_a_log_refuses_ids_outside_its_num_items_as_the_fold_does(base_table, catalogue,
+                                                                                     tmp_path):
+    """Restarted with a smaller num_items than an earlier start's, the service went on appending
+    to a log whose records the fold (and the live apply) refused only later."""
+    _, cut = catalogue
+    path = _log_of(tmp_path / "rim.log", [cut, cut + 5, cut + 9],
+                   table=ServedTable(str(base_table.resolve()), table_identity(base_table)))
+    size = path.stat().st_size
+    with pytest.raises(DataError) as folding:
+        fold_log(base_table, path, tmp_path / "v2", num_items=cut + 5)
+    with pytest.raises(DataError) as serving:
+        _restart(path, base_table, num_items=cut + 5)
+    assert str(serving.value) == str(folding.value) == (
+        f"{path}, field 'item_id': 2 item(s) outside the id range [0, {cut + 5}) (first: {cut + 5}); "
+        "pass num_items=<catalogue size>")
+    assert path.stat().st_size == size
+    _restart(path, base_table, num_items=cut + 10)  # the refusal closed the log: no lock is left
+    _restart(path, base_table)  # no num_items: any id, as before
 
 
 def test_a_table_that_names_no_encoder_is_refused_by_the_fold_and_the_live_apply(catalogue, base_table, log,
