@@ -133,3 +133,55 @@ def test_a_lock_file_its_holder_removed_is_not_taken_and_a_refused_writer_leaves
     with pytest.raises(ConfigError), sole_writer(tmp_path / "new" / "v2"):
         raise ConfigError("refused")
     assert list(tmp_path.iterdir()) == []
+
+
+def _holder_cleaning_up(monkeypatch, path, top, times: int) -> list:
+    """Make the first ``times`` opens of the lock file ``path`` come right after a holder that is
+    done removed the folders it made, ``path``'s up to ``top`` (as :func:`mim_rec.utils.run._lock_file`
+    does once they are empty): between a writer's mkdir and its open. Returns the removals so far."""
+    import pathlib
+
+    open_, cleaned = pathlib.Path.open, []
+
+    def a_holder_cleans_up_then_open(self, *args, **kwargs):
+        if self == path and len(cleaned) < times:
+            cleaned.append(self)
+            for made in path.parents:
+                if made == top:
+                    break
+                made.rmdir()
+        return open_(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", a_holder_cleans_up_then_open)
+    return cleaned
+
+
+@pytest.mark.parametrize("lock", ["run_folder_lock", "sole_writer"])
+def test_a_writer_whose_folder_a_finished_holder_removes_as_it_opens_its_lock_file_goes_on(tmp_path, monkeypatch,
+                                                                                        lock):
+    """A holder done with folders it made removes them once empty: a writer that had just made
+    (or found) the same folder then failed to open its lock file there, with a FileNotFoundError
+    traceback. It makes the folders again and holds the lock (a third writer is still refused),
+    and refused, leaves none of them behind; removed again, it is refused in one line."""
+    from mim_rec.config import ConfigError
+    from mim_rec.utils import run
+
+    out = tmp_path / "runs" / "a"
+    path = out / run.LOCK_NAME if lock == "run_folder_lock" else out.parent / ".a.lock"
+    hold = getattr(run, lock)
+    path.parent.mkdir(parents=True)  # made by the holder: this writer finds it
+    cleaned = _holder_cleaning_up(monkeypatch, path, tmp_path, times=1)
+    with pytest.raises(ConfigError, match="refused"), hold(out):
+        assert cleaned and path.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ConfigError, match="another run is writing this folder"), hold(out):
+            pass
+        raise ConfigError("refused")
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.undo()
+    _holder_cleaning_up(monkeypatch, path, tmp_path, times=2)
+    with pytest.raises(ConfigError, match=rf"^out={out}: the folder of its lock file {path} was removed twice as "
+                                          r"this run made it \(runs finishing there meanwhile\); run again$"):
+        with hold(out):
+            pass
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -189,8 +189,7 @@ def run_folder_lock(out: Union[str, Path]) -> Iterator[None]:
         yield
         return
     path = Path(out) / LOCK_NAME
-    made = not path.parent.exists()
-    with _lock_file(path, out, remove=lambda: made and [p.name for p in path.parent.iterdir()] == [LOCK_NAME]):
+    with _lock_file(path, out, remove=lambda made: made and [p.name for p in path.parent.iterdir()] == [LOCK_NAME]):
         yield
 
 
@@ -214,39 +213,61 @@ def sole_writer(out: Union[str, Path]) -> Iterator[None]:
     removes the file while it still holds it (:func:`_lock_file`), and a folder this call
     created for it is removed again if nothing else went there."""
     out = Path(out)
-    with _lock_file(out.parent / f".{out.name}.lock", out, remove=lambda: True):
+    with _lock_file(out.parent / f".{out.name}.lock", out, remove=lambda made: True):
         yield
 
 
 @contextmanager
-def _lock_file(path: Path, out: Union[str, Path], remove: Callable[[], bool]) -> Iterator[None]:
+def _lock_file(path: Path, out: Union[str, Path], remove: Callable[[bool], bool]) -> Iterator[None]:
     """Hold the lock file ``path`` for ``out`` (:func:`_held`), making its folder (and parents)
-    first. When the holder is done, the file is removed where ``remove()`` says so, while it is
-    still held: removed once the flock was freed, it could be locked in between by another
-    writer, which would then hold a removed file beside any writer after it (a file removed
-    before it is locked is refused, :func:`_locked`). Then the folders this call made are
-    removed again if nothing else went there."""
-    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
-    path.parent.mkdir(parents=True, exist_ok=True)
+    first (:func:`_opened`). When the holder is done, the file is removed where ``remove(made)``
+    says so (``made``: this call made the file's folder), while it is still held: removed once
+    the flock was freed, it could be locked in between by another writer, which would then hold
+    a removed file beside any writer after it (a file removed before it is locked is refused,
+    :func:`_locked`). Then the folders this call made are removed again if nothing else went there."""
+    handle, created = _opened(path, out)
     try:
-        with _held(path, out):
+        with _held(handle, path, out):
             try:
                 yield
             finally:
-                if remove():
+                if remove(path.parent in created):
                     path.unlink(missing_ok=True)
     finally:
         _remove_empty(created)
 
 
+def _opened(path: Path, out: Union[str, Path]) -> Tuple[IO[str], List[Path]]:
+    """The lock file ``path`` opened (made if absent), and the folders made for it, deepest first.
+    A holder that is done removes the folders it made once empty (:func:`_lock_file`), also one
+    this call has just found or made: its open then failed with a FileNotFoundError traceback.
+    That holder is done, so the folders are made and the file opened once more, and this writer
+    goes on (the flock still decides who holds it); a second such removal is refused in one line."""
+    from mim_rec.config import ConfigError
+
+    created: List[Path] = []
+    for _ in range(2):
+        missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+        created = max(created, missing, key=len)  # both run up from path.parent: the longer holds the other
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return path.open("a+"), created
+        except FileNotFoundError:  # its folder was removed after the mkdir
+            pass
+    _remove_empty(created)
+    raise ConfigError(f"out={out}: the folder of its lock file {path} was removed twice as this run made it "
+                      "(runs finishing there meanwhile); run again")
+
+
 @contextmanager
-def _held(path: Path, out: Union[str, Path]) -> Iterator[None]:
-    """An exclusive flock on ``path`` (holding this process's pid) for the ``with`` block."""
+def _held(handle: IO[str], path: Path, out: Union[str, Path]) -> Iterator[None]:
+    """An exclusive flock on the lock file ``path``, open as ``handle`` (holding this process's
+    pid), for the ``with`` block, which closes the file."""
     import fcntl
 
     from mim_rec.config import ConfigError
 
-    with path.open("a+") as handle:
+    with handle:
         if not _locked(handle, path):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
