@@ -847,6 +847,15 @@ def test_a_query_feature_the_tower_refuses_is_named_by_its_column(inputs, tmp_pa
     assert str(refused.value) == f"{path}, row 1, field 'query_feature': missing feature vector"
 
 
+def _give_items_features(inputs, world: Path) -> None:
+    """Give ``world``'s items (``inputs``' items) an image_feature vector a 4-d precomputed tower
+    reads: their images are checked before the pairs' queries."""
+    items = pq.read_table(inputs[0] / "items.parquet")
+    (world / "items.parquet").unlink()
+    pq.write_table(items.append_column("image_feature", pa.array([[0.5] * 4] * len(items), pa.list_(pa.float32()))),
+                   world / "items.parquet")
+
+
 def _precomputed_stage1(folder: Path) -> Path:
     """Stage-1 encoders whose vision tower is 'precomputed' with feature_dim=4."""
     save_encoders(folder, EncoderPair(EncodersConfig(vision=VisionConfig(name="precomputed", feature_dim=4),
@@ -891,6 +900,8 @@ def test_eval_on_test_pairs_the_query_tower_cannot_read_is_refused_before_traini
     stage1 = _precomputed_stage1(tmp_path / "stage1") if vision == "precomputed" else inputs[1]
     pairs = pq.read_table(inputs[0] / "pairs_test.parquet")
     world = _world_with(inputs, tmp_path / "world", "pairs_test.parquet", rewrite(pairs) if rewrite else pairs)
+    if vision == "precomputed":
+        _give_items_features(inputs, world)
     config = _config((world, stage1, inputs[2]), tmp_path / "out")
     assert cli.main(["csft", "--config", str(_write_config(config, tmp_path / "c.yaml")), "--eval"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -922,12 +933,8 @@ def test_training_pairs_the_query_tower_cannot_read_are_refused_before_the_encod
     stage1 = _precomputed_stage1(tmp_path / "stage1") if vision == "precomputed" else inputs[1]
     world = _world_with(inputs, tmp_path / "world", "pairs_train.parquet",
                         rewrite(pq.read_table(inputs[0] / "pairs_train.parquet")))
-    if vision == "precomputed":  # items the tower reads (their images are checked first)
-        items = pq.read_table(inputs[0] / "items.parquet")
-        (world / "items.parquet").unlink()
-        pq.write_table(items.append_column("image_feature", pa.array([[0.5] * 4] * len(items),
-                                                                     pa.list_(pa.float32()))),
-                       world / "items.parquet")
+    if vision == "precomputed":
+        _give_items_features(inputs, world)
     config = _config((world, stage1, inputs[2]), tmp_path / "out")
     assert cli.main(["csft", "--config", str(_write_config(config, tmp_path / "c.yaml"))]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

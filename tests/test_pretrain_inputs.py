@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import List, Optional
 
 import pytest
 import torch
@@ -215,7 +216,7 @@ def _null_image_beside_a_feature(items):
                                                  pa.array(images, pa.binary())))
 
 
-@pytest.mark.parametrize("command", ["pretrain", "csft", "embeddings build"])
+@pytest.mark.parametrize("command", ["pretrain", "pretrain-eval", "csft", "csft-eval", "embeddings build"])
 @pytest.mark.parametrize("tower, rewrite, message", [
     ("pixel", _null_image_beside_a_feature, "row 1, field 'image': null: the item has no image, which the vision "
                                             "encoder 'convnext_atto' reads"),
@@ -233,7 +234,8 @@ def test_items_the_vision_tower_cannot_read_are_refused_before_any_encoder_loads
     column, and compares a vector's length only with the file's other rows: mim pretrain found
     such items after building its towers, mim csft after loading the encoders, mim embeddings
     build after loading its encoder (a row past the first shard, after writing the shards before
-    it). Each refuses them first, by file, row and field."""
+    it), pretrain-eval after building the plain row's towers, csft-eval after loading the
+    encoders. Each refuses them first, by file, row and field, and writes nothing."""
     import pyarrow.parquet as pq
 
     source, folder = synthetic
@@ -245,18 +247,33 @@ def test_items_the_vision_tower_cannot_read_are_refused_before_any_encoder_loads
     pq.write_table(rewrite(pq.read_table(source / "items.parquet")), world / "items.parquet")
     _refuse_towers(monkeypatch)
     out = tmp_path / "out"
-    if command == "pretrain":
+    if command.startswith("pretrain"):
         config = _config(world, out)
         if tower == "precomputed":
             config.encoders.vision = folder_config(folder / tower)
-        args = ["pretrain", "--config", str(_write_config(config, tmp_path / "c.yaml"))]
-    elif command == "csft":
-        args = ["csft", f"data.world={world}", f"encoders={folder / tower}", f"out={out}", "data.batch_size=8"]
+        args = [command, "--config", str(_write_config(config, tmp_path / "c.yaml"))]
+    elif command.startswith("csft"):
+        args = [command, f"data.world={world}", f"encoders={folder / tower}", f"out={out}", "data.batch_size=8"]
     else:
         args = ["embeddings", "build", f"world={world}", f"encoders={folder / tower}", f"out={out}"]
+    run = _finished_run(command, out, config if command == "pretrain-eval" else None)
     assert cli.main(args) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {world / 'items.parquet'}, {message}")
-    assert not out.exists()
+    assert sorted(out.rglob("*")) == run
+
+
+def _finished_run(command: str, out: Path, config: Optional[PretrainConfig]) -> List[Path]:
+    """For an evaluation ``command``, the run in ``out`` it checks before the items (the config
+    of ``mim pretrain``'s, a C-SFT model's manifest); what ``out`` then holds (nothing for
+    the other commands, which must not make it)."""
+    from mim_rec.data.manifest import Manifest, write_manifest
+
+    if command == "pretrain-eval":
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps(to_dict(config)))
+    elif command == "csft-eval":
+        write_manifest(out / "mm_encoder", Manifest(kind="mm_encoder", stage="csft"))
+    return sorted(out.rglob("*"))
 
 
 def folder_config(encoders: Path):

@@ -58,9 +58,15 @@ def check_evaluable(config: CsftConfig) -> Tuple[WorldInputs, HeldOut]:
     of impressions no AUC can score, an empty validation period, pairs without the query column
     the stage-1 vision tower reads), with its messages, before the encoders load: ``mim csft
     --eval`` found such a file only after training, and ``csft-eval`` an unscorable one only
-    after the stage-1 embeddings. Returns the world and its held-out data, which the evaluation
-    goes on to score (and ``mim csft --eval`` to train on: :func:`_train`)."""
+    after the stage-1 embeddings. So are items whose images that tower cannot read
+    (:func:`~mim_rec.pretrain.corpus.require_stored_images`), which ``csft-eval`` and ``--eval-only``
+    found only after loading the encoders. Returns the world and its held-out data, which the
+    evaluation goes on to score (and ``mim csft --eval`` to train on: :func:`_train`)."""
+    from mim_rec.encoders.pair import saved_config
+    from mim_rec.pretrain.corpus import require_stored_images
+
     world = _open_world(config)
+    require_stored_images(world.items_path, saved_config(config.encoders).vision)
     return world, evaluable_held_out(world, config.data.validation, config.encoders)
 
 

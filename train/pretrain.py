@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from mim_rec.encoders import EncoderPair
-    from mim_rec.encoders.config import EncodersConfig
+    from mim_rec.encoders.config import EncodersConfig, VisionConfig
     from mim_rec.pretrain.config import PretrainConfig
     from mim_rec.pretrain.corpus import ItemCorpus
 
@@ -73,6 +73,18 @@ def check_evaluable(config: PretrainConfig) -> None:
         ids = read_parquet_columns(items, ["item_id"]).column("item_id").to_numpy()
         _check_split_sizes(int(heldout_mask(ids, config.data.heldout_fraction).sum()), len(ids),
                            config.data.heldout_fraction)
+
+
+def _require_readable_items(world: str, vision: VisionConfig) -> None:
+    """Refuse the world's items whose images the tower ``vision`` configures cannot read
+    (:func:`~mim_rec.pretrain.corpus.require_stored_images`), before any tower is built: the
+    corpus refused such a row only after building them (``mim pretrain``; ``pretrain-eval``, the
+    plain row's). A world without its items file is the corpus's to name."""
+    from mim_rec.pretrain.corpus import items_path, require_stored_images
+
+    items = items_path(world)
+    if items.is_file():
+        require_stored_images(items, vision)
 
 
 def _check_world_manifest(world: str) -> None:
@@ -208,7 +220,7 @@ def _run_pretrain(config) -> Path:
     from mim_rec.data.manifest import fingerprint_file
     from mim_rec.encoders import EncoderPair, save_encoders
     from mim_rec.encoders.freeze import describe_trainable
-    from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus, require_stored_images
+    from mim_rec.pretrain.corpus import heldout_mask, items_path, load_corpus
     from mim_rec.pretrain.objective import PretrainObjective
     from mim_rec.utils.dist import barrier, init_distributed, losses_over_ranks
     from mim_rec.utils.run import JsonlLogger, atomic_write_bytes, seed_everything
@@ -216,9 +228,7 @@ def _run_pretrain(config) -> Path:
 
     ctx = init_distributed(config.device)
     out = Path(config.out)
-    if items_path(config.data.world).is_file():  # a missing one is load_corpus's to name
-        # before the towers are built: the corpus refused such a row only after building them
-        require_stored_images(items_path(config.data.world), config.encoders.vision)
+    _require_readable_items(config.data.world, config.encoders.vision)
     seed_everything(config.seed)  # identical initial weights on every rank
     pair = EncoderPair(config.encoders)
     objective = PretrainObjective(pair, config.mlm_probability, config.image_ssl_weight).to(ctx.device)
@@ -448,6 +458,7 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     sources = {"plain": None, "dda": out / "dda", "dda+dma": out / "encoders"}
     _check_evaluated_world(config, [source for source in sources.values() if source is not None])
     check_evaluable(config)
+    _require_readable_items(config.data.world, encoders.vision)  # the run's tower, which its artifacts share
     report: Dict[str, Dict[str, float]] = {}
     splits: Dict[Optional[int], Tuple[ItemCorpus, ItemCorpus]] = {}
     for row in rows or DEFAULT_EVAL_ROWS:
