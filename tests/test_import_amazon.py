@@ -133,6 +133,20 @@ def test_negatives_per_positive_must_fit_the_catalogue(tmp_path, capsys, negativ
     assert not (tmp_path / "w").exists()
 
 
+def test_negatives_past_what_the_longest_sequence_leaves_are_refused_up_front(tmp_path, capsys):
+    """User 0 has 5 of the 8 items, so each of its positives has at most 3 non-clicks: the
+    sampler redrew its rows in vain (1,000 rounds; on the real Scientific data with
+    --negatives 1584, over ten minutes before it was stopped), then blamed the data."""
+    src = write_amazon(tmp_path / "src", features=np.ones((N_ITEMS, 512), "<f4"))
+    assert main(["data", "import", "--format", "amazon", str(src), "--out", str(tmp_path / "w"),
+                 "--negatives", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"--negatives 4: user 'USER0' (index 0 of {src / 'Tiny.user2index'}) has 5 of the 8 items in its " \
+           f"sequence" in err and "give --negatives 3 or fewer" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+    import_amazon(src, tmp_path / "w", AmazonOptions(negatives=3))  # the largest that fits
+
+
 @pytest.mark.parametrize("case", ["missing column", "item out of range", "inconsistent history",
                                   "truncated features", "wrong vector size", "missing text",
                                   "truncated test", "test cut mid-row", "not utf-8"])

@@ -149,6 +149,7 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     rng = np.random.default_rng(options.seed)
     popularity = sequences.train_counts(rows["train"] + rows["valid"])  # events_train's rows
     positives = sequences.user_items()
+    _refuse_negatives_past_sequences(options.negatives, positives, users, n_items, path["user2index"])
     raw_users = np.array(users, dtype=object)
     events, pairs = {}, {}
     for split, parts in (("train", ("train", "valid")), ("test", ("test",))):
@@ -181,6 +182,21 @@ def import_amazon(src: Path, out: Path, options: AmazonOptions) -> ImportReport:
     # Only the files read are fingerprinted: feat1CLS is not imported and may be absent.
     write_world(Path(out), items, pairs, events, report, config, list(path.values()))
     return report
+
+
+def _refuse_negatives_past_sequences(negatives: int, positives: Dict[int, np.ndarray], users: List[str],
+                                     n_items: int, user_index: Path) -> None:
+    """Refuse ``--negatives`` above what the longest sequence leaves to draw from: a non-click
+    is never an item of the user's sequence nor drawn twice for one positive, so the sampler
+    would redraw that user's rows in vain (on Scientific, ``--negatives 1584`` ran for over
+    ten minutes at 1 GB before it was stopped)."""
+    user = max(positives, key=lambda u: len(positives[u]))
+    room = n_items - len(positives[user])
+    if negatives > room:
+        raise ConfigError(f"--negatives {negatives}: user {users[user]!r} (index {user} of {user_index}) has "
+                          f"{len(positives[user])} of the {n_items} items in its sequence, and a non-click is "
+                          f"never one of them nor drawn twice for one positive, so each of its positives can "
+                          f"have at most {room}; give --negatives {room} or fewer")
 
 
 # ---------------------------------------------------------------- source files
