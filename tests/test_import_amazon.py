@@ -208,6 +208,19 @@ def test_bad_sources_are_refused(tmp_path, case):
         assert report.counts["inter rows test"] == N_USERS - 1
 
 
+@pytest.mark.parametrize("name", ["Tiny.item2index", "Tiny.user2index", "Tiny.train.inter"])
+def test_a_byte_order_mark_is_refused_naming_its_file(tmp_path, name):
+    """A BOM (as some editors save UTF-8) started the first token: in item2index the first ASIN
+    then matched no .text line and the text file was blamed; in user2index it was written into
+    raw_user_id without a word."""
+    src = write_amazon(tmp_path / "src")
+    (src / name).write_bytes(b"\xef\xbb\xbf" + (src / name).read_bytes())
+    with pytest.raises(DataError, match="starts with a UTF-8 byte-order mark") as info:
+        import_amazon(src, tmp_path / "out", options())
+    assert info.value.file == str(src / name)
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_missing_count_has_a_kind_to_admit_it():
     """A count of no --allow-missing kind could never be admitted."""
     assert tuple(dict.fromkeys(GAP_KIND.values())) == EVERY_KIND
