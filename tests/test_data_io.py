@@ -509,6 +509,18 @@ def test_corrupt_parquet_is_a_data_error_naming_the_file(tmp_path, capsys):
     assert f"{items}: not a readable Parquet file" in capsys.readouterr().err
 
 
+def test_a_broken_page_header_is_refused_in_one_line(tmp_path):
+    """Arrow's message for it spans three lines, which the error quoted as they were."""
+    items = tmp_path / "items.parquet"
+    write_table(table(ITEMS, items_rows()), items, ITEMS)
+    data = bytearray(items.read_bytes())
+    data[4:204] = bytes(200)  # the first column chunk's page header
+    items.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="unreadable Parquet data from this row on") as info:
+        validate_file(items, ITEMS)
+    assert "\n" not in str(info.value) and "Deserializing page header failed." in str(info.value)
+
+
 def test_a_duplicate_item_row_does_not_shift_the_items_categories(tmp_path):
     """The behaviour-category check read the item->category map from the raw items file,
     quarantined rows included: one extra row for item 0 shifted every later item's category,

@@ -176,7 +176,7 @@ def open_parquet(path: PathLike) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(str(path), f"not a readable Parquet file ({exc})") from exc
+        raise DataError(str(path), f"not a readable Parquet file ({_one_line(exc)})") from exc
 
 
 def read_batches(parquet: pq.ParquetFile, file: str, batch_rows: int,
@@ -191,9 +191,15 @@ def read_batches(parquet: pq.ParquetFile, file: str, batch_rows: int,
         except StopIteration:
             return
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(file, f"unreadable Parquet data from this row on ({exc})", row=rows) from exc
+            raise DataError(file, f"unreadable Parquet data from this row on ({_one_line(exc)})", row=rows) from exc
         rows += batch.num_rows
         yield batch
+
+
+def _one_line(exc: BaseException) -> str:
+    """Arrow's message on one line: a broken page header's spans three ("...Invalid data",
+    "Deserializing page header failed.", ""), and an error is one line naming file and row."""
+    return " ".join(str(exc).split())
 
 
 def read_parquet_columns(path: PathLike, columns: Sequence[str], batch_rows: int = 1 << 16) -> pa.Table:
