@@ -383,6 +383,31 @@ def test_a_world_too_small_for_a_stages_batch_is_refused_before_pre_training(sma
     assert ran == (["synth", "validate"] if synth else ["validate"])
 
 
+def test_a_world_without_pairs_is_refused_naming_the_csft_stage(small_world, tmp_path, capsys, monkeypatch):
+    """A TAOBAO-MM import has no pairs: the check before pre-training stopped on C-SFT's
+    "pairs file not found" without the stage's name, unlike every other stage's refusal."""
+    import shutil
+
+    from train import pipeline
+    from train.cli import main
+
+    world = tmp_path / "world"
+    shutil.copytree(small_world, world)
+    for pairs in world.glob("pairs_*.parquet"):
+        pairs.unlink()
+    ran, real = [], pipeline.run_logged
+
+    def run_logged(argv, log):  # only validate may run
+        ran.append(log.stem)
+        return real(argv, log) if log.stem == "validate" else (1, False)
+
+    monkeypatch.setattr(pipeline, "run_logged", run_logged)
+    assert main(["pipeline", "--preset", "tiny", "--out", str(tmp_path / "run"), "--world", str(world)]) == 2
+    assert capsys.readouterr().err.strip() == (f"mim pipeline: error: stage 'csft': {world}/pairs_train.parquet: "
+                                               f"pairs file not found")
+    assert ran == ["validate"]
+
+
 def test_a_stage_run_again_under_other_settings_moves_its_old_folder_aside(tmp_path, monkeypatch):
     """A changed setting in a run folder failed further down: the stages before it ran again,
     then its trainer refused a folder holding the old configuration's checkpoints. The old

@@ -244,7 +244,10 @@ def check_batches(pretrain_settings: Sequence[str], csft_settings: Sequence[str]
     except ConfigError as err:
         raise ConfigError(f"stage 'pretrain': {err}") from err
     config = load_config(CsftConfig, None, csft_settings)
-    reason = csft.untrainable(config, WorldInputs(config.data.world, csft.feature_cache(config)), nproc)
+    try:
+        reason = csft.untrainable(config, WorldInputs(config.data.world, csft.feature_cache(config)), nproc)
+    except DataError as err:  # its pairs: none in a TAOBAO-MM import, which only mim train can use
+        reason = str(err)
     if reason:
         raise ConfigError(f"stage 'csft': {reason}")
     for stage, runs in ctr.items():
