@@ -221,12 +221,11 @@ def _tsv(path: Path, header: Optional[Tuple[str, ...]], columns: int) -> Iterato
     if path.stat().st_size == 0:
         raise DataError(str(path), "is empty" + (f" (expected the header {list(header)})" if header else ""))
     with path.open("rb") as fh:
-        if fh.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:
-            # It would start the first token: an item2index ASIN no .text line matches (the
-            # text file blamed for it), a user2index name written into raw_user_id
-            raise DataError(str(path), f"starts with a UTF-8 byte-order mark (BOM), which would become part of "
-                                       f"its first {'column name' if header else 'token'}; save it without one")
-        fh.seek(0)
+        # A UTF-8 byte-order mark (some editors save one) is not text: read as text it started
+        # the first token, an item2index ASIN that no .text line matched (the text file blamed
+        # for it) or a user2index name written into raw_user_id
+        if fh.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+            fh.seek(0)
         lines = (_decode(path, row, raw) for row, raw in enumerate(fh, start=-1 if header else 0))
         if header is not None:
             got = tuple(next(lines, "").rstrip("\n").split("\t"))
