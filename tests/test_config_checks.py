@@ -329,7 +329,7 @@ def test_each_local_rank_gets_a_gpu_of_its_own_or_all_run_on_the_cpu(monkeypatch
     assert resolve_device("auto", local_rank=0, local_world_size=2) == torch.device("cpu")  # the same backend
     assert resolve_device("auto", local_rank=0, local_world_size=1) == torch.device("cuda", 0)
     for rank in (0, 1):  # every rank refuses, so none waits for the others at the rendezvous
-        with pytest.raises(ConfigError, match="device=cuda: 2 local ranks and 1 GPU"):
+        with pytest.raises(ConfigError, match="device=cuda: 2 local ranks and 1 GPU visible on this host"):
             resolve_device("cuda", local_rank=rank, local_world_size=2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's, read when not given

@@ -2,6 +2,7 @@
 
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -315,7 +316,9 @@ def test_clean_out_writes_a_world_of_the_valid_rows_that_validates(tmp_path, cap
     write_raw(world, "events_train.parquet", EVENTS, edit(events_rows(), "label", 2, 5))
     _complete_world(world)
     assert mim(["data", "validate", str(world), "--clean-out", str(tmp_path / "clean")]) == 0
-    assert "clean world -> " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "events_train.parquet: quarantined 1 invalid row -> " in printed  # it read "1 invalid row(s)"
+    assert re.search(r"clean world -> \S+ \(1 row left out\)", printed)
     results = validate_world(tmp_path / "clean")  # the clean world passes without quarantine
     assert [r.rows for r in results] == [N_ITEMS, 4, 4, 3, 4] and not any(r.rejected for r in results)
     kept = pq.read_table(tmp_path / "clean" / "events_train.parquet")

@@ -617,7 +617,7 @@ def describe(config: ShardingBenchConfig) -> str:
         dtype = config.mm_dtype if t.name == "mm_table" else "fp32"
         size = t.rows * row_bytes(dtype, t.dim)
         lines.append(f"  {t.name:<12} {t.rows:>14,} x {t.dim:<4} {dtype:<5} "
-                     f"{size / GB:>10.3f} GB  pooling {t.pooling} x {config.bags(t)} bag{'s' if t.per_slot else ''}")
+                     f"{size / GB:>10.3f} GB  pooling {t.pooling} x {counted(config.bags(t), 'bag')}")
     mm_fp = {d: config.mm_rows * row_bytes(d, config.mm_dim) / GB for d in ("fp32", "fp16", "int8")}
     cap = _capacity_gb(config)
     lines.append(f"  mm_table in fp32 / fp16 / int8: {mm_fp['fp32']:.4g} / {mm_fp['fp16']:.4g} / "

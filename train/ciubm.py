@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Literal, 
 
 from mim_rec.ciubm.config import ModelConfig
 from mim_rec.data.loader_config import LoaderConfig
+from mim_rec.utils.text import counted
 
 if TYPE_CHECKING:  # annotations only; the functions import what they run, as elsewhere in this module
     import torch
@@ -445,7 +446,7 @@ def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, 
 
         written_by = checkpoint_world_size(checkpoint)
         if written_by not in (None, dist.get_world_size()):
-            raise ConfigError(f"{checkpoint} was written by {written_by} rank(s) and this run has "
+            raise ConfigError(f"{checkpoint} was written by {counted(written_by, 'rank')} and this run has "
                               f"{dist.get_world_size()}: resume it on {written_by} (torchrun "
                               f"--nproc-per-node {written_by}); --eval-only evaluates it on any number")
         on_cuda, here = checkpoint_on_cuda(checkpoint), dist.get_backend() == "nccl"

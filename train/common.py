@@ -34,6 +34,7 @@ from mim_rec.utils.dist import current_rank
 from mim_rec.data.errors import DataError
 from mim_rec.utils.run import (DAMAGED_FILE_ERRORS, atomic_write_bytes, read_json_or_none, some_names,
                                visible_entries)
+from mim_rec.utils.text import counted
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 STEP_FILE_GLOB = "step-*.pt"  # the same files as a glob, for another stage's folder check
@@ -335,7 +336,7 @@ class CheckpointManager:
         rank = current_rank()
         written_by, ranks = len(state["rng"]), (dist.get_world_size() if distributed else 1)
         if written_by != ranks:
-            raise ConfigError(f"{path} was written by {written_by} rank(s) and this run has {ranks}: "
+            raise ConfigError(f"{path} was written by {counted(written_by, 'rank')} and this run has {ranks}: "
                               f"resume it on {written_by} (torchrun --nproc-per-node {written_by})")
         if "frozen" not in state:  # written before frozen weights were left out: the whole state
             model.load_state_dict(state["model"])

@@ -35,6 +35,7 @@ from mim_rec.data.schemas import (EVENTS, ITEMS, MM_TABLE_FP, MM_TABLE_INT8, PAI
                                   Contract)
 from mim_rec.data.validate import (CheckContext, RowCheck, cast_batch, conform_schema,
                                    item_id_checks, row_checks, vector_columns, vector_dimensions)
+from mim_rec.utils.text import counted
 
 PathLike = Union[str, Path]
 BATCH_ROWS = 16384
@@ -145,7 +146,7 @@ def validate_file(path: PathLike, contract: Contract, *, item_count: Optional[in
                 copy.write(absolute_image_paths(pa.Table.from_batches([batch], schema=schema), path.parent))
         rejected = quarantine.close() if quarantine else 0
         if rejected:
-            print(f"{file}: quarantined {rejected} invalid row(s) -> {quarantine.path}")
+            print(f"{file}: quarantined {counted(rejected, 'invalid row')} -> {quarantine.path}")
 
         table = pa.Table.from_batches(kept, schema=schema) if keep_table else None
         if contract is ITEMS:
@@ -219,7 +220,7 @@ def _dense_items(table: pa.Table, file: str, rejected: int) -> pa.Table:
     ids = table.column("item_id").to_numpy()
     order = np.argsort(ids, kind="stable")
     if not np.array_equal(ids[order], np.arange(len(ids))):
-        raise DataError(file, f"after quarantining {rejected} row(s) the item ids are no longer "
+        raise DataError(file, f"after quarantining {counted(rejected, 'row')} the item ids are no longer "
                               f"dense 0..{len(ids) - 1}; fix the file or re-map the ids",
                         field="item_id")
     return table if np.array_equal(order, np.arange(len(ids))) else table.take(order)
@@ -466,7 +467,7 @@ def validate_world(directory: PathLike, drop_invalid: bool = False,
         mm_results = validate_mm_table(mm_table, results[0].rows, echo=echo) if mm_table.is_dir() else []
         if clean is not None:  # of the world files only: an mm_table/ is not copied
             _write_clean_manifest(clean, directory, results)
-            echo(f"clean world -> {clean} ({sum(r.rejected for r in results)} row(s) left out)")
+            echo(f"clean world -> {clean} ({counted(sum(r.rejected for r in results), 'row')} left out)")
     except BaseException:
         if clean is not None:
             shutil.rmtree(clean, ignore_errors=True)

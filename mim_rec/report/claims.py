@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from mim_rec.report.stats import CtrRuns, Stat, age_pairs, fmt, fmt_p, fmt_stat, nested, pooled_age_gains, \
     seen_buckets
+from mim_rec.utils.text import counted
 
 Claim = Dict[str, Any]
 ABLATED = {"tfn": ("no_tfn", "TFN"), "st_nsg": ("no_st_nsg", "ST-NSG"),
@@ -55,7 +56,7 @@ def _paired(s: Optional[Stat]) -> str:
     """``+0.0100 ± 0.0020 (p=0.012, 3 seeds)``."""
     if s is None:
         return "not run"
-    return f"{fmt_stat(s, signed=True)} ({fmt_p(s)}, {s.n} seed{'s' * (s.n != 1)})"
+    return f"{fmt_stat(s, signed=True)} ({fmt_p(s)}, {counted(s.n, 'seed')})"
 
 
 def _mim_beats_base(ctr: CtrRuns) -> Claim:

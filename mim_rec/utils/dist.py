@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+from mim_rec.utils.text import counted
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -74,8 +76,8 @@ def resolve_device(device: str = "auto", local_rank: Optional[int] = None,
     if gpus == 0:
         raise ConfigError("device=cuda: no CUDA device is visible on this host (device=auto picks the CPU)")
     if gpus < local_world_size:  # refused on every rank, not only on those past the last GPU
-        raise ConfigError(f"device=cuda: {local_world_size} local ranks and {gpus} GPU(s) visible on this host: "
-                          "launch at most one rank per GPU (--nproc-per-node, TorchX -j 1xN), or device=cpu")
+        raise ConfigError(f"device=cuda: {local_world_size} local ranks and {counted(gpus, 'GPU')} visible on this "
+                          "host: launch at most one rank per GPU (--nproc-per-node, TorchX -j 1xN), or device=cpu")
     return torch.device("cuda", local_rank)
 
 
@@ -105,7 +107,7 @@ def init_distributed(device: str = "auto") -> DistContext:
     dev = resolve_device(device, local_rank)
     use_cuda = dev.type == "cuda"
     if device == "auto" and not use_cuda and torch.cuda.is_available() and rank == 0:
-        print(f"note: device=auto: {torch.cuda.device_count()} GPU(s) visible for "
+        print(f"note: device=auto: {counted(torch.cuda.device_count(), 'GPU')} visible for "
               f"{os.environ.get('LOCAL_WORLD_SIZE', '1')} local ranks, so every rank runs on the CPU (gloo); "
               "launch one rank per GPU to train on them", file=sys.stderr)
     backend = "nccl" if use_cuda else "gloo"

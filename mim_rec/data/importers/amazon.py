@@ -52,6 +52,7 @@ from mim_rec.data.importers.common import (ImportReport, list_column, refuse_mis
 from mim_rec.data.importers.missing import check_kinds
 from mim_rec.data.schemas import FLOAT_VECTOR
 from mim_rec.data.staging import require_outside
+from mim_rec.utils.text import counted
 
 INTER_HEADER = ("user_id:token", "item_id_list:token_seq", "item_id:token")
 TEXT_HEADER = ("item_id:token", "text:token_seq")
@@ -399,7 +400,7 @@ class _Sequences:
                        f"the earlier rows (which reach position {known - 1}): a duplicated or stale "
                        f"{split} row")
             else:
-                why = (f"its history adds {position - known} item(s) that no earlier row has, but a "
+                why = (f"its history adds {counted(position - known, 'item')} that no earlier row has, but a "
                        f"{split} row extends user {user}'s sequence by exactly one item (position "
                        f"{known}, after the earlier rows): an earlier file lacks rows (cut short?), or "
                        f"this row is not the next interaction; --allow-missing inter-rows counts such gaps")

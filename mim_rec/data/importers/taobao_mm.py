@@ -62,6 +62,7 @@ from mim_rec.data.manifest import Manifest, fingerprint_file, write_manifest
 from mim_rec.data.schemas import EVENTS, FLOAT_VECTOR, ITEMS, MM_TABLE_INT8
 from mim_rec.data.staging import require_outside, staged_folder
 from mim_rec.data.validate import repeated_entries, type_accepted
+from mim_rec.utils.text import counted
 
 USER, ITEM, LABEL, EMBEDDING = "129_1", "205", "label_0", "205_c"
 HIST_ITEMS, HIST_CATEGORIES = "150_2_180", "151_2_180"
@@ -363,10 +364,9 @@ class _Replaced:
     def describe(self) -> str:
         if not self.entries:
             return "no behaviour listed another category"
-        one = self.entries == 1
-        return (f"{self.entries:,} behaviour categor{'y' if one else 'ies'} (in {self.rows:,} "
-                f"user-feature row{'' if self.rows == 1 else 's'}) differed from the item's and "
-                f"{'was' if one else 'were'} replaced by it ({self.first})")
+        return (f"{counted(self.entries, 'behaviour category', 'behaviour categories')} (in "
+                f"{counted(self.rows, 'user-feature row')}) differed from the item's and "
+                f"{'was' if self.entries == 1 else 'were'} replaced by it ({self.first})")
 
 
 class _UserHistories:
