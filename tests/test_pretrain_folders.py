@@ -103,6 +103,28 @@ def test_evaluation_takes_the_runs_encoders_and_each_rows_input_size(world, tmp_
     assert "note: the plain row uses the encoders.* settings of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--eval", "--eval-only"])
+def test_eval_checks_the_held_out_split_once(world, tmp_path, capsys, monkeypatch, flag):
+    """mim pretrain --eval (and --eval-only) checked the held-out split before training, reading
+    the item ids, and the evaluation read and checked them again."""
+    import mim_rec.pretrain.evaluate as evaluate
+    import train.pretrain
+
+    columns = ["own_i2t_r1", "own_i2t_r10", "own_t2i_r1", "own_t2i_r10", "probe_i2t_r1", "probe_i2t_r10",
+               "probe_t2i_r1", "probe_t2i_r10", "image_linear_probe_acc", "title_linear_probe_acc"]
+    monkeypatch.setattr(evaluate, "evaluate_pair", lambda *args, **kwargs: dict.fromkeys(columns, 0.5))
+    monkeypatch.setattr(train.pretrain, "run_pretrain", lambda config: None)  # the run below is trained
+    checks = []
+    monkeypatch.setattr(train.pretrain, "_check_split_sizes", lambda *args: checks.append(args))
+    run = tmp_path / "run"
+    trained = _config(world, run)
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(to_dict(trained)))
+    assert cli.main(["pretrain", "--config", str(_write_config(trained, tmp_path / "c.yaml")), flag]) == 0
+    assert len(checks) == 1
+    assert "| plain | 0 |" in capsys.readouterr().out
+
+
 def test_evaluation_refuses_a_world_other_than_the_runs(world, tmp_path):
     """The held-out split hashes item ids, so on another world (a re-import that numbers the
     same items otherwise) items the run trained on were scored as held out, without a word."""

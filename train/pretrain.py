@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         config_type="PretrainConfig (mim_rec/pretrain/config.py)",
         example="data.world=DIR (default data/world) out=DIR (default runs/pretrain) dma_steps=200",
         load=_load, check_eval=check_evaluable, train=lambda config, _: run_pretrain(config),
-        report=lambda config, _: format_table(evaluate_run(config))))
+        report=lambda config, checked: format_table(evaluate_run(config, split_checked=bool(checked)))))
 
 
 def _load(args: argparse.Namespace):
@@ -60,11 +60,13 @@ def _load(args: argparse.Namespace):
     return config
 
 
-def check_evaluable(config: PretrainConfig) -> None:
+def check_evaluable(config: PretrainConfig) -> bool:
     """Refuse a held-out split ``pretrain-eval`` cannot score (:func:`_check_split_sizes`), from
     the item ids alone, before any tower is built or image decoded: ``mim pretrain --eval``
     found one only after training, and ``pretrain-eval`` after building the plain row's towers
-    and decoding every item image. A world without its items file is the corpus's to name."""
+    and decoding every item image. A world without its items file is the corpus's to name.
+    Returns True, that the split was checked: ``mim pretrain --eval`` hands it to
+    :func:`evaluate_run`, which no longer reads the item ids again to check it a second time."""
     from mim_rec.data.io import read_parquet_columns
     from mim_rec.pretrain.corpus import heldout_mask, items_path
 
@@ -73,6 +75,7 @@ def check_evaluable(config: PretrainConfig) -> None:
         ids = read_parquet_columns(items, ["item_id"]).column("item_id").to_numpy()
         _check_split_sizes(int(heldout_mask(ids, config.data.heldout_fraction).sum()), len(ids),
                            config.data.heldout_fraction)
+    return True
 
 
 def _require_readable_items(world: str, vision: VisionConfig) -> None:
@@ -443,9 +446,11 @@ def _optimizer(objective, config):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
+def evaluate_run(config, rows: Optional[List[str]] = None,
+                 split_checked: bool = False) -> Dict[str, Dict[str, float]]:
     """Evaluate the plain encoders and the run's ``dda/`` and ``encoders/`` artifacts on the
-    held-out items; writes ``OUT/eval.json``."""
+    held-out items; writes ``OUT/eval.json``. ``split_checked``: :func:`check_evaluable` ran for
+    ``config`` already (``mim pretrain --eval`` checks before training), else it runs here."""
     from mim_rec.data.manifest import read_manifest
     from mim_rec.encoders import EncoderPair, load_encoders
     from mim_rec.pretrain.corpus import items_path
@@ -457,7 +462,8 @@ def evaluate_run(config, rows: Optional[List[str]] = None) -> Dict[str, Dict[str
     encoders = _plain_encoders(config, _check_evaluated_run(config))
     sources = {"plain": None, "dda": out / "dda", "dda+dma": out / "encoders"}
     _check_evaluated_world(config, [source for source in sources.values() if source is not None])
-    check_evaluable(config)
+    if not split_checked:
+        check_evaluable(config)
     _require_readable_items(config.data.world, encoders.vision)  # the run's tower, which its artifacts share
     report: Dict[str, Dict[str, float]] = {}
     splits: Dict[Optional[int], Tuple[ItemCorpus, ItemCorpus]] = {}

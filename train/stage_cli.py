@@ -4,7 +4,8 @@ evaluate) and ``mim STAGE-eval`` (evaluate a finished run folder).
 Stage 1 and C-SFT share this shape; only how a config is loaded, how the evaluation's inputs
 are checked, how a run trains and what its evaluation prints differ, so those are the four
 callables a stage passes in. What the check returns is handed to training and to the
-evaluation, which would otherwise read it again (C-SFT: the world and its held-out data).
+evaluation, which would otherwise read it again (C-SFT: the world and its held-out data;
+pre-training: that its held-out split was checked).
 """
 
 from __future__ import annotations
