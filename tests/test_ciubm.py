@@ -564,7 +564,8 @@ def test_runs_written_before_newer_settings_existed_resume_and_stay_finished(wor
     (tmp_path / "old" / "config.json").write_text(json.dumps(older))
     (tmp_path / "old" / "metrics.json").write_text('{"steps": 3}')
     ensure_process_group()
-    ciubm._refuse_foreign_checkpoints(config, ciubm._training_inputs(config), 3)  # no ConfigError
+    ciubm._refuse_foreign_checkpoints(config, DcpCheckpoints(tmp_path / "old" / "checkpoints").newest(),
+                                      ciubm._training_inputs(config), 3)  # no ConfigError
     assert ciubm._finished(config)
     older["seed"] = 1
     (tmp_path / "old" / "config.json").write_text(json.dumps(older))
@@ -1223,6 +1224,22 @@ def test_a_damaged_checkpoint_is_read_once_when_fallen_back_from(tmp_path, capsy
     assert [call.args[0].name for call in damage.call_args_list] == ["step-000000004", "step-000000002"]
     assert re.search(r"warning: \S+step-000000004 does not load \(__0_0\.distcp is 10 bytes, its metadata reads "
                      r"[\d,]+\); using step-000000002, the checkpoint kept before it", capsys.readouterr().err)
+
+
+def test_a_run_reads_its_checkpoints_once_to_check_evaluate_and_restore_them(world, tmp_path):
+    """The foreign-checkpoint check, --eval-only's choice of the checkpoint and the restore each
+    found the newest checkpoint again, reading its metadata (megabytes for a large model's) each
+    time: three reads for --eval-only, two for a run restarted with nothing left to train."""
+    from unittest import mock
+
+    from train import dcp_checkpoints
+
+    config = _config(world, tmp_path / "run", "max_steps=2", "model.ubm=avg")
+    ciubm.run(config)
+    for train in (False, True):
+        with mock.patch.object(dcp_checkpoints, "checkpoint_damage", wraps=dcp_checkpoints.checkpoint_damage) as seen:
+            assert ciubm.run(config, train=train)["steps"] == 2
+        assert [call.args[0].name for call in seen.call_args_list] == ["step-000000002"]
 
 
 def test_a_clickless_split_is_refused_before_training(world, tmp_path):

@@ -415,18 +415,16 @@ def _input_path(config: TrainConfig, name: str) -> str:
     return f"mm_table={config.mm_table}" if name == "mm_table" else str(Path(config.data.world) / name)
 
 
-def _refuse_foreign_checkpoints(config: TrainConfig, inputs: Optional[Dict[str, str]],
-                                total_steps: Optional[int]) -> None:
+def _refuse_foreign_checkpoints(config: TrainConfig, checkpoint: Optional[Path],
+                                inputs: Optional[Dict[str, str]], total_steps: Optional[int]) -> None:
     """Resuming from checkpoints written under another config, or trained on other data under
     the same world path, would silently mix two runs; nor may a run trained longer than this
-    config trains be reported as this config's. ``inputs``, ``total_steps``: this run's
-    :func:`_training_inputs` and :func:`_total_steps` when it trains on (None to evaluate only)."""
+    config trains be reported as this config's. ``checkpoint``: the newest in ``out`` (None:
+    none); ``inputs``, ``total_steps``: this run's :func:`_training_inputs` and
+    :func:`_total_steps` when it trains on (None to evaluate only)."""
     from mim_rec.config import ConfigError
 
-    from train.dcp_checkpoints import DcpCheckpoints
-
     out = Path(config.out)
-    checkpoint = DcpCheckpoints(out / "checkpoints").newest()
     if checkpoint is None:
         return
     from train.common import changed_settings
@@ -728,11 +726,14 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
     loader = CtrEventsLoader(world / "events_train.parquet", items, config.loader, ctx.rank,
                              ctx.world_size) if train else None
     total_steps = _total_steps(config, loader) if train else None
-    # before build: the planner's collectives order it before any write
-    _refuse_foreign_checkpoints(config, inputs, total_steps)
     checkpoints = DcpCheckpoints(out / "checkpoints", keep=config.checkpoint_keep)
+    # found once (each look reads the checkpoints' metadata): checked, evaluated and restored
+    # alike, since nothing is saved before the restore
+    found = checkpoints.newest_and_skipped()
+    # before build: the planner's collectives order it before any write
+    _refuse_foreign_checkpoints(config, found[0], inputs, total_steps)
     if not train:
-        evaluated = checkpoints.newest()
+        evaluated = found[0]
         if evaluated is None:
             from mim_rec.config import ConfigError
             raise ConfigError(f"--eval-only: out={out} holds no checkpoint to evaluate; point out= at a trained run")
@@ -763,7 +764,7 @@ def _run(config: TrainConfig, train: bool) -> Optional[Dict[str, Any]]:
         atomic_write_bytes(out / "inputs.json", json.dumps(inputs, indent=2).encode())
         (out / "plan.txt").write_text(str(plan))
 
-    progress = checkpoints.restore(model, optimizer, with_optimizer=train) \
+    progress = checkpoints.restore(model, optimizer, with_optimizer=train, found=found) \
         or {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     live = None
     if config.rim_log:  # a training run's applier goes on where its checkpoint's stood

@@ -57,12 +57,13 @@ class DcpCheckpoints:
         damaged (:func:`checkpoint_damage`), the newest whole one kept before it (:meth:`restore`
         says so); None when there is none. A damaged one ended the run in DCP's unpickler with a
         bare ``EOFError``; pretrain and C-SFT fall back alike."""
-        return self._newest_and_skipped()[0]
+        return self.newest_and_skipped()[0]
 
-    def _newest_and_skipped(self) -> Tuple[Optional[Path], Optional[str]]:
+    def newest_and_skipped(self) -> Tuple[Optional[Path], Optional[str]]:
         """:meth:`newest`, and why the checkpoint ``latest`` names was skipped (None: it was
         not), for :meth:`restore` to say: the damage is seen by reading the metadata, and
-        restore's warning read it a second time."""
+        restore's warning read it a second time. Public: ``mim train`` finds the checkpoint
+        once, to check, evaluate and restore (each read every checkpoint's metadata again)."""
         named = self.named()
         if named is None:
             return None, None
@@ -104,14 +105,16 @@ class DcpCheckpoints:
             for old in [p for p in earlier if p not in complete] + complete[:-self.keep]:
                 shutil.rmtree(old)
 
-    def restore(self, model, optimizer, with_optimizer: bool = True) -> Optional[Dict[str, int]]:
+    def restore(self, model, optimizer, with_optimizer: bool = True,
+                found: Optional[Tuple[Optional[Path], Optional[str]]] = None) -> Optional[Dict[str, int]]:
         """Load the newest checkpoint into ``model`` (and ``optimizer``); its progress (every
-        integer :meth:`save` was given), or None.
+        integer :meth:`save` was given), or None. ``found``: :meth:`newest_and_skipped` when the
+        caller asked it since the last save, else asked here.
 
         The model's weights load on any number of ranks (DCP reshards them), so a run trained
         on many can be evaluated on one (``with_optimizer=False``). Training on needs the ranks
         that wrote it (checked before anything is written: :func:`train.ciubm._refuse_foreign_checkpoints`)."""
-        checkpoint, skipped = self._newest_and_skipped()
+        checkpoint, skipped = found or self.newest_and_skipped()
         if checkpoint is None:
             return None
         if skipped is not None and dist.get_rank() == 0:  # every rank falls back alike
