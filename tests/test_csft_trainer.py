@@ -465,6 +465,29 @@ def test_ablations_run_each_variant_once_and_write_the_tables(inputs, tmp_path):
     assert "| w/o TFN (concat fusion) |" in (out / "ABLATIONS.md").read_text()
 
 
+@pytest.mark.parametrize("command, opened", [("ablations", 1), ("tune", 1), ("tune_batch", 2)])
+def test_ablations_and_tune_hand_their_world_to_each_run(inputs, tmp_path, command, opened):
+    """csft-ablations and csft-tune opened the world (reading and validating every item), then
+    every run they trained opened it again: a variant's other signals are read from the world
+    as training asks for them, and every run shares the command's feature cache. A grid point
+    of another extraction batch (or world) still opens its own."""
+    from unittest import mock
+
+    from mim_rec.csft.data import WorldInputs
+    from train.csft_ablations import run_ablations
+    from train.csft_tune import run_tune
+
+    config_file = _write_config(_config(inputs, tmp_path / "out", steps=2, checkpoint_every=2), tmp_path / "c.yaml")
+    with mock.patch.object(WorldInputs, "__init__", autospec=True, side_effect=WorldInputs.__init__) as opening:
+        if command == "ablations":
+            report = run_ablations(str(config_file), [], ["full", "click_infonce"])
+            assert set(report) == {"stage1", "full", "click_infonce"}
+        else:
+            grid = [("loss.temperature", ["0.05", "0.5"])] if command == "tune" else [("eval.batch_size", ["256", "64"])]
+            assert len(run_tune(str(config_file), [], grid, validation=0.25)["trials"]) == 2
+    assert opening.call_count == opened
+
+
 def test_a_world_changed_under_the_same_path_is_refused_not_resumed(inputs, tmp_path, monkeypatch):
     """Regenerating a world in place used to resume (or, finished, re-label) a C-SFT run with
     the new world's fingerprints, and csft-ablations answered from its stale result.json."""

@@ -76,6 +76,15 @@ def _open_world(config: CsftConfig) -> WorldInputs:
     return WorldInputs(config.data.world, feature_cache(config), batch_size=config.eval.batch_size)
 
 
+def opens_as(config: CsftConfig, world: WorldInputs) -> bool:
+    """Whether ``world`` is what :func:`run_csft` would open for ``config``: the same folder,
+    feature cache and extraction batch. Public: ``csft-ablations`` and ``csft-tune`` hand their
+    world to each run where it is (a ``--grid`` may name another ``data.world`` or
+    ``eval.batch_size``), not opening and validating the items again per run."""
+    return (Path(config.data.world) == world.world and feature_cache(config).folder == world.cache.folder
+            and config.eval.batch_size == world.batch_size)
+
+
 def evaluable_held_out(world: WorldInputs, validation: float, encoders: str) -> HeldOut:
     """``world.held_out(validation)``, refused where the evaluation of the towers of the stage-1
     ``encoders`` would refuse it (see :func:`check_evaluable`). Public: ``csft-tune`` checks its

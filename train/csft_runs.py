@@ -94,13 +94,14 @@ def stage1_result(config, world: WorldInputs, held_out: HeldOut, folder: Path) -
 
 def csft_result(config, world: WorldInputs, held_out: HeldOut) -> Dict:
     """Train (or resume) the C-SFT run ``config`` in ``config.out`` and evaluate it on
-    ``held_out``, cached in ``config.out``."""
+    ``held_out``, cached in ``config.out``. The run trains on ``world`` where it is the one it
+    would open (:func:`~train.csft.opens_as`)."""
     from mim_rec.csft.evaluate import csft_embeddings, evaluate_embeddings
     from mim_rec.csft.model import load_csft_model
-    from train.csft import run_csft
+    from train.csft import opens_as, run_csft
 
     def train_and_evaluate() -> Dict:
-        folder = run_csft(config)
+        folder = run_csft(config, world if opens_as(config, world) else None)
         return evaluate_embeddings(csft_embeddings(load_csft_model(folder), world, held_out), world,
                                    config.eval.ks, held_out, source=str(folder))
 
