@@ -86,9 +86,11 @@ def test_tune_never_chooses_on_the_test_files(inputs, tmp_path, capsys, validati
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key", ["data.validation", "out", "data.feature_cache"])
+@pytest.mark.parametrize("key", ["data.validation", "out", "data.feature_cache", "data.world", "encoders"])
 def test_tune_refuses_a_grid_over_what_it_sets_itself(key):
-    """Its own value came after the grid's, so the grid silently changed nothing."""
+    """Its own value came after the grid's, so the grid silently changed nothing; a trial of
+    another world or encoders was scored on the base's world (its images decoded for the base's
+    tower) against the base's stage-1 row."""
     from train.csft_tune import parse_grid
     with pytest.raises(ConfigError, match=f"--grid '{key}=a,b': csft-tune sets {key} for every run itself"):
         parse_grid(["loss.alpha=0.5", f"{key}=a,b"])

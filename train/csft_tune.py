@@ -32,7 +32,10 @@ GAIN_FLOOR = 0.01
 # Settings csft-tune gives every run itself (a grid value would be overridden): key -> where
 # the user sets it instead.
 SET_BY_TUNE = {"data.validation": "--validation", "out": "a base override out=DIR (the trials run in "
-               "OUT/trials/)", "data.feature_cache": "a base override (every trial shares one cache)"}
+               "OUT/trials/)", "data.feature_cache": "a base override (every trial shares one cache)",
+               # the stage-1 row, the checks and every trial's scoring read the base's world and towers
+               "data.world": "a base override (every trial is scored on one world)",
+               "encoders": "a base override (every trial is compared with one stage-1 row)"}
 # What a `mim csft-tune` run writes into its folder.
 RUN_FILES = frozenset({"features", "trials", "stage1_validation", "stage1_test", "final", "tune.json", "TUNE.md"})
 
