@@ -51,6 +51,7 @@ from typing import Iterator, Optional, Sequence, Set, Tuple, Union
 import numpy as np
 
 from mim_rec.data.errors import DataError, ManifestMismatch
+from mim_rec.utils.text import counted
 
 MAGIC = b"RIM1"
 _FRAME = struct.Struct("<4sII")     # magic, payload length, crc32(payload)
@@ -444,7 +445,7 @@ def check_id_space(ids: np.ndarray, num_items: int, source: Union[str, Path], ra
     what to do): the fold's refusal, which the service restarting on its log gives too."""
     outside = ids[(ids < 0) | (ids >= num_items)]
     if len(outside):
-        raise DataError(str(source), f"{len(outside)} item(s) outside the id range [0, {num_items}) "
+        raise DataError(str(source), f"{counted(len(outside), 'item')} outside the id range [0, {num_items}) "
                         f"(first: {outside[0]}){range_hint}", field="item_id")
 
 

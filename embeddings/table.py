@@ -20,6 +20,7 @@ from mim_rec.data.errors import DataError, ManifestMismatch
 from mim_rec.data.io import open_parquet
 from mim_rec.data.manifest import Manifest, fingerprint_file, manifest_path, read_manifest
 from mim_rec.data.validate import repeated_entries
+from mim_rec.utils.text import counted
 
 
 def table_parts(table_dir: Union[str, Path], manifest: Optional[Manifest] = None) -> List[Path]:
@@ -104,7 +105,7 @@ def check_table(table_dir: Union[str, Path], num_items: int, dim: int, missing: 
     for part in table_parts(table_dir, manifest):
         rows, nulls, low, top = _id_summary(part)
         if nulls:
-            raise DataError(str(part), f"{nulls} row(s) without an item id", field="item_id")
+            raise DataError(str(part), f"{counted(nulls, 'row')} without an item id", field="item_id")
         if low < 0 or top >= high:
             raise DataError(str(part), f"item ids {low}..{top} reach outside the table's id range [0, {high})",
                             field="item_id")

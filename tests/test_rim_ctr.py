@@ -428,7 +428,7 @@ def test_serve_restarted_on_a_log_refuses_ids_outside_its_num_items_as_the_fold_
     with pytest.raises(DataError) as serving:
         _restart(path, base_table, num_items=cut + 5)
     assert str(serving.value) == str(folding.value) == (
-        f"{path}, field 'item_id': 2 item(s) outside the id range [0, {cut + 5}) (first: {cut + 5}); "
+        f"{path}, field 'item_id': 2 items outside the id range [0, {cut + 5}) (first: {cut + 5}); "
         "pass num_items=<catalogue size>")
     assert path.stat().st_size == size
     _restart(path, base_table, num_items=cut + 10)  # the refusal closed the log: no lock is left

@@ -100,7 +100,7 @@ def _check_resources(cpu: int, gpu: int, memMB: int, h: Optional[str], mounts: O
     if resource.cpu < 1 or resource.gpu < 0 or resource.memMB < 1:
         raise LaunchError(f"{asked}: need cpu >= 1, gpu >= 0, memMB >= 1")
     if 0 < resource.gpu < nproc_per_node:  # one GPU per rank
-        gpus = f"-h {h}: {resource.gpu} GPU(s) a node" if h else f"--gpu {gpu}"
+        gpus = f"-h {h}: {resource.gpu} GPU{'s' * (resource.gpu > 1)} a node" if h else f"--gpu {gpu}"
         raise LaunchError(f"-j {j} {gpus}: each rank takes a GPU of its node; give at least "
                           f"{nproc_per_node} GPUs a node (one a process) or fewer processes per node")
 
