@@ -130,7 +130,7 @@ def test_more_ranks_per_node_than_gpus_is_refused():
 def test_a_named_resource_is_checked_as_it_resolves():
     """-h skipped both checks: gpu.small (one GPU a node) took -j 1x2, whose second rank ran on
     the CPU, and TorchX's NULL resource (-1 CPUs) went to the scheduler."""
-    with pytest.raises(ValueError, match=r"-j 1x2 -h gpu.small: 1 GPU\(s\) a node: each rank takes a GPU"):
+    with pytest.raises(ValueError, match=r"-j 1x2 -h gpu.small: 1 GPU a node: each rank takes a GPU"):
         materialize_appdef(mim.train_ciubm, ["-h", "gpu.small", "-j", "1x2", "--", "out=x"])
     with pytest.raises(ValueError, match=re.escape("-h NULL (cpu -1, gpu -1, memMB -1): need cpu >= 1")):
         materialize_appdef(mim.bench_sharding, ["-h", "NULL", "--", "out=x"])
