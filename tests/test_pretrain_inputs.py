@@ -216,7 +216,8 @@ def _null_image_beside_a_feature(items):
                                                  pa.array(images, pa.binary())))
 
 
-@pytest.mark.parametrize("command", ["pretrain", "pretrain-eval", "csft", "csft-eval", "embeddings build"])
+@pytest.mark.parametrize("command", ["pretrain", "pretrain-eval", "csft", "csft-eval", "csft-tune",
+                                     "embeddings build"])
 @pytest.mark.parametrize("tower, rewrite, message", [
     ("pixel", _null_image_beside_a_feature, "row 1, field 'image': null: the item has no image, which the vision "
                                             "encoder 'convnext_atto' reads"),
@@ -235,7 +236,8 @@ def test_items_the_vision_tower_cannot_read_are_refused_before_any_encoder_loads
     such items after building its towers, mim csft after loading the encoders, mim embeddings
     build after loading its encoder (a row past the first shard, after writing the shards before
     it), pretrain-eval after building the plain row's towers, csft-eval after loading the
-    encoders. Each refuses them first, by file, row and field, and writes nothing."""
+    encoders, csft-tune in its stage-1 pass. Each refuses them first, by file, row and field, and
+    writes nothing."""
     import pyarrow.parquet as pq
 
     source, folder = synthetic
@@ -253,7 +255,10 @@ def test_items_the_vision_tower_cannot_read_are_refused_before_any_encoder_loads
             config.encoders.vision = folder_config(folder / tower)
         args = [command, "--config", str(_write_config(config, tmp_path / "c.yaml"))]
     elif command.startswith("csft"):
-        args = [command, f"data.world={world}", f"encoders={folder / tower}", f"out={out}", "data.batch_size=8"]
+        # a batch of 4: csft-tune's validation split leaves 7 training pairs
+        args = [command, f"data.world={world}", f"encoders={folder / tower}", f"out={out}", "data.batch_size=4"]
+        if command == "csft-tune":
+            args[1:1] = ["--grid", "loss.temperature=0.1"]
     else:
         args = ["embeddings", "build", f"world={world}", f"encoders={folder / tower}", f"out={out}"]
     run = _finished_run(command, out, config if command == "pretrain-eval" else None)

@@ -106,8 +106,8 @@ def check_training_inputs(world: WorldInputs, encoders: str) -> None:
     it reads, a row null in it, a feature of another length), from the files and the encoders'
     manifest, before the encoders load: ``mim csft`` found them only after loading them (the
     pairs, after extracting every item's features), ``csft-ablations`` only when its first
-    variant trained, after its stage-1 pass. Public: ``csft-ablations`` checks them with it
-    before that pass."""
+    variant trained, after its stage-1 pass, ``csft-tune`` in that pass. Public:
+    ``csft-ablations`` and ``csft-tune`` check them with it before that pass."""
     from mim_rec.data.schemas import PAIRS
     from mim_rec.encoders.pair import saved_config
     from mim_rec.pretrain.corpus import require_stored_images

@@ -129,7 +129,8 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
     from mim_rec.csft.data import WorldInputs
     from mim_rec.utils.dist import launched_world_size
     from train.common import refuse_foreign_entries
-    from train.csft import INPUT_SETTINGS, check_config, evaluable_held_out, feature_cache, untrainable
+    from train.csft import (INPUT_SETTINGS, check_config, check_training_inputs, evaluable_held_out, feature_cache,
+                            untrainable)
     from train.csft_runs import csft_result, metric_columns, stage1_result
 
     if not 0 < validation < 1:  # 0 would mean the test files (WorldInputs.held_out); NaN fails too
@@ -160,6 +161,9 @@ def run_tune(config_path, overrides: Sequence[str], grid: List[Tuple[str, List[s
         reason = untrainable(config, world, launched_world_size())
         if reason:
             raise ConfigError(f"--grid point {' '.join(settings)}: {reason}")
+    # items and training queries the stage-1 tower cannot read, before the stage-1 pass (which
+    # found them after loading the encoders) and before the held-out pairs, as csft-eval orders them
+    check_training_inputs(world, base.encoders)
     # the data every run is scored on, before the stage-1 pass and any run: the test files were
     # read only after every grid point had trained, an unscorable events file after the pass
     valid = evaluable_held_out(world, validation, base.encoders)
