@@ -135,33 +135,46 @@ def test_a_lock_file_its_holder_removed_is_not_taken_and_a_refused_writer_leaves
     assert list(tmp_path.iterdir()) == []
 
 
-def _holder_cleaning_up(monkeypatch, path, top, times: int) -> list:
-    """Make the first ``times`` opens of the lock file ``path`` come right after a holder that is
-    done removed the folders it made, ``path``'s up to ``top`` (as :func:`mim_rec.utils.run._lock_file`
-    does once they are empty): between a writer's mkdir and its open. Returns the removals so far."""
+def _holder_cleaning_up(monkeypatch, path, top, times: int, opened: bool) -> list:
+    """Make the first ``times`` opens of the lock file ``path`` come as a holder that is done
+    removes it and the folders it made, ``path``'s up to ``top`` (as :func:`mim_rec.utils.run._lock_file`
+    does once they are empty): right before the open (between a writer's mkdir and its open), or
+    with ``opened`` right after it (between the writer's open and its flock). Returns the
+    removals so far."""
     import pathlib
 
     open_, cleaned = pathlib.Path.open, []
 
-    def a_holder_cleans_up_then_open(self, *args, **kwargs):
-        if self == path and len(cleaned) < times:
-            cleaned.append(self)
-            for made in path.parents:
-                if made == top:
-                    break
-                made.rmdir()
-        return open_(self, *args, **kwargs)
+    def clean_up() -> None:
+        cleaned.append(path)
+        path.unlink(missing_ok=True)
+        for made in path.parents:
+            if made == top:
+                break
+            made.rmdir()
 
-    monkeypatch.setattr(pathlib.Path, "open", a_holder_cleans_up_then_open)
+    def open_as_a_holder_cleans_up(self, *args, **kwargs):
+        cleaning = self == path and len(cleaned) < times
+        if cleaning and not opened:
+            clean_up()
+        handle = open_(self, *args, **kwargs)
+        if cleaning and opened:
+            clean_up()
+        return handle
+
+    monkeypatch.setattr(pathlib.Path, "open", open_as_a_holder_cleans_up)
     return cleaned
 
 
+@pytest.mark.parametrize("opened", [False, True], ids=["before its open", "between its open and its flock"])
 @pytest.mark.parametrize("lock", ["run_folder_lock", "sole_writer"])
-def test_a_writer_whose_folder_a_finished_holder_removes_as_it_opens_its_lock_file_goes_on(tmp_path, monkeypatch,
-                                                                                        lock):
-    """A holder done with folders it made removes them once empty: a writer that had just made
-    (or found) the same folder then failed to open its lock file there, with a FileNotFoundError
-    traceback. It makes the folders again and holds the lock (a third writer is still refused),
+def test_a_writer_whose_lock_file_a_finished_holder_removes_as_it_takes_it_goes_on(tmp_path, monkeypatch, lock,
+                                                                                 opened):
+    """A holder done with folders it made removes its lock file and them once empty: a writer
+    that had just made (or found) the same folder then failed to open its lock file there, with
+    a FileNotFoundError traceback, and one that had just opened the file flocked the removed one
+    and was refused as "another run is writing this folder", naming the finished holder. It
+    makes the folders and the file again and holds the lock (a third writer is still refused),
     and refused, leaves none of them behind; removed again, it is refused in one line."""
     from mim_rec.config import ConfigError
     from mim_rec.utils import run
@@ -170,18 +183,19 @@ def test_a_writer_whose_folder_a_finished_holder_removes_as_it_opens_its_lock_fi
     path = out / run.LOCK_NAME if lock == "run_folder_lock" else out.parent / ".a.lock"
     hold = getattr(run, lock)
     path.parent.mkdir(parents=True)  # made by the holder: this writer finds it
-    cleaned = _holder_cleaning_up(monkeypatch, path, tmp_path, times=1)
+    path.write_text("999999\n")  # the finished holder's pid
+    cleaned = _holder_cleaning_up(monkeypatch, path, tmp_path, times=1, opened=opened)
     with pytest.raises(ConfigError, match="refused"), hold(out):
         assert cleaned and path.read_text() == f"{os.getpid()}\n"
-        with pytest.raises(ConfigError, match="another run is writing this folder"), hold(out):
+        with pytest.raises(ConfigError, match=rf"another run is writing this folder \(pid {os.getpid()}\)"), hold(out):
             pass
         raise ConfigError("refused")
     assert list(tmp_path.iterdir()) == []
 
     monkeypatch.undo()
-    _holder_cleaning_up(monkeypatch, path, tmp_path, times=2)
-    with pytest.raises(ConfigError, match=rf"^out={out}: the folder of its lock file {path} was removed twice as "
-                                          r"this run made it \(runs finishing there meanwhile\); run again$"):
+    _holder_cleaning_up(monkeypatch, path, tmp_path, times=2, opened=opened)
+    with pytest.raises(ConfigError, match=rf"^out={out}: its lock file {path} was removed twice as this run took it "
+                                          r"\(runs finishing there meanwhile\); run again$"):
         with hold(out):
             pass
     assert list(tmp_path.iterdir()) == []

@@ -220,14 +220,14 @@ def sole_writer(out: Union[str, Path]) -> Iterator[None]:
 @contextmanager
 def _lock_file(path: Path, out: Union[str, Path], remove: Callable[[bool], bool]) -> Iterator[None]:
     """Hold the lock file ``path`` for ``out`` (:func:`_held`), making its folder (and parents)
-    first (:func:`_opened`). When the holder is done, the file is removed where ``remove(made)``
+    first (:func:`_taken`). When the holder is done, the file is removed where ``remove(made)``
     says so (``made``: this call made the file's folder), while it is still held: removed once
     the flock was freed, it could be locked in between by another writer, which would then hold
-    a removed file beside any writer after it (a file removed before it is locked is refused,
+    a removed file beside any writer after it (a file removed before it is locked is not taken,
     :func:`_locked`). Then the folders this call made are removed again if nothing else went there."""
-    handle, created = _opened(path, out)
+    handle, created = _taken(path, out)
     try:
-        with _held(handle, path, out):
+        with _held(handle):
             try:
                 yield
             finally:
@@ -237,12 +237,16 @@ def _lock_file(path: Path, out: Union[str, Path], remove: Callable[[bool], bool]
         _remove_empty(created)
 
 
-def _opened(path: Path, out: Union[str, Path]) -> Tuple[IO[str], List[Path]]:
-    """The lock file ``path`` opened (made if absent), and the folders made for it, deepest first.
-    A holder that is done removes the folders it made once empty (:func:`_lock_file`), also one
-    this call has just found or made: its open then failed with a FileNotFoundError traceback.
-    That holder is done, so the folders are made and the file opened once more, and this writer
-    goes on (the flock still decides who holds it); a second such removal is refused in one line."""
+def _taken(path: Path, out: Union[str, Path]) -> Tuple[IO[str], List[Path]]:
+    """The lock file ``path`` opened (made if absent) and flocked by this process, and the
+    folders made for it, deepest first; while another writer holds it, refused naming its pid.
+    A holder that is done removes its lock file, and the folders it made once empty
+    (:func:`_lock_file`), also as this call opens and locks it: its open then failed with a
+    FileNotFoundError traceback (the folder gone after the mkdir), or its flock was of the
+    removed file (gone after the open), and the writer was refused naming that finished holder.
+    That holder is done, so the folders are made and the file opened and locked once more, and
+    this writer goes on (the flock and :func:`_locked`'s file-identity check still decide who
+    holds it); a second such removal is refused in one line."""
     from mim_rec.config import ConfigError
 
     created: List[Path] = []
@@ -251,28 +255,30 @@ def _opened(path: Path, out: Union[str, Path]) -> Tuple[IO[str], List[Path]]:
         created = max(created, missing, key=len)  # both run up from path.parent: the longer holds the other
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return path.open("a+"), created
+            handle = path.open("a+")
         except FileNotFoundError:  # its folder was removed after the mkdir
-            pass
+            continue
+        if _locked(handle, path):
+            return handle, created
+        with handle:
+            if _names(path, handle):  # not removed: a writer holds it
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                _remove_empty(created)
+                raise ConfigError(f"out={out}: another run is writing this folder (pid {holder}); wait for it, "
+                                  f"stop it, or use another out=")
     _remove_empty(created)
-    raise ConfigError(f"out={out}: the folder of its lock file {path} was removed twice as this run made it "
+    raise ConfigError(f"out={out}: its lock file {path} was removed twice as this run took it "
                       "(runs finishing there meanwhile); run again")
 
 
 @contextmanager
-def _held(handle: IO[str], path: Path, out: Union[str, Path]) -> Iterator[None]:
-    """An exclusive flock on the lock file ``path``, open as ``handle`` (holding this process's
-    pid), for the ``with`` block, which closes the file."""
+def _held(handle: IO[str]) -> Iterator[None]:
+    """The lock file open as ``handle``, flocked by this process (:func:`_taken`), holding this
+    process's pid for the ``with`` block, which frees the flock and closes the file."""
     import fcntl
 
-    from mim_rec.config import ConfigError
-
     with handle:
-        if not _locked(handle, path):
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise ConfigError(f"out={out}: another run is writing this folder (pid {holder}); wait for it, "
-                              f"stop it, or use another out=")
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -293,6 +299,11 @@ def _locked(handle, path: Path) -> bool:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    return _names(path, handle)
+
+
+def _names(path: Path, handle) -> bool:
+    """Whether ``path`` still names the file open as ``handle`` (a finished holder removes it)."""
     try:
         named = os.stat(path)
     except FileNotFoundError:
