@@ -221,6 +221,20 @@ def test_a_byte_order_mark_is_skipped(tmp_path, name):
         assert pq.read_table(tmp_path / "bom" / file).equals(pq.read_table(tmp_path / "plain" / file)), file
 
 
+@pytest.mark.parametrize("name", ["Tiny.item2index", "Tiny.user2index", "Tiny.text", "Tiny.train.inter",
+                                  "Tiny.valid.inter", "Tiny.test.inter"])
+def test_crlf_line_ends_read_as_lf_ones(tmp_path, name):
+    """A file saved on Windows ends its lines with CRLF: the index files read it (the '\\r' ended
+    an index, which int() strips), the .text and .inter files were refused as "missing column
+    (header is [..., 'item_id:token\\r'])". The world is the one the LF file gives."""
+    src = write_amazon(tmp_path / "src")
+    import_amazon(src, tmp_path / "lf", options())
+    (src / name).write_bytes((src / name).read_bytes().replace(b"\n", b"\r\n"))
+    import_amazon(src, tmp_path / "crlf", options())
+    for file in sorted(p.name for p in (tmp_path / "lf").glob("*.parquet")):
+        assert pq.read_table(tmp_path / "crlf" / file).equals(pq.read_table(tmp_path / "lf" / file)), file
+
+
 def test_every_missing_count_has_a_kind_to_admit_it():
     """A count of no --allow-missing kind could never be admitted."""
     assert tuple(dict.fromkeys(GAP_KIND.values())) == EVERY_KIND

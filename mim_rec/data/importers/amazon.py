@@ -229,7 +229,7 @@ def _tsv(path: Path, header: Optional[Tuple[str, ...]], columns: int) -> Iterato
             fh.seek(0)
         lines = (_decode(path, row, raw) for row, raw in enumerate(fh, start=-1 if header else 0))
         if header is not None:
-            got = tuple(next(lines, "").rstrip("\n").split("\t"))
+            got = tuple(_without_line_end(next(lines, "")).split("\t"))
             for name in header:
                 if name not in got:
                     raise DataError(str(path), f"missing column (header is {list(got)})", field=name)
@@ -241,7 +241,7 @@ def _tsv(path: Path, header: Optional[Tuple[str, ...]], columns: int) -> Iterato
                 # was cut short, and a cut number ("142" -> "14") can still be a valid id.
                 raise DataError(str(path), "the last row has no line end: the file looks cut short "
                                            "(if it is whole, end it with a newline)", row=row)
-            line = line.rstrip("\n")
+            line = _without_line_end(line)
             if not line:
                 continue
             fields = line.split("\t")
@@ -249,6 +249,12 @@ def _tsv(path: Path, header: Optional[Tuple[str, ...]], columns: int) -> Iterato
                 raise DataError(str(path), f"has {len(fields)} tab-separated fields, "
                                            f"expected {columns}", row=row)
             yield row, fields
+
+
+def _without_line_end(line: str) -> str:
+    """``line`` without its line end, LF or CRLF: a file saved on Windows is the same text (its
+    '\\r' ended the last field, so a header's last column was refused as missing)."""
+    return line.removesuffix("\n").removesuffix("\r")
 
 
 def _decode(path: Path, row: int, raw: bytes) -> str:
