@@ -310,6 +310,20 @@ def test_summary_edges_are_the_evaluations_and_an_empty_split_is_summarised(worl
         assert (info.value.row, info.value.field) == (5, "target_item_id")
 
 
+def test_summary_percentiles_of_history_lengths_are_lengths_that_occur(world):
+    """An integer quantity's percentiles were interpolated between neighbours ("p10 2.9"), a
+    history length no row has; they are the lower neighbour now."""
+    from mim_rec.data.summary import PERCENTILES, summarize_world
+
+    events = pq.read_table(world / "events_test.parquet", columns=["hist_item_ids"])
+    lengths = pc.list_value_length(events["hist_item_ids"]).to_numpy()
+    summary = summarize_world(world)["events_test"]
+    assert any(np.percentile(lengths, p) % 1 for p in PERCENTILES)  # the tiny world has fractional ones
+    assert [summary["history_length"][f"p{p}"] for p in PERCENTILES] == [
+        float(np.percentile(lengths, p, method="lower")) for p in PERCENTILES]
+    assert set(summary["history_length"][f"p{p}"] for p in PERCENTILES) <= set(lengths.tolist())
+
+
 def test_summary_and_the_train_report_say_when_item_ages_are_not_ages(world, tmp_path, capsys):
     """An imported world's ages are ordinals (its manifest says so); the summary printed them
     as days, and mim train printed S1..S10, without a word."""

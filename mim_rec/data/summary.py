@@ -48,7 +48,7 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
             "users": int(len(np.unique(table["user_id"].to_numpy()))),
             "click_rate": round(float(label.mean()), 4),
             "click_rate_per_category": per_cat,
-            "history_length": _percentiles(hist_len),
+            "history_length": _percentiles(hist_len, method="lower"),
             "item_age_days": _percentiles(age_days),
             "events_before_item_created": int((ts < created[target]).sum()),
             # the evaluation's method (lower-value quantiles: mim_rec.metrics age_bucket_edges), so
@@ -64,10 +64,14 @@ def summarize_world(directory: Union[str, Path]) -> Dict:
     return summary
 
 
-def _percentiles(values: np.ndarray) -> Dict[str, float]:
+def _percentiles(values: np.ndarray, method: str = "linear") -> Dict[str, float]:
+    """Mean, :data:`PERCENTILES` and max of ``values``. ``method="lower"`` for integer quantities
+    (history lengths): numpy's default interpolates between neighbours ("p10 2.9"), a length no
+    row has; "lower" takes a value that occurs, at most p% of the rows below it, as the decile
+    edges take theirs ("nearest" may round up past that share)."""
     out = {"mean": round(float(values.mean()), 2)} if len(values) else {}
     for p in PERCENTILES:
-        out[f"p{p}"] = round(float(np.percentile(values, p)), 2) if len(values) else None
+        out[f"p{p}"] = round(float(np.percentile(values, p, method=method)), 2) if len(values) else None
     out["max"] = round(float(values.max()), 2) if len(values) else None
     return out
 
