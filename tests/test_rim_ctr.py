@@ -256,6 +256,25 @@ def test_fold_says_how_many_bytes_of_an_incomplete_last_record_it_left(catalogue
     assert f"the {len(torn)} bytes after byte {whole} are not a complete record" in capsys.readouterr().err
 
 
+def test_a_fold_of_a_log_with_nothing_new_writes_the_version_and_says_so(catalogue, base_table, tmp_path, capsys):
+    """A log holding no record past the table's offset (an idle period) was folded into a version
+    with no new items without a word. The version is written (a scheduled job folding each
+    version into the next goes on), with a note and rim.items 0."""
+    items, cut = catalogue
+    path = _log_of(tmp_path / "rim.log", [cut])
+    fold = ["embeddings", "fold", f"log={path}", f"num_items={items.num_rows}"]
+    assert cli.main([*fold, f"table={base_table}", f"out={tmp_path / 'v2'}"]) == 0
+    assert "nothing to fold" not in capsys.readouterr().err
+    assert cli.main([*fold, f"table={tmp_path / 'v2'}", f"out={tmp_path / 'v3'}"]) == 0
+    end = path.stat().st_size
+    assert capsys.readouterr().err.strip() == (f"note: nothing to fold: {path} holds no complete record past byte "
+                                               f"{end}; {tmp_path / 'v3'} holds the rows of {tmp_path / 'v2'} "
+                                               "alone (rim.items 0 in its manifest)")
+    rim = read_manifest(tmp_path / "v3").extra["rim"]
+    assert (rim["items"], rim["from_offset"], rim["offset"]) == (0, end, end)
+    assert read_manifest(tmp_path / "v3").row_count == read_manifest(tmp_path / "v2").row_count
+
+
 def test_records_appended_while_a_fold_reads_are_not_reported_as_an_incomplete_record(catalogue, base_table,
                                                                                      tmp_path, monkeypatch, capsys):
     """Folding while the service runs is the normal use. The fold measured the log's size after

@@ -104,6 +104,9 @@ def _fold(args: argparse.Namespace) -> int:
     rim = read_manifest(out).extra["rim"]
     print(f"MM table {out}: {config.table} + {rim['items']} items from {config.log} "
           f"(bytes {rim['from_offset']}..{rim['offset']})")
+    if not rim["items"]:  # an idle period: the version is written, so a job folding each into the next goes on
+        print(f"note: nothing to fold: {config.log} holds no complete record past byte {rim['offset']}; {out} "
+              f"holds the rows of {config.table} alone (rim.items 0 in its manifest)", file=sys.stderr)
     if rim["unfolded_bytes"]:
         print(f"warning: {config.log}: the {rim['unfolded_bytes']} bytes after byte {rim['offset']} are not a "
               "complete record (one being written, or torn by a crash) and were not folded; a later fold "
