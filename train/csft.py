@@ -79,8 +79,8 @@ def _open_world(config: CsftConfig) -> WorldInputs:
 def opens_as(config: CsftConfig, world: WorldInputs) -> bool:
     """Whether ``world`` is what :func:`run_csft` would open for ``config``: the same folder,
     feature cache and extraction batch. Public: ``csft-ablations`` and ``csft-tune`` hand their
-    world to each run where it is (a ``--grid`` may name another ``data.world`` or
-    ``eval.batch_size``), not opening and validating the items again per run."""
+    world to each run where it is (a csft-tune ``--grid`` may name another ``eval.batch_size``),
+    not opening and validating the items again per run."""
     return (Path(config.data.world) == world.world and feature_cache(config).folder == world.cache.folder
             and config.eval.batch_size == world.batch_size)
 
