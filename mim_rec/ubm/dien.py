@@ -78,21 +78,25 @@ class DIEN(InterestModule):
 
     def extract(self, behaviours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Interest states ``[B, L, dim]``: the GRU state after each real behaviour (``[B, 0, dim]``
-        for a batch without behaviour slots, which ``torch.stack`` of no states would refuse)."""
+        for a batch without behaviour slots, which ``torch.stack`` of no states would refuse).
+
+        Both recurrences take their steps from one ``unbind``, whose backward stacks the steps'
+        gradients once; a ``behaviours[:, t]`` per step gave every step's backward a whole
+        ``[B, L, dim]`` zero gradient to fill and add up (work growing as ``L**2``)."""
         hidden = behaviours.new_zeros(behaviours.shape[0], self.dim)
         states = []
-        for t in range(behaviours.shape[1]):
-            step = self.extractor(behaviours[:, t], hidden)
-            hidden = torch.where(mask[:, t, None], step, hidden)
+        for step_input, real in zip(behaviours.unbind(1), mask.unbind(1)):
+            step = self.extractor(step_input, hidden)
+            hidden = torch.where(real[:, None], step, hidden)
             states.append(hidden)
         return torch.stack(states, dim=1) if states else behaviours.new_zeros(behaviours.shape[0], 0, self.dim)
 
     def evolve(self, states: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the AUGRU over the interest states; returns the final state ``[B, dim]``."""
         hidden = states.new_zeros(states.shape[0], self.dim)
-        for t in range(states.shape[1]):
-            step = self.evolution(states[:, t], hidden, attention[:, t])
-            hidden = torch.where(mask[:, t, None], step, hidden)
+        for state, weight, real in zip(states.unbind(1), attention.unbind(1), mask.unbind(1)):
+            step = self.evolution(state, hidden, weight)
+            hidden = torch.where(real[:, None], step, hidden)
         return hidden
 
     def interest(self, target: torch.Tensor, behaviours: torch.Tensor, mask: torch.Tensor,
