@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+from mim_rec.utils.text import counted
+
 
 def _f(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
@@ -12,7 +14,7 @@ def _f(value: Any) -> str:
 def _counted(count: Optional[int], what: str) -> str:
     """`` (3 clicks)``: what a headline metric rests on, so an AUC over one click (a world with
     a click rate of 0.1%) is not read as one over thousands; empty where the report lacks it."""
-    return "" if count is None else f" ({count:,} {what}{'' if count == 1 else 's'})"
+    return "" if count is None else f" ({counted(count, what)})"
 
 
 def format_report(report: Dict[str, Any], age_caveat: Optional[str] = None) -> str:
