@@ -34,7 +34,8 @@ from mim_rec.data.split import time_cut
 from mim_rec.encoders.text import HFTextEncoder
 from mim_rec.encoders.vision import PrecomputedVisionEncoder, VisionEncoder
 from mim_rec.pretrain.corpus import (ContentKeys, ItemCorpus, content_keys, corpus_from_table,
-                                     encoded_images, require_stored_column, stored_images)
+                                     encoded_images, image_columns, require_stored_column,
+                                     stored_images)
 from mim_rec.utils.run import DAMAGED_FILE_ERRORS, atomic_write_bytes
 
 PathLike = Union[str, Path]
@@ -122,8 +123,7 @@ def read_query_inputs(path: PathLike, item_count: int, vision: VisionEncoder) ->
     if precomputed:
         return vision.preprocess(table.column("query_feature").to_pylist(), str(path), rows, "query_feature")
     images = encoded_images(table, path, "query_image", "query_image_path", "pairs", "query_feature")
-    columns = [name for name in ("query_image", "query_image_path") if name in table.column_names]
-    return vision.image_processor.to_uint8(images, str(path), rows, "|".join(columns))
+    return vision.image_processor.to_uint8(images, str(path), rows, "|".join(image_columns(table.column_names, PAIRS)))
 
 
 # ----------------------------------------------------------------------------- features

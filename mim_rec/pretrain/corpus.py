@@ -192,12 +192,19 @@ def require_stored_images(path: Union[str, Path], vision: VisionConfig, contract
     names = conform_schema(open_parquet(path).schema_arrow, contract, str(path)).names
     precomputed = vision.name == PRECOMPUTED
     require_stored_column(names, path, precomputed, contract)
-    inline, by_path, feature = contract.one_of[0]
+    feature = contract.one_of[0][2]
     row_is = contract.name[:-1]  # "item", "pair"
     if precomputed:
         _require_feature_rows(path, feature, vision.feature_dim, row_is)
     else:
-        _require_image_rows(path, [name for name in (inline, by_path) if name in names], vision.name, row_is)
+        _require_image_rows(path, image_columns(names, contract), vision.name, row_is)
+
+
+def image_columns(names: Sequence[str], contract: Contract = ITEMS) -> List[str]:
+    """The columns among ``names`` that hold a ``contract`` file's images for a pixel tower (the
+    bytes, a path), in that order: where a reader looks, and what its errors name."""
+    inline, by_path, _ = contract.one_of[0]
+    return [name for name in (inline, by_path) if name in names]
 
 
 def _require_feature_rows(path: Path, feature: str, feature_dim: int, row_is: str) -> None:
